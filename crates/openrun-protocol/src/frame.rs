@@ -1,0 +1,217 @@
+//! Frame layout: `u32 LE header_len | u32 LE data_len | header (JSON) | data (raw bytes)`.
+//!
+//! Both lengths are checked against fixed maxima before anything is allocated, so a peer cannot
+//! make the other side allocate an arbitrary amount of memory.
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Largest accepted JSON header.
+pub const MAX_HEADER_LEN: usize = 1 << 20;
+/// Largest accepted raw payload in one frame. Bigger transfers are split by the caller.
+pub const MAX_DATA_LEN: usize = 16 << 20;
+/// Size of the fixed prefix holding the two lengths.
+pub const PREFIX_LEN: usize = 8;
+
+/// Errors while encoding or decoding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The peer announced a header or payload above the limits.
+    #[error("frame too large: header {header} bytes, data {data} bytes")]
+    TooLarge {
+        /// Announced header length.
+        header: usize,
+        /// Announced data length.
+        data: usize,
+    },
+    /// The JSON header does not match the expected message type.
+    #[error("malformed frame header")]
+    Json(#[source] serde_json::Error),
+    /// The underlying stream failed.
+    #[error("agent connection failed")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection at a frame boundary.
+    #[error("connection closed")]
+    Closed,
+}
+
+/// One decoded frame: a typed header and its raw payload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame<T> {
+    /// The message.
+    pub header: T,
+    /// Raw bytes that belong to the message (output, stdin, file contents); often empty.
+    pub data: Vec<u8>,
+}
+
+impl<T> Frame<T> {
+    /// A frame with no payload.
+    pub fn new(header: T) -> Self {
+        Self {
+            header,
+            data: Vec::new(),
+        }
+    }
+
+    /// A frame carrying `data`.
+    pub fn with_data(header: T, data: Vec<u8>) -> Self {
+        Self { header, data }
+    }
+}
+
+impl<T: Serialize> Frame<T> {
+    /// Encodes the frame into its wire bytes.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let header = serde_json::to_vec(&self.header).map_err(FrameError::Json)?;
+        check_lengths(header.len(), self.data.len())?;
+        let mut out = Vec::with_capacity(PREFIX_LEN + header.len() + self.data.len());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&self.data);
+        Ok(out)
+    }
+}
+
+fn check_lengths(header: usize, data: usize) -> Result<(), FrameError> {
+    if header > MAX_HEADER_LEN || data > MAX_DATA_LEN {
+        return Err(FrameError::TooLarge { header, data });
+    }
+    Ok(())
+}
+
+/// Splits the 8-byte prefix into (header length, data length), checking the limits.
+pub fn parse_prefix(prefix: [u8; PREFIX_LEN]) -> Result<(usize, usize), FrameError> {
+    let header = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    let data = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]) as usize;
+    check_lengths(header, data)?;
+    Ok((header, data))
+}
+
+fn decode_body<T: DeserializeOwned>(
+    body: Vec<u8>,
+    header_len: usize,
+) -> Result<Frame<T>, FrameError> {
+    let header = serde_json::from_slice(&body[..header_len]).map_err(FrameError::Json)?;
+    let data = body[header_len..].to_vec();
+    Ok(Frame { header, data })
+}
+
+/// Reads one frame from a blocking stream.
+pub fn read_frame<T: DeserializeOwned>(r: &mut impl std::io::Read) -> Result<Frame<T>, FrameError> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    match r.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let (header_len, data_len) = parse_prefix(prefix)?;
+    let mut body = vec![0u8; header_len + data_len];
+    r.read_exact(&mut body)?;
+    decode_body(body, header_len)
+}
+
+/// Writes one frame to a blocking stream.
+pub fn write_frame<T: Serialize>(
+    w: &mut impl std::io::Write,
+    frame: &Frame<T>,
+) -> Result<(), FrameError> {
+    w.write_all(&frame.encode()?)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Async counterparts of [`read_frame`] and [`write_frame`].
+#[cfg(feature = "tokio")]
+pub mod nonblocking {
+    use super::*;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Reads one frame from an async stream.
+    pub async fn read_frame<T: DeserializeOwned>(
+        r: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Frame<T>, FrameError> {
+        let mut prefix = [0u8; PREFIX_LEN];
+        match r.read_exact(&mut prefix).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Err(FrameError::Closed)
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let (header_len, data_len) = parse_prefix(prefix)?;
+        let mut body = vec![0u8; header_len + data_len];
+        r.read_exact(&mut body).await?;
+        decode_body(body, header_len)
+    }
+
+    /// Writes one frame to an async stream.
+    pub async fn write_frame<T: Serialize>(
+        w: &mut (impl AsyncWrite + Unpin),
+        frame: &Frame<T>,
+    ) -> Result<(), FrameError> {
+        w.write_all(&frame.encode()?).await?;
+        w.flush().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{AgentMessage, Request, RequestEnvelope};
+
+    #[test]
+    fn round_trip_with_payload() {
+        let frame = Frame::with_data(
+            RequestEnvelope {
+                id: 7,
+                request: Request::Stdin { pid: 3, eof: false },
+            },
+            b"hello\0world".to_vec(),
+        );
+        let bytes = frame.encode().unwrap();
+        let back: Frame<RequestEnvelope> = read_frame(&mut bytes.as_slice()).unwrap();
+        assert_eq!(back, frame);
+    }
+
+    #[test]
+    fn oversized_prefix_is_rejected_before_allocating() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&(u32::MAX).to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        let err = read_frame::<AgentMessage>(&mut bytes.as_slice()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn clean_eof_is_closed_and_truncated_body_is_io() {
+        let empty: &[u8] = &[];
+        assert!(matches!(
+            read_frame::<AgentMessage>(&mut &*empty),
+            Err(FrameError::Closed)
+        ));
+        let frame = Frame::new(RequestEnvelope {
+            id: 1,
+            request: Request::ListProcesses,
+        })
+        .encode()
+        .unwrap();
+        let cut = &frame[..frame.len() - 2];
+        assert!(matches!(
+            read_frame::<RequestEnvelope>(&mut &*cut),
+            Err(FrameError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_header_is_a_json_error() {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(b"{x}");
+        assert!(matches!(
+            read_frame::<RequestEnvelope>(&mut bytes.as_slice()),
+            Err(FrameError::Json(_))
+        ));
+    }
+}
