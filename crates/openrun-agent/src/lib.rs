@@ -35,6 +35,10 @@ pub struct AgentConfig {
     /// Exit (after killing every process) when `control` closes: the creator's lifeline for
     /// sandboxes that must not outlive it (`openrun run`).
     pub exit_with_control: bool,
+    /// `oom_score_adj` every started process gets before exec (the agent itself may be at
+    /// -1000 and children must not inherit that; 500 when the agent could not be protected, so
+    /// the OOM killer picks the processes first).
+    pub process_oom_score_adj: i32,
 }
 
 impl AgentConfig {

@@ -498,8 +498,9 @@ mod tests {
         assert_eq!(json["request"]["op"], "signal");
         let back: RequestEnvelope = serde_json::from_value(json).unwrap();
         assert_eq!(back, req);
-        let minimal: Request =
-            serde_json::from_str(r#"{"op":"exec","argv":["true"]}"#).unwrap();
-        assert!(matches!(minimal, Request::Exec(ExecRequest { ref argv, .. }) if argv == &["true"]));
+        let minimal: Request = serde_json::from_str(r#"{"op":"exec","argv":["true"]}"#).unwrap();
+        assert!(
+            matches!(minimal, Request::Exec(ExecRequest { ref argv, .. }) if argv == &["true"])
+        );
     }
 }

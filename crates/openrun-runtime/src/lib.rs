@@ -1,1 +1,27 @@
+//! openrun's namespace backend: Linux sandboxes built from the kernel's own primitives.
+//!
+//! A sandbox is a process tree in fresh user (its own 65,536 host ids), mount, pid, network
+//! (loopback only), uts, ipc and cgroup namespaces, on an overlay root (read-only image plus a
+//! per-sandbox writable layer), limited by cgroups (v1 or v2), whose pid 1 is the openrun agent.
+//! See [`Runtime`] to create, list, reattach to and destroy sandboxes, and [`client`] to talk to
+//! their agents.
 
+pub mod cgroup;
+pub mod client;
+pub mod error;
+pub mod ids;
+pub mod image;
+mod init;
+pub mod limits;
+mod sandbox;
+mod setup_channel;
+pub mod spec;
+pub mod state;
+mod sys;
+
+pub use client::{AgentClient, AgentReceiver, AgentSender, ClientError};
+pub use error::{Result, RuntimeError};
+pub use limits::Limits;
+pub use sandbox::{Runtime, Sandbox};
+pub use spec::{ImageSource, SandboxSpec};
+pub use state::SandboxRecord;

@@ -1,1 +1,28 @@
-fn main(){}
+//! The `openrun` binary: one program for every verb.
+
+#![forbid(unsafe_code)]
+
+mod cli;
+mod commands;
+mod session;
+mod terminal;
+
+use clap::Parser;
+
+fn main() {
+    let cli = cli::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OPENRUN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let code = match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("openrun: {}", cli::describe_error(&err));
+            cli::ERROR_EXIT_CODE
+        }
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,68 @@
+"""Turns hyperfine's JSON export into BENCHMARKS.md: machine, date, median/p95 and ratios."""
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+
+def percentile(values, q):
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_gib():
+    with open("/proc/meminfo") as f:
+        kib = int(f.readline().split()[1])
+    return kib / (1 << 20)
+
+
+def main():
+    path, runs = sys.argv[1], sys.argv[2]
+    with open(path) as f:
+        results = json.load(f)["results"]
+    rows = {}
+    for r in results:
+        times = [t * 1000 for t in r["times"]]
+        rows[r["command"]] = (statistics.median(times), percentile(times, 0.95), len(times))
+    bwrap = rows.get("bwrap", (None,))[0]
+    hv = subprocess.run(["hyperfine", "--version"], capture_output=True, text=True).stdout.strip()
+    print("# Benchmarks\n")
+    print("Produced by `bench/run` (see the README). Each command is timed by hyperfine")
+    print(f"(`-N`, 20 warm-up runs, {runs} timed runs) in the same run, on the same machine.\n")
+    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {mem_gib():.0f} GiB RAM")
+    print(f"- kernel: {platform.release()}; {hv}\n")
+    print("## Run `true` in a fresh sandbox\n")
+    print("| command | median ms | p95 ms | runs | median vs bwrap |")
+    print("|---|---:|---:|---:|---:|")
+    for name, (med, p95, n) in rows.items():
+        ratio = f"{med / bwrap:.2f}x" if bwrap else "-"
+        print(f"| {name} | {med:.2f} | {p95:.2f} | {n} | {ratio} |")
+    print()
+    print("- openrun: `openrun run -- true`: new user (own 65,536-id range), mount, pid, net,")
+    print("  uts, ipc and cgroup namespaces, overlay root over the idmapped host image with a")
+    print("  writable layer, /proc, /dev, /sys, /tmp, cgroup, the agent as pid 1, then teardown")
+    print("  (kill, cgroup and writable layer removed).")
+    print("- bwrap: `bwrap --unshare-all` with the host /usr read-only, /proc, /dev, tmpfs /tmp.")
+    print("- unshare: `unshare --user --map-root-user --mount --pid --fork --net true` (no root")
+    print("  filesystem of its own: the floor for namespace creation).")
+    print("\nTarget: openrun within 1.5x of bwrap at the median.")
+
+
+main()

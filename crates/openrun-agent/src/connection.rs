@@ -1,0 +1,383 @@
+//! One client connection: frames of [`RequestEnvelope`] in, [`AgentMessage`] out.
+//!
+//! Requests are read and handled in order by the connection task. Everything sent back
+//! (responses, output and exit events of attached processes, late stdin acknowledgements) goes
+//! through one bounded queue to a writer task, so frames never interleave on the socket and a
+//! client that stops reading only slows down its own connection.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use openrun_protocol::frame::nonblocking::{read_frame, write_frame};
+use openrun_protocol::{
+    AgentError, AgentMessage, AttachRequest, ErrorCode, Frame, FrameError, Pid, Request,
+    RequestEnvelope, Response, Stream, PROTOCOL_VERSION,
+};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::agent::Agent;
+use crate::errors::internal;
+use crate::files::Files;
+use crate::output::MAX_CHUNK;
+
+/// Frames that may wait for the socket before senders have to wait.
+const OUTBOUND_QUEUE: usize = 64;
+/// How long a `Shutdown` waits for its response to reach the socket.
+const FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Something for the writer task.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A frame to write.
+    Frame(Frame<AgentMessage>),
+    /// Acknowledged once every earlier frame has been written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The sending side of a connection's outbound queue.
+pub(crate) type OutTx = mpsc::Sender<Outbound>;
+
+/// Where and how to answer a request later (used by the stdin writer).
+#[derive(Debug)]
+pub(crate) struct Reply {
+    id: u64,
+    out: OutTx,
+}
+
+impl Reply {
+    /// Sends the response; a connection that is gone is ignored.
+    pub(crate) async fn send(self, result: Result<Response, AgentError>) {
+        let _ = self.out.send(response(self.id, result, Vec::new())).await;
+    }
+}
+
+fn response(id: u64, result: Result<Response, AgentError>, data: Vec<u8>) -> Outbound {
+    Outbound::Frame(Frame::with_data(AgentMessage::Response { id, result }, data))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Connection {
+    agent: Rc<Agent>,
+    out: OutTx,
+    /// Streaming tasks of attached processes.
+    pumps: HashMap<Pid, JoinHandle<()>>,
+}
+
+/// Serves one connection until the client closes it, sends something unreadable, or asks the
+/// agent to shut down. Processes started on it keep running afterwards.
+pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
+    let (mut reader, writer) = stream.into_split();
+    let (out, rx) = mpsc::channel(OUTBOUND_QUEUE);
+    tokio::task::spawn_local(write_loop(writer, rx));
+    let mut conn = Connection {
+        agent,
+        out,
+        pumps: HashMap::new(),
+    };
+    loop {
+        let frame = match read_frame::<serde_json::Value>(&mut reader).await {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "closing connection after an unreadable frame");
+                break;
+            }
+        };
+        let id = frame.header.get("id").and_then(serde_json::Value::as_u64);
+        let envelope = match serde_json::from_value::<RequestEnvelope>(frame.header) {
+            Ok(envelope) => envelope,
+            Err(e) => match id {
+                Some(id) => {
+                    let err =
+                        AgentError::new(ErrorCode::InvalidArgument, format!("malformed request: {e}"));
+                    conn.send(response(id, Err(err), Vec::new())).await;
+                    continue;
+                }
+                None => {
+                    tracing::debug!(error = %e, "closing connection after a request without an id");
+                    break;
+                }
+            },
+        };
+        if conn.handle(envelope.id, envelope.request, frame.data).await == Flow::Stop {
+            break;
+        }
+    }
+    for (_, pump) in conn.pumps.drain() {
+        pump.abort();
+    }
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>) {
+    while let Some(item) = rx.recv().await {
+        match item {
+            Outbound::Frame(frame) => match write_frame(&mut writer, &frame).await {
+                Ok(()) => {}
+                Err(FrameError::Io(e)) => {
+                    tracing::debug!(error = %e, "connection write failed");
+                    break;
+                }
+                Err(e) => tracing::warn!(error = %e, "could not encode a frame"),
+            },
+            Outbound::Flush(ack) => {
+                let _ = ack.send(());
+            }
+        }
+    }
+}
+
+impl Connection {
+    async fn send(&self, item: Outbound) {
+        let _ = self.out.send(item).await;
+    }
+
+    async fn respond(&self, id: u64, result: Result<(Response, Vec<u8>), AgentError>) {
+        let item = match result {
+            Ok((resp, data)) => response(id, Ok(resp), data),
+            Err(e) => response(id, Err(e), Vec::new()),
+        };
+        self.send(item).await;
+    }
+
+    /// Runs a file operation on the blocking pool so a slow disk does not stall other
+    /// connections.
+    async fn blocking<F>(&self, op: F) -> Result<(Response, Vec<u8>), AgentError>
+    where
+        F: FnOnce(&Files) -> Result<(Response, Vec<u8>), AgentError> + Send + 'static,
+    {
+        let files: Arc<Files> = self.agent.files.clone();
+        match tokio::task::spawn_blocking(move || op(&files)).await {
+            Ok(result) => result,
+            Err(e) => Err(internal("file operation failed", e)),
+        }
+    }
+
+    fn start_pump(&mut self, pid: Pid, since: [u64; 2], follow: bool) {
+        if let Some(old) = self.pumps.remove(&pid) {
+            old.abort();
+        }
+        let Some(changed) = self.agent.subscribe(pid) else {
+            return;
+        };
+        let task = tokio::task::spawn_local(pump(
+            self.agent.clone(),
+            pid,
+            since,
+            follow,
+            self.out.clone(),
+            changed,
+        ));
+        self.pumps.insert(pid, task);
+    }
+
+    async fn handle(&mut self, id: u64, request: Request, data: Vec<u8>) -> Flow {
+        let done = |r: Result<(), AgentError>| r.map(|()| (Response::Done, Vec::new()));
+        let result = match request {
+            Request::Hello { version } => {
+                if version == PROTOCOL_VERSION {
+                    Ok((Response::Hello(self.agent.info()), Vec::new()))
+                } else {
+                    Err(AgentError::new(
+                        ErrorCode::VersionMismatch,
+                        format!(
+                            "protocol version mismatch: agent speaks {PROTOCOL_VERSION}, client speaks {version}"
+                        ),
+                    ))
+                }
+            }
+            Request::Exec(req) => match self.agent.exec(&req, data) {
+                Ok(pid) => {
+                    self.respond(id, Ok((Response::Started { pid }, Vec::new()))).await;
+                    if req.attach {
+                        self.start_pump(pid, [0, 0], true);
+                    }
+                    return Flow::Continue;
+                }
+                Err(e) => Err(e),
+            },
+            Request::Attach(req) => match self.agent.attach_info(&req) {
+                Ok((process, dropped)) => {
+                    self.respond(id, Ok((Response::Attached { process, dropped }, Vec::new())))
+                        .await;
+                    let AttachRequest {
+                        pid,
+                        stdout_since,
+                        stderr_since,
+                        follow,
+                    } = req;
+                    self.start_pump(pid, [stdout_since, stderr_since], follow);
+                    return Flow::Continue;
+                }
+                Err(e) => Err(e),
+            },
+            Request::Detach { pid } => match self.pumps.remove(&pid) {
+                Some(pump) => {
+                    pump.abort();
+                    Ok((Response::Done, Vec::new()))
+                }
+                None => done(self.agent.process_info(pid).map(|_| ())),
+            },
+            Request::Signal { pid, signal, group } => done(self.agent.signal(pid, signal, group)),
+            Request::Stdin { pid, eof } => {
+                let reply = Reply {
+                    id,
+                    out: self.out.clone(),
+                };
+                match self.agent.queue_stdin(pid, data, eof, reply) {
+                    // The stdin writer answers once the bytes are written.
+                    Ok(()) => return Flow::Continue,
+                    Err(e) => Err(e),
+                }
+            }
+            Request::Resize { pid, size } => done(self.agent.resize(pid, size)),
+            Request::ListProcesses => Ok((
+                Response::Processes {
+                    processes: self.agent.list(),
+                },
+                Vec::new(),
+            )),
+            Request::ProcessStatus { pid } => self
+                .agent
+                .process_info(pid)
+                .map(|info| (Response::Process(info), Vec::new())),
+            Request::Release { pid } => done(self.agent.release(pid)),
+            Request::ReadFile {
+                path,
+                offset,
+                limit,
+            } => {
+                self.blocking(move |f| {
+                    f.read_file(&path, offset, limit)
+                        .map(|r| (Response::FileData { size: r.size, offset }, r.data))
+                })
+                .await
+            }
+            Request::WriteFile {
+                path,
+                mode,
+                parents,
+                append,
+            } => {
+                self.blocking(move |f| {
+                    f.write_file(&path, &data, mode, parents, append)
+                        .map(|()| (Response::Done, Vec::new()))
+                })
+                .await
+            }
+            Request::ListDir { path } => {
+                self.blocking(move |f| {
+                    f.list_dir(&path)
+                        .map(|entries| (Response::Entries { entries }, Vec::new()))
+                })
+                .await
+            }
+            Request::Stat { path } => {
+                self.blocking(move |f| f.stat(&path).map(|st| (Response::Stat(st), Vec::new())))
+                    .await
+            }
+            Request::Mkdir {
+                path,
+                parents,
+                mode,
+            } => {
+                self.blocking(move |f| {
+                    f.mkdir(&path, parents, mode)
+                        .map(|()| (Response::Done, Vec::new()))
+                })
+                .await
+            }
+            Request::Remove { path, recursive } => {
+                self.blocking(move |f| {
+                    f.remove(&path, recursive)
+                        .map(|()| (Response::Done, Vec::new()))
+                })
+                .await
+            }
+            Request::Rename { from, to } => {
+                self.blocking(move |f| f.rename(&from, &to).map(|()| (Response::Done, Vec::new())))
+                    .await
+            }
+            Request::Info => Ok((Response::Info(self.agent.info()), Vec::new())),
+            Request::Shutdown => {
+                tracing::info!("shutdown requested by a client");
+                self.agent.kill_all();
+                self.respond(id, Ok((Response::Done, Vec::new()))).await;
+                let (ack, flushed) = oneshot::channel();
+                self.send(Outbound::Flush(ack)).await;
+                let _ = tokio::time::timeout(FLUSH_TIMEOUT, flushed).await;
+                self.agent.request_shutdown();
+                return Flow::Stop;
+            }
+        };
+        self.respond(id, result).await;
+        Flow::Continue
+    }
+}
+
+/// What a streaming task does next.
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Send these bytes of this stream, starting at this offset.
+    Data(Stream, u64, Vec<u8>),
+    /// Everything was sent and the process has exited.
+    Exit(openrun_protocol::ExitStatus),
+    /// Nothing new yet.
+    Wait,
+    /// The process was released.
+    Gone,
+}
+
+/// Streams a process's output from `cursor` (stdout, stderr offsets) to a connection, then
+/// its exit. Without `follow` it stops once the buffered output is sent.
+async fn pump(
+    agent: Rc<Agent>,
+    pid: Pid,
+    mut cursor: [u64; 2],
+    follow: bool,
+    out: OutTx,
+    mut changed: watch::Receiver<u64>,
+) {
+    let mut prefer_stderr = false;
+    loop {
+        changed.borrow_and_update();
+        match agent.next_step(pid, cursor, prefer_stderr, MAX_CHUNK) {
+            Step::Data(stream, offset, bytes) => {
+                let index = usize::from(stream == Stream::Stderr);
+                cursor[index] = offset + bytes.len() as u64;
+                prefer_stderr = stream == Stream::Stdout;
+                let frame = Frame::with_data(
+                    AgentMessage::Output {
+                        pid,
+                        stream,
+                        offset,
+                    },
+                    bytes,
+                );
+                if out.send(Outbound::Frame(frame)).await.is_err() {
+                    return;
+                }
+            }
+            Step::Exit(status) => {
+                let _ = out
+                    .send(Outbound::Frame(Frame::new(AgentMessage::Exit { pid, status })))
+                    .await;
+                return;
+            }
+            Step::Wait => {
+                if !follow || changed.changed().await.is_err() {
+                    return;
+                }
+            }
+            Step::Gone => return,
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! Starting a process: `fork`, then a short, async-signal-safe setup in the child, then `execve`.
+//!
+//! Everything the child needs (argv, envp, candidate paths, the ids to switch to) is built
+//! *before* `fork`, so the child never allocates or takes a lock: the agent may have other
+//! threads (tokio's blocking pool) whose locks are frozen in the child. A close-on-exec pipe
+//! reports the first failing step and its errno back to the parent; EOF on it means `execve`
+//! succeeded.
+
+use std::ffi::{c_char, CString};
+use std::ptr;
+
+use openrun_protocol::{AgentError, ErrorCode, Pid};
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::io::Errno;
+
+use crate::errors::errno_text;
+
+/// The child's standard descriptors.
+#[derive(Debug)]
+pub(crate) enum ChildStdio {
+    /// Separate stdin (pipe or `/dev/null`), stdout and stderr.
+    Pipes {
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+    },
+    /// All three on the slave side of a new terminal, which becomes the controlling terminal.
+    Pty { slave: OwnedFd },
+}
+
+/// Everything decided about a process before it is forked.
+#[derive(Debug)]
+pub(crate) struct ExecPlan {
+    /// `argv[0]` as requested, for messages.
+    pub(crate) program: String,
+    /// Paths `execve` tries in order (one unless `PATH` is searched).
+    pub(crate) candidates: Vec<CString>,
+    pub(crate) argv: Vec<CString>,
+    pub(crate) envp: Vec<CString>,
+    pub(crate) cwd: String,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
+}
+
+/// Steps of the child's setup, reported with the errno of the first one that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+enum Stage {
+    Setsid = 1,
+    ControllingTerminal = 2,
+    Stdio = 3,
+    OomScore = 4,
+    Groups = 5,
+    Gid = 6,
+    Uid = 7,
+    Chdir = 8,
+    CloseFds = 9,
+    Exec = 10,
+}
+
+impl Stage {
+    fn from_raw(raw: i32) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Setsid,
+            2 => Self::ControllingTerminal,
+            3 => Self::Stdio,
+            4 => Self::OomScore,
+            5 => Self::Groups,
+            6 => Self::Gid,
+            7 => Self::Uid,
+            8 => Self::Chdir,
+            9 => Self::CloseFds,
+            10 => Self::Exec,
+            _ => return None,
+        })
+    }
+}
+
+/// Pointer arrays and C strings the child uses, all allocated before `fork`.
+struct Prepared<'a> {
+    plan: &'a ExecPlan,
+    cwd: CString,
+    argv: Vec<*const c_char>,
+    envp: Vec<*const c_char>,
+    /// For each candidate: `/bin/sh <candidate> argv[1..]`, the fallback for `ENOEXEC`
+    /// (a script without `#!`), as `execvp` does it.
+    sh_argv: Vec<Vec<*const c_char>>,
+    groups: Vec<rustix::process::Gid>,
+    /// `setgroups` may be refused in a user namespace; that only matters when the process is
+    /// meant to run as someone other than the agent.
+    tolerate_groups_failure: bool,
+    default_action: libc::sigaction,
+    empty_mask: libc::sigset_t,
+    err_pipe: OwnedFd,
+    stdio: &'a ChildStdio,
+}
+
+const SH: &std::ffi::CStr = c"/bin/sh";
+
+fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain(std::iter::once(ptr::null()))
+        .collect()
+}
+
+/// Forks and executes `plan` with `stdio`. Returns the child's pid once `execve` succeeded;
+/// otherwise reaps the failed child and returns an error for the step that failed.
+pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentError> {
+    let cwd = CString::new(plan.cwd.as_str())
+        .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "cwd contains a nul byte"))?;
+    let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| crate::errors::internal("cannot create a pipe", errno_text(e)))?;
+
+    // SAFETY: `sigaction` and `sigset_t` are plain C structs for which all-zero bytes are a
+    // valid value; both are fully initialised below before use.
+    let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
+    default_action.sa_sigaction = libc::SIG_DFL;
+    // SAFETY: as above, a zeroed `sigset_t` is valid storage for `sigemptyset` to fill.
+    let mut empty_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers refer to live, writable `sigset_t` values owned by this frame.
+    unsafe {
+        libc::sigemptyset(&mut empty_mask);
+        libc::sigemptyset(&mut default_action.sa_mask);
+    }
+
+    let prepared = Prepared {
+        plan,
+        argv: null_terminated(&plan.argv),
+        envp: null_terminated(&plan.envp),
+        sh_argv: plan
+            .candidates
+            .iter()
+            .map(|c| {
+                std::iter::once(SH.as_ptr())
+                    .chain(std::iter::once(c.as_ptr()))
+                    .chain(plan.argv.iter().skip(1).map(|a| a.as_ptr()))
+                    .chain(std::iter::once(ptr::null()))
+                    .collect()
+            })
+            .collect(),
+        cwd,
+        groups: plan
+            .groups
+            .iter()
+            .map(|g| rustix::process::Gid::from_raw(*g))
+            .collect(),
+        tolerate_groups_failure: rustix::process::geteuid().as_raw() == plan.uid,
+        default_action,
+        empty_mask,
+        err_pipe: err_write,
+        stdio: &stdio,
+    };
+
+    // Block every signal across fork so no handler of the agent (tokio's) runs in the child
+    // before its dispositions are reset; the parent restores its mask right after.
+    // SAFETY: zeroed `sigset_t` values are valid storage for `sigfillset`/`pthread_sigmask`.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointers refer to live `sigset_t` values owned by this frame.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+
+    // SAFETY: the child only runs `child_main`, which makes async-signal-safe system calls on
+    // memory prepared above and ends in `execve` or `_exit`; it never returns into Rust code
+    // that could touch locks or allocator state held by other threads at the time of fork.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        child_main(&prepared);
+    }
+    // SAFETY: restores the mask saved above, from a live `sigset_t`.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
+    }
+    let fork_errno = std::io::Error::last_os_error();
+    // The parent's copies of the child's ends must close, or EOF never arrives.
+    let Prepared { err_pipe, .. } = prepared;
+    drop(err_pipe);
+    drop(stdio);
+    if pid < 0 {
+        return Err(crate::errors::internal("fork failed", fork_errno));
+    }
+
+    let mut report = [0u8; 8];
+    let mut filled = 0;
+    while filled < report.len() {
+        match rustix::io::read(&err_read, &mut report[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(Errno::INTR) => {}
+            Err(_) => break,
+        }
+    }
+    if filled == 0 {
+        return Ok(pid);
+    }
+    // The child failed before exec and has exited (or is about to): reap it here, before the
+    // SIGCHLD handler could see an unknown pid.
+    if let Some(child) = rustix::process::Pid::from_raw(pid) {
+        let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+    }
+    let stage = i32::from_le_bytes([report[0], report[1], report[2], report[3]]);
+    let errno = i32::from_le_bytes([report[4], report[5], report[6], report[7]]);
+    Err(stage_error(
+        plan,
+        Stage::from_raw(stage),
+        Errno::from_raw_os_error(errno),
+    ))
+}
+
+/// Turns the child's report into the error a client sees.
+fn stage_error(plan: &ExecPlan, stage: Option<Stage>, errno: Errno) -> AgentError {
+    let program = &plan.program;
+    match stage {
+        Some(Stage::Exec) => match errno {
+            Errno::NOENT | Errno::NOTDIR if program.contains('/') => AgentError::new(
+                ErrorCode::CommandNotFound,
+                format!("{program}: no such file or directory"),
+            ),
+            Errno::NOENT | Errno::NOTDIR => AgentError::new(
+                ErrorCode::CommandNotFound,
+                format!("{program}: command not found"),
+            ),
+            Errno::ACCESS | Errno::PERM => AgentError::new(
+                ErrorCode::PermissionDenied,
+                format!("{program}: permission denied"),
+            ),
+            Errno::NOEXEC => AgentError::new(
+                ErrorCode::PermissionDenied,
+                format!("{program}: cannot execute: exec format error"),
+            ),
+            other => AgentError::new(
+                ErrorCode::Internal,
+                format!("{program}: {}", errno_text(other)),
+            ),
+        },
+        Some(Stage::Chdir) => {
+            let cwd = &plan.cwd;
+            match errno {
+                Errno::NOENT => {
+                    AgentError::new(ErrorCode::NotFound, format!("no such directory: {cwd}"))
+                }
+                Errno::NOTDIR => {
+                    AgentError::new(ErrorCode::NotADirectory, format!("not a directory: {cwd}"))
+                }
+                Errno::ACCESS | Errno::PERM => AgentError::new(
+                    ErrorCode::PermissionDenied,
+                    format!("permission denied: {cwd}"),
+                ),
+                other => AgentError::new(
+                    ErrorCode::Internal,
+                    format!("cannot enter {cwd}: {}", errno_text(other)),
+                ),
+            }
+        }
+        Some(stage @ (Stage::Groups | Stage::Gid | Stage::Uid)) => AgentError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "cannot switch to uid {} gid {} ({:?}): {}",
+                plan.uid,
+                plan.gid,
+                stage,
+                errno_text(errno)
+            )
+            .to_lowercase(),
+        ),
+        Some(stage) => AgentError::new(
+            ErrorCode::Internal,
+            format!("process setup failed ({stage:?}): {}", errno_text(errno)).to_lowercase(),
+        ),
+        None => AgentError::new(
+            ErrorCode::Internal,
+            format!("process setup failed: {}", errno_text(errno)),
+        ),
+    }
+}
+
+/// Writes the failing stage and errno to the parent and exits. Async-signal-safe.
+fn fail(p: &Prepared<'_>, stage: Stage, errno: Errno) -> ! {
+    let mut msg = [0u8; 8];
+    msg[..4].copy_from_slice(&(stage as i32).to_le_bytes());
+    msg[4..].copy_from_slice(&errno.raw_os_error().to_le_bytes());
+    let _ = rustix::io::write(&p.err_pipe, &msg);
+    // SAFETY: `_exit` ends the child immediately without running atexit handlers or
+    // destructors, which is what a forked child that failed to exec must do.
+    unsafe { libc::_exit(127) }
+}
+
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+/// The child between `fork` and `execve`. Only async-signal-safe system calls; no allocation.
+fn child_main(p: &Prepared<'_>) -> ! {
+    // Every signal is still blocked (see `spawn`). Reset all dispositions to their defaults:
+    // handled signals would be reset by exec anyway, but ignored ones (SIGPIPE is ignored by
+    // the Rust runtime) would be inherited by the new program.
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: `default_action` is a valid, initialised `sigaction` with SIG_DFL; errors
+        // (signal numbers reserved by the C library) are harmless and ignored.
+        unsafe {
+            libc::sigaction(sig, &p.default_action, ptr::null_mut());
+        }
+    }
+
+    // Its own session and process group, so signals and kills can target the whole job and
+    // the process can have a controlling terminal of its own.
+    if let Err(e) = rustix::process::setsid() {
+        fail(p, Stage::Setsid, e);
+    }
+
+    match p.stdio {
+        ChildStdio::Pty { slave } => {
+            if let Err(e) = rustix::process::ioctl_tiocsctty(slave) {
+                fail(p, Stage::ControllingTerminal, e);
+            }
+            for dup in [
+                rustix::stdio::dup2_stdin::<&OwnedFd>,
+                rustix::stdio::dup2_stdout::<&OwnedFd>,
+                rustix::stdio::dup2_stderr::<&OwnedFd>,
+            ] {
+                if let Err(e) = dup(slave) {
+                    fail(p, Stage::Stdio, e);
+                }
+            }
+        }
+        ChildStdio::Pipes {
+            stdin,
+            stdout,
+            stderr,
+        } => {
+            // The sources are all above 2 (see `process::above_stdio`), so no dup2 overwrites
+            // a source that is still needed, and dup2 clears close-on-exec on the targets.
+            let steps = [
+                rustix::stdio::dup2_stdin(stdin.as_fd()),
+                rustix::stdio::dup2_stdout(stdout.as_fd()),
+                rustix::stdio::dup2_stderr(stderr.as_fd()),
+            ];
+            for step in steps {
+                if let Err(e) = step {
+                    fail(p, Stage::Stdio, e);
+                }
+            }
+        }
+    }
+
+    // The agent runs with oom_score_adj -1000 (set by the host) and children inherit it; user
+    // processes must be killable by the OOM killer. Done before dropping privileges: afterwards
+    // the file may no longer be writable.
+    match rustix::fs::open(
+        c"/proc/self/oom_score_adj",
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    ) {
+        Ok(fd) => {
+            if let Err(e) = rustix::io::write(&fd, b"0") {
+                fail(p, Stage::OomScore, e);
+            }
+        }
+        Err(e) => fail(p, Stage::OomScore, e),
+    }
+
+    // Supplementary groups, then gid, then uid (the order that keeps the right to change them).
+    if let Err(e) = rustix::thread::set_thread_groups(&p.groups) {
+        if !p.tolerate_groups_failure {
+            fail(p, Stage::Groups, e);
+        }
+    }
+    if let Err(e) = rustix::thread::set_thread_gid(rustix::process::Gid::from_raw(p.plan.gid)) {
+        fail(p, Stage::Gid, e);
+    }
+    if let Err(e) = rustix::thread::set_thread_uid(rustix::process::Uid::from_raw(p.plan.uid)) {
+        fail(p, Stage::Uid, e);
+    }
+
+    // After switching user, so the directory is entered with the user's permissions.
+    if let Err(e) = rustix::process::chdir(p.cwd.as_c_str()) {
+        fail(p, Stage::Chdir, e);
+    }
+
+    // Mark every descriptor above stderr close-on-exec (rather than closing it) so the error
+    // pipe still works if exec fails.
+    // SAFETY: close_range only changes descriptor flags; the arguments are plain integers.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if rc != 0 {
+        // Kernels before 5.11: set the flag one by one up to the descriptor limit.
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(65536)
+            .min(1 << 20) as i32;
+        for fd in 3..limit {
+            // SAFETY: F_SETFD on a descriptor number that may not be open only fails with
+            // EBADF; no memory is involved.
+            unsafe {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+
+    // SAFETY: `empty_mask` is an initialised, empty `sigset_t`; this unblocks every signal.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &p.empty_mask, ptr::null_mut());
+    }
+
+    let mut saw_eacces = false;
+    let mut last = Errno::NOENT;
+    for (i, candidate) in p.plan.candidates.iter().enumerate() {
+        // SAFETY: `candidate`, `argv` and `envp` are NUL-terminated strings / NULL-terminated
+        // pointer arrays that live in memory prepared before fork.
+        unsafe {
+            libc::execve(candidate.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+        }
+        let errno = last_errno();
+        match errno {
+            Errno::NOEXEC => {
+                // A script without `#!`: run it with the shell, as execvp does.
+                // SAFETY: as above; `sh_argv[i]` is a NULL-terminated pointer array.
+                unsafe {
+                    libc::execve(SH.as_ptr(), p.sh_argv[i].as_ptr(), p.envp.as_ptr());
+                }
+                fail(p, Stage::Exec, Errno::NOEXEC);
+            }
+            Errno::ACCESS => {
+                saw_eacces = true;
+                last = errno;
+            }
+            Errno::NOENT | Errno::NOTDIR | Errno::STALE | Errno::NODEV | Errno::TIMEDOUT => {
+                last = errno;
+            }
+            other => fail(p, Stage::Exec, other),
+        }
+    }
+    if p.plan.candidates.is_empty() {
+        fail(p, Stage::Exec, Errno::NOENT);
+    }
+    fail(p, Stage::Exec, if saw_eacces { Errno::ACCESS } else { last })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(program: &str) -> ExecPlan {
+        ExecPlan {
+            program: program.to_string(),
+            candidates: vec![],
+            argv: vec![],
+            envp: vec![],
+            cwd: "/work/dir".to_string(),
+            uid: 1000,
+            gid: 1000,
+            groups: vec![],
+        }
+    }
+
+    #[test]
+    fn exec_errors_map_like_a_shell() {
+        let e = stage_error(&plan("nope"), Some(Stage::Exec), Errno::NOENT);
+        assert_eq!(e.code, ErrorCode::CommandNotFound);
+        assert_eq!(e.message, "nope: command not found");
+        let e = stage_error(&plan("./nope"), Some(Stage::Exec), Errno::NOENT);
+        assert_eq!(e.code, ErrorCode::CommandNotFound);
+        assert_eq!(e.message, "./nope: no such file or directory");
+        let e = stage_error(&plan("/etc/passwd"), Some(Stage::Exec), Errno::ACCESS);
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert_eq!(e.message, "/etc/passwd: permission denied");
+    }
+
+    #[test]
+    fn chdir_errors_name_the_directory() {
+        let e = stage_error(&plan("ls"), Some(Stage::Chdir), Errno::NOENT);
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert_eq!(e.message, "no such directory: /work/dir");
+        let e = stage_error(&plan("ls"), Some(Stage::Uid), Errno::PERM);
+        assert_eq!(e.code, ErrorCode::PermissionDenied);
+        assert!(e.message.starts_with("cannot switch to uid 1000"), "{}", e.message);
+    }
+}

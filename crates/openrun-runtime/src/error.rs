@@ -1,0 +1,131 @@
+//! Errors of the namespace backend. Each message names the problem and, where the user can act,
+//! what to do; lower case, no trailing period.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::cgroup::CgroupError;
+use crate::client::ClientError;
+
+/// Anything that can go wrong while creating, finding or destroying a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The runtime needs host root for id maps, idmapped mounts and cgroups.
+    #[error("openrun needs to run as root (it maps sandbox ids, mounts images and sets cgroup limits); try again with sudo")]
+    NotRoot,
+    /// The data directory cannot be created or written.
+    #[error("data dir {path} is not usable: {source}; pass a writable directory with --data-dir")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The data directory path is so long that a socket inside it would exceed the Unix limit.
+    #[error("data dir {0} is too long for a Unix socket path (at most 70 bytes); choose a shorter --data-dir")]
+    DataDirTooLong(PathBuf),
+    /// `--rootfs` names something that is not a directory.
+    #[error("rootfs {path} not found or not a directory: {source}")]
+    RootfsNotFound {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// An image name the runtime does not know.
+    #[error("image {0:?} not found: the built-in image is \"host\"; use --rootfs DIR for an unpacked root filesystem")]
+    ImageNotFound(String),
+    /// The built-in host image could not be prepared.
+    #[error("cannot prepare the host image in {path}: {source}")]
+    HostImage {
+        /// Where it was being built.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// cgroups are missing or refused a write.
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// The kernel refused to create a user namespace.
+    #[error("this kernel does not allow user namespaces ({0}); enable them (sysctl user.max_user_namespaces > 0, kernel.unprivileged_userns_clone=1) or use a kernel built with CONFIG_USER_NS")]
+    NoUserNamespaces(#[source] io::Error),
+    /// The kernel has no overlayfs.
+    #[error("this kernel has no overlay filesystem ({0}); use a kernel with CONFIG_OVERLAY_FS")]
+    NoOverlayfs(#[source] io::Error),
+    /// The filesystem holding an image does not support idmapped mounts.
+    #[error("the filesystem of {path} does not support idmapped mounts ({source}); keep images on ext4, xfs, btrfs or tmpfs (kernel 5.12 or later)")]
+    NoIdmappedMounts {
+        /// The layer directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A step of building the sandbox failed inside the new namespaces.
+    #[error("sandbox setup failed while {stage}: {message}")]
+    Setup {
+        /// What the child was doing.
+        stage: String,
+        /// The error it reported.
+        message: String,
+    },
+    /// No sandbox with this id exists.
+    #[error("no such sandbox: {0}")]
+    NoSuchSandbox(String),
+    /// A sandbox id that cannot be valid.
+    #[error("invalid sandbox id {0:?}: expected 1 to 32 characters of a-z, 0-9 and -")]
+    InvalidId(String),
+    /// Talking to the agent failed.
+    #[error(transparent)]
+    Agent(#[from] ClientError),
+    /// A host-side filesystem or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl RuntimeError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
+        Self::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether the error comes from the caller's input (bad image, id, rootfs) rather than the
+    /// host or the kernel; API layers map it to a 4xx.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Self::RootfsNotFound { .. }
+                | Self::ImageNotFound(_)
+                | Self::NoSuchSandbox(_)
+                | Self::InvalidId(_)
+                | Self::DataDirTooLong(_)
+        )
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = RuntimeError> = std::result::Result<T, E>;
+
+/// Adds context to I/O results.
+pub(crate) trait IoContext<T> {
+    /// Attaches `context` (evaluated only on error).
+    fn context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: Into<io::Error>> IoContext<T> for std::result::Result<T, E> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| RuntimeError::io(context(), e))
+    }
+}

@@ -1,0 +1,322 @@
+//! Read-only root filesystems for sandboxes: the built-in `host` image and unpacked rootfs
+//! directories. An image is a list of [`Layer`]s, each mounted as an overlay (read-only lower
+//! plus the sandbox's writable upper) at a path of the new root.
+//!
+//! The `host` image is a small skeleton (top-level directories, merged-`/usr` symlinks and a
+//! filtered copy of `/etc`) built once per host `/etc` fingerprint, plus the host's own `/usr`.
+//! It never contains home directories, `/etc/shadow` and friends, SSH host keys, or anything from
+//! the data dir.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, RuntimeError};
+use crate::spec::ImageSource;
+
+/// One overlay mount of a sandbox's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// Absolute path inside the sandbox where it is mounted (`/` first).
+    pub target: &'static str,
+    /// Host directory used as the read-only lower.
+    pub lower: PathBuf,
+}
+
+/// A resolved image: layers in mount order.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    /// Mounts, root first.
+    pub layers: Vec<Layer>,
+    /// Whether the root has an `/etc` to write `hostname` and `hosts` into.
+    pub has_etc: bool,
+}
+
+/// Files and directories of `/etc` never copied into the host image.
+const ETC_EXCLUDED: &[&str] = &[
+    "shadow",
+    "shadow-",
+    "gshadow",
+    "gshadow-",
+    "security/opasswd",
+    "ssl/private",
+    "machine-id",
+    ".pwd.lock",
+    "hostname",
+    "hosts",
+    "mtab",
+];
+
+/// Top-level directories of the skeleton and their modes.
+const SKELETON_DIRS: &[(&str, u32)] = &[
+    ("dev", 0o755),
+    ("proc", 0o555),
+    ("sys", 0o555),
+    ("tmp", 0o1777),
+    ("run", 0o755),
+    ("var", 0o755),
+    ("var/tmp", 0o1777),
+    ("var/lib", 0o755),
+    ("var/cache", 0o755),
+    ("var/log", 0o755),
+    ("root", 0o700),
+    ("home", 0o755),
+    ("mnt", 0o755),
+    ("opt", 0o755),
+    ("srv", 0o755),
+    ("media", 0o755),
+    ("usr", 0o755),
+];
+
+/// Top-level directories that merged-`/usr` hosts make symlinks into `/usr`.
+const USR_ALIASES: &[&str] = &["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Resolves `source` to mountable layers, building the host skeleton under `images_dir` if
+/// needed.
+pub fn prepare(source: &ImageSource, images_dir: &Path) -> Result<PreparedImage> {
+    match source {
+        ImageSource::Rootfs(dir) => {
+            let meta = fs::metadata(dir).map_err(|source| RuntimeError::RootfsNotFound {
+                path: dir.clone(),
+                source,
+            })?;
+            if !meta.is_dir() {
+                return Err(RuntimeError::RootfsNotFound {
+                    path: dir.clone(),
+                    source: io::Error::from(io::ErrorKind::NotADirectory),
+                });
+            }
+            let lower = fs::canonicalize(dir).map_err(|source| RuntimeError::RootfsNotFound {
+                path: dir.clone(),
+                source,
+            })?;
+            Ok(PreparedImage {
+                has_etc: lower.join("etc").is_dir(),
+                layers: vec![Layer { target: "/", lower }],
+            })
+        }
+        ImageSource::Host => {
+            let skeleton = host_skeleton(images_dir)?;
+            let mut layers = vec![
+                Layer {
+                    target: "/",
+                    lower: skeleton,
+                },
+                Layer {
+                    target: "/usr",
+                    lower: PathBuf::from("/usr"),
+                },
+            ];
+            // Hosts without merged /usr keep real /bin, /lib… directories: mount those too.
+            for alias in USR_ALIASES {
+                let host = Path::new("/").join(alias);
+                if fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
+                    layers.push(Layer {
+                        target: leak_target(alias),
+                        lower: host,
+                    });
+                }
+            }
+            Ok(PreparedImage {
+                layers,
+                has_etc: true,
+            })
+        }
+    }
+}
+
+fn leak_target(alias: &str) -> &'static str {
+    match alias {
+        "bin" => "/bin",
+        "sbin" => "/sbin",
+        "lib" => "/lib",
+        "lib32" => "/lib32",
+        "lib64" => "/lib64",
+        _ => "/libx32",
+    }
+}
+
+/// Fingerprint of the host's `/etc`: changes when files that matter are edited.
+fn etc_fingerprint() -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut mix = |v: u64| {
+        h ^= v;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    for name in [
+        "",
+        "passwd",
+        "group",
+        "resolv.conf",
+        "ld.so.cache",
+        "alternatives",
+        "nsswitch.conf",
+        "os-release",
+        "ssl/certs",
+    ] {
+        if let Ok(m) = fs::metadata(Path::new("/etc").join(name)) {
+            mix(m.mtime() as u64);
+            mix(m.mtime_nsec() as u64);
+            mix(m.size());
+            mix(m.ino());
+        }
+    }
+    mix(u64::from(env_version()));
+    h
+}
+
+/// Bumped when the skeleton's layout changes, so old skeletons are rebuilt.
+const fn env_version() -> u32 {
+    1
+}
+
+/// Returns the skeleton directory for the current `/etc`, building it if needed.
+fn host_skeleton(images_dir: &Path) -> Result<PathBuf> {
+    let base = images_dir.join("host");
+    let dir = base.join(format!("{:016x}", etc_fingerprint()));
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let err = |source| RuntimeError::HostImage {
+        path: base.clone(),
+        source,
+    };
+    fs::create_dir_all(&base).map_err(err)?;
+    let tmp = base.join(format!(".build-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tmp);
+    build_skeleton(&tmp).map_err(err)?;
+    match fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another creator finished first: use theirs.
+        Err(_) if dir.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(err(e))
+        }
+    }
+}
+
+fn build_skeleton(dst: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o755).create(dst)?;
+    for (dir, mode) in SKELETON_DIRS {
+        let path = dst.join(dir);
+        fs::create_dir_all(&path)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(*mode))?;
+    }
+    for alias in USR_ALIASES {
+        let host = Path::new("/").join(alias);
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                std::os::unix::fs::symlink(fs::read_link(&host)?, dst.join(alias))?;
+            }
+            Ok(m) if m.is_dir() => fs::create_dir(dst.join(alias))?,
+            _ => {}
+        }
+    }
+    copy_tree(Path::new("/etc"), &dst.join("etc"), Path::new(""))?;
+    std::os::unix::fs::symlink("../proc/self/mounts", dst.join("etc/mtab"))?;
+    Ok(())
+}
+
+/// Copies `src` to `dst` keeping modes, owners and symlinks, skipping excluded and special files.
+fn copy_tree(src: &Path, dst: &Path, rel: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(src)?;
+    fs::DirBuilder::new()
+        .mode(meta.mode() & 0o7777)
+        .create(dst)?;
+    for entry in fs::read_dir(src)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let rel_child = rel.join(&name);
+        if is_excluded(&rel_child) {
+            continue;
+        }
+        let from = entry.path();
+        let to = dst.join(&name);
+        let m = fs::symlink_metadata(&from)?;
+        let ft = m.file_type();
+        if ft.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+        } else if ft.is_dir() {
+            copy_tree(&from, &to, &rel_child)?;
+        } else if ft.is_file() {
+            match fs::copy(&from, &to) {
+                Ok(_) => {}
+                // Unreadable host files are simply not part of the image.
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => continue,
+                Err(e) => return Err(e),
+            }
+            fs::set_permissions(&to, fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        } else {
+            continue;
+        }
+        std::os::unix::fs::lchown(&to, Some(m.uid()), Some(m.gid()))?;
+    }
+    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
+    Ok(())
+}
+
+fn is_excluded(rel: &Path) -> bool {
+    let Some(s) = rel.to_str() else { return true };
+    if ETC_EXCLUDED.contains(&s) {
+        return true;
+    }
+    // SSH host private keys: keep only the public halves.
+    s.starts_with("ssh/ssh_host_") && !s.ends_with(".pub")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_excluded() {
+        for p in [
+            "shadow",
+            "gshadow",
+            "ssh/ssh_host_ed25519_key",
+            "ssl/private",
+        ] {
+            assert!(is_excluded(Path::new(p)), "{p}");
+        }
+        for p in [
+            "passwd",
+            "group",
+            "ssh/ssh_host_ed25519_key.pub",
+            "ssl/certs",
+        ] {
+            assert!(!is_excluded(Path::new(p)), "{p}");
+        }
+    }
+
+    #[test]
+    fn host_skeleton_has_no_secrets_or_homes() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = prepare(&ImageSource::Host, dir.path()).unwrap();
+        let root = &image.layers[0].lower;
+        assert!(root.join("etc/passwd").is_file());
+        assert!(!root.join("etc/shadow").exists());
+        assert!(fs::read_dir(root.join("home")).unwrap().next().is_none());
+        assert!(fs::read_dir(root.join("root")).unwrap().next().is_none());
+        assert_eq!(image.layers[1].lower, Path::new("/usr"));
+        // A second call reuses the same skeleton.
+        let again = prepare(&ImageSource::Host, dir.path()).unwrap();
+        assert_eq!(&again.layers[0].lower, root);
+    }
+
+    #[test]
+    fn missing_rootfs_is_a_user_error() {
+        let err = prepare(
+            &ImageSource::Rootfs("/nonexistent/rootfs".into()),
+            Path::new("/tmp"),
+        )
+        .unwrap_err();
+        assert!(err.is_user_error());
+        assert!(err.to_string().contains("/nonexistent/rootfs"), "{err}");
+    }
+}

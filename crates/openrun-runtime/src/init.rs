@@ -1,0 +1,436 @@
+//! What the sandbox's first process does between `clone3` and becoming the agent.
+//!
+//! It runs in the child of `clone3` (fresh user, mount, pid, net, uts and ipc namespaces; pid 1
+//! of its pid namespace), still seeing the host's mounts. Step by step, each for a reason:
+//!
+//! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid), is not in its
+//!    cgroup, and has no lower mounts.
+//! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
+//!    unprivileged host id `base`. Without this the process would keep host root's kuid and
+//!    every file it created in the writable layer would belong to host root.
+//! 3. `unshare(CLONE_NEWCGROUP)`: now that the host placed us in the sandbox cgroup, make it
+//!    the root of our cgroup view, so the sandbox cannot see the host's cgroup tree paths.
+//! 4. Make every mount private: nothing we mount may propagate back to the host.
+//! 5. Attach the idmapped lowers and mount one overlay per layer (the writable layer is the
+//!    upper), then `/proc`, a minimal `/dev` (device nodes bind-mounted from the host, a private
+//!    devpts instance, `/dev/shm`), `/sys` read-only and a tmpfs `/tmp`.
+//! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
+//!    namespace, not merely hidden.
+//! 7. Hostname = sandbox id, `lo` up (the only interface).
+//! 8. Drop capabilities to the default set (bounding set included), set `no_new_privs`, make
+//!    the agent non-dumpable (so `/proc/1/exe`, `/proc/1/mem` stay out of the sandbox's reach),
+//!    close every inherited host descriptor, point stdio at `/dev/null`.
+//! 9. Tell the host `Ready` and become the agent — nothing from the image is executed.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use rustix::fd::{AsFd, OwnedFd};
+use rustix::mount::{
+    mount, mount_bind, mount_change, mount_remount, move_mount, unmount, MountFlags,
+    MountPropagationFlags, MoveMountFlags, UnmountFlags,
+};
+use rustix::thread::{CapabilitySet, CapabilitySets};
+
+use crate::setup_channel::{self, SetupMessage};
+use crate::sys;
+
+/// One overlay to mount.
+#[derive(Debug, Clone)]
+pub struct OverlayPlan {
+    /// Path inside the sandbox (`/`, `/usr`).
+    pub target: &'static str,
+    /// Where the idmapped lower is attached first.
+    pub lower_mount: PathBuf,
+    /// Writable layer.
+    pub upper: PathBuf,
+    /// overlayfs work dir.
+    pub work: PathBuf,
+}
+
+/// Everything the init needs, computed by the host before `clone3`.
+#[derive(Debug, Clone)]
+pub struct InitPlan {
+    /// Sandbox id (hostname).
+    pub id: String,
+    /// Where the new root is assembled.
+    pub root: PathBuf,
+    /// Overlays, root first.
+    pub overlays: Vec<OverlayPlan>,
+    /// Agent configuration.
+    pub agent: openrun_agent::AgentConfig,
+}
+
+/// A failed step: what was being done and the OS error.
+struct StepError {
+    stage: String,
+    errno: Option<i32>,
+    message: String,
+}
+
+fn step<T, E: std::fmt::Display + ErrnoOf>(stage: &str, r: Result<T, E>) -> Result<T, StepError> {
+    r.map_err(|e| StepError {
+        stage: stage.to_string(),
+        errno: e.errno(),
+        message: e.to_string(),
+    })
+}
+
+trait ErrnoOf {
+    fn errno(&self) -> Option<i32>;
+}
+impl ErrnoOf for rustix::io::Errno {
+    fn errno(&self) -> Option<i32> {
+        Some(self.raw_os_error())
+    }
+}
+impl ErrnoOf for std::io::Error {
+    fn errno(&self) -> Option<i32> {
+        self.raw_os_error()
+    }
+}
+
+/// Capabilities processes keep inside the sandbox (Docker's default set; all of them only
+/// meaningful inside the sandbox's own user namespace).
+const KEPT_CAPS: CapabilitySet = CapabilitySet::CHOWN
+    .union(CapabilitySet::DAC_OVERRIDE)
+    .union(CapabilitySet::FOWNER)
+    .union(CapabilitySet::FSETID)
+    .union(CapabilitySet::KILL)
+    .union(CapabilitySet::SETGID)
+    .union(CapabilitySet::SETUID)
+    .union(CapabilitySet::SETPCAP)
+    .union(CapabilitySet::NET_BIND_SERVICE)
+    .union(CapabilitySet::NET_RAW)
+    .union(CapabilitySet::SYS_CHROOT)
+    .union(CapabilitySet::MKNOD)
+    .union(CapabilitySet::AUDIT_WRITE)
+    .union(CapabilitySet::SETFCAP);
+
+/// Runs in the `clone3` child; never returns.
+pub fn run(
+    plan: InitPlan,
+    setup: OwnedFd,
+    listener: UnixListener,
+    control: Option<UnixStream>,
+) -> ! {
+    match prepare(&plan, &setup) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = setup_channel::send(
+                setup.as_fd(),
+                &SetupMessage::Failed {
+                    stage: e.stage,
+                    errno: e.errno,
+                    message: e.message,
+                },
+                &[],
+            );
+            sys::exit_now(1);
+        }
+    }
+    // Keep exactly the listener, the control stream and the setup socket; close the rest of
+    // what the host process had open (its stdio included, replaced by /dev/null).
+    let mut keep = vec![setup.as_raw_fd(), listener.as_raw_fd()];
+    keep.extend(control.as_ref().map(|c| c.as_raw_fd()));
+    match isolate_descriptors(&keep) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = setup_channel::send(
+                setup.as_fd(),
+                &SetupMessage::Failed {
+                    stage: "closing host descriptors".into(),
+                    errno: e.raw_os_error(),
+                    message: e.to_string(),
+                },
+                &[],
+            );
+            sys::exit_now(1);
+        }
+    };
+    if setup_channel::send(setup.as_fd(), &SetupMessage::Ready, &[]).is_err() {
+        sys::exit_now(1);
+    }
+    drop(setup);
+    let code = openrun_agent::run(plan.agent, listener, control).unwrap_or(2);
+    sys::exit_now(code)
+}
+
+fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
+    // 1. Wait for the host.
+    let (msg, lowers) = step("waiting for the host", setup_channel::recv(setup))?;
+    if msg != SetupMessage::Go || lowers.len() != plan.overlays.len() {
+        return Err(StepError {
+            stage: "waiting for the host".into(),
+            errno: None,
+            message: format!(
+                "unexpected setup message {msg:?} with {} mounts",
+                lowers.len()
+            ),
+        });
+    }
+    // 2. Become root of the new user namespace.
+    step(
+        "switching to the sandbox's root id",
+        become_namespace_root(),
+    )?;
+    // 3. Private cgroup view.
+    step(
+        "entering a cgroup namespace",
+        sys::unshare_cgroup_namespace(),
+    )?;
+    // 4. No propagation to the host.
+    step(
+        "making mounts private",
+        mount_change(
+            "/",
+            MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
+        ),
+    )?;
+    // 5. Assemble the root.
+    for (overlay, lower) in plan.overlays.iter().zip(lowers) {
+        step(
+            "attaching an image layer",
+            move_mount(
+                lower.as_fd(),
+                "",
+                rustix::fs::CWD,
+                &overlay.lower_mount,
+                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+            ),
+        )?;
+        let target = join_inside(&plan.root, overlay.target);
+        let options = mount_options(format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            overlay.lower_mount.display(),
+            overlay.upper.display(),
+            overlay.work.display()
+        ))?;
+        step(
+            "mounting the root overlay",
+            mount(
+                "overlay",
+                &target,
+                "overlay",
+                MountFlags::NOSUID | MountFlags::NODEV,
+                Some(options.as_c_str()),
+            ),
+        )?;
+    }
+    mount_special_filesystems(&plan.root)?;
+    // 6. Switch to the new root and drop the old one.
+    step("entering the new root", rustix::process::chdir(&plan.root))?;
+    step("pivoting root", rustix::process::pivot_root(".", "."))?;
+    step(
+        "detaching the host root",
+        unmount(".", UnmountFlags::DETACH),
+    )?;
+    step("entering the new root", rustix::process::chdir("/"))?;
+    // 7. Identity and network.
+    step(
+        "setting the hostname",
+        rustix::system::sethostname(plan.id.as_bytes()),
+    )?;
+    step("bringing lo up", sys::loopback_up())?;
+    // 8. Privileges.
+    drop_privileges()?;
+    Ok(())
+}
+
+fn become_namespace_root() -> rustix::io::Result<()> {
+    let root_gid = rustix::process::Gid::ROOT;
+    let root_uid = rustix::process::Uid::ROOT;
+    rustix::thread::set_thread_res_gid(root_gid, root_gid, root_gid)?;
+    rustix::thread::set_thread_groups(&[])?;
+    rustix::thread::set_thread_res_uid(root_uid, root_uid, root_uid)
+}
+
+/// `root` joined with an absolute in-sandbox path.
+fn join_inside(root: &Path, inside: &str) -> PathBuf {
+    root.join(inside.trim_start_matches('/'))
+}
+
+fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
+    let fs_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
+    let proc_dir = root.join("proc");
+    ensure_dir(&proc_dir, "creating /proc")?;
+    step(
+        "mounting /proc",
+        mount("proc", &proc_dir, "proc", fs_flags, None),
+    )?;
+
+    let dev = root.join("dev");
+    ensure_dir(&dev, "creating /dev")?;
+    step(
+        "mounting /dev",
+        mount(
+            "tmpfs",
+            &dev,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(c"mode=755,size=65536k"),
+        ),
+    )?;
+    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let path = dev.join(node);
+        step("creating /dev nodes", fs::write(&path, b""))?;
+        step(
+            "binding /dev nodes",
+            mount_bind(Path::new("/dev").join(node), &path),
+        )?;
+    }
+    let pts = dev.join("pts");
+    ensure_dir(&pts, "creating /dev/pts")?;
+    step(
+        "mounting /dev/pts",
+        mount(
+            "devpts",
+            &pts,
+            "devpts",
+            MountFlags::NOSUID | MountFlags::NOEXEC,
+            Some(c"newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+    )?;
+    let shm = dev.join("shm");
+    ensure_dir(&shm, "creating /dev/shm")?;
+    step(
+        "mounting /dev/shm",
+        mount(
+            "shm",
+            &shm,
+            "tmpfs",
+            fs_flags,
+            Some(c"mode=1777,size=65536k"),
+        ),
+    )?;
+    for (link, to) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+        ("core", "/proc/kcore"),
+    ] {
+        step(
+            "creating /dev links",
+            std::os::unix::fs::symlink(to, dev.join(link)),
+        )?;
+    }
+
+    let sys_dir = root.join("sys");
+    ensure_dir(&sys_dir, "creating /sys")?;
+    step(
+        "mounting /sys",
+        mount(
+            "sysfs",
+            &sys_dir,
+            "sysfs",
+            fs_flags | MountFlags::RDONLY,
+            None,
+        ),
+    )?;
+
+    let tmp = root.join("tmp");
+    ensure_dir(&tmp, "creating /tmp")?;
+    step(
+        "mounting /tmp",
+        mount(
+            "tmpfs",
+            &tmp,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(c"mode=1777"),
+        ),
+    )?;
+    // /dev is complete: nothing inside may add device files to it.
+    step(
+        "making /dev read-only",
+        mount_remount(
+            &dev,
+            MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::RDONLY,
+            "mode=755,size=65536k",
+        ),
+    )?;
+    Ok(())
+}
+
+/// Mount data as a C string (paths with NUL bytes cannot be mount options).
+fn mount_options(s: String) -> Result<std::ffi::CString, StepError> {
+    std::ffi::CString::new(s).map_err(|_| StepError {
+        stage: "building mount options".into(),
+        errno: None,
+        message: "a path contains a NUL byte".into(),
+    })
+}
+
+fn ensure_dir(path: &Path, stage: &str) -> Result<(), StepError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => step(stage, Err(e)),
+    }
+}
+
+fn drop_privileges() -> Result<(), StepError> {
+    // Bounding set first: what no process in the sandbox can ever regain.
+    for bit in 0..=63u32 {
+        let Some(cap) = CapabilitySet::from_bits(1u64 << bit) else {
+            continue;
+        };
+        if KEPT_CAPS.contains(cap) {
+            continue;
+        }
+        match rustix::thread::remove_capability_from_bounding_set(cap) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => return step("dropping capabilities", Err(e)),
+        }
+    }
+    step(
+        "dropping capabilities",
+        rustix::thread::set_capabilities(
+            None,
+            CapabilitySets {
+                effective: KEPT_CAPS,
+                permitted: KEPT_CAPS,
+                inheritable: CapabilitySet::empty(),
+            },
+        ),
+    )?;
+    step(
+        "clearing ambient capabilities",
+        rustix::thread::clear_ambient_capability_set(),
+    )?;
+    step(
+        "setting no_new_privs",
+        rustix::thread::set_no_new_privs(true),
+    )?;
+    step(
+        "making the agent non-dumpable",
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable),
+    )?;
+    Ok(())
+}
+
+/// Closes every descriptor inherited from the host process except `keep`, and points stdio at
+/// `/dev/null`, so no host file, socket or terminal is reachable from the sandbox through pid 1.
+fn isolate_descriptors(keep: &[i32]) -> std::io::Result<()> {
+    let null = rustix::fs::open(
+        "/dev/null",
+        rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    for target in 0..=2 {
+        sys::dup2_raw(null.as_raw_fd(), target)?;
+    }
+    let open: Vec<i32> = fs::read_dir("/proc/self/fd")?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in open {
+        if fd > 2 && fd != null.as_raw_fd() && !keep.contains(&fd) {
+            sys::close_inherited(fd);
+        }
+    }
+    Ok(())
+}

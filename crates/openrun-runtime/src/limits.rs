@@ -1,0 +1,609 @@
+//! Resource limits of a sandbox and the parsers for their human-written forms.
+//!
+//! Memory sizes use binary units like docker (`k` = 1024 bytes, `m` = 1024 k, ...); CPU counts
+//! are decimal numbers of CPUs kept as thousandths (`1.5` → 1500); durations take `ms`, `s`, `m`
+//! or `h` (a bare number is seconds). Numbers are parsed exactly, without floating point, so
+//! `1.5G` is exactly 1610612736 bytes and `nan` or `inf` are simply not numbers.
+
+use std::time::Duration;
+
+/// Smallest accepted memory limit: less cannot start the sandbox agent plus a shell.
+pub const MIN_MEMORY_BYTES: u64 = 4 << 20;
+/// Memory sizes must stay below 8 EiB (2^63 bytes) so they fit the kernel's signed counters.
+pub const MAX_MEMORY_BYTES: u64 = i64::MAX as u64;
+/// Smallest accepted CPU limit in thousandths of a CPU (0.01 CPUs: the kernel's 1 ms minimum
+/// quota per 100 ms period).
+pub const MIN_CPU_MILLIS: u64 = 10;
+/// Largest accepted CPU limit in thousandths of a CPU (1024 CPUs).
+pub const MAX_CPU_MILLIS: u64 = 1024 * 1000;
+/// Smallest accepted process limit: the agent, a shell and a few children.
+pub const MIN_PIDS: u64 = 8;
+/// Largest accepted process limit (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
+/// Longest accepted duration: 100 years (876000h), far below what `Instant` arithmetic allows.
+pub const MAX_DURATION: Duration = Duration::from_secs(876_000 * 3600);
+
+const MEMORY_FORM: &str = "expected a number with an optional unit k, m, g or t (e.g. 512M)";
+const CPUS_FORM: &str = "expected a decimal number of cpus (e.g. 1.5)";
+const PIDS_FORM: &str = "expected a whole number (e.g. 256)";
+const DURATION_FORM: &str = "expected a number with an optional unit ms, s, m or h (e.g. 30s)";
+
+/// Resource limits of one sandbox. `None` means unlimited (the host's defaults).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Memory limit in bytes (swap cannot be used to exceed it).
+    pub memory_bytes: Option<u64>,
+    /// CPU limit in thousandths of a CPU: 1500 = 1.5 CPUs.
+    pub cpu_millis: Option<u64>,
+    /// Maximum number of processes and threads.
+    pub pids: Option<u64>,
+}
+
+impl Limits {
+    /// Checks that every set limit is within the bounds the parsers accept, for limits built
+    /// directly rather than parsed (e.g. received as JSON).
+    pub fn validate(&self) -> Result<(), LimitParseError> {
+        if let Some(bytes) = self.memory_bytes {
+            check_memory(bytes.to_string(), u128::from(bytes))?;
+        }
+        if let Some(millis) = self.cpu_millis {
+            check_cpus(format_millis(millis), u128::from(millis))?;
+        }
+        if let Some(pids) = self.pids {
+            check_pids(pids.to_string(), u128::from(pids))?;
+        }
+        Ok(())
+    }
+}
+
+/// A limit that could not be parsed or is out of range. The message names the value and what
+/// was expected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitParseError {
+    /// A bad memory size.
+    #[error("invalid memory size {value:?}: {reason}")]
+    Memory {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A bad CPU count.
+    #[error("invalid cpu count {value:?}: {reason}")]
+    Cpus {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A bad process limit.
+    #[error("invalid pids limit {value:?}: {reason}")]
+    Pids {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A bad duration.
+    #[error("invalid duration {value:?}: {reason}")]
+    Duration {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Parses a memory size such as `512M`, `1.5G`, `8192k`, `512MiB`, `2gb` or `8388608` (bytes).
+///
+/// Units are case-insensitive and binary (`k` = 1024), with an optional `b`, `ib` suffix. The
+/// result must be at least [`MIN_MEMORY_BYTES`]; fractions of a byte are dropped.
+pub fn parse_memory(s: &str) -> Result<u64, LimitParseError> {
+    let err = |reason| LimitParseError::Memory {
+        value: s.to_owned(),
+        reason,
+    };
+    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
+    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return Err(err(MEMORY_FORM)),
+    };
+    let bytes = number
+        .scale(multiplier)
+        .ok_or_else(|| err(TOO_LARGE_MEMORY))?;
+    check_memory(s.to_owned(), bytes)
+}
+
+/// Parses a CPU count such as `1.5` (→ 1500), `0.25` (→ 250) or `2` (→ 2000) into thousandths
+/// of a CPU. Accepts 0.01 to 1024; digits beyond the thousandths are dropped.
+pub fn parse_cpus(s: &str) -> Result<u64, LimitParseError> {
+    let number = Decimal::parse(s.trim()).ok_or_else(|| LimitParseError::Cpus {
+        value: s.to_owned(),
+        reason: CPUS_FORM,
+    })?;
+    // Saturate: anything that overflows is far above the maximum anyway.
+    let millis = number.scale(1000).unwrap_or(u128::MAX);
+    check_cpus(s.to_owned(), millis)
+}
+
+/// Parses a process limit: a whole number from [`MIN_PIDS`] to [`MAX_PIDS`].
+pub fn parse_pids(s: &str) -> Result<u64, LimitParseError> {
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(LimitParseError::Pids {
+            value: s.to_owned(),
+            reason: PIDS_FORM,
+        });
+    }
+    // All digits: parsing fails only on overflow, which is above the maximum.
+    let n = t.parse::<u128>().unwrap_or(u128::MAX);
+    check_pids(s.to_owned(), n)
+}
+
+/// Parses a duration such as `30s`, `500ms`, `2m`, `1h`, `1.5s` or `90` (bare numbers are
+/// seconds). It must be greater than zero and at most [`MAX_DURATION`].
+pub fn parse_duration(s: &str) -> Result<Duration, LimitParseError> {
+    let err = |reason| LimitParseError::Duration {
+        value: s.to_owned(),
+        reason,
+    };
+    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(DURATION_FORM))?;
+    let nanos_per_unit: u128 = match unit.to_ascii_lowercase().as_str() {
+        "ms" => 1_000_000,
+        "" | "s" => 1_000_000_000,
+        "m" => 60 * 1_000_000_000,
+        "h" => 3600 * 1_000_000_000,
+        _ => return Err(err(DURATION_FORM)),
+    };
+    let too_large = "too large (at most 876000h)";
+    let nanos = number.scale(nanos_per_unit).ok_or_else(|| err(too_large))?;
+    if nanos == 0 {
+        return Err(err("must be greater than zero"));
+    }
+    if nanos > MAX_DURATION.as_nanos() {
+        return Err(err(too_large));
+    }
+    // Both parts fit: nanos is at most MAX_DURATION.
+    let secs = (nanos / 1_000_000_000) as u64;
+    let subsec = (nanos % 1_000_000_000) as u32;
+    Ok(Duration::new(secs, subsec))
+}
+
+const TOO_LARGE_MEMORY: &str = "must be less than 8 EiB";
+
+fn check_memory(value: String, bytes: u128) -> Result<u64, LimitParseError> {
+    let reason = if bytes < u128::from(MIN_MEMORY_BYTES) {
+        "must be at least 4 MiB"
+    } else if bytes > u128::from(MAX_MEMORY_BYTES) {
+        TOO_LARGE_MEMORY
+    } else {
+        return Ok(bytes as u64);
+    };
+    Err(LimitParseError::Memory { value, reason })
+}
+
+fn check_cpus(value: String, millis: u128) -> Result<u64, LimitParseError> {
+    let reason = if millis < u128::from(MIN_CPU_MILLIS) {
+        "must be at least 0.01"
+    } else if millis > u128::from(MAX_CPU_MILLIS) {
+        "must be at most 1024"
+    } else {
+        return Ok(millis as u64);
+    };
+    Err(LimitParseError::Cpus { value, reason })
+}
+
+fn check_pids(value: String, n: u128) -> Result<u64, LimitParseError> {
+    let reason = if n < u128::from(MIN_PIDS) {
+        "must be at least 8"
+    } else if n > u128::from(MAX_PIDS) {
+        "must be at most 4194304"
+    } else {
+        return Ok(n as u64);
+    };
+    Err(LimitParseError::Pids { value, reason })
+}
+
+/// `1500` → `"1.5"`, for messages about CPU limits given in thousandths.
+fn format_millis(millis: u64) -> String {
+    let (whole, frac) = (millis / 1000, millis % 1000);
+    if frac == 0 {
+        whole.to_string()
+    } else {
+        format!("{whole}.{frac:03}")
+            .trim_end_matches('0')
+            .to_owned()
+    }
+}
+
+/// Splits `"1.5 GiB"` into the number and the unit (`"GiB"`); one space may separate them.
+fn split_unit(s: &str) -> Option<(Decimal, &str)> {
+    let end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(end);
+    let unit = unit.strip_prefix(' ').unwrap_or(unit);
+    Some((Decimal::parse(number)?, unit))
+}
+
+/// A non-negative decimal `int.frac`, kept exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Decimal {
+    int: u128,
+    /// The fraction's digits as an integer (`.25` → 25).
+    frac: u128,
+    /// How many fraction digits `frac` holds (`.25` → 2).
+    frac_digits: u32,
+}
+
+impl Decimal {
+    /// Most fraction digits kept; later ones are below any unit we scale by and are dropped.
+    const MAX_FRAC_DIGITS: usize = 18;
+
+    /// Parses `digits` or `digits.digits`: no sign, exponent, or leading/trailing dot.
+    fn parse(s: &str) -> Option<Self> {
+        let (int, frac) = match s.split_once('.') {
+            Some((int, frac)) => (int, Some(frac)),
+            None => (s, None),
+        };
+        let all_digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(int) || !frac.is_none_or(all_digits) {
+            return None;
+        }
+        let frac = frac.unwrap_or("");
+        let frac = &frac[..frac.len().min(Self::MAX_FRAC_DIGITS)];
+        Some(Self {
+            // All digits: parsing fails only on overflow; treat it as the largest value.
+            int: int.parse().unwrap_or(u128::MAX),
+            frac: if frac.is_empty() {
+                0
+            } else {
+                frac.parse().ok()?
+            },
+            frac_digits: frac.len() as u32,
+        })
+    }
+
+    /// `self * unit`, rounded down; `None` on overflow.
+    fn scale(self, unit: u128) -> Option<u128> {
+        let whole = self.int.checked_mul(unit)?;
+        let part = self.frac.checked_mul(unit)? / 10u128.pow(self.frac_digits);
+        whole.checked_add(part)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn memory_units_are_binary_and_case_insensitive() {
+        let cases: &[(&str, u64)] = &[
+            ("512M", 512 * MIB),
+            ("512m", 512 * MIB),
+            ("1G", GIB),
+            ("1.5G", GIB + GIB / 2),
+            ("512MiB", 512 * MIB),
+            ("512mib", 512 * MIB),
+            ("2gb", 2 * GIB),
+            ("2GB", 2 * GIB),
+            ("4096K", 4 * MIB),
+            ("4096kib", 4 * MIB),
+            ("1t", 1 << 40),
+            ("1.25TiB", (1 << 40) + (1 << 38)),
+            ("4194304", 4 * MIB),
+            ("4194304b", 4 * MIB),
+            ("  8M  ", 8 * MIB),
+            ("8 MiB", 8 * MIB),
+            ("0.5g", GIB / 2),
+            ("4.0000001M", 4 * MIB), // fractions of a byte are dropped
+        ];
+        for &(input, want) in cases {
+            assert_eq!(parse_memory(input), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn memory_below_minimum_names_it() {
+        for input in ["64k", "1048576", "0", "0M", "3.99M", "4194303", "1b"] {
+            let err = parse_memory(input).unwrap_err();
+            assert_eq!(
+                err,
+                LimitParseError::Memory {
+                    value: input.into(),
+                    reason: "must be at least 4 MiB"
+                },
+                "{input}"
+            );
+            assert!(err.to_string().contains("4 MiB"), "{err}");
+        }
+        assert_eq!(MIN_MEMORY_BYTES, 4 * MIB);
+        assert_eq!(parse_memory("4M"), Ok(MIN_MEMORY_BYTES));
+    }
+
+    #[test]
+    fn memory_garbage_is_rejected_with_the_expected_form() {
+        for input in [
+            "", " ", "12Q", "-1G", "-512", "+1G", "1.5.5G", ".5G", "1.G", "G", "1 G B", "1  G",
+            "1e9", "nan", "inf", "1,5G", "1kk", "1pb", "½G", "１G", "1G\n2",
+        ] {
+            let err = parse_memory(input).unwrap_err();
+            assert_eq!(
+                err,
+                LimitParseError::Memory {
+                    value: input.into(),
+                    reason: MEMORY_FORM
+                },
+                "{input:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn memory_overflow_is_rejected() {
+        for input in [
+            "8388608T", // exactly 2^63 bytes
+            "18446744073709551616",
+            "99999999999999999999999999999999999999999999T",
+            "999999999999999999999999999999999999999999999999999",
+        ] {
+            let err = parse_memory(input).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    LimitParseError::Memory {
+                        reason: TOO_LARGE_MEMORY,
+                        ..
+                    }
+                ),
+                "{input}: {err}"
+            );
+        }
+        assert_eq!(parse_memory("8388607T"), Ok(8_388_607 << 40));
+    }
+
+    #[test]
+    fn memory_error_message_is_exact() {
+        assert_eq!(
+            parse_memory("12Q").unwrap_err().to_string(),
+            r#"invalid memory size "12Q": expected a number with an optional unit k, m, g or t (e.g. 512M)"#
+        );
+        assert_eq!(
+            parse_memory("1M").unwrap_err().to_string(),
+            r#"invalid memory size "1M": must be at least 4 MiB"#
+        );
+    }
+
+    #[test]
+    fn cpus_are_thousandths() {
+        let cases: &[(&str, u64)] = &[
+            ("1.5", 1500),
+            ("0.25", 250),
+            ("2", 2000),
+            ("0.01", 10),
+            ("0.010", 10),
+            ("0.0199", 19),
+            ("1024", 1_024_000),
+            ("1024.000", 1_024_000),
+            (" 3 ", 3000),
+            ("007", 7000),
+        ];
+        for &(input, want) in cases {
+            assert_eq!(parse_cpus(input), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn cpus_out_of_range_or_garbage_are_rejected() {
+        let low = "must be at least 0.01";
+        let high = "must be at most 1024";
+        let cases: &[(&str, &str)] = &[
+            ("0", low),
+            ("0.0", low),
+            ("0.009", low),
+            ("0.0099999", low),
+            ("1024.001", high),
+            ("1025", high),
+            ("99999999999999999999999999999999999999999999", high),
+            ("", CPUS_FORM),
+            ("nan", CPUS_FORM),
+            ("NaN", CPUS_FORM),
+            ("inf", CPUS_FORM),
+            ("-inf", CPUS_FORM),
+            ("-1", CPUS_FORM),
+            ("1.5cpus", CPUS_FORM),
+            ("1e3", CPUS_FORM),
+            ("1,5", CPUS_FORM),
+            (".5", CPUS_FORM),
+            ("1.", CPUS_FORM),
+            ("1500m", CPUS_FORM),
+        ];
+        for &(input, reason) in cases {
+            assert_eq!(
+                parse_cpus(input),
+                Err(LimitParseError::Cpus {
+                    value: input.into(),
+                    reason
+                }),
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            parse_cpus("abc").unwrap_err().to_string(),
+            r#"invalid cpu count "abc": expected a decimal number of cpus (e.g. 1.5)"#
+        );
+    }
+
+    #[test]
+    fn pids_need_a_whole_number_of_at_least_eight() {
+        assert_eq!(parse_pids("8"), Ok(8));
+        assert_eq!(parse_pids("256"), Ok(256));
+        assert_eq!(parse_pids(" 4194304 "), Ok(4_194_304));
+        let cases: &[(&str, &str)] = &[
+            ("7", "must be at least 8"),
+            ("0", "must be at least 8"),
+            ("4194305", "must be at most 4194304"),
+            ("184467440737095516160000", "must be at most 4194304"),
+            ("", PIDS_FORM),
+            ("-8", PIDS_FORM),
+            ("+8", PIDS_FORM),
+            ("8.0", PIDS_FORM),
+            ("1e3", PIDS_FORM),
+            ("ten", PIDS_FORM),
+        ];
+        for &(input, reason) in cases {
+            assert_eq!(
+                parse_pids(input),
+                Err(LimitParseError::Pids {
+                    value: input.into(),
+                    reason
+                }),
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            parse_pids("3").unwrap_err().to_string(),
+            r#"invalid pids limit "3": must be at least 8"#
+        );
+    }
+
+    #[test]
+    fn durations_take_units_and_bare_seconds() {
+        let cases: &[(&str, Duration)] = &[
+            ("30s", Duration::from_secs(30)),
+            ("500ms", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("90", Duration::from_secs(90)),
+            ("0.5", Duration::from_millis(500)),
+            ("1.5h", Duration::from_secs(5400)),
+            ("0.001ms", Duration::from_nanos(1000)),
+            ("10S", Duration::from_secs(10)),
+            ("10MS", Duration::from_millis(10)),
+            ("5 m", Duration::from_secs(300)),
+            ("876000h", MAX_DURATION),
+        ];
+        for &(input, want) in cases {
+            assert_eq!(parse_duration(input), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn bad_durations_are_rejected() {
+        let zero = "must be greater than zero";
+        let large = "too large (at most 876000h)";
+        let cases: &[(&str, &str)] = &[
+            ("0", zero),
+            ("0s", zero),
+            ("0.0000000001s", zero),
+            ("876000.001h", large),
+            ("99999999999999999999999999999999h", large),
+            (
+                "999999999999999999999999999999999999999999999999999999",
+                large,
+            ),
+            ("", DURATION_FORM),
+            ("-1s", DURATION_FORM),
+            ("1d", DURATION_FORM),
+            ("1us", DURATION_FORM),
+            ("1h30m", DURATION_FORM),
+            ("s", DURATION_FORM),
+            ("1.s", DURATION_FORM),
+            ("inf", DURATION_FORM),
+            ("nan", DURATION_FORM),
+        ];
+        for &(input, reason) in cases {
+            assert_eq!(
+                parse_duration(input),
+                Err(LimitParseError::Duration {
+                    value: input.into(),
+                    reason
+                }),
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            parse_duration("1x").unwrap_err().to_string(),
+            r#"invalid duration "1x": expected a number with an optional unit ms, s, m or h (e.g. 30s)"#
+        );
+    }
+
+    #[test]
+    fn validate_applies_the_parsers_bounds() {
+        assert_eq!(Limits::default().validate(), Ok(()));
+        let ok = Limits {
+            memory_bytes: Some(MIN_MEMORY_BYTES),
+            cpu_millis: Some(MIN_CPU_MILLIS),
+            pids: Some(MIN_PIDS),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+
+        let small_memory = Limits {
+            memory_bytes: Some(1024),
+            ..Limits::default()
+        };
+        assert_eq!(
+            small_memory.validate().unwrap_err().to_string(),
+            r#"invalid memory size "1024": must be at least 4 MiB"#
+        );
+        let small_cpu = Limits {
+            cpu_millis: Some(5),
+            ..Limits::default()
+        };
+        assert_eq!(
+            small_cpu.validate().unwrap_err().to_string(),
+            r#"invalid cpu count "0.005": must be at least 0.01"#
+        );
+        let big_cpu = Limits {
+            cpu_millis: Some(MAX_CPU_MILLIS + 500),
+            ..Limits::default()
+        };
+        assert_eq!(
+            big_cpu.validate().unwrap_err().to_string(),
+            r#"invalid cpu count "1024.5": must be at most 1024"#
+        );
+        let zero_pids = Limits {
+            pids: Some(0),
+            ..Limits::default()
+        };
+        assert!(matches!(
+            zero_pids.validate(),
+            Err(LimitParseError::Pids { .. })
+        ));
+    }
+
+    #[test]
+    fn limits_round_trip_through_json() {
+        let limits = Limits {
+            memory_bytes: Some(512 * MIB),
+            cpu_millis: Some(1500),
+            pids: None,
+        };
+        let json = serde_json::to_string(&limits).unwrap();
+        assert_eq!(
+            json,
+            r#"{"memory_bytes":536870912,"cpu_millis":1500,"pids":null}"#
+        );
+        assert_eq!(serde_json::from_str::<Limits>(&json).unwrap(), limits);
+        assert_eq!(
+            serde_json::from_str::<Limits>("{}").unwrap(),
+            Limits::default()
+        );
+    }
+
+    #[test]
+    fn format_millis_drops_trailing_zeros() {
+        assert_eq!(format_millis(1500), "1.5");
+        assert_eq!(format_millis(2000), "2");
+        assert_eq!(format_millis(5), "0.005");
+        assert_eq!(format_millis(250), "0.25");
+    }
+}

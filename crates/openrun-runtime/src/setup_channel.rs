@@ -1,0 +1,86 @@
+//! The socketpair between the creator (host side) and the sandbox's init while the sandbox is
+//! being built: the host sends `Go` with the idmapped lower mounts attached; the init answers
+//! `Ready` or the exact step that failed, so setup errors reach the caller instead of a log.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+
+use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+/// Most lower mounts a sandbox can have.
+pub const MAX_FDS: usize = 8;
+const MAX_MESSAGE: usize = 4096;
+
+/// Messages on the setup channel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum SetupMessage {
+    /// Host → init: id maps and cgroups are in place; lower mounts are attached.
+    Go,
+    /// Init → host: the agent is about to serve.
+    Ready,
+    /// Init → host: a step failed.
+    Failed {
+        /// What the init was doing.
+        stage: String,
+        /// errno of the failure, when it was a syscall.
+        errno: Option<i32>,
+        /// Description.
+        message: String,
+    },
+}
+
+/// Sends a message with file descriptors attached.
+pub fn send(
+    sock: BorrowedFd<'_>,
+    msg: &SetupMessage,
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(msg)?;
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(std::io::Error::other(
+            "too many descriptors for the setup channel",
+        ));
+    }
+    sendmsg(
+        sock,
+        &[IoSlice::new(&bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?;
+    Ok(())
+}
+
+/// Receives a message and any descriptors attached to it. A closed peer is `UnexpectedEof`.
+pub fn recv(sock: impl AsFd) -> std::io::Result<(SetupMessage, Vec<OwnedFd>)> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = loop {
+        match recvmsg(
+            &sock,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fds = Vec::new();
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(received) = msg {
+            fds.extend(received);
+        }
+    }
+    if got.bytes == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let msg = serde_json::from_slice(&buf[..got.bytes])?;
+    Ok((msg, fds))
+}

@@ -1,0 +1,64 @@
+//! What a caller asks for when creating a sandbox.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::limits::Limits;
+
+/// Where the sandbox's read-only root filesystem comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageSource {
+    /// The built-in `host` image: the host's `/usr` and a filtered copy of `/etc`, read-only,
+    /// without home directories, `/etc/shadow` or anything from the data dir.
+    Host,
+    /// An unpacked root filesystem (for example made by `debootstrap`).
+    Rootfs(PathBuf),
+}
+
+impl ImageSource {
+    /// Resolves an image name given on the command line or the API.
+    pub fn from_name(name: &str) -> Option<Self> {
+        (name == "host").then_some(Self::Host)
+    }
+
+    /// Short description for listings.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Host => "host".to_string(),
+            Self::Rootfs(p) => format!("rootfs:{}", p.display()),
+        }
+    }
+}
+
+/// A sandbox to create.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Root filesystem.
+    pub image: ImageSource,
+    /// cgroup limits.
+    pub limits: Limits,
+    /// The sandbox dies after this long (enforced by its agent, so it holds without a server).
+    pub lifetime: Option<Duration>,
+    /// Environment of every process (before per-exec variables).
+    pub env: BTreeMap<String, String>,
+    /// Default working directory.
+    pub cwd: Option<String>,
+    /// Kill the sandbox when the creating process exits or closes its control connection.
+    pub exit_with_creator: bool,
+}
+
+impl SandboxSpec {
+    /// A sandbox on `image` with no limits and no lifetime.
+    pub fn new(image: ImageSource) -> Self {
+        Self {
+            image,
+            limits: Limits::default(),
+            lifetime: None,
+            env: BTreeMap::new(),
+            cwd: None,
+            exit_with_creator: false,
+        }
+    }
+}

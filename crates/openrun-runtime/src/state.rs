@@ -1,0 +1,191 @@
+//! On-disk layout of a data dir and the record each live sandbox leaves there, so any later
+//! process can list sandboxes, reattach to one, or clean up after one that died.
+//!
+//! ```text
+//! <data-dir>/images/host/<fingerprint>/   the built-in image's skeleton (shared, read-only)
+//! <data-dir>/sandboxes/<id>/state.json    SandboxRecord
+//! <data-dir>/sandboxes/<id>/agent.sock    the agent's socket
+//! <data-dir>/sandboxes/<id>/upper/<n>     writable layer of mount n (owned by the sandbox ids)
+//! <data-dir>/sandboxes/<id>/work/<n>      overlayfs work dirs
+//! <data-dir>/sandboxes/<id>/mnt/          mount points used only inside the sandbox's mount ns
+//! ```
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::ids::IdRange;
+use crate::limits::Limits;
+
+/// Paths of one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxPaths {
+    /// `<data-dir>/sandboxes/<id>`.
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    /// Paths for sandbox `id` under `sandboxes_dir`.
+    pub fn new(sandboxes_dir: &Path, id: &str) -> Self {
+        Self {
+            dir: sandboxes_dir.join(id),
+        }
+    }
+    /// The record.
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    /// The agent's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    /// Writable layer of mount `n`.
+    pub fn upper(&self, n: usize) -> PathBuf {
+        self.dir.join("upper").join(n.to_string())
+    }
+    /// overlayfs work dir of mount `n`.
+    pub fn work(&self, n: usize) -> PathBuf {
+        self.dir.join("work").join(n.to_string())
+    }
+    /// Mount point of the new root (used inside the sandbox's mount namespace only).
+    pub fn root_mount(&self) -> PathBuf {
+        self.dir.join("mnt").join("root")
+    }
+    /// Where the idmapped lower of mount `n` is attached (inside the sandbox's mount ns only).
+    pub fn lower_mount(&self, n: usize) -> PathBuf {
+        self.dir.join("mnt").join(format!("lower{n}"))
+    }
+}
+
+/// What a live sandbox records about itself (`state.json`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxRecord {
+    /// Sandbox id (also its hostname).
+    pub id: String,
+    /// Host pid of the agent (pid 1 inside).
+    pub pid: i32,
+    /// Start time of that pid in clock ticks since boot, to detect pid reuse.
+    pub pid_start_ticks: u64,
+    /// Host id range the sandbox's ids map to.
+    pub ids: IdRange,
+    /// Image description (`host`, `rootfs:/path`).
+    pub image: String,
+    /// Host directories used as read-only lowers, to keep them from garbage collection.
+    pub lowers: Vec<PathBuf>,
+    /// Limits applied.
+    pub limits: Limits,
+    /// Creation time, milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Deadline, milliseconds since the Unix epoch, if the sandbox has a lifetime.
+    pub expires_at_ms: Option<u64>,
+}
+
+impl SandboxRecord {
+    /// Writes the record atomically.
+    pub fn save(&self, paths: &SandboxPaths) -> io::Result<()> {
+        let tmp = paths.dir.join("state.json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
+        fs::rename(tmp, paths.state())
+    }
+
+    /// Reads a record.
+    pub fn load(paths: &SandboxPaths) -> io::Result<Self> {
+        let bytes = fs::read(paths.state())?;
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Whether the recorded agent process still runs (same pid, same start time).
+    pub fn is_alive(&self) -> bool {
+        process_start_ticks(self.pid).is_ok_and(|t| t == self.pid_start_ticks)
+    }
+}
+
+/// Start time of a host process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
+pub fn process_start_ticks(pid: i32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) is in parentheses and may contain spaces: split after it.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+    // `rest` starts at field 3 (state); field 22 is index 19 from here.
+    let field = rest
+        .split_whitespace()
+        .nth(19)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short stat"))?;
+    field
+        .parse()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad start time"))
+}
+
+/// Checks that `id` is safe to use as a path component, hostname and cgroup name.
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+}
+
+/// A new random sandbox id: 12 lowercase hex digits.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 6];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        match rustix::rand::getrandom(&mut bytes[filled..], rustix::rand::GetRandomFlags::empty()) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            // getrandom cannot fail after boot on Linux; fall back to time and pid entropy.
+            Err(_) => {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0)
+                    ^ u128::from(std::process::id());
+                bytes.copy_from_slice(&t.to_le_bytes()[..6]);
+                break;
+            }
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_valid_and_distinct() {
+        let a = new_id();
+        let b = new_id();
+        assert_eq!(a.len(), 12);
+        assert!(valid_id(&a));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn id_validation_rejects_path_tricks() {
+        for bad in ["", "../x", "a/b", "A", "-x", &"a".repeat(33), "a b", "a\0"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn start_ticks_of_self_are_stable_and_dead_pids_fail() {
+        let me = std::process::id() as i32;
+        assert_eq!(
+            process_start_ticks(me).unwrap(),
+            process_start_ticks(me).unwrap()
+        );
+        assert!(process_start_ticks(i32::MAX).is_err());
+    }
+}

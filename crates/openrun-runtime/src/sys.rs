@@ -1,0 +1,192 @@
+//! The few raw syscalls that rustix does not wrap: `clone3` with a pidfd, `mount_setattr` for
+//! idmapped mounts, and the interface-flags ioctl that brings `lo` up.
+//!
+//! Every `unsafe` block of the runtime lives here, each with the invariant it relies on.
+
+use rustix::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::io;
+
+/// Namespace flags for the sandbox process (cgroup namespace is entered later, from inside the
+/// sandbox cgroup, so it is not in this list).
+pub const SANDBOX_NAMESPACES: u64 = (libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC) as u64;
+
+const CLONE_PIDFD: u64 = 0x1000;
+
+/// `struct clone_args` from `linux/sched.h` (the version-0 layout plus set_tid and cgroup).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// Result of [`clone3_process`] in the calling process.
+pub enum Forked {
+    /// We are the parent: the child's host pid and a pidfd for it.
+    Parent {
+        /// Host pid of the child.
+        pid: i32,
+        /// Pidfd referring to the child.
+        pidfd: OwnedFd,
+    },
+    /// We are the child.
+    Child,
+}
+
+/// Forks the calling process into new namespaces with `clone3`, like `fork` (no shared memory,
+/// no new stack), returning a pidfd for the child. `SIGCHLD` is sent to the parent on exit.
+///
+/// The caller must be single-threaded: the child is a copy of the calling thread only, and a
+/// multi-threaded parent could leave locks (malloc's included) held forever in the child.
+pub fn clone3_process(namespaces: u64) -> io::Result<Forked> {
+    let mut pidfd: libc::c_int = -1;
+    let mut args = CloneArgs {
+        flags: namespaces | CLONE_PIDFD,
+        pidfd: &mut pidfd as *mut libc::c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: `args` is a valid, fully initialised clone_args of the size we pass; without
+    // CLONE_VM the child gets a copy-on-write copy of our memory (fork semantics), so no stack
+    // is needed and the child simply returns 0 from this call. The kernel writes the pidfd into
+    // `pidfd`, which outlives the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match ret {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        pid => {
+            // SAFETY: on success the kernel stored a new, open file descriptor in `pidfd` that
+            // nothing else owns.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+            Ok(Forked::Parent {
+                pid: pid as i32,
+                pidfd,
+            })
+        }
+    }
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+const MOUNT_ATTR_NOSUID: u64 = 0x0000_0002;
+const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// `struct mount_attr` from `linux/mount.h`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Turns a detached mount (from `open_tree(OPEN_TREE_CLONE)`) into a read-only, nosuid, nodev
+/// mount whose file owners are shifted through the id map of `userns`.
+pub fn idmap_detached_mount(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+    let mut attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    let empty = c"";
+    // SAFETY: `mount` and `userns` are open descriptors borrowed for the duration of the call,
+    // `empty` is a valid NUL-terminated path (AT_EMPTY_PATH makes the call act on `mount`
+    // itself), and `attr` is a valid mount_attr whose size we pass.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            empty.as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &mut attr as *mut MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if ret == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Brings the loopback interface of the current network namespace up.
+pub fn loopback_up() -> io::Result<()> {
+    let sock = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::DGRAM,
+        None,
+    )?;
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `sock` is an open socket and `req` a valid ifreq naming "lo"; SIOCGIFFLAGS fills
+    // the flags union member.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the previous ioctl initialised the flags member of the union.
+    unsafe {
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    }
+    // SAFETY: as above; SIOCSIFFLAGS reads the flags we just set.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Ends the current process immediately, without running exit handlers or flushing stdio
+/// buffers inherited from the parent at fork time.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// `dup2(from, to)` on raw descriptor numbers (used to replace stdio).
+pub fn dup2_raw(from: i32, to: i32) -> io::Result<()> {
+    // SAFETY: dup2 only manipulates the descriptor table; `to` is a standard stream number that
+    // no Rust value owns exclusively.
+    if unsafe { libc::dup2(from, to) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Closes a descriptor inherited from the creator that no Rust value in this process owns.
+pub fn close_inherited(fd: i32) {
+    // SAFETY: the caller lists descriptors from /proc/self/fd and excludes every descriptor it
+    // still uses; closing one that is already closed just returns EBADF.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// Moves the calling process into a new cgroup namespace rooted at its current cgroup.
+pub fn unshare_cgroup_namespace() -> io::Result<()> {
+    // SAFETY: CLONE_NEWCGROUP only changes the cgroup namespace; it does not unshare the file
+    // descriptor table or filesystem info, which is what makes `unshare` unsafe in general.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! The verbs: each turns checked arguments into runtime calls.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use openrun_protocol::{ExecRequest, ExitStatus};
+use openrun_runtime::{ImageSource, Limits, Runtime, RuntimeError, Sandbox, SandboxSpec};
+
+use crate::cli::{Cli, Command, CreateArgs, ExecArgs, ProcessArgs, RmArgs, RunArgs, SandboxArgs};
+use crate::session::{self, Outcome};
+use crate::terminal;
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Run(args) => run(&cli.data_dir, args),
+        Command::Create(args) => create(&cli.data_dir, args),
+        Command::Exec(args) => exec(&cli.data_dir, args),
+        Command::Ps => ps(&cli.data_dir),
+        Command::Rm(args) => rm(&cli.data_dir, args),
+    }
+}
+
+fn spec_from(args: &SandboxArgs) -> Result<SandboxSpec, RuntimeError> {
+    let image = match &args.rootfs {
+        Some(dir) => ImageSource::Rootfs(dir.clone()),
+        None => ImageSource::from_name(&args.image)
+            .ok_or_else(|| RuntimeError::ImageNotFound(args.image.clone()))?,
+    };
+    let mut spec = SandboxSpec::new(image);
+    spec.limits = Limits {
+        memory_bytes: args.memory,
+        cpu_millis: args.cpus,
+        pids: args.pids,
+    };
+    Ok(spec)
+}
+
+fn exec_request(args: &ProcessArgs) -> ExecRequest {
+    ExecRequest {
+        argv: args.command.clone(),
+        env: args.env.iter().cloned().collect::<BTreeMap<_, _>>(),
+        cwd: args.workdir.clone(),
+        user: args.user.clone(),
+        pty: args.tty.then(terminal::size),
+        timeout_ms: args.timeout.map(|d| d.as_millis() as u64),
+        ..Default::default()
+    }
+}
+
+fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
+    let mut spec = spec_from(&args.sandbox)?;
+    spec.exit_with_creator = true;
+    let runtime = Runtime::open(data_dir)?;
+    let mut sandbox = runtime.create(&spec)?;
+    let control = sandbox
+        .take_control()
+        .context("the new sandbox has no control stream")?;
+    let request = exec_request(&args.process);
+    let rt = session::tokio_runtime()?;
+    let outcome = rt.block_on(async {
+        control.set_nonblocking(true)?;
+        let stream = tokio::net::UnixStream::from_std(control)?;
+        let client = openrun_runtime::AgentClient::from_stream(stream);
+        session::attached_exec(client, request, args.process.interactive).await
+    });
+    rt.shutdown_background();
+    let code = report(&sandbox, &args.process, outcome);
+    runtime.destroy(sandbox)?;
+    code
+}
+
+fn create(data_dir: &std::path::Path, args: CreateArgs) -> Result<i32> {
+    let mut spec = spec_from(&args.sandbox)?;
+    spec.lifetime = Some(args.ttl);
+    spec.env = args.env.into_iter().collect();
+    let runtime = Runtime::open(data_dir)?;
+    let sandbox = runtime.create(&spec)?;
+    println!("{}", sandbox.id());
+    Ok(0)
+}
+
+fn exec(data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
+    let runtime = Runtime::open(data_dir)?;
+    let sandbox = runtime.open_sandbox(&args.id)?;
+    let request = exec_request(&args.process);
+    let rt = session::tokio_runtime()?;
+    let outcome = rt.block_on(async {
+        let client = sandbox.connect().await?;
+        session::attached_exec(client, request, args.process.interactive).await
+    });
+    rt.shutdown_background();
+    report(&sandbox, &args.process, outcome)
+}
+
+/// Turns how the process ended into our exit code, saying why on stderr when it was not a
+/// normal exit.
+fn report(sandbox: &Sandbox, args: &ProcessArgs, outcome: Result<Outcome>) -> Result<i32> {
+    let name = args.command.first().map(String::as_str).unwrap_or("");
+    match outcome? {
+        Outcome::NotStarted { code, message } => {
+            eprintln!("openrun: {message}");
+            Ok(code)
+        }
+        Outcome::Exited(mut status) => {
+            annotate_oom(sandbox, &mut status);
+            if status.timed_out {
+                let limit = args
+                    .timeout
+                    .map(|d| format!(" after {d:?}"))
+                    .unwrap_or_default();
+                eprintln!("openrun: {name}: timed out{limit} and was killed");
+                return Ok(124);
+            }
+            if status.oom_killed {
+                let limit = sandbox
+                    .record()
+                    .limits
+                    .memory_bytes
+                    .map(|b| format!(" (limit {} MiB)", b >> 20))
+                    .unwrap_or_default();
+                eprintln!("openrun: {name}: killed: out of memory{limit}");
+            }
+            Ok(status.shell_code())
+        }
+    }
+}
+
+/// A SIGKILL while the sandbox's memory cgroup has recorded OOM kills is an OOM kill.
+fn annotate_oom(sandbox: &Sandbox, status: &mut ExitStatus) {
+    if status.signal == Some(9) && sandbox.oom_kills() > 0 {
+        status.oom_killed = true;
+    }
+}
+
+fn ps(data_dir: &std::path::Path) -> Result<i32> {
+    let runtime = Runtime::open(data_dir)?;
+    let now = openrun_runtime::state::now_ms();
+    println!(
+        "{:<14} {:<24} {:>8} {:>10} {:>10}",
+        "ID", "IMAGE", "PID", "AGE", "EXPIRES"
+    );
+    for record in runtime.list()? {
+        let age = format_ms(now.saturating_sub(record.created_at_ms));
+        let expires = record
+            .expires_at_ms
+            .map(|t| format!("in {}", format_ms(t.saturating_sub(now))))
+            .unwrap_or_else(|| "never".into());
+        println!(
+            "{:<14} {:<24} {:>8} {:>10} {:>10}",
+            record.id, record.image, record.pid, age, expires
+        );
+    }
+    Ok(0)
+}
+
+fn rm(data_dir: &std::path::Path, args: RmArgs) -> Result<i32> {
+    let runtime = Runtime::open(data_dir)?;
+    let mut code = 0;
+    for id in &args.ids {
+        match runtime.open_sandbox(id).and_then(|s| runtime.destroy(s)) {
+            Ok(()) => println!("{id}"),
+            Err(e) => {
+                eprintln!("openrun: {e}");
+                code = 1;
+            }
+        }
+    }
+    Ok(code)
+}
+
+fn format_ms(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{}s", s / 60, s % 60),
+        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}

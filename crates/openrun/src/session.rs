@@ -1,0 +1,139 @@
+//! An attached exec: start a process through the agent, stream its output to our stdout and
+//! stderr while it runs, forward stdin, terminal resizes and signals, and return how it ended.
+
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use openrun_protocol::{
+    AgentMessage, ErrorCode, ExecRequest, ExitStatus, Pid, Request, Response, Stream,
+};
+use openrun_runtime::{AgentClient, ClientError};
+use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::terminal;
+
+/// How an attached exec ended.
+pub enum Outcome {
+    /// The process ran and ended.
+    Exited(ExitStatus),
+    /// The process could not be started (e.g. command not found).
+    NotStarted {
+        /// Exit code a shell would use (127 not found, 126 not executable).
+        code: i32,
+        /// Message for stderr.
+        message: String,
+    },
+}
+
+/// Runs `request` attached: output goes to our stdout/stderr as it arrives.
+pub async fn attached_exec(
+    client: AgentClient,
+    mut request: ExecRequest,
+    forward_stdin: bool,
+) -> Result<Outcome> {
+    request.attach = true;
+    request.stdin = forward_stdin;
+    let tty = request.pty.is_some();
+    let (mut sender, mut receiver) = client.split();
+    let exec_id = sender.send(Request::Exec(request.clone())).await?;
+    let pid: Pid = match receiver.response(exec_id).await {
+        Ok(frame) => match frame.header {
+            Response::Started { pid } => pid,
+            other => anyhow::bail!("unexpected answer to exec: {other:?}"),
+        },
+        Err(ClientError::Agent(err)) => {
+            let code = match err.code {
+                ErrorCode::CommandNotFound => 127,
+                ErrorCode::PermissionDenied => 126,
+                _ => return Err(err).context("cannot start the command"),
+            };
+            return Ok(Outcome::NotStarted {
+                code,
+                message: err.message,
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+
+    let _raw = if tty && forward_stdin {
+        terminal::RawMode::enter()
+    } else {
+        None
+    };
+    let mut winch = signal(SignalKind::window_change())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut stdin = tokio::io::stdin();
+    let mut stdin_open = forward_stdin;
+    let mut buf = vec![0u8; 32 * 1024];
+    let stdout = std::io::stdout();
+    let stderr = std::io::stderr();
+
+    loop {
+        tokio::select! {
+            msg = receiver.next() => {
+                let frame = msg?;
+                match frame.header {
+                    AgentMessage::Output { stream, .. } => {
+                        let written = match stream {
+                            Stream::Stdout => {
+                                let mut out = stdout.lock();
+                                out.write_all(&frame.data).and_then(|_| out.flush())
+                            }
+                            Stream::Stderr => {
+                                let mut err = stderr.lock();
+                                err.write_all(&frame.data).and_then(|_| err.flush())
+                            }
+                        };
+                        // A closed stdout (e.g. `| head`) is not an error of the sandbox.
+                        if written.is_err() {
+                            tracing::debug!("local output closed");
+                        }
+                    }
+                    AgentMessage::Exit { pid: exited, status } if exited == pid => {
+                        return Ok(Outcome::Exited(status));
+                    }
+                    AgentMessage::Exit { .. } => {}
+                    AgentMessage::Response { result: Err(err), .. } => {
+                        // Stdin to a process that already closed it is expected; others are not.
+                        tracing::debug!("agent refused a request: {err}");
+                    }
+                    AgentMessage::Response { .. } => {}
+                }
+            }
+            n = stdin.read(&mut buf), if stdin_open => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    stdin_open = false;
+                    sender.send(Request::Stdin { pid, eof: true }).await?;
+                } else {
+                    sender
+                        .send_with_data(Request::Stdin { pid, eof: false }, buf[..n].to_vec())
+                        .await?;
+                }
+            }
+            _ = winch.recv(), if tty => {
+                sender.send(Request::Resize { pid, size: terminal::size() }).await?;
+            }
+            _ = interrupt.recv() => {
+                sender.send(Request::Signal { pid, signal: 2, group: true }).await?;
+            }
+            _ = terminate.recv() => {
+                sender.send(Request::Signal { pid, signal: 15, group: true }).await?;
+            }
+            _ = hangup.recv() => {
+                sender.send(Request::Signal { pid, signal: 1, group: true }).await?;
+            }
+        }
+    }
+}
+
+/// Builds a current-thread tokio runtime (created only after any sandbox was forked).
+pub fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

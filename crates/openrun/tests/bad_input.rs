@@ -1,0 +1,90 @@
+//! Bad input gets one clear line, a non-zero exit code, and leaves nothing behind.
+
+mod common;
+use common::*;
+
+fn assert_clean(env: &Env) {
+    let sandboxes = std::fs::read_dir(env.data_dir().join("sandboxes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(sandboxes, 0, "a failed create left a sandbox dir");
+}
+
+#[test]
+fn a_missing_rootfs_is_named() {
+    let env = Env::new();
+    let before = openrun_cgroups();
+    let out = env.output(["run", "--rootfs", "/nonexistent/rootfs", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("/nonexistent/rootfs") && err.contains("not found"),
+        "{err}"
+    );
+    assert_clean(&env);
+    assert_eq!(openrun_cgroups(), before);
+}
+
+#[test]
+fn an_unknown_image_is_named() {
+    let env = Env::new();
+    let out = env.output(["run", "--image", "nosuch", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("\"nosuch\" not found"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bad_limit_syntax_is_named() {
+    let env = Env::new();
+    for (flag, value) in [
+        ("--memory", "12Q"),
+        ("--cpus", "-1"),
+        ("--pids", "many"),
+        ("--timeout", "soon"),
+    ] {
+        let out = env.output(["run", flag, value, "--", "true"]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let err = stderr(&out);
+        assert!(err.contains(value) && err.contains(flag), "{flag}: {err}");
+    }
+    assert_clean(&env);
+}
+
+#[test]
+fn an_unwritable_data_dir_is_named() {
+    let file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_openrun"))
+        .args(["--data-dir"])
+        .arg(file.path())
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&file.path().display().to_string()) && err.contains("--data-dir"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_rootfs_that_is_a_file_is_named() {
+    let env = Env::new();
+    let file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+    let out = env.output([
+        "run",
+        "--rootfs",
+        file.path().to_str().unwrap(),
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
+    assert_clean(&env);
+}

@@ -1,0 +1,156 @@
+//! Helpers shared by the end-to-end tests: a private data dir per test and the real `openrun`
+//! binary. These tests need root (CI runs as root) and fail, never skip, without it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// A private data dir, removed (with any sandbox left in it) at the end of the test.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub fn new() -> Self {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "the end-to-end tests need root; run them with sudo"
+        );
+        // Short path: the agent socket lives inside and Unix socket paths are limited.
+        let dir = tempfile::Builder::new()
+            .prefix("ort")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        Self { dir }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `openrun --data-dir <dir> ARGS…`
+    pub fn cmd<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_openrun"));
+        c.arg("--data-dir").arg(self.data_dir()).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+
+    /// Runs and captures.
+    pub fn output<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        self.cmd(args).output().expect("spawn openrun")
+    }
+
+    /// `openrun run -- sh -c SCRIPT`, asserting success; returns stdout.
+    pub fn sh(&self, script: &str) -> String {
+        let out = self.output(["run", "--", "sh", "-c", script]);
+        assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `openrun create`, returning the id.
+    pub fn create(&self, extra: &[&str]) -> String {
+        let mut args = vec!["create"];
+        args.extend_from_slice(extra);
+        let out = self.output(args);
+        assert_ok(&out);
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(id.len(), 12, "unexpected id {id:?}");
+        id
+    }
+
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.data_dir().join("sandboxes").join(id)
+    }
+
+    pub fn socket(&self, id: &str) -> PathBuf {
+        self.sandbox_dir(id).join("agent.sock")
+    }
+
+    /// Live sandbox ids according to `openrun ps`.
+    pub fn live_ids(&self) -> Vec<String> {
+        let out = self.output(["ps"]);
+        assert_ok(&out);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for id in self.live_ids_quiet() {
+            let _ = self.output(["rm", &id]);
+        }
+    }
+}
+
+impl Env {
+    fn live_ids_quiet(&self) -> Vec<String> {
+        let Ok(out) = self.cmd(["ps"]).output() else {
+            return Vec::new();
+        };
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+}
+
+pub fn assert_ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "openrun failed ({:?})\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Path of a sandbox's cgroup in `controller`'s hierarchy (v1) or the unified one (v2).
+pub fn cgroup_dir(controller: &str, id: &str) -> PathBuf {
+    let v1 = PathBuf::from(format!("/sys/fs/cgroup/{controller}/openrun/{id}"));
+    if v1.exists() {
+        return v1;
+    }
+    PathBuf::from(format!("/sys/fs/cgroup/openrun/{id}"))
+}
+
+/// Names of sandbox cgroups on the host (v1 memory hierarchy or v2).
+pub fn openrun_cgroups() -> Vec<String> {
+    let mut names = Vec::new();
+    for dir in [
+        "/sys/fs/cgroup/memory/openrun",
+        "/sys/fs/cgroup/pids/openrun",
+        "/sys/fs/cgroup/openrun",
+    ] {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    names.push(format!("{dir}/{}", e.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    names.sort();
+    names
+}

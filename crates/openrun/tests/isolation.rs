@@ -1,0 +1,156 @@
+//! What a sandbox can see of the host: nothing but its image.
+
+mod common;
+use common::*;
+use std::os::unix::fs::MetadataExt;
+
+#[test]
+fn host_paths_outside_the_image_are_invisible() {
+    let env = Env::new();
+    let marker = format!("/tmp/openrun-host-marker-{}", std::process::id());
+    std::fs::write(&marker, "host secret").unwrap();
+    let script = format!(
+        "test -e {marker} && echo marker-visible; \
+         test -e /etc/shadow && echo shadow-visible; \
+         ls -A /home /root; \
+         test -e {data} && echo data-dir-visible; \
+         test -e /work && echo work-visible; \
+         cat /etc/hostname; echo done",
+        data = env.data_dir().display()
+    );
+    let out = env.sh(&script);
+    std::fs::remove_file(&marker).unwrap();
+    assert!(!out.contains("visible"), "host paths leaked: {out}");
+    assert!(out.trim_end().ends_with("done"), "{out}");
+    // /home and /root are empty: only the headers of `ls` are printed.
+    assert!(out.contains("/home:\n\n/root:\n"), "{out}");
+}
+
+#[test]
+fn proc_lists_only_the_sandbox_processes() {
+    let env = Env::new();
+    let out = env.sh("for p in /proc/[0-9]*; do echo ${p#/proc/}; done");
+    let pids: Vec<u32> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(pids.contains(&1), "pid 1 (the agent) missing: {pids:?}");
+    // The agent, the shell, and nothing from the host.
+    assert!(pids.len() <= 3, "sandbox sees foreign processes: {pids:?}");
+    let host_pids = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        })
+        .count();
+    assert!(host_pids > pids.len());
+}
+
+#[test]
+fn hostname_is_the_sandbox_id_and_only_lo_exists() {
+    let env = Env::new();
+    let id = env.create(&[]);
+    let out = env.output([
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/sys/kernel/hostname; ls /sys/class/net; cat /proc/net/dev",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(id.as_str()));
+    assert_eq!(lines.next(), Some("lo"), "{text}");
+    let interfaces: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(':') && !l.contains('|'))
+        .map(|l| l.split(':').next().unwrap().trim())
+        .collect();
+    assert_eq!(interfaces, ["lo"], "{text}");
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    assert_ne!(host.trim(), id);
+}
+
+#[test]
+fn root_inside_writes_files_owned_by_an_unprivileged_host_uid() {
+    let env = Env::new();
+    let id = env.create(&[]);
+    let out = env.output([
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo data > /root/owned; id -u; cat /proc/self/uid_map",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("0"), "not root inside: {text}");
+    let map: Vec<u64> = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(map[0], 0);
+    assert!(map[1] >= 1 << 30, "uid 0 maps to a low host uid: {map:?}");
+    assert_eq!(map[2], 65536);
+    let file = env.sandbox_dir(&id).join("upper/0/root/owned");
+    let meta = std::fs::metadata(&file).expect("file in the writable layer");
+    assert_eq!(u64::from(meta.uid()), map[1], "owner on the host");
+    assert_ne!(meta.uid(), 0);
+    assert_eq!(std::fs::read_to_string(file).unwrap(), "data\n");
+}
+
+#[test]
+fn the_image_is_read_only_below_and_writable_through_the_layer() {
+    let env = Env::new();
+    let out = env.sh(
+        "echo hi > /usr/local/openrun-probe && cat /usr/local/openrun-probe; \
+         stat -c '%u %g' /usr/bin/env; touch /tmp/x && echo tmp-ok",
+    );
+    assert_eq!(out, "hi\n0 0\ntmp-ok\n");
+    assert!(!std::path::Path::new("/usr/local/openrun-probe").exists());
+}
+
+#[test]
+fn a_rootfs_directory_becomes_the_root() {
+    let env = Env::new();
+    let rootfs = tempfile::tempdir_in("/tmp").unwrap();
+    let root = rootfs.path();
+    // A minimal root: dash and the libraries it links to.
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/usr/bin/dash", root.join("bin/sh")).unwrap();
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/dash")
+        .output()
+        .unwrap();
+    for lib in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if lib.starts_with('/') {
+            let dst = root.join(lib.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(lib, dst).unwrap();
+        }
+    }
+    std::fs::write(root.join("marker"), "rootfs").unwrap();
+    let out = env.output([
+        "run",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "read m < /marker; echo $m; test -O /marker && echo owned-by-root; test -e /usr/bin/python3 || echo no-host-usr; echo /*",
+    ]);
+    assert_ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("rootfs\nowned-by-root\nno-host-usr\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("/proc") && text.contains("/dev") && text.contains("/tmp"),
+        "{text}"
+    );
+}
