@@ -10,7 +10,8 @@ use crate::spawn::ExecPlan;
 use crate::users::ResolvedUser;
 
 /// `PATH` for processes whose environment does not set one (Debian's default).
-pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// The environment of a new process: the sandbox's base environment, then defaults for what
 /// it lacks, then the request's own variables (which win).
@@ -107,12 +108,16 @@ pub(crate) fn plan(
     user: &ResolvedUser,
     env: &BTreeMap<String, String>,
     cwd: String,
+    oom_score_adj: i32,
 ) -> Result<ExecPlan, AgentError> {
     let Some(program) = req.argv.first() else {
         return Err(AgentError::new(ErrorCode::InvalidArgument, "argv is empty"));
     };
     if program.is_empty() {
-        return Err(AgentError::new(ErrorCode::InvalidArgument, "argv[0] is empty"));
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            "argv[0] is empty",
+        ));
     }
     let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
     let candidates = path_candidates(program, path)
@@ -138,6 +143,7 @@ pub(crate) fn plan(
         uid: user.uid,
         gid: user.gid,
         groups: user.groups.clone(),
+        oom_score_adj,
     })
 }
 
@@ -184,7 +190,10 @@ mod tests {
 
     #[test]
     fn path_search_order() {
-        assert_eq!(path_candidates("ls", "/a:/b/::/c"), ["/a/ls", "/b/ls", "./ls", "/c/ls"]);
+        assert_eq!(
+            path_candidates("ls", "/a:/b/::/c"),
+            ["/a/ls", "/b/ls", "./ls", "/c/ls"]
+        );
         assert_eq!(path_candidates("./run.sh", "/a"), ["./run.sh"]);
         assert_eq!(path_candidates("/bin/ls", "/a"), ["/bin/ls"]);
     }
@@ -204,7 +213,7 @@ mod tests {
     #[test]
     fn empty_argv_is_invalid() {
         let req = ExecRequest::default();
-        let err = plan(&req, &alice(), &BTreeMap::new(), "/".into()).unwrap_err();
+        let err = plan(&req, &alice(), &BTreeMap::new(), "/".into(), 0).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument);
         assert_eq!(err.message, "argv is empty");
     }

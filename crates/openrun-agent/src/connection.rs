@@ -56,7 +56,10 @@ impl Reply {
 }
 
 fn response(id: u64, result: Result<Response, AgentError>, data: Vec<u8>) -> Outbound {
-    Outbound::Frame(Frame::with_data(AgentMessage::Response { id, result }, data))
+    Outbound::Frame(Frame::with_data(
+        AgentMessage::Response { id, result },
+        data,
+    ))
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -97,8 +100,10 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
             Ok(envelope) => envelope,
             Err(e) => match id {
                 Some(id) => {
-                    let err =
-                        AgentError::new(ErrorCode::InvalidArgument, format!("malformed request: {e}"));
+                    let err = AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("malformed request: {e}"),
+                    );
                     conn.send(response(id, Err(err), Vec::new())).await;
                     continue;
                 }
@@ -196,7 +201,8 @@ impl Connection {
             }
             Request::Exec(req) => match self.agent.exec(&req, data) {
                 Ok(pid) => {
-                    self.respond(id, Ok((Response::Started { pid }, Vec::new()))).await;
+                    self.respond(id, Ok((Response::Started { pid }, Vec::new())))
+                        .await;
                     if req.attach {
                         self.start_pump(pid, [0, 0], true);
                     }
@@ -206,8 +212,11 @@ impl Connection {
             },
             Request::Attach(req) => match self.agent.attach_info(&req) {
                 Ok((process, dropped)) => {
-                    self.respond(id, Ok((Response::Attached { process, dropped }, Vec::new())))
-                        .await;
+                    self.respond(
+                        id,
+                        Ok((Response::Attached { process, dropped }, Vec::new())),
+                    )
+                    .await;
                     let AttachRequest {
                         pid,
                         stdout_since,
@@ -256,8 +265,15 @@ impl Connection {
                 limit,
             } => {
                 self.blocking(move |f| {
-                    f.read_file(&path, offset, limit)
-                        .map(|r| (Response::FileData { size: r.size, offset }, r.data))
+                    f.read_file(&path, offset, limit).map(|r| {
+                        (
+                            Response::FileData {
+                                size: r.size,
+                                offset,
+                            },
+                            r.data,
+                        )
+                    })
                 })
                 .await
             }
@@ -368,7 +384,10 @@ async fn pump(
             }
             Step::Exit(status) => {
                 let _ = out
-                    .send(Outbound::Frame(Frame::new(AgentMessage::Exit { pid, status })))
+                    .send(Outbound::Frame(Frame::new(AgentMessage::Exit {
+                        pid,
+                        status,
+                    })))
                     .await;
                 return;
             }

@@ -10,7 +10,9 @@ use rustix::io::Errno;
 pub(crate) fn errno_error(errno: Errno, path: &str) -> AgentError {
     let (code, what) = match errno {
         Errno::NOENT => (ErrorCode::NotFound, "no such file or directory"),
-        Errno::ACCESS | Errno::PERM | Errno::ROFS => (ErrorCode::PermissionDenied, "permission denied"),
+        Errno::ACCESS | Errno::PERM | Errno::ROFS => {
+            (ErrorCode::PermissionDenied, "permission denied")
+        }
         Errno::EXIST => (ErrorCode::AlreadyExists, "already exists"),
         Errno::NOTDIR => (ErrorCode::NotADirectory, "not a directory"),
         Errno::ISDIR => (ErrorCode::IsADirectory, "is a directory"),
@@ -67,14 +69,46 @@ mod tests {
     #[test]
     fn common_errnos_map_to_codes_and_name_the_path() {
         let cases = [
-            (Errno::NOENT, ErrorCode::NotFound, "no such file or directory: /x/y"),
-            (Errno::ACCESS, ErrorCode::PermissionDenied, "permission denied: /x/y"),
-            (Errno::PERM, ErrorCode::PermissionDenied, "permission denied: /x/y"),
-            (Errno::EXIST, ErrorCode::AlreadyExists, "already exists: /x/y"),
-            (Errno::NOTDIR, ErrorCode::NotADirectory, "not a directory: /x/y"),
-            (Errno::ISDIR, ErrorCode::IsADirectory, "is a directory: /x/y"),
-            (Errno::NOTEMPTY, ErrorCode::DirectoryNotEmpty, "directory not empty: /x/y"),
-            (Errno::ROFS, ErrorCode::PermissionDenied, "read-only file system: /x/y"),
+            (
+                Errno::NOENT,
+                ErrorCode::NotFound,
+                "no such file or directory: /x/y",
+            ),
+            (
+                Errno::ACCESS,
+                ErrorCode::PermissionDenied,
+                "permission denied: /x/y",
+            ),
+            (
+                Errno::PERM,
+                ErrorCode::PermissionDenied,
+                "permission denied: /x/y",
+            ),
+            (
+                Errno::EXIST,
+                ErrorCode::AlreadyExists,
+                "already exists: /x/y",
+            ),
+            (
+                Errno::NOTDIR,
+                ErrorCode::NotADirectory,
+                "not a directory: /x/y",
+            ),
+            (
+                Errno::ISDIR,
+                ErrorCode::IsADirectory,
+                "is a directory: /x/y",
+            ),
+            (
+                Errno::NOTEMPTY,
+                ErrorCode::DirectoryNotEmpty,
+                "directory not empty: /x/y",
+            ),
+            (
+                Errno::ROFS,
+                ErrorCode::PermissionDenied,
+                "read-only file system: /x/y",
+            ),
         ];
         for (errno, code, message) in cases {
             let err = errno_error(errno, "/x/y");
@@ -90,7 +124,11 @@ mod tests {
         assert_eq!(err.message, "invalid cross-device link: /a");
         let err = errno_error(Errno::LOOP, "/b");
         assert_eq!(err.code, ErrorCode::Internal);
-        assert!(err.message.starts_with("too many levels of symbolic links"), "{}", err.message);
+        assert!(
+            err.message.starts_with("too many levels of symbolic links"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

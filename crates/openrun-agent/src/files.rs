@@ -8,8 +8,7 @@
 //! symlink there. Nothing here ever passes a client path to a syscall that resolves it from the
 //! agent's own root or working directory.
 
-use std::ffi::{CStr, CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::{CStr, CString};
 use std::path::Path;
 
 use openrun_protocol::{AgentError, ErrorCode, FileKind, FileStat, MAX_DATA_LEN};
@@ -17,7 +16,7 @@ use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
 use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
 
-use crate::errors::{errno_error, internal};
+use crate::errors::errno_error;
 
 /// Flags used for every resolution under the root.
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
@@ -132,9 +131,17 @@ impl Files {
             .unwrap_or(MAX_DATA_LEN as u64)
             .min(MAX_DATA_LEN as u64) as usize;
         let data = match kind {
-            FileType::RegularFile => pread_up_to(&fd, offset, max).map_err(|e| errno_error(e, path))?,
+            FileType::RegularFile => {
+                pread_up_to(&fd, offset, max).map_err(|e| errno_error(e, path))?
+            }
             FileType::CharacterDevice if offset == 0 => {
                 read_up_to(&fd, max).map_err(|e| errno_error(e, path))?
+            }
+            FileType::CharacterDevice => {
+                return Err(AgentError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("a device cannot be read at an offset: {path}"),
+                ))
             }
             FileType::Directory => return Err(errno_error(Errno::ISDIR, path)),
             _ => {
@@ -223,8 +230,12 @@ impl Files {
 
     fn append_file(&self, path: &str, data: &[u8], new_mode: Mode) -> Result<(), AgentError> {
         let flags = OFlags::WRONLY | OFlags::APPEND | OFlags::NOCTTY | OFlags::NONBLOCK;
-        let fd = match self.openat2_raw(path, flags | OFlags::CREATE | OFlags::EXCL, new_mode, RESOLVE)
-        {
+        let fd = match self.openat2_raw(
+            path,
+            flags | OFlags::CREATE | OFlags::EXCL,
+            new_mode,
+            RESOLVE,
+        ) {
             Ok(fd) => {
                 // Newly created: set the exact mode, independent of the umask.
                 rustix::fs::fchmod(&fd, new_mode).map_err(|e| errno_error(e, path))?;
@@ -271,7 +282,8 @@ impl Files {
         let split = split_path(path);
         match split.name.as_deref() {
             None => {
-                let fd = self.open_in_root(path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+                let fd =
+                    self.open_in_root(path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
                 let st = rustix::fs::fstat(&fd).map_err(|e| errno_error(e, path))?;
                 Ok(file_stat(path.to_string(), &st, fd.as_fd(), c""))
             }
@@ -286,7 +298,12 @@ impl Files {
     }
 
     /// Creates a directory; with `parents`, every missing ancestor too, succeeding if it exists.
-    pub(crate) fn mkdir(&self, path: &str, parents: bool, mode: Option<u32>) -> Result<(), AgentError> {
+    pub(crate) fn mkdir(
+        &self,
+        path: &str,
+        parents: bool,
+        mode: Option<u32>,
+    ) -> Result<(), AgentError> {
         check_path(path)?;
         let mode = mode.map(|m| m & 0o7777);
         if parents {
@@ -314,7 +331,12 @@ impl Files {
         for i in 0..comps.len() {
             let prefix = join(&comps[..=i]);
             let is_last = i + 1 == comps.len();
-            match self.openat2_raw(&prefix, OFlags::PATH | OFlags::DIRECTORY, Mode::empty(), RESOLVE) {
+            match self.openat2_raw(
+                &prefix,
+                OFlags::PATH | OFlags::DIRECTORY,
+                Mode::empty(),
+                RESOLVE,
+            ) {
                 Ok(_) => continue,
                 Err(Errno::NOENT) => {}
                 Err(Errno::NOTDIR) if is_last => {
@@ -433,7 +455,9 @@ fn check_path(path: &str) -> Result<(), AgentError> {
 
 /// The non-empty, non-`.` components of `path`.
 fn components(path: &str) -> Vec<&str> {
-    path.split('/').filter(|c| !c.is_empty() && *c != ".").collect()
+    path.split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect()
 }
 
 fn join(comps: &[&str]) -> String {
@@ -527,14 +551,21 @@ fn remove_contents(dir: &OwnedFd, dev: u64, path: &str, depth: usize) -> Result<
 
 /// Creates a fresh temporary file next to `name` in `dir` (never following a symlink).
 fn create_temp(dir: &OwnedFd, name: &str) -> Result<(CString, OwnedFd), Errno> {
-    let stem: String = name.chars().take(64).collect();
+    // Keep the temporary name well below NAME_MAX whatever the original's length.
+    let mut stem = String::new();
+    for c in name.chars() {
+        if stem.len() + c.len_utf8() > 64 {
+            break;
+        }
+        stem.push(c);
+    }
     let mut last = Errno::EXIST;
     for _ in 0..16 {
         let mut rnd = [0u8; 8];
         rustix::rand::getrandom(&mut rnd, rustix::rand::GetRandomFlags::empty())?;
         let tag = u64::from_le_bytes(rnd);
-        let tmp = CString::new(format!(".{stem}.openrun-tmp-{tag:016x}"))
-            .map_err(|_| Errno::INVAL)?;
+        let tmp =
+            CString::new(format!(".{stem}.openrun-tmp-{tag:016x}")).map_err(|_| Errno::INVAL)?;
         match rustix::fs::openat(
             dir,
             tmp.as_c_str(),
@@ -601,7 +632,7 @@ fn file_stat(name: String, st: &Stat, dir: BorrowedFd<'_>, entry: &CStr) -> File
     let symlink_target = (kind == FileKind::Symlink)
         .then(|| rustix::fs::readlinkat(dir, entry, Vec::new()).ok())
         .flatten()
-        .map(|t| String::from_utf8_lossy(OsStr::from_bytes(t.as_bytes()).as_bytes()).into_owned());
+        .map(|t| String::from_utf8_lossy(t.as_bytes()).into_owned());
     FileStat {
         name,
         kind,
@@ -609,15 +640,9 @@ fn file_stat(name: String, st: &Stat, dir: BorrowedFd<'_>, entry: &CStr) -> File
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,
-        modified_ms: st.st_mtime.saturating_mul(1000) + i64::from(st.st_mtime_nsec / 1_000_000),
+        modified_ms: st.st_mtime.saturating_mul(1000) + (st.st_mtime_nsec / 1_000_000) as i64,
         symlink_target,
     }
-}
-
-/// Errors that are not about a path (used by callers that format their own context).
-#[allow(dead_code)]
-pub(crate) fn io_internal(context: &str, err: std::io::Error) -> AgentError {
-    internal(context, err)
 }
 
 #[cfg(test)]
@@ -628,25 +653,37 @@ mod tests {
     fn split_takes_the_last_real_component() {
         assert_eq!(
             split_path("/a/b/c"),
-            SplitPath { parent: "/a/b".into(), name: Some("c".into()) }
+            SplitPath {
+                parent: "/a/b".into(),
+                name: Some("c".into())
+            }
         );
         assert_eq!(
             split_path("a//b/./"),
-            SplitPath { parent: "/a".into(), name: Some("b".into()) }
+            SplitPath {
+                parent: "/a".into(),
+                name: Some("b".into())
+            }
         );
         assert_eq!(split_path("/").name, None);
         assert_eq!(split_path("a/..").name, None);
         assert_eq!(split_path("x").parent, "/");
         assert_eq!(
             split_path("../../etc/passwd"),
-            SplitPath { parent: "/../../etc".into(), name: Some("passwd".into()) }
+            SplitPath {
+                parent: "/../../etc".into(),
+                name: Some("passwd".into())
+            }
         );
     }
 
     #[test]
     fn bad_paths_are_invalid_arguments() {
         assert_eq!(check_path("").unwrap_err().code, ErrorCode::InvalidArgument);
-        assert_eq!(check_path("a\0b").unwrap_err().code, ErrorCode::InvalidArgument);
+        assert_eq!(
+            check_path("a\0b").unwrap_err().code,
+            ErrorCode::InvalidArgument
+        );
         assert!(check_path("/ok").is_ok());
     }
 }

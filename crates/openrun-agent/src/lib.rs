@@ -8,6 +8,36 @@
 //!
 //! The agent must not load code lazily from the sandbox root (no NSS lookups, no `dlopen`):
 //! it parses `/etc/passwd` and `/etc/group` itself.
+//!
+//! Layout: `server` (main loop: accept, control stream, lifetime, shutdown), `connection`
+//! (one client: requests in, responses and events out, attach streaming), `agent` (shared
+//! state and the operations on the process table), `process` (a table entry), `command`
+//! (environment, cwd, `PATH` candidates for an exec), `spawn` (fork, child setup, exec),
+//! `pty`, `reader` (output pipes into buffers), `stdin` (ordered stdin writes), `output`
+//! (bounded buffers with absolute offsets), `reaper` (SIGCHLD and `waitpid(-1)`), `files`
+//! (file operations confined to the root with `openat2`), `users` (passwd/group parsing),
+//! `errors` (errno to protocol errors).
+//!
+//! Everything runs on one thread (a current-thread tokio runtime with a `LocalSet`); only file
+//! operations go to a small blocking pool, and the code between `fork` and `exec` is
+//! async-signal-safe, so extra threads cannot deadlock a child.
+
+#![deny(missing_docs)]
+
+mod agent;
+mod command;
+mod connection;
+mod errors;
+mod files;
+mod output;
+mod process;
+mod pty;
+mod reader;
+mod reaper;
+mod server;
+mod spawn;
+mod stdin;
+mod users;
 
 use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -49,22 +79,51 @@ impl AgentConfig {
 /// Errors that stop the agent before it can serve.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentStartError {
-    /// The async runtime or the signal handlers could not be set up.
-    #[error("agent start failed: {0}")]
+    /// The async runtime, the signal handlers or the sockets could not be set up.
+    #[error("agent start failed")]
     Setup(#[source] std::io::Error),
+    /// The sandbox root could not be opened.
+    #[error("cannot open the sandbox root {}", path.display())]
+    Root {
+        /// The configured root.
+        path: PathBuf,
+        /// Why opening it failed.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Serves the agent protocol until `Shutdown`, the lifetime deadline, or (with
 /// `exit_with_control`) the close of `control`. Connections arrive on `listener`; `control`,
 /// when given, is an already-connected client (the creator) served like any other connection.
 ///
-/// Returns the process exit code the agent should exit with. Must be called in a
-/// single-threaded process (it builds a current-thread tokio runtime).
+/// Returns the process exit code the agent should exit with (0 after an orderly stop; every
+/// process it started has been killed by then). Must be called in a single-threaded process
+/// (it builds a current-thread tokio runtime; only file operations use a small blocking pool).
+///
+/// The agent makes itself a child subreaper, so orphaned descendants are reparented to it and
+/// reaped even when it is not pid 1 (as in tests).
 pub fn run(
     config: AgentConfig,
     listener: UnixListener,
     control: Option<UnixStream>,
 ) -> Result<i32, AgentStartError> {
-    let _ = (config, listener, control);
-    unimplemented!("agent under construction")
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .map_err(|e| AgentStartError::Setup(e.into()))?;
+    // Writing to a socket or pipe whose reader is gone must be an error, not a fatal signal.
+    // SAFETY: installing SIG_IGN involves no handler code; children reset it before exec.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(4)
+        .thread_keep_alive(Duration::from_secs(5))
+        .build()
+        .map_err(AgentStartError::Setup)?;
+    let local = tokio::task::LocalSet::new();
+    let result = local.block_on(&runtime, server::serve(config, listener, control));
+    drop(local);
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }

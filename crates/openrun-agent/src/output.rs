@@ -30,6 +30,7 @@ impl OutputBuffer {
     }
 
     /// Offset of the oldest retained byte.
+    #[cfg(test)]
     pub(crate) fn start(&self) -> u64 {
         self.start
     }

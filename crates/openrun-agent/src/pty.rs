@@ -22,7 +22,8 @@ pub(crate) struct PtyPair {
 
 /// Opens a new terminal of the given size.
 pub(crate) fn open(size: PtySize) -> Result<PtyPair, Errno> {
-    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    let master =
+        rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     rustix::pty::grantpt(&master)?;
     rustix::pty::unlockpt(&master)?;
     let slave = match rustix::pty::ioctl_tiocgptpeer(
@@ -66,7 +67,14 @@ mod tests {
         assert!(rustix::termios::isatty(&pair.slave));
         let ws = rustix::termios::tcgetwinsize(&pair.slave).unwrap();
         assert_eq!((ws.ws_row, ws.ws_col), (24, 80));
-        resize(&pair.master, PtySize { rows: 50, cols: 132 }).unwrap();
+        resize(
+            &pair.master,
+            PtySize {
+                rows: 50,
+                cols: 132,
+            },
+        )
+        .unwrap();
         let ws = rustix::termios::tcgetwinsize(&pair.slave).unwrap();
         assert_eq!((ws.ws_row, ws.ws_col), (50, 132));
     }

@@ -41,6 +41,8 @@ pub(crate) struct ExecPlan {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pub(crate) groups: Vec<u32>,
+    /// Written to `/proc/self/oom_score_adj` before exec.
+    pub(crate) oom_score_adj: i32,
 }
 
 /// Steps of the child's setup, reported with the errno of the first one that failed.
@@ -55,7 +57,6 @@ enum Stage {
     Gid = 6,
     Uid = 7,
     Chdir = 8,
-    CloseFds = 9,
     Exec = 10,
 }
 
@@ -70,7 +71,6 @@ impl Stage {
             6 => Self::Gid,
             7 => Self::Uid,
             8 => Self::Chdir,
-            9 => Self::CloseFds,
             10 => Self::Exec,
             _ => return None,
         })
@@ -90,13 +90,24 @@ struct Prepared<'a> {
     /// `setgroups` may be refused in a user namespace; that only matters when the process is
     /// meant to run as someone other than the agent.
     tolerate_groups_failure: bool,
-    default_action: libc::sigaction,
     empty_mask: libc::sigset_t,
+    /// `oom_score_adj` as the decimal text the kernel expects.
+    oom_score_adj: Vec<u8>,
     err_pipe: OwnedFd,
     stdio: &'a ChildStdio,
 }
 
 const SH: &std::ffi::CStr = c"/bin/sh";
+
+/// Moves `fd` above 2 (if it is not already), so that setting up the child's stdio never
+/// clobbers it; agent descriptors can be that low only if the agent's own stdio was closed.
+pub(crate) fn above_stdio(fd: OwnedFd) -> Result<OwnedFd, AgentError> {
+    if rustix::fd::AsRawFd::as_raw_fd(&fd) > 2 {
+        return Ok(fd);
+    }
+    rustix::io::fcntl_dupfd_cloexec(&fd, 3)
+        .map_err(|e| crate::errors::internal("cannot duplicate a descriptor", errno_text(e)))
+}
 
 fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
     strings
@@ -113,17 +124,14 @@ pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentErro
         .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "cwd contains a nul byte"))?;
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         .map_err(|e| crate::errors::internal("cannot create a pipe", errno_text(e)))?;
+    let err_write = above_stdio(err_write)?;
 
-    // SAFETY: `sigaction` and `sigset_t` are plain C structs for which all-zero bytes are a
-    // valid value; both are fully initialised below before use.
-    let mut default_action: libc::sigaction = unsafe { std::mem::zeroed() };
-    default_action.sa_sigaction = libc::SIG_DFL;
-    // SAFETY: as above, a zeroed `sigset_t` is valid storage for `sigemptyset` to fill.
+    // SAFETY: `sigset_t` is a plain C struct for which all-zero bytes are a valid value; it
+    // is filled by `sigemptyset` below before use.
     let mut empty_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both pointers refer to live, writable `sigset_t` values owned by this frame.
+    // SAFETY: the pointer refers to a live, writable `sigset_t` owned by this frame.
     unsafe {
         libc::sigemptyset(&mut empty_mask);
-        libc::sigemptyset(&mut default_action.sa_mask);
     }
 
     let prepared = Prepared {
@@ -148,8 +156,8 @@ pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentErro
             .map(|g| rustix::process::Gid::from_raw(*g))
             .collect(),
         tolerate_groups_failure: rustix::process::geteuid().as_raw() == plan.uid,
-        default_action,
         empty_mask,
+        oom_score_adj: plan.oom_score_adj.to_string().into_bytes(),
         err_pipe: err_write,
         stdio: &stdio,
     };
@@ -295,19 +303,92 @@ fn last_errno() -> Errno {
     Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }
 
+/// Closes every descriptor above stderr except the error pipe. Async-signal-safe.
+fn close_inherited(p: &Prepared<'_>) {
+    let keep = rustix::fd::AsRawFd::as_raw_fd(&p.err_pipe) as u32;
+    let ranges = [(3u32, keep.wrapping_sub(1)), (keep + 1, u32::MAX)];
+    for (first, last) in ranges {
+        if first > last {
+            continue;
+        }
+        // SAFETY: close_range only closes descriptors of this (forked, single-threaded) child;
+        // no Rust object in the child uses them again before exec.
+        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        if rc != 0 {
+            // Kernels before 5.9: close one by one up to the descriptor limit.
+            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .current
+                .unwrap_or(65536)
+                .min(1 << 20);
+            let last = u64::from(last).min(limit.saturating_sub(1));
+            for fd in u64::from(first)..=last {
+                // SAFETY: closing a descriptor number that may not be open only fails with
+                // EBADF; nothing in the child refers to these descriptors afterwards.
+                unsafe {
+                    libc::close(fd as i32);
+                }
+            }
+        }
+    }
+}
+
+/// Writes the configured `oom_score_adj`. Async-signal-safe.
+///
+/// A non-dumpable process (the sandbox init makes the agent non-dumpable, and the fork inherits
+/// that) has its `/proc/self` files owned by the host's root, so even root inside the sandbox
+/// cannot open them. In that case the child becomes dumpable just for the write and then goes
+/// back: by then every descriptor of the agent is closed (see `close_inherited`), so a
+/// process that manages to attach in that window finds nothing of the agent's but a copy of
+/// memory the sandbox owns anyway. `execve` sets dumpability afresh for the new program.
+fn write_oom_score_adj(p: &Prepared<'_>) -> Result<(), Errno> {
+    let write = || -> Result<(), Errno> {
+        let fd = rustix::fs::open(
+            c"/proc/self/oom_score_adj",
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        rustix::io::write(&fd, &p.oom_score_adj).map(|_| ())
+    };
+    match write() {
+        Err(Errno::ACCESS) => {
+            use rustix::process::{dumpable_behavior, set_dumpable_behavior, DumpableBehavior};
+            let before = dumpable_behavior()?;
+            if before == DumpableBehavior::Dumpable {
+                return Err(Errno::ACCESS);
+            }
+            set_dumpable_behavior(DumpableBehavior::Dumpable)?;
+            let result = write();
+            set_dumpable_behavior(before)?;
+            result
+        }
+        other => other,
+    }
+}
+
 /// The child between `fork` and `execve`. Only async-signal-safe system calls; no allocation.
 fn child_main(p: &Prepared<'_>) -> ! {
     // Every signal is still blocked (see `spawn`). Reset all dispositions to their defaults:
     // handled signals would be reset by exec anyway, but ignored ones (SIGPIPE is ignored by
-    // the Rust runtime) would be inherited by the new program.
+    // the Rust runtime, others may be inherited from whoever started the agent) would be
+    // inherited by the new program. The raw syscall is used because the C library refuses to
+    // touch the two real-time signals it reserves for itself (32 and 33), which may be ignored
+    // too. An all-zero kernel `sigaction` is SIG_DFL, no flags, empty mask.
+    let default_action = [0u64; 4];
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        // SAFETY: `default_action` is a valid, initialised `sigaction` with SIG_DFL; errors
-        // (signal numbers reserved by the C library) are harmless and ignored.
+        // SAFETY: rt_sigaction reads `size_of::<kernel sigaction>()` (at most 32 bytes) from a
+        // live zeroed buffer of 32 bytes and writes nothing (old action pointer is NULL); the
+        // sigset size is the kernel's 8 bytes. Errors are harmless and ignored.
         unsafe {
-            libc::sigaction(sig, &p.default_action, ptr::null_mut());
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                default_action.as_ptr(),
+                ptr::null_mut::<u64>(),
+                8usize,
+            );
         }
     }
 
@@ -337,7 +418,7 @@ fn child_main(p: &Prepared<'_>) -> ! {
             stdout,
             stderr,
         } => {
-            // The sources are all above 2 (see `process::above_stdio`), so no dup2 overwrites
+            // The sources are all above 2 (see [`above_stdio`]), so no dup2 overwrites
             // a source that is still needed, and dup2 clears close-on-exec on the targets.
             let steps = [
                 rustix::stdio::dup2_stdin(stdin.as_fd()),
@@ -352,20 +433,15 @@ fn child_main(p: &Prepared<'_>) -> ! {
         }
     }
 
-    // The agent runs with oom_score_adj -1000 (set by the host) and children inherit it; user
-    // processes must be killable by the OOM killer. Done before dropping privileges: afterwards
-    // the file may no longer be writable.
-    match rustix::fs::open(
-        c"/proc/self/oom_score_adj",
-        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    ) {
-        Ok(fd) => {
-            if let Err(e) = rustix::io::write(&fd, b"0") {
-                fail(p, Stage::OomScore, e);
-            }
-        }
-        Err(e) => fail(p, Stage::OomScore, e),
+    // Close every other descriptor the child inherited from the agent (its sockets, other
+    // processes' pipes and terminals) except the error pipe, which is close-on-exec.
+    close_inherited(p);
+
+    // The agent may run with oom_score_adj -1000 (set by the host) and children inherit it;
+    // user processes must be killable by the OOM killer, so they get the configured value.
+    // Done before dropping privileges: afterwards the file may no longer be writable.
+    if let Err(e) = write_oom_score_adj(p) {
+        fail(p, Stage::OomScore, e);
     }
 
     // Supplementary groups, then gid, then uid (the order that keeps the right to change them).
@@ -384,32 +460,6 @@ fn child_main(p: &Prepared<'_>) -> ! {
     // After switching user, so the directory is entered with the user's permissions.
     if let Err(e) = rustix::process::chdir(p.cwd.as_c_str()) {
         fail(p, Stage::Chdir, e);
-    }
-
-    // Mark every descriptor above stderr close-on-exec (rather than closing it) so the error
-    // pipe still works if exec fails.
-    // SAFETY: close_range only changes descriptor flags; the arguments are plain integers.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    };
-    if rc != 0 {
-        // Kernels before 5.11: set the flag one by one up to the descriptor limit.
-        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-            .current
-            .unwrap_or(65536)
-            .min(1 << 20) as i32;
-        for fd in 3..limit {
-            // SAFETY: F_SETFD on a descriptor number that may not be open only fails with
-            // EBADF; no memory is involved.
-            unsafe {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-            }
-        }
     }
 
     // SAFETY: `empty_mask` is an initialised, empty `sigset_t`; this unblocks every signal.
@@ -448,7 +498,11 @@ fn child_main(p: &Prepared<'_>) -> ! {
     if p.plan.candidates.is_empty() {
         fail(p, Stage::Exec, Errno::NOENT);
     }
-    fail(p, Stage::Exec, if saw_eacces { Errno::ACCESS } else { last })
+    fail(
+        p,
+        Stage::Exec,
+        if saw_eacces { Errno::ACCESS } else { last },
+    )
 }
 
 #[cfg(test)]
@@ -465,6 +519,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             groups: vec![],
+            oom_score_adj: 0,
         }
     }
 
@@ -488,6 +543,10 @@ mod tests {
         assert_eq!(e.message, "no such directory: /work/dir");
         let e = stage_error(&plan("ls"), Some(Stage::Uid), Errno::PERM);
         assert_eq!(e.code, ErrorCode::PermissionDenied);
-        assert!(e.message.starts_with("cannot switch to uid 1000"), "{}", e.message);
+        assert!(
+            e.message.starts_with("cannot switch to uid 1000"),
+            "{}",
+            e.message
+        );
     }
 }

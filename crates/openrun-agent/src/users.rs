@@ -160,8 +160,7 @@ pub(crate) fn resolve_user(
     if explicit_gid.is_none() {
         if let Some(name) = &name {
             for group in groups {
-                if group.members.iter().any(|m| m == name) && !supplementary.contains(&group.gid)
-                {
+                if group.members.iter().any(|m| m == name) && !supplementary.contains(&group.gid) {
                     supplementary.push(group.gid);
                 }
             }

@@ -306,7 +306,9 @@ pub enum FileKind {
 pub struct FileStat {
     /// Path as given (for stat) or the entry's name (for listings).
     pub name: String,
-    /// Kind.
+    /// Kind. Named `file_type` on the wire: [`Response::Stat`] flattens this struct next to
+    /// the response's own `kind` tag, so a field called `kind` would collide with it.
+    #[serde(rename = "file_type")]
     pub kind: FileKind,
     /// Size in bytes.
     pub size: u64,
@@ -482,6 +484,27 @@ mod tests {
         };
         assert!(ok.success());
         assert_eq!(ok.shell_code(), 0);
+    }
+
+    #[test]
+    fn stat_responses_round_trip() {
+        let stat = FileStat {
+            name: "/x".into(),
+            kind: FileKind::Symlink,
+            size: 1,
+            mode: 0o777,
+            uid: 0,
+            gid: 0,
+            modified_ms: 5,
+            symlink_target: Some("y".into()),
+        };
+        let msg = AgentMessage::Response {
+            id: 3,
+            result: Ok(Response::Stat(stat)),
+        };
+        let json = serde_json::to_string(&msg).unwrap();
+        let back: AgentMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, msg);
     }
 
     #[test]

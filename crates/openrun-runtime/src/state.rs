@@ -94,28 +94,40 @@ impl SandboxRecord {
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    /// Whether the recorded agent process still runs (same pid, same start time).
+    /// Whether the recorded agent process still runs: same pid, same start time, and not a
+    /// zombie waiting to be reaped by whoever inherited it.
     pub fn is_alive(&self) -> bool {
-        process_start_ticks(self.pid).is_ok_and(|t| t == self.pid_start_ticks)
+        process_stat(self.pid)
+            .is_ok_and(|(state, t)| t == self.pid_start_ticks && state != 'Z' && state != 'X')
     }
 }
 
 /// Start time of a host process in clock ticks since boot (field 22 of `/proc/<pid>/stat`).
 pub fn process_start_ticks(pid: i32) -> io::Result<u64> {
+    process_stat(pid).map(|(_, ticks)| ticks)
+}
+
+/// State letter (field 3) and start time (field 22) of a host process.
+fn process_stat(pid: i32) -> io::Result<(char, u64)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed stat"))?;
+        .ok_or_else(|| bad("malformed stat"))?;
     // `rest` starts at field 3 (state); field 22 is index 19 from here.
-    let field = rest
-        .split_whitespace()
-        .nth(19)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "short stat"))?;
-    field
+    let mut fields = rest.split_whitespace();
+    let state = fields
+        .next()
+        .and_then(|f| f.chars().next())
+        .ok_or_else(|| bad("short stat"))?;
+    let ticks = fields
+        .nth(18)
+        .ok_or_else(|| bad("short stat"))?
         .parse()
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad start time"))
+        .map_err(|_| bad("bad start time"))?;
+    Ok((state, ticks))
 }
 
 /// Checks that `id` is safe to use as a path component, hostname and cgroup name.

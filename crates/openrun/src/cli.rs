@@ -54,13 +54,13 @@ pub struct SandboxArgs {
     #[arg(long, value_name = "DIR")]
     pub rootfs: Option<PathBuf>,
     /// Memory limit, e.g. 512M or 2G.
-    #[arg(long, value_parser = limits::parse_memory, value_name = "SIZE")]
+    #[arg(long, value_parser = limits::parse_memory, value_name = "SIZE", allow_hyphen_values = true)]
     pub memory: Option<u64>,
     /// CPU limit in CPUs, e.g. 1.5.
-    #[arg(long, value_parser = limits::parse_cpus, value_name = "CPUS")]
+    #[arg(long, value_parser = limits::parse_cpus, value_name = "CPUS", allow_hyphen_values = true)]
     pub cpus: Option<u64>,
     /// Maximum number of processes and threads.
-    #[arg(long, value_parser = limits::parse_pids, value_name = "N")]
+    #[arg(long, value_parser = limits::parse_pids, value_name = "N", allow_hyphen_values = true)]
     pub pids: Option<u64>,
 }
 
@@ -83,7 +83,7 @@ pub struct ProcessArgs {
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Kill the command after this long (e.g. 30s, 5m); exit code 124.
-    #[arg(long, value_parser = limits::parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = limits::parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
     /// Command and arguments.
     #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]

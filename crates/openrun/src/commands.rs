@@ -65,7 +65,7 @@ fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
         session::attached_exec(client, request, args.process.interactive).await
     });
     rt.shutdown_background();
-    let code = report(&sandbox, &args.process, outcome);
+    let code = report(&sandbox, 0, &args.process, outcome);
     runtime.destroy(sandbox)?;
     code
 }
@@ -84,18 +84,24 @@ fn exec(data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
     let runtime = Runtime::open(data_dir)?;
     let sandbox = runtime.open_sandbox(&args.id)?;
     let request = exec_request(&args.process);
+    let oom_before = sandbox.oom_kills();
     let rt = session::tokio_runtime()?;
     let outcome = rt.block_on(async {
         let client = sandbox.connect().await?;
         session::attached_exec(client, request, args.process.interactive).await
     });
     rt.shutdown_background();
-    report(&sandbox, &args.process, outcome)
+    report(&sandbox, oom_before, &args.process, outcome)
 }
 
 /// Turns how the process ended into our exit code, saying why on stderr when it was not a
 /// normal exit.
-fn report(sandbox: &Sandbox, args: &ProcessArgs, outcome: Result<Outcome>) -> Result<i32> {
+fn report(
+    sandbox: &Sandbox,
+    oom_before: u64,
+    args: &ProcessArgs,
+    outcome: Result<Outcome>,
+) -> Result<i32> {
     let name = args.command.first().map(String::as_str).unwrap_or("");
     match outcome? {
         Outcome::NotStarted { code, message } => {
@@ -103,7 +109,7 @@ fn report(sandbox: &Sandbox, args: &ProcessArgs, outcome: Result<Outcome>) -> Re
             Ok(code)
         }
         Outcome::Exited(mut status) => {
-            annotate_oom(sandbox, &mut status);
+            annotate_oom(sandbox, oom_before, &mut status);
             if status.timed_out {
                 let limit = args
                     .timeout
@@ -126,9 +132,11 @@ fn report(sandbox: &Sandbox, args: &ProcessArgs, outcome: Result<Outcome>) -> Re
     }
 }
 
-/// A SIGKILL while the sandbox's memory cgroup has recorded OOM kills is an OOM kill.
-fn annotate_oom(sandbox: &Sandbox, status: &mut ExitStatus) {
-    if status.signal == Some(9) && sandbox.oom_kills() > 0 {
+/// A SIGKILL (or a shell reporting one, 137) while the sandbox's memory cgroup recorded new
+/// OOM kills during the command is an OOM kill.
+fn annotate_oom(sandbox: &Sandbox, oom_before: u64, status: &mut ExitStatus) {
+    let killed = status.signal == Some(9) || status.code == Some(137);
+    if killed && sandbox.oom_kills() > oom_before {
         status.oom_killed = true;
     }
 }

@@ -68,9 +68,8 @@ fn escapes_through_paths_symlinks_and_proc_are_refused() {
         // Symlinks made inside pointing at host paths resolve inside.
         sh(&mut c, &format!("ln -s {secret} /tmp/link; ln -s ../../../../..{secret} /tmp/rel; ln -s / /tmp/rootlink; ln -s {victim} /tmp/victim")).await;
         for path in ["/tmp/link", "/tmp/rel", &format!("/tmp/rootlink{secret}")] {
-            match read(&mut c, path).await {
-                Ok(data) => assert_ne!(data, b"HOST-SECRET", "{path} reached the host"),
-                Err(_) => {}
+            if let Ok(data) = read(&mut c, path).await {
+                assert_ne!(data, b"HOST-SECRET", "{path} reached the host");
             }
         }
         // /proc magic links (the agent's exe and root) are refused.

@@ -11,7 +11,8 @@ fn mount_count() -> usize {
         .count()
 }
 
-/// Host processes running as a sandbox id (host uid ≥ 2^30).
+/// Live host processes running as a sandbox id (host uid ≥ 2^30). Zombies are not counted:
+/// an agent whose creator exited is reaped by the host's init, whenever that gets to it.
 fn sandbox_processes() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -20,6 +21,10 @@ fn sandbox_processes() -> usize {
         .filter(|e| {
             std::fs::read_to_string(e.path().join("status"))
                 .ok()
+                .filter(|s| {
+                    !s.lines()
+                        .any(|l| l.starts_with("State:") && l.contains('Z'))
+                })
                 .and_then(|s| {
                     s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| {
                         l.split_whitespace()

