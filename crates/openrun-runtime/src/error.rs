@@ -22,9 +22,6 @@ pub enum RuntimeError {
         #[source]
         source: io::Error,
     },
-    /// The data directory path is so long that a socket inside it would exceed the Unix limit.
-    #[error("data dir {0} is too long for a Unix socket path (at most 70 bytes); choose a shorter --data-dir")]
-    DataDirTooLong(PathBuf),
     /// `--rootfs` names something that is not a directory.
     #[error("rootfs {path} not found or not a directory: {source}")]
     RootfsNotFound {
@@ -110,7 +107,6 @@ impl RuntimeError {
                 | Self::ImageNotFound(_)
                 | Self::NoSuchSandbox(_)
                 | Self::InvalidId(_)
-                | Self::DataDirTooLong(_)
         )
     }
 }

@@ -168,7 +168,7 @@ fn etc_fingerprint() -> u64 {
 
 /// Bumped when the skeleton's layout changes, so old skeletons are rebuilt.
 const fn env_version() -> u32 {
-    1
+    2
 }
 
 /// Returns the skeleton directory for the current `/etc`, building it if needed.
@@ -219,6 +219,11 @@ fn build_skeleton(dst: &Path) -> io::Result<()> {
     }
     copy_tree(Path::new("/etc"), &dst.join("etc"), Path::new(""))?;
     std::os::unix::fs::symlink("../proc/self/mounts", dst.join("etc/mtab"))?;
+    // Placeholders: every sandbox binds its own hostname and hosts over them, so neither the
+    // image nor the writable layer holds per-sandbox files.
+    for name in ["hostname", "hosts"] {
+        fs::write(dst.join("etc").join(name), b"")?;
+    }
     Ok(())
 }
 

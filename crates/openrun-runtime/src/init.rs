@@ -3,8 +3,10 @@
 //! It runs in the child of `clone3` (fresh user, mount, pid, net, uts and ipc namespaces; pid 1
 //! of its pid namespace), still seeing the host's mounts. Step by step, each for a reason:
 //!
-//! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid), is not in its
-//!    cgroup, and has no lower mounts.
+//! 0. Join the sandbox cgroup itself through `tasks` files the host opened (v1; on v2 it was
+//!    created inside it), before anything else runs: cheaper than a host-side migration.
+//! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid) and no lower
+//!    mounts.
 //! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
 //!    unprivileged host id `base`. Without this the process would keep host root's kuid and
 //!    every file it created in the writable layer would belong to host root.
@@ -34,6 +36,7 @@ use rustix::mount::{
 };
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
+use crate::cgroup::SelfJoin;
 use crate::setup_channel::{self, SetupMessage};
 use crate::sys;
 
@@ -59,6 +62,8 @@ pub struct InitPlan {
     pub root: PathBuf,
     /// Overlays, root first.
     pub overlays: Vec<OverlayPlan>,
+    /// Host files bind-mounted over `/etc/<name>` (hostname, hosts).
+    pub etc_files: Vec<(PathBuf, &'static str)>,
     /// Agent configuration.
     pub agent: openrun_agent::AgentConfig,
 }
@@ -112,11 +117,12 @@ const KEPT_CAPS: CapabilitySet = CapabilitySet::CHOWN
 /// Runs in the `clone3` child; never returns.
 pub fn run(
     plan: InitPlan,
+    join: Option<SelfJoin>,
     setup: OwnedFd,
     listener: UnixListener,
     control: Option<UnixStream>,
 ) -> ! {
-    match prepare(&plan, &setup) {
+    match prepare(&plan, join, &setup) {
         Ok(()) => {}
         Err(e) => {
             let _ = setup_channel::send(
@@ -133,6 +139,7 @@ pub fn run(
     }
     // Keep exactly the listener, the control stream and the setup socket; close the rest of
     // what the host process had open (its stdio included, replaced by /dev/null).
+    tracing::trace!("init: prepared");
     let mut keep = vec![setup.as_raw_fd(), listener.as_raw_fd()];
     keep.extend(control.as_ref().map(|c| c.as_raw_fd()));
     match isolate_descriptors(&keep) {
@@ -150,6 +157,7 @@ pub fn run(
             sys::exit_now(1);
         }
     };
+    tracing::trace!("init: descriptors isolated");
     if setup_channel::send(setup.as_fd(), &SetupMessage::Ready, &[]).is_err() {
         sys::exit_now(1);
     }
@@ -158,7 +166,12 @@ pub fn run(
     sys::exit_now(code)
 }
 
-fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
+fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(), StepError> {
+    // 0. Enter the sandbox cgroup ourselves while the host writes our id maps (see SelfJoin:
+    //    a host-side migration would cost an RCU grace period).
+    if let Some(join) = join {
+        step("joining the sandbox cgroup", join.join_self())?;
+    }
     // 1. Wait for the host.
     let (msg, lowers) = step("waiting for the host", setup_channel::recv(setup))?;
     if msg != SetupMessage::Go || lowers.len() != plan.overlays.len() {
@@ -171,6 +184,14 @@ fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
             ),
         });
     }
+    let started = std::time::Instant::now();
+    let phase = |name: &str| {
+        tracing::trace!(
+            phase = name,
+            us = started.elapsed().as_micros() as u64,
+            "init"
+        )
+    };
     // 2. Become root of the new user namespace.
     step(
         "switching to the sandbox's root id",
@@ -189,6 +210,7 @@ fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
             MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
         ),
     )?;
+    phase("ids, cgroupns, private");
     // 5. Assemble the root.
     for (overlay, lower) in plan.overlays.iter().zip(lowers) {
         step(
@@ -203,7 +225,7 @@ fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
         )?;
         let target = join_inside(&plan.root, overlay.target);
         let options = mount_options(format!(
-            "lowerdir={},upperdir={},workdir={},userxattr",
+            "lowerdir={},upperdir={},workdir={},userxattr,volatile",
             overlay.lower_mount.display(),
             overlay.upper.display(),
             overlay.work.display()
@@ -219,7 +241,10 @@ fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
             ),
         )?;
     }
+    phase("overlays");
     mount_special_filesystems(&plan.root)?;
+    phase("special filesystems");
+    bind_etc_files(plan)?;
     // 6. Switch to the new root and drop the old one.
     step("entering the new root", rustix::process::chdir(&plan.root))?;
     step("pivoting root", rustix::process::pivot_root(".", "."))?;
@@ -228,14 +253,17 @@ fn prepare(plan: &InitPlan, setup: &OwnedFd) -> Result<(), StepError> {
         unmount(".", UnmountFlags::DETACH),
     )?;
     step("entering the new root", rustix::process::chdir("/"))?;
+    phase("pivot");
     // 7. Identity and network.
     step(
         "setting the hostname",
         rustix::system::sethostname(plan.id.as_bytes()),
     )?;
     step("bringing lo up", sys::loopback_up())?;
+    phase("hostname, lo");
     // 8. Privileges.
     drop_privileges()?;
+    phase("privileges");
     Ok(())
 }
 
@@ -365,7 +393,45 @@ fn mount_options(s: String) -> Result<std::ffi::CString, StepError> {
     })
 }
 
+/// Binds the per-sandbox `/etc/hostname` and `/etc/hosts` over the image's (creating the
+/// target in the writable layer when the image lacks it), as Docker does: the image stays
+/// untouched and the writable layer holds no host-generated files.
+fn bind_etc_files(plan: &InitPlan) -> Result<(), StepError> {
+    let etc = plan.root.join("etc");
+    if !etc.is_dir() {
+        return Ok(());
+    }
+    for (source, name) in &plan.etc_files {
+        let target = etc.join(name);
+        match fs::symlink_metadata(&target) {
+            // Never follow an image's symlink with a mount: skip, the image keeps its own.
+            Ok(m) if m.file_type().is_symlink() => continue,
+            Ok(_) => {}
+            Err(_) => step("creating /etc files", fs::write(&target, b""))?,
+        }
+        step("binding /etc files", mount_bind(source, &target))?;
+    }
+    Ok(())
+}
+
+/// Makes sure a mount point exists as a real directory. An image whose `/proc`, `/dev`, `/sys`
+/// or `/tmp` is a symlink is refused: mounting through it would follow a path the image chose.
 fn ensure_dir(path: &Path, stage: &str) -> Result<(), StepError> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.is_dir() {
+            return Err(StepError {
+                stage: stage.to_string(),
+                errno: None,
+                message: format!(
+                    "the image has {} as a non-directory; it must be a directory",
+                    path.file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default()
+                ),
+            });
+        }
+        return Ok(());
+    }
     match fs::create_dir(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),

@@ -23,5 +23,5 @@ pub use client::{AgentClient, AgentReceiver, AgentSender, ClientError};
 pub use error::{Result, RuntimeError};
 pub use limits::Limits;
 pub use sandbox::{Runtime, Sandbox};
-pub use spec::{ImageSource, SandboxSpec};
+pub use spec::{ImageSource, SandboxSpec, Storage};
 pub use state::SandboxRecord;

@@ -10,24 +10,22 @@ use std::time::{Duration, Instant};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::mount::{open_tree, OpenTreeFlags};
 
-use crate::cgroup::{Cgroup, CgroupManager};
+use crate::cgroup::{Cgroup, CgroupManager, SelfJoin};
 use crate::client::AgentClient;
 use crate::error::{IoContext, Result, RuntimeError};
-use crate::ids::{IdPool, IdRange, DEFAULT_POOL_DIR};
+use crate::ids::{IdPool, IdRange};
 use crate::image::{self, PreparedImage};
 use crate::init::{self, InitPlan, OverlayPlan};
 use crate::setup_channel::{self, SetupMessage};
-use crate::spec::SandboxSpec;
+use crate::spec::{SandboxSpec, Storage};
 use crate::state::{self, SandboxPaths, SandboxRecord};
 use crate::sys::{self, Forked};
-
-/// Longest data dir path for which `<dir>/sandboxes/<id>/agent.sock` fits a Unix socket address.
-const MAX_DATA_DIR_LEN: usize = 70;
 
 /// The namespace backend rooted at one data dir.
 #[derive(Debug)]
 pub struct Runtime {
     data_dir: PathBuf,
+    run_dir: PathBuf,
     cgroups: CgroupManager,
     pool: IdPool,
 }
@@ -52,9 +50,6 @@ impl Runtime {
             return Err(RuntimeError::NotRoot);
         }
         let data_dir = absolute(&data_dir);
-        if data_dir.as_os_str().len() > MAX_DATA_DIR_LEN {
-            return Err(RuntimeError::DataDirTooLong(data_dir));
-        }
         let dd_err = |source| RuntimeError::DataDir {
             path: data_dir.clone(),
             source,
@@ -67,15 +62,25 @@ impl Runtime {
                 .create(&dir)
                 .map_err(dd_err)?;
         }
+        make_traversable(&data_dir)?;
         // A directory can exist yet be unwritable (read-only mount, wrong owner under userns).
         let probe = data_dir.join(format!(".probe-{}", std::process::id()));
         fs::write(&probe, b"").map_err(dd_err)?;
         let _ = fs::remove_file(&probe);
         let cgroups = CgroupManager::detect()?;
-        let pool = IdPool::open(DEFAULT_POOL_DIR)
-            .context(|| format!("cannot create the id pool at {DEFAULT_POOL_DIR}"))?;
+        ensure_run_root()?;
+        let run_dir = state::run_dir_for(&data_dir);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&run_dir)
+            .context(|| format!("cannot create {}", run_dir.display()))?;
+        let pool_dir = Path::new(state::RUN_ROOT).join("idmap");
+        let pool = IdPool::open(&pool_dir)
+            .context(|| format!("cannot create the id pool at {}", pool_dir.display()))?;
         Ok(Self {
             data_dir,
+            run_dir,
             cgroups,
             pool,
         })
@@ -90,8 +95,8 @@ impl Runtime {
         self.data_dir.join("sandboxes")
     }
 
-    fn paths(&self, id: &str) -> SandboxPaths {
-        SandboxPaths::new(&self.sandboxes_dir(), id)
+    fn paths(&self, id: &str, storage: Storage) -> SandboxPaths {
+        SandboxPaths::new(&self.run_dir, &self.sandboxes_dir(), id, storage)
     }
 
     /// The cgroup layout in use.
@@ -105,6 +110,14 @@ impl Runtime {
     /// caller (like `runc init`), and a fork of a multi-threaded process may inherit locks held
     /// by other threads. Multi-threaded callers run the `openrun` binary's helper instead.
     pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox> {
+        let started = Instant::now();
+        let phase = |name: &str| {
+            tracing::debug!(
+                phase = name,
+                us = started.elapsed().as_micros() as u64,
+                "create"
+            )
+        };
         ensure_single_threaded()?;
         let image = image::prepare(&spec.image, &self.data_dir.join("images"))?;
         let id = state::new_id();
@@ -112,7 +125,7 @@ impl Runtime {
             .pool
             .claim(&id)
             .context(|| "cannot claim a host id range".to_string())?;
-        let paths = self.paths(&id);
+        let paths = self.paths(&id, spec.storage);
         let mut pending = PendingSandbox {
             runtime: self,
             id: id.clone(),
@@ -121,10 +134,13 @@ impl Runtime {
             cgroup: None,
             child: None,
         };
+        phase("image");
         let plan = prepare_host_side(&id, ids, &paths, &image, spec)?;
+        phase("host dirs");
         let plan_protects_agent = plan.agent.process_oom_score_adj == 0;
         let cgroup = self.cgroups.create(&id, &spec.limits)?;
         pending.cgroup = Some(cgroup);
+        phase("cgroup");
         let listener = UnixListener::bind(paths.socket())
             .context(|| format!("cannot listen on {}", paths.socket().display()))?;
         let (setup_host, setup_child) = rustix::net::socketpair(
@@ -137,7 +153,14 @@ impl Runtime {
         let (control_host, control_child) =
             UnixStream::pair().context(|| "cannot create the control stream".to_string())?;
 
-        let forked = sys::clone3_process(sys::SANDBOX_NAMESPACES).map_err(classify_clone_error)?;
+        let join = pending.cgroup.as_ref().map(Cgroup::self_join).transpose()?;
+        let into_cgroup = match &join {
+            Some(SelfJoin::V2 { dir }) => Some(dir.as_fd()),
+            _ => None,
+        };
+        phase("before clone3");
+        let forked = sys::clone3_process(sys::SANDBOX_NAMESPACES, into_cgroup)
+            .map_err(classify_clone_error)?;
         let (pid, pidfd) = match forked {
             Forked::Child => {
                 drop(setup_host);
@@ -145,7 +168,7 @@ impl Runtime {
                 // The child is a copy of this process: it must never unwind back into the
                 // creator's frames (whose drop guards would tear the new sandbox down).
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    init::run(plan, setup_child, listener, Some(control_child))
+                    init::run(plan, join, setup_child, listener, Some(control_child))
                 }));
                 sys::exit_now(70);
             }
@@ -154,6 +177,8 @@ impl Runtime {
         drop(setup_child);
         drop(control_child);
         drop(listener);
+        drop(join);
+        phase("clone");
         pending.child = Some((pid, pidfd));
         let Some((_, pidfd)) = pending.child.as_ref() else {
             unreachable!("set just above")
@@ -166,9 +191,6 @@ impl Runtime {
             .context(|| "cannot write the sandbox uid map".to_string())?;
         fs::write(format!("/proc/{pid}/gid_map"), &map)
             .context(|| "cannot write the sandbox gid map".to_string())?;
-        if let Some(cg) = &pending.cgroup {
-            cg.add_process(pid)?;
-        }
         // The agent must survive the OOM killer so it can report what it killed. Lowering a
         // score needs CAP_SYS_RESOURCE, which container hosts often withhold; then the agent's
         // processes get a higher score instead (see `process_oom_score_adj`).
@@ -176,6 +198,7 @@ impl Runtime {
             fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000")
                 .context(|| "cannot protect the agent from the OOM killer".to_string())?;
         }
+        phase("id maps");
         let userns = rustix::fs::open(
             format!("/proc/{pid}/ns/user"),
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
@@ -206,6 +229,7 @@ impl Runtime {
         drop(borrowed);
         drop(lowers);
         drop(userns);
+        phase("layers sent");
         match setup_channel::recv(&setup_host) {
             Ok((SetupMessage::Ready, _)) => {}
             Ok((
@@ -231,6 +255,7 @@ impl Runtime {
                 })
             }
         }
+        phase("ready");
         let pid_start_ticks = state::process_start_ticks(pid)
             .context(|| "the sandbox agent died while starting".to_string())?;
         let now = state::now_ms();
@@ -242,6 +267,7 @@ impl Runtime {
             image: spec.image.describe(),
             lowers: image.layers.iter().map(|l| l.lower.clone()).collect(),
             limits: spec.limits.clone(),
+            storage: spec.storage,
             created_at_ms: now,
             expires_at_ms: spec.lifetime.map(|d| now + d.as_millis() as u64),
         };
@@ -263,26 +289,23 @@ impl Runtime {
     /// Lists live sandboxes, cleaning up after any whose agent has died.
     pub fn list(&self) -> Result<Vec<SandboxRecord>> {
         let mut live = Vec::new();
-        let entries = match fs::read_dir(self.sandboxes_dir()) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(live),
-            Err(e) => return Err(RuntimeError::io("cannot list sandboxes", e)),
-        };
-        for entry in entries.flatten() {
-            let Some(id) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            if !state::valid_id(&id) {
-                continue;
-            }
-            let paths = self.paths(&id);
+        for id in list_ids(&self.run_dir)? {
+            let paths = self.paths(&id, Storage::Disk);
             match SandboxRecord::load(&paths) {
                 Ok(record) if record.is_alive() => live.push(record),
                 Ok(record) => self.cleanup(&id, Some(record.ids)),
                 // No record: a creator died mid-way, or is creating right now. Only clean it
                 // once it is old enough that no create can still be running.
-                Err(_) if is_stale(&paths.dir) => self.cleanup(&id, None),
+                Err(_) if is_stale(&paths.run) => self.cleanup(&id, None),
                 Err(_) => {}
+            }
+        }
+        // Writable layers without a runtime dir belong to sandboxes that died with the host
+        // (the runtime dir is on a tmpfs): reclaim them.
+        for id in list_ids(&self.sandboxes_dir())? {
+            let paths = self.paths(&id, Storage::Disk);
+            if !paths.run.exists() && is_stale(&paths.layer) {
+                self.cleanup(&id, None);
             }
         }
         live.sort_by_key(|r| r.created_at_ms);
@@ -292,7 +315,7 @@ impl Runtime {
     /// Finds a live sandbox by id (or unique id prefix) to talk to or destroy.
     pub fn open_sandbox(&self, id: &str) -> Result<Sandbox> {
         let record = self.find(id)?;
-        let paths = self.paths(&record.id);
+        let paths = self.paths(&record.id, record.storage);
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_raw(record.pid)
                 .ok_or_else(|| RuntimeError::NoSuchSandbox(id.to_string()))?,
@@ -328,9 +351,68 @@ impl Runtime {
         }
     }
 
+    /// Kills every process of the sandbox now and leaves the rest of [`Runtime::destroy`]
+    /// (waiting for the kernel to tear the namespaces down, removing the cgroup, files and id
+    /// claim) to a background process, so a caller that only needs the sandbox gone can
+    /// return at once (`openrun run`). When this process is multi-threaded (it cannot fork
+    /// safely) the teardown runs here instead.
+    pub fn destroy_in_background(&self, mut sandbox: Sandbox) -> Result<()> {
+        sandbox.control = None;
+        if let Some(pidfd) = &sandbox.pidfd {
+            match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(e) => return Err(RuntimeError::io("cannot kill the sandbox agent", e)),
+            }
+        }
+        if ensure_single_threaded().is_err() {
+            return self.destroy(sandbox);
+        }
+        match sys::clone3_process(0, None) {
+            Ok(Forked::Child) => {
+                // The cleaner: out of the caller's session and off its stdio, so neither a
+                // terminal's Ctrl-C nor a reader waiting for EOF on our output depends on it.
+                let _ = rustix::process::setsid();
+                if let Ok(null) = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/null")
+                {
+                    use std::os::fd::AsRawFd;
+                    for fd in 0..=2 {
+                        let _ = sys::dup2_raw(null.as_raw_fd(), fd);
+                    }
+                }
+                // The agent is our parent's child, not ours: wait on its pidfd instead.
+                sandbox.child = false;
+                let code = match self.destroy(sandbox) {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "background teardown failed");
+                        1
+                    }
+                };
+                sys::exit_now(code);
+            }
+            Ok(Forked::Parent { .. }) => {
+                // Forget the sandbox without running its teardown here: the cleaner owns it.
+                std::mem::forget(sandbox);
+                Ok(())
+            }
+            Err(_) => self.destroy(sandbox),
+        }
+    }
+
     /// Destroys a sandbox: kills every process, removes its cgroup, writable layer and
     /// runtime files, and frees its id range.
     pub fn destroy(&self, mut sandbox: Sandbox) -> Result<()> {
+        let started = Instant::now();
+        let phase = |name: &str| {
+            tracing::debug!(
+                phase = name,
+                us = started.elapsed().as_micros() as u64,
+                "destroy"
+            )
+        };
         sandbox.control = None;
         if let Some(pidfd) = sandbox.pidfd.take() {
             // Killing pid 1 of a pid namespace kills every process in it.
@@ -340,11 +422,15 @@ impl Runtime {
             }
             wait_for_exit(&pidfd, sandbox.child)?;
         }
+        phase("killed");
         if let Some(cg) = sandbox.cgroup.take() {
             cg.kill_all()?;
             cg.remove()?;
         }
-        remove_tree(&sandbox.paths.dir)?;
+        phase("cgroup removed");
+        remove_tree(&sandbox.paths.layer)?;
+        remove_tree(&sandbox.paths.run)?;
+        phase("files removed");
         self.pool
             .release(sandbox.record.ids, &sandbox.record.id)
             .context(|| "cannot release the sandbox id range".to_string())?;
@@ -357,7 +443,9 @@ impl Runtime {
             let _ = cg.kill_all();
             let _ = cg.remove();
         }
-        let _ = remove_tree(&self.paths(id).dir);
+        let paths = self.paths(id, Storage::Disk);
+        let _ = remove_tree(&paths.disk_layer);
+        let _ = remove_tree(&paths.run);
         if let Some(ids) = ids {
             let _ = self.pool.release(ids, id);
         }
@@ -383,6 +471,11 @@ impl Sandbox {
     /// Host directory of the writable layer of the root.
     pub fn upper_dir(&self) -> PathBuf {
         self.paths.upper(0)
+    }
+
+    /// Runtime dir (socket, record) on the host.
+    pub fn run_dir(&self) -> &Path {
+        &self.paths.run
     }
 
     /// Takes the creator's already-connected control stream (only once, only for the creator).
@@ -435,14 +528,18 @@ impl Drop for PendingSandbox<'_> {
             let _ = cg.kill_all();
             let _ = cg.remove();
         }
-        let _ = remove_tree(&self.paths.dir);
+        let _ = remove_tree(&self.paths.layer);
+        let _ = remove_tree(&self.paths.run);
         let _ = self.runtime.pool.release(self.ids, &self.id);
     }
 }
 
-/// Creates the sandbox's directories (owned by its ids where the sandbox writes) and the
-/// per-sandbox `/etc/hostname` and `/etc/hosts` in the writable layer, and computes the plan
-/// the init follows.
+/// Creates the sandbox's directories and its `/etc/hostname` and `/etc/hosts`, and computes
+/// the plan the init follows.
+///
+/// The init runs as the sandbox's ids, not host root, and opens these by path: the runtime dir
+/// is 0711 (searchable), the layer dir belongs to the sandbox's root with mode 0700, which also
+/// keeps other host users out of the writable layer.
 fn prepare_host_side(
     id: &str,
     ids: IdRange,
@@ -451,10 +548,9 @@ fn prepare_host_side(
     spec: &SandboxSpec,
 ) -> Result<InitPlan> {
     let base = ids.host_base();
-    let mkdir = |path: &Path, owner: Option<u32>| -> Result<()> {
+    let mkdir = |path: &Path, mode: u32, owner: Option<u32>| -> Result<()> {
         fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
+            .mode(mode)
             .create(path)
             .context(|| format!("cannot create {}", path.display()))?;
         if let Some(owner) = owner {
@@ -463,24 +559,15 @@ fn prepare_host_side(
         }
         Ok(())
     };
-    // The init runs as the sandbox's ids, not host root: it must be able to traverse the
-    // sandbox dir (0711) and own the parents of its upper and work dirs (0700), which keeps
-    // other host users out of the writable layer.
-    fs::DirBuilder::new()
-        .mode(0o711)
-        .create(&paths.dir)
-        .context(|| format!("cannot create {}", paths.dir.display()))?;
-    for private in [paths.dir.join("upper"), paths.dir.join("work")] {
-        mkdir(&private, Some(base))?;
-        fs::set_permissions(&private, fs::Permissions::from_mode(0o700))
-            .context(|| format!("cannot chmod {}", private.display()))?;
-    }
-    mkdir(&paths.root_mount(), None)?;
+    mkdir(&paths.run, 0o711, None)?;
+    mkdir(&paths.run.join("mnt"), 0o755, None)?;
+    mkdir(&paths.root_mount(), 0o755, None)?;
+    mkdir(&paths.layer, 0o700, Some(base))?;
     let mut overlays = Vec::with_capacity(image.layers.len());
     for (n, layer) in image.layers.iter().enumerate() {
-        mkdir(&paths.lower_mount(n), None)?;
-        mkdir(&paths.upper(n), Some(base))?;
-        mkdir(&paths.work(n), Some(base))?;
+        mkdir(&paths.lower_mount(n), 0o755, None)?;
+        mkdir(&paths.upper(n), 0o755, Some(base))?;
+        mkdir(&paths.work(n), 0o755, Some(base))?;
         overlays.push(OverlayPlan {
             target: layer.target,
             lower_mount: paths.lower_mount(n),
@@ -488,9 +575,9 @@ fn prepare_host_side(
             work: paths.work(n),
         });
     }
+    let mut etc_files = Vec::new();
     if image.has_etc {
-        let etc = paths.upper(0).join("etc");
-        mkdir(&etc, Some(base))?;
+        mkdir(&paths.run.join("etc"), 0o755, None)?;
         for (name, content) in [
             ("hostname", format!("{id}\n")),
             (
@@ -498,18 +585,18 @@ fn prepare_host_side(
                 format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"),
             ),
         ] {
-            let path = etc.join(name);
+            let path = paths.etc_file(name);
             fs::write(&path, content).context(|| format!("cannot write {}", path.display()))?;
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
-                .context(|| format!("cannot chmod {}", path.display()))?;
             chown(&path, Some(base), Some(base))
                 .context(|| format!("cannot chown {}", path.display()))?;
+            etc_files.push((path, name));
         }
     }
     Ok(InitPlan {
         id: id.to_string(),
         root: paths.root_mount(),
         overlays,
+        etc_files,
         agent: openrun_agent::AgentConfig {
             sandbox_id: id.to_string(),
             root: PathBuf::from("/"),
@@ -537,7 +624,7 @@ fn classify_clone_error(e: io::Error) -> RuntimeError {
     // Find out whether the user namespace is the part the kernel refuses.
     match e.raw_os_error() {
         Some(libc::EINVAL | libc::EPERM | libc::ENOSPC | libc::EUSERS) => {
-            match sys::clone3_process(libc::CLONE_NEWUSER as u64) {
+            match sys::clone3_process(libc::CLONE_NEWUSER as u64, None) {
                 Ok(Forked::Child) => sys::exit_now(0),
                 Ok(Forked::Parent { pidfd, .. }) => {
                     let _ = wait_for_exit(&pidfd, true);
@@ -594,6 +681,67 @@ fn wait_for_exit(pidfd: &OwnedFd, is_child: bool) -> Result<()> {
     }
 }
 
+/// Ids of the sandbox entries in `dir` (a runtime or layers dir).
+fn list_ids(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(RuntimeError::io(
+                format!("cannot list {}", dir.display()),
+                e,
+            ))
+        }
+    };
+    Ok(entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|id| state::valid_id(id))
+        .collect())
+}
+
+/// Makes sure `/run/openrun` is a tmpfs: runtime files are written on every create and must
+/// vanish on reboot, with the sandboxes they describe. Hosts whose `/run` is not a tmpfs (some
+/// containers) get a small one mounted there, once.
+fn ensure_run_root() -> Result<()> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let root = Path::new(state::RUN_ROOT);
+    let is_tmpfs = |p: &Path| rustix::fs::statfs(p).is_ok_and(|s| s.f_type == TMPFS_MAGIC);
+    if is_tmpfs(root) {
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(root)
+        .context(|| format!("cannot create {}", root.display()))?;
+    // Two first-time callers must not stack two mounts: serialise on a lock beside it.
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/.openrun.lock")
+        .context(|| "cannot create /run/.openrun.lock".to_string())?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .context(|| "cannot lock /run/.openrun.lock".to_string())?;
+    if is_tmpfs(root) {
+        return Ok(());
+    }
+    // Claims made before the mount would be hidden by it: there can be none, since claims are
+    // only made under the tmpfs.
+    rustix::mount::mount(
+        "openrun",
+        root,
+        "tmpfs",
+        rustix::mount::MountFlags::NOSUID
+            | rustix::mount::MountFlags::NODEV
+            | rustix::mount::MountFlags::NOEXEC,
+        Some(c"mode=0711"),
+    )
+    .context(|| format!("cannot mount a tmpfs on {}", root.display()))?;
+    Ok(())
+}
+
 fn remove_tree(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
@@ -622,6 +770,43 @@ fn ensure_single_threaded() -> Result<()> {
             "sandboxes must be created from a single-threaded process",
             io::Error::other(format!("{threads} threads running")),
         ));
+    }
+    Ok(())
+}
+
+/// A sandbox's init runs as the sandbox's own (unprivileged) host ids and opens its writable
+/// layer by path, so every directory above it must be traversable by others. The data dir and
+/// its `sandboxes` dir get `o+x` (search only, not listing); an ancestor without it is an error
+/// naming that directory.
+fn make_traversable(data_dir: &Path) -> Result<()> {
+    for dir in [data_dir.to_path_buf(), data_dir.join("sandboxes")] {
+        let meta = fs::metadata(&dir).map_err(|source| RuntimeError::DataDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.permissions().mode();
+        if mode & 0o001 == 0 {
+            fs::set_permissions(&dir, fs::Permissions::from_mode((mode | 0o011) & 0o7777))
+                .map_err(|source| RuntimeError::DataDir {
+                    path: data_dir.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
+    for ancestor in data_dir.ancestors().skip(1) {
+        let Ok(meta) = fs::metadata(ancestor) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(RuntimeError::DataDir {
+                path: data_dir.to_path_buf(),
+                source: io::Error::other(format!(
+                    "{} is not searchable by other users (mode {:o}) and sandboxes run as unprivileged host ids",
+                    ancestor.display(),
+                    meta.permissions().mode() & 0o7777
+                )),
+            });
+        }
     }
     Ok(())
 }

@@ -32,6 +32,19 @@ impl ImageSource {
     }
 }
 
+/// Where a sandbox's writable layer lives.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On the runtime tmpfs: fastest to create and remove, charged to the sandbox's memory
+    /// limit page by page (so a memory-limited sandbox cannot fill the host's RAM). For
+    /// short-lived sandboxes (`openrun run`).
+    Memory,
+    /// In the data dir on disk: for long-lived sandboxes and large writes.
+    #[default]
+    Disk,
+}
+
 /// A sandbox to create.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
@@ -39,6 +52,8 @@ pub struct SandboxSpec {
     pub image: ImageSource,
     /// cgroup limits.
     pub limits: Limits,
+    /// Where the writable layer lives.
+    pub storage: Storage,
     /// The sandbox dies after this long (enforced by its agent, so it holds without a server).
     pub lifetime: Option<Duration>,
     /// Environment of every process (before per-exec variables).
@@ -55,6 +70,7 @@ impl SandboxSpec {
         Self {
             image,
             limits: Limits::default(),
+            storage: Storage::default(),
             lifetime: None,
             env: BTreeMap::new(),
             cwd: None,

@@ -1,13 +1,20 @@
-//! On-disk layout of a data dir and the record each live sandbox leaves there, so any later
-//! process can list sandboxes, reattach to one, or clean up after one that died.
+//! Where a sandbox's files live, and the record each live sandbox leaves so any later process
+//! can list sandboxes, reattach to one, or clean up after one that died.
+//!
+//! Runtime files are on a tmpfs (`/run/openrun`, mounted there when `/run` is not one): they are
+//! small, written on every create, and must not survive a reboot (neither do the sandboxes).
+//! The writable layers are on disk in the data dir.
 //!
 //! ```text
-//! <data-dir>/images/host/<fingerprint>/   the built-in image's skeleton (shared, read-only)
-//! <data-dir>/sandboxes/<id>/state.json    SandboxRecord
-//! <data-dir>/sandboxes/<id>/agent.sock    the agent's socket
-//! <data-dir>/sandboxes/<id>/upper/<n>     writable layer of mount n (owned by the sandbox ids)
-//! <data-dir>/sandboxes/<id>/work/<n>      overlayfs work dirs
-//! <data-dir>/sandboxes/<id>/mnt/          mount points used only inside the sandbox's mount ns
+//! /run/openrun/idmap/<slot>                     host id range claims (host-wide)
+//! /run/openrun/<data-dir key>/<id>/state.json   SandboxRecord
+//! /run/openrun/<data-dir key>/<id>/agent.sock   the agent's socket
+//! /run/openrun/<data-dir key>/<id>/etc/         per-sandbox hostname and hosts (bind-mounted)
+//! /run/openrun/<data-dir key>/<id>/mnt/         mount points used inside the sandbox only
+//! /run/openrun/<data-dir key>/<id>/layer/       writable layers of `Storage::Memory` sandboxes
+//! <data-dir>/images/host/<fingerprint>/         the built-in image's skeleton (shared)
+//! <data-dir>/sandboxes/<id>/<n>                 writable layer of mount n (`Storage::Disk`)
+//! <data-dir>/sandboxes/<id>/<n>.work            overlayfs work dir of mount n
 //! ```
 
 use std::fs;
@@ -16,45 +23,77 @@ use std::path::{Path, PathBuf};
 
 use crate::ids::IdRange;
 use crate::limits::Limits;
+use crate::spec::Storage;
+
+/// Root of openrun's runtime files on the host.
+pub const RUN_ROOT: &str = "/run/openrun";
 
 /// Paths of one sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxPaths {
-    /// `<data-dir>/sandboxes/<id>`.
-    pub dir: PathBuf,
+    /// Runtime dir: `/run/openrun/<key>/<id>`.
+    pub run: PathBuf,
+    /// Writable layer dir (owned by the sandbox's root, 0700): `<data-dir>/sandboxes/<id>`,
+    /// or `<run>/layer` for memory storage.
+    pub layer: PathBuf,
+    /// Where a disk layer of this id would be (cleaned up whatever the storage).
+    pub disk_layer: PathBuf,
 }
 
 impl SandboxPaths {
-    /// Paths for sandbox `id` under `sandboxes_dir`.
-    pub fn new(sandboxes_dir: &Path, id: &str) -> Self {
+    /// Paths for sandbox `id` given the runtime dir and the layers dir of a data dir.
+    pub fn new(run_dir: &Path, layers_dir: &Path, id: &str, storage: Storage) -> Self {
+        let run = run_dir.join(id);
+        let disk_layer = layers_dir.join(id);
+        let layer = match storage {
+            Storage::Memory => run.join("layer"),
+            Storage::Disk => disk_layer.clone(),
+        };
         Self {
-            dir: sandboxes_dir.join(id),
+            run,
+            layer,
+            disk_layer,
         }
     }
     /// The record.
     pub fn state(&self) -> PathBuf {
-        self.dir.join("state.json")
+        self.run.join("state.json")
     }
     /// The agent's socket.
     pub fn socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
+        self.run.join("agent.sock")
+    }
+    /// A per-sandbox file bind-mounted over `/etc/<name>`.
+    pub fn etc_file(&self, name: &str) -> PathBuf {
+        self.run.join("etc").join(name)
     }
     /// Writable layer of mount `n`.
     pub fn upper(&self, n: usize) -> PathBuf {
-        self.dir.join("upper").join(n.to_string())
+        self.layer.join(n.to_string())
     }
     /// overlayfs work dir of mount `n`.
     pub fn work(&self, n: usize) -> PathBuf {
-        self.dir.join("work").join(n.to_string())
+        self.layer.join(format!("{n}.work"))
     }
     /// Mount point of the new root (used inside the sandbox's mount namespace only).
     pub fn root_mount(&self) -> PathBuf {
-        self.dir.join("mnt").join("root")
+        self.run.join("mnt").join("root")
     }
     /// Where the idmapped lower of mount `n` is attached (inside the sandbox's mount ns only).
     pub fn lower_mount(&self, n: usize) -> PathBuf {
-        self.dir.join("mnt").join(format!("lower{n}"))
+        self.run.join("mnt").join(format!("lower{n}"))
     }
+}
+
+/// Runtime dir of a data dir: `/run/openrun/<16 hex digits of a hash of its path>`, so two
+/// data dirs never see each other's sandboxes and socket paths stay short.
+pub fn run_dir_for(data_dir: &Path) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Path::new(RUN_ROOT).join(format!("{h:016x}"))
 }
 
 /// What a live sandbox records about itself (`state.json`).
@@ -74,6 +113,9 @@ pub struct SandboxRecord {
     pub lowers: Vec<PathBuf>,
     /// Limits applied.
     pub limits: Limits,
+    /// Where the writable layer lives.
+    #[serde(default)]
+    pub storage: Storage,
     /// Creation time, milliseconds since the Unix epoch.
     pub created_at_ms: u64,
     /// Deadline, milliseconds since the Unix epoch, if the sandbox has a lifetime.
@@ -83,7 +125,7 @@ pub struct SandboxRecord {
 impl SandboxRecord {
     /// Writes the record atomically.
     pub fn save(&self, paths: &SandboxPaths) -> io::Result<()> {
-        let tmp = paths.dir.join("state.json.tmp");
+        let tmp = paths.run.join("state.json.tmp");
         fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         fs::rename(tmp, paths.state())
     }
@@ -174,6 +216,16 @@ pub fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_dirs_differ_per_data_dir_and_stay_short() {
+        let a = run_dir_for(Path::new("/var/lib/openrun"));
+        let b = run_dir_for(Path::new("/var/lib/openrun2"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(RUN_ROOT));
+        let socket = SandboxPaths::new(&a, Path::new("/x"), &new_id(), Storage::Disk).socket();
+        assert!(socket.as_os_str().len() < 100, "{}", socket.display());
+    }
 
     #[test]
     fn ids_are_valid_and_distinct() {

@@ -16,6 +16,7 @@ pub const SANDBOX_NAMESPACES: u64 = (libc::CLONE_NEWUSER
     | libc::CLONE_NEWIPC) as u64;
 
 const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// `struct clone_args` from `linux/sched.h` (the version-0 layout plus set_tid and cgroup).
 #[repr(C)]
@@ -50,9 +51,11 @@ pub enum Forked {
 /// Forks the calling process into new namespaces with `clone3`, like `fork` (no shared memory,
 /// no new stack), returning a pidfd for the child. `SIGCHLD` is sent to the parent on exit.
 ///
+/// With `cgroup` (a v2 cgroup directory), the child starts inside that cgroup.
+///
 /// The caller must be single-threaded: the child is a copy of the calling thread only, and a
 /// multi-threaded parent could leave locks (malloc's included) held forever in the child.
-pub fn clone3_process(namespaces: u64) -> io::Result<Forked> {
+pub fn clone3_process(namespaces: u64, cgroup: Option<BorrowedFd<'_>>) -> io::Result<Forked> {
     let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
         flags: namespaces | CLONE_PIDFD,
@@ -60,6 +63,10 @@ pub fn clone3_process(namespaces: u64) -> io::Result<Forked> {
         exit_signal: libc::SIGCHLD as u64,
         ..Default::default()
     };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
     // SAFETY: `args` is a valid, fully initialised clone_args of the size we pass; without
     // CLONE_VM the child gets a copy-on-write copy of our memory (fork semantics), so no stack
     // is needed and the child simply returns 0 from this call. The kernel writes the pidfd into

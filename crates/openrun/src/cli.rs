@@ -42,6 +42,8 @@ pub enum Command {
     Ps,
     /// Remove sandboxes, killing everything in them.
     Rm(RmArgs),
+    /// Show a sandbox's record and host paths as JSON.
+    Inspect(InspectArgs),
 }
 
 /// Image and limits of a new sandbox.
@@ -59,9 +61,22 @@ pub struct SandboxArgs {
     /// CPU limit in CPUs, e.g. 1.5.
     #[arg(long, value_parser = limits::parse_cpus, value_name = "CPUS", allow_hyphen_values = true)]
     pub cpus: Option<u64>,
+    /// Where the writable layer lives: memory (fast, counted against --memory; the default
+    /// for `run`) or disk (the data dir; the default for `create`).
+    #[arg(long, value_enum, value_name = "WHERE")]
+    pub storage: Option<StorageArg>,
     /// Maximum number of processes and threads.
     #[arg(long, value_parser = limits::parse_pids, value_name = "N", allow_hyphen_values = true)]
     pub pids: Option<u64>,
+}
+
+/// `--storage` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StorageArg {
+    /// On the runtime tmpfs, charged to the sandbox's memory.
+    Memory,
+    /// In the data dir.
+    Disk,
 }
 
 /// Options of the process to run.
@@ -123,6 +138,13 @@ pub struct ExecArgs {
     /// Process options.
     #[command(flatten)]
     pub process: ProcessArgs,
+}
+
+/// `openrun inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Sandbox id (or a unique prefix).
+    pub id: String,
 }
 
 /// `openrun rm`.

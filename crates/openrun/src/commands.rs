@@ -4,9 +4,11 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
 use openrun_protocol::{ExecRequest, ExitStatus};
-use openrun_runtime::{ImageSource, Limits, Runtime, RuntimeError, Sandbox, SandboxSpec};
+use openrun_runtime::{ImageSource, Limits, Runtime, RuntimeError, Sandbox, SandboxSpec, Storage};
 
-use crate::cli::{Cli, Command, CreateArgs, ExecArgs, ProcessArgs, RmArgs, RunArgs, SandboxArgs};
+use crate::cli::{
+    Cli, Command, CreateArgs, ExecArgs, ProcessArgs, RmArgs, RunArgs, SandboxArgs, StorageArg,
+};
 use crate::session::{self, Outcome};
 use crate::terminal;
 
@@ -18,16 +20,22 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Exec(args) => exec(&cli.data_dir, args),
         Command::Ps => ps(&cli.data_dir),
         Command::Rm(args) => rm(&cli.data_dir, args),
+        Command::Inspect(args) => inspect(&cli.data_dir, &args.id),
     }
 }
 
-fn spec_from(args: &SandboxArgs) -> Result<SandboxSpec, RuntimeError> {
+fn spec_from(args: &SandboxArgs, default_storage: Storage) -> Result<SandboxSpec, RuntimeError> {
     let image = match &args.rootfs {
         Some(dir) => ImageSource::Rootfs(dir.clone()),
         None => ImageSource::from_name(&args.image)
             .ok_or_else(|| RuntimeError::ImageNotFound(args.image.clone()))?,
     };
     let mut spec = SandboxSpec::new(image);
+    spec.storage = match args.storage {
+        Some(StorageArg::Memory) => Storage::Memory,
+        Some(StorageArg::Disk) => Storage::Disk,
+        None => default_storage,
+    };
     spec.limits = Limits {
         memory_bytes: args.memory,
         cpu_millis: args.cpus,
@@ -49,7 +57,7 @@ fn exec_request(args: &ProcessArgs) -> ExecRequest {
 }
 
 fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
-    let mut spec = spec_from(&args.sandbox)?;
+    let mut spec = spec_from(&args.sandbox, Storage::Memory)?;
     spec.exit_with_creator = true;
     let runtime = Runtime::open(data_dir)?;
     let mut sandbox = runtime.create(&spec)?;
@@ -57,6 +65,7 @@ fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
         .take_control()
         .context("the new sandbox has no control stream")?;
     let request = exec_request(&args.process);
+    tracing::debug!("sandbox ready");
     let rt = session::tokio_runtime()?;
     let outcome = rt.block_on(async {
         control.set_nonblocking(true)?;
@@ -65,13 +74,14 @@ fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
         session::attached_exec(client, request, args.process.interactive).await
     });
     rt.shutdown_background();
+    tracing::debug!("command ended");
     let code = report(&sandbox, 0, &args.process, outcome);
-    runtime.destroy(sandbox)?;
+    runtime.destroy_in_background(sandbox)?;
     code
 }
 
 fn create(data_dir: &std::path::Path, args: CreateArgs) -> Result<i32> {
-    let mut spec = spec_from(&args.sandbox)?;
+    let mut spec = spec_from(&args.sandbox, Storage::Disk)?;
     spec.lifetime = Some(args.ttl);
     spec.env = args.env.into_iter().collect();
     let runtime = Runtime::open(data_dir)?;
@@ -159,6 +169,28 @@ fn ps(data_dir: &std::path::Path) -> Result<i32> {
             record.id, record.image, record.pid, age, expires
         );
     }
+    Ok(0)
+}
+
+fn inspect(data_dir: &std::path::Path, id: &str) -> Result<i32> {
+    let runtime = Runtime::open(data_dir)?;
+    let sandbox = runtime.open_sandbox(id)?;
+    let mut json = serde_json::to_value(sandbox.record())?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert(
+            "upper_dir".into(),
+            sandbox.upper_dir().display().to_string().into(),
+        );
+        obj.insert(
+            "run_dir".into(),
+            sandbox.run_dir().display().to_string().into(),
+        );
+        obj.insert(
+            "socket".into(),
+            sandbox.socket_path().display().to_string().into(),
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&json)?);
     Ok(0)
 }
 

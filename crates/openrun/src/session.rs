@@ -36,6 +36,7 @@ pub async fn attached_exec(
     request.stdin = forward_stdin;
     let tty = request.pty.is_some();
     let (mut sender, mut receiver) = client.split();
+    tracing::debug!("exec sent");
     let exec_id = sender.send(Request::Exec(request.clone())).await?;
     let pid: Pid = match receiver.response(exec_id).await {
         Ok(frame) => match frame.header {
@@ -56,6 +57,7 @@ pub async fn attached_exec(
         Err(e) => return Err(e.into()),
     };
 
+    tracing::debug!(pid, "exec started");
     let _raw = if tty && forward_stdin {
         terminal::RawMode::enter()
     } else {

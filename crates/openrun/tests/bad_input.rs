@@ -4,10 +4,11 @@ mod common;
 use common::*;
 
 fn assert_clean(env: &Env) {
-    let sandboxes = std::fs::read_dir(env.data_dir().join("sandboxes"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(sandboxes, 0, "a failed create left a sandbox dir");
+    assert_eq!(
+        env.leftovers(),
+        Vec::<std::path::PathBuf>::new(),
+        "a failed create left files"
+    );
 }
 
 #[test]
@@ -87,4 +88,32 @@ fn a_rootfs_that_is_a_file_is_named() {
     assert_eq!(out.status.code(), Some(125));
     assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
     assert_clean(&env);
+}
+
+#[test]
+fn a_private_data_dir_is_opened_up_and_a_private_parent_is_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let data = parent.path().join("d");
+    let run = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_openrun"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["run", "--", "true"])
+            .output()
+            .unwrap()
+    };
+    let out = run(&data);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&parent.path().display().to_string()) && err.contains("not searchable"),
+        "{err}"
+    );
+    // A 0700 data dir of its own is fine: openrun adds search permission for the sandboxes.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = run(&data);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

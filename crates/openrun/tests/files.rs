@@ -169,5 +169,5 @@ fn file_operations_round_trip() {
     let out = env.output(["exec", &id, "--", "cat", "/work/g.txt"]);
     assert_ok(&out);
     assert_eq!(stdout(&out), "content");
-    assert!(env.sandbox_dir(&id).join("upper/0/work/g.txt").exists());
+    assert!(env.upper_dir(&id).join("work/g.txt").exists());
 }

@@ -96,7 +96,12 @@ fn root_inside_writes_files_owned_by_an_unprivileged_host_uid() {
     assert_eq!(map[0], 0);
     assert!(map[1] >= 1 << 30, "uid 0 maps to a low host uid: {map:?}");
     assert_eq!(map[2], 65536);
-    let file = env.sandbox_dir(&id).join("upper/0/root/owned");
+    let file = env.upper_dir(&id).join("root/owned");
+    assert!(
+        file.starts_with(env.data_dir()),
+        "create keeps its layer on disk: {}",
+        file.display()
+    );
     let meta = std::fs::metadata(&file).expect("file in the writable layer");
     assert_eq!(u64::from(meta.uid()), map[1], "owner on the host");
     assert_ne!(meta.uid(), 0);

@@ -23,10 +23,13 @@ fn a_sandbox_survives_its_creator_and_a_new_process_runs_in_it() {
     let out = env.output(["exec", &id[..6], "--", "cat", "/tmp/s"]);
     assert_ok(&out);
     assert_eq!(stdout(&out), "state\n");
+    let run_dir = std::path::PathBuf::from(env.inspect(&id)["run_dir"].as_str().unwrap());
+    assert!(run_dir.join("agent.sock").exists());
     let out = env.output(["rm", &id]);
     assert_ok(&out);
     assert!(!env.live_ids().contains(&id));
-    assert!(!env.sandbox_dir(&id).exists(), "writable layer left behind");
+    assert!(!env.layer_dir(&id).exists(), "writable layer left behind");
+    assert!(!run_dir.exists(), "runtime dir left behind");
     assert!(!cgroup_dir("memory", &id).exists() && !cgroup_dir("pids", &id).exists());
     let out = env.output(["exec", &id, "--", "true"]);
     assert_eq!(out.status.code(), Some(125));
@@ -37,17 +40,9 @@ fn a_sandbox_survives_its_creator_and_a_new_process_runs_in_it() {
 fn a_sandbox_dies_at_its_ttl_and_is_cleaned_up() {
     let env = Env::new();
     let id = env.create(&["--ttl", "1s"]);
-    let agent_pid: i32 = std::fs::read_to_string(env.sandbox_dir(&id).join("state.json"))
-        .unwrap()
-        .split("\"pid\":")
-        .nth(1)
-        .unwrap()
-        .split(',')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let info = env.inspect(&id);
+    let agent_pid = info["pid"].as_i64().unwrap();
+    let run_dir = std::path::PathBuf::from(info["run_dir"].as_str().unwrap());
     std::thread::sleep(std::time::Duration::from_millis(2500));
     assert!(
         !std::path::Path::new(&format!("/proc/{agent_pid}")).exists() || {
@@ -58,7 +53,8 @@ fn a_sandbox_dies_at_its_ttl_and_is_cleaned_up() {
         }
     );
     assert!(!env.live_ids().contains(&id));
-    assert!(!env.sandbox_dir(&id).exists());
+    assert!(!env.layer_dir(&id).exists());
+    assert!(!run_dir.exists());
 }
 
 #[test]

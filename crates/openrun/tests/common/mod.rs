@@ -67,12 +67,40 @@ impl Env {
         id
     }
 
-    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+    /// `openrun inspect ID` as JSON.
+    pub fn inspect(&self, id: &str) -> serde_json::Value {
+        let out = self.output(["inspect", id]);
+        assert_ok(&out);
+        serde_json::from_slice(&out.stdout).expect("inspect prints JSON")
+    }
+
+    /// This data dir's runtime dir (sockets, records, memory-stored layers).
+    pub fn run_dir(&self) -> PathBuf {
+        openrun_runtime::state::run_dir_for(self.data_dir())
+    }
+
+    /// Entries in the runtime dir and the disk layers dir: what sandboxes left on the host.
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        let mut left = Vec::new();
+        for dir in [self.run_dir(), self.data_dir().join("sandboxes")] {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                left.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+        left
+    }
+
+    /// Where a disk-stored sandbox's writable layers live.
+    pub fn layer_dir(&self, id: &str) -> PathBuf {
         self.data_dir().join("sandboxes").join(id)
     }
 
     pub fn socket(&self, id: &str) -> PathBuf {
-        self.sandbox_dir(id).join("agent.sock")
+        PathBuf::from(self.inspect(id)["socket"].as_str().expect("socket path"))
+    }
+
+    pub fn upper_dir(&self, id: &str) -> PathBuf {
+        PathBuf::from(self.inspect(id)["upper_dir"].as_str().expect("upper dir"))
     }
 
     /// Live sandbox ids according to `openrun ps`.
