@@ -63,10 +63,9 @@ impl Runtime {
                 .map_err(dd_err)?;
         }
         make_traversable(&data_dir)?;
-        // A directory can exist yet be unwritable (read-only mount, wrong owner under userns).
-        let probe = data_dir.join(format!(".probe-{}", std::process::id()));
-        fs::write(&probe, b"").map_err(dd_err)?;
-        let _ = fs::remove_file(&probe);
+        // A directory can exist yet be unwritable (a read-only mount, for one).
+        rustix::fs::access(&data_dir, rustix::fs::Access::WRITE_OK)
+            .map_err(|e| dd_err(e.into()))?;
         let cgroups = CgroupManager::detect()?;
         ensure_run_root()?;
         let run_dir = state::run_dir_for(&data_dir);

@@ -11,12 +11,17 @@ use clap::Parser;
 
 fn main() {
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OPENRUN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Warnings only, unless OPENRUN_LOG asks for more (e.g. OPENRUN_LOG=debug).
+    match tracing_subscriber::EnvFilter::try_from_env("OPENRUN_LOG") {
+        Ok(filter) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        Err(_) => tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     let code = match commands::dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
