@@ -819,3 +819,28 @@ fn absolute(path: &Path) -> PathBuf {
             .unwrap_or_else(|_| path.to_path_buf())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_overlayfs_is_named_with_what_to_do() {
+        let err = classify_setup_error(
+            "mounting the root overlay".into(),
+            Some(libc::ENODEV),
+            "no such device".into(),
+        );
+        assert!(matches!(err, RuntimeError::NoOverlayfs(_)));
+        let text = err.to_string();
+        assert!(
+            text.contains("overlay") && text.contains("CONFIG_OVERLAY_FS"),
+            "{text}"
+        );
+        let userns = RuntimeError::NoUserNamespaces(io::Error::from_raw_os_error(libc::ENOSPC));
+        let text = userns.to_string();
+        assert!(text.contains("user namespaces") && text.contains("max_user_namespaces"));
+        let other = classify_setup_error("mounting /proc".into(), Some(libc::EPERM), "x".into());
+        assert!(other.to_string().contains("mounting /proc"), "{other}");
+    }
+}

@@ -159,3 +159,48 @@ fn a_rootfs_directory_becomes_the_root() {
         "{text}"
     );
 }
+
+#[test]
+fn privileges_are_reduced_and_the_agent_is_out_of_reach() {
+    let env = Env::new();
+    let out = env.sh("grep -E '^(CapBnd|CapEff|NoNewPrivs)' /proc/self/status; \
+         cat /proc/1/environ >/dev/null 2>&1 && echo environ-readable; \
+         readlink /proc/1/exe >/dev/null 2>&1 && echo exe-readable; \
+         cat /proc/1/maps >/dev/null 2>&1 && echo maps-readable; \
+         mount -t tmpfs x /mnt 2>/dev/null && echo mount-allowed; \
+         echo done");
+    // Docker's default set: chown, dac_override, fowner, fsetid, kill, setgid, setuid, setpcap,
+    // net_bind_service, net_raw, sys_chroot, mknod, audit_write, setfcap.
+    assert!(out.contains("CapBnd:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(
+        !out.contains("readable"),
+        "the agent (pid 1) is reachable: {out}"
+    );
+    assert!(!out.contains("mount-allowed"), "{out}");
+    assert!(out.ends_with("done\n"));
+}
+
+#[test]
+fn env_workdir_and_user_apply() {
+    let env = Env::new();
+    let out = env.output([
+        "run",
+        "-e",
+        "GREETING=hi there",
+        "-w",
+        "/tmp",
+        "-u",
+        "nobody",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$GREETING\"; pwd; id -u; echo $HOSTNAME | wc -c",
+    ]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "hi there\n/tmp\n65534\n13\n");
+    let out = env.output(["run", "-w", "/no/such/dir", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(stderr(&out).contains("/no/such/dir"), "{}", stderr(&out));
+}
