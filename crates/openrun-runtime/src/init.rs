@@ -14,8 +14,9 @@
 //!    the root of our cgroup view, so the sandbox cannot see the host's cgroup tree paths.
 //! 4. Make every mount private: nothing we mount may propagate back to the host.
 //! 5. Attach the idmapped lowers and mount one overlay per layer (the writable layer is the
-//!    upper), then `/proc`, a minimal `/dev` (device nodes bind-mounted from the host, a private
-//!    devpts instance, `/dev/shm`), `/sys` read-only and a tmpfs `/tmp`.
+//!    upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
+//!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
+//!    `/sys` read-only and a tmpfs `/tmp`.
 //! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
 //!    namespace, not merely hidden.
 //! 7. Hostname = sandbox id, `lo` up (the only interface).
@@ -31,8 +32,8 @@ use std::path::{Path, PathBuf};
 
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::mount::{
-    mount, mount_bind, mount_change, mount_remount, move_mount, unmount, MountFlags,
-    MountPropagationFlags, MoveMountFlags, UnmountFlags,
+    mount, mount_bind, mount_change, move_mount, unmount, MountFlags, MountPropagationFlags,
+    MoveMountFlags, UnmountFlags,
 };
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
@@ -173,17 +174,21 @@ fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(
         step("joining the sandbox cgroup", join.join_self())?;
     }
     // 1. Wait for the host.
-    let (msg, lowers) = step("waiting for the host", setup_channel::recv(setup))?;
-    if msg != SetupMessage::Go || lowers.len() != plan.overlays.len() {
-        return Err(StepError {
-            stage: "waiting for the host".into(),
-            errno: None,
-            message: format!(
-                "unexpected setup message {msg:?} with {} mounts",
-                lowers.len()
-            ),
-        });
-    }
+    let (msg, mut lowers) = step("waiting for the host", setup_channel::recv(setup))?;
+    // The layers, then the /dev template.
+    let dev = match lowers.pop() {
+        Some(dev) if msg == SetupMessage::Go && lowers.len() == plan.overlays.len() => dev,
+        _ => {
+            return Err(StepError {
+                stage: "waiting for the host".into(),
+                errno: None,
+                message: format!(
+                    "unexpected setup message {msg:?} with {} mounts",
+                    lowers.len()
+                ),
+            })
+        }
+    };
     let started = std::time::Instant::now();
     let phase = |name: &str| {
         tracing::trace!(
@@ -242,7 +247,7 @@ fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(
         )?;
     }
     phase("overlays");
-    mount_special_filesystems(&plan.root)?;
+    mount_special_filesystems(&plan.root, dev)?;
     phase("special filesystems");
     bind_etc_files(plan)?;
     // 6. Switch to the new root and drop the old one.
@@ -280,7 +285,7 @@ fn join_inside(root: &Path, inside: &str) -> PathBuf {
     root.join(inside.trim_start_matches('/'))
 }
 
-fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
+fn mount_special_filesystems(root: &Path, dev_template: OwnedFd) -> Result<(), StepError> {
     let fs_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     let proc_dir = root.join("proc");
     ensure_dir(&proc_dir, "creating /proc")?;
@@ -291,26 +296,18 @@ fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
 
     let dev = root.join("dev");
     ensure_dir(&dev, "creating /dev")?;
+    // The host's read-only template: device nodes, links and mount points in one step.
     step(
         "mounting /dev",
-        mount(
-            "tmpfs",
+        move_mount(
+            dev_template.as_fd(),
+            "",
+            rustix::fs::CWD,
             &dev,
-            "tmpfs",
-            MountFlags::NOSUID | MountFlags::NOEXEC,
-            Some(c"mode=755,size=65536k"),
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
         ),
     )?;
-    for node in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let path = dev.join(node);
-        step("creating /dev nodes", fs::write(&path, b""))?;
-        step(
-            "binding /dev nodes",
-            mount_bind(Path::new("/dev").join(node), &path),
-        )?;
-    }
     let pts = dev.join("pts");
-    ensure_dir(&pts, "creating /dev/pts")?;
     step(
         "mounting /dev/pts",
         mount(
@@ -322,7 +319,6 @@ fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
         ),
     )?;
     let shm = dev.join("shm");
-    ensure_dir(&shm, "creating /dev/shm")?;
     step(
         "mounting /dev/shm",
         mount(
@@ -333,20 +329,6 @@ fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
             Some(c"mode=1777,size=65536k"),
         ),
     )?;
-    for (link, to) in [
-        ("ptmx", "pts/ptmx"),
-        ("fd", "/proc/self/fd"),
-        ("stdin", "/proc/self/fd/0"),
-        ("stdout", "/proc/self/fd/1"),
-        ("stderr", "/proc/self/fd/2"),
-        ("core", "/proc/kcore"),
-    ] {
-        step(
-            "creating /dev links",
-            std::os::unix::fs::symlink(to, dev.join(link)),
-        )?;
-    }
-
     let sys_dir = root.join("sys");
     ensure_dir(&sys_dir, "creating /sys")?;
     step(
@@ -370,15 +352,6 @@ fn mount_special_filesystems(root: &Path) -> Result<(), StepError> {
             "tmpfs",
             MountFlags::NOSUID | MountFlags::NODEV,
             Some(c"mode=1777"),
-        ),
-    )?;
-    // /dev is complete: nothing inside may add device files to it.
-    step(
-        "making /dev read-only",
-        mount_remount(
-            &dev,
-            MountFlags::NOSUID | MountFlags::NOEXEC | MountFlags::RDONLY,
-            "mode=755,size=65536k",
         ),
     )?;
     Ok(())

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod client;
+mod devices;
 pub mod error;
 pub mod ids;
 pub mod image;

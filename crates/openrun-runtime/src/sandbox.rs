@@ -26,6 +26,7 @@ use crate::sys::{self, Forked};
 pub struct Runtime {
     data_dir: PathBuf,
     run_dir: PathBuf,
+    dev_template: PathBuf,
     cgroups: CgroupManager,
     pool: IdPool,
 }
@@ -74,12 +75,15 @@ impl Runtime {
             .mode(0o711)
             .create(&run_dir)
             .context(|| format!("cannot create {}", run_dir.display()))?;
+        let dev_template = crate::devices::ensure_template(Path::new(state::RUN_ROOT))
+            .context(|| format!("cannot build the /dev template in {}", state::RUN_ROOT))?;
         let pool_dir = Path::new(state::RUN_ROOT).join("idmap");
         let pool = IdPool::open(&pool_dir)
             .context(|| format!("cannot create the id pool at {}", pool_dir.display()))?;
         Ok(Self {
             data_dir,
             run_dir,
+            dev_template,
             cgroups,
             pool,
         })
@@ -214,14 +218,23 @@ impl Runtime {
                     | OpenTreeFlags::AT_RECURSIVE,
             )
             .context(|| format!("cannot open image layer {}", layer.lower.display()))?;
-            sys::idmap_detached_mount(tree.as_fd(), userns.as_fd()).map_err(|source| {
-                RuntimeError::NoIdmappedMounts {
+            sys::idmap_detached_mount(tree.as_fd(), userns.as_fd(), sys::DetachedMount::Layer)
+                .map_err(|source| RuntimeError::NoIdmappedMounts {
                     path: layer.lower.clone(),
                     source,
-                }
-            })?;
+                })?;
             lowers.push(tree);
         }
+        // Last: the /dev template, idmapped so its nodes belong to the sandbox's root.
+        let dev = open_tree(
+            rustix::fs::CWD,
+            &self.dev_template,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .context(|| format!("cannot open {}", self.dev_template.display()))?;
+        sys::idmap_detached_mount(dev.as_fd(), userns.as_fd(), sys::DetachedMount::Devices)
+            .context(|| "cannot prepare the sandbox /dev".to_string())?;
+        lowers.push(dev);
         let borrowed: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
         setup_channel::send(setup_host.as_fd(), &SetupMessage::Go, &borrowed)
             .context(|| "cannot start the sandbox init".to_string())?;

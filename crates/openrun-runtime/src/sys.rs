@@ -107,12 +107,31 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Turns a detached mount (from `open_tree(OPEN_TREE_CLONE)`) into a read-only, nosuid, nodev
-/// mount whose file owners are shifted through the id map of `userns`.
-pub fn idmap_detached_mount(mount: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
+/// What a detached idmapped mount is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetachedMount {
+    /// An image layer: read-only, nosuid, nodev.
+    Layer,
+    /// The `/dev` template: read-only, nosuid, noexec, and device nodes usable.
+    Devices,
+}
+
+const MOUNT_ATTR_NOEXEC: u64 = 0x0000_0008;
+
+/// Turns a detached mount (from `open_tree(OPEN_TREE_CLONE)`) into a read-only mount whose file
+/// owners are shifted through the id map of `userns`, with the flags `kind` needs.
+pub fn idmap_detached_mount(
+    mount: BorrowedFd<'_>,
+    userns: BorrowedFd<'_>,
+    kind: DetachedMount,
+) -> io::Result<()> {
+    let (set, clear) = match kind {
+        DetachedMount::Layer => (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0),
+        DetachedMount::Devices => (MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NODEV),
+    };
     let mut attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-        attr_clr: 0,
+        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | set,
+        attr_clr: clear,
         propagation: 0,
         userns_fd: userns.as_raw_fd() as u64,
     };
