@@ -92,6 +92,16 @@ impl IdPool {
         }
     }
 
+    /// Releases whatever range `owner` holds (used when its record is lost).
+    pub fn release_owner(&self, owner: &str) -> io::Result<()> {
+        for entry in fs::read_dir(&self.dir)?.flatten() {
+            if fs::read_to_string(entry.path()).is_ok_and(|holder| holder == owner) {
+                remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     /// Directory holding the claims.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -135,5 +145,9 @@ mod tests {
         pool.release(a, "same").unwrap();
         assert!(!dir.path().join(a.slot.to_string()).exists());
         pool.release(a, "same").unwrap();
+        let c = pool.claim("lost-record").unwrap();
+        pool.release_owner("lost-record").unwrap();
+        assert!(!dir.path().join(c.slot.to_string()).exists());
+        assert!(dir.path().join(b.slot.to_string()).exists());
     }
 }

@@ -168,7 +168,7 @@ fn etc_fingerprint() -> u64 {
 
 /// Bumped when the skeleton's layout changes, so old skeletons are rebuilt.
 const fn env_version() -> u32 {
-    2
+    3
 }
 
 /// Returns the skeleton directory for the current `/etc`, building it if needed.
@@ -246,6 +246,11 @@ fn copy_tree(src: &Path, dst: &Path, rel: &Path) -> io::Result<()> {
         let ft = m.file_type();
         if ft.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(&from)?, &to)?;
+        } else if !is_public(&m) {
+            // Only what every host user may read goes into the image: idmapping makes host
+            // root's files sandbox root's, so a root-only file (a key, a password) would
+            // otherwise become readable inside.
+            continue;
         } else if ft.is_dir() {
             copy_tree(&from, &to, &rel_child)?;
         } else if ft.is_file() {
@@ -264,6 +269,16 @@ fn copy_tree(src: &Path, dst: &Path, rel: &Path) -> io::Result<()> {
     fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
     std::os::unix::fs::lchown(dst, Some(meta.uid()), Some(meta.gid()))?;
     Ok(())
+}
+
+/// World-readable (and, for directories, world-searchable).
+fn is_public(meta: &fs::Metadata) -> bool {
+    let mode = meta.mode();
+    if meta.is_dir() {
+        mode & 0o005 == 0o005
+    } else {
+        mode & 0o004 != 0
+    }
 }
 
 fn is_excluded(rel: &Path) -> bool {
@@ -306,6 +321,29 @@ mod tests {
         let root = &image.layers[0].lower;
         assert!(root.join("etc/passwd").is_file());
         assert!(!root.join("etc/shadow").exists());
+        // Nothing in the copy is more private on the host than world-readable.
+        let mut stack = vec![root.join("etc")];
+        while let Some(dir) = stack.pop() {
+            for entry in fs::read_dir(&dir).unwrap() {
+                let entry = entry.unwrap();
+                let host =
+                    Path::new("/etc").join(entry.path().strip_prefix(root.join("etc")).unwrap());
+                let Ok(meta) = fs::symlink_metadata(&host) else {
+                    continue;
+                };
+                if meta.file_type().is_symlink() {
+                    continue;
+                }
+                assert!(
+                    is_public(&meta),
+                    "{} is not public on the host",
+                    host.display()
+                );
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                }
+            }
+        }
         assert!(fs::read_dir(root.join("home")).unwrap().next().is_none());
         assert!(fs::read_dir(root.join("root")).unwrap().next().is_none());
         assert_eq!(image.layers[1].lower, Path::new("/usr"));

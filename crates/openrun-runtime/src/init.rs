@@ -54,6 +54,13 @@ pub struct OverlayPlan {
     pub work: PathBuf,
 }
 
+/// A writable layer in memory: a tmpfs of the sandbox's own mount namespace.
+#[derive(Debug, Clone)]
+pub struct MemoryLayer {
+    /// Size cap (the memory limit, if any: its pages are charged to it anyway).
+    pub size_bytes: Option<u64>,
+}
+
 /// Everything the init needs, computed by the host before `clone3`.
 #[derive(Debug, Clone)]
 pub struct InitPlan {
@@ -63,8 +70,11 @@ pub struct InitPlan {
     pub root: PathBuf,
     /// Overlays, root first.
     pub overlays: Vec<OverlayPlan>,
-    /// Host files bind-mounted over `/etc/<name>` (hostname, hosts).
-    pub etc_files: Vec<(PathBuf, &'static str)>,
+    /// Directory of the writable layer (holds the upper and work dirs, and the sandbox's own
+    /// `hostname` and `hosts` files that are bound over the image's).
+    pub layer: PathBuf,
+    /// Set when the layer is a tmpfs the init mounts itself.
+    pub memory_layer: Option<MemoryLayer>,
     /// Agent configuration.
     pub agent: openrun_agent::AgentConfig,
 }
@@ -159,6 +169,20 @@ pub fn run(
         }
     };
     tracing::trace!("init: descriptors isolated");
+    // pid 1 is a fork of the creator: wipe the creator's command line and environment from
+    // its memory before anything in the sandbox runs.
+    if let Err(e) = sys::scrub_process_strings() {
+        let _ = setup_channel::send(
+            setup.as_fd(),
+            &SetupMessage::Failed {
+                stage: "scrubbing the creator's environment".into(),
+                errno: e.raw_os_error(),
+                message: e.to_string(),
+            },
+            &[],
+        );
+        sys::exit_now(1);
+    }
     if setup_channel::send(setup.as_fd(), &SetupMessage::Ready, &[]).is_err() {
         sys::exit_now(1);
     }
@@ -197,11 +221,14 @@ fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(
             "init"
         )
     };
-    // 2. Become root of the new user namespace.
+    // 2. Become root of the new user namespace; leave the creator's session (its terminal)
+    //    and its session keyring (keys the host user holds).
     step(
         "switching to the sandbox's root id",
         become_namespace_root(),
     )?;
+    step("leaving the host session", rustix::process::setsid())?;
+    step("leaving the host keyring", sys::join_new_session_keyring())?;
     // 3. Private cgroup view.
     step(
         "entering a cgroup namespace",
@@ -217,6 +244,10 @@ fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(
     )?;
     phase("ids, cgroupns, private");
     // 5. Assemble the root.
+    if let Some(memory) = &plan.memory_layer {
+        mount_memory_layer(plan, memory)?;
+    }
+    write_etc_files(plan)?;
     for (overlay, lower) in plan.overlays.iter().zip(lowers) {
         step(
             "attaching an image layer",
@@ -366,15 +397,59 @@ fn mount_options(s: String) -> Result<std::ffi::CString, StepError> {
     })
 }
 
-/// Binds the per-sandbox `/etc/hostname` and `/etc/hosts` over the image's (creating the
-/// target in the writable layer when the image lacks it), as Docker does: the image stays
-/// untouched and the writable layer holds no host-generated files.
+/// Mounts the sandbox's own tmpfs as its writable layer and creates the upper and work dirs.
+fn mount_memory_layer(plan: &InitPlan, memory: &MemoryLayer) -> Result<(), StepError> {
+    let options = match memory.size_bytes {
+        Some(size) => format!("mode=0700,size={size}"),
+        None => "mode=0700".to_string(),
+    };
+    step(
+        "mounting the memory layer",
+        mount(
+            "layer",
+            &plan.layer,
+            "tmpfs",
+            MountFlags::NOSUID | MountFlags::NODEV,
+            Some(mount_options(options)?.as_c_str()),
+        ),
+    )?;
+    for overlay in &plan.overlays {
+        step("creating the memory layer", fs::create_dir(&overlay.upper))?;
+        step("creating the memory layer", fs::create_dir(&overlay.work))?;
+    }
+    Ok(())
+}
+
+/// The sandbox's own `/etc/hostname` and `/etc/hosts`, in its writable layer (so they are
+/// charged and limited like anything else it writes), bound over the image's later.
+const ETC_FILES: [&str; 2] = ["hostname", "hosts"];
+
+fn write_etc_files(plan: &InitPlan) -> Result<(), StepError> {
+    let id = &plan.id;
+    for (name, content) in ETC_FILES.iter().zip([
+        format!("{id}\n"),
+        format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
+        ),
+    ]) {
+        step(
+            "writing /etc files",
+            fs::write(plan.layer.join(name), content),
+        )?;
+    }
+    Ok(())
+}
+
+/// Binds the sandbox's `/etc/hostname` and `/etc/hosts` over the image's (creating the target
+/// in the writable layer when the image lacks it), as Docker does. An image whose `/etc` or
+/// whose files there are symlinks keeps its own: a mount never follows an image's symlink.
 fn bind_etc_files(plan: &InitPlan) -> Result<(), StepError> {
     let etc = plan.root.join("etc");
-    if !etc.is_dir() {
+    if !fs::symlink_metadata(&etc).is_ok_and(|m| m.is_dir()) {
         return Ok(());
     }
-    for (source, name) in &plan.etc_files {
+    for name in ETC_FILES {
+        let source = plan.layer.join(name);
         let target = etc.join(name);
         match fs::symlink_metadata(&target) {
             // Never follow an image's symlink with a mount: skip, the image keeps its own.
@@ -382,7 +457,7 @@ fn bind_etc_files(plan: &InitPlan) -> Result<(), StepError> {
             Ok(_) => {}
             Err(_) => step("creating /etc files", fs::write(&target, b""))?,
         }
-        step("binding /etc files", mount_bind(source, &target))?;
+        step("binding /etc files", mount_bind(&source, &target))?;
     }
     Ok(())
 }

@@ -28,6 +28,10 @@ const CPUS_FORM: &str = "expected a decimal number of cpus (e.g. 1.5)";
 const PIDS_FORM: &str = "expected a whole number (e.g. 256)";
 const DURATION_FORM: &str = "expected a number with an optional unit ms, s, m or h (e.g. 30s)";
 
+/// Processes and threads a sandbox may have when no limit is given: enough for any build, far
+/// below the host's pid space, so a fork bomb is contained by default.
+pub const DEFAULT_PIDS: u64 = 4096;
+
 /// Resource limits of one sandbox. `None` means unlimited (the host's defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {

@@ -15,7 +15,7 @@ use crate::client::AgentClient;
 use crate::error::{IoContext, Result, RuntimeError};
 use crate::ids::{IdPool, IdRange};
 use crate::image::{self, PreparedImage};
-use crate::init::{self, InitPlan, OverlayPlan};
+use crate::init::{self, InitPlan, MemoryLayer, OverlayPlan};
 use crate::setup_channel::{self, SetupMessage};
 use crate::spec::{SandboxSpec, Storage};
 use crate::state::{self, SandboxPaths, SandboxRecord};
@@ -304,6 +304,14 @@ impl Runtime {
         for id in list_ids(&self.run_dir)? {
             let paths = self.paths(&id, Storage::Disk);
             match SandboxRecord::load(&paths) {
+                // The agent enforces the lifetime itself; this is the backstop for an agent
+                // that cannot (stopped, stuck): past its deadline plus a grace period, it dies.
+                Ok(record) if record.is_alive() && record.is_overdue(state::now_ms()) => {
+                    tracing::warn!(id = record.id, "sandbox outlived its lifetime: killing it");
+                    if let Ok(sandbox) = self.open_sandbox_record(record) {
+                        let _ = self.destroy(sandbox);
+                    }
+                }
                 Ok(record) if record.is_alive() => live.push(record),
                 Ok(record) => self.cleanup(&id, Some(record.ids)),
                 // No record: a creator died mid-way, or is creating right now. Only clean it
@@ -327,6 +335,11 @@ impl Runtime {
     /// Finds a live sandbox by id (or unique id prefix) to talk to or destroy.
     pub fn open_sandbox(&self, id: &str) -> Result<Sandbox> {
         let record = self.find(id)?;
+        self.open_sandbox_record(record)
+    }
+
+    fn open_sandbox_record(&self, record: SandboxRecord) -> Result<Sandbox> {
+        let id = record.id.clone();
         let paths = self.paths(&record.id, record.storage);
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_raw(record.pid)
@@ -458,8 +471,14 @@ impl Runtime {
         let paths = self.paths(id, Storage::Disk);
         let _ = remove_tree(&paths.disk_layer);
         let _ = remove_tree(&paths.run);
-        if let Some(ids) = ids {
-            let _ = self.pool.release(ids, id);
+        match ids {
+            Some(ids) => {
+                let _ = self.pool.release(ids, id);
+            }
+            // No record to say which range it held: find its claim by owner.
+            None => {
+                let _ = self.pool.release_owner(id);
+            }
         }
     }
 }
@@ -480,9 +499,10 @@ impl Sandbox {
         self.paths.socket()
     }
 
-    /// Host directory of the writable layer of the root.
-    pub fn upper_dir(&self) -> PathBuf {
-        self.paths.upper(0)
+    /// Host directory of the writable layer of the root (`None` for a memory layer, which
+    /// exists only inside the sandbox's mount namespace).
+    pub fn upper_dir(&self) -> Option<PathBuf> {
+        (self.record.storage == Storage::Disk).then(|| self.paths.upper(0))
     }
 
     /// Runtime dir (socket, record) on the host.
@@ -574,12 +594,28 @@ fn prepare_host_side(
     mkdir(&paths.run, 0o711, None)?;
     mkdir(&paths.run.join("mnt"), 0o755, None)?;
     mkdir(&paths.root_mount(), 0o755, None)?;
-    mkdir(&paths.layer, 0o700, Some(base))?;
+    // A disk layer is made here, owned by the sandbox's root; a memory layer is a tmpfs the
+    // init mounts in its own mount namespace (sized and charged per sandbox, invisible to the
+    // host and to every other sandbox), so only its mount point exists here.
+    let memory_layer = match spec.storage {
+        Storage::Disk => {
+            mkdir(&paths.layer, 0o700, Some(base))?;
+            None
+        }
+        Storage::Memory => {
+            mkdir(&paths.layer, 0o700, None)?;
+            Some(MemoryLayer {
+                size_bytes: spec.limits.memory_bytes,
+            })
+        }
+    };
     let mut overlays = Vec::with_capacity(image.layers.len());
     for (n, layer) in image.layers.iter().enumerate() {
         mkdir(&paths.lower_mount(n), 0o755, None)?;
-        mkdir(&paths.upper(n), 0o755, Some(base))?;
-        mkdir(&paths.work(n), 0o755, Some(base))?;
+        if memory_layer.is_none() {
+            mkdir(&paths.upper(n), 0o755, Some(base))?;
+            mkdir(&paths.work(n), 0o755, Some(base))?;
+        }
         overlays.push(OverlayPlan {
             target: layer.target,
             lower_mount: paths.lower_mount(n),
@@ -587,28 +623,12 @@ fn prepare_host_side(
             work: paths.work(n),
         });
     }
-    let mut etc_files = Vec::new();
-    if image.has_etc {
-        mkdir(&paths.run.join("etc"), 0o755, None)?;
-        for (name, content) in [
-            ("hostname", format!("{id}\n")),
-            (
-                "hosts",
-                format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"),
-            ),
-        ] {
-            let path = paths.etc_file(name);
-            fs::write(&path, content).context(|| format!("cannot write {}", path.display()))?;
-            chown(&path, Some(base), Some(base))
-                .context(|| format!("cannot chown {}", path.display()))?;
-            etc_files.push((path, name));
-        }
-    }
     Ok(InitPlan {
         id: id.to_string(),
         root: paths.root_mount(),
         overlays,
-        etc_files,
+        layer: paths.layer.clone(),
+        memory_layer,
         agent: openrun_agent::AgentConfig {
             sandbox_id: id.to_string(),
             root: PathBuf::from("/"),
@@ -758,10 +778,23 @@ fn remove_tree(dir: &Path) -> Result<()> {
     match fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(RuntimeError::io(
-            format!("cannot remove {}", dir.display()),
-            e,
-        )),
+        // A sandbox can build a tree deeper than a recursive walk has descriptors for
+        // (EMFILE) or paths for (ENAMETOOLONG): coreutils' rm walks any depth.
+        Err(e) => {
+            let removed = std::process::Command::new("rm")
+                .args(["-rf", "--one-file-system", "--"])
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if removed && !dir.exists() {
+                Ok(())
+            } else {
+                Err(RuntimeError::io(
+                    format!("cannot remove {}", dir.display()),
+                    e,
+                ))
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use rustix::net::{
 };
 
 /// Most lower mounts a sandbox can have.
-pub const MAX_FDS: usize = 8;
+pub const MAX_FDS: usize = 16;
 const MAX_MESSAGE: usize = 4096;
 
 /// Messages on the setup channel.

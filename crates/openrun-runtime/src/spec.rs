@@ -69,7 +69,10 @@ impl SandboxSpec {
     pub fn new(image: ImageSource) -> Self {
         Self {
             image,
-            limits: Limits::default(),
+            limits: Limits {
+                pids: Some(crate::limits::DEFAULT_PIDS),
+                ..Limits::default()
+            },
             storage: Storage::default(),
             lifetime: None,
             env: BTreeMap::new(),

@@ -9,9 +9,9 @@
 //! /run/openrun/idmap/<slot>                     host id range claims (host-wide)
 //! /run/openrun/<data-dir key>/<id>/state.json   SandboxRecord
 //! /run/openrun/<data-dir key>/<id>/agent.sock   the agent's socket
-//! /run/openrun/<data-dir key>/<id>/etc/         per-sandbox hostname and hosts (bind-mounted)
 //! /run/openrun/<data-dir key>/<id>/mnt/         mount points used inside the sandbox only
-//! /run/openrun/<data-dir key>/<id>/layer/       writable layers of `Storage::Memory` sandboxes
+//!                                               (`mnt/layer`: the sandbox's own tmpfs for a
+//!                                               `Storage::Memory` layer, never on the host)
 //! <data-dir>/images/host/<fingerprint>/         the built-in image's skeleton (shared)
 //! <data-dir>/sandboxes/<id>/<n>                 writable layer of mount n (`Storage::Disk`)
 //! <data-dir>/sandboxes/<id>/<n>.work            overlayfs work dir of mount n
@@ -46,7 +46,7 @@ impl SandboxPaths {
         let run = run_dir.join(id);
         let disk_layer = layers_dir.join(id);
         let layer = match storage {
-            Storage::Memory => run.join("layer"),
+            Storage::Memory => run.join("mnt").join("layer"),
             Storage::Disk => disk_layer.clone(),
         };
         Self {
@@ -62,10 +62,6 @@ impl SandboxPaths {
     /// The agent's socket.
     pub fn socket(&self) -> PathBuf {
         self.run.join("agent.sock")
-    }
-    /// A per-sandbox file bind-mounted over `/etc/<name>`.
-    pub fn etc_file(&self, name: &str) -> PathBuf {
-        self.run.join("etc").join(name)
     }
     /// Writable layer of mount `n`.
     pub fn upper(&self, n: usize) -> PathBuf {
@@ -134,6 +130,12 @@ impl SandboxRecord {
     pub fn load(paths: &SandboxPaths) -> io::Result<Self> {
         let bytes = fs::read(paths.state())?;
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    /// Whether the sandbox is more than 5 s past its deadline (its agent should have ended it).
+    pub fn is_overdue(&self, now_ms: u64) -> bool {
+        self.expires_at_ms
+            .is_some_and(|t| now_ms > t.saturating_add(5_000))
     }
 
     /// Whether the recorded agent process still runs: same pid, same start time, and not a

@@ -216,3 +216,59 @@ pub fn unshare_cgroup_namespace() -> io::Result<()> {
     unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWCGROUP) }?;
     Ok(())
 }
+
+/// Gives the calling process a new, empty session keyring, so no key of the host session
+/// (where the creator ran) is reachable from the sandbox. Kernels without key support are
+/// fine: there is nothing to inherit.
+pub fn join_new_session_keyring() -> io::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: KEYCTL_JOIN_SESSION_KEYRING with a NULL name takes no pointers the kernel reads;
+    // it only replaces the calling thread's session keyring.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    if ret == -1 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ENOSYS) {
+            return Ok(());
+        }
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Overwrites this process's argument and environment strings (what `/proc/<pid>/cmdline` and
+/// `/proc/<pid>/environ` show) with zeros, and names it `openrun-agent`: the sandbox's pid 1
+/// is a fork of the creator and must not carry the creator's environment or command line.
+pub fn scrub_process_strings() -> io::Result<()> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // Fields 48..=51 of stat (arg_start, arg_end, env_start, env_end); `fields` starts at
+    // field 3.
+    let range = |i: usize| (fields.get(i - 3).copied(), fields.get(i - 2).copied());
+    for (start, end) in [range(48), range(50)] {
+        let (Some(start), Some(end)) = (start, end) else {
+            return Err(io::Error::other("short /proc/self/stat"));
+        };
+        if start == 0 || end <= start || end - start > (1 << 24) {
+            continue;
+        }
+        // SAFETY: [start, end) is this process's own argument or environment area, as the
+        // kernel reports it: mapped, writable stack memory set up at exec. Nothing in this
+        // process reads those strings after this point (the agent builds every child's
+        // environment explicitly), so zeroing them breaks no Rust invariant.
+        unsafe { std::ptr::write_bytes(start as usize as *mut u8, 0, (end - start) as usize) };
+    }
+    rustix::thread::set_name(c"openrun-agent")?;
+    Ok(())
+}

@@ -65,7 +65,7 @@ pub struct SandboxArgs {
     /// for `run`) or disk (the data dir; the default for `create`).
     #[arg(long, value_enum, value_name = "WHERE")]
     pub storage: Option<StorageArg>,
-    /// Maximum number of processes and threads.
+    /// Maximum number of processes and threads (default 4096).
     #[arg(long, value_parser = limits::parse_pids, value_name = "N", allow_hyphen_values = true)]
     pub pids: Option<u64>,
 }

@@ -39,7 +39,7 @@ fn spec_from(args: &SandboxArgs, default_storage: Storage) -> Result<SandboxSpec
     spec.limits = Limits {
         memory_bytes: args.memory,
         cpu_millis: args.cpus,
-        pids: args.pids,
+        pids: args.pids.or(spec.limits.pids),
     };
     Ok(spec)
 }
@@ -179,7 +179,7 @@ fn inspect(data_dir: &std::path::Path, id: &str) -> Result<i32> {
     if let Some(obj) = json.as_object_mut() {
         obj.insert(
             "upper_dir".into(),
-            sandbox.upper_dir().display().to_string().into(),
+            sandbox.upper_dir().map(|p| p.display().to_string()).into(),
         );
         obj.insert(
             "run_dir".into(),
