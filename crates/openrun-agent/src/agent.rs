@@ -6,7 +6,6 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -201,7 +200,10 @@ impl Agent {
             req.cwd.as_deref(),
             &user.home,
             self.config.cwd.as_deref(),
-            |p| Path::new(p).is_dir(),
+            // Resolved inside the root like every file operation: the home comes from the
+            // sandbox's /etc/passwd, and a lookup through a magic link could reach a file
+            // system (e.g. FUSE in a sandbox process's own mount namespace) that never answers.
+            |p| self.files.is_dir(p),
         )?;
         let plan = command::plan(req, &user, &env, cwd, self.config.process_oom_score_adj)?;
 

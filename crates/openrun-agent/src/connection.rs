@@ -9,11 +9,12 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use openrun_protocol::frame::nonblocking::{read_frame, write_frame};
+use openrun_protocol::frame::nonblocking::read_frame;
 use openrun_protocol::{
     AgentError, AgentMessage, AttachRequest, ErrorCode, Frame, FrameError, Pid, Request,
-    RequestEnvelope, Response, Stream, PROTOCOL_VERSION,
+    RequestEnvelope, Response, Stream, MAX_DATA_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION,
 };
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -125,19 +126,70 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
 async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>) {
     while let Some(item) = rx.recv().await {
         match item {
-            Outbound::Frame(frame) => match write_frame(&mut writer, &frame).await {
-                Ok(()) => {}
-                Err(FrameError::Io(e)) => {
+            Outbound::Frame(frame) => {
+                let Some(bytes) = encode_for_wire(&frame) else {
+                    continue;
+                };
+                if let Err(e) = writer.write_all(&bytes).await {
                     tracing::debug!(error = %e, "connection write failed");
                     break;
                 }
-                Err(e) => tracing::warn!(error = %e, "could not encode a frame"),
-            },
+            }
             Outbound::Flush(ack) => {
                 let _ = ack.send(());
             }
         }
     }
+}
+
+/// The wire bytes of `frame`. A response that cannot be encoded (above the frame limits) is
+/// replaced by an error response to the same request, so no request is ever left unanswered;
+/// an event that cannot be encoded (which the agent never builds) is logged and dropped.
+fn encode_for_wire(frame: &Frame<AgentMessage>) -> Option<Vec<u8>> {
+    let err = match frame.encode() {
+        Ok(bytes) => return Some(bytes),
+        Err(e) => e,
+    };
+    let AgentMessage::Response { id, result } = &frame.header else {
+        tracing::warn!(error = %err, "could not encode an event");
+        return None;
+    };
+    tracing::warn!(id, error = %err, "could not encode a response; answering with an error");
+    let replacement = Frame::new(AgentMessage::Response {
+        id: *id,
+        result: Err(unsendable(result, &err)),
+    });
+    match replacement.encode() {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!(id, error = %e, "could not encode an error response");
+            None
+        }
+    }
+}
+
+/// The error that replaces a response that could not be encoded.
+fn unsendable(result: &Result<Response, AgentError>, err: &FrameError) -> AgentError {
+    let FrameError::TooLarge { header, data } = *err else {
+        return internal("could not encode the response", err);
+    };
+    let message = match result {
+        Ok(Response::Entries { entries }) => format!(
+            "directory has too many entries to list at once ({}); list its subdirectories or \
+             run a command such as ls instead",
+            entries.len()
+        ),
+        Ok(Response::Processes { processes }) => format!(
+            "the process table is too large to send at once ({} processes); release exited \
+             processes or ask for one with ProcessStatus",
+            processes.len()
+        ),
+        _ => format!(
+            "the response is too large to send ({header} bytes of header and {data} bytes of \
+             data; the limits are {MAX_HEADER_LEN} and {MAX_DATA_LEN})"
+        ),
+    };
+    AgentError::new(ErrorCode::TooLarge, message)
 }
 
 impl Connection {
@@ -398,5 +450,75 @@ async fn pump(
             }
             Step::Gone => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openrun_protocol::{FileKind, FileStat};
+
+    fn decode(bytes: &[u8]) -> (u64, Result<Response, AgentError>) {
+        let frame: Frame<AgentMessage> =
+            openrun_protocol::frame::read_frame(&mut &bytes[..]).unwrap();
+        match frame.header {
+            AgentMessage::Response { id, result } => (id, result),
+            other => panic!("not a response: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn small_frames_encode_unchanged() {
+        let frame = Frame::new(AgentMessage::Response {
+            id: 3,
+            result: Ok(Response::Done),
+        });
+        assert_eq!(encode_for_wire(&frame).unwrap(), frame.encode().unwrap());
+    }
+
+    #[test]
+    fn an_oversized_listing_becomes_a_too_large_error() {
+        let entry = |i: usize| FileStat {
+            name: format!("{i:0200}"),
+            kind: FileKind::File,
+            size: 0,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            modified_ms: 0,
+            symlink_target: None,
+        };
+        let entries: Vec<FileStat> = (0..6000).map(entry).collect();
+        let frame = Frame::new(AgentMessage::Response {
+            id: 42,
+            result: Ok(Response::Entries { entries }),
+        });
+        assert!(frame.encode().is_err(), "the listing must exceed the limit");
+        let (id, result) = decode(&encode_for_wire(&frame).expect("an answer"));
+        assert_eq!(id, 42);
+        let err = result.unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert!(
+            err.message
+                .starts_with("directory has too many entries to list at once (6000)"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn any_oversized_response_is_answered() {
+        let frame = Frame::with_data(
+            AgentMessage::Response {
+                id: 7,
+                result: Ok(Response::FileData { size: 0, offset: 0 }),
+            },
+            vec![0u8; MAX_DATA_LEN + 1],
+        );
+        let (id, result) = decode(&encode_for_wire(&frame).expect("an answer"));
+        assert_eq!(id, 7);
+        let err = result.unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert!(err.message.contains("too large to send"), "{}", err.message);
     }
 }

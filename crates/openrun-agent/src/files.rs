@@ -7,13 +7,17 @@
 //! resolved that way; the final name is then handled by an `*at` syscall that does not follow a
 //! symlink there. Nothing here ever passes a client path to a syscall that resolves it from the
 //! agent's own root or working directory.
+//!
+//! Whatever a path resolves to, the descriptor it opened is checked before it is used: nothing on
+//! procfs is served (`/proc/self` is the agent itself, pid 1, and `/proc/<pid>` of a sandbox
+//! process is better read by a command running inside), and nothing on sysfs is written.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
 
-use openrun_protocol::{AgentError, ErrorCode, FileKind, FileStat, MAX_DATA_LEN};
+use openrun_protocol::{AgentError, ErrorCode, FileKind, FileStat, MAX_DATA_LEN, MAX_HEADER_LEN};
 use rustix::fd::{AsFd, BorrowedFd, OwnedFd};
-use rustix::fs::{AtFlags, Dir, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::fs::{AtFlags, Dir, FileType, FsWord, Mode, OFlags, ResolveFlags, Stat};
 use rustix::io::Errno;
 
 use crate::errors::errno_error;
@@ -25,10 +29,35 @@ const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGIC
 const RESOLVE_RETRIES: usize = 32;
 /// Deepest directory tree a recursive remove descends into (one open descriptor per level).
 const MAX_REMOVE_DEPTH: usize = 512;
+/// Names a recursive remove reads from one directory at a time.
+const REMOVE_BATCH: usize = 128;
+/// Longest path accepted (the kernel's `PATH_MAX`; longer ones could never resolve).
+const MAX_PATH_LEN: usize = 4096;
 /// Default permission bits of a new file.
 const DEFAULT_FILE_MODE: u32 = 0o644;
 /// Default permission bits of a new directory.
 const DEFAULT_DIR_MODE: u32 = 0o755;
+/// JSON a listing's entries may take: the frame header limit, less room for the response
+/// around them.
+const LIST_BUDGET: usize = MAX_HEADER_LEN - 4096;
+/// Entries a listing counts (without keeping them) once it is over budget, for the message.
+const MAX_COUNTED_ENTRIES: usize = 10_000_000;
+/// A read buffer starts at most this large and grows as data arrives (file sizes can lie or
+/// change), so a small read never allocates the whole limit up front.
+const INITIAL_READ_BUFFER: usize = 64 * 1024;
+/// `f_type` of procfs.
+const PROC_SUPER_MAGIC: FsWord = rustix::fs::PROC_SUPER_MAGIC;
+/// `f_type` of sysfs.
+const SYSFS_MAGIC: FsWord = 0x6265_6572;
+
+/// What an operation does with what it opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Reads (read, list, stat).
+    Read,
+    /// Creates, changes or removes something.
+    Write,
+}
 
 /// The sandbox root and the operations on paths below it.
 #[derive(Debug)]
@@ -84,10 +113,33 @@ impl Files {
         Err(last)
     }
 
-    /// Opens `path` inside the root (following symlinks, but only within the root).
-    fn open_in_root(&self, path: &str, flags: OFlags, mode: Mode) -> Result<OwnedFd, AgentError> {
-        self.openat2_raw(path, flags, mode, RESOLVE)
-            .map_err(|errno| self.resolve_error(path, errno))
+    /// Opens `path` inside the root (following symlinks, but only within the root), refusing
+    /// what the file API does not serve there (see [`check_served`]).
+    fn open_in_root(
+        &self,
+        path: &str,
+        flags: OFlags,
+        mode: Mode,
+        access: Access,
+    ) -> Result<OwnedFd, AgentError> {
+        let fd = self
+            .openat2_raw(path, flags, mode, RESOLVE)
+            .map_err(|errno| self.resolve_error(path, errno))?;
+        check_served(fd.as_fd(), path, access)?;
+        Ok(fd)
+    }
+
+    /// Whether `path` is a directory inside the root (magic links are not followed).
+    pub(crate) fn is_dir(&self, path: &str) -> bool {
+        !path.contains('\0')
+            && self
+                .openat2_raw(
+                    path,
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    Mode::empty(),
+                    RESOLVE,
+                )
+                .is_ok()
     }
 
     /// Classifies a resolution failure. `EXDEV` from a scoped lookup means it tried to leave the
@@ -107,9 +159,25 @@ impl Files {
         }
     }
 
-    /// Opens the directory that holds `split`'s final name.
-    fn open_parent(&self, split: &SplitPath, flags: OFlags) -> Result<OwnedFd, AgentError> {
-        self.open_in_root(&split.parent, flags | OFlags::DIRECTORY, Mode::empty())
+    /// Opens the directory that holds `split`'s final name; `path` is the full path, named in
+    /// errors.
+    fn open_parent(
+        &self,
+        split: &SplitPath,
+        path: &str,
+        flags: OFlags,
+        access: Access,
+    ) -> Result<OwnedFd, AgentError> {
+        let fd = self
+            .openat2_raw(
+                &split.parent,
+                flags | OFlags::DIRECTORY,
+                Mode::empty(),
+                RESOLVE,
+            )
+            .map_err(|errno| self.resolve_error(&split.parent, errno))?;
+        check_served(fd.as_fd(), path, access)?;
+        Ok(fd)
     }
 
     /// Reads up to `limit` bytes (capped at [`MAX_DATA_LEN`]) from `offset`.
@@ -124,15 +192,18 @@ impl Files {
             path,
             OFlags::RDONLY | OFlags::NOCTTY | OFlags::NONBLOCK,
             Mode::empty(),
+            Access::Read,
         )?;
         let st = rustix::fs::fstat(&fd).map_err(|e| errno_error(e, path))?;
         let kind = FileType::from_raw_mode(st.st_mode);
         let max = limit
             .unwrap_or(MAX_DATA_LEN as u64)
             .min(MAX_DATA_LEN as u64) as usize;
+        let size = u64::try_from(st.st_size).unwrap_or(0);
         let data = match kind {
             FileType::RegularFile => {
-                pread_up_to(&fd, offset, max).map_err(|e| errno_error(e, path))?
+                let expected = usize::try_from(size.saturating_sub(offset)).unwrap_or(usize::MAX);
+                pread_up_to(&fd, offset, max, expected).map_err(|e| errno_error(e, path))?
             }
             FileType::CharacterDevice if offset == 0 => {
                 read_up_to(&fd, max).map_err(|e| errno_error(e, path))?
@@ -151,15 +222,18 @@ impl Files {
                 ))
             }
         };
-        Ok(ReadResult {
-            size: st.st_size.max(0) as u64,
-            data,
-        })
+        Ok(ReadResult { size, data })
     }
 
-    /// Reads a small file whole; `None` when it does not exist.
+    /// Reads a small file whole; `None` when it does not exist. A file larger than `max` bytes
+    /// is refused (not cut short: a truncated user database would be misread).
     pub(crate) fn read_small(&self, path: &str, max: usize) -> Result<Option<Vec<u8>>, AgentError> {
-        match self.read_file(path, 0, Some(max as u64)) {
+        let limit = (max as u64).saturating_add(1);
+        match self.read_file(path, 0, Some(limit)) {
+            Ok(r) if r.size > max as u64 || r.data.len() > max => Err(AgentError::new(
+                ErrorCode::TooLarge,
+                format!("{path} is larger than {max} bytes, the most the agent reads of it"),
+            )),
             Ok(r) => Ok(Some(r.data)),
             Err(e) if e.code == ErrorCode::NotFound => Ok(None),
             Err(e) => Err(e),
@@ -187,7 +261,7 @@ impl Files {
         if append {
             return self.append_file(path, data, new_mode);
         }
-        let dir = self.open_parent(&split, OFlags::RDONLY)?;
+        let dir = self.open_parent(&split, path, OFlags::RDONLY, Access::Write)?;
 
         // Keep an existing file's permissions and owner; refuse to replace a directory.
         let existing = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -237,11 +311,12 @@ impl Files {
             RESOLVE,
         ) {
             Ok(fd) => {
+                check_served(fd.as_fd(), path, Access::Write)?;
                 // Newly created: set the exact mode, independent of the umask.
                 rustix::fs::fchmod(&fd, new_mode).map_err(|e| errno_error(e, path))?;
                 fd
             }
-            Err(Errno::EXIST) => self.open_in_root(path, flags, Mode::empty())?,
+            Err(Errno::EXIST) => self.open_in_root(path, flags, Mode::empty(), Access::Write)?,
             Err(e) => return Err(self.resolve_error(path, e)),
         };
         let st = rustix::fs::fstat(&fd).map_err(|e| errno_error(e, path))?;
@@ -255,22 +330,66 @@ impl Files {
         rustix::fs::fsync(&fd).map_err(|e| errno_error(e, path))
     }
 
-    /// Lists a directory, sorted by name, without following symlinks in the entries.
+    /// Lists a directory, sorted by name, without following symlinks in the entries. A listing
+    /// that would not fit in one response is refused with [`ErrorCode::TooLarge`] as soon as
+    /// that is clear, before it takes much memory.
     pub(crate) fn list_dir(&self, path: &str) -> Result<Vec<FileStat>, AgentError> {
         check_path(path)?;
-        let fd = self.open_in_root(path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty())?;
-        let names = read_names(&fd).map_err(|e| errno_error(e, path))?;
-        let mut entries = Vec::with_capacity(names.len());
-        for name in names {
-            match rustix::fs::statat(&fd, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+        let fd = self.open_in_root(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+            Access::Read,
+        )?;
+        let mut dir = Dir::read_from(&fd).map_err(|e| errno_error(e, path))?;
+        let mut entries = Vec::new();
+        let mut json_len = 0usize;
+        let mut over_budget = false;
+        let mut count = 0usize;
+        while let Some(entry) = dir.read() {
+            let entry = entry.map_err(|e| errno_error(e, path))?;
+            let name = entry.file_name();
+            if name == c"." || name == c".." {
+                continue;
+            }
+            count += 1;
+            if over_budget {
+                // Only counted, for the message.
+                if count >= MAX_COUNTED_ENTRIES {
+                    break;
+                }
+                continue;
+            }
+            match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => {
-                    let display = String::from_utf8_lossy(name.as_bytes()).into_owned();
-                    entries.push(file_stat(display, &st, fd.as_fd(), name.as_c_str()));
+                    let display = String::from_utf8_lossy(name.to_bytes()).into_owned();
+                    let stat = file_stat(display, &st, fd.as_fd(), name);
+                    json_len = json_len.saturating_add(json_len_of(&stat).saturating_add(1));
+                    if json_len > LIST_BUDGET {
+                        over_budget = true;
+                        entries = Vec::new();
+                    } else {
+                        entries.push(stat);
+                    }
                 }
                 // Removed since the listing was read.
-                Err(Errno::NOENT) => {}
+                Err(Errno::NOENT) => count -= 1,
                 Err(e) => return Err(errno_error(e, path)),
             }
+        }
+        if over_budget {
+            let more = if count >= MAX_COUNTED_ENTRIES {
+                "at least "
+            } else {
+                ""
+            };
+            return Err(AgentError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "directory has too many entries to list at once ({more}{count}): {path}; \
+                     list its subdirectories or run a command such as ls instead"
+                ),
+            ));
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(entries)
@@ -282,13 +401,17 @@ impl Files {
         let split = split_path(path);
         match split.name.as_deref() {
             None => {
-                let fd =
-                    self.open_in_root(path, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())?;
+                let fd = self.open_in_root(
+                    path,
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    Mode::empty(),
+                    Access::Read,
+                )?;
                 let st = rustix::fs::fstat(&fd).map_err(|e| errno_error(e, path))?;
                 Ok(file_stat(path.to_string(), &st, fd.as_fd(), c""))
             }
             Some(name) => {
-                let dir = self.open_parent(&split, OFlags::PATH)?;
+                let dir = self.open_parent(&split, path, OFlags::PATH, Access::Read)?;
                 let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| errno_error(e, path))?;
                 let cname = CString::new(name).map_err(|_| nul_in_path())?;
@@ -313,7 +436,7 @@ impl Files {
         let Some(name) = split.name.as_deref() else {
             return Err(errno_error(Errno::EXIST, path));
         };
-        let dir = self.open_parent(&split, OFlags::PATH)?;
+        let dir = self.open_parent(&split, path, OFlags::PATH, Access::Write)?;
         let create_mode = Mode::from_raw_mode(mode.unwrap_or(DEFAULT_DIR_MODE));
         rustix::fs::mkdirat(&dir, name, create_mode).map_err(|e| errno_error(e, path))?;
         if let Some(mode) = mode {
@@ -352,6 +475,7 @@ impl Files {
                 &join(&comps[..i]),
                 OFlags::PATH | OFlags::DIRECTORY,
                 Mode::empty(),
+                Access::Write,
             )?;
             let name = comps[i];
             let create_mode = match (is_last, mode) {
@@ -366,13 +490,18 @@ impl Files {
                 }
                 // Created concurrently: fine if it is a directory.
                 Err(Errno::EXIST) => {
-                    self.open_in_root(&prefix, OFlags::PATH | OFlags::DIRECTORY, Mode::empty())
-                        .map_err(|_| {
-                            AgentError::new(
-                                ErrorCode::AlreadyExists,
-                                format!("already exists and is not a directory: {report}"),
-                            )
-                        })?;
+                    self.openat2_raw(
+                        &prefix,
+                        OFlags::PATH | OFlags::DIRECTORY,
+                        Mode::empty(),
+                        RESOLVE,
+                    )
+                    .map_err(|_| {
+                        AgentError::new(
+                            ErrorCode::AlreadyExists,
+                            format!("already exists and is not a directory: {report}"),
+                        )
+                    })?;
                 }
                 Err(e) => return Err(errno_error(e, report)),
             }
@@ -391,7 +520,7 @@ impl Files {
                 format!("refusing to remove the sandbox root or a path ending in '..': {path}"),
             ));
         };
-        let dir = self.open_parent(&split, OFlags::PATH)?;
+        let dir = self.open_parent(&split, path, OFlags::PATH, Access::Write)?;
         let st = rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
             .map_err(|e| errno_error(e, path))?;
         if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
@@ -400,7 +529,10 @@ impl Files {
         }
         if recursive {
             let sub = open_subdir(&dir, name).map_err(|e| errno_error(e, path))?;
-            remove_contents(&sub, st.st_dev, path, 0)?;
+            check_served(sub.as_fd(), path, Access::Write)?;
+            let sub = Dir::new(sub).map_err(|e| errno_error(e, path))?;
+            let mut walk = path.trim_end_matches('/').to_string();
+            remove_contents(sub, st.st_dev, &mut walk, 0)?;
         }
         rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|e| errno_error(e, path))
     }
@@ -416,8 +548,8 @@ impl Files {
                 format!("cannot rename the sandbox root or a path ending in '..': {from} -> {to}"),
             ));
         };
-        let src_dir = self.open_parent(&src, OFlags::PATH)?;
-        let dst_dir = self.open_parent(&dst, OFlags::PATH)?;
+        let src_dir = self.open_parent(&src, from, OFlags::PATH, Access::Write)?;
+        let dst_dir = self.open_parent(&dst, to, OFlags::PATH, Access::Write)?;
         match rustix::fs::renameat(&src_dir, src_name, &dst_dir, dst_name) {
             Ok(()) => Ok(()),
             Err(Errno::XDEV) => Err(AgentError::new(
@@ -439,6 +571,50 @@ fn outside(path: &str) -> AgentError {
     )
 }
 
+/// Refuses a descriptor on a file system the file API does not serve: procfs for anything
+/// (`/proc/self` is the agent, pid 1: its memory map, environment, descriptors), sysfs for
+/// writes. Reads of sysfs are harmless and allowed.
+fn check_served(fd: BorrowedFd<'_>, path: &str, access: Access) -> Result<(), AgentError> {
+    let fs = rustix::fs::fstatfs(fd).map_err(|e| errno_error(e, path))?;
+    refuse_file_system(fs.f_type, path, access)
+}
+
+fn refuse_file_system(f_type: FsWord, path: &str, access: Access) -> Result<(), AgentError> {
+    match f_type {
+        PROC_SUPER_MAGIC => Err(AgentError::new(
+            ErrorCode::PermissionDenied,
+            format!("{path} is on /proc, which the file API does not serve; run a command instead"),
+        )),
+        SYSFS_MAGIC if access == Access::Write => Err(AgentError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "{path} is on /sys, which the file API does not write to; run a command instead"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Length of an entry as JSON, without building the text.
+fn json_len_of(value: &FileStat) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 = self.0.saturating_add(buf.len());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    match serde_json::to_writer(&mut count, value) {
+        Ok(()) => count.0,
+        // Cannot happen for a `FileStat`; count it as too large to send.
+        Err(_) => usize::MAX,
+    }
+}
+
 fn nul_in_path() -> AgentError {
     AgentError::new(ErrorCode::InvalidArgument, "path contains a nul byte")
 }
@@ -449,6 +625,15 @@ fn check_path(path: &str) -> Result<(), AgentError> {
     }
     if path.contains('\0') {
         return Err(nul_in_path());
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!(
+                "path is too long ({} bytes; the limit is {MAX_PATH_LEN})",
+                path.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -479,7 +664,7 @@ fn split_path(path: &str) -> SplitPath {
     }
 }
 
-fn open_subdir(dir: &OwnedFd, name: impl rustix::path::Arg) -> Result<OwnedFd, Errno> {
+fn open_subdir(dir: impl AsFd, name: impl rustix::path::Arg) -> Result<OwnedFd, Errno> {
     rustix::fs::openat(
         dir,
         name,
@@ -493,11 +678,13 @@ fn chmod_new_dir(parent: &OwnedFd, name: &str, mode: u32) -> Result<(), Errno> {
     rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
 }
 
-/// Entry names of a directory, without `.` and `..`.
-fn read_names(fd: &OwnedFd) -> Result<Vec<CString>, Errno> {
-    let mut dir = Dir::read_from(fd)?;
+/// Up to `max` more entry names from `dir`, without `.` and `..`; empty at the end.
+fn read_batch(dir: &mut Dir, max: usize) -> Result<Vec<CString>, Errno> {
     let mut names = Vec::new();
-    while let Some(entry) = dir.read() {
+    while names.len() < max {
+        let Some(entry) = dir.read() else {
+            break;
+        };
         let entry = entry?;
         let name = entry.file_name();
         if name == c"." || name == c".." {
@@ -510,43 +697,70 @@ fn read_names(fd: &OwnedFd) -> Result<Vec<CString>, Errno> {
 
 /// Empties the directory `dir` (on device `dev`) depth-first. Every descent opens the child
 /// with `O_NOFOLLOW | O_DIRECTORY` relative to its parent, so a symlink (even one swapped in
-/// during the walk) is never entered.
-fn remove_contents(dir: &OwnedFd, dev: u64, path: &str, depth: usize) -> Result<(), AgentError> {
+/// during the walk) is never entered. Names are read [`REMOVE_BATCH`] at a time and one path
+/// buffer (`path`, for messages) serves the whole walk, so a huge or deep tree the sandbox built
+/// costs little memory.
+fn remove_contents(
+    mut dir: Dir,
+    dev: u64,
+    path: &mut String,
+    depth: usize,
+) -> Result<(), AgentError> {
     if depth >= MAX_REMOVE_DEPTH {
         return Err(AgentError::new(
             ErrorCode::TooLarge,
             format!("directory tree too deep to remove: {path}"),
         ));
     }
-    for name in read_names(dir).map_err(|e| errno_error(e, path))? {
-        let child_path = format!("{}/{}", path.trim_end_matches('/'), name.to_string_lossy());
-        let st = match rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => continue,
-            Err(e) => return Err(errno_error(e, &child_path)),
-        };
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            if st.st_dev != dev {
-                return Err(AgentError::new(
-                    ErrorCode::PermissionDenied,
-                    format!("refusing to remove across a mount point: {child_path}"),
-                ));
-            }
-            let sub = open_subdir(dir, name.as_c_str()).map_err(|e| errno_error(e, &child_path))?;
-            remove_contents(&sub, dev, &child_path, depth + 1)?;
-            drop(sub);
-            match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR) {
-                Ok(()) | Err(Errno::NOENT) => {}
-                Err(e) => return Err(errno_error(e, &child_path)),
-            }
-        } else {
-            match rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty()) {
-                Ok(()) | Err(Errno::NOENT) => {}
-                Err(e) => return Err(errno_error(e, &child_path)),
-            }
+    loop {
+        let batch = read_batch(&mut dir, REMOVE_BATCH).map_err(|e| errno_error(e, path))?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        // Only `*at` calls use the stream's descriptor: they do not move its position.
+        let fd = dir.fd().map_err(|e| errno_error(e, path))?;
+        for name in &batch {
+            let len = path.len();
+            path.push('/');
+            path.push_str(&name.to_string_lossy());
+            let result = remove_entry(fd, name, dev, path, depth);
+            path.truncate(len);
+            result?;
         }
     }
-    Ok(())
+}
+
+/// Removes `name` from `dir` (recursively, for a directory); `path` names it in messages.
+fn remove_entry(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    dev: u64,
+    path: &mut String,
+    depth: usize,
+) -> Result<(), AgentError> {
+    let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(errno_error(e, path)),
+    };
+    let flags = if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+        if st.st_dev != dev {
+            return Err(AgentError::new(
+                ErrorCode::PermissionDenied,
+                format!("refusing to remove across a mount point: {path}"),
+            ));
+        }
+        let sub = open_subdir(dir, name).map_err(|e| errno_error(e, path))?;
+        let sub = Dir::new(sub).map_err(|e| errno_error(e, path))?;
+        remove_contents(sub, dev, path, depth + 1)?;
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    match rustix::fs::unlinkat(dir, name, flags) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(errno_error(e, path)),
+    }
 }
 
 /// Creates a fresh temporary file next to `name` in `dir` (never following a symlink).
@@ -592,33 +806,56 @@ fn write_all(fd: &OwnedFd, mut data: &[u8]) -> Result<(), Errno> {
     Ok(())
 }
 
-fn pread_up_to(fd: &OwnedFd, offset: u64, max: usize) -> Result<Vec<u8>, Errno> {
-    let mut buf = vec![0u8; max];
-    let mut filled = 0;
-    while filled < max {
-        match rustix::io::pread(fd, &mut buf[filled..], offset + filled as u64) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(Errno::INTR) => {}
+/// Reads up to `max` bytes from `offset`. `expected` (what the file size promises) only sizes
+/// the first allocation; the buffer grows as data actually arrives, up to `max`.
+fn pread_up_to(fd: &OwnedFd, offset: u64, max: usize, expected: usize) -> Result<Vec<u8>, Errno> {
+    let mut buf = Vec::new();
+    let mut initial = expected.saturating_add(1).clamp(1, INITIAL_READ_BUFFER);
+    while buf.len() < max {
+        if buf.len() == buf.capacity() {
+            let grow = initial.max(buf.len()).min(max - buf.len());
+            initial = 0;
+            buf.reserve_exact(grow);
+        }
+        let filled = buf.len();
+        let room = (buf.capacity() - filled).min(max - filled);
+        buf.resize(filled + room, 0);
+        let at = offset.saturating_add(filled as u64);
+        let result = rustix::io::pread(fd, &mut buf[filled..], at);
+        match result {
+            Ok(0) => {
+                buf.truncate(filled);
+                break;
+            }
+            Ok(n) => buf.truncate(filled + n),
+            Err(Errno::INTR) => buf.truncate(filled),
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(filled);
     Ok(buf)
 }
 
+/// Reads up to `max` bytes from the current position of a (non-blocking) descriptor.
 fn read_up_to(fd: &OwnedFd, max: usize) -> Result<Vec<u8>, Errno> {
-    let mut buf = vec![0u8; max];
-    let mut filled = 0;
-    while filled < max {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        if buf.len() == buf.capacity() {
+            let grow = INITIAL_READ_BUFFER.max(buf.len()).min(max - buf.len());
+            buf.reserve_exact(grow);
+        }
+        let filled = buf.len();
+        let room = (buf.capacity() - filled).min(max - filled);
+        buf.resize(filled + room, 0);
         match rustix::io::read(fd, &mut buf[filled..]) {
-            Ok(0) | Err(Errno::AGAIN) => break,
-            Ok(n) => filled += n,
-            Err(Errno::INTR) => {}
+            Ok(0) | Err(Errno::AGAIN) => {
+                buf.truncate(filled);
+                break;
+            }
+            Ok(n) => buf.truncate(filled + n),
+            Err(Errno::INTR) => buf.truncate(filled),
             Err(e) => return Err(e),
         }
     }
-    buf.truncate(filled);
     Ok(buf)
 }
 
@@ -636,13 +873,18 @@ fn file_stat(name: String, st: &Stat, dir: BorrowedFd<'_>, entry: &CStr) -> File
     FileStat {
         name,
         kind,
-        size: st.st_size.max(0) as u64,
+        size: u64::try_from(st.st_size).unwrap_or(0),
         mode: st.st_mode & 0o7777,
         uid: st.st_uid,
         gid: st.st_gid,
-        modified_ms: st.st_mtime.saturating_mul(1000) + (st.st_mtime_nsec / 1_000_000) as i64,
+        modified_ms: modified_ms(st.st_mtime, i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
         symlink_target,
     }
+}
+
+/// Milliseconds since the epoch of a timestamp the sandbox chose: any value, so saturating.
+fn modified_ms(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1000).saturating_add(nsecs / 1_000_000)
 }
 
 #[cfg(test)]
@@ -675,6 +917,157 @@ mod tests {
                 name: Some("passwd".into())
             }
         );
+    }
+
+    #[test]
+    fn extreme_mtimes_saturate() {
+        assert_eq!(modified_ms(1 << 62, 999_999_999), i64::MAX);
+        assert_eq!(modified_ms(i64::MAX, 999_999_999), i64::MAX);
+        assert_eq!(modified_ms(i64::MIN, 0), i64::MIN);
+        assert_eq!(modified_ms(i64::MIN / 1000, -999_999_999), i64::MIN);
+        assert_eq!(modified_ms(1_700_000_000, 123_456_789), 1_700_000_000_123);
+        // Through `file_stat`, as a listing or stat would convert it.
+        // SAFETY: `Stat` is a plain C struct; all-zero bytes are a valid value.
+        let mut st: Stat = unsafe { std::mem::zeroed() };
+        st.st_mode = libc::S_IFREG | 0o644;
+        st.st_mtime = 1 << 62;
+        st.st_mtime_nsec = 999_999_999;
+        st.st_size = -1;
+        let fs = file_stat("f".into(), &st, rustix::fs::CWD, c"f");
+        assert_eq!(fs.modified_ms, i64::MAX);
+        assert_eq!(fs.size, 0);
+    }
+
+    #[test]
+    fn proc_is_refused_and_sys_is_read_only() {
+        for access in [Access::Read, Access::Write] {
+            let err = refuse_file_system(PROC_SUPER_MAGIC, "/p", access).unwrap_err();
+            assert_eq!(err.code, ErrorCode::PermissionDenied);
+            assert_eq!(
+                err.message,
+                "/p is on /proc, which the file API does not serve; run a command instead"
+            );
+        }
+        assert!(refuse_file_system(SYSFS_MAGIC, "/s", Access::Read).is_ok());
+        let err = refuse_file_system(SYSFS_MAGIC, "/s", Access::Write).unwrap_err();
+        assert_eq!(err.code, ErrorCode::PermissionDenied);
+        assert!(err.message.starts_with("/s is on /sys"), "{}", err.message);
+        assert!(refuse_file_system(0xEF53, "/e", Access::Write).is_ok());
+        // A real descriptor on procfs.
+        let proc_fd = rustix::fs::open(c"/proc/self", OFlags::PATH, Mode::empty()).unwrap();
+        assert!(check_served(proc_fd.as_fd(), "/proc/self", Access::Read).is_err());
+    }
+
+    fn files_in(dir: &tempfile::TempDir) -> Files {
+        Files::open(dir.path()).unwrap()
+    }
+
+    #[test]
+    fn small_reads_refuse_files_above_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(&dir);
+        std::fs::write(dir.path().join("ok"), vec![b'a'; 100]).unwrap();
+        std::fs::write(dir.path().join("big"), vec![b'a'; 101]).unwrap();
+        assert_eq!(files.read_small("/ok", 100).unwrap().unwrap().len(), 100);
+        assert_eq!(files.read_small("/missing", 100).unwrap(), None);
+        let err = files.read_small("/big", 100).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert_eq!(
+            err.message,
+            "/big is larger than 100 bytes, the most the agent reads of it"
+        );
+    }
+
+    #[test]
+    fn reads_grow_past_the_initial_buffer_and_respect_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(&dir);
+        let content: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("f"), &content).unwrap();
+        let r = files.read_file("/f", 0, None).unwrap();
+        assert_eq!((r.size, r.data.len()), (300_000, 300_000));
+        assert_eq!(r.data, content);
+        let r = files.read_file("/f", 1000, Some(70_000)).unwrap();
+        assert_eq!(r.data, content[1000..71_000]);
+        let r = files.read_file("/f", 299_990, Some(100)).unwrap();
+        assert_eq!(r.data, content[299_990..]);
+        // Offsets far out (any u64 a client sends) are errors or empty reads, never a panic.
+        assert!(files.read_file("/f", u64::MAX, None).is_err());
+        assert!(files.read_file("/f", i64::MAX as u64, None).is_err());
+        assert!(files
+            .read_file("/f", 1 << 40, None)
+            .unwrap()
+            .data
+            .is_empty());
+        // The size hint is only a hint: a file that grew is still read in full.
+        let fd = rustix::fs::open(
+            dir.path().join("f").as_path(),
+            OFlags::RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+        assert_eq!(pread_up_to(&fd, 0, 1 << 20, 10).unwrap(), content);
+        assert_eq!(pread_up_to(&fd, 0, 5, 1 << 20).unwrap(), content[..5]);
+    }
+
+    #[test]
+    fn recursive_remove_walks_wide_and_deep_trees_in_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(&dir);
+        let top = dir.path().join("top");
+        // Wider than a batch at two levels, and a few levels deep.
+        for sub in ["", "a", "a/b", "a/b/c", "d"] {
+            let d = top.join(sub);
+            std::fs::create_dir_all(&d).unwrap();
+            for i in 0..(REMOVE_BATCH * 2 + 7) {
+                std::fs::write(d.join(format!("f{i}")), b"x").unwrap();
+            }
+        }
+        std::os::unix::fs::symlink(dir.path(), top.join("a/link")).unwrap();
+        files.remove("/top/", true).unwrap();
+        assert!(!top.exists());
+        assert!(dir.path().exists(), "the symlink was followed");
+        // Too deep: refused with the path of the level where it stopped.
+        let mut deep = dir.path().join("deep");
+        for _ in 0..=MAX_REMOVE_DEPTH {
+            deep.push("d");
+        }
+        std::fs::create_dir_all(&deep).unwrap();
+        let err = files.remove("/deep", true).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        let expected = format!("/deep{}", "/d".repeat(MAX_REMOVE_DEPTH));
+        assert_eq!(
+            err.message,
+            format!("directory tree too deep to remove: {expected}")
+        );
+    }
+
+    #[test]
+    fn home_lookups_stay_in_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(&dir);
+        std::fs::create_dir(dir.path().join("home")).unwrap();
+        assert!(files.is_dir("/home"));
+        assert!(files.is_dir("/../home"));
+        assert!(!files.is_dir("/missing"));
+        assert!(!files.is_dir("/ho\0me"));
+        // A host directory is not a directory of the root.
+        assert!(!files.is_dir("/usr/bin"));
+        std::os::unix::fs::symlink("/proc/self/root/usr", dir.path().join("magic")).unwrap();
+        assert!(!files.is_dir("/magic"));
+    }
+
+    #[test]
+    fn overlong_paths_are_invalid_arguments() {
+        let long = format!("/{}", "a/".repeat(MAX_PATH_LEN));
+        let err = check_path(&long).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert!(
+            err.message.starts_with("path is too long"),
+            "{}",
+            err.message
+        );
+        assert!(check_path(&"a".repeat(MAX_PATH_LEN)).is_ok());
     }
 
     #[test]

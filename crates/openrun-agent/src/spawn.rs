@@ -5,9 +5,15 @@
 //! threads (tokio's blocking pool) whose locks are frozen in the child. A close-on-exec pipe
 //! reports the first failing step and its errno back to the parent; EOF on it means `execve`
 //! succeeded.
+//!
+//! The wait for that report is bounded: the child runs as the sandbox's root until it switches
+//! user, so a sandbox process can stop it (`SIGSTOP`, `ptrace`) before it execs. The agent, a
+//! single thread, must never wait for it indefinitely; a child that is stopped, or that neither
+//! execs nor fails within [`START_TIMEOUT`], is killed and the exec fails.
 
 use std::ffi::{c_char, CString};
 use std::ptr;
+use std::time::{Duration, Instant};
 
 use openrun_protocol::{AgentError, ErrorCode, Pid};
 use rustix::fd::{AsFd, OwnedFd};
@@ -98,6 +104,15 @@ struct Prepared<'a> {
 }
 
 const SH: &std::ffi::CStr = c"/bin/sh";
+
+/// Longest time a forked child may take to exec (or to report why it could not). A child
+/// stopped by a signal is killed at once; this bound is for one that is merely stuck (a busy,
+/// memory-starved sandbox can be slow, so it is generous).
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the wait for the child's report checks whether the child was stopped.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// How long to wait for a killed child to be reaped before leaving it to the reaper.
+const REAP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Moves `fd` above 2 (if it is not already), so that setting up the child's stdio never
 /// clobbers it; agent descriptors can be that low only if the agent's own stdio was closed.
@@ -194,31 +209,161 @@ pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentErro
         return Err(crate::errors::internal("fork failed", fork_errno));
     }
 
+    await_start(plan, pid, &err_read, START_TIMEOUT)
+}
+
+/// What the error pipe said about a forked child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartReport {
+    /// End-of-file without a report: `execve` succeeded (the pipe is close-on-exec).
+    Execed,
+    /// The child's report: the failed stage and its errno.
+    Failed { stage: i32, errno: i32 },
+    /// The child was stopped by a signal before it exec'd.
+    Stopped,
+    /// Neither a report nor end-of-file within the time limit.
+    TimedOut,
+}
+
+/// Waits for the child's report on `err_read`, for at most `limit`. With `child`, also checks
+/// every [`STOP_CHECK_INTERVAL`] whether that child was stopped, so a stopped child costs the
+/// agent little time rather than the whole limit. Never blocks for longer than `limit`.
+fn wait_for_report(
+    err_read: &OwnedFd,
+    child: Option<rustix::process::Pid>,
+    limit: Duration,
+) -> StartReport {
+    // The read end is the agent's own file description: non-blocking, so a read after
+    // `poll` can never wait.
+    let _ = rustix::io::ioctl_fionbio(err_read, true);
+    let deadline = Instant::now() + limit;
     let mut report = [0u8; 8];
     let mut filled = 0;
-    while filled < report.len() {
-        match rustix::io::read(&err_read, &mut report[filled..]) {
+    loop {
+        match rustix::io::read(err_read, &mut report[filled..]) {
+            Ok(0) if filled == 0 => return StartReport::Execed,
+            // A short report (the child writes all 8 bytes at once, so this does not happen):
+            // what is missing reads as zero.
             Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(Errno::INTR) => {}
+            Ok(n) => {
+                filled += n;
+                if filled == report.len() {
+                    break;
+                }
+                continue;
+            }
+            Err(Errno::INTR) => continue,
+            Err(Errno::AGAIN) => {}
+            // The pipe cannot be read: nothing more will come from it, as after EOF.
+            Err(_) if filled == 0 => return StartReport::Execed,
             Err(_) => break,
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return StartReport::TimedOut;
+        }
+        if let Some(pid) = child {
+            let flags = rustix::process::WaitIdOptions::STOPPED
+                | rustix::process::WaitIdOptions::NOHANG
+                | rustix::process::WaitIdOptions::NOWAIT;
+            if let Ok(Some(status)) =
+                rustix::process::waitid(rustix::process::WaitId::Pid(pid), flags)
+            {
+                if status.stopped() {
+                    return StartReport::Stopped;
+                }
+            }
+        }
+        let slice = if child.is_some() {
+            left.min(STOP_CHECK_INTERVAL)
+        } else {
+            left
+        };
+        let timeout = rustix::event::Timespec::try_from(slice).unwrap_or(rustix::event::Timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        });
+        let mut fds = [rustix::event::PollFd::new(
+            err_read,
+            rustix::event::PollFlags::IN,
+        )];
+        // Readiness (data, EOF, an error) or not, the loop reads again and checks the clock.
+        let _ = rustix::event::poll(&mut fds, Some(&timeout));
     }
-    if filled == 0 {
+    StartReport::Failed {
+        stage: i32::from_le_bytes([report[0], report[1], report[2], report[3]]),
+        errno: i32::from_le_bytes([report[4], report[5], report[6], report[7]]),
+    }
+}
+
+/// Waits (bounded by `limit`) until the child `pid` has exec'd. On anything else the child is
+/// killed and reaped (bounded too) and the error says why.
+fn await_start(
+    plan: &ExecPlan,
+    pid: Pid,
+    err_read: &OwnedFd,
+    limit: Duration,
+) -> Result<Pid, AgentError> {
+    let child = rustix::process::Pid::from_raw(pid);
+    let report = wait_for_report(err_read, child, limit);
+    if report == StartReport::Execed {
         return Ok(pid);
     }
-    // The child failed before exec and has exited (or is about to): reap it here, before the
-    // SIGCHLD handler could see an unknown pid.
-    if let Some(child) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::waitpid(Some(child), rustix::process::WaitOptions::empty());
+    // The child failed, or is stuck before exec: it must not live on. Killing it is harmless
+    // in every case (a child that reported a failure is about to `_exit` anyway, but a sandbox
+    // process could stop it before it does) and safe: an unreaped child's pid cannot be
+    // reused. Reap it here, so the reaper does not see an unknown pid.
+    if let Some(child) = child {
+        kill_and_reap(child, REAP_TIMEOUT);
     }
-    let stage = i32::from_le_bytes([report[0], report[1], report[2], report[3]]);
-    let errno = i32::from_le_bytes([report[4], report[5], report[6], report[7]]);
-    Err(stage_error(
-        plan,
-        Stage::from_raw(stage),
-        Errno::from_raw_os_error(errno),
-    ))
+    let program = &plan.program;
+    Err(match report {
+        StartReport::Failed { stage, errno } => stage_error(
+            plan,
+            Stage::from_raw(stage),
+            Errno::from_raw_os_error(errno),
+        ),
+        StartReport::Stopped => AgentError::new(
+            ErrorCode::Internal,
+            format!("{program}: the process was stopped before it could start"),
+        ),
+        StartReport::Execed | StartReport::TimedOut => AgentError::new(
+            ErrorCode::Internal,
+            format!(
+                "{program}: the process did not start within {} s (something held it up \
+                 before it could exec) and was killed",
+                limit.as_secs_f32()
+            ),
+        ),
+    })
+}
+
+/// `SIGKILL`s a child of the agent and reaps it, waiting at most `limit`. A child that has not
+/// died by then (stuck in the kernel) is left to the reaper, which collects it as an orphan.
+fn kill_and_reap(child: rustix::process::Pid, limit: Duration) -> bool {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe {
+        libc::kill(child.as_raw_nonzero().get(), libc::SIGKILL);
+    }
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_micros(50);
+    loop {
+        match rustix::process::waitpid(Some(child), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some(_)) | Err(Errno::CHILD) => return true,
+            Ok(None) | Err(Errno::INTR) => {}
+            Err(_) => return false,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            tracing::warn!(
+                pid = child.as_raw_nonzero().get(),
+                "a killed child has not exited yet; leaving it to the reaper"
+            );
+            return false;
+        }
+        std::thread::sleep(pause.min(left));
+        pause = (pause * 2).min(Duration::from_millis(10));
+    }
 }
 
 /// Turns the child's report into the error a client sees.
@@ -534,6 +679,139 @@ mod tests {
         let e = stage_error(&plan("/etc/passwd"), Some(Stage::Exec), Errno::ACCESS);
         assert_eq!(e.code, ErrorCode::PermissionDenied);
         assert_eq!(e.message, "/etc/passwd: permission denied");
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap()
+    }
+
+    #[test]
+    fn report_wait_is_bounded_when_nobody_writes() {
+        let (read, _write) = pipe();
+        let started = Instant::now();
+        let report = wait_for_report(&read, None, Duration::from_millis(200));
+        let waited = started.elapsed();
+        assert_eq!(report, StartReport::TimedOut);
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    #[test]
+    fn report_wait_sees_eof_and_reports() {
+        let (read, write) = pipe();
+        drop(write);
+        assert_eq!(
+            wait_for_report(&read, None, Duration::from_secs(5)),
+            StartReport::Execed
+        );
+        let (read, write) = pipe();
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&(Stage::Chdir as i32).to_le_bytes());
+        msg[4..].copy_from_slice(&Errno::NOENT.raw_os_error().to_le_bytes());
+        rustix::io::write(&write, &msg).unwrap();
+        assert_eq!(
+            wait_for_report(&read, None, Duration::from_secs(5)),
+            StartReport::Failed {
+                stage: Stage::Chdir as i32,
+                errno: Errno::NOENT.raw_os_error()
+            }
+        );
+    }
+
+    /// Forks a child that keeps the write end of a fresh error pipe open and runs `then` with
+    /// it (async-signal-safe calls only); returns the child and the read end.
+    fn fork_holding_pipe(then: fn(i32)) -> (Pid, OwnedFd) {
+        let (read, write) = pipe();
+        // SAFETY: the child only makes async-signal-safe calls (`then`, then `_exit`).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            then(rustix::fd::AsRawFd::as_raw_fd(&write));
+            // SAFETY: ends the forked child without running any Rust code of the parent.
+            unsafe { libc::_exit(0) }
+        }
+        drop(write);
+        (pid, read)
+    }
+
+    fn reaped(pid: Pid) -> bool {
+        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+        matches!(
+            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::NOHANG),
+            Err(Errno::CHILD)
+        )
+    }
+
+    #[test]
+    fn a_child_stopped_before_exec_is_killed_and_reaped_quickly() {
+        let (pid, read) = fork_holding_pipe(|_| {
+            // SAFETY: raise(2) is async-signal-safe.
+            unsafe {
+                libc::raise(libc::SIGSTOP);
+            }
+        });
+        let started = Instant::now();
+        let err = await_start(&plan("stopped"), pid, &read, Duration::from_secs(10)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert_eq!(
+            err.message,
+            "stopped: the process was stopped before it could start"
+        );
+        assert!(reaped(pid), "the stopped child was not reaped");
+    }
+
+    #[test]
+    fn a_child_that_never_execs_is_killed_at_the_limit() {
+        let (pid, read) = fork_holding_pipe(|_| {
+            // SAFETY: pause(2) is async-signal-safe; the child waits for the SIGKILL.
+            unsafe {
+                libc::pause();
+            }
+        });
+        let started = Instant::now();
+        let err = await_start(&plan("stuck"), pid, &read, Duration::from_millis(300)).unwrap_err();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(
+            err.message
+                .starts_with("stuck: the process did not start within 0.3 s"),
+            "{}",
+            err.message
+        );
+        assert!(reaped(pid), "the stuck child was not reaped");
+    }
+
+    #[test]
+    fn a_child_stopped_after_its_failure_report_is_reaped() {
+        // The report arrives, then the child is stopped before it can `_exit`: the agent must
+        // not wait for it forever either.
+        let (pid, read) = fork_holding_pipe(|write_fd| {
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&(Stage::Exec as i32).to_le_bytes());
+            msg[4..].copy_from_slice(&Errno::NOENT.raw_os_error().to_le_bytes());
+            // SAFETY: write(2) and raise(2) are async-signal-safe; `msg` is a live buffer.
+            unsafe {
+                libc::write(write_fd, msg.as_ptr().cast(), msg.len());
+                libc::raise(libc::SIGSTOP);
+            }
+        });
+        let started = Instant::now();
+        let err = await_start(&plan("nope"), pid, &read, Duration::from_secs(10)).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.code, ErrorCode::CommandNotFound);
+        assert_eq!(err.message, "nope: command not found");
+        assert!(reaped(pid), "the failed child was not reaped");
     }
 
     #[test]

@@ -3,6 +3,10 @@
 //! The agent never calls `getpwnam` or anything else that goes through NSS: that would load
 //! shared objects from the sandbox root into pid 1. It parses the two files itself; malformed
 //! lines are skipped, like glibc's `files` backend does.
+//!
+//! Both files are the sandbox's to write, so parsing allocates in proportion to the file only:
+//! a line is split into at most the fields it has by definition, and group member lists stay
+//! one string, searched when needed.
 
 use openrun_protocol::{AgentError, ErrorCode};
 
@@ -20,7 +24,18 @@ pub(crate) struct PasswdEntry {
 pub(crate) struct GroupEntry {
     pub(crate) name: String,
     pub(crate) gid: u32,
-    pub(crate) members: Vec<String>,
+    /// The member list as written: comma-separated names (see [`GroupEntry::members`]).
+    members: String,
+}
+
+impl GroupEntry {
+    /// The member names.
+    pub(crate) fn members(&self) -> impl Iterator<Item = &str> {
+        self.members
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+    }
 }
 
 /// Who a process runs as.
@@ -43,7 +58,8 @@ pub(crate) fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
             if line.is_empty() || line.starts_with('#') {
                 return None;
             }
-            let fields: Vec<&str> = line.split(':').collect();
+            // name:password:uid:gid:gecos:home:shell; more colons are left in the last field.
+            let fields: Vec<&str> = line.splitn(7, ':').collect();
             if fields.len() < 7 || fields[0].is_empty() {
                 return None;
             }
@@ -65,19 +81,15 @@ pub(crate) fn parse_group(text: &str) -> Vec<GroupEntry> {
             if line.is_empty() || line.starts_with('#') {
                 return None;
             }
-            let fields: Vec<&str> = line.split(':').collect();
+            // name:password:gid:members; anything after a further colon is not a member.
+            let fields: Vec<&str> = line.splitn(5, ':').collect();
             if fields.len() < 4 || fields[0].is_empty() {
                 return None;
             }
             Some(GroupEntry {
                 name: fields[0].to_string(),
                 gid: fields[2].parse().ok()?,
-                members: fields[3]
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect(),
+                members: fields[3].to_string(),
             })
         })
         .collect()
@@ -160,7 +172,7 @@ pub(crate) fn resolve_user(
     if explicit_gid.is_none() {
         if let Some(name) = &name {
             for group in groups {
-                if group.members.iter().any(|m| m == name) && !supplementary.contains(&group.gid) {
+                if !supplementary.contains(&group.gid) && group.members().any(|m| m == name) {
                     supplementary.push(group.gid);
                 }
             }
@@ -218,8 +230,28 @@ users:x:100:
         let groups = parse_group(GROUP);
         let names: Vec<&str> = groups.iter().map(|g| g.name.as_str()).collect();
         assert_eq!(names, ["root", "alice", "bob", "docker", "wheel", "users"]);
-        assert_eq!(groups[3].members, ["alice", "bob"]);
-        assert_eq!(groups[4].members, ["alice"]);
+        let members = |i: usize| groups[i].members().collect::<Vec<_>>();
+        assert_eq!(members(3), ["alice", "bob"]);
+        assert_eq!(members(4), ["alice"]);
+    }
+
+    #[test]
+    fn extra_fields_and_huge_lines_parse_in_bounded_form() {
+        let passwd = parse_passwd("carol:x:7:8:gecos:/home/c:/bin/sh:extra:fields\n");
+        assert_eq!(passwd.len(), 1);
+        assert_eq!((passwd[0].uid, passwd[0].gid), (7, 8));
+        assert_eq!(passwd[0].home, "/home/c");
+        let groups = parse_group("g:x:9:carol,dave:ignored\n");
+        assert_eq!(groups[0].members().collect::<Vec<_>>(), ["carol", "dave"]);
+        // A member list of a million names is kept as the one string it is.
+        let huge = format!("big:x:10:{}carol\n", "m,".repeat(1_000_000));
+        let groups = parse_group(&huge);
+        assert_eq!(groups[0].members.len(), 2_000_005);
+        let p = parse_passwd("carol:x:7:8::/home/c:/bin/sh\n");
+        let carol = resolve_user(Some("carol"), &p, &groups).unwrap();
+        assert_eq!(carol.groups, [8, 10]);
+        // A line of nothing but colons.
+        assert!(parse_passwd(&":".repeat(1_000_000)).is_empty());
     }
 
     #[test]

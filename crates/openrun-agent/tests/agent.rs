@@ -97,6 +97,19 @@ fn main() {
             remove_does_not_follow_symlinks,
         ),
         ("magic_links_are_refused", magic_links_are_refused),
+        ("proc_is_not_served", proc_is_not_served),
+        (
+            "huge_listings_get_a_too_large_answer",
+            huge_listings_get_a_too_large_answer,
+        ),
+        (
+            "oversized_responses_are_still_answered",
+            oversized_responses_are_still_answered,
+        ),
+        (
+            "huge_user_databases_are_refused",
+            huge_user_databases_are_refused,
+        ),
         (
             "shutdown_kills_everything_and_exits",
             shutdown_kills_everything_and_exits,
@@ -692,6 +705,22 @@ fn users_and_groups_come_from_the_root() {
     req.user = Some("4321:4322".into());
     let out = c.run(req, vec![]);
     assert_eq!(out.stdout_str(), "4321\n4322\n4322\n");
+
+    // A home outside the root is not looked up on the host: the cwd falls back to / even
+    // though the path exists there.
+    let passwd = std::fs::read_to_string(agent.root.join("etc/passwd")).unwrap();
+    std::fs::write(
+        agent.root.join("etc/passwd"),
+        format!(
+            "{passwd}outsider:x:4444:4444::{}:/bin/sh\n",
+            agent.outside.display()
+        ),
+    )
+    .unwrap();
+    let mut req = cmd(&["pwd"]);
+    req.user = Some("outsider".into());
+    let out = c.run(req, vec![]);
+    assert_eq!(out.stdout_str(), "/\n", "{}", out.stderr_str());
 
     let mut req = cmd(&["true"]);
     req.user = Some("no-such-user".into());
@@ -1376,9 +1405,8 @@ fn magic_links_are_refused() {
         ..Default::default()
     });
     let mut c = agent.client();
-    // /proc is mounted inside the root (in the agent's private mount namespace only).
-    let data = read(&mut c, "/proc/self/status").expect("ordinary /proc file");
-    assert!(String::from_utf8_lossy(&data).contains("Pid:"));
+    // /proc is mounted inside the root (in the agent's private mount namespace only); it is
+    // not served at all (see `proc_is_not_served`), but magic links are refused before that.
     // /proc/self/root is the agent's real root: following it would escape.
     let secret = agent.outside.join("secret");
     let through_magic = format!("/proc/self/root{}", secret.display());
@@ -1420,6 +1448,215 @@ fn magic_links_are_refused() {
     let err = read(&mut c, "/loop-a").unwrap_err();
     assert_eq!(err.code, ErrorCode::Internal);
     assert!(err.message.contains("symbolic links"), "{}", err.message);
+}
+
+fn oom_score_adj(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn proc_is_not_served() {
+    let agent = TestAgent::start_with(Options {
+        mount_proc: true,
+        ..Default::default()
+    });
+    let mut c = agent.client();
+    let refused = |err: openrun_protocol::AgentError, path: &str| {
+        assert_eq!(err.code, ErrorCode::PermissionDenied, "{}", err.message);
+        assert_eq!(
+            err.message,
+            format!("{path} is on /proc, which the file API does not serve; run a command instead")
+        );
+    };
+    // /proc/self is the agent: its memory map must not be readable, directly or through a
+    // symlink a sandbox process planted.
+    std::os::unix::fs::symlink("/proc/self/maps", agent.root.join("maps")).unwrap();
+    refused(read(&mut c, "/maps").unwrap_err(), "/maps");
+    refused(
+        read(&mut c, "/proc/self/maps").unwrap_err(),
+        "/proc/self/maps",
+    );
+    refused(
+        read(&mut c, "/proc/self/environ").unwrap_err(),
+        "/proc/self/environ",
+    );
+    for path in ["/proc", "/proc/self/fd", "/proc/self"] {
+        refused(c.call_err(Request::ListDir { path: path.into() }), path);
+    }
+    refused(
+        c.call_err(Request::Stat {
+            path: "/proc/self/maps".into(),
+        }),
+        "/proc/self/maps",
+    );
+    // The mount point itself is an entry of the root's own directory.
+    match c.call(Request::Stat {
+        path: "/proc".into(),
+    }) {
+        Ok(Response::Stat(st)) => assert_eq!(st.kind, FileKind::Dir),
+        other => panic!("{other:?}"),
+    }
+    // Writing to the agent's own /proc files (here: its OOM score) is refused.
+    std::os::unix::fs::symlink("/proc/self/oom_score_adj", agent.root.join("oom")).unwrap();
+    let before = oom_score_adj(agent.pid());
+    let write = |c: &mut Client, path: &str, append: bool| {
+        c.call_data(
+            Request::WriteFile {
+                path: path.into(),
+                mode: None,
+                parents: false,
+                append,
+            },
+            b"900\n".to_vec(),
+        )
+        .0
+    };
+    refused(write(&mut c, "/oom", true).unwrap_err(), "/oom");
+    refused(
+        write(&mut c, "/proc/self/oom_score_adj", false).unwrap_err(),
+        "/proc/self/oom_score_adj",
+    );
+    refused(
+        write(&mut c, "/proc/self/oom_score_adj", true).unwrap_err(),
+        "/proc/self/oom_score_adj",
+    );
+    assert_eq!(oom_score_adj(agent.pid()), before);
+    // A whole-file write replaces the symlink itself (it is in the root's own directory).
+    assert!(matches!(write(&mut c, "/oom", false), Ok(Response::Done)));
+    assert_eq!(std::fs::read(agent.root.join("oom")).unwrap(), b"900\n");
+    assert_eq!(oom_score_adj(agent.pid()), before);
+
+    // sysfs: reading is harmless, writing is refused.
+    if std::path::Path::new("/sys/kernel/uevent_seqnum").exists() {
+        let data = read(&mut c, "/sys/kernel/uevent_seqnum").expect("sysfs read");
+        assert!(!data.is_empty());
+    }
+    let (r, _) = c.call_data(
+        Request::WriteFile {
+            path: "/sys/kernel/openrun-test-file".into(),
+            mode: None,
+            parents: false,
+            append: false,
+        },
+        b"x".to_vec(),
+    );
+    let err = r.unwrap_err();
+    assert_eq!(err.code, ErrorCode::PermissionDenied);
+    assert_eq!(
+        err.message,
+        "/sys/kernel/openrun-test-file is on /sys, which the file API does not write to; run a \
+         command instead"
+    );
+    let err = c.call_err(Request::Mkdir {
+        path: "/sys/kernel/openrun-test-dir".into(),
+        parents: false,
+        mode: None,
+    });
+    assert_eq!(err.code, ErrorCode::PermissionDenied);
+    assert!(err.message.contains("is on /sys"), "{}", err.message);
+    // The connection still works.
+    assert!(matches!(c.call(Request::Info), Ok(Response::Info(_))));
+}
+
+fn huge_listings_get_a_too_large_answer() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    // ~12,000 entries of ~200-byte names: about 4 MB of JSON, far above the 1 MiB header limit.
+    let big = agent.root.join("big");
+    std::fs::create_dir(&big).unwrap();
+    let long = "n".repeat(190);
+    for i in 0..12_000 {
+        std::fs::File::create(big.join(format!("{long}-{i:05}"))).unwrap();
+    }
+    let (r, _) = c
+        .try_call(
+            Request::ListDir {
+                path: "/big".into(),
+            },
+            vec![],
+            Duration::from_secs(30),
+        )
+        .expect("a huge listing must still be answered");
+    let err = r.unwrap_err();
+    assert_eq!(err.code, ErrorCode::TooLarge, "{}", err.message);
+    assert!(
+        err.message
+            .starts_with("directory has too many entries to list at once (12000): /big"),
+        "{}",
+        err.message
+    );
+    // The connection goes on, and a listing that fits is still served whole.
+    let small = agent.root.join("small");
+    std::fs::create_dir(&small).unwrap();
+    for i in 0..2_000 {
+        std::fs::File::create(small.join(format!("{long}-{i:05}"))).unwrap();
+    }
+    match c.call(Request::ListDir {
+        path: "/small".into(),
+    }) {
+        Ok(Response::Entries { entries }) => {
+            assert_eq!(entries.len(), 2_000);
+            assert!(entries.windows(2).all(|w| w[0].name < w[1].name));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+fn oversized_responses_are_still_answered() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    // Each entry's tag fits in a request, but two of them do not fit in one response.
+    let mut pids = Vec::new();
+    for i in 0..2 {
+        let mut req = cmd(&["sleep", "30"]);
+        req.tag = Some(format!("{i}{}", "t".repeat(600 * 1024)));
+        pids.push(c.exec(req, vec![]));
+    }
+    let (r, _) = c
+        .try_call(Request::ListProcesses, vec![], WAIT)
+        .expect("an oversized response must still be answered");
+    let err = r.unwrap_err();
+    assert_eq!(err.code, ErrorCode::TooLarge, "{}", err.message);
+    assert!(
+        err.message
+            .starts_with("the process table is too large to send at once (2 processes)"),
+        "{}",
+        err.message
+    );
+    // One entry at a time still works.
+    match c.call(Request::ProcessStatus { pid: pids[0] }) {
+        Ok(Response::Process(info)) => assert_eq!(info.pid, pids[0]),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn huge_user_databases_are_refused() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    // A valid passwd, padded beyond the 4 MiB the agent reads: cutting it short could turn a
+    // line into a different entry, so the exec is refused instead.
+    let mut passwd = String::from("root:x:0:0:root:/root:/bin/sh\n");
+    let pad = format!("#{}\n", "p".repeat(1022));
+    while passwd.len() <= 4 << 20 {
+        passwd.push_str(&pad);
+    }
+    std::fs::write(agent.root.join("etc/passwd"), &passwd).unwrap();
+    let err = c.call(Request::Exec(cmd(&["true"]))).unwrap_err();
+    assert_eq!(err.code, ErrorCode::TooLarge, "{}", err.message);
+    assert_eq!(
+        err.message,
+        "/etc/passwd is larger than 4194304 bytes, the most the agent reads of it"
+    );
+    // Back to a normal size, the same exec works.
+    std::fs::write(
+        agent.root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+    )
+    .unwrap();
+    let out = c.run(cmd(&["true"]), vec![]);
+    assert_eq!(out.status.code, Some(0));
 }
 
 fn shutdown_kills_everything_and_exits() {

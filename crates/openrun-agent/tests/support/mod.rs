@@ -95,11 +95,15 @@ pub fn helper_main() {
 }
 
 /// Gives the agent under test a private mount namespace with the host's /proc mounted at
-/// `<root>/proc`, so magic links like `/proc/self/root` exist inside its root.
+/// `<root>/proc`, so magic links like `/proc/self/root` exist inside its root, and the host's
+/// /sys at `<root>/sys`.
 fn mount_proc_under(root: &Path) {
     let target = root.join("proc");
     std::fs::create_dir_all(&target).expect("create <root>/proc");
     let target = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).unwrap();
+    let sys = root.join("sys");
+    std::fs::create_dir_all(&sys).expect("create <root>/sys");
+    let sys = std::ffi::CString::new(sys.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: plain syscalls on NUL-terminated strings that outlive the calls; this process is
     // single-threaded here (nothing has been started yet).
     unsafe {
@@ -126,6 +130,17 @@ fn mount_proc_under(root: &Path) {
             0,
             "bind /proc"
         );
+        assert_eq!(
+            libc::mount(
+                c"/sys".as_ptr(),
+                sys.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null()
+            ),
+            0,
+            "bind /sys"
+        );
     }
 }
 
@@ -138,6 +153,7 @@ pub struct Options {
     pub retention: Option<usize>,
     pub lifetime: Option<Duration>,
     pub control: Option<PathBuf>,
+    /// Bind the host's /proc and /sys into the root (in a private mount namespace).
     pub mount_proc: bool,
     /// `AgentConfig::process_oom_score_adj` (default 0).
     pub oom_score_adj: Option<i32>,
