@@ -16,12 +16,30 @@ use crate::error::{Result, RuntimeError};
 use crate::spec::ImageSource;
 
 /// One overlay mount of a sandbox's root.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Layer {
     /// Absolute path inside the sandbox where it is mounted (`/` first).
     pub target: &'static str,
-    /// Host directory used as the read-only lower.
+    /// Host directory used as the read-only lower (for records and messages).
     pub lower: PathBuf,
+    /// That directory, opened once when the image is resolved: the mount is made from this
+    /// descriptor, so renaming or swapping a path component afterwards changes nothing.
+    pub dir: std::sync::Arc<rustix::fd::OwnedFd>,
+}
+
+impl Layer {
+    fn open(target: &'static str, lower: PathBuf) -> io::Result<Self> {
+        let dir = rustix::fs::open(
+            &lower,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(Self {
+            target,
+            lower,
+            dir: std::sync::Arc::new(dir),
+        })
+    }
 }
 
 /// A resolved image: layers in mount order.
@@ -93,29 +111,31 @@ pub fn prepare(source: &ImageSource, images_dir: &Path) -> Result<PreparedImage>
             })?;
             Ok(PreparedImage {
                 has_etc: lower.join("etc").is_dir(),
-                layers: vec![Layer { target: "/", lower }],
+                layers: vec![Layer::open("/", lower.clone()).map_err(|source| {
+                    RuntimeError::RootfsNotFound {
+                        path: lower,
+                        source,
+                    }
+                })?],
             })
         }
         ImageSource::Host => {
             let skeleton = host_skeleton(images_dir)?;
+            let host_err = |path: &Path| {
+                let path = path.to_path_buf();
+                move |source| RuntimeError::HostImage { path, source }
+            };
             let mut layers = vec![
-                Layer {
-                    target: "/",
-                    lower: skeleton,
-                },
-                Layer {
-                    target: "/usr",
-                    lower: PathBuf::from("/usr"),
-                },
+                Layer::open("/", skeleton.clone()).map_err(host_err(&skeleton))?,
+                Layer::open("/usr", PathBuf::from("/usr")).map_err(host_err(Path::new("/usr")))?,
             ];
             // Hosts without merged /usr keep real /bin, /lib… directories: mount those too.
             for alias in USR_ALIASES {
                 let host = Path::new("/").join(alias);
                 if fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-                    layers.push(Layer {
-                        target: leak_target(alias),
-                        lower: host,
-                    });
+                    layers.push(
+                        Layer::open(leak_target(alias), host.clone()).map_err(host_err(&host))?,
+                    );
                 }
             }
             Ok(PreparedImage {

@@ -211,11 +211,12 @@ impl Runtime {
         let mut lowers = Vec::with_capacity(image.layers.len());
         for layer in &image.layers {
             let tree = open_tree(
-                rustix::fs::CWD,
-                &layer.lower,
+                layer.dir.as_fd(),
+                "",
                 OpenTreeFlags::OPEN_TREE_CLONE
                     | OpenTreeFlags::OPEN_TREE_CLOEXEC
-                    | OpenTreeFlags::AT_RECURSIVE,
+                    | OpenTreeFlags::AT_RECURSIVE
+                    | OpenTreeFlags::AT_EMPTY_PATH,
             )
             .context(|| format!("cannot open image layer {}", layer.lower.display()))?;
             sys::idmap_detached_mount(tree.as_fd(), userns.as_fd(), sys::DetachedMount::Layer)
