@@ -78,6 +78,15 @@ pub enum RuntimeError {
     /// Talking to the agent failed.
     #[error(transparent)]
     Agent(#[from] ClientError),
+    /// The helper process that created the sandbox for a multi-threaded caller failed; its
+    /// error, as it reported it.
+    #[error("{message}")]
+    Helper {
+        /// The helper's error message.
+        message: String,
+        /// Whether the helper classified it as the caller's input error.
+        user_error: bool,
+    },
     /// A host-side filesystem or process operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -107,6 +116,10 @@ impl RuntimeError {
                 | Self::ImageNotFound(_)
                 | Self::NoSuchSandbox(_)
                 | Self::InvalidId(_)
+                | Self::Helper {
+                    user_error: true,
+                    ..
+                }
         )
     }
 }

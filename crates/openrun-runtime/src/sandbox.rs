@@ -299,6 +299,86 @@ impl Runtime {
         })
     }
 
+    /// Creates a sandbox from a multi-threaded process (a server): runs `helper` (the
+    /// `openrun` binary) as `openrun --data-dir DIR __create`, a fresh single-threaded process
+    /// that forks the sandbox, prints its record and exits, leaving the sandbox running. The
+    /// spec goes in as JSON on stdin; the record or a typed error comes back on stdout.
+    pub fn create_with_helper(&self, spec: &SandboxSpec, helper: &Path) -> Result<Sandbox> {
+        use std::io::Write;
+        let mut child = std::process::Command::new(helper)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("__create")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .env_clear()
+            .spawn()
+            .context(|| format!("cannot start the sandbox helper {}", helper.display()))?;
+        let input =
+            serde_json::to_vec(&spec).context(|| "cannot encode the sandbox spec".to_string())?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(&input)
+                .context(|| "cannot send the spec to the sandbox helper".to_string())?;
+        }
+        let output = child
+            .wait_with_output()
+            .context(|| "the sandbox helper failed".to_string())?;
+        let reply: HelperReply = serde_json::from_slice(&output.stdout).map_err(|e| {
+            RuntimeError::io(
+                format!("the sandbox helper answered nonsense ({})", output.status),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        })?;
+        match reply {
+            HelperReply::Created(record) => self.open_sandbox_record(record),
+            HelperReply::Failed {
+                message,
+                user_error,
+            } => Err(RuntimeError::Helper {
+                message,
+                user_error,
+            }),
+        }
+    }
+
+    /// The helper side of [`Runtime::create_with_helper`]: reads a spec from `input`, creates
+    /// the sandbox, and writes the reply to `output`. Returns whether it succeeded.
+    pub fn serve_helper_request(
+        data_dir: &Path,
+        input: &mut impl io::Read,
+        output: &mut impl io::Write,
+    ) -> bool {
+        let result = (|| {
+            let mut bytes = Vec::new();
+            input
+                .read_to_end(&mut bytes)
+                .context(|| "cannot read the sandbox spec".to_string())?;
+            let spec: SandboxSpec = serde_json::from_slice(&bytes).map_err(|e| {
+                RuntimeError::io(
+                    "invalid sandbox spec",
+                    io::Error::new(io::ErrorKind::InvalidData, e),
+                )
+            })?;
+            let runtime = Runtime::open(data_dir)?;
+            let sandbox = runtime.create(&spec)?;
+            Ok::<_, RuntimeError>(sandbox.record().clone())
+        })();
+        let (reply, ok) = match result {
+            Ok(record) => (HelperReply::Created(record), true),
+            Err(e) => (
+                HelperReply::Failed {
+                    message: e.to_string(),
+                    user_error: e.is_user_error(),
+                },
+                false,
+            ),
+        };
+        let written = serde_json::to_writer(&mut *output, &reply).is_ok() && output.flush().is_ok();
+        ok && written
+    }
+
     /// Lists live sandboxes, cleaning up after any whose agent has died.
     pub fn list(&self) -> Result<Vec<SandboxRecord>> {
         let mut live = Vec::new();
@@ -528,6 +608,14 @@ impl Sandbox {
             .and_then(|c| c.oom_kills().ok())
             .unwrap_or(0)
     }
+}
+
+/// What the sandbox helper answers.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum HelperReply {
+    Created(SandboxRecord),
+    Failed { message: String, user_error: bool },
 }
 
 /// What exists of a sandbox that is being created, removed again if creation fails.

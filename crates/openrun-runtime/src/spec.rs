@@ -46,7 +46,7 @@ pub enum Storage {
 }
 
 /// A sandbox to create.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SandboxSpec {
     /// Root filesystem.
     pub image: ImageSource,

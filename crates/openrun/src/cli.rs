@@ -44,6 +44,10 @@ pub enum Command {
     Rm(RmArgs),
     /// Show a sandbox's record and host paths as JSON.
     Inspect(InspectArgs),
+    /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
+    /// print its record (see `Runtime::create_with_helper`).
+    #[command(name = "__create", hide = true)]
+    CreateHelper,
 }
 
 /// Image and limits of a new sandbox.

@@ -21,6 +21,11 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Ps => ps(&cli.data_dir),
         Command::Rm(args) => rm(&cli.data_dir, args),
         Command::Inspect(args) => inspect(&cli.data_dir, &args.id),
+        Command::CreateHelper => Ok(i32::from(!Runtime::serve_helper_request(
+            &cli.data_dir,
+            &mut std::io::stdin().lock(),
+            &mut std::io::stdout().lock(),
+        ))),
     }
 }
 
