@@ -255,7 +255,7 @@ impl Agent {
             }
         };
 
-        let pid = spawn::spawn(&plan, child_stdio)?;
+        let pid = spawn::spawn(&plan, child_stdio, self.config.own_oom_score_adj.as_deref())?;
         tracing::debug!(pid, argv = ?req.argv, "started process");
 
         let retention = self.config.output_retention;

@@ -69,6 +69,11 @@ pub struct AgentConfig {
     /// -1000 and children must not inherit that; 500 when the agent could not be protected, so
     /// the OOM killer picks the processes first).
     pub process_oom_score_adj: i32,
+    /// This process's own `/proc/self/oom_score_adj`, opened while it was still dumpable. A
+    /// non-dumpable process's `/proc` files belong to the host's root, so neither the agent
+    /// nor its forks could open them later; with this the agent sets each child's score from
+    /// the outside (raise, fork, restore) and no child ever has to become dumpable.
+    pub own_oom_score_adj: Option<std::sync::Arc<std::fs::File>>,
 }
 
 impl AgentConfig {

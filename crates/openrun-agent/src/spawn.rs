@@ -97,8 +97,9 @@ struct Prepared<'a> {
     /// meant to run as someone other than the agent.
     tolerate_groups_failure: bool,
     empty_mask: libc::sigset_t,
-    /// `oom_score_adj` as the decimal text the kernel expects.
-    oom_score_adj: Vec<u8>,
+    /// `oom_score_adj` as the decimal text the kernel expects, when the child must write it
+    /// itself (an agent that is not a sandbox's pid 1, as in tests).
+    oom_score_adj: Option<Vec<u8>>,
     err_pipe: OwnedFd,
     stdio: &'a ChildStdio,
 }
@@ -134,7 +135,11 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
 
 /// Forks and executes `plan` with `stdio`. Returns the child's pid once `execve` succeeded;
 /// otherwise reaps the failed child and returns an error for the step that failed.
-pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentError> {
+pub(crate) fn spawn(
+    plan: &ExecPlan,
+    stdio: ChildStdio,
+    own_oom_score_adj: Option<&std::fs::File>,
+) -> Result<Pid, AgentError> {
     let cwd = CString::new(plan.cwd.as_str())
         .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "cwd contains a nul byte"))?;
     let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
@@ -172,7 +177,11 @@ pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentErro
             .collect(),
         tolerate_groups_failure: rustix::process::geteuid().as_raw() == plan.uid,
         empty_mask,
-        oom_score_adj: plan.oom_score_adj.to_string().into_bytes(),
+        oom_score_adj: match own_oom_score_adj {
+            // Set from the outside around the fork (see below): nothing for the child to do.
+            Some(_) => None,
+            None => Some(plan.oom_score_adj.to_string().into_bytes()),
+        },
         err_pipe: err_write,
         stdio: &stdio,
     };
@@ -189,12 +198,20 @@ pub(crate) fn spawn(plan: &ExecPlan, stdio: ChildStdio) -> Result<Pid, AgentErro
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
 
+    // The child inherits the agent's OOM score at fork: set the child's value on the agent for
+    // the instant of the fork, then put the agent's own back.
+    let restore = own_oom_score_adj.and_then(|file| set_oom_score_adj(file, plan.oom_score_adj));
     // SAFETY: the child only runs `child_main`, which makes async-signal-safe system calls on
     // memory prepared above and ends in `execve` or `_exit`; it never returns into Rust code
     // that could touch locks or allocator state held by other threads at the time of fork.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         child_main(&prepared);
+    }
+    if let (Some(file), Some(previous)) = (own_oom_score_adj, restore) {
+        if let Err(e) = rustix::io::pwrite(file, &previous, 0) {
+            tracing::warn!(error = %e, "cannot restore the agent's oom_score_adj");
+        }
     }
     // SAFETY: restores the mask saved above, from a live `sigset_t`.
     unsafe {
@@ -477,37 +494,30 @@ fn close_inherited(p: &Prepared<'_>) {
     }
 }
 
-/// Writes the configured `oom_score_adj`. Async-signal-safe.
-///
-/// A non-dumpable process (the sandbox init makes the agent non-dumpable, and the fork inherits
-/// that) has its `/proc/self` files owned by the host's root, so even root inside the sandbox
-/// cannot open them. In that case the child becomes dumpable just for the write and then goes
-/// back: by then every descriptor of the agent is closed (see `close_inherited`), so a
-/// process that manages to attach in that window finds nothing of the agent's but a copy of
-/// memory the sandbox owns anyway. `execve` sets dumpability afresh for the new program.
-fn write_oom_score_adj(p: &Prepared<'_>) -> Result<(), Errno> {
-    let write = || -> Result<(), Errno> {
-        let fd = rustix::fs::open(
-            c"/proc/self/oom_score_adj",
-            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        rustix::io::write(&fd, &p.oom_score_adj).map(|_| ())
-    };
-    match write() {
-        Err(Errno::ACCESS) => {
-            use rustix::process::{dumpable_behavior, set_dumpable_behavior, DumpableBehavior};
-            let before = dumpable_behavior()?;
-            if before == DumpableBehavior::Dumpable {
-                return Err(Errno::ACCESS);
-            }
-            set_dumpable_behavior(DumpableBehavior::Dumpable)?;
-            let result = write();
-            set_dumpable_behavior(before)?;
-            result
-        }
-        other => other,
-    }
+/// Writes `value` to the agent's own `oom_score_adj` and returns the previous contents, or
+/// `None` (logged) if either step fails: the child then simply keeps the agent's score.
+fn set_oom_score_adj(file: &std::fs::File, value: i32) -> Option<Vec<u8>> {
+    let mut previous = [0u8; 16];
+    let read = rustix::io::pread(file, &mut previous, 0)
+        .map_err(|e| tracing::warn!(error = %e, "cannot read the agent's oom_score_adj"))
+        .ok()?;
+    let previous = previous[..read].trim_ascii_end().to_vec();
+    rustix::io::pwrite(file, value.to_string().as_bytes(), 0)
+        .map_err(|e| tracing::warn!(error = %e, "cannot set a child's oom_score_adj"))
+        .ok()?;
+    Some(previous)
+}
+
+/// Writes the configured `oom_score_adj` from the child itself. Async-signal-safe. Only used
+/// when the agent has no handle on its own score (it is not a sandbox's pid 1, so it is
+/// dumpable and its `/proc/self` is writable); a child never becomes dumpable for this.
+fn write_oom_score_adj(value: &[u8]) -> Result<(), Errno> {
+    let fd = rustix::fs::open(
+        c"/proc/self/oom_score_adj",
+        rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?;
+    rustix::io::write(&fd, value).map(|_| ())
 }
 
 /// The child between `fork` and `execve`. Only async-signal-safe system calls; no allocation.
@@ -585,8 +595,10 @@ fn child_main(p: &Prepared<'_>) -> ! {
     // The agent may run with oom_score_adj -1000 (set by the host) and children inherit it;
     // user processes must be killable by the OOM killer, so they get the configured value.
     // Done before dropping privileges: afterwards the file may no longer be writable.
-    if let Err(e) = write_oom_score_adj(p) {
-        fail(p, Stage::OomScore, e);
+    if let Some(value) = &p.oom_score_adj {
+        if let Err(e) = write_oom_score_adj(value) {
+            fail(p, Stage::OomScore, e);
+        }
     }
 
     // Supplementary groups, then gid, then uid (the order that keeps the right to change them).

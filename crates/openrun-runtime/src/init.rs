@@ -133,7 +133,8 @@ pub fn run(
     listener: UnixListener,
     control: Option<UnixStream>,
 ) -> ! {
-    match prepare(&plan, join, &setup) {
+    let mut plan = plan;
+    match prepare(&mut plan, join, &setup) {
         Ok(()) => {}
         Err(e) => {
             let _ = setup_channel::send(
@@ -152,6 +153,7 @@ pub fn run(
     // what the host process had open (its stdio included, replaced by /dev/null).
     tracing::trace!("init: prepared");
     let mut keep = vec![setup.as_raw_fd(), listener.as_raw_fd()];
+    keep.extend(plan.agent.own_oom_score_adj.as_ref().map(|f| f.as_raw_fd()));
     keep.extend(control.as_ref().map(|c| c.as_raw_fd()));
     match isolate_descriptors(&keep) {
         Ok(()) => {}
@@ -191,7 +193,7 @@ pub fn run(
     sys::exit_now(code)
 }
 
-fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(), StepError> {
+fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(), StepError> {
     // 0. Enter the sandbox cgroup ourselves while the host writes our id maps (see SelfJoin:
     //    a host-side migration would cost an RCU grace period).
     if let Some(join) = join {
@@ -297,7 +299,22 @@ fn prepare(plan: &InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(
     )?;
     step("bringing lo up", sys::loopback_up())?;
     phase("hostname, lo");
-    // 8. Privileges.
+    // 8. Privileges. Our own OOM score file first: once non-dumpable, our /proc files belong to
+    //    host root and could not be opened any more (see AgentConfig::own_oom_score_adj).
+    // (Changing uid above reset dumpability; nothing of the sandbox runs yet, so being
+    // dumpable for this open exposes nothing.)
+    step(
+        "opening the agent's oom_score_adj",
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::Dumpable),
+    )?;
+    let own_oom = step(
+        "opening the agent's oom_score_adj",
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/proc/self/oom_score_adj"),
+    )?;
+    plan.agent.own_oom_score_adj = Some(std::sync::Arc::new(own_oom));
     drop_privileges()?;
     phase("privileges");
     Ok(())

@@ -727,6 +727,7 @@ fn prepare_host_side(
             output_retention: openrun_agent::AgentConfig::DEFAULT_OUTPUT_RETENTION,
             exit_with_control: spec.exit_with_creator,
             process_oom_score_adj: if can_lower_oom_scores() { 0 } else { 500 },
+            own_oom_score_adj: None,
         },
     })
 }

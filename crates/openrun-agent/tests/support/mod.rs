@@ -83,6 +83,14 @@ pub fn helper_main() {
         process_oom_score_adj: std::env::var(ENV_OOM)
             .ok()
             .map_or(0, |v| v.parse().expect("oom score")),
+        // As in a sandbox: the agent sets children's scores through its own file.
+        own_oom_score_adj: Some(std::sync::Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/proc/self/oom_score_adj")
+                .expect("own oom_score_adj"),
+        )),
     };
     let code = match openrun_agent::run(config, listener, control) {
         Ok(code) => code,
