@@ -44,6 +44,11 @@ pub enum Command {
     Rm(RmArgs),
     /// Show a sandbox's record and host paths as JSON.
     Inspect(InspectArgs),
+    /// Serve the HTTP API (prints `listening on ADDR` first).
+    Serve(ServeArgs),
+    /// Manage API keys of the server.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
     /// print its record (see `Runtime::create_with_helper`).
     #[command(name = "__create", hide = true)]
@@ -159,6 +164,32 @@ pub struct RmArgs {
     pub ids: Vec<String>,
 }
 
+/// `openrun serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+}
+
+/// `openrun key …`.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key and print it (once: only its hash is stored).
+    Create(KeyCreateArgs),
+}
+
+/// `openrun key create`.
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    /// Name of the key (who or what uses it).
+    #[arg(long)]
+    pub name: String,
+    /// The key is used by a person (the timeline's actor is `human`, not `agent`).
+    #[arg(long)]
+    pub human: bool,
+}
+
 fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
@@ -223,6 +254,22 @@ mod tests {
         };
         assert_eq!(run.sandbox.memory, Some(64 << 20));
         assert_eq!(run.process.command, ["sh", "-c", "echo -n hi"]);
+    }
+
+    #[test]
+    fn serve_and_key_create_parse() {
+        let cli = Cli::try_parse_from(["openrun", "serve", "--listen", "127.0.0.1:0"]).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("not serve")
+        };
+        assert_eq!(serve.listen.port(), 0);
+        assert!(Cli::try_parse_from(["openrun", "serve", "--listen", "nowhere"]).is_err());
+        let cli =
+            Cli::try_parse_from(["openrun", "key", "create", "--name", "me", "--human"]).unwrap();
+        let Command::Key(KeyCommand::Create(key)) = cli.command else {
+            panic!("not key create")
+        };
+        assert!(key.human && key.name == "me");
     }
 
     #[test]

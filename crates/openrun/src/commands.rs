@@ -7,7 +7,8 @@ use openrun_protocol::{ExecRequest, ExitStatus};
 use openrun_runtime::{ImageSource, Limits, Runtime, RuntimeError, Sandbox, SandboxSpec, Storage};
 
 use crate::cli::{
-    Cli, Command, CreateArgs, ExecArgs, ProcessArgs, RmArgs, RunArgs, SandboxArgs, StorageArg,
+    Cli, Command, CreateArgs, ExecArgs, KeyCommand, KeyCreateArgs, ProcessArgs, RmArgs, RunArgs,
+    SandboxArgs, ServeArgs, StorageArg,
 };
 use crate::session::{self, Outcome};
 use crate::terminal;
@@ -21,6 +22,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Ps => ps(&cli.data_dir),
         Command::Rm(args) => rm(&cli.data_dir, args),
         Command::Inspect(args) => inspect(&cli.data_dir, &args.id),
+        Command::Serve(args) => serve(&cli.data_dir, args),
+        Command::Key(KeyCommand::Create(args)) => key_create(&cli.data_dir, args),
         Command::CreateHelper => Ok(i32::from(!Runtime::serve_helper_request(
             &cli.data_dir,
             &mut std::io::stdin().lock(),
@@ -212,6 +215,41 @@ fn rm(data_dir: &std::path::Path, args: RmArgs) -> Result<i32> {
         }
     }
     Ok(code)
+}
+
+fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
+    // Sandbox agents are forked by the create helper, which exits at once: as a subreaper
+    // this process inherits (and reaps) them instead of init. Set before any thread starts.
+    rustix::process::set_child_subreaper(Some(rustix::process::getpid()))
+        .context("cannot become a child subreaper")?;
+    let config = openrun_server::Config {
+        listen: args.listen,
+        data_dir: data_dir.to_path_buf(),
+        helper: std::env::current_exe().context("cannot find the openrun binary")?,
+    };
+    openrun_server::run(config, |addr| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "listening on {addr}");
+        let _ = out.flush();
+    })?;
+    Ok(0)
+}
+
+fn key_create(data_dir: &std::path::Path, args: KeyCreateArgs) -> Result<i32> {
+    let kind = if args.human {
+        openrun_server::ActorKind::Human
+    } else {
+        openrun_server::ActorKind::Agent
+    };
+    let key = openrun_server::create_key(data_dir, &args.name, kind)?;
+    eprintln!(
+        "created key {} ({}); it is shown only this once:",
+        key.id,
+        kind.as_str()
+    );
+    println!("{}", key.secret);
+    Ok(0)
 }
 
 fn format_ms(ms: u64) -> String {

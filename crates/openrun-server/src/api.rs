@@ -1,0 +1,441 @@
+//! Routes, authentication, request bodies and the sandbox endpoints. Exec lives in
+//! [`crate::exec`].
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /v1/health` | `{"status":"ok"}`, no key needed |
+//! | `POST /v1/sandboxes` | 201 + sandbox resource |
+//! | `GET /v1/sandboxes` | the caller's sandboxes (not deleted ones) |
+//! | `GET /v1/sandboxes/{id}` | one sandbox |
+//! | `DELETE /v1/sandboxes/{id}` | 204; the sandbox is destroyed, then 404 like a missing one |
+//! | `POST /v1/sandboxes/{id}/exec` | 200 + NDJSON stream |
+//! | `GET /v1/sandboxes/{id}/events` | the sandbox's timeline (kept after delete) |
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use openrun_runtime::{limits, ImageSource, Limits, Runtime, RuntimeError, SandboxSpec, Storage};
+use serde::de::DeserializeOwned;
+
+use crate::db::{self, Db, NewEvent, SandboxRow};
+use crate::error::ApiError;
+use crate::maintenance::AgentReaper;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+/// Sandbox lifetime when a create does not give one.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// Everything handlers share.
+pub struct AppState {
+    /// State database.
+    pub db: Db,
+    /// Namespace backend (its calls block: run them on the blocking pool).
+    pub runtime: Arc<Runtime>,
+    /// The `openrun` binary, the single-threaded create helper.
+    pub helper: PathBuf,
+    /// Agents this process must reap.
+    pub agents: Arc<AgentReaper>,
+}
+
+/// Shared state handle.
+pub type Shared = Arc<AppState>;
+
+/// The authenticated caller, put in request extensions by [`auth`].
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// Tenant owning what the caller creates and sees.
+    pub tenant: String,
+    /// `agent` or `human`, the actor of its events.
+    pub actor: String,
+}
+
+/// The whole API.
+pub fn router(state: Shared) -> Router {
+    let authed = Router::new()
+        .route("/v1/sandboxes", post(create).get(list))
+        .route("/v1/sandboxes/{id}", get(get_one).delete(delete))
+        .route("/v1/sandboxes/{id}/exec", post(crate::exec::exec))
+        .route("/v1/sandboxes/{id}/events", get(events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/v1/health", get(health))
+        .merge(authed)
+        .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Checks `Authorization: Bearer <key>` against the stored hashes.
+async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(
+                "an API key is required: send Authorization: Bearer <key> (openrun key create)"
+                    .into(),
+            )
+        })?;
+    let hash = crate::keys::hash(token);
+    let key =
+        s.db.call(move |c| db::key_by_hash(c, &hash))
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))?;
+    tracing::debug!(key = key.id, name = key.name, "authenticated");
+    req.extensions_mut().insert(Caller {
+        tenant: key.tenant,
+        actor: key.actor_kind,
+    });
+    Ok(next.run(req).await)
+}
+
+/// A JSON body whose every failure is an [`ApiError`]: 413 above [`MAX_BODY`], 400 naming
+/// the problem otherwise. An empty body is `{}`.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::TooLarge { limit: MAX_BODY }
+            } else {
+                ApiError::InvalidArgument(format!(
+                    "cannot read the request body: {}",
+                    e.body_text()
+                ))
+            }
+        })?;
+        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        serde_json::from_slice(text)
+            .map(JsonBody)
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid request body: {e}")))
+    }
+}
+
+/// Body of `POST /v1/sandboxes`; every field optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    /// `host` (the default).
+    image: Option<String>,
+    /// An unpacked root filesystem on the server's host, instead of `image`.
+    rootfs: Option<PathBuf>,
+    /// Memory limit, e.g. `512M`.
+    memory: Option<String>,
+    /// CPU limit, e.g. `1.5`.
+    cpus: Option<String>,
+    /// Process limit.
+    pids: Option<u64>,
+    /// Lifetime, e.g. `15m` (the default).
+    ttl: Option<String>,
+    /// Environment of every process.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// The sandbox resource of the API.
+#[derive(Debug, serde::Serialize)]
+pub struct SandboxResource {
+    id: String,
+    image: String,
+    state: String,
+    created_at: String,
+    expires_at: Option<String>,
+    limits: Limits,
+}
+
+impl SandboxResource {
+    fn from_row(row: SandboxRow) -> Result<Self, ApiError> {
+        let limits = serde_json::from_str(&row.limits_json)
+            .map_err(|e| ApiError::internal("a stored sandbox record is corrupt", e))?;
+        Ok(Self {
+            id: row.id,
+            image: row.image,
+            state: row.state,
+            created_at: crate::time::rfc3339(row.created_at),
+            expires_at: row.expires_at.map(crate::time::rfc3339),
+            limits,
+        })
+    }
+}
+
+/// Checks environment variables a client sent.
+pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+            return Err(ApiError::InvalidArgument(format!(
+                "invalid environment variable {k:?}: names must be non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
+    let bad = |e: limits::LimitParseError| ApiError::InvalidArgument(e.to_string());
+    let image = match (body.image, body.rootfs) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::InvalidArgument(
+                "give either image or rootfs, not both".into(),
+            ))
+        }
+        // A tenant naming a host directory would mount it (idmapped, so readable by the
+        // sandbox's root) into its sandbox: `"rootfs": "/"` is the whole host. Over the API
+        // only images are accepted until the image store exists (issue 4).
+        (None, Some(dir)) => return Err(ApiError::InvalidArgument(format!(
+            "rootfs {} is not accepted over the API: a sandbox may only use an image (\"host\"); \
+                 unpacked root filesystems are for the local CLI (openrun run --rootfs)",
+            dir.display()
+        ))),
+        (Some(name), None) => ImageSource::from_name(&name).ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "image {name:?} not found: the built-in image is \"host\""
+            ))
+        })?,
+        (None, None) => ImageSource::Host,
+    };
+    let mut spec = SandboxSpec::new(image);
+    spec.storage = Storage::Disk;
+    spec.exit_with_creator = false;
+    spec.limits = Limits {
+        memory_bytes: body
+            .memory
+            .as_deref()
+            .map(limits::parse_memory)
+            .transpose()
+            .map_err(bad)?,
+        cpu_millis: body
+            .cpus
+            .as_deref()
+            .map(limits::parse_cpus)
+            .transpose()
+            .map_err(bad)?,
+        pids: match body.pids {
+            Some(n) => Some(limits::parse_pids(&n.to_string()).map_err(bad)?),
+            None => spec.limits.pids,
+        },
+    };
+    spec.lifetime = Some(match body.ttl.as_deref() {
+        Some(ttl) => limits::parse_duration(ttl).map_err(bad)?,
+        None => DEFAULT_TTL,
+    });
+    check_env(&body.env)?;
+    spec.env = body.env;
+    Ok(spec)
+}
+
+/// Runs blocking work (runtime calls) on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal("a background task failed", e))
+}
+
+async fn create(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(body): JsonBody<CreateBody>,
+) -> Result<(StatusCode, Json<SandboxResource>), ApiError> {
+    let spec = spec_from(body)?;
+    let runtime = s.runtime.clone();
+    let helper = s.helper.clone();
+    let helper_spec = spec.clone();
+    let sandbox = blocking(move || runtime.create_with_helper(&helper_spec, &helper))
+        .await?
+        .map_err(|e| ApiError::from_runtime("cannot create the sandbox", e))?;
+    let record = sandbox.record().clone();
+    // The helper has exited: the agent is now this process's child (we are a subreaper).
+    s.agents.track(record.pid);
+    let created_at = i64::try_from(record.created_at_ms).unwrap_or(i64::MAX);
+    let row = SandboxRow {
+        id: record.id.clone(),
+        tenant: caller.tenant.clone(),
+        image: record.image.clone(),
+        limits_json: serde_json::to_string(&record.limits)
+            .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
+        state: "running".into(),
+        created_at,
+        expires_at: record
+            .expires_at_ms
+            .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+    };
+    let event = NewEvent {
+        sandbox_id: record.id.clone(),
+        tenant: caller.tenant,
+        actor: caller.actor,
+        kind: "sandbox.create",
+        payload: serde_json::json!({
+            "image": record.image,
+            "limits": record.limits,
+            "ttl_ms": spec.lifetime.map(|d| d.as_millis() as u64),
+        }),
+    };
+    let stored = row.clone();
+    if let Err(e) =
+        s.db.call(move |c| db::insert_sandbox(c, &stored, &event))
+            .await
+    {
+        // Nobody could ever see or delete it: do not leave it running.
+        let runtime = s.runtime.clone();
+        let _ = blocking(move || runtime.destroy(sandbox)).await;
+        return Err(e.into());
+    }
+    tracing::info!(id = row.id, tenant = row.tenant, "sandbox created");
+    Ok((StatusCode::CREATED, Json(SandboxResource::from_row(row)?)))
+}
+
+/// The caller's live (not deleted) sandbox `id`, or 404 — the same for another tenant's id,
+/// an id that never existed and one that cannot be valid.
+pub async fn find(s: &AppState, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
+    let missing = || ApiError::NotFound(format!("no such sandbox: {id}"));
+    if !openrun_runtime::state::valid_id(id) {
+        return Err(missing());
+    }
+    let (tenant, key) = (caller.tenant.clone(), id.to_string());
+    s.db.call(move |c| db::get_sandbox(c, &tenant, &key))
+        .await?
+        .ok_or_else(missing)
+}
+
+async fn get_one(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResource>, ApiError> {
+    let row = find(&s, &caller, &id).await?;
+    Ok(Json(SandboxResource::from_row(row)?))
+}
+
+async fn list(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<SandboxResource>>, ApiError> {
+    let tenant = caller.tenant.clone();
+    let rows = s.db.call(move |c| db::list_sandboxes(c, &tenant)).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(SandboxResource::from_row)
+            .collect::<Result<_, _>>()?,
+    ))
+}
+
+/// Destroys a sandbox if it still exists; one already gone is not an error.
+pub async fn destroy(s: &AppState, id: &str) -> Result<(), ApiError> {
+    let runtime = s.runtime.clone();
+    let key = id.to_string();
+    let result = blocking(move || {
+        runtime
+            .open_sandbox(&key)
+            .and_then(|sb| runtime.destroy(sb))
+    })
+    .await?;
+    s.agents.reap();
+    match result {
+        Ok(()) | Err(RuntimeError::NoSuchSandbox(_)) => Ok(()),
+        Err(e) => Err(ApiError::internal(
+            format!("cannot destroy sandbox {id}"),
+            e,
+        )),
+    }
+}
+
+async fn delete(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let row = find(&s, &caller, &id).await?;
+    if row.state == "running" {
+        destroy(&s, &row.id).await?;
+    }
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant,
+        actor: caller.actor,
+        kind: "sandbox.delete",
+        payload: serde_json::json!({}),
+    };
+    s.db.call(move |c| db::stop_sandbox(c, &row.id, true, &event))
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn events(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let missing = || ApiError::NotFound(format!("no such sandbox: {id}"));
+    if !openrun_runtime::state::valid_id(&id) {
+        return Err(missing());
+    }
+    let (tenant, key) = (caller.tenant, id.clone());
+    let events =
+        s.db.call(move |c| db::events(c, &tenant, &key))
+            .await?
+            .ok_or_else(missing)?;
+    Ok(Json(events).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: &str) -> Result<CreateBody, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+
+    #[test]
+    fn create_bodies_are_checked_and_limits_parsed() {
+        assert!(
+            body(r#"{"imagez":"host"}"#).is_err(),
+            "unknown fields are refused"
+        );
+        let spec = spec_from(body(r#"{"memory":"64M","cpus":"0.5","pids":64}"#).unwrap()).unwrap();
+        assert_eq!(spec.limits.memory_bytes, Some(64 << 20));
+        assert_eq!(spec.limits.cpu_millis, Some(500));
+        assert_eq!(spec.limits.pids, Some(64));
+        assert_eq!(spec.lifetime, Some(DEFAULT_TTL));
+        assert_eq!(spec.storage, Storage::Disk);
+        assert!(!spec.exit_with_creator);
+        let err = spec_from(body(r#"{"memory":"12Q"}"#).unwrap()).unwrap_err();
+        assert!(
+            matches!(err, ApiError::InvalidArgument(ref m) if m.contains("12Q")),
+            "{err}"
+        );
+        let err = spec_from(body(r#"{"image":"host","rootfs":"/x"}"#).unwrap()).unwrap_err();
+        assert!(matches!(err, ApiError::InvalidArgument(_)));
+        let err = spec_from(body(r#"{"rootfs":"relative"}"#).unwrap()).unwrap_err();
+        assert!(matches!(err, ApiError::InvalidArgument(_)));
+        let err = spec_from(body(r#"{"env":{"A=B":"x"}}"#).unwrap()).unwrap_err();
+        assert!(matches!(err, ApiError::InvalidArgument(_)));
+        let err = spec_from(body(r#"{"ttl":"0s"}"#).unwrap()).unwrap_err();
+        assert!(matches!(err, ApiError::InvalidArgument(ref m) if m.contains("0s")));
+    }
+}

@@ -1,0 +1,166 @@
+//! Errors: [`ServerError`] for starting and running the server, [`ApiError`] for one request,
+//! turned into HTTP in exactly one place ([`ApiError::into_response`]). Messages are lower
+//! case without a trailing period, like the runtime's.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+/// Why the server (or `openrun key create`) could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The namespace backend could not be opened or reconciled.
+    #[error(transparent)]
+    Runtime(#[from] openrun_runtime::RuntimeError),
+    /// The state database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The listening socket could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The tokio runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    AsyncRuntime(#[source] std::io::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    /// Serving connections failed.
+    #[error("the server failed: {0}")]
+    Serve(#[source] std::io::Error),
+    /// A key name that cannot be stored.
+    #[error("invalid key name {0:?}: expected 1 to 64 printable characters")]
+    InvalidKeyName(String),
+    /// The system's random source failed.
+    #[error("cannot read random bytes for a key: {0}")]
+    Random(#[source] std::io::Error),
+    /// A background task panicked or was cancelled.
+    #[error("a background task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// The state database failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database file could not be created or opened.
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// SQLite refused a statement.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A stored value does not decode (a bug or a hand-edited database).
+    #[error("corrupt database value: {0}")]
+    Corrupt(String),
+    /// The blocking task running the statement failed.
+    #[error("database task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Why one request failed. Each variant has one HTTP status and one stable `code`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No key, or a key the server does not know (401 `unauthorized`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// No such resource for this tenant (404 `not_found`); another tenant's ids included.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed or asks for something impossible (400 `invalid_argument`).
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The body is larger than the server accepts (413 `body_too_large`).
+    #[error("request body larger than {limit} bytes")]
+    TooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The sandbox exists but is stopped (409 `sandbox_not_running`).
+    #[error("sandbox {0} is not running")]
+    NotRunning(String),
+    /// A failure of the server or the host (500 `internal`). The detail is logged; the client
+    /// gets only `context`.
+    #[error("{context}")]
+    Internal {
+        /// What was being done, safe to show.
+        context: String,
+        /// The cause, logged only.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ApiError {
+    /// A server-side failure: `context` is shown, `source` only logged.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// HTTP status and stable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
+            Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Maps a runtime error: the caller's input (bad rootfs, image) is a 400, a sandbox that is
+    /// gone is reported by the caller, anything else is the host's fault.
+    pub fn from_runtime(context: &str, e: openrun_runtime::RuntimeError) -> Self {
+        if e.is_user_error() {
+            Self::InvalidArgument(e.to_string())
+        } else {
+            Self::internal(context, e)
+        }
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        Self::internal("the state database failed", e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let Self::Internal { context, source } = &self {
+            tracing::error!(error = %source, "{context}");
+        } else {
+            tracing::debug!(code, status = status.as_u16(), "{self}");
+        }
+        let body = serde_json::json!({ "code": code, "message": self.to_string() });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Self::TooLarge { .. } = self {
+            // The rest of the body stays unread, so the connection cannot carry another
+            // request: say so, or a client would reuse it and see it close under its next one.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,132 @@
+//! openrun's control plane: the HTTP API of `openrun serve`.
+//!
+//! A multi-threaded tokio server (axum) in front of the namespace backend. State lives in one
+//! SQLite file in the data dir (`openrun.db`, WAL): API keys (hashed), sandboxes and the
+//! append-only `events` timeline, each written before the request that caused it is answered.
+//! Sandboxes are created through the `openrun` binary's single-threaded helper
+//! ([`openrun_runtime::Runtime::create_with_helper`]), since a multi-threaded process must not
+//! fork namespaces itself. See `README.md` (section Server) for the API.
+
+#![forbid(unsafe_code)]
+
+mod api;
+mod db;
+mod error;
+mod exec;
+mod keys;
+mod maintenance;
+mod time;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::ServerError;
+pub use keys::{create_key, ActorKind, NewKey};
+
+/// How long a graceful shutdown waits for open requests (streaming execs included) to end.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What `openrun serve` was asked to do, checked before any thread starts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to listen on (port 0 picks a free port; the chosen one goes to `on_listening`).
+    pub listen: SocketAddr,
+    /// Data dir of the runtime and of `openrun.db`.
+    pub data_dir: PathBuf,
+    /// The `openrun` binary, run as the single-threaded helper that creates sandboxes.
+    pub helper: PathBuf,
+}
+
+/// Path of the state database in a data dir.
+pub fn database_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("openrun.db")
+}
+
+/// Runs the server until SIGINT or SIGTERM: opens the runtime and the database, reconciles the
+/// database with the sandboxes that still exist, binds, calls `on_listening` with the bound
+/// address, and serves. Starts its own multi-threaded tokio runtime, so call it from a plain
+/// thread (the caller should already be a child subreaper, see `Runtime::create_with_helper`).
+pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    let runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
+    let db = db::Db::open(&database_path(runtime.data_dir()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("openrun-server")
+        .build()
+        .map_err(ServerError::AsyncRuntime)?;
+    let state = Arc::new(api::AppState {
+        db,
+        runtime: Arc::new(runtime),
+        helper: config.helper.clone(),
+        agents: Arc::new(maintenance::AgentReaper::default()),
+    });
+    let result = rt.block_on(serve(state, config.listen, on_listening));
+    rt.shutdown_timeout(SHUTDOWN_GRACE);
+    result
+}
+
+async fn serve(
+    state: Arc<api::AppState>,
+    listen: SocketAddr,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
+    maintenance::reconcile(&state).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: listen,
+        source,
+    })?;
+    tracing::info!(%addr, "listening");
+    on_listening(addr);
+
+    let maintenance = tokio::spawn(maintenance::run(state.clone()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let app = api::router(state);
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stopped.notified().await })
+            .await
+    });
+    let result = tokio::select! {
+        done = &mut server => done,
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::info!("shutting down");
+            stop.notify_one();
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(done) => done,
+                Err(_) => {
+                    tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}: closing them");
+                    server.abort();
+                    Ok(Ok(()))
+                }
+            }
+        }
+    };
+    maintenance.abort();
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(source)) => Err(ServerError::Serve(source)),
+        Err(join) => Err(ServerError::Serve(std::io::Error::other(join))),
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn shutdown_signal() -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Background work: reconciling the database with the sandboxes that exist at start, the TTL
+//! reaper, and reaping this process's exited sandbox agents.
+
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rustix::process::{pidfd_open, waitid, Pid, PidfdFlags, WaitId, WaitIdOptions};
+
+use crate::api::{blocking, destroy, AppState, Shared};
+use crate::db::{self, NewEvent};
+use crate::error::{ApiError, ServerError};
+
+/// How often expired sandboxes and exited agents are looked for.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Sandbox agents this process created. Their helper exits right after the fork, so they
+/// become children of this process (a subreaper) and must be reaped here. Only these are
+/// waited for, each through a pidfd: a pidfd names one process and can never match a reused
+/// pid, and a `waitid(-1)` would steal the exit status that `std::process::Child` waits for.
+#[derive(Default)]
+pub struct AgentReaper {
+    pidfds: Mutex<Vec<OwnedFd>>,
+}
+
+impl AgentReaper {
+    /// Starts tracking the agent `pid`. Called while it cannot have been reaped yet (only this
+    /// reaper reaps it), so the pid still names it.
+    pub fn track(&self, pid: i32) {
+        let Some(pid) = Pid::from_raw(pid) else {
+            return;
+        };
+        match pidfd_open(pid, PidfdFlags::empty()) {
+            Ok(fd) => self.lock().push(fd),
+            Err(e) => {
+                tracing::warn!(pid = pid.as_raw_nonzero().get(), error = %e, "cannot track a sandbox agent")
+            }
+        }
+    }
+
+    /// Reaps every tracked agent that has exited, without blocking.
+    pub fn reap(&self) {
+        self.lock().retain(|fd| {
+            match waitid(
+                WaitId::PidFd(std::os::fd::AsFd::as_fd(fd)),
+                WaitIdOptions::EXITED | WaitIdOptions::NOHANG,
+            ) {
+                Ok(None) | Err(rustix::io::Errno::INTR) => true,
+                // Reaped, or not our child (it never was reparented to us): done either way.
+                Ok(Some(_)) | Err(_) => false,
+            }
+        });
+    }
+
+    /// Number of agents still tracked.
+    #[cfg(test)]
+    pub fn tracked(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<OwnedFd>> {
+        self.pidfds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// At start: sandboxes recorded as running whose agent is gone become `stopped` (event
+/// `sandbox.vanish`).
+pub async fn reconcile(state: &AppState) -> Result<(), ServerError> {
+    let runtime = state.runtime.clone();
+    let live = tokio::task::spawn_blocking(move || runtime.list())
+        .await
+        .map_err(ServerError::Task)??;
+    let recorded = state.db.call(|c| db::running_sandboxes(c, None)).await?;
+    for (id, tenant) in recorded {
+        if live.iter().any(|r| r.id == id) {
+            continue;
+        }
+        tracing::info!(id, "sandbox vanished while the server was down");
+        let event = NewEvent {
+            sandbox_id: id.clone(),
+            tenant,
+            actor: "system".into(),
+            kind: "sandbox.vanish",
+            payload: serde_json::json!({ "reason": "not running when the server started" }),
+        };
+        state
+            .db
+            .call(move |c| db::stop_sandbox(c, &id, false, &event))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Every [`TICK`]: destroys sandboxes past their deadline (event `sandbox.expire`) and reaps
+/// exited agents. Runs until aborted.
+pub async fn run(state: Shared) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = expire(&state).await {
+            tracing::warn!(error = %e, "TTL reaper");
+        }
+        let agents = state.agents.clone();
+        if let Err(e) = blocking(move || agents.reap()).await {
+            tracing::warn!(error = %e, "agent reaper");
+        }
+    }
+}
+
+async fn expire(state: &AppState) -> Result<(), ApiError> {
+    let now = crate::time::now_ms();
+    let expired = state
+        .db
+        .call(move |c| db::running_sandboxes(c, Some(now)))
+        .await?;
+    for (id, tenant) in expired {
+        // A failure is retried on the next tick; the row stays running until it succeeds.
+        destroy(state, &id).await?;
+        tracing::info!(id, "sandbox expired");
+        let event = NewEvent {
+            sandbox_id: id.clone(),
+            tenant,
+            actor: "system".into(),
+            kind: "sandbox.expire",
+            payload: serde_json::json!({}),
+        };
+        state
+            .db
+            .call(move |c| db::stop_sandbox(c, &id, false, &event))
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaps_only_its_own_exited_children() {
+        // A child of this process that exits: tracked, then reaped (no zombie left). The
+        // reaper, not std, waits for it here: that is what is tested.
+        #[allow(clippy::zombie_processes)]
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let reaper = AgentReaper::default();
+        reaper.track(pid);
+        assert_eq!(reaper.tracked(), 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while reaper.tracked() > 0 && std::time::Instant::now() < deadline {
+            reaper.reap();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(reaper.tracked(), 0, "the exited child was not reaped");
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+        // Not our child (pid 1): dropped, never waited for.
+        reaper.track(1);
+        reaper.reap();
+        assert_eq!(reaper.tracked(), 0);
+    }
+}

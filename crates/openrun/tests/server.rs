@@ -1,0 +1,561 @@
+//! `openrun serve` over real HTTP on loopback: auth, the sandbox endpoints, exec streaming,
+//! the timeline, tenancy, bad input, TTL expiry and restarts. Root only (CI runs as root).
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, ChildStdout, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use reqwest::blocking::{Client, RequestBuilder, Response};
+use serde_json::{json, Value};
+
+/// A running `openrun serve`, killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    fn start(env: &Env) -> Self {
+        let mut child = env
+            .cmd(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn openrun serve");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("first line is not `listening on ADDR`: {line:?}"))
+            .to_string();
+        Self {
+            child,
+            url: format!("http://{addr}"),
+            _stdout: stdout,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGTERM, then asserts a clean exit within 10 s.
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.pid()).expect("pid");
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "serve exited with {status:?} on SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "serve ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `openrun key create --name NAME`, returning the printed key.
+fn key(env: &Env, name: &str) -> String {
+    let out = env.output(["key", "create", "--name", name]);
+    assert_ok(&out);
+    let key = stdout(&out).trim().to_string();
+    assert!(key.starts_with("or_") && key.len() == 67, "{key:?}");
+    key
+}
+
+struct Api {
+    http: Client,
+    url: String,
+    key: String,
+}
+
+impl Api {
+    fn new(server: &Server, key: &str) -> Self {
+        Self {
+            http: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .expect("http client"),
+            url: server.url.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.key)
+    }
+
+    fn get(&self, path: &str) -> Response {
+        self.req(reqwest::Method::GET, path).send().expect("GET")
+    }
+
+    fn post(&self, path: &str, body: &str) -> Response {
+        self.req(reqwest::Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("POST")
+    }
+
+    fn delete(&self, path: &str) -> Response {
+        self.req(reqwest::Method::DELETE, path)
+            .send()
+            .expect("DELETE")
+    }
+
+    fn create(&self, body: Value) -> Value {
+        let res = self.post("/v1/sandboxes", &body.to_string());
+        assert_eq!(res.status(), 201);
+        res.json().expect("sandbox resource")
+    }
+
+    /// Runs `sh -c script`; returns every NDJSON line.
+    fn exec(&self, id: &str, script: &str) -> Vec<Value> {
+        let res = self.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            &json!({ "cmd": ["sh", "-c", script] }).to_string(),
+        );
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.headers()["content-type"].to_str().unwrap(),
+            "application/x-ndjson"
+        );
+        ndjson(&res.text().expect("body"))
+    }
+
+    fn ids(&self) -> Vec<String> {
+        let res = self.get("/v1/sandboxes");
+        assert_eq!(res.status(), 200);
+        let list: Vec<Value> = res.json().expect("list");
+        list.iter()
+            .map(|s| s["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    fn event_kinds(&self, id: &str) -> Vec<String> {
+        let res = self.get(&format!("/v1/sandboxes/{id}/events"));
+        assert_eq!(res.status(), 200);
+        let events: Vec<Value> = res.json().expect("events");
+        events
+            .iter()
+            .map(|e| e["kind"].as_str().expect("kind").to_string())
+            .collect()
+    }
+}
+
+fn ndjson(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// Concatenated bytes of one stream, checking that offsets are contiguous.
+fn stream(lines: &[Value], kind: &str) -> String {
+    let mut out = Vec::new();
+    for line in lines.iter().filter(|l| l["type"] == kind) {
+        assert_eq!(line["offset"].as_u64(), Some(out.len() as u64), "{line}");
+        let data = line["data_b64"].as_str().expect("data_b64");
+        out.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(data)
+                .expect("base64"),
+        );
+    }
+    String::from_utf8(out).expect("utf-8")
+}
+
+fn exit_line(lines: &[Value]) -> &Value {
+    let last = lines.last().expect("no lines");
+    assert_eq!(last["type"], "exit", "{lines:?}");
+    last
+}
+
+/// Asserts `res` is an error with `status` and `code`; returns its message.
+fn error(res: Response, status: u16, code: &str) -> String {
+    assert_eq!(res.status(), status);
+    let body: Value = res.json().expect("JSON error body");
+    assert_eq!(body["code"], code, "{body}");
+    body["message"].as_str().expect("message").to_string()
+}
+
+/// Zombie children of `pid`.
+fn zombies_of(pid: i32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<_> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z") && fields.get(1) == Some(&pid.to_string().as_str()) {
+            found.push(stat);
+        }
+    }
+    found
+}
+
+#[test]
+fn health_needs_no_key_and_everything_else_does() {
+    let env = Env::new();
+    let good = key(&env, "ci");
+    let server = Server::start(&env);
+    let http = Client::new();
+    let res = http
+        .get(format!("{}/v1/health", server.url))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap(), json!({ "status": "ok" }));
+
+    let list = format!("{}/v1/sandboxes", server.url);
+    let msg = error(http.get(&list).send().unwrap(), 401, "unauthorized");
+    assert!(msg.contains("Bearer"), "{msg}");
+    error(
+        http.get(&list).bearer_auth("or_wrong").send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    error(
+        http.get(&list).basic_auth("x", Some(&good)).send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    error(
+        http.post(&list).body("{}").send().unwrap(),
+        401,
+        "unauthorized",
+    );
+    let ok = http.get(&list).bearer_auth(&good).send().unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.json::<Value>().unwrap(), json!([]));
+}
+
+#[test]
+fn a_sandbox_lives_runs_commands_and_is_deleted_over_http() {
+    let env = Env::new();
+    let api_key = key(&env, "agent");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+
+    let created = api.create(json!({ "memory": "256M", "pids": 128, "env": { "GREETING": "hi" } }));
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(created["state"], "running");
+    assert_eq!(created["image"], "host");
+    assert_eq!(created["limits"]["memory_bytes"], 256u64 << 20);
+    assert_eq!(created["limits"]["pids"], 128);
+    assert!(
+        created["expires_at"].as_str().expect("expires_at")
+            > created["created_at"].as_str().expect("created_at")
+    );
+    assert!(env.live_ids().contains(&id), "no such live sandbox");
+
+    let got: Value = api.get(&format!("/v1/sandboxes/{id}")).json().unwrap();
+    assert_eq!(got, created);
+    assert_eq!(api.ids(), std::slice::from_ref(&id));
+
+    let lines = api.exec(
+        &id,
+        "echo $GREETING from $(hostname); echo oops >&2; exit 3",
+    );
+    assert_eq!(lines[0]["type"], "started");
+    assert!(lines[0]["pid"].as_i64().expect("pid") > 1);
+    assert_eq!(stream(&lines, "stdout"), format!("hi from {id}\n"));
+    assert_eq!(stream(&lines, "stderr"), "oops\n");
+    let exit = exit_line(&lines);
+    assert_eq!(exit["code"], 3);
+    assert_eq!(exit["timed_out"], false);
+
+    // Binary-safe output, and a timeout reported as such.
+    let lines = api.exec(&id, "printf '\\377\\000x'");
+    let raw: Vec<u8> = lines
+        .iter()
+        .filter(|l| l["type"] == "stdout")
+        .flat_map(|l| {
+            base64::engine::general_purpose::STANDARD
+                .decode(l["data_b64"].as_str().unwrap())
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(raw, [0xff, 0, b'x']);
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["sleep","30"],"timeout":"200ms"}"#,
+    );
+    let lines = ndjson(&res.text().unwrap());
+    assert_eq!(exit_line(&lines)["timed_out"], true);
+
+    // A command that does not exist: a valid request, reported in the stream.
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["no-such-cmd"]}"#,
+    );
+    assert_eq!(res.status(), 200);
+    let lines = ndjson(&res.text().unwrap());
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["type"], "error");
+    assert_eq!(lines[0]["code"], "command_not_found");
+
+    let kinds = api.event_kinds(&id);
+    assert_eq!(
+        kinds,
+        [
+            "sandbox.create",
+            "process.exec",
+            "process.exit",
+            "process.exec",
+            "process.exit",
+            "process.exec",
+            "process.exit",
+            "process.exec",
+            "process.error"
+        ]
+    );
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    assert_eq!(events[1]["payload"]["argv"][0], "sh");
+    assert_eq!(events[1]["actor"], "agent");
+    assert_eq!(events[2]["payload"]["code"], 3);
+    assert!(events
+        .windows(2)
+        .all(|w| w[0]["seq"].as_i64() < w[1]["seq"].as_i64()));
+
+    let res = api.delete(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(res.status(), 204);
+    assert!(
+        !env.live_ids().contains(&id),
+        "delete left the sandbox running"
+    );
+    error(api.get(&format!("/v1/sandboxes/{id}")), 404, "not_found");
+    error(api.delete(&format!("/v1/sandboxes/{id}")), 404, "not_found");
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        404,
+        "not_found",
+    );
+    assert!(api.ids().is_empty());
+    // The history stays readable after delete.
+    assert_eq!(
+        api.event_kinds(&id).last().map(String::as_str),
+        Some("sandbox.delete")
+    );
+
+    // The server is the agents' subreaper and reaps them: no zombie stays behind.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !zombies_of(server.pid()).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(zombies_of(server.pid()), Vec::<String>::new());
+}
+
+#[test]
+fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
+    let env = Env::new();
+    let (key_a, key_b) = (key(&env, "a"), key(&env, "b"));
+    let server = Server::start(&env);
+    let (a, b) = (Api::new(&server, &key_a), Api::new(&server, &key_b));
+    let id = a.create(json!({}))["id"].as_str().unwrap().to_string();
+
+    // B gets exactly what a missing id gets.
+    let missing = "0123456789ab";
+    let not_a = error(b.get(&format!("/v1/sandboxes/{missing}")), 404, "not_found");
+    let not_b = error(b.get(&format!("/v1/sandboxes/{id}")), 404, "not_found");
+    assert_eq!(not_b, not_a.replace(missing, &id));
+    error(
+        b.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        404,
+        "not_found",
+    );
+    error(b.delete(&format!("/v1/sandboxes/{id}")), 404, "not_found");
+    error(
+        b.get(&format!("/v1/sandboxes/{id}/events")),
+        404,
+        "not_found",
+    );
+    assert!(b.ids().is_empty());
+
+    // A's sandbox is untouched and A's timeline has nothing of B.
+    assert_eq!(a.ids(), std::slice::from_ref(&id));
+    assert_eq!(
+        stream(&a.exec(&id, "echo still here"), "stdout"),
+        "still here\n"
+    );
+    assert_eq!(
+        a.event_kinds(&id),
+        ["sandbox.create", "process.exec", "process.exit"]
+    );
+}
+
+#[test]
+fn bad_input_is_a_4xx_naming_the_problem() {
+    let env = Env::new();
+    let api_key = key(&env, "fuzzer");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"memory": "#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("invalid request body"), "{msg}");
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"memroy":"1G"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("memroy"), "{msg}");
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"memory":"12Q"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("12Q"), "{msg}");
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"cpus":"-1"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("-1"), "{msg}");
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"rootfs":"/no/such/rootfs"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("/no/such/rootfs"), "{msg}");
+    // A tenant must never mount a host directory: "/" would be the whole host.
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"rootfs":"/"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("not accepted over the API"), "{msg}");
+    let msg = error(
+        api.post("/v1/sandboxes", r#"{"image":"ubuntu"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("ubuntu"), "{msg}");
+    let huge = format!(r#"{{"env":{{"X":"{}"}}}}"#, "x".repeat(2 << 20));
+    error(api.post("/v1/sandboxes", &huge), 413, "body_too_large");
+    error(api.get("/v1/sandboxes/0123456789ab"), 404, "not_found");
+    error(api.get("/v1/sandboxes/..%2F..%2Fetc"), 404, "not_found");
+    error(api.get("/v1/nothing-here"), 404, "not_found");
+    // Nothing was created by any of these: no record, no sandbox.
+    assert!(api.ids().is_empty());
+    assert!(env.live_ids().is_empty());
+
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let exec = format!("/v1/sandboxes/{id}/exec");
+    let msg = error(api.post(&exec, r#"{"cmd":[]}"#), 400, "invalid_argument");
+    assert!(msg.contains("cmd"), "{msg}");
+    let msg = error(
+        api.post(&exec, r#"{"cmd":["true"],"tty":true}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("tty"), "{msg}");
+    let msg = error(
+        api.post(&exec, r#"{"cmd":["true"],"timeout":"soon"}"#),
+        400,
+        "invalid_argument",
+    );
+    assert!(msg.contains("soon"), "{msg}");
+    error(api.post(&exec, "[1,2"), 400, "invalid_argument");
+    // None of the refused execs reached the timeline.
+    assert_eq!(api.event_kinds(&id), ["sandbox.create"]);
+}
+
+#[test]
+fn sandboxes_expire_at_their_ttl() {
+    let env = Env::new();
+    let api_key = key(&env, "ttl");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({ "ttl": "2s" }))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got: Value = api.get(&format!("/v1/sandboxes/{id}")).json().unwrap();
+        if got["state"] == "stopped" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox still {got} after its TTL"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!env.live_ids().contains(&id));
+    assert_eq!(api.event_kinds(&id), ["sandbox.create", "sandbox.expire"]);
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        409,
+        "sandbox_not_running",
+    );
+}
+
+#[test]
+fn sandboxes_survive_a_server_restart() {
+    let env = Env::new();
+    let api_key = key(&env, "restart");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let gone = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        stream(&api.exec(&id, "echo before > /tmp/mark"), "stdout"),
+        ""
+    );
+    server.stop();
+
+    // While the server is down, one sandbox disappears.
+    assert_ok(&env.output(["rm", &gone]));
+
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    assert_eq!(api.ids(), [id.clone(), gone.clone()]);
+    let got: Value = api.get(&format!("/v1/sandboxes/{id}")).json().unwrap();
+    assert_eq!(got["state"], "running");
+    let got: Value = api.get(&format!("/v1/sandboxes/{gone}")).json().unwrap();
+    assert_eq!(got["state"], "stopped");
+    assert_eq!(api.event_kinds(&gone), ["sandbox.create", "sandbox.vanish"]);
+    let lines = api.exec(&id, "cat /tmp/mark");
+    assert_eq!(stream(&lines, "stdout"), "before\n");
+    assert_eq!(exit_line(&lines)["code"], 0);
+    assert_eq!(
+        api.event_kinds(&id),
+        [
+            "sandbox.create",
+            "process.exec",
+            "process.exit",
+            "process.exec",
+            "process.exit"
+        ]
+    );
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert!(!env.live_ids().contains(&id));
+}
