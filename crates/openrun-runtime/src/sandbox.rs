@@ -442,6 +442,18 @@ impl Runtime {
         })
     }
 
+    /// Opens a live sandbox by its exact id, reading only its own record: no prefix matching
+    /// and no scan of (or cleanup after) the other sandboxes. For API callers that keep ids.
+    pub fn open_sandbox_exact(&self, id: &str) -> Result<Sandbox> {
+        if !state::valid_id(id) {
+            return Err(RuntimeError::InvalidId(id.to_string()));
+        }
+        match SandboxRecord::load(&self.paths(id, Storage::Disk)) {
+            Ok(record) if record.is_alive() => self.open_sandbox_record(record),
+            _ => Err(RuntimeError::NoSuchSandbox(id.to_string())),
+        }
+    }
+
     fn find(&self, id: &str) -> Result<SandboxRecord> {
         if !state::valid_id(id) {
             return Err(RuntimeError::InvalidId(id.to_string()));

@@ -206,11 +206,13 @@ fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
         // A tenant naming a host directory would mount it (idmapped, so readable by the
         // sandbox's root) into its sandbox: `"rootfs": "/"` is the whole host. Over the API
         // only images are accepted until the image store exists (issue 4).
-        (None, Some(dir)) => return Err(ApiError::InvalidArgument(format!(
+        (None, Some(dir)) => {
+            return Err(ApiError::InvalidArgument(format!(
             "rootfs {} is not accepted over the API: a sandbox may only use an image (\"host\"); \
                  unpacked root filesystems are for the local CLI (openrun run --rootfs)",
             dir.display()
-        ))),
+        )))
+        }
         (Some(name), None) => ImageSource::from_name(&name).ok_or_else(|| {
             ApiError::InvalidArgument(format!(
                 "image {name:?} not found: the built-in image is \"host\""
@@ -351,7 +353,7 @@ pub async fn destroy(s: &AppState, id: &str) -> Result<(), ApiError> {
     let key = id.to_string();
     let result = blocking(move || {
         runtime
-            .open_sandbox(&key)
+            .open_sandbox_exact(&key)
             .and_then(|sb| runtime.destroy(sb))
     })
     .await?;

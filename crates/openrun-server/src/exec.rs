@@ -166,7 +166,7 @@ pub async fn exec(
 async fn connect(s: &Shared, id: &str) -> Result<(Sandbox, AgentClient), ApiError> {
     let runtime = s.runtime.clone();
     let key = id.to_string();
-    let sandbox = match blocking(move || runtime.open_sandbox(&key)).await? {
+    let sandbox = match blocking(move || runtime.open_sandbox_exact(&key)).await? {
         Ok(sandbox) => sandbox,
         Err(RuntimeError::NoSuchSandbox(_)) => return Err(ApiError::NotRunning(id.to_string())),
         Err(e) => return Err(ApiError::internal("cannot open the sandbox", e)),
