@@ -9,20 +9,24 @@
 //!    mounts.
 //! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
 //!    unprivileged host id `base`. Without this the process would keep host root's kuid and
-//!    every file it created in the writable layer would belong to host root.
+//!    every file it created in the writable layer would belong to host root. Then leave the
+//!    creator's session (its controlling terminal) and session keyring (the host user's keys).
 //! 3. `unshare(CLONE_NEWCGROUP)`: now that the host placed us in the sandbox cgroup, make it
 //!    the root of our cgroup view, so the sandbox cannot see the host's cgroup tree paths.
 //! 4. Make every mount private: nothing we mount may propagate back to the host.
-//! 5. Attach the idmapped lowers and mount one overlay per layer (the writable layer is the
-//!    upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
+//! 5. Mount the memory layer's tmpfs (if any) and write the sandbox's own `hostname` and
+//!    `hosts` into its layer; attach the idmapped lowers and mount one overlay per layer (the
+//!    writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
 //!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
 //!    `/sys` read-only and a tmpfs `/tmp`.
 //! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
 //!    namespace, not merely hidden.
 //! 7. Hostname = sandbox id, `lo` up (the only interface).
-//! 8. Drop capabilities to the default set (bounding set included), set `no_new_privs`, make
-//!    the agent non-dumpable (so `/proc/1/exe`, `/proc/1/mem` stay out of the sandbox's reach),
-//!    close every inherited host descriptor, point stdio at `/dev/null`.
+//! 8. Open our own `oom_score_adj` (the agent sets children's scores through it), drop
+//!    capabilities to the default set (bounding set included), set `no_new_privs`, make the
+//!    agent non-dumpable (so `/proc/1/exe`, `/proc/1/mem` stay out of the sandbox's reach),
+//!    close every inherited host descriptor, point stdio at `/dev/null`, and wipe the
+//!    creator's argv and environment from memory.
 //! 9. Tell the host `Ready` and become the agent — nothing from the image is executed.
 
 use std::fs;
