@@ -1,8 +1,9 @@
 //! Host id ranges: each live sandbox owns 65,536 host uids/gids, so uid 0 inside is an
 //! unprivileged host uid and two sandboxes never share an id.
 //!
-//! A range is claimed by creating `<slot>` exclusively in a host-wide directory (shared by
-//! every data dir, since ids are a host resource); the file holds the owner's sandbox id.
+//! A range is claimed by creating `<slot>` exclusively in a host-wide directory
+//! (`/run/openrun/idmap`, shared by every data dir since ids are a host resource, and on a
+//! tmpfs so claims cannot outlive a reboot); the file holds the owner's sandbox id.
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -14,8 +15,6 @@ pub const RANGE_SIZE: u32 = 65_536;
 pub const FIRST_ID: u32 = 1 << 30;
 /// Number of ranges in the pool.
 pub const SLOTS: u32 = 16_384;
-/// Default directory holding the claims.
-pub const DEFAULT_POOL_DIR: &str = "/run/openrun/idmap";
 
 /// A claimed range of host ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
