@@ -8,7 +8,9 @@
 //! | `GET /v1/sandboxes` | the caller's sandboxes (not deleted ones) |
 //! | `GET /v1/sandboxes/{id}` | one sandbox |
 //! | `DELETE /v1/sandboxes/{id}` | 204; the sandbox is destroyed, then 404 like a missing one |
-//! | `POST /v1/sandboxes/{id}/exec` | 200 + NDJSON stream |
+//! | `POST /v1/sandboxes/{id}/exec` | 200 + NDJSON stream; 201 `{"pid"}` with `"background":true` |
+//! | `…/{id}/files…` | file read, write, list, stat, mkdir, remove, move ([`crate::files`]) |
+//! | `…/{id}/processes…` | list, status, signal, stdin, output ([`crate::processes`]) |
 //! | `GET /v1/sandboxes/{id}/events` | the sandbox's timeline (kept after delete) |
 
 use std::collections::BTreeMap;
@@ -29,6 +31,8 @@ use serde::de::DeserializeOwned;
 use crate::db::{self, Db, NewEvent, SandboxRow};
 use crate::error::ApiError;
 use crate::maintenance::AgentReaper;
+use crate::{files, processes};
+use openrun_protocol::MAX_DATA_LEN;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1 << 20;
@@ -66,6 +70,31 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/sandboxes/{id}", get(get_one).delete(delete))
         .route("/v1/sandboxes/{id}/exec", post(crate::exec::exec))
         .route("/v1/sandboxes/{id}/events", get(events))
+        .route(
+            "/v1/sandboxes/{id}/files",
+            get(files::read)
+                .put(files::write)
+                .layer(DefaultBodyLimit::max(MAX_DATA_LEN)),
+        )
+        .route("/v1/sandboxes/{id}/files/list", get(files::list))
+        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
+        .route("/v1/sandboxes/{id}/files/remove", post(files::remove))
+        .route("/v1/sandboxes/{id}/files/move", post(files::rename))
+        .route("/v1/sandboxes/{id}/processes", get(processes::list))
+        .route("/v1/sandboxes/{id}/processes/{pid}", get(processes::status))
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/signal",
+            post(processes::signal),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin",
+            post(processes::stdin),
+        )
+        .route(
+            "/v1/sandboxes/{id}/processes/{pid}/output",
+            get(processes::output),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/v1/health", get(health))

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use openrun_protocol::{AgentError, ErrorCode};
 
 /// Why the server (or `openrun key create`) could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +91,9 @@ pub enum ApiError {
     /// The sandbox exists but is stopped (409 `sandbox_not_running`).
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// The sandbox agent refused the request; its [`ErrorCode`] picks the status.
+    #[error("{}", .0.message)]
+    Agent(AgentError),
     /// A failure of the server or the host (500 `internal`). The detail is logged; the client
     /// gets only `context`.
     #[error("{context}")]
@@ -122,7 +126,17 @@ impl ApiError {
             Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
+            Self::Agent(e) => agent_status(e.code),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// Maps a failed agent call: a refusal keeps the agent's code, a lost or confused agent
+    /// is the server's problem (only `context` is shown).
+    pub fn from_client(context: &str, e: openrun_runtime::ClientError) -> Self {
+        match e {
+            openrun_runtime::ClientError::Agent(e) => Self::Agent(e),
+            other => Self::internal(context, other),
         }
     }
 
@@ -134,6 +148,26 @@ impl ApiError {
         } else {
             Self::internal(context, e)
         }
+    }
+}
+
+/// The one place an agent [`ErrorCode`] becomes an HTTP status and stable code.
+fn agent_status(code: ErrorCode) -> (StatusCode, &'static str) {
+    use ErrorCode as E;
+    match code {
+        E::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        E::CommandNotFound => (StatusCode::NOT_FOUND, "command_not_found"),
+        E::NoSuchProcess => (StatusCode::NOT_FOUND, "no_such_process"),
+        E::PermissionDenied | E::OutsideSandbox => (StatusCode::FORBIDDEN, "forbidden"),
+        E::AlreadyExists => (StatusCode::CONFLICT, "already_exists"),
+        E::DirectoryNotEmpty => (StatusCode::CONFLICT, "directory_not_empty"),
+        E::StillRunning => (StatusCode::CONFLICT, "still_running"),
+        E::NotADirectory => (StatusCode::BAD_REQUEST, "not_a_directory"),
+        E::IsADirectory => (StatusCode::BAD_REQUEST, "is_a_directory"),
+        E::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        E::NotSupported => (StatusCode::BAD_REQUEST, "not_supported"),
+        E::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        E::VersionMismatch | E::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
@@ -151,7 +185,15 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(code, status = status.as_u16(), "{self}");
         }
-        let body = serde_json::json!({ "code": code, "message": self.to_string() });
+        let message = match &self {
+            // The agent's own failure text may name host details: keep it in the log.
+            Self::Agent(e) if status == StatusCode::INTERNAL_SERVER_ERROR => {
+                tracing::error!(error = %e.message, "the sandbox agent failed");
+                "the sandbox agent failed".to_string()
+            }
+            _ => self.to_string(),
+        };
+        let body = serde_json::json!({ "code": code, "message": message });
         let mut response = (status, axum::Json(body)).into_response();
         if let Self::TooLarge { .. } = self {
             // The rest of the body stays unread, so the connection cannot carry another

@@ -15,6 +15,10 @@
 //! "message":...}` line (codes are the agent's, snake_case). A stream that ends without an
 //! `exit` line ends with an `error` line (`agent_lost` when the sandbox went away).
 //!
+//! With `"background": true` the command starts unattached and the answer is 201 `{"pid":N}`
+//! at once; `"stdin": true` keeps a stdin pipe for `POST .../processes/{pid}/stdin`. The
+//! process endpoints ([`crate::processes`]) then follow it, `.../output` with these same lines.
+//!
 //! The timeline gets `process.exec` (argv, cwd, names of env variables) before the command
 //! starts and `process.exit` (or `process.error`) before the client sees the outcome. A client
 //! that disconnects does not stop the command, and its exit is still recorded.
@@ -23,16 +27,18 @@ use std::collections::BTreeMap;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use base64::Engine;
-use openrun_protocol::{AgentMessage, ExecRequest, Request, Response as AgentResponse, Stream};
+use openrun_protocol::{
+    AgentMessage, ExecRequest, ExitStatus, Frame, Request, Response as AgentResponse, Stream,
+};
 use openrun_runtime::{AgentClient, ClientError, RuntimeError, Sandbox};
 use tokio::sync::mpsc;
 
 use crate::api::{blocking, check_env, find, Caller, JsonBody, Shared};
-use crate::db::{self, NewEvent};
+use crate::db::{self, NewEvent, SandboxRow};
 use crate::error::ApiError;
 
 /// Lines buffered between the agent and a slow client; beyond it the agent keeps the output
@@ -54,12 +60,18 @@ pub struct ExecBody {
     /// Kill the command after this long, e.g. `30s`.
     #[serde(default)]
     timeout: Option<String>,
+    /// Start without streaming: answer 201 `{"pid":N}` at once; the process endpoints follow it.
+    #[serde(default)]
+    background: bool,
+    /// Keep a stdin pipe open for `POST .../processes/{pid}/stdin` (else stdin is /dev/null).
+    #[serde(default)]
+    stdin: bool,
 }
 
-/// One NDJSON line.
+/// One NDJSON line (also used by `GET .../processes/{pid}/output`).
 #[derive(Debug, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum Line {
+pub(crate) enum Line {
     Started {
         pid: i32,
     },
@@ -81,6 +93,55 @@ enum Line {
         code: String,
         message: String,
     },
+}
+
+impl Line {
+    /// The line of an output chunk.
+    pub(crate) fn output(stream: Stream, offset: u64, data: &[u8]) -> Self {
+        let data_b64 = base64::engine::general_purpose::STANDARD.encode(data);
+        match stream {
+            Stream::Stdout => Line::Stdout { offset, data_b64 },
+            Stream::Stderr => Line::Stderr { offset, data_b64 },
+        }
+    }
+
+    /// The line of an exit.
+    pub(crate) fn exit(status: &ExitStatus) -> Self {
+        Line::Exit {
+            code: status.code,
+            signal: status.signal,
+            timed_out: status.timed_out,
+            oom_killed: status.oom_killed,
+        }
+    }
+
+    /// The line as NDJSON bytes (with its newline).
+    pub(crate) fn encode(&self) -> Option<Bytes> {
+        match serde_json::to_vec(self) {
+            Ok(mut text) => {
+                text.push(b'\n');
+                Some(Bytes::from(text))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode an NDJSON line");
+                None
+            }
+        }
+    }
+}
+
+/// An NDJSON response fed by a channel of encoded lines.
+pub(crate) fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 /// Handler: checks everything that can be checked, records `process.exec`, then streams.
@@ -111,17 +172,7 @@ pub async fn exec(
         .map(openrun_runtime::limits::parse_duration)
         .transpose()
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    if row.state != "running" {
-        return Err(ApiError::NotRunning(row.id));
-    }
-    let (sandbox, client) = match connect(&s, &row.id).await {
-        Ok(pair) => pair,
-        Err(ApiError::NotRunning(_)) => {
-            mark_vanished(&s, &row.id, &row.tenant).await?;
-            return Err(ApiError::NotRunning(row.id));
-        }
-        Err(e) => return Err(e),
-    };
+    let (sandbox, mut client) = open_running(&s, &row).await?;
     let event = NewEvent {
         sandbox_id: row.id.clone(),
         tenant: caller.tenant.clone(),
@@ -131,6 +182,7 @@ pub async fn exec(
             "argv": body.cmd,
             "cwd": body.cwd,
             "env": body.env.keys().collect::<Vec<_>>(),
+            "background": body.background,
         }),
     };
     s.db.call(move |c| db::append_event(c, &event)).await?;
@@ -139,9 +191,27 @@ pub async fn exec(
         env: body.env,
         cwd: body.cwd,
         timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        attach: true,
+        attach: !body.background,
+        stdin: body.stdin,
         ..Default::default()
     };
+    if body.background {
+        let started = client
+            .call(Request::Exec(request))
+            .await
+            .map_err(|e| ApiError::from_client("cannot start the process", e))?;
+        return match started.header {
+            AgentResponse::Started { pid } => Ok((
+                StatusCode::CREATED,
+                axum::Json(serde_json::json!({ "pid": pid })),
+            )
+                .into_response()),
+            other => Err(ApiError::internal(
+                "cannot start the process",
+                format!("unexpected answer to exec: {other:?}"),
+            )),
+        };
+    }
     let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
     let ctx = Context {
         state: s.clone(),
@@ -150,16 +220,44 @@ pub async fn exec(
         tx,
     };
     tokio::spawn(ctx.drive(sandbox, client, request));
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
-    });
-    Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(stream),
-    )
-        .into_response())
+    Ok(ndjson_response(rx))
+}
+
+/// The running sandbox of `row` and a connection to its agent: 409 when it is stopped, and a
+/// sandbox whose agent is gone is marked so first.
+pub(crate) async fn open_running(
+    s: &Shared,
+    row: &SandboxRow,
+) -> Result<(Sandbox, AgentClient), ApiError> {
+    if row.state != "running" {
+        return Err(ApiError::NotRunning(row.id.clone()));
+    }
+    match connect(s, &row.id).await {
+        Ok(pair) => Ok(pair),
+        Err(ApiError::NotRunning(_)) => {
+            mark_vanished(s, &row.id, &row.tenant).await?;
+            Err(ApiError::NotRunning(row.id.clone()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// One request to the agent of the caller's running sandbox `id` (404 for anyone else's),
+/// with its answer; agent refusals map through [`ApiError::from_client`].
+pub(crate) async fn agent_call(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    request: Request,
+    data: Vec<u8>,
+) -> Result<(SandboxRow, Frame<AgentResponse>), ApiError> {
+    let row = find(s, caller, id).await?;
+    let (_sandbox, mut client) = open_running(s, &row).await?;
+    let answer = client
+        .call_with_data(request, data)
+        .await
+        .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?;
+    Ok((row, answer))
 }
 
 /// Opens the sandbox and connects to its agent; [`ApiError::NotRunning`] when it is gone.
@@ -207,15 +305,9 @@ impl Context {
     /// Sends one line; a client that went away is ignored (the command keeps running and its
     /// exit is still recorded).
     async fn send(&self, line: &Line) {
-        let mut text = match serde_json::to_vec(line) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot encode an exec line");
-                return;
-            }
-        };
-        text.push(b'\n');
-        let _ = self.tx.send(Bytes::from(text)).await;
+        if let Some(text) = line.encode() {
+            let _ = self.tx.send(text).await;
+        }
     }
 
     async fn record(&self, kind: &'static str, payload: serde_json::Value) {
@@ -290,12 +382,7 @@ impl Context {
             };
             match frame.header {
                 AgentMessage::Output { stream, offset, .. } => {
-                    let data_b64 = base64::engine::general_purpose::STANDARD.encode(&frame.data);
-                    let line = match stream {
-                        Stream::Stdout => Line::Stdout { offset, data_b64 },
-                        Stream::Stderr => Line::Stderr { offset, data_b64 },
-                    };
-                    self.send(&line).await;
+                    self.send(&Line::output(stream, offset, &frame.data)).await;
                 }
                 AgentMessage::Exit {
                     pid: exited,
@@ -318,13 +405,7 @@ impl Context {
                         }),
                     )
                     .await;
-                    self.send(&Line::Exit {
-                        code: status.code,
-                        signal: status.signal,
-                        timed_out: status.timed_out,
-                        oom_killed: status.oom_killed,
-                    })
-                    .await;
+                    self.send(&Line::exit(&status)).await;
                     return;
                 }
                 AgentMessage::Exit { .. } | AgentMessage::Response { .. } => {}

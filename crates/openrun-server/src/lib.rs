@@ -13,8 +13,11 @@ mod api;
 mod db;
 mod error;
 mod exec;
+mod files;
 mod keys;
 mod maintenance;
+mod processes;
+mod query;
 mod time;
 
 use std::net::SocketAddr;

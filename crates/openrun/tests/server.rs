@@ -559,3 +559,408 @@ fn sandboxes_survive_a_server_restart() {
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
     assert!(!env.live_ids().contains(&id));
 }
+
+impl Api {
+    fn put(&self, path: &str, body: Vec<u8>) -> Response {
+        self.req(reqwest::Method::PUT, path)
+            .body(body)
+            .send()
+            .expect("PUT")
+    }
+
+    /// Starts `cmd` in the background; returns its pid.
+    fn background(&self, id: &str, body: Value) -> i64 {
+        let res = self.post(&format!("/v1/sandboxes/{id}/exec"), &body.to_string());
+        assert_eq!(res.status(), 201);
+        res.json::<Value>().unwrap()["pid"].as_i64().expect("pid")
+    }
+
+    /// Polls a process until it has exited; returns its status entry.
+    fn wait_exited(&self, id: &str, pid: i64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = self.get(&format!("/v1/sandboxes/{id}/processes/{pid}"));
+            assert_eq!(res.status(), 200);
+            let info: Value = res.json().unwrap();
+            if info["state"] == "exited" {
+                return info;
+            }
+            assert!(Instant::now() < deadline, "still running: {info}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Bytes of one stream whose first chunk starts at `start`, checking contiguous offsets.
+fn bytes_from(lines: &[Value], kind: &str, start: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    for line in lines.iter().filter(|l| l["type"] == kind) {
+        assert_eq!(
+            line["offset"].as_u64(),
+            Some(start + out.len() as u64),
+            "{line}"
+        );
+        out.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(line["data_b64"].as_str().expect("data_b64"))
+                .expect("base64"),
+        );
+    }
+    out
+}
+
+fn enc(path: &str) -> String {
+    path.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn files_are_written_read_listed_and_moved_over_http() {
+    let env = Env::new();
+    let api_key = key(&env, "files");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let files = format!("/v1/sandboxes/{id}/files");
+
+    // Non-UTF-8 bytes, into a directory that does not exist yet.
+    let content: Vec<u8> = (0..=255u8).rev().chain([0, 0xff, b'\n']).collect();
+    let res = api.put(
+        &format!(
+            "{files}?path={}&parents=true&mode=600",
+            enc("/work/a b/x.bin")
+        ),
+        content.clone(),
+    );
+    assert_eq!(res.status(), 204);
+    let res = api.get(&format!("{files}?path={}", enc("/work/a b/x.bin")));
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/octet-stream"
+    );
+    assert_eq!(res.bytes().unwrap().to_vec(), content);
+    let res = api.get(&format!(
+        "{files}?path={}&offset=1&limit=2",
+        enc("/work/a b/x.bin")
+    ));
+    assert_eq!(res.bytes().unwrap().to_vec(), [254, 253]);
+    // The command side sees the same bytes.
+    let lines = api.exec(&id, "od -An -tx1 -N3 '/work/a b/x.bin'");
+    assert_eq!(stream(&lines, "stdout").trim(), "ff fe fd");
+
+    let stat: Value = api
+        .get(&format!("{files}/stat?path={}", enc("/work/a b/x.bin")))
+        .json()
+        .unwrap();
+    assert_eq!(stat["file_type"], "file");
+    assert_eq!(stat["size"], content.len());
+    assert_eq!(stat["mode"], 0o600);
+
+    // Above the 1 MiB JSON limit, within the 16 MiB file limit.
+    let big = vec![7u8; 3 << 20];
+    assert_eq!(
+        api.put(&format!("{files}?path=/work/big"), big).status(),
+        204
+    );
+    let stat: Value = api
+        .get(&format!("{files}/stat?path=/work/big"))
+        .json()
+        .unwrap();
+    assert_eq!(stat["size"], 3u64 << 20);
+    let huge = vec![0u8; (16 << 20) + 1];
+    error(
+        api.put(&format!("{files}?path=/work/huge"), huge),
+        413,
+        "body_too_large",
+    );
+    error(
+        api.get(&format!("{files}/stat?path=/work/huge")),
+        404,
+        "not_found",
+    );
+
+    let res = api.post(
+        &format!("{files}/mkdir"),
+        r#"{"path":"/work/d/e","parents":true}"#,
+    );
+    assert_eq!(res.status(), 204);
+    let res = api.post(&format!("{files}/mkdir"), r#"{"path":"/work/d"}"#);
+    assert_eq!(res.status(), 409);
+    let entries: Vec<Value> = api.get(&format!("{files}/list?path=/work")).json().unwrap();
+    let names: Vec<_> = entries
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a b", "big", "d"]);
+    assert_eq!(entries[2]["file_type"], "dir");
+
+    let res = api.post(
+        &format!("{files}/move"),
+        r#"{"from":"/work/a b/x.bin","to":"/work/d/e/y.bin"}"#,
+    );
+    assert_eq!(res.status(), 204);
+    error(
+        api.get(&format!("{files}?path={}", enc("/work/a b/x.bin"))),
+        404,
+        "not_found",
+    );
+    let res = api.get(&format!("{files}?path=/work/d/e/y.bin"));
+    assert_eq!(res.bytes().unwrap().to_vec(), content);
+
+    assert_eq!(
+        api.post(&format!("{files}/remove"), r#"{"path":"/work/d"}"#)
+            .status(),
+        409
+    );
+    let res = api.post(
+        &format!("{files}/remove"),
+        r#"{"path":"/work/d","recursive":true}"#,
+    );
+    assert_eq!(res.status(), 204);
+    error(
+        api.get(&format!("{files}/stat?path=/work/d")),
+        404,
+        "not_found",
+    );
+    error(
+        api.get(&format!("{files}/list?path=/work/big")),
+        400,
+        "not_a_directory",
+    );
+    error(
+        api.get(&format!("{files}?path=/work")),
+        400,
+        "is_a_directory",
+    );
+    error(api.get(&files), 400, "invalid_argument");
+    error(
+        api.get(&format!("{files}?path=/x&bogus=1")),
+        400,
+        "invalid_argument",
+    );
+    error(
+        api.post(&format!("{files}/mkdir"), r#"{"path":"/x","mode":1}"#),
+        400,
+        "invalid_argument",
+    );
+
+    let kinds = api.event_kinds(&id);
+    for kind in ["file.write", "file.mkdir", "file.move", "file.remove"] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
+    }
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    let write = events.iter().find(|e| e["kind"] == "file.write").unwrap();
+    assert_eq!(write["payload"]["path"], "/work/a b/x.bin");
+    assert_eq!(write["payload"]["bytes"], content.len());
+}
+
+#[test]
+fn file_paths_cannot_leave_the_sandbox() {
+    let env = Env::new();
+    let api_key = key(&env, "escape");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let files = format!("/v1/sandboxes/{id}/files");
+    let shadow = std::fs::read("/etc/shadow").unwrap_or_default();
+    let environ = std::fs::read(format!("/proc/{}/environ", server.pid())).unwrap_or_default();
+    for path in [
+        "../../../etc/shadow",
+        "/../../../../etc/shadow",
+        "/proc/self/environ",
+        "/proc/1/root/etc/shadow",
+    ] {
+        let res = api.get(&format!("{files}?path={}", enc(path)));
+        let status = res.status().as_u16();
+        let body = res.bytes().unwrap().to_vec();
+        assert!(status == 404 || status == 403, "{path}: {status}");
+        if !shadow.is_empty() {
+            assert_ne!(body, shadow, "{path} gave the host's /etc/shadow");
+        }
+        if !environ.is_empty() {
+            assert_ne!(body, environ, "{path} gave the server's environment");
+        }
+    }
+    let res = api.put(
+        &format!("{files}?path={}", enc("../../../tmp/escaped")),
+        b"x".to_vec(),
+    );
+    assert!(res.status().is_client_error() || res.status() == 204);
+    assert!(!std::path::Path::new("/tmp/escaped").exists());
+}
+
+#[test]
+fn background_processes_are_listed_fed_signalled_and_read_since_an_offset() {
+    let env = Env::new();
+    let api_key = key(&env, "procs");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let procs = format!("/v1/sandboxes/{id}/processes");
+
+    // Output since an offset: exactly the remaining bytes.
+    let pid = api.background(
+        &id,
+        json!({ "cmd": ["sh", "-c", "printf 0123456789; printf 'ab\\377' >&2; exit 4"], "background": true }),
+    );
+    let info = api.wait_exited(&id, pid);
+    assert_eq!(info["status"]["code"], 4);
+    assert_eq!(info["stdout_len"], 10);
+    let res = api.get(&format!(
+        "{procs}/{pid}/output?stdout_since=4&stderr_since=1"
+    ));
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let lines = ndjson(&res.text().unwrap());
+    assert_eq!(bytes_from(&lines, "stdout", 4), b"456789");
+    assert_eq!(bytes_from(&lines, "stderr", 1), b"b\xff");
+    assert_eq!(exit_line(&lines)["code"], 4);
+    let lines = ndjson(&api.get(&format!("{procs}/{pid}/output")).text().unwrap());
+    assert_eq!(bytes_from(&lines, "stdout", 0), b"0123456789");
+
+    // Stdin to cat, then its output, followed until the exit.
+    let cat = api.background(
+        &id,
+        json!({ "cmd": ["cat"], "background": true, "stdin": true }),
+    );
+    let res = api
+        .req(reqwest::Method::POST, &format!("{procs}/{cat}/stdin"))
+        .body(b"hello \xff\n".to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = api
+        .req(
+            reqwest::Method::POST,
+            &format!("{procs}/{cat}/stdin?eof=true"),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let lines = ndjson(
+        &api.get(&format!("{procs}/{cat}/output?follow=true"))
+            .text()
+            .unwrap(),
+    );
+    assert_eq!(bytes_from(&lines, "stdout", 0), b"hello \xff\n");
+    assert_eq!(exit_line(&lines)["code"], 0);
+
+    // A signal ends a sleep.
+    let sleep = api.background(&id, json!({ "cmd": ["sleep", "60"], "background": true }));
+    let list: Vec<Value> = api.get(&procs).json().unwrap();
+    let entry = list
+        .iter()
+        .find(|p| p["pid"] == sleep)
+        .expect("sleep listed");
+    assert_eq!(entry["state"], "running");
+    assert_eq!(entry["argv"], json!(["sleep", "60"]));
+    // Without follow, a running process's stream ends at the output it has.
+    let lines = ndjson(&api.get(&format!("{procs}/{sleep}/output")).text().unwrap());
+    assert!(lines.is_empty(), "{lines:?}");
+    let res = api.post(
+        &format!("{procs}/{sleep}/signal"),
+        r#"{"signal":15,"group":true}"#,
+    );
+    assert_eq!(res.status(), 204);
+    let info = api.wait_exited(&id, sleep);
+    assert_eq!(info["status"]["signal"], 15);
+
+    // Unknown pids and bad input.
+    error(api.get(&format!("{procs}/99999")), 404, "no_such_process");
+    error(api.get(&format!("{procs}/abc")), 404, "not_found");
+    error(
+        api.post(&format!("{procs}/99999/signal"), r#"{"signal":15}"#),
+        404,
+        "no_such_process",
+    );
+    error(
+        api.get(&format!("{procs}/99999/output")),
+        404,
+        "no_such_process",
+    );
+    error(
+        api.post(&format!("{procs}/{sleep}/signal"), r#"{"signal":0}"#),
+        400,
+        "invalid_argument",
+    );
+    error(
+        api.post(
+            &format!("/v1/sandboxes/{id}/exec"),
+            r#"{"cmd":["no-such-cmd"],"background":true}"#,
+        ),
+        404,
+        "command_not_found",
+    );
+
+    let kinds = api.event_kinds(&id);
+    assert!(kinds.iter().any(|k| k == "process.signal"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| *k == "process.exec").count(), 4);
+}
+
+#[test]
+fn another_tenant_gets_404_on_files_and_processes() {
+    let env = Env::new();
+    let (key_a, key_b) = (key(&env, "a"), key(&env, "b"));
+    let server = Server::start(&env);
+    let (a, b) = (Api::new(&server, &key_a), Api::new(&server, &key_b));
+    let id = a.create(json!({}))["id"].as_str().unwrap().to_string();
+    let base = format!("/v1/sandboxes/{id}");
+    assert_eq!(
+        a.put(&format!("{base}/files?path=/secret"), b"a's".to_vec())
+            .status(),
+        204
+    );
+    let pid = a.background(&id, json!({ "cmd": ["sleep", "60"], "background": true }));
+
+    for res in [
+        b.get(&format!("{base}/files?path=/secret")),
+        b.put(&format!("{base}/files?path=/secret"), b"b's".to_vec()),
+        b.get(&format!("{base}/files/list?path=/")),
+        b.get(&format!("{base}/files/stat?path=/secret")),
+        b.post(&format!("{base}/files/mkdir"), r#"{"path":"/b"}"#),
+        b.post(&format!("{base}/files/remove"), r#"{"path":"/secret"}"#),
+        b.post(
+            &format!("{base}/files/move"),
+            r#"{"from":"/secret","to":"/b"}"#,
+        ),
+        b.get(&format!("{base}/processes")),
+        b.get(&format!("{base}/processes/{pid}")),
+        b.post(&format!("{base}/processes/{pid}/signal"), r#"{"signal":9}"#),
+        b.req(
+            reqwest::Method::POST,
+            &format!("{base}/processes/{pid}/stdin"),
+        )
+        .send()
+        .unwrap(),
+        b.get(&format!("{base}/processes/{pid}/output")),
+        b.post(
+            &format!("{base}/exec"),
+            r#"{"cmd":["true"],"background":true}"#,
+        ),
+    ] {
+        let msg = error(res, 404, "not_found");
+        assert_eq!(msg, format!("no such sandbox: {id}"));
+    }
+    // A's file and process are untouched, and A's timeline has nothing of B.
+    let res = a.get(&format!("{base}/files?path=/secret"));
+    assert_eq!(res.bytes().unwrap().to_vec(), b"a's");
+    let info: Value = a.get(&format!("{base}/processes/{pid}")).json().unwrap();
+    assert_eq!(info["state"], "running");
+    assert_eq!(
+        a.event_kinds(&id),
+        ["sandbox.create", "file.write", "process.exec"]
+    );
+}

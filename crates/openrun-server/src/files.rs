@@ -1,0 +1,276 @@
+//! `/v1/sandboxes/{id}/files…`: each handler is a thin adapter over one agent request. The
+//! agent resolves every path inside the sandbox root (a path that tries to leave it fails
+//! there), so no path logic lives here. Agent refusals become HTTP in `error.rs`.
+//!
+//! | method and path | agent request | answer |
+//! |---|---|---|
+//! | `GET files?path=&offset=&limit=` | `ReadFile` | 200 raw bytes |
+//! | `PUT files?path=&mode=644&parents=true` (raw body, ≤ 16 MiB) | `WriteFile` | 204 |
+//! | `GET files/list?path=` | `ListDir` | 200 `[{name,file_type,size,…}]` |
+//! | `GET files/stat?path=` | `Stat` | 200 `{name,file_type,size,…}` |
+//! | `POST files/mkdir` `{"path","parents"}` | `Mkdir` | 204 |
+//! | `POST files/remove` `{"path","recursive"}` | `Remove` | 204 |
+//! | `POST files/move` `{"from","to"}` | `Rename` | 204 |
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use openrun_protocol::{Request, Response as AgentResponse, MAX_DATA_LEN};
+
+use crate::api::{Caller, JsonBody, Shared};
+use crate::db::{self, NewEvent, SandboxRow};
+use crate::error::ApiError;
+use crate::exec::agent_call;
+use crate::query::Query;
+
+/// An answer the agent should not have given to this request.
+fn unexpected(other: AgentResponse) -> ApiError {
+    ApiError::internal(
+        "the sandbox agent failed",
+        format!("unexpected answer: {other:?}"),
+    )
+}
+
+/// Checks a path from a JSON body (a query path is checked by [`Query::path`]).
+fn check_path(name: &str, path: &str) -> Result<(), ApiError> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(ApiError::InvalidArgument(format!(
+            "{name} must be a non-empty path without NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// Appends an event of the caller's on `row`'s sandbox.
+pub(crate) async fn record(
+    s: &Shared,
+    caller: &Caller,
+    row: &SandboxRow,
+    kind: &'static str,
+    payload: serde_json::Value,
+) -> Result<(), ApiError> {
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind,
+        payload,
+    };
+    s.db.call(move |c| db::append_event(c, &event)).await?;
+    Ok(())
+}
+
+/// `GET /v1/sandboxes/{id}/files?path=/x[&offset=N][&limit=N]`: the bytes.
+pub async fn read(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    query.only(&["path", "offset", "limit"])?;
+    let request = Request::ReadFile {
+        path: query.path("path")?,
+        offset: query.u64("offset")?.unwrap_or(0),
+        limit: query.u64("limit")?,
+    };
+    let (_, answer) = agent_call(&s, &caller, &id, request, Vec::new()).await?;
+    match answer.header {
+        AgentResponse::FileData { size, .. } => Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static("x-file-size"),
+                    size.to_string(),
+                ),
+            ],
+            answer.data,
+        )
+            .into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `PUT /v1/sandboxes/{id}/files?path=/x[&mode=644][&parents=true]`: writes the body.
+pub async fn write(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    query.only(&["path", "mode", "parents"])?;
+    let path = query.path("path")?;
+    let mode = query.mode("mode")?;
+    let parents = query.flag("parents")?;
+    let data = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: MAX_DATA_LEN,
+            }
+        } else {
+            ApiError::InvalidArgument(format!("cannot read the request body: {}", e.body_text()))
+        }
+    })?;
+    let bytes = data.len();
+    let request = Request::WriteFile {
+        path: path.clone(),
+        mode,
+        parents,
+        append: false,
+    };
+    let (row, answer) = agent_call(&s, &caller, &id, request, data.to_vec()).await?;
+    match answer.header {
+        AgentResponse::Done => {
+            record(
+                &s,
+                &caller,
+                &row,
+                "file.write",
+                serde_json::json!({ "path": path, "bytes": bytes }),
+            )
+            .await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/files/list?path=/d`: the entries, sorted by name.
+pub async fn list(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    query.only(&["path"])?;
+    let request = Request::ListDir {
+        path: query.path("path")?,
+    };
+    match agent_call(&s, &caller, &id, request, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Entries { entries } => Ok(Json(entries).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/files/stat?path=/x`: metadata (a final symlink is not followed).
+pub async fn stat(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    query.only(&["path"])?;
+    let request = Request::Stat {
+        path: query.path("path")?,
+    };
+    match agent_call(&s, &caller, &id, request, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Stat(stat) => Ok(Json(stat).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Body of `files/mkdir`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirBody {
+    path: String,
+    #[serde(default)]
+    parents: bool,
+}
+
+/// Body of `files/remove`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveBody {
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+/// Body of `files/move`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveBody {
+    from: String,
+    to: String,
+}
+
+/// Runs a request answered by `Done`, then records `kind`.
+async fn change(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    request: Request,
+    kind: &'static str,
+    payload: serde_json::Value,
+) -> Result<StatusCode, ApiError> {
+    let (row, answer) = agent_call(s, caller, id, request, Vec::new()).await?;
+    match answer.header {
+        AgentResponse::Done => {
+            record(s, caller, &row, kind, payload).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `POST /v1/sandboxes/{id}/files/mkdir` `{"path","parents"}`.
+pub async fn mkdir(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<MkdirBody>,
+) -> Result<StatusCode, ApiError> {
+    check_path("path", &body.path)?;
+    let payload = serde_json::json!({ "path": body.path, "parents": body.parents });
+    let request = Request::Mkdir {
+        path: body.path,
+        parents: body.parents,
+        mode: None,
+    };
+    change(&s, &caller, &id, request, "file.mkdir", payload).await
+}
+
+/// `POST /v1/sandboxes/{id}/files/remove` `{"path","recursive"}`.
+pub async fn remove(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<RemoveBody>,
+) -> Result<StatusCode, ApiError> {
+    check_path("path", &body.path)?;
+    let payload = serde_json::json!({ "path": body.path, "recursive": body.recursive });
+    let request = Request::Remove {
+        path: body.path,
+        recursive: body.recursive,
+    };
+    change(&s, &caller, &id, request, "file.remove", payload).await
+}
+
+/// `POST /v1/sandboxes/{id}/files/move` `{"from","to"}`.
+pub async fn rename(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<MoveBody>,
+) -> Result<StatusCode, ApiError> {
+    check_path("from", &body.from)?;
+    check_path("to", &body.to)?;
+    let payload = serde_json::json!({ "from": body.from, "to": body.to });
+    let request = Request::Rename {
+        from: body.from,
+        to: body.to,
+    };
+    change(&s, &caller, &id, request, "file.move", payload).await
+}

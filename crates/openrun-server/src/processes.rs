@@ -1,0 +1,233 @@
+//! `/v1/sandboxes/{id}/processes…`: the agent's process table, each handler one agent request.
+//! `POST .../exec` with `"background": true` starts processes for these to act on.
+//!
+//! | method and path | agent request | answer |
+//! |---|---|---|
+//! | `GET processes` | `ListProcesses` | 200 `[{pid,argv,state,status?,stdout_len,…}]` |
+//! | `GET processes/{pid}` | `ProcessStatus` | 200 one entry |
+//! | `POST processes/{pid}/signal` `{"signal":15,"group":true}` | `Signal` | 204 |
+//! | `POST processes/{pid}/stdin?eof=true` (raw body) | `Stdin` | 204 |
+//! | `GET processes/{pid}/output?stdout_since=&stderr_since=&follow=` | `Attach` | 200 NDJSON |
+//!
+//! The output stream has the exec stream's `stdout`/`stderr`/`exit` lines (no `started`).
+//! Without `follow` it ends once the output present at the request has been sent (and the
+//! `exit` line, if the process had ended); with `follow` it ends at the exit.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use openrun_protocol::{
+    AgentMessage, AttachRequest, Pid, ProcessState, Request, Response as AgentResponse, Stream,
+};
+use tokio::sync::mpsc;
+
+use crate::api::{find, Caller, JsonBody, Shared};
+use crate::error::ApiError;
+use crate::exec::{agent_call, ndjson_response, open_running, Line};
+use crate::files::record;
+use crate::query::Query;
+
+/// Lines buffered between the agent and a slow client.
+const STREAM_BUFFER: usize = 64;
+
+fn unexpected(other: AgentResponse) -> ApiError {
+    ApiError::internal(
+        "the sandbox agent failed",
+        format!("unexpected answer: {other:?}"),
+    )
+}
+
+/// A pid from the path: 404 (like a missing process) when it is not a positive number.
+fn pid(text: &str) -> Result<Pid, ApiError> {
+    text.parse::<Pid>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| ApiError::NotFound(format!("no such process: {text}")))
+}
+
+/// `GET /v1/sandboxes/{id}/processes`.
+pub async fn list(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match agent_call(&s, &caller, &id, Request::ListProcesses, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Processes { processes } => Ok(Json(processes).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/processes/{pid}`.
+pub async fn status(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((id, p)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let request = Request::ProcessStatus { pid: pid(&p)? };
+    match agent_call(&s, &caller, &id, request, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Process(info) => Ok(Json(info).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Body of `processes/{pid}/signal`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    signal: i32,
+    #[serde(default)]
+    group: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/signal` `{"signal":15,"group":true}`.
+pub async fn signal(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((id, p)): Path<(String, String)>,
+    JsonBody(body): JsonBody<SignalBody>,
+) -> Result<StatusCode, ApiError> {
+    let pid = pid(&p)?;
+    if !(1..=64).contains(&body.signal) {
+        return Err(ApiError::InvalidArgument(format!(
+            "signal must be a number from 1 to 64, not {}",
+            body.signal
+        )));
+    }
+    let request = Request::Signal {
+        pid,
+        signal: body.signal,
+        group: body.group,
+    };
+    let (row, answer) = agent_call(&s, &caller, &id, request, Vec::new()).await?;
+    match answer.header {
+        AgentResponse::Done => {
+            let payload =
+                serde_json::json!({ "pid": pid, "signal": body.signal, "group": body.group });
+            record(&s, &caller, &row, "process.signal", payload).await?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/stdin[?eof=true]`: writes the raw body.
+pub async fn stdin(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((id, p)): Path<(String, String)>,
+    query: Query,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, ApiError> {
+    let pid = pid(&p)?;
+    query.only(&["eof"])?;
+    let eof = query.flag("eof")?;
+    let data = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge {
+                limit: crate::api::MAX_BODY,
+            }
+        } else {
+            ApiError::InvalidArgument(format!("cannot read the request body: {}", e.body_text()))
+        }
+    })?;
+    let request = Request::Stdin { pid, eof };
+    match agent_call(&s, &caller, &id, request, data.to_vec())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Done => Ok(StatusCode::NO_CONTENT),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// `GET /v1/sandboxes/{id}/processes/{pid}/output?stdout_since=N&stderr_since=M&follow=false`.
+pub async fn output(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path((id, p)): Path<(String, String)>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    let pid = pid(&p)?;
+    query.only(&["stdout_since", "stderr_since", "follow"])?;
+    let request = AttachRequest {
+        pid,
+        stdout_since: query.u64("stdout_since")?.unwrap_or(0),
+        stderr_since: query.u64("stderr_since")?.unwrap_or(0),
+        follow: query.flag("follow")?,
+    };
+    let row = find(&s, &caller, &id).await?;
+    let (_sandbox, client) = open_running(&s, &row).await?;
+    let (mut sender, mut receiver) = client.split();
+    let sent = sender.send(Request::Attach(request.clone())).await;
+    let attached = match sent {
+        Ok(request_id) => receiver.response(request_id).await,
+        Err(e) => Err(e),
+    }
+    .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?;
+    let process = match attached.header {
+        AgentResponse::Attached { process, .. } => process,
+        other => return Err(unexpected(other)),
+    };
+    // Without follow, the stream ends at the output present now (and the exit, if any).
+    let exited = matches!(process.state, ProcessState::Exited { .. });
+    let ends = [process.stdout_len, process.stderr_len];
+    let mut cursor = [request.stdout_since, request.stderr_since];
+    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    tokio::spawn(async move {
+        // The sender must live as long as the stream: dropping it closes the connection.
+        let _sender = sender;
+        loop {
+            if !request.follow && !exited && cursor[0] >= ends[0] && cursor[1] >= ends[1] {
+                return;
+            }
+            let frame = match receiver.next().await {
+                Ok(frame) => frame,
+                Err(e) => {
+                    let line = Line::Error {
+                        code: "agent_lost".into(),
+                        message: format!("lost the sandbox agent: {e}"),
+                    };
+                    if let Some(text) = line.encode() {
+                        let _ = tx.send(text).await;
+                    }
+                    return;
+                }
+            };
+            let line = match frame.header {
+                AgentMessage::Output {
+                    pid: from,
+                    stream,
+                    offset,
+                } if from == pid => {
+                    let index = usize::from(stream == Stream::Stderr);
+                    cursor[index] = offset + frame.data.len() as u64;
+                    Line::output(stream, offset, &frame.data)
+                }
+                AgentMessage::Exit { pid: from, status } if from == pid => {
+                    if let Some(text) = Line::exit(&status).encode() {
+                        let _ = tx.send(text).await;
+                    }
+                    return;
+                }
+                _ => continue,
+            };
+            let Some(text) = line.encode() else { continue };
+            if tx.send(text).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(ndjson_response(rx))
+}

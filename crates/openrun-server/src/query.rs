@@ -1,0 +1,124 @@
+//! Query strings (`?path=/x&parents=true`), decoded with `serde_urlencoded` into [`Query`]: every failure is a
+//! 400 [`ApiError`] naming the parameter, and unknown parameters are refused.
+
+use std::collections::BTreeMap;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::error::ApiError;
+
+/// The decoded parameters of a request's query string.
+#[derive(Debug, Default)]
+pub struct Query(BTreeMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Query {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Query::parse(parts.uri.query().unwrap_or(""))
+    }
+}
+
+impl Query {
+    /// Parses `a=1&b=2` (percent-encoded, `+` is a space); a parameter given twice is refused.
+    pub fn parse(query: &str) -> Result<Self, ApiError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|e| {
+            ApiError::InvalidArgument(format!("malformed query string {query:?}: {e}"))
+        })?;
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            if map.insert(k.clone(), v).is_some() {
+                return Err(ApiError::InvalidArgument(format!(
+                    "query parameter {k:?} given twice"
+                )));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    /// Refuses any parameter not in `known`.
+    pub fn only(&self, known: &[&str]) -> Result<(), ApiError> {
+        match self.0.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(ApiError::InvalidArgument(format!(
+                "unknown query parameter {k:?}: expected one of {known:?}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// A required parameter (a path: non-empty, no NUL).
+    pub fn path(&self, name: &str) -> Result<String, ApiError> {
+        match self.0.get(name) {
+            Some(p) if !p.is_empty() && !p.contains('\0') => Ok(p.clone()),
+            Some(_) => Err(ApiError::InvalidArgument(format!(
+                "query parameter {name:?} must be a non-empty path without NUL"
+            ))),
+            None => Err(ApiError::InvalidArgument(format!(
+                "query parameter {name:?} is required"
+            ))),
+        }
+    }
+
+    /// An optional parameter parsed with `parse`.
+    fn parsed<T>(
+        &self,
+        name: &str,
+        what: &str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
+        self.0
+            .get(name)
+            .map(|v| {
+                parse(v).ok_or_else(|| {
+                    ApiError::InvalidArgument(format!(
+                        "query parameter {name:?} must be {what}, not {v:?}"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// An optional unsigned number.
+    pub fn u64(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.parsed(name, "a non-negative integer", |v| v.parse().ok())
+    }
+
+    /// An optional octal permission mode (`644`, `0755`).
+    pub fn mode(&self, name: &str) -> Result<Option<u32>, ApiError> {
+        self.parsed(name, "octal permission bits like 644", |v| {
+            u32::from_str_radix(v, 8).ok().filter(|m| *m <= 0o7777)
+        })
+    }
+
+    /// An optional flag: `true` or `false` (missing is `false`).
+    pub fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        Ok(self
+            .parsed(name, "true or false", |v| match v {
+                "true" | "1" => Some(true),
+                "false" | "0" => Some(false),
+                _ => None,
+            })?
+            .unwrap_or(false))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_decode_and_refuse_bad_values() {
+        let q = Query::parse("path=%2Fa%20b+c&mode=0755&parents=true").unwrap();
+        assert_eq!(q.path("path").unwrap(), "/a b c");
+        assert_eq!(q.mode("mode").unwrap(), Some(0o755));
+        assert!(q.flag("parents").unwrap());
+        assert!(!q.flag("eof").unwrap());
+        assert!(q.only(&["path", "mode"]).is_err());
+        assert!(q.path("missing").is_err());
+        assert!(Query::parse("path=%zz").is_err());
+        assert!(Query::parse("a=1&a=2").is_err());
+        assert!(Query::parse("mode=999").unwrap().mode("mode").is_err());
+        assert!(Query::parse("n=-1").unwrap().u64("n").is_err());
+    }
+}
