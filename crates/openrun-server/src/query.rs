@@ -1,4 +1,4 @@
-//! Query strings (`?path=/x&parents=true`), decoded with `serde_urlencoded` into [`Query`]: every failure is a
+//! Query strings (`?path=/x&parents=true`), decoded with `percent-encoding` into [`Query`]: every failure is a
 //! 400 [`ApiError`] naming the parameter, and unknown parameters are refused.
 
 use std::collections::BTreeMap;
@@ -21,14 +21,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Query {
 }
 
 impl Query {
-    /// Parses `a=1&b=2` (percent-encoded, `+` is a space); a parameter given twice is refused.
+    /// Parses `a=1&b=2` (percent-encoded, `+` is a space); a parameter given twice, or one
+    /// that does not decode to UTF-8, is refused (never replaced lossily: it may be a path).
     pub fn parse(query: &str) -> Result<Self, ApiError> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query).map_err(|e| {
-            ApiError::InvalidArgument(format!("malformed query string {query:?}: {e}"))
-        })?;
+        let decode = |text: &str| {
+            let spaced = text.replace('+', " ");
+            percent_encoding::percent_decode_str(&spaced)
+                .decode_utf8()
+                .map(|s| s.into_owned())
+                .map_err(|_| {
+                    ApiError::InvalidArgument(format!(
+                        "query parameter {text:?} is not valid UTF-8 once decoded"
+                    ))
+                })
+        };
         let mut map = BTreeMap::new();
-        for (k, v) in pairs {
-            if map.insert(k.clone(), v).is_some() {
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = decode(k)?;
+            if map.insert(k.clone(), decode(v)?).is_some() {
                 return Err(ApiError::InvalidArgument(format!(
                     "query parameter {k:?} given twice"
                 )));
@@ -116,7 +127,13 @@ mod tests {
         assert!(!q.flag("eof").unwrap());
         assert!(q.only(&["path", "mode"]).is_err());
         assert!(q.path("missing").is_err());
-        assert!(Query::parse("path=%zz").is_err());
+        // Invalid escapes pass through literally, as browsers and the URL standard do.
+        assert_eq!(
+            Query::parse("path=%zz").unwrap().path("path").unwrap(),
+            "%zz"
+        );
+        // Bytes that are not UTF-8 are refused.
+        assert!(Query::parse("path=%ff").is_err());
         assert!(Query::parse("a=1&a=2").is_err());
         assert!(Query::parse("mode=999").unwrap().mode("mode").is_err());
         assert!(Query::parse("n=-1").unwrap().u64("n").is_err());
