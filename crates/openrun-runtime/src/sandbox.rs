@@ -512,8 +512,9 @@ impl Runtime {
                 sys::exit_now(code);
             }
             Ok(Forked::Parent { .. }) => {
-                // Forget the sandbox without running its teardown here: the cleaner owns it.
-                std::mem::forget(sandbox);
+                // The cleaner owns the teardown; this process only closes its own handles
+                // (a `Sandbox` has no teardown of its own on drop).
+                drop(sandbox);
                 Ok(())
             }
             Err(_) => self.destroy(sandbox),
