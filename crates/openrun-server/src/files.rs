@@ -138,6 +138,23 @@ pub async fn write(
     }
 }
 
+/// Asks the agent about the `path` of a query (the only parameter allowed) and returns its
+/// answer: the shared half of `list` and `stat`.
+async fn ask_about_path(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    query: &Query,
+    request: fn(String) -> Request,
+) -> Result<AgentResponse, ApiError> {
+    query.only(&["path"])?;
+    let request = request(query.path("path")?);
+    Ok(agent_call(s, caller, id, request, Vec::new())
+        .await?
+        .1
+        .header)
+}
+
 /// `GET /v1/sandboxes/{id}/files/list?path=/d`: the entries, sorted by name.
 pub async fn list(
     State(s): State<Shared>,
@@ -145,15 +162,7 @@ pub async fn list(
     Path(id): Path<String>,
     query: Query,
 ) -> Result<Response, ApiError> {
-    query.only(&["path"])?;
-    let request = Request::ListDir {
-        path: query.path("path")?,
-    };
-    match agent_call(&s, &caller, &id, request, Vec::new())
-        .await?
-        .1
-        .header
-    {
+    match ask_about_path(&s, &caller, &id, &query, |path| Request::ListDir { path }).await? {
         AgentResponse::Entries { entries } => Ok(Json(entries).into_response()),
         other => Err(unexpected(other)),
     }
@@ -166,15 +175,7 @@ pub async fn stat(
     Path(id): Path<String>,
     query: Query,
 ) -> Result<Response, ApiError> {
-    query.only(&["path"])?;
-    let request = Request::Stat {
-        path: query.path("path")?,
-    };
-    match agent_call(&s, &caller, &id, request, Vec::new())
-        .await?
-        .1
-        .header
-    {
+    match ask_about_path(&s, &caller, &id, &query, |path| Request::Stat { path }).await? {
         AgentResponse::Stat(stat) => Ok(Json(stat).into_response()),
         other => Err(unexpected(other)),
     }
