@@ -809,8 +809,33 @@ fn write_all(fd: &OwnedFd, mut data: &[u8]) -> Result<(), Errno> {
 /// Reads up to `max` bytes from `offset`. `expected` (what the file size promises) only sizes
 /// the first allocation; the buffer grows as data actually arrives, up to `max`.
 fn pread_up_to(fd: &OwnedFd, offset: u64, max: usize, expected: usize) -> Result<Vec<u8>, Errno> {
+    let initial = expected.saturating_add(1).clamp(1, INITIAL_READ_BUFFER);
+    fill_up_to(max, initial, |buf, filled| {
+        rustix::io::pread(fd, buf, offset.saturating_add(filled as u64))
+    })
+}
+
+/// Reads up to `max` bytes from the current position of a (non-blocking) descriptor; no data
+/// available yet counts as the end.
+fn read_up_to(fd: &OwnedFd, max: usize) -> Result<Vec<u8>, Errno> {
+    fill_up_to(max, INITIAL_READ_BUFFER, |buf, _| {
+        match rustix::io::read(fd, buf) {
+            Err(Errno::AGAIN) => Ok(0),
+            other => other,
+        }
+    })
+}
+
+/// The loop both readers share: `read(buf, bytes_so_far)` until it returns 0 or `max` bytes
+/// are in. The buffer starts at `initial` and doubles as data arrives, never beyond `max`, so
+/// a large `max` costs nothing for a small file.
+fn fill_up_to(
+    max: usize,
+    initial: usize,
+    mut read: impl FnMut(&mut [u8], usize) -> Result<usize, Errno>,
+) -> Result<Vec<u8>, Errno> {
     let mut buf = Vec::new();
-    let mut initial = expected.saturating_add(1).clamp(1, INITIAL_READ_BUFFER);
+    let mut initial = initial;
     while buf.len() < max {
         if buf.len() == buf.capacity() {
             let grow = initial.max(buf.len()).min(max - buf.len());
@@ -820,34 +845,8 @@ fn pread_up_to(fd: &OwnedFd, offset: u64, max: usize, expected: usize) -> Result
         let filled = buf.len();
         let room = (buf.capacity() - filled).min(max - filled);
         buf.resize(filled + room, 0);
-        let at = offset.saturating_add(filled as u64);
-        let result = rustix::io::pread(fd, &mut buf[filled..], at);
-        match result {
+        match read(&mut buf[filled..], filled) {
             Ok(0) => {
-                buf.truncate(filled);
-                break;
-            }
-            Ok(n) => buf.truncate(filled + n),
-            Err(Errno::INTR) => buf.truncate(filled),
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(buf)
-}
-
-/// Reads up to `max` bytes from the current position of a (non-blocking) descriptor.
-fn read_up_to(fd: &OwnedFd, max: usize) -> Result<Vec<u8>, Errno> {
-    let mut buf = Vec::new();
-    while buf.len() < max {
-        if buf.len() == buf.capacity() {
-            let grow = INITIAL_READ_BUFFER.max(buf.len()).min(max - buf.len());
-            buf.reserve_exact(grow);
-        }
-        let filled = buf.len();
-        let room = (buf.capacity() - filled).min(max - filled);
-        buf.resize(filled + room, 0);
-        match rustix::io::read(fd, &mut buf[filled..]) {
-            Ok(0) | Err(Errno::AGAIN) => {
                 buf.truncate(filled);
                 break;
             }
