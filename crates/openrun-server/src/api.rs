@@ -23,14 +23,18 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::{Extension, Json, Router};
 use openrun_runtime::{limits, ImageSource, Limits, Runtime, RuntimeError, SandboxSpec, Storage};
 use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::db::{self, Db, NewEvent, SandboxRow};
 use crate::error::ApiError;
 use crate::maintenance::AgentReaper;
+use crate::openapi::ErrorAnswers;
 use crate::{files, processes};
 use openrun_protocol::MAX_DATA_LEN;
 
@@ -63,47 +67,102 @@ pub struct Caller {
     pub actor: String,
 }
 
-/// The whole API.
+/// The whole API, with its OpenAPI document served at `/v1/openapi.json`.
 pub fn router(state: Shared) -> Router {
-    let authed = Router::new()
-        .route("/v1/sandboxes", post(create).get(list))
-        .route("/v1/sandboxes/{id}", get(get_one).delete(delete))
-        .route("/v1/sandboxes/{id}/exec", post(crate::exec::exec))
-        .route("/v1/sandboxes/{id}/events", get(events))
+    let (router, doc) = routes(state.clone()).split_for_parts();
+    let doc = Bytes::from(serde_json::to_vec(&doc).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot encode the OpenAPI document");
+        b"{}".to_vec()
+    }));
+    router
         .route(
-            "/v1/sandboxes/{id}/files",
-            get(files::read)
-                .put(files::write)
-                .layer(DefaultBodyLimit::max(MAX_DATA_LEN)),
+            "/v1/openapi.json",
+            get(move || {
+                let doc = doc.clone();
+                async move { ([(header::CONTENT_TYPE, "application/json")], doc) }
+            }),
         )
-        .route("/v1/sandboxes/{id}/files/list", get(files::list))
-        .route("/v1/sandboxes/{id}/files/stat", get(files::stat))
-        .route("/v1/sandboxes/{id}/files/mkdir", post(files::mkdir))
-        .route("/v1/sandboxes/{id}/files/remove", post(files::remove))
-        .route("/v1/sandboxes/{id}/files/move", post(files::rename))
-        .route("/v1/sandboxes/{id}/processes", get(processes::list))
-        .route("/v1/sandboxes/{id}/processes/{pid}", get(processes::status))
-        .route(
-            "/v1/sandboxes/{id}/processes/{pid}/signal",
-            post(processes::signal),
-        )
-        .route(
-            "/v1/sandboxes/{id}/processes/{pid}/stdin",
-            post(processes::stdin),
-        )
-        .route(
-            "/v1/sandboxes/{id}/processes/{pid}/output",
-            get(processes::output),
-        )
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
-        .route("/v1/health", get(health))
-        .merge(authed)
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
 }
 
+/// The OpenAPI document of [`router`] (also served at `GET /v1/openapi.json`).
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes_without_state().into_openapi()
+}
+
+/// Every route with its documentation; `auth` guards all but health.
+fn routes(state: Shared) -> OpenApiRouter<Shared> {
+    let authed = authed_routes().route_layer(middleware::from_fn_with_state(state, auth));
+    public_routes().merge(authed)
+}
+
+fn routes_without_state() -> OpenApiRouter<Shared> {
+    public_routes().merge(authed_routes())
+}
+
+/// Routes that need no key. (`/v1/openapi.json` is added by [`router`], which holds the
+/// finished document.)
+fn public_routes() -> OpenApiRouter<Shared> {
+    let mut doc = crate::openapi::ApiDoc::openapi();
+    doc.paths
+        .paths
+        .insert("/v1/openapi.json".into(), openapi_path_item());
+    OpenApiRouter::with_openapi(doc).routes(routes!(health))
+}
+
+/// Routes behind the API key.
+fn authed_routes() -> OpenApiRouter<Shared> {
+    let file_data = OpenApiRouter::new()
+        .routes(routes!(files::read, files::write))
+        .layer(DefaultBodyLimit::max(MAX_DATA_LEN));
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(get_one, delete))
+        .routes(routes!(crate::exec::exec))
+        .routes(routes!(events))
+        .merge(file_data)
+        .routes(routes!(files::list))
+        .routes(routes!(files::stat))
+        .routes(routes!(files::mkdir))
+        .routes(routes!(files::remove))
+        .routes(routes!(files::rename))
+        .routes(routes!(processes::list))
+        .routes(routes!(processes::status))
+        .routes(routes!(processes::signal))
+        .routes(routes!(processes::stdin))
+        .routes(routes!(processes::output))
+}
+
+/// The document's own entry (its handler holds the finished document, so it is written here).
+fn openapi_path_item() -> utoipa::openapi::PathItem {
+    use utoipa::openapi::path::{OperationBuilder, PathItemBuilder};
+    use utoipa::openapi::{HttpMethod, ResponseBuilder, SecurityRequirement};
+    PathItemBuilder::new()
+        .operation(
+            HttpMethod::Get,
+            OperationBuilder::new()
+                .operation_id(Some("openapi"))
+                .tag("meta")
+                .summary(Some("This OpenAPI document"))
+                .security(SecurityRequirement::default())
+                .response(
+                    "200",
+                    ResponseBuilder::new()
+                        .description("The OpenAPI 3.1 document, as JSON")
+                        .content(
+                            "application/json",
+                            utoipa::openapi::ContentBuilder::new().build(),
+                        ),
+                ),
+        )
+        .build()
+}
+
+/// `GET /v1/health`: the server is up (no key needed).
+#[utoipa::path(get, operation_id = "health", path = "/v1/health", tag = "meta", security(()),
+    responses((status = 200, description = "The server answers", body = Object, example = json!({"status": "ok"}))))]
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
@@ -166,12 +225,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 }
 
 /// Body of `POST /v1/sandboxes`; every field optional.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
     /// `host` (the default).
     image: Option<String>,
-    /// An unpacked root filesystem on the server's host, instead of `image`.
+    /// An unpacked root filesystem on the server's host, instead of `image` (refused over
+    /// the API: only images are accepted).
+    #[schema(value_type = Option<String>)]
     rootfs: Option<PathBuf>,
     /// Memory limit, e.g. `512M`.
     memory: Option<String>,
@@ -187,13 +248,21 @@ struct CreateBody {
 }
 
 /// The sandbox resource of the API.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Sandbox)]
 pub struct SandboxResource {
+    /// Sandbox id.
     id: String,
+    /// Image it runs.
     image: String,
+    /// `creating`, `running`, `paused`, `stopped` or `error`.
     state: String,
+    /// Creation time (RFC 3339).
     created_at: String,
+    /// When the TTL reaper destroys it (RFC 3339).
     expires_at: Option<String>,
+    /// Resource limits.
+    #[schema(value_type = crate::openapi::LimitsSchema)]
     limits: Limits,
 }
 
@@ -288,6 +357,9 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal("a background task failed", e))
 }
 
+/// `POST /v1/sandboxes`: creates a sandbox; answers once its agent answers.
+#[utoipa::path(post, operation_id = "create_sandbox", path = "/v1/sandboxes", tag = "sandboxes", request_body = CreateBody,
+    responses((status = 201, description = "Created", body = SandboxResource), ErrorAnswers))]
 async fn create(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -354,6 +426,9 @@ pub async fn find(s: &AppState, caller: &Caller, id: &str) -> Result<SandboxRow,
         .ok_or_else(missing)
 }
 
+/// `GET /v1/sandboxes/{id}`.
+#[utoipa::path(get, operation_id = "get_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox", body = SandboxResource), ErrorAnswers))]
 async fn get_one(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -363,6 +438,9 @@ async fn get_one(
     Ok(Json(SandboxResource::from_row(row)?))
 }
 
+/// `GET /v1/sandboxes`: the caller's sandboxes.
+#[utoipa::path(get, operation_id = "list_sandboxes", path = "/v1/sandboxes", tag = "sandboxes",
+    responses((status = 200, description = "The caller's sandboxes, oldest first", body = Vec<SandboxResource>), ErrorAnswers))]
 async fn list(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -396,6 +474,9 @@ pub async fn destroy(s: &AppState, id: &str) -> Result<(), ApiError> {
     }
 }
 
+/// `DELETE /v1/sandboxes/{id}`: destroys it; its events stay readable.
+#[utoipa::path(delete, operation_id = "delete_sandbox", path = "/v1/sandboxes/{id}", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 204, description = "Destroyed"), ErrorAnswers))]
 async fn delete(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -417,6 +498,9 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// `GET /v1/sandboxes/{id}/events`: the sandbox's timeline (kept after delete).
+#[utoipa::path(get, operation_id = "list_events", path = "/v1/sandboxes/{id}/events", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "Events, oldest first", body = Vec<Object>), ErrorAnswers))]
 async fn events(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,

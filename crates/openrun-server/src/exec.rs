@@ -40,13 +40,14 @@ use tokio::sync::mpsc;
 use crate::api::{blocking, check_env, find, Caller, JsonBody, Shared};
 use crate::db::{self, NewEvent, SandboxRow};
 use crate::error::ApiError;
+use crate::openapi::ErrorAnswers;
 
 /// Lines buffered between the agent and a slow client; beyond it the agent keeps the output
 /// (with offsets) and we stop reading.
 const STREAM_BUFFER: usize = 64;
 
 /// Body of an exec request.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecBody {
     /// Program and arguments (looked up in PATH when the program has no slash).
@@ -145,6 +146,12 @@ pub(crate) fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
 }
 
 /// Handler: checks everything that can be checked, records `process.exec`, then streams.
+#[utoipa::path(post, operation_id = "exec",
+    path = "/v1/sandboxes/{id}/exec",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = ExecBody,
+    responses((status = 200, description = "NDJSON lines: started, stdout/stderr (base64, with offsets), then exit or error", content_type = "application/x-ndjson", body = String), (status = 201, description = "Started in the background", body = Object, example = json!({"pid": 7})), ErrorAnswers))]
 pub async fn exec(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,

@@ -24,6 +24,7 @@ use crate::api::{Caller, JsonBody, Shared};
 use crate::db::{self, NewEvent, SandboxRow};
 use crate::error::ApiError;
 use crate::exec::agent_call;
+use crate::openapi::ErrorAnswers;
 use crate::query::Query;
 
 /// An answer the agent should not have given to this request.
@@ -64,6 +65,11 @@ pub(crate) async fn record(
 }
 
 /// `GET /v1/sandboxes/{id}/files?path=/x[&offset=N][&limit=N]`: the bytes.
+#[utoipa::path(get, operation_id = "read_file",
+    path = "/v1/sandboxes/{id}/files",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path inside the sandbox"), ("offset" = Option<u64>, Query, description = "First byte to read"), ("limit" = Option<u64>, Query, description = "Most bytes to read")),
+    responses((status = 200, description = "The file's bytes; X-File-Size has its whole size", content_type = "application/octet-stream", body = Vec<u8>), ErrorAnswers))]
 pub async fn read(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -94,6 +100,12 @@ pub async fn read(
 }
 
 /// `PUT /v1/sandboxes/{id}/files?path=/x[&mode=644][&parents=true]`: writes the body.
+#[utoipa::path(put, operation_id = "write_file",
+    path = "/v1/sandboxes/{id}/files",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path inside the sandbox"), ("mode" = Option<String>, Query, description = "Octal permissions of a new file, e.g. 644"), ("parents" = Option<bool>, Query, description = "Create missing parent directories")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The whole new content (up to 16 MiB)"),
+    responses((status = 204, description = "Written"), ErrorAnswers))]
 pub async fn write(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -156,6 +168,11 @@ async fn ask_about_path(
 }
 
 /// `GET /v1/sandboxes/{id}/files/list?path=/d`: the entries, sorted by name.
+#[utoipa::path(get, operation_id = "list_dir",
+    path = "/v1/sandboxes/{id}/files/list",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path inside the sandbox")),
+    responses((status = 200, description = "Entries sorted by name: name, file_type, size, mode, ...", body = Vec<Object>), ErrorAnswers))]
 pub async fn list(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -169,6 +186,11 @@ pub async fn list(
 }
 
 /// `GET /v1/sandboxes/{id}/files/stat?path=/x`: metadata (a final symlink is not followed).
+#[utoipa::path(get, operation_id = "stat_file",
+    path = "/v1/sandboxes/{id}/files/stat",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path inside the sandbox")),
+    responses((status = 200, description = "Metadata: name, file_type, size, mode, ...", body = Object), ErrorAnswers))]
 pub async fn stat(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -182,7 +204,7 @@ pub async fn stat(
 }
 
 /// Body of `files/mkdir`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MkdirBody {
     path: String,
@@ -191,7 +213,7 @@ pub struct MkdirBody {
 }
 
 /// Body of `files/remove`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveBody {
     path: String,
@@ -200,7 +222,7 @@ pub struct RemoveBody {
 }
 
 /// Body of `files/move`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MoveBody {
     from: String,
@@ -227,6 +249,12 @@ async fn change(
 }
 
 /// `POST /v1/sandboxes/{id}/files/mkdir` `{"path","parents"}`.
+#[utoipa::path(post, operation_id = "make_dir",
+    path = "/v1/sandboxes/{id}/files/mkdir",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = MkdirBody,
+    responses((status = 204, description = "Created"), ErrorAnswers))]
 pub async fn mkdir(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -244,6 +272,12 @@ pub async fn mkdir(
 }
 
 /// `POST /v1/sandboxes/{id}/files/remove` `{"path","recursive"}`.
+#[utoipa::path(post, operation_id = "remove_file",
+    path = "/v1/sandboxes/{id}/files/remove",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = RemoveBody,
+    responses((status = 204, description = "Removed"), ErrorAnswers))]
 pub async fn remove(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -260,6 +294,12 @@ pub async fn remove(
 }
 
 /// `POST /v1/sandboxes/{id}/files/move` `{"from","to"}`.
+#[utoipa::path(post, operation_id = "move_file",
+    path = "/v1/sandboxes/{id}/files/move",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = MoveBody,
+    responses((status = 204, description = "Moved"), ErrorAnswers))]
 pub async fn rename(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,

@@ -16,6 +16,7 @@ mod exec;
 mod files;
 mod keys;
 mod maintenance;
+mod openapi;
 mod processes;
 mod query;
 mod time;
@@ -25,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use api::openapi_document;
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
 

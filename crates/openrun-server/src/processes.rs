@@ -28,6 +28,7 @@ use crate::api::{find, Caller, JsonBody, Shared};
 use crate::error::ApiError;
 use crate::exec::{agent_call, ndjson_response, open_running, Line};
 use crate::files::record;
+use crate::openapi::ErrorAnswers;
 use crate::query::Query;
 
 /// Lines buffered between the agent and a slow client.
@@ -49,6 +50,11 @@ fn pid(text: &str) -> Result<Pid, ApiError> {
 }
 
 /// `GET /v1/sandboxes/{id}/processes`.
+#[utoipa::path(get, operation_id = "list_processes",
+    path = "/v1/sandboxes/{id}/processes",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The agent's process table: pid, argv, state, status, output lengths", body = Vec<Object>), ErrorAnswers))]
 pub async fn list(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -65,6 +71,11 @@ pub async fn list(
 }
 
 /// `GET /v1/sandboxes/{id}/processes/{pid}`.
+#[utoipa::path(get, operation_id = "get_process",
+    path = "/v1/sandboxes/{id}/processes/{pid}",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Process id inside the sandbox")),
+    responses((status = 200, description = "One process", body = Object), ErrorAnswers))]
 pub async fn status(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -82,7 +93,7 @@ pub async fn status(
 }
 
 /// Body of `processes/{pid}/signal`.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SignalBody {
     signal: i32,
@@ -91,6 +102,12 @@ pub struct SignalBody {
 }
 
 /// `POST /v1/sandboxes/{id}/processes/{pid}/signal` `{"signal":15,"group":true}`.
+#[utoipa::path(post, operation_id = "signal_process",
+    path = "/v1/sandboxes/{id}/processes/{pid}/signal",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Process id inside the sandbox")),
+    request_body = SignalBody,
+    responses((status = 204, description = "Sent"), ErrorAnswers))]
 pub async fn signal(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -122,6 +139,12 @@ pub async fn signal(
 }
 
 /// `POST /v1/sandboxes/{id}/processes/{pid}/stdin[?eof=true]`: writes the raw body.
+#[utoipa::path(post, operation_id = "write_stdin",
+    path = "/v1/sandboxes/{id}/processes/{pid}/stdin",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Process id inside the sandbox"), ("eof" = Option<bool>, Query, description = "Close stdin after writing")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Bytes for the process's stdin"),
+    responses((status = 204, description = "Written"), ErrorAnswers))]
 pub async fn stdin(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -153,6 +176,11 @@ pub async fn stdin(
 }
 
 /// `GET /v1/sandboxes/{id}/processes/{pid}/output?stdout_since=N&stderr_since=M&follow=false`.
+#[utoipa::path(get, operation_id = "read_output",
+    path = "/v1/sandboxes/{id}/processes/{pid}/output",
+    tag = "processes",
+    params(("id" = String, Path, description = "Sandbox id"), ("pid" = i32, Path, description = "Process id inside the sandbox"), ("stdout_since" = Option<u64>, Query, description = "Stdout offset to start from"), ("stderr_since" = Option<u64>, Query, description = "Stderr offset to start from"), ("follow" = Option<bool>, Query, description = "Keep streaming until the process exits")),
+    responses((status = 200, description = "NDJSON lines: stdout/stderr chunks with offsets, then exit if it ended", content_type = "application/x-ndjson", body = String), ErrorAnswers))]
 pub async fn output(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
