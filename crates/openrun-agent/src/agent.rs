@@ -48,6 +48,8 @@ pub(crate) struct Agent {
     is_init: bool,
     processes: RefCell<BTreeMap<Pid, Process>>,
     shutdown: watch::Sender<bool>,
+    /// When the sandbox's lifetime ends (`None`: never); the server loop follows changes.
+    deadline: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 /// The parent's ends of a new process's standard streams.
@@ -120,6 +122,8 @@ impl Agent {
     /// Builds the shared state.
     pub(crate) fn new(config: AgentConfig, files: Files) -> Rc<Self> {
         let (shutdown, _) = watch::channel(false);
+        let deadline = config.lifetime.map(|d| tokio::time::Instant::now() + d);
+        let (deadline, _) = watch::channel(deadline);
         Rc::new(Self {
             config,
             files: Arc::new(files),
@@ -127,7 +131,19 @@ impl Agent {
             is_init: rustix::process::getpid().is_init(),
             processes: RefCell::new(BTreeMap::new()),
             shutdown,
+            deadline,
         })
+    }
+
+    /// Replaces the lifetime: the sandbox ends `remaining` from now, or never.
+    pub(crate) fn set_lifetime(&self, remaining: Option<std::time::Duration>) {
+        self.deadline
+            .send_replace(remaining.map(|d| tokio::time::Instant::now() + d));
+    }
+
+    /// The lifetime's end, updated by [`Agent::set_lifetime`].
+    pub(crate) fn deadline(&self) -> watch::Receiver<Option<tokio::time::Instant>> {
+        self.deadline.subscribe()
     }
 
     /// Facts for `Hello` and `Info`.

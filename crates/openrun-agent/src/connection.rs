@@ -375,6 +375,11 @@ impl Connection {
                     .await
             }
             Request::Info => Ok((Response::Info(self.agent.info()), Vec::new())),
+            Request::SetLifetime { remaining_ms } => {
+                self.agent
+                    .set_lifetime(remaining_ms.map(std::time::Duration::from_millis));
+                Ok((Response::Done, Vec::new()))
+            }
             Request::Shutdown => {
                 tracing::info!("shutdown requested by a client");
                 self.agent.kill_all();

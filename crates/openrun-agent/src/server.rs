@@ -52,7 +52,6 @@ pub(crate) async fn serve(
         None => None,
     };
 
-    let lifetime = config.lifetime;
     let exit_with_control = config.exit_with_control;
     let agent = Agent::new(config, files);
     tracing::info!(sandbox = %agent.config.sandbox_id, "agent serving");
@@ -68,10 +67,26 @@ pub(crate) async fn serve(
             _ => pending::<()>().await,
         }
     };
+    // The lifetime can be changed by a client (`SetLifetime`): wait for the current deadline,
+    // starting over whenever it changes.
+    let mut deadlines = agent.deadline();
     let deadline = async move {
-        match lifetime {
-            Some(d) => tokio::time::sleep(d).await,
-            None => pending::<()>().await,
+        loop {
+            let current = *deadlines.borrow_and_update();
+            let passed = async {
+                match current {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = passed => return,
+                changed = deadlines.changed() => {
+                    if changed.is_err() {
+                        pending::<()>().await;
+                    }
+                }
+            }
         }
     };
     tokio::pin!(control_closed, deadline);

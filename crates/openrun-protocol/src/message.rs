@@ -144,6 +144,12 @@ pub enum Request {
     },
     /// Facts about the agent and sandbox.
     Info,
+    /// Replaces the sandbox's lifetime: the agent ends the sandbox `remaining_ms` from now
+    /// (never, when `None`). Answered with [`Response::Done`].
+    SetLifetime {
+        /// Milliseconds from now, or `None` for no deadline.
+        remaining_ms: Option<u64>,
+    },
     /// Kills every process in the sandbox and makes the agent exit.
     Shutdown,
 }

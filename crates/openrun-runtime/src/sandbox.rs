@@ -539,6 +539,12 @@ impl Runtime {
                 Ok(()) | Err(rustix::io::Errno::SRCH) => {}
                 Err(e) => return Err(RuntimeError::io("cannot kill the sandbox agent", e)),
             }
+            // A paused (frozen) sandbox's processes act on SIGKILL only once thawed.
+            if let Some(cg) = &sandbox.cgroup {
+                if cg.is_frozen()? {
+                    cg.thaw()?;
+                }
+            }
             wait_for_exit(&pidfd, sandbox.child)?;
         }
         phase("killed");
@@ -553,6 +559,19 @@ impl Runtime {
         self.pool
             .release(sandbox.record.ids, &sandbox.record.id)
             .context(|| "cannot release the sandbox id range".to_string())?;
+        Ok(())
+    }
+
+    /// Changes the deadline kept in the sandbox's record (milliseconds since the Unix epoch,
+    /// `None` for none), which [`Runtime::list`] enforces as a backstop. The agent's own timer
+    /// is the caller's to change (`Request::SetLifetime`).
+    pub fn set_expiry(&self, sandbox: &mut Sandbox, expires_at_ms: Option<u64>) -> Result<()> {
+        let mut record = sandbox.record.clone();
+        record.expires_at_ms = expires_at_ms;
+        record
+            .save(&sandbox.paths)
+            .context(|| format!("cannot write {}", sandbox.paths.state().display()))?;
+        sandbox.record = record;
         Ok(())
     }
 
@@ -612,6 +631,35 @@ impl Sandbox {
     /// Connects a new client to the agent.
     pub async fn connect(&self) -> Result<AgentClient> {
         Ok(AgentClient::connect(&self.paths.socket()).await?)
+    }
+
+    /// Pauses the sandbox: freezes every process in its cgroup, the agent included, and
+    /// returns once the kernel reports them frozen. Pausing a paused sandbox is a no-op. While
+    /// paused the agent cannot answer: do not connect to it until [`Sandbox::resume`].
+    pub fn pause(&self) -> Result<()> {
+        Ok(self.frozen_cgroup()?.freeze()?)
+    }
+
+    /// Resumes a paused sandbox (thaws its cgroup); resuming a running one is a no-op.
+    pub fn resume(&self) -> Result<()> {
+        Ok(self.frozen_cgroup()?.thaw()?)
+    }
+
+    /// Whether the sandbox is paused (its cgroup is frozen).
+    pub fn is_paused(&self) -> Result<bool> {
+        match &self.cgroup {
+            Some(cg) => Ok(cg.is_frozen()?),
+            None => Ok(false),
+        }
+    }
+
+    fn frozen_cgroup(&self) -> Result<&Cgroup> {
+        self.cgroup.as_ref().ok_or_else(|| {
+            RuntimeError::io(
+                format!("sandbox {} has no cgroup to freeze", self.record.id),
+                io::Error::from(io::ErrorKind::NotFound),
+            )
+        })
     }
 
     /// Number of processes the memory limit has killed so far.

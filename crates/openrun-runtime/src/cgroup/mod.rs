@@ -396,6 +396,20 @@ impl Cgroup {
         }
     }
 
+    /// Whether the cgroup is asked to be frozen: v1 `freezer.state` reads `FROZEN` or
+    /// `FREEZING`, v2 `cgroup.freeze` holds `1`. A removed cgroup is not frozen.
+    pub fn is_frozen(&self) -> Result<bool> {
+        let (path, frozen): (PathBuf, fn(&str) -> bool) = match &self.dirs {
+            Dirs::V1(d) => (d.freezer.join("freezer.state"), |s| s != "THAWED"),
+            Dirs::V2(d) => (d.join("cgroup.freeze"), |s| s == "1"),
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(frozen(text.trim())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(read_error(&path)(e)),
+        }
+    }
+
     /// Kills every process in the cgroup and waits until it is empty (at most about 2 s). A
     /// removed cgroup is already empty: Ok.
     ///

@@ -402,6 +402,7 @@ fn freeze_stops_processes_and_thaw_resumes_them() {
         CgroupVersion::V2 => keyed(&control_file(&cg, "", "cgroup.events"), "frozen").unwrap() == 1,
     };
     assert!(frozen, "the kernel should report the cgroup frozen");
+    assert!(cg.is_frozen().unwrap());
     // A 0.3 s sleep cannot finish while frozen.
     thread::sleep(Duration::from_millis(600));
     assert!(
@@ -411,11 +412,32 @@ fn freeze_stops_processes_and_thaw_resumes_them() {
     cg.freeze().unwrap(); // freezing a frozen cgroup is fine
 
     cg.thaw().unwrap();
+    assert!(!cg.is_frozen().unwrap());
     let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     if manager().version() == CgroupVersion::V1 {
         assert_eq!(read_control(&cg, "freezer", "freezer.state"), "THAWED");
     }
+}
+
+#[test]
+fn a_frozen_cgroup_is_killed_and_removed() {
+    let cg = create("frozen-kill", Limits::default());
+    let mut child = Proc::gated("sleep 100 & exec sleep 100");
+    cg.add_process(child.pid()).unwrap();
+    child.release();
+    assert!(wait_until(Duration::from_secs(2), || Ok(cg.procs()?.len() == 2)).unwrap());
+    cg.freeze().unwrap();
+    cg.kill_all().unwrap();
+    assert!(cg.procs().unwrap().is_empty());
+    assert!(
+        !cg.is_frozen().unwrap(),
+        "kill_all leaves the cgroup thawed"
+    );
+    let status = child.0.wait().unwrap();
+    assert_eq!(status.signal(), Some(9), "{status:?}");
+    cg.remove().unwrap();
+    assert!(!cg.is_frozen().unwrap(), "a removed cgroup is not frozen");
 }
 
 /// Whether `pid` is gone or a zombie (dead, waiting to be reaped).

@@ -235,6 +235,34 @@ mod tests {
     }
 
     #[test]
+    fn freeze_waits_for_the_kernel_to_report_frozen_and_thaw_undoes_it() {
+        let root = FakeRoot::new("frozen");
+        // The kernel has already reported the cgroup frozen: freeze returns at once.
+        root.file("cgroup.events", "populated 1\nfrozen 1\n");
+        freeze(&root.0, Duration::from_millis(50)).unwrap();
+        assert_eq!(root.read("cgroup.freeze"), "1");
+        let cgroup = super::super::Cgroup {
+            name: "fake".into(),
+            dirs: super::super::Dirs::V2(root.0.clone()),
+        };
+        assert!(cgroup.is_frozen().unwrap());
+        // Thawing waits for `frozen 0`: it times out while the file still says frozen.
+        let err = thaw(&root.0).unwrap_err();
+        assert!(
+            matches!(err, CgroupError::Timeout { what: "thaw", .. }),
+            "{err:?}"
+        );
+        assert_eq!(root.read("cgroup.freeze"), "0");
+        assert!(!cgroup.is_frozen().unwrap());
+        root.file("cgroup.events", "populated 1\nfrozen 0\n");
+        thaw(&root.0).unwrap();
+        // A garbled events file is an error naming it, not a hang.
+        root.file("cgroup.events", "populated 1\n");
+        let err = freeze(&root.0, Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(err, CgroupError::Malformed { .. }), "{err:?}");
+    }
+
+    #[test]
     fn kill_waits_for_the_cgroup_to_empty() {
         let root = FakeRoot::new("kill");
         root.file("cgroup.events", "populated 0\nfrozen 0\n");
