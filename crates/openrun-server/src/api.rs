@@ -65,6 +65,8 @@ pub struct Caller {
     pub tenant: String,
     /// `agent` or `human`, the actor of its events.
     pub actor: String,
+    /// The key's name, the owner of what it creates.
+    pub name: String,
 }
 
 /// The whole API, with its OpenAPI document served at `/v1/openapi.json`.
@@ -191,6 +193,7 @@ async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<R
     req.extensions_mut().insert(Caller {
         tenant: key.tenant,
         actor: key.actor_kind,
+        name: key.name,
     });
     Ok(next.run(req).await)
 }
@@ -245,6 +248,10 @@ struct CreateBody {
     /// Environment of every process.
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Labels to find it by (`GET /v1/sandboxes?label=k=v`): at most 64; keys of 1 to 63
+    /// characters from `A-Za-z0-9._/-`, values of at most 256 characters.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// The sandbox resource of the API.
@@ -264,10 +271,17 @@ pub struct SandboxResource {
     /// Resource limits.
     #[schema(value_type = crate::openapi::LimitsSchema)]
     limits: Limits,
+    /// Labels given at creation.
+    labels: BTreeMap<String, String>,
+    /// Environment of every process, given at creation.
+    env: BTreeMap<String, String>,
+    /// Name of the API key that created it.
+    owner: String,
 }
 
 impl SandboxResource {
-    fn from_row(row: SandboxRow) -> Result<Self, ApiError> {
+    /// The resource of a stored sandbox.
+    pub fn from_row(row: SandboxRow) -> Result<Self, ApiError> {
         let limits = serde_json::from_str(&row.limits_json)
             .map_err(|e| ApiError::internal("a stored sandbox record is corrupt", e))?;
         Ok(Self {
@@ -277,6 +291,9 @@ impl SandboxResource {
             created_at: crate::time::rfc3339(row.created_at),
             expires_at: row.expires_at.map(crate::time::rfc3339),
             limits,
+            labels: row.labels,
+            env: row.env,
+            owner: row.owner,
         })
     }
 }
@@ -291,6 +308,44 @@ pub fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// Most labels a sandbox may have.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key, in characters.
+pub const MAX_LABEL_KEY: usize = 63;
+/// Longest label value, in characters.
+pub const MAX_LABEL_VALUE: usize = 256;
+
+/// Checks one label: the key 1 to [`MAX_LABEL_KEY`] characters from `A-Za-z0-9._/-`, the
+/// value at most [`MAX_LABEL_VALUE`] characters without NUL.
+pub fn check_label(key: &str, value: &str) -> Result<(), ApiError> {
+    let key_ok = (1..=MAX_LABEL_KEY).contains(&key.len())
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'));
+    if !key_ok {
+        return Err(ApiError::InvalidArgument(format!(
+            "invalid label key {key:?}: expected 1 to {MAX_LABEL_KEY} characters from A-Za-z0-9._/-"
+        )));
+    }
+    if value.chars().count() > MAX_LABEL_VALUE || value.contains('\0') {
+        return Err(ApiError::InvalidArgument(format!(
+            "invalid value of label {key:?}: expected at most {MAX_LABEL_VALUE} characters without NUL"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a sandbox's labels (see [`check_label`]), at most [`MAX_LABELS`] of them.
+pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::InvalidArgument(format!(
+            "too many labels: {} given, at most {MAX_LABELS} allowed",
+            labels.len()
+        )));
+    }
+    labels.iter().try_for_each(|(k, v)| check_label(k, v))
 }
 
 fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
@@ -344,6 +399,7 @@ fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
         None => DEFAULT_TTL,
     });
     check_env(&body.env)?;
+    check_labels(&body.labels)?;
     spec.env = body.env;
     Ok(spec)
 }
@@ -365,6 +421,7 @@ async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxResource>), ApiError> {
+    let labels = body.labels.clone();
     let spec = spec_from(body)?;
     let runtime = s.runtime.clone();
     let helper = s.helper.clone();
@@ -379,9 +436,12 @@ async fn create(
     let row = SandboxRow {
         id: record.id.clone(),
         tenant: caller.tenant.clone(),
+        owner: caller.name.clone(),
         image: record.image.clone(),
         limits_json: serde_json::to_string(&record.limits)
             .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
+        labels,
+        env: spec.env.clone(),
         state: "running".into(),
         created_at,
         expires_at: record
@@ -397,6 +457,8 @@ async fn create(
             "image": record.image,
             "limits": record.limits,
             "ttl_ms": spec.lifetime.map(|d| d.as_millis() as u64),
+            "labels": row.labels,
+            "env": row.env.keys().collect::<Vec<_>>(),
         }),
     };
     let stored = row.clone();
@@ -438,20 +500,121 @@ async fn get_one(
     Ok(Json(SandboxResource::from_row(row)?))
 }
 
-/// `GET /v1/sandboxes`: the caller's sandboxes.
+/// Largest page of `GET /v1/sandboxes`.
+pub const MAX_PAGE: u32 = 1000;
+/// Page size of `GET /v1/sandboxes` when `limit` is not given.
+pub const DEFAULT_PAGE: u32 = 100;
+/// Every state a sandbox can be in.
+pub const STATES: [&str; 5] = ["creating", "running", "paused", "stopped", "error"];
+
+/// The opaque cursor naming the position after `row` in the list order.
+fn cursor_after(row: &SandboxRow) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{}", row.created_at, row.id))
+}
+
+/// Decodes a cursor made by [`cursor_after`]; anything else is a 400.
+fn parse_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let bad = || {
+        ApiError::InvalidArgument(format!(
+            "invalid cursor {cursor:?}: pass the X-Next-Cursor header of the previous page"
+        ))
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let (created_at, id) = text.split_once(':').ok_or_else(bad)?;
+    let created_at = created_at.parse().map_err(|_| bad())?;
+    if !openrun_runtime::state::valid_id(id) {
+        return Err(bad());
+    }
+    Ok((created_at, id.to_string()))
+}
+
+/// The filter of a list request: `label=k=v` (repeatable), `state`, `limit`, `cursor`.
+fn list_filter(query: &str) -> Result<db::ListFilter, ApiError> {
+    let (query, labels) = crate::query::Query::parse_repeated(query, "label")?;
+    query.only(&["state", "limit", "cursor"])?;
+    let labels = labels
+        .into_iter()
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                ApiError::InvalidArgument(format!(
+                    "query parameter \"label\" must be KEY=VALUE, not {pair:?}"
+                ))
+            })?;
+            check_label(k, v)?;
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect::<Result<_, ApiError>>()?;
+    let state = query.string("state");
+    if let Some(state) = &state {
+        if !STATES.contains(&state.as_str()) {
+            return Err(ApiError::InvalidArgument(format!(
+                "query parameter \"state\" must be one of {STATES:?}, not {state:?}"
+            )));
+        }
+    }
+    let limit = match query.u64("limit")? {
+        None => DEFAULT_PAGE,
+        Some(n) if (1..=u64::from(MAX_PAGE)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ApiError::InvalidArgument(format!(
+                "query parameter \"limit\" must be 1 to {MAX_PAGE}, not {n}"
+            )))
+        }
+    };
+    let after = query.string("cursor").as_deref().map(parse_cursor).transpose()?;
+    Ok(db::ListFilter {
+        labels,
+        state,
+        after,
+        limit,
+    })
+}
+
+/// `GET /v1/sandboxes`: the caller's sandboxes, filtered and paged.
 #[utoipa::path(get, operation_id = "list_sandboxes", path = "/v1/sandboxes", tag = "sandboxes",
-    responses((status = 200, description = "The caller's sandboxes, oldest first", body = Vec<SandboxResource>), ErrorAnswers))]
+    params(
+        ("label" = Option<Vec<String>>, Query, description = "KEY=VALUE; repeatable, all must match"),
+        ("state" = Option<String>, Query, description = "creating, running, paused, stopped or error"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000 (default 100)"),
+        ("cursor" = Option<String>, Query, description = "X-Next-Cursor of the previous page"),
+    ),
+    responses((status = 200, description = "The caller's sandboxes, oldest first; X-Next-Cursor when there are more",
+        body = Vec<SandboxResource>,
+        headers(("X-Next-Cursor" = String, description = "Cursor of the next page"))), ErrorAnswers))]
 async fn list(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
-) -> Result<Json<Vec<SandboxResource>>, ApiError> {
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let mut filter = list_filter(uri.query().unwrap_or(""))?;
+    let page = filter.limit as usize;
+    // One more than asked for tells whether there is a next page.
+    filter.limit += 1;
     let tenant = caller.tenant.clone();
-    let rows = s.db.call(move |c| db::list_sandboxes(c, &tenant)).await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(SandboxResource::from_row)
-            .collect::<Result<_, _>>()?,
-    ))
+    let mut rows =
+        s.db.call(move |c| db::list_sandboxes(c, &tenant, &filter))
+            .await?;
+    let next = (rows.len() > page).then(|| {
+        rows.truncate(page);
+        rows.last().map(cursor_after)
+    });
+    let body: Vec<SandboxResource> = rows
+        .into_iter()
+        .map(SandboxResource::from_row)
+        .collect::<Result<_, _>>()?;
+    let mut response = Json(body).into_response();
+    if let Some(Some(cursor)) = next {
+        if let Ok(value) = axum::http::HeaderValue::from_str(&cursor) {
+            response.headers_mut().insert("x-next-cursor", value);
+        }
+    }
+    Ok(response)
 }
 
 /// Destroys a sandbox if it still exists; one already gone is not an error.
@@ -483,7 +646,7 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let row = find(&s, &caller, &id).await?;
-    if row.state == "running" {
+    if matches!(row.state.as_str(), "creating" | "running" | "paused") {
         destroy(&s, &row.id).await?;
     }
     let event = NewEvent {
@@ -500,7 +663,7 @@ async fn delete(
 
 /// `GET /v1/sandboxes/{id}/events`: the sandbox's timeline (kept after delete).
 #[utoipa::path(get, operation_id = "list_events", path = "/v1/sandboxes/{id}/events", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 200, description = "Events, oldest first", body = Vec<Object>), ErrorAnswers))]
+    responses((status = 200, description = "Events, oldest first", body = Vec<db::EventRow>), ErrorAnswers))]
 async fn events(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -511,11 +674,11 @@ async fn events(
         return Err(missing());
     }
     let (tenant, key) = (caller.tenant, id.clone());
-    let events =
-        s.db.call(move |c| db::events(c, &tenant, &key))
+    let timeline =
+        s.db.call(move |c| db::events(c, &tenant, &key, 0))
             .await?
             .ok_or_else(missing)?;
-    Ok(Json(events).into_response())
+    Ok(Json(timeline.events).into_response())
 }
 
 #[cfg(test)]

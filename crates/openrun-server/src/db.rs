@@ -7,6 +7,7 @@
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -16,9 +17,10 @@ use crate::error::DbError;
 
 /// Schema migrations: `(version, SQL)`, applied in order, each once, recorded in
 /// `PRAGMA user_version`. Never edit a released migration: add the next number.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE api_keys (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE api_keys (
         id TEXT PRIMARY KEY,
         name TEXT NOT NULL,
         tenant TEXT NOT NULL,
@@ -48,12 +50,55 @@ const MIGRATIONS: &[(i64, &str)] = &[(
         at INTEGER NOT NULL
     );
     CREATE INDEX events_by_sandbox ON events (sandbox_id, seq);",
-)];
+    ),
+    (
+        2,
+        // Labels, environment and owner (the creating key's name) on every sandbox, and the
+        // states `creating`, `paused` and `error` (a CHECK changes only by rebuilding the table).
+        // Background processes whose exit is still to be recorded.
+        "CREATE TABLE sandboxes_v2 (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        image TEXT NOT NULL,
+        limits_json TEXT NOT NULL,
+        labels_json TEXT NOT NULL DEFAULT '{}',
+        env_json TEXT NOT NULL DEFAULT '{}',
+        state TEXT NOT NULL
+            CHECK (state IN ('creating', 'running', 'paused', 'stopped', 'error')),
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        deleted_at INTEGER
+    );
+    INSERT INTO sandboxes_v2
+        (id, tenant, owner, image, limits_json, state, created_at, expires_at, deleted_at)
+        SELECT s.id, s.tenant,
+               COALESCE((SELECT k.name FROM api_keys k WHERE k.tenant = s.tenant
+                         ORDER BY k.created_at LIMIT 1), ''),
+               s.image, s.limits_json, s.state, s.created_at, s.expires_at, s.deleted_at
+        FROM sandboxes s;
+    DROP TABLE sandboxes;
+    ALTER TABLE sandboxes_v2 RENAME TO sandboxes;
+    CREATE INDEX sandboxes_by_tenant ON sandboxes (tenant, created_at, id);
+    CREATE INDEX sandboxes_by_expiry ON sandboxes (state, expires_at);
+    CREATE TABLE background_processes (
+        id INTEGER PRIMARY KEY,
+        sandbox_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        exited INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX background_by_sandbox ON background_processes (sandbox_id, pid);",
+    ),
+];
 
 /// Shared handle to the database.
 #[derive(Clone)]
 pub struct Db {
     conn: Arc<Mutex<Connection>>,
+    /// Bumped after every call that changed a row, so followers of the timeline re-read it.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Db {
@@ -78,7 +123,13 @@ impl Db {
         migrate(&mut conn)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         })
+    }
+
+    /// Changes whenever a call wrote to the database (the value counts such calls).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Runs `f` with the connection on the blocking pool.
@@ -88,11 +139,17 @@ impl Db {
         F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
     {
         let conn = self.conn.clone();
+        let changes = self.changes.clone();
         tokio::task::spawn_blocking(move || {
             // A panic while holding the lock cannot leave a transaction half-applied (it rolls
             // back on drop), so a poisoned lock still guards a consistent connection.
             let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut guard)
+            let before = guard.total_changes();
+            let result = f(&mut guard);
+            if guard.total_changes() != before {
+                changes.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            result
         })
         .await
         .map_err(DbError::Task)?
@@ -134,16 +191,35 @@ pub struct SandboxRow {
     pub id: String,
     /// Owning tenant.
     pub tenant: String,
+    /// Name of the API key that created it.
+    pub owner: String,
     /// Image description (`host`, `rootfs:/path`).
     pub image: String,
     /// `openrun_runtime::Limits` as JSON.
     pub limits_json: String,
-    /// `running` or `stopped`.
+    /// Labels given at creation.
+    pub labels: BTreeMap<String, String>,
+    /// Environment given at creation.
+    pub env: BTreeMap<String, String>,
+    /// `creating`, `running`, `paused`, `stopped` or `error`.
     pub state: String,
     /// Creation time (ms).
     pub created_at: i64,
     /// Deadline (ms).
     pub expires_at: Option<i64>,
+}
+
+/// Which of a tenant's sandboxes [`list_sandboxes`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Labels that must all be present with these values.
+    pub labels: Vec<(String, String)>,
+    /// Only sandboxes in this state.
+    pub state: Option<String>,
+    /// Only sandboxes after this `(created_at, id)` position.
+    pub after: Option<(i64, String)>,
+    /// At most this many rows.
+    pub limit: u32,
 }
 
 /// A timeline entry to append.
@@ -162,7 +238,8 @@ pub struct NewEvent {
 }
 
 /// A stored timeline entry.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Event)]
 pub struct EventRow {
     /// Position in the timeline (ascending).
     pub seq: i64,
@@ -173,7 +250,7 @@ pub struct EventRow {
     /// Details.
     pub payload: serde_json::Value,
     /// When (RFC 3339).
-    pub at: String,
+    pub time: String,
 }
 
 /// Stores a key.
@@ -237,13 +314,17 @@ pub fn insert_sandbox(
 ) -> Result<(), DbError> {
     let tx = conn.transaction()?;
     tx.execute(
-        "INSERT INTO sandboxes (id, tenant, image, limits_json, state, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO sandboxes (id, tenant, owner, image, limits_json, labels_json, env_json,
+                                state, created_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         params![
             row.id,
             row.tenant,
+            row.owner,
             row.image,
             row.limits_json,
+            encode(&row.labels)?,
+            encode(&row.env)?,
             row.state,
             row.created_at,
             row.expires_at
@@ -252,6 +333,10 @@ pub fn insert_sandbox(
     append_event(&tx, event)?;
     tx.commit()?;
     Ok(())
+}
+
+fn encode(map: &BTreeMap<String, String>) -> Result<String, DbError> {
+    serde_json::to_string(map).map_err(|e| DbError::Corrupt(format!("cannot encode a map: {e}")))
 }
 
 /// Marks a sandbox stopped (and deleted, when `deleted`) and appends `event`, in one
@@ -265,7 +350,7 @@ pub fn stop_sandbox(
     let tx = conn.transaction()?;
     let now = crate::time::now_ms();
     tx.execute(
-        "UPDATE sandboxes SET state = 'stopped',
+        "UPDATE sandboxes SET state = CASE WHEN state = 'error' THEN 'error' ELSE 'stopped' END,
                 deleted_at = CASE WHEN ?2 THEN COALESCE(deleted_at, ?3) ELSE deleted_at END
          WHERE id = ?1",
         params![id, deleted, now],
@@ -275,17 +360,70 @@ pub fn stop_sandbox(
     Ok(())
 }
 
-const SANDBOX_COLUMNS: &str = "id, tenant, image, limits_json, state, created_at, expires_at";
+/// Moves a sandbox that is not deleted from one of the states `from` to `to` and appends
+/// `event`, in one transaction; `false` (and no event) when it was in none of them.
+pub fn set_state(
+    conn: &mut Connection,
+    id: &str,
+    from: &[&str],
+    to: &str,
+    event: &NewEvent,
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let mut changed = 0;
+    for state in from {
+        changed += tx.execute(
+            "UPDATE sandboxes SET state = ?3
+             WHERE id = ?1 AND state = ?2 AND deleted_at IS NULL",
+            params![id, state, to],
+        )?;
+    }
+    if changed == 0 {
+        return Ok(false);
+    }
+    append_event(&tx, event)?;
+    tx.commit()?;
+    Ok(true)
+}
+
+/// Sets a sandbox's deadline and appends `event`, in one transaction.
+pub fn set_expiry(
+    conn: &mut Connection,
+    id: &str,
+    expires_at: i64,
+    event: &NewEvent,
+) -> Result<(), DbError> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "UPDATE sandboxes SET expires_at = ?2 WHERE id = ?1",
+        params![id, expires_at],
+    )?;
+    append_event(&tx, event)?;
+    tx.commit()?;
+    Ok(())
+}
+
+const SANDBOX_COLUMNS: &str =
+    "id, tenant, owner, image, limits_json, labels_json, env_json, state, created_at, expires_at";
 
 fn sandbox_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<SandboxRow> {
+    let map = |i: usize| -> rusqlite::Result<BTreeMap<String, String>> {
+        let text: String = r.get(i)?;
+        serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+        })
+    };
     Ok(SandboxRow {
         id: r.get(0)?,
         tenant: r.get(1)?,
-        image: r.get(2)?,
-        limits_json: r.get(3)?,
-        state: r.get(4)?,
-        created_at: r.get(5)?,
-        expires_at: r.get(6)?,
+        owner: r.get(2)?,
+        image: r.get(3)?,
+        limits_json: r.get(4)?,
+        labels: map(5)?,
+        env: map(6)?,
+        state: r.get(7)?,
+        created_at: r.get(8)?,
+        expires_at: r.get(9)?,
     })
 }
 
@@ -307,47 +445,96 @@ pub fn get_sandbox(
         .optional()?)
 }
 
-/// A tenant's sandboxes that have not been deleted, oldest first.
-pub fn list_sandboxes(conn: &Connection, tenant: &str) -> Result<Vec<SandboxRow>, DbError> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes
-         WHERE tenant = ?1 AND deleted_at IS NULL ORDER BY created_at, id"
-    ))?;
-    let rows = stmt.query_map([tenant], sandbox_row)?;
+/// A tenant's sandboxes that have not been deleted and match `filter`, oldest first (by
+/// creation time, then id).
+pub fn list_sandboxes(
+    conn: &Connection,
+    tenant: &str,
+    filter: &ListFilter,
+) -> Result<Vec<SandboxRow>, DbError> {
+    let mut sql = format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE tenant = ? AND deleted_at IS NULL"
+    );
+    let mut values: Vec<rusqlite::types::Value> = vec![tenant.to_string().into()];
+    for (key, value) in &filter.labels {
+        sql.push_str(
+            " AND EXISTS (SELECT 1 FROM json_each(labels_json) l WHERE l.key = ? AND l.value = ?)",
+        );
+        values.push(key.clone().into());
+        values.push(value.clone().into());
+    }
+    if let Some(state) = &filter.state {
+        sql.push_str(" AND state = ?");
+        values.push(state.clone().into());
+    }
+    if let Some((created_at, id)) = &filter.after {
+        sql.push_str(" AND (created_at, id) > (?, ?)");
+        values.push((*created_at).into());
+        values.push(id.clone().into());
+    }
+    sql.push_str(" ORDER BY created_at, id LIMIT ?");
+    values.push(i64::from(filter.limit).into());
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(rusqlite::params_from_iter(values), sandbox_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Sandboxes recorded as running: `(id, tenant)`; only those past `expires_before` when given.
-pub fn running_sandboxes(
+/// Sandboxes that should have a live sandbox behind them (`running` or `paused`), with
+/// their state; only those past `expires_before` when given.
+pub fn live_sandboxes(
     conn: &Connection,
     expires_before: Option<i64>,
-) -> Result<Vec<(String, String)>, DbError> {
-    let mut stmt = conn.prepare(
-        "SELECT id, tenant FROM sandboxes WHERE state = 'running'
-         AND (?1 IS NULL OR (expires_at IS NOT NULL AND expires_at <= ?1))",
-    )?;
-    let rows = stmt.query_map([expires_before], |r| Ok((r.get(0)?, r.get(1)?)))?;
+) -> Result<Vec<SandboxRow>, DbError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state IN ('running', 'paused')
+         AND (?1 IS NULL OR (expires_at IS NOT NULL AND expires_at <= ?1))"
+    ))?;
+    let rows = stmt.query_map([expires_before], sandbox_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The timeline of a tenant's sandbox (deleted ones included: the history stays), or `None`
-/// when the tenant has no such sandbox.
-pub fn events(conn: &Connection, tenant: &str, id: &str) -> Result<Option<Vec<EventRow>>, DbError> {
-    let exists: Option<i64> = conn
+/// Sandboxes left in `creating` (by a server that stopped mid-create).
+pub fn creating_sandboxes(conn: &Connection) -> Result<Vec<SandboxRow>, DbError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state = 'creating'"
+    ))?;
+    let rows = stmt.query_map([], sandbox_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A sandbox's timeline from some point on, and whether the sandbox has ended.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    /// Events after the requested sequence number, oldest first.
+    pub events: Vec<EventRow>,
+    /// The sandbox is deleted, stopped or failed: its timeline gets no new sandbox events.
+    pub ended: bool,
+}
+
+/// The timeline of a tenant's sandbox after event `since` (0: all of it; deleted sandboxes
+/// included: the history stays), or `None` when the tenant has no such sandbox.
+pub fn events(
+    conn: &Connection,
+    tenant: &str,
+    id: &str,
+    since: i64,
+) -> Result<Option<Timeline>, DbError> {
+    let ended: Option<bool> = conn
         .query_row(
-            "SELECT 1 FROM sandboxes WHERE tenant = ?1 AND id = ?2",
+            "SELECT deleted_at IS NOT NULL OR state IN ('stopped', 'error') FROM sandboxes
+             WHERE tenant = ?1 AND id = ?2",
             [tenant, id],
             |r| r.get(0),
         )
         .optional()?;
-    if exists.is_none() {
+    let Some(ended) = ended else {
         return Ok(None);
-    }
+    };
     let mut stmt = conn.prepare(
         "SELECT seq, actor, kind, payload_json, at FROM events
-         WHERE sandbox_id = ?1 AND tenant = ?2 ORDER BY seq",
+         WHERE sandbox_id = ?1 AND tenant = ?2 AND seq > ?3 ORDER BY seq",
     )?;
-    let rows = stmt.query_map([id, tenant], |r| {
+    let rows = stmt.query_map(params![id, tenant, since], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, String>(1)?,
@@ -366,10 +553,95 @@ pub fn events(conn: &Connection, tenant: &str, id: &str) -> Result<Option<Vec<Ev
             actor,
             kind,
             payload,
-            at: crate::time::rfc3339(at),
+            time: crate::time::rfc3339(at),
         });
     }
-    Ok(Some(out))
+    Ok(Some(Timeline { events: out, ended }))
+}
+
+/// Records a background process whose exit is to be recorded; returns its row id. An older
+/// row for the same pid whose exit was never recorded is closed: the agent reuses a pid only
+/// after the old process was released, so that one has ended.
+pub fn insert_background(
+    conn: &mut Connection,
+    sandbox_id: &str,
+    tenant: &str,
+    actor: &str,
+    pid: i32,
+) -> Result<i64, DbError> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "UPDATE background_processes SET exited = 1 WHERE sandbox_id = ?1 AND pid = ?2",
+        params![sandbox_id, pid],
+    )?;
+    tx.execute(
+        "INSERT INTO background_processes (sandbox_id, tenant, actor, pid) VALUES (?1, ?2, ?3, ?4)",
+        params![sandbox_id, tenant, actor, pid],
+    )?;
+    let id = tx.last_insert_rowid();
+    tx.commit()?;
+    Ok(id)
+}
+
+/// A background process whose exit is not recorded yet.
+#[derive(Debug, Clone)]
+pub struct BackgroundRow {
+    /// Row id.
+    pub id: i64,
+    /// Its sandbox.
+    pub sandbox_id: String,
+    /// The sandbox's tenant.
+    pub tenant: String,
+    /// Who started it (the actor of its exit event).
+    pub actor: String,
+    /// Pid inside the sandbox.
+    pub pid: i32,
+}
+
+/// Background processes of `running` sandboxes (of `sandbox_id` only, when given) whose exit
+/// is not recorded yet.
+pub fn pending_background(
+    conn: &Connection,
+    sandbox_id: Option<&str>,
+) -> Result<Vec<BackgroundRow>, DbError> {
+    let mut stmt = conn.prepare(
+        "SELECT b.id, b.sandbox_id, b.tenant, b.actor, b.pid FROM background_processes b
+         JOIN sandboxes s ON s.id = b.sandbox_id
+         WHERE b.exited = 0 AND s.state = 'running' AND s.deleted_at IS NULL
+           AND (?1 IS NULL OR b.sandbox_id = ?1)
+         ORDER BY b.id",
+    )?;
+    let rows = stmt.query_map([sandbox_id], |r| {
+        Ok(BackgroundRow {
+            id: r.get(0)?,
+            sandbox_id: r.get(1)?,
+            tenant: r.get(2)?,
+            actor: r.get(3)?,
+            pid: r.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Records a background process's exit: marks its row and appends `event`, in one
+/// transaction, unless it was recorded already (then `false` and no event): each exit is
+/// recorded once, however many watchers saw it.
+pub fn record_background_exit(
+    conn: &mut Connection,
+    row_id: i64,
+    event: &NewEvent,
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let changed = tx.execute(
+        "UPDATE background_processes SET exited = 1 WHERE id = ?1 AND exited = 0",
+        [row_id],
+    )?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    append_event(&tx, event)?;
+    tx.commit()?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -411,41 +683,168 @@ mod tests {
         assert_eq!(perms & 0o777, 0o600);
     }
 
-    #[test]
-    fn stopping_keeps_history_and_hides_deleted_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Db::open(&dir.path().join("openrun.db")).unwrap();
-        let mut conn = db.conn.lock().unwrap();
-        let row = SandboxRow {
-            id: "abc".into(),
-            tenant: "t1".into(),
+    fn row(id: &str, tenant: &str, created_at: i64, labels: &[(&str, &str)]) -> SandboxRow {
+        SandboxRow {
+            id: id.into(),
+            tenant: tenant.into(),
+            owner: "ci".into(),
             image: "host".into(),
             limits_json: "{}".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            env: BTreeMap::from([("A".to_string(), "1".to_string())]),
             state: "running".into(),
-            created_at: 1,
+            created_at,
             expires_at: Some(10),
-        };
-        let event = |kind| NewEvent {
-            sandbox_id: "abc".into(),
+        }
+    }
+
+    fn event(id: &str, kind: &'static str) -> NewEvent {
+        NewEvent {
+            sandbox_id: id.into(),
             tenant: "t1".into(),
             actor: "agent".into(),
             kind,
             payload: serde_json::json!({}),
-        };
-        insert_sandbox(&mut conn, &row, &event("sandbox.create")).unwrap();
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("openrun.db")).unwrap();
+        (dir, db)
+    }
+
+    #[test]
+    fn stopping_keeps_history_and_hides_deleted_rows() {
+        let (_dir, db) = open();
+        let mut conn = db.conn.lock().unwrap();
+        insert_sandbox(&mut conn, &row("abc", "t1", 1, &[]), &event("abc", "sandbox.create"))
+            .unwrap();
         assert!(get_sandbox(&conn, "t2", "abc").unwrap().is_none());
-        assert_eq!(running_sandboxes(&conn, Some(9)).unwrap().len(), 0);
-        assert_eq!(running_sandboxes(&conn, Some(10)).unwrap().len(), 1);
-        stop_sandbox(&mut conn, "abc", true, &event("sandbox.delete")).unwrap();
+        let stored = get_sandbox(&conn, "t1", "abc").unwrap().unwrap();
+        assert_eq!((stored.owner.as_str(), stored.env["A"].as_str()), ("ci", "1"));
+        assert_eq!(live_sandboxes(&conn, Some(9)).unwrap().len(), 0);
+        assert_eq!(live_sandboxes(&conn, Some(10)).unwrap().len(), 1);
+        stop_sandbox(&mut conn, "abc", true, &event("abc", "sandbox.delete")).unwrap();
         assert!(get_sandbox(&conn, "t1", "abc").unwrap().is_none());
-        assert!(list_sandboxes(&conn, "t1").unwrap().is_empty());
-        let kinds: Vec<_> = events(&conn, "t1", "abc")
-            .unwrap()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let all = ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        };
+        assert!(list_sandboxes(&conn, "t1", &all).unwrap().is_empty());
+        let timeline = events(&conn, "t1", "abc", 0).unwrap().unwrap();
+        assert!(timeline.ended);
+        let kinds: Vec<_> = timeline.events.iter().map(|e| e.kind.as_str()).collect();
         assert_eq!(kinds, ["sandbox.create", "sandbox.delete"]);
-        assert!(events(&conn, "t2", "abc").unwrap().is_none());
+        let first = timeline.events[0].seq;
+        let later = events(&conn, "t1", "abc", first).unwrap().unwrap();
+        assert_eq!(later.events.len(), 1);
+        assert_eq!(later.events[0].kind, "sandbox.delete");
+        assert!(events(&conn, "t2", "abc", 0).unwrap().is_none());
+    }
+
+    #[test]
+    fn lists_filter_by_labels_and_state_and_page_in_order() {
+        let (_dir, db) = open();
+        let mut conn = db.conn.lock().unwrap();
+        for (n, labels) in [
+            (1, &[("team", "a"), ("env", "ci")][..]),
+            (2, &[("team", "b")][..]),
+            (2, &[("team", "a")][..]),
+            (3, &[("team", "a"), ("env", "dev")][..]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let id = format!("s{}", 4 - n);
+            insert_sandbox(
+                &mut conn,
+                &row(&id, "t1", labels.0, labels.1),
+                &event("x", "sandbox.create"),
+            )
+            .unwrap();
+        }
+        insert_sandbox(&mut conn, &row("other", "t2", 0, &[]), &event("x", "sandbox.create"))
+            .unwrap();
+        fn ids(conn: &Connection, filter: &ListFilter) -> Vec<String> {
+            list_sandboxes(conn, "t1", filter)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect()
+        }
+        let mut filter = ListFilter {
+            limit: 100,
+            ..ListFilter::default()
+        };
+        // Oldest first; equal creation times by id.
+        assert_eq!(ids(&conn, &filter), ["s4", "s2", "s3", "s1"]);
+        filter.labels = vec![("team".into(), "a".into())];
+        assert_eq!(ids(&conn, &filter), ["s4", "s2", "s1"]);
+        filter.labels.push(("env".into(), "dev".into()));
+        assert_eq!(ids(&conn, &filter), ["s1"]);
+        filter.labels = vec![("team".into(), "a".into())];
+        filter.limit = 2;
+        assert_eq!(ids(&conn, &filter), ["s4", "s2"]);
+        filter.after = Some((2, "s2".into()));
+        assert_eq!(ids(&conn, &filter), ["s1"]);
+        assert!(set_state(&mut conn, "s1", &["running"], "paused", &event("s1", "sandbox.pause"))
+            .unwrap());
+        assert!(!set_state(&mut conn, "s1", &["running"], "paused", &event("s1", "sandbox.pause"))
+            .unwrap());
+        let filter = ListFilter {
+            state: Some("paused".into()),
+            limit: 100,
+            ..ListFilter::default()
+        };
+        assert_eq!(ids(&conn, &filter), ["s1"]);
+        assert_eq!(live_sandboxes(&conn, None).unwrap().len(), 5, "paused ones are live");
+    }
+
+    #[test]
+    fn a_background_exit_is_recorded_once() {
+        let (_dir, db) = open();
+        let mut conn = db.conn.lock().unwrap();
+        insert_sandbox(&mut conn, &row("abc", "t1", 1, &[]), &event("abc", "sandbox.create"))
+            .unwrap();
+        let first = insert_background(&mut conn, "abc", "t1", "agent", 7).unwrap();
+        assert_eq!(pending_background(&conn, Some("abc")).unwrap().len(), 1);
+        assert!(record_background_exit(&mut conn, first, &event("abc", "process.exit")).unwrap());
+        assert!(!record_background_exit(&mut conn, first, &event("abc", "process.exit")).unwrap());
+        let timeline = events(&conn, "t1", "abc", 0).unwrap().unwrap();
+        let exits = timeline.events.iter().filter(|e| e.kind == "process.exit").count();
+        assert_eq!(exits, 1);
+        // The pid is reused after a release: the new process is pending, the old one closed.
+        let second = insert_background(&mut conn, "abc", "t1", "agent", 7).unwrap();
+        let pending = pending_background(&conn, None).unwrap();
+        assert_eq!(pending.iter().map(|b| b.id).collect::<Vec<_>>(), [second]);
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_with_owners_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openrun.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            tx.execute_batch(MIGRATIONS[0].1).unwrap();
+            tx.pragma_update(None, "user_version", 1).unwrap();
+            tx.execute_batch(
+                "INSERT INTO api_keys VALUES ('k1', 'ci', 'k1', 'agent', 'h', 1);
+                 INSERT INTO sandboxes (id, tenant, image, limits_json, state, created_at)
+                 VALUES ('abc', 'k1', 'host', '{}', 'running', 5);",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        let conn = db.conn.lock().unwrap();
+        let row = get_sandbox(&conn, "k1", "abc").unwrap().unwrap();
+        assert_eq!(row.owner, "ci");
+        assert!(row.labels.is_empty() && row.env.is_empty());
+        assert_eq!(row.state, "running");
     }
 }

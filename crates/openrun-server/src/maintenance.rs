@@ -70,8 +70,8 @@ pub async fn reconcile(state: &AppState) -> Result<(), ServerError> {
     let live = tokio::task::spawn_blocking(move || runtime.list())
         .await
         .map_err(ServerError::Task)??;
-    let recorded = state.db.call(|c| db::running_sandboxes(c, None)).await?;
-    for (id, tenant) in recorded {
+    let recorded = state.db.call(|c| db::live_sandboxes(c, None)).await?;
+    for db::SandboxRow { id, tenant, .. } in recorded {
         if live.iter().any(|r| r.id == id) {
             continue;
         }
@@ -112,9 +112,9 @@ async fn expire(state: &AppState) -> Result<(), ApiError> {
     let now = crate::time::now_ms();
     let expired = state
         .db
-        .call(move |c| db::running_sandboxes(c, Some(now)))
+        .call(move |c| db::live_sandboxes(c, Some(now)))
         .await?;
-    for (id, tenant) in expired {
+    for db::SandboxRow { id, tenant, .. } in expired {
         // A failure is retried on the next tick; the row stays running until it succeeds.
         destroy(state, &id).await?;
         tracing::info!(id, "sandbox expired");

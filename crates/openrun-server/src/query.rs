@@ -12,6 +12,19 @@ use crate::error::ApiError;
 #[derive(Debug, Default)]
 pub struct Query(BTreeMap<String, String>);
 
+/// Decodes one percent-encoded component (`+` is a space), refusing non-UTF-8.
+fn decode(text: &str) -> Result<String, ApiError> {
+    let spaced = text.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| {
+            ApiError::InvalidArgument(format!(
+                "query parameter {text:?} is not valid UTF-8 once decoded"
+            ))
+        })
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for Query {
     type Rejection = ApiError;
 
@@ -24,17 +37,6 @@ impl Query {
     /// Parses `a=1&b=2` (percent-encoded, `+` is a space); a parameter given twice, or one
     /// that does not decode to UTF-8, is refused (never replaced lossily: it may be a path).
     pub fn parse(query: &str) -> Result<Self, ApiError> {
-        let decode = |text: &str| {
-            let spaced = text.replace('+', " ");
-            percent_encoding::percent_decode_str(&spaced)
-                .decode_utf8()
-                .map(|s| s.into_owned())
-                .map_err(|_| {
-                    ApiError::InvalidArgument(format!(
-                        "query parameter {text:?} is not valid UTF-8 once decoded"
-                    ))
-                })
-        };
         let mut map = BTreeMap::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -46,6 +48,27 @@ impl Query {
             }
         }
         Ok(Self(map))
+    }
+
+    /// Like [`Query::parse`], but the parameter `repeatable` may be given any number of times:
+    /// its values come back apart, in order.
+    pub fn parse_repeated(query: &str, repeatable: &str) -> Result<(Self, Vec<String>), ApiError> {
+        let mut values = Vec::new();
+        let mut rest = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if decode(k)? == repeatable {
+                values.push(decode(v)?);
+            } else {
+                rest.push(pair);
+            }
+        }
+        Ok((Self::parse(&rest.join("&"))?, values))
+    }
+
+    /// An optional parameter's value as given.
+    pub fn string(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
     }
 
     /// Refuses any parameter not in `known`.
@@ -69,6 +92,11 @@ impl Query {
                 "query parameter {name:?} is required"
             ))),
         }
+    }
+
+    /// An optional parameter as given.
+    pub fn text(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
     }
 
     /// An optional parameter parsed with `parse`.
@@ -137,5 +165,9 @@ mod tests {
         assert!(Query::parse("a=1&a=2").is_err());
         assert!(Query::parse("mode=999").unwrap().mode("mode").is_err());
         assert!(Query::parse("n=-1").unwrap().u64("n").is_err());
+        let (q, labels) = Query::parse_repeated("label=a%3Db&limit=2&label=c=d+e", "label").unwrap();
+        assert_eq!(labels, ["a=b", "c=d e"]);
+        assert_eq!(q.u64("limit").unwrap(), Some(2));
+        assert!(Query::parse_repeated("limit=1&limit=2", "label").is_err());
     }
 }
