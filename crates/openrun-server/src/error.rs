@@ -91,6 +91,9 @@ pub enum ApiError {
     /// The sandbox exists but is stopped (409 `sandbox_not_running`).
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// The sandbox is paused: its processes are frozen (409 `sandbox_paused`).
+    #[error("sandbox {0} is paused: resume it first (POST /v1/sandboxes/{0}/resume)")]
+    Paused(String),
     /// The sandbox agent refused the request; its [`ErrorCode`] picks the status.
     #[error("{}", .0.message)]
     Agent(AgentError),
@@ -126,6 +129,7 @@ impl ApiError {
             Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
+            Self::Paused(_) => (StatusCode::CONFLICT, "sandbox_paused"),
             Self::Agent(e) => agent_status(e.code),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

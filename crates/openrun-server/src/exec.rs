@@ -230,14 +230,17 @@ pub async fn exec(
     Ok(ndjson_response(rx))
 }
 
-/// The running sandbox of `row` and a connection to its agent: 409 when it is stopped, and a
-/// sandbox whose agent is gone is marked so first.
+/// The running sandbox of `row` and a connection to its agent: 409 `sandbox_paused` when it
+/// is paused (its agent is frozen and could not answer), 409 `sandbox_not_running` when it is
+/// anything else but running; a sandbox whose agent is gone is marked so first.
 pub(crate) async fn open_running(
     s: &Shared,
     row: &SandboxRow,
 ) -> Result<(Sandbox, AgentClient), ApiError> {
-    if row.state != "running" {
-        return Err(ApiError::NotRunning(row.id.clone()));
+    match row.state.as_str() {
+        "running" => {}
+        "paused" => return Err(ApiError::Paused(row.id.clone())),
+        _ => return Err(ApiError::NotRunning(row.id.clone())),
     }
     match connect(s, &row.id).await {
         Ok(pair) => Ok(pair),
@@ -286,7 +289,7 @@ async fn connect(s: &Shared, id: &str) -> Result<(Sandbox, AgentClient), ApiErro
 }
 
 /// Records that a sandbox the database thought running is gone.
-async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<(), ApiError> {
+pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<(), ApiError> {
     let event = NewEvent {
         sandbox_id: id.to_string(),
         tenant: tenant.to_string(),

@@ -15,6 +15,7 @@ mod error;
 mod exec;
 mod files;
 mod keys;
+mod lifecycle;
 mod maintenance;
 mod openapi;
 mod processes;

@@ -125,3 +125,191 @@ fn labels_owner_and_env_are_kept_and_lists_filter_and_page() {
     assert_eq!(page(&api, "/v1/sandboxes").0.len(), 3);
     assert_eq!(page(&other, "/v1/sandboxes").0.len(), 1);
 }
+
+/// Polls until `done` holds (at most `secs` seconds).
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn state_of(api: &Api, id: &str) -> Value {
+    let res = api.get(&format!("/v1/sandboxes/{id}"));
+    assert_eq!(res.status(), 200);
+    res.json::<Value>().unwrap()["state"].clone()
+}
+
+#[test]
+fn a_ttl_is_extended_past_the_first_deadline_and_shortened_again() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "ttl"));
+    let other = Api::new(&server, &key(&env, "other"));
+    let sb = api.create(json!({"ttl": "2s"}));
+    let id = sb["id"].as_str().unwrap().to_string();
+    let ttl_path = format!("/v1/sandboxes/{id}/ttl");
+
+    // Bad bodies name the problem; nothing changes.
+    for (body, needle) in [
+        (json!({"ttl": "0s"}), "greater than zero"),
+        (json!({"ttl": "soon"}), "soon"),
+        (json!({"ttl": "-5m"}), "-5m"),
+        (json!({}), "ttl"),
+        (json!({"ttl": 30}), "invalid request body"),
+        (json!({"ttl": "1m", "extra": 1}), "extra"),
+    ] {
+        let message = error(api.post(&ttl_path, &body.to_string()), 400, "invalid_argument");
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    }
+    // Another tenant cannot see it: 404, the same as a missing sandbox.
+    for action in ["ttl", "pause", "resume"] {
+        let path = format!("/v1/sandboxes/{id}/{action}");
+        error(other.post(&path, r#"{"ttl":"1h"}"#), 404, "not_found");
+    }
+    error(api.post("/v1/sandboxes/000000000000/ttl", r#"{"ttl":"1h"}"#), 404, "not_found");
+
+    let before = Instant::now();
+    let res = api.post(&ttl_path, r#"{"ttl":"1m"}"#);
+    assert_eq!(res.status(), 200);
+    let extended: Value = res.json().unwrap();
+    assert!(
+        extended["expires_at"].as_str() > sb["expires_at"].as_str(),
+        "{extended}"
+    );
+    // The runtime record carries the new deadline (so no `openrun` listing kills it).
+    let record = env.inspect(&id);
+    let expires_ms = record["expires_at_ms"].as_u64().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let elapsed = before.elapsed().as_millis() as u64;
+    assert!(
+        expires_ms + elapsed + 1_000 >= now_ms + 60_000 && expires_ms <= now_ms + 60_000,
+        "record deadline {expires_ms}, now {now_ms}"
+    );
+    // Past the first deadline it still runs: neither the agent's timer nor the reaper ended it.
+    std::thread::sleep(Duration::from_millis(3_000));
+    assert_eq!(state_of(&api, &id), "running");
+    let out = api.exec(&id, "echo alive");
+    assert_eq!(stream(&out, "stdout"), "alive\n");
+    assert!(env.live_ids().contains(&id));
+
+    // Shortened: it ends at the new deadline.
+    let res = api.post(&ttl_path, r#"{"ttl":"1s"}"#);
+    assert_eq!(res.status(), 200);
+    wait_for(10, "the shortened TTL", || state_of(&api, &id) == "stopped");
+    assert!(!env.live_ids().contains(&id));
+    let kinds = api.event_kinds(&id);
+    assert_eq!(kinds.iter().filter(|k| *k == "sandbox.ttl").count(), 2, "{kinds:?}");
+    assert_eq!(kinds.last().map(String::as_str), Some("sandbox.expire"), "{kinds:?}");
+    let events: Vec<Value> = api.get(&format!("/v1/sandboxes/{id}/events")).json().unwrap();
+    let ttl_event = events.iter().find(|e| e["kind"] == "sandbox.ttl").unwrap();
+    assert_eq!(ttl_event["payload"]["ttl_ms"], 60_000);
+    assert_eq!(ttl_event["actor"], "agent");
+    // A stopped sandbox's TTL cannot change.
+    error(api.post(&ttl_path, r#"{"ttl":"1m"}"#), 409, "sandbox_not_running");
+    // A deleted one is gone.
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    error(api.post(&ttl_path, r#"{"ttl":"1m"}"#), 404, "not_found");
+}
+
+/// Size of the file the counter loop appends to, read on the host (it works while paused).
+fn counter(env: &Env, id: &str) -> u64 {
+    let upper = env.inspect(id)["upper_dir"].as_str().unwrap().to_string();
+    std::fs::metadata(std::path::Path::new(&upper).join("counter"))
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "pauser"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let pid = api.background(
+        &id,
+        json!({"cmd": ["sh", "-c", "while :; do echo x >> /counter; done"], "background": true}),
+    );
+    wait_for(5, "the counter", || counter(&env, &id) > 0);
+
+    let res = api.post(&format!("/v1/sandboxes/{id}/pause"), "");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap()["state"], "paused");
+    // Pausing again is fine and changes nothing.
+    let res = api.post(&format!("/v1/sandboxes/{id}/pause"), "");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap()["state"], "paused");
+    assert_eq!(state_of(&api, &id), "paused");
+    let frozen = counter(&env, &id);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counter(&env, &id), frozen, "a paused sandbox kept running");
+    let (paused, _) = page(&api, "/v1/sandboxes?state=paused");
+    assert_eq!(ids_of(&paused), [id.as_str()]);
+
+    // Work inside a paused sandbox is refused at once, not left hanging.
+    let started = Instant::now();
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["true"]}"#,
+    );
+    let message = error(res, 409, "sandbox_paused");
+    assert!(message.contains("resume"), "{message}");
+    error(api.get(&format!("/v1/sandboxes/{id}/files?path=/counter")), 409, "sandbox_paused");
+    error(api.get(&format!("/v1/sandboxes/{id}/processes")), 409, "sandbox_paused");
+    error(
+        api.get(&format!("/v1/sandboxes/{id}/processes/{pid}/output")),
+        409,
+        "sandbox_paused",
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Its TTL can still change.
+    let res = api.post(&format!("/v1/sandboxes/{id}/ttl"), r#"{"ttl":"1h"}"#);
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap()["state"], "paused");
+
+    let res = api.post(&format!("/v1/sandboxes/{id}/resume"), "");
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap()["state"], "running");
+    let res = api.post(&format!("/v1/sandboxes/{id}/resume"), "");
+    assert_eq!(res.status(), 200, "resuming a running sandbox is fine");
+    wait_for(5, "the counter to move again", || counter(&env, &id) > frozen);
+    let out = api.exec(&id, "echo back");
+    assert_eq!(stream(&out, "stdout"), "back\n");
+    let kinds = api.event_kinds(&id);
+    let lifecycle: Vec<&str> = kinds
+        .iter()
+        .map(String::as_str)
+        .filter(|k| k.starts_with("sandbox."))
+        .collect();
+    assert_eq!(
+        lifecycle,
+        ["sandbox.create", "sandbox.pause", "sandbox.ttl", "sandbox.resume"],
+        "one event per change, none for the repeated calls"
+    );
+
+    // A paused sandbox is deleted like any other, and then is a 404.
+    api.post(&format!("/v1/sandboxes/{id}/pause"), "");
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert!(!env.live_ids().contains(&id));
+    error(api.post(&format!("/v1/sandboxes/{id}/pause"), ""), 404, "not_found");
+    error(api.post(&format!("/v1/sandboxes/{id}/resume"), ""), 404, "not_found");
+}
+
+#[test]
+fn the_ttl_reaper_destroys_paused_sandboxes_too() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "reaped"));
+    let id = api.create(json!({"ttl": "2s"}))["id"].as_str().unwrap().to_string();
+    let res = api.post(&format!("/v1/sandboxes/{id}/pause"), "");
+    assert_eq!(res.status(), 200);
+    wait_for(10, "the reaper", || state_of(&api, &id) == "stopped");
+    assert!(!env.live_ids().contains(&id));
+    let kinds = api.event_kinds(&id);
+    assert_eq!(kinds.last().map(String::as_str), Some("sandbox.expire"), "{kinds:?}");
+    error(api.post(&format!("/v1/sandboxes/{id}/pause"), ""), 409, "sandbox_not_running");
+}

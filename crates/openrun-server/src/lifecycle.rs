@@ -1,0 +1,266 @@
+//! Changing a live sandbox: `POST /v1/sandboxes/{id}/ttl` (a new deadline), `.../pause` and
+//! `.../resume` (the cgroup freezer). Each answers the sandbox resource after its event
+//! (`sandbox.ttl`, `sandbox.pause`, `sandbox.resume`) is stored.
+//!
+//! The deadline lives in three places, kept together here: the database (the TTL reaper's),
+//! the runtime record (the backstop of `Runtime::list`, for a server that is down) and the
+//! agent's own timer. A paused sandbox's agent is frozen and cannot keep time, so pausing first
+//! clears the agent's timer and resuming sets it again from the database; meanwhile the reaper
+//! destroys a paused sandbox at its deadline like any other.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use openrun_protocol::{Request, Response as AgentResponse};
+use openrun_runtime::{AgentClient, RuntimeError, Sandbox};
+
+use crate::api::{blocking, find, Caller, JsonBody, SandboxResource, Shared};
+use crate::db::{self, NewEvent, SandboxRow};
+use crate::error::ApiError;
+use crate::exec::{mark_vanished, open_running};
+use crate::openapi::ErrorAnswers;
+
+/// How long an agent may take to answer a lifetime change.
+const AGENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Body of `POST /v1/sandboxes/{id}/ttl`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TtlBody {
+    /// New lifetime from now, e.g. `30m`: the sandbox is destroyed this long after the call.
+    ttl: String,
+}
+
+/// Changes of one sandbox run one at a time: a pause must not freeze the agent while a TTL
+/// change waits for its answer.
+static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+
+/// Holds a sandbox's change lock; its map entry goes when nobody else wants it.
+struct ChangeGuard {
+    id: String,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for ChangeGuard {
+    fn drop(&mut self) {
+        let mut locks = locks().lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and this guard's. More means someone is waiting.
+        if locks
+            .get(&self.id)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
+            locks.remove(&self.id);
+        }
+    }
+}
+
+fn locks() -> &'static Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
+    LOCKS.get_or_init(Mutex::default)
+}
+
+async fn lock(id: &str) -> ChangeGuard {
+    let lock = locks()
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(id.to_string())
+        .or_default()
+        .clone();
+    ChangeGuard {
+        id: id.to_string(),
+        _guard: lock.lock_owned().await,
+    }
+}
+
+/// Replaces the agent's lifetime (`None`: no deadline).
+async fn set_lifetime(
+    client: &mut AgentClient,
+    remaining: Option<Duration>,
+) -> Result<(), ApiError> {
+    let request = Request::SetLifetime {
+        remaining_ms: remaining.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    };
+    match tokio::time::timeout(AGENT_WAIT, client.call(request)).await {
+        Ok(Ok(frame)) if frame.header == AgentResponse::Done => Ok(()),
+        Ok(Ok(frame)) => Err(ApiError::internal(
+            "cannot change the sandbox lifetime",
+            format!("unexpected answer: {:?}", frame.header),
+        )),
+        Ok(Err(e)) => Err(ApiError::from_client(
+            "cannot change the sandbox lifetime",
+            e,
+        )),
+        Err(_) => Err(ApiError::internal(
+            "cannot change the sandbox lifetime",
+            format!("the agent did not answer within {AGENT_WAIT:?}"),
+        )),
+    }
+}
+
+/// The sandbox of a paused row (no agent connection: it is frozen); a vanished one is marked
+/// so and is a 409.
+async fn open_paused(s: &Shared, row: &SandboxRow) -> Result<Sandbox, ApiError> {
+    let runtime = s.runtime.clone();
+    let key = row.id.clone();
+    match blocking(move || runtime.open_sandbox_exact(&key)).await? {
+        Ok(sandbox) => Ok(sandbox),
+        Err(RuntimeError::NoSuchSandbox(_)) => {
+            mark_vanished(s, &row.id, &row.tenant).await?;
+            Err(ApiError::NotRunning(row.id.clone()))
+        }
+        Err(e) => Err(ApiError::internal("cannot open the sandbox", e)),
+    }
+}
+
+/// The agent's remaining lifetime for a deadline (at least 1 ms: an expired sandbox ends now).
+fn remaining(expires_at: Option<i64>) -> Option<Duration> {
+    expires_at.map(|t| {
+        let left = t.saturating_sub(crate::time::now_ms()).max(1);
+        Duration::from_millis(u64::try_from(left).unwrap_or(1))
+    })
+}
+
+/// An event of `caller` about `row`.
+fn event(
+    row: &SandboxRow,
+    caller: &Caller,
+    kind: &'static str,
+    payload: serde_json::Value,
+) -> NewEvent {
+    NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind,
+        payload,
+    }
+}
+
+/// The resource of the caller's sandbox as stored now.
+async fn current(s: &Shared, caller: &Caller, id: &str) -> Result<Json<SandboxResource>, ApiError> {
+    Ok(Json(SandboxResource::from_row(find(s, caller, id).await?)?))
+}
+
+/// `POST /v1/sandboxes/{id}/ttl`: the sandbox is destroyed `ttl` from now (sooner or later
+/// than before), running or paused.
+#[utoipa::path(post, operation_id = "set_sandbox_ttl", path = "/v1/sandboxes/{id}/ttl", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")), request_body = TtlBody,
+    responses((status = 200, description = "The sandbox with its new expires_at", body = SandboxResource), ErrorAnswers))]
+pub async fn ttl(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TtlBody>,
+) -> Result<Json<SandboxResource>, ApiError> {
+    let ttl = openrun_runtime::limits::parse_duration(&body.ttl)
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    let _lock = lock(&id).await;
+    let row = find(&s, &caller, &id).await?;
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = crate::time::now_ms().saturating_add(ttl_ms);
+    let mut sandbox = match row.state.as_str() {
+        "running" => {
+            let (sandbox, mut client) = open_running(&s, &row).await?;
+            set_lifetime(&mut client, Some(ttl)).await?;
+            sandbox
+        }
+        "paused" => open_paused(&s, &row).await?,
+        _ => return Err(ApiError::NotRunning(row.id)),
+    };
+    let runtime = s.runtime.clone();
+    let deadline = u64::try_from(expires_at).ok();
+    blocking(move || runtime.set_expiry(&mut sandbox, deadline))
+        .await?
+        .map_err(|e| ApiError::internal("cannot record the sandbox deadline", e))?;
+    let event = event(
+        &row,
+        &caller,
+        "sandbox.ttl",
+        serde_json::json!({
+            "ttl_ms": ttl_ms,
+            "expires_at": crate::time::rfc3339(expires_at),
+        }),
+    );
+    let key = row.id.clone();
+    s.db.call(move |c| db::set_expiry(c, &key, expires_at, &event))
+        .await?;
+    current(&s, &caller, &id).await
+}
+
+/// `POST /v1/sandboxes/{id}/pause`: freezes every process of the sandbox (idempotent).
+#[utoipa::path(post, operation_id = "pause_sandbox", path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox, paused", body = SandboxResource), ErrorAnswers))]
+pub async fn pause(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResource>, ApiError> {
+    let _lock = lock(&id).await;
+    let row = find(&s, &caller, &id).await?;
+    match row.state.as_str() {
+        "paused" => return Ok(Json(SandboxResource::from_row(row)?)),
+        "running" => {}
+        _ => return Err(ApiError::NotRunning(row.id)),
+    }
+    let (sandbox, mut client) = open_running(&s, &row).await?;
+    // A frozen agent cannot keep time: the reaper keeps the deadline while it is paused.
+    set_lifetime(&mut client, None).await?;
+    let (sandbox, frozen) = blocking(move || {
+        let frozen = sandbox.pause();
+        (sandbox, frozen)
+    })
+    .await?;
+    if let Err(e) = frozen {
+        let _ = blocking(move || sandbox.resume()).await;
+        if let Err(restore) = set_lifetime(&mut client, remaining(row.expires_at)).await {
+            tracing::warn!(id, error = %restore, "cannot restore the agent's lifetime");
+        }
+        return Err(ApiError::internal("cannot pause the sandbox", e));
+    }
+    drop(client);
+    let event = event(&row, &caller, "sandbox.pause", serde_json::json!({}));
+    let key = row.id.clone();
+    s.db.call(move |c| db::set_state(c, &key, &["running"], "paused", &event))
+        .await?;
+    current(&s, &caller, &id).await
+}
+
+/// `POST /v1/sandboxes/{id}/resume`: thaws a paused sandbox (idempotent).
+#[utoipa::path(post, operation_id = "resume_sandbox", path = "/v1/sandboxes/{id}/resume", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox, running", body = SandboxResource), ErrorAnswers))]
+pub async fn resume(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResource>, ApiError> {
+    let _lock = lock(&id).await;
+    let row = find(&s, &caller, &id).await?;
+    match row.state.as_str() {
+        "running" => return Ok(Json(SandboxResource::from_row(row)?)),
+        "paused" => {}
+        _ => return Err(ApiError::NotRunning(row.id)),
+    }
+    let sandbox = open_paused(&s, &row).await?;
+    blocking(move || sandbox.resume())
+        .await?
+        .map_err(|e| ApiError::internal("cannot resume the sandbox", e))?;
+    let event = event(&row, &caller, "sandbox.resume", serde_json::json!({}));
+    let key = row.id.clone();
+    s.db.call(move |c| db::set_state(c, &key, &["paused"], "running", &event))
+        .await?;
+    let row = find(&s, &caller, &id).await?;
+    // The agent keeps time again; should this fail, the reaper still holds the deadline.
+    match open_running(&s, &row).await {
+        Ok((_sandbox, mut client)) => {
+            if let Err(e) = set_lifetime(&mut client, remaining(row.expires_at)).await {
+                tracing::warn!(id, error = %e, "cannot restore the agent's lifetime");
+            }
+        }
+        Err(e) => tracing::warn!(id, error = %e, "cannot reach the resumed sandbox"),
+    }
+    Ok(Json(SandboxResource::from_row(row)?))
+}
