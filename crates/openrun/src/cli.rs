@@ -23,6 +23,20 @@ pub struct Cli {
         default_value = "/var/lib/openrun"
     )]
     pub data_dir: PathBuf,
+    /// Server to use, e.g. http://127.0.0.1:7878 (else the config file's). Without one, the
+    /// verbs work on this machine's sandboxes directly; `run` always does.
+    #[arg(long, global = true, env = "OPENRUN_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// API key for the server (else the config file's, else for a loopback server the one
+    /// `openrun serve` wrote to <data-dir>/local.json).
+    #[arg(
+        long,
+        global = true,
+        env = "OPENRUN_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -37,13 +51,24 @@ pub enum Command {
     Create(CreateArgs),
     /// Run a command in an existing sandbox.
     Exec(ExecArgs),
+    /// Open an interactive terminal in a sandbox (server only).
+    Shell(ShellArgs),
     /// List live sandboxes.
     #[command(alias = "ls")]
-    Ps,
+    Ps(LsArgs),
     /// Remove sandboxes, killing everything in them.
     Rm(RmArgs),
-    /// Show a sandbox's record and host paths as JSON.
+    /// Show a sandbox as JSON (the server's resource, or the local record and host paths).
     Inspect(InspectArgs),
+    /// Copy files or directories between this machine and a sandbox: one side is ID:/path
+    /// (server only).
+    Cp(CpArgs),
+    /// Print the output of a process in a sandbox (server only).
+    Logs(LogsArgs),
+    /// Print a sandbox's timeline (server only).
+    Events(EventsArgs),
+    /// Print what a sandbox offers: OS, limits, network, tools on PATH (server only).
+    Env(EnvArgs),
     /// Serve the HTTP API (prints `listening on ADDR` first).
     Serve(ServeArgs),
     /// Manage API keys of the server.
@@ -137,6 +162,12 @@ pub struct CreateArgs {
     /// Default environment for every command in the sandbox (repeatable).
     #[arg(short = 'e', long = "env", value_parser = parse_env, value_name = "K=V")]
     pub env: Vec<(String, String)>,
+    /// Label the sandbox (repeatable; server only), e.g. --label team=ml.
+    #[arg(long = "label", value_parser = parse_label, value_name = "K=V")]
+    pub labels: Vec<(String, String)>,
+    /// Print the whole sandbox resource as JSON instead of its id.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `openrun exec`.
@@ -144,9 +175,34 @@ pub struct CreateArgs {
 pub struct ExecArgs {
     /// Sandbox id (or a unique prefix).
     pub id: String,
+    /// Print the server's NDJSON exec lines instead of the output (server only).
+    #[arg(long)]
+    pub json: bool,
     /// Process options.
     #[command(flatten)]
     pub process: ProcessArgs,
+}
+
+/// `openrun shell`.
+#[derive(Debug, Args)]
+pub struct ShellArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Command to run on the terminal instead of the sandbox's shell; needed when stdin is
+    /// not a terminal.
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `openrun ps` / `openrun ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only sandboxes with this label (repeatable: all must match; server only).
+    #[arg(long = "label", value_parser = parse_label, value_name = "K=V")]
+    pub labels: Vec<(String, String)>,
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `openrun inspect`.
@@ -154,6 +210,9 @@ pub struct ExecArgs {
 pub struct InspectArgs {
     /// Sandbox id (or a unique prefix).
     pub id: String,
+    /// JSON output (the only format of inspect; accepted for uniformity).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `openrun rm`.
@@ -162,6 +221,62 @@ pub struct RmArgs {
     /// Sandbox ids (or unique prefixes).
     #[arg(required = true)]
     pub ids: Vec<String>,
+    /// Do not fail on sandboxes that do not exist.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Print a JSON array of the removed ids.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun cp`.
+#[derive(Debug, Args)]
+pub struct CpArgs {
+    /// What to copy: a local path, or ID:/path in a sandbox.
+    pub source: String,
+    /// Where to: a local path, or ID:/path in a sandbox (into it when it is a directory).
+    pub destination: String,
+    /// Print what was copied as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Process id inside the sandbox (from `exec`'s `started` line or the process list).
+    pub pid: u32,
+    /// Keep printing output until the process exits.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Print the server's NDJSON lines instead of the output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun events`.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Keep printing new events until the sandbox ends or you interrupt.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Print JSON (an array, or one object a line with --follow) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun env`.
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Print the server's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `openrun serve`.
@@ -170,6 +285,12 @@ pub struct ServeArgs {
     /// Address and port to listen on (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:7878", value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
+    /// Sandbox creates run at once (default: twice the number of CPUs).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_creating: Option<u32>,
+    /// Creates that may wait for a slot; any more are refused with 429 and Retry-After.
+    #[arg(long, value_name = "N", default_value_t = openrun_server::DEFAULT_CREATE_QUEUE as u32)]
+    pub create_queue: u32,
 }
 
 /// `openrun key …`.
@@ -191,13 +312,20 @@ pub struct KeyCreateArgs {
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
+    parse_pair("environment variable", s)
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    parse_pair("label", s)
+}
+
+/// A `KEY=VALUE` pair with a non-empty key and no NUL bytes.
+fn parse_pair(what: &str, s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
             Ok((k.to_string(), v.to_string()))
         }
-        _ => Err(format!(
-            "invalid environment variable {s:?}: expected KEY=VALUE"
-        )),
+        _ => Err(format!("invalid {what} {s:?}: expected KEY=VALUE")),
     }
 }
 
@@ -270,6 +398,36 @@ mod tests {
             panic!("not key create")
         };
         assert!(key.human && key.name == "me");
+    }
+
+    #[test]
+    fn client_verbs_parse() {
+        let cli = Cli::try_parse_from([
+            "openrun", "ls", "--label", "a=b", "--label", "c=", "--json", "--server", "h:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.server.as_deref(), Some("h:1"));
+        let Command::Ps(ls) = cli.command else {
+            panic!("not ls")
+        };
+        assert!(ls.json);
+        assert_eq!(
+            ls.labels,
+            [("a".into(), "b".into()), ("c".into(), String::new())]
+        );
+        assert!(Cli::try_parse_from(["openrun", "ls", "--label", "nokey"]).is_err());
+        let cli = Cli::try_parse_from(["openrun", "shell", "abc", "--", "sh", "-c", "stty size"])
+            .unwrap();
+        let Command::Shell(shell) = cli.command else {
+            panic!("not shell")
+        };
+        assert_eq!(shell.command, ["sh", "-c", "stty size"]);
+        let cli = Cli::try_parse_from(["openrun", "rm", "-f", "a", "b"]).unwrap();
+        let Command::Rm(rm) = cli.command else {
+            panic!("not rm")
+        };
+        assert!(rm.force && rm.ids == ["a", "b"]);
+        assert!(Cli::try_parse_from(["openrun", "logs", "abc", "-1"]).is_err());
     }
 
     #[test]

@@ -7,28 +7,47 @@ use openrun_protocol::{ExecRequest, ExitStatus};
 use openrun_runtime::{ImageSource, Limits, Runtime, RuntimeError, Sandbox, SandboxSpec, Storage};
 
 use crate::cli::{
-    Cli, Command, CreateArgs, ExecArgs, KeyCommand, KeyCreateArgs, ProcessArgs, RmArgs, RunArgs,
-    SandboxArgs, ServeArgs, StorageArg,
+    Cli, Command, CreateArgs, ExecArgs, KeyCommand, KeyCreateArgs, LsArgs, ProcessArgs, RmArgs,
+    RunArgs, SandboxArgs, ServeArgs, StorageArg,
 };
 use crate::session::{self, Outcome};
-use crate::terminal;
+use crate::{output, remote, terminal};
 
-/// Runs the parsed command line; returns the process exit code.
+/// Runs the parsed command line; returns the process exit code. The sandbox verbs go to a
+/// server when one is configured ([`remote::Target::resolve`]), else work on this machine's
+/// sandboxes; `run`, `serve`, `key` and the create helper are always local.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    match cli.command {
-        Command::Run(args) => run(&cli.data_dir, args),
-        Command::Create(args) => create(&cli.data_dir, args),
-        Command::Exec(args) => exec(&cli.data_dir, args),
-        Command::Ps => ps(&cli.data_dir),
-        Command::Rm(args) => rm(&cli.data_dir, args),
-        Command::Inspect(args) => inspect(&cli.data_dir, &args.id),
-        Command::Serve(args) => serve(&cli.data_dir, args),
-        Command::Key(KeyCommand::Create(args)) => key_create(&cli.data_dir, args),
-        Command::CreateHelper => Ok(i32::from(!Runtime::serve_helper_request(
-            &cli.data_dir,
-            &mut std::io::stdin().lock(),
-            &mut std::io::stdout().lock(),
-        ))),
+    let data_dir = cli.data_dir.as_path();
+    let command = match cli.command {
+        Command::Run(args) => return run(data_dir, args),
+        Command::Serve(args) => return serve(data_dir, args),
+        Command::Key(KeyCommand::Create(args)) => return key_create(data_dir, args),
+        Command::CreateHelper => {
+            return Ok(i32::from(!Runtime::serve_helper_request(
+                data_dir,
+                &mut std::io::stdin().lock(),
+                &mut std::io::stdout().lock(),
+            )))
+        }
+        other => other,
+    };
+    if let Some(target) = remote::Target::resolve(cli.server, cli.api_key, data_dir)? {
+        return remote::dispatch(target, command);
+    }
+    match command {
+        Command::Create(args) => create(data_dir, args),
+        Command::Exec(args) => exec(data_dir, args),
+        Command::Ps(args) => ps(data_dir, args),
+        Command::Rm(args) => rm(data_dir, args),
+        Command::Inspect(args) => inspect(data_dir, &args.id),
+        Command::Shell(_) => Err(remote::needs_server("shell")),
+        Command::Cp(_) => Err(remote::needs_server("cp")),
+        Command::Logs(_) => Err(remote::needs_server("logs")),
+        Command::Events(_) => Err(remote::needs_server("events")),
+        Command::Env(_) => Err(remote::needs_server("env")),
+        Command::Run(_) | Command::Serve(_) | Command::Key(_) | Command::CreateHelper => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -89,16 +108,26 @@ fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
 }
 
 fn create(data_dir: &std::path::Path, args: CreateArgs) -> Result<i32> {
+    if !args.labels.is_empty() {
+        return Err(remote::needs_server("create --label"));
+    }
     let mut spec = spec_from(&args.sandbox, Storage::Disk)?;
     spec.lifetime = Some(args.ttl);
     spec.env = args.env.into_iter().collect();
     let runtime = Runtime::open(data_dir)?;
     let sandbox = runtime.create(&spec)?;
-    println!("{}", sandbox.id());
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(sandbox.record())?);
+    } else {
+        println!("{}", sandbox.id());
+    }
     Ok(0)
 }
 
 fn exec(data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
+    if args.json {
+        return Err(remote::needs_server("exec --json"));
+    }
     let runtime = Runtime::open(data_dir)?;
     let sandbox = runtime.open_sandbox(&args.id)?;
     let request = exec_request(&args.process);
@@ -112,42 +141,24 @@ fn exec(data_dir: &std::path::Path, args: ExecArgs) -> Result<i32> {
     report(&sandbox, oom_before, &args.process, outcome)
 }
 
-/// Turns how the process ended into our exit code, saying why on stderr when it was not a
-/// normal exit.
+/// Turns how the process ended into our exit code (see [`session::exit_code`]).
 fn report(
     sandbox: &Sandbox,
     oom_before: u64,
     args: &ProcessArgs,
     outcome: Result<Outcome>,
 ) -> Result<i32> {
-    let name = args.command.first().map(String::as_str).unwrap_or("");
-    match outcome? {
-        Outcome::NotStarted { code, message } => {
-            eprintln!("openrun: {message}");
-            Ok(code)
-        }
-        Outcome::Exited(mut status) => {
-            annotate_oom(sandbox, oom_before, &mut status);
-            if status.timed_out {
-                let limit = args
-                    .timeout
-                    .map(|d| format!(" after {d:?}"))
-                    .unwrap_or_default();
-                eprintln!("openrun: {name}: timed out{limit} and was killed");
-                return Ok(124);
-            }
-            if status.oom_killed {
-                let limit = sandbox
-                    .record()
-                    .limits
-                    .memory_bytes
-                    .map(|b| format!(" (limit {} MiB)", b >> 20))
-                    .unwrap_or_default();
-                eprintln!("openrun: {name}: killed: out of memory{limit}");
-            }
-            Ok(status.shell_code())
-        }
+    let mut outcome = outcome?;
+    if let Outcome::Exited(status) = &mut outcome {
+        annotate_oom(sandbox, oom_before, status);
     }
+    let limit = sandbox.record().limits.memory_bytes;
+    Ok(session::exit_code(
+        &args.command,
+        args.timeout,
+        outcome,
+        limit,
+    ))
 }
 
 /// A SIGKILL (or a shell reporting one, 137) while the sandbox's memory cgroup recorded new
@@ -159,19 +170,23 @@ fn annotate_oom(sandbox: &Sandbox, oom_before: u64, status: &mut ExitStatus) {
     }
 }
 
-fn ps(data_dir: &std::path::Path) -> Result<i32> {
+fn ps(data_dir: &std::path::Path, args: LsArgs) -> Result<i32> {
+    if !args.labels.is_empty() {
+        return Err(remote::needs_server("ls --label"));
+    }
     let runtime = Runtime::open(data_dir)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&runtime.list()?)?);
+        return Ok(0);
+    }
     let now = openrun_runtime::state::now_ms();
     println!(
         "{:<14} {:<24} {:>8} {:>10} {:>10}",
         "ID", "IMAGE", "PID", "AGE", "EXPIRES"
     );
     for record in runtime.list()? {
-        let age = format_ms(now.saturating_sub(record.created_at_ms));
-        let expires = record
-            .expires_at_ms
-            .map(|t| format!("in {}", format_ms(t.saturating_sub(now))))
-            .unwrap_or_else(|| "never".into());
+        let age = output::format_ms(now.saturating_sub(record.created_at_ms));
+        let expires = output::expires_in(record.expires_at_ms, now);
         println!(
             "{:<14} {:<24} {:>8} {:>10} {:>10}",
             record.id, record.image, record.pid, age, expires
@@ -205,15 +220,18 @@ fn inspect(data_dir: &std::path::Path, id: &str) -> Result<i32> {
 fn rm(data_dir: &std::path::Path, args: RmArgs) -> Result<i32> {
     let runtime = Runtime::open(data_dir)?;
     let mut code = 0;
+    let mut removed = Vec::new();
     for id in &args.ids {
         match runtime.open_sandbox(id).and_then(|s| runtime.destroy(s)) {
-            Ok(()) => println!("{id}"),
+            Ok(()) => removed.push(id.clone()),
+            Err(RuntimeError::NoSuchSandbox(_)) if args.force => {}
             Err(e) => {
                 eprintln!("openrun: {e}");
-                code = 1;
+                code = crate::cli::ERROR_EXIT_CODE;
             }
         }
     }
+    output::print_ids(&removed, args.json)?;
     Ok(code)
 }
 
@@ -226,6 +244,10 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
         listen: args.listen,
         data_dir: data_dir.to_path_buf(),
         helper: std::env::current_exe().context("cannot find the openrun binary")?,
+        max_creating: args
+            .max_creating
+            .map_or_else(openrun_server::default_max_creating, |n| n as usize),
+        create_queue: args.create_queue as usize,
     };
     openrun_server::run(config, |addr| {
         use std::io::Write;
@@ -250,13 +272,4 @@ fn key_create(data_dir: &std::path::Path, args: KeyCreateArgs) -> Result<i32> {
     );
     println!("{}", key.secret);
     Ok(0)
-}
-
-fn format_ms(ms: u64) -> String {
-    let s = ms / 1000;
-    match s {
-        0..=59 => format!("{s}s"),
-        60..=3599 => format!("{}m{}s", s / 60, s % 60),
-        _ => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-    }
 }

@@ -4,6 +4,8 @@
 
 mod cli;
 mod commands;
+mod output;
+mod remote;
 mod session;
 mod terminal;
 

@@ -44,10 +44,8 @@ pub async fn attached_exec(
             other => anyhow::bail!("unexpected answer to exec: {other:?}"),
         },
         Err(ClientError::Agent(err)) => {
-            let code = match err.code {
-                ErrorCode::CommandNotFound => 127,
-                ErrorCode::PermissionDenied => 126,
-                _ => return Err(err).context("cannot start the command"),
+            let Some(code) = not_started_code(err.code) else {
+                return Err(err).context("cannot start the command");
             };
             return Ok(Outcome::NotStarted {
                 code,
@@ -128,6 +126,49 @@ pub async fn attached_exec(
             _ = hangup.recv() => {
                 sender.send(Request::Signal { pid, signal: 1, group: true }).await?;
             }
+        }
+    }
+}
+
+/// The exit code a shell uses for a command that could not start for this reason (127 not
+/// found, 126 not executable); `None` when it is openrun's own failure.
+pub fn not_started_code(code: ErrorCode) -> Option<i32> {
+    match code {
+        ErrorCode::CommandNotFound => Some(127),
+        ErrorCode::PermissionDenied => Some(126),
+        _ => None,
+    }
+}
+
+/// Turns how the process ended into our exit code, saying why on stderr when it was not a
+/// normal exit: 124 after `--timeout`, the signal's 128+N (137) with a message for an OOM kill.
+/// `command` names the program in messages, `timeout` is the one asked for, and
+/// `memory_limit` (bytes) is named in the OOM message when known.
+pub fn exit_code(
+    command: &[String],
+    timeout: Option<std::time::Duration>,
+    outcome: Outcome,
+    memory_limit: Option<u64>,
+) -> i32 {
+    let name = command.first().map(String::as_str).unwrap_or("");
+    match outcome {
+        Outcome::NotStarted { code, message } => {
+            eprintln!("openrun: {message}");
+            code
+        }
+        Outcome::Exited(status) => {
+            if status.timed_out {
+                let limit = timeout.map(|d| format!(" after {d:?}")).unwrap_or_default();
+                eprintln!("openrun: {name}: timed out{limit} and was killed");
+                return 124;
+            }
+            if status.oom_killed {
+                let limit = memory_limit
+                    .map(|b| format!(" (limit {} MiB)", b >> 20))
+                    .unwrap_or_default();
+                eprintln!("openrun: {name}: killed: out of memory{limit}");
+            }
+            status.shell_code()
         }
     }
 }

@@ -1,0 +1,207 @@
+//! Which server the CLI talks to, and with which key.
+//!
+//! The server: `--server` / `OPENRUN_SERVER`, else the config file's `server`. The config file
+//! is `$OPENRUN_CONFIG`, else `$XDG_CONFIG_HOME/openrun/config.json`, else
+//! `~/.config/openrun/config.json`: `{"server": "http://host:7878", "api_key": "or_..."}`.
+//!
+//! The key: `--api-key` / `OPENRUN_API_KEY`, else the config file's `api_key` when the server
+//! is the config file's, else — for a loopback server only — the key `openrun serve` wrote to
+//! `<data-dir>/local.json`. A key is never sent to a server it was not configured for.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use reqwest::Url;
+
+/// Name of the file `openrun serve` writes in its data dir with a key for local use.
+pub const LOCAL_FILE: &str = "local.json";
+
+/// Why the server configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file exists but cannot be read.
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A config file is not the expected JSON.
+    #[error(
+        "invalid config file {path}: {source} (expected {{\"server\": URL, \"api_key\": KEY}})"
+    )]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+    /// The server address is not an http URL.
+    #[error("invalid server address {0:?}: expected http://HOST:PORT")]
+    Url(String),
+}
+
+/// The server the CLI uses and its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Base URL (`http://host:port`, no trailing slash).
+    pub url: Url,
+    /// API key to send, if any (without one the server answers 401).
+    pub api_key: Option<String>,
+}
+
+/// Contents of a config file or of `local.json`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct FileConfig {
+    server: Option<String>,
+    api_key: Option<String>,
+}
+
+impl Target {
+    /// The configured server, or `None` when there is none (the verbs then work locally).
+    /// `server` and `api_key` are the flags (clap has already read their variables).
+    pub fn resolve(
+        server: Option<String>,
+        api_key: Option<String>,
+        data_dir: &Path,
+    ) -> Result<Option<Target>, ConfigError> {
+        let nonempty = |v: Option<String>| v.filter(|s| !s.trim().is_empty());
+        let (server, api_key) = (nonempty(server), nonempty(api_key));
+        let file = match config_path() {
+            Some((path, explicit)) => read_config(&path, explicit)?,
+            None => FileConfig::default(),
+        };
+        let file_server = nonempty(file.server).map(|s| parse_url(&s)).transpose()?;
+        let url = match server {
+            Some(s) => parse_url(&s)?,
+            None => match &file_server {
+                Some(url) => url.clone(),
+                None => return Ok(None),
+            },
+        };
+        let key = api_key
+            .or_else(|| {
+                // The file's key belongs to the file's server (or to any, if it names none).
+                let same = file_server.as_ref().is_none_or(|s| *s == url);
+                nonempty(file.api_key.clone()).filter(|_| same)
+            })
+            .or_else(|| local_key(&url, data_dir));
+        Ok(Some(Target { url, api_key: key }))
+    }
+}
+
+/// `$OPENRUN_CONFIG` (and `true`: it was named explicitly), else the XDG location, else
+/// `~/.config/openrun/config.json`.
+fn config_path() -> Option<(PathBuf, bool)> {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(path) = var("OPENRUN_CONFIG") {
+        return Some((PathBuf::from(path), true));
+    }
+    let base = var("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| var("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some((base.join("openrun").join("config.json"), false))
+}
+
+/// Reads a config file. A missing default file is an empty config; a missing file that
+/// `$OPENRUN_CONFIG` named is an error.
+fn read_config(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+            Ok(FileConfig::default())
+        }
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// The key of `<data-dir>/local.json` when `url` is a loopback address; unreadable or
+/// absent files give none (the server then answers 401, naming what is missing).
+fn local_key(url: &Url, data_dir: &Path) -> Option<String> {
+    if !is_loopback(url) {
+        return None;
+    }
+    let path = data_dir.join(LOCAL_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no local key");
+            return None;
+        }
+    };
+    match serde_json::from_slice::<FileConfig>(&bytes) {
+        Ok(local) => local.api_key.filter(|k| !k.is_empty()),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring an invalid local key file");
+            None
+        }
+    }
+}
+
+/// `http://HOST:PORT[/]`; a bare `HOST:PORT` gets `http://`.
+fn parse_url(text: &str) -> Result<Url, ConfigError> {
+    let text = text.trim();
+    let full = if text.contains("://") {
+        text.to_string()
+    } else {
+        format!("http://{text}")
+    };
+    let url = Url::parse(&full).map_err(|_| ConfigError::Url(text.to_string()))?;
+    let plain = url.path() == "/" && url.query().is_none() && url.fragment().is_none();
+    if url.scheme() != "http" || url.host().is_none() || !plain || !url.username().is_empty() {
+        return Err(ConfigError::Url(text.to_string()));
+    }
+    Ok(url)
+}
+
+/// Whether the URL's host is this machine (`localhost`, 127.0.0.0/8, `::1`).
+pub fn is_loopback(url: &Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses() {
+        assert_eq!(
+            parse_url("127.0.0.1:7878").unwrap().as_str(),
+            "http://127.0.0.1:7878/"
+        );
+        assert_eq!(
+            parse_url("http://[::1]:80/").unwrap().as_str(),
+            "http://[::1]/"
+        );
+        for bad in [
+            "https://x",
+            "http://x/v1",
+            "ftp://x",
+            "http://u@x",
+            "http://",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+        for (url, local) in [
+            ("http://localhost:1", true),
+            ("http://127.3.2.1:1", true),
+            ("http://[::1]:1", true),
+            ("http://10.0.0.1:1", false),
+            ("http://example.org:1", false),
+        ] {
+            assert_eq!(is_loopback(&parse_url(url).unwrap()), local, "{url}");
+        }
+    }
+}

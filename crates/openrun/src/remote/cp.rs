@@ -1,0 +1,285 @@
+//! `openrun cp SRC DST`, one side `ID:/path`, like `docker cp`: a file is copied with the files
+//! endpoints (paged reads; one write, or a one-file tar above the write limit), a directory
+//! with the tar endpoints. Copying onto an existing directory copies into it; a source ending
+//! in `/.` copies a directory's contents.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use reqwest::Method;
+use serde_json::Value;
+
+use super::archive::{self, Copied};
+use super::http::{has_code, sandbox_path, Client};
+use crate::cli::CpArgs;
+
+/// `ID:/path` → (id, path). A local path with a colon can be written `./a:b`.
+fn sandbox_side(arg: &str) -> Option<(&str, &str)> {
+    let (id, path) = arg.split_once(':')?;
+    (!id.is_empty() && !id.contains('/')).then_some((id, path))
+}
+
+/// Runs `openrun cp`.
+pub async fn cp(client: &Client, args: CpArgs) -> Result<i32> {
+    let copied = match (sandbox_side(&args.source), sandbox_side(&args.destination)) {
+        (Some((id, path)), None) => download(client, id, path, Path::new(&args.destination)).await?,
+        (None, Some((id, path))) => upload(client, Path::new(&args.source), id, path).await?,
+        (Some(_), Some(_)) => anyhow::bail!(
+            "cannot copy between two sandboxes: one side of cp must be a local path"
+        ),
+        (None, None) => anyhow::bail!(
+            "one side of cp must be in a sandbox, written ID:/path (a local path with a colon: ./a:b)"
+        ),
+    };
+    if args.json {
+        crate::output::print(&format!("{}\n", serde_json::to_string_pretty(&copied)?));
+    }
+    Ok(0)
+}
+
+/// `file_type` of a path in the sandbox (`file`, `dir`, `symlink`, `other`), or `None` when
+/// it does not exist.
+async fn remote_kind(client: &Client, id: &str, path: &str) -> Result<Option<String>> {
+    let req = client
+        .request(Method::GET, &sandbox_path(id, "/files/stat"))?
+        .query(&[("path", path)]);
+    match client.send(req).await {
+        Ok(res) => {
+            let stat: Value = res.json().await.context("the server's stat is not JSON")?;
+            Ok(Some(
+                stat["file_type"].as_str().unwrap_or("other").to_string(),
+            ))
+        }
+        // A missing sandbox is also not_found: the copy's own request then reports it.
+        Err(e) if has_code(&e, "not_found") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The last component of a sandbox path (`""` for `/`).
+fn remote_name(path: &str) -> &str {
+    path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
+}
+
+async fn download(client: &Client, id: &str, path: &str, dest: &Path) -> Result<Copied> {
+    let kind = remote_kind(client, id, path)
+        .await?
+        .with_context(|| format!("{id}:{path}: no such file or directory"))?;
+    let name = remote_name(path);
+    let into = dest.is_dir() && !name.is_empty() && name != ".";
+    if kind != "dir" {
+        let target = if dest.is_dir() {
+            dest.join(name)
+        } else {
+            dest.to_path_buf()
+        };
+        return download_file(client, id, path, &target).await;
+    }
+    let target = if into {
+        dest.join(name)
+    } else {
+        dest.to_path_buf()
+    };
+    match std::fs::create_dir(&target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && target.is_dir() => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", target.display())),
+    }
+    let req = client
+        .request(Method::GET, &sandbox_path(id, "/files/tar"))?
+        .query(&[("path", path)]);
+    let mut res = client.send(req).await?;
+    // The archive is unpacked while it arrives, on a blocking thread fed through a channel.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
+    let unpack_into = target.clone();
+    let unpacking = tokio::task::spawn_blocking(move || {
+        archive::unpack(
+            ChannelReader {
+                rx,
+                chunk: Vec::new(),
+                pos: 0,
+            },
+            &unpack_into,
+        )
+    });
+    let mut lost = None;
+    loop {
+        match res.chunk().await {
+            Ok(Some(chunk)) => {
+                if tx.send(chunk.to_vec()).await.is_err() {
+                    break; // the unpack failed: its error follows
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                lost = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let unpacked = unpacking.await.context("the unpack task failed")?;
+    if let Some(e) = lost {
+        return Err(e).context("lost the connection to the server during the copy");
+    }
+    unpacked.with_context(|| format!("cannot copy {id}:{path} to {}", target.display()))
+}
+
+/// Reads the chunks a channel delivers (from a blocking thread).
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos >= self.chunk.len() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.pos);
+        out[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Copies one file out, page by page (a read answers at most the agent's limit, with the
+/// whole size in `X-File-Size`).
+async fn download_file(client: &Client, id: &str, path: &str, target: &Path) -> Result<Copied> {
+    let mut file: Option<std::fs::File> = None;
+    let mut offset = 0u64;
+    loop {
+        let req = client
+            .request(Method::GET, &sandbox_path(id, "/files"))?
+            .query(&[("path", path.to_string()), ("offset", offset.to_string())]);
+        let mut res = client.send(req).await?;
+        let size = res
+            .headers()
+            .get("x-file-size")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        // Created once the sandbox answered, so a failed copy leaves no empty file behind.
+        let out = match &mut file {
+            Some(f) => f,
+            None => file.insert(
+                std::fs::File::create(target)
+                    .with_context(|| format!("cannot create {}", target.display()))?,
+            ),
+        };
+        let mut got = 0u64;
+        while let Some(chunk) = res
+            .chunk()
+            .await
+            .context("lost the connection to the server during the copy")?
+        {
+            out.write_all(&chunk)
+                .with_context(|| format!("cannot write {}", target.display()))?;
+            got += chunk.len() as u64;
+        }
+        offset += got;
+        if got == 0 || size.is_none_or(|s| offset >= s) {
+            break;
+        }
+    }
+    Ok(Copied {
+        files: 1,
+        bytes: offset,
+    })
+}
+
+async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Copied> {
+    let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let kind = remote_kind(client, id, path).await?;
+    let contents_only = src.as_os_str().as_encoded_bytes().ends_with(b"/.");
+    let name = src
+        .file_name()
+        .map(|n| {
+            n.to_str()
+                .with_context(|| format!("{} is not a UTF-8 name", src.display()))
+        })
+        .transpose()?;
+    let target = match (kind.as_deref(), name) {
+        (Some("dir"), Some(name)) if !contents_only => {
+            format!("{}/{name}", path.trim_end_matches('/'))
+        }
+        _ => path.to_string(),
+    };
+    let put = |endpoint: &str, query: Vec<(&str, String)>, body: Vec<u8>| {
+        client
+            .request(Method::PUT, &sandbox_path(id, endpoint))
+            .map(|r| r.query(&query).body(body))
+    };
+    if meta.is_dir() {
+        if kind.as_deref().is_some_and(|k| k != "dir") && target == path {
+            anyhow::bail!(
+                "cannot copy directory {} onto file {id}:{path}",
+                src.display()
+            );
+        }
+        let dir = src.to_path_buf();
+        let tar = tokio::task::spawn_blocking(move || archive::pack_dir(&dir))
+            .await
+            .context("the pack task failed")??;
+        return put_tar(client, put("/files/tar", vec![("path", target)], tar)?).await;
+    }
+    let mode = format!("{:o}", meta.permissions().mode() & 0o777);
+    if meta.len() > openrun_protocol::MAX_DATA_LEN as u64 {
+        // Above the write limit: a tar of the one file, unpacked into its directory.
+        let (dir, file_name) = match target.rsplit_once('/') {
+            Some(("", n)) => ("/".to_string(), n.to_string()),
+            Some((d, n)) => (d.to_string(), n.to_string()),
+            None => anyhow::bail!("{id}:{target}: the path in the sandbox must be absolute"),
+        };
+        let file = src.to_path_buf();
+        let tar = tokio::task::spawn_blocking(move || archive::pack_file(&file, &file_name))
+            .await
+            .context("the pack task failed")??;
+        return put_tar(client, put("/files/tar", vec![("path", dir)], tar)?).await;
+    }
+    let data = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
+    let bytes = data.len() as u64;
+    client
+        .send(put("/files", vec![("path", target), ("mode", mode)], data)?)
+        .await?;
+    Ok(Copied { files: 1, bytes })
+}
+
+/// Sends a tar upload; the server answers what it unpacked.
+async fn put_tar(client: &Client, req: reqwest::RequestBuilder) -> Result<Copied> {
+    let answer: Value = client
+        .send(req)
+        .await?
+        .json()
+        .await
+        .context("the server's answer to the upload is not JSON")?;
+    Ok(Copied {
+        files: answer["files"].as_u64().unwrap_or(0),
+        bytes: answer["bytes"].as_u64().unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sides_and_names() {
+        assert_eq!(sandbox_side("abc:/tmp/x"), Some(("abc", "/tmp/x")));
+        assert_eq!(sandbox_side("./a:b"), None);
+        assert_eq!(sandbox_side("/abs/a:b"), None);
+        assert_eq!(sandbox_side(":x"), None);
+        assert_eq!(sandbox_side("local"), None);
+        assert_eq!(remote_name("/a/b/"), "b");
+        assert_eq!(remote_name("/"), "");
+        assert_eq!(remote_name("/a/."), ".");
+    }
+}
