@@ -123,7 +123,19 @@ impl Runtime {
         };
         ensure_single_threaded()?;
         let image = image::prepare(&spec.image, &self.data_dir.join("images"))?;
-        let id = state::new_id();
+        let id = match &spec.id {
+            Some(id) if !state::valid_id(id) => return Err(RuntimeError::InvalidId(id.clone())),
+            // Checked before anything is made: the cleanup of a failed create removes every
+            // file and claim of its id, which must never be another sandbox's.
+            Some(id) if self.id_in_use(id) => {
+                return Err(RuntimeError::io(
+                    format!("cannot create sandbox {id}"),
+                    io::Error::from(io::ErrorKind::AlreadyExists),
+                ))
+            }
+            Some(id) => id.clone(),
+            None => state::new_id(),
+        };
         let ids = self
             .pool
             .claim(&id)
@@ -560,6 +572,37 @@ impl Runtime {
             .release(sandbox.record.ids, &sandbox.record.id)
             .context(|| "cannot release the sandbox id range".to_string())?;
         Ok(())
+    }
+
+    /// Whether anything of sandbox `id` exists: its runtime dir, writable layer or cgroup.
+    fn id_in_use(&self, id: &str) -> bool {
+        let paths = self.paths(id, Storage::Disk);
+        paths.run.exists() || paths.disk_layer.exists() || self.cgroups.open(id).is_some()
+    }
+
+    /// Removes whatever exists of sandbox `id`, for a caller that started creating it and
+    /// does not want it (a server that stopped mid-create). A create still in progress (its
+    /// runtime dir exists, its record not yet) is given up to `settle` to finish, then the
+    /// sandbox is destroyed, or its remains cleaned up. Returns whether anything existed.
+    pub fn discard(&self, id: &str, settle: Duration) -> Result<bool> {
+        if !state::valid_id(id) {
+            return Err(RuntimeError::InvalidId(id.to_string()));
+        }
+        let paths = self.paths(id, Storage::Disk);
+        let deadline = Instant::now() + settle;
+        while paths.run.exists() && !paths.state().exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let existed = self.id_in_use(id);
+        match self.open_sandbox_exact(id) {
+            Ok(sandbox) => self.destroy(sandbox)?,
+            Err(RuntimeError::NoSuchSandbox(_)) => {
+                let ids = SandboxRecord::load(&paths).ok().map(|r| r.ids);
+                self.cleanup(id, ids);
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(existed)
     }
 
     /// Changes the deadline kept in the sandbox's record (milliseconds since the Unix epoch,

@@ -62,6 +62,10 @@ pub struct SandboxSpec {
     pub cwd: Option<String>,
     /// Kill the sandbox when the creating process exits or closes its control connection.
     pub exit_with_creator: bool,
+    /// The id to give the sandbox (a fresh random one when `None`), so a caller can record it
+    /// before the sandbox exists. It must be valid and unused.
+    #[serde(default)]
+    pub id: Option<String>,
 }
 
 impl SandboxSpec {
@@ -78,6 +82,7 @@ impl SandboxSpec {
             env: BTreeMap::new(),
             cwd: None,
             exit_with_creator: false,
+            id: None,
         }
     }
 }

@@ -425,57 +425,105 @@ async fn create(
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxResource>), ApiError> {
     let labels = body.labels.clone();
-    let spec = spec_from(body)?;
-    let runtime = s.runtime.clone();
-    let helper = s.helper.clone();
-    let helper_spec = spec.clone();
-    let sandbox = blocking(move || runtime.create_with_helper(&helper_spec, &helper))
-        .await?
-        .map_err(|e| ApiError::from_runtime("cannot create the sandbox", e))?;
-    let record = sandbox.record().clone();
-    // The helper has exited: the agent is now this process's child (we are a subreaper).
-    s.agents.track(record.pid);
-    let created_at = i64::try_from(record.created_at_ms).unwrap_or(i64::MAX);
-    let row = SandboxRow {
-        id: record.id.clone(),
+    let mut spec = spec_from(body)?;
+    // The row comes first, as `creating`, under the id the sandbox will get: a server that
+    // stops mid-create finds it at start and removes what was made (maintenance::reconcile).
+    let id = openrun_runtime::state::new_id();
+    spec.id = Some(id.clone());
+    let created_at = crate::time::now_ms();
+    let ttl_ms = spec
+        .lifetime
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut row = SandboxRow {
+        id: id.clone(),
         tenant: caller.tenant.clone(),
         owner: caller.name.clone(),
-        image: record.image.clone(),
-        limits_json: serde_json::to_string(&record.limits)
+        image: spec.image.describe(),
+        limits_json: serde_json::to_string(&spec.limits)
             .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
         labels,
         env: spec.env.clone(),
-        state: "running".into(),
+        state: "creating".into(),
         created_at,
-        expires_at: record
-            .expires_at_ms
-            .map(|t| i64::try_from(t).unwrap_or(i64::MAX)),
+        expires_at: ttl_ms.map(|ms| created_at.saturating_add(ms)),
     };
+    let stored = row.clone();
+    s.db.call(move |c| db::insert_sandbox(c, &stored)).await?;
+    let runtime = s.runtime.clone();
+    let helper = s.helper.clone();
+    let helper_spec = spec.clone();
+    let created = blocking(move || runtime.create_with_helper(&helper_spec, &helper)).await;
+    let sandbox = match created {
+        Ok(Ok(sandbox)) => sandbox,
+        Ok(Err(e)) => {
+            let error = ApiError::from_runtime("cannot create the sandbox", e);
+            fail_create(&s, &row, &caller, &error).await;
+            return Err(error);
+        }
+        Err(error) => {
+            fail_create(&s, &row, &caller, &error).await;
+            return Err(error);
+        }
+    };
+    let record = sandbox.record().clone();
+    // The helper has exited: the agent is now this process's child (we are a subreaper).
+    s.agents.track(record.pid);
+    row.state = "running".into();
+    row.expires_at = record
+        .expires_at_ms
+        .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
     let event = NewEvent {
-        sandbox_id: record.id.clone(),
-        tenant: caller.tenant,
-        actor: caller.actor,
+        sandbox_id: id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
         kind: "sandbox.create",
         payload: serde_json::json!({
             "image": record.image,
             "limits": record.limits,
-            "ttl_ms": spec.lifetime.map(|d| d.as_millis() as u64),
+            "ttl_ms": ttl_ms,
             "labels": row.labels,
             "env": row.env.keys().collect::<Vec<_>>(),
         }),
     };
-    let stored = row.clone();
-    if let Err(e) =
-        s.db.call(move |c| db::insert_sandbox(c, &stored, &event))
-            .await
-    {
-        // Nobody could ever see or delete it: do not leave it running.
+    let expires_at = row.expires_at;
+    let finished =
+        s.db.call(move |c| db::finish_create(c, &id, expires_at, &event))
+            .await;
+    if !matches!(finished, Ok(true)) {
+        // Deleted while it was being made, or not recorded: nobody may keep it running.
         let runtime = s.runtime.clone();
         let _ = blocking(move || runtime.destroy(sandbox)).await;
-        return Err(e.into());
+        s.agents.reap();
+        return Err(match finished {
+            Ok(_) => ApiError::NotFound(format!(
+                "sandbox {} was deleted while it was being created",
+                row.id
+            )),
+            Err(e) => {
+                let error = e.into();
+                fail_create(&s, &row, &caller, &error).await;
+                error
+            }
+        });
     }
     tracing::info!(id = row.id, tenant = row.tenant, "sandbox created");
     Ok((StatusCode::CREATED, Json(SandboxResource::from_row(row)?)))
+}
+
+/// Marks a sandbox whose create failed `error` (and deleted: its creator got no id to use)
+/// with a `sandbox.error` event.
+async fn fail_create(s: &AppState, row: &SandboxRow, caller: &Caller, error: &ApiError) {
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind: "sandbox.error",
+        payload: serde_json::json!({ "message": error.to_string() }),
+    };
+    let key = row.id.clone();
+    if let Err(e) = s.db.call(move |c| db::fail_create(c, &key, true, &event)).await {
+        tracing::error!(id = row.id, error = %e, "cannot record a failed create");
+    }
 }
 
 /// The caller's live (not deleted) sandbox `id`, or 404 — the same for another tenant's id,

@@ -5,9 +5,9 @@
 //! ([`Db::call`]), so the async workers never wait on SQLite; the mutex makes this the single
 //! writer DESIGN.md asks for.
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -306,14 +306,9 @@ pub fn append_event(conn: &Connection, event: &NewEvent) -> Result<(), DbError> 
     Ok(())
 }
 
-/// Records a new sandbox and its creation event in one transaction.
-pub fn insert_sandbox(
-    conn: &mut Connection,
-    row: &SandboxRow,
-    event: &NewEvent,
-) -> Result<(), DbError> {
-    let tx = conn.transaction()?;
-    tx.execute(
+/// Records a new sandbox (as `creating`: [`finish_create`] records its creation).
+pub fn insert_sandbox(conn: &Connection, row: &SandboxRow) -> Result<(), DbError> {
+    conn.execute(
         "INSERT INTO sandboxes (id, tenant, owner, image, limits_json, labels_json, env_json,
                                 state, created_at, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -330,9 +325,53 @@ pub fn insert_sandbox(
             row.expires_at
         ],
     )?;
+    Ok(())
+}
+
+/// A `creating` sandbox now exists: it becomes `running` with its actual deadline and gets its
+/// creation `event`, in one transaction. `false` (nothing changed) when it is no longer
+/// `creating`, e.g. deleted meanwhile.
+pub fn finish_create(
+    conn: &mut Connection,
+    id: &str,
+    expires_at: Option<i64>,
+    event: &NewEvent,
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let changed = tx.execute(
+        "UPDATE sandboxes SET state = 'running', expires_at = ?2
+         WHERE id = ?1 AND state = 'creating' AND deleted_at IS NULL",
+        params![id, expires_at],
+    )?;
+    if changed == 0 {
+        return Ok(false);
+    }
     append_event(&tx, event)?;
     tx.commit()?;
-    Ok(())
+    Ok(true)
+}
+
+/// A `creating` sandbox could not be made: it becomes `error` (and deleted when `hide`), with
+/// `event`, in one transaction. `false` when it was not `creating`.
+pub fn fail_create(
+    conn: &mut Connection,
+    id: &str,
+    hide: bool,
+    event: &NewEvent,
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    let changed = tx.execute(
+        "UPDATE sandboxes SET state = 'error',
+                deleted_at = CASE WHEN ?2 THEN ?3 ELSE deleted_at END
+         WHERE id = ?1 AND state = 'creating'",
+        params![id, hide, crate::time::now_ms()],
+    )?;
+    if changed == 0 {
+        return Ok(false);
+    }
+    append_event(&tx, event)?;
+    tx.commit()?;
+    Ok(true)
 }
 
 fn encode(map: &BTreeMap<String, String>) -> Result<String, DbError> {
@@ -452,9 +491,8 @@ pub fn list_sandboxes(
     tenant: &str,
     filter: &ListFilter,
 ) -> Result<Vec<SandboxRow>, DbError> {
-    let mut sql = format!(
-        "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE tenant = ? AND deleted_at IS NULL"
-    );
+    let mut sql =
+        format!("SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE tenant = ? AND deleted_at IS NULL");
     let mut values: Vec<rusqlite::types::Value> = vec![tenant.to_string().into()];
     for (key, value) in &filter.labels {
         sql.push_str(
@@ -711,6 +749,19 @@ mod tests {
         }
     }
 
+    /// Inserts a sandbox and finishes its creation.
+    fn insert_running(conn: &mut Connection, row: &SandboxRow, id: &str) {
+        let mut creating = row.clone();
+        creating.state = "creating".into();
+        insert_sandbox(conn, &creating).unwrap();
+        let event = NewEvent {
+            sandbox_id: row.id.clone(),
+            ..event(id, "sandbox.create")
+        };
+        assert!(finish_create(conn, &row.id, row.expires_at, &event).unwrap());
+        assert!(!finish_create(conn, &row.id, row.expires_at, &event).unwrap());
+    }
+
     fn open() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("openrun.db")).unwrap();
@@ -721,11 +772,13 @@ mod tests {
     fn stopping_keeps_history_and_hides_deleted_rows() {
         let (_dir, db) = open();
         let mut conn = db.conn.lock().unwrap();
-        insert_sandbox(&mut conn, &row("abc", "t1", 1, &[]), &event("abc", "sandbox.create"))
-            .unwrap();
+        insert_running(&mut conn, &row("abc", "t1", 1, &[]), "abc");
         assert!(get_sandbox(&conn, "t2", "abc").unwrap().is_none());
         let stored = get_sandbox(&conn, "t1", "abc").unwrap().unwrap();
-        assert_eq!((stored.owner.as_str(), stored.env["A"].as_str()), ("ci", "1"));
+        assert_eq!(
+            (stored.owner.as_str(), stored.env["A"].as_str()),
+            ("ci", "1")
+        );
         assert_eq!(live_sandboxes(&conn, Some(9)).unwrap().len(), 0);
         assert_eq!(live_sandboxes(&conn, Some(10)).unwrap().len(), 1);
         stop_sandbox(&mut conn, "abc", true, &event("abc", "sandbox.delete")).unwrap();
@@ -760,15 +813,9 @@ mod tests {
         .enumerate()
         {
             let id = format!("s{}", 4 - n);
-            insert_sandbox(
-                &mut conn,
-                &row(&id, "t1", labels.0, labels.1),
-                &event("x", "sandbox.create"),
-            )
-            .unwrap();
+            insert_running(&mut conn, &row(&id, "t1", labels.0, labels.1), "x");
         }
-        insert_sandbox(&mut conn, &row("other", "t2", 0, &[]), &event("x", "sandbox.create"))
-            .unwrap();
+        insert_running(&mut conn, &row("other", "t2", 0, &[]), "x");
         fn ids(conn: &Connection, filter: &ListFilter) -> Vec<String> {
             list_sandboxes(conn, "t1", filter)
                 .unwrap()
@@ -791,31 +838,50 @@ mod tests {
         assert_eq!(ids(&conn, &filter), ["s4", "s2"]);
         filter.after = Some((2, "s2".into()));
         assert_eq!(ids(&conn, &filter), ["s1"]);
-        assert!(set_state(&mut conn, "s1", &["running"], "paused", &event("s1", "sandbox.pause"))
-            .unwrap());
-        assert!(!set_state(&mut conn, "s1", &["running"], "paused", &event("s1", "sandbox.pause"))
-            .unwrap());
+        assert!(set_state(
+            &mut conn,
+            "s1",
+            &["running"],
+            "paused",
+            &event("s1", "sandbox.pause")
+        )
+        .unwrap());
+        assert!(!set_state(
+            &mut conn,
+            "s1",
+            &["running"],
+            "paused",
+            &event("s1", "sandbox.pause")
+        )
+        .unwrap());
         let filter = ListFilter {
             state: Some("paused".into()),
             limit: 100,
             ..ListFilter::default()
         };
         assert_eq!(ids(&conn, &filter), ["s1"]);
-        assert_eq!(live_sandboxes(&conn, None).unwrap().len(), 5, "paused ones are live");
+        assert_eq!(
+            live_sandboxes(&conn, None).unwrap().len(),
+            5,
+            "paused ones are live"
+        );
     }
 
     #[test]
     fn a_background_exit_is_recorded_once() {
         let (_dir, db) = open();
         let mut conn = db.conn.lock().unwrap();
-        insert_sandbox(&mut conn, &row("abc", "t1", 1, &[]), &event("abc", "sandbox.create"))
-            .unwrap();
+        insert_running(&mut conn, &row("abc", "t1", 1, &[]), "abc");
         let first = insert_background(&mut conn, "abc", "t1", "agent", 7).unwrap();
         assert_eq!(pending_background(&conn, Some("abc")).unwrap().len(), 1);
         assert!(record_background_exit(&mut conn, first, &event("abc", "process.exit")).unwrap());
         assert!(!record_background_exit(&mut conn, first, &event("abc", "process.exit")).unwrap());
         let timeline = events(&conn, "t1", "abc", 0).unwrap().unwrap();
-        let exits = timeline.events.iter().filter(|e| e.kind == "process.exit").count();
+        let exits = timeline
+            .events
+            .iter()
+            .filter(|e| e.kind == "process.exit")
+            .count();
         assert_eq!(exits, 1);
         // The pid is reused after a release: the new process is pending, the old one closed.
         let second = insert_background(&mut conn, "abc", "t1", "agent", 7).unwrap();

@@ -63,9 +63,47 @@ impl AgentReaper {
     }
 }
 
-/// At start: sandboxes recorded as running whose agent is gone become `stopped` (event
-/// `sandbox.vanish`).
+/// How long reconciliation waits for a create that a previous server left in progress.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// At start: sandboxes recorded as `creating` (the previous server stopped mid-create) are
+/// removed, whatever exists of them, and become `error` (event `sandbox.error`); sandboxes
+/// recorded as running or paused whose agent is gone become `stopped` (event
+/// `sandbox.vanish`). Sandboxes the database does not know (`openrun create` shares the data
+/// dir) are never touched.
 pub async fn reconcile(state: &AppState) -> Result<(), ServerError> {
+    let creating = state.db.call(|c| db::creating_sandboxes(c)).await?;
+    for row in creating {
+        let runtime = state.runtime.clone();
+        let id = row.id.clone();
+        let discarded = tokio::task::spawn_blocking(move || runtime.discard(&id, SETTLE))
+            .await
+            .map_err(ServerError::Task)?;
+        let existed = match discarded {
+            Ok(existed) => existed,
+            Err(e) => {
+                // Retried at the next start: the row stays `creating`.
+                tracing::error!(id = row.id, error = %e, "cannot remove a half-created sandbox");
+                continue;
+            }
+        };
+        tracing::info!(id = row.id, existed, "removed a sandbox left half-created");
+        let event = NewEvent {
+            sandbox_id: row.id.clone(),
+            tenant: row.tenant,
+            actor: "system".into(),
+            kind: "sandbox.error",
+            payload: serde_json::json!({
+                "message": "the server stopped while creating it",
+                "removed": existed,
+            }),
+        };
+        let id = row.id;
+        state
+            .db
+            .call(move |c| db::fail_create(c, &id, false, &event))
+            .await?;
+    }
     let runtime = state.runtime.clone();
     let live = tokio::task::spawn_blocking(move || runtime.list())
         .await

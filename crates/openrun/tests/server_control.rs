@@ -313,3 +313,75 @@ fn the_ttl_reaper_destroys_paused_sandboxes_too() {
     assert_eq!(kinds.last().map(String::as_str), Some("sandbox.expire"), "{kinds:?}");
     error(api.post(&format!("/v1/sandboxes/{id}/pause"), ""), 409, "sandbox_not_running");
 }
+
+#[test]
+fn a_server_stopped_mid_create_leaves_nothing_half_made() {
+    use openrun_runtime::{ImageSource, Runtime, SandboxSpec};
+    let env = Env::new();
+    let server = Server::start(&env);
+    let key = key(&env, "mid");
+    let api = Api::new(&server, &key);
+    let kept = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    // A sandbox of the CLI in the same data dir: the server never touches it.
+    let cli = env.create(&[]);
+    server.stop();
+
+    // What a server stopped mid-create leaves: `creating` rows under the ids it chose, one
+    // whose sandbox was made (by the helper, with that id) and one whose sandbox never was.
+    let (half, never) = ("0123456789ab", "ba9876543210");
+    let runtime = Runtime::open(env.data_dir()).unwrap();
+    let helper = std::path::Path::new(env!("CARGO_BIN_EXE_openrun"));
+    let mut spec = SandboxSpec::new(ImageSource::Host);
+    spec.id = Some(half.into());
+    let made = runtime.create_with_helper(&spec, helper).unwrap();
+    assert_eq!(made.id(), half);
+    // An id in use is refused, and the sandbox holding it is left alone.
+    assert!(runtime.create_with_helper(&spec, helper).is_err());
+    assert!(env.live_ids().contains(&half.to_string()));
+    let db = rusqlite::Connection::open(env.data_dir().join("openrun.db")).unwrap();
+    let tenant: String = db
+        .query_row("SELECT tenant FROM api_keys WHERE name = 'mid'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    for id in [half, never] {
+        db.execute(
+            "INSERT INTO sandboxes (id, tenant, owner, image, limits_json, state, created_at)
+             VALUES (?1, ?2, 'mid', 'host', '{}', 'creating', 1)",
+            [id, &tenant],
+        )
+        .unwrap();
+    }
+    drop(db);
+
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    let live = env.live_ids();
+    assert!(!live.contains(&half.to_string()), "the half-made sandbox is left");
+    assert!(live.contains(&kept) && live.contains(&cli), "{live:?}");
+    for (id, removed) in [(half, true), (never, false)] {
+        assert_eq!(state_of(&api, id), "error");
+        let events: Vec<Value> = api
+            .get(&format!("/v1/sandboxes/{id}/events"))
+            .json()
+            .unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0]["kind"], "sandbox.error");
+        assert_eq!(events[0]["actor"], "system");
+        assert_eq!(events[0]["payload"]["removed"], removed);
+    }
+    let (errors, _) = page(&api, "/v1/sandboxes?state=error");
+    assert_eq!(ids_of(&errors), [half, never]);
+    assert_eq!(state_of(&api, &kept), "running");
+    assert_eq!(stream(&api.exec(&kept, "echo ok"), "stdout"), "ok\n");
+    // An error sandbox cannot be used, and is deleted like any other.
+    error(api.post(&format!("/v1/sandboxes/{half}/exec"), r#"{"cmd":["true"]}"#), 409, "sandbox_not_running");
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{half}")).status(), 204);
+    error(api.get(&format!("/v1/sandboxes/{half}")), 404, "not_found");
+    // A restart changes nothing more.
+    drop(server);
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    assert_eq!(api.event_kinds(never), ["sandbox.error"]);
+    assert!(env.live_ids().contains(&cli));
+}
