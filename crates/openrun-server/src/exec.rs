@@ -19,6 +19,10 @@
 //! at once; `"stdin": true` keeps a stdin pipe for `POST .../processes/{pid}/stdin`. The
 //! process endpoints ([`crate::processes`]) then follow it, `.../output` with these same lines.
 //!
+//! One driver ([`start`]) runs every attached command: it produces [`Line`]s, and each surface
+//! encodes them (NDJSON here, WebSocket messages in [`crate::ws`] and [`crate::terminal`]);
+//! what an interactive client sends comes back to it as [`Input`].
+//!
 //! The timeline gets `process.exec` (argv, cwd, names of env variables) before the command
 //! starts and `process.exit` (or `process.error`) before the client sees the outcome. A client
 //! that disconnects does not stop the command, and its exit is still recorded.
@@ -32,14 +36,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Extension;
 use base64::Engine;
 use openrun_protocol::{
-    AgentMessage, ExecRequest, ExitStatus, Frame, Request, Response as AgentResponse, Stream,
+    AgentMessage, ExecRequest, ExitStatus, Frame, Pid, PtySize, Request, Response as AgentResponse,
+    Stream,
 };
-use openrun_runtime::{AgentClient, ClientError, RuntimeError, Sandbox};
+use openrun_runtime::{
+    AgentClient, AgentReceiver, AgentSender, ClientError, RuntimeError, Sandbox,
+};
 use tokio::sync::mpsc;
 
 use crate::api::{blocking, check_env, find, Caller, JsonBody, Shared};
 use crate::db::{self, NewEvent, SandboxRow};
 use crate::error::ApiError;
+use crate::files::record;
 use crate::openapi::ErrorAnswers;
 
 /// Lines buffered between the agent and a slow client; beyond it the agent keeps the output
@@ -69,7 +77,55 @@ pub struct ExecBody {
     stdin: bool,
 }
 
-/// One NDJSON line (also used by `GET .../processes/{pid}/output`).
+impl ExecBody {
+    /// Whether it asks for an unattached start.
+    pub(crate) fn background(&self) -> bool {
+        self.background
+    }
+
+    /// Checks everything that can be checked before the command starts and builds the agent's
+    /// request (attached unless `background`).
+    pub(crate) fn into_request(self) -> Result<ExecRequest, ApiError> {
+        check_argv(&self.cmd)?;
+        if self.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
+            return Err(ApiError::InvalidArgument(
+                "cwd must not contain NUL bytes".into(),
+            ));
+        }
+        check_env(&self.env)?;
+        let timeout = self
+            .timeout
+            .as_deref()
+            .map(openrun_runtime::limits::parse_duration)
+            .transpose()
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        Ok(ExecRequest {
+            argv: self.cmd,
+            env: self.env,
+            cwd: self.cwd,
+            timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            attach: !self.background,
+            stdin: self.stdin,
+            ..Default::default()
+        })
+    }
+}
+
+/// Checks a command line from a client: a program name, no NUL bytes.
+pub(crate) fn check_argv(cmd: &[String]) -> Result<(), ApiError> {
+    if cmd.first().is_none_or(|program| program.is_empty()) {
+        return Err(ApiError::InvalidArgument("cmd must name a program".into()));
+    }
+    if cmd.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::InvalidArgument(
+            "cmd must not contain NUL bytes".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// One line of an exec stream: an NDJSON line, a WebSocket text message, or (a terminal's
+/// output) raw bytes. Also the lines of `GET .../processes/{pid}/output`.
 #[derive(Debug, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum Line {
@@ -78,11 +134,13 @@ pub(crate) enum Line {
     },
     Stdout {
         offset: u64,
-        data_b64: String,
+        #[serde(rename = "data_b64", serialize_with = "base64_bytes")]
+        data: Vec<u8>,
     },
     Stderr {
         offset: u64,
-        data_b64: String,
+        #[serde(rename = "data_b64", serialize_with = "base64_bytes")]
+        data: Vec<u8>,
     },
     Exit {
         code: Option<i32>,
@@ -96,13 +154,17 @@ pub(crate) enum Line {
     },
 }
 
+/// Output bytes go on the wire as base64 text (`data_b64`).
+fn base64_bytes<S: serde::Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(data))
+}
+
 impl Line {
     /// The line of an output chunk.
-    pub(crate) fn output(stream: Stream, offset: u64, data: &[u8]) -> Self {
-        let data_b64 = base64::engine::general_purpose::STANDARD.encode(data);
+    pub(crate) fn output(stream: Stream, offset: u64, data: Vec<u8>) -> Self {
         match stream {
-            Stream::Stdout => Line::Stdout { offset, data_b64 },
-            Stream::Stderr => Line::Stderr { offset, data_b64 },
+            Stream::Stdout => Line::Stdout { offset, data },
+            Stream::Stderr => Line::Stderr { offset, data },
         }
     }
 
@@ -116,33 +178,65 @@ impl Line {
         }
     }
 
-    /// The line as NDJSON bytes (with its newline).
-    pub(crate) fn encode(&self) -> Option<Bytes> {
-        match serde_json::to_vec(self) {
-            Ok(mut text) => {
-                text.push(b'\n');
-                Some(Bytes::from(text))
-            }
+    /// The line of an [`ApiError`] (its stable code and message).
+    pub(crate) fn error(e: &ApiError) -> Self {
+        Line::Error {
+            code: e.status_and_code().1.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Whether it is the last line of its stream (`exit` or `error`).
+    pub(crate) fn is_last(&self) -> bool {
+        matches!(self, Line::Exit { .. } | Line::Error { .. })
+    }
+
+    /// The line as one JSON object (without a newline).
+    pub(crate) fn json(&self) -> Option<String> {
+        match serde_json::to_string(self) {
+            Ok(text) => Some(text),
             Err(e) => {
-                tracing::error!(error = %e, "cannot encode an NDJSON line");
+                tracing::error!(error = %e, "cannot encode a stream line");
                 None
             }
         }
     }
 }
 
-/// An NDJSON response fed by a channel of encoded lines.
-pub(crate) fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response {
+/// An NDJSON response of the lines from a channel.
+pub(crate) fn ndjson_response(rx: mpsc::Receiver<Line>) -> Response {
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
+        loop {
+            let line = rx.recv().await?;
+            if let Some(mut text) = line.json() {
+                text.push('\n');
+                return Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), rx));
+            }
+        }
     });
     (
         [(header::CONTENT_TYPE, "application/x-ndjson")],
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// What an interactive client sends to its running command (WebSocket exec and terminal).
+#[derive(Debug)]
+pub(crate) enum Input {
+    /// Bytes for its stdin (or its terminal).
+    Stdin(Vec<u8>),
+    /// Close its stdin.
+    StdinEof,
+    /// A signal (recorded as `process.signal`).
+    Signal {
+        /// Signal number.
+        signal: i32,
+        /// To its whole process group.
+        group: bool,
+    },
+    /// A new terminal size.
+    Resize(PtySize),
 }
 
 /// Handler: checks everything that can be checked, records `process.exec`, then streams.
@@ -159,75 +253,74 @@ pub async fn exec(
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
     let row = find(&s, &caller, &id).await?;
-    if body.cmd.is_empty() || body.cmd[0].is_empty() {
-        return Err(ApiError::InvalidArgument("cmd must name a program".into()));
+    let background = body.background();
+    let request = body.into_request()?;
+    let agent = open_running(&s, &row).await?;
+    if !background {
+        let lines = start(&s, &caller, &row, agent, request, None).await?;
+        return Ok(ndjson_response(lines));
     }
-    if body.cmd.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::InvalidArgument(
-            "cmd must not contain NUL bytes".into(),
-        ));
+    let (_sandbox, mut client) = agent;
+    record_exec(&s, &caller, &row, &request).await?;
+    let started = client
+        .call(Request::Exec(request))
+        .await
+        .map_err(|e| ApiError::from_client("cannot start the process", e))?;
+    match started.header {
+        AgentResponse::Started { pid } => Ok((
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({ "pid": pid })),
+        )
+            .into_response()),
+        other => Err(ApiError::internal(
+            "cannot start the process",
+            format!("unexpected answer to exec: {other:?}"),
+        )),
     }
-    if body.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
-        return Err(ApiError::InvalidArgument(
-            "cwd must not contain NUL bytes".into(),
-        ));
+}
+
+/// Records `process.exec` for `request`.
+async fn record_exec(
+    s: &Shared,
+    caller: &Caller,
+    row: &SandboxRow,
+    request: &ExecRequest,
+) -> Result<(), ApiError> {
+    let mut payload = serde_json::json!({
+        "argv": request.argv,
+        "cwd": request.cwd,
+        "env": request.env.keys().collect::<Vec<_>>(),
+        "background": !request.attach,
+    });
+    if let Some(size) = request.pty {
+        payload["pty"] = serde_json::json!({ "rows": size.rows, "cols": size.cols });
     }
-    check_env(&body.env)?;
-    let timeout = body
-        .timeout
-        .as_deref()
-        .map(openrun_runtime::limits::parse_duration)
-        .transpose()
-        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    let (sandbox, mut client) = open_running(&s, &row).await?;
-    let event = NewEvent {
-        sandbox_id: row.id.clone(),
-        tenant: caller.tenant.clone(),
-        actor: caller.actor.clone(),
-        kind: "process.exec",
-        payload: serde_json::json!({
-            "argv": body.cmd,
-            "cwd": body.cwd,
-            "env": body.env.keys().collect::<Vec<_>>(),
-            "background": body.background,
-        }),
-    };
-    s.db.call(move |c| db::append_event(c, &event)).await?;
-    let request = ExecRequest {
-        argv: body.cmd,
-        env: body.env,
-        cwd: body.cwd,
-        timeout_ms: timeout.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        attach: !body.background,
-        stdin: body.stdin,
-        ..Default::default()
-    };
-    if body.background {
-        let started = client
-            .call(Request::Exec(request))
-            .await
-            .map_err(|e| ApiError::from_client("cannot start the process", e))?;
-        return match started.header {
-            AgentResponse::Started { pid } => Ok((
-                StatusCode::CREATED,
-                axum::Json(serde_json::json!({ "pid": pid })),
-            )
-                .into_response()),
-            other => Err(ApiError::internal(
-                "cannot start the process",
-                format!("unexpected answer to exec: {other:?}"),
-            )),
-        };
-    }
-    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    record(s, caller, row, "process.exec", payload).await
+}
+
+/// Records `process.exec` and starts the attached command `request` on `agent` (from
+/// [`open_running`]). Its lines arrive on the returned channel, the last one an `exit` or
+/// `error` line; `input`, when given, carries what the client sends while it runs. The command
+/// outlives a client that stops reading, and its exit is still recorded.
+pub(crate) async fn start(
+    s: &Shared,
+    caller: &Caller,
+    row: &SandboxRow,
+    agent: (Sandbox, AgentClient),
+    request: ExecRequest,
+    input: Option<mpsc::Receiver<Input>>,
+) -> Result<mpsc::Receiver<Line>, ApiError> {
+    record_exec(s, caller, row, &request).await?;
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let ctx = Context {
         state: s.clone(),
-        sandbox_id: row.id,
-        caller,
+        row: row.clone(),
+        caller: caller.clone(),
         tx,
     };
-    tokio::spawn(ctx.drive(sandbox, client, request));
-    Ok(ndjson_response(rx))
+    let (sandbox, client) = agent;
+    tokio::spawn(ctx.drive(sandbox, client, request, input));
+    Ok(rx)
 }
 
 /// The running sandbox of `row` and a connection to its agent: 409 `sandbox_paused` when it
@@ -303,38 +396,35 @@ pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<
     Ok(())
 }
 
-/// What the streaming task needs.
+/// What the driver of one attached command needs.
+#[derive(Clone)]
 struct Context {
     state: Shared,
-    sandbox_id: String,
+    row: SandboxRow,
     caller: Caller,
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Line>,
+}
+
+/// Aborts the task it holds when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Context {
     /// Sends one line; a client that went away is ignored (the command keeps running and its
     /// exit is still recorded).
-    async fn send(&self, line: &Line) {
-        if let Some(text) = line.encode() {
-            let _ = self.tx.send(text).await;
-        }
+    async fn send(&self, line: Line) {
+        let _ = self.tx.send(line).await;
     }
 
+    /// Appends an event; a failure is logged (the stream goes on).
     async fn record(&self, kind: &'static str, payload: serde_json::Value) {
-        let event = NewEvent {
-            sandbox_id: self.sandbox_id.clone(),
-            tenant: self.caller.tenant.clone(),
-            actor: self.caller.actor.clone(),
-            kind,
-            payload,
-        };
-        if let Err(e) = self
-            .state
-            .db
-            .call(move |c| db::append_event(c, &event))
-            .await
-        {
-            tracing::error!(error = %e, sandbox = self.sandbox_id, kind, "cannot record an event");
+        if let Err(e) = record(&self.state, &self.caller, &self.row, kind, payload).await {
+            tracing::error!(error = %e, sandbox = self.row.id, kind, "cannot record an event");
         }
     }
 
@@ -344,15 +434,21 @@ impl Context {
             serde_json::json!({ "code": code, "message": message }),
         )
         .await;
-        self.send(&Line::Error {
+        self.send(Line::Error {
             code: code.to_string(),
             message,
         })
         .await;
     }
 
-    /// Starts the command and relays its events until it exits.
-    async fn drive(self, sandbox: Sandbox, client: AgentClient, request: ExecRequest) {
+    /// Starts the command, relays its events until it exits, and forwards `input` to it.
+    async fn drive(
+        self,
+        sandbox: Sandbox,
+        client: AgentClient,
+        request: ExecRequest,
+        input: Option<mpsc::Receiver<Input>>,
+    ) {
         let oom_before = sandbox.oom_kills();
         let (mut sender, mut receiver) = client.split();
         let started = match sender.send(Request::Exec(request)).await {
@@ -380,7 +476,26 @@ impl Context {
             }
             Err(e) => return self.fail("agent_lost", e.to_string()).await,
         };
-        self.send(&Line::Started { pid }).await;
+        self.send(Line::Started { pid }).await;
+        // The sending half must live until the exit: dropping it half-closes the connection.
+        let (_sender, _forwarder) = match input {
+            Some(input) => {
+                let task = tokio::spawn(self.clone().forward(sender, pid, input));
+                (None, Some(AbortOnDrop(task)))
+            }
+            None => (Some(sender), None),
+        };
+        self.relay(&sandbox, &mut receiver, pid, oom_before).await;
+    }
+
+    /// Relays output and the exit of `pid` as lines.
+    async fn relay(
+        &self,
+        sandbox: &Sandbox,
+        receiver: &mut AgentReceiver,
+        pid: Pid,
+        oom_before: u64,
+    ) {
         loop {
             let frame = match receiver.next().await {
                 Ok(frame) => frame,
@@ -392,7 +507,7 @@ impl Context {
             };
             match frame.header {
                 AgentMessage::Output { stream, offset, .. } => {
-                    self.send(&Line::output(stream, offset, &frame.data)).await;
+                    self.send(Line::output(stream, offset, frame.data)).await;
                 }
                 AgentMessage::Exit {
                     pid: exited,
@@ -415,11 +530,48 @@ impl Context {
                         }),
                     )
                     .await;
-                    self.send(&Line::exit(&status)).await;
+                    self.send(Line::exit(&status)).await;
                     return;
+                }
+                AgentMessage::Response {
+                    result: Err(err), ..
+                } => {
+                    // Input to a process that closed its stdin, a signal after its exit: the
+                    // client's stream goes on.
+                    tracing::debug!(pid, error = %err, "the agent refused a client's input");
                 }
                 AgentMessage::Exit { .. } | AgentMessage::Response { .. } => {}
             }
         }
+    }
+
+    /// Sends what the client sends to `pid`, until the client stops; then keeps the sending
+    /// half (and so the connection) open until the driver ends and aborts this task.
+    async fn forward(self, mut sender: AgentSender, pid: Pid, mut input: mpsc::Receiver<Input>) {
+        while let Some(item) = input.recv().await {
+            let sent = match item {
+                Input::Stdin(data) => {
+                    sender
+                        .send_with_data(Request::Stdin { pid, eof: false }, data)
+                        .await
+                }
+                Input::StdinEof => sender.send(Request::Stdin { pid, eof: true }).await,
+                Input::Resize(size) => sender.send(Request::Resize { pid, size }).await,
+                Input::Signal { signal, group } => {
+                    let sent = sender.send(Request::Signal { pid, signal, group }).await;
+                    if sent.is_ok() {
+                        let payload =
+                            serde_json::json!({ "pid": pid, "signal": signal, "group": group });
+                        self.record("process.signal", payload).await;
+                    }
+                    sent
+                }
+            };
+            if let Err(e) = sent {
+                tracing::debug!(pid, error = %e, "cannot forward input to the agent");
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 }

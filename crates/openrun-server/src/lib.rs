@@ -21,6 +21,7 @@ mod openapi;
 mod processes;
 mod query;
 mod time;
+mod ws;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

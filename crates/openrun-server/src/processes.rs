@@ -49,6 +49,16 @@ fn pid(text: &str) -> Result<Pid, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("no such process: {text}")))
 }
 
+/// Checks a signal number from a client.
+pub(crate) fn check_signal(signal: i32) -> Result<(), ApiError> {
+    if !(1..=64).contains(&signal) {
+        return Err(ApiError::InvalidArgument(format!(
+            "signal must be a number from 1 to 64, not {signal}"
+        )));
+    }
+    Ok(())
+}
+
 /// `GET /v1/sandboxes/{id}/processes`.
 #[utoipa::path(get, operation_id = "list_processes",
     path = "/v1/sandboxes/{id}/processes",
@@ -115,12 +125,7 @@ pub async fn signal(
     JsonBody(body): JsonBody<SignalBody>,
 ) -> Result<StatusCode, ApiError> {
     let pid = pid(&p)?;
-    if !(1..=64).contains(&body.signal) {
-        return Err(ApiError::InvalidArgument(format!(
-            "signal must be a number from 1 to 64, not {}",
-            body.signal
-        )));
-    }
+    check_signal(body.signal)?;
     let request = Request::Signal {
         pid,
         signal: body.signal,
@@ -212,7 +217,7 @@ pub async fn output(
     let exited = matches!(process.state, ProcessState::Exited { .. });
     let ends = [process.stdout_len, process.stderr_len];
     let mut cursor = [request.stdout_since, request.stderr_since];
-    let (tx, rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+    let (tx, rx) = mpsc::channel::<Line>(STREAM_BUFFER);
     tokio::spawn(async move {
         // The sender must live as long as the stream: dropping it closes the connection.
         let _sender = sender;
@@ -227,9 +232,7 @@ pub async fn output(
                         code: "agent_lost".into(),
                         message: format!("lost the sandbox agent: {e}"),
                     };
-                    if let Some(text) = line.encode() {
-                        let _ = tx.send(text).await;
-                    }
+                    let _ = tx.send(line).await;
                     return;
                 }
             };
@@ -241,18 +244,15 @@ pub async fn output(
                 } if from == pid => {
                     let index = usize::from(stream == Stream::Stderr);
                     cursor[index] = offset + frame.data.len() as u64;
-                    Line::output(stream, offset, &frame.data)
+                    Line::output(stream, offset, frame.data)
                 }
                 AgentMessage::Exit { pid: from, status } if from == pid => {
-                    if let Some(text) = Line::exit(&status).encode() {
-                        let _ = tx.send(text).await;
-                    }
+                    let _ = tx.send(Line::exit(&status)).await;
                     return;
                 }
                 _ => continue,
             };
-            let Some(text) = line.encode() else { continue };
-            if tx.send(text).await.is_err() {
+            if tx.send(line).await.is_err() {
                 return;
             }
         }
