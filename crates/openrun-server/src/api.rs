@@ -127,6 +127,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::lifecycle::resume))
         .routes(routes!(crate::exec::exec))
         .routes(routes!(crate::ws::exec_ws))
+        .routes(routes!(crate::terminal::terminal))
         .routes(routes!(events))
         .merge(file_data)
         .routes(routes!(files::list))

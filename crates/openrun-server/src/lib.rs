@@ -20,6 +20,7 @@ mod maintenance;
 mod openapi;
 mod processes;
 mod query;
+mod terminal;
 mod time;
 mod ws;
 

@@ -246,3 +246,134 @@ fn a_websocket_exec_ends_with_an_error_line_when_its_sandbox_is_deleted() {
     );
 }
 
+/// Terminal bytes until `needle` shows up (or the terminal's final text line).
+fn read_until(socket: &mut Socket, needle: &str) -> String {
+    let mut screen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match socket.read().unwrap() {
+            Message::Binary(data) => {
+                screen.extend_from_slice(&data);
+                if String::from_utf8_lossy(&screen).contains(needle) {
+                    return String::from_utf8_lossy(&screen).into_owned();
+                }
+            }
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!(
+                "unexpected {other:?} while waiting for {needle:?} in {:?}",
+                String::from_utf8_lossy(&screen)
+            ),
+        }
+    }
+    panic!(
+        "{needle:?} not seen in {:?}",
+        String::from_utf8_lossy(&screen)
+    );
+}
+
+#[test]
+fn terminals_echo_resize_and_end_with_an_exit_message() {
+    let (_env, server, key, api, id) = setup("tty");
+    let path = format!("/v1/sandboxes/{id}/terminal?cols=90&rows=33");
+    let mut socket = ws(&server, &key, &path).unwrap();
+    socket
+        .send(Message::Binary(
+            b"stty size; echo \"sum=$((6*7))\"\n".to_vec().into(),
+        ))
+        .unwrap();
+    let screen = read_until(&mut socket, "sum=42");
+    assert!(screen.contains("33 90"), "{screen:?}");
+    send_json(
+        &mut socket,
+        json!({ "type": "resize", "cols": 120, "rows": 40 }),
+    );
+    socket
+        .send(Message::Binary(
+            b"echo \"shell=$0\"; stty size; tty\n".to_vec().into(),
+        ))
+        .unwrap();
+    let screen = read_until(&mut socket, "/dev/pts/");
+    assert!(screen.contains("40 120"), "{screen:?}");
+    // The default command is the sandbox's login shell (the host image has bash).
+    assert!(
+        screen.contains("shell=-bash") || screen.contains("shell=/bin/bash"),
+        "{screen:?}"
+    );
+    socket
+        .send(Message::Binary(b"exit 7\n".to_vec().into()))
+        .unwrap();
+    let rest = until_close(&mut socket);
+    let last = rest.last().expect("a final message");
+    let Message::Text(text) = last else {
+        panic!("the last message is not text: {last:?}");
+    };
+    let exit: Value = serde_json::from_str(text.as_str()).unwrap();
+    assert_eq!(exit["type"], "exit", "{exit}");
+    assert_eq!(exit["code"], 7, "{exit}");
+
+    // An explicit command; a bad size and a bad cmd are 400 before any upgrade.
+    let cmd = enc(r#"["sh","-c","stty size; exit 0"]"#);
+    let mut socket = ws(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/terminal?rows=5&cols=17&cmd={cmd}"),
+    )
+    .unwrap();
+    let messages = until_close(&mut socket);
+    let screen: Vec<u8> = messages
+        .iter()
+        .filter_map(|m| match m {
+            Message::Binary(d) => Some(d.to_vec()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(
+        String::from_utf8_lossy(&screen).contains("5 17"),
+        "{messages:?}"
+    );
+    for query in [
+        "rows=0",
+        "cols=70000",
+        "cmd=%5B%5D",
+        "cmd=notjson",
+        "colour=1",
+    ] {
+        let (status, body) = ws(
+            &server,
+            &key,
+            &format!("/v1/sandboxes/{id}/terminal?{query}"),
+        )
+        .unwrap_err();
+        assert_eq!(status, 400, "{query}: {body}");
+        assert_eq!(body["code"], "invalid_argument", "{query}: {body}");
+    }
+
+    // A client that leaves hangs the terminal up: its command gets SIGHUP.
+    let cmd = enc(r#"["sleep","60"]"#);
+    let socket = ws(
+        &server,
+        &key,
+        &format!("/v1/sandboxes/{id}/terminal?cmd={cmd}"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        let list: Vec<Value> = api
+            .get(&format!("/v1/sandboxes/{id}/processes"))
+            .json()
+            .unwrap();
+        if let Some(p) = list
+            .iter()
+            .find(|p| p["argv"] == json!(["sleep", "60"]) && p["state"] == "running")
+        {
+            break p["pid"].as_i64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "sleep never started: {list:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(socket);
+    let info = api.wait_exited(&id, pid);
+    assert_eq!(info["status"]["signal"], 1, "{info}");
+}
+
