@@ -714,24 +714,110 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `GET /v1/sandboxes/{id}/events`: the sandbox's timeline (kept after delete).
-#[utoipa::path(get, operation_id = "list_events", path = "/v1/sandboxes/{id}/events", tag = "sandboxes", params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 200, description = "Events, oldest first", body = Vec<db::EventRow>), ErrorAnswers))]
+/// How often a follower of the timeline looks again when no write woke it.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+
+/// `GET /v1/sandboxes/{id}/events[?since=SEQ][&follow=true]`: the sandbox's timeline (kept
+/// after delete), after event `since`; with `follow`, NDJSON that goes on live until the
+/// sandbox has ended and its last events were sent, or the client leaves.
+#[utoipa::path(get, operation_id = "list_events", path = "/v1/sandboxes/{id}/events", tag = "sandboxes",
+    params(
+        ("id" = String, Path, description = "Sandbox id"),
+        ("since" = Option<i64>, Query, description = "Only events with a larger seq"),
+        ("follow" = Option<bool>, Query, description = "Stream NDJSON events as they happen"),
+    ),
+    responses((status = 200, description = "Events, oldest first: a JSON array, or NDJSON with follow=true",
+        content((Vec<db::EventRow> = "application/json"), (db::EventRow = "application/x-ndjson"))), ErrorAnswers))]
 async fn events(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    query: crate::query::Query,
 ) -> Result<Response, ApiError> {
+    query.only(&["since", "follow"])?;
+    let since = i64::try_from(query.u64("since")?.unwrap_or(0)).unwrap_or(i64::MAX);
+    let follow = query.flag("follow")?;
     let missing = || ApiError::NotFound(format!("no such sandbox: {id}"));
     if !openrun_runtime::state::valid_id(&id) {
         return Err(missing());
     }
-    let (tenant, key) = (caller.tenant, id.clone());
+    // Subscribed before the first read, so no write after it goes unnoticed.
+    let changes = s.db.subscribe();
+    let (tenant, key) = (caller.tenant.clone(), id.clone());
     let timeline =
-        s.db.call(move |c| db::events(c, &tenant, &key, 0))
+        s.db.call(move |c| db::events(c, &tenant, &key, since))
             .await?
             .ok_or_else(missing)?;
-    Ok(Json(timeline.events).into_response())
+    if !follow {
+        return Ok(Json(timeline.events).into_response());
+    }
+    let follower = Follower {
+        db: s.db.clone(),
+        tenant: caller.tenant,
+        id,
+        since,
+        changes,
+        pending: timeline.events.into(),
+        ended: timeline.ended,
+    };
+    let stream = futures_util::stream::unfold(follower, |mut f| async move {
+        let event = f.next().await?;
+        let mut line = serde_json::to_vec(&event).ok()?;
+        line.push(b'\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(line)), f))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// One client following a sandbox's timeline. Dropped (ending its reads) when the client
+/// leaves, since the response body owns it.
+struct Follower {
+    db: Db,
+    tenant: String,
+    id: String,
+    /// Seq of the last event read.
+    since: i64,
+    /// Bumped by every database write: then the timeline may have grown.
+    changes: tokio::sync::watch::Receiver<u64>,
+    /// Read but not yet sent.
+    pending: std::collections::VecDeque<db::EventRow>,
+    /// The sandbox had ended when `pending` was read: once it is sent, the stream ends.
+    ended: bool,
+}
+
+impl Follower {
+    /// The next event; `None` once the sandbox has ended and everything was sent.
+    async fn next(&mut self) -> Option<db::EventRow> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                self.since = event.seq;
+                return Some(event);
+            }
+            if self.ended {
+                return None;
+            }
+            self.changes.borrow_and_update();
+            let (tenant, id, since) = (self.tenant.clone(), self.id.clone(), self.since);
+            match self.db.call(move |c| db::events(c, &tenant, &id, since)).await {
+                Ok(Some(timeline)) => {
+                    self.pending = timeline.events.into();
+                    self.ended = timeline.ended;
+                }
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::warn!(id = self.id, error = %e, "cannot read the timeline");
+                    return None;
+                }
+            }
+            if self.pending.is_empty() && !self.ended {
+                let _ = tokio::time::timeout(FOLLOW_POLL, self.changes.changed()).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -385,3 +385,101 @@ fn a_server_stopped_mid_create_leaves_nothing_half_made() {
     assert_eq!(api.event_kinds(never), ["sandbox.error"]);
     assert!(env.live_ids().contains(&cli));
 }
+
+/// Reads the next NDJSON line of a followed timeline (`None` at the end of the stream).
+fn next_event(reader: &mut impl BufRead) -> Option<Value> {
+    let mut line = String::new();
+    match reader.read_line(&mut line).expect("read the event stream") {
+        0 => None,
+        _ => Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))),
+    }
+}
+
+#[test]
+fn events_are_followed_live_until_the_sandbox_ends() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "watcher"));
+    let other = Api::new(&server, &key(&env, "stranger"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    api.exec(&id, "true");
+    let events: Vec<Value> = api.get(&format!("/v1/sandboxes/{id}/events")).json().unwrap();
+    assert_eq!(events.len(), 3, "{events:?}");
+    let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(events.iter().all(|e| e["time"].as_str().is_some_and(|t| t.ends_with('Z'))));
+    // `since` without follow: the rest of the array.
+    let rest: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events?since={}", seqs[0]))
+        .json()
+        .unwrap();
+    assert_eq!(rest, events[1..]);
+
+    let res = api.get(&format!(
+        "/v1/sandboxes/{id}/events?follow=true&since={}",
+        seqs[0]
+    ));
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let mut stream = BufReader::new(res);
+    let kinds_until = |stream: &mut BufReader<_>, last: &str| -> Vec<String> {
+        let mut kinds = Vec::new();
+        loop {
+            let event = next_event(stream).expect("the stream ended early");
+            let kind = event["kind"].as_str().unwrap().to_string();
+            kinds.push(kind.clone());
+            if kind == last {
+                return kinds;
+            }
+        }
+    };
+    assert_eq!(kinds_until(&mut stream, "process.exit"), ["process.exec", "process.exit"]);
+    // New events arrive as they happen.
+    let started = Instant::now();
+    assert_eq!(api.post(&format!("/v1/sandboxes/{id}/pause"), "").status(), 200);
+    assert_eq!(kinds_until(&mut stream, "sandbox.pause"), ["sandbox.pause"]);
+    assert_eq!(api.post(&format!("/v1/sandboxes/{id}/resume"), "").status(), 200);
+    assert_eq!(kinds_until(&mut stream, "sandbox.resume"), ["sandbox.resume"]);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    // A client that leaves does not disturb anyone.
+    let dropped = api.get(&format!("/v1/sandboxes/{id}/events?follow=true"));
+    drop(dropped);
+    // Deleting ends the stream after its last event.
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert_eq!(kinds_until(&mut stream, "sandbox.delete"), ["sandbox.delete"]);
+    assert!(next_event(&mut stream).is_none(), "the stream goes on after the delete");
+    // Following an ended sandbox sends its whole timeline and ends.
+    let res = api.get(&format!("/v1/sandboxes/{id}/events?follow=true"));
+    let all = ndjson(&res.text().unwrap());
+    let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "sandbox.create",
+            "process.exec",
+            "process.exit",
+            "sandbox.pause",
+            "sandbox.resume",
+            "sandbox.delete"
+        ]
+    );
+
+    let bad = |query: &str| {
+        error(
+            api.get(&format!("/v1/sandboxes/{id}/events?{query}")),
+            400,
+            "invalid_argument",
+        )
+    };
+    assert!(bad("since=-1").contains("since"));
+    assert!(bad("follow=maybe").contains("follow"));
+    assert!(bad("tail=3").contains("unknown query parameter"));
+    error(
+        other.get(&format!("/v1/sandboxes/{id}/events?follow=true")),
+        404,
+        "not_found",
+    );
+}
