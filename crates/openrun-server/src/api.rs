@@ -130,6 +130,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::terminal::terminal))
         .routes(routes!(events))
         .merge(file_data)
+        .routes(routes!(crate::archive::download, crate::archive::upload))
         .routes(routes!(files::list))
         .routes(routes!(files::stat))
         .routes(routes!(files::mkdir))

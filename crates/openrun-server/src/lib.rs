@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod api;
+mod archive;
 mod db;
 mod error;
 mod exec;

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -375,5 +376,309 @@ fn terminals_echo_resize_and_end_with_an_exit_message() {
     drop(socket);
     let info = api.wait_exited(&id, pid);
     assert_eq!(info["status"]["signal"], 1, "{info}");
+}
+
+/// Entries of a tar archive: name → (type byte, mode, content or link target).
+fn tar_entries(data: &[u8]) -> Vec<(Vec<u8>, u8, u32, Vec<u8>)> {
+    let mut archive = tar::Archive::new(data);
+    let mut out = Vec::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path_bytes().into_owned();
+        let kind = entry.header().entry_type().as_byte();
+        let mode = entry.header().mode().unwrap();
+        let body = match entry.link_name_bytes() {
+            Some(target) => target.into_owned(),
+            None => {
+                let mut body = Vec::new();
+                entry.read_to_end(&mut body).unwrap();
+                body
+            }
+        };
+        out.push((name, kind, mode, body));
+    }
+    out
+}
+
+/// A tar with entries given as raw header name bytes (so `..` and absolute names can be
+/// written, which the tar crate's own setters refuse).
+fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8])]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name);
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        header.set_size(if kind.is_symlink() {
+            0
+        } else {
+            data.len() as u64
+        });
+        if kind.is_symlink() {
+            header.set_link_name("target").unwrap();
+        }
+        header.set_cksum();
+        builder.append(&header, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn directories_round_trip_as_tar_archives() {
+    let (_env, _server, _key, api, id) = setup("tar");
+    let files = format!("/v1/sandboxes/{id}/files");
+    let lines = api.exec(
+        &id,
+        "set -e; mkdir -p /work/t/a/b /work/t/empty; printf nested > /work/t/a/b/f; \
+         head -c 3000000 /dev/urandom > /work/t/big; : > /work/t/zero; \
+         printf '#!/bin/sh\\necho run\\n' > /work/t/run.sh; chmod 755 /work/t/run.sh; \
+         chmod 600 /work/t/a/b/f; chmod 700 /work/t/a; ln -s a/b/f /work/t/link; \
+         mkfifo /work/t/fifo; printf utf > '/work/t/caf\u{e9} \u{2603}'",
+    );
+    assert_eq!(exit_line(&lines)["code"], 0, "{lines:?}");
+    let big = api
+        .get(&format!("{files}?path=/work/t/big"))
+        .bytes()
+        .unwrap();
+    assert_eq!(big.len(), 3_000_000);
+
+    let res = api.get(&format!("{files}/tar?path=/work/t"));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/x-tar");
+    let archive = res.bytes().unwrap().to_vec();
+    let entries = tar_entries(&archive);
+    let names: Vec<String> = entries
+        .iter()
+        .map(|e| String::from_utf8(e.0.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "a/",
+            "a/b/",
+            "a/b/f",
+            "big",
+            "caf\u{e9} \u{2603}",
+            "empty/",
+            "link",
+            "run.sh",
+            "zero"
+        ],
+        "the fifo is left out, the rest sorted depth first"
+    );
+    let get = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.0 == name.as_bytes())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!((get("a/").1, get("a/").2), (b'5', 0o700));
+    assert_eq!(get("a/b/f").2, 0o600);
+    assert_eq!(get("a/b/f").3, b"nested");
+    assert_eq!(get("big").3, big.to_vec());
+    assert_eq!(
+        (get("run.sh").2, get("run.sh").3.as_slice()),
+        (0o755, &b"#!/bin/sh\necho run\n"[..])
+    );
+    assert_eq!(
+        (get("link").1, get("link").3.as_slice()),
+        (b'2', &b"a/b/f"[..])
+    );
+    assert_eq!(get("zero").3, b"");
+
+    // Upload it again elsewhere (without the symlink, which cannot be created).
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut source = tar::Archive::new(archive.as_slice());
+    for entry in source.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_symlink() {
+            continue;
+        }
+        let header = entry.header().clone();
+        let mut body = Vec::new();
+        entry.read_to_end(&mut body).unwrap();
+        builder.append(&header, body.as_slice()).unwrap();
+    }
+    let upload = builder.into_inner().unwrap();
+    let res = api.put(&format!("{files}/tar?path=/work/copy/deep"), upload);
+    assert_eq!(res.status(), 200);
+    let done: Value = res.json().unwrap();
+    assert_eq!(done, json!({ "files": 5, "bytes": 3_000_000 + 6 + 3 + 19 }));
+    let copied = tar_entries(
+        &api.get(&format!("{files}/tar?path=/work/copy/deep"))
+            .bytes()
+            .unwrap(),
+    );
+    let without_link: Vec<_> = entries.iter().filter(|e| e.0 != b"link").cloned().collect();
+    assert_eq!(
+        copied, without_link,
+        "names, types, modes and contents survive"
+    );
+    let lines = api.exec(&id, "/work/copy/deep/run.sh");
+    assert_eq!(stream(&lines, "stdout"), "run\n");
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    let write = events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "file.write")
+        .expect("a file.write event");
+    assert_eq!(write["payload"]["path"], "/work/copy/deep");
+    assert_eq!(write["payload"]["files"], 5);
+
+    // An existing file is replaced, with the archive's mode.
+    let small = raw_tar(&[(b"a/b/f", tar::EntryType::Regular, b"new")]);
+    assert_eq!(
+        api.put(&format!("{files}/tar?path=/work/copy/deep"), small)
+            .status(),
+        200
+    );
+    let lines = api.exec(
+        &id,
+        "stat -c %a /work/copy/deep/a/b/f; cat /work/copy/deep/a/b/f",
+    );
+    assert_eq!(stream(&lines, "stdout"), "644\nnew");
+
+    // Refused entries name themselves.
+    for (entry, kind, needle) in [
+        (
+            &b"../escape"[..],
+            tar::EntryType::Regular,
+            "\"../escape\" has a .. component",
+        ),
+        (b"ok/../../x", tar::EntryType::Regular, "has a .. component"),
+        (
+            b"/etc/evil",
+            tar::EntryType::Regular,
+            "\"/etc/evil\" has an absolute path",
+        ),
+        (
+            b"caf\xe9",
+            tar::EntryType::Regular,
+            "\"caf\\xe9\" has a name that is not UTF-8",
+        ),
+        (
+            b"sym",
+            tar::EntryType::Symlink,
+            "\"sym\" is a symbolic link",
+        ),
+        (b"dev", tar::EntryType::Char, "\"dev\" is a device"),
+    ] {
+        let body = raw_tar(&[(entry, kind, b"x")]);
+        let message = error(
+            api.put(&format!("{files}/tar?path=/work/bad"), body),
+            400,
+            "invalid_argument",
+        );
+        assert!(message.contains(needle), "{message}");
+    }
+    let lines = api.exec(
+        &id,
+        "ls -A /work/bad; test ! -e /escape && test ! -e /etc/evil",
+    );
+    assert_eq!(exit_line(&lines)["code"], 0, "{lines:?}");
+    assert_eq!(stream(&lines, "stdout"), "");
+    let message = error(
+        api.put(
+            &format!("{files}/tar?path=/work/bad"),
+            b"not a tar archive at all".repeat(40),
+        ),
+        400,
+        "invalid_argument",
+    );
+    assert!(message.contains("tar"), "{message}");
+
+    // Downloads: a missing directory is 404, a file 400, a name the API cannot carry 400.
+    error(
+        api.get(&format!("{files}/tar?path=/work/nope")),
+        404,
+        "not_found",
+    );
+    error(
+        api.get(&format!("{files}/tar?path=/work/t/big")),
+        400,
+        "not_a_directory",
+    );
+    let lines = api.exec(
+        &id,
+        "mkdir /work/raw && : > \"/work/raw/$(printf 'x\\377y')\"",
+    );
+    assert_eq!(exit_line(&lines)["code"], 0, "{lines:?}");
+    let message = error(
+        api.get(&format!("{files}/tar?path=/work/raw")),
+        400,
+        "invalid_argument",
+    );
+    assert!(message.contains("not UTF-8"), "{message}");
+}
+
+#[test]
+fn tar_uploads_stop_at_256_mib() {
+    let (_env, server, key, api, id) = setup("tarbig");
+    // Declared too large: refused before anything is read.
+    let addr = server.url.trim_start_matches("http://");
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "PUT /v1/sandboxes/{id}/files/tar?path=/work/huge HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {key}\r\nContent-Length: {}\r\n\r\n",
+        300u64 << 20
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+
+    // Streamed (chunked, no length): refused once 256 MiB have arrived.
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let head = format!(
+        "PUT /v1/sandboxes/{id}/files/tar?path=/work/huge HTTP/1.1\r\nHost: {addr}\r\n\
+         Authorization: Bearer {key}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    );
+    let sender = std::thread::spawn(move || {
+        let mut header = tar::Header::new_gnu();
+        header.set_path("huge").unwrap();
+        header.set_size(300 << 20);
+        header.set_mode(0o644);
+        header.set_cksum();
+        writer.write_all(head.as_bytes())?;
+        let mut chunk = |data: &[u8]| -> std::io::Result<()> {
+            writer.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
+            writer.write_all(data)?;
+            writer.write_all(b"\r\n")
+        };
+        chunk(header.as_bytes())?;
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..300 {
+            chunk(&zeros)?;
+        }
+        chunk(&[])
+    });
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("body_too_large"), "{answer}");
+    assert!(
+        sender.join().unwrap().is_err(),
+        "the server read the whole body"
+    );
+    // What arrived before the limit was extracted and recorded.
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    let write = events
+        .iter()
+        .find(|e| e["kind"] == "file.write")
+        .expect("a file.write event");
+    assert_eq!(write["payload"]["path"], "/work/huge");
 }
 

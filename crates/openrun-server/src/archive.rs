@@ -1,0 +1,656 @@
+//! `GET|PUT /v1/sandboxes/{id}/files/tar?path=/dir`: a directory as a tar archive, built from
+//! and extracted through the agent's file operations (so every path resolves inside the
+//! sandbox, as for the other file endpoints).
+//!
+//! Download (`application/x-tar`): the tree under `path` is listed first (`ListDir`), so a
+//! missing directory or a name the file API cannot carry is a 4xx before any byte is sent;
+//! then each file is read in chunks (`ReadFile` with offset and limit) while the archive
+//! streams out. Entries are named relative to `path`; directories, regular files and symlinks
+//! (as symlinks) keep their mode, owner ids (as seen inside the sandbox) and modification
+//! time; device nodes, fifos and sockets are left out. A file that shrinks while it is read is
+//! padded with zeros and one that grows is cut at its listed size, as GNU tar does.
+//!
+//! Upload (a tar body, at most [`MAX_UPLOAD`] bytes, streamed): `path` is created if missing,
+//! then every entry is extracted in order: directories with `Mkdir` (mode kept when it creates
+//! them), regular files with `WriteFile` in chunks (an existing file is replaced, so the
+//! archive's mode applies). Entries with an absolute path or a `..` component, names that are
+//! not UTF-8, symlinks and hard links (the agent has no operation to create them), devices and
+//! fifos are refused with a 400 naming the entry; entries before it stay extracted. The answer
+//! is `{"files":N,"bytes":M}` and the timeline gets one `file.write` event with the same
+//! counts.
+//!
+//! The `tar` crate reads and writes synchronously, so each transfer runs on one blocking-pool
+//! thread that drives its agent calls (and the request body) with [`Handle::block_on`].
+
+use std::io::{self, Read, Write};
+
+use axum::body::{Body, BodyDataStream, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use futures_util::StreamExt;
+use openrun_protocol::{
+    AgentError, ErrorCode, FileKind, FileStat, Request, Response as AgentResponse,
+};
+use openrun_runtime::{AgentClient, ClientError};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use crate::api::{blocking, find, Caller, Shared};
+use crate::error::ApiError;
+use crate::exec::open_running;
+use crate::files::record;
+use crate::openapi::ErrorAnswers;
+use crate::query::Query;
+
+/// Largest archive accepted for extraction.
+pub const MAX_UPLOAD: u64 = 256 << 20;
+/// Bytes read from or written to a file per agent request.
+const CHUNK: u64 = 1 << 20;
+/// Most entries one download lists (their metadata is held until the archive is sent).
+const MAX_ENTRIES: usize = 200_000;
+/// Archive bytes collected before they are handed to the response.
+const SEND_BUFFER: usize = 64 * 1024;
+/// Buffers queued between the archive thread and a slow client.
+const SEND_QUEUE: usize = 16;
+/// What the agent's listing puts in place of bytes that are not UTF-8.
+const REPLACEMENT: char = char::REPLACEMENT_CHARACTER;
+
+/// An answer the agent should not have given to this request.
+fn unexpected(other: AgentResponse) -> ApiError {
+    ApiError::internal(
+        "the sandbox agent failed",
+        format!("unexpected answer: {other:?}"),
+    )
+}
+
+/// `dir/name` (for `dir` with or without a trailing slash).
+fn join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.trim_end_matches('/'))
+}
+
+/// One request to the agent on an open connection.
+async fn call(
+    client: &mut AgentClient,
+    request: Request,
+    data: Vec<u8>,
+) -> Result<AgentResponse, ClientError> {
+    Ok(client.call_with_data(request, data).await?.header)
+}
+
+/// `GET /v1/sandboxes/{id}/files/tar?path=/dir`.
+#[utoipa::path(get, operation_id = "download_tar",
+    path = "/v1/sandboxes/{id}/files/tar",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Directory inside the sandbox")),
+    responses((status = 200, description = "A tar archive of the directory's contents (names relative to it): directories, files and symlinks with their modes", content_type = "application/x-tar", body = Vec<u8>), ErrorAnswers))]
+pub async fn download(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+) -> Result<Response, ApiError> {
+    query.only(&["path"])?;
+    let root = query.path("path")?;
+    let row = find(&s, &caller, &id).await?;
+    let (_sandbox, mut client) = open_running(&s, &row).await?;
+    let entries = walk(&mut client, &root).await?;
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_QUEUE);
+    let handle = Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let mut sink = Sink {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(SEND_BUFFER),
+        };
+        if let Err(e) = write_archive(&handle, &mut client, &root, &entries, &mut sink) {
+            tracing::warn!(error = %e, path = root, "a tar download broke off");
+            // The client sees the body end with an error, not a short archive.
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-tar")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// One entry of a download: its name relative to the root, and its metadata.
+struct Entry {
+    name: String,
+    stat: FileStat,
+}
+
+/// Lists the tree under `root` depth first (each directory before its contents, names
+/// sorted), without following symlinks and without device nodes, fifos and sockets.
+async fn walk(client: &mut AgentClient, root: &str) -> Result<Vec<Entry>, ApiError> {
+    let mut entries = Vec::new();
+    // Directories still being listed: their relative name and remaining entries.
+    let mut stack: Vec<(String, std::vec::IntoIter<FileStat>)> = Vec::new();
+    let first = list(client, root).await?;
+    stack.push((String::new(), first.into_iter()));
+    while let Some((dir, rest)) = stack.last_mut() {
+        let Some(stat) = rest.next() else {
+            stack.pop();
+            continue;
+        };
+        let name = if dir.is_empty() {
+            stat.name.clone()
+        } else {
+            format!("{dir}/{}", stat.name)
+        };
+        check_representable(client, root, &name, &stat).await?;
+        if entries.len() >= MAX_ENTRIES {
+            return Err(ApiError::Agent(AgentError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{root} holds more than {MAX_ENTRIES} entries, the most one archive \
+                     takes: download its subdirectories separately"
+                ),
+            )));
+        }
+        match stat.kind {
+            FileKind::Dir => {
+                let inside = list(client, &join(root, &name)).await?;
+                entries.push(Entry {
+                    name: name.clone(),
+                    stat,
+                });
+                stack.push((name, inside.into_iter()));
+            }
+            FileKind::File | FileKind::Symlink => entries.push(Entry { name, stat }),
+            FileKind::Other => tracing::debug!(name, "tar download leaves out a special file"),
+        }
+    }
+    Ok(entries)
+}
+
+/// A directory's entries. Two with the same name can only be names that are not UTF-8 and
+/// differ in the bytes the listing replaced: refused, as the file API cannot tell them apart.
+async fn list(client: &mut AgentClient, path: &str) -> Result<Vec<FileStat>, ApiError> {
+    let entries = match call(client, Request::ListDir { path: path.into() }, Vec::new())
+        .await
+        .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?
+    {
+        AgentResponse::Entries { entries } => entries,
+        other => return Err(unexpected(other)),
+    };
+    if let Some(pair) = entries.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(ApiError::InvalidArgument(format!(
+            "cannot archive {}: names in it are not UTF-8, which the sandbox file API cannot carry",
+            join(path, &pair[0].name)
+        )));
+    }
+    Ok(entries)
+}
+
+/// Refuses an entry the file API cannot name: the agent lists a name that is not UTF-8 with
+/// U+FFFD in place of the bad bytes, and that name then does not exist.
+async fn check_representable(
+    client: &mut AgentClient,
+    root: &str,
+    name: &str,
+    stat: &FileStat,
+) -> Result<(), ApiError> {
+    let refuse = |what: &str| {
+        ApiError::InvalidArgument(format!(
+            "cannot archive {}: its {what} is not UTF-8, which the sandbox file API cannot carry",
+            join(root, name)
+        ))
+    };
+    if stat
+        .symlink_target
+        .as_deref()
+        .is_some_and(|t| t.contains(REPLACEMENT))
+    {
+        return Err(refuse("symlink target"));
+    }
+    if !stat.name.contains(REPLACEMENT) {
+        return Ok(());
+    }
+    // A real U+FFFD in a name stats fine; a replaced byte does not.
+    match call(
+        client,
+        Request::Stat {
+            path: join(root, name),
+        },
+        Vec::new(),
+    )
+    .await
+    {
+        Ok(AgentResponse::Stat(found)) if found.kind == stat.kind => Ok(()),
+        Ok(_) | Err(ClientError::Agent(_)) => Err(refuse("name")),
+        Err(e) => Err(ApiError::from_client("the sandbox agent failed", e)),
+    }
+}
+
+/// Writes the archive of `entries` into `sink`.
+fn write_archive(
+    handle: &Handle,
+    client: &mut AgentClient,
+    root: &str,
+    entries: &[Entry],
+    sink: &mut Sink,
+) -> io::Result<()> {
+    let mut builder = tar::Builder::new(&mut *sink);
+    for Entry { name, stat } in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(stat.mode);
+        header.set_uid(u64::from(stat.uid));
+        header.set_gid(u64::from(stat.gid));
+        header.set_mtime(u64::try_from(stat.modified_ms / 1000).unwrap_or(0));
+        match stat.kind {
+            FileKind::Dir => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_size(0);
+                builder.append_data(&mut header, format!("{name}/"), io::empty())?;
+            }
+            FileKind::Symlink => {
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                let target = stat.symlink_target.as_deref().unwrap_or_default();
+                builder.append_link(&mut header, name, target)?;
+            }
+            FileKind::File => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(stat.size);
+                let reader = FileReader {
+                    handle,
+                    client: &mut *client,
+                    path: join(root, name),
+                    size: stat.size,
+                    position: 0,
+                    chunk: Vec::new(),
+                    used: 0,
+                };
+                builder.append_data(&mut header, name, reader)?;
+            }
+            FileKind::Other => {}
+        }
+    }
+    builder.finish()?;
+    drop(builder);
+    sink.flush()
+}
+
+/// Exactly `size` bytes of a sandbox file, read through the agent a chunk at a time.
+struct FileReader<'a> {
+    handle: &'a Handle,
+    client: &'a mut AgentClient,
+    path: String,
+    size: u64,
+    position: u64,
+    chunk: Vec<u8>,
+    used: usize,
+}
+
+impl Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.position >= self.size || buf.is_empty() {
+            return Ok(0);
+        }
+        if self.used == self.chunk.len() {
+            self.fetch()?;
+        }
+        let n = buf.len().min(self.chunk.len() - self.used);
+        buf[..n].copy_from_slice(&self.chunk[self.used..self.used + n]);
+        self.used += n;
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+impl FileReader<'_> {
+    /// Reads the next chunk; past the file's current end (it shrank or went away), zeros.
+    fn fetch(&mut self) -> io::Result<()> {
+        let want = (self.size - self.position).min(CHUNK);
+        let request = Request::ReadFile {
+            path: self.path.clone(),
+            offset: self.position,
+            limit: Some(want),
+        };
+        let data = match self
+            .handle
+            .block_on(self.client.call_with_data(request, Vec::new()))
+        {
+            Ok(frame) => frame.data,
+            Err(ClientError::Agent(e)) => {
+                tracing::warn!(path = self.path, error = %e, "file changed during a tar download");
+                Vec::new()
+            }
+            Err(e) => return Err(io::Error::other(e)),
+        };
+        self.chunk = if data.is_empty() {
+            tracing::warn!(
+                path = self.path,
+                "file shrank during a tar download: padding with zeros"
+            );
+            vec![0; usize::try_from(want).unwrap_or(0)]
+        } else {
+            data
+        };
+        self.chunk
+            .truncate(usize::try_from(want).unwrap_or(usize::MAX));
+        self.used = 0;
+        Ok(())
+    }
+}
+
+/// Hands archive bytes to the response in buffers of [`SEND_BUFFER`].
+struct Sink {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for Sink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= SEND_BUFFER {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_BUFFER));
+        self.tx
+            .blocking_send(Ok(Bytes::from(full)))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+/// Answer of an upload.
+#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Extracted {
+    /// Regular files written.
+    files: u64,
+    /// Bytes written to them.
+    bytes: u64,
+}
+
+/// `PUT /v1/sandboxes/{id}/files/tar?path=/dir` with a tar body.
+#[utoipa::path(put, operation_id = "upload_tar",
+    path = "/v1/sandboxes/{id}/files/tar",
+    tag = "files",
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Directory to extract into (created if missing)")),
+    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "A tar archive (up to 256 MiB): directories and regular files, relative names"),
+    responses((status = 200, description = "Extracted", body = Extracted), ErrorAnswers))]
+pub async fn upload(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    query: Query,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Extracted>, ApiError> {
+    query.only(&["path"])?;
+    let root = query.path("path")?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_UPLOAD) {
+        return Err(ApiError::TooLarge {
+            limit: MAX_UPLOAD as usize,
+        });
+    }
+    let row = find(&s, &caller, &id).await?;
+    let (_sandbox, mut client) = open_running(&s, &row).await?;
+    let mkdir = Request::Mkdir {
+        path: root.clone(),
+        parents: true,
+        mode: None,
+    };
+    match call(&mut client, mkdir, Vec::new())
+        .await
+        .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?
+    {
+        AgentResponse::Done => {}
+        other => return Err(unexpected(other)),
+    }
+    let handle = Handle::current();
+    let target = root.clone();
+    let (done, result) = blocking(move || {
+        let mut extraction = Extraction {
+            handle,
+            client,
+            root: target,
+            done: Extracted::default(),
+        };
+        let result = extraction.run(body.into_data_stream());
+        (extraction.done, result)
+    })
+    .await?;
+    // Recorded even when it broke off: what was extracted before stays in the sandbox.
+    let payload = serde_json::json!({
+        "path": root,
+        "archive": "tar",
+        "files": done.files,
+        "bytes": done.bytes,
+        "complete": result.is_ok(),
+    });
+    record(&s, &caller, &row, "file.write", payload).await?;
+    result.map(|()| Json(done))
+}
+
+/// The request body as a [`Read`], refusing more than [`MAX_UPLOAD`] bytes.
+struct BodyReader<'a> {
+    handle: &'a Handle,
+    stream: BodyDataStream,
+    chunk: Bytes,
+    total: u64,
+    /// Why reading stopped, when it was not the archive's fault.
+    failure: Option<ApiError>,
+}
+
+impl Read for BodyReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.handle.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(chunk)) => {
+                    self.total += chunk.len() as u64;
+                    if self.total > MAX_UPLOAD {
+                        self.failure = Some(ApiError::TooLarge {
+                            limit: MAX_UPLOAD as usize,
+                        });
+                        return Err(io::Error::other("the archive is too large"));
+                    }
+                    self.chunk = chunk;
+                }
+                Some(Err(e)) => {
+                    self.failure = Some(ApiError::InvalidArgument(format!(
+                        "cannot read the request body: {e}"
+                    )));
+                    return Err(io::Error::other("the request body broke off"));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
+
+/// One upload in progress.
+struct Extraction {
+    handle: Handle,
+    client: AgentClient,
+    root: String,
+    done: Extracted,
+}
+
+/// An entry name for messages: its bytes, escaped where they are not printable ASCII.
+fn shown(raw: &[u8]) -> String {
+    raw.escape_ascii().to_string()
+}
+
+/// The checked relative path of an entry (`None` for the root itself), or why it is refused.
+fn relative_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
+    let text = std::str::from_utf8(raw).map_err(|_| "has a name that is not UTF-8")?;
+    if text.starts_with('/') {
+        return Err("has an absolute path");
+    }
+    let parts: Vec<&str> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return Err("has a .. component");
+    }
+    Ok((!parts.is_empty()).then(|| parts.join("/")))
+}
+
+impl Extraction {
+    /// Extracts every entry of the archive in `body`.
+    fn run(&mut self, body: BodyDataStream) -> Result<(), ApiError> {
+        let handle = self.handle.clone();
+        let mut archive = tar::Archive::new(BodyReader {
+            handle: &handle,
+            stream: body,
+            chunk: Bytes::new(),
+            total: 0,
+            failure: None,
+        });
+        let result = self.entries(&mut archive);
+        match archive.into_inner().failure {
+            Some(failure) => Err(failure),
+            None => result,
+        }
+    }
+
+    fn entries(&mut self, archive: &mut tar::Archive<BodyReader<'_>>) -> Result<(), ApiError> {
+        let bad = |e: io::Error| ApiError::InvalidArgument(format!("invalid tar archive: {e}"));
+        for entry in archive.entries().map_err(bad)? {
+            let mut entry = entry.map_err(bad)?;
+            let raw = entry.path_bytes().into_owned();
+            let kind = entry.header().entry_type();
+            let refuse = |why: &str| {
+                ApiError::InvalidArgument(format!("tar entry \"{}\" {why}", shown(&raw)))
+            };
+            if kind.is_pax_global_extensions() {
+                continue;
+            }
+            let path = match relative_path(&raw).map_err(refuse)? {
+                Some(rel) => join(&self.root, &rel),
+                None => continue,
+            };
+            let mode = entry.header().mode().map_err(bad)? & 0o7777;
+            if kind.is_dir() {
+                let request = Request::Mkdir {
+                    path,
+                    parents: true,
+                    mode: Some(mode),
+                };
+                self.call(request, Vec::new())?;
+            } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+                self.write_file(&mut entry, path, mode)?;
+            } else if kind.is_symlink() {
+                return Err(refuse(
+                    "is a symbolic link: the sandbox file API cannot create symlinks",
+                ));
+            } else if kind.is_hard_link() {
+                return Err(refuse(
+                    "is a hard link: the sandbox file API cannot create links",
+                ));
+            } else {
+                return Err(refuse(
+                    "is a device, fifo or other special file, which is not extracted",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces `path` with the entry's content, a chunk per request.
+    fn write_file(
+        &mut self,
+        entry: &mut impl Read,
+        path: String,
+        mode: u32,
+    ) -> Result<(), ApiError> {
+        let bad = |e: io::Error| ApiError::InvalidArgument(format!("invalid tar archive: {e}"));
+        // A file already there keeps its mode when rewritten: remove it so the archive's applies.
+        let remove = Request::Remove {
+            path: path.clone(),
+            recursive: false,
+        };
+        match self.call(remove, Vec::new()) {
+            Ok(()) => {}
+            Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut first = true;
+        loop {
+            let mut data = Vec::new();
+            entry
+                .by_ref()
+                .take(CHUNK)
+                .read_to_end(&mut data)
+                .map_err(bad)?;
+            if data.is_empty() && !first {
+                break;
+            }
+            let len = data.len() as u64;
+            let request = Request::WriteFile {
+                path: path.clone(),
+                mode: Some(mode),
+                parents: true,
+                append: !first,
+            };
+            self.call(request, data)?;
+            self.done.bytes += len;
+            first = false;
+            if len < CHUNK {
+                break;
+            }
+        }
+        self.done.files += 1;
+        Ok(())
+    }
+
+    /// One agent request answered by `Done`.
+    fn call(&mut self, request: Request, data: Vec<u8>) -> Result<(), ApiError> {
+        match self
+            .handle
+            .block_on(call(&mut self.client, request, data))
+            .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?
+        {
+            AgentResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_paths_stay_relative() {
+        assert_eq!(relative_path(b"a/b.txt"), Ok(Some("a/b.txt".into())));
+        assert_eq!(relative_path(b"./a//b/"), Ok(Some("a/b".into())));
+        assert_eq!(relative_path(b"./"), Ok(None));
+        assert_eq!(relative_path(b"/etc/passwd"), Err("has an absolute path"));
+        assert_eq!(relative_path(b"a/../../x"), Err("has a .. component"));
+        assert_eq!(relative_path(b".."), Err("has a .. component"));
+        assert_eq!(
+            relative_path(b"caf\xe9"),
+            Err("has a name that is not UTF-8")
+        );
+        assert_eq!(
+            relative_path("a..b/..c".as_bytes()),
+            Ok(Some("a..b/..c".into()))
+        );
+        assert_eq!(shown(b"caf\xe9"), "caf\\xe9");
+        assert_eq!(join("/", "a"), "/a");
+        assert_eq!(join("/d/", "a"), "/d/a");
+    }
+}
