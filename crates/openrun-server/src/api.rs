@@ -53,6 +53,8 @@ pub struct AppState {
     pub helper: PathBuf,
     /// Agents this process must reap.
     pub agents: Arc<AgentReaper>,
+    /// Answers of `GET .../environment`, per sandbox.
+    pub environments: crate::environment::Cache,
 }
 
 /// Shared state handle.
@@ -128,6 +130,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::exec::exec))
         .routes(routes!(crate::ws::exec_ws))
         .routes(routes!(crate::terminal::terminal))
+        .routes(routes!(crate::environment::environment))
         .routes(routes!(events))
         .merge(file_data)
         .routes(routes!(crate::archive::download, crate::archive::upload))

@@ -12,6 +12,7 @@
 mod api;
 mod archive;
 mod db;
+mod environment;
 mod error;
 mod exec;
 mod files;
@@ -70,6 +71,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         runtime: Arc::new(runtime),
         helper: config.helper.clone(),
         agents: Arc::new(maintenance::AgentReaper::default()),
+        environments: Default::default(),
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);

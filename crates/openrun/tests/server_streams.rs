@@ -682,3 +682,105 @@ fn tar_uploads_stop_at_256_mib() {
     assert_eq!(write["payload"]["path"], "/work/huge");
 }
 
+/// `KEY` of the host's os-release.
+fn host_os_release(key: &str) -> String {
+    let text = std::fs::read_to_string("/etc/os-release")
+        .or_else(|_| std::fs::read_to_string("/usr/lib/os-release"))
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap()
+}
+
+fn host_output(cmd: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(cmd).args(args).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_environment_manifest_describes_the_sandbox() {
+    let env = Env::new();
+    let key = key(&env, "envm");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    let created = api.create(json!({ "memory": "256M", "cpus": "0.5", "pids": 128 }));
+    let id = created["id"].as_str().unwrap();
+    let path = format!("/v1/sandboxes/{id}/environment");
+
+    let res = api.get(&path);
+    assert_eq!(res.status(), 200);
+    let manifest: Value = res.json().unwrap();
+    assert_eq!(manifest["os"]["id"], host_os_release("ID"), "{manifest}");
+    assert_eq!(manifest["os"]["version_id"], host_os_release("VERSION_ID"));
+    assert_eq!(manifest["arch"], host_output("uname", &["-m"]));
+    assert_eq!(manifest["kernel"], host_output("uname", &["-r"]));
+    assert_eq!(manifest["hostname"], id);
+    assert_eq!(manifest["user"], "root");
+    assert_eq!(manifest["limits"], created["limits"]);
+    assert_eq!(manifest["limits"]["memory_bytes"], 256u64 << 20);
+    assert_eq!(manifest["limits"]["cpu_millis"], 500);
+    assert_eq!(manifest["limits"]["pids"], 128);
+    assert_eq!(
+        manifest["network"],
+        json!({ "policy": "none", "loopback": true })
+    );
+    let dirs: Vec<&str> = manifest["path"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert!(
+        dirs.contains(&"/usr/bin") || dirs.contains(&"/bin"),
+        "{dirs:?}"
+    );
+    let tools = manifest["tools"].as_array().unwrap();
+    let tool = |name: &str| {
+        tools
+            .iter()
+            .find(|t| t["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not found in {tools:?}"))
+    };
+    assert!(tool("sh")["path"].as_str().unwrap().ends_with("/sh"));
+    let python = tool("python3");
+    // The sandbox's root is the host's (image "host"): the same file answers the same.
+    let host_python = host_output(python["path"].as_str().unwrap(), &["--version"]);
+    assert_eq!(
+        Some(format!("Python {}", python["version"].as_str().unwrap())),
+        Some(host_python),
+        "{python}"
+    );
+    assert!(!tools.iter().any(|t| t["name"] == "no-such-tool"));
+
+    // Answered from the cache until refreshed; the probe shows in the timeline.
+    let probes = |api: &Api| {
+        api.event_kinds(id)
+            .iter()
+            .filter(|k| *k == "process.exec")
+            .count()
+    };
+    assert_eq!(probes(&api), 1);
+    let again: Value = api.get(&path).json().unwrap();
+    assert_eq!(again, manifest);
+    assert_eq!(probes(&api), 1);
+    let lines = api.exec(id, "mkdir -p /usr/local/bin && printf '#!/bin/sh\\necho uv 9.8.7\\n' > /usr/local/bin/uv && chmod +x /usr/local/bin/uv");
+    assert_eq!(exit_line(&lines)["code"], 0, "{lines:?}");
+    let fresh: Value = api.get(&format!("{path}?refresh=true")).json().unwrap();
+    let uv = fresh["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "uv")
+        .expect("uv after refresh");
+    assert_eq!(uv["version"], "9.8.7");
+    assert_eq!(uv["path"], "/usr/local/bin/uv");
+
+    error(
+        api.get(&format!("{path}?refresh=maybe")),
+        400,
+        "invalid_argument",
+    );
+    let other = Api::new(&server, &common::server::key(&env, "other"));
+    error(other.get(&path), 404, "not_found");
+}
