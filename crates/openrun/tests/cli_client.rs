@@ -743,6 +743,44 @@ fn exec_forwards_stdin_with_i() {
     assert_eq!(stderr(&out), "done\n");
 }
 
+#[test]
+fn exec_forwards_our_signals_to_the_command() {
+    let setup = Setup::new();
+    let cli = setup.client();
+    let id = cli.create(&[]);
+    let script = "trap 'echo got-int; exit 4' INT; trap 'echo got-term; exit 5' TERM; \
+                  echo ready; sleep 30 & wait";
+    // The NDJSON exec (signals through the process endpoint) and the WebSocket one (-i).
+    for (extra, signal, code, said) in [
+        (None, rustix::process::Signal::INT, 4, "got-int"),
+        (Some("-i"), rustix::process::Signal::TERM, 5, "got-term"),
+    ] {
+        let mut args = vec!["exec"];
+        args.extend(extra);
+        args.extend([id.as_str(), "--", "sh", "-c", script]);
+        let mut child = cli
+            .cmd(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("ready") {
+            let n = out.read(&mut buf).unwrap();
+            assert!(n > 0, "no ready: {seen:?}");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        rustix::process::kill_process(pid, signal).unwrap();
+        out.read_to_end(&mut seen).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(code), "{extra:?}: {seen:?}");
+        assert_eq!(String::from_utf8_lossy(&seen), format!("ready\n{said}\n"));
+    }
+}
+
 /// A pseudo-terminal pair: the master for the test, the slave for `openrun shell`.
 fn pty(rows: u16, cols: u16) -> (std::fs::File, std::fs::File) {
     use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
@@ -810,6 +848,10 @@ fn shell_is_a_terminal_with_our_size() {
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(text.starts_with("24 80\r\n/dev/pts/"), "{text:?}");
+    // exec -t: the same terminal for one command.
+    let out = cli.out(&["exec", "-t", &id, "--", "sh", "-c", "tty; exit 6"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("/dev/pts/"), "{}", stdout(&out));
     // Without a command it needs a terminal.
     assert_fails(&cli.out(&["shell", &id]), 125, "needs a terminal");
 

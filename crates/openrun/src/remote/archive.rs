@@ -8,7 +8,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path};
 
@@ -30,23 +30,23 @@ pub struct Copied {
 /// directories and regular files: the server cannot make symlinks (and following them could
 /// carry anything on this machine into the sandbox), so they are left out with a warning, as
 /// are sockets, devices and fifos.
-pub fn pack_dir(src: &Path) -> Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
+pub fn pack_dir(src: &Path, out: impl Write) -> Result<()> {
+    let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     add_tree(&mut builder, src, Path::new(""))?;
-    builder.into_inner().context("cannot finish the archive")
+    builder.finish().context("cannot finish the archive")
 }
 
 /// A tar holding the one file `src` under `name`.
-pub fn pack_file(src: &Path, name: &str) -> Result<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
+pub fn pack_file(src: &Path, name: &str, out: impl Write) -> Result<()> {
+    let mut builder = tar::Builder::new(out);
     builder
         .append_path_with_name(src, name)
         .with_context(|| format!("cannot read {}", src.display()))?;
-    builder.into_inner().context("cannot finish the archive")
+    builder.finish().context("cannot finish the archive")
 }
 
-fn add_tree(builder: &mut tar::Builder<Vec<u8>>, dir: &Path, rel: &Path) -> Result<()> {
+fn add_tree<W: Write>(builder: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> Result<()> {
     let read =
         |e: io::Error| anyhow::Error::new(e).context(format!("cannot read {}", dir.display()));
     let mut entries = std::fs::read_dir(dir)
@@ -280,7 +280,8 @@ mod tests {
             std::fs::Permissions::from_mode(0o4750),
         )
         .unwrap();
-        let tar = pack_dir(src.path()).unwrap();
+        let mut tar = Vec::new();
+        pack_dir(src.path(), &mut tar).unwrap();
         let dst = tempfile::tempdir().unwrap();
         let copied = unpack(&tar[..], dst.path()).unwrap();
         assert_eq!(copied, Copied { files: 2, bytes: 6 });

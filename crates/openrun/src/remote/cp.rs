@@ -213,10 +213,10 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
         }
         _ => path.to_string(),
     };
-    let put = |endpoint: &str, query: Vec<(&str, String)>, body: Vec<u8>| {
+    let put = |endpoint: &str, query: Vec<(&str, String)>| {
         client
             .request(Method::PUT, &sandbox_path(id, endpoint))
-            .map(|r| r.query(&query).body(body))
+            .map(|r| r.query(&query))
     };
     if meta.is_dir() {
         if kind.as_deref().is_some_and(|k| k != "dir") && target == path {
@@ -226,10 +226,14 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
             );
         }
         let dir = src.to_path_buf();
-        let tar = tokio::task::spawn_blocking(move || archive::pack_dir(&dir))
-            .await
-            .context("the pack task failed")??;
-        return put_tar(client, put("/files/tar", vec![("path", target)], tar)?).await;
+        let (body, packing) = streamed(move |out| archive::pack_dir(&dir, out));
+        return put_tar(
+            client,
+            put("/files/tar", vec![("path", target)])?,
+            body,
+            packing,
+        )
+        .await;
     }
     let mode = format!("{:o}", meta.permissions().mode() & 0o777);
     if meta.len() > openrun_protocol::MAX_DATA_LEN as u64 {
@@ -240,24 +244,101 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
             None => anyhow::bail!("{id}:{target}: the path in the sandbox must be absolute"),
         };
         let file = src.to_path_buf();
-        let tar = tokio::task::spawn_blocking(move || archive::pack_file(&file, &file_name))
-            .await
-            .context("the pack task failed")??;
-        return put_tar(client, put("/files/tar", vec![("path", dir)], tar)?).await;
+        let (body, packing) = streamed(move |out| archive::pack_file(&file, &file_name, out));
+        return put_tar(
+            client,
+            put("/files/tar", vec![("path", dir)])?,
+            body,
+            packing,
+        )
+        .await;
     }
     let data = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
     let bytes = data.len() as u64;
     client
-        .send(put("/files", vec![("path", target), ("mode", mode)], data)?)
+        .send(put("/files", vec![("path", target), ("mode", mode)])?.body(data))
         .await?;
     Ok(Copied { files: 1, bytes })
 }
 
-/// Sends a tar upload; the server answers what it unpacked.
-async fn put_tar(client: &Client, req: reqwest::RequestBuilder) -> Result<Copied> {
-    let answer: Value = client
-        .send(req)
-        .await?
+/// How packing an upload went: its result, and whether the request stopped taking the body
+/// first (then the request's own error says why).
+type Packing = tokio::task::JoinHandle<(Result<()>, bool)>;
+
+/// A request body written by `pack` on a blocking thread while it is sent (so an archive is
+/// never held whole in memory), and the thread's outcome. A failed `pack` fails the body too,
+/// so the server never takes a cut archive for a whole one.
+fn streamed(
+    pack: impl FnOnce(&mut ChannelWriter) -> Result<()> + Send + 'static,
+) -> (reqwest::Body, Packing) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(16);
+    let packing = tokio::task::spawn_blocking(move || {
+        let mut out = ChannelWriter {
+            tx,
+            buf: Vec::with_capacity(CHUNK),
+            closed: false,
+        };
+        let result = pack(&mut out).and_then(|()| out.flush().map_err(Into::into));
+        if let Err(e) = &result {
+            let failed = std::io::Error::other(format!("{e:#}"));
+            let _ = out.tx.blocking_send(Err(failed));
+        }
+        (result, out.closed)
+    });
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    (reqwest::Body::wrap_stream(chunks), packing)
+}
+
+/// Bytes handed to the request body in chunks.
+const CHUNK: usize = 256 << 10;
+
+/// Writes into a channel, `CHUNK` bytes at a time (from a blocking thread).
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    buf: Vec<u8>,
+    /// The request stopped reading.
+    closed: bool,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            self.closed = true;
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload ended")
+        })
+    }
+}
+
+/// Sends a tar upload while it is packed; the server answers what it unpacked. A packing
+/// failure is reported rather than the cut request it caused, unless the request ended first.
+async fn put_tar(
+    client: &Client,
+    req: reqwest::RequestBuilder,
+    body: reqwest::Body,
+    packing: Packing,
+) -> Result<Copied> {
+    let sent = client.send(req.body(body)).await;
+    let (packed, request_ended) = packing.await.context("the pack task failed")?;
+    let res = match (sent, packed) {
+        (Ok(res), Ok(())) => res,
+        (Err(e), _) if request_ended => return Err(e),
+        (_, Err(e)) | (Err(e), Ok(())) => return Err(e),
+    };
+    let answer: Value = res
         .json()
         .await
         .context("the server's answer to the upload is not JSON")?;

@@ -214,7 +214,7 @@ impl ExecStream for Socket {
     }
 
     async fn signal(&mut self, _pid: Option<i32>, signal: i32) -> Result<()> {
-        self.send(json!({ "type": "signal", "signal": signal }))
+        self.send(json!({ "type": "signal", "signal": signal, "group": true }))
             .await
     }
 }
