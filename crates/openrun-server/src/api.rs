@@ -53,6 +53,10 @@ pub struct AppState {
     pub helper: PathBuf,
     /// Agents this process must reap.
     pub agents: Arc<AgentReaper>,
+    /// Counters of `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Create slots and their queue.
+    pub admission: crate::admission::Admission,
     /// Answers of `GET .../environment`, per sandbox.
     pub environments: crate::environment::Cache,
 }
@@ -88,6 +92,10 @@ pub fn router(state: Shared) -> Router {
         )
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            crate::metrics::observe,
+        ))
         .with_state(state)
 }
 
@@ -98,12 +106,17 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 
 /// Every route with its documentation; `auth` guards all but health.
 fn routes(state: Shared) -> OpenApiRouter<Shared> {
-    let authed = authed_routes().route_layer(middleware::from_fn_with_state(state, auth));
+    let create = crate::admission::limit(routes!(create), &state);
+    let authed = authed_routes()
+        .routes(create)
+        .route_layer(middleware::from_fn(crate::metrics::tag_caller))
+        .route_layer(middleware::from_fn_with_state(state, auth));
     public_routes().merge(authed)
 }
 
 fn routes_without_state() -> OpenApiRouter<Shared> {
-    public_routes().merge(authed_routes())
+    let create = crate::admission::document(routes!(create));
+    public_routes().merge(authed_routes().routes(create))
 }
 
 /// Routes that need no key. (`/v1/openapi.json` is added by [`router`], which holds the
@@ -122,7 +135,8 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(files::read, files::write))
         .layer(DefaultBodyLimit::max(MAX_DATA_LEN));
     OpenApiRouter::new()
-        .routes(routes!(create, list))
+        .routes(routes!(list))
+        .routes(routes!(crate::metrics::scrape))
         .routes(routes!(get_one, delete))
         .routes(routes!(crate::lifecycle::ttl))
         .routes(routes!(crate::lifecycle::pause))

@@ -91,6 +91,14 @@ pub enum ApiError {
     /// The sandbox exists but is stopped (409 `sandbox_not_running`).
     #[error("sandbox {0} is not running")]
     NotRunning(String),
+    /// The server is at capacity (429 `too_many_requests`, with `Retry-After`).
+    #[error("{message}")]
+    TooManyRequests {
+        /// What is full, for the client.
+        message: String,
+        /// Seconds after which a retry may succeed.
+        retry_after_secs: u64,
+    },
     /// The sandbox is paused: its processes are frozen (409 `sandbox_paused`).
     #[error("sandbox {0} is paused: resume it first (POST /v1/sandboxes/{0}/resume)")]
     Paused(String),
@@ -129,6 +137,7 @@ impl ApiError {
             Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Paused(_) => (StatusCode::CONFLICT, "sandbox_paused"),
             Self::Agent(e) => agent_status(e.code),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -181,6 +190,10 @@ impl From<DbError> for ApiError {
     }
 }
 
+/// The stable `code` of an error answer, kept in its response's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCodeTag(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -199,6 +212,16 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::json!({ "code": code, "message": message });
         let mut response = (status, axum::Json(body)).into_response();
+        // For the metrics and request log, which see only the response.
+        response.extensions_mut().insert(ErrorCodeTag(code));
+        if let Self::TooManyRequests {
+            retry_after_secs, ..
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, retry_after_secs.into());
+        }
         if let Self::TooLarge { .. } = self {
             // The rest of the body stays unread, so the connection cannot carry another
             // request: say so, or a client would reuse it and see it close under its next one.

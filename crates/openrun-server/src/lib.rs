@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admission;
 mod api;
 mod archive;
 mod db;
@@ -18,7 +19,9 @@ mod exec;
 mod files;
 mod keys;
 mod lifecycle;
+mod local_key;
 mod maintenance;
+mod metrics;
 mod openapi;
 mod processes;
 mod query;
@@ -32,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use api::openapi_document;
+pub use admission::DEFAULT_QUEUE as DEFAULT_CREATE_QUEUE;
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
 
@@ -47,6 +51,16 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The `openrun` binary, run as the single-threaded helper that creates sandboxes.
     pub helper: PathBuf,
+    /// Sandbox creates run at once (at least 1; see [`default_max_creating`]).
+    pub max_creating: usize,
+    /// Creates that may wait for a slot; beyond them a create gets 429 (see
+    /// [`DEFAULT_CREATE_QUEUE`]).
+    pub create_queue: usize,
+}
+
+/// Default of [`Config::max_creating`]: twice the number of CPUs this process may use.
+pub fn default_max_creating() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().saturating_mul(2))
 }
 
 /// Path of the state database in a data dir.
@@ -71,6 +85,8 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         runtime: Arc::new(runtime),
         helper: config.helper.clone(),
         agents: Arc::new(maintenance::AgentReaper::default()),
+        metrics: Arc::new(metrics::Metrics::default()),
+        admission: admission::Admission::new(config.max_creating, config.create_queue),
         environments: Default::default(),
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
@@ -95,6 +111,10 @@ async fn serve(
         source,
     })?;
     tracing::info!(%addr, "listening");
+    write_local_key(&state, addr).await;
+    // Caught from before the address is announced: a client that stops the server at once
+    // must still get a graceful shutdown, not the default action of SIGTERM.
+    let mut signals = ShutdownSignals::install()?;
     on_listening(addr);
 
     let maintenance = tokio::spawn(maintenance::run(state.clone()));
@@ -108,8 +128,7 @@ async fn serve(
     });
     let result = tokio::select! {
         done = &mut server => done,
-        signal = shutdown_signal() => {
-            signal?;
+        () = signals.recv() => {
             tracing::info!("shutting down");
             stop.notify_one();
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
@@ -130,14 +149,51 @@ async fn serve(
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-async fn shutdown_signal() -> Result<(), ServerError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// Writes or updates `<data-dir>/local.json` on a loopback address ([`local_key`]). A failure
+/// is logged, not fatal: clients can still use keys of their own.
+async fn write_local_key(state: &api::AppState, addr: SocketAddr) {
+    let data_dir = state.runtime.data_dir().to_path_buf();
+    // Blocking, and `create_key` drives its own small runtime: not on an async worker.
+    let outcome = match tokio::task::spawn_blocking(move || local_key::ensure(&data_dir, addr))
+        .await
+    {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot write the local key file"),
+        Err(e) => return tracing::warn!(error = %e, "cannot write the local key file"),
+    };
+    if let local_key::Outcome::Kept { api_key } = outcome {
+        let hash = keys::hash(&api_key);
+        match state.db.call(move |c| db::key_by_hash(c, &hash)).await {
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::warn!(
+                "the key in {} is unknown to this database: delete the file and restart to get a new one",
+                local_key::FILE_NAME
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot check the local key"),
+        }
     }
-    Ok(())
+}
+
+/// SIGINT and SIGTERM, handled from [`ShutdownSignals::install`] on.
+struct ShutdownSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> Result<Self, ServerError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(ServerError::Signals)?,
+            int: signal(SignalKind::interrupt()).map_err(ServerError::Signals)?,
+        })
+    }
+
+    /// Waits for either (also one that arrived since `install`).
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

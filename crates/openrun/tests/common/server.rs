@@ -19,8 +19,13 @@ pub struct Server {
 
 impl Server {
     pub fn start(env: &Env) -> Self {
+        Self::start_with(env, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// `openrun serve ARGS…`, once it prints its address.
+    pub fn start_with(env: &Env, args: &[&str]) -> Self {
         let mut child = env
-            .cmd(["serve", "--listen", "127.0.0.1:0"])
+            .cmd(std::iter::once("serve").chain(args.iter().copied()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

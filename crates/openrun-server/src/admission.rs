@@ -1,0 +1,189 @@
+//! Back-pressure on sandbox creation: at most `max_creating` creates run at once, up to
+//! `queue` more wait for a slot (in arrival order), and any create beyond that is refused at
+//! once with 429 `too_many_requests` and a `Retry-After` estimate, before its body is read.
+//!
+//! This is a layer on the `POST /v1/sandboxes` route ([`limit`]), inside authentication (an
+//! unknown key never takes a slot); the handler knows nothing of it. It also times each
+//! admitted create for [`crate::metrics`].
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use tokio::sync::Semaphore;
+use utoipa::openapi::{self, RefOr};
+use utoipa_axum::router::UtoipaMethodRouter;
+
+use crate::api::Shared;
+use crate::error::ApiError;
+
+/// Waiting creates allowed by default beyond the running ones.
+pub const DEFAULT_QUEUE: usize = 64;
+
+/// Longest `Retry-After` suggested, in seconds.
+const MAX_RETRY_AFTER_SECS: u64 = 60;
+
+/// The create slots and the queue in front of them.
+pub struct Admission {
+    slots: Arc<Semaphore>,
+    max_creating: usize,
+    queue: usize,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl Admission {
+    /// `max_creating` concurrent creates (at least 1), `queue` more waiting.
+    pub fn new(max_creating: usize, queue: usize) -> Self {
+        let max_creating = max_creating.clamp(1, Semaphore::MAX_PERMITS);
+        Self {
+            slots: Arc::new(Semaphore::new(max_creating)),
+            max_creating,
+            queue,
+            waiting: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// A place in the queue, if there is room; given back when dropped (also when the client
+    /// leaves while waiting).
+    fn join_queue(&self) -> Option<QueuePlace> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+                (w < self.queue).then_some(w + 1)
+            })
+            .ok()
+            .map(|_| QueuePlace(self.waiting.clone()))
+    }
+
+    /// Seconds until the creates ahead of a newcomer should have drained: the mean create time
+    /// (1 s before any) times the queued rounds, between 1 and [`MAX_RETRY_AFTER_SECS`].
+    fn retry_after(&self, mean_create: Option<Duration>) -> u64 {
+        let mean = mean_create.unwrap_or(Duration::from_secs(1)).as_secs_f64();
+        let rounds = (self.queue + self.max_creating).div_ceil(self.max_creating) as f64;
+        ((mean * rounds).ceil() as u64).clamp(1, MAX_RETRY_AFTER_SECS)
+    }
+}
+
+/// A taken queue place.
+struct QueuePlace(Arc<AtomicUsize>);
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The create route behind [`admit`], with its 429 answer added to its documentation.
+pub fn limit(route: UtoipaMethodRouter<Shared>, state: &Shared) -> UtoipaMethodRouter<Shared> {
+    let (schemas, paths, method_router) = document(route);
+    let layer = middleware::from_fn_with_state(state.clone(), admit);
+    (schemas, paths, method_router.layer(layer))
+}
+
+/// Adds the 429 answer [`admit`] gives to the documentation of `route`'s operations (for the
+/// document built without a server, see [`crate::api::openapi_document`]).
+pub fn document(
+    (schemas, mut paths, method_router): UtoipaMethodRouter<Shared>,
+) -> UtoipaMethodRouter<Shared> {
+    for item in paths.paths.values_mut() {
+        if let Some(op) = item.post.as_mut() {
+            op.responses
+                .responses
+                .insert("429".into(), RefOr::T(too_many_requests_answer()));
+        }
+    }
+    (schemas, paths, method_router)
+}
+
+fn too_many_requests_answer() -> openapi::Response {
+    let seconds = openapi::ObjectBuilder::new()
+        .schema_type(openapi::schema::Type::Integer)
+        .build();
+    openapi::ResponseBuilder::new()
+        .description(
+            "Too many creates in progress and waiting (`too_many_requests`); retry after \
+             `Retry-After` seconds",
+        )
+        .content(
+            "application/json",
+            openapi::Content::new(Some(openapi::Ref::from_schema_name("ErrorBody"))),
+        )
+        .header(
+            "Retry-After",
+            openapi::HeaderBuilder::new()
+                .schema(Some(seconds))
+                .description(Some("Seconds to wait before retrying"))
+                .build(),
+        )
+        .build()
+}
+
+/// Middleware of the create route: runs the create in a slot, waiting in the queue if there
+/// is room, else answers 429 at once. Times the creates that succeed.
+async fn admit(State(s): State<Shared>, req: Request, next: Next) -> Result<Response, ApiError> {
+    let admission = &s.admission;
+    let permit = match admission.slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let Some(_place) = admission.join_queue() else {
+                s.metrics.reject_create();
+                let retry_after_secs = admission.retry_after(s.metrics.mean_create());
+                return Err(ApiError::TooManyRequests {
+                    message: format!(
+                        "too many sandbox creates at once ({} in progress, {} waiting): retry \
+                         after {retry_after_secs} s",
+                        admission.max_creating, admission.queue
+                    ),
+                    retry_after_secs,
+                });
+            };
+            admission
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|e| ApiError::internal("the create slots are closed", e))?
+        }
+    };
+    let started = Instant::now();
+    let response = next.run(req).await;
+    drop(permit);
+    if response.status() == StatusCode::CREATED {
+        s.metrics.observe_create(started.elapsed());
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_is_bounded_and_places_come_back() {
+        let a = Admission::new(1, 2);
+        let first = a.join_queue().expect("room");
+        let second = a.join_queue().expect("room");
+        assert!(a.join_queue().is_none(), "a queue of 2 took a third");
+        drop(first);
+        let third = a.join_queue().expect("a place was given back");
+        drop((second, third));
+        assert_eq!(a.waiting.load(Ordering::Acquire), 0);
+        assert!(Admission::new(1, 0).join_queue().is_none());
+    }
+
+    #[test]
+    fn retry_after_follows_the_mean_create_time() {
+        let a = Admission::new(2, 4);
+        assert_eq!(a.retry_after(None), 3);
+        assert_eq!(a.retry_after(Some(Duration::from_millis(100))), 1);
+        assert_eq!(a.retry_after(Some(Duration::from_secs(2))), 6);
+        assert_eq!(
+            a.retry_after(Some(Duration::from_secs(3600))),
+            MAX_RETRY_AFTER_SECS
+        );
+        assert_eq!(Admission::new(0, 0).max_creating, 1);
+    }
+}
