@@ -661,6 +661,16 @@ pub fn pending_background(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Stops waiting for a background process's exit without recording one (the agent no longer
+/// knows the process).
+pub fn close_background(conn: &Connection, row_id: i64) -> Result<(), DbError> {
+    conn.execute(
+        "UPDATE background_processes SET exited = 1 WHERE id = ?1",
+        [row_id],
+    )?;
+    Ok(())
+}
+
 /// Records a background process's exit: marks its row and appends `event`, in one
 /// transaction, unless it was recorded already (then `false` and no event): each exit is
 /// recorded once, however many watchers saw it.

@@ -267,11 +267,14 @@ pub async fn exec(
         .await
         .map_err(|e| ApiError::from_client("cannot start the process", e))?;
     match started.header {
-        AgentResponse::Started { pid } => Ok((
-            StatusCode::CREATED,
-            axum::Json(serde_json::json!({ "pid": pid })),
-        )
-            .into_response()),
+        AgentResponse::Started { pid } => {
+            crate::maintenance::watch_background(&s, &row, &caller, pid).await;
+            Ok((
+                StatusCode::CREATED,
+                axum::Json(serde_json::json!({ "pid": pid })),
+            )
+                .into_response())
+        }
         other => Err(ApiError::internal(
             "cannot start the process",
             format!("unexpected answer to exec: {other:?}"),
@@ -513,21 +516,10 @@ impl Context {
                     pid: exited,
                     mut status,
                 } if exited == pid => {
-                    // A SIGKILL (or a shell's 137) while the memory cgroup counted new OOM
-                    // kills is an OOM kill.
-                    let killed = status.signal == Some(9) || status.code == Some(137);
-                    if killed && sandbox.oom_kills() > oom_before {
-                        status.oom_killed = true;
-                    }
+                    crate::maintenance::mark_oom(&mut status, sandbox.oom_kills() > oom_before);
                     self.record(
                         "process.exit",
-                        serde_json::json!({
-                            "pid": pid,
-                            "code": status.code,
-                            "signal": status.signal,
-                            "timed_out": status.timed_out,
-                            "oom_killed": status.oom_killed,
-                        }),
+                        crate::maintenance::exit_payload(pid, &status),
                     )
                     .await;
                     self.send(Line::exit(&status)).await;

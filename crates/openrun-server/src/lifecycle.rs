@@ -262,5 +262,9 @@ pub async fn resume(
         }
         Err(e) => tracing::warn!(id, error = %e, "cannot reach the resumed sandbox"),
     }
+    // Watchers of its background processes (a server started while it was paused has none).
+    if let Err(e) = crate::maintenance::rearm(&s, Some(&id)).await {
+        tracing::warn!(id, error = %e, "cannot watch the sandbox's background processes");
+    }
     Ok(Json(SandboxResource::from_row(row)?))
 }

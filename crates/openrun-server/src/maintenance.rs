@@ -7,9 +7,14 @@ use std::time::Duration;
 
 use rustix::process::{pidfd_open, waitid, Pid, PidfdFlags, WaitId, WaitIdOptions};
 
-use crate::api::{blocking, destroy, AppState, Shared};
-use crate::db::{self, NewEvent};
-use crate::error::{ApiError, ServerError};
+use std::collections::BTreeSet;
+
+use openrun_protocol::{AgentMessage, AttachRequest, ErrorCode, ExitStatus, Request};
+use openrun_runtime::{ClientError, RuntimeError};
+
+use crate::api::{blocking, destroy, AppState, Caller, Shared};
+use crate::db::{self, NewEvent, SandboxRow};
+use crate::error::{ApiError, DbError, ServerError};
 
 /// How often expired sandboxes and exited agents are looked for.
 const TICK: Duration = Duration::from_secs(1);
@@ -70,8 +75,8 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// removed, whatever exists of them, and become `error` (event `sandbox.error`); sandboxes
 /// recorded as running or paused whose agent is gone become `stopped` (event
 /// `sandbox.vanish`). Sandboxes the database does not know (`openrun create` shares the data
-/// dir) are never touched.
-pub async fn reconcile(state: &AppState) -> Result<(), ServerError> {
+/// dir) are never touched. Background processes still running get watchers again.
+pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
     let creating = state.db.call(|c| db::creating_sandboxes(c)).await?;
     for row in creating {
         let runtime = state.runtime.clone();
@@ -126,7 +131,154 @@ pub async fn reconcile(state: &AppState) -> Result<(), ServerError> {
             .call(move |c| db::stop_sandbox(c, &id, false, &event))
             .await?;
     }
+    // Background processes of live sandboxes get their watchers back.
+    rearm(state, None).await?;
     Ok(())
+}
+
+/// Background processes being watched now (their `background_processes` row ids), so a
+/// process gets one watcher however often watchers are armed.
+static WATCHED: Mutex<BTreeSet<i64>> = Mutex::new(BTreeSet::new());
+
+/// Records a background process the caller just started in `row`'s sandbox and watches it, so
+/// its `process.exit` is recorded when it ends, by this server or the next one. A failure to
+/// record it is logged: the process runs anyway.
+pub async fn watch_background(state: &Shared, row: &SandboxRow, caller: &Caller, pid: i32) {
+    let (sandbox, tenant, actor) = (row.id.clone(), caller.tenant.clone(), caller.actor.clone());
+    let inserted = state
+        .db
+        .call(move |c| db::insert_background(c, &sandbox, &tenant, &actor, pid))
+        .await;
+    match inserted {
+        Ok(id) => arm(
+            state,
+            db::BackgroundRow {
+                id,
+                sandbox_id: row.id.clone(),
+                tenant: caller.tenant.clone(),
+                actor: caller.actor.clone(),
+                pid,
+            },
+        ),
+        Err(e) => {
+            tracing::error!(id = row.id, pid, error = %e, "cannot record a background process")
+        }
+    }
+}
+
+/// Watches every background process of a running sandbox (of `sandbox_id` only, when given)
+/// whose exit is not recorded yet: at start, and when a paused sandbox resumes.
+pub async fn rearm(state: &Shared, sandbox_id: Option<&str>) -> Result<(), DbError> {
+    let key = sandbox_id.map(str::to_owned);
+    let pending = state
+        .db
+        .call(move |c| db::pending_background(c, key.as_deref()))
+        .await?;
+    for row in pending {
+        arm(state, row);
+    }
+    Ok(())
+}
+
+/// Starts a watcher for `row` unless one runs.
+fn arm(state: &Shared, row: db::BackgroundRow) {
+    if !watched().insert(row.id) {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        if let Err(e) = watch(&state, &row).await {
+            tracing::debug!(id = row.sandbox_id, pid = row.pid, error = %e, "background watcher ended");
+        }
+        watched().remove(&row.id);
+    });
+}
+
+fn watched() -> std::sync::MutexGuard<'static, BTreeSet<i64>> {
+    WATCHED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Follows one background process until it exits, then records `process.exit` (once: the row
+/// says whether it was). A sandbox that goes away ends the watch with nothing recorded (its
+/// own end is on the timeline); a process the agent no longer knows closes the row.
+async fn watch(state: &Shared, row: &db::BackgroundRow) -> Result<(), ApiError> {
+    let runtime = state.runtime.clone();
+    let key = row.sandbox_id.clone();
+    let sandbox = match blocking(move || runtime.open_sandbox_exact(&key)).await? {
+        Ok(sandbox) => sandbox,
+        Err(RuntimeError::NoSuchSandbox(_)) => return Ok(()),
+        Err(e) => return Err(ApiError::internal("cannot open the sandbox", e)),
+    };
+    let oom_before = sandbox.oom_kills();
+    let client = sandbox
+        .connect()
+        .await
+        .map_err(|e| ApiError::internal("cannot reach the sandbox agent", e))?;
+    let (mut sender, mut receiver) = client.split();
+    // Offsets past any output: only the exit comes.
+    let attach = Request::Attach(AttachRequest {
+        pid: row.pid,
+        stdout_since: u64::MAX,
+        stderr_since: u64::MAX,
+        follow: true,
+    });
+    let sent = sender
+        .send(attach)
+        .await
+        .map_err(|e| ApiError::from_client("cannot follow the process", e))?;
+    match receiver.response(sent).await {
+        Ok(_) => {}
+        Err(ClientError::Agent(e)) if e.code == ErrorCode::NoSuchProcess => {
+            let id = row.id;
+            state.db.call(move |c| db::close_background(c, id)).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(ApiError::from_client("cannot follow the process", e)),
+    }
+    loop {
+        let frame = receiver
+            .next()
+            .await
+            .map_err(|e| ApiError::from_client("lost the sandbox agent", e))?;
+        if let AgentMessage::Exit { pid, mut status } = frame.header {
+            if pid != row.pid {
+                continue;
+            }
+            mark_oom(&mut status, sandbox.oom_kills() > oom_before);
+            let event = NewEvent {
+                sandbox_id: row.sandbox_id.clone(),
+                tenant: row.tenant.clone(),
+                actor: row.actor.clone(),
+                kind: "process.exit",
+                payload: exit_payload(pid, &status),
+            };
+            let id = row.id;
+            state
+                .db
+                .call(move |c| db::record_background_exit(c, id, &event))
+                .await?;
+            return Ok(());
+        }
+    }
+}
+
+/// A SIGKILL (or a shell's 137) while the memory cgroup counted new OOM kills is an OOM kill.
+pub(crate) fn mark_oom(status: &mut ExitStatus, new_oom_kills: bool) {
+    let killed = status.signal == Some(9) || status.code == Some(137);
+    if killed && new_oom_kills {
+        status.oom_killed = true;
+    }
+}
+
+/// The payload of a `process.exit` event.
+pub(crate) fn exit_payload(pid: i32, status: &ExitStatus) -> serde_json::Value {
+    serde_json::json!({
+        "pid": pid,
+        "code": status.code,
+        "signal": status.signal,
+        "timed_out": status.timed_out,
+        "oom_killed": status.oom_killed,
+    })
 }
 
 /// Every [`TICK`]: destroys sandboxes past their deadline (event `sandbox.expire`) and reaps

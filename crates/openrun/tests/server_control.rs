@@ -160,7 +160,11 @@ fn a_ttl_is_extended_past_the_first_deadline_and_shortened_again() {
         (json!({"ttl": 30}), "invalid request body"),
         (json!({"ttl": "1m", "extra": 1}), "extra"),
     ] {
-        let message = error(api.post(&ttl_path, &body.to_string()), 400, "invalid_argument");
+        let message = error(
+            api.post(&ttl_path, &body.to_string()),
+            400,
+            "invalid_argument",
+        );
         assert!(message.contains(needle), "{message:?} lacks {needle:?}");
     }
     // Another tenant cannot see it: 404, the same as a missing sandbox.
@@ -168,7 +172,11 @@ fn a_ttl_is_extended_past_the_first_deadline_and_shortened_again() {
         let path = format!("/v1/sandboxes/{id}/{action}");
         error(other.post(&path, r#"{"ttl":"1h"}"#), 404, "not_found");
     }
-    error(api.post("/v1/sandboxes/000000000000/ttl", r#"{"ttl":"1h"}"#), 404, "not_found");
+    error(
+        api.post("/v1/sandboxes/000000000000/ttl", r#"{"ttl":"1h"}"#),
+        404,
+        "not_found",
+    );
 
     let before = Instant::now();
     let res = api.post(&ttl_path, r#"{"ttl":"1m"}"#);
@@ -203,14 +211,29 @@ fn a_ttl_is_extended_past_the_first_deadline_and_shortened_again() {
     wait_for(10, "the shortened TTL", || state_of(&api, &id) == "stopped");
     assert!(!env.live_ids().contains(&id));
     let kinds = api.event_kinds(&id);
-    assert_eq!(kinds.iter().filter(|k| *k == "sandbox.ttl").count(), 2, "{kinds:?}");
-    assert_eq!(kinds.last().map(String::as_str), Some("sandbox.expire"), "{kinds:?}");
-    let events: Vec<Value> = api.get(&format!("/v1/sandboxes/{id}/events")).json().unwrap();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "sandbox.ttl").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("sandbox.expire"),
+        "{kinds:?}"
+    );
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
     let ttl_event = events.iter().find(|e| e["kind"] == "sandbox.ttl").unwrap();
     assert_eq!(ttl_event["payload"]["ttl_ms"], 60_000);
     assert_eq!(ttl_event["actor"], "agent");
     // A stopped sandbox's TTL cannot change.
-    error(api.post(&ttl_path, r#"{"ttl":"1m"}"#), 409, "sandbox_not_running");
+    error(
+        api.post(&ttl_path, r#"{"ttl":"1m"}"#),
+        409,
+        "sandbox_not_running",
+    );
     // A deleted one is gone.
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
     error(api.post(&ttl_path, r#"{"ttl":"1m"}"#), 404, "not_found");
@@ -252,14 +275,19 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
 
     // Work inside a paused sandbox is refused at once, not left hanging.
     let started = Instant::now();
-    let res = api.post(
-        &format!("/v1/sandboxes/{id}/exec"),
-        r#"{"cmd":["true"]}"#,
-    );
+    let res = api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#);
     let message = error(res, 409, "sandbox_paused");
     assert!(message.contains("resume"), "{message}");
-    error(api.get(&format!("/v1/sandboxes/{id}/files?path=/counter")), 409, "sandbox_paused");
-    error(api.get(&format!("/v1/sandboxes/{id}/processes")), 409, "sandbox_paused");
+    error(
+        api.get(&format!("/v1/sandboxes/{id}/files?path=/counter")),
+        409,
+        "sandbox_paused",
+    );
+    error(
+        api.get(&format!("/v1/sandboxes/{id}/processes")),
+        409,
+        "sandbox_paused",
+    );
     error(
         api.get(&format!("/v1/sandboxes/{id}/processes/{pid}/output")),
         409,
@@ -276,7 +304,9 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
     assert_eq!(res.json::<Value>().unwrap()["state"], "running");
     let res = api.post(&format!("/v1/sandboxes/{id}/resume"), "");
     assert_eq!(res.status(), 200, "resuming a running sandbox is fine");
-    wait_for(5, "the counter to move again", || counter(&env, &id) > frozen);
+    wait_for(5, "the counter to move again", || {
+        counter(&env, &id) > frozen
+    });
     let out = api.exec(&id, "echo back");
     assert_eq!(stream(&out, "stdout"), "back\n");
     let kinds = api.event_kinds(&id);
@@ -287,7 +317,12 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
         .collect();
     assert_eq!(
         lifecycle,
-        ["sandbox.create", "sandbox.pause", "sandbox.ttl", "sandbox.resume"],
+        [
+            "sandbox.create",
+            "sandbox.pause",
+            "sandbox.ttl",
+            "sandbox.resume"
+        ],
         "one event per change, none for the repeated calls"
     );
 
@@ -295,8 +330,16 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
     api.post(&format!("/v1/sandboxes/{id}/pause"), "");
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
     assert!(!env.live_ids().contains(&id));
-    error(api.post(&format!("/v1/sandboxes/{id}/pause"), ""), 404, "not_found");
-    error(api.post(&format!("/v1/sandboxes/{id}/resume"), ""), 404, "not_found");
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/pause"), ""),
+        404,
+        "not_found",
+    );
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/resume"), ""),
+        404,
+        "not_found",
+    );
 }
 
 #[test]
@@ -304,14 +347,25 @@ fn the_ttl_reaper_destroys_paused_sandboxes_too() {
     let env = Env::new();
     let server = Server::start(&env);
     let api = Api::new(&server, &key(&env, "reaped"));
-    let id = api.create(json!({"ttl": "2s"}))["id"].as_str().unwrap().to_string();
+    let id = api.create(json!({"ttl": "2s"}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let res = api.post(&format!("/v1/sandboxes/{id}/pause"), "");
     assert_eq!(res.status(), 200);
     wait_for(10, "the reaper", || state_of(&api, &id) == "stopped");
     assert!(!env.live_ids().contains(&id));
     let kinds = api.event_kinds(&id);
-    assert_eq!(kinds.last().map(String::as_str), Some("sandbox.expire"), "{kinds:?}");
-    error(api.post(&format!("/v1/sandboxes/{id}/pause"), ""), 409, "sandbox_not_running");
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("sandbox.expire"),
+        "{kinds:?}"
+    );
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/pause"), ""),
+        409,
+        "sandbox_not_running",
+    );
 }
 
 #[test]
@@ -357,7 +411,10 @@ fn a_server_stopped_mid_create_leaves_nothing_half_made() {
     let server = Server::start(&env);
     let api = Api::new(&server, &key);
     let live = env.live_ids();
-    assert!(!live.contains(&half.to_string()), "the half-made sandbox is left");
+    assert!(
+        !live.contains(&half.to_string()),
+        "the half-made sandbox is left"
+    );
     assert!(live.contains(&kept) && live.contains(&cli), "{live:?}");
     for (id, removed) in [(half, true), (never, false)] {
         assert_eq!(state_of(&api, id), "error");
@@ -375,7 +432,11 @@ fn a_server_stopped_mid_create_leaves_nothing_half_made() {
     assert_eq!(state_of(&api, &kept), "running");
     assert_eq!(stream(&api.exec(&kept, "echo ok"), "stdout"), "ok\n");
     // An error sandbox cannot be used, and is deleted like any other.
-    error(api.post(&format!("/v1/sandboxes/{half}/exec"), r#"{"cmd":["true"]}"#), 409, "sandbox_not_running");
+    error(
+        api.post(&format!("/v1/sandboxes/{half}/exec"), r#"{"cmd":["true"]}"#),
+        409,
+        "sandbox_not_running",
+    );
     assert_eq!(api.delete(&format!("/v1/sandboxes/{half}")).status(), 204);
     error(api.get(&format!("/v1/sandboxes/{half}")), 404, "not_found");
     // A restart changes nothing more.
@@ -403,11 +464,16 @@ fn events_are_followed_live_until_the_sandbox_ends() {
     let other = Api::new(&server, &key(&env, "stranger"));
     let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
     api.exec(&id, "true");
-    let events: Vec<Value> = api.get(&format!("/v1/sandboxes/{id}/events")).json().unwrap();
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
     assert_eq!(events.len(), 3, "{events:?}");
     let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
-    assert!(events.iter().all(|e| e["time"].as_str().is_some_and(|t| t.ends_with('Z'))));
+    assert!(events
+        .iter()
+        .all(|e| e["time"].as_str().is_some_and(|t| t.ends_with('Z'))));
     // `since` without follow: the rest of the array.
     let rest: Vec<Value> = api
         .get(&format!("/v1/sandboxes/{id}/events?since={}", seqs[0]))
@@ -436,21 +502,43 @@ fn events_are_followed_live_until_the_sandbox_ends() {
             }
         }
     };
-    assert_eq!(kinds_until(&mut stream, "process.exit"), ["process.exec", "process.exit"]);
+    assert_eq!(
+        kinds_until(&mut stream, "process.exit"),
+        ["process.exec", "process.exit"]
+    );
     // New events arrive as they happen.
     let started = Instant::now();
-    assert_eq!(api.post(&format!("/v1/sandboxes/{id}/pause"), "").status(), 200);
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/pause"), "").status(),
+        200
+    );
     assert_eq!(kinds_until(&mut stream, "sandbox.pause"), ["sandbox.pause"]);
-    assert_eq!(api.post(&format!("/v1/sandboxes/{id}/resume"), "").status(), 200);
-    assert_eq!(kinds_until(&mut stream, "sandbox.resume"), ["sandbox.resume"]);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/resume"), "").status(),
+        200
+    );
+    assert_eq!(
+        kinds_until(&mut stream, "sandbox.resume"),
+        ["sandbox.resume"]
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     // A client that leaves does not disturb anyone.
     let dropped = api.get(&format!("/v1/sandboxes/{id}/events?follow=true"));
     drop(dropped);
     // Deleting ends the stream after its last event.
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
-    assert_eq!(kinds_until(&mut stream, "sandbox.delete"), ["sandbox.delete"]);
-    assert!(next_event(&mut stream).is_none(), "the stream goes on after the delete");
+    assert_eq!(
+        kinds_until(&mut stream, "sandbox.delete"),
+        ["sandbox.delete"]
+    );
+    assert!(
+        next_event(&mut stream).is_none(),
+        "the stream goes on after the delete"
+    );
     // Following an ended sandbox sends its whole timeline and ends.
     let res = api.get(&format!("/v1/sandboxes/{id}/events?follow=true"));
     let all = ndjson(&res.text().unwrap());
@@ -482,4 +570,107 @@ fn events_are_followed_live_until_the_sandbox_ends() {
         404,
         "not_found",
     );
+}
+
+/// The `process.exit` events of `pid`.
+fn exits_of(api: &Api, id: &str, pid: i64) -> Vec<Value> {
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    events
+        .into_iter()
+        .filter(|e| e["kind"] == "process.exit" && e["payload"]["pid"] == pid)
+        .collect()
+}
+
+fn background_sh(api: &Api, id: &str, script: &str) -> i64 {
+    api.background(id, json!({"cmd": ["sh", "-c", script], "background": true}))
+}
+
+#[test]
+fn background_processes_get_their_exit_event_once_across_restarts() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let key = key(&env, "bg");
+    let api = Api::new(&server, &key);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+
+    // Recorded by the server that started it.
+    let quick = background_sh(&api, &id, "exit 3");
+    wait_for(10, "the exit event", || {
+        !exits_of(&api, &id, quick).is_empty()
+    });
+    let exit = &exits_of(&api, &id, quick)[0];
+    assert_eq!(exit["payload"]["code"], 3);
+    assert_eq!(exit["actor"], "agent");
+    let killed = background_sh(&api, &id, "sleep 100");
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/processes/{killed}/signal"),
+        r#"{"signal":9}"#,
+    );
+    assert!(res.status().is_success(), "{}", res.status());
+    wait_for(10, "the kill's exit event", || {
+        !exits_of(&api, &id, killed).is_empty()
+    });
+    assert_eq!(exits_of(&api, &id, killed)[0]["payload"]["signal"], 9);
+
+    // Still running when the server stops: the next server watches them. One ends while no
+    // server runs, one after the restart.
+    let during = background_sh(&api, &id, "sleep 0.3; exit 6");
+    let after = background_sh(&api, &id, "sleep 3; exit 4");
+    server.stop();
+    std::thread::sleep(Duration::from_millis(800));
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    wait_for(10, "the exit that happened while down", || {
+        !exits_of(&api, &id, during).is_empty()
+    });
+    assert_eq!(exits_of(&api, &id, during)[0]["payload"]["code"], 6);
+    wait_for(10, "the exit after the restart", || {
+        !exits_of(&api, &id, after).is_empty()
+    });
+    assert_eq!(exits_of(&api, &id, after)[0]["payload"]["code"], 4);
+
+    // A paused sandbox's process ends only after the resume, and is recorded then.
+    let paused = background_sh(&api, &id, "sleep 0.5; exit 8");
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/pause"), "").status(),
+        200
+    );
+    drop(server);
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    std::thread::sleep(Duration::from_millis(1_000));
+    assert!(
+        exits_of(&api, &id, paused).is_empty(),
+        "exited while frozen"
+    );
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/resume"), "").status(),
+        200
+    );
+    wait_for(10, "the exit after the resume", || {
+        !exits_of(&api, &id, paused).is_empty()
+    });
+
+    // Once each, however many servers watched.
+    drop(server);
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in [quick, killed, during, after, paused] {
+        assert_eq!(exits_of(&api, &id, pid).len(), 1, "pid {pid}");
+    }
+    // An attached exec's exit is recorded once too (by its stream, not a watcher).
+    api.exec(&id, "exit 0");
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    let exits = events
+        .iter()
+        .filter(|e| e["kind"] == "process.exit")
+        .count();
+    assert_eq!(exits, 6);
 }
