@@ -84,6 +84,15 @@ fn next_line(socket: &mut Socket) -> Value {
     }
 }
 
+/// The sandbox's events of one kind, oldest first.
+fn events_of(api: &Api, id: &str, kind: &str) -> Vec<Value> {
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .unwrap();
+    events.into_iter().filter(|e| e["kind"] == kind).collect()
+}
+
 fn b64(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(data)
 }
@@ -147,14 +156,8 @@ fn exec_over_websocket_streams_bytes_takes_stdin_and_signals() {
     assert_eq!(exit["signal"], 15, "{exit}");
     assert!(exit["code"].is_null());
     assert!(t0.elapsed() < Duration::from_secs(10));
-    let events: Vec<Value> = api
-        .get(&format!("/v1/sandboxes/{id}/events"))
-        .json()
-        .unwrap();
-    let signal = events
-        .iter()
-        .find(|e| e["kind"] == "process.signal")
-        .expect("process.signal event");
+    let signals = events_of(&api, &id, "process.signal");
+    let signal = signals.first().expect("process.signal event");
     assert_eq!(signal["payload"]["pid"], pid);
     assert_eq!(signal["payload"]["signal"], 15);
     let kinds = api.event_kinds(&id);
@@ -516,15 +519,8 @@ fn directories_round_trip_as_tar_archives() {
     );
     let lines = api.exec(&id, "/work/copy/deep/run.sh");
     assert_eq!(stream(&lines, "stdout"), "run\n");
-    let events: Vec<Value> = api
-        .get(&format!("/v1/sandboxes/{id}/events"))
-        .json()
-        .unwrap();
-    let write = events
-        .iter()
-        .rev()
-        .find(|e| e["kind"] == "file.write")
-        .expect("a file.write event");
+    let writes = events_of(&api, &id, "file.write");
+    let write = writes.last().expect("a file.write event");
     assert_eq!(write["payload"]["path"], "/work/copy/deep");
     assert_eq!(write["payload"]["files"], 5);
 
@@ -671,14 +667,8 @@ fn tar_uploads_stop_at_256_mib() {
         "the server read the whole body"
     );
     // What arrived before the limit was extracted and recorded.
-    let events: Vec<Value> = api
-        .get(&format!("/v1/sandboxes/{id}/events"))
-        .json()
-        .unwrap();
-    let write = events
-        .iter()
-        .find(|e| e["kind"] == "file.write")
-        .expect("a file.write event");
+    let writes = events_of(&api, &id, "file.write");
+    let write = writes.first().expect("a file.write event");
     assert_eq!(write["payload"]["path"], "/work/huge");
 }
 
