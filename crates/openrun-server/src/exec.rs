@@ -129,29 +129,30 @@ pub(crate) fn check_argv(cmd: &[String]) -> Result<(), ApiError> {
 #[derive(Debug, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum Line {
-    Started {
-        pid: i32,
-    },
+    /// The command runs, as `pid` inside the sandbox.
+    Started { pid: i32 },
+    /// Output bytes (base64 on the wire), `offset` the stream position of the first.
     Stdout {
         offset: u64,
         #[serde(rename = "data_b64", serialize_with = "base64_bytes")]
         data: Vec<u8>,
     },
+    /// As [`Line::Stdout`], for stderr.
     Stderr {
         offset: u64,
         #[serde(rename = "data_b64", serialize_with = "base64_bytes")]
         data: Vec<u8>,
     },
+    /// How it ended; the last line.
     Exit {
         code: Option<i32>,
         signal: Option<i32>,
         timed_out: bool,
         oom_killed: bool,
     },
-    Error {
-        code: String,
-        message: String,
-    },
+    /// It could not start, or the stream broke off (`code`, e.g. `command_not_found`,
+    /// `agent_lost`); the last line.
+    Error { code: String, message: String },
 }
 
 /// Output bytes go on the wire as base64 text (`data_b64`).
