@@ -54,7 +54,7 @@ pub enum Command {
     /// Open an interactive terminal in a sandbox (server only).
     Shell(ShellArgs),
     /// List live sandboxes.
-    #[command(alias = "ls")]
+    #[command(visible_alias = "ls")]
     Ps(LsArgs),
     /// Remove sandboxes, killing everything in them.
     Rm(RmArgs),

@@ -380,6 +380,18 @@ fn the_server_comes_from_variables_or_a_config_file() {
     );
     std::fs::remove_file(xdg.join("config.json")).unwrap();
 
+    // No key anywhere (a data dir without local.json): the server's 401, and how to give one.
+    let lone = Env::new();
+    let out = lone
+        .cmd(["--server", &setup.server.url, "ls"])
+        .env_remove("OPENRUN_API_KEY")
+        .env_remove("OPENRUN_CONFIG")
+        .env("XDG_CONFIG_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert_fails(&out, 125, "(unauthorized)");
+    assert!(stderr(&out).contains("--api-key"), "{}", stderr(&out));
+
     // A broken or missing named config file is a clear error.
     std::fs::write(&config, "{not json").unwrap();
     let out = cli
@@ -904,4 +916,39 @@ fn shell_is_a_terminal_with_our_size() {
         .local_modes
         .contains(rustix::termios::LocalModes::ICANON));
     assert!(mode.local_modes.contains(rustix::termios::LocalModes::ECHO));
+}
+
+#[test]
+fn ls_follows_the_next_cursor_past_one_page() {
+    let setup = Setup::new();
+    let cli = setup.client();
+    let api = setup.api();
+    // One more than the server's default page (100).
+    let mut created = Vec::new();
+    for i in 0..101 {
+        let labels = if i % 2 == 0 {
+            json!({ "even": "yes" })
+        } else {
+            json!({})
+        };
+        let sandbox = api.create(json!({ "labels": labels, "pids": 16 }));
+        created.push(sandbox["id"].as_str().unwrap().to_string());
+    }
+    let res = api.get("/v1/sandboxes");
+    assert!(
+        res.headers().contains_key("x-next-cursor"),
+        "one page is not all"
+    );
+    let listed: Vec<String> = cli
+        .json(&["ls", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, created, "every sandbox once, oldest first");
+    let table = cli.ok(&["ls"]);
+    assert_eq!(table.lines().count(), 102, "a header and a row each");
+    let even = cli.json(&["ls", "--json", "--label", "even=yes"]);
+    assert_eq!(even.as_array().unwrap().len(), 51);
 }

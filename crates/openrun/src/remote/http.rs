@@ -112,7 +112,13 @@ impl Client {
             return Ok(res);
         }
         let body = res.bytes().await.unwrap_or_default();
-        Err(ApiError::from_body(status.as_u16(), &body).into())
+        let mut error = ApiError::from_body(status.as_u16(), &body);
+        if status == reqwest::StatusCode::UNAUTHORIZED && self.key.is_none() {
+            error.message.push_str(
+                "; no API key was given: use --api-key, OPENRUN_API_KEY or the config file",
+            );
+        }
+        Err(error.into())
     }
 
     /// A request whose answer is JSON.

@@ -203,14 +203,10 @@ async fn rm(client: &Client, args: RmArgs) -> Result<i32> {
 
 /// One timeline event as a line of the events table.
 fn event_row(event: &Value) -> String {
-    let time = event
-        .get("time")
-        .or_else(|| event.get("at"))
-        .and_then(Value::as_str)
-        .unwrap_or("-");
+    let time = event["time"].as_str().unwrap_or("-");
     format!(
         "{:<6} {:<24} {:<6} {:<16} {}\n",
-        event["seq"],
+        event["seq"].to_string(),
         time,
         event["actor"].as_str().unwrap_or("-"),
         event["kind"].as_str().unwrap_or("-"),
@@ -367,6 +363,20 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("/srv/r"));
+    }
+
+    #[test]
+    fn event_rows_line_up_under_the_header() {
+        let row = event_row(&json!({
+            "seq": 7, "time": "2026-01-02T03:04:05.678Z", "actor": "agent",
+            "kind": "process.exit", "payload": {"code": 0}
+        }));
+        assert_eq!(
+            row,
+            "7      2026-01-02T03:04:05.678Z agent  process.exit     {\"code\":0}\n"
+        );
+        let header_kind = EVENTS_HEADER.find("KIND").unwrap();
+        assert_eq!(row.find("process.exit"), Some(header_kind));
     }
 
     #[test]
