@@ -337,18 +337,13 @@ pub fn finish_create(
     expires_at: Option<i64>,
     event: &NewEvent,
 ) -> Result<bool, DbError> {
-    let tx = conn.transaction()?;
-    let changed = tx.execute(
-        "UPDATE sandboxes SET state = 'running', expires_at = ?2
-         WHERE id = ?1 AND state = 'creating' AND deleted_at IS NULL",
-        params![id, expires_at],
-    )?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    append_event(&tx, event)?;
-    tx.commit()?;
-    Ok(true)
+    update_with_event(conn, event, false, |tx| {
+        tx.execute(
+            "UPDATE sandboxes SET state = 'running', expires_at = ?2
+             WHERE id = ?1 AND state = 'creating' AND deleted_at IS NULL",
+            params![id, expires_at],
+        )
+    })
 }
 
 /// A `creating` sandbox could not be made: it becomes `error` (and deleted when `hide`), with
@@ -359,19 +354,31 @@ pub fn fail_create(
     hide: bool,
     event: &NewEvent,
 ) -> Result<bool, DbError> {
+    update_with_event(conn, event, false, |tx| {
+        tx.execute(
+            "UPDATE sandboxes SET state = 'error',
+                    deleted_at = CASE WHEN ?2 THEN ?3 ELSE deleted_at END
+             WHERE id = ?1 AND state = 'creating'",
+            params![id, hide, crate::time::now_ms()],
+        )
+    })
+}
+
+/// Runs `update` and appends `event` when it changed a row (always, with `always`), in one
+/// transaction; returns whether `update` changed anything.
+fn update_with_event(
+    conn: &mut Connection,
+    event: &NewEvent,
+    always: bool,
+    update: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<usize>,
+) -> Result<bool, DbError> {
     let tx = conn.transaction()?;
-    let changed = tx.execute(
-        "UPDATE sandboxes SET state = 'error',
-                deleted_at = CASE WHEN ?2 THEN ?3 ELSE deleted_at END
-         WHERE id = ?1 AND state = 'creating'",
-        params![id, hide, crate::time::now_ms()],
-    )?;
-    if changed == 0 {
-        return Ok(false);
+    let changed = update(&tx)? > 0;
+    if changed || always {
+        append_event(&tx, event)?;
+        tx.commit()?;
     }
-    append_event(&tx, event)?;
-    tx.commit()?;
-    Ok(true)
+    Ok(changed)
 }
 
 fn encode(map: &BTreeMap<String, String>) -> Result<String, DbError> {
@@ -386,16 +393,14 @@ pub fn stop_sandbox(
     deleted: bool,
     event: &NewEvent,
 ) -> Result<(), DbError> {
-    let tx = conn.transaction()?;
-    let now = crate::time::now_ms();
-    tx.execute(
-        "UPDATE sandboxes SET state = CASE WHEN state = 'error' THEN 'error' ELSE 'stopped' END,
-                deleted_at = CASE WHEN ?2 THEN COALESCE(deleted_at, ?3) ELSE deleted_at END
-         WHERE id = ?1",
-        params![id, deleted, now],
-    )?;
-    append_event(&tx, event)?;
-    tx.commit()?;
+    update_with_event(conn, event, true, |tx| {
+        tx.execute(
+            "UPDATE sandboxes SET state = CASE WHEN state = 'error' THEN 'error' ELSE 'stopped' END,
+                    deleted_at = CASE WHEN ?2 THEN COALESCE(deleted_at, ?3) ELSE deleted_at END
+             WHERE id = ?1",
+            params![id, deleted, crate::time::now_ms()],
+        )
+    })?;
     Ok(())
 }
 
@@ -408,21 +413,17 @@ pub fn set_state(
     to: &str,
     event: &NewEvent,
 ) -> Result<bool, DbError> {
-    let tx = conn.transaction()?;
-    let mut changed = 0;
-    for state in from {
-        changed += tx.execute(
-            "UPDATE sandboxes SET state = ?3
-             WHERE id = ?1 AND state = ?2 AND deleted_at IS NULL",
-            params![id, state, to],
-        )?;
-    }
-    if changed == 0 {
-        return Ok(false);
-    }
-    append_event(&tx, event)?;
-    tx.commit()?;
-    Ok(true)
+    update_with_event(conn, event, false, |tx| {
+        let mut changed = 0;
+        for state in from {
+            changed += tx.execute(
+                "UPDATE sandboxes SET state = ?3
+                 WHERE id = ?1 AND state = ?2 AND deleted_at IS NULL",
+                params![id, state, to],
+            )?;
+        }
+        Ok(changed)
+    })
 }
 
 /// Sets a sandbox's deadline and appends `event`, in one transaction.
@@ -432,13 +433,12 @@ pub fn set_expiry(
     expires_at: i64,
     event: &NewEvent,
 ) -> Result<(), DbError> {
-    let tx = conn.transaction()?;
-    tx.execute(
-        "UPDATE sandboxes SET expires_at = ?2 WHERE id = ?1",
-        params![id, expires_at],
-    )?;
-    append_event(&tx, event)?;
-    tx.commit()?;
+    update_with_event(conn, event, true, |tx| {
+        tx.execute(
+            "UPDATE sandboxes SET expires_at = ?2 WHERE id = ?1",
+            params![id, expires_at],
+        )
+    })?;
     Ok(())
 }
 
@@ -679,17 +679,12 @@ pub fn record_background_exit(
     row_id: i64,
     event: &NewEvent,
 ) -> Result<bool, DbError> {
-    let tx = conn.transaction()?;
-    let changed = tx.execute(
-        "UPDATE background_processes SET exited = 1 WHERE id = ?1 AND exited = 0",
-        [row_id],
-    )?;
-    if changed == 0 {
-        return Ok(false);
-    }
-    append_event(&tx, event)?;
-    tx.commit()?;
-    Ok(true)
+    update_with_event(conn, event, false, |tx| {
+        tx.execute(
+            "UPDATE background_processes SET exited = 1 WHERE id = ?1 AND exited = 0",
+            [row_id],
+        )
+    })
 }
 
 #[cfg(test)]

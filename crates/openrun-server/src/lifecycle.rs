@@ -143,6 +143,51 @@ async fn current(s: &Shared, caller: &Caller, id: &str) -> Result<Json<SandboxRe
     Ok(Json(SandboxResource::from_row(find(s, caller, id).await?)?))
 }
 
+/// Where a state change stands once its sandbox is locked.
+enum Change {
+    /// Already in the wanted state: this is the answer (changes are idempotent).
+    Done(Json<SandboxResource>),
+    /// In the state the change starts from.
+    Go(SandboxRow),
+}
+
+/// Locks the caller's sandbox `id` for a change from state `from` to `to`; any other state
+/// is a 409.
+async fn begin(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    from: &str,
+    to: &str,
+) -> Result<(ChangeGuard, Change), ApiError> {
+    let guard = lock(id).await;
+    let row = find(s, caller, id).await?;
+    let change = if row.state == to {
+        Change::Done(Json(SandboxResource::from_row(row)?))
+    } else if row.state == from {
+        Change::Go(row)
+    } else {
+        return Err(ApiError::NotRunning(row.id));
+    };
+    Ok((guard, change))
+}
+
+/// Stores a state change made to `row`'s sandbox, with its event.
+async fn finish(
+    s: &Shared,
+    caller: &Caller,
+    row: &SandboxRow,
+    from: &'static str,
+    to: &'static str,
+    kind: &'static str,
+) -> Result<(), ApiError> {
+    let event = event(row, caller, kind, serde_json::json!({}));
+    let key = row.id.clone();
+    s.db.call(move |c| db::set_state(c, &key, &[from], to, &event))
+        .await?;
+    Ok(())
+}
+
 /// `POST /v1/sandboxes/{id}/ttl`: the sandbox is destroyed `ttl` from now (sooner or later
 /// than before), running or paused.
 #[utoipa::path(post, operation_id = "set_sandbox_ttl", path = "/v1/sandboxes/{id}/ttl", tag = "sandboxes",
@@ -198,13 +243,10 @@ pub async fn pause(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxResource>, ApiError> {
-    let _lock = lock(&id).await;
-    let row = find(&s, &caller, &id).await?;
-    match row.state.as_str() {
-        "paused" => return Ok(Json(SandboxResource::from_row(row)?)),
-        "running" => {}
-        _ => return Err(ApiError::NotRunning(row.id)),
-    }
+    let (_lock, row) = match begin(&s, &caller, &id, "running", "paused").await? {
+        (_, Change::Done(answer)) => return Ok(answer),
+        (lock, Change::Go(row)) => (lock, row),
+    };
     let (sandbox, mut client) = open_running(&s, &row).await?;
     // A frozen agent cannot keep time: the reaper keeps the deadline while it is paused.
     set_lifetime(&mut client, None).await?;
@@ -221,10 +263,7 @@ pub async fn pause(
         return Err(ApiError::internal("cannot pause the sandbox", e));
     }
     drop(client);
-    let event = event(&row, &caller, "sandbox.pause", serde_json::json!({}));
-    let key = row.id.clone();
-    s.db.call(move |c| db::set_state(c, &key, &["running"], "paused", &event))
-        .await?;
+    finish(&s, &caller, &row, "running", "paused", "sandbox.pause").await?;
     current(&s, &caller, &id).await
 }
 
@@ -237,21 +276,15 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxResource>, ApiError> {
-    let _lock = lock(&id).await;
-    let row = find(&s, &caller, &id).await?;
-    match row.state.as_str() {
-        "running" => return Ok(Json(SandboxResource::from_row(row)?)),
-        "paused" => {}
-        _ => return Err(ApiError::NotRunning(row.id)),
-    }
+    let (_lock, row) = match begin(&s, &caller, &id, "paused", "running").await? {
+        (_, Change::Done(answer)) => return Ok(answer),
+        (lock, Change::Go(row)) => (lock, row),
+    };
     let sandbox = open_paused(&s, &row).await?;
     blocking(move || sandbox.resume())
         .await?
         .map_err(|e| ApiError::internal("cannot resume the sandbox", e))?;
-    let event = event(&row, &caller, "sandbox.resume", serde_json::json!({}));
-    let key = row.id.clone();
-    s.db.call(move |c| db::set_state(c, &key, &["paused"], "running", &event))
-        .await?;
+    finish(&s, &caller, &row, "paused", "running", "sandbox.resume").await?;
     let row = find(&s, &caller, &id).await?;
     // The agent keeps time again; should this fail, the reaper still holds the deadline.
     match open_running(&s, &row).await {

@@ -26,6 +26,11 @@ fn page(api: &Api, path: &str) -> (Vec<Value>, Option<String>) {
     (res.json().unwrap(), next)
 }
 
+/// Creates a sandbox; returns its id.
+fn sandbox(api: &Api, body: Value) -> String {
+    api.create(body)["id"].as_str().unwrap().to_string()
+}
+
 fn ids_of(list: &[Value]) -> Vec<String> {
     list.iter()
         .map(|s| s["id"].as_str().unwrap().to_string())
@@ -252,7 +257,7 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
     let env = Env::new();
     let server = Server::start(&env);
     let api = Api::new(&server, &key(&env, "pauser"));
-    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let id = sandbox(&api, json!({}));
     let pid = api.background(
         &id,
         json!({"cmd": ["sh", "-c", "while :; do echo x >> /counter; done"], "background": true}),
@@ -278,21 +283,14 @@ fn a_paused_sandbox_is_frozen_refuses_work_and_resumes() {
     let res = api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#);
     let message = error(res, 409, "sandbox_paused");
     assert!(message.contains("resume"), "{message}");
-    error(
-        api.get(&format!("/v1/sandboxes/{id}/files?path=/counter")),
-        409,
-        "sandbox_paused",
-    );
-    error(
-        api.get(&format!("/v1/sandboxes/{id}/processes")),
-        409,
-        "sandbox_paused",
-    );
-    error(
-        api.get(&format!("/v1/sandboxes/{id}/processes/{pid}/output")),
-        409,
-        "sandbox_paused",
-    );
+    for path in [
+        "files?path=/counter",
+        "processes",
+        &format!("processes/{pid}/output"),
+    ] {
+        let res = api.get(&format!("/v1/sandboxes/{id}/{path}"));
+        error(res, 409, "sandbox_paused");
+    }
     assert!(started.elapsed() < Duration::from_secs(5));
     // Its TTL can still change.
     let res = api.post(&format!("/v1/sandboxes/{id}/ttl"), r#"{"ttl":"1h"}"#);
@@ -347,10 +345,7 @@ fn the_ttl_reaper_destroys_paused_sandboxes_too() {
     let env = Env::new();
     let server = Server::start(&env);
     let api = Api::new(&server, &key(&env, "reaped"));
-    let id = api.create(json!({"ttl": "2s"}))["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = sandbox(&api, json!({"ttl": "2s"}));
     let res = api.post(&format!("/v1/sandboxes/{id}/pause"), "");
     assert_eq!(res.status(), 200);
     wait_for(10, "the reaper", || state_of(&api, &id) == "stopped");
@@ -375,7 +370,7 @@ fn a_server_stopped_mid_create_leaves_nothing_half_made() {
     let server = Server::start(&env);
     let key = key(&env, "mid");
     let api = Api::new(&server, &key);
-    let kept = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let kept = sandbox(&api, json!({}));
     // A sandbox of the CLI in the same data dir: the server never touches it.
     let cli = env.create(&[]);
     server.stop();
@@ -462,7 +457,7 @@ fn events_are_followed_live_until_the_sandbox_ends() {
     let server = Server::start(&env);
     let api = Api::new(&server, &key(&env, "watcher"));
     let other = Api::new(&server, &key(&env, "stranger"));
-    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let id = sandbox(&api, json!({}));
     api.exec(&id, "true");
     let events: Vec<Value> = api
         .get(&format!("/v1/sandboxes/{id}/events"))
@@ -594,7 +589,7 @@ fn background_processes_get_their_exit_event_once_across_restarts() {
     let server = Server::start(&env);
     let key = key(&env, "bg");
     let api = Api::new(&server, &key);
-    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let id = sandbox(&api, json!({}));
 
     // Recorded by the server that started it.
     let quick = background_sh(&api, &id, "exit 3");
