@@ -122,6 +122,13 @@ fn remaining(expires_at: Option<i64>) -> Option<Duration> {
     })
 }
 
+/// Gives the agent of `row`'s running sandbox its lifetime from the recorded deadline (after
+/// a resume: a paused sandbox's agent has none).
+pub(crate) async fn restore_lifetime(s: &Shared, row: &SandboxRow) -> Result<(), ApiError> {
+    let (_sandbox, mut client) = open_running(s, row).await?;
+    set_lifetime(&mut client, remaining(row.expires_at)).await
+}
+
 /// An event of `caller` about `row`.
 fn event(
     row: &SandboxRow,
@@ -287,13 +294,8 @@ pub async fn resume(
     finish(&s, &caller, &row, "paused", "running", "sandbox.resume").await?;
     let row = find(&s, &caller, &id).await?;
     // The agent keeps time again; should this fail, the reaper still holds the deadline.
-    match open_running(&s, &row).await {
-        Ok((_sandbox, mut client)) => {
-            if let Err(e) = set_lifetime(&mut client, remaining(row.expires_at)).await {
-                tracing::warn!(id, error = %e, "cannot restore the agent's lifetime");
-            }
-        }
-        Err(e) => tracing::warn!(id, error = %e, "cannot reach the resumed sandbox"),
+    if let Err(e) = restore_lifetime(&s, &row).await {
+        tracing::warn!(id, error = %e, "cannot restore the agent's lifetime");
     }
     // Watchers of its background processes (a server started while it was paused has none).
     if let Err(e) = crate::maintenance::rearm(&s, Some(&id)).await {

@@ -114,10 +114,12 @@ pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
         .await
         .map_err(ServerError::Task)??;
     let recorded = state.db.call(|c| db::live_sandboxes(c, None)).await?;
-    for db::SandboxRow { id, tenant, .. } in recorded {
-        if live.iter().any(|r| r.id == id) {
+    for row in recorded {
+        if live.iter().any(|r| r.id == row.id) {
+            match_freezer(state, &row).await?;
             continue;
         }
+        let db::SandboxRow { id, tenant, .. } = row;
         tracing::info!(id, "sandbox vanished while the server was down");
         let event = NewEvent {
             sandbox_id: id.clone(),
@@ -133,6 +135,56 @@ pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
     }
     // Background processes of live sandboxes get their watchers back.
     rearm(state, None).await?;
+    Ok(())
+}
+
+/// Makes a live sandbox's recorded state (`running` or `paused`) the kernel's: a server that
+/// stopped between freezing or thawing a cgroup and recording it left them apart. The change
+/// gets its event (actor `system`); a thawed sandbox's agent gets its lifetime back.
+async fn match_freezer(state: &Shared, row: &SandboxRow) -> Result<(), ServerError> {
+    let runtime = state.runtime.clone();
+    let key = row.id.clone();
+    let paused = tokio::task::spawn_blocking(move || {
+        runtime
+            .open_sandbox_exact(&key)
+            .and_then(|sandbox| sandbox.is_paused())
+    })
+    .await
+    .map_err(ServerError::Task)?;
+    let (from, to, kind) = match (row.state.as_str(), paused) {
+        ("running", Ok(true)) => ("running", "paused", "sandbox.pause"),
+        ("paused", Ok(false)) => ("paused", "running", "sandbox.resume"),
+        (_, Ok(_)) => return Ok(()),
+        (_, Err(e)) => {
+            tracing::warn!(id = row.id, error = %e, "cannot tell whether a sandbox is paused");
+            return Ok(());
+        }
+    };
+    tracing::info!(
+        id = row.id,
+        from,
+        to,
+        "sandbox state recorded apart from its cgroup"
+    );
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: row.tenant.clone(),
+        actor: "system".into(),
+        kind,
+        payload: serde_json::json!({ "reason": "its cgroup was found so when the server started" }),
+    };
+    let key = row.id.clone();
+    state
+        .db
+        .call(move |c| db::set_state(c, &key, &[from], to, &event))
+        .await?;
+    if to == "running" {
+        let mut row = row.clone();
+        row.state = to.into();
+        if let Err(e) = crate::lifecycle::restore_lifetime(state, &row).await {
+            tracing::warn!(id = row.id, error = %e, "cannot restore the agent's lifetime");
+        }
+    }
     Ok(())
 }
 

@@ -669,3 +669,63 @@ fn background_processes_get_their_exit_event_once_across_restarts() {
         .count();
     assert_eq!(exits, 6);
 }
+
+#[test]
+fn a_restart_records_the_freezer_state_it_finds() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let key = key(&env, "freezer");
+    let api = Api::new(&server, &key);
+    let (frozen, thawed) = (sandbox(&api, json!({})), sandbox(&api, json!({})));
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{thawed}/pause"), "")
+            .status(),
+        200
+    );
+    server.stop();
+    // What a server that stopped between the freezer and the database leaves behind.
+    let runtime = openrun_runtime::Runtime::open(env.data_dir()).unwrap();
+    runtime
+        .open_sandbox_exact(&frozen)
+        .unwrap()
+        .pause()
+        .unwrap();
+    runtime
+        .open_sandbox_exact(&thawed)
+        .unwrap()
+        .resume()
+        .unwrap();
+
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    for (id, state, kind) in [
+        (&frozen, "paused", "sandbox.pause"),
+        (&thawed, "running", "sandbox.resume"),
+    ] {
+        assert_eq!(state_of(&api, id), state);
+        let events: Vec<Value> = api
+            .get(&format!("/v1/sandboxes/{id}/events"))
+            .json()
+            .unwrap();
+        let last = events.last().unwrap();
+        assert_eq!(
+            (last["kind"].as_str(), last["actor"].as_str()),
+            (Some(kind), Some("system"))
+        );
+    }
+    assert_eq!(
+        stream(&api.exec(&thawed, "echo thawed"), "stdout"),
+        "thawed\n"
+    );
+    let res = api.post(
+        &format!("/v1/sandboxes/{frozen}/exec"),
+        r#"{"cmd":["true"]}"#,
+    );
+    error(res, 409, "sandbox_paused");
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{frozen}/resume"), "")
+            .status(),
+        200
+    );
+    assert_eq!(stream(&api.exec(&frozen, "echo back"), "stdout"), "back\n");
+}
