@@ -285,7 +285,7 @@ pub async fn tag_caller(
     responses((status = 200, description = "Prometheus text format 0.0.4: openrun_sandboxes{state}, \
         openrun_sandbox_create_seconds (histogram), openrun_exec_total, openrun_http_requests_total\
         {method,route,status}, openrun_http_errors_total{code}, openrun_creates_rejected_total",
-        content_type = "text/plain; version=0.0.4", body = String), ErrorAnswers))]
+        content_type = "text/plain; version=0.0.4; charset=utf-8", body = String), ErrorAnswers))]
 pub async fn scrape(State(s): State<Shared>) -> Result<Response, ApiError> {
     let sandboxes = s.db.call(sandboxes_by_state).await?;
     let body = s.metrics.render(&sandboxes);
