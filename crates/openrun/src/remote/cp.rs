@@ -39,23 +39,18 @@ pub async fn cp(client: &Client, args: CpArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `file_type` of a path in the sandbox (`file`, `dir`, `symlink`, `other`), or `None` when
-/// it does not exist.
-async fn remote_kind(client: &Client, id: &str, path: &str) -> Result<Option<String>> {
+/// `file_type` of a path in the sandbox: `file`, `dir`, `symlink` or `other`.
+async fn remote_kind(client: &Client, id: &str, path: &str) -> Result<String> {
     let req = client
         .request(Method::GET, &sandbox_path(id, "/files/stat"))?
         .query(&[("path", path)]);
-    match client.send(req).await {
-        Ok(res) => {
-            let stat: Value = res.json().await.context("the server's stat is not JSON")?;
-            Ok(Some(
-                stat["file_type"].as_str().unwrap_or("other").to_string(),
-            ))
-        }
-        // A missing sandbox is also not_found: the copy's own request then reports it.
-        Err(e) if has_code(&e, "not_found") => Ok(None),
-        Err(e) => Err(e),
-    }
+    let stat: Value = client
+        .send(req)
+        .await?
+        .json()
+        .await
+        .context("the server's stat is not JSON")?;
+    Ok(stat["file_type"].as_str().unwrap_or("other").to_string())
 }
 
 /// The last component of a sandbox path (`""` for `/`).
@@ -64,9 +59,7 @@ fn remote_name(path: &str) -> &str {
 }
 
 async fn download(client: &Client, id: &str, path: &str, dest: &Path) -> Result<Copied> {
-    let kind = remote_kind(client, id, path)
-        .await?
-        .with_context(|| format!("{id}:{path}: no such file or directory"))?;
+    let kind = remote_kind(client, id, path).await?;
     let name = remote_name(path);
     let into = dest.is_dir() && !name.is_empty() && name != ".";
     if kind != "dir" {
@@ -198,7 +191,12 @@ async fn download_file(client: &Client, id: &str, path: &str, target: &Path) -> 
 
 async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Copied> {
     let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let kind = remote_kind(client, id, path).await?;
+    let kind = match remote_kind(client, id, path).await {
+        Ok(kind) => Some(kind),
+        // A missing sandbox is also not_found: the upload itself then reports it.
+        Err(e) if has_code(&e, "not_found") => None,
+        Err(e) => return Err(e),
+    };
     let contents_only = src.as_os_str().as_encoded_bytes().ends_with(b"/.");
     let name = src
         .file_name()
