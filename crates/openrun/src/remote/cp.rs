@@ -211,11 +211,6 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
         }
         _ => path.to_string(),
     };
-    let put = |endpoint: &str, query: Vec<(&str, String)>| {
-        client
-            .request(Method::PUT, &sandbox_path(id, endpoint))
-            .map(|r| r.query(&query))
-    };
     if meta.is_dir() {
         if kind.as_deref().is_some_and(|k| k != "dir") && target == path {
             anyhow::bail!(
@@ -224,14 +219,7 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
             );
         }
         let dir = src.to_path_buf();
-        let (body, packing) = streamed(move |out| archive::pack_dir(&dir, out));
-        return put_tar(
-            client,
-            put("/files/tar", vec![("path", target)])?,
-            body,
-            packing,
-        )
-        .await;
+        return put_tar(client, id, target, move |out| archive::pack_dir(&dir, out)).await;
     }
     let mode = format!("{:o}", meta.permissions().mode() & 0o777);
     if meta.len() > openrun_protocol::MAX_DATA_LEN as u64 {
@@ -242,20 +230,16 @@ async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Cop
             None => anyhow::bail!("{id}:{target}: the path in the sandbox must be absolute"),
         };
         let file = src.to_path_buf();
-        let (body, packing) = streamed(move |out| archive::pack_file(&file, &file_name, out));
-        return put_tar(
-            client,
-            put("/files/tar", vec![("path", dir)])?,
-            body,
-            packing,
-        )
-        .await;
+        let pack = move |out: &mut ChannelWriter| archive::pack_file(&file, &file_name, out);
+        return put_tar(client, id, dir, pack).await;
     }
     let data = std::fs::read(src).with_context(|| format!("cannot read {}", src.display()))?;
     let bytes = data.len() as u64;
-    client
-        .send(put("/files", vec![("path", target), ("mode", mode)])?.body(data))
-        .await?;
+    let req = client
+        .request(Method::PUT, &sandbox_path(id, "/files"))?
+        .query(&[("path", target), ("mode", mode)])
+        .body(data);
+    client.send(req).await?;
     Ok(Copied { files: 1, bytes })
 }
 
@@ -321,15 +305,21 @@ impl Write for ChannelWriter {
     }
 }
 
-/// Sends a tar upload while it is packed; the server answers what it unpacked. A packing
-/// failure is reported rather than the cut request it caused, unless the request ended first.
+/// Uploads the tar that `pack` writes (while it writes it) to be unpacked into directory
+/// `dir` of the sandbox; the server answers what it unpacked. A packing failure is reported
+/// rather than the cut request it caused, unless the request ended first.
 async fn put_tar(
     client: &Client,
-    req: reqwest::RequestBuilder,
-    body: reqwest::Body,
-    packing: Packing,
+    id: &str,
+    dir: String,
+    pack: impl FnOnce(&mut ChannelWriter) -> Result<()> + Send + 'static,
 ) -> Result<Copied> {
-    let sent = client.send(req.body(body)).await;
+    let (body, packing) = streamed(pack);
+    let req = client
+        .request(Method::PUT, &sandbox_path(id, "/files/tar"))?
+        .query(&[("path", dir)])
+        .body(body);
+    let sent = client.send(req).await;
     let (packed, request_ended) = packing.await.context("the pack task failed")?;
     let res = match (sent, packed) {
         (Ok(res), Ok(())) => res,
