@@ -250,6 +250,9 @@ fn create_exec_ls_inspect_rm_through_the_server() {
         vec!["inspect", missing],
         vec!["events", missing],
         vec!["logs", missing, "1"],
+        vec!["env", missing],
+        vec!["exec", "-i", missing, "--", "true"],
+        vec!["shell", missing, "--", "true"],
     ] {
         assert_fails(
             &cli.out(&args),
@@ -895,8 +898,11 @@ fn shell_is_a_terminal_with_our_size() {
     read_until(&mut master, &mut seen, "mark-48");
     assert!(seen.contains("40 120"), "{seen:?}");
     // ^C reaches the sandbox's foreground command, not openrun.
-    master.write_all(b"sleep 30\n").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    master
+        .write_all(b"sh -c 'echo started-$((3+3)); exec sleep 30'\n")
+        .unwrap();
+    read_until(&mut master, &mut seen, "started-6");
+    std::thread::sleep(Duration::from_millis(100));
     master.write_all(&[3]).unwrap();
     master.write_all(b"echo after-$((2+2))\n").unwrap();
     read_until(&mut master, &mut seen, "after-4");
