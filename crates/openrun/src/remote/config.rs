@@ -122,8 +122,9 @@ fn read_config(path: &Path, explicit: bool) -> Result<FileConfig, ConfigError> {
     }
 }
 
-/// The key of `<data-dir>/local.json` when `url` is a loopback address; unreadable or
-/// absent files give none (the server then answers 401, naming what is missing).
+/// The key of `<data-dir>/local.json` when `url` is a loopback address on the port the file
+/// names (where the server that wrote it listens: another local program on another port
+/// never gets the key); unreadable or absent files give none (the server then answers 401).
 fn local_key(url: &Url, data_dir: &Path) -> Option<String> {
     if !is_loopback(url) {
         return None;
@@ -137,7 +138,16 @@ fn local_key(url: &Url, data_dir: &Path) -> Option<String> {
         }
     };
     match serde_json::from_slice::<FileConfig>(&bytes) {
-        Ok(local) => local.api_key.filter(|k| !k.is_empty()),
+        Ok(local) => {
+            let written = local.server.as_deref().and_then(|s| parse_url(s).ok());
+            let same = written.is_some_and(|w| {
+                is_loopback(&w) && w.port_or_known_default() == url.port_or_known_default()
+            });
+            if !same {
+                tracing::debug!(path = %path.display(), "the local key is for another address");
+            }
+            local.api_key.filter(|k| !k.is_empty() && same)
+        }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring an invalid local key file");
             None
@@ -174,6 +184,30 @@ pub fn is_loopback(url: &Url) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_key_goes_only_to_its_servers_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = |s: &str| parse_url(s).unwrap();
+        assert_eq!(local_key(&url("127.0.0.1:7878"), dir.path()), None);
+        std::fs::write(
+            dir.path().join(LOCAL_FILE),
+            r#"{"server":"http://127.0.0.1:7878","api_key":"or_k"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            local_key(&url("127.0.0.1:7878"), dir.path()).as_deref(),
+            Some("or_k")
+        );
+        assert_eq!(
+            local_key(&url("localhost:7878"), dir.path()).as_deref(),
+            Some("or_k")
+        );
+        assert_eq!(local_key(&url("127.0.0.1:7879"), dir.path()), None);
+        assert_eq!(local_key(&url("10.1.2.3:7878"), dir.path()), None);
+        std::fs::write(dir.path().join(LOCAL_FILE), "not json").unwrap();
+        assert_eq!(local_key(&url("127.0.0.1:7878"), dir.path()), None);
+    }
 
     #[test]
     fn server_addresses() {
