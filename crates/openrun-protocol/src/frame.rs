@@ -144,6 +144,64 @@ pub mod nonblocking {
         decode_body(body, header_len)
     }
 
+    /// Reads frames from an async stream, buffering what it has read: unlike [`read_frame`],
+    /// [`FrameReader::next`] is cancel-safe, so it can be one branch of a `select!` whose other
+    /// branch wins halfway through a frame without losing or tearing that frame.
+    pub struct FrameReader<R> {
+        inner: R,
+        /// Bytes read and not yet returned as frames.
+        buf: Vec<u8>,
+        /// Scratch space for one read.
+        chunk: Vec<u8>,
+    }
+
+    /// Bytes asked of the stream per read.
+    const READ_CHUNK: usize = 64 * 1024;
+
+    impl<R: AsyncRead + Unpin> FrameReader<R> {
+        /// Wraps a stream.
+        pub fn new(inner: R) -> Self {
+            Self {
+                inner,
+                buf: Vec::new(),
+                chunk: vec![0; READ_CHUNK],
+            }
+        }
+
+        /// The next frame; [`FrameError::Closed`] at a clean end of stream (none begun).
+        pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Frame<T>, FrameError> {
+            loop {
+                if let Some(frame) = self.take_buffered()? {
+                    return Ok(frame);
+                }
+                // `read` is cancel-safe: cancelled, it has read nothing, and what earlier
+                // reads got is already in `buf`.
+                match self.inner.read(&mut self.chunk).await? {
+                    0 if self.buf.is_empty() => return Err(FrameError::Closed),
+                    0 => {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
+                    }
+                    n => self.buf.extend_from_slice(&self.chunk[..n]),
+                }
+            }
+        }
+
+        /// A whole frame from the buffer, if one is there.
+        fn take_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<Frame<T>>, FrameError> {
+            let Some(prefix) = self.buf.first_chunk::<PREFIX_LEN>() else {
+                return Ok(None);
+            };
+            let (header_len, data_len) = parse_prefix(*prefix)?;
+            let end = PREFIX_LEN + header_len + data_len;
+            if self.buf.len() < end {
+                return Ok(None);
+            }
+            let body = self.buf[PREFIX_LEN..end].to_vec();
+            self.buf.drain(..end);
+            decode_body(body, header_len).map(Some)
+        }
+    }
+
     /// Writes one frame to an async stream.
     pub async fn write_frame<T: Serialize>(
         w: &mut (impl AsyncWrite + Unpin),
@@ -212,6 +270,42 @@ mod tests {
         assert!(matches!(
             read_frame::<RequestEnvelope>(&mut bytes.as_slice()),
             Err(FrameError::Json(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_cancelled_mid_frame_loses_nothing() {
+        use tokio::io::AsyncWriteExt;
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = nonblocking::FrameReader::new(rx);
+        let mut bytes = Vec::new();
+        for id in 0..3 {
+            let frame = Frame::with_data(
+                RequestEnvelope {
+                    id,
+                    request: Request::Stdin { pid: 3, eof: false },
+                },
+                vec![id as u8; 1000],
+            );
+            bytes.extend(frame.encode().unwrap());
+        }
+        // Half of the first frame, then a read that loses a race, then the rest.
+        tx.write_all(&bytes[..500]).await.unwrap();
+        tokio::select! {
+            biased;
+            _ = reader.next::<RequestEnvelope>() => panic!("half a frame was returned"),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+        tx.write_all(&bytes[500..]).await.unwrap();
+        drop(tx);
+        for id in 0..3 {
+            let frame = reader.next::<RequestEnvelope>().await.unwrap();
+            assert_eq!(frame.header.id, id);
+            assert_eq!(frame.data, vec![id as u8; 1000]);
+        }
+        assert!(matches!(
+            reader.next::<RequestEnvelope>().await,
+            Err(FrameError::Closed)
         ));
     }
 }

@@ -9,7 +9,7 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use openrun_protocol::frame::nonblocking::{read_frame, write_frame};
+use openrun_protocol::frame::nonblocking::{write_frame, FrameReader};
 use openrun_protocol::{
     AgentError, AgentInfo, AgentMessage, Frame, FrameError, Request, RequestEnvelope, Response,
     PROTOCOL_VERSION,
@@ -54,7 +54,7 @@ pub struct AgentSender {
 
 /// Receiving half: every message the agent sends.
 pub struct AgentReceiver {
-    read: OwnedReadHalf,
+    read: FrameReader<OwnedReadHalf>,
     queued: VecDeque<Frame<AgentMessage>>,
 }
 
@@ -78,7 +78,7 @@ impl AgentClient {
         Self {
             sender: AgentSender { write, next_id: 1 },
             receiver: AgentReceiver {
-                read,
+                read: FrameReader::new(read),
                 queued: VecDeque::new(),
             },
         }
@@ -150,13 +150,13 @@ impl AgentReceiver {
         if let Some(frame) = self.queued.pop_front() {
             return Ok(frame);
         }
-        Ok(read_frame(&mut self.read).await?)
+        Ok(self.read.next().await?)
     }
 
     /// Waits for the response to request `id`, queueing events that arrive first.
     pub async fn response(&mut self, id: u64) -> Result<Frame<Response>, ClientError> {
         loop {
-            let frame: Frame<AgentMessage> = read_frame(&mut self.read).await?;
+            let frame: Frame<AgentMessage> = self.read.next().await?;
             match frame.header {
                 AgentMessage::Response { id: got, result } if got == id => {
                     return Ok(Frame::with_data(result?, frame.data));
