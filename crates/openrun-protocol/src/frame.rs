@@ -178,9 +178,7 @@ pub mod nonblocking {
                 // reads got is already in `buf`.
                 match self.inner.read(&mut self.chunk).await? {
                     0 if self.buf.is_empty() => return Err(FrameError::Closed),
-                    0 => {
-                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into())
-                    }
+                    0 => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
                     n => self.buf.extend_from_slice(&self.chunk[..n]),
                 }
             }
