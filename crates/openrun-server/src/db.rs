@@ -597,7 +597,8 @@ pub fn events(
     Ok(Some(Timeline { events: out, ended }))
 }
 
-/// Records a background process whose exit is to be recorded; returns its row id. An older
+/// Records a started process whose exit the timeline is owed (a background one, or an
+/// attached one whose driver could die with the server); returns its row id. An older
 /// row for the same pid whose exit was never recorded is closed: the agent reuses a pid only
 /// after the old process was released, so that one has ended.
 pub fn insert_background(

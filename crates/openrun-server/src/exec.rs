@@ -480,6 +480,9 @@ impl Context {
             }
             Err(e) => return self.fail("agent_lost", e.to_string()).await,
         };
+        // Owed to the timeline from now on: if this server dies before the exit, the next
+        // one records it.
+        let tracked = crate::maintenance::track(&self.state, &self.row, &self.caller, pid).await;
         self.send(Line::Started { pid }).await;
         // The sending half must live until the exit: dropping it half-closes the connection.
         let (_sender, _forwarder) = match input {
@@ -489,7 +492,9 @@ impl Context {
             }
             None => (Some(sender), None),
         };
-        self.relay(&sandbox, &mut receiver, pid, oom_before).await;
+        let tracked = tracked.map(|t| t.id);
+        self.relay(&sandbox, &mut receiver, pid, oom_before, tracked)
+            .await;
     }
 
     /// Relays output and the exit of `pid` as lines.
@@ -499,6 +504,7 @@ impl Context {
         receiver: &mut AgentReceiver,
         pid: Pid,
         oom_before: u64,
+        tracked: Option<i64>,
     ) {
         loop {
             let frame = match receiver.next().await {
@@ -518,11 +524,18 @@ impl Context {
                     mut status,
                 } if exited == pid => {
                     crate::maintenance::mark_oom(&mut status, sandbox.oom_kills() > oom_before);
-                    self.record(
-                        "process.exit",
-                        crate::maintenance::exit_payload(pid, &status),
-                    )
-                    .await;
+                    let event = NewEvent {
+                        sandbox_id: self.row.id.clone(),
+                        tenant: self.caller.tenant.clone(),
+                        actor: self.caller.actor.clone(),
+                        kind: "process.exit",
+                        payload: crate::maintenance::exit_payload(pid, &status),
+                    };
+                    if let Err(e) =
+                        crate::maintenance::record_exit(&self.state, tracked, event).await
+                    {
+                        tracing::error!(error = %e, sandbox = self.row.id, "cannot record an exit");
+                    }
                     self.send(Line::exit(&status)).await;
                     return;
                 }

@@ -196,25 +196,55 @@ static WATCHED: Mutex<BTreeSet<i64>> = Mutex::new(BTreeSet::new());
 /// its `process.exit` is recorded when it ends, by this server or the next one. A failure to
 /// record it is logged: the process runs anyway.
 pub async fn watch_background(state: &Shared, row: &SandboxRow, caller: &Caller, pid: i32) {
+    if let Some(tracked) = track(state, row, caller, pid).await {
+        arm(state, tracked);
+    }
+}
+
+/// Records a process the caller just started in `row`'s sandbox as one whose exit is owed to
+/// the timeline, without watching it: the caller (an attached exec's driver) records the exit
+/// through [`record_exit`]. If this server dies first, the next one's [`rearm`] watches it
+/// and records the exit instead. `None` (logged) when it cannot be recorded.
+pub async fn track(
+    state: &Shared,
+    row: &SandboxRow,
+    caller: &Caller,
+    pid: i32,
+) -> Option<db::BackgroundRow> {
     let (sandbox, tenant, actor) = (row.id.clone(), caller.tenant.clone(), caller.actor.clone());
     let inserted = state
         .db
         .call(move |c| db::insert_background(c, &sandbox, &tenant, &actor, pid))
         .await;
     match inserted {
-        Ok(id) => arm(
-            state,
-            db::BackgroundRow {
-                id,
-                sandbox_id: row.id.clone(),
-                tenant: caller.tenant.clone(),
-                actor: caller.actor.clone(),
-                pid,
-            },
-        ),
+        Ok(id) => Some(db::BackgroundRow {
+            id,
+            sandbox_id: row.id.clone(),
+            tenant: caller.tenant.clone(),
+            actor: caller.actor.clone(),
+            pid,
+        }),
         Err(e) => {
-            tracing::error!(id = row.id, pid, error = %e, "cannot record a background process")
+            tracing::error!(id = row.id, pid, error = %e, "cannot record a started process");
+            None
         }
+    }
+}
+
+/// Records the exit of a process from [`track`] (once, however many saw it end), or appends
+/// `event` plainly when it could not be tracked.
+pub async fn record_exit(
+    state: &Shared,
+    tracked: Option<i64>,
+    event: NewEvent,
+) -> Result<(), DbError> {
+    match tracked {
+        Some(id) => state
+            .db
+            .call(move |c| db::record_background_exit(c, id, &event))
+            .await
+            .map(|_| ()),
+        None => state.db.call(move |c| db::append_event(c, &event)).await,
     }
 }
 
@@ -304,11 +334,7 @@ async fn watch(state: &Shared, row: &db::BackgroundRow) -> Result<(), ApiError> 
                 kind: "process.exit",
                 payload: exit_payload(pid, &status),
             };
-            let id = row.id;
-            state
-                .db
-                .call(move |c| db::record_background_exit(c, id, &event))
-                .await?;
+            record_exit(state, Some(row.id), event).await?;
             return Ok(());
         }
     }

@@ -217,7 +217,6 @@ pub fn zombies_of(pid: i32) -> Vec<String> {
     found
 }
 
-
 impl Api {
     pub fn put(&self, path: &str, body: Vec<u8>) -> Response {
         self.req(reqwest::Method::PUT, path)
@@ -277,4 +276,3 @@ pub fn enc(path: &str) -> String {
         })
         .collect()
 }
-
