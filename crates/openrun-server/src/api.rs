@@ -541,7 +541,10 @@ async fn fail_create(s: &AppState, row: &SandboxRow, caller: &Caller, error: &Ap
         payload: serde_json::json!({ "message": error.to_string() }),
     };
     let key = row.id.clone();
-    if let Err(e) = s.db.call(move |c| db::fail_create(c, &key, true, &event)).await {
+    if let Err(e) =
+        s.db.call(move |c| db::fail_create(c, &key, true, &event))
+            .await
+    {
         tracing::error!(id = row.id, error = %e, "cannot record a failed create");
     }
 }
@@ -638,7 +641,11 @@ fn list_filter(query: &str) -> Result<db::ListFilter, ApiError> {
             )))
         }
     };
-    let after = query.string("cursor").as_deref().map(parse_cursor).transpose()?;
+    let after = query
+        .string("cursor")
+        .as_deref()
+        .map(parse_cursor)
+        .transpose()?;
     Ok(db::ListFilter {
         labels,
         state,
@@ -820,7 +827,11 @@ impl Follower {
             }
             self.changes.borrow_and_update();
             let (tenant, id, since) = (self.tenant.clone(), self.id.clone(), self.since);
-            match self.db.call(move |c| db::events(c, &tenant, &id, since)).await {
+            match self
+                .db
+                .call(move |c| db::events(c, &tenant, &id, since))
+                .await
+            {
                 Ok(Some(timeline)) => {
                     self.pending = timeline.events.into();
                     self.ended = timeline.ended;

@@ -34,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use api::openapi_document;
 pub use admission::DEFAULT_QUEUE as DEFAULT_CREATE_QUEUE;
+pub use api::openapi_document;
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
 
@@ -154,13 +154,12 @@ async fn serve(
 async fn write_local_key(state: &api::AppState, addr: SocketAddr) {
     let data_dir = state.runtime.data_dir().to_path_buf();
     // Blocking, and `create_key` drives its own small runtime: not on an async worker.
-    let outcome = match tokio::task::spawn_blocking(move || local_key::ensure(&data_dir, addr))
-        .await
-    {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(e)) => return tracing::warn!(error = %e, "cannot write the local key file"),
-        Err(e) => return tracing::warn!(error = %e, "cannot write the local key file"),
-    };
+    let outcome =
+        match tokio::task::spawn_blocking(move || local_key::ensure(&data_dir, addr)).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(e)) => return tracing::warn!(error = %e, "cannot write the local key file"),
+            Err(e) => return tracing::warn!(error = %e, "cannot write the local key file"),
+        };
     if let local_key::Outcome::Kept { api_key } = outcome {
         let hash = keys::hash(&api_key);
         match state.db.call(move |c| db::key_by_hash(c, &hash)).await {

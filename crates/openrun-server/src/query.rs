@@ -165,7 +165,8 @@ mod tests {
         assert!(Query::parse("a=1&a=2").is_err());
         assert!(Query::parse("mode=999").unwrap().mode("mode").is_err());
         assert!(Query::parse("n=-1").unwrap().u64("n").is_err());
-        let (q, labels) = Query::parse_repeated("label=a%3Db&limit=2&label=c=d+e", "label").unwrap();
+        let (q, labels) =
+            Query::parse_repeated("label=a%3Db&limit=2&label=c=d+e", "label").unwrap();
         assert_eq!(labels, ["a=b", "c=d e"]);
         assert_eq!(q.u64("limit").unwrap(), Some(2));
         assert!(Query::parse_repeated("limit=1&limit=2", "label").is_err());

@@ -50,7 +50,10 @@ const PACED: &str = "i=1; while [ $i -le 4000 ]; do echo \"line $i\"; \
     if [ $((i % 400)) = 0 ]; then sleep 0.15; fi; i=$((i+1)); done; echo done >&2; exit 7";
 
 fn paced_stdout() -> Vec<u8> {
-    (1..=4000).map(|i| format!("line {i}\n")).collect::<String>().into_bytes()
+    (1..=4000)
+        .map(|i| format!("line {i}\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 #[test]
@@ -73,7 +76,10 @@ fn kill_9_during_a_streaming_exec_loses_no_byte_and_leaks_nothing() {
     let mut line = String::new();
     while seen < 3 {
         line.clear();
-        assert!(reader.read_line(&mut line).expect("read a line") > 0, "stream ended early");
+        assert!(
+            reader.read_line(&mut line).expect("read a line") > 0,
+            "stream ended early"
+        );
         let v: Value = serde_json::from_str(&line).expect("NDJSON");
         match v["type"].as_str() {
             Some("started") => pid = v["pid"].as_i64(),
@@ -86,7 +92,10 @@ fn kill_9_during_a_streaming_exec_loses_no_byte_and_leaks_nothing() {
     // The client sees the stream end without an exit line: it must not hang.
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
-    assert!(!rest.contains("\"exit\""), "the killed server sent an exit: {rest}");
+    assert!(
+        !rest.contains("\"exit\""),
+        "the killed server sent an exit: {rest}"
+    );
 
     let server = Server::start(&env);
     let api = Api::new(&server, &api_key);
@@ -156,7 +165,12 @@ fn kill_9_during_creates_leaves_no_half_created_sandbox() {
     let listed: Vec<Value> = api.get("/v1/sandboxes").json().expect("list");
     let states: Vec<(String, String)> = listed
         .iter()
-        .map(|s| (s["id"].as_str().unwrap().into(), s["state"].as_str().unwrap().into()))
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().into(),
+                s["state"].as_str().unwrap().into(),
+            )
+        })
         .collect();
     // Every live sandbox of the data dir is a running one of the API, and no record says
     // `creating` any more.
