@@ -36,7 +36,14 @@ pub fn print_ids(ids: &[String], json: bool) -> Result<()> {
 }
 
 /// Left-aligned columns separated by three spaces (the last one unpadded), headers first.
+/// Control characters in cells are shown escaped (`\u{1b}`): cells may hold what a sandbox
+/// wrote (its hostname, os-release, tool versions), which must not drive our terminal.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| inert(cell)).collect())
+        .collect();
+    let rows = &rows[..];
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -63,6 +70,20 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// `text` with its control characters escaped, so printing it cannot move the cursor, retitle
+/// the window or otherwise command the terminal.
+fn inert(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// Writes `text` to stdout; a closed stdout (`| head`) is not an error.
 pub fn print(text: &str) {
     let mut out = std::io::stdout().lock();
@@ -87,7 +108,9 @@ pub fn parse_rfc3339(text: &str) -> Option<u64> {
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
     let mut t = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
     let (h, min, s) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || s > 60 {
+    // RFC 3339 years have four digits (a larger one would overflow the arithmetic below).
+    let in_range = (0..=9999).contains(&y) && (1..=12).contains(&m) && (1..=31).contains(&day);
+    if !in_range || !(0..=23).contains(&h) || !(0..=59).contains(&min) || !(0..=60).contains(&s) {
         return None;
     }
     let millis = match frac.len() {
@@ -139,6 +162,13 @@ mod tests {
         );
         assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
         assert_eq!(parse_rfc3339("yesterday"), None);
+        // A hostile server's timestamps: no overflow, no negative time.
+        assert_eq!(parse_rfc3339("99999999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(
+            parse_rfc3339("2024-01-01T00:00:-9223372036854775808Z"),
+            None
+        );
+        assert_eq!(parse_rfc3339("1969-12-31T23:59:59Z"), None);
         assert_eq!(parse_rfc3339("2024-01-01T00:00:00.x1Z"), None);
     }
 
@@ -151,6 +181,11 @@ mod tests {
         assert_eq!(
             table(&["ID", "VALUE", "LAST"], &rows),
             "ID     VALUE        LAST\na      long value   x\nbbbb   v\n"
+        );
+        let rows = vec![vec!["\u{1b}]0;owned\u{7}".to_string(), "x".to_string()]];
+        assert_eq!(
+            table(&["HOST", "V"], &rows),
+            "HOST                  V\n\\u{1b}]0;owned\\u{7}   x\n"
         );
     }
 

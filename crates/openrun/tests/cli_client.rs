@@ -608,6 +608,88 @@ fn cp_copies_files_and_directories_both_ways() {
 }
 
 #[test]
+fn cp_out_never_writes_through_a_link_at_the_destination() {
+    let setup = Setup::new();
+    let cli = setup.client();
+    let id = cli.create(&[]);
+    cli.ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo data > /tmp/f && mkdir /tmp/d && echo in > /tmp/d/g",
+    ]);
+    // Links such as an earlier copy out of a sandbox may have left in the destination.
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let d = |p: &str| dst.path().join(p);
+    std::os::unix::fs::symlink(&victim, d("f")).unwrap();
+    std::os::unix::fs::symlink(&victim, d("named")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), d("d")).unwrap();
+
+    // A file into the directory, and onto a name given: the link is replaced.
+    cli.ok(&["cp", &format!("{id}:/tmp/f"), d("").to_str().unwrap()]);
+    cli.ok(&["cp", &format!("{id}:/tmp/f"), d("named").to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    for name in ["f", "named"] {
+        assert!(std::fs::symlink_metadata(d(name)).unwrap().is_file());
+        assert_eq!(std::fs::read_to_string(d(name)).unwrap(), "data\n");
+    }
+    // A directory whose name is a link in the destination: refused, nothing written where it
+    // points. (A directory the user names is theirs: a link there is followed, as by docker cp.)
+    assert_fails(
+        &cli.out(&["cp", &format!("{id}:/tmp/d"), d("").to_str().unwrap()]),
+        125,
+        "not a directory",
+    );
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    // A file onto a directory that does not exist.
+    assert_fails(
+        &cli.out(&[
+            "cp",
+            &format!("{id}:/tmp/f"),
+            &format!("{}/", d("no").display()),
+        ]),
+        125,
+        "no such directory",
+    );
+}
+
+#[test]
+fn the_key_goes_straight_to_its_server() {
+    let setup = Setup::new();
+    let cli = setup.client();
+    // A proxy of the environment is not used (it would get the key; here it is not even up).
+    for var in ["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+        let out = cli
+            .cmd(&["ls"])
+            .env(var, "http://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert_ok(&out);
+        assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
+    }
+    // A key for a server that is not a loopback address crosses the network unencrypted: said.
+    let port = cli.url.rsplit(':').next().unwrap().to_string();
+    let out = cli
+        .bare()
+        .args(["--server", &format!("http://0.0.0.0:{port}"), "--api-key"])
+        .args([&cli.key, "ls"])
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    assert!(
+        stderr(&out).contains("warning: the API key is sent unencrypted to http://0.0.0.0:"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!stderr(&out).contains(&cli.key), "{}", stderr(&out));
+}
+
+#[test]
 fn logs_and_events_of_a_sandbox() {
     let setup = Setup::new();
     let cli = setup.client();

@@ -6,7 +6,7 @@
 //! within the destination are made; permission bits are kept without setuid, setgid or sticky,
 //! and files belong to whoever runs `cp`.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
@@ -79,14 +79,44 @@ fn add_tree<W: Write>(builder: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> 
     Ok(())
 }
 
-/// Unpacks a tar read from `reader` into the existing directory `dest`.
-pub fn unpack(reader: impl Read, dest: &Path) -> Result<Copied> {
-    let root = rustix::fs::open(
-        dest,
+/// Opens the directory `dir` the user named (links in that path are followed: it is theirs).
+pub fn open_dir(dir: &Path) -> Result<OwnedFd> {
+    rustix::fs::open(
+        dir,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
-    .with_context(|| format!("cannot open {}", dest.display()))?;
+    .with_context(|| format!("cannot open {}", dir.display()))
+}
+
+/// Opens the directory `name` in directory `dir`, making it if missing; a symlink there is
+/// refused, never followed (it may have come out of a sandbox).
+pub fn dir_in(dir: &Path, name: &OsStr) -> Result<OwnedFd> {
+    let shown = dir.join(name);
+    let parent = open_dir(dir)?;
+    walk(&parent, &[name.to_os_string()], true).map_err(|e| {
+        let why = match e {
+            Errno::LOOP | Errno::NOTDIR => "it exists and is not a directory".to_string(),
+            e => io::Error::from(e).to_string(),
+        };
+        anyhow::anyhow!("cannot copy into {}: {why}", shown.display())
+    })
+}
+
+/// Creates the regular file `name` in directory `dir` (umask applied), replacing whatever
+/// file or symlink is there rather than writing through it.
+pub fn file_in(dir: &Path, name: &OsStr) -> Result<File> {
+    let parent = open_dir(dir)?;
+    create_file(&parent, name, Mode::from_raw_mode(0o666))
+        .map(File::from)
+        .map_err(|e| {
+            anyhow::Error::new(io::Error::from(e))
+                .context(format!("cannot create {}", dir.join(name).display()))
+        })
+}
+
+/// Unpacks a tar read from `reader` into the directory `root` (shown as `dest`).
+pub fn unpack(reader: impl Read, root: OwnedFd, dest: &Path) -> Result<Copied> {
     let mut archive = tar::Archive::new(reader);
     let mut copied = Copied::default();
     let mut dir_modes = Vec::new();
@@ -227,23 +257,18 @@ fn walk(dir: &OwnedFd, parts: &[OsString], create: bool) -> Result<OwnedFd, Errn
     Ok(current)
 }
 
-/// Creates or truncates the regular file `name` in `dir`; a symlink there is replaced, not
-/// followed.
-fn create_file(dir: &OwnedFd, name: &OsString, mode: Mode) -> Result<OwnedFd, Errno> {
-    let flags =
-        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    match rustix::fs::openat(dir, name.as_os_str(), flags, mode) {
-        Err(Errno::LOOP) => {
-            rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty())?;
-            rustix::fs::openat(dir, name.as_os_str(), flags | OFlags::EXCL, mode)
-        }
-        other => other,
-    }
+/// Creates the regular file `name` in `dir` as a new file: whatever non-directory is there
+/// (a symlink, a hard link to a file elsewhere, a fifo, a device) is replaced, never written
+/// through or opened, as `docker cp` replaces it.
+fn create_file(dir: &OwnedFd, name: &OsStr, mode: Mode) -> Result<OwnedFd, Errno> {
+    remove_non_dir(dir, name)?;
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::openat(dir, name, flags, mode)
 }
 
 /// Removes `name` from `dir` unless it is a directory (or absent), so a link can take its place.
-fn remove_non_dir(dir: &OwnedFd, name: &OsString) -> Result<(), Errno> {
-    match rustix::fs::unlinkat(dir, name.as_os_str(), AtFlags::empty()) {
+fn remove_non_dir(dir: &OwnedFd, name: &OsStr) -> Result<(), Errno> {
+    match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),
         Err(e) => Err(e),
     }
@@ -257,6 +282,10 @@ mod tests {
         let mut b = tar::Builder::new(Vec::new());
         build(&mut b);
         b.into_inner().unwrap()
+    }
+
+    fn unpack_into(tar: &[u8], dest: &Path) -> Result<Copied> {
+        unpack(tar, open_dir(dest).unwrap(), dest)
     }
 
     fn header(kind: EntryType, size: u64, mode: u32) -> tar::Header {
@@ -283,7 +312,7 @@ mod tests {
         let mut tar = Vec::new();
         pack_dir(src.path(), &mut tar).unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let copied = unpack(&tar[..], dst.path()).unwrap();
+        let copied = unpack_into(&tar, dst.path()).unwrap();
         assert_eq!(copied, Copied { files: 2, bytes: 6 });
         assert_eq!(
             std::fs::read(dst.path().join("d/e/f.txt")).unwrap(),
@@ -297,7 +326,7 @@ mod tests {
             let mut h = header(EntryType::Link, 0, 0o644);
             b.append_link(&mut h, "hard", "d/e/f.txt").unwrap();
         });
-        unpack(&tar[..], dst.path()).unwrap();
+        unpack_into(&tar, dst.path()).unwrap();
         assert_eq!(
             std::fs::read_link(dst.path().join("link")).unwrap(),
             Path::new("d/e/f.txt")
@@ -321,7 +350,7 @@ mod tests {
             let mut h = header(EntryType::Regular, 3, 0o644);
             b.append_data(&mut h, "esc/pwned", &b"bad"[..]).unwrap();
         });
-        let err = unpack(&tar[..], dst.path()).unwrap_err();
+        let err = unpack_into(&tar, dst.path()).unwrap_err();
         assert!(format!("{err:#}").contains("esc/pwned"), "{err:#}");
         assert!(!outside.path().join("pwned").exists());
         // A file written over a planted symlink replaces the link.
@@ -333,7 +362,7 @@ mod tests {
             let mut h = header(EntryType::Regular, 3, 0o644);
             b.append_data(&mut h, "v", &b"new"[..]).unwrap();
         });
-        unpack(&tar[..], dst.path()).unwrap();
+        unpack_into(&tar, dst.path()).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
         assert_eq!(std::fs::read(dst.path().join("v")).unwrap(), b"new");
         // Names with .. are refused (written by hand: the builder refuses them too).
@@ -343,7 +372,7 @@ mod tests {
         let mut tar = h.as_bytes().to_vec();
         tar.extend_from_slice(&[b'x'; 512][..512]);
         tar.extend_from_slice(&[0; 1024]);
-        let err = unpack(&tar[..], dst.path()).unwrap_err();
+        let err = unpack_into(&tar, dst.path()).unwrap_err();
         assert!(
             err.to_string().contains("leaves the destination"),
             "{err:#}"
@@ -354,7 +383,46 @@ mod tests {
             let mut h = header(EntryType::Char, 0, 0o666);
             b.append_data(&mut h, "null", io::empty()).unwrap();
         });
-        unpack(&tar[..], dst.path()).unwrap();
+        unpack_into(&tar, dst.path()).unwrap();
         assert!(!dst.path().join("null").exists());
+    }
+
+    #[test]
+    fn what_is_at_the_destination_is_replaced_not_written_through() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        // A hard link to a file elsewhere and a fifo (opening it would block) at entry names.
+        std::fs::hard_link(&victim, dst.path().join("hard")).unwrap();
+        rustix::fs::mkfifoat(
+            rustix::fs::CWD,
+            dst.path().join("fifo"),
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        let tar = archive(|b| {
+            for name in ["hard", "fifo"] {
+                let mut h = header(EntryType::Regular, 3, 0o644);
+                b.append_data(&mut h, name, &b"new"[..]).unwrap();
+            }
+        });
+        unpack_into(&tar, dst.path()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert_eq!(std::fs::read(dst.path().join("hard")).unwrap(), b"new");
+        assert_eq!(std::fs::read(dst.path().join("fifo")).unwrap(), b"new");
+        // The name a copy makes: a link there is replaced by a file, refused for a directory.
+        std::os::unix::fs::symlink(&victim, dst.path().join("link")).unwrap();
+        let mut file = file_in(dst.path(), OsStr::new("link")).unwrap();
+        file.write_all(b"file").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(std::fs::symlink_metadata(dst.path().join("link"))
+            .unwrap()
+            .is_file());
+        std::os::unix::fs::symlink(outside.path(), dst.path().join("dlink")).unwrap();
+        let err = dir_in(dst.path(), OsStr::new("dlink")).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err:#}");
+        dir_in(dst.path(), OsStr::new("new")).unwrap();
+        assert!(dst.path().join("new").is_dir());
     }
 }

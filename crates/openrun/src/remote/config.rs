@@ -43,12 +43,22 @@ pub enum ConfigError {
 }
 
 /// The server the CLI uses and its key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Target {
     /// Base URL (`http://host:port`, no trailing slash).
     pub url: Url,
     /// API key to send, if any (without one the server answers 401).
     pub api_key: Option<String>,
+}
+
+/// Shows whether there is a key, never the key (a `{:?}` in a log line must not leak it).
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("url", &self.url.as_str())
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// Contents of a config file or of `local.json`.
@@ -207,6 +217,19 @@ mod tests {
         assert_eq!(local_key(&url("10.1.2.3:7878"), dir.path()), None);
         std::fs::write(dir.path().join(LOCAL_FILE), "not json").unwrap();
         assert_eq!(local_key(&url("127.0.0.1:7878"), dir.path()), None);
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let target = Target {
+            url: parse_url("127.0.0.1:1").unwrap(),
+            api_key: Some("or_secret".into()),
+        };
+        let shown = format!("{target:?}");
+        assert!(
+            !shown.contains("or_secret") && shown.contains("redacted"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! with the tar endpoints. Copying onto an existing directory copies into it; a source ending
 //! in `/.` copies a directory's contents.
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -58,35 +59,52 @@ fn remote_name(path: &str) -> &str {
     path.trim_end_matches('/').rsplit('/').next().unwrap_or("")
 }
 
+/// Copies `id:path` to `dest`. A directory the user names is used as named (links followed,
+/// as by `docker cp`); a name the copy makes in it is never followed, since a sandbox may have
+/// planted a link there by an earlier copy: a file replaces such a link (also a link named as
+/// the destination file), a directory copy is refused.
 async fn download(client: &Client, id: &str, path: &str, dest: &Path) -> Result<Copied> {
     let kind = remote_kind(client, id, path).await?;
     let name = remote_name(path);
-    let into = dest.is_dir() && !name.is_empty() && name != ".";
-    if kind != "dir" {
-        let target = if dest.is_dir() {
-            dest.join(name)
-        } else {
-            dest.to_path_buf()
-        };
-        return download_file(client, id, path, &target).await;
-    }
-    let target = if into {
-        dest.join(name)
+    let dest_is_dir = dest.is_dir();
+    let into = dest_is_dir && !matches!(name, "" | "." | "..");
+    // The directory that is the user's, and the name to make in it.
+    let (dir, made) = if into {
+        (dest, Some(OsStr::new(name)))
+    } else if dest_is_dir {
+        (dest, None)
     } else {
-        dest.to_path_buf()
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let made = dest
+            .file_name()
+            .with_context(|| format!("cannot copy to {}", dest.display()))?;
+        (parent, Some(made))
     };
-    match std::fs::create_dir(&target) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && target.is_dir() => {}
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", target.display())),
+    let target = made.map_or_else(|| dir.to_path_buf(), |m| dir.join(m));
+    if kind != "dir" {
+        let names_a_dir = dest.as_os_str().as_encoded_bytes().ends_with(b"/");
+        match made {
+            Some(_) if names_a_dir && !dest_is_dir => {
+                anyhow::bail!("{}: no such directory", dest.display())
+            }
+            Some(made) => return download_file(client, id, path, dir, made).await,
+            None => anyhow::bail!("cannot copy {id}:{path} onto directory {}", dest.display()),
+        }
     }
+    let root = match made {
+        Some(made) => archive::dir_in(dir, made)?,
+        None => archive::open_dir(dir)?,
+    };
     let req = client
         .request(Method::GET, &sandbox_path(id, "/files/tar"))?
         .query(&[("path", path)]);
     let mut res = client.send(req).await?;
     // The archive is unpacked while it arrives, on a blocking thread fed through a channel.
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(16);
-    let unpack_into = target.clone();
+    let shown = target.clone();
     let unpacking = tokio::task::spawn_blocking(move || {
         archive::unpack(
             ChannelReader {
@@ -94,7 +112,8 @@ async fn download(client: &Client, id: &str, path: &str, dest: &Path) -> Result<
                 chunk: Vec::new(),
                 pos: 0,
             },
-            &unpack_into,
+            root,
+            &shown,
         )
     });
     let mut lost = None;
@@ -147,7 +166,14 @@ impl Read for ChannelReader {
 
 /// Copies one file out, page by page (a read answers at most the agent's limit, with the
 /// whole size in `X-File-Size`).
-async fn download_file(client: &Client, id: &str, path: &str, target: &Path) -> Result<Copied> {
+async fn download_file(
+    client: &Client,
+    id: &str,
+    path: &str,
+    dir: &Path,
+    name: &OsStr,
+) -> Result<Copied> {
+    let target = dir.join(name);
     let mut file: Option<std::fs::File> = None;
     let mut offset = 0u64;
     loop {
@@ -163,10 +189,7 @@ async fn download_file(client: &Client, id: &str, path: &str, target: &Path) -> 
         // Created once the sandbox answered, so a failed copy leaves no empty file behind.
         let out = match &mut file {
             Some(f) => f,
-            None => file.insert(
-                std::fs::File::create(target)
-                    .with_context(|| format!("cannot create {}", target.display()))?,
-            ),
+            None => file.insert(archive::file_in(dir, name)?),
         };
         let mut got = 0u64;
         while let Some(chunk) = res

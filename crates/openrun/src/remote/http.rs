@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite;
 
-use super::config::Target;
+use super::config::{is_loopback, Target};
 
 /// Longest NDJSON line accepted from the server (exec lines carry at most 64 KiB of base64).
 const MAX_LINE: usize = 16 << 20;
@@ -71,11 +71,20 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `target` (no request is sent yet).
+    /// A client for `target` (no request is sent yet). Requests go straight to the server:
+    /// never through a proxy of the environment (`HTTP_PROXY`, which would get the key, and
+    /// which the WebSocket verbs do not use either), never following a redirect elsewhere.
+    /// A key for a server that is not this machine is sent in clear text (the client speaks
+    /// plain HTTP only): that is said on stderr, once.
     pub fn new(target: Target) -> Result<Self> {
+        if let Some(warning) = cleartext_warning(&target) {
+            eprintln!("openrun: warning: {warning}");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("openrun/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .context("cannot set up the HTTP client")?;
         Ok(Self {
@@ -173,6 +182,18 @@ impl Client {
             Err(e) => Err(e).with_context(|| format!("cannot reach the server at {}", self.base)),
         }
     }
+}
+
+/// What to say when `target`'s key would cross the network unencrypted (a server that is not
+/// a loopback address; the client speaks plain HTTP only).
+fn cleartext_warning(target: &Target) -> Option<String> {
+    (target.api_key.is_some() && !is_loopback(&target.url)).then(|| {
+        format!(
+            "the API key is sent unencrypted to {} (plain HTTP to another machine): reach a \
+             remote server through an SSH tunnel or a private network",
+            target.url
+        )
+    })
 }
 
 /// A WebSocket to the server.
@@ -276,5 +297,29 @@ mod tests {
             "/v1/sandboxes/a%2Fb%3Fc/exec"
         );
         assert_eq!(encode("/tmp/a b"), "%2Ftmp%2Fa%20b");
+    }
+
+    #[test]
+    fn a_key_for_another_machine_is_warned_about() {
+        let target = |url: &str, key: Option<&str>| Target {
+            url: Url::parse(url).unwrap(),
+            api_key: key.map(str::to_owned),
+        };
+        let warning = cleartext_warning(&target("http://10.0.0.1:7878", Some("or_secret")));
+        let warning = warning.unwrap();
+        assert!(warning.contains("http://10.0.0.1:7878/"), "{warning}");
+        assert!(!warning.contains("or_secret"), "{warning}");
+        assert_eq!(
+            cleartext_warning(&target("http://10.0.0.1:7878", None)),
+            None
+        );
+        assert_eq!(
+            cleartext_warning(&target("http://127.0.0.1:7878", Some("k"))),
+            None
+        );
+        assert_eq!(
+            cleartext_warning(&target("http://localhost:7878", Some("k"))),
+            None
+        );
     }
 }
