@@ -24,6 +24,21 @@ fn health_needs_no_key_and_everything_else_does() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.json::<Value>().unwrap(), json!({ "status": "ok" }));
 
+    // The OpenAPI document needs no key either, and describes the routes that do.
+    let res = http
+        .get(format!("{}/v1/openapi.json", server.url))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    let doc: Value = res.json().unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/v1/sandboxes/{id}/exec"]["post"].is_object());
+    assert_eq!(
+        doc["components"]["securitySchemes"]["api_key"]["scheme"],
+        "bearer"
+    );
+
     let list = format!("{}/v1/sandboxes", server.url);
     let msg = error(http.get(&list).send().unwrap(), 401, "unauthorized");
     assert!(msg.contains("Bearer"), "{msg}");
