@@ -9,7 +9,7 @@ use openrun_protocol::{
 };
 use openrun_runtime::{AgentClient, ClientError};
 use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::terminal;
 
@@ -62,36 +62,20 @@ pub async fn attached_exec(
         None
     };
     let mut winch = signal(SignalKind::window_change())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut hangup = signal(SignalKind::hangup())?;
+    let mut signals = Signals::new()?;
     let mut stdin = tokio::io::stdin();
     let mut stdin_open = forward_stdin;
     let mut buf = vec![0u8; 32 * 1024];
-    let stdout = std::io::stdout();
-    let stderr = std::io::stderr();
 
     loop {
         tokio::select! {
             msg = receiver.next() => {
                 let frame = msg?;
                 match frame.header {
-                    AgentMessage::Output { stream, .. } => {
-                        let written = match stream {
-                            Stream::Stdout => {
-                                let mut out = stdout.lock();
-                                out.write_all(&frame.data).and_then(|_| out.flush())
-                            }
-                            Stream::Stderr => {
-                                let mut err = stderr.lock();
-                                err.write_all(&frame.data).and_then(|_| err.flush())
-                            }
-                        };
-                        // A closed stdout (e.g. `| head`) is not an error of the sandbox.
-                        if written.is_err() {
-                            tracing::debug!("local output closed");
-                        }
-                    }
+                    AgentMessage::Output { stream, .. } => match stream {
+                        Stream::Stdout => write_out(&mut std::io::stdout(), &frame.data),
+                        Stream::Stderr => write_out(&mut std::io::stderr(), &frame.data),
+                    },
                     AgentMessage::Exit { pid: exited, status } if exited == pid => {
                         return Ok(Outcome::Exited(status));
                     }
@@ -117,15 +101,43 @@ pub async fn attached_exec(
             _ = winch.recv(), if tty => {
                 sender.send(Request::Resize { pid, size: terminal::size() }).await?;
             }
-            _ = interrupt.recv() => {
-                sender.send(Request::Signal { pid, signal: 2, group: true }).await?;
+            signal = signals.recv() => {
+                sender.send(Request::Signal { pid, signal, group: true }).await?;
             }
-            _ = terminate.recv() => {
-                sender.send(Request::Signal { pid, signal: 15, group: true }).await?;
-            }
-            _ = hangup.recv() => {
-                sender.send(Request::Signal { pid, signal: 1, group: true }).await?;
-            }
+        }
+    }
+}
+
+/// Writes and flushes; a closed output (`| head`) is not the sandbox's error.
+pub fn write_out(out: &mut impl Write, bytes: &[u8]) {
+    if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
+        tracing::debug!("local output closed");
+    }
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught to be forwarded to the command instead of ending us.
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    /// Starts catching the three.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal's number.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.interrupt.recv() => 2,
+            _ = self.terminate.recv() => 15,
+            _ = self.hangup.recv() => 1,
         }
     }
 }

@@ -18,6 +18,13 @@ impl RawMode {
         let saved = termios::tcgetattr(&stdin).ok()?;
         let mut raw = saved.clone();
         raw.make_raw();
+        // Release builds abort on panic, so no drop would run: the hook puts the terminal back.
+        let restore = saved.clone();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let _ = termios::tcsetattr(std::io::stdin(), OptionalActions::Now, &restore);
+            previous(info);
+        }));
         termios::tcsetattr(&stdin, OptionalActions::Now, &raw).ok()?;
         Some(Self { saved })
     }

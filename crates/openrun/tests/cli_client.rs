@@ -594,6 +594,13 @@ fn cp_copies_files_and_directories_both_ways() {
         .is_symlink());
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
 
+    // A device is not read (/dev/zero has no end).
+    assert_fails(
+        &cli.out(&["cp", "/dev/zero", &format!("{id}:/tmp/zero")]),
+        125,
+        "only files and directories",
+    );
+
     // Exactly one side is in a sandbox.
     assert_fails(
         &cli.out(&["cp", "a", "b"]),

@@ -214,6 +214,13 @@ async fn download_file(
 
 async fn upload(client: &Client, src: &Path, id: &str, path: &str) -> Result<Copied> {
     let meta = std::fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+    if !meta.is_file() && !meta.is_dir() {
+        // A device or fifo would be read without end (/dev/zero) or block (a fifo).
+        anyhow::bail!(
+            "cannot copy {}: only files and directories are copied into a sandbox",
+            src.display()
+        );
+    }
     let kind = match remote_kind(client, id, path).await {
         Ok(kind) => Some(kind),
         // A missing sandbox is also not_found: the upload itself then reports it.

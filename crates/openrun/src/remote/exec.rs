@@ -4,7 +4,6 @@
 //! are forwarded to the command.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -13,12 +12,12 @@ use openrun_protocol::{ErrorCode, ExitStatus};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::http::{encode, sandbox_path, ApiError, Client, Lines, WebSocket};
 use crate::cli::{ExecArgs, LogsArgs, ProcessArgs, ShellArgs};
-use crate::session::{self, Outcome};
+use crate::session::{self, write_out, Outcome, Signals};
 use crate::terminal;
 
 /// One line of an exec or output stream (and the terminal's closing message).
@@ -79,13 +78,6 @@ impl Printer {
     }
 }
 
-/// Writes and flushes; a closed output (`| head`) is not the sandbox's error.
-fn write_out(out: &mut impl Write, bytes: &[u8]) {
-    if out.write_all(bytes).and_then(|()| out.flush()).is_err() {
-        tracing::debug!("local output closed");
-    }
-}
-
 /// The outcome of an `error` line: a command that could not start gets a shell's exit code
 /// (127, 126); anything else is openrun's failure, shown with the server's code.
 fn error_outcome(code: String, message: String) -> Result<Outcome> {
@@ -101,32 +93,6 @@ fn error_outcome(code: String, message: String) -> Result<Outcome> {
             message,
         }
         .into()),
-    }
-}
-
-/// SIGINT, SIGTERM and SIGHUP, to forward instead of dying of them.
-struct Signals {
-    interrupt: Signal,
-    terminate: Signal,
-    hangup: Signal,
-}
-
-impl Signals {
-    fn new() -> Result<Self> {
-        Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
-        })
-    }
-
-    /// The next signal's number.
-    async fn recv(&mut self) -> i32 {
-        tokio::select! {
-            _ = self.interrupt.recv() => 2,
-            _ = self.terminate.recv() => 15,
-            _ = self.hangup.recv() => 1,
-        }
     }
 }
 
