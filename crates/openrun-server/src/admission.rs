@@ -122,7 +122,8 @@ fn too_many_requests_answer() -> openapi::Response {
 }
 
 /// Middleware of the create route: runs the create in a slot, waiting in the queue if there
-/// is room, else answers 429 at once. Times the creates that succeed.
+/// is room, else answers 429 at once. An admitted create runs to its end even when its client
+/// leaves. Times the creates that succeed.
 async fn admit(State(s): State<Shared>, req: Request, next: Next) -> Result<Response, ApiError> {
     let admission = &s.admission;
     let permit = match admission.slots.clone().try_acquire_owned() {
@@ -149,12 +150,21 @@ async fn admit(State(s): State<Shared>, req: Request, next: Next) -> Result<Resp
         }
     };
     let started = Instant::now();
-    let response = next.run(req).await;
-    drop(permit);
-    if response.status() == StatusCode::CREATED {
-        s.metrics.observe_create(started.elapsed());
-    }
-    Ok(response)
+    let metrics = s.metrics.clone();
+    // Its own task: a create goes on when its client leaves (dropped halfway, it would leave a
+    // `creating` row over a live sandbox whose agent nobody reaps), and keeps its slot until
+    // it is done.
+    let create = tokio::spawn(async move {
+        let response = next.run(req).await;
+        drop(permit);
+        if response.status() == StatusCode::CREATED {
+            metrics.observe_create(started.elapsed());
+        }
+        response
+    });
+    create
+        .await
+        .map_err(|e| ApiError::internal("a sandbox create failed", e))
 }
 
 #[cfg(test)]

@@ -729,3 +729,43 @@ fn a_restart_records_the_freezer_state_it_finds() {
     );
     assert_eq!(stream(&api.exec(&frozen, "echo back"), "stdout"), "back\n");
 }
+
+#[test]
+fn a_create_whose_client_leaves_is_still_finished_and_recorded() {
+    use std::io::Write;
+    let env = Env::new();
+    let server = Server::start(&env);
+    let key = key(&env, "leaver");
+    let api = Api::new(&server, &key);
+    // The whole request is sent, then the connection closed while the sandbox is being made.
+    let addr = server.url.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    let body = r#"{"ttl":"1h"}"#;
+    write!(
+        conn,
+        "POST /v1/sandboxes HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    conn.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(conn);
+    // The create goes on without its client: the sandbox ends up running (not `creating`
+    // forever, out of the reaper's sight), with its creation event.
+    let mut id = String::new();
+    wait_for(30, "the abandoned create to finish", || {
+        let (list, _) = page(&api, "/v1/sandboxes");
+        match list.first() {
+            Some(sb) if sb["state"] == "running" => {
+                id = sb["id"].as_str().unwrap().to_string();
+                true
+            }
+            _ => false,
+        }
+    });
+    assert_eq!(api.event_kinds(&id), ["sandbox.create"]);
+    assert!(env.live_ids().contains(&id));
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert!(!env.live_ids().contains(&id));
+}
