@@ -20,9 +20,16 @@
 //! counts.
 //!
 //! The `tar` crate reads and writes synchronously, so each transfer runs on one blocking-pool
-//! thread that drives its agent calls (and the request body) with [`Handle::block_on`].
+//! thread that drives its agent calls (and the request body) with [`Handle::block_on`]. That
+//! pool also runs every database statement, so no client may hold its threads: transfers are
+//! limited ([`MAX_TRANSFERS`], [`MAX_TENANT_TRANSFERS`] per key; beyond them 429
+//! `too_many_requests`), and one whose client, body or agent stalls for [`IDLE`] is abandoned.
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::io::{self, Read, Write};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use axum::body::{Body, BodyDataStream, Bytes};
 use axum::extract::{Path, State};
@@ -56,6 +63,74 @@ const SEND_BUFFER: usize = 64 * 1024;
 const SEND_QUEUE: usize = 16;
 /// What the agent's listing puts in place of bytes that are not UTF-8.
 const REPLACEMENT: char = char::REPLACEMENT_CHARACTER;
+/// Longest wait of a transfer's thread for the client, the request body or the agent.
+const IDLE: Duration = Duration::from_secs(60);
+/// Transfers running at once (each holds a blocking-pool thread).
+pub const MAX_TRANSFERS: usize = 64;
+/// Transfers running at once for one key's tenant.
+pub const MAX_TENANT_TRANSFERS: usize = 8;
+/// `Retry-After` of a transfer refused for capacity.
+const RETRY_AFTER_SECS: u64 = 5;
+
+/// Running transfers: in all, and per tenant.
+static TRANSFERS: Mutex<(usize, Option<HashMap<String, usize>>)> = Mutex::new((0, None));
+
+/// A running transfer's place, given back when dropped.
+struct Slot {
+    tenant: String,
+}
+
+impl Slot {
+    /// A place for a transfer of `tenant`, or 429 when it or the server has none left.
+    fn take(tenant: &str) -> Result<Self, ApiError> {
+        let mut guard = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_tenant) = &mut *guard;
+        let mine = per_tenant.get_or_insert_with(HashMap::new);
+        let running = mine.get(tenant).copied().unwrap_or(0);
+        if *total >= MAX_TRANSFERS || running >= MAX_TENANT_TRANSFERS {
+            return Err(ApiError::TooManyRequests {
+                message: format!(
+                    "too many tar transfers at once (at most {MAX_TENANT_TRANSFERS} per key, \
+                     {MAX_TRANSFERS} in all): retry after {RETRY_AFTER_SECS} s"
+                ),
+                retry_after_secs: RETRY_AFTER_SECS,
+            });
+        }
+        *total += 1;
+        mine.insert(tenant.to_string(), running + 1);
+        Ok(Self {
+            tenant: tenant.to_string(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut guard = TRANSFERS.lock().unwrap_or_else(|p| p.into_inner());
+        let (total, per_tenant) = &mut *guard;
+        *total = total.saturating_sub(1);
+        if let Some(map) = per_tenant {
+            match map.get_mut(&self.tenant) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    map.remove(&self.tenant);
+                }
+            }
+        }
+    }
+}
+
+/// Waits on `handle` for `future`, from a transfer's thread, at most [`IDLE`].
+fn within<F: Future>(handle: &Handle, what: &str, future: F) -> io::Result<F::Output> {
+    handle
+        .block_on(tokio::time::timeout(IDLE, future))
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what} stalled for {} s", IDLE.as_secs()),
+            )
+        })
+}
 
 /// An answer the agent should not have given to this request.
 fn unexpected(other: AgentResponse) -> ApiError {
@@ -95,18 +170,21 @@ pub async fn download(
     let root = query.path("path")?;
     let row = find(&s, &caller, &id).await?;
     let (_sandbox, mut client) = open_running(&s, &row).await?;
+    let slot = Slot::take(&caller.tenant)?;
     let entries = walk(&mut client, &root).await?;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_QUEUE);
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let mut sink = Sink {
+            handle: handle.clone(),
             tx: tx.clone(),
             buf: Vec::with_capacity(SEND_BUFFER),
         };
         if let Err(e) = write_archive(&handle, &mut client, &root, &entries, &mut sink) {
             tracing::warn!(error = %e, path = root, "a tar download broke off");
             // The client sees the body end with an error, not a short archive.
-            let _ = tx.blocking_send(Err(e));
+            let _ = within(&handle, "the client", tx.send(Err(e)));
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -313,10 +391,12 @@ impl FileReader<'_> {
             offset: self.position,
             limit: Some(want),
         };
-        let data = match self
-            .handle
-            .block_on(self.client.call_with_data(request, Vec::new()))
-        {
+        let answer = within(
+            self.handle,
+            "the sandbox agent",
+            self.client.call_with_data(request, Vec::new()),
+        )?;
+        let data = match answer {
             Ok(frame) => frame.data,
             Err(ClientError::Agent(e)) => {
                 tracing::warn!(path = self.path, error = %e, "file changed during a tar download");
@@ -342,6 +422,7 @@ impl FileReader<'_> {
 
 /// Hands archive bytes to the response in buffers of [`SEND_BUFFER`].
 struct Sink {
+    handle: Handle,
     tx: mpsc::Sender<io::Result<Bytes>>,
     buf: Vec<u8>,
 }
@@ -360,9 +441,12 @@ impl Write for Sink {
             return Ok(());
         }
         let full = std::mem::replace(&mut self.buf, Vec::with_capacity(SEND_BUFFER));
-        self.tx
-            .blocking_send(Ok(Bytes::from(full)))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
+        within(
+            &self.handle,
+            "the client",
+            self.tx.send(Ok(Bytes::from(full))),
+        )?
+        .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the client went away"))
     }
 }
 
@@ -403,6 +487,7 @@ pub async fn upload(
     }
     let row = find(&s, &caller, &id).await?;
     let (_sandbox, mut client) = open_running(&s, &row).await?;
+    let slot = Slot::take(&caller.tenant)?;
     let mkdir = Request::Mkdir {
         path: root.clone(),
         parents: true,
@@ -418,6 +503,7 @@ pub async fn upload(
     let handle = Handle::current();
     let target = root.clone();
     let (done, result) = blocking(move || {
+        let _slot = slot;
         let mut extraction = Extraction {
             handle,
             client,
@@ -453,7 +539,11 @@ struct BodyReader<'a> {
 impl Read for BodyReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
-            match self.handle.block_on(self.stream.next()) {
+            let next =
+                within(self.handle, "the request body", self.stream.next()).inspect_err(|e| {
+                    self.failure = Some(ApiError::InvalidArgument(e.to_string()));
+                })?;
+            match next {
                 None => return Ok(0),
                 Some(Ok(chunk)) => {
                     self.total += chunk.len() as u64;
@@ -618,11 +708,13 @@ impl Extraction {
 
     /// One agent request answered by `Done`.
     fn call(&mut self, request: Request, data: Vec<u8>) -> Result<(), ApiError> {
-        match self
-            .handle
-            .block_on(call(&mut self.client, request, data))
-            .map_err(|e| ApiError::from_client("the sandbox agent failed", e))?
-        {
+        let answer = within(
+            &self.handle,
+            "the sandbox agent",
+            call(&mut self.client, request, data),
+        )
+        .map_err(|e| ApiError::internal("the sandbox agent failed", e))?;
+        match answer.map_err(|e| ApiError::from_client("the sandbox agent failed", e))? {
             AgentResponse::Done => Ok(()),
             other => Err(unexpected(other)),
         }

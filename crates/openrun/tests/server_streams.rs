@@ -774,3 +774,75 @@ fn the_environment_manifest_describes_the_sandbox() {
     let other = Api::new(&server, &common::server::key(&env, "other"));
     error(other.get(&path), 404, "not_found");
 }
+
+#[test]
+fn stalled_tar_transfers_are_bounded_per_key_and_give_their_place_back() {
+    let (env, server, key, api, id) = setup("tarstall");
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let path = format!("/v1/sandboxes/{id}/files/tar?path=/work/up");
+    let small = raw_tar(&[(b"f", tar::EntryType::Regular, b"x")]);
+    let upload = |api: &Api, path: &str| {
+        api.req(reqwest::Method::PUT, path)
+            .body(small.clone())
+            .send()
+            .unwrap()
+    };
+    // Uploads whose body never comes: each holds a thread of the pool the database shares.
+    // One more than a key may run: that one is refused at once, once the others hold theirs.
+    let mut stalled: Vec<TcpStream> = (0..9)
+        .map(|_| {
+            let mut conn = TcpStream::connect(&addr).unwrap();
+            let head = format!(
+                "PUT {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Length: 1048576\r\n\r\n"
+            );
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            conn
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (index, answer) = 'answered: loop {
+        for (i, conn) in stalled.iter_mut().enumerate() {
+            let mut head = [0u8; 12];
+            if let Ok(n @ 1..) = conn.read(&mut head) {
+                break 'answered (i, String::from_utf8_lossy(&head[..n]).into_owned());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a key's transfers are not bounded"
+        );
+    };
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    stalled.remove(index);
+    // So does any other transfer of this key, with Retry-After.
+    let refused = upload(&api, &path);
+    assert!(refused.headers().contains_key("retry-after"));
+    error(refused, 429, "too_many_requests");
+    // Another key still transfers, and the rest of the API answers.
+    let other = Api::new(&server, &common::server::key(&env, "other"));
+    let theirs = other.create(json!({}))["id"].as_str().unwrap().to_string();
+    let res = upload(
+        &other,
+        &format!("/v1/sandboxes/{theirs}/files/tar?path=/work/up"),
+    );
+    assert_eq!(res.status(), 200);
+    assert_eq!(api.get("/v1/sandboxes").status(), 200);
+    // Clients that leave give their places back.
+    drop(stalled);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let res = upload(&api, &path);
+        if res.status() == 200 {
+            break;
+        }
+        assert_eq!(res.status(), 429);
+        assert!(
+            Instant::now() < deadline,
+            "the stalled uploads kept their places"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
