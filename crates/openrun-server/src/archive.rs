@@ -57,6 +57,8 @@ pub const MAX_UPLOAD: u64 = 256 << 20;
 const CHUNK: u64 = 1 << 20;
 /// Most entries one download lists (their metadata is held until the archive is sent).
 const MAX_ENTRIES: usize = 200_000;
+/// Most bytes of names (relative paths, as held) and symlink targets one download lists.
+const MAX_LISTED_BYTES: usize = 32 << 20;
 /// Archive bytes collected before they are handed to the response.
 const SEND_BUFFER: usize = 64 * 1024;
 /// Buffers queued between the archive thread and a slow client.
@@ -209,7 +211,20 @@ async fn walk(client: &mut AgentClient, root: &str) -> Result<Vec<Entry>, ApiErr
     let mut entries = Vec::new();
     // Directories still being listed: their relative name and remaining entries.
     let mut stack: Vec<(String, std::vec::IntoIter<FileStat>)> = Vec::new();
+    // Bytes of names and targets held, in listings and in entries: a sandbox chooses them
+    // (deep paths repeat their parents in every entry's name).
+    let mut listed = 0usize;
+    let too_large = |why: String| {
+        ApiError::Agent(AgentError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "{root} {why}, the most one archive takes: download its subdirectories \
+                 separately"
+            ),
+        ))
+    };
     let first = list(client, root).await?;
+    listed += listed_bytes(&first);
     stack.push((String::new(), first.into_iter()));
     while let Some((dir, rest)) = stack.last_mut() {
         let Some(stat) = rest.next() else {
@@ -223,17 +238,19 @@ async fn walk(client: &mut AgentClient, root: &str) -> Result<Vec<Entry>, ApiErr
         };
         check_representable(client, root, &name, &stat).await?;
         if entries.len() >= MAX_ENTRIES {
-            return Err(ApiError::Agent(AgentError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "{root} holds more than {MAX_ENTRIES} entries, the most one archive \
-                     takes: download its subdirectories separately"
-                ),
+            return Err(too_large(format!("holds more than {MAX_ENTRIES} entries")));
+        }
+        listed += name.len();
+        if listed > MAX_LISTED_BYTES {
+            return Err(too_large(format!(
+                "holds more than {} MiB of names and link targets",
+                MAX_LISTED_BYTES >> 20
             )));
         }
         match stat.kind {
             FileKind::Dir => {
                 let inside = list(client, &join(root, &name)).await?;
+                listed += listed_bytes(&inside);
                 entries.push(Entry {
                     name: name.clone(),
                     stat,
@@ -245,6 +262,14 @@ async fn walk(client: &mut AgentClient, root: &str) -> Result<Vec<Entry>, ApiErr
         }
     }
     Ok(entries)
+}
+
+/// Bytes of the names and symlink targets of a listing.
+fn listed_bytes(entries: &[FileStat]) -> usize {
+    entries
+        .iter()
+        .map(|e| e.name.len() + e.symlink_target.as_ref().map_or(0, String::len))
+        .sum()
 }
 
 /// A directory's entries. Two with the same name can only be names that are not UTF-8 and

@@ -846,3 +846,31 @@ fn stalled_tar_transfers_are_bounded_per_key_and_give_their_place_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_download_refuses_more_names_than_it_may_hold() {
+    let (_env, _server, _key, api, id) = setup("tarnames");
+    // Short names deep down: every entry's relative name repeats its ~3.8 kB of parents, so
+    // 10 000 empty files would make the server hold ~38 MB of names.
+    let lines = api.exec(
+        &id,
+        "set -e; mkdir -p /work/deep; cd /work/deep; n=$(printf 'a%.0s' $(seq 250)); \
+         for i in $(seq 15); do mkdir $n; cd $n; done; \
+         for d in b1 b2; do mkdir $d; i=0; \
+           while [ $i -lt 5000 ]; do : > $d/f$i; i=$((i+1)); done; done",
+    );
+    assert_eq!(exit_line(&lines)["code"], 0, "{lines:?}");
+    let res = api.get(&format!("/v1/sandboxes/{id}/files/tar?path=/work/deep"));
+    let message = error(res, 413, "too_large");
+    assert!(message.contains("names"), "{message}");
+    // A tree within the limits still comes.
+    let res = api.get(&format!("/v1/sandboxes/{id}/files/tar?path=/work"));
+    assert_eq!(res.status(), 413);
+    let lines = api.exec(&id, "mkdir -p /work/small && echo hi > /work/small/f");
+    assert_eq!(exit_line(&lines)["code"], 0);
+    let res = api.get(&format!("/v1/sandboxes/{id}/files/tar?path=/work/small"));
+    assert_eq!(res.status(), 200);
+    let entries = tar_entries(&res.bytes().unwrap());
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].3, b"hi\n");
+}
