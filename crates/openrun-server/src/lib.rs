@@ -121,6 +121,13 @@ async fn serve(
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
     let app = api::router(state);
+    // Streams are many small writes (an NDJSON line, a WebSocket frame): without TCP_NODELAY,
+    // Nagle holds each one back until the client's delayed ACK, ~40 ms.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move { stopped.notified().await })
