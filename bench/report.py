@@ -70,6 +70,31 @@ def main():
     print("- unshare: `unshare --user --map-root-user --mount --pid --fork --net true` (no root")
     print("  filesystem of its own: the floor for namespace creation).")
     print("\nTarget: openrun within 1.5x of bwrap at the median.")
+    if len(sys.argv) > 3:
+        api_table(sys.argv[3], bwrap)
+
+
+def api_table(path, bwrap):
+    """The HTTP API's figures, with the same bwrap median as the yardstick."""
+    with open(path) as f:
+        samples = json.load(f)
+    n = len(samples["create"])
+    print("\n## Through the HTTP API\n")
+    print("| operation | median ms | p95 ms | runs | median vs bwrap `true` |")
+    print("|---|---:|---:|---:|---:|")
+    for name, times in samples.items():
+        med = statistics.median(times)
+        ratio = f"{med / bwrap:.2f}x" if bwrap else "-"
+        print(f"| {name} | {med:.2f} | {percentile(times, 0.95):.2f} | {len(times)} | {ratio} |")
+    print()
+    print(f"- {n} sandboxes one after another, each: `POST /v1/sandboxes` `{{}}` (disk layer,")
+    print("  15 min TTL; the answer comes once the agent answers), `POST .../exec`")
+    print("  `{\"cmd\":[\"true\"]}` read to its exit line, `DELETE`. One keep-alive HTTP")
+    print("  connection on loopback (Python http.client), 20 ms pause between sandboxes.")
+    print("- create runs the single-threaded `openrun __create` helper (the server is")
+    print("  multi-threaded and must not fork namespaces itself) and records the sandbox")
+    print("  and its event in SQLite before answering; exec records `process.exec` and")
+    print("  `process.exit` too.")
 
 
 main()
