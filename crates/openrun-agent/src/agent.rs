@@ -204,7 +204,7 @@ impl Agent {
                 ));
             }
         }
-        let user = self.resolve_user(req.user.as_deref())?;
+        let user = self.resolve_user(req.user.as_deref().or(self.config.user.as_deref()))?;
         let env = command::build_env(
             &self.config.env,
             &user,

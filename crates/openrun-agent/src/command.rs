@@ -70,8 +70,8 @@ pub(crate) fn path_candidates(program: &str, path: &str) -> Vec<String> {
         .collect()
 }
 
-/// The working directory: the request's, else the user's home if it exists, else the
-/// sandbox default, else `/`.
+/// The working directory: the request's, else the sandbox default (the image's
+/// `WorkingDir`), else the user's home if it exists, else `/`.
 pub(crate) fn choose_cwd(
     requested: Option<&str>,
     home: &str,
@@ -87,10 +87,13 @@ pub(crate) fn choose_cwd(
         }
         return Ok(cwd.to_string());
     }
+    if let Some(cwd) = config_cwd {
+        return Ok(cwd.to_string());
+    }
     if !home.is_empty() && is_dir(home) {
         return Ok(home.to_string());
     }
-    Ok(config_cwd.unwrap_or("/").to_string())
+    Ok("/".to_string())
 }
 
 fn cstring(s: &str, what: &str) -> Result<CString, AgentError> {
@@ -203,7 +206,8 @@ mod tests {
         let yes = |_: &str| true;
         let no = |_: &str| false;
         assert_eq!(choose_cwd(Some("/w"), "/h", Some("/c"), no).unwrap(), "/w");
-        assert_eq!(choose_cwd(None, "/h", Some("/c"), yes).unwrap(), "/h");
+        assert_eq!(choose_cwd(None, "/h", Some("/c"), yes).unwrap(), "/c");
+        assert_eq!(choose_cwd(None, "/h", None, yes).unwrap(), "/h");
         assert_eq!(choose_cwd(None, "/h", Some("/c"), no).unwrap(), "/c");
         assert_eq!(choose_cwd(None, "/h", None, no).unwrap(), "/");
         let err = choose_cwd(Some("rel"), "/h", None, yes).unwrap_err();

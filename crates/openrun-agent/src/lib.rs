@@ -56,8 +56,11 @@ pub struct AgentConfig {
     /// Environment every process starts with, before the request's own variables
     /// (the image's `ENV`; `PATH` defaults to the usual Debian path when absent).
     pub env: BTreeMap<String, String>,
-    /// Default working directory when a request names none and the user has no home.
+    /// Default working directory when a request names none (the image's `WorkingDir`);
+    /// without it, the user's home if it exists, else `/`.
     pub cwd: Option<String>,
+    /// Default user when a request names none (the image's `User`); `None` is root.
+    pub user: Option<String>,
     /// Kill everything and exit when this much time has passed (the sandbox's lifetime).
     pub lifetime: Option<Duration>,
     /// Bytes of output kept per process and stream before the oldest are dropped.

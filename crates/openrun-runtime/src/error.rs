@@ -34,6 +34,25 @@ pub enum RuntimeError {
     /// An image name the runtime does not know.
     #[error("image {0:?} not found: the built-in image is \"host\"; use --rootfs DIR for an unpacked root filesystem")]
     ImageNotFound(String),
+    /// An image has no layers, or more than one sandbox can stack.
+    #[error("image {name:?} has {count} layers; a sandbox can stack 1 to {max}")]
+    TooManyLayers {
+        /// The image.
+        name: String,
+        /// Its layers.
+        count: usize,
+        /// The most supported.
+        max: usize,
+    },
+    /// A layer directory of an image is missing.
+    #[error("image layer {path} cannot be opened: {source}")]
+    LayerNotFound {
+        /// The layer directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The built-in host image could not be prepared.
     #[error("cannot prepare the host image in {path}: {source}")]
     HostImage {
@@ -114,6 +133,7 @@ impl RuntimeError {
             self,
             Self::RootfsNotFound { .. }
                 | Self::ImageNotFound(_)
+                | Self::TooManyLayers { .. }
                 | Self::NoSuchSandbox(_)
                 | Self::InvalidId(_)
                 | Self::Helper {

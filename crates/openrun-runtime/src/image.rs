@@ -15,29 +15,49 @@ use std::path::{Path, PathBuf};
 use crate::error::{Result, RuntimeError};
 use crate::spec::ImageSource;
 
-/// One overlay mount of a sandbox's root.
+/// Most read-only lowers one sandbox may have (every overlay's together): each is an
+/// idmapped mount handed to the init over the setup channel.
+pub const MAX_LOWERS: usize = 128;
+
+/// One read-only directory under an overlay.
 #[derive(Debug, Clone)]
-pub struct Layer {
-    /// Absolute path inside the sandbox where it is mounted (`/` first).
-    pub target: &'static str,
-    /// Host directory used as the read-only lower (for records and messages).
-    pub lower: PathBuf,
+pub struct Lower {
+    /// Host directory (for records and messages).
+    pub path: PathBuf,
     /// That directory, opened once when the image is resolved: the mount is made from this
     /// descriptor, so renaming or swapping a path component afterwards changes nothing.
     pub dir: std::sync::Arc<rustix::fd::OwnedFd>,
 }
 
+impl Lower {
+    fn open(path: PathBuf, follow: bool) -> io::Result<Self> {
+        let mut flags =
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+        if !follow {
+            flags |= rustix::fs::OFlags::NOFOLLOW;
+        }
+        let dir = rustix::fs::open(&path, flags, rustix::fs::Mode::empty())?;
+        Ok(Self {
+            path,
+            dir: std::sync::Arc::new(dir),
+        })
+    }
+}
+
+/// One overlay mount of a sandbox's root.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Absolute path inside the sandbox where it is mounted (`/` first).
+    pub target: &'static str,
+    /// Its read-only lowers, bottom to top.
+    pub lowers: Vec<Lower>,
+}
+
 impl Layer {
     fn open(target: &'static str, lower: PathBuf) -> io::Result<Self> {
-        let dir = rustix::fs::open(
-            &lower,
-            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
         Ok(Self {
             target,
-            lower,
-            dir: std::sync::Arc::new(dir),
+            lowers: vec![Lower::open(lower, true)?],
         })
     }
 }
@@ -117,6 +137,38 @@ pub fn prepare(source: &ImageSource, images_dir: &Path) -> Result<PreparedImage>
                         source,
                     }
                 })?],
+            })
+        }
+        ImageSource::Layers { name, layers } => {
+            if layers.is_empty() || layers.len() > MAX_LOWERS {
+                return Err(RuntimeError::TooManyLayers {
+                    name: name.clone(),
+                    count: layers.len(),
+                    max: MAX_LOWERS,
+                });
+            }
+            let lowers = layers
+                .iter()
+                .map(|path| {
+                    Lower::open(path.clone(), false).map_err(|source| RuntimeError::LayerNotFound {
+                        path: path.clone(),
+                        source,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // The topmost layer that has an `etc` entry decides (a whiteout or a file there
+            // hides the directories below).
+            let has_etc = layers
+                .iter()
+                .rev()
+                .find_map(|l| fs::symlink_metadata(l.join("etc")).ok())
+                .is_some_and(|m| m.is_dir());
+            Ok(PreparedImage {
+                layers: vec![Layer {
+                    target: "/",
+                    lowers,
+                }],
+                has_etc,
             })
         }
         ImageSource::Host => {
@@ -338,7 +390,7 @@ mod tests {
     fn host_skeleton_has_no_secrets_or_homes() {
         let dir = tempfile::tempdir().unwrap();
         let image = prepare(&ImageSource::Host, dir.path()).unwrap();
-        let root = &image.layers[0].lower;
+        let root = &image.layers[0].lowers[0].path;
         assert!(root.join("etc/passwd").is_file());
         assert!(!root.join("etc/shadow").exists());
         // Nothing in the copy is more private on the host than world-readable.
@@ -366,10 +418,10 @@ mod tests {
         }
         assert!(fs::read_dir(root.join("home")).unwrap().next().is_none());
         assert!(fs::read_dir(root.join("root")).unwrap().next().is_none());
-        assert_eq!(image.layers[1].lower, Path::new("/usr"));
+        assert_eq!(image.layers[1].lowers[0].path, Path::new("/usr"));
         // A second call reuses the same skeleton.
         let again = prepare(&ImageSource::Host, dir.path()).unwrap();
-        assert_eq!(&again.layers[0].lower, root);
+        assert_eq!(&again.layers[0].lowers[0].path, root);
     }
 
     #[test]

@@ -50,8 +50,9 @@ use crate::sys;
 pub struct OverlayPlan {
     /// Path inside the sandbox (`/`, `/usr`).
     pub target: &'static str,
-    /// Where the idmapped lower is attached first.
-    pub lower_mount: PathBuf,
+    /// Where its idmapped lowers are attached first, bottom to top (all in one directory,
+    /// so the overlay's options name them relative to it and stay short with many lowers).
+    pub lower_mounts: Vec<PathBuf>,
     /// Writable layer.
     pub upper: PathBuf,
     /// overlayfs work dir.
@@ -207,7 +208,17 @@ fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Resu
     let (msg, mut lowers) = step("waiting for the host", setup_channel::recv(setup))?;
     // The layers, then the /dev template.
     let dev = match lowers.pop() {
-        Some(dev) if msg == SetupMessage::Go && lowers.len() == plan.overlays.len() => dev,
+        Some(dev)
+            if msg == SetupMessage::Go
+                && lowers.len()
+                    == plan
+                        .overlays
+                        .iter()
+                        .map(|o| o.lower_mounts.len())
+                        .sum::<usize>() =>
+        {
+            dev
+        }
         _ => {
             return Err(StepError {
                 stage: "waiting for the host".into(),
@@ -254,21 +265,40 @@ fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Resu
         mount_memory_layer(plan, memory)?;
     }
     write_etc_files(plan)?;
-    for (overlay, lower) in plan.overlays.iter().zip(lowers) {
-        step(
-            "attaching an image layer",
-            move_mount(
-                lower.as_fd(),
-                "",
-                rustix::fs::CWD,
-                &overlay.lower_mount,
-                MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-            ),
-        )?;
+    let mut lowers = lowers.into_iter();
+    for overlay in &plan.overlays {
+        let mut names = Vec::with_capacity(overlay.lower_mounts.len());
+        for mount_point in &overlay.lower_mounts {
+            let Some(lower) = lowers.next() else {
+                unreachable!("counted above")
+            };
+            step(
+                "attaching an image layer",
+                move_mount(
+                    lower.as_fd(),
+                    "",
+                    rustix::fs::CWD,
+                    mount_point,
+                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+                ),
+            )?;
+            names.push(
+                mount_point
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+        }
+        // overlayfs lists lowers top first; the names are relative to their directory,
+        // which becomes the working directory for the mount.
+        names.reverse();
+        if let Some(dir) = overlay.lower_mounts.first().and_then(|m| m.parent()) {
+            step("entering the mount directory", rustix::process::chdir(dir))?;
+        }
         let target = join_inside(&plan.root, overlay.target);
         let options = mount_options(format!(
             "lowerdir={},upperdir={},workdir={},userxattr,volatile",
-            overlay.lower_mount.display(),
+            names.join(":"),
             overlay.upper.display(),
             overlay.work.display()
         ))?;

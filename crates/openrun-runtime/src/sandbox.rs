@@ -220,20 +220,20 @@ impl Runtime {
             rustix::fs::Mode::empty(),
         )
         .context(|| "cannot open the sandbox user namespace".to_string())?;
-        let mut lowers = Vec::with_capacity(image.layers.len());
-        for layer in &image.layers {
+        let mut lowers = Vec::new();
+        for lower in image.layers.iter().flat_map(|l| &l.lowers) {
             let tree = open_tree(
-                layer.dir.as_fd(),
+                lower.dir.as_fd(),
                 "",
                 OpenTreeFlags::OPEN_TREE_CLONE
                     | OpenTreeFlags::OPEN_TREE_CLOEXEC
                     | OpenTreeFlags::AT_RECURSIVE
                     | OpenTreeFlags::AT_EMPTY_PATH,
             )
-            .context(|| format!("cannot open image layer {}", layer.lower.display()))?;
+            .context(|| format!("cannot open image layer {}", lower.path.display()))?;
             sys::idmap_detached_mount(tree.as_fd(), userns.as_fd(), sys::DetachedMount::Layer)
                 .map_err(|source| RuntimeError::NoIdmappedMounts {
-                    path: layer.lower.clone(),
+                    path: lower.path.clone(),
                     source,
                 })?;
             lowers.push(tree);
@@ -290,7 +290,13 @@ impl Runtime {
             pid_start_ticks,
             ids,
             image: spec.image.describe(),
-            lowers: image.layers.iter().map(|l| l.lower.clone()).collect(),
+            lowers: image
+                .layers
+                .iter()
+                .flat_map(|l| &l.lowers)
+                .map(|l| l.path.clone())
+                .collect(),
+            user: spec.user.clone(),
             limits: spec.limits.clone(),
             storage: spec.storage,
             created_at_ms: now,
@@ -802,16 +808,31 @@ fn prepare_host_side(
             })
         }
     };
+    let total: usize = image.layers.iter().map(|l| l.lowers.len()).sum();
+    if total > crate::image::MAX_LOWERS {
+        return Err(RuntimeError::TooManyLayers {
+            name: spec.image.describe(),
+            count: total,
+            max: crate::image::MAX_LOWERS,
+        });
+    }
     let mut overlays = Vec::with_capacity(image.layers.len());
+    // Lower mount points are numbered across every overlay, in the order the lowers are sent.
+    let mut next_lower = 0;
     for (n, layer) in image.layers.iter().enumerate() {
-        mkdir(&paths.lower_mount(n), 0o755, None)?;
+        let mut lower_mounts = Vec::with_capacity(layer.lowers.len());
+        for _ in &layer.lowers {
+            mkdir(&paths.lower_mount(next_lower), 0o755, None)?;
+            lower_mounts.push(paths.lower_mount(next_lower));
+            next_lower += 1;
+        }
         if memory_layer.is_none() {
             mkdir(&paths.upper(n), 0o755, Some(base))?;
             mkdir(&paths.work(n), 0o755, Some(base))?;
         }
         overlays.push(OverlayPlan {
             target: layer.target,
-            lower_mount: paths.lower_mount(n),
+            lower_mounts,
             upper: paths.upper(n),
             work: paths.work(n),
         });
@@ -827,6 +848,7 @@ fn prepare_host_side(
             root: PathBuf::from("/"),
             env: spec.env.clone(),
             cwd: spec.cwd.clone(),
+            user: spec.user.clone(),
             lifetime: spec.lifetime,
             output_retention: openrun_agent::AgentConfig::DEFAULT_OUTPUT_RETENTION,
             exit_with_control: spec.exit_with_creator,

@@ -11,8 +11,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-/// Most lower mounts a sandbox can have.
-pub const MAX_FDS: usize = 16;
+/// Most descriptors one message carries: every lower mount of a sandbox and its `/dev`.
+pub const MAX_FDS: usize = crate::image::MAX_LOWERS + 1;
 const MAX_MESSAGE: usize = 4096;
 
 /// Messages on the setup channel.

@@ -15,6 +15,16 @@ pub enum ImageSource {
     Host,
     /// An unpacked root filesystem (for example made by `debootstrap`).
     Rootfs(PathBuf),
+    /// An image of the store: its layer directories, bottom to top, stacked as the lowers of
+    /// one root overlay (each idmapped, so files keep their owners inside). Whiteouts
+    /// (character devices 0:0) and opaque directories (`user.overlay.opaque=y`) of upper
+    /// layers hide what is below them.
+    Layers {
+        /// The image's name, as the caller gave it (shown in listings and records).
+        name: String,
+        /// Layer directories, bottom to top.
+        layers: Vec<PathBuf>,
+    },
 }
 
 impl ImageSource {
@@ -28,6 +38,7 @@ impl ImageSource {
         match self {
             Self::Host => "host".to_string(),
             Self::Rootfs(p) => format!("rootfs:{}", p.display()),
+            Self::Layers { name, .. } => name.clone(),
         }
     }
 }
@@ -58,8 +69,12 @@ pub struct SandboxSpec {
     pub lifetime: Option<Duration>,
     /// Environment of every process (before per-exec variables).
     pub env: BTreeMap<String, String>,
-    /// Default working directory.
+    /// Default working directory (of processes that name none).
     pub cwd: Option<String>,
+    /// Default user of processes that name none (`name`, `uid`, `uid:gid`; root when
+    /// `None`), applied by the agent.
+    #[serde(default)]
+    pub user: Option<String>,
     /// Kill the sandbox when the creating process exits or closes its control connection.
     pub exit_with_creator: bool,
     /// The id to give the sandbox (a fresh random one when `None`), so a caller can record it
@@ -81,6 +96,7 @@ impl SandboxSpec {
             lifetime: None,
             env: BTreeMap::new(),
             cwd: None,
+            user: None,
             exit_with_creator: false,
             id: None,
         }

@@ -381,20 +381,17 @@ fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
         }
         // A tenant naming a host directory would mount it (idmapped, so readable by the
         // sandbox's root) into its sandbox: `"rootfs": "/"` is the whole host. Over the API
-        // only images are accepted until the image store exists (issue 4).
+        // only images are accepted.
         (None, Some(dir)) => {
             return Err(ApiError::InvalidArgument(format!(
-            "rootfs {} is not accepted over the API: a sandbox may only use an image (\"host\"); \
-                 unpacked root filesystems are for the local CLI (openrun run --rootfs)",
+            "rootfs {} is not accepted over the API: a sandbox may only use an image (\"host\" \
+                 or one of `openrun image ls`); unpacked root filesystems are for the local CLI \
+                 (openrun run --rootfs)",
             dir.display()
         )))
         }
-        (Some(name), None) => ImageSource::from_name(&name).ok_or_else(|| {
-            ApiError::InvalidArgument(format!(
-                "image {name:?} not found: the built-in image is \"host\""
-            ))
-        })?,
-        (None, None) => ImageSource::Host,
+        // A named image is resolved through the image store by `create`.
+        (Some(_), None) | (None, None) => ImageSource::Host,
     };
     let mut spec = SandboxSpec::new(image);
     spec.storage = Storage::Disk;
@@ -445,7 +442,23 @@ async fn create(
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxResource>), ApiError> {
     let labels = body.labels.clone();
+    let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
     let mut spec = spec_from(body)?;
+    // The resource shows the variables the caller gave; the image's come with the image.
+    let body_env = spec.env.clone();
+    // The image's layers stay on disk (its lease holds off prune) until the sandbox's record
+    // lists them.
+    let data_dir = s.runtime.data_dir().to_path_buf();
+    let image = blocking(move || openrun_image::sandbox_image(&data_dir, &image_name))
+        .await?
+        .map_err(|e| {
+            if e.is_user_error() {
+                ApiError::InvalidArgument(e.to_string())
+            } else {
+                ApiError::internal("cannot resolve the image", e)
+            }
+        })?;
+    image.apply(&mut spec);
     // The row comes first, as `creating`, under the id the sandbox will get: a server that
     // stops mid-create finds it at start and removes what was made (maintenance::reconcile).
     let id = openrun_runtime::state::new_id();
@@ -462,7 +475,7 @@ async fn create(
         limits_json: serde_json::to_string(&spec.limits)
             .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
         labels,
-        env: spec.env.clone(),
+        env: body_env,
         state: "creating".into(),
         created_at,
         expires_at: ttl_ms.map(|ms| created_at.saturating_add(ms)),
@@ -473,6 +486,7 @@ async fn create(
     let helper = s.helper.clone();
     let helper_spec = spec.clone();
     let created = blocking(move || runtime.create_with_helper(&helper_spec, &helper)).await;
+    drop(image);
     let sandbox = match created {
         Ok(Ok(sandbox)) => sandbox,
         Ok(Err(e)) => {

@@ -74,6 +74,9 @@ pub enum Command {
     /// Manage API keys of the server.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage the images of this machine's store (in the data dir).
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
     /// print its record (see `Runtime::create_with_helper`).
     #[command(name = "__create", hide = true)]
@@ -83,7 +86,8 @@ pub enum Command {
 /// Image and limits of a new sandbox.
 #[derive(Debug, Args)]
 pub struct SandboxArgs {
-    /// Image to run: the built-in `host` image (the host's /usr, read-only).
+    /// Image to run: `name[:tag]` from the image store (`openrun image ls`), or the
+    /// built-in `host` image (the host's /usr, read-only).
     #[arg(long, default_value = "host", conflicts_with = "rootfs")]
     pub image: String,
     /// An unpacked root filesystem to use instead of an image (e.g. made by debootstrap).
@@ -134,8 +138,8 @@ pub struct ProcessArgs {
     /// Kill the command after this long (e.g. 30s, 5m); exit code 124.
     #[arg(long, value_parser = limits::parse_duration, value_name = "DURATION", allow_hyphen_values = true)]
     pub timeout: Option<Duration>,
-    /// Command and arguments.
-    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    /// Command and arguments (for `run --image`, default: the image's entrypoint and cmd).
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
     pub command: Vec<String>,
 }
 
@@ -293,6 +297,77 @@ pub struct ServeArgs {
     pub create_queue: u32,
 }
 
+/// `openrun image …`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// List images: NAME TAG LAYERS SIZE CREATED SOURCE.
+    #[command(visible_alias = "list")]
+    Ls(ImageLsArgs),
+    /// Show an image: layers, environment, working dir, user, entrypoint, cmd, labels.
+    Inspect(ImageInspectArgs),
+    /// Import an OCI image layout (directory or tar) or a `docker save` archive.
+    Import(ImageImportArgs),
+    /// Remove images (their layers stay until `prune` finds them unused).
+    #[command(visible_alias = "remove")]
+    Rm(ImageRmArgs),
+    /// Remove layers no image names and no live sandbox uses.
+    Prune(ImagePruneArgs),
+}
+
+/// `openrun image ls`.
+#[derive(Debug, Args)]
+pub struct ImageLsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun image inspect`.
+#[derive(Debug, Args)]
+pub struct ImageInspectArgs {
+    /// Image name[:tag].
+    pub name: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun image import`.
+#[derive(Debug, Args)]
+pub struct ImageImportArgs {
+    /// An OCI image layout directory, a tar of one, or a `docker save` archive (tars may be
+    /// gzip- or zstd-compressed).
+    pub path: PathBuf,
+    /// Name[:tag] to give the image.
+    #[arg(short = 't', long = "tag", value_name = "NAME")]
+    pub tag: String,
+    /// Print the imported image as JSON (as `image inspect --json`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun image rm`.
+#[derive(Debug, Args)]
+pub struct ImageRmArgs {
+    /// Image names[:tag].
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Do not fail on images that do not exist.
+    #[arg(short = 'f', long)]
+    pub force: bool,
+    /// Print a JSON array of the removed names.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `openrun image prune`.
+#[derive(Debug, Args)]
+pub struct ImagePruneArgs {
+    /// Print what was removed as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `openrun key …`.
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
@@ -309,6 +384,26 @@ pub struct KeyCreateArgs {
     /// The key is used by a person (the timeline's actor is `human`, not `agent`).
     #[arg(long)]
     pub human: bool,
+}
+
+impl Cli {
+    /// Parses the command line, exiting with a usage error for what clap cannot express: `exec`
+    /// needs a command (`run` may take its image's).
+    pub fn parse_checked() -> Self {
+        let cli = Self::parse();
+        if let Command::Exec(args) = &cli.command {
+            if args.process.command.is_empty() {
+                use clap::CommandFactory;
+                Self::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "exec needs a command: openrun exec ID -- CMD [ARGS...]",
+                    )
+                    .exit();
+            }
+        }
+        cli
+    }
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

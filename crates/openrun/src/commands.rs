@@ -22,6 +22,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => return run(data_dir, args),
         Command::Serve(args) => return serve(data_dir, args),
         Command::Key(KeyCommand::Create(args)) => return key_create(data_dir, args),
+        Command::Image(command) => return crate::image_cmd::dispatch(data_dir, command),
         Command::CreateHelper => {
             return Ok(i32::from(!Runtime::serve_helper_request(
                 data_dir,
@@ -45,19 +46,35 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Logs(_) => Err(remote::needs_server("logs")),
         Command::Events(_) => Err(remote::needs_server("events")),
         Command::Env(_) => Err(remote::needs_server("env")),
-        Command::Run(_) | Command::Serve(_) | Command::Key(_) | Command::CreateHelper => {
+        Command::Run(_)
+        | Command::Serve(_)
+        | Command::Key(_)
+        | Command::Image(_)
+        | Command::CreateHelper => {
             unreachable!("handled above")
         }
     }
 }
 
-fn spec_from(args: &SandboxArgs, default_storage: Storage) -> Result<SandboxSpec, RuntimeError> {
+/// The spec of a new local sandbox, and the image it runs (whose lease must be held until
+/// the sandbox exists; `None` for `--rootfs`).
+fn spec_from(
+    data_dir: &std::path::Path,
+    args: &SandboxArgs,
+    default_storage: Storage,
+) -> Result<(SandboxSpec, Option<openrun_image::SandboxImage>)> {
+    let mut spec = SandboxSpec::new(ImageSource::Host);
     let image = match &args.rootfs {
-        Some(dir) => ImageSource::Rootfs(dir.clone()),
-        None => ImageSource::from_name(&args.image)
-            .ok_or_else(|| RuntimeError::ImageNotFound(args.image.clone()))?,
+        Some(dir) => {
+            spec.image = ImageSource::Rootfs(dir.clone());
+            None
+        }
+        None => {
+            let image = openrun_image::sandbox_image(data_dir, &args.image)?;
+            image.apply(&mut spec);
+            Some(image)
+        }
     };
-    let mut spec = SandboxSpec::new(image);
     spec.storage = match args.storage {
         Some(StorageArg::Memory) => Storage::Memory,
         Some(StorageArg::Disk) => Storage::Disk,
@@ -68,7 +85,7 @@ fn spec_from(args: &SandboxArgs, default_storage: Storage) -> Result<SandboxSpec
         cpu_millis: args.cpus,
         pids: args.pids.or(spec.limits.pids),
     };
-    Ok(spec)
+    Ok((spec, image))
 }
 
 fn exec_request(args: &ProcessArgs) -> ExecRequest {
@@ -83,11 +100,26 @@ fn exec_request(args: &ProcessArgs) -> ExecRequest {
     }
 }
 
-fn run(data_dir: &std::path::Path, args: RunArgs) -> Result<i32> {
-    let mut spec = spec_from(&args.sandbox, Storage::Memory)?;
+fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
+    let (mut spec, image) = spec_from(data_dir, &args.sandbox, Storage::Memory)?;
     spec.exit_with_creator = true;
+    if args.process.command.is_empty() {
+        // No command: the image's entrypoint and cmd.
+        args.process.command = image
+            .as_ref()
+            .map(|i| i.config.default_command())
+            .unwrap_or_default();
+        if args.process.command.is_empty() {
+            anyhow::bail!(
+                "no command given and image {} has no entrypoint or cmd: openrun run [OPTIONS] -- CMD [ARGS...]",
+                args.sandbox.image
+            );
+        }
+    }
     let runtime = Runtime::open(data_dir)?;
     let mut sandbox = runtime.create(&spec)?;
+    // The sandbox's record now keeps its layers from prune.
+    drop(image);
     let control = sandbox
         .take_control()
         .context("the new sandbox has no control stream")?;
@@ -111,11 +143,12 @@ fn create(data_dir: &std::path::Path, args: CreateArgs) -> Result<i32> {
     if !args.labels.is_empty() {
         return Err(remote::needs_server("create --label"));
     }
-    let mut spec = spec_from(&args.sandbox, Storage::Disk)?;
+    let (mut spec, image) = spec_from(data_dir, &args.sandbox, Storage::Disk)?;
     spec.lifetime = Some(args.ttl);
-    spec.env = args.env.into_iter().collect();
+    spec.env.extend(args.env);
     let runtime = Runtime::open(data_dir)?;
     let sandbox = runtime.create(&spec)?;
+    drop(image);
     if args.json {
         println!("{}", serde_json::to_string_pretty(sandbox.record())?);
     } else {

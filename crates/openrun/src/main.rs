@@ -4,15 +4,14 @@
 
 mod cli;
 mod commands;
+mod image_cmd;
 mod output;
 mod remote;
 mod session;
 mod terminal;
 
-use clap::Parser;
-
 fn main() {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_checked();
     // Warnings only, unless OPENRUN_LOG asks for more (e.g. OPENRUN_LOG=debug).
     match tracing_subscriber::EnvFilter::try_from_env("OPENRUN_LOG") {
         Ok(filter) => tracing_subscriber::fmt()

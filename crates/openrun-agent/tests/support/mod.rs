@@ -71,6 +71,7 @@ pub fn helper_main() {
         root,
         env: BTreeMap::from([("FROM_CONFIG".to_string(), "yes".to_string())]),
         cwd: None,
+        user: None,
         lifetime: std::env::var(ENV_LIFETIME_MS)
             .ok()
             .map(|ms| Duration::from_millis(ms.parse().expect("lifetime ms"))),

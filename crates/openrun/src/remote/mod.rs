@@ -55,7 +55,11 @@ async fn run(client: &Client, command: Command) -> Result<i32> {
         Command::Logs(args) => exec::logs(client, args).await,
         Command::Events(args) => events(client, args).await,
         Command::Env(args) => env(client, args).await,
-        Command::Run(_) | Command::Serve(_) | Command::Key(_) | Command::CreateHelper => {
+        Command::Run(_)
+        | Command::Serve(_)
+        | Command::Key(_)
+        | Command::Image(_)
+        | Command::CreateHelper => {
             anyhow::bail!("this verb always runs locally")
         }
     }
