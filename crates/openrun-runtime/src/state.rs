@@ -13,6 +13,7 @@
 //!                                               (`mnt/layer`: the sandbox's own tmpfs for a
 //!                                               `Storage::Memory` layer, never on the host)
 //! <data-dir>/images/host/<fingerprint>/         the built-in image's skeleton (shared)
+//! <data-dir>/images/store/                      image layers and records (openrun-image)
 //! <data-dir>/sandboxes/<id>/<n>                 writable layer of mount n (`Storage::Disk`)
 //! <data-dir>/sandboxes/<id>/<n>.work            overlayfs work dir of mount n
 //! ```

@@ -254,7 +254,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 #[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateBody {
-    /// `host` (the default).
+    /// `name[:tag]` of an image in the server's store (`openrun image ls`), or `host` (the
+    /// default). The image's environment (under `env`), working directory and user apply.
     image: Option<String>,
     /// An unpacked root filesystem on the server's host, instead of `image` (refused over
     /// the API: only images are accepted).
@@ -268,7 +269,7 @@ struct CreateBody {
     pids: Option<u64>,
     /// Lifetime, e.g. `15m` (the default).
     ttl: Option<String>,
-    /// Environment of every process.
+    /// Environment of every process (over the image's).
     #[serde(default)]
     env: BTreeMap<String, String>,
     /// Labels to find it by (`GET /v1/sandboxes?label=k=v`): at most 64; keys of 1 to 63

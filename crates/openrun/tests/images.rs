@@ -800,3 +800,39 @@ fn the_server_creates_sandboxes_from_images() {
     assert!(message.contains("invalid image name"), "{message}");
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
 }
+
+/// An image of the most layers a sandbox can stack (128) runs with all of them (the topmost file wins); more layers than a
+/// sandbox can stack are refused at import.
+#[test]
+fn images_stack_many_layers_and_refuse_too_many() {
+    let env = Env::new();
+    let work = tempfile::tempdir().unwrap();
+    let layers = |n: usize| -> Vec<Blob> {
+        std::iter::once(blob(TGZ, LayerTar::new().busybox().finish()))
+            .chain((1..n).map(|i| {
+                let tar = LayerTar::new()
+                    .file(&format!("l/{i}"), b"")
+                    .file("top", i.to_string().as_bytes())
+                    .finish();
+                blob(TAR, tar)
+            }))
+            .collect()
+    };
+    let path = write(work.path(), "many.tar", &oci_tar(&layers(128), None));
+    import(&env, &path, "many");
+    let out = run_in(&env, "many", &[], "cat /top; echo; ls /l");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("127"));
+    assert_eq!(lines.count(), 127, "{out}");
+
+    let before = store_state(&env);
+    let path = write(work.path(), "too-many.tar", &oci_tar(&layers(129), None));
+    let out = env.output(["image", "import", &path.display().to_string(), "-t", "too"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("129 layers; at most 128"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(store_state(&env), before);
+}
