@@ -10,6 +10,7 @@
 //!   blob and layer verified against its digest.
 //! - [`ImageRef`] (`name.rs`): `name[:tag]` parsing and rules.
 
+pub mod diff;
 pub mod digest;
 pub mod error;
 pub mod layer;
