@@ -147,8 +147,16 @@ pub fn prepare(source: &ImageSource, images_dir: &Path) -> Result<PreparedImage>
                     max: MAX_LOWERS,
                 });
             }
-            let lowers = layers
-                .iter()
+            // overlayfs refuses a directory twice among its lowers (ELOOP), and images may
+            // repeat a layer (old Docker images repeat the empty one). Keeping only the
+            // topmost copy changes nothing: whatever the lower copy shows, the upper one
+            // shows again above everything between them.
+            let mut seen = std::collections::HashSet::new();
+            let mut unique: Vec<&PathBuf> =
+                layers.iter().rev().filter(|p| seen.insert(*p)).collect();
+            unique.reverse();
+            let lowers = unique
+                .into_iter()
                 .map(|path| {
                     Lower::open(path.clone(), false).map_err(|source| RuntimeError::LayerNotFound {
                         path: path.clone(),

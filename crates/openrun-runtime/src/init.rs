@@ -20,7 +20,7 @@
 //!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
 //!    `/sys` read-only and a tmpfs `/tmp`.
 //! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
-//!    namespace, not merely hidden.
+//!    namespace, not merely hidden. Make the default working directory if the image lacks it.
 //! 7. Hostname = sandbox id, `lo` up (the only interface).
 //! 8. Open our own `oom_score_adj` (the agent sets children's scores through it), drop
 //!    capabilities to the default set (bounding set included), set `no_new_privs`, make the
@@ -325,6 +325,13 @@ fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Resu
         unmount(".", UnmountFlags::DETACH),
     )?;
     step("entering the new root", rustix::process::chdir("/"))?;
+    // The default working directory (an image's WorkingDir) is made when the image lacks it,
+    // as Docker does: inside the new root, so nothing the image holds can point it elsewhere.
+    if let Some(cwd) = plan.agent.cwd.as_deref().filter(|c| c.starts_with('/')) {
+        if let Err(e) = fs::create_dir_all(cwd) {
+            tracing::debug!(cwd, error = %e, "cannot create the working directory");
+        }
+    }
     phase("pivot");
     // 7. Identity and network.
     step(
