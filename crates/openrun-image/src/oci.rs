@@ -900,8 +900,9 @@ fn copy_decoded(decoded: &mut dyn Read, out: &mut File, what: &str) -> Result<()
 fn index_tar(file: &File, what: &str) -> Result<HashMap<String, TarEntry>> {
     let mut entries = HashMap::new();
     let mut archive = tar::Archive::new(file);
+    // Seeking over entry contents: the layers are read later, in place.
     for entry in archive
-        .entries()
+        .entries_with_seek()
         .map_err(|e| ImageError::corrupt(what, e))?
     {
         let entry = entry.map_err(|e| ImageError::corrupt(what, e))?;

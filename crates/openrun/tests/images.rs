@@ -604,6 +604,15 @@ fn bad_archives_are_refused_and_change_nothing() {
             "corrupt layer 1 of 1",
         ),
         (
+            "truncated-archive",
+            {
+                let big = base().file("big", &[9u8; 100_000]).finish();
+                let whole = oci_tar(&[blob(TAR, big)], None);
+                whole[..whole.len() * 2 / 3].to_vec()
+            },
+            "the archive ends inside an entry",
+        ),
+        (
             "digest-mismatch",
             oci_tar(&[blob(TAR, base().finish())], Some((0, tampered))),
             "digest mismatch for layer 1 of 1",
