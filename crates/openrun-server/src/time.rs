@@ -9,16 +9,3 @@ pub fn now_ms() -> i64 {
 pub fn rfc3339(ms: i64) -> String {
     openrun_runtime::state::rfc3339(ms)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn formats_known_instants() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
-        assert_eq!(rfc3339(1_709_251_199_999), "2024-02-29T23:59:59.999Z");
-    }
-}
