@@ -253,7 +253,8 @@ impl Meta {
 
     fn times(&self) -> Timestamps {
         let t = Timespec {
-            tv_sec: self.mtime,
+            // Past year 9999 filesystems refuse the time; before 1970 is not worth keeping.
+            tv_sec: self.mtime.clamp(0, 253_402_300_799),
             tv_nsec: 0,
         };
         Timestamps {

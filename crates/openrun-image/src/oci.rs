@@ -734,7 +734,8 @@ fn normalize(path: &str) -> Option<String> {
 /// Where an import reads from: a directory, or a tar file read in place (after
 /// decompressing it to a scratch file when it is compressed).
 enum Source {
-    Dir(PathBuf),
+    /// A layout directory, its files opened beneath it (links may not lead out).
+    Dir(PathBuf, rustix::fd::OwnedFd),
     Tar {
         file: File,
         entries: HashMap<String, TarEntry>,
@@ -782,7 +783,15 @@ impl Source {
     fn open(store: &Store, path: &Path) -> Result<Self> {
         let meta = std::fs::metadata(path).context(|| format!("cannot open {}", path.display()))?;
         if meta.is_dir() {
-            return Ok(Self::Dir(path.to_path_buf()));
+            let fd = rustix::fs::open(
+                path,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .context(|| format!("cannot open {}", path.display()))?;
+            return Ok(Self::Dir(path.to_path_buf(), fd));
         }
         let mut file = File::open(path).context(|| format!("cannot open {}", path.display()))?;
         let mut head = [0u8; 4];
@@ -823,7 +832,10 @@ impl Source {
     /// Whether the archive has a file at `name`.
     fn exists(&self, name: &str) -> bool {
         match self {
-            Self::Dir(root) => normalize(name).is_some_and(|n| root.join(n).is_file()),
+            Self::Dir(_, fd) => normalize(name)
+                .and_then(|n| open_beneath(fd, &n).ok())
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.is_file()),
             Self::Tar { .. } => self.tar_entry(name).is_some(),
         }
     }
@@ -846,13 +858,15 @@ impl Source {
     fn open_file(&self, name: &str, what: &str) -> Result<Box<dyn Read + '_>> {
         let missing = || ImageError::corrupt(what, format!("the archive has no {name}"));
         match self {
-            Self::Dir(root) => {
+            Self::Dir(root, fd) => {
                 let rel = normalize(name).ok_or_else(missing)?;
-                let path = root.join(rel);
-                match File::open(&path) {
+                match open_beneath(fd, &rel) {
                     Ok(f) => Ok(Box::new(f)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => Err(missing()),
-                    Err(e) => Err(ImageError::io(format!("cannot open {}", path.display()), e)),
+                    Err(e) => Err(ImageError::io(
+                        format!("cannot open {} in {}", rel, root.display()),
+                        e,
+                    )),
                 }
             }
             Self::Tar { file, .. } => {
@@ -880,6 +894,18 @@ impl Source {
         }
         Ok(bytes)
     }
+}
+
+/// Opens `rel` under the directory `dir` for reading; symbolic links may not lead out of it.
+fn open_beneath(dir: &rustix::fd::OwnedFd, rel: &str) -> io::Result<File> {
+    let fd = rustix::fs::openat2(
+        dir,
+        rel,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::Mode::empty(),
+        rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+    )?;
+    Ok(File::from(fd))
 }
 
 fn copy_decoded(decoded: &mut dyn Read, out: &mut File, what: &str) -> Result<()> {

@@ -651,6 +651,33 @@ fn bad_archives_are_refused_and_change_nothing() {
         assert!(err.contains(expected), "{name}: {err}");
         assert_eq!(store_state(&env), before, "{name} changed the store");
     }
+    // A layout directory whose blob is a link out of it (even to the right bytes) is refused.
+    let linked = work.path().join("linked");
+    fs::create_dir(&linked).unwrap();
+    tool("tar", &["-xf", "../ok.tar"], &linked);
+    let blobs = linked.join("blobs/sha256");
+    // The smallest blob is the manifest or the config: read by every import.
+    let json_blob = names(&blobs)
+        .into_iter()
+        .min_by_key(|n| fs::metadata(blobs.join(n)).unwrap().len())
+        .unwrap();
+    let outside = work.path().join("outside-blob");
+    fs::rename(blobs.join(&json_blob), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, blobs.join(&json_blob)).unwrap();
+    let out = env.output([
+        "image",
+        "import",
+        &linked.display().to_string(),
+        "-t",
+        "linked",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains(&format!("cannot open blobs/sha256/{json_blob}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(store_state(&env), before);
     assert!(!Path::new("/etc/openrun-pwned").exists());
     assert!(!Path::new("/etc/cron.d/x").exists());
     // A bad name never reaches the archive.
