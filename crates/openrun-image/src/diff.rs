@@ -96,6 +96,8 @@ pub struct DiffOptions {
     pub max_changes: usize,
     /// Most bytes of patch text; `0` makes no patch.
     pub max_patch: usize,
+    /// Absolute paths left out with what is below them (mount points covering the layers).
+    pub hidden: Vec<String>,
 }
 
 impl Default for DiffOptions {
@@ -104,6 +106,7 @@ impl Default for DiffOptions {
             path: None,
             max_changes: DEFAULT_MAX_CHANGES,
             max_patch: DEFAULT_MAX_PATCH,
+            hidden: Vec::new(),
         }
     }
 }
@@ -127,10 +130,14 @@ pub fn diff(before: &[Overlay], after: &[Overlay], options: &DiffOptions) -> Res
         .iter()
         .map(|o| target_components(&o.target))
         .collect::<Result<_>>()?;
+    let mut mounts = targets.clone();
+    for hidden in &options.hidden {
+        mounts.push(path_components(hidden)?);
+    }
     let mut differ = Differ {
         options: options.clone(),
         report: DiffReport::default(),
-        mounts: targets.clone(),
+        mounts,
         patch_full: options.max_patch == 0,
     };
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
@@ -486,7 +493,8 @@ struct Side {
 struct Differ {
     options: DiffOptions,
     report: DiffReport,
-    /// Mount targets: a directory of one mount that is another's target is left to it.
+    /// Mount targets (and hidden paths): a directory of one mount that is another's target
+    /// is left to it.
     mounts: Vec<Vec<Vec<u8>>>,
     patch_full: bool,
 }

@@ -11,6 +11,7 @@
 //! - [`ImageRef`] (`name.rs`): `name[:tag]` parsing and rules.
 
 pub mod diff;
+pub mod snapshot;
 pub mod digest;
 pub mod error;
 pub mod layer;

@@ -47,6 +47,16 @@ impl Admission {
         }
     }
 
+    /// A create slot for one sandbox of a fork, waited for: a fork's creates share the slots
+    /// with every other create (and a fork asks for at most 100).
+    pub(crate) async fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ApiError::internal("the create slots are closed", e))
+    }
+
     /// A place in the queue, if there is room; given back when dropped (also when the client
     /// leaves while waiting).
     fn join_queue(&self) -> Option<QueuePlace> {

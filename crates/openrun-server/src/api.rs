@@ -158,6 +158,9 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(processes::signal))
         .routes(routes!(processes::stdin))
         .routes(routes!(processes::output))
+        .routes(routes!(crate::images::snapshot))
+        .routes(routes!(crate::images::fork))
+        .routes(routes!(crate::images::diff))
 }
 
 /// The document's own entry (its handler holds the finished document, so it is written here).
@@ -253,7 +256,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 /// Body of `POST /v1/sandboxes`; every field optional.
 #[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CreateBody {
+pub(crate) struct CreateBody {
     /// `name[:tag]` of an image in the server's store (`openrun image ls`), or `host` (the
     /// default). The image's environment (under `env`), working directory and user apply.
     image: Option<String>,
@@ -304,6 +307,11 @@ pub struct SandboxResource {
 }
 
 impl SandboxResource {
+    /// Its id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// The resource of a stored sandbox.
     pub fn from_row(row: SandboxRow) -> Result<Self, ApiError> {
         let limits = serde_json::from_str(&row.limits_json)
@@ -372,7 +380,7 @@ pub fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     labels.iter().try_for_each(|(k, v)| check_label(k, v))
 }
 
-fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
+pub(crate) fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
     let bad = |e: limits::LimitParseError| ApiError::InvalidArgument(e.to_string());
     let image = match (body.image, body.rootfs) {
         (Some(_), Some(_)) => {
@@ -442,6 +450,17 @@ async fn create(
     Extension(caller): Extension<Caller>,
     JsonBody(body): JsonBody<CreateBody>,
 ) -> Result<(StatusCode, Json<SandboxResource>), ApiError> {
+    let resource = create_sandbox(&s, &caller, body).await?;
+    Ok((StatusCode::CREATED, Json(resource)))
+}
+
+/// Creates the sandbox `body` describes (`POST /v1/sandboxes`, and each sandbox of a fork);
+/// returns once its agent answers.
+pub(crate) async fn create_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    body: CreateBody,
+) -> Result<SandboxResource, ApiError> {
     let labels = body.labels.clone();
     let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
     let mut spec = spec_from(body)?;
@@ -542,7 +561,7 @@ async fn create(
         });
     }
     tracing::info!(id = row.id, tenant = row.tenant, "sandbox created");
-    Ok((StatusCode::CREATED, Json(SandboxResource::from_row(row)?)))
+    SandboxResource::from_row(row)
 }
 
 /// Marks a sandbox whose create failed `error` (and deleted: its creator got no id to use)
@@ -739,19 +758,25 @@ async fn delete(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let row = find(&s, &caller, &id).await?;
+    remove(&s, &caller, row).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Destroys `row`'s sandbox (if it lives) and marks it deleted with a `sandbox.delete` event.
+pub(crate) async fn remove(s: &AppState, caller: &Caller, row: SandboxRow) -> Result<(), ApiError> {
     if matches!(row.state.as_str(), "creating" | "running" | "paused") {
-        destroy(&s, &row.id).await?;
+        destroy(s, &row.id).await?;
     }
     let event = NewEvent {
         sandbox_id: row.id.clone(),
-        tenant: caller.tenant,
-        actor: caller.actor,
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
         kind: "sandbox.delete",
         payload: serde_json::json!({}),
     };
     s.db.call(move |c| db::stop_sandbox(c, &row.id, true, &event))
         .await?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 /// How often a follower of the timeline looks again when no write woke it.

@@ -17,6 +17,7 @@ mod environment;
 mod error;
 mod exec;
 mod files;
+mod images;
 mod keys;
 mod lifecycle;
 mod local_key;

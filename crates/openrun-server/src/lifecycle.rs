@@ -39,7 +39,7 @@ pub struct TtlBody {
 static LOCKS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
 
 /// Holds a sandbox's change lock; its map entry goes when nobody else wants it.
-struct ChangeGuard {
+pub(crate) struct ChangeGuard {
     id: String,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
@@ -61,7 +61,7 @@ fn locks() -> &'static Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
     LOCKS.get_or_init(Mutex::default)
 }
 
-async fn lock(id: &str) -> ChangeGuard {
+pub(crate) async fn lock(id: &str) -> ChangeGuard {
     let lock = locks()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -99,9 +99,9 @@ async fn set_lifetime(
     }
 }
 
-/// The sandbox of a paused row (no agent connection: it is frozen); a vanished one is marked
-/// so and is a 409.
-async fn open_paused(s: &Shared, row: &SandboxRow) -> Result<Sandbox, ApiError> {
+/// The sandbox of a paused row (no agent connection: it is frozen; also used for a running
+/// one the caller does not talk to); a vanished one is marked so and is a 409.
+pub(crate) async fn open_paused(s: &Shared, row: &SandboxRow) -> Result<Sandbox, ApiError> {
     let runtime = s.runtime.clone();
     let key = row.id.clone();
     match blocking(move || runtime.open_sandbox_exact(&key)).await? {

@@ -30,6 +30,7 @@ pub const SECURITY_SCHEME: &str = "api_key";
         (name = "sandboxes", description = "Sandbox lifecycle and timeline"),
         (name = "processes", description = "Commands and their output"),
         (name = "files", description = "Files inside a sandbox"),
+        (name = "images", description = "Snapshots, forks and diffs of sandboxes"),
     )
 )]
 pub struct ApiDoc;

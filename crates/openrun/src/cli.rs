@@ -74,6 +74,13 @@ pub enum Command {
     /// Manage API keys of the server.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Freeze a sandbox's writable layer into a new image (the sandbox is paused for the
+    /// copy); prints the image's name.
+    Snapshot(crate::snapshot_cmd::SnapshotArgs),
+    /// Snapshot a sandbox and create sandboxes from the snapshot; prints their ids.
+    Fork(crate::snapshot_cmd::ForkArgs),
+    /// Show what changed in a sandbox against its image (or another image) as a patch.
+    Diff(crate::snapshot_cmd::DiffArgs),
     /// Manage the images of this machine's store (in the data dir).
     #[command(subcommand)]
     Image(ImageCommand),

@@ -8,6 +8,7 @@ mod image_cmd;
 mod output;
 mod remote;
 mod session;
+mod snapshot_cmd;
 mod terminal;
 
 fn main() {

@@ -72,7 +72,7 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 /// `text` with its control characters escaped, so printing it cannot move the cursor, retitle
 /// the window or otherwise command the terminal.
-fn inert(text: &str) -> String {
+pub(crate) fn inert(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_control() {

@@ -148,6 +148,17 @@ fn a_path_narrows_the_diff_and_limits_truncate() {
             ("/new/deep/file".into(), ChangeKind::Added)
         ]
     );
+    let hidden = DiffOptions {
+        hidden: vec!["/etc/conf".into(), "/new".into()],
+        ..DiffOptions::default()
+    };
+    let got = kinds(&diff(&before, &after, &hidden).unwrap());
+    assert!(
+        !got.iter()
+            .any(|(p, _)| p == "/etc/conf" || p.starts_with("/new")),
+        "{got:?}"
+    );
+    assert!(got.iter().any(|(p, _)| p == "/etc/bin"), "{got:?}");
     let report = diff(&before, &after, &only("/keep")).unwrap();
     assert!(report.changes.is_empty());
     assert!(diff(&before, &after, &only("relative")).is_err());

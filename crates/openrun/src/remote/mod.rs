@@ -7,6 +7,7 @@ mod config;
 mod cp;
 mod exec;
 mod http;
+mod images;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -55,6 +56,9 @@ async fn run(client: &Client, command: Command) -> Result<i32> {
         Command::Logs(args) => exec::logs(client, args).await,
         Command::Events(args) => events(client, args).await,
         Command::Env(args) => env(client, args).await,
+        Command::Snapshot(args) => images::snapshot(client, args).await,
+        Command::Fork(args) => images::fork(client, args).await,
+        Command::Diff(args) => images::diff(client, args).await,
         Command::Run(_)
         | Command::Serve(_)
         | Command::Key(_)
