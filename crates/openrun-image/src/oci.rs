@@ -164,6 +164,7 @@ pub fn import(
 }
 
 /// One layer to import.
+#[derive(Debug)]
 struct LayerPlan {
     /// "layer 2 of 5" (for errors).
     what: String,
@@ -178,6 +179,7 @@ struct LayerPlan {
 }
 
 /// What an archive holds: the layers to import and the defaults.
+#[derive(Debug)]
 struct Plan {
     layers: Vec<LayerPlan>,
     config: ImageConfig,
@@ -979,6 +981,116 @@ mod tests {
         assert_eq!(normalize("a/../b").as_deref(), Some("b"));
         assert_eq!(normalize("../b"), None);
         assert_eq!(normalize("."), None);
+    }
+
+    /// A layout directory with `blobs` stored by digest and `index` as index.json.
+    fn layout(blobs: &[Vec<u8>], index: serde_json::Value) -> (tempfile::TempDir, Source) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("blobs/sha256")).unwrap();
+        for b in blobs {
+            std::fs::write(dir.path().join("blobs/sha256").join(sha256_of(b)), b).unwrap();
+        }
+        std::fs::write(
+            dir.path().join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("index.json"), index.to_string()).unwrap();
+        let fd = rustix::fs::open(
+            dir.path(),
+            rustix::fs::OFlags::RDONLY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        let source = Source::Dir(dir.path().to_path_buf(), fd);
+        (dir, source)
+    }
+
+    fn desc(media_type: &str, bytes: &[u8], platform: Option<(&str, &str)>) -> serde_json::Value {
+        let mut d = serde_json::json!({
+            "mediaType": media_type,
+            "digest": format!("sha256:{}", sha256_of(bytes)),
+            "size": bytes.len(),
+        });
+        if let Some((os, arch)) = platform {
+            d["platform"] = serde_json::json!({"os": os, "architecture": arch});
+        }
+        d
+    }
+
+    /// An image manifest and config for `arch` with one (absent) gzip layer.
+    fn image(arch: &str, cmd: &str) -> (Vec<u8>, Vec<u8>) {
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": [cmd], "Labels": {"a": "b"}, "Entrypoint": null},
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", "d".repeat(64))]},
+        }))
+        .unwrap();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": desc(CONFIG_TYPES[0], &config, None),
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{}", "e".repeat(64)), "size": 10}],
+        }))
+        .unwrap();
+        (manifest, config)
+    }
+
+    #[test]
+    fn indexes_pick_this_hosts_platform() {
+        let (arm_m, arm_c) = image("arm64", "arm");
+        let (amd_m, amd_c) = image("amd64", "amd");
+        let nested = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                desc(OCI_MANIFEST, &arm_m, Some(("linux", "arm64"))),
+                desc(OCI_MANIFEST, &amd_m, Some(("linux", "amd64"))),
+                desc(OCI_MANIFEST, b"attestation", Some(("unknown", "unknown"))),
+            ],
+        }))
+        .unwrap();
+        let blobs = [arm_m.clone(), arm_c, amd_m.clone(), amd_c, nested.clone()];
+        // index.json -> a nested index -> the amd64 manifest.
+        let (_dir, source) = layout(
+            &blobs,
+            serde_json::json!({"schemaVersion": 2, "manifests": [desc(OCI_INDEX, &nested, None)]}),
+        );
+        let plan = plan_oci(&source).unwrap();
+        assert_eq!(plan.config.cmd, ["amd"]);
+        assert_eq!(plan.config.labels["a"], "b");
+        assert!(plan.config.entrypoint.is_empty());
+        assert_eq!(plan.layers.len(), 1);
+        assert_eq!(plan.layers[0].diff_id, "d".repeat(64));
+        assert_eq!(plan.layers[0].compression, Compression::Gzip);
+
+        // Only an arm64 image: refused, naming the platforms.
+        let (_dir, source) = layout(
+            &blobs,
+            serde_json::json!({"schemaVersion": 2, "manifests": [
+                desc(OCI_MANIFEST, &arm_m, Some(("linux", "arm64"))),
+                desc(OCI_MANIFEST, &arm_m, Some(("linux", "s390x"))),
+            ]}),
+        );
+        let err = plan_oci(&source).unwrap_err().to_string();
+        assert!(err.contains("linux/arm64, linux/s390x"), "{err}");
+        // The only image is taken whatever it says, and its config must still match the host.
+        let (_dir, source) = layout(
+            &blobs,
+            serde_json::json!({"schemaVersion": 2, "manifests": [desc(OCI_MANIFEST, &arm_m, None)]}),
+        );
+        let err = plan_oci(&source).unwrap_err().to_string();
+        assert!(err.contains("the image is for arm64"), "{err}");
+        // A manifest of an unknown media type is refused by name.
+        let (_dir, source) = layout(
+            &blobs,
+            serde_json::json!({"schemaVersion": 2, "manifests": [desc("application/x-other", &amd_m, None)]}),
+        );
+        let err = plan_oci(&source).unwrap_err().to_string();
+        assert!(
+            err.contains("unsupported media type \"application/x-other\""),
+            "{err}"
+        );
     }
 
     #[test]
