@@ -125,6 +125,29 @@ pub fn write_tree(dir: &Path, shift: Option<IdShift>, out: impl Write) -> Result
     Ok(writer.entries)
 }
 
+/// What [`Unpacker::make_room`] found where a new entry goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// Nothing (or something removed).
+    Free,
+    /// A directory, kept for a directory entry.
+    KeptDir,
+    /// A whiteout of this layer, removed.
+    FreedWhiteout,
+}
+
+/// Whether `st` is an overlayfs whiteout (a character device 0:0).
+fn is_whiteout(st: &rustix::fs::Stat) -> bool {
+    FileType::from_raw_mode(st.st_mode) == FileType::CharacterDevice && st.st_rdev == 0
+}
+
+/// Marks the directory `fd` opaque for overlayfs: nothing of lower layers shows through it.
+fn set_opaque(fd: &OwnedFd, shown: &str) -> Result<()> {
+    rustix::fs::fsetxattr(fd, OPAQUE_XATTR, b"y", rustix::fs::XattrFlags::empty()).context(|| {
+        format!("cannot mark {shown} opaque (does the store's filesystem support user extended attributes?)")
+    })
+}
+
 /// Opens a directory by host path, refusing a symbolic link as its last component.
 fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(
@@ -309,17 +332,8 @@ impl Unpacker {
             };
         };
         if name.as_slice() == OPAQUE_MARKER {
-            let dir = self.parent(parent, &shown, true)?;
-            let Parent::Dir(dir) = dir else {
-                unreachable!("created")
-            };
-            return rustix::fs::fsetxattr(
-                &*dir,
-                OPAQUE_XATTR,
-                b"y",
-                rustix::fs::XattrFlags::empty(),
-            )
-            .context(|| format!("cannot mark {shown} opaque (does the store's filesystem support user extended attributes?)"));
+            let dir = self.parent_dir(parent, &shown)?;
+            return set_opaque(&dir, &shown);
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.starts_with(WHITEOUT_PREFIX) {
@@ -398,11 +412,21 @@ impl Unpacker {
                 }
                 Err(Errno::LOOP | Errno::NOTDIR) => {
                     let prefix = show(&comps[..=i]);
-                    let is_link =
-                        rustix::fs::statat(&*dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
-                            .is_ok_and(|st| {
-                                FileType::from_raw_mode(st.st_mode) == FileType::Symlink
-                            });
+                    let st = rustix::fs::statat(&*dir, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW)
+                        .context(|| format!("cannot inspect {prefix}"))?;
+                    if create && is_whiteout(&st) {
+                        // Deleted below and made again in this layer: a new, opaque directory.
+                        rustix::fs::unlinkat(&*dir, name.as_slice(), AtFlags::empty())
+                            .context(|| format!("cannot replace {prefix}"))?;
+                        rustix::fs::mkdirat(&*dir, name.as_slice(), Mode::from_raw_mode(0o755))
+                            .context(|| format!("cannot create the directory {prefix}"))?;
+                        let fd =
+                            open_dir_at(&*dir, name).context(|| format!("cannot open {prefix}"))?;
+                        set_opaque(&fd, &prefix)?;
+                        dir = Rc::new(fd);
+                        continue;
+                    }
+                    let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
                     return Err(ImageError::unsafe_entry(
                         shown,
                         if is_link {
@@ -433,30 +457,33 @@ impl Unpacker {
     }
 
     /// Makes room for a new entry `name` in `dir`: removes what is there (a later entry
-    /// replaces an earlier one), except a directory when `keep_dir`. Returns whether a
-    /// directory was kept.
+    /// replaces an earlier one), except a directory when `keep_dir`.
     fn make_room(
         &mut self,
         dir: &OwnedFd,
         name: &[u8],
         keep_dir: bool,
         shown: &str,
-    ) -> Result<bool> {
+    ) -> Result<Room> {
         match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Err(Errno::NOENT) => Ok(false),
+            Err(Errno::NOENT) => Ok(Room::Free),
             Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
                 if keep_dir {
-                    return Ok(true);
+                    return Ok(Room::KeptDir);
                 }
                 remove_tree_at(dir, name, 0).context(|| format!("cannot replace {shown}"))?;
                 // A cached parent may have been inside what was removed.
                 self.cache = None;
-                Ok(false)
+                Ok(Room::Free)
             }
-            Ok(_) => {
+            Ok(st) => {
                 rustix::fs::unlinkat(dir, name, AtFlags::empty())
                     .context(|| format!("cannot replace {shown}"))?;
-                Ok(false)
+                Ok(if is_whiteout(&st) {
+                    Room::FreedWhiteout
+                } else {
+                    Room::Free
+                })
             }
             Err(e) => Err(ImageError::io(format!("cannot inspect {shown}"), e)),
         }
@@ -520,11 +547,16 @@ impl Unpacker {
             unreachable!("the root is handled by the caller")
         };
         let dir = self.parent_dir(parent, shown)?;
-        if !self.make_room(&dir, name, true, shown)? {
+        let room = self.make_room(&dir, name, true, shown)?;
+        if room != Room::KeptDir {
             rustix::fs::mkdirat(&*dir, name.as_slice(), Mode::from_raw_mode(0o700))
                 .context(|| format!("cannot create {shown}"))?;
         }
         let fd = open_dir_at(&*dir, name).context(|| format!("cannot open {shown}"))?;
+        if room == Room::FreedWhiteout {
+            // Deleted below and made again in this layer: nothing below may show through.
+            set_opaque(&fd, shown)?;
+        }
         self.set_owner_mode(&fd, meta, shown)?;
         self.dirs.push((comps.to_vec(), meta));
         Ok(())
@@ -580,7 +612,12 @@ impl Unpacker {
     fn whiteout(&mut self, parent: &[Vec<u8>], hidden: &[u8], shown: &str) -> Result<()> {
         let dir = self.parent_dir(parent, shown)?;
         match rustix::fs::statat(&*dir, hidden, AtFlags::SYMLINK_NOFOLLOW) {
-            // An entry of this same layer hides the lower one already.
+            // A directory of this same layer stays, and hides the lower one's contents.
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                let fd = open_dir_at(&*dir, hidden).context(|| format!("cannot open {shown}"))?;
+                return set_opaque(&fd, shown);
+            }
+            // Any other entry of this same layer hides the lower one already.
             Ok(_) => return Ok(()),
             Err(Errno::NOENT) => {}
             Err(e) => return Err(ImageError::io(format!("cannot inspect {shown}"), e)),

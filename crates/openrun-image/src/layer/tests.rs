@@ -156,6 +156,40 @@ fn whiteouts_become_overlay_whiteouts_and_opaque_dirs() {
     assert_eq!(listing(root), ["both", "dir", "dir/kept", "gone"]);
 }
 
+fn is_opaque(dir: &Path) -> bool {
+    let fd = open_dir_path(dir).unwrap();
+    let mut value = [0u8; 4];
+    rustix::fs::fgetxattr(&fd, OPAQUE_XATTR, &mut value).is_ok_and(|n| &value[..n] == b"y")
+}
+
+/// A whiteout and an entry of the same name in one layer: the entry stays, and a directory
+/// hides what lower layers hold under that name (the whiteout deleted it).
+#[test]
+fn whiteouts_beside_entries_of_the_same_layer_make_directories_opaque() {
+    let (dir, result) = unpack_into(&tar_of(&[
+        (".wh.d", F, "", 0o644, (0, 0), b""),
+        ("d/x", F, "", 0o644, (0, 0), b"x"),
+        (".wh.e", F, "", 0o644, (0, 0), b""),
+        ("e/", D, "", 0o750, (0, 0), b""),
+        ("f/", D, "", 0o755, (0, 0), b""),
+        ("f/y", F, "", 0o644, (0, 0), b"y"),
+        (".wh.f", F, "", 0o644, (0, 0), b""),
+        ("g", F, "", 0o644, (0, 0), b"g"),
+        (".wh.g", F, "", 0o644, (0, 0), b""),
+        ("plain/", D, "", 0o755, (0, 0), b""),
+    ]));
+    result.unwrap();
+    let root = dir.path();
+    for (d, opaque) in [("d", true), ("e", true), ("f", true), ("plain", false)] {
+        assert!(root.join(d).is_dir(), "{d}");
+        assert_eq!(is_opaque(&root.join(d)), opaque, "{d}");
+    }
+    assert_eq!(fs::read(root.join("d/x")).unwrap(), b"x");
+    assert_eq!(fs::read(root.join("f/y")).unwrap(), b"y");
+    assert_eq!(fs::read(root.join("g")).unwrap(), b"g");
+    assert_eq!(fs::metadata(root.join("e")).unwrap().mode() & 0o777, 0o750);
+}
+
 #[test]
 fn later_entries_replace_earlier_ones() {
     let t = tar_of(&[
