@@ -73,6 +73,11 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `1 layer`, `2 layers`.
+fn layers(n: usize) -> String {
+    format!("{n} layer{}", if n == 1 { "" } else { "s" })
+}
+
 /// `3m5s ago` for an RFC 3339 time.
 fn age(created_at: &str) -> String {
     match output::parse_rfc3339(created_at) {
@@ -228,10 +233,10 @@ fn import(store: &Store, args: ImageImportArgs) -> Result<i32> {
         output::print(&format!("{}\n", serde_json::to_string_pretty(&value)?));
     } else {
         output::print(&format!(
-            "imported {} from {} ({} layers: {} new, {} already in the store)\n",
+            "imported {} from {} ({}: {} new, {} already in the store)\n",
             report.image,
             report.format,
-            report.record.layers.len(),
+            layers(report.record.layers.len()),
             report.layers_added,
             report.layers_reused
         ));
@@ -263,8 +268,8 @@ fn prune(data_dir: &Path, store: &Store, args: ImagePruneArgs) -> Result<i32> {
         output::print(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     } else {
         output::print(&format!(
-            "removed {} layers ({})\n",
-            report.layers.len(),
+            "removed {} ({})\n",
+            layers(report.layers.len()),
             human_bytes(report.bytes)
         ));
     }

@@ -345,7 +345,14 @@ fn umoci_layouts_import_as_directory_and_tar_and_run_with_their_config() {
         work.path(),
     );
     let out = import(&env, &tarball, "busybox:from-tar");
-    assert!(out.contains("1 already in the store"), "{out}");
+    assert!(
+        out.contains("(1 layer: 0 new, 1 already in the store)"),
+        "{out}"
+    );
+    // A compressed archive too.
+    tool("gzip", &["-k", "layout.tar"], work.path());
+    let out = import(&env, &work.path().join("layout.tar.gz"), "busybox:gz");
+    assert!(out.contains("imported busybox:gz from oci"), "{out}");
     assert_eq!(layer_ids(&env).len(), 1);
 
     let out = env.output(["image", "ls", "--json"]);
@@ -355,12 +362,12 @@ fn umoci_layouts_import_as_directory_and_tar_and_run_with_their_config() {
         .iter()
         .map(|i| i["image"].as_str().unwrap())
         .collect();
-    assert_eq!(listed, ["busybox:from-tar", "busybox:latest"]);
-    assert_eq!(images[0]["layers"], images[1]["layers"]);
-    let config = &images[1]["config"];
+    assert_eq!(listed, ["busybox:from-tar", "busybox:gz", "busybox:latest"]);
+    assert_eq!(images[0]["layers"], images[2]["layers"]);
+    let config = &images[2]["config"];
     assert_eq!(config["working_dir"], "/work");
     assert_eq!(config["user"], "1000");
-    assert!(images[1]["source"].as_str().unwrap().starts_with("oci:/"));
+    assert!(images[2]["source"].as_str().unwrap().starts_with("oci:/"));
     let table = stdout(&env.output(["image", "ls"]));
     assert!(
         table.starts_with("NAME") && table.contains("from-tar"),
@@ -373,7 +380,7 @@ fn umoci_layouts_import_as_directory_and_tar_and_run_with_their_config() {
     );
 
     // No command: the image's cmd, with its env, working dir and user.
-    for image in ["busybox", "busybox:from-tar"] {
+    for image in ["busybox", "busybox:from-tar", "busybox:gz"] {
         let out = env.output(["run", "--image", image]);
         assert_ok(&out);
         assert_eq!(stdout(&out), "hello from the image as 1000 in /work\n");
@@ -804,7 +811,7 @@ fn prune_keeps_tagged_and_live_layers() {
     let out = env.output(["image", "prune"]);
     assert_ok(&out);
     assert!(
-        stdout(&out).starts_with("removed 1 layers"),
+        stdout(&out).starts_with("removed 1 layer ("),
         "{}",
         stdout(&out)
     );
