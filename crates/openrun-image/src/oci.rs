@@ -1093,6 +1093,78 @@ mod tests {
         );
     }
 
+    /// A `docker save` archive of one image with one layer holding `file`.
+    fn docker_archive(file: &str) -> Vec<u8> {
+        let mut layer = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(1);
+        layer.append_data(&mut h, file, &b"x"[..]).unwrap();
+        let layer = layer.into_inner().unwrap();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_of(&layer))]},
+        }))
+        .unwrap();
+        let config_name = format!("{}.json", sha256_of(&config));
+        let manifest = serde_json::to_vec(&serde_json::json!([
+            {"Config": config_name, "Layers": ["l/layer.tar"]}
+        ]))
+        .unwrap();
+        let mut out = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("manifest.json", manifest),
+            (config_name.as_str(), config),
+            ("l/layer.tar", layer),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            out.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        out.into_inner().unwrap()
+    }
+
+    /// Prunes the store when a layer is found already there: the race an import loses when a
+    /// prune removes a layer between its look and its commit.
+    struct PruneOnReuse<'a> {
+        store: &'a Store,
+        runtime: &'a openrun_runtime::Runtime,
+        pruned: usize,
+    }
+
+    impl ImportProgress for PruneOnReuse<'_> {
+        fn layer_finished(&mut self, reused: bool) {
+            if reused {
+                self.pruned += self.store.prune(self.runtime).unwrap().layers.len();
+            }
+        }
+    }
+
+    #[test]
+    fn an_import_whose_found_layer_is_pruned_unpacks_it_again() {
+        let data = tempfile::tempdir_in("/tmp").unwrap();
+        let store = Store::open(data.path()).unwrap();
+        let runtime = openrun_runtime::Runtime::open(data.path()).unwrap();
+        let archive = data.path().join("image.tar");
+        std::fs::write(&archive, docker_archive("file")).unwrap();
+        let first = ImageRef::parse("first").unwrap();
+        import(&store, &archive, &first, &mut ()).unwrap();
+        store.remove(&first).unwrap();
+        let second = ImageRef::parse("second").unwrap();
+        let mut racing = PruneOnReuse {
+            store: &store,
+            runtime: &runtime,
+            pruned: 0,
+        };
+        let report = import(&store, &archive, &second, &mut racing).unwrap();
+        assert_eq!(racing.pruned, 1, "the layer was pruned under the import");
+        let layer = &report.record.layers[0];
+        assert!(store.has_layer(layer), "and is back");
+        assert!(store.layer_dir(layer).join("file").is_file());
+        assert_eq!(store.get(&second).unwrap().layers, report.record.layers);
+    }
+
     #[test]
     fn media_types() {
         assert_eq!(
