@@ -452,7 +452,11 @@ impl Unpacker {
     fn parent_dir(&mut self, comps: &[Vec<u8>], shown: &str) -> Result<Rc<OwnedFd>> {
         match self.parent(comps, shown, true)? {
             Parent::Dir(d) => Ok(d),
-            Parent::Missing => unreachable!("parents are created"),
+            // Only a walk without `create` finds a parent missing.
+            Parent::Missing => Err(ImageError::io(
+                format!("cannot create the parents of {shown}"),
+                io::Error::from(io::ErrorKind::NotFound),
+            )),
         }
     }
 
@@ -544,7 +548,10 @@ impl Unpacker {
 
     fn dir(&mut self, comps: &[Vec<u8>], meta: Meta, shown: &str) -> Result<()> {
         let Some((name, parent)) = comps.split_last() else {
-            unreachable!("the root is handled by the caller")
+            return Err(ImageError::unsafe_entry(
+                shown,
+                "a directory entry naming the layer root",
+            ));
         };
         let dir = self.parent_dir(parent, shown)?;
         let room = self.make_room(&dir, name, true, shown)?;

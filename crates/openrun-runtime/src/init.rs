@@ -270,7 +270,11 @@ fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Resu
         let mut names = Vec::with_capacity(overlay.lower_mounts.len());
         for mount_point in &overlay.lower_mounts {
             let Some(lower) = lowers.next() else {
-                unreachable!("counted above")
+                return Err(StepError {
+                    stage: "attaching an image layer".into(),
+                    errno: None,
+                    message: "fewer layers than mount points".into(),
+                });
             };
             step(
                 "attaching an image layer",
