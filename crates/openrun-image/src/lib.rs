@@ -12,7 +12,14 @@
 
 pub mod diff;
 pub mod snapshot;
+pub mod cache;
+pub mod context;
+pub mod copy;
+pub mod build;
+pub mod debian;
 pub mod digest;
+pub mod dockerfile;
+pub mod rootfs;
 pub mod error;
 pub mod layer;
 pub mod name;

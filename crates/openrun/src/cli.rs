@@ -314,6 +314,8 @@ pub enum ImageCommand {
     Inspect(ImageInspectArgs),
     /// Import an OCI image layout (directory or tar) or a `docker save` archive.
     Import(ImageImportArgs),
+    /// Build an image from a Dockerfile, or a minimal Debian one (`--debian SUITE`).
+    Build(crate::image_build::ImageBuildArgs),
     /// Remove images (their layers stay until `prune` finds them unused).
     #[command(visible_alias = "remove")]
     Rm(ImageRmArgs),
@@ -422,7 +424,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 /// A `KEY=VALUE` pair with a non-empty key and no NUL bytes.
-fn parse_pair(what: &str, s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_pair(what: &str, s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() && !k.contains('\0') && !v.contains('\0') => {
             Ok((k.to_string(), v.to_string()))

@@ -20,6 +20,7 @@ pub fn dispatch(data_dir: &Path, command: ImageCommand) -> Result<i32> {
         ImageCommand::Ls(args) => ls(&store, args),
         ImageCommand::Inspect(args) => inspect(&store, args),
         ImageCommand::Import(args) => import(&store, args),
+        ImageCommand::Build(args) => crate::image_build::build(data_dir, &store, args),
         ImageCommand::Rm(args) => rm(&store, args),
         ImageCommand::Prune(args) => prune(data_dir, &store, args),
     }

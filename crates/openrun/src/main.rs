@@ -4,6 +4,7 @@
 
 mod cli;
 mod commands;
+mod image_build;
 mod image_cmd;
 mod output;
 mod remote;
