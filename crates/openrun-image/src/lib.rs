@@ -21,6 +21,7 @@ pub mod digest;
 pub mod dockerfile;
 pub mod rootfs;
 pub mod error;
+pub mod freeze;
 pub mod layer;
 pub mod name;
 pub mod oci;

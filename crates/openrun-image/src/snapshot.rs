@@ -1,10 +1,10 @@
 //! Snapshots and diffs of live sandboxes.
 //!
 //! A snapshot freezes a sandbox's writable layer into a new store layer: the sandbox is paused
-//! (cgroup freezer) for the copy only, its upper directory is archived with ids shifted back
-//! from the sandbox's host id range into image ids (whiteouts, opaque directories and hard
-//! links kept, no link followed: [`Store::stage_dir`]), the sandbox is resumed, and an image
-//! is recorded whose layers are the sandbox's image layers plus the new one and whose
+//! (cgroup freezer) only while its upper directory is copied as it is ([`crate::freeze`]),
+//! then resumed; the copy is archived with ids shifted back from the sandbox's host id range
+//! into image ids (whiteouts, opaque directories and hard links kept, no link followed:
+//! [`Store::stage_dir`]) into a new layer, and an image is recorded whose layers are the sandbox's image layers plus the new one and whose
 //! defaults are its image's. Forks are sandboxes created from that image: they share the
 //! frozen layers read-only and diverge in their own uppers.
 //!
@@ -204,12 +204,16 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
         base: record.ids.host_base(),
         size: RANGE_SIZE,
     };
+    // Frozen only for a plain copy of the upper (the kernel copies the bytes); the layer is
+    // archived, hashed and unpacked from the copy once the sandbox runs again.
+    let work = store.work_dir()?;
+    let copy = work.path().join("upper");
     let was_paused = sandbox.is_paused()?;
     if !was_paused {
         sandbox.pause()?;
     }
     let frozen = Instant::now();
-    let staged = store.stage_dir(&upper, Some(shift), &format!("snapshot:{}", record.id));
+    let copied = crate::freeze::copy_tree(&upper, &copy);
     let paused = if was_paused {
         Duration::ZERO
     } else {
@@ -217,7 +221,9 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
         sandbox.resume()?;
         paused
     };
-    let staged = staged?;
+    copied?;
+    let staged = store.stage_dir(&copy, Some(shift), &format!("snapshot:{}", record.id))?;
+    drop(work);
     tracing::info!(
         id = record.id,
         bytes = staged.size,
