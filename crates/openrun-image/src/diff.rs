@@ -167,14 +167,11 @@ pub fn diff(before: &[Overlay], after: &[Overlay], options: &DiffOptions) -> Res
         let lb = Level::root(&b.layers, common)?;
         let la = Level::root(&a.layers, common)?;
         let mut path = target.clone();
-        differ.dir(
-            &lb,
-            &la,
-            &mut path,
-            target.len(),
-            inner_filter.as_deref(),
-            false,
-        )?;
+        let scope = Scope {
+            base: target.len(),
+            everything: false,
+        };
+        differ.dir((&lb, &la), &mut path, scope, inner_filter.as_deref())?;
         if differ.report.truncated && differ.report.changes.len() >= options.max_changes {
             break;
         }
@@ -232,7 +229,8 @@ struct Entry {
     st: Stat,
 }
 
-fn open_dir_at(dir: impl AsFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+/// Opens the directory `name` of `dir` without following a link.
+pub(crate) fn open_dir_at(dir: impl AsFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
         dir,
         name,
@@ -490,6 +488,23 @@ struct Side {
     large: bool,
 }
 
+/// Where a comparison stands: the depth of its mount's target, and whether every name of
+/// both merged directories is compared (one side does not have the directory at all).
+#[derive(Debug, Clone, Copy)]
+struct Scope {
+    base: usize,
+    everything: bool,
+}
+
+impl Scope {
+    fn everything(self) -> Self {
+        Self {
+            everything: true,
+            ..self
+        }
+    }
+}
+
 struct Differ {
     options: DiffOptions,
     report: DiffReport,
@@ -504,17 +519,14 @@ impl Differ {
         self.report.changes.len() >= self.options.max_changes
     }
 
-    /// Compares directory `path` of both sides. `base` is the depth of the mount's target;
-    /// `filter` the remaining components of the path asked for; `everything` compares every
-    /// name of both merged directories (one side does not have it at all).
+    /// Compares directory `path` of both sides; `filter` holds the remaining components of the
+    /// path asked for.
     fn dir(
         &mut self,
-        before: &Level,
-        after: &Level,
+        (before, after): (&Level, &Level),
         path: &mut Vec<Vec<u8>>,
-        base: usize,
+        scope: Scope,
         filter: Option<&[Vec<u8>]>,
-        everything: bool,
     ) -> Result<()> {
         let filter = filter.filter(|f| !f.is_empty());
         if path.len() > MAX_DEPTH {
@@ -527,7 +539,7 @@ impl Differ {
             Some(first) => {
                 names.insert(first.clone());
             }
-            None if everything || before.replaced() || after.replaced() => {
+            None if scope.everything || before.replaced() || after.replaced() => {
                 before.merged_names(&mut names, &shown)?;
                 after.merged_names(&mut names, &shown)?;
             }
@@ -542,14 +554,7 @@ impl Differ {
                 return Ok(());
             }
             path.push(name);
-            let result = self.entry(
-                before,
-                after,
-                path,
-                base,
-                filter.map(|f| &f[1..]),
-                everything,
-            );
+            let result = self.entry((before, after), path, scope, filter.map(|f| &f[1..]));
             path.pop();
             result?;
         }
@@ -558,13 +563,12 @@ impl Differ {
 
     fn entry(
         &mut self,
-        before: &Level,
-        after: &Level,
+        (before, after): (&Level, &Level),
         path: &mut Vec<Vec<u8>>,
-        base: usize,
+        scope: Scope,
         filter: Option<&[Vec<u8>]>,
-        everything: bool,
     ) -> Result<()> {
+        let Scope { base, everything } = scope;
         // Another mount's target is compared there.
         if path.len() > base && self.mounts.iter().any(|m| m.len() > base && m == path) {
             return Ok(());
@@ -588,11 +592,11 @@ impl Differ {
             // A path asked for below a directory only one side has.
             (None, Some(a)) if filter.is_some() && is_dir(&a.st) => {
                 let ca = after.child(&name, &shown)?;
-                self.dir(&ca.empty(), &ca, path, base, filter, true)
+                self.dir((&ca.empty(), &ca), path, scope.everything(), filter)
             }
             (Some(b), None) if filter.is_some() && is_dir(&b.st) => {
                 let cb = before.child(&name, &shown)?;
-                self.dir(&cb, &cb.empty(), path, base, filter, true)
+                self.dir((&cb, &cb.empty()), path, scope.everything(), filter)
             }
             (None, Some(a)) => self.whole(after, &a, path, ChangeKind::Added),
             (Some(b), None) => self.whole(before, &b, path, ChangeKind::Deleted),
@@ -601,7 +605,7 @@ impl Differ {
                     return Ok(());
                 }
                 let (cb, ca) = (before.child(&name, &shown)?, after.child(&name, &shown)?);
-                self.dir(&cb, &ca, path, base, filter, everything)
+                self.dir((&cb, &ca), path, scope, filter)
             }
             (Some(b), Some(a)) if is_dir(&b.st) || is_dir(&a.st) => {
                 self.whole(before, &b, path, ChangeKind::Deleted)?;

@@ -143,13 +143,7 @@ impl Copier {
                 rustix::fs::mkdirat(&**to, name, Mode::from_raw_mode(0o700))
                     .context(|| format!("cannot create {shown}"))?;
                 let open = |dir: &OwnedFd| {
-                    rustix::fs::openat(
-                        dir,
-                        name,
-                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )
-                    .context(|| format!("cannot open {shown}"))
+                    crate::diff::open_dir_at(dir, name).context(|| format!("cannot open {shown}"))
                 };
                 let sub_from = open(from)?;
                 let sub_to = Rc::new(open(to)?);
@@ -288,7 +282,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/shadow", src.join("link")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &src.join("gone"),
+            src.join("gone").as_path(),
             FileType::CharacterDevice,
             Mode::empty(),
             rustix::fs::makedev(0, 0),

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use openrun_runtime::ids::RANGE_SIZE;
-use openrun_runtime::{RuntimeError, Sandbox, SandboxRecord};
+use openrun_runtime::{ImageSource, RuntimeError, Sandbox, SandboxRecord};
 
 use crate::diff::{self, DiffOptions, DiffReport, Overlay};
 use crate::error::ImageError;
@@ -339,19 +339,15 @@ pub fn diff_sandbox(
     let store = store.ok_or_else(|| {
         SnapshotError::Unsupported("no image store to compare against".to_string())
     })?;
-    // Held until the walk is done: no prune removes the image's layers meanwhile.
-    let _lease = store.lease()?;
-    let image = store.get(&r).map_err(|e| match e {
-        ImageError::NotFound(_) => ImageError::NotFound(against.to_string()),
-        e => e,
-    })?;
-    let mut layers = Vec::with_capacity(image.layers.len());
-    for hex in &image.layers {
-        if !store.has_layer(hex) {
-            return Err(ImageError::MissingLayers(vec![hex.clone()]).into());
-        }
-        layers.push(store.layer_dir(hex));
-    }
+    // Its lease keeps the image's layers from prune until the walk is done.
+    let image = store.sandbox_image(against)?;
+    let ImageSource::Layers { layers, .. } = &image.source else {
+        return Err(SnapshotError::Unsupported(format!(
+            "cannot compare sandbox {} with {against}: not an image of the store",
+            sandbox.id()
+        )));
+    };
+    let layers = layers.clone();
     let before = [Overlay {
         target: "/".into(),
         layers,

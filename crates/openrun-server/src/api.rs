@@ -511,11 +511,11 @@ pub(crate) async fn create_sandbox(
         Ok(Ok(sandbox)) => sandbox,
         Ok(Err(e)) => {
             let error = ApiError::from_runtime("cannot create the sandbox", e);
-            fail_create(&s, &row, &caller, &error).await;
+            fail_create(s, &row, caller, &error).await;
             return Err(error);
         }
         Err(error) => {
-            fail_create(&s, &row, &caller, &error).await;
+            fail_create(s, &row, caller, &error).await;
             return Err(error);
         }
     };
@@ -555,7 +555,7 @@ pub(crate) async fn create_sandbox(
             )),
             Err(e) => {
                 let error = e.into();
-                fail_create(&s, &row, &caller, &error).await;
+                fail_create(s, &row, caller, &error).await;
                 error
             }
         });
