@@ -20,6 +20,7 @@
 //! `.wh..wh..opq` marks its directory with `user.overlay.opaque=y` (the runtime mounts its
 //! overlays with `userxattr`). Other `.wh..wh.` names (aufs bookkeeping) are skipped.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::File;
@@ -44,6 +45,13 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 pub const MAX_DEPTH: usize = 256;
 /// Longest entry path, in bytes.
 const MAX_PATH: usize = 4096;
+/// Most bytes the tar reader may consume between two entries: headers, padding, and the GNU
+/// long names, PAX records and sparse maps it holds in memory (without a bound of its own).
+pub(crate) const MAX_ENTRY_META: u64 = 1 << 20;
+/// Most free space an unpack keeps on the store's filesystem (less on a filesystem smaller
+/// than 20 times this: 5% of it): a compressed layer may expand a thousandfold, and an
+/// import stops before it fills the disk everything else on the host writes to.
+const FREE_SPACE_KEPT: u64 = 1 << 30;
 
 /// What an unpack wrote.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -64,17 +72,82 @@ pub fn unpack(reader: impl Read, dest: &Path, what: &str) -> Result<UnpackStats>
         cache: None,
         dirs: Vec::new(),
         stats: UnpackStats::default(),
+        space_check: (0, 0),
     };
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive
+    unpacker.check_space()?;
+    let budget = Rc::new(Cell::new(MAX_ENTRY_META));
+    let mut archive = tar::Archive::new(Budget {
+        inner: reader,
+        left: budget.clone(),
+    });
+    let mut entries = archive
         .entries()
         .map_err(|e| ImageError::corrupt(what, e))?;
-    for entry in entries {
+    loop {
+        budget.set(MAX_ENTRY_META);
+        let Some(entry) = entries.next() else { break };
         let mut entry = entry.map_err(|e| ImageError::corrupt(what, e))?;
+        // The entry's contents are read below, so the next step reads only metadata.
+        budget.set(u64::MAX);
         unpacker.entry(&mut entry)?;
+        io::copy(&mut entry, &mut io::sink()).map_err(|e| ImageError::corrupt(what, e))?;
     }
     unpacker.finish()?;
     Ok(unpacker.stats)
+}
+
+/// A reader that fails once it has read more than the budget in `left` (which its user
+/// refills): it bounds what the tar crate reads into memory for one entry's metadata.
+pub(crate) struct Budget<R> {
+    pub(crate) inner: R,
+    pub(crate) left: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("an entry has more than {MAX_ENTRY_META} bytes of long names, PAX records or sparse maps"),
+            ));
+        }
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
+}
+
+impl<R: io::Seek> io::Seek for Budget<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Fails when the filesystem of `fd` has less free space (or fewer free inodes) than an
+/// unpack keeps: see [`FREE_SPACE_KEPT`]. `what` names the work in the error. Returns how
+/// many bytes may be written before the next check.
+pub(crate) fn check_free_space(fd: impl AsFd, what: &str) -> Result<u64> {
+    let st = rustix::fs::fstatvfs(fd)
+        .context(|| format!("cannot read the free space of the image store ({what})"))?;
+    let size = st.f_blocks.saturating_mul(st.f_frsize);
+    let kept = FREE_SPACE_KEPT.min(size / 20);
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let low_inodes = st.f_files > 0 && st.f_favail < st.f_files / 20;
+    if free < kept || low_inodes {
+        return Err(ImageError::io(
+            format!(
+                "stopped {what}: the image store's filesystem is nearly full ({} MiB and {} inodes free; an import keeps {} MiB and 5% of inodes free)",
+                free >> 20,
+                st.f_favail,
+                kept >> 20
+            ),
+            io::Error::from_raw_os_error(Errno::NOSPC.raw_os_error()),
+        ));
+    }
+    // Half the margin, so the next check comes before it is used up.
+    Ok((kept / 2).clamp(1 << 20, 64 << 20))
 }
 
 /// Host ids of a tree made by a sandbox and the range they shift back into: host id
@@ -296,6 +369,8 @@ struct Unpacker {
     /// entries inside a directory changes its time).
     dirs: Vec<(Vec<Vec<u8>>, Meta)>,
     stats: UnpackStats,
+    /// When to look at the free space again: bytes written, entries made.
+    space_check: (u64, u64),
 }
 
 /// What a walk to a parent found.
@@ -305,6 +380,14 @@ enum Parent {
 }
 
 impl Unpacker {
+    /// Checks the free space of the layer's filesystem (see [`check_free_space`]) and sets
+    /// when to check next.
+    fn check_space(&mut self) -> Result<()> {
+        let step = check_free_space(&*self.root, &format!("unpacking {}", self.what))?;
+        self.space_check = (self.stats.bytes + step, self.stats.entries + 4096);
+        Ok(())
+    }
+
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<()> {
         let kind = entry.header().entry_type();
         // A PAX global header carries defaults, not a file.
@@ -315,6 +398,9 @@ impl Unpacker {
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let comps = components(&raw, &shown)?;
         self.stats.entries += 1;
+        if self.stats.entries >= self.space_check.1 {
+            self.check_space()?;
+        }
         let Some((name, parent)) = comps.split_last() else {
             // The layer's root itself (`./`).
             return match kind {
@@ -539,6 +625,9 @@ impl Unpacker {
             file.write_all(&buf[..n])
                 .context(|| format!("cannot write {shown}"))?;
             self.stats.bytes += n as u64;
+            if self.stats.bytes >= self.space_check.0 {
+                self.check_space()?;
+            }
         }
         let fd = OwnedFd::from(file);
         self.set_owner_mode(&fd, meta, shown)?;
@@ -726,8 +815,12 @@ impl Unpacker {
             let fd = match comps.split_last() {
                 None => self.root.clone(),
                 Some((name, parent)) => {
-                    let Parent::Dir(dir) = self.parent(parent, &shown, false)? else {
-                        continue;
+                    let dir = match self.parent(parent, &shown, false) {
+                        Ok(Parent::Dir(dir)) => dir,
+                        // A later entry replaced a parent with a link or a file, or removed
+                        // it: nothing of this directory is left to date.
+                        Ok(Parent::Missing) | Err(ImageError::UnsafeEntry { .. }) => continue,
+                        Err(e) => return Err(e),
                     };
                     match open_dir_at(&*dir, name) {
                         Ok(fd) => Rc::new(fd),

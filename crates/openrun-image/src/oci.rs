@@ -898,20 +898,35 @@ impl Source {
     }
 }
 
-/// Opens `rel` under the directory `dir` for reading; symbolic links may not lead out of it.
+/// Opens the regular file `rel` under the directory `dir` for reading; symbolic links may
+/// not lead out of it. Without blocking: a fifo there is refused, not waited on.
 fn open_beneath(dir: &rustix::fd::OwnedFd, rel: &str) -> io::Result<File> {
     let fd = rustix::fs::openat2(
         dir,
         rel,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOCTTY,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NOCTTY
+            | rustix::fs::OFlags::NONBLOCK,
         rustix::fs::Mode::empty(),
         rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_MAGICLINKS,
     )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
     Ok(File::from(fd))
 }
 
 fn copy_decoded(decoded: &mut dyn Read, out: &mut File, what: &str) -> Result<()> {
     let mut buf = vec![0u8; 256 << 10];
+    // A compressed archive may expand a thousandfold: stop before it fills the disk.
+    let what_space = format!("decompressing {what}");
+    let mut written = 0u64;
+    let mut check_at = crate::layer::check_free_space(&*out, &what_space)?;
     loop {
         let n = match decoded.read(&mut buf) {
             Ok(0) => return Ok(()),
@@ -921,18 +936,29 @@ fn copy_decoded(decoded: &mut dyn Read, out: &mut File, what: &str) -> Result<()
         };
         io::Write::write_all(out, &buf[..n])
             .context(|| "cannot write a scratch file".to_string())?;
+        written += n as u64;
+        if written >= check_at {
+            check_at = written + crate::layer::check_free_space(&*out, &what_space)?;
+        }
     }
 }
 
 /// Where each file of the tar `file` is (regular files by offset, links as aliases).
 fn index_tar(file: &File, what: &str) -> Result<HashMap<String, TarEntry>> {
     let mut entries = HashMap::new();
-    let mut archive = tar::Archive::new(file);
+    // The tar crate holds long names and PAX records in memory: bounded per entry.
+    let budget = std::rc::Rc::new(std::cell::Cell::new(0));
+    let mut archive = tar::Archive::new(crate::layer::Budget {
+        inner: file,
+        left: budget.clone(),
+    });
     // Seeking over entry contents: the layers are read later, in place.
-    for entry in archive
+    let mut iter = archive
         .entries_with_seek()
-        .map_err(|e| ImageError::corrupt(what, e))?
-    {
+        .map_err(|e| ImageError::corrupt(what, e))?;
+    loop {
+        budget.set(crate::layer::MAX_ENTRY_META);
+        let Some(entry) = iter.next() else { break };
         let entry = entry.map_err(|e| ImageError::corrupt(what, e))?;
         let raw = entry.path_bytes();
         let Some(name) = std::str::from_utf8(&raw).ok().and_then(normalize) else {
@@ -1163,6 +1189,77 @@ mod tests {
         assert!(store.has_layer(layer), "and is back");
         assert!(store.layer_dir(layer).join("file").is_file());
         assert_eq!(store.get(&second).unwrap().layers, report.record.layers);
+    }
+
+    /// A fifo where a blob should be (anyone can make one in a layout directory) is refused
+    /// at once; opening it used to wait forever for a writer.
+    #[test]
+    fn a_fifo_in_a_layout_is_refused_not_waited_on() {
+        let (manifest, config) = image("amd64", "x");
+        let (dir, source) = layout(
+            &[config],
+            serde_json::json!({"schemaVersion": 2, "manifests": [desc(OCI_MANIFEST, &manifest, None)]}),
+        );
+        let blob = dir.path().join("blobs/sha256").join(sha256_of(&manifest));
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &blob,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(plan_oci(&source).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the import returns")
+            .unwrap_err();
+        assert!(err.contains("not a regular file"), "{err}");
+        // And a fifo named as a layout file does not make the directory a layout.
+        std::fs::remove_file(dir.path().join("oci-layout")).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("oci-layout"),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let fd = rustix::fs::open(
+            dir.path(),
+            rustix::fs::OFlags::RDONLY,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
+        assert!(!Source::Dir(dir.path().to_path_buf(), fd).exists("oci-layout"));
+    }
+
+    /// The outer archive's long names are bounded like a layer's (the tar crate holds them
+    /// in memory).
+    #[test]
+    fn an_archive_with_an_oversized_long_name_is_refused() {
+        let mut t = Vec::new();
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(4 << 20);
+        h.set_cksum();
+        t.extend_from_slice(h.as_bytes());
+        t.extend(std::iter::repeat_n(b'a', 4 << 20));
+        let mut h = tar::Header::new_gnu();
+        h.set_path("manifest.json").unwrap();
+        h.set_size(0);
+        h.set_cksum();
+        t.extend_from_slice(h.as_bytes());
+        t.extend(std::iter::repeat_n(0u8, 1024));
+        let mut f = tempfile::tempfile().unwrap();
+        io::Write::write_all(&mut f, &t).unwrap();
+        io::Seek::rewind(&mut f).unwrap();
+        let err = index_tar(&f, "image.tar").unwrap_err().to_string();
+        assert!(err.contains("long names, PAX records"), "{err}");
     }
 
     #[test]

@@ -383,3 +383,113 @@ fn tree_archives_shift_ids_keep_whiteouts_and_are_deterministic() {
         "{err}"
     );
 }
+
+/// GNU long names and PAX records are read into memory by the tar crate: past
+/// [`MAX_ENTRY_META`] the archive is refused as corrupt before more is read.
+#[test]
+fn oversized_entry_metadata_is_refused_before_it_is_held() {
+    let huge = vec![b'a'; (MAX_ENTRY_META as usize) * 2];
+    for kind in [tar::EntryType::GNULongName, tar::EntryType::XHeader] {
+        let mut t = Vec::new();
+        let data: Vec<u8> = if kind == tar::EntryType::XHeader {
+            let record = format!("{} path=", huge.len() + 100);
+            let mut r = record.into_bytes();
+            r.extend_from_slice(&huge);
+            r.push(b'\n');
+            r
+        } else {
+            huge.clone()
+        };
+        raw(&mut t, b"././@LongLink", kind, b"", 0o644, (0, 0), &data);
+        file(&mut t, "victim", b"x");
+        let (dir, result) = unpack_into(&end(t));
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, ImageError::Corrupt { .. }),
+            "{kind:?}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains("long names, PAX records"),
+            "{kind:?}: {err}"
+        );
+        assert!(listing(dir.path()).is_empty());
+    }
+    // A long name within the bound is fine.
+    let mut t = Vec::new();
+    let name = format!("{}/f", "d".repeat(200));
+    raw(
+        &mut t,
+        b"././@LongLink",
+        tar::EntryType::GNULongName,
+        b"",
+        0o644,
+        (0, 0),
+        name.as_bytes(),
+    );
+    file(&mut t, "short", b"x");
+    let (dir, result) = unpack_into(&end(t));
+    result.unwrap();
+    assert_eq!(fs::read(dir.path().join(&name)).unwrap(), b"x");
+}
+
+/// A directory whose parent a later entry turns into a symbolic link is simply gone: the
+/// unpack succeeds (it used to fail dating it, calling the link unsafe).
+#[test]
+fn a_directory_under_a_parent_replaced_later_is_not_an_error() {
+    let (dir, result) = unpack_into(&tar_of(&[
+        ("a/", D, "", 0o755, (0, 0), b""),
+        ("a/b/", D, "", 0o755, (0, 0), b""),
+        ("a", S, "/elsewhere", 0o777, (0, 0), b""),
+    ]));
+    result.unwrap();
+    let link = fs::symlink_metadata(dir.path().join("a")).unwrap();
+    assert!(link.file_type().is_symlink());
+}
+
+/// A layer that would fill the store's filesystem (a compressed one may expand a
+/// thousandfold) stops while some space is left, naming the layer.
+#[test]
+fn an_unpack_stops_before_the_filesystem_is_full() {
+    std::thread::spawn(|| {
+        // SAFETY: this thread only; it shares no descriptor table or cwd-dependent state the
+        // rest of the test harness relies on, and ends with the namespace.
+        unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWNS) }.unwrap();
+        rustix::mount::mount_change(
+            "/",
+            rustix::mount::MountPropagationFlags::PRIVATE
+                | rustix::mount::MountPropagationFlags::REC,
+        )
+        .unwrap();
+        let fs_dir = tempfile::tempdir().unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            fs_dir.path(),
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            Some(c"size=64m"),
+        )
+        .unwrap();
+        let dest = fs_dir.path().join("layer");
+        fs::create_dir(&dest).unwrap();
+        // 80 MiB of zeros, streamed.
+        let size: u64 = 80 << 20;
+        let mut h = tar::Header::new_gnu();
+        h.set_path("zeros").unwrap();
+        h.set_mode(0o644);
+        h.set_size(size);
+        h.set_cksum();
+        let tar = h
+            .as_bytes()
+            .chain(io::repeat(0).take(size))
+            .chain(&[0u8; 1024][..]);
+        let err = unpack(tar, &dest, "layer sha256:big").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("nearly full"), "{text}");
+        assert!(text.contains("layer sha256:big"), "{text}");
+        let st = rustix::fs::statvfs(fs_dir.path()).unwrap();
+        assert!(st.f_bavail > 0, "stopped before the filesystem was full");
+        rustix::mount::unmount(fs_dir.path(), rustix::mount::UnmountFlags::DETACH).unwrap();
+    })
+    .join()
+    .unwrap();
+}
