@@ -131,18 +131,28 @@ pub fn sandbox_layers(store: &Store, record: &SandboxRecord) -> Result<Vec<Strin
     Ok(out)
 }
 
+/// The layers a sandbox stacks for an image's: a layer named twice only once, at its topmost
+/// place (as the runtime mounts them).
+fn stacked(layers: &[String]) -> Vec<&String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out: Vec<&String> = layers.iter().rev().filter(|l| seen.insert(*l)).collect();
+    out.reverse();
+    out
+}
+
 /// The defaults of the image a sandbox runs: its image's record when it still names the same
-/// layers, else those of any image with exactly these layers, else none but its user.
+/// layers, else those of any image with these layers, else none but its user.
 fn sandbox_config(store: &Store, record: &SandboxRecord, layers: &[String]) -> ImageConfig {
+    let runs = |image: &ImageRecord| stacked(&image.layers) == layers.iter().collect::<Vec<_>>();
     if let Ok(r) = ImageRef::parse(&record.image) {
         if let Ok(image) = store.get(&r) {
-            if image.layers == layers {
+            if runs(&image) {
                 return image.config;
             }
         }
     }
     if let Ok(images) = store.list() {
-        if let Some((_, image)) = images.into_iter().find(|(_, i)| i.layers == layers) {
+        if let Some((_, image)) = images.into_iter().find(|(_, i)| runs(i)) {
             return image.config;
         }
     }
@@ -353,4 +363,17 @@ pub fn diff_sandbox(
         layers,
     }];
     Ok(diff::diff(&before, &after, options)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_layer_is_stacked_once_at_its_topmost_place() {
+        let l = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let layers = l(&["a", "b", "a", "c"]);
+        assert_eq!(stacked(&layers), [&layers[1], &layers[2], &layers[3]]);
+        assert_eq!(stacked(&l(&["a"])).len(), 1);
+    }
 }

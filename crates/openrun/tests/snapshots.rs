@@ -21,7 +21,7 @@ const APPLETS: &[&str] = &[
 fn busybox_image(env: &Env) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("rootfs");
-    for d in ["bin", "etc", "work", "root"] {
+    for d in ["bin", "etc", "work", "root", "opt/old"] {
         fs::create_dir_all(root.join(d)).unwrap();
     }
     fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static is needed");
@@ -31,6 +31,7 @@ fn busybox_image(env: &Env) {
     fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
     fs::write(root.join("etc/greeting"), "hello\nworld\n").unwrap();
     fs::write(root.join("etc/gone"), "delete me\n").unwrap();
+    fs::write(root.join("opt/old/file"), "replaced\n").unwrap();
     let store = openrun_image::Store::open(env.data_dir()).unwrap();
     let staged = store.stage_dir(&root, None, "test:busybox").unwrap();
     let record = openrun_image::ImageRecord {
@@ -71,7 +72,8 @@ fn forks_see_the_snapshot_and_diverge() {
         &api,
         pid,
         "echo before > /work/before && echo again >> /etc/greeting && rm /etc/gone \
-         && echo linked > /work/a && ln /work/a /work/b",
+         && echo linked > /work/a && ln /work/a /work/b \
+         && rm -rf /opt && mkdir /opt && echo fresh > /opt/new",
         0,
     );
     let res = post_json(
@@ -95,16 +97,17 @@ fn forks_see_the_snapshot_and_diverge() {
             f["id"].as_str().unwrap().to_string()
         })
         .collect();
-    // Every fork has what was there at the snapshot, the deletion included, hard links kept.
+    // Every fork has what was there at the snapshot, the deletion (a whiteout) and the
+    // replaced directory (opaque) included, hard links kept.
     for id in &ids {
         let out = run(
             &api,
             id,
             "cat /work/before /etc/greeting; test -e /etc/gone && echo still-there; \
-             stat -c %h /work/a; echo $WHO",
+             stat -c %h /work/a; echo $WHO; ls /opt",
             0,
         );
-        assert_eq!(out, "before\nhello\nworld\nagain\n2\nparent\n", "{id}");
+        assert_eq!(out, "before\nhello\nworld\nagain\n2\nparent\nnew\n", "{id}");
     }
     // Changes in one fork are invisible to the other forks and to the parent.
     run(
