@@ -69,6 +69,7 @@ pub struct DebianOptions {
 impl DebianOptions {
     /// `SUITE` with the default mirror and packages, tagged `debian:SUITE`.
     pub fn new(suite: &str) -> Result<Self, BuildError> {
+        check_suite(suite)?;
         let tag = ImageRef::parse(&format!("debian:{suite}"))?;
         Ok(Self {
             suite: suite.to_string(),
@@ -189,19 +190,23 @@ pub fn build_debian(
     })
 }
 
-fn check(options: &DebianOptions) -> Result<(), BuildError> {
-    let suite_ok = options.suite.len() <= 32
-        && options.suite.starts_with(|c: char| c.is_ascii_lowercase())
-        && options
-            .suite
+fn check_suite(suite: &str) -> Result<(), BuildError> {
+    let ok = suite.len() <= 32
+        && suite.starts_with(|c: char| c.is_ascii_lowercase())
+        && suite
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-    if !suite_ok {
-        return Err(BuildError::Invalid(format!(
-            "invalid Debian suite {:?} (e.g. bookworm, trixie, stable)",
-            options.suite
-        )));
+    if ok {
+        Ok(())
+    } else {
+        Err(BuildError::Invalid(format!(
+            "invalid Debian suite {suite:?} (e.g. bookworm, trixie, stable)"
+        )))
     }
+}
+
+fn check(options: &DebianOptions) -> Result<(), BuildError> {
+    check_suite(&options.suite)?;
     for p in &options.packages {
         let ok = p.len() >= 2
             && p.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())

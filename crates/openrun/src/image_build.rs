@@ -78,7 +78,7 @@ pub fn build(data_dir: &Path, store: &Store, args: ImageBuildArgs) -> Result<i32
     let options = BuildOptions {
         tag,
         context: context.clone(),
-        dockerfile: file,
+        dockerfile: std::path::absolute(&file).unwrap_or(file),
         build_args: args.build_args.iter().cloned().collect(),
         no_cache: args.no_cache,
     };
