@@ -250,15 +250,7 @@ pub fn build(
             )));
         }
     }
-    let context = Context::open(&options.context).map_err(|e| {
-        BuildError::io(
-            format!(
-                "cannot open the build context {}",
-                options.context.display()
-            ),
-            e,
-        )
-    })?;
+    let context = Context::open(&options.context).map_err(|e| BuildError::Invalid(e.0))?;
     let mut builder = Builder {
         store,
         runtime,

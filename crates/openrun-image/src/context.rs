@@ -7,7 +7,7 @@
 //! while walking a directory are copied as links. Sockets, fifos and devices are skipped.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use rustix::fd::{AsFd, OwnedFd};
@@ -52,7 +52,13 @@ pub enum EntryKind {
 pub struct Context {
     root: OwnedFd,
     path: PathBuf,
+    ignore: Ignore,
 }
+
+/// The file of a context that names what its sources leave out.
+pub const IGNORE_FILE: &str = ".dockerignore";
+/// Largest `.dockerignore` read.
+const MAX_IGNORE_FILE: u64 = 1 << 20;
 
 /// What [`Context::walk`] calls for each entry (with the open file, for files); an error
 /// stops the walk.
@@ -62,17 +68,37 @@ pub type Visitor<'a> = dyn FnMut(&Entry, Option<&mut File>) -> std::result::Resu
 pub type Skipped = Vec<String>;
 
 impl Context {
-    /// Opens the context directory.
-    pub fn open(path: &Path) -> io::Result<Self> {
+    /// Opens the context directory and reads its `.dockerignore`, if any.
+    pub fn open(path: &Path) -> Result<Self> {
         let root = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-        )?;
-        Ok(Self {
+        )
+        .map_err(|e| {
+            SourceError(format!(
+                "cannot open the build context {}: {e}",
+                path.display()
+            ))
+        })?;
+        let mut ctx = Self {
             root,
             path: path.to_path_buf(),
-        })
+            ignore: Ignore::default(),
+        };
+        match ctx.open_in(IGNORE_FILE, OFlags::PATH) {
+            Ok(_) => {
+                let mut text = String::new();
+                ctx.open_file(IGNORE_FILE)?
+                    .take(MAX_IGNORE_FILE)
+                    .read_to_string(&mut text)
+                    .map_err(|e| SourceError(format!("cannot read {IGNORE_FILE}: {e}")))?;
+                ctx.ignore = Ignore::parse(&text)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SourceError(format!("cannot read {IGNORE_FILE}: {e}"))),
+        }
+        Ok(ctx)
     }
 
     /// The context's path (for messages).
@@ -96,6 +122,11 @@ impl Context {
     pub fn expand(&self, pattern: &str) -> Result<Vec<String>> {
         let clean = clean_relative(pattern)?;
         if !has_meta(&clean) {
+            if self.left_out(&clean) {
+                return Err(SourceError(format!(
+                    "{pattern:?} is excluded by {IGNORE_FILE}"
+                )));
+            }
             return Ok(vec![clean]);
         }
         let mut found = vec![String::new()];
@@ -124,13 +155,21 @@ impl Context {
             }
             found = next;
         }
-        found.retain(|p| self.open_in(p, OFlags::PATH).is_ok());
+        found.retain(|p| !self.left_out(p) && self.open_in(p, OFlags::PATH).is_ok());
         if found.is_empty() {
             return Err(SourceError(format!(
                 "no file in the build context matches {pattern:?}"
             )));
         }
         Ok(found)
+    }
+
+    /// Whether `.dockerignore` leaves the source `rel` out: an excluded directory stays
+    /// when an exception may bring back something below it.
+    fn left_out(&self, rel: &str) -> bool {
+        self.ignore.excluded(rel)
+            && !(self.ignore.has_exceptions()
+                && self.kind(rel).is_ok_and(|k| k == FileType::Directory))
     }
 
     /// What the source `rel` is (following a final symbolic link inside the context).
@@ -158,6 +197,9 @@ impl Context {
     /// directories before their contents): `visit` gets each entry and, for files, the open
     /// file. Returns what was skipped.
     pub fn walk(&self, rel: &str, visit: &mut Visitor<'_>) -> Result<Skipped> {
+        if self.left_out(rel) {
+            return Err(SourceError(format!("{rel:?} is excluded by {IGNORE_FILE}")));
+        }
         let fd = self
             .open_in(rel, OFlags::PATH)
             .map_err(|e| not_found(rel, e))?;
@@ -203,9 +245,16 @@ impl Context {
         names.sort();
         for name in names {
             let rel = join(below, &name);
+            let in_context = join(source, &rel);
+            let excluded = self.ignore.excluded(&in_context);
             let st = rustix::fs::statat(dir, name.as_str(), AtFlags::SYMLINK_NOFOLLOW)
                 .map_err(|e| SourceError(format!("cannot read {:?}: {e}", shown(&name))))?;
             let kind = FileType::from_raw_mode(st.st_mode);
+            // An excluded directory is still walked when an exception may bring back
+            // something below it.
+            if excluded && (kind != FileType::Directory || !self.ignore.has_exceptions()) {
+                continue;
+            }
             match kind {
                 FileType::Directory => {
                     let sub = rustix::fs::openat(
@@ -255,6 +304,81 @@ impl Context {
             }
         }
         Ok(())
+    }
+}
+
+/// The rules of a `.dockerignore`, as Docker reads them: one pattern a line (`#` comments,
+/// blank lines skipped), paths relative to the context (a leading `/` or `./` dropped),
+/// `*`, `?`, `[...]` within a name and `**` for any number of directories; a pattern that
+/// names a directory leaves out everything below it; `!pattern` brings matches back. The
+/// last rule that matches a path (or one of its parents) decides.
+#[derive(Debug, Default, Clone)]
+pub struct Ignore {
+    rules: Vec<(Vec<String>, bool)>,
+}
+
+impl Ignore {
+    /// Parses the text of a `.dockerignore`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (pattern, exception) = match line.strip_prefix('!') {
+                Some(p) => (p.trim(), true),
+                None => (line, false),
+            };
+            // A pattern that climbs out of the context matches nothing in it.
+            let Ok(clean) = clean_relative(pattern) else {
+                continue;
+            };
+            if clean.is_empty() {
+                continue;
+            }
+            let parts: Vec<String> = clean.split('/').map(str::to_string).collect();
+            for part in &parts {
+                glob_match(part, "").map_err(|_| {
+                    SourceError(format!("bad pattern {pattern:?} in {IGNORE_FILE}"))
+                })?;
+            }
+            rules.push((parts, exception));
+        }
+        Ok(Self { rules })
+    }
+
+    /// Whether the context path `rel` is left out.
+    pub fn excluded(&self, rel: &str) -> bool {
+        if rel.is_empty() {
+            return false;
+        }
+        let path: Vec<&str> = rel.split('/').collect();
+        let mut out = false;
+        for (pattern, exception) in &self.rules {
+            if (1..=path.len()).any(|n| match_parts(pattern, &path[..n])) {
+                out = !exception;
+            }
+        }
+        out
+    }
+
+    fn has_exceptions(&self) -> bool {
+        self.rules.iter().any(|(_, exception)| *exception)
+    }
+}
+
+/// Whether the path components match the pattern's (`**` matching any number of them).
+fn match_parts(pattern: &[String], path: &[&str]) -> bool {
+    match pattern.split_first() {
+        None => path.is_empty(),
+        Some((p, rest)) if p == "**" => (0..=path.len()).any(|i| match_parts(rest, &path[i..])),
+        Some((p, rest)) => match path.split_first() {
+            Some((name, path_rest)) => {
+                glob_match(p, name).unwrap_or(false) && match_parts(rest, path_rest)
+            }
+            None => false,
+        },
     }
 }
 
@@ -451,6 +575,73 @@ mod tests {
         assert_eq!(clean_relative("/abs/x").unwrap(), "abs/x");
         assert_eq!(clean_relative(".").unwrap(), "");
         assert!(clean_relative("a/../../x").is_err());
+    }
+
+    #[test]
+    fn dockerignore_rules() {
+        let ignore = Ignore::parse(
+            "# comment\n\n/.git\n*.log\n**/node_modules\ndocs\n!docs/keep.md\n./build/*.o\n../out\n",
+        )
+        .unwrap();
+        for (path, out) in [
+            (".git", true),
+            (".git/config", true),
+            ("a.log", true),
+            ("sub/a.log", false),
+            ("node_modules/x", true),
+            ("a/b/node_modules/c", true),
+            ("docs", true),
+            ("docs/x.md", true),
+            ("docs/keep.md", false),
+            ("build/a.o", true),
+            ("build/a.c", false),
+            ("src/main.rs", false),
+            ("", false),
+        ] {
+            assert_eq!(ignore.excluded(path), out, "{path}");
+        }
+        assert!(ignore.has_exceptions());
+        assert!(Ignore::parse("[a-\n").is_err());
+    }
+
+    #[test]
+    fn ignored_sources_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for f in ["a.txt", "b.log", "keep/x", "skip/y", "skip/z.md"] {
+            std::fs::create_dir_all(p.join(f).parent().unwrap()).unwrap();
+            std::fs::write(p.join(f), f).unwrap();
+        }
+        std::fs::write(p.join(IGNORE_FILE), "*.log\nskip\n!skip/*.md\n").unwrap();
+        let ctx = Context::open(p).unwrap();
+        let mut seen = Vec::new();
+        ctx.walk("", &mut |e, _| {
+            seen.push(e.rel.clone());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            [
+                "",
+                ".dockerignore",
+                "a.txt",
+                "keep",
+                "keep/x",
+                "skip",
+                "skip/z.md"
+            ]
+        );
+        assert_eq!(
+            ctx.expand("*").unwrap(),
+            [".dockerignore", "a.txt", "keep", "skip"]
+        );
+        assert!(ctx
+            .expand("b.log")
+            .unwrap_err()
+            .0
+            .contains("excluded by .dockerignore"));
+        assert!(ctx.walk("skip/y", &mut |_, _| Ok(())).is_err());
     }
 
     #[test]

@@ -431,10 +431,17 @@ fn add_extracts_archives_and_copy_stays_inside_context_and_image() {
     write(
         &ctx,
         "Dockerfile",
-        "FROM bb\nADD pkg.tar.gz /opt/\nCOPY tree /tree/\nCOPY --chmod=755 tool /bin/\nRUN tool\n",
+        "FROM bb\nADD pkg.tar.gz /opt/\nCOPY tree /tree/\nCOPY --chmod=755 tool /bin/\nRUN tool\nCOPY . /all/\n",
     );
+    // What .dockerignore names is not in the context's copy.
+    fs::write(ctx.join("build.log"), "log\n").unwrap();
+    fs::write(ctx.join(".dockerignore"), "*.log\n").unwrap();
     let report = build(&env, &["-t", "added", ctx.to_str().unwrap()]);
-    assert_eq!(report["steps"].as_array().unwrap().len(), 5);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 6);
+    assert_eq!(
+        run(&env, "added", Some("ls -A /all")),
+        ".dockerignore\nDockerfile\npkg.tar.gz\ntool\ntree\nup\n"
+    );
     let out = run(
         &env,
         "added",
