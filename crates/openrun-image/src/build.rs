@@ -460,14 +460,17 @@ impl Builder<'_, '_> {
         Ok(Some(r.to_string()))
     }
 
-    fn view(&self) -> Result<ImageView, BuildError> {
-        let dirs: Vec<PathBuf> = self
-            .state
+    /// The host directories of the image so far, bottom to top.
+    fn layer_dirs(&self) -> Vec<PathBuf> {
+        self.state
             .layers
             .iter()
             .map(|l| self.store.layer_dir(l))
-            .collect();
-        ImageView::new(&dirs)
+            .collect()
+    }
+
+    fn view(&self) -> Result<ImageView, BuildError> {
+        ImageView::new(&self.layer_dirs())
             .map_err(|e| BuildError::io("cannot read the layers of the image being built", e))
     }
 
@@ -795,15 +798,9 @@ impl Builder<'_, '_> {
 
     /// Runs `argv` in a sandbox of the image so far; its writable layer becomes the layer.
     fn run(&mut self, ins: &Instruction, argv: &[String]) -> Result<Option<String>, BuildError> {
-        let layers: Vec<PathBuf> = self
-            .state
-            .layers
-            .iter()
-            .map(|l| self.store.layer_dir(l))
-            .collect();
         let mut spec = SandboxSpec::new(ImageSource::Layers {
             name: format!("build:{}", self.options.tag),
-            layers,
+            layers: self.layer_dirs(),
         });
         spec.storage = Storage::Disk;
         spec.exit_with_creator = true;
