@@ -10,21 +10,21 @@
 //!   blob and layer verified against its digest.
 //! - [`ImageRef`] (`name.rs`): `name[:tag]` parsing and rules.
 
-pub mod diff;
-pub mod snapshot;
+pub mod build;
 pub mod cache;
 pub mod context;
 pub mod copy;
-pub mod build;
 pub mod debian;
+pub mod diff;
 pub mod digest;
 pub mod dockerfile;
-pub mod rootfs;
 pub mod error;
 pub mod freeze;
 pub mod layer;
 pub mod name;
 pub mod oci;
+pub mod rootfs;
+pub mod snapshot;
 mod store;
 
 pub use error::{ImageError, Result};
