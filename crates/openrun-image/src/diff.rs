@@ -22,12 +22,12 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::OwnedFd;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat};
 use rustix::io::Errno;
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::layer::{MAX_DEPTH, OPAQUE_XATTR};
+use crate::layer::{open_dir_at, open_dir_path, MAX_DEPTH, OPAQUE_XATTR};
 
 /// Largest file (each side) whose text goes into the patch.
 pub const MAX_PATCH_FILE: u64 = 1 << 20;
@@ -229,16 +229,6 @@ struct Entry {
     st: Stat,
 }
 
-/// Opens the directory `name` of `dir` without following a link.
-pub(crate) fn open_dir_at(dir: impl AsFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
-    rustix::fs::openat(
-        dir,
-        name,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
-
 fn is_opaque(dir: &OwnedFd) -> bool {
     let mut value = [0u8; 8];
     matches!(rustix::fs::fgetxattr(dir, OPAQUE_XATTR, &mut value), Ok(n) if &value[..n] == b"y")
@@ -274,12 +264,8 @@ impl Level {
             common,
         };
         for layer in layers {
-            let fd = rustix::fs::open(
-                layer,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .context(|| format!("cannot open layer {}", layer.display()))?;
+            let fd = open_dir_path(layer)
+                .context(|| format!("cannot open layer {}", layer.display()))?;
             level.dirs.push(Some(Rc::new(fd)));
         }
         Ok(level)

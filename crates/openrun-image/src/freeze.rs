@@ -17,7 +17,7 @@ use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::layer::{MAX_DEPTH, OPAQUE_XATTR};
+use crate::layer::{open_dir_at, open_dir_path, MAX_DEPTH, OPAQUE_XATTR};
 
 /// What [`copy_tree`] copied.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -30,21 +30,11 @@ pub struct CopyStats {
 
 /// Copies the tree at `src` into `dst`, a directory that must not exist yet.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<CopyStats> {
-    let from = rustix::fs::open(
-        src,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .context(|| format!("cannot open {}", src.display()))?;
+    let from = open_dir_path(src).context(|| format!("cannot open {}", src.display()))?;
     let st = rustix::fs::fstat(&from).context(|| format!("cannot inspect {}", src.display()))?;
     rustix::fs::mkdir(dst, Mode::from_raw_mode(0o700))
         .context(|| format!("cannot create {}", dst.display()))?;
-    let to = rustix::fs::open(
-        dst,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .context(|| format!("cannot open {}", dst.display()))?;
+    let to = open_dir_path(dst).context(|| format!("cannot open {}", dst.display()))?;
     let mut copier = Copier {
         links: HashMap::new(),
         dirs: Vec::new(),
@@ -143,7 +133,7 @@ impl Copier {
                 rustix::fs::mkdirat(&**to, name, Mode::from_raw_mode(0o700))
                     .context(|| format!("cannot create {shown}"))?;
                 let open = |dir: &OwnedFd| {
-                    crate::diff::open_dir_at(dir, name).context(|| format!("cannot open {shown}"))
+                    open_dir_at(dir, name).context(|| format!("cannot open {shown}"))
                 };
                 let sub_from = open(from)?;
                 let sub_to = Rc::new(open(to)?);

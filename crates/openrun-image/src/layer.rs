@@ -221,8 +221,9 @@ fn set_opaque(fd: &OwnedFd, shown: &str) -> Result<()> {
     })
 }
 
-/// Opens a directory by host path, refusing a symbolic link as its last component.
-fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
+/// Opens a directory by host path, refusing a symbolic link as its last component (shared by
+/// every walk of a layer or a sandbox's upper: unpack, archive, freeze copy, diff).
+pub(crate) fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     Ok(rustix::fs::open(
         path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
@@ -230,8 +231,9 @@ fn open_dir_path(path: &Path) -> io::Result<OwnedFd> {
     )?)
 }
 
-/// Opens the directory `name` of `dir` without following a link.
-fn open_dir_at(dir: impl AsFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
+/// Opens the directory `name` of `dir` without following a link (`ENOTDIR` or `ELOOP` when
+/// `name` is not a directory or is a link).
+pub(crate) fn open_dir_at(dir: impl AsFd, name: &[u8]) -> rustix::io::Result<OwnedFd> {
     rustix::fs::openat(
         dir,
         name,
