@@ -335,6 +335,7 @@ pub fn build(
         created_at: crate::now(),
         source: format!("dockerfile:{}", options.dockerfile.display()),
         parent,
+        base: None,
     };
     store.put(&options.tag, &record)?;
     let digest = format!(
@@ -455,6 +456,12 @@ impl Builder<'_, '_> {
             .store
             .get(&r)
             .map_err(|e| self.fail(ins, e.to_string()))?;
+        if record.base.is_some() {
+            return Err(self.fail(
+                ins,
+                format!("{r} is a snapshot of a sandbox on the built-in host image, which cannot be built on"),
+            ));
+        }
         self.state.layers = record.layers;
         self.state.config = record.config;
         Ok(Some(r.to_string()))

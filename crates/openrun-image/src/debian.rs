@@ -180,6 +180,7 @@ pub fn build_debian(
         created_at: crate::now(),
         source,
         parent: None,
+        base: None,
     };
     store.put(&options.tag, &record)?;
     Ok(DebianReport {

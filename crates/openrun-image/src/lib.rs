@@ -32,6 +32,6 @@ pub use layer::IdShift;
 pub use name::ImageRef;
 pub use oci::{import, ImportProgress, ImportReport};
 pub use store::{
-    now, sandbox_image, ImageConfig, ImageRecord, LayerInfo, Lease, PruneReport, SandboxImage,
-    StagedLayer, Store, MAX_LAYERS,
+    now, sandbox_image, ImageBase, ImageConfig, ImageRecord, LayerInfo, Lease, PruneReport,
+    SandboxImage, StagedLayer, Store, MAX_LAYERS,
 };

@@ -124,6 +124,7 @@ pub fn import(
         created_at: crate::store::now(),
         source: origin.clone(),
         parent: None,
+        base: None,
     };
     let count = plan.layers.len();
     let mut staged: Vec<StagedLayer> = Vec::new();

@@ -8,24 +8,26 @@
 //! defaults are its image's. Forks are sandboxes created from that image: they share the
 //! frozen layers read-only and diverge in their own uppers.
 //!
-//! Only sandboxes on store images with their writable layer on disk can be snapshotted: the
-//! built-in `host` image mounts the host's own `/usr` (not a store layer: recording it would
-//! mean copying gigabytes, and the image would change under the snapshot with every host
-//! upgrade), a `--rootfs` directory is not in the store either, and a memory layer exists only
-//! inside the sandbox's mount namespace. Each is refused naming what to do instead.
+//! Sandboxes on store images and on the built-in `host` image can be snapshotted, with their
+//! writable layer on disk. The `host` image's `/usr` is the host's own and is never copied:
+//! a host sandbox's uppers (the root's, and the `/usr` mount's as the subtree `usr/`) become
+//! one layer whose image records `base: host`, and the runtime stacks it again over the host
+//! image's mounts ([`ImageSource::HostLayers`]). A `--rootfs` directory is not in the store
+//! and a memory layer exists only inside the sandbox's mount namespace: both are refused
+//! naming what to do instead.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use openrun_runtime::ids::RANGE_SIZE;
-use openrun_runtime::{ImageSource, RuntimeError, Sandbox, SandboxRecord};
+use openrun_runtime::{ImageSource, RuntimeError, Sandbox, SandboxOverlay, SandboxRecord};
 
 use crate::diff::{self, DiffOptions, DiffReport, Overlay};
 use crate::error::ImageError;
 use crate::layer::IdShift;
 use crate::name::ImageRef;
-use crate::store::{now, ImageConfig, ImageRecord, Store, MAX_LAYERS};
+use crate::store::{now, ImageBase, ImageConfig, ImageRecord, Store, MAX_LAYERS};
 
 /// Why a snapshot or a diff of a sandbox failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,16 +82,18 @@ pub struct Snapshot {
 /// process never take the same `snap-<id>-<n>`.
 static NAMING: Mutex<()> = Mutex::new(());
 
-/// The store layer ids a sandbox's image is made of (bottom to top), or why it has none.
-pub fn sandbox_layers(store: &Store, record: &SandboxRecord) -> Result<Vec<String>> {
-    if record.image == crate::name::HOST {
-        return Err(SnapshotError::Unsupported(format!(
-            "sandbox {} runs the built-in host image, whose /usr is the host's own and not a \
-             store layer: snapshots and forks need a sandbox on a store image (openrun image ls; \
-             openrun image build --debian bookworm makes one)",
-            record.id
-        )));
-    }
+/// What a sandbox's image is made of: its base (`host` for the built-in image and images on
+/// it) and its store layer ids, bottom to top; or why it is not a store image.
+pub fn sandbox_layers(
+    store: &Store,
+    record: &SandboxRecord,
+) -> Result<(Option<ImageBase>, Vec<String>)> {
+    let (base, lowers) = match record.image_source() {
+        ImageSource::Host => return Ok((Some(ImageBase::Host), Vec::new())),
+        ImageSource::HostLayers { layers, .. } => (Some(ImageBase::Host), layers),
+        ImageSource::Layers { layers, .. } => (None, layers),
+        ImageSource::Rootfs(_) => return Err(not_in_store(record)),
+    };
     let any_layer = store.layer_dir(&"0".repeat(64));
     let layers_dir = any_layer
         .parent()
@@ -100,8 +104,8 @@ pub fn sandbox_layers(store: &Store, record: &SandboxRecord) -> Result<Vec<Strin
                 std::io::Error::from(std::io::ErrorKind::NotFound),
             )
         })?;
-    let mut out = Vec::with_capacity(record.lowers.len());
-    for lower in &record.lowers {
+    let mut out = Vec::with_capacity(lowers.len());
+    for lower in &lowers {
         let hex = lower
             .file_name()
             .and_then(|n| n.to_str())
@@ -112,23 +116,25 @@ pub fn sandbox_layers(store: &Store, record: &SandboxRecord) -> Result<Vec<Strin
             .is_some_and(|p| p == layers_dir);
         match hex {
             Some(hex) if in_store => out.push(hex.to_string()),
-            _ => {
-                return Err(SnapshotError::Unsupported(format!(
-                    "sandbox {} runs {}, which is not an image of this store: only sandboxes \
-                     on store images can be snapshotted (import the root filesystem as an \
-                     image first)",
-                    record.id, record.image
-                )))
-            }
+            _ => return Err(not_in_store(record)),
         }
     }
-    if out.is_empty() {
+    if out.is_empty() && base.is_none() {
         return Err(SnapshotError::Unsupported(format!(
             "sandbox {} has no image layers",
             record.id
         )));
     }
-    Ok(out)
+    Ok((base, out))
+}
+
+fn not_in_store(record: &SandboxRecord) -> SnapshotError {
+    SnapshotError::Unsupported(format!(
+        "sandbox {} runs {}, which is not an image of this store: only sandboxes on store \
+         images or the host image can be snapshotted (import the root filesystem as an image \
+         first)",
+        record.id, record.image
+    ))
 }
 
 /// The layers a sandbox stacks for an image's: a layer named twice only once, at its topmost
@@ -142,8 +148,14 @@ fn stacked(layers: &[String]) -> Vec<&String> {
 
 /// The defaults of the image a sandbox runs: its image's record when it still names the same
 /// layers, else those of any image with these layers, else none but its user.
-fn sandbox_config(store: &Store, record: &SandboxRecord, layers: &[String]) -> ImageConfig {
-    let runs = |image: &ImageRecord| stacked(&image.layers) == layers.iter().collect::<Vec<_>>();
+fn sandbox_config(
+    store: &Store,
+    record: &SandboxRecord,
+    base: Option<ImageBase>,
+    layers: &[String],
+) -> ImageConfig {
+    let runs =
+        |image: &ImageRecord| image.base == base && stacked(&image.layers) == stacked(layers);
     if let Ok(r) = ImageRef::parse(&record.image) {
         if let Ok(image) = store.get(&r) {
             if runs(&image) {
@@ -180,20 +192,22 @@ fn next_name(store: &Store, id: &str) -> Result<ImageRef> {
 pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<Snapshot> {
     let started = Instant::now();
     let record = sandbox.record();
-    let upper = sandbox.upper_dir().ok_or_else(|| {
+    let overlays = sandbox.overlays().ok_or_else(|| {
         SnapshotError::Unsupported(format!(
             "sandbox {} keeps its writable layer in memory (openrun run): snapshots need one on \
              disk (openrun create, or --storage disk)",
             record.id
         ))
     })?;
-    let mut layers = sandbox_layers(store, record)?;
-    if layers.len() >= MAX_LAYERS {
+    let (base, mut layers) = sandbox_layers(store, record)?;
+    // The new layer adds a lower to every overlay (on the host image: `/` and `/usr`).
+    let lowers: usize = overlays.iter().map(|o| o.lowers.len()).sum();
+    if layers.len() >= MAX_LAYERS || lowers + overlays.len() > MAX_LAYERS {
         return Err(SnapshotError::Unsupported(format!(
-            "sandbox {} already stacks {} layers, the most a sandbox can: a snapshot would add \
-             one more",
+            "sandbox {} already stacks {lowers} image layers, the most a sandbox can: a \
+             snapshot would add one more to each of its {} mounts",
             record.id,
-            layers.len()
+            overlays.len()
         )));
     }
     let given = name.map(ImageRef::parse).transpose()?;
@@ -209,7 +223,7 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
             return Err(SnapshotError::Exists(r.to_string()));
         }
     }
-    let config = sandbox_config(store, record, &layers);
+    let config = sandbox_config(store, record, base, &layers);
     let shift = IdShift {
         base: record.ids.host_base(),
         size: RANGE_SIZE,
@@ -223,7 +237,7 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
         sandbox.pause()?;
     }
     let frozen = Instant::now();
-    let copied = crate::freeze::copy_tree(&upper, &copy);
+    let copied = copy_uppers(&overlays, &copy);
     let paused = if was_paused {
         Duration::ZERO
     } else {
@@ -248,6 +262,7 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
         created_at: now(),
         source: format!("snapshot:{}", record.id),
         parent: Some(record.image.clone()),
+        base,
     };
     let _naming = NAMING.lock().unwrap_or_else(|p| p.into_inner());
     let r = match given {
@@ -265,38 +280,40 @@ pub fn snapshot(store: &Store, sandbox: &Sandbox, name: Option<&str>) -> Result<
     })
 }
 
-/// The mounts of a live sandbox: for each, its target, its image lowers and its writable
-/// upper (the `host` image mounts its skeleton at `/` and the host's `/usr` (and, without
-/// merged `/usr`, `/bin` and friends) each with its own upper; store images and `--rootfs`
-/// one overlay at `/`).
-fn sandbox_mounts(sandbox: &Sandbox) -> Result<Vec<(PathBuf, Vec<PathBuf>, PathBuf)>> {
-    let record = sandbox.record();
-    let upper = sandbox.upper_dir().ok_or_else(|| {
+/// Copies the writable layers of a (frozen) sandbox into `dst` as one tree of its root: the
+/// root overlay's upper is the tree, and each other overlay's upper (the host image's `/usr`)
+/// becomes the subtree at its target, which is how the runtime stacks the layer again
+/// ([`ImageSource::HostLayers`]).
+fn copy_uppers(overlays: &[SandboxOverlay], dst: &Path) -> crate::error::Result<()> {
+    for overlay in overlays {
+        let rel = overlay.target.strip_prefix("/").unwrap_or(&overlay.target);
+        let to = dst.join(rel);
+        if rel.as_os_str().is_empty() {
+            crate::freeze::copy_tree(&overlay.upper, &to)?;
+            continue;
+        }
+        // The root's upper cannot hold the mount point's name (the mount covers it; the
+        // sandbox cannot remove a mount point): whatever is there is hidden, and replaced.
+        match std::fs::symlink_metadata(&to) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&to),
+            Ok(_) => std::fs::remove_file(&to),
+            Err(_) => Ok(()),
+        }
+        .map_err(|e| ImageError::io(format!("cannot replace {}", to.display()), e))?;
+        crate::freeze::copy_tree(&overlay.upper, &to)?;
+    }
+    Ok(())
+}
+
+/// The overlays of a live sandbox with their writable layers, or why it has none on disk.
+fn sandbox_overlays(sandbox: &Sandbox) -> Result<Vec<SandboxOverlay>> {
+    sandbox.overlays().ok_or_else(|| {
         SnapshotError::Unsupported(format!(
             "sandbox {} keeps its writable layer in memory (openrun run), out of the host's \
              reach: diffs need one on disk (openrun create, or --storage disk)",
-            record.id
+            sandbox.id()
         ))
-    })?;
-    let layer_dir = upper.parent().map(Path::to_path_buf).ok_or_else(|| {
-        SnapshotError::Unsupported(format!("sandbox {} has no layer directory", record.id))
-    })?;
-    if record.image != crate::name::HOST {
-        return Ok(vec![("/".into(), record.lowers.clone(), upper)]);
-    }
-    Ok(record
-        .lowers
-        .iter()
-        .enumerate()
-        .map(|(n, lower)| {
-            let target = if n == 0 {
-                PathBuf::from("/")
-            } else {
-                lower.clone()
-            };
-            (target, vec![lower.clone()], layer_dir.join(n.to_string()))
-        })
-        .collect())
+    })
 }
 
 /// What the runtime mounts over every sandbox's root: the layers' entries there (mount points
@@ -318,50 +335,53 @@ pub fn diff_sandbox(
     against: Option<&str>,
     options: &DiffOptions,
 ) -> Result<DiffReport> {
-    let mounts = sandbox_mounts(sandbox)?;
+    let overlays = sandbox_overlays(sandbox)?;
     let mut options = options.clone();
     options
         .hidden
         .extend(RUNTIME_MOUNTS.iter().map(|m| m.to_string()));
     let options = &options;
-    let after: Vec<Overlay> = mounts
+    let after: Vec<Overlay> = overlays
         .iter()
-        .map(|(target, lowers, upper)| Overlay {
-            target: target.clone(),
-            layers: lowers.iter().cloned().chain([upper.clone()]).collect(),
+        .map(|o| Overlay {
+            target: o.target.clone(),
+            layers: o.lowers.iter().cloned().chain([o.upper.clone()]).collect(),
         })
         .collect();
     let Some(against) = against else {
-        let before: Vec<Overlay> = mounts
+        let before: Vec<Overlay> = overlays
             .into_iter()
-            .map(|(target, layers, _)| Overlay { target, layers })
+            .map(|o| Overlay {
+                target: o.target,
+                layers: o.lowers,
+            })
             .collect();
         return Ok(diff::diff(&before, &after, options)?);
     };
-    let r = ImageRef::parse(against)?;
-    if r.is_host() || mounts.len() != 1 {
-        return Err(SnapshotError::Unsupported(format!(
-            "cannot compare sandbox {} with {against}: a diff against an image needs a store \
-             image on both sides (the host image mounts the host's /usr)",
-            sandbox.id()
-        )));
-    }
     let store = store.ok_or_else(|| {
         SnapshotError::Unsupported("no image store to compare against".to_string())
     })?;
     // Its lease keeps the image's layers from prune until the walk is done.
     let image = store.sandbox_image(against)?;
-    let ImageSource::Layers { layers, .. } = &image.source else {
+    let images_dir = store.root().parent().unwrap_or(store.root());
+    let prepared = openrun_runtime::image::prepare(&image.source, images_dir)?;
+    let before: Vec<Overlay> = prepared
+        .layers
+        .iter()
+        .map(|l| Overlay {
+            target: PathBuf::from(l.target),
+            layers: l.lowers.iter().map(|l| l.path.clone()).collect(),
+        })
+        .collect();
+    let same_mounts =
+        before.len() == after.len() && before.iter().zip(&after).all(|(b, a)| b.target == a.target);
+    if !same_mounts {
         return Err(SnapshotError::Unsupported(format!(
-            "cannot compare sandbox {} with {against}: not an image of the store",
+            "cannot compare sandbox {} with {against}: one is on the host image (which mounts \
+             the host's /usr) and the other is not",
             sandbox.id()
         )));
-    };
-    let layers = layers.clone();
-    let before = [Overlay {
-        target: "/".into(),
-        layers,
-    }];
+    }
     Ok(diff::diff(&before, &after, options)?)
 }
 

@@ -5,7 +5,8 @@
 //!                               sandbox is being created from an image (a Lease)
 //! layers/sha256/<hex>/          one unpacked layer in overlayfs lower format
 //! layers/sha256/<hex>.json      LayerInfo {size, created_at, source}
-//! images/<name>/<tag>.json      ImageRecord {layers, config, created_at, source, parent}
+//! images/<name>/<tag>.json      ImageRecord {layers, config, created_at, source, parent,
+//!                               base (absent, or "host" for layers stacked on the host image)}
 //! tmp/<pid>.<start>.<n>/        work dirs of live processes; swept at open when their
 //!                               process is gone
 //! ```
@@ -87,6 +88,28 @@ pub struct ImageRecord {
     /// The image it was made from, if any (`name:tag`).
     #[serde(default)]
     pub parent: Option<String>,
+    /// What its layers are stacked on: nothing (`None`: the layers are the whole root), or
+    /// the built-in host image (a snapshot of a sandbox on `host`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<ImageBase>,
+}
+
+/// What a store image's layers sit on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageBase {
+    /// The built-in `host` image: the host's own `/usr` and a filtered `/etc` skeleton, as
+    /// they are when a sandbox is created (they are not copied into the store).
+    Host,
+}
+
+impl ImageBase {
+    /// Its name (`host`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Host => crate::name::HOST,
+        }
+    }
 }
 
 /// What the store knows about one layer.
@@ -655,7 +678,8 @@ impl Store {
     }
 
     /// Resolves `name` (`host`, or `name[:tag]` in the store) for a new sandbox: the
-    /// runtime's image source (the layer directories, bottom to top) and the image's
+    /// runtime's image source (the layer directories, bottom to top, on the host image for
+    /// an image whose base is `host`) and the image's
     /// defaults, with a [`Lease`] that keeps the layers on disk until the sandbox exists.
     pub fn sandbox_image(&self, name: &str) -> Result<SandboxImage> {
         let r = ImageRef::parse(name)?;
@@ -674,12 +698,20 @@ impl Store {
             }
             layers.push(self.layer_dir(hex));
         }
-        Ok(SandboxImage {
-            name: name.to_string(),
-            source: ImageSource::Layers {
-                name: name.to_string(),
+        let name = name.to_string();
+        let source = match record.base {
+            None => ImageSource::Layers {
+                name: name.clone(),
                 layers,
             },
+            Some(ImageBase::Host) => ImageSource::HostLayers {
+                name: name.clone(),
+                layers,
+            },
+        };
+        Ok(SandboxImage {
+            name,
+            source,
             config: record.config,
             lease: Some(lease),
         })

@@ -30,6 +30,38 @@ pub struct Lower {
 }
 
 impl Lower {
+    /// The directory `name` of this layer, opened beneath it without following a link;
+    /// `None` when the layer has no such entry. A layer that holds something else there (a
+    /// file, a link, a whiteout) would replace a directory the host image mounts: refused.
+    fn subdir(&self, name: &str) -> Result<Option<Self>> {
+        let path = self.path.join(name);
+        match rustix::fs::openat(
+            &*self.dir,
+            name,
+            rustix::fs::OFlags::PATH
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(dir) => Ok(Some(Self {
+                path,
+                dir: std::sync::Arc::new(dir),
+            })),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(RuntimeError::LayerNotFound {
+                source: io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!(
+                        "{} is not a directory, and the host image mounts its own /{name} there",
+                        path.display()
+                    ),
+                ),
+                path,
+            }),
+        }
+    }
+
     fn open(path: PathBuf, follow: bool) -> io::Result<Self> {
         let mut flags =
             rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
@@ -140,70 +172,97 @@ pub fn prepare(source: &ImageSource, images_dir: &Path) -> Result<PreparedImage>
             })
         }
         ImageSource::Layers { name, layers } => {
-            if layers.is_empty() || layers.len() > MAX_LOWERS {
-                return Err(RuntimeError::TooManyLayers {
-                    name: name.clone(),
-                    count: layers.len(),
-                    max: MAX_LOWERS,
-                });
-            }
-            // overlayfs refuses a directory twice among its lowers (ELOOP), and images may
-            // repeat a layer (old Docker images repeat the empty one). Keeping only the
-            // topmost copy changes nothing: whatever the lower copy shows, the upper one
-            // shows again above everything between them.
-            let mut seen = std::collections::HashSet::new();
-            let mut unique: Vec<&PathBuf> =
-                layers.iter().rev().filter(|p| seen.insert(*p)).collect();
-            unique.reverse();
-            let lowers = unique
-                .into_iter()
-                .map(|path| {
-                    Lower::open(path.clone(), false).map_err(|source| RuntimeError::LayerNotFound {
-                        path: path.clone(),
-                        source,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            // The topmost layer that has an `etc` entry decides (a whiteout or a file there
-            // hides the directories below).
-            let has_etc = layers
-                .iter()
-                .rev()
-                .find_map(|l| fs::symlink_metadata(l.join("etc")).ok())
-                .is_some_and(|m| m.is_dir());
+            let lowers = open_store_layers(name, layers)?;
             Ok(PreparedImage {
+                has_etc: layers_have_etc(layers).unwrap_or(false),
                 layers: vec![Layer {
                     target: "/",
                     lowers,
                 }],
-                has_etc,
             })
         }
-        ImageSource::Host => {
-            let skeleton = host_skeleton(images_dir)?;
-            let host_err = |path: &Path| {
-                let path = path.to_path_buf();
-                move |source| RuntimeError::HostImage { path, source }
-            };
-            let mut layers = vec![
-                Layer::open("/", skeleton.clone()).map_err(host_err(&skeleton))?,
-                Layer::open("/usr", PathBuf::from("/usr")).map_err(host_err(Path::new("/usr")))?,
-            ];
-            // Hosts without merged /usr keep real /bin, /lib… directories: mount those too.
-            for alias in USR_ALIASES {
-                let host = Path::new("/").join(alias);
-                if fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
-                    layers.push(
-                        Layer::open(leak_target(alias), host.clone()).map_err(host_err(&host))?,
-                    );
+        ImageSource::HostLayers { name, layers } => {
+            let store = open_store_layers(name, layers)?;
+            let mut mounts = host_mounts(images_dir)?;
+            // Each layer is a tree of the whole root: on top of `/`, and its subtree at each
+            // other mount's target on top of that mount (the host's `/usr` stays lowest).
+            for layer in &store {
+                for mount in &mut mounts {
+                    match mount.target.strip_prefix('/').filter(|t| !t.is_empty()) {
+                        None => mount.lowers.push(layer.clone()),
+                        Some(sub) => mount.lowers.extend(layer.subdir(sub)?),
+                    }
                 }
             }
             Ok(PreparedImage {
-                layers,
-                has_etc: true,
+                has_etc: layers_have_etc(layers).unwrap_or(true),
+                layers: mounts,
             })
         }
+        ImageSource::Host => Ok(PreparedImage {
+            layers: host_mounts(images_dir)?,
+            has_etc: true,
+        }),
     }
+}
+
+/// Opens the store layers of image `name` (bottom to top) as lowers, each once.
+fn open_store_layers(name: &str, layers: &[PathBuf]) -> Result<Vec<Lower>> {
+    if layers.is_empty() || layers.len() > MAX_LOWERS {
+        return Err(RuntimeError::TooManyLayers {
+            name: name.to_string(),
+            count: layers.len(),
+            max: MAX_LOWERS,
+        });
+    }
+    // overlayfs refuses a directory twice among its lowers (ELOOP), and images may repeat a
+    // layer (old Docker images repeat the empty one). Keeping only the topmost copy changes
+    // nothing: whatever the lower copy shows, the upper one shows again above everything
+    // between them.
+    let mut seen = std::collections::HashSet::new();
+    let mut unique: Vec<&PathBuf> = layers.iter().rev().filter(|p| seen.insert(*p)).collect();
+    unique.reverse();
+    unique
+        .into_iter()
+        .map(|path| {
+            Lower::open(path.clone(), false).map_err(|source| RuntimeError::LayerNotFound {
+                path: path.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+/// Whether the root of `layers` has an `/etc` directory: the topmost layer that has an `etc`
+/// entry decides (a whiteout or a file there hides the directories below); `None` when no
+/// layer has one.
+fn layers_have_etc(layers: &[PathBuf]) -> Option<bool> {
+    layers
+        .iter()
+        .rev()
+        .find_map(|l| fs::symlink_metadata(l.join("etc")).ok())
+        .map(|m| m.is_dir())
+}
+
+/// The built-in host image's mounts: the skeleton at `/`, the host's `/usr` at `/usr`, and on
+/// hosts without merged `/usr` their real `/bin`, `/lib`... directories.
+fn host_mounts(images_dir: &Path) -> Result<Vec<Layer>> {
+    let skeleton = host_skeleton(images_dir)?;
+    let host_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| RuntimeError::HostImage { path, source }
+    };
+    let mut layers = vec![
+        Layer::open("/", skeleton.clone()).map_err(host_err(&skeleton))?,
+        Layer::open("/usr", PathBuf::from("/usr")).map_err(host_err(Path::new("/usr")))?,
+    ];
+    for alias in USR_ALIASES {
+        let host = Path::new("/").join(alias);
+        if fs::symlink_metadata(&host).is_ok_and(|m| m.is_dir()) {
+            layers.push(Layer::open(leak_target(alias), host.clone()).map_err(host_err(&host))?);
+        }
+    }
+    Ok(layers)
 }
 
 fn leak_target(alias: &str) -> &'static str {
@@ -430,6 +489,54 @@ mod tests {
         // A second call reuses the same skeleton.
         let again = prepare(&ImageSource::Host, dir.path()).unwrap();
         assert_eq!(&again.layers[0].lowers[0].path, root);
+    }
+
+    #[test]
+    fn host_layers_stack_over_every_host_mount() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_usr = dir.path().join("a");
+        fs::create_dir_all(with_usr.join("usr/local/bin")).unwrap();
+        fs::create_dir_all(with_usr.join("root")).unwrap();
+        let without = dir.path().join("b");
+        fs::create_dir_all(without.join("etc")).unwrap();
+        let source = ImageSource::HostLayers {
+            name: "snap".into(),
+            layers: vec![with_usr.clone(), without.clone()],
+        };
+        let image = prepare(&source, dir.path()).unwrap();
+        let host = prepare(&ImageSource::Host, dir.path()).unwrap();
+        assert_eq!(image.layers.len(), host.layers.len());
+        let paths = |l: &Layer| l.lowers.iter().map(|l| l.path.clone()).collect::<Vec<_>>();
+        let skeleton = host.layers[0].lowers[0].path.clone();
+        assert_eq!(image.layers[0].target, "/");
+        assert_eq!(
+            paths(&image.layers[0]),
+            [skeleton, with_usr.clone(), without.clone()]
+        );
+        assert_eq!(image.layers[1].target, "/usr");
+        assert_eq!(
+            paths(&image.layers[1]),
+            [PathBuf::from("/usr"), with_usr.join("usr")]
+        );
+        assert!(image.has_etc);
+        // A layer replacing /usr with a link is refused, never followed.
+        let linked = dir.path().join("c");
+        fs::create_dir_all(&linked).unwrap();
+        std::os::unix::fs::symlink("/etc", linked.join("usr")).unwrap();
+        let err = prepare(
+            &ImageSource::HostLayers {
+                name: "bad".into(),
+                layers: vec![linked],
+            },
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("mounts its own /usr"), "{err}");
+        let none = ImageSource::HostLayers {
+            name: "empty".into(),
+            layers: Vec::new(),
+        };
+        assert!(prepare(&none, dir.path()).unwrap_err().is_user_error());
     }
 
     #[test]

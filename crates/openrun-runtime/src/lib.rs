@@ -23,6 +23,6 @@ mod sys;
 pub use client::{AgentClient, AgentReceiver, AgentSender, ClientError};
 pub use error::{Result, RuntimeError};
 pub use limits::Limits;
-pub use sandbox::{Runtime, Sandbox};
+pub use sandbox::{Runtime, Sandbox, SandboxOverlay};
 pub use spec::{ImageSource, SandboxSpec, Storage};
-pub use state::SandboxRecord;
+pub use state::{MountRecord, SandboxRecord};

@@ -18,7 +18,7 @@ use crate::image::{self, PreparedImage};
 use crate::init::{self, InitPlan, MemoryLayer, OverlayPlan};
 use crate::setup_channel::{self, SetupMessage};
 use crate::spec::{SandboxSpec, Storage};
-use crate::state::{self, SandboxPaths, SandboxRecord};
+use crate::state::{self, MountRecord, SandboxPaths, SandboxRecord};
 use crate::sys::{self, Forked};
 
 /// The namespace backend rooted at one data dir.
@@ -296,6 +296,15 @@ impl Runtime {
                 .flat_map(|l| &l.lowers)
                 .map(|l| l.path.clone())
                 .collect(),
+            source: Some(spec.image.clone()),
+            mounts: image
+                .layers
+                .iter()
+                .map(|l| MountRecord {
+                    target: PathBuf::from(l.target),
+                    lowers: l.lowers.iter().map(|l| l.path.clone()).collect(),
+                })
+                .collect(),
             user: spec.user.clone(),
             limits: spec.limits.clone(),
             storage: spec.storage,
@@ -350,7 +359,7 @@ impl Runtime {
             )
         })?;
         match reply {
-            HelperReply::Created(record) => self.open_sandbox_record(record),
+            HelperReply::Created(record) => self.open_sandbox_record(*record),
             HelperReply::Failed {
                 message,
                 user_error,
@@ -384,7 +393,7 @@ impl Runtime {
             Ok::<_, RuntimeError>(sandbox.record().clone())
         })();
         let (reply, ok) = match result {
-            Ok(record) => (HelperReply::Created(record), true),
+            Ok(record) => (HelperReply::Created(Box::new(record)), true),
             Err(e) => (
                 HelperReply::Failed {
                     message: e.to_string(),
@@ -667,6 +676,24 @@ impl Sandbox {
         (self.record.storage == Storage::Disk).then(|| self.paths.upper(0))
     }
 
+    /// The sandbox's overlays as the host sees them, root first: each one's target, image
+    /// lowers and writable upper directory (`None` for a memory layer, which exists only
+    /// inside the sandbox's mount namespace).
+    pub fn overlays(&self) -> Option<Vec<SandboxOverlay>> {
+        (self.record.storage == Storage::Disk).then(|| {
+            self.record
+                .mounts()
+                .into_iter()
+                .enumerate()
+                .map(|(n, m)| SandboxOverlay {
+                    target: m.target,
+                    lowers: m.lowers,
+                    upper: self.paths.upper(n),
+                })
+                .collect()
+        })
+    }
+
     /// Runtime dir (socket, record) on the host.
     pub fn run_dir(&self) -> &Path {
         &self.paths.run
@@ -720,11 +747,22 @@ impl Sandbox {
     }
 }
 
+/// One overlay of a live sandbox (see [`Sandbox::overlays`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxOverlay {
+    /// Where it is mounted inside the sandbox (`/`, `/usr`).
+    pub target: PathBuf,
+    /// Its image lowers on the host, bottom to top.
+    pub lowers: Vec<PathBuf>,
+    /// Its writable layer on the host (written by the sandbox: never follow a link in it).
+    pub upper: PathBuf,
+}
+
 /// What the sandbox helper answers.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum HelperReply {
-    Created(SandboxRecord),
+    Created(Box<SandboxRecord>),
     Failed { message: String, user_error: bool },
 }
 

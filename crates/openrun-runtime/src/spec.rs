@@ -25,6 +25,18 @@ pub enum ImageSource {
         /// Layer directories, bottom to top.
         layers: Vec<PathBuf>,
     },
+    /// An image of the store made on the built-in `host` image (a snapshot of a host
+    /// sandbox): the host image's mounts, each with the layers stacked on top (bottom to
+    /// top). A layer holds a tree of the whole root: it is stacked over the skeleton at `/`,
+    /// and its `usr/` subtree (and, on hosts without merged `/usr`, `bin/`, `lib/`...) over
+    /// the host's `/usr` (the lowest lower of that mount), so what a sandbox changed there is
+    /// seen again.
+    HostLayers {
+        /// The image's name, as the caller gave it (shown in listings and records).
+        name: String,
+        /// Layer directories, bottom to top.
+        layers: Vec<PathBuf>,
+    },
 }
 
 impl ImageSource {
@@ -38,7 +50,7 @@ impl ImageSource {
         match self {
             Self::Host => "host".to_string(),
             Self::Rootfs(p) => format!("rootfs:{}", p.display()),
-            Self::Layers { name, .. } => name.clone(),
+            Self::Layers { name, .. } | Self::HostLayers { name, .. } => name.clone(),
         }
     }
 }

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::ids::IdRange;
 use crate::limits::Limits;
-use crate::spec::Storage;
+use crate::spec::{ImageSource, Storage};
 
 /// Root of openrun's runtime files on the host.
 pub const RUN_ROOT: &str = "/run/openrun";
@@ -109,6 +109,15 @@ pub struct SandboxRecord {
     pub image: String,
     /// Host directories used as read-only lowers, to keep them from garbage collection.
     pub lowers: Vec<PathBuf>,
+    /// The image the sandbox was created from (`None` in records of older versions: see
+    /// [`SandboxRecord::image_source`]).
+    #[serde(default)]
+    pub source: Option<ImageSource>,
+    /// Its overlays, root first: where each is mounted and its lowers (the same directories
+    /// as `lowers`, grouped). Empty in records of older versions: see
+    /// [`SandboxRecord::mounts`].
+    #[serde(default)]
+    pub mounts: Vec<MountRecord>,
     /// Default user of processes that name none (`None`: root).
     #[serde(default)]
     pub user: Option<String>,
@@ -123,7 +132,60 @@ pub struct SandboxRecord {
     pub expires_at_ms: Option<u64>,
 }
 
+/// One overlay of a sandbox's root as recorded: overlay `n` has the writable layer
+/// `SandboxPaths::upper(n)`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MountRecord {
+    /// Where it is mounted inside the sandbox (`/`, `/usr`).
+    pub target: PathBuf,
+    /// Its read-only lowers on the host, bottom to top.
+    pub lowers: Vec<PathBuf>,
+}
+
 impl SandboxRecord {
+    /// The image the sandbox was created from. Records written before it was kept say only
+    /// the image's name and its lowers: `host`, `rootfs:DIR`, or a store image's layers.
+    pub fn image_source(&self) -> ImageSource {
+        if let Some(source) = &self.source {
+            return source.clone();
+        }
+        match self.image.strip_prefix("rootfs:") {
+            _ if self.image == "host" => ImageSource::Host,
+            Some(dir) => ImageSource::Rootfs(PathBuf::from(dir)),
+            None => ImageSource::Layers {
+                name: self.image.clone(),
+                layers: self.lowers.clone(),
+            },
+        }
+    }
+
+    /// The sandbox's overlays, root first. For records written before they were kept: the
+    /// host image's lowers are one per mount (the skeleton at `/`, then directories mounted
+    /// where they are on the host), any other image's all at `/`.
+    pub fn mounts(&self) -> Vec<MountRecord> {
+        if !self.mounts.is_empty() {
+            return self.mounts.clone();
+        }
+        if self.image != "host" {
+            return vec![MountRecord {
+                target: PathBuf::from("/"),
+                lowers: self.lowers.clone(),
+            }];
+        }
+        self.lowers
+            .iter()
+            .enumerate()
+            .map(|(n, lower)| MountRecord {
+                target: if n == 0 {
+                    PathBuf::from("/")
+                } else {
+                    lower.clone()
+                },
+                lowers: vec![lower.clone()],
+            })
+            .collect()
+    }
+
     /// Writes the record atomically.
     pub fn save(&self, paths: &SandboxPaths) -> io::Result<()> {
         let tmp = paths.run.join("state.json.tmp");

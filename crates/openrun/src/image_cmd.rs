@@ -53,9 +53,15 @@ fn image_json(store: &Store, r: &ImageRef, record: &ImageRecord) -> Value {
         "created_at": record.created_at,
         "source": record.source,
         "parent": record.parent,
+        "base": record.base.map(|b| b.as_str()),
         "config": record.config,
         "layers": layers,
     })
+}
+
+/// What the image's layers sit on: `host`, or `-` (they are the whole root).
+fn base(record: &ImageRecord) -> &'static str {
+    record.base.map_or("-", |b| b.as_str())
 }
 
 /// `1.5 MB`-style sizes (powers of 1000, as `docker images`).
@@ -106,6 +112,7 @@ fn ls(store: &Store, args: ImageLsArgs) -> Result<i32> {
             vec![
                 r.name.clone(),
                 r.tag.clone(),
+                base(rec).to_string(),
                 rec.layers.len().to_string(),
                 human_bytes(layers_size(store, &rec.layers)),
                 age(&rec.created_at),
@@ -114,7 +121,7 @@ fn ls(store: &Store, args: ImageLsArgs) -> Result<i32> {
         })
         .collect();
     output::print(&output::table(
-        &["NAME", "TAG", "LAYERS", "SIZE", "CREATED", "SOURCE"],
+        &["NAME", "TAG", "BASE", "LAYERS", "SIZE", "CREATED", "SOURCE"],
         &rows,
     ));
     Ok(0)
@@ -150,6 +157,7 @@ fn print_summary(store: &Store, r: &ImageRef, record: &ImageRecord) {
             "Parent".to_string(),
             record.parent.clone().unwrap_or_else(|| "-".into()),
         ],
+        vec!["Base".to_string(), base(record).to_string()],
         vec![
             "Size".to_string(),
             human_bytes(layers_size(store, &record.layers)),

@@ -43,6 +43,7 @@ fn busybox_image(env: &Env) {
         created_at: openrun_image::now(),
         source: "test".into(),
         parent: None,
+        base: None,
     };
     let r = openrun_image::ImageRef::parse("bb").unwrap();
     store.commit(vec![staged], Some((&r, &record))).unwrap();
@@ -54,6 +55,37 @@ fn run(api: &Api, id: &str, script: &str, code: i64) -> String {
     let exit = exit_line(&lines);
     assert_eq!(exit["code"], code, "{script}: {lines:?}");
     stream(&lines, "stdout")
+}
+
+/// Runs `change` in the first of `forks`, then `check` (which must succeed) in the other
+/// forks and in `parent`: the change must be invisible there. Returns their outputs.
+fn diverge(api: &Api, forks: &[String], parent: &str, change: &str, check: &str) -> Vec<String> {
+    run(api, &forks[0], change, 0);
+    forks[1..]
+        .iter()
+        .map(String::as_str)
+        .chain([parent])
+        .map(|id| run(api, id, check, 0))
+        .collect()
+}
+
+/// Forks sandbox `id` into `count` running sandboxes through the API; returns the image they
+/// share and their resources.
+fn fork(api: &Api, id: &str, count: usize) -> (String, Vec<Value>) {
+    let res = post_json(
+        api,
+        &format!("/v1/sandboxes/{id}/fork"),
+        json!({ "count": count }),
+    );
+    assert_eq!(res.status(), 201);
+    let forks: Vec<Value> = res.json().unwrap();
+    assert_eq!(forks.len(), count);
+    let image = forks[0]["image"].as_str().unwrap().to_string();
+    for f in &forks {
+        assert_eq!(f["image"], image.as_str());
+        assert_eq!(f["state"], "running");
+    }
+    (image, forks)
 }
 
 fn post_json(api: &Api, path: &str, body: Value) -> reqwest::blocking::Response {
@@ -76,15 +108,7 @@ fn forks_see_the_snapshot_and_diverge() {
          && rm -rf /opt && mkdir /opt && echo fresh > /opt/new",
         0,
     );
-    let res = post_json(
-        &api,
-        &format!("/v1/sandboxes/{pid}/fork"),
-        json!({"count": 3}),
-    );
-    assert_eq!(res.status(), 201);
-    let forks: Vec<Value> = res.json().unwrap();
-    assert_eq!(forks.len(), 3);
-    let image = forks[0]["image"].as_str().unwrap().to_string();
+    let (image, forks) = fork(&api, pid, 3);
     assert!(image.starts_with(&format!("snap-{pid}-")), "{image}");
     let ids: Vec<String> = forks
         .iter()
@@ -110,15 +134,13 @@ fn forks_see_the_snapshot_and_diverge() {
         assert_eq!(out, "before\nhello\nworld\nagain\n2\nparent\nnew\n", "{id}");
     }
     // Changes in one fork are invisible to the other forks and to the parent.
-    run(
+    diverge(
         &api,
-        &ids[0],
+        &ids,
+        pid,
         "echo mine > /work/only0 && rm /work/before",
-        0,
+        "test ! -e /work/only0 && cat /work/before",
     );
-    for id in ids[1..].iter().map(String::as_str).chain([pid]) {
-        run(&api, id, "test ! -e /work/only0 && cat /work/before", 0);
-    }
     // And the parent's later changes are invisible to the forks.
     run(&api, pid, "echo later > /work/later", 0);
     for id in &ids {
@@ -172,19 +194,8 @@ fn diff_lists_changes_with_a_patch_and_never_follows_links() {
     let res = api.get(&format!("/v1/sandboxes/{id}/diff"));
     assert_eq!(res.status(), 200);
     let diff: Value = res.json().unwrap();
-    let changes: Vec<(String, String, String)> = diff["changes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["path"].as_str().unwrap().to_string(),
-                c["kind"].as_str().unwrap().to_string(),
-                c["type"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
-    let expect = |p: &str, k: &str, t: &str| (p.to_string(), k.to_string(), t.to_string());
+    let changes = changed(&diff);
+    let expect = change;
     assert_eq!(
         changes,
         [
@@ -353,13 +364,9 @@ fn bad_requests_and_other_tenants_are_refused() {
         json!({"name": "taken"}),
     );
     error(res, 409, "already_exists");
-    // A sandbox on the host image cannot be snapshotted: its /usr is the host's.
+    // A sandbox on the host image: its changes are reviewed, /usr included.
     let host = api.create(json!({}));
     let hid = host["id"].as_str().unwrap();
-    let res = post_json(&api, &format!("/v1/sandboxes/{hid}/snapshot"), json!({}));
-    let message = error(res, 400, "invalid_argument");
-    assert!(message.contains("host image"), "{message}");
-    // ... but its changes can be reviewed, /usr included.
     run(&api, hid, "echo x > /root/note && touch /usr/local/tool", 0);
     let diff: Value = api
         .get(&format!("/v1/sandboxes/{hid}/diff"))
@@ -376,6 +383,179 @@ fn bad_requests_and_other_tenants_are_refused() {
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
     let res = post_json(&api, &format!("/v1/sandboxes/{id}/snapshot"), json!({}));
     error(res, 404, "not_found");
+}
+
+/// `(path, kind, type)` of a diff's changes.
+fn changed(diff: &Value) -> Vec<(String, String, String)> {
+    diff["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let field = |k: &str| c[k].as_str().unwrap();
+            change(field("path"), field("kind"), field("type"))
+        })
+        .collect()
+}
+
+fn change(path: &str, kind: &str, file_type: &str) -> (String, String, String) {
+    (path.to_string(), kind.to_string(), file_type.to_string())
+}
+
+#[test]
+fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "hoster"));
+    let parent = api.create(json!({"env": {"WHO": "parent"}}));
+    let pid = parent["id"].as_str().unwrap();
+    assert_eq!(parent["image"], "host");
+    // Outside /tmp (the sandbox's own tmpfs): the root's layer, the /usr mount's layer, and
+    // a file of the host image's /etc skeleton deleted.
+    run(
+        &api,
+        pid,
+        "test -f /etc/motd && echo note > /root/x \
+         && printf '#!/bin/sh\\necho tool ran \"$@\"\\n' > /usr/local/bin/tool \
+         && chmod 755 /usr/local/bin/tool && rm /etc/motd",
+        0,
+    );
+    let (image, forks) = fork(&api, pid, 3);
+    let ids: Vec<String> = forks
+        .iter()
+        .map(|f| {
+            assert_eq!(f["image"], image.as_str());
+            assert_eq!(f["env"]["WHO"], "parent");
+            f["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 3);
+    // The store has one layer on the host image (its /usr is never copied).
+    let store = openrun_image::Store::open(env.data_dir()).unwrap();
+    let record = store
+        .get(&openrun_image::ImageRef::parse(&image).unwrap())
+        .unwrap();
+    assert_eq!(record.base, Some(openrun_image::ImageBase::Host));
+    assert_eq!(record.layers.len(), 1);
+    assert_eq!(record.parent.as_deref(), Some("host"));
+    let size = store.layer_info(&record.layers[0]).unwrap().size;
+    assert!(
+        size < 1 << 20,
+        "the layer holds the changes only: {size} bytes"
+    );
+    let sees_parent = "cat /root/x; /usr/local/bin/tool a; test ! -e /etc/motd && echo gone; \
+                       test -f /etc/passwd && ls /usr/bin/env";
+    for id in &ids {
+        let out = run(&api, id, sees_parent, 0);
+        assert_eq!(out, "note\ntool ran a\ngone\n/usr/bin/env\n", "{id}");
+    }
+    // A change in one fork, under /usr and at the root, is invisible to the others and to
+    // the parent.
+    let outputs = diverge(
+        &api,
+        &ids,
+        pid,
+        "echo mine > /usr/local/bin/only0 && rm /root/x && echo '# v2' >> /usr/local/bin/tool",
+        "test ! -e /usr/local/bin/only0 && cat /root/x && /usr/local/bin/tool b",
+    );
+    assert_eq!(outputs, ["note\ntool ran b\n"; 3]);
+    // The fork's diff against the snapshot (and against its own image, the same) holds its
+    // own changes only.
+    let expected = [
+        change("/root/x", "deleted", "file"),
+        change("/usr/local/bin/only0", "added", "file"),
+        change("/usr/local/bin/tool", "modified", "file"),
+    ];
+    for query in [format!("?against={image}"), String::new()] {
+        let res = api.get(&format!("/v1/sandboxes/{}/diff{query}", ids[0]));
+        assert_eq!(res.status(), 200);
+        let diff: Value = res.json().unwrap();
+        assert_eq!(changed(&diff), expected, "{query}: {diff}");
+        assert!(
+            diff["patch"].as_str().unwrap().contains("+# v2\n"),
+            "{diff}"
+        );
+    }
+    // Against the host image itself: the parent's changes and the fork's together.
+    let res = api.get(&format!("/v1/sandboxes/{}/diff?against=host", ids[1]));
+    let diff: Value = res.json().unwrap();
+    assert_eq!(
+        changed(&diff),
+        [
+            change("/etc/motd", "deleted", "file"),
+            change("/root/x", "added", "file"),
+            change("/usr/local/bin/tool", "added", "file"),
+        ],
+        "{diff}"
+    );
+    // A sandbox on the host image and an image that is not cannot be compared.
+    busybox_image(&env);
+    let message = error(
+        api.get(&format!("/v1/sandboxes/{pid}/diff?against=bb")),
+        400,
+        "invalid_argument",
+    );
+    assert!(message.contains("host image"), "{message}");
+    // A snapshot of a fork stacks a second layer on /usr too.
+    let res = post_json(
+        &api,
+        &format!("/v1/sandboxes/{}/snapshot", ids[0]),
+        json!({"name": "gen2"}),
+    );
+    assert_eq!(res.status(), 201);
+    let snap: Value = res.json().unwrap();
+    assert_eq!(snap["layers"].as_array().unwrap().len(), 2);
+    let gen2 = api.create(json!({"image": "gen2"}));
+    let out = run(
+        &api,
+        gen2["id"].as_str().unwrap(),
+        "cat /usr/local/bin/only0; test ! -e /root/x && /usr/local/bin/tool c",
+        0,
+    );
+    assert_eq!(out, "mine\ntool ran c\n");
+    // The embedded CLI runs the snapshot like any image, and lists its base.
+    let out = env.output([
+        "run",
+        "--image",
+        &image,
+        "--",
+        "sh",
+        "-c",
+        "cat /root/x && /usr/local/bin/tool d",
+    ]);
+    assert_ok(&out);
+    assert_eq!(stdout(&out), "note\ntool ran d\n");
+    let out = env.output(["image", "ls"]);
+    assert_ok(&out);
+    let listing = stdout(&out);
+    let row = listing
+        .lines()
+        .find(|l| l.starts_with("gen2 "))
+        .unwrap_or_else(|| panic!("{listing}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[..4], ["gen2", "latest", "host", "2"], "{listing}");
+    let out = env.output(["image", "inspect", "--json", "gen2"]);
+    assert_ok(&out);
+    let inspected: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(inspected["base"], "host");
+    // A Dockerfile cannot build on it (its steps would run without the host's /usr).
+    let context = tempfile::tempdir().unwrap();
+    fs::write(context.path().join("Dockerfile"), "FROM gen2\nRUN true\n").unwrap();
+    let out = env
+        .cmd(["image", "build", "-t", "on-gen2"])
+        .arg(context.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("host image"), "{}", stderr(&out));
+    // With their names gone, prune keeps the layers live sandboxes stack (on / and /usr).
+    for name in [image.as_str(), "gen2"] {
+        assert_ok(&env.output(["image", "rm", name]));
+    }
+    assert_ok(&env.output(["image", "prune"]));
+    assert!(store.has_layer(&record.layers[0]));
+    let out = run(&api, &ids[1], "/usr/local/bin/tool e", 0);
+    assert_eq!(out, "tool ran e\n");
 }
 
 #[test]

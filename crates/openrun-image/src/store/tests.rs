@@ -29,6 +29,7 @@ fn record(layers: &[&str]) -> ImageRecord {
         created_at: now(),
         source: "test".into(),
         parent: None,
+        base: None,
     }
 }
 
@@ -249,7 +250,27 @@ fn sandbox_images_resolve_with_their_defaults() {
         store.sandbox_image("Bad Name"),
         Err(ImageError::InvalidName { .. })
     ));
+    // Its lease goes before the next commit (which waits for every lease).
     drop(image);
+    // An image on the host image resolves to its layers over the host's mounts; its record
+    // says so, and a record without `base` (written before it existed) reads as none.
+    let on_host = ImageRef::parse("snap:v1").unwrap();
+    let mut snap = record(&[&hex]);
+    snap.base = Some(ImageBase::Host);
+    store.put(&on_host, &snap).unwrap();
+    let text = fs::read_to_string(store.record_path(&on_host)).unwrap();
+    assert!(text.contains("\"base\": \"host\""), "{text}");
+    assert!(!fs::read_to_string(store.record_path(&r))
+        .unwrap()
+        .contains("base"));
+    assert_eq!(store.get(&on_host).unwrap().base, Some(ImageBase::Host));
+    assert_eq!(
+        store.sandbox_image("snap:v1").unwrap().source,
+        ImageSource::HostLayers {
+            name: "snap:v1".into(),
+            layers: vec![store.layer_dir(&hex)]
+        }
+    );
 }
 
 #[test]
