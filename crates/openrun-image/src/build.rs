@@ -337,7 +337,10 @@ pub fn build(
         parent,
         base: None,
     };
-    store.put(&options.tag, &record)?;
+    store.put(&options.tag, &record).map_err(|e| match e {
+        ImageError::MissingLayers(missing) => pruned(missing),
+        e => e.into(),
+    })?;
     let digest = format!(
         "sha256:{}",
         key_of(&json!({"layers": record.layers, "config": record.config}))
@@ -823,6 +826,16 @@ impl Builder<'_, '_> {
         let mut sandbox = {
             // The layers stay on disk (no prune) until the sandbox's record lists them.
             let _lease = self.store.lease()?;
+            let missing: Vec<String> = self
+                .state
+                .layers
+                .iter()
+                .filter(|l| !self.store.has_layer(l))
+                .cloned()
+                .collect();
+            if !missing.is_empty() {
+                return Err(pruned(missing));
+            }
             wait_single_threaded();
             self.runtime.create(&spec)?
         };
@@ -921,6 +934,15 @@ fn exec(
     };
     let start = tail.len().saturating_sub(OUTPUT_TAIL);
     Ok((status, String::from_utf8_lossy(&tail[start..]).into_owned()))
+}
+
+/// Layers of the build gone before it could use or tag them: only a prune (which keeps the
+/// layers of tagged images and live sandboxes, not those of a build in progress) removes them.
+fn pruned(missing: Vec<String>) -> BuildError {
+    BuildError::Invalid(format!(
+        "layers this build made or uses were removed by a concurrent `openrun image prune` ({}); build again (the cache keeps what is still there)",
+        missing.join(", ")
+    ))
 }
 
 /// How a command ended, for the error.
