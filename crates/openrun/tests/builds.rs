@@ -324,6 +324,10 @@ fn bad_dockerfiles_and_inputs_are_refused_with_their_line() {
         "secret.txt",
         "outside the context\n",
     );
+    // A snapshot of a sandbox on the built-in host image sits on the host's /usr: not a base.
+    let id = env.create(&[]);
+    assert_ok(&env.output(["snapshot", &id, "-t", "hostsnap"]));
+    assert_ok(&env.output(["rm", &id]));
     let cases: &[(&str, &str)] = &[
         ("FROM bb\nENV A=\"unterminated\n", "Dockerfile line 2: unterminated double quote"),
         ("FROM bb\nRUN true\nHEALTHCHECK CMD true\n", "Dockerfile line 3: HEALTHCHECK is not supported"),
@@ -342,6 +346,7 @@ fn bad_dockerfiles_and_inputs_are_refused_with_their_line() {
         ("FROM bb\nCOPY file.txt /etc/passwd/x\n", "/etc/passwd is not a directory in the image"),
         ("FROM missing-base\n", "Dockerfile line 1: FROM missing-base: image \"missing-base:latest\" not found"),
         ("FROM host\n", "the built-in host image cannot be built on"),
+        ("FROM hostsnap\n", "Dockerfile line 1: FROM hostsnap: hostsnap:latest is a snapshot of a sandbox on the built-in host image, which cannot be built on"),
         ("FROM scratch\nRUN true\n", "Dockerfile line 2: RUN true: the image is empty (FROM scratch)"),
         ("FROM scratch\nENV A=1\n", "the image has no layers"),
         ("FROM bb\nENV A=\"${B:?must be given}\"\n", "Dockerfile line 2: ENV A=\"${B:?must be given}\": B: must be given"),
@@ -357,7 +362,11 @@ fn bad_dockerfiles_and_inputs_are_refused_with_their_line() {
             stderr(&out)
         );
     }
-    assert_eq!(image_names(&env), ["bb:latest"], "nothing tagged");
+    assert_eq!(
+        image_names(&env),
+        ["bb:latest", "hostsnap:latest"],
+        "nothing tagged"
+    );
     // Arguments the CLI refuses before building.
     let out = env.output(["image", "build", ctx.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(125));
