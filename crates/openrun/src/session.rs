@@ -56,16 +56,7 @@ pub async fn attached_exec(
     };
 
     tracing::debug!(pid, "exec started");
-    let _raw = if tty && forward_stdin {
-        terminal::RawMode::enter()
-    } else {
-        None
-    };
-    let mut winch = signal(SignalKind::window_change())?;
-    let mut signals = Signals::new()?;
-    let mut stdin = tokio::io::stdin();
-    let mut stdin_open = forward_stdin;
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut local = Attachment::new(tty, forward_stdin)?;
 
     loop {
         tokio::select! {
@@ -87,24 +78,56 @@ pub async fn attached_exec(
                     AgentMessage::Response { .. } => {}
                 }
             }
-            n = stdin.read(&mut buf), if stdin_open => {
+            n = local.stdin.read(&mut local.buf), if local.stdin_open => {
                 let n = n.unwrap_or(0);
                 if n == 0 {
-                    stdin_open = false;
+                    local.stdin_open = false;
                     sender.send(Request::Stdin { pid, eof: true }).await?;
                 } else {
                     sender
-                        .send_with_data(Request::Stdin { pid, eof: false }, buf[..n].to_vec())
+                        .send_with_data(Request::Stdin { pid, eof: false }, local.buf[..n].to_vec())
                         .await?;
                 }
             }
-            _ = winch.recv(), if tty => {
+            _ = local.winch.recv(), if tty => {
                 sender.send(Request::Resize { pid, size: terminal::size() }).await?;
             }
-            signal = signals.recv() => {
+            signal = local.signals.recv() => {
                 sender.send(Request::Signal { pid, signal, group: true }).await?;
             }
         }
+    }
+}
+
+/// What an attached session forwards from our side: stdin (read into `buf` while
+/// `stdin_open`), window-size changes and the caught signals; the terminal stays in raw mode
+/// while it lives when `raw` and stdin is forwarded.
+pub struct Attachment {
+    _raw: Option<terminal::RawMode>,
+    pub winch: Signal,
+    pub signals: Signals,
+    pub stdin: tokio::io::Stdin,
+    pub stdin_open: bool,
+    pub buf: Vec<u8>,
+}
+
+impl Attachment {
+    /// Enters raw mode (when `raw && forward_stdin` and stdin is a terminal), then starts
+    /// catching SIGWINCH and the forwarded signals.
+    pub fn new(raw: bool, forward_stdin: bool) -> Result<Self> {
+        let _raw = if raw && forward_stdin {
+            terminal::RawMode::enter()
+        } else {
+            None
+        };
+        Ok(Self {
+            _raw,
+            winch: signal(SignalKind::window_change())?,
+            signals: Signals::new()?,
+            stdin: tokio::io::stdin(),
+            stdin_open: forward_stdin,
+            buf: vec![0u8; 32 * 1024],
+        })
     }
 }
 

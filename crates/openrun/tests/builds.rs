@@ -91,6 +91,13 @@ fn run(env: &Env, image: &str, script: Option<&str>) -> String {
     stdout(&out)
 }
 
+/// `openrun image build -t TAG CTX`, asserting the refusal (125); returns stderr.
+fn refused(env: &Env, tag: &str, ctx: &Path) -> String {
+    let out = env.output(["image", "build", "-t", tag, ctx.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(125));
+    stderr(&out)
+}
+
 fn image_names(env: &Env) -> Vec<String> {
     let out = env.output(["image", "ls", "--json"]);
     assert_ok(&out);
@@ -280,9 +287,7 @@ fn a_failing_run_names_its_line_shows_its_output_and_tags_nothing() {
         "Dockerfile",
         "FROM bb\nRUN echo first step\n\n# the failing one\nRUN echo to stdout; echo to stderr >&2; \\\n    exit 3\nRUN echo never\n",
     );
-    let out = env.output(["image", "build", "-t", "bad", ctx.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(125));
-    let log = stderr(&out);
+    let log = refused(&env, "bad", &ctx);
     assert!(log.contains("first step"), "{log}");
     assert!(log.contains("to stdout\nto stderr\n"), "{log}");
     assert!(
@@ -297,14 +302,12 @@ fn a_failing_run_names_its_line_shows_its_output_and_tags_nothing() {
         "Dockerfile",
         "FROM bb\nRUN [\"no-such-program\", \"x\"]\n",
     );
-    let out = env.output(["image", "build", "-t", "bad", ctx.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(125));
+    let log = refused(&env, "bad", &ctx);
     assert!(
-        stderr(&out).contains(
+        log.contains(
             "Dockerfile line 2: RUN [\"no-such-program\", \"x\"]: cannot run \"no-such-program\""
         ),
-        "{}",
-        stderr(&out)
+        "{log}"
     );
     // No sandbox is left behind by the failed steps.
     let ps = env.output(["ps", "--json"]);
@@ -467,23 +470,16 @@ fn add_extracts_archives_and_copy_stays_inside_context_and_image() {
     );
     // A named source that is a link leaving the context is resolved inside it: not found.
     write(&ctx, "Dockerfile", "FROM bb\nCOPY up /up\n");
-    let out = env.output(["image", "build", "-t", "up", ctx.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(125));
+    let log = refused(&env, "up", &ctx);
     assert!(
-        stderr(&out).contains("\"up\" does not exist in the build context"),
-        "{}",
-        stderr(&out)
+        log.contains("\"up\" does not exist in the build context"),
+        "{log}"
     );
     // Whiteouts in an ADD archive would delete the image's files: refused.
     fs::write(ctx.join("pkg.tar.gz"), tar_gz(true)).unwrap();
     write(&ctx, "Dockerfile", "FROM bb\nADD pkg.tar.gz /etc/\n");
-    let out = env.output(["image", "build", "-t", "wh", ctx.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(125));
-    assert!(
-        stderr(&out).contains("Dockerfile line 2: ADD pkg.tar.gz /etc/: ADD archive \"pkg.tar.gz\" has the whiteout entry \"pkg/.wh.passwd\""),
-        "{}",
-        stderr(&out)
-    );
+    let log = refused(&env, "wh", &ctx);
+    assert!(log.contains("Dockerfile line 2: ADD pkg.tar.gz /etc/: ADD archive \"pkg.tar.gz\" has the whiteout entry \"pkg/.wh.passwd\""), "{log}");
     assert!(!image_names(&env).contains(&"wh:latest".to_string()));
 }
 

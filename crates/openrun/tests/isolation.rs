@@ -48,14 +48,10 @@ fn proc_lists_only_the_sandbox_processes() {
 fn hostname_is_the_sandbox_id_and_only_lo_exists() {
     let env = Env::new();
     let id = env.create(&[]);
-    let out = env.output([
-        "exec",
+    let out = env.exec_sh(
         &id,
-        "--",
-        "sh",
-        "-c",
         "cat /proc/sys/kernel/hostname; ls /sys/class/net; cat /proc/net/dev",
-    ]);
+    );
     assert_ok(&out);
     let text = stdout(&out);
     let mut lines = text.lines();
@@ -75,14 +71,10 @@ fn hostname_is_the_sandbox_id_and_only_lo_exists() {
 fn root_inside_writes_files_owned_by_an_unprivileged_host_uid() {
     let env = Env::new();
     let id = env.create(&[]);
-    let out = env.output([
-        "exec",
+    let out = env.exec_sh(
         &id,
-        "--",
-        "sh",
-        "-c",
         "echo data > /root/owned; id -u; cat /proc/self/uid_map",
-    ]);
+    );
     assert_ok(&out);
     let text = stdout(&out);
     let mut lines = text.lines();

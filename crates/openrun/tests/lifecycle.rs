@@ -9,14 +9,7 @@ fn a_sandbox_survives_its_creator_and_a_new_process_runs_in_it() {
     // `create` is a process that exits right after printing the id.
     let id = env.create(&[]);
     assert!(env.live_ids().contains(&id));
-    let out = env.output([
-        "exec",
-        &id,
-        "--",
-        "sh",
-        "-c",
-        "echo $HOSTNAME; echo state > /tmp/s",
-    ]);
+    let out = env.exec_sh(&id, "echo $HOSTNAME; echo state > /tmp/s");
     assert_ok(&out);
     assert_eq!(stdout(&out), format!("{id}\n"));
     // A third process sees the state the second left, by id prefix.

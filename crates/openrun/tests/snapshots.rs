@@ -563,14 +563,7 @@ fn the_cli_snapshots_forks_and_diffs_local_sandboxes() {
     let env = Env::new();
     busybox_image(&env);
     let id = env.create(&["--image", "bb"]);
-    let out = env.output([
-        "exec",
-        &id,
-        "--",
-        "sh",
-        "-c",
-        "echo cli > /work/f && rm /etc/gone",
-    ]);
+    let out = env.exec_sh(&id, "echo cli > /work/f && rm /etc/gone");
     assert_ok(&out);
     let out = env.output(["diff", &id]);
     assert_ok(&out);

@@ -12,12 +12,11 @@ use openrun_protocol::{ErrorCode, ExitStatus};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::AsyncReadExt;
-use tokio::signal::unix::{signal, SignalKind};
 use tokio_tungstenite::tungstenite::Message;
 
 use super::http::{encode, sandbox_path, ApiError, Client, Lines, WebSocket};
 use crate::cli::{ExecArgs, LogsArgs, ProcessArgs, ShellArgs};
-use crate::session::{self, write_out, Outcome, Signals};
+use crate::session::{self, write_out, Attachment, Outcome, Signals};
 use crate::terminal;
 
 /// One line of an exec or output stream (and the terminal's closing message).
@@ -314,16 +313,7 @@ async fn terminal_session(
         query.push_str(&encode(&serde_json::to_string(command)?));
     }
     let mut socket = client.websocket(&sandbox_path(id, &query)).await?;
-    let _raw = if forward_stdin {
-        terminal::RawMode::enter()
-    } else {
-        None
-    };
-    let mut winch = signal(SignalKind::window_change())?;
-    let mut signals = Signals::new()?;
-    let mut stdin = tokio::io::stdin();
-    let mut stdin_open = forward_stdin;
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut local = Attachment::new(true, forward_stdin)?;
     let lost = "lost the connection to the server";
     loop {
         tokio::select! {
@@ -340,16 +330,16 @@ async fn terminal_session(
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e).context(lost),
             },
-            n = stdin.read(&mut buf), if stdin_open => match n {
-                Ok(0) | Err(_) => stdin_open = false,
-                Ok(n) => socket.send(Message::binary(buf[..n].to_vec())).await.context(lost)?,
+            n = local.stdin.read(&mut local.buf), if local.stdin_open => match n {
+                Ok(0) | Err(_) => local.stdin_open = false,
+                Ok(n) => socket.send(Message::binary(local.buf[..n].to_vec())).await.context(lost)?,
             },
-            _ = winch.recv() => {
+            _ = local.winch.recv() => {
                 let size = terminal::size();
                 let resize = json!({ "type": "resize", "cols": size.cols, "rows": size.rows });
                 socket.send(Message::text(resize.to_string())).await.context(lost)?;
             }
-            sig = signals.recv() => {
+            sig = local.signals.recv() => {
                 if sig == 2 {
                     // What the terminal's own ^C would send.
                     socket.send(Message::binary(vec![3u8])).await.context(lost)?;

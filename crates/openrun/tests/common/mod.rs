@@ -58,6 +58,11 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `openrun exec ID -- sh -c SCRIPT`, captured.
+    pub fn exec_sh(&self, id: &str, script: &str) -> Output {
+        self.output(["exec", id, "--", "sh", "-c", script])
+    }
+
     /// `openrun create`, returning the id.
     pub fn create(&self, extra: &[&str]) -> String {
         let mut args = vec!["create"];
