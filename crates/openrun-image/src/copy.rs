@@ -589,15 +589,8 @@ impl Tree {
         Self::clear(dir, &rel, name)?;
         let fail = |e: Errno| format!("cannot create the link {rel:?} in the layer: {e}");
         rustix::fs::symlinkat(target, dir, name).map_err(fail)?;
-        rustix::fs::chownat(
-            dir,
-            name,
-            Some(rustix::process::Uid::from_raw(meta.uid)),
-            Some(rustix::process::Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(fail)?;
-        rustix::fs::utimensat(dir, name, &times(&meta), AtFlags::SYMLINK_NOFOLLOW).map_err(fail)
+        crate::layer::set_owner_time_at(dir, name.as_bytes(), (meta.uid, meta.gid), &times(&meta))
+            .map_err(|(_, e)| fail(e))
     }
 
     /// Sets the directories' times, deepest first.

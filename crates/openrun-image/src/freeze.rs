@@ -17,7 +17,7 @@ use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Stat, Timespec, Timestamps};
 
 use crate::error::{ImageError, IoContext, Result};
-use crate::layer::{open_dir_at, open_dir_path, MAX_DEPTH, OPAQUE_XATTR};
+use crate::layer::{open_dir_at, open_dir_path, owner_time_at, MAX_DEPTH, OPAQUE_XATTR};
 
 /// What [`copy_tree`] copied.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +161,7 @@ impl Copier {
                     .context(|| format!("cannot read the link {shown}"))?;
                 rustix::fs::symlinkat(target.as_c_str(), &**to, name)
                     .context(|| format!("cannot create the link {shown}"))?;
-                self.owner_time_at(to, name, &st, shown)
+                owner_time_at(to, name, (st.st_uid, st.st_gid), &times(&st), shown)
             }
             FileType::CharacterDevice if st.st_rdev == 0 => {
                 rustix::fs::mknodat(
@@ -172,12 +172,12 @@ impl Copier {
                     rustix::fs::makedev(0, 0),
                 )
                 .context(|| format!("cannot create the whiteout {shown}"))?;
-                self.owner_time_at(to, name, &st, shown)
+                owner_time_at(to, name, (st.st_uid, st.st_gid), &times(&st), shown)
             }
             FileType::Fifo => {
                 rustix::fs::mknodat(&**to, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
                     .context(|| format!("cannot create the fifo {shown}"))?;
-                self.owner_time_at(to, name, &st, shown)?;
+                owner_time_at(to, name, (st.st_uid, st.st_gid), &times(&st), shown)?;
                 rustix::fs::chmodat(
                     &**to,
                     name,
@@ -230,14 +230,6 @@ impl Copier {
             std::io::copy(&mut src, &mut dst).context(|| format!("cannot copy {shown}"))?;
         owner_mode(&dst, st).context(|| format!("cannot set the owner of {shown}"))?;
         rustix::fs::futimens(&dst, &times(st)).context(|| format!("cannot set the time of {shown}"))
-    }
-
-    fn owner_time_at(&self, dir: &OwnedFd, name: &[u8], st: &Stat, shown: &str) -> Result<()> {
-        let nofollow = AtFlags::SYMLINK_NOFOLLOW;
-        rustix::fs::chownat(dir, name, uid(st), gid(st), nofollow)
-            .context(|| format!("cannot set the owner of {shown}"))?;
-        rustix::fs::utimensat(dir, name, &times(st), nofollow)
-            .context(|| format!("cannot set the time of {shown}"))
     }
 }
 

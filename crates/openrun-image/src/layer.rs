@@ -291,6 +291,35 @@ fn components(raw: &[u8], shown: &str) -> Result<Vec<Vec<u8>>> {
     Ok(out)
 }
 
+/// Sets the owner (`ids`: uid, gid) and `times` of `name` in `dir` without following it
+/// (links, fifos); on failure, which of the two (`"owner"` or `"time"`) failed and why.
+pub(crate) fn set_owner_time_at(
+    dir: impl AsFd,
+    name: &[u8],
+    (uid, gid): (u32, u32),
+    times: &Timestamps,
+) -> std::result::Result<(), (&'static str, Errno)> {
+    let nofollow = AtFlags::SYMLINK_NOFOLLOW;
+    let (uid, gid) = (
+        rustix::process::Uid::from_raw(uid),
+        rustix::process::Gid::from_raw(gid),
+    );
+    rustix::fs::chownat(&dir, name, Some(uid), Some(gid), nofollow).map_err(|e| ("owner", e))?;
+    rustix::fs::utimensat(&dir, name, times, nofollow).map_err(|e| ("time", e))
+}
+
+/// [`set_owner_time_at`], its error naming `shown`.
+pub(crate) fn owner_time_at(
+    dir: impl AsFd,
+    name: &[u8],
+    ids: (u32, u32),
+    times: &Timestamps,
+    shown: &str,
+) -> Result<()> {
+    set_owner_time_at(dir, name, ids, times)
+        .map_err(|(what, e)| ImageError::io(format!("cannot set the {what} of {shown}"), e))
+}
+
 /// Owner, mode and time of an entry.
 #[derive(Debug, Clone, Copy)]
 struct Meta {
@@ -674,7 +703,7 @@ impl Unpacker {
             .map_err(|_| ImageError::unsafe_entry(shown, "the link target contains a NUL byte"))?;
         rustix::fs::symlinkat(target.as_c_str(), &*dir, name)
             .context(|| format!("cannot create the symbolic link {shown}"))?;
-        self.owner_time_at(&dir, name, meta, shown)
+        owner_time_at(&dir, name, (meta.uid, meta.gid), &meta.times(), shown)
     }
 
     fn fifo(&mut self, parent: &[Vec<u8>], name: &[u8], meta: Meta, shown: &str) -> Result<()> {
@@ -682,7 +711,7 @@ impl Unpacker {
         self.make_room(&dir, name, false, shown)?;
         rustix::fs::mknodat(&*dir, name, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
             .context(|| format!("cannot create the fifo {shown}"))?;
-        self.owner_time_at(&dir, name, meta, shown)?;
+        owner_time_at(&dir, name, (meta.uid, meta.gid), &meta.times(), shown)?;
         // The name was just made as a fifo in a directory only this process writes to.
         rustix::fs::chmodat(
             &*dir,
@@ -691,20 +720,6 @@ impl Unpacker {
             AtFlags::empty(),
         )
         .context(|| format!("cannot set the mode of {shown}"))
-    }
-
-    /// Sets the owner and time of `name` in `dir` without following it (links, fifos).
-    fn owner_time_at(&self, dir: &OwnedFd, name: &[u8], meta: Meta, shown: &str) -> Result<()> {
-        rustix::fs::chownat(
-            dir,
-            name,
-            Some(rustix::process::Uid::from_raw(meta.uid)),
-            Some(rustix::process::Gid::from_raw(meta.gid)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .context(|| format!("cannot set the owner of {shown}"))?;
-        rustix::fs::utimensat(dir, name, &meta.times(), AtFlags::SYMLINK_NOFOLLOW)
-            .context(|| format!("cannot set the time of {shown}"))
     }
 
     fn whiteout(&mut self, parent: &[Vec<u8>], hidden: &[u8], shown: &str) -> Result<()> {

@@ -127,27 +127,23 @@ pub async fn write(
         }
     })?;
     let bytes = data.len();
+    let payload = serde_json::json!({ "path": path, "bytes": bytes });
     let request = Request::WriteFile {
-        path: path.clone(),
+        path,
         mode,
         parents,
         append: false,
     };
-    let (row, answer) = agent_call(&s, &caller, &id, request, data.to_vec()).await?;
-    match answer.header {
-        AgentResponse::Done => {
-            record(
-                &s,
-                &caller,
-                &row,
-                "file.write",
-                serde_json::json!({ "path": path, "bytes": bytes }),
-            )
-            .await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        other => Err(unexpected(other)),
-    }
+    change(
+        &s,
+        &caller,
+        &id,
+        request,
+        Vec::from(data),
+        "file.write",
+        payload,
+    )
+    .await
 }
 
 /// Asks the agent about the `path` of a query (the only parameter allowed) and returns its
@@ -229,16 +225,17 @@ pub struct MoveBody {
     to: String,
 }
 
-/// Runs a request answered by `Done`, then records `kind`.
+/// Runs a request (with `data`) answered by `Done`, then records `kind`.
 async fn change(
     s: &Shared,
     caller: &Caller,
     id: &str,
     request: Request,
+    data: Vec<u8>,
     kind: &'static str,
     payload: serde_json::Value,
 ) -> Result<StatusCode, ApiError> {
-    let (row, answer) = agent_call(s, caller, id, request, Vec::new()).await?;
+    let (row, answer) = agent_call(s, caller, id, request, data).await?;
     match answer.header {
         AgentResponse::Done => {
             record(s, caller, &row, kind, payload).await?;
@@ -268,7 +265,7 @@ pub async fn mkdir(
         parents: body.parents,
         mode: None,
     };
-    change(&s, &caller, &id, request, "file.mkdir", payload).await
+    change(&s, &caller, &id, request, Vec::new(), "file.mkdir", payload).await
 }
 
 /// `POST /v1/sandboxes/{id}/files/remove` `{"path","recursive"}`.
@@ -290,7 +287,16 @@ pub async fn remove(
         path: body.path,
         recursive: body.recursive,
     };
-    change(&s, &caller, &id, request, "file.remove", payload).await
+    change(
+        &s,
+        &caller,
+        &id,
+        request,
+        Vec::new(),
+        "file.remove",
+        payload,
+    )
+    .await
 }
 
 /// `POST /v1/sandboxes/{id}/files/move` `{"from","to"}`.
@@ -313,5 +319,5 @@ pub async fn rename(
         from: body.from,
         to: body.to,
     };
-    change(&s, &caller, &id, request, "file.move", payload).await
+    change(&s, &caller, &id, request, Vec::new(), "file.move", payload).await
 }
