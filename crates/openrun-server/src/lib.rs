@@ -13,6 +13,7 @@ mod admission;
 mod api;
 mod archive;
 mod db;
+mod egress;
 mod environment;
 mod error;
 mod exec;
