@@ -39,6 +39,8 @@ mod spawn;
 mod stdin;
 mod users;
 
+pub use spawn::set_exec_session_ruleset;
+
 use std::collections::BTreeMap;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;

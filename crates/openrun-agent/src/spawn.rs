@@ -10,9 +10,15 @@
 //! user, so a sandbox process can stop it (`SIGSTOP`, `ptrace`) before it execs. The agent, a
 //! single thread, must never wait for it indefinitely; a child that is stopped, or that neither
 //! execs nor fails within [`START_TIMEOUT`], is killed and the exec fails.
+//!
+//! Inside a sandbox every child also enters a Landlock domain of its own (nested in the
+//! sandbox's) before `execve` — see [`set_exec_session_ruleset`]: the processes of one exec
+//! session can trace their own descendants but not another session's processes, nor the agent.
 
 use std::ffi::{c_char, CString};
+use std::os::fd::AsRawFd;
 use std::ptr;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use openrun_protocol::{AgentError, ErrorCode, Pid};
@@ -63,6 +69,7 @@ enum Stage {
     Gid = 6,
     Uid = 7,
     Chdir = 8,
+    Landlock = 9,
     Exec = 10,
 }
 
@@ -77,6 +84,7 @@ impl Stage {
             6 => Self::Gid,
             7 => Self::Uid,
             8 => Self::Chdir,
+            9 => Self::Landlock,
             10 => Self::Exec,
             _ => return None,
         })
@@ -102,6 +110,26 @@ struct Prepared<'a> {
     oom_score_adj: Option<Vec<u8>>,
     err_pipe: OwnedFd,
     stdio: &'a ChildStdio,
+    /// The exec-session Landlock ruleset to enter, if the agent has one.
+    landlock_ruleset: Option<i32>,
+}
+
+/// The Landlock ruleset every started process enters before `execve` (see
+/// [`set_exec_session_ruleset`]).
+static EXEC_SESSION_RULESET: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Makes every process the agent starts from now on enter a new Landlock domain made from
+/// `ruleset` (a Landlock ruleset descriptor) right before `execve`, nested in the agent's own.
+/// Landlock lets a process `ptrace` (or read the `/proc` files guarded like ptrace) only
+/// processes in its own domain or in domains nested in it, so each exec session can debug its
+/// own descendants (`strace -f`, `gdb`) but neither another session's processes nor the agent.
+/// Entering costs the child one system call (a few microseconds).
+///
+/// Set once, by a sandbox's init before it becomes the agent; the child then needs
+/// `no_new_privs`, which the init set. A process that cannot enter the domain is not started
+/// (the exec fails naming the step). Returns the descriptor back if one was already set.
+pub fn set_exec_session_ruleset(ruleset: OwnedFd) -> Result<(), OwnedFd> {
+    EXEC_SESSION_RULESET.set(ruleset)
 }
 
 const SH: &std::ffi::CStr = c"/bin/sh";
@@ -184,6 +212,7 @@ pub(crate) fn spawn(
         },
         err_pipe: err_write,
         stdio: &stdio,
+        landlock_ruleset: EXEC_SESSION_RULESET.get().map(|fd| fd.as_raw_fd()),
     };
 
     // Block every signal across fork so no handler of the agent (tokio's) runs in the child
@@ -585,6 +614,17 @@ fn child_main(p: &Prepared<'_>) -> ! {
                     fail(p, Stage::Stdio, e);
                 }
             }
+        }
+    }
+
+    // Its own Landlock domain, nested in the sandbox's (before the ruleset's descriptor is
+    // closed with the others below).
+    if let Some(ruleset) = p.landlock_ruleset {
+        // SAFETY: landlock_restrict_self takes a descriptor number and flags only; the
+        // descriptor is the agent's ruleset, open until the agent exits.
+        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) };
+        if rc != 0 {
+            fail(p, Stage::Landlock, last_errno());
         }
     }
 

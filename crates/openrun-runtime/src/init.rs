@@ -18,16 +18,25 @@
 //!    `hosts` into its layer; attach the idmapped lowers and mount one overlay per layer (the
 //!    writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
 //!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
-//!    `/sys` read-only and a tmpfs `/tmp`.
+//!    `/sys` read-only and a tmpfs `/tmp`. Then `/proc` as runc leaves it: host-revealing
+//!    files (`kcore`, `keys`, `kallsyms`, `timer_list`, `sysrq-trigger`, ...) covered by
+//!    `/dev/null`, hardware directories by an empty read-only tmpfs, and `/proc/sys`, `bus`,
+//!    `fs`, `irq` read-only — after `net.ipv4.ping_group_range` is opened to every group of the
+//!    sandbox (ping without `CAP_NET_RAW`).
 //! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
 //!    namespace, not merely hidden. Make the default working directory if the image lacks it.
 //! 7. Hostname = sandbox id, `lo` up (the only interface).
 //! 8. Open our own `oom_score_adj` (the agent sets children's scores through it), drop
-//!    capabilities to the default set (bounding set included), set `no_new_privs`, make the
-//!    agent non-dumpable (so `/proc/1/exe`, `/proc/1/mem` stay out of the sandbox's reach),
-//!    close every inherited host descriptor, point stdio at `/dev/null`, and wipe the
-//!    creator's argv and environment from memory.
-//! 9. Tell the host `Ready` and become the agent — nothing from the image is executed.
+//!    capabilities to the default set (bounding set included, see [`KEPT_CAPS`]), set
+//!    `no_new_privs`, make the agent non-dumpable (so `/proc/1/exe`, `/proc/1/mem` stay out of
+//!    the sandbox's reach).
+//! 9. Enter the sandbox's Landlock domain (no device nodes; no signals or abstract sockets
+//!    toward anything outside) and make the ruleset each exec session will nest (see
+//!    `landlock.rs`), then install the seccomp filter (`seccomp.rs`) last, once nothing is
+//!    left to mount: it holds for the agent and every process of the sandbox.
+//! 10. Close every inherited host descriptor, point stdio at `/dev/null`, wipe the creator's
+//!     argv and environment from memory, tell the host `Ready` and become the agent — nothing
+//!     from the image is executed.
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -43,7 +52,7 @@ use rustix::thread::{CapabilitySet, CapabilitySets};
 
 use crate::cgroup::SelfJoin;
 use crate::setup_channel::{self, SetupMessage};
-use crate::sys;
+use crate::{landlock, seccomp, sys};
 
 /// One overlay to mount.
 #[derive(Debug, Clone)]
@@ -112,9 +121,39 @@ impl ErrnoOf for std::io::Error {
         self.raw_os_error()
     }
 }
+impl ErrnoOf for seccomp::SeccompError {
+    fn errno(&self) -> Option<i32> {
+        match self {
+            seccomp::SeccompError::Install(seccompiler::Error::Seccomp(e)) => e.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+impl ErrnoOf for ::landlock::RulesetError {
+    fn errno(&self) -> Option<i32> {
+        None
+    }
+}
 
-/// Capabilities processes keep inside the sandbox (Docker's default set; all of them only
-/// meaningful inside the sandbox's own user namespace).
+/// Capabilities the sandbox's root keeps (bounding, permitted and effective sets; the agent
+/// too). All of them count only inside the sandbox's own user namespace, over its own files,
+/// processes and network namespace. Docker's default set, less three:
+/// - `NET_RAW` (Podman drops it too): raw and packet sockets could only see the sandbox's own
+///   loopback, but they are kernel surface no agent needs; `ping` works without it through
+///   ICMP datagram sockets, which the init allows for every group of the sandbox
+///   (`net.ipv4.ping_group_range` of its network namespace);
+/// - `MKNOD`: device nodes cannot be made from a user namespace anyway (the kernel checks the
+///   capability against the host's), and the sandbox's Landlock domain refuses them besides;
+/// - `AUDIT_WRITE`: the kernel accepts audit messages from the host's user namespace only.
+///
+/// Kept, each for programs that run as root in images: `CHOWN`, `DAC_OVERRIDE`, `FOWNER`,
+/// `FSETID` (package managers and `tar` restoring owners and modes), `SETUID`, `SETGID` (`su`,
+/// `apt`'s sandbox user, daemons dropping privileges), `SETPCAP` (dropping capabilities from
+/// the bounding set), `KILL` (signalling other users' processes of the sandbox),
+/// `NET_BIND_SERVICE` (ports below 1024 on the sandbox's loopback), `SYS_CHROOT` (build tools;
+/// the sandbox root is its namespace's root, so a chroot only narrows the view) and `SETFCAP`
+/// (packages that set file capabilities; `no_new_privs` keeps them from granting anything
+/// at exec inside the sandbox).
 const KEPT_CAPS: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::DAC_OVERRIDE)
     .union(CapabilitySet::FOWNER)
@@ -124,10 +163,7 @@ const KEPT_CAPS: CapabilitySet = CapabilitySet::CHOWN
     .union(CapabilitySet::SETUID)
     .union(CapabilitySet::SETPCAP)
     .union(CapabilitySet::NET_BIND_SERVICE)
-    .union(CapabilitySet::NET_RAW)
     .union(CapabilitySet::SYS_CHROOT)
-    .union(CapabilitySet::MKNOD)
-    .union(CapabilitySet::AUDIT_WRITE)
     .union(CapabilitySet::SETFCAP);
 
 /// Runs in the `clone3` child; never returns.
@@ -139,8 +175,8 @@ pub fn run(
     control: Option<UnixStream>,
 ) -> ! {
     let mut plan = plan;
-    match prepare(&mut plan, join, &setup) {
-        Ok(()) => {}
+    let exec_ruleset = match prepare(&mut plan, join, &setup) {
+        Ok(ruleset) => ruleset,
         Err(e) => {
             let _ = setup_channel::send(
                 setup.as_fd(),
@@ -153,11 +189,13 @@ pub fn run(
             );
             sys::exit_now(1);
         }
-    }
-    // Keep exactly the listener, the control stream and the setup socket; close the rest of
-    // what the host process had open (its stdio included, replaced by /dev/null).
+    };
+    // Keep exactly the listener, the control stream, the setup socket and the exec sessions'
+    // Landlock ruleset; close the rest of what the host process had open (its stdio included,
+    // replaced by /dev/null).
     tracing::trace!("init: prepared");
     let mut keep = vec![setup.as_raw_fd(), listener.as_raw_fd()];
+    keep.extend(exec_ruleset.as_ref().map(|f| f.as_raw_fd()));
     keep.extend(plan.agent.own_oom_score_adj.as_ref().map(|f| f.as_raw_fd()));
     keep.extend(control.as_ref().map(|c| c.as_raw_fd()));
     match isolate_descriptors(&keep) {
@@ -194,11 +232,21 @@ pub fn run(
         sys::exit_now(1);
     }
     drop(setup);
+    if let Some(ruleset) = exec_ruleset {
+        // Only the init sets it, once: a second value cannot happen.
+        let _ = openrun_agent::set_exec_session_ruleset(ruleset);
+    }
     let code = openrun_agent::run(plan.agent, listener, control).unwrap_or(2);
     sys::exit_now(code)
 }
 
-fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Result<(), StepError> {
+/// Builds the sandbox around this process; returns the Landlock ruleset of exec sessions (for
+/// the agent) when the kernel has Landlock.
+fn prepare(
+    plan: &mut InitPlan,
+    join: Option<SelfJoin>,
+    setup: &OwnedFd,
+) -> Result<Option<OwnedFd>, StepError> {
     // 0. Enter the sandbox cgroup ourselves while the host writes our id maps (see SelfJoin:
     //    a host-side migration would cost an RCU grace period).
     if let Some(join) = join {
@@ -362,7 +410,39 @@ fn prepare(plan: &mut InitPlan, join: Option<SelfJoin>, setup: &OwnedFd) -> Resu
     plan.agent.own_oom_score_adj = Some(std::sync::Arc::new(own_oom));
     drop_privileges()?;
     phase("privileges");
-    Ok(())
+    // 9. Landlock, then seccomp, last: from here on no mount, no new namespace, no device
+    //    node, for the agent and everything it starts.
+    let exec_ruleset = enter_landlock_domain()?;
+    phase("landlock");
+    let filter = step("compiling the seccomp filter", seccomp::program())?;
+    step("installing the seccomp filter", seccomp::install(&filter))?;
+    phase("seccomp");
+    Ok(exec_ruleset)
+}
+
+/// Enters the sandbox's Landlock domain (see `landlock.rs`) and makes the ruleset of exec
+/// sessions. A kernel without Landlock is logged and tolerated: the sandbox keeps its
+/// namespaces, capabilities and seccomp filter.
+fn enter_landlock_domain() -> Result<Option<OwnedFd>, StepError> {
+    let ruleset = step("preparing the Landlock domain", landlock::sandbox_ruleset())?;
+    match step("entering the Landlock domain", landlock::enter(ruleset))? {
+        landlock::Enforcement::Full => {}
+        landlock::Enforcement::Partial => {
+            tracing::warn!("this kernel enforces the sandbox's Landlock domain only in part")
+        }
+        landlock::Enforcement::None => {
+            tracing::warn!(
+                "this kernel has no Landlock: sandboxes run without their Landlock domains \
+                 (device nodes and cross-session ptrace are then only kept out by the \
+                 namespaces and the capability set)"
+            );
+            return Ok(None);
+        }
+    }
+    step(
+        "preparing the exec sessions' Landlock ruleset",
+        landlock::exec_session_ruleset(),
+    )
 }
 
 fn become_namespace_root() -> rustix::io::Result<()> {
@@ -447,6 +527,87 @@ fn mount_special_filesystems(root: &Path, dev_template: OwnedFd) -> Result<(), S
             Some(c"mode=1777"),
         ),
     )?;
+    allow_unprivileged_ping(&proc_dir);
+    mask_proc(&proc_dir, &dev.join("null"))?;
+    Ok(())
+}
+
+/// Lets every group of the sandbox open ICMP datagram sockets (`ping` without `CAP_NET_RAW`,
+/// which the sandbox does not have): `net.ipv4.ping_group_range` of the sandbox's own network
+/// namespace, written while `/proc/sys` is still writable. Only ping breaks if it fails.
+fn allow_unprivileged_ping(proc_dir: &Path) {
+    let range = format!("0 {}", crate::ids::RANGE_SIZE - 1);
+    if let Err(e) = fs::write(proc_dir.join("sys/net/ipv4/ping_group_range"), range) {
+        tracing::debug!(error = %e, "cannot allow unprivileged ping");
+    }
+}
+
+/// `/proc` files that tell about the host (kernel memory, symbols, every process's timers,
+/// every user's keys) or act on it (sysrq): each is covered by `/dev/null`, as runc does.
+/// Most are already out of reach (their owner is the host's root, unmapped here), but not all
+/// (`keys`, `key-users`, `kallsyms` are world-readable) and not on every kernel. Only those
+/// that exist are covered (each mount costs).
+const MASKED_PROC_FILES: [&str; 9] = [
+    "kcore",
+    "keys",
+    "key-users",
+    "kallsyms",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+];
+/// `/proc` directories of host hardware, covered by one empty read-only tmpfs.
+const MASKED_PROC_DIRS: [&str; 3] = ["acpi", "asound", "scsi"];
+/// `/proc` trees made read-only: kernel settings (the sandbox's root could otherwise change
+/// its network namespace's), buses, filesystems, interrupts.
+const READ_ONLY_PROC_DIRS: [&str; 4] = ["sys", "bus", "fs", "irq"];
+
+fn mask_proc(proc_dir: &Path, null: &Path) -> Result<(), StepError> {
+    let exists = |name: &str| fs::symlink_metadata(proc_dir.join(name)).is_ok();
+    for name in MASKED_PROC_FILES.into_iter().filter(|n| exists(n)) {
+        step("masking /proc files", mount_bind(null, proc_dir.join(name)))?;
+    }
+    let mut empty: Option<PathBuf> = None;
+    for name in MASKED_PROC_DIRS.into_iter().filter(|n| exists(n)) {
+        let target = proc_dir.join(name);
+        match &empty {
+            Some(first) => step("masking /proc directories", mount_bind(first, &target))?,
+            None => {
+                step(
+                    "masking /proc directories",
+                    mount(
+                        "masked",
+                        &target,
+                        "tmpfs",
+                        MountFlags::RDONLY
+                            | MountFlags::NOSUID
+                            | MountFlags::NODEV
+                            | MountFlags::NOEXEC,
+                        Some(c"size=0,mode=0555"),
+                    ),
+                )?;
+                empty = Some(target);
+            }
+        }
+    }
+    for name in READ_ONLY_PROC_DIRS.into_iter().filter(|n| exists(n)) {
+        let target = proc_dir.join(name);
+        step("making /proc read-only", mount_bind(&target, &target))?;
+        step(
+            "making /proc read-only",
+            rustix::mount::mount_remount(
+                &target,
+                MountFlags::BIND
+                    | MountFlags::RDONLY
+                    | MountFlags::NOSUID
+                    | MountFlags::NODEV
+                    | MountFlags::NOEXEC,
+                c"",
+            ),
+        )?;
+    }
     Ok(())
 }
 

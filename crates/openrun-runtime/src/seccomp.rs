@@ -1,0 +1,518 @@
+//! The seccomp filter of every sandbox: the agent and every process it starts.
+//!
+//! The policy is reviewed data: the tables below, one group per reason. It is a denylist in the
+//! spirit of Docker's default profile (which allows ~350 system calls and refuses the rest): the
+//! sandbox's own user namespace already withholds most privileged operations (no capability
+//! counts outside it), so the filter's job is to take away the kernel interfaces that stay
+//! reachable *without* privilege and have been the way out of containers (keyrings, bpf,
+//! userfaultfd, io_uring, perf, new user namespaces), plus, as a second wall, everything the
+//! dropped capabilities already forbid (modules, mounts, time, reboot). Tighter than Docker where
+//! an agent's programs have no use for the call (`name_to_handle_at`, `kcmp`, `AF_VSOCK`).
+//!
+//! Refused calls fail with `EPERM` (never a kill: a program that probes a feature must see an
+//! error it can handle), except `clone3` and the x32 ABI, which fail with `ENOSYS`, as if the
+//! kernel lacked them: `clone3` passes its flags in memory a filter cannot read, so it is refused
+//! whole and the C library falls back to `clone`, whose flags the filter checks (Docker does the
+//! same). A system call of another architecture (the i386 `int 0x80` entry) kills the process:
+//! those use other numbers, which this table does not cover.
+//!
+//! Kept on purpose: `ptrace` and `process_vm_readv/writev` (debuggers and `strace` must work;
+//! the kernel checks them like ptrace, and each exec session is its own Landlock domain so only
+//! a session's own processes are in reach, see `openrun_agent`'s spawn), `chroot` (the sandbox
+//! root is the namespace's root: a chroot can only narrow the view, and build tools use it), and
+//! `personality` for everything but the flags that weaken memory protections.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+/// A group of system calls refused for one reason.
+struct Group {
+    /// Why they are refused (for reviewers; the tests check every group has one).
+    #[cfg_attr(not(test), allow(dead_code))]
+    why: &'static str,
+    syscalls: &'static [i64],
+}
+
+/// System calls refused with `EPERM` whatever their arguments.
+const DENIED: &[Group] = &[
+    Group {
+        why: "kernel keyrings are not namespaced: keys of the host and other sandboxes share one \
+              kernel structure, a classic source of leaks and exploits",
+        syscalls: &[libc::SYS_add_key, libc::SYS_keyctl, libc::SYS_request_key],
+    },
+    Group {
+        why: "bpf programs, perf events and userfaultfd are large kernel attack surfaces (and \
+              userfaultfd a favourite primitive to win kernel races); nothing in a sandbox needs \
+              them",
+        syscalls: &[
+            libc::SYS_bpf,
+            libc::SYS_perf_event_open,
+            libc::SYS_userfaultfd,
+        ],
+    },
+    Group {
+        why: "io_uring performs its operations without passing through seccomp, and has been \
+              the source of many kernel exploits (Docker refuses it too)",
+        syscalls: &[
+            libc::SYS_io_uring_setup,
+            libc::SYS_io_uring_enter,
+            libc::SYS_io_uring_register,
+        ],
+    },
+    Group {
+        why: "loading, replacing or removing kernel code (CAP_SYS_MODULE / CAP_SYS_BOOT are \
+              dropped; refused here too)",
+        syscalls: &[
+            libc::SYS_kexec_load,
+            libc::SYS_kexec_file_load,
+            libc::SYS_init_module,
+            libc::SYS_finit_module,
+            libc::SYS_delete_module,
+            174, // create_module (removed in Linux 2.6)
+            177, // get_kernel_syms (removed in Linux 2.6)
+            178, // query_module (removed in Linux 2.6)
+            libc::SYS_uselib,
+        ],
+    },
+    Group {
+        why: "the mount table was assembled before the filter was installed: no mount, unmount, \
+              move or new root afterwards (the new mount API included)",
+        syscalls: &[
+            libc::SYS_mount,
+            libc::SYS_umount2,
+            libc::SYS_pivot_root,
+            libc::SYS_move_mount,
+            libc::SYS_open_tree,
+            467, // open_tree_attr (Linux 6.15)
+            libc::SYS_fsopen,
+            libc::SYS_fsmount,
+            libc::SYS_fsconfig,
+            libc::SYS_fspick,
+            libc::SYS_mount_setattr,
+        ],
+    },
+    Group {
+        why: "file handles open files by inode number, around path checks (the 'shocker' escape \
+              used open_by_handle_at); name_to_handle_at only feeds it",
+        syscalls: &[libc::SYS_open_by_handle_at, libc::SYS_name_to_handle_at],
+    },
+    Group {
+        why: "joining other namespaces (the sandbox's own are all it may see)",
+        syscalls: &[libc::SYS_setns],
+    },
+    Group {
+        why: "the clock is the host's: setting or slewing it is the host's business",
+        syscalls: &[
+            libc::SYS_settimeofday,
+            libc::SYS_clock_settime,
+            libc::SYS_clock_adjtime,
+            libc::SYS_adjtimex,
+        ],
+    },
+    Group {
+        why: "the hostname is set once, to the sandbox id, by its init",
+        syscalls: &[libc::SYS_sethostname, libc::SYS_setdomainname],
+    },
+    Group {
+        why: "whole-machine controls: reboot, swap, process accounting, the kernel log, I/O \
+              ports, quotas, the NFS server and the removed sysctl and dcookie calls",
+        syscalls: &[
+            libc::SYS_reboot,
+            libc::SYS_swapon,
+            libc::SYS_swapoff,
+            libc::SYS_acct,
+            libc::SYS_syslog,
+            libc::SYS_iopl,
+            libc::SYS_ioperm,
+            libc::SYS_quotactl,
+            libc::SYS_quotactl_fd,
+            libc::SYS_nfsservctl,
+            libc::SYS__sysctl,
+            libc::SYS_lookup_dcookie,
+            libc::SYS_vhangup,
+            libc::SYS_ustat,
+            libc::SYS_sysfs,
+        ],
+    },
+    Group {
+        why: "watching whole filesystems, comparing other processes' kernel objects, moving \
+              other processes' memory between NUMA nodes: no use in a sandbox, more surface",
+        syscalls: &[
+            libc::SYS_fanotify_init,
+            libc::SYS_kcmp,
+            libc::SYS_move_pages,
+            libc::SYS_migrate_pages,
+        ],
+    },
+];
+
+/// Namespace flags of `clone` and `unshare`: a new user namespace is the door to most
+/// unprivileged kernel exploits (it hands out capabilities over fresh namespaces), and the
+/// others need it inside a sandbox anyway. Sandboxes cannot nest namespaces.
+const NAMESPACE_FLAGS: [u64; 7] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWCGROUP as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+];
+/// `CLONE_NEWTIME`: only `unshare` takes it (in `clone`'s flags this bit is the exit signal).
+const CLONE_NEWTIME: u64 = 0x80;
+
+/// `personality` flags that switch off memory protections for the caller's next program:
+/// readable means executable, and a mapping at address zero (kernel NULL-dereference exploits).
+const UNSAFE_PERSONALITY: [u64; 2] = [0x0040_0000, 0x0010_0000];
+/// `personality(0xffffffff)` only queries the current value.
+const PERSONALITY_QUERY: u64 = 0xffff_ffff;
+
+/// Address family of virtio sockets: not namespaced, they reach the hypervisor and the host
+/// of a VM whatever the sandbox's network namespace (Docker refuses them too).
+const AF_VSOCK: u64 = 40;
+
+/// Bit set in system call numbers of the x32 ABI.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// The filter could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The policy does not compile (a bug in the tables above).
+    #[error("the seccomp policy does not compile: {0}")]
+    Compile(#[source] seccompiler::BackendError),
+    /// The kernel refused the filter.
+    #[error("cannot install the seccomp filter: {0}")]
+    Install(#[source] seccompiler::Error),
+}
+
+fn condition(
+    arg: u8,
+    len: SeccompCmpArgLen,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, SeccompError> {
+    SeccompCondition::new(arg, len, op, value).map_err(SeccompError::Compile)
+}
+
+/// One rule per flag: the call matches when any of `flags` is set in argument `arg`.
+fn any_flag_rules(
+    flags: impl IntoIterator<Item = u64>,
+    arg: u8,
+) -> Result<Vec<SeccompRule>, SeccompError> {
+    flags
+        .into_iter()
+        .map(|flag| {
+            SeccompRule::new(vec![condition(
+                arg,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )?])
+            .map_err(SeccompError::Compile)
+        })
+        .collect()
+}
+
+/// The rules refused with `EPERM`: by system call number, each with the argument conditions
+/// of which any one must hold (none: always).
+fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
+        .iter()
+        .flat_map(|group| group.syscalls.iter().map(|&nr| (nr, Vec::new())))
+        .collect();
+    rules.insert(libc::SYS_clone, any_flag_rules(NAMESPACE_FLAGS, 0)?);
+    rules.insert(
+        libc::SYS_unshare,
+        any_flag_rules(NAMESPACE_FLAGS.into_iter().chain([CLONE_NEWTIME]), 0)?,
+    );
+    let personality = UNSAFE_PERSONALITY
+        .iter()
+        .map(|&flag| {
+            SeccompRule::new(vec![
+                condition(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Ne,
+                    PERSONALITY_QUERY,
+                )?,
+                condition(
+                    0,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(flag),
+                    flag,
+                )?,
+            ])
+            .map_err(SeccompError::Compile)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_personality, personality);
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![condition(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            AF_VSOCK,
+        )?])
+        .map_err(SeccompError::Compile)?],
+    );
+    Ok(rules)
+}
+
+// Classic BPF, as in <linux/filter.h> and <linux/seccomp.h>.
+/// `BPF_LD | BPF_W | BPF_ABS` (the first two are zero).
+const BPF_LD_W_ABS: u16 = 0x20;
+/// `BPF_JMP | BPF_JA`.
+const BPF_JMP_JA: u16 = 0x05;
+/// `BPF_JMP | BPF_JEQ | BPF_K`.
+const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
+/// `BPF_JMP | BPF_JGE | BPF_K`.
+const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+const BPF_RET_K: u16 = 0x06;
+const SECCOMP_DATA_NR: u32 = 0;
+const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
+
+fn stmt(code: u16, k: u32) -> sock_filter {
+    sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// Instructions answering `ENOSYS` for x32 system calls and `clone3`, placed right after the
+/// architecture check: seccompiler has one match action per filter, and these two differ.
+fn enosys_prelude() -> [sock_filter; 5] {
+    let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    [
+        stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
+        jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 2, 0),
+        jump(BPF_JMP_JEQ_K, libc::SYS_clone3 as u32, 1, 0),
+        stmt(BPF_JMP_JA, 1),
+        stmt(BPF_RET_K, enosys),
+    ]
+}
+
+/// Length of seccompiler's architecture check at the head of every program it compiles
+/// (load the arch, compare, kill on mismatch).
+const ARCH_CHECK_LEN: usize = 3;
+
+/// Compiles the sandbox filter.
+pub fn program() -> Result<BpfProgram, SeccompError> {
+    let filter = SeccompFilter::new(
+        rules()?,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(SeccompError::Compile)?;
+    let mut program: BpfProgram = filter.try_into().map_err(SeccompError::Compile)?;
+    // The prelude goes after the architecture check, whose jumps stay inside it, and before
+    // the rest, whose jumps are relative to their own instructions: no offset changes.
+    let tail = program.split_off(ARCH_CHECK_LEN);
+    program.extend(enosys_prelude());
+    program.extend(tail);
+    Ok(program)
+}
+
+/// Installs `program` on the calling thread (and every thread and process it creates later).
+/// Needs `no_new_privs` (or CAP_SYS_ADMIN).
+pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
+    seccompiler::apply_filter(program).map_err(SeccompError::Install)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_starts_with_the_arch_check_then_the_enosys_prelude() {
+        let program = program().unwrap();
+        // seccompiler's layout, which the splice relies on: load arch, compare, kill.
+        assert_eq!(program[0].code, BPF_LD_W_ABS);
+        assert_eq!(program[1].code, BPF_JMP_JEQ_K);
+        assert_eq!(program[1].k, 0xc000_003e, "AUDIT_ARCH_X86_64");
+        assert_eq!(program[2].code, BPF_RET_K);
+        assert_eq!(program[2].k, libc::SECCOMP_RET_KILL_PROCESS);
+        assert_eq!(&program[3..8], &enosys_prelude());
+        // Then seccompiler's own program, which starts by loading the syscall number again.
+        assert_eq!(program[8].code, BPF_LD_W_ABS);
+        assert_eq!(program[8].k, SECCOMP_DATA_NR);
+        assert!(program.len() < 4096, "{}", program.len());
+    }
+
+    #[test]
+    fn every_denied_syscall_is_listed_once() {
+        let mut seen = std::collections::BTreeSet::new();
+        for group in DENIED {
+            assert!(!group.why.is_empty());
+            for nr in group.syscalls {
+                assert!(seen.insert(*nr), "syscall {nr} is listed twice");
+            }
+        }
+        for conditional in [
+            libc::SYS_clone,
+            libc::SYS_unshare,
+            libc::SYS_personality,
+            libc::SYS_socket,
+            libc::SYS_clone3,
+        ] {
+            assert!(!seen.contains(&conditional), "{conditional}");
+        }
+        // What must stay allowed.
+        for allowed in [
+            libc::SYS_ptrace,
+            libc::SYS_chroot,
+            libc::SYS_process_vm_readv,
+            libc::SYS_execve,
+            libc::SYS_landlock_restrict_self,
+            libc::SYS_seccomp,
+        ] {
+            assert!(!seen.contains(&allowed), "{allowed}");
+        }
+    }
+
+    /// Runs `check` in a forked child that installed the filter; returns its exit code.
+    /// The child only makes raw system calls (the test harness has other threads).
+    fn in_filtered_child(check: fn() -> i32) -> i32 {
+        let program = program().unwrap();
+        // SAFETY: the child makes raw system calls only, then `_exit`s; the filter program was
+        // built before the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = match rustix::thread::set_no_new_privs(true)
+                .ok()
+                .and_then(|()| install(&program).ok())
+            {
+                Some(()) => check(),
+                None => 100,
+            };
+            // SAFETY: ends the forked child without running the parent's Rust code.
+            unsafe { libc::_exit(code) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child into a live integer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    fn errno() -> i32 {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+    }
+
+    /// 0 when `nr` with these arguments fails with `expected`, else 1 + the observed errno.
+    fn expect_errno(nr: i64, args: [u64; 3], expected: i32) -> i32 {
+        // SAFETY: the calls checked here fail before touching memory, or take only integers.
+        let rc = unsafe { libc::syscall(nr, args[0], args[1], args[2]) };
+        if rc == -1 && errno() == expected {
+            0
+        } else if rc == -1 {
+            1 + errno()
+        } else {
+            1
+        }
+    }
+
+    #[test]
+    fn denied_calls_fail_with_eperm_and_clone3_with_enosys() {
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_keyctl, [0, 0, 0], libc::EPERM)),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_bpf, [0, 0, 0], libc::EPERM)),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_userfaultfd, [0, 0, 0], libc::EPERM)),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(
+                libc::SYS_unshare,
+                [libc::CLONE_NEWUSER as u64, 0, 0],
+                libc::EPERM
+            )),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_clone3, [0, 0, 0], libc::ENOSYS)),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(
+                libc::SYS_socket,
+                [AF_VSOCK, libc::SOCK_STREAM as u64, 0],
+                libc::EPERM
+            )),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(
+                u64::from(X32_SYSCALL_BIT) as i64 + libc::SYS_getpid,
+                [0, 0, 0],
+                libc::ENOSYS
+            )),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(
+                libc::SYS_personality,
+                [0x0040_0000, 0, 0],
+                libc::EPERM
+            )),
+            0
+        );
+    }
+
+    #[test]
+    fn ordinary_calls_still_work_under_the_filter() {
+        // unshare without namespace flags, personality queries, fork, ordinary sockets.
+        assert_eq!(
+            in_filtered_child(|| {
+                // SAFETY: integer-only system calls.
+                unsafe {
+                    if libc::syscall(libc::SYS_unshare, libc::CLONE_FILES) != 0 {
+                        return 2;
+                    }
+                    if libc::syscall(libc::SYS_personality, PERSONALITY_QUERY) == -1 {
+                        return 3;
+                    }
+                    let fd = libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                    if fd < 0 {
+                        return 4;
+                    }
+                    libc::close(fd as i32);
+                    let pid = libc::syscall(libc::SYS_fork);
+                    if pid == 0 {
+                        libc::_exit(7);
+                    }
+                    if pid < 0 {
+                        return 5;
+                    }
+                    let mut status = 0;
+                    libc::waitpid(pid as i32, &mut status, 0);
+                    if libc::WEXITSTATUS(status) != 7 {
+                        return 6;
+                    }
+                    if libc::getpid() <= 0 {
+                        return 8;
+                    }
+                }
+                0
+            }),
+            0
+        );
+    }
+}
