@@ -50,6 +50,8 @@ pub(crate) struct Agent {
     shutdown: watch::Sender<bool>,
     /// When the sandbox's lifetime ends (`None`: never); the server loop follows changes.
     deadline: watch::Sender<Option<tokio::time::Instant>>,
+    /// The egress relay's listener and unclaimed connections.
+    pub(crate) relay: crate::relay::Relay,
 }
 
 /// The parent's ends of a new process's standard streams.
@@ -132,6 +134,7 @@ impl Agent {
             processes: RefCell::new(BTreeMap::new()),
             shutdown,
             deadline,
+            relay: crate::relay::Relay::default(),
         })
     }
 

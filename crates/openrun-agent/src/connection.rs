@@ -4,6 +4,10 @@
 //! (responses, output and exit events of attached processes, late stdin acknowledgements) goes
 //! through one bounded queue to a writer task, so frames never interleave on the socket and a
 //! client that stops reading only slows down its own connection.
+//!
+//! A `ConnectPort` or `TakeConnection` that succeeds ends the framing: its `Done` goes to the
+//! writer task together with a request to hand the socket back, and the connection task then
+//! pipes raw bytes between the socket and the TCP connection ([`crate::relay`]).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -16,7 +20,7 @@ use openrun_protocol::{
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -37,6 +41,14 @@ pub(crate) enum Outbound {
     Frame(Frame<AgentMessage>),
     /// Acknowledged once every earlier frame has been written.
     Flush(oneshot::Sender<()>),
+    /// The last frame of a framed connection: written after every earlier one, then the
+    /// writer stops and hands the socket's write half back (nothing queued later is written).
+    Handover {
+        /// The `Done` answer that ends the framing.
+        last: Frame<AgentMessage>,
+        /// Where the write half goes once `last` is on the socket.
+        back: oneshot::Sender<OwnedWriteHalf>,
+    },
 }
 
 /// The sending side of a connection's outbound queue.
@@ -63,10 +75,11 @@ fn response(id: u64, result: Result<Response, AgentError>, data: Vec<u8>) -> Out
     ))
 }
 
-#[derive(Debug, PartialEq, Eq)]
 enum Flow {
     Continue,
     Stop,
+    /// Answer `Done` to this request id, then pipe raw bytes to this TCP connection.
+    Pipe(u64, TcpStream),
 }
 
 struct Connection {
@@ -74,6 +87,8 @@ struct Connection {
     out: OutTx,
     /// Streaming tasks of attached processes.
     pumps: HashMap<Pid, JoinHandle<()>>,
+    /// The egress listener this connection started (`RelayEgress`), stopped when it ends.
+    egress: Option<u64>,
 }
 
 /// Serves one connection until the client closes it, sends something unreadable, or asks the
@@ -86,7 +101,9 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
         agent,
         out,
         pumps: HashMap::new(),
+        egress: None,
     };
+    let mut piped = None;
     loop {
         let frame = match read_frame::<serde_json::Value>(&mut reader).await {
             Ok(frame) => frame,
@@ -114,12 +131,73 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
                 }
             },
         };
-        if conn.handle(envelope.id, envelope.request, frame.data).await == Flow::Stop {
-            break;
+        match conn.handle(envelope.id, envelope.request, frame.data).await {
+            Flow::Continue => {}
+            Flow::Stop => break,
+            Flow::Pipe(id, tcp) => {
+                piped = Some((id, tcp));
+                break;
+            }
         }
     }
     for (_, pump) in conn.pumps.drain() {
         pump.abort();
+    }
+    if let Some(generation) = conn.egress.take() {
+        conn.agent.relay.stop(generation);
+    }
+    let Some((id, tcp)) = piped else {
+        return;
+    };
+    let (back, writer) = oneshot::channel();
+    let last = Frame::new(AgentMessage::Response {
+        id,
+        result: Ok(Response::Done),
+    });
+    conn.send(Outbound::Handover { last, back }).await;
+    drop(conn);
+    // Requests are read one frame at a time (never beyond), so whatever the client sent after
+    // this request is still in the socket: the pipe's first bytes.
+    match writer.await {
+        Ok(writer) => crate::relay::pipe(SplitUnix(reader, writer), tcp).await,
+        Err(_) => tracing::debug!("connection closed before the relay could start"),
+    }
+}
+
+/// The two halves of a connection's socket as one stream, for the relay pipe.
+struct SplitUnix(tokio::net::unix::OwnedReadHalf, OwnedWriteHalf);
+
+impl tokio::io::AsyncRead for SplitUnix {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for SplitUnix {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.1).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.1).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.1).poll_shutdown(cx)
     }
 }
 
@@ -137,6 +215,16 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>
             }
             Outbound::Flush(ack) => {
                 let _ = ack.send(());
+            }
+            Outbound::Handover { last, back } => {
+                if let Some(bytes) = encode_for_wire(&last) {
+                    if let Err(e) = writer.write_all(&bytes).await {
+                        tracing::debug!(error = %e, "connection write failed");
+                        return;
+                    }
+                }
+                let _ = back.send(writer);
+                return;
             }
         }
     }
@@ -379,6 +467,28 @@ impl Connection {
                 self.agent
                     .set_lifetime(remaining_ms.map(std::time::Duration::from_millis));
                 Ok((Response::Done, Vec::new()))
+            }
+            Request::ConnectPort { port } => match crate::relay::connect_port(port).await {
+                Ok(tcp) => return Flow::Pipe(id, tcp),
+                Err(e) => Err(e),
+            },
+            Request::TakeConnection { conn } => match self.agent.relay.take(conn) {
+                Ok(tcp) => return Flow::Pipe(id, tcp),
+                Err(e) => Err(e),
+            },
+            Request::RelayEgress { port } => {
+                match crate::relay::listen(&self.agent, port, self.out.clone()).await {
+                    Ok(started) => {
+                        if let Some(previous) = self.egress.replace(started.generation) {
+                            self.agent.relay.stop(previous);
+                        }
+                        self.respond(id, Ok((Response::Done, Vec::new()))).await;
+                        // Announcements only after the answer.
+                        started.start();
+                        return Flow::Continue;
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Request::Shutdown => {
                 tracing::info!("shutdown requested by a client");

@@ -16,7 +16,8 @@
 //! `pty`, `reader` (output pipes into buffers), `stdin` (ordered stdin writes), `output`
 //! (bounded buffers with absolute offsets), `reaper` (SIGCHLD and `waitpid(-1)`), `files`
 //! (file operations confined to the root with `openat2`), `users` (passwd/group parsing),
-//! `errors` (errno to protocol errors).
+//! `errors` (errno to protocol errors), `relay` (raw byte pipes to TCP on the sandbox's
+//! loopback: the port relay of previews and the egress relay).
 //!
 //! Everything runs on one thread (a current-thread tokio runtime with a `LocalSet`); only file
 //! operations go to a small blocking pool, and the code between `fork` and `exec` is
@@ -34,6 +35,7 @@ mod process;
 mod pty;
 mod reader;
 mod reaper;
+mod relay;
 mod server;
 mod spawn;
 mod stdin;

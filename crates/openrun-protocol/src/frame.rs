@@ -96,13 +96,28 @@ fn decode_body<T: DeserializeOwned>(
     Ok(Frame { header, data })
 }
 
+/// What a stream that ended after `got` bytes of a prefix means: [`FrameError::Closed`] at a
+/// frame boundary (none), a torn frame ([`std::io::ErrorKind::UnexpectedEof`]) inside one.
+fn ended_in_prefix(got: usize) -> FrameError {
+    if got == 0 {
+        FrameError::Closed
+    } else {
+        std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()
+    }
+}
+
 /// Reads one frame from a blocking stream.
 pub fn read_frame<T: DeserializeOwned>(r: &mut impl std::io::Read) -> Result<Frame<T>, FrameError> {
     let mut prefix = [0u8; PREFIX_LEN];
-    match r.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
-        Err(e) => return Err(e.into()),
+    // Not `read_exact`: a stream cut inside the prefix is a torn frame, not a clean close.
+    let mut got = 0;
+    while got < PREFIX_LEN {
+        match r.read(&mut prefix[got..]) {
+            Ok(0) => return Err(ended_in_prefix(got)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let (header_len, data_len) = parse_prefix(prefix)?;
     let mut body = vec![0u8; header_len + data_len];
@@ -131,12 +146,15 @@ pub mod nonblocking {
         r: &mut (impl AsyncRead + Unpin),
     ) -> Result<Frame<T>, FrameError> {
         let mut prefix = [0u8; PREFIX_LEN];
-        match r.read_exact(&mut prefix).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(FrameError::Closed)
+        // Not `read_exact`: a stream cut inside the prefix is a torn frame, not a clean close.
+        let mut got = 0;
+        while got < PREFIX_LEN {
+            match r.read(&mut prefix[got..]).await {
+                Ok(0) => return Err(ended_in_prefix(got)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         }
         let (header_len, data_len) = parse_prefix(prefix)?;
         let mut body = vec![0u8; header_len + data_len];
@@ -182,6 +200,13 @@ pub mod nonblocking {
                     n => self.buf.extend_from_slice(&self.chunk[..n]),
                 }
             }
+        }
+
+        /// The stream back, with the bytes read from it that no frame has used yet: for a
+        /// connection that stops being framed (after a `ConnectPort` answer, say), those bytes
+        /// come before anything still to be read.
+        pub fn into_parts(self) -> (R, Vec<u8>) {
+            (self.inner, self.buf)
         }
 
         /// A whole frame from the buffer, if one is there.
@@ -257,6 +282,33 @@ mod tests {
             read_frame::<RequestEnvelope>(&mut &*cut),
             Err(FrameError::Io(_))
         ));
+    }
+
+    /// Found by the frame_decode fuzz target: a stream cut inside the 8-byte prefix used to
+    /// read as a clean close (`Closed`), hiding a torn frame that `FrameReader` reported.
+    #[tokio::test]
+    async fn a_stream_cut_inside_a_prefix_is_torn_not_closed() {
+        let frame = Frame::new(RequestEnvelope {
+            id: 1,
+            request: Request::Info,
+        })
+        .encode()
+        .unwrap();
+        for cut in 1..PREFIX_LEN {
+            let torn = &frame[..cut];
+            let blocking = read_frame::<RequestEnvelope>(&mut &*torn).unwrap_err();
+            assert!(
+                matches!(&blocking, FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+                "{cut} bytes: {blocking:?}"
+            );
+            let nonblocking = nonblocking::read_frame::<RequestEnvelope>(&mut &*torn)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&nonblocking, FrameError::Io(e) if e.kind() == std::io::ErrorKind::UnexpectedEof),
+                "{cut} bytes: {nonblocking:?}"
+            );
+        }
     }
 
     #[test]

@@ -152,7 +152,43 @@ pub enum Request {
     },
     /// Kills every process in the sandbox and makes the agent exit.
     Shutdown,
+    /// Connects TCP to `127.0.0.1:port` inside the sandbox (then `[::1]:port` if that is
+    /// refused) and answers [`Response::Done`]. After that frame the connection is no longer
+    /// framed: it is a raw byte pipe to the TCP connection, both ways, with half-closes
+    /// passed on. Nothing listening is [`ErrorCode::ConnectionRefused`], and the connection
+    /// stays framed.
+    ConnectPort {
+        /// Port inside the sandbox (1 to 65535).
+        port: u16,
+    },
+    /// Listens on `127.0.0.1:port` (and `[::1]:port` where IPv6 is up) inside the sandbox and
+    /// answers [`Response::Done`]; then every accepted TCP connection is announced on this
+    /// connection as [`AgentMessage::Incoming`], to be claimed with
+    /// [`Request::TakeConnection`] on a new connection. Closing this connection closes the
+    /// listener; a new `RelayEgress` (on any connection) replaces the previous one.
+    RelayEgress {
+        /// Port inside the sandbox to listen on (1 to 65535; see [`EGRESS_PROXY_PORT`]).
+        port: u16,
+    },
+    /// Claims a connection announced by [`AgentMessage::Incoming`]: answered
+    /// [`Response::Done`], after which this connection is a raw byte pipe to it (like
+    /// [`Request::ConnectPort`]). A connection not claimed within
+    /// [`UNCLAIMED_CONNECTION_TIMEOUT_MS`] is closed by the agent; claiming it later (or an
+    /// unknown one) is [`ErrorCode::NotFound`].
+    TakeConnection {
+        /// The id of the announcement.
+        conn: u64,
+    },
 }
+
+/// Port of the egress proxy inside every sandbox: programs reach it at `127.0.0.1:3128` (their
+/// `HTTP(S)_PROXY`), and the agent relays each connection to the server
+/// ([`Request::RelayEgress`]).
+pub const EGRESS_PROXY_PORT: u16 = 3128;
+
+/// How long the agent keeps an announced connection ([`AgentMessage::Incoming`]) that nobody
+/// claims before closing it.
+pub const UNCLAIMED_CONNECTION_TIMEOUT_MS: u64 = 10_000;
 
 /// How to start a process.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -420,6 +456,8 @@ pub enum ErrorCode {
     TooLarge,
     /// Protocol version mismatch.
     VersionMismatch,
+    /// Nothing accepts connections on the port asked for ([`Request::ConnectPort`]).
+    ConnectionRefused,
     /// Any other failure inside the agent.
     Internal,
 }
@@ -470,6 +508,12 @@ pub enum AgentMessage {
         pid: Pid,
         /// How it ended.
         status: ExitStatus,
+    },
+    /// A program inside connected to the port of this connection's [`Request::RelayEgress`];
+    /// claim the connection with [`Request::TakeConnection`].
+    Incoming {
+        /// Id to claim it by (unique for the agent's lifetime).
+        conn: u64,
     },
 }
 
@@ -531,5 +575,23 @@ mod tests {
         assert!(
             matches!(minimal, Request::Exec(ExecRequest { ref argv, .. }) if argv == &["true"])
         );
+    }
+
+    #[test]
+    fn relay_messages_have_a_stable_json_shape() {
+        let req: Request = serde_json::from_str(r#"{"op":"connect_port","port":8080}"#).unwrap();
+        assert_eq!(req, Request::ConnectPort { port: 8080 });
+        let req: Request = serde_json::from_str(r#"{"op":"relay_egress","port":3128}"#).unwrap();
+        assert_eq!(req, Request::RelayEgress { port: 3128 });
+        let req: Request = serde_json::from_str(r#"{"op":"take_connection","conn":7}"#).unwrap();
+        assert_eq!(req, Request::TakeConnection { conn: 7 });
+        assert!(
+            serde_json::from_str::<Request>(r#"{"op":"connect_port","port":70000}"#).is_err(),
+            "a port above 65535 does not decode"
+        );
+        let msg = serde_json::to_value(AgentMessage::Incoming { conn: 9 }).unwrap();
+        assert_eq!(msg, serde_json::json!({"type": "incoming", "conn": 9}));
+        let code = serde_json::to_value(ErrorCode::ConnectionRefused).unwrap();
+        assert_eq!(code, "connection_refused");
     }
 }

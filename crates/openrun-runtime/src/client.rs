@@ -4,16 +4,21 @@
 //! [`AgentClient::call`] sends a request and waits for its response, queueing any output or exit
 //! events that arrive meanwhile; [`AgentClient::next_event`] returns them in order. For
 //! interactive use, [`AgentClient::split`] gives a sender (stdin, resize, signals) and a receiver
-//! that can be driven from different tasks.
+//! that can be driven from different tasks. After a request that turns the connection into a
+//! raw byte pipe (`ConnectPort`, `TakeConnection`), [`AgentClient::into_stream`] (or
+//! [`AgentClient::open_pipe`]) gives the [`AgentStream`].
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use openrun_protocol::frame::nonblocking::{write_frame, FrameReader};
 use openrun_protocol::{
     AgentError, AgentInfo, AgentMessage, Frame, FrameError, Request, RequestEnvelope, Response,
     PROTOCOL_VERSION,
 };
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -122,6 +127,100 @@ impl AgentClient {
     pub fn split(self) -> (AgentSender, AgentReceiver) {
         (self.sender, self.receiver)
     }
+
+    /// The connection as a raw byte stream, for after the agent answered a request that ends
+    /// the framing (`ConnectPort`, `TakeConnection`): bytes the frame reader already took from
+    /// the socket come first. Events still queued are dropped.
+    pub fn into_stream(self) -> AgentStream {
+        let (read, buffered) = self.receiver.read.into_parts();
+        AgentStream {
+            buffered,
+            pos: 0,
+            read,
+            write: self.sender.write,
+        }
+    }
+
+    /// Sends `request` (`ConnectPort` or `TakeConnection`) and, once the agent answered
+    /// `Done`, returns the raw byte pipe the connection has become. A refusal (nothing
+    /// listening, an unknown connection) is [`ClientError::Agent`].
+    pub async fn open_pipe(mut self, request: Request) -> Result<AgentStream, ClientError> {
+        match self.call(request).await?.header {
+            Response::Done => Ok(self.into_stream()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+/// A connection to the agent that is no longer framed: raw bytes to and from a TCP connection
+/// inside the sandbox. Shutting down its write side passes a half-close on to that
+/// connection; the agent does the same the other way (then reads return end of stream).
+pub struct AgentStream {
+    /// Read by the frame reader past the last frame.
+    buffered: Vec<u8>,
+    /// How much of `buffered` was returned.
+    pos: usize,
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+}
+
+impl std::fmt::Debug for AgentStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStream")
+            .field("buffered", &(self.buffered.len() - self.pos))
+            .finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for AgentStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.buffered.len() {
+            let n = buf.remaining().min(this.buffered.len() - this.pos);
+            buf.put_slice(&this.buffered[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.buffered.len() {
+                this.buffered = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AgentStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.write).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.write).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.write.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.write).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.write).poll_shutdown(cx)
+    }
 }
 
 impl AgentSender {
@@ -169,5 +268,73 @@ impl AgentReceiver {
                 _ => self.queued.push_back(frame),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The agent's `Done` and the first raw bytes arrive in one read: those bytes must come out
+    /// of the stream first, not be lost in the frame reader's buffer.
+    #[tokio::test]
+    async fn a_pipe_yields_bytes_read_with_the_answer_first() {
+        let (ours, mut agent) = UnixStream::pair().unwrap();
+        let fake = tokio::spawn(async move {
+            let mut reader = FrameReader::new(&mut agent);
+            let request: Frame<RequestEnvelope> = reader.next().await.unwrap();
+            assert_eq!(request.header.request, Request::ConnectPort { port: 80 });
+            let mut bytes = Frame::new(AgentMessage::Response {
+                id: request.header.id,
+                result: Ok(Response::Done),
+            })
+            .encode()
+            .unwrap();
+            bytes.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+            agent.write_all(&bytes).await.unwrap();
+            agent.write_all(b"rest").await.unwrap();
+            let mut got = Vec::new();
+            agent.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let client = AgentClient::from_stream(ours);
+        let mut pipe = client
+            .open_pipe(Request::ConnectPort { port: 80 })
+            .await
+            .unwrap();
+        let mut got = vec![0u8; 21];
+        pipe.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\nrest");
+        pipe.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        pipe.shutdown().await.unwrap();
+        assert_eq!(fake.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_pipe_is_the_agents_error() {
+        let (ours, mut agent) = UnixStream::pair().unwrap();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(&mut agent);
+            let request: Frame<RequestEnvelope> = reader.next().await.unwrap();
+            let bytes = Frame::new(AgentMessage::Response {
+                id: request.header.id,
+                result: Err(AgentError::new(
+                    openrun_protocol::ErrorCode::ConnectionRefused,
+                    "nothing listens on port 81",
+                )),
+            })
+            .encode()
+            .unwrap();
+            agent.write_all(&bytes).await.unwrap();
+        });
+        let err = AgentClient::from_stream(ours)
+            .open_pipe(Request::ConnectPort { port: 81 })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Agent(ref e) if e.code == openrun_protocol::ErrorCode::ConnectionRefused),
+            "{err}"
+        );
     }
 }

@@ -22,7 +22,7 @@ pub mod spec;
 pub mod state;
 mod sys;
 
-pub use client::{AgentClient, AgentReceiver, AgentSender, ClientError};
+pub use client::{AgentClient, AgentReceiver, AgentSender, AgentStream, ClientError};
 pub use error::{Result, RuntimeError};
 pub use limits::Limits;
 pub use sandbox::{Runtime, Sandbox, SandboxOverlay};

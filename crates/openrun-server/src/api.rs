@@ -561,6 +561,7 @@ pub(crate) async fn create_sandbox(
         });
     }
     tracing::info!(id = row.id, tenant = row.tenant, "sandbox created");
+    crate::relay::ensure_egress(s, &row.id, &row.tenant);
     SandboxResource::from_row(row)
 }
 

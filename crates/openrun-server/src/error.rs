@@ -180,6 +180,7 @@ fn agent_status(code: ErrorCode) -> (StatusCode, &'static str) {
         E::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_argument"),
         E::NotSupported => (StatusCode::BAD_REQUEST, "not_supported"),
         E::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+        E::ConnectionRefused => (StatusCode::BAD_GATEWAY, "port_closed"),
         E::VersionMismatch | E::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }

@@ -546,7 +546,9 @@ impl Context {
                     // client's stream goes on.
                     tracing::debug!(pid, error = %err, "the agent refused a client's input");
                 }
-                AgentMessage::Exit { .. } | AgentMessage::Response { .. } => {}
+                AgentMessage::Exit { .. }
+                | AgentMessage::Response { .. }
+                | AgentMessage::Incoming { .. } => {}
             }
         }
     }

@@ -27,6 +27,7 @@ mod metrics;
 mod openapi;
 mod processes;
 mod query;
+mod relay;
 mod terminal;
 mod time;
 mod ws;

@@ -117,6 +117,7 @@ pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
     for row in recorded {
         if live.iter().any(|r| r.id == row.id) {
             match_freezer(state, &row).await?;
+            crate::relay::ensure_egress(state, &row.id, &row.tenant);
             continue;
         }
         let db::SandboxRow { id, tenant, .. } = row;

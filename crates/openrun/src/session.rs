@@ -70,7 +70,7 @@ pub async fn attached_exec(
                     AgentMessage::Exit { pid: exited, status } if exited == pid => {
                         return Ok(Outcome::Exited(status));
                     }
-                    AgentMessage::Exit { .. } => {}
+                    AgentMessage::Exit { .. } | AgentMessage::Incoming { .. } => {}
                     AgentMessage::Response { result: Err(err), .. } => {
                         // Stdin to a process that already closed it is expected; others are not.
                         tracing::debug!("agent refused a request: {err}");

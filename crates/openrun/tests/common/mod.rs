@@ -2,6 +2,7 @@
 //! binary. These tests need root (CI runs as root) and fail, never skip, without it.
 #![allow(dead_code)]
 
+pub mod attack;
 pub mod server;
 
 use std::path::{Path, PathBuf};
