@@ -59,6 +59,8 @@ pub struct AppState {
     pub admission: crate::admission::Admission,
     /// Answers of `GET .../environment`, per sandbox.
     pub environments: crate::environment::Cache,
+    /// The egress proxy: policies, its CA, event limits.
+    pub(crate) egress: crate::egress::Egress,
 }
 
 /// Shared state handle.
@@ -145,6 +147,10 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::ws::exec_ws))
         .routes(routes!(crate::terminal::terminal))
         .routes(routes!(crate::environment::environment))
+        .routes(routes!(
+            crate::egress::routes::get,
+            crate::egress::routes::put
+        ))
         .routes(routes!(events))
         .merge(file_data)
         .routes(routes!(crate::archive::download, crate::archive::upload))
@@ -279,6 +285,9 @@ pub(crate) struct CreateBody {
     /// characters from `A-Za-z0-9._/-`, values of at most 256 characters.
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    /// Network policy (default: mode `none`); see `PUT /v1/sandboxes/{id}/network`.
+    #[schema(value_type = Option<crate::egress::policy::PolicyBody>)]
+    network: Option<serde_json::Value>,
 }
 
 /// The sandbox resource of the API.
@@ -459,8 +468,9 @@ async fn create(
 pub(crate) async fn create_sandbox(
     s: &Shared,
     caller: &Caller,
-    body: CreateBody,
+    mut body: CreateBody,
 ) -> Result<SandboxResource, ApiError> {
+    let network = crate::egress::routes::create_policy(body.network.take())?;
     let labels = body.labels.clone();
     let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
     let mut spec = spec_from(body)?;
@@ -479,6 +489,10 @@ pub(crate) async fn create_sandbox(
             }
         })?;
     image.apply(&mut spec);
+    crate::egress::sandbox_files::add_env(
+        &mut spec.env,
+        crate::egress::sandbox_files::wants_ca(&network),
+    );
     // The row comes first, as `creating`, under the id the sandbox will get: a server that
     // stops mid-create finds it at start and removes what was made (maintenance::reconcile).
     let id = openrun_runtime::state::new_id();
@@ -500,8 +514,12 @@ pub(crate) async fn create_sandbox(
         created_at,
         expires_at: ttl_ms.map(|ms| created_at.saturating_add(ms)),
     };
-    let stored = row.clone();
-    s.db.call(move |c| db::insert_sandbox(c, &stored)).await?;
+    let (stored, policy) = (row.clone(), network.clone());
+    s.db.call(move |c| {
+        db::insert_sandbox(c, &stored)?;
+        crate::egress::routes::store_new(c, &stored.id, &policy)
+    })
+    .await?;
     let runtime = s.runtime.clone();
     let helper = s.helper.clone();
     let helper_spec = spec.clone();
@@ -522,6 +540,13 @@ pub(crate) async fn create_sandbox(
     let record = sandbox.record().clone();
     // The helper has exited: the agent is now this process's child (we are a subreaper).
     s.agents.track(record.pid);
+    if let Err(error) = crate::egress::routes::prepare(s, &sandbox, &network).await {
+        let runtime = s.runtime.clone();
+        let _ = blocking(move || runtime.destroy(sandbox)).await;
+        s.agents.reap();
+        fail_create(s, &row, caller, &error).await;
+        return Err(error);
+    }
     row.state = "running".into();
     row.expires_at = record
         .expires_at_ms
@@ -537,6 +562,7 @@ pub(crate) async fn create_sandbox(
             "ttl_ms": ttl_ms,
             "labels": row.labels,
             "env": row.env.keys().collect::<Vec<_>>(),
+            "network": network.view(),
         }),
     };
     let expires_at = row.expires_at;

@@ -91,6 +91,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
     );
     CREATE INDEX background_by_sandbox ON background_processes (sandbox_id, pid);",
     ),
+    (
+        3,
+        // Network policies (crate::egress): one row per sandbox given one, none = mode `none`.
+        // The JSON holds secret values, which no API returns.
+        "CREATE TABLE network_policies (
+        sandbox_id TEXT PRIMARY KEY,
+        policy_json TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// Shared handle to the database.

@@ -18,6 +18,9 @@ pub enum ServerError {
     /// The state database failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The egress proxy could not be set up (its CA, `--egress-*` options).
+    #[error(transparent)]
+    Egress(#[from] crate::egress::EgressSetupError),
     /// The listening socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -82,6 +85,9 @@ pub enum ApiError {
     /// The request is malformed or asks for something impossible (400 `invalid_argument`).
     #[error("{0}")]
     InvalidArgument(String),
+    /// A network policy that cannot be applied (400 `invalid_network_policy`).
+    #[error("{0}")]
+    InvalidNetworkPolicy(String),
     /// The body is larger than the server accepts (413 `body_too_large`).
     #[error("request body larger than {limit} bytes")]
     TooLarge {
@@ -135,6 +141,7 @@ impl ApiError {
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
+            Self::InvalidNetworkPolicy(_) => (StatusCode::BAD_REQUEST, "invalid_network_policy"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),

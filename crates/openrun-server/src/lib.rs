@@ -39,6 +39,7 @@ use std::time::Duration;
 
 pub use admission::DEFAULT_QUEUE as DEFAULT_CREATE_QUEUE;
 pub use api::openapi_document;
+pub use egress::{parse_resolve as parse_egress_resolve, EgressOptions, EgressSetupError};
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
 
@@ -59,6 +60,8 @@ pub struct Config {
     /// Creates that may wait for a slot; beyond them a create gets 429 (see
     /// [`DEFAULT_CREATE_QUEUE`]).
     pub create_queue: usize,
+    /// Options of the egress proxy (`--egress-resolve`, `--egress-ca-file`).
+    pub egress: EgressOptions,
 }
 
 /// Default of [`Config::max_creating`]: twice the number of CPUs this process may use.
@@ -78,6 +81,7 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
     let runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
     let db = db::Db::open(&database_path(runtime.data_dir()))?;
+    let egress = egress::Egress::open(runtime.data_dir(), &config.egress)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("openrun-server")
@@ -91,6 +95,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         metrics: Arc::new(metrics::Metrics::default()),
         admission: admission::Admission::new(config.max_creating, config.create_queue),
         environments: Default::default(),
+        egress,
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);
@@ -114,6 +119,7 @@ async fn serve(
         source,
     })?;
     tracing::info!(%addr, "listening");
+    state.egress.set_server_addr(addr);
     write_local_key(&state, addr).await;
     // Caught from before the address is announced: a client that stops the server at once
     // must still get a graceful shutdown, not the default action of SIGTERM.

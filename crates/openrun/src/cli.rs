@@ -302,6 +302,13 @@ pub struct ServeArgs {
     /// Creates that may wait for a slot; any more are refused with 429 and Retry-After.
     #[arg(long, value_name = "N", default_value_t = openrun_server::DEFAULT_CREATE_QUEUE as u32)]
     pub create_queue: u32,
+    /// Resolve NAME to IP in the egress proxy without DNS, like curl's --resolve (repeatable);
+    /// the address is taken as given, loopback included.
+    #[arg(long, value_name = "NAME:IP", value_parser = openrun_server::parse_egress_resolve)]
+    pub egress_resolve: Vec<(String, std::net::IpAddr)>,
+    /// PEM file of extra CA certificates the egress proxy trusts for hosts bound to a secret.
+    #[arg(long, value_name = "PATH")]
+    pub egress_ca_file: Option<std::path::PathBuf>,
 }
 
 /// `openrun image …`.

@@ -284,6 +284,10 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
             .max_creating
             .map_or_else(openrun_server::default_max_creating, |n| n as usize),
         create_queue: args.create_queue as usize,
+        egress: openrun_server::EgressOptions {
+            resolve: args.egress_resolve,
+            ca_file: args.egress_ca_file,
+        },
     };
     openrun_server::run(config, |addr| {
         use std::io::Write;

@@ -1,15 +1,137 @@
-//! The egress proxy: every connection a sandbox opens to `127.0.0.1:3128` (its
-//! `HTTP(S)_PROXY`) arrives here through the agent's egress relay ([`crate::relay`]) and is
-//! decided against the sandbox's network policy.
+//! Network policy, the egress proxy and secrets at the boundary.
+//!
+//! A sandbox has no network of its own (a loopback-only namespace). Every connection a
+//! program inside opens to `127.0.0.1:3128` (its `HTTP(S)_PROXY`, set at create) is carried
+//! by the agent's egress relay ([`crate::relay`]) to [`serve_connection`] here, which decides
+//! it against the sandbox's policy ([`policy`]), records it on the timeline ([`events`]) and
+//! tunnels or forwards it ([`proxy`]). Secrets bound to a host are added to requests by the
+//! proxy, over TLS by interception with a per-server CA ([`tls`]), so their values never enter
+//! the sandbox. Policies are stored in the database ([`store`]) and served by
+//! `GET`/`PUT /v1/sandboxes/{id}/network` ([`routes`]).
 
-use std::convert::Infallible;
+mod events;
+pub(crate) mod policy;
+mod proxy;
+pub(crate) mod routes;
+pub(crate) mod sandbox_files;
+mod store;
+mod tls;
 
-use axum::body::Bytes;
-use http_body_util::Full;
-use hyper::{Request, Response, StatusCode};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
+
+pub use tls::EgressSetupError;
+
+use crate::api::AppState;
+use crate::error::DbError;
+use policy::Policy;
 
 /// Header naming why the proxy refused a request.
 pub(crate) const DENIED_HEADER: &str = "x-openrun-denied";
+/// Policies kept in memory before the cache starts over.
+const MAX_CACHED: usize = 4096;
+
+/// What the operator configured for the proxy (`openrun serve --egress-*`).
+#[derive(Debug, Clone, Default)]
+pub struct EgressOptions {
+    /// Fixed resolutions, like curl's `--resolve`: these names resolve to these addresses
+    /// without asking DNS, and the addresses are taken as the operator gave them (the ranges
+    /// that are otherwise never reached, loopback included, do not apply to them).
+    pub resolve: Vec<(String, IpAddr)>,
+    /// PEM file of extra CA certificates trusted for intercepted (secret-bound) hosts.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Parses `NAME:IP` (as `--egress-resolve` takes it; IPv6 addresses need no brackets).
+pub fn parse_resolve(text: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:IP, not {text:?}"))?;
+    let name =
+        policy::normalize_domain(name).map_err(|why| format!("invalid name {name:?}: {why}"))?;
+    let ip = ip
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("invalid IP address {ip:?}"))?;
+    Ok((name, ip))
+}
+
+/// The proxy's shared state (a field of [`AppState`]).
+pub(crate) struct Egress {
+    resolve: HashMap<String, Vec<IpAddr>>,
+    pub(crate) tls: Arc<tls::Tls>,
+    policies: RwLock<HashMap<String, Arc<Policy>>>,
+    server_addr: OnceLock<SocketAddr>,
+    events: events::Limiter,
+    /// Held by a policy change from check to cache, so the cache ends as the database does.
+    pub(crate) updates: tokio::sync::Mutex<()>,
+}
+
+impl Egress {
+    /// Sets up the proxy: its CA in `data_dir` (made the first time) and the trusted roots.
+    pub(crate) fn open(data_dir: &Path, options: &EgressOptions) -> Result<Self, EgressSetupError> {
+        let tls = tls::Tls::open(data_dir, options.ca_file.as_deref())?;
+        let mut resolve: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        for (name, ip) in &options.resolve {
+            let name = policy::normalize_domain(name)
+                .map_err(|why| EgressSetupError::Resolve(format!("{name}: {why}")))?;
+            resolve.entry(name).or_default().push(*ip);
+        }
+        Ok(Self {
+            resolve,
+            tls: Arc::new(tls),
+            policies: RwLock::default(),
+            server_addr: OnceLock::new(),
+            events: events::Limiter::default(),
+            updates: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Records the API's own address, which no sandbox may reach through the proxy.
+    pub(crate) fn set_server_addr(&self, addr: SocketAddr) {
+        let _ = self.server_addr.set(addr);
+    }
+
+    fn server_addr(&self) -> Option<SocketAddr> {
+        self.server_addr.get().copied()
+    }
+
+    /// The operator's fixed addresses of `name`, if any.
+    fn pinned(&self, name: &str) -> Option<&[IpAddr]> {
+        self.resolve.get(name).map(Vec::as_slice)
+    }
+
+    /// The current policy of `sandbox` (cached; read from the database on a miss).
+    pub(crate) async fn policy(
+        &self,
+        state: &AppState,
+        sandbox: &str,
+    ) -> Result<Arc<Policy>, DbError> {
+        if let Some(policy) = self.read_cache().get(sandbox) {
+            return Ok(policy.clone());
+        }
+        let key = sandbox.to_string();
+        let policy = Arc::new(state.db.call(move |c| store::load(c, &key)).await?);
+        self.remember(sandbox, policy.clone());
+        Ok(policy)
+    }
+
+    /// Makes `policy` the one of `sandbox` for every new request (after it was stored).
+    pub(crate) fn remember(&self, sandbox: &str, policy: Arc<Policy>) {
+        let mut cache = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED && !cache.contains_key(sandbox) {
+            cache.clear();
+        }
+        cache.insert(sandbox.to_string(), policy);
+    }
+
+    fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Policy>>> {
+        self.policies.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Serves one proxied client connection of sandbox `sandbox_id` (HTTP `CONNECT` and plain
 /// absolute-URI HTTP) according to the sandbox's current policy.
@@ -23,30 +145,34 @@ pub(crate) async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let _ = (&state, &tenant);
-    let io = hyper_util::rt::TokioIo::new(stream);
-    let service = hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-        Ok::<_, Infallible>(denied("network policy is none"))
+    let client = Arc::new(proxy::Client {
+        state,
+        sandbox: sandbox_id,
+        tenant,
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(io, service)
-        .with_upgrades()
-        .await
-    {
-        tracing::debug!(sandbox = sandbox_id, error = %e, "egress connection ended");
-    }
+    proxy::serve(client, stream).await;
 }
 
-/// A 403 naming `reason` in its body and in [`DENIED_HEADER`].
-fn denied(reason: &str) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(format!("denied: {reason}\n"))));
-    *response.status_mut() = StatusCode::FORBIDDEN;
-    if let Ok(value) = hyper::header::HeaderValue::from_str(reason) {
-        response.headers_mut().insert(DENIED_HEADER, value);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_options_parse() {
+        assert_eq!(
+            parse_resolve("Upstream.test:127.0.0.1").unwrap(),
+            ("upstream.test".to_string(), "127.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            parse_resolve("v6.test:::1").unwrap().1,
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            parse_resolve("v6.test:[::1]").unwrap().1,
+            "::1".parse::<IpAddr>().unwrap()
+        );
+        assert!(parse_resolve("nothing").is_err());
+        assert!(parse_resolve("a b:127.0.0.1").is_err());
+        assert!(parse_resolve("x.test:localhost").is_err());
     }
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }

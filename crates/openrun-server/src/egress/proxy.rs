@@ -1,0 +1,682 @@
+//! The proxy itself: one hyper HTTP/1.1 server connection per client connection.
+//!
+//! - `CONNECT host:port` → decided, then connected (10 s at most), then answered `200` and
+//!   tunnelled byte for byte; for a host bound to a secret the tunnel is instead terminated
+//!   with a certificate of the proxy's CA ([`super::tls`]) and each request inside is sent on
+//!   to the real host over verified TLS with the secret's header set.
+//! - `GET http://host/path` (absolute URI) → decided, then forwarded with hyper's client on a
+//!   fresh connection, the secret's header set when the host is bound to one.
+//!
+//! Every request is decided against the sandbox's policy of that moment (a `PUT .../network`
+//! applies to the next request; an open tunnel stays open). Refusals are `403` with the reason
+//! in the body and in `X-Openrun-Denied`; failures to reach an allowed host are `502`; nothing
+//! waits without a bound: connects and TLS handshakes time out after 10 s, and a client that
+//! sends no request head within 30 s is disconnected.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::policy::{Policy, Target};
+use super::DENIED_HEADER;
+use crate::api::Shared;
+
+/// Bound on connecting to a host (each address) and on a TLS handshake.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on resolving a name.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client connection that sends no request head for this long is closed.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Response body of the proxy: a fixed text or a streamed upstream body.
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// One client connection of one sandbox.
+pub(crate) struct Client {
+    pub state: Shared,
+    pub sandbox: String,
+    pub tenant: String,
+}
+
+/// Serves HTTP/1.1 on `stream` until the client or the tunnel ends.
+pub(crate) async fn serve<S>(client: Arc<Client>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(handle(client, req).await) }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!(error = %e, "egress client connection ended");
+    }
+}
+
+/// A text answer; a refusal (403) also names its reason in [`DENIED_HEADER`].
+fn answer(status: StatusCode, reason: &str) -> Response<Body> {
+    let body = Full::new(Bytes::from(format!("{reason}\n")))
+        .map_err(|never| match never {})
+        .boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if status == StatusCode::FORBIDDEN {
+        let printable: String = reason
+            .chars()
+            .map(|c| {
+                if c.is_ascii() && !c.is_ascii_control() {
+                    c
+                } else {
+                    '?'
+                }
+            })
+            .collect();
+        if let Ok(value) = HeaderValue::from_str(&printable) {
+            headers.insert(DENIED_HEADER, value);
+        }
+    }
+    response
+}
+
+/// What one request asks the proxy for.
+struct Ask {
+    method: Method,
+    host: String,
+    port: u16,
+}
+
+impl Ask {
+    fn payload(&self, reason: &str) -> serde_json::Value {
+        serde_json::json!({
+            "host": self.host,
+            "port": self.port,
+            "method": self.method.as_str(),
+            "reason": reason,
+        })
+    }
+}
+
+async fn handle(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        connect(client, req).await
+    } else {
+        forward(client, req).await
+    }
+}
+
+/// The target of a request: `CONNECT host:port`, or an absolute `http://` URI.
+fn target_of(req: &Request<Incoming>) -> Result<(String, u16), String> {
+    let uri = req.uri();
+    if req.method() == Method::CONNECT {
+        let authority = uri
+            .authority()
+            .ok_or("CONNECT needs host:port as its target")?;
+        let port = authority
+            .port_u16()
+            .ok_or("CONNECT needs host:port as its target")?;
+        return Ok((authority.host().to_string(), port));
+    }
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(
+                "https:// URIs go through CONNECT (set HTTPS_PROXY, not a plain proxy request)"
+                    .into(),
+            )
+        }
+        Some(other) => {
+            return Err(format!(
+                "scheme {other} is not proxied: use http or CONNECT"
+            ))
+        }
+        None => return Err(
+            "this is the sandbox's egress proxy: send absolute URIs (http://host/...) or CONNECT"
+                .into(),
+        ),
+    }
+    let authority = uri.authority().ok_or("the URI has no host")?;
+    Ok((
+        authority.host().to_string(),
+        authority.port_u16().unwrap_or(80),
+    ))
+}
+
+/// The decision on one request, with its event already recorded.
+enum Decision {
+    /// Go ahead: the name (`None` for an IP literal) and the addresses to try, in order.
+    Allow {
+        name: Option<String>,
+        addrs: Vec<SocketAddr>,
+        policy: Arc<Policy>,
+    },
+    /// Answer this instead.
+    Refuse(Response<Body>),
+}
+
+/// Decides `ask` against the sandbox's current policy and records the outcome.
+async fn decide(client: &Client, ask: &Ask) -> Decision {
+    let deny = |reason: String| async move {
+        super::events::record(
+            &client.state,
+            &client.sandbox,
+            &client.tenant,
+            "network.deny",
+            ask.payload(&reason),
+        )
+        .await;
+        Decision::Refuse(answer(StatusCode::FORBIDDEN, &reason))
+    };
+    let policy = match client
+        .state
+        .egress
+        .policy(&client.state, &client.sandbox)
+        .await
+    {
+        Ok(policy) => policy,
+        Err(e) => {
+            tracing::error!(sandbox = client.sandbox, error = %e, "cannot read a network policy");
+            return Decision::Refuse(answer(
+                StatusCode::BAD_GATEWAY,
+                "the proxy cannot read the network policy",
+            ));
+        }
+    };
+    if ask.port == 0 {
+        return deny("port 0 is not a destination".into()).await;
+    }
+    let target = match Target::parse(&ask.host) {
+        Ok(target) => target,
+        Err(reason) => return deny(reason).await,
+    };
+    // On the name alone: nothing outside the policy reaches a resolver.
+    if let Err(reason) = policy.check_target(&target) {
+        return deny(reason).await;
+    }
+    let (name, resolved, pinned) = match &target {
+        Target::Ip(ip) => (None, vec![SocketAddr::new(*ip, ask.port)], false),
+        Target::Name(name) => match client.state.egress.pinned(name) {
+            Some(ips) => (
+                Some(name.clone()),
+                ips.iter()
+                    .map(|ip| SocketAddr::new(*ip, ask.port))
+                    .collect(),
+                true,
+            ),
+            None => match resolve(name, ask.port).await {
+                Ok(addrs) => (Some(name.clone()), addrs, false),
+                Err(reason) => return deny(reason).await,
+            },
+        },
+    };
+    let server = client.state.egress.server_addr();
+    let mut first_refusal = None;
+    let mut addrs = Vec::new();
+    for addr in resolved {
+        match policy.check_addr(addr, pinned, server) {
+            Ok(()) => addrs.push(addr),
+            Err(reason) => {
+                first_refusal.get_or_insert(reason);
+            }
+        }
+    }
+    if addrs.is_empty() {
+        let reason = first_refusal.unwrap_or_else(|| format!("{} has no address", ask.host));
+        return deny(reason).await;
+    }
+    let secrets = name
+        .as_deref()
+        .map(|n| policy.secret_names_for(n))
+        .unwrap_or_default();
+    let mut payload = ask.payload(&format!("allowed by mode {}", policy.mode().as_str()));
+    if !secrets.is_empty() {
+        payload["secrets"] = secrets.into();
+    }
+    super::events::record(
+        &client.state,
+        &client.sandbox,
+        &client.tenant,
+        "network.allow",
+        payload,
+    )
+    .await;
+    Decision::Allow {
+        name,
+        addrs,
+        policy,
+    }
+}
+
+/// Resolves an allowed name on the host.
+async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
+        Ok(Ok(addrs)) => {
+            let addrs: Vec<SocketAddr> = addrs.collect();
+            if addrs.is_empty() {
+                Err(format!("cannot resolve {name}: no address"))
+            } else {
+                Ok(addrs)
+            }
+        }
+        Ok(Err(e)) => Err(format!("cannot resolve {name}: {e}")),
+        Err(_) => Err(format!(
+            "cannot resolve {name}: no answer within {}s",
+            RESOLVE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Connects to the first address that answers, each within [`CONNECT_TIMEOUT`].
+async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = format!("cannot connect to {addr}: {e}"),
+            Err(_) => {
+                last = format!(
+                    "cannot connect to {addr}: no answer within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+            }
+        }
+    }
+    Err(last)
+}
+
+/// `CONNECT`: a tunnel, or for a host bound to a secret, an interception.
+async fn connect(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> {
+    let (host, port) = match target_of(&req) {
+        Ok(target) => target,
+        Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+    };
+    let ask = Ask {
+        method: Method::CONNECT,
+        host,
+        port,
+    };
+    let (name, addrs, policy) = match decide(&client, &ask).await {
+        Decision::Allow {
+            name,
+            addrs,
+            policy,
+        } => (name, addrs, policy),
+        Decision::Refuse(response) => return response,
+    };
+    let upstream = match dial(&addrs).await {
+        Ok(stream) => stream,
+        Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+    };
+    let bound = name.filter(|n| !policy.secrets_for(n).is_empty());
+    let Some(name) = bound else {
+        let upgrade = hyper::upgrade::on(req);
+        tokio::spawn(async move {
+            match upgrade.await {
+                Ok(upgraded) => {
+                    let mut inside = TokioIo::new(upgraded);
+                    let mut upstream = upstream;
+                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut upstream).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "a CONNECT was not upgraded"),
+            }
+        });
+        return Response::new(empty());
+    };
+    // TLS to the real host first, so an unverifiable host is a clean 502 on the CONNECT.
+    let tls = client.state.egress.tls.clone();
+    let upstream = match upstream_tls(&tls, &name, upstream).await {
+        Ok(stream) => stream,
+        Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+    };
+    let config = match tls.for_host(&name) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot intercept");
+            return answer(StatusCode::BAD_GATEWAY, &e.to_string());
+        }
+    };
+    let upgrade = hyper::upgrade::on(req);
+    let session = Arc::new(Intercepted {
+        client,
+        host: name,
+        port,
+        addrs,
+        upstream: tokio::sync::Mutex::new(Upstream::Fresh(Box::new(upstream))),
+    });
+    tokio::spawn(async move {
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "a CONNECT was not upgraded"),
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let inside =
+            match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(TokioIo::new(upgraded)))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS from the sandbox failed"),
+                Err(_) => return tracing::debug!("TLS from the sandbox timed out"),
+            };
+        let service = hyper::service::service_fn(move |req| {
+            let session = session.clone();
+            async move { Ok::<_, Infallible>(session.send(req).await) }
+        });
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(TokioIo::new(inside), service)
+            .await
+        {
+            tracing::debug!(error = %e, "intercepted connection ended");
+        }
+    });
+    Response::new(empty())
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+type UpstreamTls = tokio_rustls::client::TlsStream<TcpStream>;
+
+/// TLS to the real `host`, verified against the proxy's trust roots.
+async fn upstream_tls(
+    tls: &super::tls::Tls,
+    host: &str,
+    tcp: TcpStream,
+) -> Result<UpstreamTls, String> {
+    let server_name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("invalid TLS name {host}: {e}"))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.upstream());
+    match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(server_name, tcp)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(format!("TLS with {host} failed: {e}")),
+        Err(_) => Err(format!(
+            "TLS with {host}: no handshake within {}s",
+            CONNECT_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// The upstream side of an interception.
+enum Upstream {
+    /// Connected, TLS done, no HTTP yet.
+    Fresh(Box<UpstreamTls>),
+    /// In use.
+    Ready(hyper::client::conn::http1::SendRequest<Incoming>),
+    /// Closed or failed: the next request connects again.
+    Gone,
+}
+
+/// One intercepted `CONNECT`: requests from the sandbox, sent on to the real host.
+struct Intercepted {
+    client: Arc<Client>,
+    host: String,
+    port: u16,
+    addrs: Vec<SocketAddr>,
+    upstream: tokio::sync::Mutex<Upstream>,
+}
+
+impl Intercepted {
+    async fn send(&self, req: Request<Incoming>) -> Response<Body> {
+        // The policy of this moment: a PUT may have removed the host or its secret.
+        let policy = match self
+            .client
+            .state
+            .egress
+            .policy(&self.client.state, &self.client.sandbox)
+            .await
+        {
+            Ok(policy) => policy,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read a network policy");
+                return answer(
+                    StatusCode::BAD_GATEWAY,
+                    "the proxy cannot read the network policy",
+                );
+            }
+        };
+        if let Err(reason) = policy.check_target(&Target::Name(self.host.clone())) {
+            let ask = Ask {
+                method: req.method().clone(),
+                host: self.host.clone(),
+                port: self.port,
+            };
+            super::events::record(
+                &self.client.state,
+                &self.client.sandbox,
+                &self.client.tenant,
+                "network.deny",
+                ask.payload(&reason),
+            )
+            .await;
+            return answer(StatusCode::FORBIDDEN, &reason);
+        }
+        let host_header = if self.port == 443 {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let out = match outgoing(req, &host_header, &policy.secrets_for(&self.host)) {
+            Ok(out) => out,
+            Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+        };
+        let mut upstream = self.upstream.lock().await;
+        let mut sender = match std::mem::replace(&mut *upstream, Upstream::Gone) {
+            Upstream::Ready(sender) if !sender.is_closed() => sender,
+            Upstream::Fresh(stream) => match handshake(*stream).await {
+                Ok(sender) => sender,
+                Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+            },
+            Upstream::Ready(_) | Upstream::Gone => match self.reconnect().await {
+                Ok(sender) => sender,
+                Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+            },
+        };
+        if sender.ready().await.is_err() {
+            sender = match self.reconnect().await {
+                Ok(sender) => sender,
+                Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+            };
+        }
+        let result = sender.send_request(out).await;
+        *upstream = Upstream::Ready(sender);
+        match result {
+            Ok(response) => incoming_response(response),
+            Err(e) => answer(
+                StatusCode::BAD_GATEWAY,
+                &format!("{} failed the request: {e}", self.host),
+            ),
+        }
+    }
+
+    async fn reconnect(&self) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
+        let tcp = dial(&self.addrs).await?;
+        let tls = upstream_tls(&self.client.state.egress.tls, &self.host, tcp).await?;
+        handshake(tls).await
+    }
+}
+
+/// HTTP/1.1 client handshake on `io`; the connection is driven by its own task.
+async fn handshake<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP with the host failed: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "upstream connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// Hop-by-hop headers: they describe one connection and are not sent on (RFC 9110 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes the hop-by-hop headers and those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The request to send on: origin-form URI, `Host` set to the target the policy allowed
+/// (so a secret never goes to another virtual host behind the same address), the secrets'
+/// headers replacing any the sandbox sent.
+fn outgoing(
+    req: Request<Incoming>,
+    host_header: &str,
+    secrets: &[(HeaderName, HeaderValue)],
+) -> Result<Request<Incoming>, String> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    parts.uri = path
+        .parse::<Uri>()
+        .map_err(|e| format!("invalid request target: {e}"))?;
+    parts.version = hyper::Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(
+        header::HOST,
+        HeaderValue::from_str(host_header).map_err(|e| format!("invalid host: {e}"))?,
+    );
+    for (name, value) in secrets {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// An upstream answer, as the sandbox gets it.
+fn incoming_response(response: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// A plain-HTTP request with an absolute URI: forwarded on a fresh connection.
+async fn forward(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> {
+    let (host, port) = match target_of(&req) {
+        Ok(target) => target,
+        Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+    };
+    let ask = Ask {
+        method: req.method().clone(),
+        host: host.clone(),
+        port,
+    };
+    let (name, addrs, policy) = match decide(&client, &ask).await {
+        Decision::Allow {
+            name,
+            addrs,
+            policy,
+        } => (name, addrs, policy),
+        Decision::Refuse(response) => return response,
+    };
+    let host_header = if port == 80 {
+        host
+    } else {
+        format!("{host}:{port}")
+    };
+    let secrets = name
+        .as_deref()
+        .map(|n| policy.secrets_for(n))
+        .unwrap_or_default();
+    let out = match outgoing(req, &host_header, &secrets) {
+        Ok(out) => out,
+        Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+    };
+    let tcp = match dial(&addrs).await {
+        Ok(tcp) => tcp,
+        Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+    };
+    let mut sender = match handshake(tcp).await {
+        Ok(sender) => sender,
+        Err(reason) => return answer(StatusCode::BAD_GATEWAY, &reason),
+    };
+    match sender.send_request(out).await {
+        Ok(response) => incoming_response(response),
+        Err(e) => answer(
+            StatusCode::BAD_GATEWAY,
+            &format!("{} failed the request: {e}", ask.host),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", HeaderValue::from_static("close, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("proxy-authorization", HeaderValue::from_static("Basic x"));
+        headers.insert("accept", HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("accept"));
+    }
+
+    #[test]
+    fn refusals_carry_their_reason_in_a_header() {
+        let response = answer(StatusCode::FORBIDDEN, "host x is not in the allowlist");
+        assert_eq!(response.status(), 403);
+        assert_eq!(
+            response.headers()[DENIED_HEADER],
+            "host x is not in the allowlist"
+        );
+        let response = answer(StatusCode::BAD_GATEWAY, "cannot connect");
+        assert!(response.headers().get(DENIED_HEADER).is_none());
+    }
+}

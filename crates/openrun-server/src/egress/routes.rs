@@ -1,0 +1,138 @@
+//! `GET` and `PUT /v1/sandboxes/{id}/network`, and the network part of a create.
+//!
+//! A policy is checked whole before anything changes; a refused one is a 400
+//! `invalid_network_policy` naming the problem. A `PUT` replaces the policy: it applies to the
+//! next request through the proxy (an open tunnel stays open) and is recorded as a
+//! `network.policy` event holding the policy without secret values.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::{Extension, Json};
+use rusqlite::Connection;
+
+use super::policy::{Mode, Policy, PolicyBody, PolicyView};
+use super::{sandbox_files, store};
+use crate::api::{find, Caller, JsonBody, Shared};
+use crate::db::NewEvent;
+use crate::error::{ApiError, DbError};
+use crate::openapi::ErrorAnswers;
+
+/// Checks a policy given as JSON (the `network` field of a create, a `PUT` body).
+pub(crate) fn parse(value: serde_json::Value) -> Result<Policy, ApiError> {
+    let body: PolicyBody = serde_json::from_value(value)
+        .map_err(|e| ApiError::InvalidNetworkPolicy(format!("invalid network policy: {e}")))?;
+    let policy = Policy::compile(body)
+        .map_err(|e| ApiError::InvalidNetworkPolicy(format!("invalid network policy: {e}")))?;
+    if policy.mode() == Mode::Open {
+        return Err(open_unavailable());
+    }
+    Ok(policy)
+}
+
+/// `open` needs the runtime's own networking for the sandbox, which this server lacks.
+fn open_unavailable() -> ApiError {
+    ApiError::InvalidNetworkPolicy(
+        "network mode \"open\" is not available on this server: use \"allowlist\"".into(),
+    )
+}
+
+/// The policy of a new sandbox: `none` unless the create body gives one.
+pub(crate) fn create_policy(network: Option<serde_json::Value>) -> Result<Arc<Policy>, ApiError> {
+    match network {
+        None | Some(serde_json::Value::Null) => Ok(Arc::new(Policy::default())),
+        Some(value) => parse(value).map(Arc::new),
+    }
+}
+
+/// Stores the policy of a new sandbox (in the create's own database call). Mode `none`
+/// without secrets is the default and is not stored.
+pub(crate) fn store_new(
+    conn: &mut Connection,
+    sandbox: &str,
+    policy: &Policy,
+) -> Result<(), DbError> {
+    if policy.mode() == Mode::None && !policy.has_secrets() {
+        return Ok(());
+    }
+    store::save(conn, sandbox, policy, None)
+}
+
+/// Readies a sandbox that was just created for its policy: the CA files when the policy
+/// wants them (see [`sandbox_files`]), and the policy in the proxy's cache.
+pub(crate) async fn prepare(
+    s: &Shared,
+    sandbox: &openrun_runtime::Sandbox,
+    policy: &Arc<Policy>,
+) -> Result<(), ApiError> {
+    if sandbox_files::wants_ca(policy) {
+        let mut client = sandbox
+            .connect()
+            .await
+            .map_err(|e| ApiError::internal("cannot reach the new sandbox's agent", e))?;
+        sandbox_files::install_ca(&mut client, s.egress.tls.ca_pem()).await?;
+    }
+    s.egress.remember(sandbox.id(), policy.clone());
+    Ok(())
+}
+
+/// `GET /v1/sandboxes/{id}/network`: the policy, without secret values.
+#[utoipa::path(get, operation_id = "get_network_policy", path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox's network policy (secret values are never returned)", body = PolicyView), ErrorAnswers))]
+pub(crate) async fn get(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<PolicyView>, ApiError> {
+    let row = find(&s, &caller, &id).await?;
+    let policy = s.egress.policy(&s, &row.id).await?;
+    Ok(Json(policy.view()))
+}
+
+/// `PUT /v1/sandboxes/{id}/network`: replaces the policy; new connections follow it at once.
+#[utoipa::path(put, operation_id = "set_network_policy", path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    request_body = PolicyBody,
+    responses((status = 200, description = "The new policy, without secret values", body = PolicyView), ErrorAnswers))]
+pub(crate) async fn put(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(value): JsonBody<serde_json::Value>,
+) -> Result<Json<PolicyView>, ApiError> {
+    let row = find(&s, &caller, &id).await?;
+    let policy = Arc::new(parse(value)?);
+    // One change at a time, so the cache ends as the database does.
+    let _turn = s.egress.updates.lock().await;
+    match row.state.as_str() {
+        "running" => {
+            if policy.has_secrets() {
+                let (_sandbox, mut client) = crate::exec::open_running(&s, &row).await?;
+                sandbox_files::install_ca(&mut client, s.egress.tls.ca_pem()).await?;
+            }
+        }
+        // Frozen: the CA files are written when a later PUT finds it running.
+        "paused" => {}
+        _ => return Err(ApiError::NotRunning(row.id)),
+    }
+    let view = policy.view();
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind: "network.policy",
+        payload: serde_json::to_value(&view)
+            .map_err(|e| ApiError::internal("cannot encode the policy", e))?,
+    };
+    let (key, stored) = (row.id.clone(), policy.clone());
+    s.db.call(move |c| store::save(c, &key, &stored, Some(&event)))
+        .await?;
+    s.egress.remember(&row.id, policy);
+    tracing::info!(
+        id = row.id,
+        mode = view.mode.as_str(),
+        "network policy changed"
+    );
+    Ok(Json(view))
+}
