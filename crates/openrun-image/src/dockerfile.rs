@@ -132,7 +132,7 @@ pub fn default_shell() -> Vec<String> {
 }
 
 impl Word {
-    fn new(raw: &str, escape: char) -> Self {
+    pub(crate) fn new(raw: &str, escape: char) -> Self {
         Self {
             raw: raw.to_string(),
             escape,
@@ -155,17 +155,24 @@ impl Word {
             pos: 0,
             escape: self.escape,
             vars,
+            depth: 0,
         };
         let out = expander.until(None)?;
         Ok(out)
     }
 }
 
+/// Deepest nesting of `${NAME:-...}` words the expander follows: each level is a recursion,
+/// and a Dockerfile nesting thousands deep would overflow the stack.
+pub const MAX_NESTING: usize = 64;
+
 struct Expander<'a> {
     chars: &'a [char],
     pos: usize,
     escape: char,
     vars: &'a dyn Fn(&str) -> Option<String>,
+    /// `${...}` words being expanded around the current position.
+    depth: usize,
 }
 
 impl Expander<'_> {
@@ -275,7 +282,15 @@ impl Expander<'_> {
             }
             Some(op @ ('-' | '+' | '?')) => {
                 self.pos += 1;
-                let word = self.until(Some('}'))?;
+                if self.depth >= MAX_NESTING {
+                    return Err(format!(
+                        "bad substitution: more than {MAX_NESTING} nested ${{...}} words"
+                    ));
+                }
+                self.depth += 1;
+                let word = self.until(Some('}'));
+                self.depth -= 1;
+                let word = word?;
                 self.pos += 1;
                 // With a colon an empty value counts as unset.
                 let set = match &value {
@@ -735,7 +750,7 @@ fn checked_word(raw: &str, escape: char) -> Result<Word, String> {
 }
 
 /// A JSON string as a word whose expansion is the string itself apart from `$` substitutions.
-fn escape_json_word(s: &str, escape: char) -> String {
+pub(crate) fn escape_json_word(s: &str, escape: char) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         if c == escape || c == '\'' || c == '"' {
@@ -747,7 +762,7 @@ fn escape_json_word(s: &str, escape: char) -> String {
 }
 
 /// `s` in single quotes (a word that expands to exactly `s`).
-fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     let mut out = String::from("'");
     for c in s.chars() {
         if c == '\'' {

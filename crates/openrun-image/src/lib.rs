@@ -20,6 +20,8 @@ pub mod digest;
 pub mod dockerfile;
 pub mod error;
 pub mod freeze;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod layer;
 pub mod name;
 pub mod oci;

@@ -40,7 +40,7 @@ const CONFIG_TYPES: &[&str] = &[
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Compression {
+pub(crate) enum Compression {
     None,
     Gzip,
     Zstd,
@@ -106,16 +106,7 @@ pub fn import(
         });
     }
     let source = Source::open(store, path)?;
-    let (format, plan) = if source.exists("index.json") && source.exists("oci-layout") {
-        ("oci", plan_oci(&source)?)
-    } else if source.exists("manifest.json") {
-        ("docker-archive", plan_docker(&source)?)
-    } else {
-        return Err(ImageError::Invalid(format!(
-            "{} is neither an OCI image layout (index.json and oci-layout) nor a docker save archive (manifest.json)",
-            path.display()
-        )));
-    };
+    let (format, plan) = plan(&source, &path.display().to_string())?;
     let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let origin = format!("{format}:{}", shown.display());
     let record = ImageRecord {
@@ -166,24 +157,37 @@ pub fn import(
 
 /// One layer to import.
 #[derive(Debug)]
-struct LayerPlan {
+pub(crate) struct LayerPlan {
     /// "layer 2 of 5" (for errors).
-    what: String,
+    pub(crate) what: String,
     /// Path of its blob in the source.
-    blob: String,
+    pub(crate) blob: String,
     /// The blob's sha256 and size, when the format gives them (OCI).
-    digest: Option<String>,
-    size: Option<u64>,
-    compression: Compression,
+    pub(crate) digest: Option<String>,
+    pub(crate) size: Option<u64>,
+    pub(crate) compression: Compression,
     /// sha256 of its uncompressed tar, from the config.
-    diff_id: String,
+    pub(crate) diff_id: String,
 }
 
 /// What an archive holds: the layers to import and the defaults.
 #[derive(Debug)]
-struct Plan {
-    layers: Vec<LayerPlan>,
-    config: ImageConfig,
+pub(crate) struct Plan {
+    pub(crate) layers: Vec<LayerPlan>,
+    pub(crate) config: ImageConfig,
+}
+
+/// Tells the format of `source` (`shown` names it in errors) and reads its plan.
+pub(crate) fn plan(source: &Source, shown: &str) -> Result<(&'static str, Plan)> {
+    if source.exists("index.json") && source.exists("oci-layout") {
+        Ok(("oci", plan_oci(source)?))
+    } else if source.exists("manifest.json") {
+        Ok(("docker-archive", plan_docker(source)?))
+    } else {
+        Err(ImageError::Invalid(format!(
+            "{shown} is neither an OCI image layout (index.json and oci-layout) nor a docker save archive (manifest.json)"
+        )))
+    }
 }
 
 fn stage_layer(
@@ -256,7 +260,7 @@ impl<R: Read> Read for Counting<'_, R> {
 }
 
 /// A reader of the decompressed stream.
-fn decompress<'a>(
+pub(crate) fn decompress<'a>(
     reader: impl Read + 'a,
     compression: Compression,
     what: &str,
@@ -736,7 +740,7 @@ fn normalize(path: &str) -> Option<String> {
 
 /// Where an import reads from: a directory, or a tar file read in place (after
 /// decompressing it to a scratch file when it is compressed).
-enum Source {
+pub(crate) enum Source {
     /// A layout directory, its files opened beneath it (links may not lead out).
     Dir(PathBuf, rustix::fd::OwnedFd),
     Tar {
@@ -747,7 +751,7 @@ enum Source {
 }
 
 #[derive(Debug, Clone)]
-enum TarEntry {
+pub(crate) enum TarEntry {
     File {
         offset: u64,
         size: u64,
@@ -832,6 +836,16 @@ impl Source {
         })
     }
 
+    /// The uncompressed tar `file` (the fuzz targets' way in, without a store).
+    pub(crate) fn tar(file: File, what: &str) -> Result<Self> {
+        let entries = index_tar(&file, what)?;
+        Ok(Self::Tar {
+            file,
+            entries,
+            _scratch: None,
+        })
+    }
+
     /// Whether the archive has a file at `name`.
     fn exists(&self, name: &str) -> bool {
         match self {
@@ -843,7 +857,7 @@ impl Source {
         }
     }
 
-    fn tar_entry(&self, name: &str) -> Option<(u64, u64)> {
+    pub(crate) fn tar_entry(&self, name: &str) -> Option<(u64, u64)> {
         let Self::Tar { entries, .. } = self else {
             return None;
         };
@@ -858,7 +872,7 @@ impl Source {
     }
 
     /// Opens the file `name` of the archive; `what` names it in errors.
-    fn open_file(&self, name: &str, what: &str) -> Result<Box<dyn Read + '_>> {
+    pub(crate) fn open_file(&self, name: &str, what: &str) -> Result<Box<dyn Read + '_>> {
         let missing = || ImageError::corrupt(what, format!("the archive has no {name}"));
         match self {
             Self::Dir(root, fd) => {

@@ -9,6 +9,8 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 
 pub use frame::{Frame, FrameError, MAX_DATA_LEN, MAX_HEADER_LEN};

@@ -282,3 +282,29 @@ fn case_insensitive_and_crlf() {
     assert_eq!(df.instructions[1].text, "WORKDIR /x");
     assert!(matches!(&df.instructions[1].kind, Kind::Workdir(w) if w.raw() == "/x"));
 }
+
+/// Found while fuzzing the parser: each nested `${A:-...}` was a recursion of the expander, and
+/// a Dockerfile nesting 100 000 deep overflowed the stack (a crash, not an error).
+#[test]
+fn deeply_nested_substitutions_are_refused_not_a_stack_overflow() {
+    let n = 100_000;
+    let text = format!(
+        "FROM scratch\nENV A={}x{}\n",
+        "${A:-".repeat(n),
+        "}".repeat(n)
+    );
+    let e = parse_err(&text);
+    assert_eq!(e.line, Some(2), "{e}");
+    assert!(e.message.contains("more than 64 nested"), "{e}");
+    // As deep as allowed still works.
+    let ok = format!(
+        "FROM scratch\nENV A={}x{}\n",
+        "${A:-".repeat(MAX_NESTING),
+        "}".repeat(MAX_NESTING)
+    );
+    let df = parse(&ok).unwrap();
+    let Kind::Env(pairs) = &df.instructions[1].kind else {
+        panic!("{:?}", df.instructions[1].kind)
+    };
+    assert_eq!(pairs[0].1.expand(&|_| None).unwrap(), "x");
+}
