@@ -318,13 +318,14 @@ fn sandbox_overlays(sandbox: &Sandbox) -> Result<Vec<SandboxOverlay>> {
 
 /// What the runtime mounts over every sandbox's root: the layers' entries there (mount points
 /// it creates) are never seen inside, and are left out of diffs.
-pub const RUNTIME_MOUNTS: [&str; 6] = [
+pub const RUNTIME_MOUNTS: [&str; 7] = [
     "/proc",
     "/dev",
     "/sys",
     "/tmp",
     "/etc/hostname",
     "/etc/hosts",
+    "/etc/resolv.conf",
 ];
 
 /// What changed in `sandbox`: against its image (its writable layer), or against the image

@@ -88,6 +88,23 @@ pub enum RuntimeError {
         /// The error it reported.
         message: String,
     },
+    /// A limit out of range (for specs built directly rather than parsed).
+    #[error(transparent)]
+    InvalidLimits(#[from] crate::limits::LimitParseError),
+    /// A disk quota was asked for and the disk pool that enforces it cannot be used.
+    #[error("disk quotas are unavailable: {reason}; create sandboxes without a disk quota (no --disk; a server: --default-disk none) or fix the cause")]
+    DiskPool {
+        /// Why.
+        reason: String,
+    },
+    /// Changing a sandbox's network failed (its `open` mode: pasta).
+    #[error("cannot change the network of sandbox {id}: {reason}")]
+    Network {
+        /// The sandbox.
+        id: String,
+        /// Why.
+        reason: String,
+    },
     /// No sandbox with this id exists.
     #[error("no such sandbox: {0}")]
     NoSuchSandbox(String),
@@ -136,6 +153,7 @@ impl RuntimeError {
                 | Self::TooManyLayers { .. }
                 | Self::NoSuchSandbox(_)
                 | Self::InvalidId(_)
+                | Self::InvalidLimits(_)
                 | Self::Helper {
                     user_error: true,
                     ..

@@ -643,9 +643,9 @@ fn mount_memory_layer(plan: &InitPlan, memory: &MemoryLayer) -> Result<(), StepE
     Ok(())
 }
 
-/// The sandbox's own `/etc/hostname` and `/etc/hosts`, in its writable layer (so they are
+/// The sandbox's own `/etc/hostname`, `/etc/hosts` and `/etc/resolv.conf`, in its writable layer (so they are
 /// charged and limited like anything else it writes), bound over the image's later.
-const ETC_FILES: [&str; 2] = ["hostname", "hosts"];
+const ETC_FILES: [&str; 3] = ["hostname", "hosts", "resolv.conf"];
 
 fn write_etc_files(plan: &InitPlan) -> Result<(), StepError> {
     let id = &plan.id;
@@ -654,6 +654,8 @@ fn write_etc_files(plan: &InitPlan) -> Result<(), StepError> {
         format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
         ),
+        // The only resolver: pasta's DNS forwarder in `open` mode, unreachable otherwise.
+        format!("nameserver {}\n", crate::network::DNS_FORWARD_ADDR),
     ]) {
         step(
             "writing /etc files",

@@ -9,12 +9,14 @@
 pub mod cgroup;
 pub mod client;
 mod devices;
+mod disk_pool;
 pub mod error;
 pub mod ids;
 pub mod image;
 mod init;
 mod landlock;
 pub mod limits;
+mod network;
 mod sandbox;
 mod seccomp;
 mod setup_channel;

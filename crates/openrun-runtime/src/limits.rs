@@ -20,12 +20,28 @@ pub const MAX_CPU_MILLIS: u64 = 1024 * 1000;
 pub const MIN_PIDS: u64 = 8;
 /// Largest accepted process limit (the kernel's `PID_MAX_LIMIT`).
 pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
+/// Smallest accepted disk quota: the writable layer holds the sandbox's own `/etc` files and
+/// overlayfs bookkeeping before anything the sandbox writes.
+pub const MIN_DISK_BYTES: u64 = 1 << 20;
+/// Largest accepted disk quota (the same 8 EiB bound as memory sizes).
+pub const MAX_DISK_BYTES: u64 = i64::MAX as u64;
+/// Smallest accepted open-files limit: a shell with its pipes and a few children's descriptors.
+pub const MIN_OPEN_FILES: u64 = 64;
+/// Largest accepted open-files limit: the kernel's default `fs.nr_open` (the most
+/// `RLIMIT_NOFILE` can be set to without raising that sysctl), also Docker's default.
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
+/// Open files per process when no limit is given (`RLIMIT_NOFILE`, soft = hard): what any
+/// compiler, test runner or language server needs, 16 times below Docker's 1048576, so a
+/// process that leaks descriptors fails early with `EMFILE` instead of pinning a million
+/// kernel file objects.
+pub const DEFAULT_OPEN_FILES: u64 = 65_536;
 /// Longest accepted duration: 100 years (876000h), far below what `Instant` arithmetic allows.
 pub const MAX_DURATION: Duration = Duration::from_secs(876_000 * 3600);
 
 const MEMORY_FORM: &str = "expected a number with an optional unit k, m, g or t (e.g. 512M)";
 const CPUS_FORM: &str = "expected a decimal number of cpus (e.g. 1.5)";
 const PIDS_FORM: &str = "expected a whole number (e.g. 256)";
+const OPEN_FILES_FORM: &str = "expected a whole number (e.g. 4096)";
 const DURATION_FORM: &str = "expected a number with an optional unit ms, s, m or h (e.g. 30s)";
 
 /// Processes and threads a sandbox may have when no limit is given: enough for any build, far
@@ -41,6 +57,15 @@ pub struct Limits {
     pub cpu_millis: Option<u64>,
     /// Maximum number of processes and threads.
     pub pids: Option<u64>,
+    /// Quota of the writable layer in bytes (blocks and, proportionally, inodes): writes past
+    /// it fail inside with `EDQUOT`. Needs the disk pool for `Storage::Disk` layers; a memory
+    /// layer is a tmpfs of this size.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+    /// `RLIMIT_NOFILE` (soft = hard) of every process in the sandbox;
+    /// [`DEFAULT_OPEN_FILES`] when `None`.
+    #[serde(default)]
+    pub open_files: Option<u64>,
 }
 
 impl Limits {
@@ -56,7 +81,18 @@ impl Limits {
         if let Some(pids) = self.pids {
             check_pids(pids.to_string(), u128::from(pids))?;
         }
+        if let Some(bytes) = self.disk_bytes {
+            check_disk(bytes.to_string(), u128::from(bytes))?;
+        }
+        if let Some(n) = self.open_files {
+            check_open_files(n.to_string(), u128::from(n))?;
+        }
         Ok(())
+    }
+
+    /// The open-files limit in force: the one given, else [`DEFAULT_OPEN_FILES`].
+    pub fn open_files_or_default(&self) -> u64 {
+        self.open_files.unwrap_or(DEFAULT_OPEN_FILES)
     }
 }
 
@@ -88,6 +124,22 @@ pub enum LimitParseError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A bad disk quota.
+    #[error("invalid disk size {value:?}: {reason}")]
+    Disk {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A bad open-files limit.
+    #[error("invalid open files limit {value:?}: {reason}")]
+    OpenFiles {
+        /// The value as given.
+        value: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
     /// A bad duration.
     #[error("invalid duration {value:?}: {reason}")]
     Duration {
@@ -108,18 +160,40 @@ pub fn parse_memory(s: &str) -> Result<u64, LimitParseError> {
         reason,
     };
     let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
-    let multiplier: u128 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return Err(err(MEMORY_FORM)),
-    };
+    let multiplier = unit_multiplier(unit).ok_or_else(|| err(MEMORY_FORM))?;
     let bytes = number
         .scale(multiplier)
         .ok_or_else(|| err(TOO_LARGE_MEMORY))?;
     check_memory(s.to_owned(), bytes)
+}
+
+/// Parses a disk quota such as `10G`, `512M` or `1.5T` (the units of [`parse_memory`]); at
+/// least [`MIN_DISK_BYTES`].
+pub fn parse_disk(s: &str) -> Result<u64, LimitParseError> {
+    let err = |reason| LimitParseError::Disk {
+        value: s.to_owned(),
+        reason,
+    };
+    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
+    let multiplier = unit_multiplier(unit).ok_or_else(|| err(MEMORY_FORM))?;
+    let bytes = number
+        .scale(multiplier)
+        .ok_or_else(|| err(TOO_LARGE_MEMORY))?;
+    check_disk(s.to_owned(), bytes)
+}
+
+/// Parses an open-files limit: a whole number from [`MIN_OPEN_FILES`] to [`MAX_OPEN_FILES`].
+pub fn parse_open_files(s: &str) -> Result<u64, LimitParseError> {
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(LimitParseError::OpenFiles {
+            value: s.to_owned(),
+            reason: OPEN_FILES_FORM,
+        });
+    }
+    // All digits: parsing fails only on overflow, which is above the maximum.
+    let n = t.parse::<u128>().unwrap_or(u128::MAX);
+    check_open_files(s.to_owned(), n)
 }
 
 /// Parses a CPU count such as `1.5` (→ 1500), `0.25` (→ 250) or `2` (→ 2000) into thousandths
@@ -188,6 +262,40 @@ fn check_memory(value: String, bytes: u128) -> Result<u64, LimitParseError> {
         return Ok(bytes as u64);
     };
     Err(LimitParseError::Memory { value, reason })
+}
+
+/// Bytes per binary size unit (`k` = 1024), case-insensitive, with optional `b`/`ib`.
+fn unit_multiplier(unit: &str) -> Option<u128> {
+    Some(match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        _ => return None,
+    })
+}
+
+fn check_disk(value: String, bytes: u128) -> Result<u64, LimitParseError> {
+    let reason = if bytes < u128::from(MIN_DISK_BYTES) {
+        "must be at least 1 MiB"
+    } else if bytes > u128::from(MAX_DISK_BYTES) {
+        TOO_LARGE_MEMORY
+    } else {
+        return Ok(bytes as u64);
+    };
+    Err(LimitParseError::Disk { value, reason })
+}
+
+fn check_open_files(value: String, n: u128) -> Result<u64, LimitParseError> {
+    let reason = if n < u128::from(MIN_OPEN_FILES) {
+        "must be at least 64"
+    } else if n > u128::from(MAX_OPEN_FILES) {
+        "must be at most 1048576"
+    } else {
+        return Ok(n as u64);
+    };
+    Err(LimitParseError::OpenFiles { value, reason })
 }
 
 fn check_cpus(value: String, millis: u128) -> Result<u64, LimitParseError> {
@@ -547,6 +655,8 @@ mod tests {
             memory_bytes: Some(MIN_MEMORY_BYTES),
             cpu_millis: Some(MIN_CPU_MILLIS),
             pids: Some(MIN_PIDS),
+            disk_bytes: Some(MIN_DISK_BYTES),
+            open_files: Some(MIN_OPEN_FILES),
         };
         assert_eq!(ok.validate(), Ok(()));
 
@@ -582,6 +692,91 @@ mod tests {
             zero_pids.validate(),
             Err(LimitParseError::Pids { .. })
         ));
+        let small_disk = Limits {
+            disk_bytes: Some(4096),
+            ..Limits::default()
+        };
+        assert_eq!(
+            small_disk.validate().unwrap_err().to_string(),
+            r#"invalid disk size "4096": must be at least 1 MiB"#
+        );
+        let many_files = Limits {
+            open_files: Some(MAX_OPEN_FILES + 1),
+            ..Limits::default()
+        };
+        assert_eq!(
+            many_files.validate().unwrap_err().to_string(),
+            r#"invalid open files limit "1048577": must be at most 1048576"#
+        );
+    }
+
+    #[test]
+    fn disk_sizes_take_memory_units_and_a_1_mib_minimum() {
+        assert_eq!(parse_disk("10G"), Ok(10 * GIB));
+        assert_eq!(parse_disk("1M"), Ok(MIB));
+        assert_eq!(parse_disk("1.5t"), Ok((1 << 40) + (1 << 39)));
+        assert_eq!(parse_disk(" 512 MiB "), Ok(512 * MIB));
+        let cases: &[(&str, &str)] = &[
+            ("1023k", "must be at least 1 MiB"),
+            ("0", "must be at least 1 MiB"),
+            ("8388608T", TOO_LARGE_MEMORY),
+            ("", MEMORY_FORM),
+            ("-1G", MEMORY_FORM),
+            ("10Q", MEMORY_FORM),
+            ("1e9", MEMORY_FORM),
+            ("nan", MEMORY_FORM),
+        ];
+        for &(input, reason) in cases {
+            assert_eq!(
+                parse_disk(input),
+                Err(LimitParseError::Disk {
+                    value: input.into(),
+                    reason
+                }),
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            parse_disk("lots").unwrap_err().to_string(),
+            r#"invalid disk size "lots": expected a number with an optional unit k, m, g or t (e.g. 512M)"#
+        );
+    }
+
+    #[test]
+    fn open_files_need_a_whole_number_from_64_to_nr_open() {
+        assert_eq!(parse_open_files("64"), Ok(64));
+        assert_eq!(parse_open_files(" 4096 "), Ok(4096));
+        assert_eq!(parse_open_files("1048576"), Ok(MAX_OPEN_FILES));
+        let cases: &[(&str, &str)] = &[
+            ("63", "must be at least 64"),
+            ("0", "must be at least 64"),
+            ("1048577", "must be at most 1048576"),
+            ("99999999999999999999999999999", "must be at most 1048576"),
+            ("", OPEN_FILES_FORM),
+            ("-1", OPEN_FILES_FORM),
+            ("4k", OPEN_FILES_FORM),
+            ("1e6", OPEN_FILES_FORM),
+            ("unlimited", OPEN_FILES_FORM),
+        ];
+        for &(input, reason) in cases {
+            assert_eq!(
+                parse_open_files(input),
+                Err(LimitParseError::OpenFiles {
+                    value: input.into(),
+                    reason
+                }),
+                "{input:?}"
+            );
+        }
+        assert_eq!(
+            Limits::default().open_files_or_default(),
+            DEFAULT_OPEN_FILES
+        );
+        let set = Limits {
+            open_files: Some(128),
+            ..Limits::default()
+        };
+        assert_eq!(set.open_files_or_default(), 128);
     }
 
     #[test]
@@ -590,11 +785,22 @@ mod tests {
             memory_bytes: Some(512 * MIB),
             cpu_millis: Some(1500),
             pids: None,
+            disk_bytes: Some(GIB),
+            open_files: None,
         };
         let json = serde_json::to_string(&limits).unwrap();
         assert_eq!(
             json,
-            r#"{"memory_bytes":536870912,"cpu_millis":1500,"pids":null}"#
+            r#"{"memory_bytes":536870912,"cpu_millis":1500,"pids":null,"disk_bytes":1073741824,"open_files":null}"#
+        );
+        // Records written before disk and open-files limits existed still load.
+        assert_eq!(
+            serde_json::from_str::<Limits>(r#"{"memory_bytes":null,"cpu_millis":null,"pids":7}"#)
+                .unwrap(),
+            Limits {
+                pids: Some(7),
+                ..Limits::default()
+            }
         );
         assert_eq!(serde_json::from_str::<Limits>(&json).unwrap(), limits);
         assert_eq!(

@@ -12,6 +12,7 @@ use rustix::mount::{open_tree, OpenTreeFlags};
 
 use crate::cgroup::{Cgroup, CgroupManager, SelfJoin};
 use crate::client::AgentClient;
+use crate::disk_pool::{self, DiskPool};
 use crate::error::{IoContext, Result, RuntimeError};
 use crate::ids::{IdPool, IdRange};
 use crate::image::{self, PreparedImage};
@@ -29,6 +30,9 @@ pub struct Runtime {
     dev_template: PathBuf,
     cgroups: CgroupManager,
     pool: IdPool,
+    disk_pool: DiskPool,
+    /// Size of the disk pool when a create first needs it (`None`: half the free space).
+    disk_pool_size: Option<u64>,
 }
 
 /// A live sandbox known to this process.
@@ -80,7 +84,18 @@ impl Runtime {
         let pool_dir = Path::new(state::RUN_ROOT).join("idmap");
         let pool = IdPool::open(&pool_dir)
             .context(|| format!("cannot create the id pool at {}", pool_dir.display()))?;
+        let disk_pool_size = match std::env::var(disk_pool::POOL_SIZE_ENV) {
+            Ok(size) => Some(crate::limits::parse_disk(&size).map_err(|e| {
+                RuntimeError::io(
+                    format!("{} is not a size", disk_pool::POOL_SIZE_ENV),
+                    io::Error::new(io::ErrorKind::InvalidInput, e),
+                )
+            })?),
+            Err(_) => None,
+        };
         Ok(Self {
+            disk_pool: DiskPool::new(&data_dir),
+            disk_pool_size,
             data_dir,
             run_dir,
             dev_template,
@@ -100,6 +115,33 @@ impl Runtime {
 
     fn paths(&self, id: &str, storage: Storage) -> SandboxPaths {
         SandboxPaths::new(&self.run_dir, &self.sandboxes_dir(), id, storage)
+    }
+
+    /// Paths of a sandbox with these limits: a disk layer with a disk quota is in the pool.
+    fn paths_with(&self, id: &str, storage: Storage, limits: &crate::Limits) -> SandboxPaths {
+        let mut paths = self.paths(id, storage);
+        if storage == Storage::Disk && limits.disk_bytes.is_some() {
+            paths.layer = self.disk_pool.layer(id);
+        }
+        paths
+    }
+
+    /// Sets the size of the disk pool made by the first create with a disk quota (the
+    /// default is `OPENRUN_DISK_POOL_SIZE`, else half the free space of the data dir's
+    /// filesystem). An existing pool keeps its size.
+    pub fn set_disk_pool_size(&mut self, bytes: Option<u64>) {
+        self.disk_pool_size = bytes.or(self.disk_pool_size);
+    }
+
+    /// Mounts the disk pool that enforces disk quotas, making it first if needed (creates
+    /// with a disk quota do this themselves; a server calls it at start to fail early).
+    pub fn ensure_disk_pool(&self) -> Result<()> {
+        self.disk_pool.ensure(self.disk_pool_size)
+    }
+
+    /// Where the disk pool is mounted (`<data-dir>/disk-pool`).
+    pub fn disk_pool_dir(&self) -> &Path {
+        self.disk_pool.dir()
     }
 
     /// The cgroup layout in use.
@@ -122,6 +164,9 @@ impl Runtime {
             )
         };
         ensure_single_threaded()?;
+        spec.limits
+            .validate()
+            .map_err(RuntimeError::InvalidLimits)?;
         let image = image::prepare(&spec.image, &self.data_dir.join("images"))?;
         let id = match &spec.id {
             Some(id) if !state::valid_id(id) => return Err(RuntimeError::InvalidId(id.clone())),
@@ -140,7 +185,11 @@ impl Runtime {
             .pool
             .claim(&id)
             .context(|| "cannot claim a host id range".to_string())?;
-        let paths = self.paths(&id, spec.storage);
+        let pooled = spec.storage == Storage::Disk && spec.limits.disk_bytes.is_some();
+        if pooled {
+            self.disk_pool.ensure(self.disk_pool_size)?;
+        }
+        let paths = self.paths_with(&id, spec.storage, &spec.limits);
         let mut pending = PendingSandbox {
             runtime: self,
             id: id.clone(),
@@ -148,9 +197,13 @@ impl Runtime {
             paths: paths.clone(),
             cgroup: None,
             child: None,
+            pooled,
         };
         phase("image");
-        let plan = prepare_host_side(&id, ids, &paths, &image, spec)?;
+        if let (true, Some(bytes)) = (pooled, spec.limits.disk_bytes) {
+            self.disk_pool.create_layer(&id, bytes, ids.host_base())?;
+        }
+        let plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
         phase("host dirs");
         let plan_protects_agent = plan.agent.process_oom_score_adj == 0;
         let cgroup = self.cgroups.create(&id, &spec.limits)?;
@@ -213,6 +266,34 @@ impl Runtime {
             fs::write(format!("/proc/{pid}/oom_score_adj"), "-1000")
                 .context(|| "cannot protect the agent from the OOM killer".to_string())?;
         }
+        // Open files (soft = hard), set from here: raising a hard limit above the creator's
+        // needs CAP_SYS_RESOURCE of the host, which the init never has. The agent and
+        // everything it starts inherit it. The default never exceeds the creator's own hard
+        // limit (hosts that withhold CAP_SYS_RESOURCE from root could not raise it).
+        let creator_max = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .maximum
+            .unwrap_or(u64::MAX);
+        let open_files = spec
+            .limits
+            .open_files
+            .unwrap_or(crate::limits::DEFAULT_OPEN_FILES.min(creator_max));
+        rustix::process::prlimit(
+            rustix::process::Pid::from_raw(pid),
+            rustix::process::Resource::Nofile,
+            rustix::process::Rlimit {
+                current: Some(open_files),
+                maximum: Some(open_files),
+            },
+        )
+        .map_err(|e| {
+            RuntimeError::io(
+                format!(
+                    "cannot set the open files limit to {open_files} (this process may allow at \
+                     most {creator_max}; more needs CAP_SYS_RESOURCE)"
+                ),
+                e,
+            )
+        })?;
         phase("id maps");
         let userns = rustix::fs::open(
             format!("/proc/{pid}/ns/user"),
@@ -332,14 +413,19 @@ impl Runtime {
     /// spec goes in as JSON on stdin; the record or a typed error comes back on stdout.
     pub fn create_with_helper(&self, spec: &SandboxSpec, helper: &Path) -> Result<Sandbox> {
         use std::io::Write;
-        let mut child = std::process::Command::new(helper)
+        let mut command = std::process::Command::new(helper);
+        command
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("__create")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
-            .env_clear()
+            .env_clear();
+        if let Some(size) = self.disk_pool_size {
+            command.env(disk_pool::POOL_SIZE_ENV, size.to_string());
+        }
+        let mut child = command
             .spawn()
             .context(|| format!("cannot start the sandbox helper {}", helper.display()))?;
         let input =
@@ -436,6 +522,12 @@ impl Runtime {
                 self.cleanup(&id, None);
             }
         }
+        for id in self.disk_pool.layer_ids() {
+            let paths = self.paths(&id, Storage::Disk);
+            if !paths.run.exists() && is_stale(&self.disk_pool.layer(&id)) {
+                self.cleanup(&id, None);
+            }
+        }
         live.sort_by_key(|r| r.created_at_ms);
         Ok(live)
     }
@@ -448,7 +540,7 @@ impl Runtime {
 
     fn open_sandbox_record(&self, record: SandboxRecord) -> Result<Sandbox> {
         let id = record.id.clone();
-        let paths = self.paths(&record.id, record.storage);
+        let paths = self.paths_with(&record.id, record.storage, &record.limits);
         let pidfd = rustix::process::pidfd_open(
             rustix::process::Pid::from_raw(record.pid)
                 .ok_or_else(|| RuntimeError::NoSuchSandbox(id.to_string()))?,
@@ -580,7 +672,17 @@ impl Runtime {
             cg.remove()?;
         }
         phase("cgroup removed");
-        remove_tree(&sandbox.paths.layer)?;
+        crate::network::stop(&sandbox.paths.run, sandbox.record.ids.host_base()).map_err(
+            |reason| RuntimeError::Network {
+                id: sandbox.record.id.clone(),
+                reason,
+            },
+        )?;
+        if sandbox.paths.layer == self.disk_pool.layer(&sandbox.record.id) {
+            self.disk_pool.remove_layer(&sandbox.record.id)?;
+        } else {
+            remove_tree(&sandbox.paths.layer)?;
+        }
         remove_tree(&sandbox.paths.run)?;
         phase("files removed");
         self.pool
@@ -592,7 +694,10 @@ impl Runtime {
     /// Whether anything of sandbox `id` exists: its runtime dir, writable layer or cgroup.
     fn id_in_use(&self, id: &str) -> bool {
         let paths = self.paths(id, Storage::Disk);
-        paths.run.exists() || paths.disk_layer.exists() || self.cgroups.open(id).is_some()
+        paths.run.exists()
+            || paths.disk_layer.exists()
+            || self.disk_pool.layer(id).exists()
+            || self.cgroups.open(id).is_some()
     }
 
     /// Removes whatever exists of sandbox `id`, for a caller that started creating it and
@@ -641,6 +746,12 @@ impl Runtime {
         }
         let paths = self.paths(id, Storage::Disk);
         let _ = remove_tree(&paths.disk_layer);
+        if self.disk_pool.is_mounted() {
+            let _ = self.disk_pool.remove_layer(id);
+        }
+        if let Some(ids) = ids {
+            let _ = crate::network::stop(&paths.run, ids.host_base());
+        }
         let _ = remove_tree(&paths.run);
         match ids {
             Some(ids) => {
@@ -692,6 +803,30 @@ impl Sandbox {
                 })
                 .collect()
         })
+    }
+
+    /// Connects the sandbox to the host's network (`open`: user-mode networking by pasta, see
+    /// the `network` module) or back to loopback only. Idempotent; blocking (starts or kills
+    /// a process). Connections made while open die when it is closed.
+    pub fn set_open_network(&self, open: bool) -> Result<()> {
+        let base = self.record.ids.host_base();
+        let result = if open {
+            if !self.record.is_alive() {
+                return Err(RuntimeError::NoSuchSandbox(self.record.id.clone()));
+            }
+            crate::network::start(&self.paths.run, self.record.pid, base)
+        } else {
+            crate::network::stop(&self.paths.run, base)
+        };
+        result.map_err(|reason| RuntimeError::Network {
+            id: self.record.id.clone(),
+            reason,
+        })
+    }
+
+    /// Whether the sandbox's network is `open` (its pasta runs).
+    pub fn is_network_open(&self) -> bool {
+        crate::network::is_open(&self.paths.run, self.record.ids.host_base())
     }
 
     /// Runtime dir (socket, record) on the host.
@@ -774,6 +909,8 @@ struct PendingSandbox<'a> {
     paths: SandboxPaths,
     cgroup: Option<Cgroup>,
     child: Option<(i32, OwnedFd)>,
+    /// The writable layer is a subvolume of the disk pool.
+    pooled: bool,
 }
 
 impl PendingSandbox<'_> {
@@ -797,7 +934,12 @@ impl Drop for PendingSandbox<'_> {
             let _ = cg.kill_all();
             let _ = cg.remove();
         }
-        let _ = remove_tree(&self.paths.layer);
+        if self.pooled {
+            let _ = self.runtime.disk_pool.remove_layer(&self.id);
+        } else {
+            let _ = remove_tree(&self.paths.layer);
+        }
+        let _ = crate::network::stop(&self.paths.run, self.ids.host_base());
         let _ = remove_tree(&self.paths.run);
         let _ = self.runtime.pool.release(self.ids, &self.id);
     }
@@ -815,6 +957,7 @@ fn prepare_host_side(
     paths: &SandboxPaths,
     image: &PreparedImage,
     spec: &SandboxSpec,
+    pooled: bool,
 ) -> Result<InitPlan> {
     let base = ids.host_base();
     let mkdir = |path: &Path, mode: u32, owner: Option<u32>| -> Result<()> {
@@ -834,16 +977,22 @@ fn prepare_host_side(
     // A disk layer is made here, owned by the sandbox's root; a memory layer is a tmpfs the
     // init mounts in its own mount namespace (sized and charged per sandbox, invisible to the
     // host and to every other sandbox), so only its mount point exists here.
+    // A disk layer with a quota is a subvolume of the disk pool, made (owned and limited)
+    // by the caller.
     let memory_layer = match spec.storage {
+        Storage::Disk if pooled => None,
         Storage::Disk => {
             mkdir(&paths.layer, 0o700, Some(base))?;
             None
         }
         Storage::Memory => {
             mkdir(&paths.layer, 0o700, None)?;
-            Some(MemoryLayer {
-                size_bytes: spec.limits.memory_bytes,
-            })
+            // A disk quota caps the tmpfs too (its pages are charged to the memory limit).
+            let size_bytes = match (spec.limits.memory_bytes, spec.limits.disk_bytes) {
+                (Some(m), Some(d)) => Some(m.min(d)),
+                (m, d) => m.or(d),
+            };
+            Some(MemoryLayer { size_bytes })
         }
     };
     let total: usize = image.layers.iter().map(|l| l.lowers.len()).sum();

@@ -59,6 +59,8 @@ pub struct AppState {
     pub admission: crate::admission::Admission,
     /// Answers of `GET .../environment`, per sandbox.
     pub environments: crate::environment::Cache,
+    /// Limits a create gets for what it does not name (`openrun serve --default-*`).
+    pub default_limits: Limits,
     /// The egress proxy: policies, its CA, event limits.
     pub(crate) egress: crate::egress::Egress,
 }
@@ -276,6 +278,10 @@ pub(crate) struct CreateBody {
     cpus: Option<String>,
     /// Process limit.
     pids: Option<u64>,
+    /// Quota of the writable layer, e.g. `10G` (default: the server's `--default-disk`).
+    disk: Option<String>,
+    /// Open files per process (`RLIMIT_NOFILE`), 64 to 1048576 (default 65536).
+    open_files: Option<u64>,
     /// Lifetime, e.g. `15m` (the default).
     ttl: Option<String>,
     /// Environment of every process (over the image's).
@@ -431,6 +437,17 @@ pub(crate) fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
             Some(n) => Some(limits::parse_pids(&n.to_string()).map_err(bad)?),
             None => spec.limits.pids,
         },
+        disk_bytes: body
+            .disk
+            .as_deref()
+            .map(limits::parse_disk)
+            .transpose()
+            .map_err(bad)?,
+        open_files: body
+            .open_files
+            .map(|n| limits::parse_open_files(&n.to_string()))
+            .transpose()
+            .map_err(bad)?,
     };
     spec.lifetime = Some(match body.ttl.as_deref() {
         Some(ttl) => limits::parse_duration(ttl).map_err(bad)?,
@@ -440,6 +457,15 @@ pub(crate) fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
     check_labels(&body.labels)?;
     spec.env = body.env;
     Ok(spec)
+}
+
+/// Fills the limits a create left out with the server's defaults, so that a memory bomb or a
+/// disk fill through the API is contained unless an operator chose otherwise.
+pub(crate) fn apply_default_limits(limits: &mut Limits, defaults: &Limits) {
+    limits.memory_bytes = limits.memory_bytes.or(defaults.memory_bytes);
+    limits.cpu_millis = limits.cpu_millis.or(defaults.cpu_millis);
+    limits.disk_bytes = limits.disk_bytes.or(defaults.disk_bytes);
+    limits.open_files = limits.open_files.or(defaults.open_files);
 }
 
 /// Runs blocking work (runtime calls) on the blocking pool.
@@ -474,6 +500,7 @@ pub(crate) async fn create_sandbox(
     let labels = body.labels.clone();
     let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
     let mut spec = spec_from(body)?;
+    apply_default_limits(&mut spec.limits, &s.default_limits);
     // The resource shows the variables the caller gave; the image's come with the image.
     let body_env = spec.env.clone();
     // The image's layers stay on disk (its lease holds off prune) until the sandbox's record

@@ -206,6 +206,12 @@ fn fork_create_body(
     if let Some(pids) = limits.pids {
         body.insert("pids".into(), json!(pids));
     }
+    if let Some(bytes) = limits.disk_bytes {
+        body.insert("disk".into(), json!(bytes.to_string()));
+    }
+    if let Some(n) = limits.open_files {
+        body.insert("open_files".into(), json!(n));
+    }
     if !parent.env.is_empty() {
         body.insert("env".into(), json!(parent.env));
     }

@@ -60,8 +60,47 @@ pub struct Config {
     /// Creates that may wait for a slot; beyond them a create gets 429 (see
     /// [`DEFAULT_CREATE_QUEUE`]).
     pub create_queue: usize,
+    /// Limits of creates that name none (see [`default_limits`]).
+    pub default_limits: openrun_runtime::Limits,
+    /// Size of the disk pool, when this server makes it (`None`: half the free space).
+    pub disk_pool_size: Option<u64>,
     /// Options of the egress proxy (`--egress-resolve`, `--egress-ca-file`).
     pub egress: EgressOptions,
+}
+
+/// Default disk quota of sandboxes created through the API: room for a repository, its
+/// dependencies and build outputs, while no single sandbox can fill the pool's disk.
+pub const DEFAULT_DISK_BYTES: u64 = 10 << 30;
+
+/// Default memory limit of sandboxes created through the API: 2 GiB (enough for compilers
+/// and test suites), at most half the host's memory so one sandbox cannot exhaust it.
+pub fn default_memory_bytes() -> u64 {
+    const TWO_GIB: u64 = 2 << 30;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map(|kib| kib.saturating_mul(1024));
+    match total {
+        Some(total) => TWO_GIB
+            .min(total / 2)
+            .max(openrun_runtime::limits::MIN_MEMORY_BYTES),
+        None => TWO_GIB,
+    }
+}
+
+/// The server's default limits: [`default_memory_bytes`] of memory, [`DEFAULT_DISK_BYTES`] of
+/// disk, no CPU limit (CPU time is shared fairly anyway), the runtime's pids and open-files
+/// defaults.
+pub fn default_limits() -> openrun_runtime::Limits {
+    openrun_runtime::Limits {
+        memory_bytes: Some(default_memory_bytes()),
+        disk_bytes: Some(DEFAULT_DISK_BYTES),
+        ..openrun_runtime::Limits::default()
+    }
 }
 
 /// Default of [`Config::max_creating`]: twice the number of CPUs this process may use.
@@ -79,7 +118,13 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 /// address, and serves. Starts its own multi-threaded tokio runtime, so call it from a plain
 /// thread (the caller should already be a child subreaper, see `Runtime::create_with_helper`).
 pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
-    let runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
+    let mut runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
+    runtime.set_disk_pool_size(config.disk_pool_size);
+    // Every create through the API gets the default disk quota: without its pool, say so
+    // now rather than on each create.
+    if config.default_limits.disk_bytes.is_some() {
+        runtime.ensure_disk_pool()?;
+    }
     let db = db::Db::open(&database_path(runtime.data_dir()))?;
     let egress = egress::Egress::open(runtime.data_dir(), &config.egress)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -95,6 +140,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         metrics: Arc::new(metrics::Metrics::default()),
         admission: admission::Admission::new(config.max_creating, config.create_queue),
         environments: Default::default(),
+        default_limits: config.default_limits.clone(),
         egress,
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));

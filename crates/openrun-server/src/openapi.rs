@@ -93,6 +93,10 @@ pub struct LimitsSchema {
     cpu_millis: Option<u64>,
     /// Maximum number of processes and threads.
     pids: Option<u64>,
+    /// Quota of the writable layer in bytes (writes past it fail with `EDQUOT`).
+    disk_bytes: Option<u64>,
+    /// Open files per process (`RLIMIT_NOFILE`); 65536 when null.
+    open_files: Option<u64>,
 }
 
 #[cfg(test)]

@@ -113,6 +113,13 @@ pub struct SandboxArgs {
     /// Maximum number of processes and threads (default 4096).
     #[arg(long, value_parser = limits::parse_pids, value_name = "N", allow_hyphen_values = true)]
     pub pids: Option<u64>,
+    /// Quota of the writable layer, e.g. 10G: writes past it fail with "disk quota exceeded"
+    /// (a disk layer then lives in the data dir's disk pool).
+    #[arg(long, value_parser = limits::parse_disk, value_name = "SIZE", allow_hyphen_values = true)]
+    pub disk: Option<u64>,
+    /// Open files per process (RLIMIT_NOFILE), 64 to 1048576 (default 65536).
+    #[arg(long, value_parser = limits::parse_open_files, value_name = "N", allow_hyphen_values = true)]
+    pub open_files: Option<u64>,
 }
 
 /// `--storage` values.
@@ -302,6 +309,20 @@ pub struct ServeArgs {
     /// Creates that may wait for a slot; any more are refused with 429 and Retry-After.
     #[arg(long, value_name = "N", default_value_t = openrun_server::DEFAULT_CREATE_QUEUE as u32)]
     pub create_queue: u32,
+    /// Memory limit of creates that give none, or `none` (default: 2G, at most half the
+    /// host's memory).
+    #[arg(long, value_name = "SIZE|none", value_parser = parse_default_memory, allow_hyphen_values = true)]
+    pub default_memory: Option<Unlimited>,
+    /// Disk quota of creates that give none, or `none` (default: 10G).
+    #[arg(long, value_name = "SIZE|none", value_parser = parse_default_disk, allow_hyphen_values = true)]
+    pub default_disk: Option<Unlimited>,
+    /// CPU limit of creates that give none, or `none` (the default).
+    #[arg(long, value_name = "CPUS|none", value_parser = parse_default_cpus, allow_hyphen_values = true)]
+    pub default_cpus: Option<Unlimited>,
+    /// Size of the disk pool holding sandboxes with a disk quota, when it is first made
+    /// (default: $OPENRUN_DISK_POOL_SIZE, else half the data dir's free space).
+    #[arg(long, value_name = "SIZE", value_parser = limits::parse_disk, allow_hyphen_values = true)]
+    pub disk_pool_size: Option<u64>,
     /// Resolve NAME to IP in the egress proxy without DNS, like curl's --resolve (repeatable);
     /// the address is taken as given, loopback included.
     #[arg(long, value_name = "NAME:IP", value_parser = openrun_server::parse_egress_resolve)]
@@ -309,6 +330,32 @@ pub struct ServeArgs {
     /// PEM file of extra CA certificates the egress proxy trusts for hosts bound to a secret.
     #[arg(long, value_name = "PATH")]
     pub egress_ca_file: Option<std::path::PathBuf>,
+}
+
+/// A limit given as a value or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unlimited(pub Option<u64>);
+
+fn parse_none_or(
+    s: &str,
+    parse: fn(&str) -> Result<u64, limits::LimitParseError>,
+) -> Result<Unlimited, limits::LimitParseError> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(Unlimited(None));
+    }
+    parse(s).map(|v| Unlimited(Some(v)))
+}
+
+fn parse_default_memory(s: &str) -> Result<Unlimited, limits::LimitParseError> {
+    parse_none_or(s, limits::parse_memory)
+}
+
+fn parse_default_disk(s: &str) -> Result<Unlimited, limits::LimitParseError> {
+    parse_none_or(s, limits::parse_disk)
+}
+
+fn parse_default_cpus(s: &str) -> Result<Unlimited, limits::LimitParseError> {
+    parse_none_or(s, limits::parse_cpus)
 }
 
 /// `openrun image …`.

@@ -87,6 +87,8 @@ fn spec_from(
         memory_bytes: args.memory,
         cpu_millis: args.cpus,
         pids: args.pids.or(spec.limits.pids),
+        disk_bytes: args.disk,
+        open_files: args.open_files,
     };
     Ok((spec, image))
 }
@@ -284,6 +286,17 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
             .max_creating
             .map_or_else(openrun_server::default_max_creating, |n| n as usize),
         create_queue: args.create_queue as usize,
+        default_limits: {
+            let mut limits = openrun_server::default_limits();
+            let pick = |given: Option<crate::cli::Unlimited>, default: Option<u64>| {
+                given.map_or(default, |u| u.0)
+            };
+            limits.memory_bytes = pick(args.default_memory, limits.memory_bytes);
+            limits.disk_bytes = pick(args.default_disk, limits.disk_bytes);
+            limits.cpu_millis = pick(args.default_cpus, limits.cpu_millis);
+            limits
+        },
+        disk_pool_size: args.disk_pool_size,
         egress: openrun_server::EgressOptions {
             resolve: args.egress_resolve,
             ca_file: args.egress_ca_file,

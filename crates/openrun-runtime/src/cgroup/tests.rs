@@ -125,6 +125,7 @@ fn create_writes_the_limits() {
         memory_bytes: Some(64 * MIB),
         cpu_millis: Some(1500),
         pids: Some(32),
+        ..Limits::default()
     };
     let cg = create("limits", limits);
     assert_eq!(read_control(&cg, "pids", "pids.max"), "32");

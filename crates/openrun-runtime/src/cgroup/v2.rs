@@ -183,6 +183,7 @@ mod tests {
             memory_bytes: Some(64 << 20),
             cpu_millis: Some(250),
             pids: Some(100),
+            ..Limits::default()
         };
         let dir = Hierarchy::new(root.0.clone())
             .create("sb-1", &limits)

@@ -86,6 +86,8 @@ fn create_body(args: &CreateArgs) -> Result<Value> {
         "memory": sandbox.memory.map(|b| b.to_string()),
         "cpus": sandbox.cpus.map(|m| format!("{}.{:03}", m / 1000, m % 1000)),
         "pids": sandbox.pids,
+        "disk": sandbox.disk.map(|b| b.to_string()),
+        "open_files": sandbox.open_files,
         "ttl": duration(args.ttl),
         "env": args.env.iter().cloned().collect::<BTreeMap<_, _>>(),
     });

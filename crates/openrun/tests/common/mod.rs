@@ -90,7 +90,11 @@ impl Env {
     /// Entries in the runtime dir and the disk layers dir: what sandboxes left on the host.
     pub fn leftovers(&self) -> Vec<PathBuf> {
         let mut left = Vec::new();
-        for dir in [self.run_dir(), self.data_dir().join("sandboxes")] {
+        for dir in [
+            self.run_dir(),
+            self.data_dir().join("sandboxes"),
+            self.data_dir().join("disk-pool"),
+        ] {
             if let Ok(entries) = std::fs::read_dir(dir) {
                 left.extend(entries.flatten().map(|e| e.path()));
             }
@@ -127,6 +131,15 @@ impl Drop for Env {
     fn drop(&mut self) {
         for id in self.live_ids_quiet() {
             let _ = self.output(["rm", &id]);
+        }
+        // Creates with a disk quota loop-mount the data dir's disk pool: let it go with it.
+        let pool = self.data_dir().join("disk-pool");
+        if pool.exists() {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&pool)
+                .stderr(Stdio::null())
+                .status();
         }
     }
 }
