@@ -63,6 +63,8 @@ pub struct AppState {
     pub default_limits: Limits,
     /// The egress proxy: policies, its CA, event limits.
     pub(crate) egress: crate::egress::Egress,
+    /// Preview tokens' secret and the preview domain.
+    pub previews: crate::preview::Previews,
 }
 
 /// Shared state handle.
@@ -100,6 +102,11 @@ pub fn router(state: Shared) -> Router {
             state.metrics.clone(),
             crate::metrics::observe,
         ))
+        // Outermost: a preview host (`<port>-<id>.<domain>`) is not the API.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::preview::by_host,
+        ))
         .with_state(state)
 }
 
@@ -130,7 +137,10 @@ fn public_routes() -> OpenApiRouter<Shared> {
     doc.paths
         .paths
         .insert("/v1/openapi.json".into(), openapi_path_item());
-    OpenApiRouter::with_openapi(doc).routes(routes!(health))
+    OpenApiRouter::with_openapi(doc)
+        .routes(routes!(health))
+        // A preview token opens them too: they check the key themselves.
+        .merge(crate::preview::proxy_routes())
 }
 
 /// Routes behind the API key.
@@ -169,6 +179,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::images::snapshot))
         .routes(routes!(crate::images::fork))
         .routes(routes!(crate::images::diff))
+        .routes(routes!(crate::preview::mint))
 }
 
 /// The document's own entry (its handler holds the finished document, so it is written here).

@@ -15,9 +15,9 @@
 //! exec driver (so the timeline shows it as a `process.exec`), given [`PROBE_TIMEOUT`] and
 //! parsed here. A tool is a program on the sandbox's `PATH`; its version is the first dotted
 //! number its version banner prints (`null` when it prints none, as `dash` does). `limits`
-//! come from the sandbox's record and `network` from its policy (today a private loopback
-//! only). The answer is cached per sandbox in memory; `refresh=true` probes again (after
-//! installing something, say).
+//! come from the sandbox's record and `network` from its policy (`PUT .../network`; a private
+//! loopback in every mode). The answer is cached per sandbox in memory (`network` excepted);
+//! `refresh=true` probes again (after installing something, say).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -93,7 +93,8 @@ pub struct Os {
 /// The sandbox's network.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Network {
-    /// `none`: no route out of the sandbox.
+    /// The mode of its network policy: `none` (no route out), `allowlist` (through the egress
+    /// proxy at `127.0.0.1:3128`) or `open`.
     policy: &'static str,
     /// It has its own loopback interface.
     loopback: bool,
@@ -177,7 +178,9 @@ pub async fn environment(
     let row = find(&s, &caller, &id).await?;
     let (sandbox, mut client) = open_running(&s, &row).await?;
     if !refresh {
-        if let Some(cached) = s.environments.get(&row.id) {
+        if let Some(mut cached) = s.environments.get(&row.id) {
+            // The policy may have changed since the probe: it is never cached.
+            cached.network.policy = s.egress.policy(&s, &row.id).await?.mode().as_str();
             return Ok(Json(cached));
         }
     }
@@ -219,7 +222,7 @@ pub async fn environment(
         user: probe.user,
         limits,
         network: Network {
-            policy: "none",
+            policy: s.egress.policy(&s, &row.id).await?.mode().as_str(),
             loopback: true,
         },
         path: probe.path,

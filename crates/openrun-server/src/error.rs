@@ -48,6 +48,15 @@ pub enum ServerError {
     /// A background task panicked or was cancelled.
     #[error("a background task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    /// The secret of preview tokens could not be read or made.
+    #[error("cannot use the preview token key {path}: {source}")]
+    PreviewKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The state database failed.
@@ -108,6 +117,10 @@ pub enum ApiError {
     /// The sandbox is paused: its processes are frozen (409 `sandbox_paused`).
     #[error("sandbox {0} is paused: resume it first (POST /v1/sandboxes/{0}/resume)")]
     Paused(String),
+    /// What answers inside the sandbox (a preview's server) did not speak HTTP, or broke off
+    /// (502 `bad_gateway`).
+    #[error("{0}")]
+    BadGateway(String),
     /// The sandbox agent refused the request; its [`ErrorCode`] picks the status.
     #[error("{}", .0.message)]
     Agent(AgentError),
@@ -146,6 +159,7 @@ impl ApiError {
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),
             Self::Paused(_) => (StatusCode::CONFLICT, "sandbox_paused"),
+            Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::Agent(e) => agent_status(e.code),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

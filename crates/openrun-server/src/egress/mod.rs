@@ -134,9 +134,8 @@ impl Egress {
 }
 
 /// Serves one proxied client connection of sandbox `sandbox_id` (HTTP `CONNECT` and plain
-/// absolute-URI HTTP) according to the sandbox's current policy.
-// Called by the egress relay supervisor (`crate::relay`), which lands beside this module.
-#[allow(dead_code)]
+/// absolute-URI HTTP) according to the sandbox's current policy. Called by the egress relay
+/// supervisor ([`crate::relay`]) for each connection a program inside opens.
 pub(crate) async fn serve_connection<S>(
     state: crate::api::Shared,
     sandbox_id: String,

@@ -36,13 +36,9 @@ const BUNDLE_VARS: &[&str] = &[
     "PIP_CERT",
 ];
 
-/// Port of the agent's egress relay inside every sandbox (`EGRESS_PROXY_PORT` of the agent
-/// protocol).
-const PROXY_PORT: u16 = 3128;
-
 /// The proxy's address as seen from inside a sandbox (the agent's egress relay).
 fn proxy_url() -> String {
-    format!("http://127.0.0.1:{PROXY_PORT}")
+    format!("http://127.0.0.1:{}", openrun_protocol::EGRESS_PROXY_PORT)
 }
 
 /// Whether a sandbox created with `policy` gets the CA variables and files.
