@@ -25,6 +25,7 @@ mod local_key;
 mod maintenance;
 mod metrics;
 mod openapi;
+mod preview;
 mod processes;
 mod query;
 mod relay;
@@ -42,6 +43,7 @@ pub use api::openapi_document;
 pub use egress::{parse_resolve as parse_egress_resolve, EgressOptions, EgressSetupError};
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
+pub use preview::check_preview_domain;
 
 /// How long a graceful shutdown waits for open requests (streaming execs included) to end.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -66,6 +68,9 @@ pub struct Config {
     pub disk_pool_size: Option<u64>,
     /// Options of the egress proxy (`--egress-resolve`, `--egress-ca-file`).
     pub egress: EgressOptions,
+    /// Domain of host previews (`<port>-<id>.<domain>`), checked by
+    /// [`check_preview_domain`]; `None`: previews by path only.
+    pub preview_domain: Option<String>,
 }
 
 /// Default disk quota of sandboxes created through the API: room for a repository, its
@@ -127,6 +132,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
     }
     let db = db::Db::open(&database_path(runtime.data_dir()))?;
     let egress = egress::Egress::open(runtime.data_dir(), &config.egress)?;
+    let previews = preview::Previews::open(runtime.data_dir(), config.preview_domain.clone())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("openrun-server")
@@ -142,6 +148,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         environments: Default::default(),
         default_limits: config.default_limits.clone(),
         egress,
+        previews,
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);
@@ -184,7 +191,8 @@ async fn serve(
         }
     });
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
+        // The peer's address goes to previews as X-Forwarded-For.
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move { stopped.notified().await })
             .await
     });

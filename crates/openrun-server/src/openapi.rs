@@ -31,6 +31,8 @@ pub const SECURITY_SCHEME: &str = "api_key";
         (name = "processes", description = "Commands and their output"),
         (name = "files", description = "Files inside a sandbox"),
         (name = "images", description = "Snapshots, forks and diffs of sandboxes"),
+        (name = "previews", description = "HTTP and WebSocket into a port inside a sandbox \
+                                           (the API key, or a preview token)"),
     )
 )]
 pub struct ApiDoc;

@@ -25,7 +25,8 @@ use openrun_protocol::{AgentMessage, Request, Response, EGRESS_PROXY_PORT};
 use openrun_runtime::{AgentClient, AgentStream, ClientError, RuntimeError};
 
 use crate::api::{blocking, Shared};
-use crate::db;
+use crate::db::{self, SandboxRow};
+use crate::error::ApiError;
 
 /// How long an agent may take to answer a relay request (a frozen one never does).
 const AGENT_WAIT: Duration = Duration::from_secs(5);
@@ -35,6 +36,28 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How often the supervisor looks at a sandbox that is paused or still being created.
 const STATE_POLL: Duration = Duration::from_secs(1);
+
+/// A raw byte pipe to `port` on the loopback of `row`'s sandbox. 409 when the sandbox is not
+/// running (`sandbox_paused` when it is paused), 400 for port 0, 502 `port_closed` when nothing
+/// listens on the port.
+pub(crate) async fn open_port(
+    s: &Shared,
+    row: &SandboxRow,
+    port: u16,
+) -> Result<AgentStream, ApiError> {
+    let (_sandbox, client) = crate::exec::open_running(s, row).await?;
+    match tokio::time::timeout(AGENT_WAIT, client.open_pipe(Request::ConnectPort { port })).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(ApiError::from_client(
+            &format!("cannot connect to port {port} of sandbox {}", row.id),
+            e,
+        )),
+        Err(_) => Err(ApiError::internal(
+            format!("cannot connect to port {port} of sandbox {}", row.id),
+            format!("the agent did not answer within {AGENT_WAIT:?}"),
+        )),
+    }
+}
 
 /// Sandboxes whose egress supervisor runs.
 static SUPERVISED: Mutex<Option<HashSet<String>>> = Mutex::new(None);

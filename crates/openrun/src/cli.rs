@@ -330,6 +330,10 @@ pub struct ServeArgs {
     /// PEM file of extra CA certificates the egress proxy trusts for hosts bound to a secret.
     #[arg(long, value_name = "PATH")]
     pub egress_ca_file: Option<std::path::PathBuf>,
+    /// Serve port previews by host too: `<port>-<id>.DOMAIN` (point a wildcard DNS record at
+    /// the server), e.g. preview.example.com. Previews by path need nothing.
+    #[arg(long, value_name = "DOMAIN", value_parser = openrun_server::check_preview_domain)]
+    pub preview_domain: Option<String>,
 }
 
 /// A limit given as a value or `none`.

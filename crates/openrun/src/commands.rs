@@ -301,6 +301,7 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
             resolve: args.egress_resolve,
             ca_file: args.egress_ca_file,
         },
+        preview_domain: args.preview_domain,
     };
     openrun_server::run(config, |addr| {
         use std::io::Write;
