@@ -515,6 +515,60 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
     );
 }
 
+/// Network interfaces of the sandbox (from its namespace's `/proc/net/dev`).
+fn interfaces(api: &Api, id: &str) -> Vec<String> {
+    let (_, out, _) = sh(api, id, "tail -n +3 /proc/net/dev | cut -d: -f1");
+    let mut names: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
+    let env = Env::new();
+    let plain = Upstream::start(None);
+    let (_server, api) = start(&env, &["--egress-resolve", "upstream.test:127.0.0.1"]);
+    let created = api.create(json!({"network": {"mode": "open"}}));
+    let id = created["id"].as_str().unwrap().to_string();
+    let open_ifaces = interfaces(&api, &id);
+    assert!(
+        open_ifaces.len() >= 2,
+        "no interface beside lo: {open_ifaces:?}"
+    );
+    let res = api.get(&format!("/v1/sandboxes/{id}/environment"));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.json::<Value>().unwrap()["network"]["policy"], "open");
+    // Through the proxy: any public name, but not the host's loopback by address.
+    let (status, text) = curl(&api, &id, &format!("http://upstream.test:{}/o", plain.port));
+    assert_eq!(status, 200, "{text}");
+    let (status, text) = curl(
+        &api,
+        &id,
+        &format!(
+            "--noproxy '' -x http://127.0.0.1:3128 http://127.0.0.1:{}/",
+            plain.port
+        ),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("is loopback"), "{text}");
+    // Back to an allowlist: the namespace has loopback only again.
+    let res = put_policy(
+        &api,
+        &id,
+        json!({"mode": "allowlist", "allow": ["upstream.test"]}),
+    );
+    assert_eq!(res.status(), 200);
+    assert_eq!(interfaces(&api, &id), ["lo"]);
+    let res = api.get(&format!("/v1/sandboxes/{id}/environment"));
+    assert_eq!(
+        res.json::<Value>().unwrap()["network"]["policy"],
+        "allowlist"
+    );
+    let res = put_policy(&api, &id, json!({"mode": "open"}));
+    assert_eq!(res.status(), 200);
+    assert_eq!(interfaces(&api, &id), open_ifaces);
+}
+
 #[test]
 fn bad_policies_are_refused_naming_the_problem() {
     let env = Env::new();
@@ -548,7 +602,7 @@ fn bad_policies_are_refused_naming_the_problem() {
             json!({"mode": "allowlist", "allow": (0..300).map(|i| format!("h{i}.test")).collect::<Vec<_>>()}),
             "too many allow rules",
         ),
-        (json!({"mode": "open"}), "not available"),
+        (json!({"mode": "open", "allow": ["a.test"]}), "open"),
         (
             json!({"mode": "allowlist", "allow": "a.test"}),
             "invalid network policy",

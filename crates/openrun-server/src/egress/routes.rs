@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::{Extension, Json};
+use openrun_runtime::RuntimeError;
 use rusqlite::Connection;
 
 use super::policy::{Mode, Policy, PolicyBody, PolicyView};
 use super::{sandbox_files, store};
-use crate::api::{find, Caller, JsonBody, Shared};
+use crate::api::{blocking, find, Caller, JsonBody, Shared};
 use crate::db::NewEvent;
 use crate::error::{ApiError, DbError};
 use crate::openapi::ErrorAnswers;
@@ -22,19 +23,30 @@ use crate::openapi::ErrorAnswers;
 pub(crate) fn parse(value: serde_json::Value) -> Result<Policy, ApiError> {
     let body: PolicyBody = serde_json::from_value(value)
         .map_err(|e| ApiError::InvalidNetworkPolicy(format!("invalid network policy: {e}")))?;
-    let policy = Policy::compile(body)
-        .map_err(|e| ApiError::InvalidNetworkPolicy(format!("invalid network policy: {e}")))?;
-    if policy.mode() == Mode::Open {
-        return Err(open_unavailable());
-    }
-    Ok(policy)
+    Policy::compile(body)
+        .map_err(|e| ApiError::InvalidNetworkPolicy(format!("invalid network policy: {e}")))
 }
 
-/// `open` needs the runtime's own networking for the sandbox, which this server lacks.
-fn open_unavailable() -> ApiError {
-    ApiError::InvalidNetworkPolicy(
-        "network mode \"open\" is not available on this server: use \"allowlist\"".into(),
-    )
+/// Connects (`open`) or disconnects the network namespace of sandbox `id` to the host's
+/// network through the runtime (pasta). A failure names its reason: 400 when the runtime
+/// cannot do it here (pasta missing, say), 409 when the sandbox is gone.
+async fn set_open(s: &Shared, id: &str, open: bool) -> Result<(), ApiError> {
+    let runtime = s.runtime.clone();
+    let key = id.to_string();
+    let result = blocking(move || {
+        runtime
+            .open_sandbox_exact(&key)
+            .and_then(|sandbox| sandbox.set_open_network(open))
+    })
+    .await?;
+    match result {
+        Ok(()) => Ok(()),
+        Err(RuntimeError::NoSuchSandbox(_)) => Err(ApiError::NotRunning(id.to_string())),
+        Err(e @ RuntimeError::Network { .. }) => Err(ApiError::InvalidNetworkPolicy(format!(
+            "network mode \"open\" cannot be applied: {e}"
+        ))),
+        Err(e) => Err(ApiError::internal("cannot change the sandbox's network", e)),
+    }
 }
 
 /// The policy of a new sandbox: `none` unless the create body gives one.
@@ -58,13 +70,17 @@ pub(crate) fn store_new(
     store::save(conn, sandbox, policy, None)
 }
 
-/// Readies a sandbox that was just created for its policy: the CA files when the policy
-/// wants them (see [`sandbox_files`]), and the policy in the proxy's cache.
+/// Readies a sandbox that was just created for its policy: its network opened in mode
+/// `open`, the CA files when the policy wants them (see [`sandbox_files`]), and the policy in
+/// the proxy's cache.
 pub(crate) async fn prepare(
     s: &Shared,
     sandbox: &openrun_runtime::Sandbox,
     policy: &Arc<Policy>,
 ) -> Result<(), ApiError> {
+    if policy.mode() == Mode::Open {
+        set_open(s, sandbox.id(), true).await?;
+    }
     if sandbox_files::wants_ca(policy) {
         let mut client = sandbox
             .connect()
@@ -103,8 +119,10 @@ pub(crate) async fn put(
 ) -> Result<Json<PolicyView>, ApiError> {
     let row = find(&s, &caller, &id).await?;
     let policy = Arc::new(parse(value)?);
-    // One change at a time, so the cache ends as the database does.
+    // One change at a time, so the cache and the runtime end as the database does.
     let _turn = s.egress.updates.lock().await;
+    let was_open = s.egress.policy(&s, &row.id).await?.mode() == Mode::Open;
+    let opens = policy.mode() == Mode::Open;
     match row.state.as_str() {
         "running" => {
             if policy.has_secrets() {
@@ -112,9 +130,14 @@ pub(crate) async fn put(
                 sandbox_files::install_ca(&mut client, s.egress.tls.ca_pem()).await?;
             }
         }
-        // Frozen: the CA files are written when a later PUT finds it running.
-        "paused" => {}
+        // Frozen: the CA files are written when a later PUT finds it running; its network is
+        // changed only while it runs.
+        "paused" if opens == was_open => {}
+        "paused" => return Err(ApiError::Paused(row.id)),
         _ => return Err(ApiError::NotRunning(row.id)),
+    }
+    if opens != was_open {
+        set_open(&s, &row.id, opens).await?;
     }
     let view = policy.view();
     let event = NewEvent {
@@ -126,8 +149,16 @@ pub(crate) async fn put(
             .map_err(|e| ApiError::internal("cannot encode the policy", e))?,
     };
     let (key, stored) = (row.id.clone(), policy.clone());
-    s.db.call(move |c| store::save(c, &key, &stored, Some(&event)))
-        .await?;
+    let saved =
+        s.db.call(move |c| store::save(c, &key, &stored, Some(&event)))
+            .await;
+    if let Err(e) = saved {
+        if opens != was_open {
+            // Back to the stored policy's network.
+            let _ = set_open(&s, &row.id, was_open).await;
+        }
+        return Err(e.into());
+    }
     s.egress.remember(&row.id, policy);
     tracing::info!(
         id = row.id,
