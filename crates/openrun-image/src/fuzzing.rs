@@ -211,9 +211,22 @@ impl Arena {
 pub fn tar_unpack(data: &[u8]) {
     let arena = Arena::new();
     let dest = arena.dest();
+    let started = now();
     let result = oci::decompress(data, Compression::Detect, "fuzz layer")
         .and_then(|r| layer::unpack(r.take(MAX_UNPACKED), &dest, "fuzz layer"));
+    let ended = now();
     arena.check(&dest);
+    // Only directories made for an entry's parents take the clock's time; anything else has
+    // its entry's (an archive holding the current second is as good as never written).
+    for (path, seen) in tree(&dest) {
+        if FileType::from_raw_mode(seen.0) != FileType::Directory {
+            assert!(
+                !(started - 1..=ended + 1).contains(&seen.4),
+                "{} has the time of the unpack, not of its entry",
+                String::from_utf8_lossy(&path)
+            );
+        }
+    }
     let Ok(stats) = result else {
         return;
     };
@@ -233,12 +246,56 @@ pub fn tar_unpack(data: &[u8]) {
     layer::unpack(first.as_slice(), &dest2, "archived layer")
         .expect("an archive of an unpacked layer unpacks");
     arena.check(&dest2);
+    check_times(&first, &dest2);
     let mut second = Vec::new();
     layer::write_tree(&dest2, None, &mut second).expect("archives");
     assert!(
         first == second,
         "unpacking and archiving a layer's archive changes it"
     );
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Every entry of the archive `write_tree` made, unpacked into `dest`, has the archive's
+/// owner and time there: nothing an unpack makes from an entry takes the clock's time.
+fn check_times(archive: &[u8], dest: &Path) {
+    let unpacked = tree(dest);
+    let mut archive = tar::Archive::new(archive);
+    for entry in archive.entries().expect("a tree archive reads") {
+        let entry = entry.expect("a tree archive reads");
+        let raw = entry.path_bytes().into_owned();
+        let raw = raw.strip_suffix(b"/").unwrap_or(&raw);
+        let (parent, name) = match raw.iter().rposition(|b| *b == b'/') {
+            Some(i) => raw.split_at(i + 1),
+            None => (&raw[..0], raw),
+        };
+        if name == b".wh..wh..opq" {
+            continue;
+        }
+        // A whiteout `.wh.NAME` is the device NAME on disk.
+        let path = [parent, name.strip_prefix(b".wh.").unwrap_or(name)].concat();
+        let shown = String::from_utf8_lossy(&path).into_owned();
+        let seen = unpacked
+            .get(&path)
+            .unwrap_or_else(|| panic!("{shown} of the archive was not unpacked"));
+        let header = entry.header();
+        let ids = (u64::from(seen.1), u64::from(seen.2));
+        assert_eq!(
+            ids,
+            (header.uid().expect("uid"), header.gid().expect("gid")),
+            "{shown} has another owner than its entry"
+        );
+        assert_eq!(
+            u64::try_from(seen.4).ok(),
+            header.mtime().ok(),
+            "{shown} has another time than its entry"
+        );
+    }
 }
 
 /// An image archive read as an import reads it; panics when an invariant breaks.

@@ -463,7 +463,10 @@ impl Unpacker {
                     "a whiteout that names no file",
                 ));
             }
-            return self.whiteout(parent, hidden, &shown);
+            // The whiteout keeps the entry's owner and time, as any entry does: with the
+            // clock's time, the layer's archive would change with the time it was unpacked.
+            let meta = Meta::of(entry, &self.what, &shown)?;
+            return self.whiteout(parent, hidden, meta, &shown);
         }
         if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
             return Err(ImageError::unsafe_entry(
@@ -722,7 +725,13 @@ impl Unpacker {
         .context(|| format!("cannot set the mode of {shown}"))
     }
 
-    fn whiteout(&mut self, parent: &[Vec<u8>], hidden: &[u8], shown: &str) -> Result<()> {
+    fn whiteout(
+        &mut self,
+        parent: &[Vec<u8>],
+        hidden: &[u8],
+        meta: Meta,
+        shown: &str,
+    ) -> Result<()> {
         let dir = self.parent_dir(parent, shown)?;
         match rustix::fs::statat(&*dir, hidden, AtFlags::SYMLINK_NOFOLLOW) {
             // A directory of this same layer stays, and hides the lower one's contents.
@@ -742,7 +751,8 @@ impl Unpacker {
             Mode::empty(),
             rustix::fs::makedev(0, 0),
         )
-        .context(|| format!("cannot create the whiteout for {shown}"))
+        .context(|| format!("cannot create the whiteout for {shown}"))?;
+        owner_time_at(&dir, hidden, (meta.uid, meta.gid), &meta.times(), shown)
     }
 
     fn hardlink(&mut self, comps: &[Vec<u8>], target: &[u8], shown: &str) -> Result<()> {

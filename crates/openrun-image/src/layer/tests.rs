@@ -156,6 +156,33 @@ fn whiteouts_become_overlay_whiteouts_and_opaque_dirs() {
     assert_eq!(listing(root), ["both", "dir", "dir/kept", "gone"]);
 }
 
+/// Found by the tar_unpack fuzz target (unpack -> write_tree was not a fixed point): a
+/// whiteout took the clock's time, so the archive of a layer changed with the second it was
+/// unpacked in. It now keeps its entry's owner and time, like every other entry.
+#[test]
+fn whiteouts_keep_their_entrys_owner_and_time() {
+    let t = tar_of(&[
+        (".wh.gone", tar::EntryType::Regular, "", 0o644, (5, 6), b""),
+        ("d/.wh.x", tar::EntryType::Regular, "", 0o644, (7, 8), b""),
+    ]);
+    let (dir, result) = unpack_into(&t);
+    result.unwrap();
+    for (path, ids) in [("gone", (5, 6)), ("d/x", (7, 8))] {
+        let wh = fs::symlink_metadata(dir.path().join(path)).unwrap();
+        assert!(wh.file_type().is_char_device(), "{path}");
+        assert_eq!((wh.uid(), wh.gid()), ids, "{path}");
+        assert_eq!(wh.mtime(), 1_600_000_000, "{path}");
+    }
+    // So the layer archives the same whenever it is unpacked.
+    let mut first = Vec::new();
+    write_tree(dir.path(), None, &mut first).unwrap();
+    let again = tempfile::tempdir().unwrap();
+    unpack(first.as_slice(), again.path(), "again").unwrap();
+    let mut second = Vec::new();
+    write_tree(again.path(), None, &mut second).unwrap();
+    assert!(first == second, "the archive changed");
+}
+
 fn is_opaque(dir: &Path) -> bool {
     let fd = open_dir_path(dir).unwrap();
     let mut value = [0u8; 4];
