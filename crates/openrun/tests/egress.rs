@@ -515,6 +515,37 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
     );
 }
 
+#[test]
+fn a_flood_of_requests_is_counted_not_recorded_one_by_one() {
+    let env = Env::new();
+    let (_server, api) = start(&env, &[]);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    // 60 requests from one curl (its URL range), each on a new connection, as fast as it goes.
+    let (_, out, err) = sh(
+        &api,
+        &id,
+        "curl -s -o /dev/null -w '%{http_code}\\n' 'http://flood[1-60].test/' | sort | uniq -c",
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["60", "403"],
+        "{err}"
+    );
+    // The count of the last window is written once it is over.
+    std::thread::sleep(Duration::from_millis(1500));
+    let denied = events(&api, &id, "network.deny").len() as u64;
+    let suppressed: u64 = events(&api, &id, "network.suppressed")
+        .iter()
+        .map(|e| e["payload"]["count"].as_u64().expect("count"))
+        .sum();
+    assert_eq!(
+        denied + suppressed,
+        60,
+        "every request is recorded or counted"
+    );
+    assert!(suppressed > 0, "{denied} events for 60 requests: no limit");
+}
+
 /// Network interfaces of the sandbox (from its namespace's `/proc/net/dev`).
 fn interfaces(api: &Api, id: &str) -> Vec<String> {
     let (_, out, _) = sh(api, id, "tail -n +3 /proc/net/dev | cut -d: -f1");
@@ -624,6 +655,16 @@ fn bad_policies_are_refused_naming_the_problem() {
         assert!(message.contains(needle), "{network}: {message}");
     }
     assert!(events(&api, &id, "network.policy").is_empty());
+    // A fork checks its network before the snapshot: nothing is made.
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/fork"),
+        &json!({"count": 1, "network": {"mode": "allowlist", "allow": ["-bad-"]}}).to_string(),
+    );
+    let message = error(res, 400, "invalid_network_policy");
+    assert!(message.contains("-bad-"), "{message}");
+    assert!(!api
+        .event_kinds(&id)
+        .contains(&"sandbox.snapshot".to_string()));
     error(
         put_policy(&api, "aaaaaaaaaaaa", json!({"mode": "none"})),
         404,

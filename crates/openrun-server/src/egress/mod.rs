@@ -66,8 +66,9 @@ pub(crate) struct Egress {
     policies: RwLock<HashMap<String, Arc<Policy>>>,
     server_addr: OnceLock<SocketAddr>,
     events: events::Limiter,
-    /// Held by a policy change from check to cache, so the cache ends as the database does.
-    pub(crate) updates: tokio::sync::Mutex<()>,
+    /// One lock per sandbox whose policy is being changed, held from check to cache, so the
+    /// cache and the runtime end as the database does.
+    updates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Egress {
@@ -86,7 +87,7 @@ impl Egress {
             policies: RwLock::default(),
             server_addr: OnceLock::new(),
             events: events::Limiter::default(),
-            updates: tokio::sync::Mutex::new(()),
+            updates: std::sync::Mutex::default(),
         })
     }
 
@@ -126,6 +127,17 @@ impl Egress {
             cache.clear();
         }
         cache.insert(sandbox.to_string(), policy);
+    }
+
+    /// Waits for the turn to change `sandbox`'s policy.
+    pub(crate) async fn update_turn(&self, sandbox: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.updates.lock().unwrap_or_else(|p| p.into_inner());
+            // Locks nobody holds or waits for are dropped.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.entry(sandbox.to_string()).or_default().clone()
+        };
+        lock.lock_owned().await
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Policy>>> {

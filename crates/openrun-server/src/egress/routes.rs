@@ -120,7 +120,7 @@ pub(crate) async fn put(
     let row = find(&s, &caller, &id).await?;
     let policy = Arc::new(parse(value)?);
     // One change at a time, so the cache and the runtime end as the database does.
-    let _turn = s.egress.updates.lock().await;
+    let _turn = s.egress.update_turn(&row.id).await;
     let was_open = s.egress.policy(&s, &row.id).await?.mode() == Mode::Open;
     let opens = policy.mode() == Mode::Open;
     match row.state.as_str() {

@@ -67,8 +67,22 @@ pub(crate) fn add_env(env: &mut BTreeMap<String, String>, ca: bool) {
     }
 }
 
-/// Writes [`CA_PATH`] and [`BUNDLE_PATH`] through the sandbox's agent.
+/// Longest wait for the agent while writing the CA files.
+const AGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Writes [`CA_PATH`] and [`BUNDLE_PATH`] through the sandbox's agent, within [`AGENT_WAIT`].
 pub(crate) async fn install_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError> {
+    tokio::time::timeout(AGENT_WAIT, write_ca(client, ca_pem))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ApiError::internal(
+                "cannot write the proxy's CA into the sandbox",
+                format!("its agent did not answer within {AGENT_WAIT:?}"),
+            ))
+        })
+}
+
+async fn write_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError> {
     let failed =
         |e: ClientError| ApiError::from_client("cannot write the proxy's CA into the sandbox", e);
     let system = match client
