@@ -24,9 +24,13 @@ use crate::errors::errno_error;
 
 /// Flags used for every resolution under the root.
 const RESOLVE: ResolveFlags = ResolveFlags::IN_ROOT.union(ResolveFlags::NO_MAGICLINKS);
-/// How often to retry a resolution the kernel aborted with `EAGAIN` (a concurrent rename or
-/// mount moved something while `..` was being resolved).
-const RESOLVE_RETRIES: usize = 32;
+/// How often to retry a resolution the kernel aborted with `EAGAIN` (a rename or mount anywhere
+/// on the machine while `..` was being resolved: on a busy host, sandboxes being created mount
+/// all the time, so retries back off to let such a burst pass).
+const RESOLVE_RETRIES: u32 = 64;
+/// Pause after the first immediate retries, growing by this much per retry (at most ~200 ms in
+/// all before giving up).
+const RESOLVE_BACKOFF: std::time::Duration = std::time::Duration::from_micros(100);
 /// Deepest directory tree a recursive remove descends into (one open descriptor per level).
 const MAX_REMOVE_DEPTH: usize = 512;
 /// Names a recursive remove reads from one directory at a time.
@@ -103,11 +107,14 @@ impl Files {
     ) -> Result<OwnedFd, Errno> {
         let path = if path.is_empty() { "." } else { path };
         let mut last = Errno::AGAIN;
-        for _ in 0..RESOLVE_RETRIES {
+        for attempt in 0..RESOLVE_RETRIES {
             match rustix::fs::openat2(&self.root, path, flags | OFlags::CLOEXEC, mode, resolve) {
                 Err(Errno::AGAIN) => last = Errno::AGAIN,
                 Err(Errno::INTR) => last = Errno::INTR,
                 other => return other,
+            }
+            if attempt >= 4 {
+                std::thread::sleep(RESOLVE_BACKOFF * (attempt - 3));
             }
         }
         Err(last)
