@@ -448,6 +448,17 @@ impl Unpacker {
                 )),
             };
         };
+        // In a layer `.wh.NAME` means a whiteout: a directory of that name could not be
+        // archived again as what it is (`write_tree` would write it as a whiteout).
+        if let Some(c) = parent.iter().find(|c| c.starts_with(WHITEOUT_PREFIX)) {
+            return Err(ImageError::unsafe_entry(
+                shown,
+                format!(
+                    "its parent {:?} is named like a whiteout (.wh.), which layers use for deletions",
+                    String::from_utf8_lossy(c)
+                ),
+            ));
+        }
         if name.as_slice() == OPAQUE_MARKER {
             let dir = self.parent_dir(parent, &shown)?;
             return set_opaque(&dir, &shown);

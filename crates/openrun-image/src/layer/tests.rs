@@ -183,6 +183,20 @@ fn whiteouts_keep_their_entrys_owner_and_time() {
     assert!(first == second, "the archive changed");
 }
 
+/// Found by the tar_unpack fuzz target (unpack -> write_tree was not a fixed point):
+/// `.wh.foo/bar` made a directory `.wh.foo`, which the layer's archive then held as the
+/// whiteout of `foo`. A whiteout name is refused as a parent.
+#[test]
+fn whiteout_names_are_refused_as_directories() {
+    for name in [".wh.foo/bar", "a/.wh..wh..opq/b", "a/.wh.x/y/z"] {
+        let t = tar_of(&[(name, tar::EntryType::Regular, "", 0o644, (0, 0), b"x")]);
+        let (dir, result) = unpack_into(&t);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("named like a whiteout"), "{name}: {err}");
+        assert!(!dir.path().join(".wh.foo").exists());
+    }
+}
+
 fn is_opaque(dir: &Path) -> bool {
     let fd = open_dir_path(dir).unwrap();
     let mut value = [0u8; 4];
