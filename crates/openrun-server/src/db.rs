@@ -101,6 +101,20 @@ const MIGRATIONS: &[(i64, &str)] = &[
         updated_at INTEGER NOT NULL
     );",
     ),
+    (
+        4,
+        // A sandbox that ends (stopped, failed or deleted: none runs again) takes its network
+        // policy, secret values included, with it.
+        "CREATE TRIGGER network_policies_end_with_their_sandbox
+        AFTER UPDATE OF state, deleted_at ON sandboxes
+        WHEN NEW.state IN ('stopped', 'error') OR NEW.deleted_at IS NOT NULL
+    BEGIN
+        DELETE FROM network_policies WHERE sandbox_id = NEW.id;
+    END;
+    DELETE FROM network_policies WHERE sandbox_id IN (
+        SELECT id FROM sandboxes WHERE state IN ('stopped', 'error') OR deleted_at IS NOT NULL
+    );",
+    ),
 ];
 
 /// Shared handle to the database.
