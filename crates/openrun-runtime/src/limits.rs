@@ -90,7 +90,8 @@ impl Limits {
         Ok(())
     }
 
-    /// The open-files limit in force: the one given, else [`DEFAULT_OPEN_FILES`].
+    /// The open-files limit asked for: the one given, else [`DEFAULT_OPEN_FILES`] (which the
+    /// runtime lowers to the creator's own hard limit where that is smaller).
     pub fn open_files_or_default(&self) -> u64 {
         self.open_files.unwrap_or(DEFAULT_OPEN_FILES)
     }

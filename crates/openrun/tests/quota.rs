@@ -494,6 +494,22 @@ fn the_open_network_reaches_out_only_while_open_and_never_the_host_loopback() {
     // DNS goes to pasta's forwarder, the only resolver the sandbox has.
     let out = env.exec_sh(&id, "cat /etc/resolv.conf");
     assert_eq!(stdout(&out), "nameserver 169.254.1.1\n");
+    // ... and it answers, relaying to the host's resolver: a query for example.com gets its
+    // reply (whatever the answer), as getaddrinfo's would.
+    let out = env.exec_sh(
+        &id,
+        r#"python3 -c '
+import socket
+q = bytes.fromhex("4f5201000001000000000000076578616d706c6503636f6d0000010001")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+s.connect(("169.254.1.1", 53))
+s.send(q)
+r = s.recv(512)
+print("dns-ok" if r[:2] == q[:2] else "dns-bad %r" % r)
+'"#,
+    );
+    assert_eq!(stdout(&out).trim(), "dns-ok", "{}", stderr(&out));
 
     sandbox.set_open_network(false).unwrap();
     assert!(!sandbox.is_network_open());
