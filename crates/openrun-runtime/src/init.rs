@@ -252,6 +252,14 @@ fn prepare(
     if let Some(join) = join {
         step("joining the sandbox cgroup", join.join_self())?;
     }
+    // Work that needs nothing from the host, done while it writes our id maps and makes our
+    // mounts: compile the seccomp filter, make the Landlock rulesets (step 9 applies them).
+    let filter = step("compiling the seccomp filter", seccomp::program())?;
+    let sandbox_ruleset = step("preparing the Landlock domain", landlock::sandbox_ruleset())?;
+    let exec_ruleset = step(
+        "preparing the exec sessions' Landlock ruleset",
+        landlock::exec_session_ruleset(),
+    )?;
     // 1. Wait for the host.
     let (msg, mut lowers) = step("waiting for the host", setup_channel::recv(setup))?;
     // The layers, then the /dev template.
@@ -412,20 +420,21 @@ fn prepare(
     phase("privileges");
     // 9. Landlock, then seccomp, last: from here on no mount, no new namespace, no device
     //    node, for the agent and everything it starts.
-    let exec_ruleset = enter_landlock_domain()?;
+    let exec_ruleset = enter_landlock_domain(sandbox_ruleset, exec_ruleset)?;
     phase("landlock");
-    let filter = step("compiling the seccomp filter", seccomp::program())?;
     step("installing the seccomp filter", seccomp::install(&filter))?;
     phase("seccomp");
     Ok(exec_ruleset)
 }
 
-/// Enters the sandbox's Landlock domain (see `landlock.rs`) and makes the ruleset of exec
-/// sessions. A kernel without Landlock is logged and tolerated: the sandbox keeps its
-/// namespaces, capabilities and seccomp filter.
-fn enter_landlock_domain() -> Result<Option<OwnedFd>, StepError> {
-    let ruleset = step("preparing the Landlock domain", landlock::sandbox_ruleset())?;
-    match step("entering the Landlock domain", landlock::enter(ruleset))? {
+/// Enters the sandbox's Landlock domain (see `landlock.rs`); returns the ruleset of exec
+/// sessions for the agent. A kernel without Landlock is logged and tolerated: the sandbox keeps
+/// its namespaces, capabilities and seccomp filter.
+fn enter_landlock_domain(
+    sandbox: ::landlock::RulesetCreated,
+    exec_sessions: Option<OwnedFd>,
+) -> Result<Option<OwnedFd>, StepError> {
+    match step("entering the Landlock domain", landlock::enter(sandbox))? {
         landlock::Enforcement::Full => {}
         landlock::Enforcement::Partial => {
             tracing::warn!("this kernel enforces the sandbox's Landlock domain only in part")
@@ -439,10 +448,7 @@ fn enter_landlock_domain() -> Result<Option<OwnedFd>, StepError> {
             return Ok(None);
         }
     }
-    step(
-        "preparing the exec sessions' Landlock ruleset",
-        landlock::exec_session_ruleset(),
-    )
+    Ok(exec_sessions)
 }
 
 fn become_namespace_root() -> rustix::io::Result<()> {

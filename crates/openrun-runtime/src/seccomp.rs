@@ -184,6 +184,9 @@ pub enum SeccompError {
     /// The policy does not compile (a bug in the tables above).
     #[error("the seccomp policy does not compile: {0}")]
     Compile(#[source] seccompiler::BackendError),
+    /// The rules name system calls too scattered for the fast path's 8-bit jumps.
+    #[error("the seccomp policy's fast path has {0} ranges, too many for its jumps")]
+    TooManyRanges(usize),
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter: {0}")]
     Install(#[source] seccompiler::Error),
@@ -272,6 +275,8 @@ const BPF_JMP_JA: u16 = 0x05;
 const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10;
 /// `BPF_JMP | BPF_JGE | BPF_K`.
 const BPF_JMP_JGE_K: u16 = 0x05 | 0x30;
+/// `BPF_JMP | BPF_JGT | BPF_K`.
+const BPF_JMP_JGT_K: u16 = 0x05 | 0x20;
 const BPF_RET_K: u16 = 0x06;
 const SECCOMP_DATA_NR: u32 = 0;
 const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
@@ -306,10 +311,69 @@ fn enosys_prelude() -> [sock_filter; 5] {
 /// (load the arch, compare, kill on mismatch).
 const ARCH_CHECK_LEN: usize = 3;
 
+/// `SECCOMP_RET_ALLOW`.
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+
+/// The ranges of system call numbers that no rule names, ascending.
+fn unruled_ranges(ruled: &std::collections::BTreeSet<u32>) -> Vec<(u32, u32)> {
+    let mut ranges = Vec::new();
+    let mut next = 0u32;
+    for &nr in ruled {
+        if nr > next {
+            ranges.push((next, nr - 1));
+        }
+        next = nr.saturating_add(1);
+    }
+    ranges.push((next, u32::MAX));
+    ranges
+}
+
+/// A fast path allowing at once every system call number no rule names, in a few comparisons
+/// instead of seccompiler's linear chain. The program behaves the same; what changes is the
+/// cost of installing it: the kernel runs every system call number through a new filter to
+/// cache the ones it always allows, and on the long chain that took ~115 us per sandbox.
+/// Expects the system call number in the accumulator; falls through to what follows it for
+/// numbers a rule names.
+fn fast_path(ranges: &[(u32, u32)]) -> Vec<sock_filter> {
+    let n = ranges.len();
+    let mut program = Vec::with_capacity(2 * n + 2);
+    for (i, &(low, high)) in ranges.iter().enumerate() {
+        // Above this range: try the next one. In it: allow. Below it (a ruled number between
+        // the previous range and this one): the rules.
+        program.push(jump(BPF_JMP_JGT_K, high, 1, 0));
+        let to_allow = 2 * (n - i) - 1;
+        program.push(jump(
+            BPF_JMP_JGE_K,
+            low,
+            offset(to_allow),
+            offset(to_allow + 1),
+        ));
+    }
+    // Past every range (cannot happen: the last ends at u32::MAX): the rules.
+    program.push(stmt(BPF_JMP_JA, 1));
+    program.push(stmt(BPF_RET_K, SECCOMP_RET_ALLOW));
+    program
+}
+
+/// A jump offset; classic BPF has 8 bits for them (the tables stay far below).
+fn offset(n: usize) -> u8 {
+    u8::try_from(n).unwrap_or(u8::MAX)
+}
+
 /// Compiles the sandbox filter.
 pub fn program() -> Result<BpfProgram, SeccompError> {
+    let rules = rules()?;
+    let ruled: std::collections::BTreeSet<u32> = rules
+        .keys()
+        .map(|&nr| nr as u32)
+        .chain([libc::SYS_clone3 as u32])
+        .collect();
+    let ranges = unruled_ranges(&ruled);
+    if 2 * ranges.len() + 2 > usize::from(u8::MAX) {
+        return Err(SeccompError::TooManyRanges(ranges.len()));
+    }
     let filter = SeccompFilter::new(
-        rules()?,
+        rules,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EPERM as u32),
         TargetArch::x86_64,
@@ -320,6 +384,7 @@ pub fn program() -> Result<BpfProgram, SeccompError> {
     // the rest, whose jumps are relative to their own instructions: no offset changes.
     let tail = program.split_off(ARCH_CHECK_LEN);
     program.extend(enosys_prelude());
+    program.extend(fast_path(&ranges));
     program.extend(tail);
     Ok(program)
 }
@@ -344,10 +409,90 @@ mod tests {
         assert_eq!(program[2].code, BPF_RET_K);
         assert_eq!(program[2].k, libc::SECCOMP_RET_KILL_PROCESS);
         assert_eq!(&program[3..8], &enosys_prelude());
-        // Then seccompiler's own program, which starts by loading the syscall number again.
-        assert_eq!(program[8].code, BPF_LD_W_ABS);
-        assert_eq!(program[8].k, SECCOMP_DATA_NR);
+        // Then the fast path, then seccompiler's own program, which starts by loading the
+        // syscall number again.
+        let rest = program
+            .iter()
+            .position(|i| *i == stmt(BPF_RET_K, SECCOMP_RET_ALLOW))
+            .unwrap()
+            + 1;
+        assert_eq!(program[rest].code, BPF_LD_W_ABS);
+        assert_eq!(program[rest].k, SECCOMP_DATA_NR);
         assert!(program.len() < 4096, "{}", program.len());
+    }
+
+    /// Runs a classic BPF seccomp program (the instructions seccompiler and this module emit)
+    /// on `(nr, arch, args)`.
+    fn run(program: &[sock_filter], nr: u32, arch: u32, args: [u64; 6]) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&nr.to_ne_bytes());
+        data[4..8].copy_from_slice(&arch.to_ne_bytes());
+        for (i, a) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&a.to_ne_bytes());
+        }
+        let (mut acc, mut pc) = (0u32, 0usize);
+        loop {
+            let i = &program[pc];
+            pc += 1;
+            let k = i.k;
+            let (jt, jf) = (usize::from(i.jt), usize::from(i.jf));
+            match i.code {
+                BPF_LD_W_ABS => {
+                    let at = k as usize;
+                    acc = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap());
+                }
+                0x54 => acc &= k,
+                BPF_JMP_JA => pc += k as usize,
+                BPF_JMP_JEQ_K => pc += if acc == k { jt } else { jf },
+                BPF_JMP_JGE_K => pc += if acc >= k { jt } else { jf },
+                BPF_JMP_JGT_K => pc += if acc > k { jt } else { jf },
+                BPF_RET_K => return k,
+                other => panic!("unexpected instruction {other:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn the_fast_path_changes_no_verdict() {
+        let with = program().unwrap();
+        // The same program without the fast path.
+        let start = 3 + enosys_prelude().len();
+        let end = with
+            .iter()
+            .position(|i| *i == stmt(BPF_RET_K, SECCOMP_RET_ALLOW))
+            .unwrap()
+            + 1;
+        let mut without = with[..start].to_vec();
+        without.extend_from_slice(&with[end..]);
+        let arch = 0xc000_003e;
+        let eperm = SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let mut denied = 0;
+        for nr in (0..1024).chain([X32_SYSCALL_BIT + 1, u32::MAX]) {
+            for args in [
+                [0; 6],
+                [u64::MAX; 6],
+                [libc::CLONE_NEWUSER as u64, 1, 2, 3, 4, 5],
+                [AF_VSOCK, 1, 0, 0, 0, 0],
+                [0x0040_0000, 0, 0, 0, 0, 0],
+            ] {
+                let verdict = run(&with, nr, arch, args);
+                assert_eq!(verdict, run(&without, nr, arch, args), "syscall {nr}");
+                denied += usize::from(verdict == eperm);
+            }
+        }
+        // Every unconditional denial, for each of the five argument sets, and a few more.
+        let unconditional: usize = DENIED.iter().map(|g| g.syscalls.len()).sum();
+        assert!(denied > 5 * unconditional, "{denied}");
+        assert_eq!(
+            run(&with, libc::SYS_read as u32, arch, [0; 6]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(run(&with, libc::SYS_keyctl as u32, arch, [0; 6]), eperm);
+        // Another architecture is killed.
+        assert_eq!(
+            run(&with, 0, 0x4000_0003, [0; 6]),
+            libc::SECCOMP_RET_KILL_PROCESS
+        );
     }
 
     #[test]

@@ -161,6 +161,15 @@ fn seccomp_refuses_the_kernel_interfaces_agents_do_not_need() {
     assert!(status.contains("Seccomp:\t2\n"), "{status}");
     assert!(status.contains("Seccomp_filters:\t1\n"), "{status}");
     assert!(status.contains("NoNewPrivs:\t1\n"), "{status}");
+    // The agent itself (pid 1 inside), read from the host: same filter, same limits.
+    let pid = env.inspect(&id)["pid"]
+        .as_u64()
+        .expect("the agent's host pid");
+    let agent = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(agent.contains("Seccomp:\t2\n"), "{agent}");
+    assert!(agent.contains("Seccomp_filters:\t1\n"), "{agent}");
+    assert!(agent.contains("NoNewPrivs:\t1\n"), "{agent}");
+    assert!(agent.contains("CapEff:\t00000000800405fb\n"), "{agent}");
 }
 
 #[test]
