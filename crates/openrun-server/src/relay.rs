@@ -30,6 +30,9 @@ use crate::error::ApiError;
 
 /// How long an agent may take to answer a relay request (a frozen one never does).
 const AGENT_WAIT: Duration = Duration::from_secs(5);
+/// How long a `ConnectPort` may take: longer than the agent's own 10 s connect timeout, so
+/// a port whose accept queue is full is reported by the agent (`port_closed`).
+const CONNECT_WAIT: Duration = Duration::from_secs(15);
 /// First pause before the supervisor tries again.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// Longest pause between the supervisor's attempts.
@@ -39,23 +42,29 @@ const STATE_POLL: Duration = Duration::from_secs(1);
 
 /// A raw byte pipe to `port` on the loopback of `row`'s sandbox. 409 when the sandbox is not
 /// running (`sandbox_paused` when it is paused), 400 for port 0, 502 `port_closed` when nothing
-/// listens on the port.
+/// listens on the port (or accepts within 10 s), 502 `bad_gateway` when the agent is silent.
 pub(crate) async fn open_port(
     s: &Shared,
     row: &SandboxRow,
     port: u16,
 ) -> Result<AgentStream, ApiError> {
     let (_sandbox, client) = crate::exec::open_running(s, row).await?;
-    match tokio::time::timeout(AGENT_WAIT, client.open_pipe(Request::ConnectPort { port })).await {
+    match tokio::time::timeout(
+        CONNECT_WAIT,
+        client.open_pipe(Request::ConnectPort { port }),
+    )
+    .await
+    {
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(ApiError::from_client(
             &format!("cannot connect to port {port} of sandbox {}", row.id),
             e,
         )),
-        Err(_) => Err(ApiError::internal(
-            format!("cannot connect to port {port} of sandbox {}", row.id),
-            format!("the agent did not answer within {AGENT_WAIT:?}"),
-        )),
+        Err(_) => Err(ApiError::BadGateway(format!(
+            "cannot connect to port {port} of sandbox {}: its agent did not answer within {}s",
+            row.id,
+            CONNECT_WAIT.as_secs()
+        ))),
     }
 }
 

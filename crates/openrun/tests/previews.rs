@@ -21,6 +21,8 @@ use tungstenite::Message;
 const HTTP_PORT: u16 = 18473;
 /// Port of the WebSocket echo server inside.
 const WS_PORT: u16 = 18474;
+/// Port of an HTTP server inside that listens on `[::1]` only.
+const V6_PORT: u16 = 18476;
 /// A port nothing listens on inside.
 const CLOSED_PORT: u16 = 18475;
 /// Preview domain of the test server.
@@ -30,7 +32,7 @@ const DOMAIN: &str = "preview.test";
 /// headers, body length and SHA-256; bodies with Content-Length or chunked), and `/bytes?n=N`
 /// with N bytes of 0..255 repeated.
 const HTTP_APP: &str = r#"
-import hashlib, json, sys
+import hashlib, json, socket, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class H(BaseHTTPRequestHandler):
@@ -86,7 +88,11 @@ class H(BaseHTTPRequestHandler):
             self.wfile.write(out)
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = answer
 
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+class V6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+host = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+(V6 if ":" in host else ThreadingHTTPServer)((host, int(sys.argv[1])), H).serve_forever()
 "#;
 
 /// A WebSocket echo server (RFC 6455, the parts a client needs): text and binary frames come
@@ -195,7 +201,9 @@ fn setup() -> Setup {
             let res = api.get(&format!("/v1/sandboxes/{id}/ports/{port}/ready"));
             // The WebSocket server closes on a plain GET (a 502 `bad_gateway`): it listens.
             let closed = res.status() == 502
-                && res.json::<Value>().is_ok_and(|b| b["code"] == "port_closed");
+                && res
+                    .json::<Value>()
+                    .is_ok_and(|b| b["code"] == "port_closed");
             if !closed {
                 break;
             }
@@ -349,6 +357,25 @@ fn previews_by_path_carry_methods_queries_and_binary_bodies() {
     assert_eq!(echo["body_len"], 6_000_000);
     assert_eq!(echo["body_sha256"], digest);
     assert_eq!(header(&echo, "transfer-encoding"), Some("chunked"));
+    // A server on the IPv6 loopback only is reached too (127.0.0.1 refuses, then [::1]).
+    let res = s.api.post(
+        &format!("/v1/sandboxes/{}/exec", s.id),
+        &json!({ "cmd": ["python3", "/tmp/http_app.py", V6_PORT.to_string(), "::1"], "background": true })
+            .to_string(),
+    );
+    assert_eq!(res.status(), 201);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let echo: Value = loop {
+        let res = s
+            .api
+            .get(&format!("/v1/sandboxes/{}/ports/{V6_PORT}/v6", s.id));
+        if res.status() == 200 {
+            break res.json().unwrap();
+        }
+        assert!(Instant::now() < deadline, "[::1]:{V6_PORT} never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(echo["path"], "/v6");
     // A sized body, another method.
     let res = s
         .api
