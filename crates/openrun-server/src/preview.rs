@@ -1107,6 +1107,36 @@ mod tests {
     }
 
     #[test]
+    fn preview_routes_are_documented() {
+        let doc = serde_json::to_value(crate::api::openapi_document()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, method, id) in [
+            (
+                "/v1/sandboxes/{id}/ports/{port}/preview",
+                "post",
+                "create_preview_token",
+            ),
+            (
+                "/v1/sandboxes/{id}/ports/{port}",
+                "get",
+                "preview_port_root",
+            ),
+            (
+                "/v1/sandboxes/{id}/ports/{port}/{path}",
+                "get",
+                "preview_port",
+            ),
+        ] {
+            let op = &paths[path][method];
+            assert_eq!(op["operationId"], id, "{method} {path}");
+            assert!(op["responses"]["401"].is_object(), "{method} {path}");
+        }
+        assert!(
+            paths["/v1/sandboxes/{id}/ports/{port}/{path}"]["get"]["responses"]["502"].is_object()
+        );
+    }
+
+    #[test]
     fn paths_split_into_sandbox_port_and_rest() {
         assert_eq!(
             split_preview_path("/v1/sandboxes/abc/ports/8080/a/b%20c"),
