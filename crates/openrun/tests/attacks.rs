@@ -39,13 +39,18 @@ struct Served {
 }
 
 fn served() -> Served {
+    served_with(&[], json!({}))
+}
+
+/// A server started with `args`, one key, and one sandbox created with `body`.
+fn served_with(args: &[&str], body: serde_json::Value) -> Served {
     let env = Env::new();
-    let server = Server::start(&env);
-    let api = Api::new(&server, &server::key(&env, "attacker"));
-    let id = api.create(json!({}))["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let key = server::key(&env, "attacker");
+    let mut all = vec!["--listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let server = Server::start_with(&env, &all);
+    let api = Api::new(&server, &key);
+    let id = api.create(body)["id"].as_str().expect("id").to_string();
     Served {
         api,
         id,
@@ -212,9 +217,11 @@ fn reading_the_servers_data_dir_and_keys() {
     let data = s.env.data_dir().display().to_string();
     let local = std::fs::read_to_string(s.env.data_dir().join("local.json"))
         .expect("the server writes local.json");
-    let lines = s.api.post(
-        &format!("/v1/sandboxes/{}/exec", s.id),
-        &json!({"cmd": ["python3", "-c", format!(r#"{PRELUDE}
+    let r = attack_api(
+        &s.api,
+        &s.id,
+        &format!(
+            r#"
 for key, path in [("db", "{data}/openrun.db"), ("local", "{data}/local.json"),
                   ("default", "/var/lib/openrun/openrun.db")]:
     attempt(key, lambda: open(path, "rb").read(16))
@@ -227,12 +234,9 @@ for top, dirs, files in os.walk("/"):
         continue
     found += [f for f in files if f in ("openrun.db", "local.json", "openrun.db-wal")]
 report("found", found)
-"#)]})
-        .to_string(),
+"#
+        ),
     );
-    assert_eq!(lines.status(), 200);
-    let lines = server::ndjson(&lines.text().expect("body"));
-    let r = Report::parse(server::stream(&lines, "stdout"));
     for key in ["db", "local", "default", "data_dir"] {
         r.refused(key, "ENOENT");
     }
@@ -1093,15 +1097,21 @@ attempt("udp", lambda: u.sendto(b"hello host", ("{ip}", {uport})))
 }
 
 /// Attack: with the default network policy (`none`), connect to public addresses (IPv4 and
-/// IPv6), the cloud metadata address and the host's SSH port. Defence: no route at all
-/// (ENETUNREACH), answered at once rather than after a timeout.
+/// IPv6), the cloud metadata address and the host's SSH port; then ask the egress proxy
+/// (`127.0.0.1:3128` inside) for a server the test runs on the host (by its own address and
+/// by loopback, plain HTTP and CONNECT). Defence: no route at all (ENETUNREACH, at once), and
+/// the proxy answers 403 without connecting anywhere: the host's server gets nothing.
 #[test]
 fn any_network_with_policy_none() {
     let s = served();
     let ip = host_ip();
-    let lines = s.api.post(
-        &format!("/v1/sandboxes/{}/exec", s.id),
-        &json!({"cmd": ["python3", "-c", format!(r#"{PRELUDE}
+    let host = std::net::TcpListener::bind("0.0.0.0:0").expect("host server");
+    let port = host.local_addr().expect("addr").port();
+    let r = attack_api(
+        &s.api,
+        &s.id,
+        &format!(
+            r#"
 slowest = 0
 for name, fam, addr in (("cloudflare", socket.AF_INET, ("1.1.1.1", 443)),
                         ("google_dns", socket.AF_INET, ("8.8.8.8", 53)),
@@ -1113,15 +1123,22 @@ for name, fam, addr in (("cloudflare", socket.AF_INET, ("1.1.1.1", 443)),
     attempt(name, lambda: s.connect(addr))
     slowest = max(slowest, time.time() - start)
 report("slowest", slowest < 1)
-"#)]})
-        .to_string(),
+{PROXY_PY}
+report("proxy_host_ip", proxy("GET http://{ip}:{port}/ HTTP/1.1\r\nHost: {ip}:{port}\r\n\r\n"))
+report("proxy_loopback", proxy("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+report("proxy_connect", proxy("CONNECT {ip}:{port} HTTP/1.1\r\nHost: {ip}:{port}\r\n\r\n"))
+"#
+        ),
     );
-    let lines = server::ndjson(&lines.text().expect("body"));
-    let r = Report::parse(server::stream(&lines, "stdout"));
     for name in ["cloudflare", "google_dns", "metadata", "host_ssh", "ipv6"] {
         r.refused(name, "ENETUNREACH");
     }
     assert_eq!(r.get("slowest"), "True", "a refusal hung: {}", r.text);
+    for name in ["proxy_host_ip", "proxy_loopback", "proxy_connect"] {
+        assert_eq!(r.get(name), "403", "{name}: {}", r.text);
+    }
+    host.set_nonblocking(true).expect("nonblocking");
+    assert!(host.accept().is_err(), "the host's server was reached");
 }
 
 /// Attack: exfiltrate data over DNS: UDP/53 queries to public resolvers, to the host's own
@@ -1173,6 +1190,191 @@ report("lookup_fast", time.time() - start < 5)
         fake.recv(&mut buf).is_err(),
         "the fake resolver got a query"
     );
+}
+
+/// A TCP server on the host that answers every connection with a small HTTP 200 and counts
+/// them.
+struct HostServer {
+    port: u16,
+    hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HostServer {
+    fn start(addr: &str) -> Self {
+        use std::io::Write;
+        let listener = std::net::TcpListener::bind(addr).expect("bind host server");
+        let port = listener.local_addr().expect("addr").port();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // Read the request head first: closing with it unread would reset the
+                // connection before the answer arrives.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n")
+                    && std::io::Read::read(&mut conn, &mut byte).is_ok_and(|n| n == 1)
+                {
+                    head.push(byte[0]);
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Self { port, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Attack: get past an allowlist of one name with request tricks: another host in the URI
+/// with the allowed one in `Host`, CONNECT to another name, the allowed name as a prefix
+/// (`allowed.test.evil.test`) or as URI user info (`allowed.test@evil.test`), a fragment, an
+/// origin-form request naming the other host only in `Host`, and the other server's address
+/// literal. Defence: the proxy judges the request's target (name before DNS, or address)
+/// against the allowlist: every trick is refused (4xx) and the other server gets nothing,
+/// while the allowed name is served.
+#[test]
+fn egress_allowlist_bypass_tricks() {
+    let allowed = HostServer::start("127.0.0.1:0");
+    let evil = HostServer::start("127.0.0.1:0");
+    let s = served_with(
+        &[
+            "--egress-resolve",
+            "allowed.test:127.0.0.1",
+            "--egress-resolve",
+            "evil.test:127.0.0.1",
+        ],
+        json!({"network": {"mode": "allowlist", "allow": ["allowed.test"]}}),
+    );
+    let (a, e) = (allowed.port, evil.port);
+    let r = attack_api(
+        &s.api,
+        &s.id,
+        &format!(
+            r#"
+{PROXY_PY}
+report("control", proxy("GET http://allowed.test:{a}/ HTTP/1.1\r\nHost: allowed.test:{a}\r\n\r\n"))
+tricks = {{
+    "host_header": "GET http://evil.test:{e}/ HTTP/1.1\r\nHost: allowed.test:{a}\r\n\r\n",
+    "connect": "CONNECT evil.test:{e} HTTP/1.1\r\nHost: allowed.test:{a}\r\n\r\n",
+    "prefix": "GET http://allowed.test.evil.test:{e}/ HTTP/1.1\r\nHost: allowed.test.evil.test\r\n\r\n",
+    "userinfo": "GET http://allowed.test@evil.test:{e}/ HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    "fragment": "GET http://evil.test:{e}/#allowed.test HTTP/1.1\r\nHost: evil.test\r\n\r\n",
+    "origin_form": "GET / HTTP/1.1\r\nHost: evil.test:{e}\r\n\r\n",
+    "address": "GET http://127.0.0.1:{e}/ HTTP/1.1\r\nHost: allowed.test\r\n\r\n",
+    "connect_address": "CONNECT 127.0.0.1:{e} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+}}
+for name, raw in tricks.items():
+    report(name, proxy(raw))
+"#
+        ),
+    );
+    assert_eq!(r.get("control"), "200", "{}", r.text);
+    for trick in [
+        "host_header",
+        "connect",
+        "prefix",
+        "userinfo",
+        "fragment",
+        "origin_form",
+        "address",
+        "connect_address",
+    ] {
+        let status = r.get(trick);
+        assert!(
+            status.starts_with('4') || status == "closed",
+            "{trick} got {status}: {}",
+            r.text
+        );
+    }
+    assert_eq!(evil.hits(), 0, "the other server was reached: {}", r.text);
+    assert_eq!(allowed.hits(), 1);
+}
+
+/// Attack: with an allowlist open to the whole internet (`0.0.0.0/0`, `::/0`) and the name
+/// `localhost`, reach a server on the host's loopback through the proxy: by `127.0.0.1`, by an
+/// allowed name that resolves to loopback (as a DNS-rebinding name would), `0.0.0.0`, the
+/// IPv4-mapped IPv6 form, `[::1]`, shorthand and decimal forms, CONNECT, and the cloud
+/// metadata address. Defence: addresses in never-reached ranges (loopback, unspecified,
+/// link-local) are refused unless a CIDR inside them is listed (403); the server gets
+/// nothing.
+#[test]
+fn loopback_smuggled_through_an_open_allowlist() {
+    let host = HostServer::start("127.0.0.1:0");
+    let s = served_with(
+        &[],
+        json!({"network": {"mode": "allowlist", "allow": ["0.0.0.0/0", "::/0", "localhost"]}}),
+    );
+    let p = host.port;
+    let r = attack_api(
+        &s.api,
+        &s.id,
+        &format!(
+            r#"
+{PROXY_PY}
+targets = {{
+    "ip": "127.0.0.1:{p}", "name": "localhost:{p}", "unspecified": "0.0.0.0:{p}",
+    "mapped": "[::ffff:127.0.0.1]:{p}", "ipv6": "[::1]:{p}", "short": "127.1:{p}",
+    "decimal": "2130706433:{p}", "metadata": "169.254.169.254:80",
+}}
+for name, target in targets.items():
+    report(name, proxy(f"GET http://{{target}}/ HTTP/1.1\r\nHost: {{target}}\r\n\r\n"))
+report("connect", proxy("CONNECT 127.0.0.1:{p} HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\n\r\n"))
+"#
+        ),
+    );
+    for name in [
+        "ip",
+        "name",
+        "unspecified",
+        "mapped",
+        "ipv6",
+        "short",
+        "decimal",
+        "metadata",
+        "connect",
+    ] {
+        let status = r.get(name);
+        assert!(status.starts_with('4'), "{name} got {status}: {}", r.text);
+    }
+    assert_eq!(
+        host.hits(),
+        0,
+        "the host's loopback was reached: {}",
+        r.text
+    );
+}
+
+/// Attack: use a port preview (`/v1/sandboxes/{id}/ports/{port}/`) to reach a server on the
+/// host's loopback, and the openrun server's own port. Defence: the agent connects to the
+/// port inside the sandbox's own network namespace, where nothing listens: 502
+/// `port_closed`; the host's server gets nothing.
+#[test]
+fn previews_into_the_hosts_loopback() {
+    let host = HostServer::start("127.0.0.1:0");
+    let s = served();
+    let server_port: u16 = s
+        .api
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("server port");
+    for port in [host.port, server_port] {
+        expect_error(
+            s.api
+                .get(&format!("/v1/sandboxes/{}/ports/{port}/v1/health", s.id)),
+            502,
+            "port_closed",
+        );
+    }
+    assert_eq!(host.hits(), 0, "the host's loopback was reached");
 }
 
 /// Attack: connect to an abstract Unix socket the host listens on (abstract sockets have no
@@ -2128,4 +2330,53 @@ time.sleep(60)
     assert_ok(&env.output(["rm", &id]));
     stop_child(&mut bomb);
     assert_host_healthy();
+}
+
+/// Attack: fill the disk: a sandbox with a 64 MiB quota writes, deletes and rewrites a large
+/// file in a loop. Defence: the quota stops every round (EDQUOT, or ENOSPC) at about 64 MiB;
+/// another sandbox is served within the bound meanwhile, and the host's filesystem keeps its
+/// free space.
+#[test]
+fn a_disk_fill_while_another_sandbox_is_served() {
+    let env = Env::new();
+    let id = env.create(&["--disk", "64M"]);
+    let before = rustix::fs::statvfs(env.data_dir()).expect("statvfs");
+    let mut fill = env
+        .cmd([
+            "exec",
+            "--timeout",
+            "20s",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "while :; do head -c 300M /dev/zero > /root/fill 2>/dev/null; \
+             echo \"round $(stat -c %s /root/fill)\"; rm -f /root/fill; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("fill");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(fill.stdout.take().expect("stdout")));
+    let first = lines.next().expect("a round").expect("line");
+    let written: u64 = first
+        .strip_prefix("round ")
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(
+        written <= 64 << 20,
+        "{written} bytes written under a 64 MiB quota"
+    );
+    assert!(written >= 16 << 20, "the fill barely ran: {written}");
+    // Still filling: another sandbox is served.
+    assert_served_within(&env, SERVED_BOUND);
+    let second = lines.next().expect("another round").expect("line");
+    assert!(second.starts_with("round "), "{second}");
+    let after = rustix::fs::statvfs(env.data_dir()).expect("statvfs");
+    let lost = before.f_bavail.saturating_sub(after.f_bavail) * before.f_frsize;
+    assert!(lost < 200 << 20, "the host's filesystem lost {lost} bytes");
+    assert_host_healthy();
+    assert_ok(&env.output(["rm", &id]));
+    stop_child(&mut fill);
 }

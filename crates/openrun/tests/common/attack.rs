@@ -260,3 +260,46 @@ impl Drop for HostProcess {
         let _ = self.0.wait();
     }
 }
+
+/// Runs `code` (after [`PRELUDE`]) as root in sandbox `id` through the server's exec API,
+/// asserting it exits 0.
+pub fn attack_api(api: &super::server::Api, id: &str, code: &str) -> Report {
+    use super::server::{exit_line, ndjson, stream};
+    let script = format!("{PRELUDE}\n{code}");
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &serde_json::json!({ "cmd": ["python3", "-c", script] }).to_string(),
+    );
+    assert_eq!(res.status(), 200);
+    let lines = ndjson(&res.text().expect("body"));
+    assert_eq!(
+        exit_line(&lines)["code"],
+        0,
+        "the attack failed to run: {}",
+        stream(&lines, "stderr")
+    );
+    Report::parse(stream(&lines, "stdout"))
+}
+
+/// Python defining `proxy(raw)`: sends the raw HTTP request `raw` to the egress proxy inside
+/// the sandbox (`127.0.0.1:3128`) and answers the response's status code (`403`), `closed`
+/// when it hung up without one, or the errno's name.
+pub const PROXY_PY: &str = r#"
+def proxy(raw):
+    try:
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    except OSError as e:
+        return err(e.errno) if e.errno else "timeout"
+    s.sendall(raw.encode())
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        return err(e.errno) if e.errno else "timeout"
+    parts = data.split(b"\r\n")[0].split(b" ")
+    return parts[1].decode() if len(parts) > 1 else "closed"
+"#;
