@@ -432,8 +432,28 @@ fn prepare(
 /// its namespaces, capabilities and seccomp filter.
 fn enter_landlock_domain(
     sandbox: ::landlock::RulesetCreated,
-    exec_sessions: Option<OwnedFd>,
+    exec_sessions: ::landlock::RulesetCreated,
 ) -> Result<Option<OwnedFd>, StepError> {
+    // Rules name paths, so they are added here, inside the new root: links and renames across
+    // directories stay allowed beneath it (see landlock::allow_reparenting).
+    let root = step(
+        "opening the root for the Landlock rules",
+        rustix::fs::open(
+            "/",
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ),
+    )?;
+    let sandbox = step(
+        "preparing the Landlock domain",
+        landlock::allow_reparenting(sandbox, &root),
+    )?;
+    let exec_sessions = step(
+        "preparing the exec sessions' Landlock ruleset",
+        landlock::allow_reparenting(exec_sessions, &root),
+    )?;
+    drop(root);
+    let exec_sessions = landlock::into_descriptor(exec_sessions);
     match step("entering the Landlock domain", landlock::enter(sandbox))? {
         landlock::Enforcement::Full => {}
         landlock::Enforcement::Partial => {
