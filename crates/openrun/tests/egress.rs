@@ -546,6 +546,42 @@ fn a_flood_of_requests_is_counted_not_recorded_one_by_one() {
     assert!(suppressed > 0, "{denied} events for 60 requests: no limit");
 }
 
+#[test]
+fn one_sandbox_cannot_hold_more_than_its_share_of_proxy_connections() {
+    let env = Env::new();
+    let (_server, api) = start(&env, &[]);
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let script = r#"
+import socket, time
+def ask():
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(b"GET http://x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n")
+    line = s.recv(4096).decode().split("\r\n")[0]
+    s.close()
+    return line
+idle = [socket.create_connection(("127.0.0.1", 3128), timeout=20) for _ in range(256)]
+time.sleep(2)
+print(ask())
+for s in idle:
+    s.close()
+time.sleep(2)
+print(ask())
+"#;
+    let (code, out, err) = sh(&api, &id, &format!("python3 -c '{script}'"));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["HTTP/1.1 429 Too Many Requests", "HTTP/1.1 403 Forbidden"],
+        "{err}"
+    );
+    assert!(events(&api, &id, "network.deny")
+        .iter()
+        .any(|e| e["payload"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("too many connections"))));
+}
+
 /// Network interfaces of the sandbox (from its namespace's `/proc/net/dev`).
 fn interfaces(api: &Api, id: &str) -> Vec<String> {
     let (_, out, _) = sh(api, id, "tail -n +3 /proc/net/dev | cut -d: -f1");

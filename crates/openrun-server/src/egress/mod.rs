@@ -32,6 +32,10 @@ use policy::Policy;
 pub(crate) const DENIED_HEADER: &str = "x-openrun-denied";
 /// Policies kept in memory before the cache starts over.
 const MAX_CACHED: usize = 4096;
+/// Client connections one sandbox may have open through the proxy at once (tunnels
+/// included): beyond them its requests get 429, so one sandbox cannot take the server's file
+/// descriptors from the others.
+pub(crate) const MAX_CONNECTIONS: usize = 256;
 
 /// What the operator configured for the proxy (`openrun serve --egress-*`).
 #[derive(Debug, Clone, Default)]
@@ -69,6 +73,8 @@ pub(crate) struct Egress {
     /// One lock per sandbox whose policy is being changed, held from check to cache, so the
     /// cache and the runtime end as the database does.
     updates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Open client connections per sandbox.
+    connections: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Egress {
@@ -88,6 +94,7 @@ impl Egress {
             server_addr: OnceLock::new(),
             events: events::Limiter::default(),
             updates: std::sync::Mutex::default(),
+            connections: std::sync::Mutex::default(),
         })
     }
 
@@ -140,6 +147,22 @@ impl Egress {
         lock.lock_owned().await
     }
 
+    /// A slot for one more client connection of `sandbox`, if it has fewer than
+    /// [`MAX_CONNECTIONS`] open.
+    fn connection_slot(&self, sandbox: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = {
+            let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+            if all.len() >= MAX_CACHED {
+                // Sandboxes with no open connection (no permit holds their semaphore).
+                all.retain(|_, slots| Arc::strong_count(slots) > 1);
+            }
+            all.entry(sandbox.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)))
+                .clone()
+        };
+        slots.try_acquire_owned().ok()
+    }
+
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Policy>>> {
         self.policies.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -156,12 +179,16 @@ pub(crate) async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let slot = state.egress.connection_slot(&sandbox_id);
     let client = Arc::new(proxy::Client {
         state,
         sandbox: sandbox_id,
         tenant,
     });
-    proxy::serve(client, stream).await;
+    match slot {
+        Some(_slot) => proxy::serve(client, stream).await,
+        None => proxy::refuse(client, stream).await,
+    }
 }
 
 #[cfg(test)]

@@ -68,7 +68,48 @@ where
     }
 }
 
-/// A text answer; a refusal (403) also names its reason in [`DENIED_HEADER`].
+/// Answers every request of a connection that is one too many with 429 (recorded as denied).
+pub(crate) async fn refuse<S>(client: Arc<Client>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let reason = format!(
+        "too many connections through the proxy: at most {} per sandbox",
+        super::MAX_CONNECTIONS
+    );
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (client, reason) = (client.clone(), reason.clone());
+        async move {
+            let (host, port) = target_of(&req).unwrap_or_default();
+            let ask = Ask {
+                method: req.method().clone(),
+                host,
+                port,
+            };
+            super::events::record(
+                &client.state,
+                &client.sandbox,
+                &client.tenant,
+                "network.deny",
+                ask.payload(&reason),
+            )
+            .await;
+            let mut response = answer(StatusCode::TOO_MANY_REQUESTS, &reason);
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+/// A text answer; a refusal (403, 429) also names its reason in [`DENIED_HEADER`].
 fn answer(status: StatusCode, reason: &str) -> Response<Body> {
     let body = Full::new(Bytes::from(format!("{reason}\n")))
         .map_err(|never| match never {})
@@ -80,7 +121,7 @@ fn answer(status: StatusCode, reason: &str) -> Response<Body> {
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
-    if status == StatusCode::FORBIDDEN {
+    if status == StatusCode::FORBIDDEN || status == StatusCode::TOO_MANY_REQUESTS {
         let printable: String = reason
             .chars()
             .map(|c| {
