@@ -637,6 +637,53 @@ fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
 }
 
 #[test]
+fn policies_secrets_and_the_ca_survive_a_server_restart() {
+    const VALUE: &str = "restart-secret-93b1";
+    let env = Env::new();
+    let (test_ca, tls_config) = test_tls(&["secret.test"]);
+    let ca_file = env.data_dir().join("upstream-ca.pem");
+    std::fs::write(&ca_file, &test_ca).unwrap();
+    let tls = Upstream::start(Some(tls_config));
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--egress-resolve",
+        "secret.test:127.0.0.1",
+        "--egress-ca-file",
+        ca_file.to_str().unwrap(),
+    ];
+    let k = key(&env, "egress");
+    let server = Server::start_with(&env, &args);
+    let api = Api::new(&server, &k);
+    let policy = json!({"mode": "allowlist", "allow": ["secret.test"],
+        "secrets": [{"name": "T", "value": VALUE, "hosts": ["secret.test"]}]});
+    let id = api.create(json!({ "network": policy }))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let url = format!("https://secret.test:{}/before", tls.port);
+    assert_eq!(curl(&api, &id, &url).0, 200);
+    server.stop();
+    let server = Server::start_with(&env, &args);
+    let api = Api::new(&server, &k);
+    // The relay comes back with the server: wait for it (a refused connection until then).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let url = format!("https://secret.test:{}/after", tls.port);
+    let (status, text) = loop {
+        let (status, text) = curl(&api, &id, &url);
+        if status != 0 || Instant::now() > deadline {
+            break (status, text);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Same CA (the sandbox's bundle still trusts it), same policy, same secret.
+    assert_eq!(status, 200, "{text}");
+    let seen = tls.seen();
+    assert!(seen.last().unwrap().starts_with("get /after"), "{seen:?}");
+    assert!(seen.last().unwrap().contains(VALUE), "{seen:?}");
+}
+
+#[test]
 fn bad_policies_are_refused_naming_the_problem() {
     let env = Env::new();
     let (_server, api) = start(&env, &[]);
