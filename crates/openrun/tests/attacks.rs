@@ -813,6 +813,67 @@ attempt("self_exe", lambda: os.open("/proc/self/exe", os.O_WRONLY))
     );
 }
 
+/// Attack (CVE-2024-21626, "Leaky Vessels"): start a command whose working directory is a
+/// descriptor the runtime might have leaked (`/proc/self/fd/3`... as runc's `WORKDIR` attack
+/// did) or the agent's own cwd and root, then climb from there; and look for any inherited
+/// descriptor in a fresh process. Defence: the agent resolves the working directory inside the
+/// sandbox and refuses magic links to other processes (the command does not start, naming the
+/// path); a started process holds only its stdio.
+#[test]
+fn leaky_vessels_working_directory_through_proc_fds() {
+    let env = Env::new();
+    let id = env.create(&[]);
+    for workdir in [
+        "/proc/self/fd/3",
+        "/proc/self/fd/4",
+        "/proc/self/fd/5",
+        "/proc/self/fd/7",
+        "/proc/self/fd/9",
+        "/proc/1/cwd",
+        "/proc/1/root",
+        "/proc/1/fd/3",
+    ] {
+        let out = env.output([
+            "exec",
+            "-w",
+            workdir,
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "cd ../../../..; ls -a",
+        ]);
+        assert!(
+            !out.status.success(),
+            "started in {workdir}: {}",
+            stdout(&out)
+        );
+        assert!(
+            stderr(&out).contains(workdir),
+            "{workdir}: {}",
+            stderr(&out)
+        );
+    }
+    let r = attack_in(
+        &env,
+        &id,
+        r#"
+entries = {}
+for f in os.listdir("/proc/self/fd"):
+    try:
+        entries[int(f)] = os.readlink(f"/proc/self/fd/{f}")
+    except OSError:
+        pass  # the listing's own descriptor, closed by now
+listing = f"/proc/{os.getpid()}/fd"
+fds = sorted(fd for fd, target in entries.items() if target != listing)
+report("fds", fds)
+report("targets", sorted(set(entries[fd].split(":")[0] for fd in fds)))
+"#,
+    );
+    assert_eq!(r.get("fds"), "[0, 1, 2]", "{}", r.text);
+    assert_eq!(r.get("targets"), "['/dev/null', 'pipe']", "{}", r.text);
+}
+
 /// Attack ("shocker"): open host files by handle — an ext4-style handle for inode 2 (a root
 /// directory) with descriptors of every mount (`/`, `/usr`, `/dev`, `/tmp`), and
 /// `name_to_handle_at` to learn real handles. Defence: the seccomp filter refuses both calls
@@ -1695,7 +1756,7 @@ fn changing_the_hostname() {
         r#"
 report("sethostname", sc(170, b"pwned", 5))
 report("setdomainname", sc(171, b"pwned", 5))
-attempt("proc_sys", lambda: open("/proc/sys/kernel/hostname", "w").write("pwned"))
+attempt("proc_sys", lambda: write("/proc/sys/kernel/hostname", "pwned"))
 report("uname", os.uname().nodename)
 "#,
     );
@@ -1724,7 +1785,7 @@ for key, path, value in (("core_pattern", "/proc/sys/kernel/core_pattern", "|/tm
                          ("overcommit", "/proc/sys/vm/overcommit_memory", "1"),
                          ("drop_caches", "/proc/sys/vm/drop_caches", "3"),
                          ("sysrq", "/proc/sysrq-trigger", "h")):
-    attempt(key, lambda: open(path, "w").write(value))
+    attempt(key, lambda: write(path, value))
 "#,
     );
     for key in ["core_pattern", "overcommit", "drop_caches"] {
@@ -1756,7 +1817,7 @@ results = []
 for path in ("/sys/kernel/uevent_helper", "/sys/kernel/profiling", "/sys/power/state",
              "/sys/kernel/mm/transparent_hugepage/enabled", "/sys/evil"):
     try:
-        open(path, "w").write("x")
+        write(path, "x")
         results.append("ok")
     except OSError as e:
         results.append(err(e.errno))
@@ -2082,6 +2143,40 @@ fn tar_upload_through_a_planted_symlink() {
 
 // ---------------------------------------------------------------------------------------------
 // Resource bombs: each runs while another sandbox must still be served within a bound
+
+/// Attack: escape the sandbox's own limits from inside: make its processes immune to the
+/// host's OOM killer (`oom_score_adj` -1000, so host processes die first), raise the hard
+/// open-files limit, take real-time or top nice priority, and find its cgroup's files to
+/// rewrite. Defence: none of these is allowed without host capabilities (EACCES / EPERM); no
+/// cgroup hierarchy is mounted inside; the agent's score and the limits stay.
+#[test]
+fn escaping_the_resource_limits_from_inside() {
+    let env = Env::new();
+    let r = attack(
+        &env,
+        r#"
+before = open("/proc/self/oom_score_adj").read().strip()
+attempt("oom_immune", lambda: write("/proc/self/oom_score_adj", "-1000"))
+attempt("agent_oom", lambda: write("/proc/1/oom_score_adj", "-1000"))
+report("oom_after", open("/proc/self/oom_score_adj").read().strip() == before)
+limit = (ctypes.c_ulong * 2)()
+libc.prlimit(0, 7, None, limit)
+raised = (ctypes.c_ulong * 2)(limit[1] * 2, limit[1] * 2)
+report("raise_nofile", sc(302, 0, 7, raised, None))
+report("nice_top", sc(141, 0, 0, -20))
+param = ctypes.c_int(50)
+report("realtime", sc(144, 0, 1, ctypes.byref(param)))
+report("cgroup_mounted", os.path.exists("/sys/fs/cgroup/memory") or os.path.exists("/sys/fs/cgroup/cgroup.procs"))
+"#,
+    );
+    r.refused("oom_immune", "EACCES");
+    r.refused("agent_oom", "EACCES");
+    assert_eq!(r.get("oom_after"), "True");
+    r.refused("raise_nofile", "EPERM");
+    r.refused("nice_top", "EACCES");
+    r.refused("realtime", "EPERM");
+    assert_eq!(r.get("cgroup_mounted"), "False");
+}
 
 /// How long another sandbox may take to be created, run `echo` and be removed while a bomb
 /// runs (2 shared cores, other tests running).

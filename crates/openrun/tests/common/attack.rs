@@ -12,7 +12,7 @@ use super::{assert_ok, stdout, Env};
 /// Python run before every attack: `sc(nr, *args)` makes a raw system call and answers `ok` or
 /// the errno's name (`EPERM`); `attempt(name, fn)` runs `fn`, reporting `ok` (or what it
 /// returned) or the errno's name of the `OSError` it raised; `report(name, value)` prints one
-/// result line.
+/// result line; `write(path, text)` writes unbuffered (so the error comes from the write).
 pub const PRELUDE: &str = r#"
 import ctypes, errno, os, socket, struct, sys, time
 libc = ctypes.CDLL(None, use_errno=True)
@@ -26,6 +26,12 @@ def sc(nr, *args):
     return err(ctypes.get_errno()) if v == -1 else "ok"
 def report(name, value):
     print(f"{name}={value}", flush=True)
+def write(path, data):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data.encode())
+    finally:
+        os.close(fd)
 def attempt(name, fn):
     try:
         v = fn()
