@@ -216,8 +216,12 @@ pub fn tar_unpack(data: &[u8]) {
         .and_then(|r| layer::unpack(r.take(MAX_UNPACKED), &dest, "fuzz layer"));
     let ended = now();
     arena.check(&dest);
+    let Ok(stats) = result else {
+        return;
+    };
     // Only directories made for an entry's parents take the clock's time; anything else has
-    // its entry's (an archive holding the current second is as good as never written).
+    // its entry's (an archive holding the current second is as good as never written). A
+    // failed unpack is thrown away, and may leave a file it was writing.
     for (path, seen) in tree(&dest) {
         if FileType::from_raw_mode(seen.0) != FileType::Directory {
             assert!(
@@ -227,9 +231,6 @@ pub fn tar_unpack(data: &[u8]) {
             );
         }
     }
-    let Ok(stats) = result else {
-        return;
-    };
     assert!(
         stats.entries <= MAX_UNPACKED / 512,
         "more entries than headers"
