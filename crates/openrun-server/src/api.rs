@@ -507,7 +507,7 @@ pub(crate) async fn create_sandbox(
     caller: &Caller,
     mut body: CreateBody,
 ) -> Result<SandboxResource, ApiError> {
-    let network = crate::egress::routes::create_policy(body.network.take())?;
+    let network = crate::egress::routes::create_policy(s, body.network.take())?;
     let labels = body.labels.clone();
     let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
     let mut spec = spec_from(body)?;

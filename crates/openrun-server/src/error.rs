@@ -97,6 +97,10 @@ pub enum ApiError {
     /// A network policy that cannot be applied (400 `invalid_network_policy`).
     #[error("{0}")]
     InvalidNetworkPolicy(String),
+    /// Network mode `open` was asked for on a server not started with
+    /// `--allow-open-network` (403 `open_network_disabled`).
+    #[error("network mode \"open\" is disabled on this server: it connects the sandbox to everything the host reaches (cloud metadata services, private networks, the host's own services); an operator may enable it with `openrun serve --allow-open-network`. Use mode \"allowlist\" instead")]
+    OpenNetworkDisabled,
     /// The body is larger than the server accepts (413 `body_too_large`).
     #[error("request body larger than {limit} bytes")]
     TooLarge {
@@ -155,6 +159,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "invalid_argument"),
             Self::InvalidNetworkPolicy(_) => (StatusCode::BAD_REQUEST, "invalid_network_policy"),
+            Self::OpenNetworkDisabled => (StatusCode::FORBIDDEN, "open_network_disabled"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             Self::NotRunning(_) => (StatusCode::CONFLICT, "sandbox_not_running"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_requests"),

@@ -261,7 +261,7 @@ pub async fn fork(
         serde_json::from_value(probe)
             .map_err(|e| ApiError::InvalidArgument(format!("invalid request body: {e}")))?,
     )?;
-    crate::egress::routes::create_policy(options.get("network").cloned())?;
+    crate::egress::routes::create_policy(&s, options.get("network").cloned())?;
     // Its own task: a fork goes on when its client leaves (as a create does), so no sandbox
     // is left `creating`.
     let task = tokio::spawn(async move {

@@ -330,6 +330,13 @@ pub struct ServeArgs {
     /// PEM file of extra CA certificates the egress proxy trusts for hosts bound to a secret.
     #[arg(long, value_name = "PATH")]
     pub egress_ca_file: Option<std::path::PathBuf>,
+    /// Let API keys ask for network mode `open`: the sandbox's namespace is connected to the
+    /// host's network (pasta) and reaches everything the host reaches, cloud metadata services
+    /// (169.254.169.254), private networks and the host's own services included. Only on
+    /// hosts where that is acceptable, or behind a host firewall. Off by default: `open` is
+    /// refused with 403 `open_network_disabled`.
+    #[arg(long)]
+    pub allow_open_network: bool,
     /// Serve port previews by host too: `<port>-<id>.DOMAIN` (point a wildcard DNS record at
     /// the server), e.g. preview.example.com. Previews by path need nothing.
     #[arg(long, value_name = "DOMAIN", value_parser = openrun_server::check_preview_domain)]

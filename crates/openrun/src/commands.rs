@@ -300,6 +300,7 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
         egress: openrun_server::EgressOptions {
             resolve: args.egress_resolve,
             ca_file: args.egress_ca_file,
+            allow_open_network: args.allow_open_network,
         },
         preview_domain: args.preview_domain,
     };

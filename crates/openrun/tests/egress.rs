@@ -594,7 +594,14 @@ fn interfaces(api: &Api, id: &str) -> Vec<String> {
 fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
     let env = Env::new();
     let plain = Upstream::start(None);
-    let (_server, api) = start(&env, &["--egress-resolve", "upstream.test:127.0.0.1"]);
+    let (_server, api) = start(
+        &env,
+        &[
+            "--allow-open-network",
+            "--egress-resolve",
+            "upstream.test:127.0.0.1",
+        ],
+    );
     let created = api.create(json!({"network": {"mode": "open"}}));
     let id = created["id"].as_str().unwrap().to_string();
     let open_ifaces = interfaces(&api, &id);
@@ -738,6 +745,36 @@ fn bad_policies_are_refused_naming_the_problem() {
         assert!(message.contains(needle), "{network}: {message}");
     }
     assert!(events(&api, &id, "network.policy").is_empty());
+    // Mode `open` reaches whatever the host reaches (metadata services, private networks):
+    // refused unless the operator started the server with --allow-open-network.
+    let open = json!({"mode": "open"});
+    let message = error(
+        api.post("/v1/sandboxes", &json!({ "network": open }).to_string()),
+        403,
+        "open_network_disabled",
+    );
+    assert!(message.contains("--allow-open-network"), "{message}");
+    let message = error(
+        put_policy(&api, &id, open.clone()),
+        403,
+        "open_network_disabled",
+    );
+    assert!(message.contains("--allow-open-network"), "{message}");
+    error(
+        api.post(
+            &format!("/v1/sandboxes/{id}/fork"),
+            &json!({"count": 1, "network": open}).to_string(),
+        ),
+        403,
+        "open_network_disabled",
+    );
+    assert_eq!(api.ids(), vec![id.clone()], "a refused open left a sandbox");
+    assert_eq!(
+        api.get(&format!("/v1/sandboxes/{id}/network"))
+            .json::<Value>()
+            .unwrap()["mode"],
+        "none"
+    );
     // A fork checks its network before the snapshot: nothing is made.
     let res = api.post(
         &format!("/v1/sandboxes/{id}/fork"),

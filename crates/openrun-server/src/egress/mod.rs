@@ -46,6 +46,11 @@ pub struct EgressOptions {
     pub resolve: Vec<(String, IpAddr)>,
     /// PEM file of extra CA certificates trusted for intercepted (secret-bound) hosts.
     pub ca_file: Option<PathBuf>,
+    /// Whether network mode `open` may be asked for (`openrun serve --allow-open-network`).
+    /// `open` connects a sandbox's namespace to the host's network with pasta: it reaches
+    /// everything the host reaches, cloud metadata services and private networks included,
+    /// so it is off unless the operator turns it on.
+    pub allow_open_network: bool,
 }
 
 /// Parses `NAME:IP` (as `--egress-resolve` takes it; IPv6 addresses need no brackets).
@@ -67,6 +72,8 @@ pub fn parse_resolve(text: &str) -> Result<(String, IpAddr), String> {
 pub(crate) struct Egress {
     resolve: HashMap<String, Vec<IpAddr>>,
     pub(crate) tls: Arc<tls::Tls>,
+    /// Whether mode `open` may be asked for ([`EgressOptions::allow_open_network`]).
+    allow_open_network: bool,
     policies: RwLock<HashMap<String, Arc<Policy>>>,
     server_addr: OnceLock<SocketAddr>,
     events: events::Limiter,
@@ -90,6 +97,7 @@ impl Egress {
         Ok(Self {
             resolve,
             tls: Arc::new(tls),
+            allow_open_network: options.allow_open_network,
             policies: RwLock::default(),
             server_addr: OnceLock::new(),
             events: events::Limiter::default(),
@@ -105,6 +113,14 @@ impl Egress {
 
     fn server_addr(&self) -> Option<SocketAddr> {
         self.server_addr.get().copied()
+    }
+
+    /// Refuses `policy` when it asks for mode `open` and the operator did not allow it.
+    pub(crate) fn check_mode_allowed(&self, policy: &Policy) -> Result<(), crate::error::ApiError> {
+        if policy.mode() == policy::Mode::Open && !self.allow_open_network {
+            return Err(crate::error::ApiError::OpenNetworkDisabled);
+        }
+        Ok(())
     }
 
     /// The operator's fixed addresses of `name`, if any.

@@ -49,12 +49,18 @@ async fn set_open(s: &Shared, id: &str, open: bool) -> Result<(), ApiError> {
     }
 }
 
-/// The policy of a new sandbox: `none` unless the create body gives one.
-pub(crate) fn create_policy(network: Option<serde_json::Value>) -> Result<Arc<Policy>, ApiError> {
-    match network {
-        None | Some(serde_json::Value::Null) => Ok(Arc::new(Policy::default())),
-        Some(value) => parse(value).map(Arc::new),
-    }
+/// The policy of a new sandbox: `none` unless the create body gives one. Mode `open` is a 403
+/// `open_network_disabled` unless the server was started with `--allow-open-network`.
+pub(crate) fn create_policy(
+    s: &Shared,
+    network: Option<serde_json::Value>,
+) -> Result<Arc<Policy>, ApiError> {
+    let policy = match network {
+        None | Some(serde_json::Value::Null) => Policy::default(),
+        Some(value) => parse(value)?,
+    };
+    s.egress.check_mode_allowed(&policy)?;
+    Ok(Arc::new(policy))
 }
 
 /// Stores the policy of a new sandbox (in the create's own database call). Mode `none`
@@ -107,6 +113,8 @@ pub(crate) async fn get(
 }
 
 /// `PUT /v1/sandboxes/{id}/network`: replaces the policy; new connections follow it at once.
+/// Mode `open` is a 403 `open_network_disabled` unless the server allows it
+/// (`openrun serve --allow-open-network`).
 #[utoipa::path(put, operation_id = "set_network_policy", path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
     params(("id" = String, Path, description = "Sandbox id")),
     request_body = PolicyBody,
@@ -119,6 +127,7 @@ pub(crate) async fn put(
 ) -> Result<Json<PolicyView>, ApiError> {
     let row = find(&s, &caller, &id).await?;
     let policy = Arc::new(parse(value)?);
+    s.egress.check_mode_allowed(&policy)?;
     // One change at a time, so the cache and the runtime end as the database does.
     let _turn = s.egress.update_turn(&row.id).await;
     let was_open = s.egress.policy(&s, &row.id).await?.mode() == Mode::Open;
