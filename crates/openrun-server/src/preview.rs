@@ -21,9 +21,12 @@
 //! ways; an `Upgrade` (WebSocket) is completed on both sides and the two connections are then
 //! copied into each other.
 //!
-//! Path previews share the server's origin: a page from one preview can script requests to
-//! others the same browser holds cookies for. Host previews (one origin per sandbox port) do
-//! not; prefer them for anything a browser runs.
+//! Path previews share the server's origin, so their answers carry
+//! `Content-Security-Policy: sandbox ...` ([`PATH_PREVIEW_CSP`]): the page gets an opaque
+//! origin, and cannot script requests to other previews with their cookies, use the origin's
+//! storage or register a service worker. `Service-Worker-Allowed` is dropped from every answer.
+//! Host previews (one origin per sandbox port) need none of this; prefer them for anything a
+//! browser runs.
 
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
@@ -62,6 +65,14 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(60 * 60);
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// What the MAC covers besides the target, so it can never be confused with another MAC.
 const MAC_CONTEXT: &str = "openrun-preview-v1";
+
+/// Policy added to every answer of a path preview. Path previews share the server's origin, so
+/// the page is put in an opaque origin of its own (no `allow-same-origin`): its scripts run,
+/// forms post, popups and downloads work, but it cannot read or write the origin's cookies or
+/// storage, register a service worker, or read another path preview's answers (its requests are
+/// cross-origin and cross-site, so they carry no `SameSite=Lax` cookie, ours included).
+pub const PATH_PREVIEW_CSP: &str =
+    "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads";
 
 /// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus `Expect`: the proxy
 /// answers `100 Continue` itself.
@@ -754,7 +765,7 @@ async fn preview(
     }
     let (mut parts, body) = response.into_parts();
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-    strip_response_headers(&mut parts.headers, switching);
+    strip_response_headers(&mut parts.headers, switching, target.prefix.is_some());
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -895,9 +906,11 @@ fn request_headers(
     out
 }
 
-/// Drops hop-by-hop headers from the sandbox's answer (keeping the upgrade's own on a `101`)
-/// and any attempt to set our token cookie.
-fn strip_response_headers(headers: &mut HeaderMap, switching: bool) {
+/// Drops hop-by-hop headers from the sandbox's answer (keeping the upgrade's own on a `101`),
+/// `Service-Worker-Allowed` (a worker's scope never reaches beyond its own path) and any
+/// attempt to set our token cookie. A path preview's answer is also sandboxed
+/// ([`PATH_PREVIEW_CSP`]): it shares the server's origin with every other path preview.
+fn strip_response_headers(headers: &mut HeaderMap, switching: bool, path_preview: bool) {
     for name in connection_listed(headers) {
         if !(switching && name == header::UPGRADE) {
             headers.remove(name);
@@ -911,6 +924,14 @@ fn strip_response_headers(headers: &mut HeaderMap, switching: bool) {
     }
     if switching {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers.remove("service-worker-allowed");
+    if path_preview && !switching {
+        // Added to the app's own policies (a browser enforces every one it gets).
+        headers.append(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(PATH_PREVIEW_CSP),
+        );
     }
     let cookies: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
@@ -1134,6 +1155,42 @@ mod tests {
         assert!(
             paths["/v1/sandboxes/{id}/ports/{port}/{path}"]["get"]["responses"]["502"].is_object()
         );
+    }
+
+    #[test]
+    fn answers_lose_the_worker_scope_and_path_previews_are_sandboxed() {
+        let answer = || {
+            let mut h = HeaderMap::new();
+            h.insert("service-worker-allowed", HeaderValue::from_static("/"));
+            h.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("img-src 'self'"),
+            );
+            h
+        };
+        let policies = |h: &HeaderMap| -> Vec<String> {
+            h.get_all(header::CONTENT_SECURITY_POLICY)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect()
+        };
+        let mut path = answer();
+        strip_response_headers(&mut path, false, true);
+        assert!(path.get("service-worker-allowed").is_none());
+        assert_eq!(
+            policies(&path),
+            ["img-src 'self'", PATH_PREVIEW_CSP],
+            "ours is added to the app's own"
+        );
+        assert!(PATH_PREVIEW_CSP.starts_with("sandbox "));
+        assert!(!PATH_PREVIEW_CSP.contains("allow-same-origin"));
+        let mut host = answer();
+        strip_response_headers(&mut host, false, false);
+        assert!(host.get("service-worker-allowed").is_none());
+        assert_eq!(policies(&host), ["img-src 'self'"]);
+        let mut upgrade = answer();
+        strip_response_headers(&mut upgrade, true, true);
+        assert_eq!(policies(&upgrade), ["img-src 'self'"]);
     }
 
     #[test]

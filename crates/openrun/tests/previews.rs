@@ -83,6 +83,9 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         self.send_header("Set-Cookie", "openrun_token=planted; Path=/")
         self.send_header("Set-Cookie", "app=1; Path=/")
+        if self.path.startswith("/hostile"):
+            self.send_header("Service-Worker-Allowed", "/")
+            self.send_header("Content-Security-Policy", "img-src 'self'")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(out)
@@ -313,6 +316,27 @@ fn previews_by_path_carry_methods_queries_and_binary_bodies() {
     );
     assert_eq!(header(&echo, "x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(header(&echo, "x-forwarded-host"), Some(s.addr()));
+
+    // A path preview shares the server's origin: its answers are sandboxed (added to the app's
+    // own policy) and a service worker's scope cannot be widened to the whole origin.
+    let res = s
+        .api
+        .get(&format!("/v1/sandboxes/{}/ports/{HTTP_PORT}/hostile", s.id));
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("service-worker-allowed").is_none());
+    let policies: Vec<_> = res
+        .headers()
+        .get_all("content-security-policy")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            "img-src 'self'",
+            "sandbox allow-scripts allow-forms allow-popups allow-modals allow-downloads"
+        ]
+    );
 
     // The bare and the slash forms are the app's `/`.
     for rest in ["", "/"] {
@@ -551,6 +575,23 @@ fn previews_by_host_with_the_key_and_a_token() {
     );
     assert_eq!(header(&echo, "authorization"), None);
     assert_eq!(header(&echo, "x-forwarded-prefix"), None);
+    // A host preview is its own origin: the app's policy is left alone, a worker's scope
+    // still cannot be widened.
+    let (status, head, _) = raw(
+        s.addr(),
+        &format!(
+            "GET /hostile HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {}\r\n\
+             Connection: close\r\n\r\n",
+            s.api.key
+        ),
+    );
+    assert_eq!(status, 200);
+    let lower = head.to_ascii_lowercase();
+    assert!(!lower.contains("service-worker-allowed"), "{head}");
+    assert!(
+        lower.contains("content-security-policy: img-src 'self'") && !lower.contains("sandbox"),
+        "{head}"
+    );
     // A token in the query becomes a host cookie.
     let token = s.token(HTTP_PORT, None)["token"]
         .as_str()
