@@ -10,8 +10,9 @@
 //! an agent's programs have no use for the call (`name_to_handle_at`, `kcmp`, `AF_VSOCK`).
 //!
 //! Refused calls fail with `EPERM` (never a kill: a program that probes a feature must see an
-//! error it can handle), except `clone3` and the x32 ABI, which fail with `ENOSYS`, as if the
-//! kernel lacked them: `clone3` passes its flags in memory a filter cannot read, so it is refused
+//! error it can handle), except `clone3`, the x32 ABI and every number above
+//! [`LAST_REVIEWED_SYSCALL`], which fail with `ENOSYS`, as if the kernel lacked them (a system
+//! call added by a newer kernel is refused until someone reviews it and moves the constant): `clone3` passes its flags in memory a filter cannot read, so it is refused
 //! whole and the C library falls back to `clone`, whose flags the filter checks (Docker does the
 //! same). A system call of another architecture (the i386 `int 0x80` entry) kills the process:
 //! those use other numbers, which this table does not cover.
@@ -148,7 +149,23 @@ const DENIED: &[Group] = &[
             libc::SYS_migrate_pages,
         ],
     },
+    Group {
+        why: "secret memory is unmapped from the kernel's direct map: pages the host cannot \
+              inspect, and a history of kernel bugs for a feature no agent needs",
+        syscalls: &[libc::SYS_memfd_secret],
+    },
 ];
+
+/// The highest system call number reviewed for this table: `file_setattr` (469, Linux 6.17;
+/// Linux 6.18 added none). Any higher number fails with `ENOSYS`, so a system call a newer
+/// kernel adds stays refused until it is reviewed here and this constant moves.
+const LAST_REVIEWED_SYSCALL: u32 = 469;
+
+/// `ioctl` requests refused with `EPERM`: `TIOCSTI` pushes characters into a terminal's input
+/// (into whatever shell reads it next; `dev.tty.legacy_tiocsti` may leave it on) and
+/// `TIOCLINUX` drives the virtual console (its selection can be pasted the same way). The
+/// kernel reads the request as an `unsigned int`, so the filter compares 32 bits.
+const DENIED_IOCTLS: [u64; 2] = [0x5412, 0x541C];
 
 /// Namespace flags of `clone` and `unshare`: a new user namespace is the door to most
 /// unprivileged kernel exploits (it hands out capabilities over fresh namespaces), and the
@@ -253,6 +270,19 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     rules.insert(libc::SYS_personality, personality);
+    let ioctls = DENIED_IOCTLS
+        .iter()
+        .map(|&request| {
+            SeccompRule::new(vec![condition(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::Eq,
+                request,
+            )?])
+            .map_err(SeccompError::Compile)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, ioctls);
     rules.insert(
         libc::SYS_socket,
         vec![SeccompRule::new(vec![condition(
@@ -294,13 +324,15 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> sock_filter {
     sock_filter { code, jt, jf, k }
 }
 
-/// Instructions answering `ENOSYS` for x32 system calls and `clone3`, placed right after the
-/// architecture check: seccompiler has one match action per filter, and these two differ.
+/// Instructions answering `ENOSYS` for unreviewed system call numbers (above
+/// [`LAST_REVIEWED_SYSCALL`], which covers the x32 ones) and `clone3`, placed right after the
+/// architecture check: seccompiler has one match action per filter, and these differ.
 fn enosys_prelude() -> [sock_filter; 5] {
+    const { assert!(X32_SYSCALL_BIT > LAST_REVIEWED_SYSCALL) };
     let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
     [
         stmt(BPF_LD_W_ABS, SECCOMP_DATA_NR),
-        jump(BPF_JMP_JGE_K, X32_SYSCALL_BIT, 2, 0),
+        jump(BPF_JMP_JGT_K, LAST_REVIEWED_SYSCALL, 2, 0),
         jump(BPF_JMP_JEQ_K, libc::SYS_clone3 as u32, 1, 0),
         stmt(BPF_JMP_JA, 1),
         stmt(BPF_RET_K, enosys),
@@ -474,6 +506,8 @@ mod tests {
                 [libc::CLONE_NEWUSER as u64, 1, 2, 3, 4, 5],
                 [AF_VSOCK, 1, 0, 0, 0, 0],
                 [0x0040_0000, 0, 0, 0, 0, 0],
+                [0, 0x5412, 0, 0, 0, 0],
+                [0, 0xffff_ffff_0000_541c, 0, 0, 0, 0],
             ] {
                 let verdict = run(&with, nr, arch, args);
                 assert_eq!(verdict, run(&without, nr, arch, args), "syscall {nr}");
@@ -482,12 +516,29 @@ mod tests {
         }
         // Every unconditional denial, for each of the five argument sets, and a few more.
         let unconditional: usize = DENIED.iter().map(|g| g.syscalls.len()).sum();
-        assert!(denied > 5 * unconditional, "{denied}");
+        assert!(denied > 7 * unconditional, "{denied}");
         assert_eq!(
             run(&with, libc::SYS_read as u32, arch, [0; 6]),
             SECCOMP_RET_ALLOW
         );
         assert_eq!(run(&with, libc::SYS_keyctl as u32, arch, [0; 6]), eperm);
+        // ioctl: refused for the two requests only, compared on 32 bits as the kernel does.
+        let ioctl = libc::SYS_ioctl as u32;
+        assert_eq!(run(&with, ioctl, arch, [0, 0x5412, 0, 0, 0, 0]), eperm);
+        assert_eq!(
+            run(&with, ioctl, arch, [0, 0x1_0000_541c, 0, 0, 0, 0]),
+            eperm
+        );
+        assert_eq!(
+            run(&with, ioctl, arch, [0, 0x5413, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        // Unreviewed numbers, and the x32 ABI: ENOSYS.
+        let enosys = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        assert_ne!(run(&with, LAST_REVIEWED_SYSCALL, arch, [0; 6]), enosys);
+        assert_eq!(run(&with, LAST_REVIEWED_SYSCALL + 1, arch, [0; 6]), enosys);
+        assert_eq!(run(&with, X32_SYSCALL_BIT + 1, arch, [0; 6]), enosys);
+        assert_eq!(run(&with, u32::MAX, arch, [0; 6]), enosys);
         // Another architecture is killed.
         assert_eq!(
             run(&with, 0, 0x4000_0003, [0; 6]),
@@ -510,6 +561,7 @@ mod tests {
             libc::SYS_personality,
             libc::SYS_socket,
             libc::SYS_clone3,
+            libc::SYS_ioctl,
         ] {
             assert!(!seen.contains(&conditional), "{conditional}");
         }
@@ -617,6 +669,23 @@ mod tests {
                 [0x0040_0000, 0, 0],
                 libc::EPERM
             )),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_memfd_secret, [0, 0, 0], libc::EPERM)),
+            0
+        );
+        assert_eq!(
+            in_filtered_child(|| expect_errno(
+                i64::from(LAST_REVIEWED_SYSCALL) + 1,
+                [0, 0, 0],
+                libc::ENOSYS
+            )),
+            0
+        );
+        // TIOCSTI on a descriptor that is no terminal: refused before the kernel looks at it.
+        assert_eq!(
+            in_filtered_child(|| expect_errno(libc::SYS_ioctl, [0, 0x5412, 0], libc::EPERM)),
             0
         );
     }
