@@ -21,6 +21,12 @@ pub(crate) fn errno_error(errno: Errno, path: &str) -> AgentError {
         Errno::INVAL => (ErrorCode::InvalidArgument, "invalid argument"),
         Errno::FBIG => (ErrorCode::TooLarge, "file too large"),
         Errno::NOSPC | Errno::DQUOT => (ErrorCode::TooLarge, "no space left on device"),
+        // Removing or replacing a mount point (`/tmp`, `/proc`, `/etc/hosts`): the sandbox's
+        // mounts are fixed, so this is a refusal, not a failure of the agent.
+        Errno::BUSY => (
+            ErrorCode::PermissionDenied,
+            "device or resource busy (a mount point cannot be removed or replaced)",
+        ),
         other => {
             return AgentError::new(
                 ErrorCode::Internal,
@@ -103,6 +109,11 @@ mod tests {
                 Errno::NOTEMPTY,
                 ErrorCode::DirectoryNotEmpty,
                 "directory not empty: /x/y",
+            ),
+            (
+                Errno::BUSY,
+                ErrorCode::PermissionDenied,
+                "device or resource busy (a mount point cannot be removed or replaced): /x/y",
             ),
             (
                 Errno::ROFS,

@@ -1974,12 +1974,13 @@ fn file_api_symlink_traversal() {
     );
     expect_status(res, 204);
     expect_error(s.get_file(&format!("{host_dir}/keep")), 404, "not_found");
-    // Removing the sandbox's own /tmp mount through the link to `/` (refused by the kernel,
-    // EBUSY; the API answers it as an internal error today).
-    let _ = s.post_json(
+    // Removing the sandbox's own /tmp mount through the link to `/`: the kernel refuses it
+    // (EBUSY), a clear 403, not a failure of the agent.
+    let res = s.post_json(
         "remove",
         json!({"path": "/work/root/tmp", "recursive": true}),
     );
+    expect_error(res, 403, "forbidden");
     assert_victim_untouched(&dir, &canary);
 }
 
