@@ -908,7 +908,7 @@ fn request_headers(
 
 /// Drops hop-by-hop headers from the sandbox's answer (keeping the upgrade's own on a `101`),
 /// `Service-Worker-Allowed` (a worker's scope never reaches beyond its own path) and any
-/// attempt to set our token cookie. A path preview's answer is also sandboxed
+/// attempt to set our token cookie; the app's other cookies lose their `Domain` ([`app_cookie`]). A path preview's answer is also sandboxed
 /// ([`PATH_PREVIEW_CSP`]): it shares the server's origin with every other path preview.
 fn strip_response_headers(headers: &mut HeaderMap, switching: bool, path_preview: bool) {
     for name in connection_listed(headers) {
@@ -936,17 +936,48 @@ fn strip_response_headers(headers: &mut HeaderMap, switching: bool, path_preview
     let cookies: Vec<HeaderValue> = headers
         .get_all(header::SET_COOKIE)
         .iter()
-        .filter(|v| {
-            v.to_str().map_or(true, |v| {
-                v.split_once('=').map_or(v, |(n, _)| n).trim() != COOKIE_NAME
-            })
-        })
-        .cloned()
+        .filter_map(app_cookie)
         .collect();
     headers.remove(header::SET_COOKIE);
     for value in cookies {
         headers.append(header::SET_COOKIE, value);
     }
+}
+
+/// The name a `Set-Cookie` value sets, as a browser reads it (RFC 6265bis 5.6): the name-value
+/// pair ends at the first `;`, the name at its first `=` (none: an empty name), trimmed.
+fn set_cookie_name(value: &[u8]) -> &[u8] {
+    let pair = value.split(|&b| b == b';').next().unwrap_or_default();
+    match pair.iter().position(|&b| b == b'=') {
+        Some(end) => pair[..end].trim_ascii(),
+        None => &[],
+    }
+}
+
+/// A `Set-Cookie` of the app as it may reach the browser, judged on its bytes: none when it
+/// names our cookie (in any case) or is not ASCII (a browser may read such bytes in ways we
+/// cannot predict); otherwise without `Domain` attributes, so the cookie is host-only and never
+/// reaches the parent domain's other hosts (other tenants' host previews).
+fn app_cookie(value: &HeaderValue) -> Option<HeaderValue> {
+    let bytes = value.as_bytes();
+    if !bytes.is_ascii() || set_cookie_name(bytes).eq_ignore_ascii_case(COOKIE_NAME.as_bytes()) {
+        return None;
+    }
+    let is_domain = |attr: &[u8]| {
+        let name = attr.split(|&b| b == b'=').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(b"domain")
+    };
+    let mut parts = bytes.split(|&b| b == b';');
+    let pair = parts.next().unwrap_or_default();
+    if !parts.clone().any(is_domain) {
+        return Some(value.clone());
+    }
+    let mut out = pair.to_vec();
+    for attr in parts.filter(|a| !is_domain(a)) {
+        out.push(b';');
+        out.extend_from_slice(attr);
+    }
+    HeaderValue::from_bytes(&out).ok()
 }
 
 #[cfg(test)]
@@ -1191,6 +1222,41 @@ mod tests {
         let mut upgrade = answer();
         strip_response_headers(&mut upgrade, true, true);
         assert_eq!(policies(&upgrade), ["img-src 'self'"]);
+    }
+
+    #[test]
+    fn apps_cannot_set_our_cookie_or_cookies_for_other_hosts() {
+        let mut h = HeaderMap::new();
+        for value in [
+            &b"openrun_token=x; Path=/"[..],
+            b" OpenRun_Token =x",
+            b"openrun_token=x; Path=/v1/sandboxes/other/ports/80; Max-Age=0",
+            // Not valid UTF-8: to_str() fails on it.
+            b"openrun_token=x; Path=/; X=\xff",
+            b"app=\xe9t\xe9",
+            b"a=1; Path=/",
+            b"b=2; Domain=preview.example.com; Path=/; domain =.example.com; HttpOnly",
+            b"openrun_token; Path=/",
+        ] {
+            h.append(header::SET_COOKIE, HeaderValue::from_bytes(value).unwrap());
+        }
+        strip_response_headers(&mut h, false, false);
+        let kept: Vec<&[u8]> = h
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                &b"a=1; Path=/"[..],
+                b"b=2; Path=/; HttpOnly",
+                // A nameless cookie (its value is "openrun_token"), which is not ours.
+                b"openrun_token; Path=/",
+            ]
+        );
+        assert_eq!(set_cookie_name(b" n = v; Domain=x"), b"n");
+        assert_eq!(set_cookie_name(b"v; a=b"), b"");
     }
 
     #[test]

@@ -86,6 +86,11 @@ class H(BaseHTTPRequestHandler):
         if self.path.startswith("/hostile"):
             self.send_header("Service-Worker-Allowed", "/")
             self.send_header("Content-Security-Policy", "img-src 'self'")
+            # Our cookie behind a byte that is not UTF-8, in another case, and a cookie for
+            # the whole preview domain (every other preview host).
+            self.send_header("Set-Cookie", "openrun_token=evil; Path=/; X=\xff")
+            self.send_header("Set-Cookie", "OpenRun_Token=evil; Path=/")
+            self.send_header("Set-Cookie", "wide=1; Domain=preview.test; Path=/")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(out)
@@ -324,6 +329,17 @@ fn previews_by_path_carry_methods_queries_and_binary_bodies() {
         .get(&format!("/v1/sandboxes/{}/ports/{HTTP_PORT}/hostile", s.id));
     assert_eq!(res.status(), 200);
     assert!(res.headers().get("service-worker-allowed").is_none());
+    let cookies: Vec<_> = res
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    assert_eq!(
+        cookies,
+        ["app=1; Path=/", "wide=1; Path=/"],
+        "our cookie is dropped however it is written, other cookies lose their Domain"
+    );
     let policies: Vec<_> = res
         .headers()
         .get_all("content-security-policy")
@@ -588,6 +604,11 @@ fn previews_by_host_with_the_key_and_a_token() {
     assert_eq!(status, 200);
     let lower = head.to_ascii_lowercase();
     assert!(!lower.contains("service-worker-allowed"), "{head}");
+    let cookies: Vec<&str> = lower
+        .lines()
+        .filter_map(|l| l.strip_prefix("set-cookie: "))
+        .collect();
+    assert_eq!(cookies, ["app=1; path=/", "wide=1; path=/"], "{head}");
     assert!(
         lower.contains("content-security-policy: img-src 'self'") && !lower.contains("sandbox"),
         "{head}"
