@@ -89,6 +89,9 @@ pub struct InitPlan {
     pub layer: PathBuf,
     /// Set when the layer is a tmpfs the init mounts itself.
     pub memory_layer: Option<MemoryLayer>,
+    /// Size cap of the sandbox's `/tmp` tmpfs (the smaller of the memory limit and the disk
+    /// quota, like a memory layer's; `None`: tmpfs's default, half the host's RAM).
+    pub tmp_size_bytes: Option<u64>,
     /// Agent configuration.
     pub agent: openrun_agent::AgentConfig,
 }
@@ -374,7 +377,7 @@ fn prepare(
         )?;
     }
     phase("overlays");
-    mount_special_filesystems(&plan.root, dev)?;
+    mount_special_filesystems(&plan.root, dev, plan.tmp_size_bytes)?;
     phase("special filesystems");
     bind_etc_files(plan)?;
     // 6. Switch to the new root and drop the old one.
@@ -484,7 +487,11 @@ fn join_inside(root: &Path, inside: &str) -> PathBuf {
     root.join(inside.trim_start_matches('/'))
 }
 
-fn mount_special_filesystems(root: &Path, dev_template: OwnedFd) -> Result<(), StepError> {
+fn mount_special_filesystems(
+    root: &Path,
+    dev_template: OwnedFd,
+    tmp_size: Option<u64>,
+) -> Result<(), StepError> {
     let fs_flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC;
     let proc_dir = root.join("proc");
     ensure_dir(&proc_dir, "creating /proc")?;
@@ -543,6 +550,12 @@ fn mount_special_filesystems(root: &Path, dev_template: OwnedFd) -> Result<(), S
 
     let tmp = root.join("tmp");
     ensure_dir(&tmp, "creating /tmp")?;
+    // Sized like a memory layer: without a size, /tmp would hold half the host's RAM whatever
+    // the sandbox's disk quota.
+    let tmp_options = match tmp_size {
+        Some(size) => format!("mode=1777,size={size}"),
+        None => "mode=1777".to_string(),
+    };
     step(
         "mounting /tmp",
         mount(
@@ -550,7 +563,7 @@ fn mount_special_filesystems(root: &Path, dev_template: OwnedFd) -> Result<(), S
             &tmp,
             "tmpfs",
             MountFlags::NOSUID | MountFlags::NODEV,
-            Some(c"mode=1777"),
+            Some(mount_options(tmp_options)?.as_c_str()),
         ),
     )?;
     allow_unprivileged_ping(&proc_dir);

@@ -987,12 +987,9 @@ fn prepare_host_side(
         }
         Storage::Memory => {
             mkdir(&paths.layer, 0o700, None)?;
-            // A disk quota caps the tmpfs too (its pages are charged to the memory limit).
-            let size_bytes = match (spec.limits.memory_bytes, spec.limits.disk_bytes) {
-                (Some(m), Some(d)) => Some(m.min(d)),
-                (m, d) => m.or(d),
-            };
-            Some(MemoryLayer { size_bytes })
+            Some(MemoryLayer {
+                size_bytes: memory_or_disk_cap(spec),
+            })
         }
     };
     let total: usize = image.layers.iter().map(|l| l.lowers.len()).sum();
@@ -1030,6 +1027,7 @@ fn prepare_host_side(
         overlays,
         layer: paths.layer.clone(),
         memory_layer,
+        tmp_size_bytes: memory_or_disk_cap(spec),
         agent: openrun_agent::AgentConfig {
             sandbox_id: id.to_string(),
             root: PathBuf::from("/"),
@@ -1043,6 +1041,16 @@ fn prepare_host_side(
             own_oom_score_adj: None,
         },
     })
+}
+
+/// Size cap of a sandbox's tmpfs (a memory layer, `/tmp`): a disk quota caps it (else the
+/// tmpfs would be a way around it), and so does the memory limit (its pages are charged to it
+/// anyway). `None` when neither is set: tmpfs's own default, half the host's RAM.
+fn memory_or_disk_cap(spec: &SandboxSpec) -> Option<u64> {
+    match (spec.limits.memory_bytes, spec.limits.disk_bytes) {
+        (Some(m), Some(d)) => Some(m.min(d)),
+        (m, d) => m.or(d),
+    }
 }
 
 /// Lowering an OOM score (the agent's, to -1000) needs CAP_SYS_RESOURCE, which container hosts

@@ -136,6 +136,51 @@ fn a_memory_layer_is_capped_by_the_disk_quota() {
 }
 
 #[test]
+fn tmp_is_capped_like_the_memory_layer() {
+    let env = Env::new();
+    // A disk quota caps /tmp (a tmpfs) on a disk layer too: it cannot be a way around it.
+    let out = env.output([
+        "run",
+        "--disk",
+        "16M",
+        "--storage",
+        "disk",
+        "--",
+        "sh",
+        "-c",
+        "head -c 64M /dev/zero > /tmp/fill; stat -c %s /tmp/fill; df -B1 --output=size /tmp | tail -1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    let written: u64 = lines
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("size");
+    let size: u64 = lines
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .expect("df");
+    assert!(written <= 16 * MIB, "{written}");
+    assert_eq!(size, 16 * MIB, "{text}");
+    assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));
+    // The smaller of the memory limit and the quota.
+    let out = env.output([
+        "run",
+        "--disk",
+        "64M",
+        "--memory",
+        "32M",
+        "--",
+        "sh",
+        "-c",
+        "df -B1 --output=size /tmp | tail -1",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), (32 * MIB).to_string());
+}
+
+#[test]
 fn open_files_are_limited_and_visible() {
     let env = Env::new();
     let id = env.create(&["--open-files", "256"]);
