@@ -689,11 +689,7 @@ async fn preview(
     {
         if matches!(*req.method(), Method::GET | Method::HEAD) && !upgrade {
             // The token moves into a cookie; the address bar loses it.
-            let mut location = req.uri().path().to_string();
-            if let Some(q) = &query {
-                location.push('?');
-                location.push_str(q);
-            }
+            let location = same_host_location(req.uri().path(), query.as_deref());
             return Ok(token_redirect(
                 req.headers(),
                 token,
@@ -767,6 +763,26 @@ async fn preview(
     let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_response_headers(&mut parts.headers, switching, target.prefix.is_some());
     Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// `path` (raw, as requested) and `query` as a `Location` that stays on this host: exactly one
+/// leading `/` (a browser reads `//evil.com/` or `/\evil.com/` as another host: an open
+/// redirect), every other `\` percent-encoded.
+fn same_host_location(path: &str, query: Option<&str>) -> String {
+    let rest = path.trim_start_matches(['/', '\\']);
+    let mut location = String::with_capacity(path.len() + query.map_or(0, str::len) + 2);
+    location.push('/');
+    for c in rest.chars() {
+        match c {
+            '\\' => location.push_str("%5C"),
+            c => location.push(c),
+        }
+    }
+    if let Some(q) = query {
+        location.push('?');
+        location.push_str(q);
+    }
+    location
 }
 
 /// Answers a `?openrun_token=` GET: the token as a cookie for this preview, and a redirect to
@@ -1257,6 +1273,26 @@ mod tests {
         );
         assert_eq!(set_cookie_name(b" n = v; Domain=x"), b"n");
         assert_eq!(set_cookie_name(b"v; a=b"), b"");
+    }
+
+    #[test]
+    fn redirects_stay_on_this_host() {
+        for (path, query, location) in [
+            ("/x/y", Some("a=1"), "/x/y?a=1"),
+            ("/", None, "/"),
+            ("", None, "/"),
+            ("//evil.com/", None, "/evil.com/"),
+            ("///evil.com", Some("q=//x"), "/evil.com?q=//x"),
+            ("/\\evil.com/a\\b", None, "/evil.com/a%5Cb"),
+            ("\\/evil.com", None, "/evil.com"),
+            (
+                "/v1/sandboxes/abc/ports/80//x",
+                None,
+                "/v1/sandboxes/abc/ports/80//x",
+            ),
+        ] {
+            assert_eq!(same_host_location(path, query), location, "{path}");
+        }
     }
 
     #[test]

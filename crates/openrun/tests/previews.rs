@@ -630,6 +630,37 @@ fn previews_by_host_with_the_key_and_a_token() {
         "{head}"
     );
     assert!(head.contains("Path=/;"), "{head}");
+    // The redirect never leaves the host: `//evil.com/` would be another host to a browser.
+    for (path, expected) in [
+        ("//evil.com/", Some("/evil.com/")),
+        ("///evil.com/a?b=1&", Some("/evil.com/a?b=1")),
+        ("/\\evil.com/", None),
+    ] {
+        let (status, head, _) = raw(
+            s.addr(),
+            &format!(
+                "GET {path}{}openrun_token={token} HTTP/1.1\r\nHost: {host}\r\n\
+                 Connection: close\r\n\r\n",
+                if path.contains('?') { "" } else { "?" }
+            ),
+        );
+        let location = head.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("location: ")
+                .map(str::to_string)
+        });
+        if let Some(expected) = expected {
+            assert_eq!(status, 302, "{path}: {head}");
+            assert_eq!(location.as_deref(), Some(expected), "{path}: {head}");
+        }
+        // Refused by the HTTP parser or redirected: never to another host.
+        if let Some(location) = location {
+            assert!(
+                location.starts_with('/') && !location[1..].starts_with(['/', '\\']),
+                "{path}: {head}"
+            );
+        }
+    }
     let (status, _, body) = raw(
         s.addr(),
         &format!(
