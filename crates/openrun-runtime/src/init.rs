@@ -18,7 +18,8 @@
 //!    `hosts` into its layer; attach the idmapped lowers and mount one overlay per layer (the
 //!    writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
 //!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
-//!    `/sys` read-only and a tmpfs `/tmp`. Then `/proc` as runc leaves it: host-revealing
+//!    `/sys` read-only (its firmware, powercap, btrfs and virtual block device directories
+//!    masked) and a tmpfs `/tmp` sized like a memory layer. Then `/proc` as runc leaves it: host-revealing
 //!    files (`kcore`, `keys`, `kallsyms`, `timer_list`, `sysrq-trigger`, ...) covered by
 //!    `/dev/null`, hardware directories by an empty read-only tmpfs, and `/proc/sys`, `bus`,
 //!    `fs`, `irq` read-only — after `net.ipv4.ping_group_range` is opened to every group of the
@@ -567,7 +568,59 @@ fn mount_special_filesystems(
         ),
     )?;
     allow_unprivileged_ping(&proc_dir);
-    mask_proc(&proc_dir, &dev.join("null"))?;
+    let masked = mask_proc(&proc_dir, &dev.join("null"))?;
+    mask_sys(&sys_dir, masked)?;
+    Ok(())
+}
+
+/// `/sys` directories that tell about the host or other sandboxes: firmware tables (ACPI,
+/// DMI serial numbers, EFI), power capping (RAPL energy counters, a known side channel), btrfs
+/// (the disk pool's qgroups: every other sandbox's disk usage) and virtual block devices (the
+/// loop devices' `backing_file` paths, device-mapper names). Each is covered by the empty
+/// read-only tmpfs of `/proc`'s masked directories; the sandbox has no block device to look
+/// at anyway (its `/dev` holds none).
+const MASKED_SYS_DIRS: [&str; 4] = [
+    "firmware",
+    "devices/virtual/powercap",
+    "fs/btrfs",
+    "devices/virtual/block",
+];
+
+/// Covers [`MASKED_SYS_DIRS`] (those that exist) with the empty tmpfs `empty`, or a new one.
+fn mask_sys(sys_dir: &Path, empty: Option<PathBuf>) -> Result<(), StepError> {
+    let mut empty = empty;
+    for name in MASKED_SYS_DIRS {
+        let target = sys_dir.join(name);
+        if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+            continue;
+        }
+        mask_dir(&mut empty, &target, "masking /sys directories")?;
+    }
+    Ok(())
+}
+
+/// Covers `target` with an empty read-only tmpfs: a bind of `empty` when one was mounted
+/// already (cheaper than a new superblock), else a new one, which becomes `empty`.
+fn mask_dir(empty: &mut Option<PathBuf>, target: &Path, stage: &str) -> Result<(), StepError> {
+    match empty {
+        Some(first) => step(stage, mount_bind(&*first, target))?,
+        None => {
+            step(
+                stage,
+                mount(
+                    "masked",
+                    target,
+                    "tmpfs",
+                    MountFlags::RDONLY
+                        | MountFlags::NOSUID
+                        | MountFlags::NODEV
+                        | MountFlags::NOEXEC,
+                    Some(c"size=0,mode=0555"),
+                ),
+            )?;
+            *empty = Some(target.to_path_buf());
+        }
+    }
     Ok(())
 }
 
@@ -603,33 +656,20 @@ const MASKED_PROC_DIRS: [&str; 3] = ["acpi", "asound", "scsi"];
 /// its network namespace's), buses, filesystems, interrupts.
 const READ_ONLY_PROC_DIRS: [&str; 4] = ["sys", "bus", "fs", "irq"];
 
-fn mask_proc(proc_dir: &Path, null: &Path) -> Result<(), StepError> {
+/// Masks `/proc`; returns the empty read-only tmpfs it mounted over a directory, if any (for
+/// [`mask_sys`] to bind).
+fn mask_proc(proc_dir: &Path, null: &Path) -> Result<Option<PathBuf>, StepError> {
     let exists = |name: &str| fs::symlink_metadata(proc_dir.join(name)).is_ok();
     for name in MASKED_PROC_FILES.into_iter().filter(|n| exists(n)) {
         step("masking /proc files", mount_bind(null, proc_dir.join(name)))?;
     }
     let mut empty: Option<PathBuf> = None;
     for name in MASKED_PROC_DIRS.into_iter().filter(|n| exists(n)) {
-        let target = proc_dir.join(name);
-        match &empty {
-            Some(first) => step("masking /proc directories", mount_bind(first, &target))?,
-            None => {
-                step(
-                    "masking /proc directories",
-                    mount(
-                        "masked",
-                        &target,
-                        "tmpfs",
-                        MountFlags::RDONLY
-                            | MountFlags::NOSUID
-                            | MountFlags::NODEV
-                            | MountFlags::NOEXEC,
-                        Some(c"size=0,mode=0555"),
-                    ),
-                )?;
-                empty = Some(target);
-            }
-        }
+        mask_dir(
+            &mut empty,
+            &proc_dir.join(name),
+            "masking /proc directories",
+        )?;
     }
     for name in READ_ONLY_PROC_DIRS.into_iter().filter(|n| exists(n)) {
         let target = proc_dir.join(name);
@@ -647,7 +687,7 @@ fn mask_proc(proc_dir: &Path, null: &Path) -> Result<(), StepError> {
             ),
         )?;
     }
-    Ok(())
+    Ok(empty)
 }
 
 /// Mount data as a C string (paths with NUL bytes cannot be mount options).

@@ -334,6 +334,40 @@ fn proc_is_masked_and_proc_sys_and_sys_are_read_only() {
 }
 
 #[test]
+fn sys_hides_firmware_power_btrfs_and_loop_backing_files() {
+    let env = Env::new();
+    // A disk quota puts a btrfs pool on a loop device on the host: its qgroups (every
+    // sandbox's usage) and the loop's backing file must not show.
+    let id = env.create(&["--disk", "64M"]);
+    let out = env.exec_sh(
+        &id,
+        "for d in firmware devices/virtual/powercap fs/btrfs devices/virtual/block; do \
+           echo $d=$(ls -A /sys/$d 2>/dev/null | wc -l); done; \
+         cat /sys/block/*/loop/backing_file /sys/devices/virtual/block/*/loop/backing_file \
+           2>/dev/null | wc -l | sed 's/^/backing-files=/'; \
+         find /sys -name backing_file 2>/dev/null | wc -l | sed 's/^/found=/'; echo done",
+    );
+    assert_ok(&out);
+    let text = stdout(&out);
+    let got = results(&text.replace('=', " "));
+    for key in [
+        "firmware",
+        "devices/virtual/powercap",
+        "fs/btrfs",
+        "devices/virtual/block",
+        "backing-files",
+        "found",
+    ] {
+        assert_eq!(got.get(key).map(String::as_str), Some("0"), "{key}: {text}");
+    }
+    // The host has what is hidden (else the test proves nothing).
+    assert!(std::path::Path::new("/sys/fs/btrfs").exists());
+    assert!(std::fs::read_dir("/sys/devices/virtual/block")
+        .unwrap()
+        .any(|e| e.unwrap().path().join("loop/backing_file").exists()));
+}
+
+#[test]
 fn capabilities_are_the_documented_set() {
     let env = Env::new();
     let out = env.sh("grep -E '^Cap(Bnd|Eff|Prm|Inh|Amb):' /proc/self/status");
