@@ -123,6 +123,7 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 /// address, and serves. Starts its own multi-threaded tokio runtime, so call it from a plain
 /// thread (the caller should already be a child subreaper, see `Runtime::create_with_helper`).
 pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    raise_open_files_limit();
     let mut runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
     runtime.set_disk_pool_size(config.disk_pool_size);
     // Every create through the API gets the default disk quota: without its pool, say so
@@ -263,6 +264,32 @@ impl ShutdownSignals {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// Raises this process's soft limit of open files to its hard limit: the server holds
+/// descriptors for every sandbox's agent, relays and proxy connections (up to
+/// [`egress::MAX_SERVER_CONNECTIONS`] client connections, each with its upstream), far beyond a
+/// default soft limit of 1024. Failing is logged, not fatal.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    // An unlimited hard limit still stops at the kernel's `fs.nr_open`.
+    let target = limit.maximum.or_else(|| {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|n| n.trim().parse::<u64>().ok())
+    });
+    let Some(target) = target else { return };
+    if limit.current.is_some_and(|current| current < target) {
+        let raised = rustix::process::Rlimit {
+            current: Some(target),
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::debug!(limit = target, "raised the limit of open files"),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the limit of open files"),
         }
     }
 }

@@ -582,6 +582,70 @@ print(ask())
             .is_some_and(|r| r.starts_with("too many connections"))));
 }
 
+#[test]
+fn connect_tunnels_count_against_a_sandboxs_connections_while_they_last() {
+    let env = Env::new();
+    // An upstream that keeps every connection open without a word, until its client closes.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(0usize));
+    let count = held.clone();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            *count.lock().unwrap() += 1;
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink);
+            });
+        }
+    });
+    let (_server, api) = start(&env, &["--egress-resolve", "hold.test:127.0.0.1"]);
+    let id = api.create(json!({"network": {"mode": "allowlist", "allow": ["hold.test"]}}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let script = format!(
+        r#"
+import socket, time
+def ask():
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(b"GET http://x.test/ HTTP/1.1\r\nHost: x.test\r\n\r\n")
+    line = s.recv(4096).decode().split("\r\n")[0]
+    s.close()
+    return line
+tunnels = []
+for _ in range(256):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(b"CONNECT hold.test:{port} HTTP/1.1\r\nHost: hold.test:{port}\r\n\r\n")
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    tunnels.append(s)
+start = time.time()
+print(ask())
+print("refused within 3s" if time.time() - start < 3 else "refused late")
+for s in tunnels:
+    s.close()
+time.sleep(2)
+print(ask())
+"#
+    );
+    let (code, out, err) = sh(&api, &id, &format!("python3 -c '{script}'"));
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 429 Too Many Requests",
+            "refused within 3s",
+            "HTTP/1.1 403 Forbidden"
+        ],
+        "{err}"
+    );
+    assert!(*held.lock().unwrap() >= 256);
+}
+
 /// Network interfaces of the sandbox (from its namespace's `/proc/net/dev`).
 fn interfaces(api: &Api, id: &str) -> Vec<String> {
     let (_, out, _) = sh(api, id, "tail -n +3 /proc/net/dev | cut -d: -f1");

@@ -32,10 +32,14 @@ use policy::Policy;
 pub(crate) const DENIED_HEADER: &str = "x-openrun-denied";
 /// Policies kept in memory before the cache starts over.
 const MAX_CACHED: usize = 4096;
-/// Client connections one sandbox may have open through the proxy at once (tunnels
-/// included): beyond them its requests get 429, so one sandbox cannot take the server's file
-/// descriptors from the others.
+/// Client connections one sandbox may have open through the proxy at once (`CONNECT` tunnels
+/// and interceptions included, for as long as they last): beyond them its requests get 429,
+/// so one sandbox cannot take the server's file descriptors from the others.
 pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// Client connections all sandboxes together may have open through the proxy (each holds
+/// up to two descriptors, its upstream included): beyond them every sandbox's new
+/// connections get 429 until some close.
+pub(crate) const MAX_SERVER_CONNECTIONS: usize = 4096;
 
 /// What the operator configured for the proxy (`openrun serve --egress-*`).
 #[derive(Debug, Clone, Default)]
@@ -82,6 +86,15 @@ pub(crate) struct Egress {
     updates: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Open client connections per sandbox.
     connections: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Open client connections of all sandboxes.
+    all_connections: Arc<tokio::sync::Semaphore>,
+}
+
+/// The right of one client connection to be served: held by the connection and by the tunnel
+/// or interception it turns into, until all of them end.
+pub(crate) struct ConnectionSlot {
+    _sandbox: tokio::sync::OwnedSemaphorePermit,
+    _server: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Egress {
@@ -103,6 +116,7 @@ impl Egress {
             events: events::Limiter::default(),
             updates: std::sync::Mutex::default(),
             connections: std::sync::Mutex::default(),
+            all_connections: Arc::new(tokio::sync::Semaphore::new(MAX_SERVER_CONNECTIONS)),
         })
     }
 
@@ -164,8 +178,9 @@ impl Egress {
     }
 
     /// A slot for one more client connection of `sandbox`, if it has fewer than
-    /// [`MAX_CONNECTIONS`] open.
-    fn connection_slot(&self, sandbox: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    /// [`MAX_CONNECTIONS`] open and the server fewer than [`MAX_SERVER_CONNECTIONS`]; else why
+    /// not.
+    fn connection_slot(&self, sandbox: &str) -> Result<ConnectionSlot, String> {
         let slots = {
             let mut all = self.connections.lock().unwrap_or_else(|p| p.into_inner());
             if all.len() >= MAX_CACHED {
@@ -176,7 +191,18 @@ impl Egress {
                 .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)))
                 .clone()
         };
-        slots.try_acquire_owned().ok()
+        let sandbox_permit = slots.try_acquire_owned().map_err(|_| {
+            format!("too many connections through the proxy: at most {MAX_CONNECTIONS} per sandbox")
+        })?;
+        let server_permit = self.all_connections.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "too many connections through the proxy: the server's limit of {MAX_SERVER_CONNECTIONS} is reached"
+            )
+        })?;
+        Ok(ConnectionSlot {
+            _sandbox: sandbox_permit,
+            _server: server_permit,
+        })
     }
 
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Policy>>> {
@@ -196,14 +222,21 @@ pub(crate) async fn serve_connection<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let slot = state.egress.connection_slot(&sandbox_id);
+    let (slot, refusal) = match slot {
+        Ok(slot) => (Some(slot), None),
+        Err(reason) => (None, Some(reason)),
+    };
+    // The client holds the slot; the tunnel or interception a CONNECT turns into holds the
+    // client, so the slot is free only once all of them are over.
     let client = Arc::new(proxy::Client {
         state,
         sandbox: sandbox_id,
         tenant,
+        _slot: slot,
     });
-    match slot {
-        Some(_slot) => proxy::serve(client, stream).await,
-        None => proxy::refuse(client, stream).await,
+    match refusal {
+        None => proxy::serve(client, stream).await,
+        Some(reason) => proxy::refuse(client, stream, reason).await,
     }
 }
 

@@ -37,6 +37,12 @@ pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A client connection that sends no request head for this long is closed.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection that is one too many gets this long to send its request head (and have it
+/// answered 429) before it is closed, so refused connections do not pile up.
+const REFUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A `CONNECT` tunnel or interception in which no byte moved either way for this long is
+/// closed (its connection slot with it).
+pub(crate) const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Response body of the proxy: a fixed text or a streamed upstream body.
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -46,6 +52,9 @@ pub(crate) struct Client {
     pub state: Shared,
     pub sandbox: String,
     pub tenant: String,
+    /// Its connection slot (`None` for one being refused), freed when the last holder of the
+    /// client (the connection, its tunnel or interception) is gone.
+    pub _slot: Option<super::ConnectionSlot>,
 }
 
 /// Serves HTTP/1.1 on `stream` until the client or the tunnel ends.
@@ -68,15 +77,13 @@ where
     }
 }
 
-/// Answers every request of a connection that is one too many with 429 (recorded as denied).
-pub(crate) async fn refuse<S>(client: Arc<Client>, stream: S)
+/// Answers the first request of a connection that is one too many with 429 (recorded as
+/// denied) and closes it; one that sends no request head within [`REFUSE_TIMEOUT`] is closed
+/// without an answer.
+pub(crate) async fn refuse<S>(client: Arc<Client>, stream: S, reason: String)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let reason = format!(
-        "too many connections through the proxy: at most {} per sandbox",
-        super::MAX_CONNECTIONS
-    );
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let (client, reason) = (client.clone(), reason.clone());
         async move {
@@ -101,12 +108,110 @@ where
             Ok::<_, Infallible>(response)
         }
     });
-    let _ = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(REFUSE_TIMEOUT)
         .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    // The whole exchange is bounded too (a body trickled after the head, a client that
+    // does not read the answer).
+    let _ = tokio::time::timeout(REFUSE_TIMEOUT * 2, connection).await;
+}
+
+/// A stream that notes when bytes last moved through it (read or written), for
+/// [`idle_bounded`].
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+/// When bytes last moved, in milliseconds since `start`.
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            start: tokio::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_until(&self, idle: Duration) -> tokio::time::Instant {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.start + Duration::from_millis(last) + idle
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(result, std::task::Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(result, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Runs `work` until it ends or no byte moved through the streams `activity` watches for
+/// `idle`; `None` when it was cut for idleness.
+async fn idle_bounded<F: std::future::Future>(
+    work: F,
+    activity: &Activity,
+    idle: Duration,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    loop {
+        let deadline = activity.idle_until(idle);
+        tokio::select! {
+            output = &mut work => return Some(output),
+            () = tokio::time::sleep_until(deadline) => {
+                if activity.idle_until(idle) <= tokio::time::Instant::now() {
+                    return None;
+                }
+            }
+        }
+    }
 }
 
 /// A text answer; a refusal (403, 429) also names its reason in [`DENIED_HEADER`].
@@ -374,11 +479,23 @@ async fn connect(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
     let Some(name) = bound else {
         let upgrade = hyper::upgrade::on(req);
         tokio::spawn(async move {
+            // Held for the tunnel's life: it counts against the sandbox's connections.
+            let _client = client;
             match upgrade.await {
                 Ok(upgraded) => {
-                    let mut inside = TokioIo::new(upgraded);
+                    let activity = Activity::new();
+                    let mut inside = Watched {
+                        inner: TokioIo::new(upgraded),
+                        activity: activity.clone(),
+                    };
                     let mut upstream = upstream;
-                    let _ = tokio::io::copy_bidirectional(&mut inside, &mut upstream).await;
+                    let copy = tokio::io::copy_bidirectional(&mut inside, &mut upstream);
+                    if idle_bounded(copy, &activity, TUNNEL_IDLE_TIMEOUT)
+                        .await
+                        .is_none()
+                    {
+                        tracing::debug!("an idle CONNECT tunnel was closed");
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "a CONNECT was not upgraded"),
             }
@@ -411,26 +528,31 @@ async fn connect(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
             Ok(upgraded) => upgraded,
             Err(e) => return tracing::debug!(error = %e, "a CONNECT was not upgraded"),
         };
+        let activity = Activity::new();
+        let watched = Watched {
+            inner: TokioIo::new(upgraded),
+            activity: activity.clone(),
+        };
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        let inside =
-            match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(TokioIo::new(upgraded)))
-                .await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS from the sandbox failed"),
-                Err(_) => return tracing::debug!("TLS from the sandbox timed out"),
-            };
+        let inside = match tokio::time::timeout(CONNECT_TIMEOUT, acceptor.accept(watched)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS from the sandbox failed"),
+            Err(_) => return tracing::debug!("TLS from the sandbox timed out"),
+        };
         let service = hyper::service::service_fn(move |req| {
             let session = session.clone();
             async move { Ok::<_, Infallible>(session.send(req).await) }
         });
-        if let Err(e) = hyper::server::conn::http1::Builder::new()
+        // The session (in the service) holds the client, so the interception counts against
+        // the sandbox's connections until it ends.
+        let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(inside), service)
-            .await
-        {
-            tracing::debug!(error = %e, "intercepted connection ended");
+            .serve_connection(TokioIo::new(inside), service);
+        match idle_bounded(connection, &activity, TUNNEL_IDLE_TIMEOUT).await {
+            Some(Err(e)) => tracing::debug!(error = %e, "intercepted connection ended"),
+            Some(Ok(())) => {}
+            None => tracing::debug!("an idle intercepted connection was closed"),
         }
     });
     Response::new(empty())
@@ -707,6 +829,53 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("accept"));
+    }
+
+    #[test]
+    fn a_tunnel_is_cut_only_after_its_idle_time_without_a_byte() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let (near, mut far) = tokio::io::duplex(64);
+            let activity = Activity::new();
+            let mut watched = Watched {
+                inner: near,
+                activity: activity.clone(),
+            };
+            let idle = Duration::from_millis(300);
+            let started = tokio::time::Instant::now();
+            // Bytes every 100 ms for 900 ms keep it open past three idle periods...
+            let writer = tokio::spawn(async move {
+                for _ in 0..9 {
+                    far.write_all(b"x").await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                far
+            });
+            let mut sink = Vec::new();
+            let work = async {
+                let mut buf = [0u8; 16];
+                loop {
+                    match watched.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => sink.extend_from_slice(&buf[..n]),
+                    }
+                }
+            };
+            // ...then silence: cut one idle period after the last byte.
+            assert!(idle_bounded(work, &activity, idle).await.is_none());
+            let elapsed = started.elapsed();
+            assert!(elapsed >= Duration::from_millis(1000), "{elapsed:?}");
+            assert!(elapsed < Duration::from_millis(2500), "{elapsed:?}");
+            assert_eq!(sink, b"xxxxxxxxx");
+            drop(writer.await.unwrap());
+            // Work that ends first is not cut.
+            let quick = async { 7 };
+            assert_eq!(idle_bounded(quick, &Activity::new(), idle).await, Some(7));
+        });
     }
 
     #[test]
