@@ -468,10 +468,12 @@ impl Connection {
                     .set_lifetime(remaining_ms.map(std::time::Duration::from_millis));
                 Ok((Response::Done, Vec::new()))
             }
-            Request::ConnectPort { port } => match crate::relay::connect_port(port).await {
-                Ok(tcp) => return Flow::Pipe(id, tcp),
-                Err(e) => Err(e),
-            },
+            Request::ConnectPort { port } => {
+                match crate::relay::connect_port(&self.agent, port).await {
+                    Ok(tcp) => return Flow::Pipe(id, tcp),
+                    Err(e) => Err(e),
+                }
+            }
             Request::TakeConnection { conn } => match self.agent.relay.take(conn) {
                 Ok(tcp) => return Flow::Pipe(id, tcp),
                 Err(e) => Err(e),

@@ -4,6 +4,7 @@
 //! - the port relay ([`Request::ConnectPort`](openrun_protocol::Request::ConnectPort)): the
 //!   host reaches a port inside (previews). The agent connects to `127.0.0.1:port` (then
 //!   `[::1]:port`) and, once it has answered `Done`, the Unix connection becomes a byte pipe.
+//!   Never to the egress relay's own port (it would enter the egress proxy as the sandbox).
 //! - the egress relay ([`Request::RelayEgress`](openrun_protocol::Request::RelayEgress)):
 //!   programs inside reach the host's egress proxy. The agent listens on the sandbox's
 //!   loopback, announces each accepted connection on the relay's connection
@@ -25,7 +26,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use openrun_protocol::{
-    AgentError, AgentMessage, ErrorCode, Frame, UNCLAIMED_CONNECTION_TIMEOUT_MS,
+    AgentError, AgentMessage, ErrorCode, Frame, EGRESS_PROXY_PORT, UNCLAIMED_CONNECTION_TIMEOUT_MS,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -63,6 +64,8 @@ pub(crate) struct Relay {
 #[derive(Debug)]
 struct Listening {
     generation: u64,
+    /// The port it listens on.
+    port: u16,
     task: JoinHandle<()>,
 }
 
@@ -110,6 +113,14 @@ impl Relay {
                 ),
             )
         })
+    }
+
+    /// Whether the egress relay listens on `port` now.
+    fn listens_on(&self, port: u16) -> bool {
+        self.listening
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| l.port == port)
     }
 
     /// Number of announced connections waiting to be claimed.
@@ -174,11 +185,11 @@ pub(crate) async fn listen(
     let (go, started) = oneshot::channel();
     let task = tokio::task::spawn_local(accept_loop(agent.clone(), v4, v6, out, started));
     // Whoever replaced an earlier listener meanwhile (the awaits above) is replaced in turn.
-    if let Some(prev) = relay
-        .listening
-        .borrow_mut()
-        .replace(Listening { generation, task })
-    {
+    if let Some(prev) = relay.listening.borrow_mut().replace(Listening {
+        generation,
+        port,
+        task,
+    }) {
         prev.task.abort();
         relay.retired.borrow_mut().push(prev.task);
     }
@@ -249,9 +260,20 @@ fn check_port(port: u16) -> Result<(), AgentError> {
 
 /// Connects to `port` on the sandbox's loopback: `127.0.0.1`, then `[::1]` if that was
 /// refused. Refused on both (or no accept within [`CONNECT_TIMEOUT`]) is
-/// [`ErrorCode::ConnectionRefused`].
-pub(crate) async fn connect_port(port: u16) -> Result<TcpStream, AgentError> {
+/// [`ErrorCode::ConnectionRefused`]. The egress relay's port ([`EGRESS_PROXY_PORT`], or the
+/// port the relay listens on now) is [`ErrorCode::PermissionDenied`]: a connection there
+/// would enter the egress proxy as this sandbox (its policy and secrets) for whoever opened it.
+pub(crate) async fn connect_port(agent: &Agent, port: u16) -> Result<TcpStream, AgentError> {
     check_port(port)?;
+    if port == EGRESS_PROXY_PORT || agent.relay.listens_on(port) {
+        return Err(AgentError::new(
+            ErrorCode::PermissionDenied,
+            format!(
+                "port {port} is the sandbox's egress proxy relay (its HTTP_PROXY): it cannot \
+                 be connected to from outside"
+            ),
+        ));
+    }
     let attempt = async {
         match TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await {
             Ok(stream) => Ok(stream),

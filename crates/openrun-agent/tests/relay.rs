@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use openrun_protocol::frame::read_frame;
 use openrun_protocol::{
     AgentError, AgentMessage, ErrorCode, Frame, Request, RequestEnvelope, Response,
-    UNCLAIMED_CONNECTION_TIMEOUT_MS,
+    EGRESS_PROXY_PORT, UNCLAIMED_CONNECTION_TIMEOUT_MS,
 };
 use support::*;
 
@@ -52,6 +52,10 @@ fn main() {
         (
             "pending_connections_are_capped",
             pending_connections_are_capped,
+        ),
+        (
+            "the_egress_relay_port_is_never_connected_to",
+            the_egress_relay_port_is_never_connected_to,
         ),
     ]);
 }
@@ -329,4 +333,29 @@ fn pending_connections_are_capped() {
         }
     }
     assert_eq!(closed, 300 - 256);
+}
+
+/// `ConnectPort` never reaches the egress relay (a preview would enter the egress proxy as the
+/// sandbox): not its well-known port, not the port a relay listens on now.
+fn the_egress_relay_port_is_never_connected_to() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    let err = c.call_err(Request::ConnectPort {
+        port: EGRESS_PROXY_PORT,
+    });
+    assert_eq!(err.code, ErrorCode::PermissionDenied);
+    assert!(
+        err.message.contains(&EGRESS_PROXY_PORT.to_string()) && err.message.contains("egress"),
+        "{}",
+        err.message
+    );
+    let port = free_port();
+    let _relay = relay(&agent, port);
+    let err = open_pipe(&agent.socket, Request::ConnectPort { port }, b"").unwrap_err();
+    assert_eq!(err.code, ErrorCode::PermissionDenied);
+    assert!(err.message.contains(&port.to_string()), "{}", err.message);
+    // Other ports still connect.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = listener.local_addr().unwrap().port();
+    open_pipe(&agent.socket, Request::ConnectPort { port: other }, b"").expect("another port");
 }

@@ -41,13 +41,25 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const STATE_POLL: Duration = Duration::from_secs(1);
 
 /// A raw byte pipe to `port` on the loopback of `row`'s sandbox. 409 when the sandbox is not
-/// running (`sandbox_paused` when it is paused), 400 for port 0, 502 `port_closed` when nothing
-/// listens on the port (or accepts within 10 s), 502 `bad_gateway` when the agent is silent.
+/// running (`sandbox_paused` when it is paused), 400 for port 0, 403 `forbidden` for the egress
+/// relay's port ([`EGRESS_PROXY_PORT`]: a pipe there would enter the egress proxy as the
+/// sandbox; refused here and by the agent), 502 `port_closed` when nothing listens on the port
+/// (or accepts within 10 s), 502 `bad_gateway` when the agent is silent.
 pub(crate) async fn open_port(
     s: &Shared,
     row: &SandboxRow,
     port: u16,
 ) -> Result<AgentStream, ApiError> {
+    if port == EGRESS_PROXY_PORT {
+        // Also refused by the agent; checked here for agents that started before it did.
+        return Err(ApiError::Agent(openrun_protocol::AgentError::new(
+            openrun_protocol::ErrorCode::PermissionDenied,
+            format!(
+                "port {port} is the sandbox's egress proxy relay (its HTTP_PROXY): it cannot be \
+                 previewed"
+            ),
+        )));
+    }
     let (_sandbox, client) = crate::exec::open_running(s, row).await?;
     match tokio::time::timeout(
         CONNECT_WAIT,

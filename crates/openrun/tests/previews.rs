@@ -859,6 +859,17 @@ fn refusals_are_clear_and_nothing_listens_on_the_host() {
         "port_closed",
     );
     assert!(message.contains(&CLOSED_PORT.to_string()), "{message}");
+    // The egress relay's port (something listens there: the agent's relay) is never a preview:
+    // it would enter the egress proxy as the sandbox.
+    let message = error(
+        s.api.get(&format!("/v1/sandboxes/{}/ports/3128/", s.id)),
+        403,
+        "forbidden",
+    );
+    assert!(
+        message.contains("3128") && message.contains("egress"),
+        "{message}"
+    );
     // Another tenant sees nothing, key or token route alike; unknown sandboxes neither.
     let other = Api::new(&s.server, &key(&s._env, "other"));
     error(
