@@ -381,7 +381,8 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
     let id = created["id"].as_str().unwrap().to_string();
     assert!(!created.to_string().contains(VALUE));
 
-    // Plain HTTP: added, replacing what the sandbox sent.
+    // Plain HTTP to a host bound to a secret: refused (the value would travel in clear text
+    // to whatever answers), nothing reaches the upstream.
     let (status, text) = curl(
         &api,
         &id,
@@ -390,14 +391,19 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
             plain.port
         ),
     );
-    assert_eq!(status, 200, "{text}");
-    let seen = plain.seen();
+    assert_eq!(status, 403, "{text}");
     assert!(
-        seen[0].contains(&format!("authorization: bearer {}", VALUE.to_lowercase())),
-        "{seen:?}"
+        text.contains("secrets are only sent over HTTPS; use https://"),
+        "{text}"
     );
-    assert!(!seen[0].contains("forged"), "{seen:?}");
-    plain.forget();
+    assert!(plain.seen().is_empty(), "{:?}", plain.seen());
+    assert!(events(&api, &id, "network.deny")
+        .iter()
+        .any(|e| e["payload"]["host"] == "secret.test"
+            && e["payload"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("only sent over HTTPS"))));
+    // A host without a secret is still reached over plain HTTP, without one.
     let (status, _) = curl(&api, &id, &format!("http://plain.test:{}/", plain.port));
     assert_eq!(status, 200);
     assert!(
@@ -432,6 +438,17 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
     );
     assert!(issuer.contains("openrun egress proxy CA"), "{issuer}");
     tls.forget();
+    // TRACE and TRACK echo the request's headers back: never with a secret.
+    for method in ["TRACE", "TRACK"] {
+        let (status, text) = curl(
+            &api,
+            &id,
+            &format!("-X {method} https://secret.test:{}/echo", tls.port),
+        );
+        assert_eq!(status, 403, "{method}: {text}");
+        assert!(text.contains(method), "{text}");
+    }
+    assert!(tls.seen().is_empty(), "{:?}", tls.seen());
     // A host without a secret is never intercepted: the sandbox sees the real certificate.
     let res = api.put(
         &format!("/v1/sandboxes/{id}/files?path=/tmp/test-ca.pem"),
@@ -502,16 +519,28 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
     );
     assert_eq!(res.status(), 200);
     plain.forget();
-    curl(&api, &id, &format!("http://plain.test:{}/", plain.port));
-    curl(&api, &id, &format!("http://secret.test:{}/", plain.port));
-    let seen = plain.seen();
+    tls.forget();
+    let (status, text) = curl(&api, &id, &format!("https://plain.test:{}/", tls.port));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        curl(&api, &id, &format!("http://plain.test:{}/", plain.port)).0,
+        403
+    );
+    // secret.test has no secret any more: plain HTTP again, without one.
+    assert_eq!(
+        curl(&api, &id, &format!("http://secret.test:{}/", plain.port)).0,
+        200
+    );
+    let seen = tls.seen();
     assert!(
         seen.iter().any(|h| h.contains("x-api-key: other-value-77")),
         "{seen:?}"
     );
+    let seen_plain = plain.seen();
+    assert_eq!(seen_plain.len(), 1, "{seen_plain:?}");
     assert!(
-        !seen.iter().any(|h| h.contains("authorization")),
-        "{seen:?}"
+        !seen_plain[0].contains("authorization") && !seen_plain[0].contains("x-api-key"),
+        "{seen_plain:?}"
     );
 }
 

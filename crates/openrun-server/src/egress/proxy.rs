@@ -5,7 +5,9 @@
 //!   with a certificate of the proxy's CA ([`super::tls`]) and each request inside is sent on
 //!   to the real host over verified TLS with the secret's header set.
 //! - `GET http://host/path` (absolute URI) → decided, then forwarded with hyper's client on a
-//!   fresh connection, the secret's header set when the host is bound to one.
+//!   fresh connection. A host bound to a secret is refused there (403): secrets are only sent
+//!   inside verified TLS, never in clear text to whatever answers on port 80. `TRACE` and
+//!   `TRACK` (which echo the request's headers back) are refused on secret-bound requests.
 //!
 //! Every request is decided against the sandbox's policy of that moment (a `PUT .../network`
 //! applies to the next request; an open tunnel stays open). Refusals are `403` with the reason
@@ -319,8 +321,18 @@ enum Decision {
     Refuse(Response<Body>),
 }
 
-/// Decides `ask` against the sandbox's current policy and records the outcome.
-async fn decide(client: &Client, ask: &Ask) -> Decision {
+/// Why a plain-HTTP request to a host bound to a secret is refused.
+pub(crate) const SECRETS_NEED_HTTPS: &str = "secrets are only sent over HTTPS; use https://";
+
+/// Whether `method` echoes the request (its headers, a secret's included) back to the client.
+fn echoes_request(method: &Method) -> bool {
+    method == Method::TRACE || method.as_str().eq_ignore_ascii_case("TRACK")
+}
+
+/// Decides `ask` against the sandbox's current policy and records the outcome. `plain`: a
+/// plain-HTTP request, refused when the host is bound to a secret (the secret is only ever
+/// added inside verified TLS).
+async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
     let deny = |reason: String| async move {
         super::events::record(
             &client.state,
@@ -393,6 +405,13 @@ async fn decide(client: &Client, ask: &Ask) -> Decision {
         .as_deref()
         .map(|n| policy.secret_names_for(n))
         .unwrap_or_default();
+    if plain && !secrets.is_empty() {
+        return deny(format!(
+            "{} is bound to a secret: {SECRETS_NEED_HTTPS}",
+            ask.host
+        ))
+        .await;
+    }
     let mut payload = ask.payload(&format!("allowed by mode {}", policy.mode().as_str()));
     if !secrets.is_empty() {
         payload["secrets"] = secrets.into();
@@ -463,7 +482,7 @@ async fn connect(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
         host,
         port,
     };
-    let (name, addrs, policy) = match decide(&client, &ask).await {
+    let (name, addrs, policy) = match decide(&client, &ask, false).await {
         Decision::Allow {
             name,
             addrs,
@@ -623,7 +642,16 @@ impl Intercepted {
                 );
             }
         };
-        if let Err(reason) = policy.check_target(&Target::Name(self.host.clone())) {
+        let secrets = policy.secrets_for(&self.host);
+        let refusal = match policy.check_target(&Target::Name(self.host.clone())) {
+            Err(reason) => Some(reason),
+            Ok(()) if !secrets.is_empty() && echoes_request(req.method()) => Some(format!(
+                "method {} echoes the request back and is not sent with a secret",
+                req.method()
+            )),
+            Ok(()) => None,
+        };
+        if let Some(reason) = refusal {
             let ask = Ask {
                 method: req.method().clone(),
                 host: self.host.clone(),
@@ -644,7 +672,7 @@ impl Intercepted {
         } else {
             format!("{}:{}", self.host, self.port)
         };
-        let out = match outgoing(req, &host_header, &policy.secrets_for(&self.host)) {
+        let out = match outgoing(req, &host_header, &secrets) {
             Ok(out) => out,
             Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
         };
@@ -777,7 +805,9 @@ async fn forward(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
         host: host.clone(),
         port,
     };
-    let (name, addrs, policy) = match decide(&client, &ask).await {
+    // A host bound to a secret is refused here (the secret is never sent in clear text), so
+    // nothing is added to a plain-HTTP request.
+    let (_, addrs, _) = match decide(&client, &ask, true).await {
         Decision::Allow {
             name,
             addrs,
@@ -790,11 +820,7 @@ async fn forward(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
     } else {
         format!("{host}:{port}")
     };
-    let secrets = name
-        .as_deref()
-        .map(|n| policy.secrets_for(n))
-        .unwrap_or_default();
-    let out = match outgoing(req, &host_header, &secrets) {
+    let out = match outgoing(req, &host_header, &[]) {
         Ok(out) => out,
         Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
     };
@@ -876,6 +902,14 @@ mod tests {
             let quick = async { 7 };
             assert_eq!(idle_bounded(quick, &Activity::new(), idle).await, Some(7));
         });
+    }
+
+    #[test]
+    fn trace_and_track_are_the_echoing_methods() {
+        assert!(echoes_request(&Method::TRACE));
+        assert!(echoes_request(&Method::from_bytes(b"TRACK").unwrap()));
+        assert!(!echoes_request(&Method::GET));
+        assert!(!echoes_request(&Method::from_bytes(b"TRACKING").unwrap()));
     }
 
     #[test]
