@@ -1,8 +1,9 @@
 //! Timeline events of the egress proxy (`network.allow`, `network.deny`), written through the
-//! database's single writer, at most [`PER_SECOND`] per sandbox and second: a sandbox looping
-//! on connections must not flood the timeline or the writer. Beyond that, events are counted
-//! and one `network.suppressed` event (`{"count": N}`) records them once the second is over.
-//! Connections are decided either way.
+//! database's single writer, at most [`PER_SECOND`] per sandbox and second and
+//! [`SERVER_PER_SECOND`] for all sandboxes together: sandboxes looping on connections must not
+//! flood the timeline or the writer, alone or together. Beyond that, events are counted and one
+//! `network.suppressed` event (`{"count": N}`) per sandbox records them once the second is
+//! over. Connections are decided either way.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,8 @@ use crate::db::{self, NewEvent};
 
 /// Events per sandbox and second before they are only counted.
 pub(crate) const PER_SECOND: u32 = 20;
+/// Events of all sandboxes together per second before they are only counted.
+pub(crate) const SERVER_PER_SECOND: u32 = 200;
 /// Length of one counting window.
 const WINDOW: Duration = Duration::from_secs(1);
 /// Sandboxes tracked before idle windows are forgotten.
@@ -26,10 +29,12 @@ struct Window {
     flush_pending: bool,
 }
 
-/// Per-sandbox counting windows.
+/// Per-sandbox counting windows, and the server's.
 #[derive(Default)]
 pub(crate) struct Limiter {
     windows: Mutex<HashMap<String, Window>>,
+    /// Start and count of the server-wide window (`None` before the first event).
+    server: Mutex<Option<(Instant, u32)>>,
 }
 
 /// What to do with one event.
@@ -59,16 +64,33 @@ impl Limiter {
             w.start = now;
             w.count = 0;
         }
-        if w.count < PER_SECOND {
+        if w.count < PER_SECOND && self.server_slot(now) {
             w.count += 1;
             return Verdict::Write { carried };
         }
-        w.suppressed += 1;
+        // Counted with the sandbox's other suppressed events (a carried count included).
+        w.suppressed += carried + 1;
         let flush_after = (!w.flush_pending).then(|| {
             w.flush_pending = true;
             WINDOW.saturating_sub(now.duration_since(w.start))
         });
         Verdict::Count { flush_after }
+    }
+
+    /// Takes one of the server's events of this second, if any is left.
+    fn server_slot(&self, now: Instant) -> bool {
+        let mut server = self.server.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, count) = server.get_or_insert((now, 0));
+        if now.duration_since(*start) >= WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        if *count < SERVER_PER_SECOND {
+            *count += 1;
+            true
+        } else {
+            false
+        }
     }
 
     /// The suppressed count of `sandbox`, once its window is over.
@@ -90,7 +112,11 @@ fn suppressed_event(sandbox: &str, tenant: &str, count: u64) -> NewEvent {
         tenant: tenant.to_string(),
         actor: "system".into(),
         kind: "network.suppressed",
-        payload: serde_json::json!({ "count": count, "per_second": PER_SECOND }),
+        payload: serde_json::json!({
+            "count": count,
+            "per_second": PER_SECOND,
+            "server_per_second": SERVER_PER_SECOND,
+        }),
     }
 }
 
@@ -183,5 +209,56 @@ mod tests {
         );
         // ...and a flush after it finds nothing left.
         assert_eq!(limiter.take_suppressed("a"), 0);
+    }
+
+    #[test]
+    fn many_sandboxes_together_are_limited_too() {
+        let limiter = Limiter::default();
+        let t0 = Instant::now();
+        let sandboxes = SERVER_PER_SECOND / PER_SECOND;
+        // Every sandbox within its own budget, the server's used up exactly...
+        for s in 0..sandboxes {
+            for _ in 0..PER_SECOND {
+                assert_eq!(
+                    limiter.decide(&format!("s{s}"), t0),
+                    Verdict::Write { carried: 0 }
+                );
+            }
+        }
+        // ...so a fresh sandbox's events are only counted, flushed when its own second ends...
+        assert_eq!(
+            limiter.decide("late", t0 + Duration::from_millis(100)),
+            Verdict::Count {
+                flush_after: Some(WINDOW)
+            }
+        );
+        assert_eq!(
+            limiter.decide("late", t0 + Duration::from_millis(200)),
+            Verdict::Count { flush_after: None }
+        );
+        assert_eq!(limiter.take_suppressed("late"), 2);
+        // ...until the next second.
+        assert_eq!(
+            limiter.decide("late", t0 + WINDOW),
+            Verdict::Write { carried: 0 }
+        );
+    }
+
+    #[test]
+    fn a_carried_count_is_not_lost_when_the_server_is_full() {
+        let limiter = Limiter::default();
+        let t0 = Instant::now();
+        for _ in 0..PER_SECOND + 3 {
+            limiter.decide("a", t0);
+        }
+        // A new second for "a", but the server's budget is used up by others meanwhile.
+        let t1 = t0 + WINDOW;
+        for s in 0..SERVER_PER_SECOND / PER_SECOND {
+            for _ in 0..PER_SECOND {
+                limiter.decide(&format!("s{s}"), t1);
+            }
+        }
+        assert!(matches!(limiter.decide("a", t1), Verdict::Count { .. }));
+        assert_eq!(limiter.take_suppressed("a"), 4);
     }
 }

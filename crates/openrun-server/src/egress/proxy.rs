@@ -253,13 +253,34 @@ struct Ask {
     port: u16,
 }
 
+/// Longest host stored in an event (a domain name's longest, RFC 1035).
+const MAX_EVENT_HOST: usize = 253;
+/// Longest method stored in an event.
+const MAX_EVENT_METHOD: usize = 32;
+/// Longest reason stored in an event (a reason may quote the host the sandbox sent).
+const MAX_EVENT_REASON: usize = 512;
+
+/// `text` cut to at most `max` bytes (on a character boundary), `…` marking a cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 impl Ask {
+    /// The event payload: what the sandbox sent is clipped, so an event stays small whatever
+    /// it sends (a host or method of kilobytes, a reason quoting them).
     fn payload(&self, reason: &str) -> serde_json::Value {
         serde_json::json!({
-            "host": self.host,
+            "host": clip(&self.host, MAX_EVENT_HOST),
             "port": self.port,
-            "method": self.method.as_str(),
-            "reason": reason,
+            "method": clip(self.method.as_str(), MAX_EVENT_METHOD),
+            "reason": clip(reason, MAX_EVENT_REASON),
         })
     }
 }
@@ -902,6 +923,26 @@ mod tests {
             let quick = async { 7 };
             assert_eq!(idle_bounded(quick, &Activity::new(), idle).await, Some(7));
         });
+    }
+
+    #[test]
+    fn event_payloads_stay_small_whatever_the_sandbox_sends() {
+        let long = "é".repeat(5000);
+        let ask = Ask {
+            method: Method::from_bytes("X".repeat(4000).as_bytes()).unwrap(),
+            host: format!("a{long}"),
+            port: 80,
+        };
+        let payload = ask.payload(&format!("invalid host name {:?}: too long", ask.host));
+        let host = payload["host"].as_str().unwrap();
+        assert!(
+            host.len() <= MAX_EVENT_HOST && host.ends_with('…'),
+            "{host}"
+        );
+        assert!(payload["method"].as_str().unwrap().len() <= MAX_EVENT_METHOD);
+        assert!(payload["reason"].as_str().unwrap().len() <= MAX_EVENT_REASON);
+        assert!(payload.to_string().len() < 1024, "{payload}");
+        assert_eq!(clip("short.test", MAX_EVENT_HOST), "short.test");
     }
 
     #[test]
