@@ -568,6 +568,7 @@ fn mount_special_filesystems(
         ),
     )?;
     allow_unprivileged_ping(&proc_dir);
+    cap_user_namespace(&proc_dir)?;
     let masked = mask_proc(&proc_dir, &dev.join("null"))?;
     mask_sys(&sys_dir, masked)?;
     Ok(())
@@ -632,6 +633,45 @@ fn allow_unprivileged_ping(proc_dir: &Path) {
     if let Err(e) = fs::write(proc_dir.join("sys/net/ipv4/ping_group_range"), range) {
         tracing::debug!(error = %e, "cannot allow unprivileged ping");
     }
+}
+
+/// Limits of the sandbox's own user namespace (`/proc/sys/user`), written while `/proc/sys` is
+/// still writable (the init has `CAP_SYS_RESOURCE` over its namespace until it drops it):
+/// - inotify: the kernel charges a sandbox's instances and watches to its own namespace's
+///   counters and to host root's (the namespace's owner), which every sandbox and the host
+///   share (`fs.inotify.max_user_*`, raised by `host_limits`). Capped here per sandbox user so
+///   that one sandbox cannot take everyone's: 1,024 instances (the host's default is 128 for
+///   a whole user) and 131,072 watches (large repositories under a file watcher);
+/// - namespaces, a second wall beside the seccomp filter's refusal of the namespace flags (it
+///   also holds for calls the filter cannot read, such as `clone3`'s): no user, network,
+///   cgroup or time namespace may be made in the sandbox. Mount, ipc, uts and pid namespaces
+///   keep a small allowance: the sandbox's pasta (`open` network, `network.rs`) runs in the
+///   sandbox's user namespace and confines itself in one of each, charged here.
+const USER_NAMESPACE_LIMITS: [(&str, &str); 10] = [
+    ("max_inotify_instances", "1024"),
+    ("max_inotify_watches", "131072"),
+    ("max_user_namespaces", "0"),
+    ("max_net_namespaces", "0"),
+    ("max_cgroup_namespaces", "0"),
+    ("max_time_namespaces", "0"),
+    ("max_mnt_namespaces", "8"),
+    ("max_ipc_namespaces", "8"),
+    ("max_uts_namespaces", "8"),
+    ("max_pid_namespaces", "8"),
+];
+
+fn cap_user_namespace(proc_dir: &Path) -> Result<(), StepError> {
+    let dir = proc_dir.join("sys/user");
+    for (name, value) in USER_NAMESPACE_LIMITS {
+        let path = dir.join(name);
+        match fs::write(&path, value) {
+            Ok(()) => {}
+            // A kernel without this limit (max_time_namespaces is 5.6+): nothing to cap.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => step("capping the sandbox's user namespace", Err(e))?,
+        }
+    }
+    Ok(())
 }
 
 /// `/proc` files that tell about the host (kernel memory, symbols, every process's timers,

@@ -11,6 +11,7 @@ pub mod client;
 mod devices;
 mod disk_pool;
 pub mod error;
+pub mod host_limits;
 pub mod ids;
 pub mod image;
 mod init;

@@ -124,6 +124,9 @@ pub fn database_path(data_dir: &Path) -> PathBuf {
 /// thread (the caller should already be a child subreaper, see `Runtime::create_with_helper`).
 pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
     raise_open_files_limit();
+    // Host-wide limits every sandbox shares (open files, pids, inotify): raised once here,
+    // never lowered, so that one sandbox cannot use them up for the others.
+    openrun_runtime::host_limits::raise_shared_limits();
     let mut runtime = openrun_runtime::Runtime::open(&config.data_dir)?;
     runtime.set_disk_pool_size(config.disk_pool_size);
     // Every create through the API gets the default disk quota: without its pool, say so

@@ -8,6 +8,7 @@
 
 mod common;
 use common::*;
+use serde_json::json;
 
 /// Compiles `source` inside the sandbox `id` to `/tmp/<name>` (the sandbox's own `/tmp`).
 fn compile(env: &Env, id: &str, name: &str, source: &str) {
@@ -365,6 +366,88 @@ fn sys_hides_firmware_power_btrfs_and_loop_backing_files() {
     assert!(std::fs::read_dir("/sys/devices/virtual/block")
         .unwrap()
         .any(|e| e.unwrap().path().join("loop/backing_file").exists()));
+}
+
+/// Opens inotify instances until the kernel refuses (at most 5,000), writes `count errno` to
+/// `/tmp/held`, then keeps them.
+const HOLD_INOTIFY: &str = r#"
+import ctypes, time
+libc = ctypes.CDLL(None, use_errno=True)
+fds = []
+while len(fds) < 5000:
+    fd = libc.inotify_init1(0)
+    if fd < 0:
+        break
+    fds.append(fd)
+with open("/tmp/held.part", "w") as f:
+    f.write("%d %d\n" % (len(fds), ctypes.get_errno()))
+import os
+os.rename("/tmp/held.part", "/tmp/held")
+time.sleep(600)
+"#;
+
+#[test]
+fn inotify_is_capped_per_sandbox_and_no_namespace_can_be_made() {
+    use common::server::{exit_line, key, stream, Api, Server};
+    let env = Env::new();
+    let k = key(&env, "hardening");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &k);
+    // `serve` raised the limits all sandboxes share (never lowers them).
+    let host = |name: &str| -> u64 {
+        std::fs::read_to_string(format!("/proc/sys/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(host("fs/inotify/max_user_instances") >= 65_536);
+    assert!(host("fs/inotify/max_user_watches") >= 4_194_304);
+    assert!(host("kernel/pid_max") >= 4_194_304);
+    assert!(host("fs/file-max") >= i64::MAX as u64);
+    let sh = |id: &str, script: &str| {
+        let lines = api.exec(id, script);
+        let code = exit_line(&lines)["code"].as_i64().expect("exit code");
+        assert_eq!(code, 0, "{}", stream(&lines, "stderr"));
+        stream(&lines, "stdout")
+    };
+    let first = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let second = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    // The sandbox's own user namespace limits, written by its init.
+    let limits = sh(
+        &first,
+        "cd /proc/sys/user && for f in max_inotify_instances max_inotify_watches \
+           max_user_namespaces max_net_namespaces; do echo $f $(cat $f); done; \
+         { echo 5 > max_user_namespaces; } 2>/dev/null && echo raised; true",
+    );
+    let got = results(&limits);
+    assert_eq!(got["max_inotify_instances"], "1024", "{limits}");
+    assert_eq!(got["max_inotify_watches"], "131072", "{limits}");
+    assert_eq!(got["max_user_namespaces"], "0", "{limits}");
+    assert_eq!(got["max_net_namespaces"], "0", "{limits}");
+    assert!(!limits.contains("raised"), "{limits}");
+    // The first sandbox takes every inotify instance it may, and keeps them.
+    sh(
+        &first,
+        &format!("cat > /tmp/hold.py <<'EOF'\n{HOLD_INOTIFY}\nEOF"),
+    );
+    api.background(
+        &first,
+        json!({"cmd": ["python3", "/tmp/hold.py"], "background": true}),
+    );
+    let held = sh(
+        &first,
+        "for i in $(seq 200); do test -e /tmp/held && break; sleep 0.05; done; cat /tmp/held",
+    );
+    // Stopped by its own cap (EMFILE), not by the host's shared counter.
+    assert_eq!(held.trim(), "1024 24", "{held}");
+    // The second still gets its own while the first holds its maximum.
+    let second_out = sh(
+        &second,
+        "python3 -c 'import ctypes; l = ctypes.CDLL(None); \
+           print(sum(l.inotify_init1(0) >= 0 for _ in range(100)))'",
+    );
+    assert_eq!(second_out.trim(), "100", "{second_out}");
 }
 
 #[test]
