@@ -646,6 +646,7 @@ async fn fail_create(s: &AppState, row: &SandboxRow, caller: &Caller, error: &Ap
     {
         tracing::error!(id = row.id, error = %e, "cannot record a failed create");
     }
+    s.egress.forget(&row.id);
 }
 
 /// The caller's live (not deleted) sandbox `id`, or 404 — the same for another tenant's id,
@@ -839,8 +840,10 @@ pub(crate) async fn remove(s: &AppState, caller: &Caller, row: SandboxRow) -> Re
         kind: "sandbox.delete",
         payload: serde_json::json!({}),
     };
-    s.db.call(move |c| db::stop_sandbox(c, &row.id, true, &event))
+    let key = row.id.clone();
+    s.db.call(move |c| db::stop_sandbox(c, &key, true, &event))
         .await?;
+    s.egress.forget(&row.id);
     Ok(())
 }
 

@@ -143,6 +143,9 @@ impl Db {
             Connection::open(path).map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Deleted rows (a network policy's secret values, erased when its sandbox ends) are
+        // overwritten with zeros rather than left in free pages of the file.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(Self {
@@ -728,6 +731,17 @@ mod tests {
                 pair[0].0
             );
         }
+    }
+
+    #[test]
+    fn deleted_rows_are_overwritten_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("openrun.db")).unwrap();
+        let conn = db.conn.lock().unwrap();
+        let on: i64 = conn
+            .pragma_query_value(None, "secure_delete", |row| row.get(0))
+            .unwrap();
+        assert_eq!(on, 1);
     }
 
     #[test]

@@ -397,6 +397,7 @@ pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<
     let key = id.to_string();
     s.db.call(move |c| db::stop_sandbox(c, &key, false, &event))
         .await?;
+    s.egress.forget(id);
     Ok(())
 }
 

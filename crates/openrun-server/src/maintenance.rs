@@ -394,10 +394,12 @@ async fn expire(state: &AppState) -> Result<(), ApiError> {
             kind: "sandbox.expire",
             payload: serde_json::json!({}),
         };
+        let key = id.clone();
         state
             .db
-            .call(move |c| db::stop_sandbox(c, &id, false, &event))
+            .call(move |c| db::stop_sandbox(c, &key, false, &event))
             .await?;
+        state.egress.forget(&id);
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ mod tls;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
 pub use tls::EgressSetupError;
@@ -79,6 +80,10 @@ pub(crate) struct Egress {
     /// Whether mode `open` may be asked for ([`EgressOptions::allow_open_network`]).
     allow_open_network: bool,
     policies: RwLock<HashMap<String, Arc<Policy>>>,
+    /// Bumped (under the cache's lock) whenever a policy is stored or a sandbox forgotten: a
+    /// policy read from the database is cached only if nothing changed since the read began,
+    /// so an older read never replaces what a `PUT` stored.
+    generation: AtomicU64,
     server_addr: OnceLock<SocketAddr>,
     events: events::Limiter,
     /// One lock per sandbox whose policy is being changed, held from check to cache, so the
@@ -112,6 +117,7 @@ impl Egress {
             tls: Arc::new(tls),
             allow_open_network: options.allow_open_network,
             policies: RwLock::default(),
+            generation: AtomicU64::new(0),
             server_addr: OnceLock::new(),
             events: events::Limiter::default(),
             updates: std::sync::Mutex::default(),
@@ -151,19 +157,43 @@ impl Egress {
         if let Some(policy) = self.read_cache().get(sandbox) {
             return Ok(policy.clone());
         }
+        let generation = self.generation.load(Ordering::SeqCst);
         let key = sandbox.to_string();
         let policy = Arc::new(state.db.call(move |c| store::load(c, &key)).await?);
-        self.remember(sandbox, policy.clone());
+        self.cache_loaded(sandbox, policy.clone(), generation);
         Ok(policy)
+    }
+
+    /// Caches `policy`, read from the database when the generation was `generation`, unless
+    /// a policy was stored or a sandbox forgotten since (it may be older than the cache's) or
+    /// the cache already holds one for `sandbox`.
+    fn cache_loaded(&self, sandbox: &str, policy: Arc<Policy>, generation: u64) {
+        let mut cache = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        if cache.len() >= MAX_CACHED && !cache.contains_key(sandbox) {
+            cache.clear();
+        }
+        cache.entry(sandbox.to_string()).or_insert(policy);
     }
 
     /// Makes `policy` the one of `sandbox` for every new request (after it was stored).
     pub(crate) fn remember(&self, sandbox: &str, policy: Arc<Policy>) {
         let mut cache = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if cache.len() >= MAX_CACHED && !cache.contains_key(sandbox) {
             cache.clear();
         }
         cache.insert(sandbox.to_string(), policy);
+    }
+
+    /// Drops `sandbox`'s policy (secret values included) from memory: called when the
+    /// sandbox ends (stopped, failed, deleted), as the database erases it then.
+    pub(crate) fn forget(&self, sandbox: &str) {
+        let mut cache = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        cache.remove(sandbox);
     }
 
     /// Waits for the turn to change `sandbox`'s policy.
@@ -243,6 +273,39 @@ pub(crate) async fn serve_connection<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn allowlist(host: &str) -> Arc<Policy> {
+        let body: policy::PolicyBody =
+            serde_json::from_value(serde_json::json!({"mode": "allowlist", "allow": [host]}))
+                .unwrap();
+        Arc::new(Policy::compile(body).unwrap())
+    }
+
+    #[test]
+    fn an_older_read_never_replaces_a_stored_policy_and_ended_sandboxes_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let egress = Egress::open(dir.path(), &EgressOptions::default()).unwrap();
+        let cached = |id: &str| egress.read_cache().get(id).cloned();
+        // A miss began reading (generation noted), then a PUT stored and cached a new policy.
+        let read_began = egress.generation.load(Ordering::SeqCst);
+        let new = allowlist("new.test");
+        egress.remember("a", new.clone());
+        egress.cache_loaded("a", allowlist("old.test"), read_began);
+        assert!(Arc::ptr_eq(&cached("a").unwrap(), &new));
+        // Even once the PUT's entry is gone, the stale read is not cached.
+        egress.forget("a");
+        egress.cache_loaded("a", allowlist("old.test"), read_began);
+        assert!(cached("a").is_none());
+        // A read with nothing changed meanwhile is cached, but does not replace an entry.
+        let read_began = egress.generation.load(Ordering::SeqCst);
+        let loaded = allowlist("loaded.test");
+        egress.cache_loaded("a", loaded.clone(), read_began);
+        assert!(Arc::ptr_eq(&cached("a").unwrap(), &loaded));
+        egress.cache_loaded("a", allowlist("other.test"), read_began);
+        assert!(Arc::ptr_eq(&cached("a").unwrap(), &loaded));
+        egress.forget("a");
+        assert!(cached("a").is_none());
+    }
 
     #[test]
     fn resolve_options_parse() {
