@@ -27,7 +27,7 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -52,9 +52,15 @@ pub(crate) fn is_open(run: &Path, host_base: u32) -> bool {
     running_pid(run, host_base).is_some()
 }
 
-/// Connects the network namespace of the sandbox whose agent is host pid `agent` (its root is
-/// host id `host_base`) to the host's network. No-op when pasta already runs for it.
-pub(crate) fn start(run: &Path, agent: i32, host_base: u32) -> Result<(), Error> {
+/// Connects the network namespace of the sandbox whose agent is host pid `agent` (`pidfd`,
+/// when known: a pidfd of that very agent; its root is host id `host_base`) to the host's
+/// network. No-op when pasta already runs for it.
+pub(crate) fn start(
+    run: &Path,
+    agent: i32,
+    pidfd: Option<BorrowedFd<'_>>,
+    host_base: u32,
+) -> Result<(), Error> {
     if is_open(run, host_base) {
         return Ok(());
     }
@@ -63,17 +69,7 @@ pub(crate) fn start(run: &Path, agent: i32, host_base: u32) -> Result<(), Error>
         .map(Path::new)
         .find(|p| p.exists())
         .ok_or("pasta is not installed (Debian: apt-get install passt)")?;
-    let ns = |kind: &str| -> Result<OwnedFd, Error> {
-        let path = format!("/proc/{agent}/ns/{kind}");
-        rustix::fs::open(
-            &path,
-            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .map_err(|e| format!("cannot open {path}: {e}"))
-    };
-    let userns = ns("user")?;
-    let netns = ns("net")?;
+    let (userns, netns) = agent_namespaces(agent, pidfd)?;
     // The pid file is made here (pasta runs as an id that cannot create files in the
     // runtime dir) and handed to the sandbox's root id to fill.
     let pid_path = pid_file(run);
@@ -183,6 +179,64 @@ pub(crate) fn start(run: &Path, agent: i32, host_base: u32) -> Result<(), Error>
     Err(format!("pasta failed ({}): {detail}", out.status))
 }
 
+/// `PIDFD_GET_USER_NAMESPACE` and `PIDFD_GET_NET_NAMESPACE` (`_IO(0xFF, 9)`, `_IO(0xFF, 4)`,
+/// `<linux/pidfd.h>`, Linux 6.11).
+const PIDFD_GET_USER_NAMESPACE: u32 = 0xFF09;
+const PIDFD_GET_NET_NAMESPACE: u32 = 0xFF04;
+
+/// The agent's user and network namespaces. Through its pidfd where the kernel can: a pid can
+/// be reused as soon as the agent dies, and pasta must never get another process's (another
+/// sandbox's) network. Older kernels: through `/proc/<pid>/ns`, then the pidfd's process must
+/// still be alive, so the pid was still the agent's when the namespaces were opened.
+fn agent_namespaces(
+    agent: i32,
+    pidfd: Option<BorrowedFd<'_>>,
+) -> Result<(OwnedFd, OwnedFd), Error> {
+    if let Some(pidfd) = pidfd {
+        let get = |request: u32| {
+            // SAFETY: these ioctls take no argument and return a new descriptor or -1.
+            let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), request as _, 0) };
+            // SAFETY: a descriptor the kernel just made for us (close-on-exec).
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        if let (Some(user), Some(net)) =
+            (get(PIDFD_GET_USER_NAMESPACE), get(PIDFD_GET_NET_NAMESPACE))
+        {
+            return Ok((user, net));
+        }
+    }
+    let ns = |kind: &str| -> Result<OwnedFd, Error> {
+        let path = format!("/proc/{agent}/ns/{kind}");
+        rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| format!("cannot open {path}: {e}"))
+    };
+    let namespaces = (ns("user")?, ns("net")?);
+    if let Some(pidfd) = pidfd {
+        // Signal 0: only whether the process behind the pidfd still exists.
+        // SAFETY: a raw system call on a live descriptor, no memory passed.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                pidfd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "the sandbox's agent (pid {agent}) is gone: {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(namespaces)
+}
+
 /// Disconnects the sandbox: kills its pasta (the tap goes with it). No-op when none runs.
 pub(crate) fn stop(run: &Path, host_base: u32) -> Result<(), Error> {
     if let Some(pid) = running_pid(run, host_base) {
@@ -248,6 +302,34 @@ fn running_pid(run: &Path, host_base: u32) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    fn inode(fd: &OwnedFd) -> u64 {
+        rustix::fs::fstat(fd).unwrap().st_ino
+    }
+
+    #[test]
+    fn namespaces_come_from_the_pidfd_s_process_never_from_a_reused_pid() {
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = child.id() as i32;
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(pid).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let own = |kind: &str| fs::metadata(format!("/proc/self/ns/{kind}")).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let (user, net) = agent_namespaces(pid, Some(pidfd.as_fd())).unwrap();
+        assert_eq!(inode(&user), own("user").ino());
+        assert_eq!(inode(&net), own("net").ino());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The agent is gone and its pid now names another live process (ours stands in for
+        // a reused pid): refused, whichever way the kernel lets us open namespaces.
+        let reused = std::process::id() as i32;
+        assert!(agent_namespaces(reused, Some(pidfd.as_fd())).is_err());
+        assert!(agent_namespaces(pid, Some(pidfd.as_fd())).is_err());
+    }
 
     #[test]
     fn a_missing_or_foreign_pid_file_is_not_a_running_pasta() {

@@ -814,7 +814,8 @@ impl Sandbox {
             if !self.record.is_alive() {
                 return Err(RuntimeError::NoSuchSandbox(self.record.id.clone()));
             }
-            crate::network::start(&self.paths.run, self.record.pid, base)
+            let pidfd = self.pidfd.as_ref().map(|fd| fd.as_fd());
+            crate::network::start(&self.paths.run, self.record.pid, pidfd, base)
         } else {
             crate::network::stop(&self.paths.run, base)
         };
