@@ -85,6 +85,9 @@ pub(crate) struct Egress {
     /// so an older read never replaces what a `PUT` stored.
     generation: AtomicU64,
     server_addr: OnceLock<SocketAddr>,
+    /// The host's own interface addresses, read at start: never reached (any port) unless a
+    /// CIDR of that one address allows it.
+    host_addrs: Vec<IpAddr>,
     events: events::Limiter,
     /// One lock per sandbox whose policy is being changed, held from check to cache, so the
     /// cache and the runtime end as the database does.
@@ -119,6 +122,7 @@ impl Egress {
             policies: RwLock::default(),
             generation: AtomicU64::new(0),
             server_addr: OnceLock::new(),
+            host_addrs: host_addresses(),
             events: events::Limiter::default(),
             updates: std::sync::Mutex::default(),
             connections: std::sync::Mutex::default(),
@@ -141,6 +145,11 @@ impl Egress {
             return Err(crate::error::ApiError::OpenNetworkDisabled);
         }
         Ok(())
+    }
+
+    /// The host's own interface addresses (as read at start).
+    fn host_addrs(&self) -> &[IpAddr] {
+        &self.host_addrs
     }
 
     /// The operator's fixed addresses of `name`, if any.
@@ -238,6 +247,18 @@ impl Egress {
     fn read_cache(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<Policy>>> {
         self.policies.read().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// The host's interface addresses, from `/proc/net/fib_trie` and `/proc/net/if_inet6` (an
+/// unreadable file gives none of its family, logged).
+fn host_addresses() -> Vec<IpAddr> {
+    let read = |path: &str| {
+        std::fs::read_to_string(path).unwrap_or_else(|e| {
+            tracing::warn!(path, error = %e, "cannot read the host's addresses");
+            String::new()
+        })
+    };
+    policy::parse_host_addresses(&read("/proc/net/fib_trie"), &read("/proc/net/if_inet6"))
 }
 
 /// Serves one proxied client connection of sandbox `sandbox_id` (HTTP `CONNECT` and plain

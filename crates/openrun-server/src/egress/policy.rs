@@ -377,6 +377,8 @@ const DENIED_RANGES: &[(Cidr, &str)] = &[
     (Cidr::v4([0, 0, 0, 0], 8), "unspecified"),
     (Cidr::v4([10, 0, 0, 0], 8), "private"),
     (Cidr::v4([100, 64, 0, 0], 10), "shared address space"),
+    (Cidr::v4([192, 0, 0, 0], 24), "IETF protocol assignments"),
+    (Cidr::v4([198, 18, 0, 0], 15), "benchmarking"),
     (Cidr::v4([127, 0, 0, 0], 8), "loopback"),
     (Cidr::v4([169, 254, 0, 0], 16), "link-local"),
     (Cidr::v4([172, 16, 0, 0], 12), "private"),
@@ -386,14 +388,70 @@ const DENIED_RANGES: &[(Cidr, &str)] = &[
     (Cidr::v6([0, 0, 0, 0, 0, 0, 0, 0], 128), "unspecified"),
     (Cidr::v6([0, 0, 0, 0, 0, 0, 0, 1], 128), "loopback"),
     (Cidr::v6([0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96), "NAT64"),
+    (
+        Cidr::v6([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48),
+        "local NAT64",
+    ),
+    (Cidr::v6([0x2001, 0, 0, 0, 0, 0, 0, 0], 32), "Teredo"),
+    (Cidr::v6([0x2002, 0, 0, 0, 0, 0, 0, 0], 16), "6to4"),
     (Cidr::v6([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7), "private"),
     (Cidr::v6([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10), "link-local"),
     (Cidr::v6([0xff00, 0, 0, 0, 0, 0, 0, 0], 8), "multicast"),
 ];
 
+/// The IPv4 address an IPv4-compatible IPv6 address (`::a.b.c.d`, deprecated) embeds;
+/// `None` for other addresses, `::` and `::1` included.
+fn ipv4_compatible(addr: IpAddr) -> Option<Ipv4Addr> {
+    match addr {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            let embedded = Ipv4Addr::from(u32::from(s[6]) << 16 | u32::from(s[7]));
+            (s[..6].iter().all(|x| *x == 0) && u32::from(embedded) > 1).then_some(embedded)
+        }
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// The address the never-reached ranges judge `addr` as: [`canonical`], and an
+/// IPv4-compatible address (`::a.b.c.d`) as the IPv4 address it embeds, like a mapped one.
+fn judged(addr: IpAddr) -> IpAddr {
+    let addr = canonical(addr);
+    ipv4_compatible(addr).map_or(addr, IpAddr::V4)
+}
+
+/// The host's own addresses from the text of `/proc/net/fib_trie` (IPv4: the `/32 host
+/// LOCAL` entries) and `/proc/net/if_inet6` (IPv6: the first field of each line).
+pub(crate) fn parse_host_addresses(fib_trie: &str, if_inet6: &str) -> Vec<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ") {
+            last = ip.trim().parse().ok();
+        } else if line.starts_with("/32 host LOCAL") {
+            if let Some(ip) = last.take() {
+                found.push(IpAddr::V4(ip));
+            }
+        }
+    }
+    for line in if_inet6.lines() {
+        let Some(hex) = line.split_whitespace().next() else {
+            continue;
+        };
+        if hex.len() == 32 {
+            if let Ok(bits) = u128::from_str_radix(hex, 16) {
+                found.push(IpAddr::V6(Ipv6Addr::from(bits)));
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
 /// The never-reached range holding `addr`, if any.
 pub(crate) fn denied_range(addr: IpAddr) -> Option<(Cidr, &'static str)> {
-    let addr = canonical(addr);
+    let addr = judged(addr);
     DENIED_RANGES
         .iter()
         .find(|(range, _)| range.contains(addr))
@@ -612,13 +670,16 @@ impl Policy {
     }
 
     /// Step 2: may this address be connected to? `pinned`: the operator fixed it for the name
-    /// (`--egress-resolve`), so the never-reached ranges do not apply. `server`: the openrun
-    /// server's own address, never reachable.
+    /// (`--egress-resolve`), so the never-reached ranges and the host's addresses do not
+    /// apply. `server`: the openrun server's own address, never reachable. `host`: the host's
+    /// own interface addresses, reached (on any port) only when a CIDR of that one address
+    /// (`/32`, `/128`) allows it.
     pub(crate) fn check_addr(
         &self,
         addr: SocketAddr,
         pinned: bool,
         server: Option<SocketAddr>,
+        host: &[IpAddr],
     ) -> Result<(), String> {
         let ip = canonical(addr.ip());
         if let Some(server) = server {
@@ -633,22 +694,33 @@ impl Policy {
         if pinned {
             return Ok(());
         }
-        let Some((range, what)) = denied_range(ip) else {
-            return Ok(());
-        };
-        // Only a CIDR inside the range opens it: `0.0.0.0/0` means "the internet", not "and
-        // the metadata service too".
-        let opened = self
-            .nets
-            .iter()
-            .any(|net| net.contains(ip) && net.prefix >= range.prefix);
-        if opened {
-            Ok(())
-        } else {
-            Err(format!(
-                "address {ip} is {what} ({range}): allow it with a CIDR inside that range"
-            ))
+        let judged = judged(ip);
+        if let Some((range, what)) = denied_range(judged) {
+            // Only a CIDR inside the range opens it: `0.0.0.0/0` means "the internet", not
+            // "and the metadata service too".
+            let opened = self
+                .nets
+                .iter()
+                .any(|net| net.contains(judged) && net.prefix >= range.prefix);
+            if !opened {
+                return Err(format!(
+                    "address {ip} is {what} ({range}): allow it with a CIDR inside that range"
+                ));
+            }
         }
+        if host.contains(&judged) || host.contains(&ip) {
+            let opened = self
+                .nets
+                .iter()
+                .any(|net| net.contains(judged) && net.prefix == max_prefix(judged));
+            if !opened {
+                return Err(format!(
+                    "address {ip} is one of the host's own addresses: allow it with a CIDR of that address alone ({judged}/{})",
+                    max_prefix(judged)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The headers to set on a request to `host` (a normalized name): `(name, value)`, later
@@ -885,7 +957,9 @@ mod tests {
     #[test]
     fn private_loopback_and_metadata_addresses_need_a_cidr_inside_their_range() {
         let p = policy(serde_json::json!({"mode": "open", "allow": ["0.0.0.0/0"]})).unwrap();
-        assert!(p.check_addr(addr("93.184.216.34:443"), false, None).is_ok());
+        assert!(p
+            .check_addr(addr("93.184.216.34:443"), false, None, &[])
+            .is_ok());
         for denied in [
             "127.0.0.1:80",
             "127.8.9.1:80",
@@ -902,27 +976,124 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "[::ffff:169.254.169.254]:80",
             "[64:ff9b::7f00:1]:80",
+            "192.0.0.8:80",
+            "198.18.0.1:80",
+            "198.19.255.254:80",
+            "[64:ff9b:1::a00:1]:80",
+            "[2002:a9fe:a9fe::1]:80",
+            "[2001:0:4136:e378::1]:80",
+            "[::127.0.0.1]:80",
+            "[::169.254.169.254]:80",
+            "[::10.0.0.1]:80",
         ] {
             assert!(
-                p.check_addr(addr(denied), false, None).is_err(),
+                p.check_addr(addr(denied), false, None, &[]).is_err(),
                 "{denied} allowed by 0.0.0.0/0"
             );
         }
         let p =
             policy(serde_json::json!({"mode": "allowlist", "allow": ["127.0.0.1/32", "x.test"]}))
                 .unwrap();
-        assert!(p.check_addr(addr("127.0.0.1:8080"), false, None).is_ok());
-        assert!(p.check_addr(addr("127.0.0.2:8080"), false, None).is_err());
         assert!(p
-            .check_addr(addr("[::ffff:127.0.0.1]:8080"), false, None)
+            .check_addr(addr("127.0.0.1:8080"), false, None, &[])
+            .is_ok());
+        assert!(p
+            .check_addr(addr("127.0.0.2:8080"), false, None, &[])
+            .is_err());
+        assert!(p
+            .check_addr(addr("[::ffff:127.0.0.1]:8080"), false, None, &[])
             .is_ok());
         // A pinned resolution is the operator's choice, but the server itself stays out.
-        assert!(p.check_addr(addr("127.0.0.5:1"), true, None).is_ok());
+        assert!(p.check_addr(addr("127.0.0.5:1"), true, None, &[]).is_ok());
         let server = Some(addr("127.0.0.1:7878"));
-        assert!(p.check_addr(addr("127.0.0.1:7878"), true, server).is_err());
-        assert!(p.check_addr(addr("127.0.0.1:7879"), false, server).is_ok());
+        assert!(p
+            .check_addr(addr("127.0.0.1:7878"), true, server, &[])
+            .is_err());
+        assert!(p
+            .check_addr(addr("127.0.0.1:7879"), false, server, &[])
+            .is_ok());
         let any = Some(addr("0.0.0.0:7878"));
-        assert!(p.check_addr(addr("127.0.0.1:7878"), false, any).is_err());
+        assert!(p
+            .check_addr(addr("127.0.0.1:7878"), false, any, &[])
+            .is_err());
+        // Public addresses outside the new ranges stay reachable.
+        let open = policy(serde_json::json!({"mode": "open"})).unwrap();
+        for ok in [
+            "198.20.0.1:80",
+            "192.0.1.1:80",
+            "[2001:db9::1]:80",
+            "[2003::1]:80",
+        ] {
+            assert!(open.check_addr(addr(ok), false, None, &[]).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_need_a_cidr_of_that_address_alone() {
+        let host: Vec<IpAddr> = ["203.0.113.7", "2001:db8::7", "127.0.0.1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let open = policy(serde_json::json!({"mode": "open", "allow": ["0.0.0.0/0"]})).unwrap();
+        for port in [22, 80, 7878, 65535] {
+            let err = open
+                .check_addr(SocketAddr::new(host[0], port), false, None, &host)
+                .unwrap_err();
+            assert!(err.contains("host's own addresses"), "{err}");
+        }
+        assert!(open
+            .check_addr(addr("[2001:db8::7]:443"), false, None, &host)
+            .is_err());
+        assert!(open
+            .check_addr(addr("[::ffff:203.0.113.7]:443"), false, None, &host)
+            .is_err());
+        assert!(open
+            .check_addr(addr("203.0.113.8:443"), false, None, &host)
+            .is_ok());
+        let wide =
+            policy(serde_json::json!({"mode": "open", "allow": ["203.0.113.0/24"]})).unwrap();
+        assert!(wide
+            .check_addr(addr("203.0.113.7:443"), false, None, &host)
+            .is_err());
+        let exact =
+            policy(serde_json::json!({"mode": "open", "allow": ["203.0.113.7/32"]})).unwrap();
+        assert!(exact
+            .check_addr(addr("203.0.113.7:443"), false, None, &host)
+            .is_ok());
+        // Pinned by the operator: taken as given.
+        assert!(open
+            .check_addr(addr("203.0.113.7:443"), true, None, &host)
+            .is_ok());
+    }
+
+    #[test]
+    fn host_addresses_are_read_from_proc() {
+        let fib_trie = "Main:
+  +-- 0.0.0.0/0 3 0 5
+        +-- 10.213.138.0/30 2 0 1
+           |-- 10.213.138.0
+              /30 link UNICAST
+           |-- 10.213.138.1
+              /32 host LOCAL
+           |-- 10.213.138.3
+              /32 link BROADCAST
+        +-- 127.0.0.0/31 1 0 0
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+Local:
+           |-- 10.213.138.1
+              /32 host LOCAL
+";
+        let if_inet6 = "00000000000000000000000000000001 01 80 10 80       lo
+fd000000000000000000000000000002 04 40 00 82     eth0
+";
+        let found: Vec<String> = parse_host_addresses(fib_trie, if_inet6)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(found, ["10.213.138.1", "127.0.0.1", "::1", "fd00::2"]);
     }
 
     #[test]

@@ -408,10 +408,11 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
         },
     };
     let server = client.state.egress.server_addr();
+    let host = client.state.egress.host_addrs();
     let mut first_refusal = None;
     let mut addrs = Vec::new();
     for addr in resolved {
-        match policy.check_addr(addr, pinned, server) {
+        match policy.check_addr(addr, pinned, server, host) {
             Ok(()) => addrs.push(addr),
             Err(reason) => {
                 first_refusal.get_or_insert(reason);
