@@ -28,8 +28,9 @@ pub(crate) fn parse(value: serde_json::Value) -> Result<Policy, ApiError> {
 }
 
 /// Connects (`open`) or disconnects the network namespace of sandbox `id` to the host's
-/// network through the runtime (pasta). A failure names its reason: 400 when the runtime
-/// cannot do it here (pasta missing, say), 409 when the sandbox is gone.
+/// network through the runtime (pasta). A failure is 400 when the runtime cannot do it here
+/// (pasta missing or failing: the detail, pasta's own messages included, goes to the
+/// server's log only), 409 when the sandbox is gone.
 async fn set_open(s: &Shared, id: &str, open: bool) -> Result<(), ApiError> {
     let runtime = s.runtime.clone();
     let key = id.to_string();
@@ -42,9 +43,13 @@ async fn set_open(s: &Shared, id: &str, open: bool) -> Result<(), ApiError> {
     match result {
         Ok(()) => Ok(()),
         Err(RuntimeError::NoSuchSandbox(_)) => Err(ApiError::NotRunning(id.to_string())),
-        Err(e @ RuntimeError::Network { .. }) => Err(ApiError::InvalidNetworkPolicy(format!(
-            "network mode \"open\" cannot be applied: {e}"
-        ))),
+        Err(e @ RuntimeError::Network { .. }) => {
+            tracing::warn!(id, open, error = %e, "cannot change a sandbox's network");
+            Err(ApiError::InvalidNetworkPolicy(
+                "the sandbox's network cannot be changed on this server (the detail is in the server's log)"
+                    .into(),
+            ))
+        }
         Err(e) => Err(ApiError::internal("cannot change the sandbox's network", e)),
     }
 }
