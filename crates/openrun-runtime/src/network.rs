@@ -21,6 +21,9 @@
 //! - `--dns-forward 169.254.1.1`: DNS queries to that address go to the host's resolver; the
 //!   sandbox's `/etc/resolv.conf` names it (see `init.rs`), and outside `open` mode that
 //!   address has no route, so a lookup fails at once;
+//! - in the sandbox's cgroup (joined between fork and exec, the copy it forks into the
+//!   background inherits it): its CPU and memory are charged to the sandbox, a pause freezes
+//!   it, and destroy stops it (killed and reaped) before the cgroup is killed and removed;
 //! - its pid is in `<run dir>/pasta.pid` (written by pasta into a file made for it): pasta
 //!   does not notice that a namespace given by descriptor has died, so the runtime kills it
 //!   when the sandbox is destroyed or cleaned up, after checking the pid is still that pasta.
@@ -54,12 +57,16 @@ pub(crate) fn is_open(run: &Path, host_base: u32) -> bool {
 
 /// Connects the network namespace of the sandbox whose agent is host pid `agent` (`pidfd`,
 /// when known: a pidfd of that very agent; its root is host id `host_base`) to the host's
-/// network. No-op when pasta already runs for it.
+/// network. `cgroup`: the sandbox's `cgroup.procs` files (see
+/// [`crate::cgroup::Cgroup::procs_files`]), which pasta joins before it execs, so its CPU and
+/// memory are the sandbox's, a pause freezes it and a destroy's cgroup kill ends it. No-op
+/// when pasta already runs for it.
 pub(crate) fn start(
     run: &Path,
     agent: i32,
     pidfd: Option<BorrowedFd<'_>>,
     host_base: u32,
+    cgroup: &[fs::File],
 ) -> Result<(), Error> {
     if is_open(run, host_base) {
         return Ok(());
@@ -91,6 +98,7 @@ pub(crate) fn start(
 
     const NETNS_FD: i32 = 3;
     let (user_raw, net_raw) = (userns.as_raw_fd(), netns.as_raw_fd());
+    let cgroup_raw: Vec<i32> = cgroup.iter().map(AsRawFd::as_raw_fd).collect();
     let (root, dev_net, tun, tmpfs) = (c"/", c"/dev/net", c"/dev/net/tun", c"tmpfs");
     let mut cmd = Command::new(pasta);
     cmd.args(["--quiet", "--runas", "0:0", "--netns"])
@@ -110,11 +118,18 @@ pub(crate) fn start(
         .env_clear()
         .current_dir("/");
     // SAFETY: the closure runs in the forked child before exec and makes only raw system
-    // calls (unshare, mount, mknod, chmod, setns, setresgid, setgroups, setresuid, dup2),
-    // which are async-signal-safe, on C strings made before the fork; the descriptors it uses
-    // stay open in the parent until `output()` returns.
+    // calls (write, unshare, mount, mknod, chmod, setns, setresgid, setgroups, setresuid,
+    // dup2), which are async-signal-safe, on C strings and descriptors made before the fork;
+    // the descriptors it uses stay open in the parent until `output()` returns.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the sandbox's cgroup first, while still host root: pasta (and the copy it
+            // forks into the background) is charged to the sandbox and frozen with it.
+            for fd in &cgroup_raw {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             // The host's /dev/net/tun may be root's only (0600): in a mount namespace of its
             // own, pasta gets a tun node it can open, on a tmpfs over /dev/net. The host's
             // node and mounts are untouched.

@@ -667,17 +667,19 @@ impl Runtime {
             wait_for_exit(&pidfd, sandbox.child)?;
         }
         phase("killed");
-        if let Some(cg) = sandbox.cgroup.take() {
-            cg.kill_all()?;
-            cg.remove()?;
-        }
-        phase("cgroup removed");
+        // pasta runs in the sandbox's cgroup: stopped (killed and reaped) before the cgroup's
+        // kill, which would leave it a zombie of this process.
         crate::network::stop(&sandbox.paths.run, sandbox.record.ids.host_base()).map_err(
             |reason| RuntimeError::Network {
                 id: sandbox.record.id.clone(),
                 reason,
             },
         )?;
+        if let Some(cg) = sandbox.cgroup.take() {
+            cg.kill_all()?;
+            cg.remove()?;
+        }
+        phase("cgroup removed");
         if sandbox.paths.layer == self.disk_pool.layer(&sandbox.record.id) {
             self.disk_pool.remove_layer(&sandbox.record.id)?;
         } else {
@@ -740,17 +742,18 @@ impl Runtime {
 
     /// Best-effort cleanup of a sandbox whose agent is gone.
     fn cleanup(&self, id: &str, ids: Option<IdRange>) {
+        let paths = self.paths(id, Storage::Disk);
+        // pasta runs in the sandbox's cgroup: stopped (and reaped) before the cgroup's kill.
+        if let Some(ids) = ids {
+            let _ = crate::network::stop(&paths.run, ids.host_base());
+        }
         if let Some(cg) = self.cgroups.open(id) {
             let _ = cg.kill_all();
             let _ = cg.remove();
         }
-        let paths = self.paths(id, Storage::Disk);
         let _ = remove_tree(&paths.disk_layer);
         if self.disk_pool.is_mounted() {
             let _ = self.disk_pool.remove_layer(id);
-        }
-        if let Some(ids) = ids {
-            let _ = crate::network::stop(&paths.run, ids.host_base());
         }
         let _ = remove_tree(&paths.run);
         match ids {
@@ -815,7 +818,11 @@ impl Sandbox {
                 return Err(RuntimeError::NoSuchSandbox(self.record.id.clone()));
             }
             let pidfd = self.pidfd.as_ref().map(|fd| fd.as_fd());
-            crate::network::start(&self.paths.run, self.record.pid, pidfd, base)
+            let cgroup = match &self.cgroup {
+                Some(cg) => cg.procs_files()?,
+                None => Vec::new(),
+            };
+            crate::network::start(&self.paths.run, self.record.pid, pidfd, base, &cgroup)
         } else {
             crate::network::stop(&self.paths.run, base)
         };

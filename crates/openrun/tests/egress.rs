@@ -675,6 +675,24 @@ print(ask())
     assert!(*held.lock().unwrap() >= 256);
 }
 
+/// Host pids of the pasta processes in sandbox `id`'s cgroup.
+fn pastas_in_cgroup_of(id: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        // `pasta` runs `passt.avx2` (or `pasta.avx2`) where the CPU has AVX2.
+        let is_pasta = comm.starts_with("pasta") || comm.starts_with("passt");
+        if is_pasta && cgroup.contains(id) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// Network interfaces of the sandbox (from its namespace's `/proc/net/dev`).
 fn interfaces(api: &Api, id: &str) -> Vec<String> {
     let (_, out, _) = sh(api, id, "tail -n +3 /proc/net/dev | cut -d: -f1");
@@ -701,6 +719,12 @@ fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
     assert!(
         open_ifaces.len() >= 2,
         "no interface beside lo: {open_ifaces:?}"
+    );
+    // pasta runs in the sandbox's cgroup (charged to it, frozen with it).
+    assert_eq!(
+        pastas_in_cgroup_of(&id).len(),
+        1,
+        "pasta is not in the cgroup"
     );
     let res = api.get(&format!("/v1/sandboxes/{id}/environment"));
     assert_eq!(res.status(), 200);
@@ -731,9 +755,19 @@ fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
         res.json::<Value>().unwrap()["network"]["policy"],
         "allowlist"
     );
+    assert!(pastas_in_cgroup_of(&id).is_empty());
     let res = put_policy(&api, &id, json!({"mode": "open"}));
     assert_eq!(res.status(), 200);
     assert_eq!(interfaces(&api, &id), open_ifaces);
+    let pasta = pastas_in_cgroup_of(&id);
+    assert_eq!(pasta.len(), 1);
+    // Deleting the sandbox ends its pasta (killed and reaped: not even a zombie is left).
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", pasta[0])).exists(),
+        "pasta {} outlived its sandbox",
+        pasta[0]
+    );
 }
 
 #[test]

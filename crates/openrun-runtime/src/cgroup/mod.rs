@@ -317,6 +317,22 @@ impl Cgroup {
         }
     }
 
+    /// Opens the `cgroup.procs` file of each of the cgroup's directories for writing: a
+    /// process writing `0` to each joins the cgroup (on v1 every hierarchy), e.g. a child
+    /// between fork and exec, with the files opened in the parent before the fork.
+    pub fn procs_files(&self) -> Result<Vec<fs::File>> {
+        self.paths()
+            .into_iter()
+            .map(|dir| {
+                let path = dir.join("cgroup.procs");
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| CgroupError::Write { path, source })
+            })
+            .collect()
+    }
+
     /// Moves a process (all its threads) into the cgroup; on v1 into every hierarchy.
     pub fn add_process(&self, pid: i32) -> Result<()> {
         for dir in self.paths() {
