@@ -196,9 +196,12 @@ async fn serve(
     });
     let mut server = tokio::spawn(async move {
         // The peer's address goes to previews as X-Forwarded-For.
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { stopped.notified().await })
-            .await
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stopped.notified().await })
+        .await
     });
     let result = tokio::select! {
         done = &mut server => done,
