@@ -1358,6 +1358,35 @@ for name, raw in tricks.items():
     assert_eq!(allowed.hits(), 1);
 }
 
+/// Attack: with an allowlist open to the internet (`0.0.0.0/0`), reach a server the test runs
+/// on the host's own non-loopback address through the egress proxy (plain HTTP and CONNECT).
+/// Defence: the host's own addresses are never reached unless a CIDR names them (403); the
+/// server gets nothing.
+#[test]
+fn the_hosts_own_address_through_an_open_allowlist() {
+    let host = HostServer::start("0.0.0.0:0");
+    let ip = host_ip();
+    let s = served_with(
+        &[],
+        json!({"network": {"mode": "allowlist", "allow": ["0.0.0.0/0"]}}),
+    );
+    let p = host.port;
+    let r = attack_api(
+        &s.api,
+        &s.id,
+        &format!(
+            r#"
+{PROXY_PY}
+report("get", proxy("GET http://{ip}:{p}/ HTTP/1.1\r\nHost: {ip}:{p}\r\n\r\n"))
+report("connect", proxy("CONNECT {ip}:{p} HTTP/1.1\r\nHost: {ip}:{p}\r\n\r\n"))
+"#
+        ),
+    );
+    assert_eq!(r.get("get"), "403", "{}", r.text);
+    assert_eq!(r.get("connect"), "403", "{}", r.text);
+    assert_eq!(host.hits(), 0, "the host's own address was reached");
+}
+
 /// Attack: with an allowlist open to the whole internet (`0.0.0.0/0`, `::/0`) and the name
 /// `localhost`, reach a server on the host's loopback through the proxy: by `127.0.0.1`, by an
 /// allowed name that resolves to loopback (as a DNS-rebinding name would), `0.0.0.0`, the
