@@ -160,12 +160,7 @@ pub fn parse_memory(s: &str) -> Result<u64, LimitParseError> {
         value: s.to_owned(),
         reason,
     };
-    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
-    let multiplier = unit_multiplier(unit).ok_or_else(|| err(MEMORY_FORM))?;
-    let bytes = number
-        .scale(multiplier)
-        .ok_or_else(|| err(TOO_LARGE_MEMORY))?;
-    check_memory(s.to_owned(), bytes)
+    check_memory(s.to_owned(), parse_bytes(s, err)?)
 }
 
 /// Parses a disk quota such as `10G`, `512M` or `1.5T` (the units of [`parse_memory`]); at
@@ -175,25 +170,15 @@ pub fn parse_disk(s: &str) -> Result<u64, LimitParseError> {
         value: s.to_owned(),
         reason,
     };
-    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
-    let multiplier = unit_multiplier(unit).ok_or_else(|| err(MEMORY_FORM))?;
-    let bytes = number
-        .scale(multiplier)
-        .ok_or_else(|| err(TOO_LARGE_MEMORY))?;
-    check_disk(s.to_owned(), bytes)
+    check_disk(s.to_owned(), parse_bytes(s, err)?)
 }
 
 /// Parses an open-files limit: a whole number from [`MIN_OPEN_FILES`] to [`MAX_OPEN_FILES`].
 pub fn parse_open_files(s: &str) -> Result<u64, LimitParseError> {
-    let t = s.trim();
-    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(LimitParseError::OpenFiles {
-            value: s.to_owned(),
-            reason: OPEN_FILES_FORM,
-        });
-    }
-    // All digits: parsing fails only on overflow, which is above the maximum.
-    let n = t.parse::<u128>().unwrap_or(u128::MAX);
+    let n = parse_whole(s).ok_or_else(|| LimitParseError::OpenFiles {
+        value: s.to_owned(),
+        reason: OPEN_FILES_FORM,
+    })?;
     check_open_files(s.to_owned(), n)
 }
 
@@ -211,15 +196,10 @@ pub fn parse_cpus(s: &str) -> Result<u64, LimitParseError> {
 
 /// Parses a process limit: a whole number from [`MIN_PIDS`] to [`MAX_PIDS`].
 pub fn parse_pids(s: &str) -> Result<u64, LimitParseError> {
-    let t = s.trim();
-    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(LimitParseError::Pids {
-            value: s.to_owned(),
-            reason: PIDS_FORM,
-        });
-    }
-    // All digits: parsing fails only on overflow, which is above the maximum.
-    let n = t.parse::<u128>().unwrap_or(u128::MAX);
+    let n = parse_whole(s).ok_or_else(|| LimitParseError::Pids {
+        value: s.to_owned(),
+        reason: PIDS_FORM,
+    })?;
     check_pids(s.to_owned(), n)
 }
 
@@ -254,15 +234,39 @@ pub fn parse_duration(s: &str) -> Result<Duration, LimitParseError> {
 
 const TOO_LARGE_MEMORY: &str = "must be less than 8 EiB";
 
+/// A size with the units of [`unit_multiplier`], in bytes (not yet range-checked); `err`
+/// makes the parser's own error from a reason.
+fn parse_bytes(
+    s: &str,
+    err: impl Fn(&'static str) -> LimitParseError,
+) -> Result<u128, LimitParseError> {
+    let (number, unit) = split_unit(s.trim()).ok_or_else(|| err(MEMORY_FORM))?;
+    let multiplier = unit_multiplier(unit).ok_or_else(|| err(MEMORY_FORM))?;
+    number
+        .scale(multiplier)
+        .ok_or_else(|| err(TOO_LARGE_MEMORY))
+}
+
+/// A whole number of plain ASCII digits (surrounding whitespace allowed), not yet
+/// range-checked; `None` if it is anything else. Overflow saturates: it is above any maximum.
+fn parse_whole(s: &str) -> Option<u128> {
+    let t = s.trim();
+    if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits: parsing fails only on overflow.
+    Some(t.parse::<u128>().unwrap_or(u128::MAX))
+}
+
 fn check_memory(value: String, bytes: u128) -> Result<u64, LimitParseError> {
-    let reason = if bytes < u128::from(MIN_MEMORY_BYTES) {
-        "must be at least 4 MiB"
-    } else if bytes > u128::from(MAX_MEMORY_BYTES) {
-        TOO_LARGE_MEMORY
-    } else {
-        return Ok(bytes as u64);
-    };
-    Err(LimitParseError::Memory { value, reason })
+    in_range(
+        bytes,
+        MIN_MEMORY_BYTES,
+        MAX_MEMORY_BYTES,
+        "must be at least 4 MiB",
+        TOO_LARGE_MEMORY,
+    )
+    .map_err(|reason| LimitParseError::Memory { value, reason })
 }
 
 /// Bytes per binary size unit (`k` = 1024), case-insensitive, with optional `b`/`ib`.
@@ -278,47 +282,65 @@ fn unit_multiplier(unit: &str) -> Option<u128> {
 }
 
 fn check_disk(value: String, bytes: u128) -> Result<u64, LimitParseError> {
-    let reason = if bytes < u128::from(MIN_DISK_BYTES) {
-        "must be at least 1 MiB"
-    } else if bytes > u128::from(MAX_DISK_BYTES) {
-        TOO_LARGE_MEMORY
-    } else {
-        return Ok(bytes as u64);
-    };
-    Err(LimitParseError::Disk { value, reason })
+    in_range(
+        bytes,
+        MIN_DISK_BYTES,
+        MAX_DISK_BYTES,
+        "must be at least 1 MiB",
+        TOO_LARGE_MEMORY,
+    )
+    .map_err(|reason| LimitParseError::Disk { value, reason })
 }
 
 fn check_open_files(value: String, n: u128) -> Result<u64, LimitParseError> {
-    let reason = if n < u128::from(MIN_OPEN_FILES) {
-        "must be at least 64"
-    } else if n > u128::from(MAX_OPEN_FILES) {
-        "must be at most 1048576"
-    } else {
-        return Ok(n as u64);
-    };
-    Err(LimitParseError::OpenFiles { value, reason })
+    in_range(
+        n,
+        MIN_OPEN_FILES,
+        MAX_OPEN_FILES,
+        "must be at least 64",
+        "must be at most 1048576",
+    )
+    .map_err(|reason| LimitParseError::OpenFiles { value, reason })
 }
 
 fn check_cpus(value: String, millis: u128) -> Result<u64, LimitParseError> {
-    let reason = if millis < u128::from(MIN_CPU_MILLIS) {
-        "must be at least 0.01"
-    } else if millis > u128::from(MAX_CPU_MILLIS) {
-        "must be at most 1024"
-    } else {
-        return Ok(millis as u64);
-    };
-    Err(LimitParseError::Cpus { value, reason })
+    in_range(
+        millis,
+        MIN_CPU_MILLIS,
+        MAX_CPU_MILLIS,
+        "must be at least 0.01",
+        "must be at most 1024",
+    )
+    .map_err(|reason| LimitParseError::Cpus { value, reason })
 }
 
 fn check_pids(value: String, n: u128) -> Result<u64, LimitParseError> {
-    let reason = if n < u128::from(MIN_PIDS) {
-        "must be at least 8"
-    } else if n > u128::from(MAX_PIDS) {
-        "must be at most 4194304"
+    in_range(
+        n,
+        MIN_PIDS,
+        MAX_PIDS,
+        "must be at least 8",
+        "must be at most 4194304",
+    )
+    .map_err(|reason| LimitParseError::Pids { value, reason })
+}
+
+/// `n` as a `u64` if it lies in `min..=max`, else the reason it does not.
+fn in_range(
+    n: u128,
+    min: u64,
+    max: u64,
+    too_small: &'static str,
+    too_large: &'static str,
+) -> Result<u64, &'static str> {
+    if n < u128::from(min) {
+        Err(too_small)
+    } else if n > u128::from(max) {
+        Err(too_large)
     } else {
-        return Ok(n as u64);
-    };
-    Err(LimitParseError::Pids { value, reason })
+        // At most `max`, a u64.
+        Ok(n as u64)
+    }
 }
 
 /// `1500` → `"1.5"`, for messages about CPU limits given in thousandths.
