@@ -20,6 +20,28 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::frame::{read_frame, Frame, FrameError, MAX_DATA_LEN, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::message::{AgentMessage, RequestEnvelope};
 
+/// Runs `check` (a fuzz target's checks) on every file of the corpus directory `dir`
+/// (`fuzz/corpus/<target>/`), in name order, and panics naming the files that fail; the corpus
+/// replay tests of this crate and of `openrun-image` share it.
+pub fn replay_corpus(dir: &std::path::Path, check: fn(&[u8])) {
+    let target = dir.file_name().unwrap_or_default().to_string_lossy();
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "the {target} corpus is missing");
+    let failed: Vec<String> = files
+        .iter()
+        .filter(|path| {
+            let data = std::fs::read(path).unwrap();
+            std::panic::catch_unwind(|| check(&data)).is_err()
+        })
+        .map(|path| path.display().to_string())
+        .collect();
+    assert!(failed.is_empty(), "{target} fails on {failed:#?}");
+}
+
 /// How a decode of the whole stream ended (the error after the last frame).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {

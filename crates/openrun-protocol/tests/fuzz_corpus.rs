@@ -8,21 +8,7 @@ fn replay(target: &str, check: fn(&[u8])) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../fuzz/corpus")
         .join(target);
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "the {target} corpus is missing");
-    let failed: Vec<String> = files
-        .iter()
-        .filter(|path| {
-            let data = std::fs::read(path).unwrap();
-            std::panic::catch_unwind(|| check(&data)).is_err()
-        })
-        .map(|path| path.display().to_string())
-        .collect();
-    assert!(failed.is_empty(), "{target} fails on {failed:#?}");
+    openrun_protocol::fuzzing::replay_corpus(&dir, check);
 }
 
 #[test]
