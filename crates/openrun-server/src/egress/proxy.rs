@@ -59,6 +59,13 @@ pub(crate) struct Client {
     pub _slot: Option<super::ConnectionSlot>,
 }
 
+impl Client {
+    /// Records an egress event of `kind` for this client's sandbox.
+    async fn record(&self, kind: &'static str, payload: serde_json::Value) {
+        super::events::record(&self.state, &self.sandbox, &self.tenant, kind, payload).await;
+    }
+}
+
 /// Serves HTTP/1.1 on `stream` until the client or the tunnel ends.
 pub(crate) async fn serve<S>(client: Arc<Client>, stream: S)
 where
@@ -95,14 +102,7 @@ where
                 host,
                 port,
             };
-            super::events::record(
-                &client.state,
-                &client.sandbox,
-                &client.tenant,
-                "network.deny",
-                ask.payload(&reason),
-            )
-            .await;
+            client.record("network.deny", ask.payload(&reason)).await;
             let mut response = answer(StatusCode::TOO_MANY_REQUESTS, &reason);
             response
                 .headers_mut()
@@ -355,14 +355,7 @@ fn echoes_request(method: &Method) -> bool {
 /// added inside verified TLS).
 async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
     let deny = |reason: String| async move {
-        super::events::record(
-            &client.state,
-            &client.sandbox,
-            &client.tenant,
-            "network.deny",
-            ask.payload(&reason),
-        )
-        .await;
+        client.record("network.deny", ask.payload(&reason)).await;
         Decision::Refuse(answer(StatusCode::FORBIDDEN, &reason))
     };
     let policy = match client
@@ -438,14 +431,7 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
     if !secrets.is_empty() {
         payload["secrets"] = secrets.into();
     }
-    super::events::record(
-        &client.state,
-        &client.sandbox,
-        &client.tenant,
-        "network.allow",
-        payload,
-    )
-    .await;
+    client.record("network.allow", payload).await;
     Decision::Allow {
         name,
         addrs,
@@ -679,14 +665,9 @@ impl Intercepted {
                 host: self.host.clone(),
                 port: self.port,
             };
-            super::events::record(
-                &self.client.state,
-                &self.client.sandbox,
-                &self.client.tenant,
-                "network.deny",
-                ask.payload(&reason),
-            )
-            .await;
+            self.client
+                .record("network.deny", ask.payload(&reason))
+                .await;
             return answer(StatusCode::FORBIDDEN, &reason);
         }
         let host_header = if self.port == 443 {
