@@ -103,6 +103,25 @@ pub fn exec_session_ruleset() -> Result<RulesetCreated, RulesetError> {
 mod tests {
     use super::*;
 
+    /// Forks and runs `child` in the child, which exits with the code it returns (13 for
+    /// `None`); returns that exit code. `child` must only make system calls on memory
+    /// prepared before the fork.
+    fn in_forked_child(child: impl FnOnce() -> Option<i32>) -> i32 {
+        // SAFETY: the child makes system calls on memory prepared before the fork, then exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let code = child().unwrap_or(13);
+            // SAFETY: ends the forked child without the parent's cleanup.
+            unsafe { libc::_exit(code) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child into a live integer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert!(libc::WIFEXITED(status), "{status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
     /// Forks; the child enters the sandbox domain and tries `mknod` of a character device in a
     /// fresh directory; returns the child's exit code (0: refused with EACCES).
     #[test]
@@ -124,37 +143,24 @@ mod tests {
         .unwrap();
         // Built before the fork: the child only makes system calls.
         let ruleset = sandbox_ruleset().unwrap();
-        // SAFETY: the child makes system calls on memory prepared before the fork, then exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let code = (|| {
-                rustix::thread::set_no_new_privs(true).ok()?;
-                if enter(ruleset).ok()? != Enforcement::Full {
-                    return Some(10);
-                }
-                // SAFETY: NUL-terminated paths prepared before the fork.
-                let rc = unsafe {
-                    libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3))
-                };
-                let errno = std::io::Error::last_os_error().raw_os_error();
-                if rc == 0 || errno != Some(libc::EACCES) {
-                    return Some(11);
-                }
-                // Other nodes stay allowed.
-                // SAFETY: as above.
-                let rc = unsafe { libc::mknod(fifo.as_ptr(), libc::S_IFIFO | 0o600, 0) };
-                Some(if rc == 0 { 0 } else { 12 })
-            })()
-            .unwrap_or(13);
-            // SAFETY: ends the forked child without the parent's cleanup.
-            unsafe { libc::_exit(code) }
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child into a live integer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status), "{status:#x}");
-        assert_eq!(libc::WEXITSTATUS(status), 0);
+        let code = in_forked_child(move || {
+            rustix::thread::set_no_new_privs(true).ok()?;
+            if enter(ruleset).ok()? != Enforcement::Full {
+                return Some(10);
+            }
+            // SAFETY: NUL-terminated paths prepared before the fork.
+            let rc =
+                unsafe { libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            if rc == 0 || errno != Some(libc::EACCES) {
+                return Some(11);
+            }
+            // Other nodes stay allowed.
+            // SAFETY: as above.
+            let rc = unsafe { libc::mknod(fifo.as_ptr(), libc::S_IFIFO | 0o600, 0) };
+            Some(if rc == 0 { 0 } else { 12 })
+        });
+        assert_eq!(code, 0);
     }
 
     /// Forks; the child enters both domains (granted `Refer` beneath `/`, as the init does)
@@ -174,33 +180,21 @@ mod tests {
         let root = std::fs::File::open("/").unwrap();
         let sandbox = allow_reparenting(sandbox_ruleset().unwrap(), &root).unwrap();
         let session = allow_reparenting(exec_session_ruleset().unwrap(), &root).unwrap();
-        // SAFETY: the child makes system calls on memory prepared before the fork, then exits.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let code = (|| {
-                rustix::thread::set_no_new_privs(true).ok()?;
-                enter(sandbox).ok()?;
-                enter(session).ok()?;
-                // SAFETY: NUL-terminated paths prepared before the fork.
-                if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } != 0 {
-                    return Some(11);
-                }
-                // SAFETY: as above.
-                if unsafe { libc::link(to.as_ptr(), link.as_ptr()) } != 0 {
-                    return Some(12);
-                }
-                Some(0)
-            })()
-            .unwrap_or(13);
-            // SAFETY: ends the forked child without the parent's cleanup.
-            unsafe { libc::_exit(code) }
-        }
-        let mut status = 0;
-        // SAFETY: waits for our own child into a live integer.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        assert!(libc::WIFEXITED(status), "{status:#x}");
-        assert_eq!(libc::WEXITSTATUS(status), 0);
+        let code = in_forked_child(move || {
+            rustix::thread::set_no_new_privs(true).ok()?;
+            enter(sandbox).ok()?;
+            enter(session).ok()?;
+            // SAFETY: NUL-terminated paths prepared before the fork.
+            if unsafe { libc::rename(from.as_ptr(), to.as_ptr()) } != 0 {
+                return Some(11);
+            }
+            // SAFETY: as above.
+            if unsafe { libc::link(to.as_ptr(), link.as_ptr()) } != 0 {
+                return Some(12);
+            }
+            Some(0)
+        });
+        assert_eq!(code, 0);
     }
 
     #[test]
