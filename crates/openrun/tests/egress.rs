@@ -144,6 +144,14 @@ fn put_policy(api: &Api, id: &str, policy: Value) -> reqwest::blocking::Response
         .expect("PUT network")
 }
 
+/// [`put_policy`] that must succeed (200); returns the response, whose body is the new view.
+#[track_caller]
+fn set_policy(api: &Api, id: &str, policy: Value) -> reqwest::blocking::Response {
+    let res = put_policy(api, id, policy);
+    assert_eq!(res.status(), 200);
+    res
+}
+
 fn start(env: &Env, extra: &[&str]) -> (Server, Api) {
     let k = key(env, "egress");
     let mut args = vec!["--listen", "127.0.0.1:0"];
@@ -309,22 +317,20 @@ fn allowlist_decides_by_name_before_dns_and_by_cidr_and_follows_runtime_changes(
         text.contains("address 127.0.0.1 is not in the allowlist"),
         "{text}"
     );
-    let res = put_policy(
+    set_policy(
         &api,
         &id,
         json!({"mode": "allowlist", "allow": ["upstream.test", "0.0.0.0/0"]}),
     );
-    assert_eq!(res.status(), 200);
     let (status, text) = curl(&api, &id, &direct);
     assert_eq!(status, 403, "0.0.0.0/0 opened loopback: {text}");
     assert!(text.contains("is loopback"), "{text}");
     // The runtime change applies to the next connection.
-    let res = put_policy(
+    let res = set_policy(
         &api,
         &id,
         json!({"mode": "allowlist", "allow": ["127.0.0.1/32"]}),
     );
-    assert_eq!(res.status(), 200);
     let view: Value = res.json().unwrap();
     assert_eq!(view["allow"], json!(["127.0.0.1/32"]));
     let (status, text) = curl(&api, &id, &direct);
@@ -510,14 +516,13 @@ fn secrets_are_added_at_the_boundary_and_never_exist_inside() {
             && e["payload"]["secrets"] == json!(["TOKEN"])));
 
     // Secrets given later by PUT: the CA files are written then, and the header follows.
-    let res = put_policy(
+    set_policy(
         &api,
         &id,
         json!({"mode": "allowlist", "allow": ["secret.test", "plain.test"],
                "secrets": [{"name": "KEY", "value": "other-value-77", "hosts": ["plain.test"],
                             "header": "X-Api-Key", "format": "{value}"}]}),
     );
-    assert_eq!(res.status(), 200);
     plain.forget();
     tls.forget();
     let (status, text) = curl(&api, &id, &format!("https://plain.test:{}/", tls.port));
@@ -743,12 +748,11 @@ fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("is loopback"), "{text}");
     // Back to an allowlist: the namespace has loopback only again.
-    let res = put_policy(
+    set_policy(
         &api,
         &id,
         json!({"mode": "allowlist", "allow": ["upstream.test"]}),
     );
-    assert_eq!(res.status(), 200);
     assert_eq!(interfaces(&api, &id), ["lo"]);
     let res = api.get(&format!("/v1/sandboxes/{id}/environment"));
     assert_eq!(
@@ -756,8 +760,7 @@ fn open_mode_connects_the_namespace_and_still_guards_the_proxy() {
         "allowlist"
     );
     assert!(pastas_in_cgroup_of(&id).is_empty());
-    let res = put_policy(&api, &id, json!({"mode": "open"}));
-    assert_eq!(res.status(), 200);
+    set_policy(&api, &id, json!({"mode": "open"}));
     assert_eq!(interfaces(&api, &id), open_ifaces);
     let pasta = pastas_in_cgroup_of(&id);
     assert_eq!(pasta.len(), 1);
