@@ -952,6 +952,18 @@ fn proxy_answer(api: &Api, id: &str) -> String {
     stream(&lines, "stdout")
 }
 
+/// [`proxy_answer`] once the relay answers with HTTP, tried for up to 10 s (the relay's
+/// supervisor starts just after a create or a server start); the last answer if it never does.
+fn first_proxy_answer(api: &Api, id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut answer = proxy_answer(api, id);
+    while !answer.starts_with("HTTP/1.1 ") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        answer = proxy_answer(api, id);
+    }
+    answer
+}
+
 #[test]
 fn programs_inside_reach_the_egress_proxy_through_the_relay() {
     let env = Env::new();
@@ -959,13 +971,8 @@ fn programs_inside_reach_the_egress_proxy_through_the_relay() {
     let server = Server::start(&env);
     let api = Api::new(&server, &key);
     let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut answer = proxy_answer(&api, &id);
     // The supervisor starts right after the create: give it a moment.
-    while !answer.starts_with("HTTP/1.1 ") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        answer = proxy_answer(&api, &id);
-    }
+    let answer = first_proxy_answer(&api, &id);
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     // Across a pause and a resume the relay keeps working.
     assert_eq!(
@@ -982,12 +989,7 @@ fn programs_inside_reach_the_egress_proxy_through_the_relay() {
     server.stop();
     let server = Server::start(&env);
     let api = Api::new(&server, &key);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut answer = proxy_answer(&api, &id);
-    while !answer.starts_with("HTTP/1.1 ") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        answer = proxy_answer(&api, &id);
-    }
+    let answer = first_proxy_answer(&api, &id);
     assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
     assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
 }
