@@ -20,12 +20,15 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::frame::{read_frame, Frame, FrameError, MAX_DATA_LEN, MAX_HEADER_LEN, PREFIX_LEN};
 use crate::message::{AgentMessage, RequestEnvelope};
 
-/// Runs `check` (a fuzz target's checks) on every file of the corpus directory `dir`
-/// (`fuzz/corpus/<target>/`), in name order, and panics naming the files that fail; the corpus
-/// replay tests of this crate and of `openrun-image` share it.
-pub fn replay_corpus(dir: &std::path::Path, check: fn(&[u8])) {
-    let target = dir.file_name().unwrap_or_default().to_string_lossy();
-    let mut files: Vec<_> = std::fs::read_dir(dir)
+/// Runs `check` (a fuzz target's checks) on every file of the workspace's committed corpus
+/// `fuzz/corpus/<target>/`, in name order, and panics naming the files that fail; the corpus
+/// replay tests of this crate and of `openrun-image` share it. The corpus is found from this
+/// crate's source directory, so this works only in the workspace's checkout.
+pub fn replay_corpus(target: &str, check: fn(&[u8])) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .collect();
