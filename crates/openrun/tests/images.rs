@@ -480,7 +480,7 @@ fn whiteouts_and_opaque_directories_hide_lower_layers() {
         );
         assert_eq!(
             out,
-            "hostname\nhosts\nkept\npasswd\n--\n.\n..\nnew\n--\ncat: can't open '/etc/gone': No such file or directory\nabsent\n",
+            "hostname\nhosts\nkept\npasswd\nresolv.conf\n--\n.\n..\nnew\n--\ncat: can't open '/etc/gone': No such file or directory\nabsent\n",
             "{image}"
         );
     }
