@@ -330,17 +330,18 @@ fn target_of(req: &Request<Incoming>) -> Result<(String, u16), String> {
     ))
 }
 
-/// The decision on one request, with its event already recorded.
-enum Decision {
-    /// Go ahead: the name (`None` for an IP literal) and the addresses to try, in order.
-    Allow {
-        name: Option<String>,
-        addrs: Vec<SocketAddr>,
-        policy: Arc<Policy>,
-    },
-    /// Answer this instead.
-    Refuse(Response<Body>),
+/// A request [`decide`] let through, with its event already recorded.
+struct Allowed {
+    /// The name (`None` for an IP literal).
+    name: Option<String>,
+    /// The addresses to try, in order.
+    addrs: Vec<SocketAddr>,
+    /// The policy the request was judged by.
+    policy: Arc<Policy>,
 }
+
+/// What [`decide`] answers: go ahead, or send this refusal instead.
+type Decision = Result<Allowed, Response<Body>>;
 
 /// Why a plain-HTTP request to a host bound to a secret is refused.
 pub(crate) const SECRETS_NEED_HTTPS: &str = "secrets are only sent over HTTPS; use https://";
@@ -356,7 +357,7 @@ fn echoes_request(method: &Method) -> bool {
 async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
     let deny = |reason: String| async move {
         client.record("network.deny", ask.payload(&reason)).await;
-        Decision::Refuse(answer(StatusCode::FORBIDDEN, &reason))
+        Err(answer(StatusCode::FORBIDDEN, &reason))
     };
     let policy = match client
         .state
@@ -367,7 +368,7 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
         Ok(policy) => policy,
         Err(e) => {
             tracing::error!(sandbox = client.sandbox, error = %e, "cannot read a network policy");
-            return Decision::Refuse(answer(
+            return Err(answer(
                 StatusCode::BAD_GATEWAY,
                 "the proxy cannot read the network policy",
             ));
@@ -432,11 +433,11 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
         payload["secrets"] = secrets.into();
     }
     client.record("network.allow", payload).await;
-    Decision::Allow {
+    Ok(Allowed {
         name,
         addrs,
         policy,
-    }
+    })
 }
 
 /// Resolves an allowed name on the host.
@@ -490,13 +491,13 @@ async fn connect(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
         host,
         port,
     };
-    let (name, addrs, policy) = match decide(&client, &ask, false).await {
-        Decision::Allow {
-            name,
-            addrs,
-            policy,
-        } => (name, addrs, policy),
-        Decision::Refuse(response) => return response,
+    let Allowed {
+        name,
+        addrs,
+        policy,
+    } = match decide(&client, &ask, false).await {
+        Ok(allowed) => allowed,
+        Err(refusal) => return refusal,
     };
     let upstream = match dial(&addrs).await {
         Ok(stream) => stream,
@@ -810,13 +811,9 @@ async fn forward(client: Arc<Client>, req: Request<Incoming>) -> Response<Body> 
     };
     // A host bound to a secret is refused here (the secret is never sent in clear text), so
     // nothing is added to a plain-HTTP request.
-    let (_, addrs, _) = match decide(&client, &ask, true).await {
-        Decision::Allow {
-            name,
-            addrs,
-            policy,
-        } => (name, addrs, policy),
-        Decision::Refuse(response) => return response,
+    let addrs = match decide(&client, &ask, true).await {
+        Ok(allowed) => allowed.addrs,
+        Err(refusal) => return refusal,
     };
     let host_header = if port == 80 {
         host
