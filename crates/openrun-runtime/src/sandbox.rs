@@ -167,6 +167,22 @@ impl Runtime {
         spec.limits
             .validate()
             .map_err(RuntimeError::InvalidLimits)?;
+        // An open-files limit above the creator's own hard limit cannot be set (raising a hard
+        // limit needs CAP_SYS_RESOURCE of the host): the caller's value, refused before
+        // anything is made.
+        if let Some(asked) = spec.limits.open_files {
+            let creator_max = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+                .maximum
+                .unwrap_or(u64::MAX);
+            if asked > creator_max {
+                return Err(RuntimeError::InvalidLimits(
+                    crate::limits::LimitParseError::OpenFiles {
+                        value: format!("{asked} (this host allows at most {creator_max})"),
+                        reason: "above the hard open-files limit of the process creating                                  sandboxes, which it cannot raise",
+                    },
+                ));
+            }
+        }
         let image = image::prepare(&spec.image, &self.data_dir.join("images"))?;
         let id = match &spec.id {
             Some(id) if !state::valid_id(id) => return Err(RuntimeError::InvalidId(id.clone())),

@@ -250,6 +250,19 @@ fn bad_limits_are_refused_naming_the_value() {
     }
     let res = api.post("/v1/sandboxes", r#"{"disk": 10}"#);
     assert_eq!(res.status(), 400);
+    // Above the server's own hard open-files limit (which it cannot raise): a 400 naming it,
+    // not a failed create (schemathesis found the 500).
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(u64::MAX);
+    let (asked, says) = if hard < 1_048_576 {
+        (hard + 1, "above the hard open-files limit")
+    } else {
+        (1_048_577, "must be at most 1048576")
+    };
+    let res = api.post("/v1/sandboxes", &json!({"open_files": asked}).to_string());
+    let message = error(res, 400, "invalid_argument");
+    assert!(message.contains(says), "{asked}: {message}");
     assert!(api.ids().is_empty());
 }
 
