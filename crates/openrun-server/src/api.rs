@@ -96,6 +96,10 @@ pub fn router(state: Shared) -> Router {
                 async move { ([(header::CONTENT_TYPE, "application/json")], doc) }
             }),
         )
+        // The E2B-compatible control plane (`/v2/sandboxes`, `/sandboxes/...`, X-API-KEY) and
+        // MCP over Streamable HTTP (`/mcp`, bearer key): adapters over the same core calls.
+        .merge(crate::e2b::api_routes(state.clone()))
+        .merge(crate::mcp::router(state.clone()))
         .fallback(|| async { ApiError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(
@@ -106,6 +110,12 @@ pub fn router(state: Shared) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             crate::preview::by_host,
+        ))
+        // Outermost: E2B sandbox traffic (envd and the code interpreter, named by the
+        // `E2b-Sandbox-Id` header or a `49983-<id>.<domain>` host) is not the API either.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::e2b::sandbox_traffic,
         ))
         .with_state(state)
 }
@@ -229,18 +239,25 @@ async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<R
                     .into(),
             )
         })?;
+    let caller = authenticate(&s, token).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
+}
+
+/// The caller an API key stands for (401 for a key this server does not know). Every surface
+/// (`/v1`, E2B's `X-API-KEY`, MCP) authenticates through it.
+pub(crate) async fn authenticate(s: &AppState, token: &str) -> Result<Caller, ApiError> {
     let hash = crate::keys::hash(token);
     let key =
         s.db.call(move |c| db::key_by_hash(c, &hash))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))?;
     tracing::debug!(key = key.id, name = key.name, "authenticated");
-    req.extensions_mut().insert(Caller {
+    Ok(Caller {
         tenant: key.tenant,
         actor: key.actor_kind,
         name: key.name,
-    });
-    Ok(next.run(req).await)
+    })
 }
 
 /// A JSON body whose every failure is an [`ApiError`]: 413 above [`MAX_BODY`], 400 naming
