@@ -295,33 +295,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
 pub(crate) struct CreateBody {
     /// `name[:tag]` of an image in the server's store (`openrun image ls`), or `host` (the
     /// default). The image's environment (under `env`), working directory and user apply.
-    image: Option<String>,
+    pub(crate) image: Option<String>,
     /// An unpacked root filesystem on the server's host, instead of `image` (refused over
     /// the API: only images are accepted).
     #[schema(value_type = Option<String>)]
-    rootfs: Option<PathBuf>,
+    pub(crate) rootfs: Option<PathBuf>,
     /// Memory limit, e.g. `512M`.
-    memory: Option<String>,
+    pub(crate) memory: Option<String>,
     /// CPU limit, e.g. `1.5`.
-    cpus: Option<String>,
+    pub(crate) cpus: Option<String>,
     /// Process limit.
-    pids: Option<u64>,
+    pub(crate) pids: Option<u64>,
     /// Quota of the writable layer, e.g. `10G` (default: the server's `--default-disk`).
-    disk: Option<String>,
+    pub(crate) disk: Option<String>,
     /// Open files per process (`RLIMIT_NOFILE`), 64 to 1048576 (default 65536).
-    open_files: Option<u64>,
+    pub(crate) open_files: Option<u64>,
     /// Lifetime, e.g. `15m` (the default).
-    ttl: Option<String>,
+    pub(crate) ttl: Option<String>,
     /// Environment of every process (over the image's).
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    pub(crate) env: BTreeMap<String, String>,
     /// Labels to find it by (`GET /v1/sandboxes?label=k=v`): at most 64; keys of 1 to 63
     /// characters from `A-Za-z0-9._/-`, values of at most 256 characters.
     #[serde(default)]
-    labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     /// Network policy (default: mode `none`); see `PUT /v1/sandboxes/{id}/network`.
     #[schema(value_type = Option<crate::egress::policy::PolicyBody>)]
-    network: Option<serde_json::Value>,
+    pub(crate) network: Option<serde_json::Value>,
 }
 
 /// The sandbox resource of the API.
@@ -862,6 +862,26 @@ pub(crate) async fn remove(s: &AppState, caller: &Caller, row: SandboxRow) -> Re
         .await?;
     s.egress.forget(&row.id);
     Ok(())
+}
+
+/// The timeline of the caller's sandbox `id` (kept after delete) after event `since`, oldest
+/// first; 404 for anyone else's.
+pub(crate) async fn read_events(
+    s: &AppState,
+    caller: &Caller,
+    id: &str,
+    since: i64,
+) -> Result<Vec<db::EventRow>, ApiError> {
+    let missing = || ApiError::NotFound(format!("no such sandbox: {id}"));
+    if !openrun_runtime::state::valid_id(id) {
+        return Err(missing());
+    }
+    let (tenant, key) = (caller.tenant.clone(), id.to_string());
+    Ok(s.db
+        .call(move |c| db::events(c, &tenant, &key, since))
+        .await?
+        .ok_or_else(missing)?
+        .events)
 }
 
 /// How often a follower of the timeline looks again when no write woke it.

@@ -86,20 +86,13 @@ impl ExecBody {
     /// Checks everything that can be checked before the command starts and builds the agent's
     /// request (attached unless `background`).
     pub(crate) fn into_request(self) -> Result<ExecRequest, ApiError> {
-        check_argv(&self.cmd)?;
-        if self.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
-            return Err(ApiError::InvalidArgument(
-                "cwd must not contain NUL bytes".into(),
-            ));
-        }
-        check_env(&self.env)?;
         let timeout = self
             .timeout
             .as_deref()
             .map(openrun_runtime::limits::parse_duration)
             .transpose()
             .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        Ok(ExecRequest {
+        let request = ExecRequest {
             argv: self.cmd,
             env: self.env,
             cwd: self.cwd,
@@ -107,8 +100,41 @@ impl ExecBody {
             attach: !self.background,
             stdin: self.stdin,
             ..Default::default()
-        })
+        };
+        check_request(&request)?;
+        Ok(request)
     }
+}
+
+/// Checks everything about a command that can be checked before it starts: a program name,
+/// no NUL bytes in argv, cwd, user or tag, valid environment names, a non-empty terminal.
+pub(crate) fn check_request(request: &ExecRequest) -> Result<(), ApiError> {
+    check_argv(&request.argv)?;
+    for (name, value) in [
+        ("cwd", &request.cwd),
+        ("user", &request.user),
+        ("tag", &request.tag),
+    ] {
+        if value.as_deref().is_some_and(|v| v.contains('\0')) {
+            return Err(ApiError::InvalidArgument(format!(
+                "{name} must not contain NUL bytes"
+            )));
+        }
+    }
+    if request.user.as_deref() == Some("") {
+        return Err(ApiError::InvalidArgument(
+            "user must name a user or uid[:gid]".into(),
+        ));
+    }
+    if let Some(size) = request.pty {
+        if size.rows == 0 || size.cols == 0 {
+            return Err(ApiError::InvalidArgument(format!(
+                "a terminal needs at least one row and one column, not {}x{}",
+                size.cols, size.rows
+            )));
+        }
+    }
+    check_env(&request.env)
 }
 
 /// Checks a command line from a client: a program name, no NUL bytes.
@@ -253,28 +279,58 @@ pub async fn exec(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<ExecBody>,
 ) -> Result<Response, ApiError> {
-    let row = find(&s, &caller, &id).await?;
     let background = body.background();
     let request = body.into_request()?;
-    let agent = open_running(&s, &row).await?;
     if !background {
-        let lines = start(&s, &caller, &row, agent, request, None).await?;
+        let lines = run_attached(&s, &caller, &id, request, None).await?;
         return Ok(ndjson_response(lines));
     }
-    let (_sandbox, mut client) = agent;
-    record_exec(&s, &caller, &row, &request).await?;
+    let pid = start_background(&s, &caller, &id, request).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(serde_json::json!({ "pid": pid })),
+    )
+        .into_response())
+}
+
+/// Starts `request` attached in the caller's running sandbox `id` (see [`start`]): its lines
+/// arrive on the returned channel, the last an `exit` or `error` line; `input` carries what
+/// the client sends while it runs.
+pub(crate) async fn run_attached(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    mut request: ExecRequest,
+    input: Option<mpsc::Receiver<Input>>,
+) -> Result<mpsc::Receiver<Line>, ApiError> {
+    check_request(&request)?;
+    request.attach = true;
+    let row = find(s, caller, id).await?;
+    let agent = open_running(s, &row).await?;
+    start(s, caller, &row, agent, request, input).await
+}
+
+/// Starts `request` unattached in the caller's running sandbox `id` and returns its pid: the
+/// process endpoints follow it, and its exit is recorded on the timeline when it comes.
+pub(crate) async fn start_background(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    mut request: ExecRequest,
+) -> Result<Pid, ApiError> {
+    check_request(&request)?;
+    request.attach = false;
+    let row = find(s, caller, id).await?;
+    let (_sandbox, mut client) = open_running(s, &row).await?;
+    record_exec(s, caller, &row, &request).await?;
     let started = client
         .call(Request::Exec(request))
         .await
         .map_err(|e| ApiError::from_client("cannot start the process", e))?;
     match started.header {
         AgentResponse::Started { pid } => {
-            crate::maintenance::watch_background(&s, &row, &caller, pid).await;
-            Ok((
-                StatusCode::CREATED,
-                axum::Json(serde_json::json!({ "pid": pid })),
-            )
-                .into_response())
+            crate::maintenance::watch_background(s, &row, caller, pid).await;
+            Ok(pid)
         }
         other => Err(ApiError::internal(
             "cannot start the process",

@@ -1,4 +1,6 @@
-//! `/v1/sandboxes/{id}/files…`: each handler is a thin adapter over one agent request. The
+//! `/v1/sandboxes/{id}/files…`: each handler is a thin adapter over one core call
+//! ([`read_file`], [`write_file`], [`list_dir`], [`stat_path`], [`make_dir`], [`remove_path`],
+//! [`move_path`]; the E2B and MCP surfaces call them too), each one agent request. The
 //! agent resolves every path inside the sandbox root (a path that tries to leave it fails
 //! there), so no path logic lives here. Agent refusals become HTTP in `error.rs`.
 //!
@@ -18,7 +20,7 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use openrun_protocol::{Request, Response as AgentResponse, MAX_DATA_LEN};
+use openrun_protocol::{FileStat, Request, Response as AgentResponse, MAX_DATA_LEN};
 
 use crate::api::{Caller, JsonBody, Shared};
 use crate::db::{self, NewEvent, SandboxRow};
@@ -77,24 +79,59 @@ pub async fn read(
     query: Query,
 ) -> Result<Response, ApiError> {
     query.only(&["path", "offset", "limit"])?;
+    let file = read_file(
+        &s,
+        &caller,
+        &id,
+        query.path("path")?,
+        query.u64("offset")?.unwrap_or(0),
+        query.u64("limit")?,
+    )
+    .await?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-file-size"),
+                file.size.to_string(),
+            ),
+        ],
+        file.data,
+    )
+        .into_response())
+}
+
+/// Bytes read from a file, and its whole size.
+#[derive(Debug)]
+pub(crate) struct FileData {
+    /// The bytes from the offset asked for (at most [`MAX_DATA_LEN`]).
+    pub data: Vec<u8>,
+    /// Size of the whole file.
+    pub size: u64,
+}
+
+/// Reads up to `limit` bytes (capped at [`MAX_DATA_LEN`]) of the file `path` in the caller's
+/// sandbox `id`, from `offset`.
+pub(crate) async fn read_file(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+    offset: u64,
+    limit: Option<u64>,
+) -> Result<FileData, ApiError> {
+    check_path("path", &path)?;
     let request = Request::ReadFile {
-        path: query.path("path")?,
-        offset: query.u64("offset")?.unwrap_or(0),
-        limit: query.u64("limit")?,
+        path,
+        offset,
+        limit,
     };
-    let (_, answer) = agent_call(&s, &caller, &id, request, Vec::new()).await?;
+    let (_, answer) = agent_call(s, caller, id, request, Vec::new()).await?;
     match answer.header {
-        AgentResponse::FileData { size, .. } => Ok((
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (
-                    header::HeaderName::from_static("x-file-size"),
-                    size.to_string(),
-                ),
-            ],
-            answer.data,
-        )
-            .into_response()),
+        AgentResponse::FileData { size, .. } => Ok(FileData {
+            data: answer.data,
+            size,
+        }),
         other => Err(unexpected(other)),
     }
 }
@@ -126,41 +163,93 @@ pub async fn write(
             ApiError::InvalidArgument(format!("cannot read the request body: {}", e.body_text()))
         }
     })?;
-    let bytes = data.len();
-    let payload = serde_json::json!({ "path": path, "bytes": bytes });
+    write_file(
+        &s,
+        &caller,
+        &id,
+        path,
+        Vec::from(data),
+        mode,
+        parents,
+        false,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes `data` (at most [`MAX_DATA_LEN`] bytes) to the file `path` in the caller's sandbox
+/// `id`: atomically replaced, or appended to with `append` (not atomic: for chunked uploads to
+/// a temporary name, moved into place after). Records `file.write`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn write_file(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+    data: Vec<u8>,
+    mode: Option<u32>,
+    parents: bool,
+    append: bool,
+) -> Result<(), ApiError> {
+    check_path("path", &path)?;
+    if data.len() > MAX_DATA_LEN {
+        return Err(ApiError::TooLarge {
+            limit: MAX_DATA_LEN,
+        });
+    }
+    let mut payload = serde_json::json!({ "path": path, "bytes": data.len() });
+    if append {
+        payload["append"] = serde_json::json!(true);
+    }
     let request = Request::WriteFile {
         path,
         mode,
         parents,
-        append: false,
+        append,
     };
-    change(
-        &s,
-        &caller,
-        &id,
-        request,
-        Vec::from(data),
-        "file.write",
-        payload,
-    )
-    .await
+    change(s, caller, id, request, data, "file.write", payload).await
 }
 
-/// Asks the agent about the `path` of a query (the only parameter allowed) and returns its
-/// answer: the shared half of `list` and `stat`.
+/// Asks the agent about `path` (checked first) and returns its answer: the shared half of
+/// `list` and `stat`.
 async fn ask_about_path(
     s: &Shared,
     caller: &Caller,
     id: &str,
-    query: &Query,
+    path: String,
     request: fn(String) -> Request,
 ) -> Result<AgentResponse, ApiError> {
-    query.only(&["path"])?;
-    let request = request(query.path("path")?);
-    Ok(agent_call(s, caller, id, request, Vec::new())
+    check_path("path", &path)?;
+    Ok(agent_call(s, caller, id, request(path), Vec::new())
         .await?
         .1
         .header)
+}
+
+/// The entries of the directory `path` in the caller's sandbox `id`, sorted by name.
+pub(crate) async fn list_dir(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+) -> Result<Vec<FileStat>, ApiError> {
+    match ask_about_path(s, caller, id, path, |path| Request::ListDir { path }).await? {
+        AgentResponse::Entries { entries } => Ok(entries),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Metadata of `path` in the caller's sandbox `id` (a final symlink is not followed).
+pub(crate) async fn stat_path(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+) -> Result<FileStat, ApiError> {
+    match ask_about_path(s, caller, id, path, |path| Request::Stat { path }).await? {
+        AgentResponse::Stat(stat) => Ok(stat),
+        other => Err(unexpected(other)),
+    }
 }
 
 /// `GET /v1/sandboxes/{id}/files/list?path=/d`: the entries, sorted by name.
@@ -175,10 +264,9 @@ pub async fn list(
     Path(id): Path<String>,
     query: Query,
 ) -> Result<Response, ApiError> {
-    match ask_about_path(&s, &caller, &id, &query, |path| Request::ListDir { path }).await? {
-        AgentResponse::Entries { entries } => Ok(Json(entries).into_response()),
-        other => Err(unexpected(other)),
-    }
+    query.only(&["path"])?;
+    let entries = list_dir(&s, &caller, &id, query.path("path")?).await?;
+    Ok(Json(entries).into_response())
 }
 
 /// `GET /v1/sandboxes/{id}/files/stat?path=/x`: metadata (a final symlink is not followed).
@@ -193,10 +281,9 @@ pub async fn stat(
     Path(id): Path<String>,
     query: Query,
 ) -> Result<Response, ApiError> {
-    match ask_about_path(&s, &caller, &id, &query, |path| Request::Stat { path }).await? {
-        AgentResponse::Stat(stat) => Ok(Json(stat).into_response()),
-        other => Err(unexpected(other)),
-    }
+    query.only(&["path"])?;
+    let stat = stat_path(&s, &caller, &id, query.path("path")?).await?;
+    Ok(Json(stat).into_response())
 }
 
 /// Body of `files/mkdir`.
@@ -234,13 +321,10 @@ async fn change(
     data: Vec<u8>,
     kind: &'static str,
     payload: serde_json::Value,
-) -> Result<StatusCode, ApiError> {
+) -> Result<(), ApiError> {
     let (row, answer) = agent_call(s, caller, id, request, data).await?;
     match answer.header {
-        AgentResponse::Done => {
-            record(s, caller, &row, kind, payload).await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
+        AgentResponse::Done => record(s, caller, &row, kind, payload).await,
         other => Err(unexpected(other)),
     }
 }
@@ -258,14 +342,27 @@ pub async fn mkdir(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<MkdirBody>,
 ) -> Result<StatusCode, ApiError> {
-    check_path("path", &body.path)?;
-    let payload = serde_json::json!({ "path": body.path, "parents": body.parents });
+    make_dir(&s, &caller, &id, body.path, body.parents).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Creates the directory `path` (and its parents with `parents`, like `mkdir -p`, then an
+/// existing directory is no error) in the caller's sandbox `id`; records `file.mkdir`.
+pub(crate) async fn make_dir(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+    parents: bool,
+) -> Result<(), ApiError> {
+    check_path("path", &path)?;
+    let payload = serde_json::json!({ "path": path, "parents": parents });
     let request = Request::Mkdir {
-        path: body.path,
-        parents: body.parents,
+        path,
+        parents,
         mode: None,
     };
-    change(&s, &caller, &id, request, Vec::new(), "file.mkdir", payload).await
+    change(s, caller, id, request, Vec::new(), "file.mkdir", payload).await
 }
 
 /// `POST /v1/sandboxes/{id}/files/remove` `{"path","recursive"}`.
@@ -281,22 +378,23 @@ pub async fn remove(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<RemoveBody>,
 ) -> Result<StatusCode, ApiError> {
-    check_path("path", &body.path)?;
-    let payload = serde_json::json!({ "path": body.path, "recursive": body.recursive });
-    let request = Request::Remove {
-        path: body.path,
-        recursive: body.recursive,
-    };
-    change(
-        &s,
-        &caller,
-        &id,
-        request,
-        Vec::new(),
-        "file.remove",
-        payload,
-    )
-    .await
+    remove_path(&s, &caller, &id, body.path, body.recursive).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Removes a file, a symlink or (with `recursive`) a directory tree at `path` in the caller's
+/// sandbox `id`; records `file.remove`.
+pub(crate) async fn remove_path(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: String,
+    recursive: bool,
+) -> Result<(), ApiError> {
+    check_path("path", &path)?;
+    let payload = serde_json::json!({ "path": path, "recursive": recursive });
+    let request = Request::Remove { path, recursive };
+    change(s, caller, id, request, Vec::new(), "file.remove", payload).await
 }
 
 /// `POST /v1/sandboxes/{id}/files/move` `{"from","to"}`.
@@ -312,12 +410,21 @@ pub async fn rename(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<MoveBody>,
 ) -> Result<StatusCode, ApiError> {
-    check_path("from", &body.from)?;
-    check_path("to", &body.to)?;
-    let payload = serde_json::json!({ "from": body.from, "to": body.to });
-    let request = Request::Rename {
-        from: body.from,
-        to: body.to,
-    };
-    change(&s, &caller, &id, request, Vec::new(), "file.move", payload).await
+    move_path(&s, &caller, &id, body.from, body.to).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Renames (moves) `from` to `to` in the caller's sandbox `id`; records `file.move`.
+pub(crate) async fn move_path(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    from: String,
+    to: String,
+) -> Result<(), ApiError> {
+    check_path("from", &from)?;
+    check_path("to", &to)?;
+    let payload = serde_json::json!({ "from": from, "to": to });
+    let request = Request::Rename { from, to };
+    change(s, caller, id, request, Vec::new(), "file.move", payload).await
 }

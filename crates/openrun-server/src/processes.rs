@@ -1,4 +1,6 @@
-//! `/v1/sandboxes/{id}/processes…`: the agent's process table, each handler one agent request.
+//! `/v1/sandboxes/{id}/processes…`: the agent's process table, each handler a thin adapter over
+//! one core call ([`list_processes`], [`process_status`], [`signal_process`], [`write_stdin`],
+//! [`resize_terminal`], [`follow_output`]; the E2B and MCP surfaces call them too).
 //! `POST .../exec` with `"background": true` starts processes for these to act on.
 //!
 //! | method and path | agent request | answer |
@@ -20,7 +22,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use openrun_protocol::{
-    AgentMessage, AttachRequest, Pid, ProcessState, Request, Response as AgentResponse, Stream,
+    AgentMessage, AttachRequest, Pid, ProcessInfo, ProcessState, PtySize, Request,
+    Response as AgentResponse, Stream, MAX_DATA_LEN,
 };
 use tokio::sync::mpsc;
 
@@ -70,12 +73,22 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match agent_call(&s, &caller, &id, Request::ListProcesses, Vec::new())
+    Ok(Json(list_processes(&s, &caller, &id).await?).into_response())
+}
+
+/// The process table of the caller's sandbox `id`: running processes and exited ones not yet
+/// released.
+pub(crate) async fn list_processes(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+) -> Result<Vec<ProcessInfo>, ApiError> {
+    match agent_call(s, caller, id, Request::ListProcesses, Vec::new())
         .await?
         .1
         .header
     {
-        AgentResponse::Processes { processes } => Ok(Json(processes).into_response()),
+        AgentResponse::Processes { processes } => Ok(processes),
         other => Err(unexpected(other)),
     }
 }
@@ -91,13 +104,22 @@ pub async fn status(
     Extension(caller): Extension<Caller>,
     Path((id, p)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let request = Request::ProcessStatus { pid: pid(&p)? };
-    match agent_call(&s, &caller, &id, request, Vec::new())
+    Ok(Json(process_status(&s, &caller, &id, pid(&p)?).await?).into_response())
+}
+
+/// One process of the caller's sandbox `id` (404 `no_such_process` when it is not in the table).
+pub(crate) async fn process_status(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    pid: Pid,
+) -> Result<ProcessInfo, ApiError> {
+    match agent_call(s, caller, id, Request::ProcessStatus { pid }, Vec::new())
         .await?
         .1
         .header
     {
-        AgentResponse::Process(info) => Ok(Json(info).into_response()),
+        AgentResponse::Process(info) => Ok(info),
         other => Err(unexpected(other)),
     }
 }
@@ -124,20 +146,27 @@ pub async fn signal(
     Path((id, p)): Path<(String, String)>,
     JsonBody(body): JsonBody<SignalBody>,
 ) -> Result<StatusCode, ApiError> {
-    let pid = pid(&p)?;
-    check_signal(body.signal)?;
-    let request = Request::Signal {
-        pid,
-        signal: body.signal,
-        group: body.group,
-    };
-    let (row, answer) = agent_call(&s, &caller, &id, request, Vec::new()).await?;
+    signal_process(&s, &caller, &id, pid(&p)?, body.signal, body.group).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Sends `signal` to `pid` (to its whole process group with `group`) in the caller's sandbox
+/// `id`; records `process.signal`.
+pub(crate) async fn signal_process(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    pid: Pid,
+    signal: i32,
+    group: bool,
+) -> Result<(), ApiError> {
+    check_signal(signal)?;
+    let request = Request::Signal { pid, signal, group };
+    let (row, answer) = agent_call(s, caller, id, request, Vec::new()).await?;
     match answer.header {
         AgentResponse::Done => {
-            let payload =
-                serde_json::json!({ "pid": pid, "signal": body.signal, "group": body.group });
-            record(&s, &caller, &row, "process.signal", payload).await?;
-            Ok(StatusCode::NO_CONTENT)
+            let payload = serde_json::json!({ "pid": pid, "signal": signal, "group": group });
+            record(s, caller, &row, "process.signal", payload).await
         }
         other => Err(unexpected(other)),
     }
@@ -169,13 +198,55 @@ pub async fn stdin(
             ApiError::InvalidArgument(format!("cannot read the request body: {}", e.body_text()))
         }
     })?;
-    let request = Request::Stdin { pid, eof };
-    match agent_call(&s, &caller, &id, request, data.to_vec())
+    write_stdin(&s, &caller, &id, pid, data.to_vec(), eof).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Writes `data` to the stdin (or terminal) of `pid` in the caller's sandbox `id`, then closes
+/// its stdin with `eof`.
+pub(crate) async fn write_stdin(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    pid: Pid,
+    data: Vec<u8>,
+    eof: bool,
+) -> Result<(), ApiError> {
+    if data.len() > MAX_DATA_LEN {
+        return Err(ApiError::TooLarge {
+            limit: MAX_DATA_LEN,
+        });
+    }
+    match agent_call(s, caller, id, Request::Stdin { pid, eof }, data)
         .await?
         .1
         .header
     {
-        AgentResponse::Done => Ok(StatusCode::NO_CONTENT),
+        AgentResponse::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Resizes the terminal of `pid` (started with a PTY) in the caller's sandbox `id`.
+pub(crate) async fn resize_terminal(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    pid: Pid,
+    size: PtySize,
+) -> Result<(), ApiError> {
+    if size.rows == 0 || size.cols == 0 {
+        return Err(ApiError::InvalidArgument(format!(
+            "a terminal needs at least one row and one column, not {}x{}",
+            size.cols, size.rows
+        )));
+    }
+    match agent_call(s, caller, id, Request::Resize { pid, size }, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Done => Ok(()),
         other => Err(unexpected(other)),
     }
 }
@@ -200,8 +271,23 @@ pub async fn output(
         stderr_since: query.u64("stderr_since")?.unwrap_or(0),
         follow: query.flag("follow")?,
     };
-    let row = find(&s, &caller, &id).await?;
-    let (_sandbox, client) = open_running(&s, &row).await?;
+    let rx = follow_output(&s, &caller, &id, request).await?;
+    Ok(ndjson_response(rx))
+}
+
+/// The output of a process of the caller's sandbox `id` from the offsets in `request`, as
+/// [`Line`]s (`stdout`/`stderr`, then `exit` once it ended). Without `follow` the lines end at
+/// the output present now (and the exit, if it had ended); with `follow`, at its exit. An
+/// `error` line ends a stream whose agent went away.
+pub(crate) async fn follow_output(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    request: AttachRequest,
+) -> Result<mpsc::Receiver<Line>, ApiError> {
+    let pid = request.pid;
+    let row = find(s, caller, id).await?;
+    let (_sandbox, client) = open_running(s, &row).await?;
     let (mut sender, mut receiver) = client.split();
     let sent = sender.send(Request::Attach(request.clone())).await;
     let attached = match sent {
@@ -257,5 +343,5 @@ pub async fn output(
             }
         }
     });
-    Ok(ndjson_response(rx))
+    Ok(rx)
 }
