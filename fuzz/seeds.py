@@ -69,6 +69,8 @@ requests = [
     req(23, {"op": "relay_egress", "port": 3128}),
     req(24, {"op": "take_connection", "conn": 1}),
     req(18446744073709551615, {"op": "shutdown"}),
+    req(25, {"op": "watch", "path": "/home/user", "recursive": True}),
+    req(26, {"op": "unwatch", "watch": 3}),
 ]
 
 proc = {"pid": 7, "argv": ["sleep", "1"], "cwd": "/", "uid": 0, "pty": False, "tag": None,
@@ -102,6 +104,10 @@ messages = [
     frame({"type": "output", "pid": 7, "stream": "stderr", "offset": 6}, b"\x1b[31merr"),
     frame({"type": "exit", "pid": 7, "status": {"code": 0, "signal": None}}),
     frame({"type": "incoming", "conn": 3}),
+    resp(13, {"Ok": {"kind": "watching", "watch": 3}}),
+    frame({"type": "file_event", "watch": 3, "name": "sub/a.txt", "kind": "create"}),
+    frame({"type": "file_event", "watch": 3, "name": "", "kind": "overflow"}),
+    frame({"type": "watch_ended", "watch": 3, "reason": "the watched directory was removed"}),
 ]
 
 for shape in (0, 5, 255):

@@ -52,6 +52,8 @@ pub(crate) struct Agent {
     deadline: watch::Sender<Option<tokio::time::Instant>>,
     /// The egress relay's listener and unclaimed connections.
     pub(crate) relay: crate::relay::Relay,
+    /// Directory watches of every connection.
+    pub(crate) watches: Rc<crate::watch::Watches>,
 }
 
 /// The parent's ends of a new process's standard streams.
@@ -126,9 +128,11 @@ impl Agent {
         let (shutdown, _) = watch::channel(false);
         let deadline = config.lifetime.map(|d| tokio::time::Instant::now() + d);
         let (deadline, _) = watch::channel(deadline);
+        let files = Arc::new(files);
         Rc::new(Self {
             config,
-            files: Arc::new(files),
+            watches: crate::watch::Watches::new(files.clone()),
+            files,
             started: Instant::now(),
             is_init: rustix::process::getpid().is_init(),
             processes: RefCell::new(BTreeMap::new()),

@@ -89,6 +89,8 @@ struct Connection {
     pumps: HashMap<Pid, JoinHandle<()>>,
     /// The egress listener this connection started (`RelayEgress`), stopped when it ends.
     egress: Option<u64>,
+    /// Directory watches this connection started (`Watch`), stopped when it ends.
+    watches: std::collections::HashSet<u64>,
 }
 
 /// Serves one connection until the client closes it, sends something unreadable, or asks the
@@ -102,6 +104,7 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
         out,
         pumps: HashMap::new(),
         egress: None,
+        watches: std::collections::HashSet::new(),
     };
     let mut piped = None;
     loop {
@@ -145,6 +148,9 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
     }
     if let Some(generation) = conn.egress.take() {
         conn.agent.relay.stop(generation);
+    }
+    for watch in conn.watches.drain() {
+        conn.agent.watches.stop(watch);
     }
     let Some((id, tcp)) = piped else {
         return;
@@ -490,6 +496,40 @@ impl Connection {
                         return Flow::Continue;
                     }
                     Err(e) => Err(e),
+                }
+            }
+            Request::Watch { path, recursive } => {
+                if self.watches.len() >= crate::watch::MAX_WATCHES_PER_CONNECTION {
+                    Err(AgentError::new(
+                        ErrorCode::TooLarge,
+                        format!(
+                            "this connection already has {} directory watches; stop some first",
+                            crate::watch::MAX_WATCHES_PER_CONNECTION
+                        ),
+                    ))
+                } else {
+                    match self.agent.watches.watch(path, recursive).await {
+                        Ok(started) => {
+                            let watch = started.id;
+                            self.watches.insert(watch);
+                            self.respond(id, Ok((Response::Watching { watch }, Vec::new())))
+                                .await;
+                            // Events only after the answer.
+                            started.start(self.out.clone());
+                            return Flow::Continue;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            }
+            Request::Unwatch { watch } => {
+                if self.watches.remove(&watch) {
+                    done(self.agent.watches.unwatch(watch))
+                } else {
+                    Err(AgentError::new(
+                        ErrorCode::NotFound,
+                        format!("no such watch on this connection: {watch}"),
+                    ))
                 }
             }
             Request::Shutdown => {

@@ -402,6 +402,18 @@ impl Files {
         Ok(entries)
     }
 
+    /// Opens the directory `path` (for reading its entries and opening names in it) to watch it
+    /// (`crate::watch`): resolved inside the root like every path here; not on procfs.
+    pub(crate) fn open_dir(&self, path: &str) -> Result<OwnedFd, AgentError> {
+        check_path(path)?;
+        self.open_in_root(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NONBLOCK,
+            Mode::empty(),
+            Access::Read,
+        )
+    }
+
     /// Stats a path without following a final symlink.
     pub(crate) fn stat(&self, path: &str) -> Result<FileStat, AgentError> {
         check_path(path)?;
@@ -671,7 +683,7 @@ fn split_path(path: &str) -> SplitPath {
     }
 }
 
-fn open_subdir(dir: impl AsFd, name: impl rustix::path::Arg) -> Result<OwnedFd, Errno> {
+pub(crate) fn open_subdir(dir: impl AsFd, name: impl rustix::path::Arg) -> Result<OwnedFd, Errno> {
     rustix::fs::openat(
         dir,
         name,
@@ -770,6 +782,23 @@ fn remove_entry(
     }
 }
 
+/// Marks the temporary files of atomic writes: `.{stem}{TEMP_MARK}{16 hex digits}`.
+const TEMP_MARK: &str = ".openrun-tmp-";
+
+/// Whether `name` (a final component) is one of [`create_temp`]'s temporary files, which
+/// directory watches hide (`crate::watch`).
+pub(crate) fn is_temp_name(name: &[u8]) -> bool {
+    let Some(tag) = name.len().checked_sub(16).map(|at| &name[at..]) else {
+        return false;
+    };
+    let head = &name[..name.len() - 16];
+    name.first() == Some(&b'.')
+        && head.ends_with(TEMP_MARK.as_bytes())
+        && tag
+            .iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
 /// Creates a fresh temporary file next to `name` in `dir` (never following a symlink).
 fn create_temp(dir: &OwnedFd, name: &str) -> Result<(CString, OwnedFd), Errno> {
     // Keep the temporary name well below NAME_MAX whatever the original's length.
@@ -786,7 +815,7 @@ fn create_temp(dir: &OwnedFd, name: &str) -> Result<(CString, OwnedFd), Errno> {
         rustix::rand::getrandom(&mut rnd, rustix::rand::GetRandomFlags::empty())?;
         let tag = u64::from_le_bytes(rnd);
         let tmp =
-            CString::new(format!(".{stem}.openrun-tmp-{tag:016x}")).map_err(|_| Errno::INVAL)?;
+            CString::new(format!(".{stem}{TEMP_MARK}{tag:016x}")).map_err(|_| Errno::INVAL)?;
         match rustix::fs::openat(
             dir,
             tmp.as_c_str(),
@@ -1061,6 +1090,23 @@ mod tests {
         assert!(!files.is_dir("/usr/bin"));
         std::os::unix::fs::symlink("/proc/self/root/usr", dir.path().join("magic")).unwrap();
         assert!(!files.is_dir("/magic"));
+    }
+
+    #[test]
+    fn temporary_names_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Files::open(dir.path()).unwrap();
+        let (tmp, _fd) = create_temp(&root.root, "hello.txt").unwrap();
+        assert!(is_temp_name(tmp.as_bytes()), "{tmp:?}");
+        for name in [
+            "hello.txt",
+            ".hello.txt.openrun-tmp-",
+            "x.openrun-tmp-0123456789abcdef",
+            ".x.openrun-tmp-0123456789ABCDEF",
+            ".x.openrun-tmp-0123456789abcdeg",
+        ] {
+            assert!(!is_temp_name(name.as_bytes()), "{name}");
+        }
     }
 
     #[test]

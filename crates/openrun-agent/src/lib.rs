@@ -17,7 +17,8 @@
 //! (bounded buffers with absolute offsets), `reaper` (SIGCHLD and `waitpid(-1)`), `files`
 //! (file operations confined to the root with `openat2`), `users` (passwd/group parsing),
 //! `errors` (errno to protocol errors), `relay` (raw byte pipes to TCP on the sandbox's
-//! loopback: the port relay of previews and the egress relay).
+//! loopback: the port relay of previews and the egress relay), `watch` (directory watches
+//! with inotify).
 //!
 //! Everything runs on one thread (a current-thread tokio runtime with a `LocalSet`); only file
 //! operations go to a small blocking pool, and the code between `fork` and `exec` is
@@ -40,6 +41,7 @@ mod server;
 mod spawn;
 mod stdin;
 mod users;
+mod watch;
 
 pub use spawn::set_exec_session_ruleset;
 

@@ -179,6 +179,28 @@ pub enum Request {
         /// The id of the announcement.
         conn: u64,
     },
+    /// Watches a directory for changes (inotify): answered [`Response::Watching`] naming the
+    /// watch, after which its changes arrive on this connection as [`AgentMessage::FileEvent`]
+    /// until [`Request::Unwatch`], the end of the directory ([`AgentMessage::WatchEnded`]), or
+    /// the close of this connection. A missing path is [`ErrorCode::NotFound`], a file
+    /// [`ErrorCode::NotADirectory`], a path leaving the sandbox [`ErrorCode::OutsideSandbox`];
+    /// too many watches (per connection, per sandbox, or the kernel's inotify limits) are
+    /// [`ErrorCode::TooLarge`]. An agent older than this request answers
+    /// [`ErrorCode::InvalidArgument`] with a message starting `malformed request: unknown
+    /// variant` (see [`AgentError::is_unknown_request`]).
+    Watch {
+        /// Directory inside the sandbox.
+        path: String,
+        /// Also watch every subdirectory, including those created later.
+        #[serde(default)]
+        recursive: bool,
+    },
+    /// Stops a watch of this connection; answered [`Response::Done`] (no event of it follows).
+    /// An unknown watch is [`ErrorCode::NotFound`].
+    Unwatch {
+        /// The id from [`Response::Watching`].
+        watch: u64,
+    },
 }
 
 /// Port of the egress proxy inside every sandbox: programs reach it at `127.0.0.1:3128` (their
@@ -422,6 +444,32 @@ pub enum Response {
     Done,
     /// Answer to [`Request::Info`].
     Info(AgentInfo),
+    /// Answer to [`Request::Watch`]: events of the watch carry this id.
+    Watching {
+        /// Unique for the agent's lifetime.
+        watch: u64,
+    },
+}
+
+/// What happened to a name in a watched directory ([`AgentMessage::FileEvent`]). The agent's
+/// own atomic writes (a temporary file renamed over the name) show as `create` then `write`
+/// of the name, never as their temporary file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileEventKind {
+    /// The name appeared (created, or moved here).
+    Create,
+    /// The file's content changed.
+    Write,
+    /// The name was removed.
+    Remove,
+    /// The name was moved away (its new name, if watched, gets a `create`).
+    Rename,
+    /// Its permissions, owner or timestamps changed.
+    Chmod,
+    /// Events were lost (the queue of this watch or the kernel's was full); `name` is empty.
+    /// Whoever needs the exact state should list the directory again.
+    Overflow,
 }
 
 /// Error categories, so callers can map them to exit codes or HTTP statuses in one place.
@@ -480,6 +528,15 @@ impl AgentError {
             message: message.into(),
         }
     }
+
+    /// Whether this is how an agent answers a request it does not know (an agent older than
+    /// the client): the request's `op` was an unknown variant.
+    pub fn is_unknown_request(&self) -> bool {
+        self.code == ErrorCode::InvalidArgument
+            && self
+                .message
+                .starts_with("malformed request: unknown variant")
+    }
 }
 
 /// Everything the agent sends.
@@ -514,6 +571,24 @@ pub enum AgentMessage {
     Incoming {
         /// Id to claim it by (unique for the agent's lifetime).
         conn: u64,
+    },
+    /// A change in a directory this connection watches ([`Request::Watch`]).
+    FileEvent {
+        /// The watch.
+        watch: u64,
+        /// Path relative to the watched directory (`sub/file.txt` in a recursive watch;
+        /// empty for [`FileEventKind::Overflow`]).
+        name: String,
+        /// What happened.
+        kind: FileEventKind,
+    },
+    /// A watch ended by itself: its directory was removed or moved out of reach (or the
+    /// agent had to drop it). No event of it follows.
+    WatchEnded {
+        /// The watch.
+        watch: u64,
+        /// Why, e.g. "the watched directory was removed".
+        reason: String,
     },
 }
 
@@ -593,5 +668,55 @@ mod tests {
         assert_eq!(msg, serde_json::json!({"type": "incoming", "conn": 9}));
         let code = serde_json::to_value(ErrorCode::ConnectionRefused).unwrap();
         assert_eq!(code, "connection_refused");
+    }
+
+    #[test]
+    fn watch_messages_have_a_stable_json_shape() {
+        let req: Request = serde_json::from_str(r#"{"op":"watch","path":"/tmp"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Watch {
+                path: "/tmp".into(),
+                recursive: false
+            }
+        );
+        let req: Request = serde_json::from_str(r#"{"op":"unwatch","watch":3}"#).unwrap();
+        assert_eq!(req, Request::Unwatch { watch: 3 });
+        let resp = serde_json::to_value(Response::Watching { watch: 4 }).unwrap();
+        assert_eq!(resp, serde_json::json!({"kind": "watching", "watch": 4}));
+        let msg = AgentMessage::FileEvent {
+            watch: 4,
+            name: "sub/a.txt".into(),
+            kind: FileEventKind::Create,
+        };
+        let json = serde_json::to_value(&msg).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "file_event", "watch": 4, "name": "sub/a.txt", "kind": "create"})
+        );
+        assert_eq!(serde_json::from_value::<AgentMessage>(json).unwrap(), msg);
+        let ended = serde_json::to_value(AgentMessage::WatchEnded {
+            watch: 4,
+            reason: "gone".into(),
+        })
+        .unwrap();
+        assert_eq!(ended["type"], "watch_ended");
+    }
+
+    #[test]
+    fn an_old_agents_answer_to_a_new_request_is_recognised() {
+        // What an agent without `watch` answers (its decode error, prefixed by the connection).
+        let e = serde_json::from_str::<RequestEnvelope>(r#"{"id":1,"request":{"op":"teleport"}}"#)
+            .unwrap_err();
+        let err = AgentError::new(
+            ErrorCode::InvalidArgument,
+            format!("malformed request: {e}"),
+        );
+        assert!(err.is_unknown_request(), "{}", err.message);
+        let other = AgentError::new(
+            ErrorCode::InvalidArgument,
+            "malformed request: missing field `path`",
+        );
+        assert!(!other.is_unknown_request());
     }
 }

@@ -605,7 +605,9 @@ impl Context {
                 }
                 AgentMessage::Exit { .. }
                 | AgentMessage::Response { .. }
-                | AgentMessage::Incoming { .. } => {}
+                | AgentMessage::Incoming { .. }
+                | AgentMessage::FileEvent { .. }
+                | AgentMessage::WatchEnded { .. } => {}
             }
         }
     }

@@ -70,7 +70,10 @@ pub async fn attached_exec(
                     AgentMessage::Exit { pid: exited, status } if exited == pid => {
                         return Ok(Outcome::Exited(status));
                     }
-                    AgentMessage::Exit { .. } | AgentMessage::Incoming { .. } => {}
+                    AgentMessage::Exit { .. }
+                    | AgentMessage::Incoming { .. }
+                    | AgentMessage::FileEvent { .. }
+                    | AgentMessage::WatchEnded { .. } => {}
                     AgentMessage::Response { result: Err(err), .. } => {
                         // Stdin to a process that already closed it is expected; others are not.
                         tracing::debug!("agent refused a request: {err}");
