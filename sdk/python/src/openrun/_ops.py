@@ -1,0 +1,668 @@
+"""The one place requests are built and answers parsed, for the sync and async clients.
+
+Each operation is a function returning a :class:`Call`: method, path, query, body and how to
+turn the answer into a model. The transports (:mod:`openrun._transport`) only send calls;
+the sandbox classes only pick the call. Nothing here does I/O except the tar helpers, which
+touch the local file system.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import os
+import posixpath
+import stat as _stat
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Generic, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from urllib.parse import quote
+
+import httpx
+
+from .errors import InvalidArgumentError, OpenrunError, error_from_code
+from .models import (
+    Diff,
+    Environment,
+    Event,
+    ExecEvent,
+    Exit,
+    FileInfo,
+    NetworkPolicy,
+    PreviewToken,
+    ProcessInfo,
+    SandboxInfo,
+    Snapshot,
+    Started,
+    Stderr,
+    Stdout,
+    UploadResult,
+)
+
+T = TypeVar("T")
+
+#: A duration: seconds (int or float), a ``timedelta``, or the server's text (``"30s"``, ``"15m"``).
+Duration = Union[int, float, _dt.timedelta, str]
+#: A size: bytes (int) or the server's text (``"512M"``, ``"10G"``).
+Size = Union[int, str]
+#: A command: a shell line (run with ``sh -c``) or an argv list.
+Command = Union[str, Sequence[str]]
+
+#: Largest body of one file write (the server's 16 MiB); bigger writes go as a tar archive.
+MAX_FILE_WRITE = 16 << 20
+
+
+@dataclass
+class Call(Generic[T]):
+    """One HTTP request of the API and how to read its answer."""
+
+    method: str
+    path: str
+    params: Optional[List[Tuple[str, str]]] = None
+    json: Any = None
+    content: Optional[bytes] = None
+    headers: Dict[str, str] = field(default_factory=dict)
+    parse: Callable[[httpx.Response], T] = field(default=lambda r: None)  # type: ignore[assignment]
+    stream: bool = False
+    """An NDJSON stream: the transport yields its lines as parsed JSON."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def duration(value: Optional[Duration], name: str) -> Optional[str]:
+    """A duration as the server takes it: numbers are seconds, sent as whole milliseconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"invalid {name} {value!r}: expected seconds or a string like '30s'")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, _dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, (int, float)):
+        return f"{round(value * 1000)}ms"
+    raise InvalidArgumentError(f"invalid {name} {value!r}: expected seconds or a string like '30s'")
+
+
+def size(value: Optional[Size], name: str) -> Optional[str]:
+    """A size as the server takes it (a bare number is bytes)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidArgumentError(f"invalid {name} {value!r}: expected bytes or a string like '512M'")
+    return str(value)
+
+
+def argv(cmd: Command) -> List[str]:
+    """A shell line becomes ``["sh", "-c", line]``; an argv list is used as given."""
+    if isinstance(cmd, str):
+        return ["sh", "-c", cmd]
+    if isinstance(cmd, (bytes, bytearray)) or not all(isinstance(a, str) for a in cmd):
+        raise InvalidArgumentError(f"invalid command {cmd!r}: expected a string or a list of strings")
+    return list(cmd)
+
+
+def network_body(network: Any) -> Optional[Dict[str, Any]]:
+    """A network policy argument: a mode string, a dict as the API takes it, or a
+    :class:`NetworkPolicy` (its secrets have no values, so they are left out)."""
+    if network is None:
+        return None
+    if isinstance(network, str):
+        return {"mode": network}
+    if isinstance(network, NetworkPolicy):
+        return {"mode": network.mode, "allow": list(network.allow)}
+    if isinstance(network, Mapping):
+        return dict(network)
+    raise InvalidArgumentError(f"invalid network policy {network!r}: expected a mode or a dict")
+
+
+def _drop_none(d: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _q(sandbox_id: str) -> str:
+    return "/v1/sandboxes/" + quote(sandbox_id, safe="")
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers
+
+
+def _json(r: httpx.Response) -> Any:
+    return r.json()
+
+
+def _none(r: httpx.Response) -> None:
+    return None
+
+
+def _sandbox(r: httpx.Response) -> SandboxInfo:
+    return SandboxInfo.from_json(r.json())
+
+
+def raise_for_error(r: httpx.Response) -> None:
+    """Raises the typed exception of an error answer (its body must have been read)."""
+    if r.status_code < 400:
+        return
+    code: Optional[str] = None
+    message = r.reason_phrase or f"HTTP {r.status_code}"
+    try:
+        body = r.json()
+        if isinstance(body, dict):
+            code = body.get("code") if isinstance(body.get("code"), str) else None
+            message = str(body.get("message", message))
+    except ValueError:
+        text = r.text.strip()
+        if text:
+            message = text[:1000]
+    retry_after: Optional[float] = None
+    header = r.headers.get("retry-after")
+    if header:
+        try:
+            retry_after = float(header)
+        except ValueError:
+            retry_after = None
+    raise error_from_code(code, message, r.status_code, retry_after=retry_after)
+
+
+def exec_event(line: Dict[str, Any]) -> ExecEvent:
+    """One NDJSON line of an exec or output stream; an ``error`` line raises its typed error."""
+    kind = line.get("type")
+    if kind == "started":
+        return Started(pid=line["pid"])
+    if kind in ("stdout", "stderr"):
+        data = base64.b64decode(line.get("data_b64") or "")
+        cls = Stdout if kind == "stdout" else Stderr
+        return cls(data=data, offset=line.get("offset", 0))
+    if kind == "exit":
+        return Exit(
+            exit_code=line.get("code"),
+            signal=line.get("signal"),
+            timed_out=bool(line.get("timed_out")),
+            oom_killed=bool(line.get("oom_killed")),
+        )
+    if kind == "error":
+        raise error_from_code(line.get("code"), str(line.get("message", "the command failed")))
+    raise OpenrunError(f"unexpected line in an exec stream: {line!r}", code="protocol")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sandboxes
+
+
+def create(
+    *,
+    image: Optional[str],
+    memory: Optional[Size],
+    cpus: Union[int, float, str, None],
+    pids: Optional[int],
+    disk: Optional[Size],
+    open_files: Optional[int],
+    ttl: Optional[Duration],
+    env: Optional[Mapping[str, str]],
+    labels: Optional[Mapping[str, str]],
+    network: Any,
+) -> Call[SandboxInfo]:
+    """``POST /v1/sandboxes``."""
+    body = _drop_none(
+        {
+            "image": getattr(image, "image", image),  # a Snapshot works as an image
+            "memory": size(memory, "memory"),
+            "cpus": None if cpus is None else str(cpus),
+            "pids": pids,
+            "disk": size(disk, "disk"),
+            "open_files": open_files,
+            "ttl": duration(ttl, "ttl"),
+            "env": dict(env) if env else None,
+            "labels": dict(labels) if labels else None,
+            "network": network_body(network),
+        }
+    )
+    return Call("POST", "/v1/sandboxes", json=body, parse=_sandbox)
+
+
+def get(sandbox_id: str) -> Call[SandboxInfo]:
+    """``GET /v1/sandboxes/{id}``."""
+    return Call("GET", _q(sandbox_id), parse=_sandbox)
+
+
+def delete(sandbox_id: str) -> Call[None]:
+    """``DELETE /v1/sandboxes/{id}``."""
+    return Call("DELETE", _q(sandbox_id), parse=_none)
+
+
+def list_page(
+    labels: Optional[Mapping[str, str]], state: Optional[str], cursor: Optional[str], limit: int = 1000
+) -> Call[Tuple[List[SandboxInfo], Optional[str]]]:
+    """One page of ``GET /v1/sandboxes`` and the cursor of the next (``X-Next-Cursor``)."""
+    params = [("label", f"{k}={v}") for k, v in (labels or {}).items()]
+    if state is not None:
+        params.append(("state", state))
+    params.append(("limit", str(limit)))
+    if cursor is not None:
+        params.append(("cursor", cursor))
+
+    def parse(r: httpx.Response) -> Tuple[List[SandboxInfo], Optional[str]]:
+        items = [SandboxInfo.from_json(d) for d in r.json()]
+        return items, r.headers.get("x-next-cursor") or None
+
+    return Call("GET", "/v1/sandboxes", params=params, parse=parse)
+
+
+def set_ttl(sandbox_id: str, ttl: Duration) -> Call[SandboxInfo]:
+    """``POST /v1/sandboxes/{id}/ttl``."""
+    return Call("POST", _q(sandbox_id) + "/ttl", json={"ttl": duration(ttl, "ttl")}, parse=_sandbox)
+
+
+def pause(sandbox_id: str) -> Call[SandboxInfo]:
+    """``POST /v1/sandboxes/{id}/pause``."""
+    return Call("POST", _q(sandbox_id) + "/pause", parse=_sandbox)
+
+
+def resume(sandbox_id: str) -> Call[SandboxInfo]:
+    """``POST /v1/sandboxes/{id}/resume``."""
+    return Call("POST", _q(sandbox_id) + "/resume", parse=_sandbox)
+
+
+def snapshot(sandbox_id: str, name: Optional[str]) -> Call[Snapshot]:
+    """``POST /v1/sandboxes/{id}/snapshot``."""
+    return Call(
+        "POST",
+        _q(sandbox_id) + "/snapshot",
+        json=_drop_none({"name": name}),
+        parse=lambda r: Snapshot.from_json(r.json()),
+    )
+
+
+def fork(
+    sandbox_id: str,
+    *,
+    count: int,
+    name: Optional[str],
+    memory: Optional[Size],
+    cpus: Union[int, float, str, None],
+    pids: Optional[int],
+    ttl: Optional[Duration],
+    env: Optional[Mapping[str, str]],
+    labels: Optional[Mapping[str, str]],
+    network: Any,
+) -> Call[List[SandboxInfo]]:
+    """``POST /v1/sandboxes/{id}/fork``."""
+    body = _drop_none(
+        {
+            "count": count,
+            "name": name,
+            "memory": size(memory, "memory"),
+            "cpus": None if cpus is None else str(cpus),
+            "pids": pids,
+            "ttl": duration(ttl, "ttl"),
+            "env": dict(env) if env is not None else None,
+            "labels": dict(labels) if labels is not None else None,
+            "network": network_body(network),
+        }
+    )
+    return Call(
+        "POST",
+        _q(sandbox_id) + "/fork",
+        json=body,
+        parse=lambda r: [SandboxInfo.from_json(d) for d in r.json()],
+    )
+
+
+def diff(sandbox_id: str, path: Optional[str], against: Optional[str]) -> Call[Diff]:
+    """``GET /v1/sandboxes/{id}/diff``."""
+    params = [(k, v) for k, v in (("path", path), ("against", against)) if v is not None]
+    return Call("GET", _q(sandbox_id) + "/diff", params=params, parse=lambda r: Diff.from_json(r.json()))
+
+
+def events(sandbox_id: str, since: int, follow: bool) -> Call[List[Event]]:
+    """``GET /v1/sandboxes/{id}/events`` (``follow``: an NDJSON stream of :func:`event` lines)."""
+    params = [("since", str(since))]
+    if follow:
+        params.append(("follow", "true"))
+    return Call(
+        "GET",
+        _q(sandbox_id) + "/events",
+        params=params,
+        stream=follow,
+        parse=lambda r: [Event.from_json(d) for d in r.json()],
+    )
+
+
+def event(line: Dict[str, Any]) -> Event:
+    """One line of a followed timeline."""
+    return Event.from_json(line)
+
+
+def environment(sandbox_id: str, refresh: bool) -> Call[Environment]:
+    """``GET /v1/sandboxes/{id}/environment``."""
+    params = [("refresh", "true")] if refresh else None
+    return Call(
+        "GET",
+        _q(sandbox_id) + "/environment",
+        params=params,
+        parse=lambda r: Environment.from_json(r.json()),
+    )
+
+
+def network_get(sandbox_id: str) -> Call[NetworkPolicy]:
+    """``GET /v1/sandboxes/{id}/network``."""
+    return Call("GET", _q(sandbox_id) + "/network", parse=lambda r: NetworkPolicy.from_json(r.json()))
+
+
+def network_set(sandbox_id: str, policy: Any) -> Call[NetworkPolicy]:
+    """``PUT /v1/sandboxes/{id}/network``."""
+    return Call(
+        "PUT",
+        _q(sandbox_id) + "/network",
+        json=network_body(policy),
+        parse=lambda r: NetworkPolicy.from_json(r.json()),
+    )
+
+
+def network_policy(
+    policy: Any,
+    mode: Optional[str],
+    allow: Optional[Sequence[str]],
+    secrets: Optional[Sequence[Mapping[str, Any]]],
+) -> Dict[str, Any]:
+    """A policy body from ``set()``'s arguments: ``policy`` (mode, dict or
+    :class:`NetworkPolicy`) with ``mode``, ``allow`` and ``secrets`` over it."""
+    body = network_body(policy) or {}
+    if mode is not None:
+        body["mode"] = mode
+    if allow is not None:
+        body["allow"] = list(allow)
+    if secrets is not None:
+        body["secrets"] = [dict(s) for s in secrets]
+    if "mode" not in body:
+        raise InvalidArgumentError("a network policy needs a mode: none, allowlist or open")
+    return body
+
+
+def preview(sandbox_id: str, port: int, ttl: Optional[Duration]) -> Call[PreviewToken]:
+    """``POST /v1/sandboxes/{id}/ports/{port}/preview``."""
+    return Call(
+        "POST",
+        f"{_q(sandbox_id)}/ports/{int(port)}/preview",
+        json=_drop_none({"ttl": duration(ttl, "ttl")}),
+        parse=lambda r: PreviewToken.from_json(r.json()),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands and processes
+
+
+def _exec_body(
+    cmd: Command, cwd: Optional[str], env: Optional[Mapping[str, str]], timeout: Optional[Duration]
+) -> Dict[str, Any]:
+    return _drop_none(
+        {
+            "cmd": argv(cmd),
+            "cwd": cwd,
+            "env": dict(env) if env else None,
+            "timeout": duration(timeout, "timeout"),
+        }
+    )
+
+
+def exec_stream(
+    sandbox_id: str,
+    cmd: Command,
+    cwd: Optional[str],
+    env: Optional[Mapping[str, str]],
+    timeout: Optional[Duration],
+) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/exec``: an NDJSON stream of :func:`exec_event` lines."""
+    return Call("POST", _q(sandbox_id) + "/exec", json=_exec_body(cmd, cwd, env, timeout), stream=True)
+
+
+def start(
+    sandbox_id: str,
+    cmd: Command,
+    cwd: Optional[str],
+    env: Optional[Mapping[str, str]],
+    timeout: Optional[Duration],
+    stdin: bool,
+) -> Call[int]:
+    """``POST /v1/sandboxes/{id}/exec`` with ``background`` (and ``stdin``): the pid."""
+    body = _exec_body(cmd, cwd, env, timeout)
+    body["background"] = True
+    if stdin:
+        body["stdin"] = True
+    return Call("POST", _q(sandbox_id) + "/exec", json=body, parse=lambda r: int(r.json()["pid"]))
+
+
+def processes(sandbox_id: str) -> Call[List[ProcessInfo]]:
+    """``GET /v1/sandboxes/{id}/processes``."""
+    return Call(
+        "GET",
+        _q(sandbox_id) + "/processes",
+        parse=lambda r: [ProcessInfo.from_json(d) for d in r.json()],
+    )
+
+
+def process(sandbox_id: str, pid: int) -> Call[ProcessInfo]:
+    """``GET /v1/sandboxes/{id}/processes/{pid}``."""
+    return Call(
+        "GET",
+        f"{_q(sandbox_id)}/processes/{int(pid)}",
+        parse=lambda r: ProcessInfo.from_json(r.json()),
+    )
+
+
+def signal(sandbox_id: str, pid: int, signum: int, group: bool) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/processes/{pid}/signal``."""
+    return Call(
+        "POST",
+        f"{_q(sandbox_id)}/processes/{int(pid)}/signal",
+        json={"signal": int(signum), "group": group},
+        parse=_none,
+    )
+
+
+def stdin(sandbox_id: str, pid: int, data: Union[str, bytes], eof: bool) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/processes/{pid}/stdin``."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    return Call(
+        "POST",
+        f"{_q(sandbox_id)}/processes/{int(pid)}/stdin",
+        params=[("eof", "true")] if eof else None,
+        content=raw,
+        headers={"content-type": "application/octet-stream"},
+        parse=_none,
+    )
+
+
+def output(sandbox_id: str, pid: int, stdout_since: int, stderr_since: int, follow: bool) -> Call[None]:
+    """``GET /v1/sandboxes/{id}/processes/{pid}/output``: exec stream lines from those offsets."""
+    params = [("stdout_since", str(int(stdout_since))), ("stderr_since", str(int(stderr_since)))]
+    if follow:
+        params.append(("follow", "true"))
+    return Call("GET", f"{_q(sandbox_id)}/processes/{int(pid)}/output", params=params, stream=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def read_file(sandbox_id: str, path: str, offset: Optional[int], limit: Optional[int]) -> Call[bytes]:
+    """``GET /v1/sandboxes/{id}/files``: the bytes."""
+    params = [("path", path)]
+    if offset is not None:
+        params.append(("offset", str(int(offset))))
+    if limit is not None:
+        params.append(("limit", str(int(limit))))
+    return Call("GET", _q(sandbox_id) + "/files", params=params, parse=lambda r: r.content)
+
+
+def write_file(sandbox_id: str, path: str, data: bytes, mode: Optional[int], parents: bool) -> Call[None]:
+    """``PUT /v1/sandboxes/{id}/files`` (at most 16 MiB: see :func:`write_large`)."""
+    params = [("path", path)]
+    if mode is not None:
+        params.append(("mode", format(mode, "o")))
+    if parents:
+        params.append(("parents", "true"))
+    return Call(
+        "PUT",
+        _q(sandbox_id) + "/files",
+        params=params,
+        content=data,
+        headers={"content-type": "application/octet-stream"},
+        parse=_none,
+    )
+
+
+def file_bytes(data: Union[str, bytes, bytearray, memoryview]) -> bytes:
+    """What ``files.write`` sends: text as UTF-8, bytes as they are."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise InvalidArgumentError(f"cannot write {type(data).__name__}: expected str or bytes")
+
+
+def write_large(sandbox_id: str, path: str, data: bytes, mode: Optional[int]) -> Call[None]:
+    """A file over 16 MiB: a one-file tar archive extracted into its directory (which is
+    created if missing)."""
+    directory, name = posixpath.split(posixpath.normpath(path))
+    if not name:
+        raise InvalidArgumentError(f"invalid file path {path!r}")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644 if mode is None else mode
+        tar.addfile(info, io.BytesIO(data))
+    call = upload_tar(sandbox_id, directory or "/", buf.getvalue())
+    return Call(call.method, call.path, params=call.params, content=call.content, headers=call.headers, parse=_none)
+
+
+def list_dir(sandbox_id: str, path: str) -> Call[List[FileInfo]]:
+    """``GET /v1/sandboxes/{id}/files/list``."""
+    return Call(
+        "GET",
+        _q(sandbox_id) + "/files/list",
+        params=[("path", path)],
+        parse=lambda r: [FileInfo.from_json(d, posixpath.join(path, d["name"])) for d in r.json()],
+    )
+
+
+def stat(sandbox_id: str, path: str) -> Call[FileInfo]:
+    """``GET /v1/sandboxes/{id}/files/stat``."""
+    return Call(
+        "GET",
+        _q(sandbox_id) + "/files/stat",
+        params=[("path", path)],
+        parse=lambda r: FileInfo.from_json(r.json(), path),
+    )
+
+
+def mkdir(sandbox_id: str, path: str, parents: bool) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/files/mkdir``."""
+    return Call("POST", _q(sandbox_id) + "/files/mkdir", json={"path": path, "parents": parents}, parse=_none)
+
+
+def remove(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/files/remove``."""
+    return Call(
+        "POST", _q(sandbox_id) + "/files/remove", json={"path": path, "recursive": recursive}, parse=_none
+    )
+
+
+def move(sandbox_id: str, src: str, dst: str) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/files/move``."""
+    return Call("POST", _q(sandbox_id) + "/files/move", json={"from": src, "to": dst}, parse=_none)
+
+
+def download_tar(sandbox_id: str, path: str) -> Call[bytes]:
+    """``GET /v1/sandboxes/{id}/files/tar``: the directory as a tar archive."""
+    return Call("GET", _q(sandbox_id) + "/files/tar", params=[("path", path)], parse=lambda r: r.content)
+
+
+def upload_tar(sandbox_id: str, path: str, data: bytes) -> Call[UploadResult]:
+    """``PUT /v1/sandboxes/{id}/files/tar``: extracts the archive into ``path``."""
+
+    def parse(r: httpx.Response) -> UploadResult:
+        d = r.json()
+        return UploadResult(files=d.get("files", 0), bytes=d.get("bytes", 0))
+
+    return Call(
+        "PUT",
+        _q(sandbox_id) + "/files/tar",
+        params=[("path", path)],
+        content=data,
+        headers={"content-type": "application/x-tar"},
+        parse=parse,
+    )
+
+
+def pack_dir(local: Union[str, "os.PathLike[str]"]) -> bytes:
+    """A tar archive of a local directory's contents (names relative to it). Only regular files
+    and directories go in: the server refuses links and devices; others are skipped."""
+    root = os.fspath(local)
+    if not os.path.isdir(root):
+        raise InvalidArgumentError(f"not a local directory: {root}")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(dirnames) + sorted(filenames):
+                full = os.path.join(dirpath, name)
+                st = os.lstat(full)
+                if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode)):
+                    continue
+                arcname = os.path.relpath(full, root).replace(os.sep, "/")
+                info = tar.gettarinfo(full, arcname)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if info.isreg():
+                    with open(full, "rb") as f:
+                        tar.addfile(info, f)
+                else:
+                    tar.addfile(info)
+    return buf.getvalue()
+
+
+def unpack_dir(data: bytes, local: Union[str, "os.PathLike[str]"]) -> None:
+    """Extracts a downloaded archive into a local directory (made if missing): only files and
+    directories, never outside it, never through a link, without setuid bits."""
+    root = os.path.realpath(os.fspath(local))
+    os.makedirs(root, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for member in tar:
+            name = member.name.lstrip("/")
+            parts = [p for p in name.split("/") if p not in ("", ".")]
+            if not parts or ".." in parts:
+                continue
+            target = os.path.join(root, *parts)
+            parent = os.path.dirname(target)
+            if os.path.realpath(parent) != parent or not parent.startswith(root):
+                raise InvalidArgumentError(f"archive entry {member.name!r} would leave {root}")
+            mode = member.mode & 0o777
+            if member.isdir():
+                if os.path.islink(target):
+                    os.unlink(target)
+                os.makedirs(target, exist_ok=True)
+                os.chmod(target, mode | 0o700)
+            elif member.isfile():
+                os.makedirs(parent, exist_ok=True)
+                if os.path.lexists(target) and not os.path.isdir(target):
+                    os.unlink(target)
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                with os.fdopen(fd, "wb") as dst:
+                    while True:
+                        chunk = src.read(1 << 20)
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+                os.chmod(target, mode)
+            # links, devices and fifos are left out
