@@ -181,6 +181,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(files::mkdir))
         .routes(routes!(files::remove))
         .routes(routes!(files::rename))
+        .routes(routes!(crate::watch::watch))
         .routes(routes!(processes::list))
         .routes(routes!(processes::status))
         .routes(routes!(processes::signal))

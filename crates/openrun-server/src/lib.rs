@@ -33,6 +33,7 @@ mod query;
 mod relay;
 mod terminal;
 mod time;
+mod watch;
 mod ws;
 
 use std::net::SocketAddr;
