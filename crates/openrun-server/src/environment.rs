@@ -175,13 +175,25 @@ pub async fn environment(
 ) -> Result<Json<Environment>, ApiError> {
     query.only(&["refresh"])?;
     let refresh = query.flag("refresh")?;
-    let row = find(&s, &caller, &id).await?;
-    let (sandbox, mut client) = open_running(&s, &row).await?;
+    Ok(Json(describe(&s, &caller, &id, refresh).await?))
+}
+
+/// The environment of the caller's running sandbox `id` (`GET .../environment` and MCP's
+/// `environment`): from the cache unless `refresh`, else probed (and cached if the probe
+/// finished).
+pub(crate) async fn describe(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    refresh: bool,
+) -> Result<Environment, ApiError> {
+    let row = find(s, caller, id).await?;
+    let (sandbox, mut client) = open_running(s, &row).await?;
     if !refresh {
         if let Some(mut cached) = s.environments.get(&row.id) {
             // The policy may have changed since the probe: it is never cached.
-            cached.network.policy = s.egress.policy(&s, &row.id).await?.mode().as_str();
-            return Ok(Json(cached));
+            cached.network.policy = s.egress.policy(s, &row.id).await?.mode().as_str();
+            return Ok(cached);
         }
     }
     let limits: Limits = serde_json::from_str(&row.limits_json)
@@ -194,7 +206,7 @@ pub async fn environment(
         tag: Some("environment-probe".into()),
         ..Default::default()
     };
-    let mut lines = start(&s, &caller, &row, (sandbox, client), request, None).await?;
+    let mut lines = start(s, caller, &row, (sandbox, client), request, None).await?;
     let mut output = Vec::new();
     let mut complete = false;
     while let Some(line) = lines.recv().await {
@@ -222,7 +234,7 @@ pub async fn environment(
         user: probe.user,
         limits,
         network: Network {
-            policy: s.egress.policy(&s, &row.id).await?.mode().as_str(),
+            policy: s.egress.policy(s, &row.id).await?.mode().as_str(),
             loopback: true,
         },
         path: probe.path,
@@ -231,7 +243,7 @@ pub async fn environment(
     if complete {
         s.environments.put(&row.id, environment.clone());
     }
-    Ok(Json(environment))
+    Ok(environment)
 }
 
 /// The sandbox's os-release (empty when it has none).

@@ -132,8 +132,9 @@ async fn live(s: &Shared, caller: &Caller, id: &str) -> Result<SandboxRow, ApiEr
     Ok(row)
 }
 
-/// Snapshots the caller's sandbox `id` and records `sandbox.snapshot`.
-async fn take_snapshot(
+/// Snapshots the caller's sandbox `id` and records `sandbox.snapshot` (`POST .../snapshot`,
+/// the first step of a fork, and MCP's `snapshot`).
+pub(crate) async fn take_snapshot(
     s: &Shared,
     caller: &Caller,
     id: &str,
@@ -232,7 +233,21 @@ pub async fn fork(
     Path(id): Path<String>,
     JsonBody(body): JsonBody<serde_json::Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Vec<SandboxResource>>), ApiError> {
-    let mut options = body;
+    let made = fork_sandbox(&s, &caller, &id, body).await?;
+    Ok((StatusCode::CREATED, Json(made)))
+}
+
+/// Forks the caller's sandbox `id` (`POST .../fork` and MCP's `fork`): `options` is the body
+/// of a fork, `count` (1 to [`MAX_FORKS`]), `name` of the snapshot and create options but
+/// `image` and `rootfs`. Everything is checked before the snapshot; then the snapshot, then
+/// `count` sandboxes at once (within the create slots). If one create fails, the forks made
+/// are removed and the fork fails.
+pub(crate) async fn fork_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    mut options: serde_json::Map<String, Value>,
+) -> Result<Vec<SandboxResource>, ApiError> {
     let count = match options.remove("count") {
         Some(Value::Number(n)) => n.as_u64().filter(|n| (1..=MAX_FORKS).contains(n)),
         Some(_) => None,
@@ -255,13 +270,14 @@ pub async fn fork(
         }
     };
     // Everything is checked before the snapshot: a bad option makes nothing.
-    let parent = live(&s, &caller, &id).await?;
+    let parent = live(s, caller, id).await?;
     let probe = fork_create_body(&parent, options.clone(), "host")?;
     crate::api::spec_from(
         serde_json::from_value(probe)
             .map_err(|e| ApiError::InvalidArgument(format!("invalid request body: {e}")))?,
     )?;
-    crate::egress::routes::create_policy(&s, options.get("network").cloned())?;
+    crate::egress::routes::create_policy(s, options.get("network").cloned())?;
+    let (s, caller, id) = (s.clone(), caller.clone(), id.to_string());
     // Its own task: a fork goes on when its client leaves (as a create does), so no sandbox
     // is left `creating`.
     let task = tokio::spawn(async move {
@@ -311,10 +327,8 @@ pub async fn fork(
         .await?;
         Ok(made)
     });
-    let made = task
-        .await
-        .map_err(|e| ApiError::internal("a fork failed", e))??;
-    Ok((StatusCode::CREATED, Json(made)))
+    task.await
+        .map_err(|e| ApiError::internal("a fork failed", e))?
 }
 
 /// `GET /v1/sandboxes/{id}/diff[?path=P][&against=IMAGE]`: files added, modified and deleted
@@ -334,12 +348,30 @@ pub async fn diff(
     query: crate::query::Query,
 ) -> Result<Json<DiffReport>, ApiError> {
     query.only(&["path", "against"])?;
-    let path = query.string("path");
-    let against = query.string("against");
-    let row = live(&s, &caller, &id).await?;
-    let sandbox = crate::lifecycle::open_paused(&s, &row).await?;
+    let report = diff_sandbox(
+        &s,
+        &caller,
+        &id,
+        query.string("path"),
+        query.string("against"),
+    )
+    .await?;
+    Ok(Json(report))
+}
+
+/// What changed in the caller's sandbox `id` (`GET .../diff` and MCP's `diff`): against its
+/// image (its writable layer), or against the image `against`; only below `path` if given.
+pub(crate) async fn diff_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    path: Option<String>,
+    against: Option<String>,
+) -> Result<DiffReport, ApiError> {
+    let row = live(s, caller, id).await?;
+    let sandbox = crate::lifecycle::open_paused(s, &row).await?;
     let data_dir = s.runtime.data_dir().to_path_buf();
-    let report = blocking(move || {
+    blocking(move || {
         let store = match &against {
             Some(_) => Some(Store::open(&data_dir)?),
             None => None,
@@ -354,8 +386,7 @@ pub async fn diff(
     .map_err(|e| match e {
         e if e.is_user_error() => ApiError::InvalidArgument(e.to_string()),
         e => ApiError::internal("cannot compare the sandbox with its image", e),
-    })?;
-    Ok(Json(report))
+    })
 }
 
 #[cfg(test)]

@@ -309,8 +309,24 @@ pub async fn mint(
     headers: HeaderMap,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<Json<PreviewToken>, ApiError> {
-    let port = parse_port(&port)?;
-    let ttl = match body.ttl.as_deref() {
+    let token = mint_token(&s, &caller, &id, &port, body.ttl.as_deref(), &headers).await?;
+    Ok(Json(token))
+}
+
+/// A preview token for port `port` (as given: 1 to 65535) of the caller's sandbox `id`, living
+/// `ttl` (default 1 h, at most 7 d), with its URLs on the host the client reached the server by
+/// (`headers`) — `POST .../ports/{port}/preview` and MCP's `preview_url`. Records
+/// `preview.token`.
+pub(crate) async fn mint_token(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    port: &str,
+    ttl: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<PreviewToken, ApiError> {
+    let port = parse_port(port)?;
+    let ttl = match ttl {
         None => DEFAULT_TOKEN_TTL,
         Some(text) => {
             let ttl = openrun_runtime::limits::parse_duration(text)
@@ -323,7 +339,7 @@ pub async fn mint(
             ttl
         }
     };
-    let row = find(&s, &caller, &id).await?;
+    let row = find(s, caller, id).await?;
     if !matches!(row.state.as_str(), "running" | "paused") {
         return Err(ApiError::NotRunning(row.id));
     }
@@ -339,7 +355,7 @@ pub async fn mint(
         payload: serde_json::json!({ "port": port, "expires_at": expires_at }),
     };
     s.db.call(move |c| db::append_event(c, &event)).await?;
-    let scheme = scheme(&headers);
+    let scheme = scheme(headers);
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let path = format!(
         "/v1/sandboxes/{}/ports/{port}/?{TOKEN_PARAM}={token}",
@@ -360,12 +376,12 @@ pub async fn mint(
             row.id
         )
     });
-    Ok(Json(PreviewToken {
+    Ok(PreviewToken {
         token,
         path_url,
         host_url,
         expires_at,
-    }))
+    })
 }
 
 /// The documentation of the path previews (routed by [`proxy_routes`]).

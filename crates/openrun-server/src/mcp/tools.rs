@@ -1,0 +1,1575 @@
+//! The MCP tools: each checks what only it can check (a combination of arguments, a text
+//! encoding), calls the core call `/v1` uses, and shows the answer as readable text plus
+//! structured content. A failed core call is a tool error ([`tool_error`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use base64::Engine;
+use openrun_protocol::{AttachRequest, ExecRequest, Pid, ProcessInfo, ProcessState, MAX_DATA_LEN};
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::{CallToolResult, ContentBlock};
+use rmcp::schemars::JsonSchema;
+use rmcp::{tool, tool_router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::text::{self, Capture};
+use super::{refuse, tool_error, OpenrunMcp, Who};
+use crate::error::ApiError;
+use crate::exec::{Input, Line};
+
+/// A tool's answer: `Err` is a result with `isError` set (rmcp marks it so).
+type Answer = Result<CallToolResult, CallToolResult>;
+
+/// Turns a core call's failure into a tool error.
+trait OrTool<T> {
+    fn or_tool(self) -> Result<T, CallToolResult>;
+}
+
+impl<T> OrTool<T> for Result<T, ApiError> {
+    fn or_tool(self) -> Result<T, CallToolResult> {
+        self.map_err(tool_error)
+    }
+}
+
+/// A successful answer: `text` for the model, `structured` (a JSON object) for programs.
+fn answer(text: String, structured: Value) -> Answer {
+    let mut result = CallToolResult::success(vec![ContentBlock::text(text)]);
+    result.structured_content = Some(structured);
+    Ok(result)
+}
+
+/// `run_command`'s timeout when none is given.
+const DEFAULT_TIMEOUT_SECS: u64 = 120;
+/// Longest timeout of `run_command` (longer work: `start_process`).
+const MAX_TIMEOUT_SECS: u64 = 3600;
+/// How long past its timeout `run_command` waits for the exit the agent reports.
+const EXIT_GRACE: Duration = Duration::from_secs(15);
+/// Output bytes per stream one `read_process_output` returns.
+const READ_OUTPUT_BYTES: usize = 32 * 1024;
+/// Longest wait of `read_process_output`.
+const MAX_WAIT_SECS: u64 = 60;
+/// Once new output arrived, how long `read_process_output` waits for more before answering.
+const SETTLE: Duration = Duration::from_millis(500);
+/// Bytes of a file `read_file` reads to find the lines asked for.
+const READ_FILE_BYTES: u64 = 4 * 1024 * 1024;
+/// Text bytes one `read_file` returns.
+const READ_TEXT_BYTES: usize = 64 * 1024;
+/// Lines `read_file` returns when no limit is given.
+const DEFAULT_LINES: usize = 2000;
+/// Binary bytes `read_file` returns (as base64).
+const READ_BINARY_BYTES: usize = 48 * 1024;
+/// Entries `list_files` shows.
+const MAX_ENTRIES: usize = 1000;
+/// Patch bytes `diff` shows.
+const DIFF_TEXT_BYTES: usize = 64 * 1024;
+/// Events `timeline` returns when no limit is given, and at most.
+const DEFAULT_EVENTS: usize = 100;
+const MAX_EVENTS: usize = 1000;
+/// Characters of an event's payload shown in the text.
+const EVENT_PAYLOAD_CHARS: usize = 300;
+/// Stdin bytes sent to the agent per message.
+const STDIN_CHUNK: usize = 1024 * 1024;
+
+/// A CPU limit as a number or a string.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(untagged)]
+pub(crate) enum Cpus {
+    /// CPUs, e.g. 1.5.
+    Number(f64),
+    /// CPUs as text, e.g. "1.5".
+    Text(String),
+}
+
+/// Network access of a new sandbox.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NetworkParam {
+    /// "none" (no network but the sandbox's own loopback; the default), "allowlist" (only the
+    /// domains and CIDRs of `allow`, through an egress proxy: HTTP(S)_PROXY is set inside) or
+    /// "open" (everything; only if the server allows it).
+    mode: String,
+    /// For "allowlist": domains (`pypi.org`, `*.github.com`) and CIDRs that may be reached.
+    #[serde(default)]
+    allow: Vec<String>,
+}
+
+/// Parameters of `create_sandbox`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateParams {
+    /// Image: "host" (the default: the host's userland, read-only: sh, bash, python3,
+    /// coreutils) or the name of an image on the server (a snapshot, or `openrun image ls`).
+    image: Option<String>,
+    /// Memory limit, e.g. "512M", "2G" (default: the server's).
+    memory: Option<String>,
+    /// CPU limit in CPUs, e.g. 1.5 (default: the server's).
+    cpus: Option<Cpus>,
+    /// Lifetime, e.g. "30m", "2h" (default "15m"): the sandbox is destroyed after it.
+    ttl: Option<String>,
+    /// Environment variables of every command.
+    env: Option<BTreeMap<String, String>>,
+    /// Labels to find it by later.
+    labels: Option<BTreeMap<String, String>>,
+    /// Network access (default: none).
+    network: Option<NetworkParam>,
+}
+
+/// Parameters naming a sandbox.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SandboxParam {
+    /// Sandbox id (from create_sandbox or list_sandboxes).
+    sandbox_id: String,
+}
+
+/// Parameters of `list_sandboxes`.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    /// Only sandboxes in this state: "running", "paused", "stopped", "creating" or "error".
+    state: Option<String>,
+}
+
+/// Parameters of `run_command`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// A shell command line, run with `sh -c` (pipes, redirections, `&&` work). Give this or
+    /// `argv`.
+    command: Option<String>,
+    /// Program and arguments, run without a shell. Give this or `command`.
+    argv: Option<Vec<String>>,
+    /// Working directory (default: the user's home, else /).
+    cwd: Option<String>,
+    /// Extra environment variables.
+    env: Option<BTreeMap<String, String>>,
+    /// Seconds before the command is killed (default 120, at most 3600).
+    timeout_seconds: Option<u64>,
+    /// Text for the command's standard input (default: none, stdin is /dev/null).
+    stdin: Option<String>,
+}
+
+/// Parameters of `start_process`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// A shell command line, run with `sh -c`. Give this or `argv`.
+    command: Option<String>,
+    /// Program and arguments, run without a shell. Give this or `command`.
+    argv: Option<Vec<String>>,
+    /// Working directory (default: the user's home, else /).
+    cwd: Option<String>,
+    /// Extra environment variables.
+    env: Option<BTreeMap<String, String>>,
+    /// Seconds before the process is killed (default: it runs until it ends or the sandbox
+    /// does).
+    timeout_seconds: Option<u64>,
+}
+
+/// Parameters of `read_process_output`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OutputParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Process id (from start_process).
+    pid: Pid,
+    /// First stdout byte wanted (default 0; pass the `stdout_next` of the previous call to get
+    /// only new output).
+    stdout_since: Option<u64>,
+    /// First stderr byte wanted (default 0; pass the previous `stderr_next`).
+    stderr_since: Option<u64>,
+    /// Wait up to this many seconds (at most 60) for new output or the exit (default 0: answer
+    /// at once with what there is).
+    wait_seconds: Option<u64>,
+}
+
+/// Parameters of `kill_process`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct KillParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Process id.
+    pid: Pid,
+    /// Signal: "KILL" (the default), "TERM", "INT", "HUP", "QUIT", "USR1", "USR2", "STOP",
+    /// "CONT" or a number. Sent to the process's whole group (its children too).
+    signal: Option<String>,
+}
+
+/// Parameters of `read_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReadParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Absolute path inside the sandbox.
+    path: String,
+    /// First line to return, 1-based (default 1).
+    offset: Option<usize>,
+    /// Lines to return (default 2000).
+    limit: Option<usize>,
+}
+
+/// How `write_file`'s content is encoded.
+#[derive(Debug, Default, Clone, Copy, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Encoding {
+    /// Text, written as UTF-8.
+    #[default]
+    Text,
+    /// Base64 of the bytes (binary files).
+    Base64,
+}
+
+/// Parameters of `write_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WriteParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Absolute path inside the sandbox; missing parent directories are created.
+    path: String,
+    /// The whole new content.
+    content: String,
+    /// "text" (the default) or "base64" (content is base64 of the bytes).
+    encoding: Option<Encoding>,
+    /// Octal permissions of a new file, e.g. "755" for a script (default "644"; an existing
+    /// file keeps its own).
+    mode: Option<String>,
+}
+
+/// Parameters of `list_files`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListFilesParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Absolute path of a directory (default "/").
+    path: Option<String>,
+}
+
+/// Parameters of `edit_file`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EditParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Absolute path of a text file.
+    path: String,
+    /// The exact text to replace (whitespace and indentation included). It must occur exactly
+    /// once unless replace_all is set.
+    old_string: String,
+    /// The text to put in its place.
+    new_string: String,
+    /// Replace every occurrence (default false).
+    replace_all: Option<bool>,
+}
+
+/// Parameters of `environment`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EnvironmentParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Probe again instead of answering from the cache (after installing something).
+    refresh: Option<bool>,
+}
+
+/// Parameters of `snapshot`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SnapshotParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Name of the new image, `name[:tag]` (default `snap-<id>-<n>`).
+    name: Option<String>,
+}
+
+/// Parameters of `fork`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ForkParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Number of copies, 1 to 100 (default 1).
+    count: Option<u64>,
+    /// Name of the snapshot image (default `snap-<id>-<n>`).
+    name: Option<String>,
+    /// Lifetime of each copy, e.g. "30m" (default "15m").
+    ttl: Option<String>,
+}
+
+/// Parameters of `diff`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DiffParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Only this absolute path (a file, or a directory and what is below it).
+    path: Option<String>,
+    /// Compare with this image (e.g. a snapshot) instead of the sandbox's own.
+    against: Option<String>,
+}
+
+/// Parameters of `preview_url`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PreviewParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Port a server listens on inside the sandbox, 1 to 65535.
+    port: u32,
+    /// How long the URL works, e.g. "30m" (default "1h", at most "7d").
+    ttl: Option<String>,
+}
+
+/// Parameters of `timeline`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TimelineParams {
+    /// Sandbox id (also of a destroyed sandbox: its timeline is kept).
+    sandbox_id: String,
+    /// Only events after this sequence number (the `next_since` of the previous call).
+    since: Option<i64>,
+    /// Events to return, 1 to 1000 (default 100).
+    limit: Option<usize>,
+}
+
+/// The argv of `command` (through `sh -c`) or `argv`: exactly one must be given.
+fn argv_of(
+    command: Option<String>,
+    argv: Option<Vec<String>>,
+) -> Result<Vec<String>, CallToolResult> {
+    match (command, argv) {
+        (Some(command), None) if !command.trim().is_empty() => {
+            Ok(vec!["/bin/sh".into(), "-c".into(), command])
+        }
+        (None, Some(argv)) if !argv.is_empty() => Ok(argv),
+        (Some(_), Some(_)) => Err(refuse(
+            "invalid_argument",
+            "give either command (a shell command line) or argv (program and arguments), not both",
+        )),
+        _ => Err(refuse(
+            "invalid_argument",
+            "nothing to run: give command (a shell command line, e.g. \"ls -la /\") or argv \
+             (e.g. [\"ls\", \"-la\", \"/\"])",
+        )),
+    }
+}
+
+/// Milliseconds of a `timeout_seconds`, checked to be 1 to [`MAX_TIMEOUT_SECS`].
+fn timeout_ms(seconds: u64) -> Result<u64, CallToolResult> {
+    if !(1..=MAX_TIMEOUT_SECS).contains(&seconds) {
+        return Err(refuse(
+            "invalid_argument",
+            format!(
+                "timeout_seconds must be 1 to {MAX_TIMEOUT_SECS}, not {seconds}; for longer work \
+                 use start_process and read_process_output"
+            ),
+        ));
+    }
+    Ok(seconds * 1000)
+}
+
+/// A signal given by name (with or without `SIG`) or number.
+fn signal_number(name: &str) -> Option<i32> {
+    let name = name.trim();
+    if let Ok(n) = name.parse::<i32>() {
+        return Some(n);
+    }
+    let upper = name.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    Some(match bare {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "KILL" => 9,
+        "USR1" => 10,
+        "USR2" => 12,
+        "TERM" => 15,
+        "CONT" => 18,
+        "STOP" => 19,
+        _ => return None,
+    })
+}
+
+/// How a process ended, in words.
+fn describe_exit(code: Option<i32>, signal: Option<i32>, timed_out: bool, oom: bool) -> String {
+    let mut text = match (code, signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "ended".to_string(),
+    };
+    if timed_out {
+        text.push_str(" (timed out: killed at its timeout)");
+    }
+    if oom {
+        text.push_str(" (out of memory: killed by the sandbox's memory limit)");
+    }
+    text
+}
+
+/// The text of a sandbox resource, one line.
+fn sandbox_line(resource: &Value) -> String {
+    let field = |name: &str| resource.get(name).and_then(Value::as_str).unwrap_or("-");
+    format!(
+        "{}  {}  image={}  expires={}",
+        field("id"),
+        field("state"),
+        field("image"),
+        field("expires_at")
+    )
+}
+
+fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, CallToolResult> {
+    serde_json::to_value(value)
+        .map_err(|e| tool_error(ApiError::internal("cannot encode the answer", e)))
+}
+
+/// A process's state, in words.
+fn process_line(p: &ProcessInfo) -> String {
+    let state = match &p.state {
+        ProcessState::Running => "running".to_string(),
+        ProcessState::Exited { status } => describe_exit(
+            status.code,
+            status.signal,
+            status.timed_out,
+            status.oom_killed,
+        ),
+    };
+    format!(
+        "pid {}  {}  stdout {} B  stderr {} B  {}",
+        p.pid,
+        state,
+        p.stdout_len,
+        p.stderr_len,
+        p.argv.join(" ")
+    )
+}
+
+#[tool_router(vis = "pub(super)")]
+impl OpenrunMcp {
+    /// Creates a sandbox.
+    #[tool(
+        description = "Create a new isolated Linux sandbox and return its id. Use this first: \
+        every other tool takes the sandbox_id it returns. Defaults: image \"host\" (sh, bash, \
+        python3, coreutils), the server's memory/CPU limits, a 15 minute ttl, no network. Call \
+        destroy_sandbox when done.",
+        annotations(
+            title = "Create sandbox",
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn create_sandbox(&self, who: Who, Parameters(p): Parameters<CreateParams>) -> Answer {
+        let mut body = serde_json::Map::new();
+        if let Some(image) = p.image {
+            body.insert("image".into(), json!(image));
+        }
+        if let Some(memory) = p.memory {
+            body.insert("memory".into(), json!(memory));
+        }
+        match p.cpus {
+            Some(Cpus::Number(n)) => body.insert("cpus".into(), json!(n.to_string())),
+            Some(Cpus::Text(t)) => body.insert("cpus".into(), json!(t)),
+            None => None,
+        };
+        if let Some(ttl) = p.ttl {
+            body.insert("ttl".into(), json!(ttl));
+        }
+        if let Some(env) = p.env {
+            body.insert("env".into(), json!(env));
+        }
+        if let Some(labels) = p.labels {
+            body.insert("labels".into(), json!(labels));
+        }
+        if let Some(network) = p.network {
+            body.insert(
+                "network".into(),
+                json!({ "mode": network.mode, "allow": network.allow }),
+            );
+        }
+        let body = serde_json::from_value(Value::Object(body))
+            .map_err(|e| ApiError::InvalidArgument(format!("invalid sandbox options: {e}")))
+            .or_tool()?;
+        let s = &self.state;
+        let _slot = s.admission.slot().await.or_tool()?;
+        let started = std::time::Instant::now();
+        let resource = crate::api::create_sandbox(s, &who.caller, body)
+            .await
+            .or_tool()?;
+        s.metrics.observe_create(started.elapsed());
+        let value = to_value(&resource)?;
+        answer(
+            format!(
+                "Created sandbox {} (image {}, expires {}). Pass sandbox_id \"{}\" to run_command, \
+                 write_file, read_file and the other tools.",
+                resource.id(),
+                value["image"].as_str().unwrap_or("host"),
+                value["expires_at"].as_str().unwrap_or("never"),
+                resource.id()
+            ),
+            value,
+        )
+    }
+
+    /// Lists the caller's sandboxes.
+    #[tool(
+        description = "List your sandboxes (id, state, image, expiry), oldest first. Use it to \
+        find a sandbox_id again or to see what is still running.",
+        annotations(
+            title = "List sandboxes",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn list_sandboxes(&self, who: Who, Parameters(p): Parameters<ListParams>) -> Answer {
+        if let Some(state) = &p.state {
+            if !crate::api::STATES.contains(&state.as_str()) {
+                return Err(refuse(
+                    "invalid_argument",
+                    format!(
+                        "state must be one of {:?}, not {state:?}",
+                        crate::api::STATES
+                    ),
+                ));
+            }
+        }
+        let filter = crate::db::ListFilter {
+            state: p.state,
+            limit: crate::api::MAX_PAGE,
+            ..Default::default()
+        };
+        let tenant = who.caller.tenant.clone();
+        let rows = self
+            .state
+            .db
+            .call(move |c| crate::db::list_sandboxes(c, &tenant, &filter))
+            .await
+            .map_err(ApiError::from)
+            .or_tool()?;
+        let mut sandboxes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let resource = crate::api::SandboxResource::from_row(row).or_tool()?;
+            sandboxes.push(to_value(&resource)?);
+        }
+        let text = if sandboxes.is_empty() {
+            "No sandboxes. create_sandbox makes one.".to_string()
+        } else {
+            sandboxes
+                .iter()
+                .map(sandbox_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        answer(text, json!({ "sandboxes": sandboxes }))
+    }
+
+    /// Destroys a sandbox.
+    #[tool(
+        description = "Destroy a sandbox: kills everything in it and deletes its files (its \
+        timeline stays readable). Use it when the work is done; snapshot first to keep the \
+        files.",
+        annotations(
+            title = "Destroy sandbox",
+            destructive_hint = true,
+            idempotent_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn destroy_sandbox(&self, who: Who, Parameters(p): Parameters<SandboxParam>) -> Answer {
+        let s = &self.state;
+        let row = crate::api::find(s, &who.caller, &p.sandbox_id)
+            .await
+            .or_tool()?;
+        crate::api::remove(s, &who.caller, row).await.or_tool()?;
+        answer(
+            format!("Destroyed sandbox {}.", p.sandbox_id),
+            json!({ "sandbox_id": p.sandbox_id, "destroyed": true }),
+        )
+    }
+
+    /// Runs a command and waits for it.
+    #[tool(
+        description = "Run a command in a sandbox and wait for it to finish; returns stdout, \
+        stderr and the exit code. `command` is a shell line run with `sh -c` (pipes, `&&`, \
+        redirections work); `argv` runs a program without a shell. Killed after timeout_seconds \
+        (default 120). Long output keeps its start and end. For servers or jobs longer than a \
+        few minutes use start_process instead.",
+        annotations(
+            title = "Run command",
+            destructive_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn run_command(&self, who: Who, Parameters(p): Parameters<RunParams>) -> Answer {
+        let argv = argv_of(p.command, p.argv)?;
+        let seconds = p.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECS);
+        let timeout = timeout_ms(seconds)?;
+        let request = ExecRequest {
+            argv,
+            env: p.env.unwrap_or_default(),
+            cwd: p.cwd,
+            stdin: p.stdin.is_some(),
+            timeout_ms: Some(timeout),
+            tag: Some("mcp".into()),
+            ..Default::default()
+        };
+        let input = p.stdin.map(|text| {
+            let bytes = text.into_bytes();
+            let chunks: Vec<Vec<u8>> = bytes.chunks(STDIN_CHUNK).map(<[u8]>::to_vec).collect();
+            let (tx, rx) = mpsc::channel(chunks.len() + 1);
+            for chunk in chunks {
+                // The channel has room for every message.
+                let _ = tx.try_send(Input::Stdin(chunk));
+            }
+            let _ = tx.try_send(Input::StdinEof);
+            rx
+        });
+        let mut lines =
+            crate::exec::run_attached(&self.state, &who.caller, &p.sandbox_id, request, input)
+                .await
+                .or_tool()?;
+        let deadline = Instant::now() + Duration::from_millis(timeout) + EXIT_GRACE;
+        let (mut stdout, mut stderr) = (Capture::default(), Capture::default());
+        let mut pid = None;
+        let mut exit = None;
+        loop {
+            let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(_) => {
+                    return Err(refuse(
+                        "internal",
+                        format!(
+                            "the sandbox did not report the command's end {}s after its timeout",
+                            EXIT_GRACE.as_secs()
+                        ),
+                    ))
+                }
+            };
+            match line {
+                Line::Started { pid: p } => pid = Some(p),
+                Line::Stdout { data, .. } => stdout.push(&data),
+                Line::Stderr { data, .. } => stderr.push(&data),
+                Line::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                    oom_killed,
+                } => {
+                    exit = Some((code, signal, timed_out, oom_killed));
+                    break;
+                }
+                Line::Error { code, message } => return Err(refuse(&code, message)),
+            }
+        }
+        let Some((code, signal, timed_out, oom_killed)) = exit else {
+            return Err(refuse(
+                "agent_lost",
+                "the command's output ended without an exit status (the sandbox may have stopped)",
+            ));
+        };
+        let mut status = describe_exit(code, signal, timed_out, oom_killed);
+        if timed_out {
+            status = format!("{status} after {seconds} s");
+        }
+        let (out, err) = (stdout.text(), stderr.text());
+        let show = |name: &str, text: &str| {
+            if text.is_empty() {
+                format!("{name}: (empty)\n")
+            } else {
+                format!(
+                    "{name}:\n{text}{}",
+                    if text.ends_with('\n') { "" } else { "\n" }
+                )
+            }
+        };
+        let text = format!("{status}\n{}{}", show("stdout", &out), show("stderr", &err));
+        answer(
+            text,
+            json!({
+                "exit_code": code,
+                "signal": signal,
+                "timed_out": timed_out,
+                "oom_killed": oom_killed,
+                "stdout": out,
+                "stderr": err,
+                "stdout_bytes": stdout.total(),
+                "stderr_bytes": stderr.total(),
+                "truncated": stdout.omitted() > 0 || stderr.omitted() > 0,
+                "pid": pid,
+            }),
+        )
+    }
+
+    /// Starts a background process.
+    #[tool(
+        description = "Start a command in the background and return its pid at once: for \
+        servers, watchers and long jobs. Then read_process_output (with wait_seconds to wait) \
+        shows its output and whether it exited; kill_process stops it. `command` runs with \
+        `sh -c`, `argv` without a shell.",
+        annotations(
+            title = "Start background process",
+            destructive_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn start_process(&self, who: Who, Parameters(p): Parameters<StartParams>) -> Answer {
+        let argv = argv_of(p.command, p.argv)?;
+        let timeout = p.timeout_seconds.map(timeout_ms).transpose()?;
+        let request = ExecRequest {
+            argv: argv.clone(),
+            env: p.env.unwrap_or_default(),
+            cwd: p.cwd,
+            timeout_ms: timeout,
+            tag: Some("mcp".into()),
+            ..Default::default()
+        };
+        let pid = crate::exec::start_background(&self.state, &who.caller, &p.sandbox_id, request)
+            .await
+            .or_tool()?;
+        answer(
+            format!(
+                "Started pid {pid}: {}. read_process_output with pid {pid} shows its output; \
+                 kill_process stops it.",
+                argv.join(" ")
+            ),
+            json!({ "pid": pid }),
+        )
+    }
+
+    /// Reads a process's output.
+    #[tool(
+        description = "Read the output of a process started with start_process (or any pid of \
+        list_processes): new stdout/stderr from the given offsets, and whether it has exited \
+        with which code. Pass stdout_next/stderr_next of the previous call as \
+        stdout_since/stderr_since to get only what is new; wait_seconds waits for output or \
+        the exit.",
+        annotations(
+            title = "Read process output",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn read_process_output(
+        &self,
+        who: Who,
+        Parameters(p): Parameters<OutputParams>,
+    ) -> Answer {
+        let wait = p.wait_seconds.unwrap_or(0);
+        if wait > MAX_WAIT_SECS {
+            return Err(refuse(
+                "invalid_argument",
+                format!("wait_seconds must be 0 to {MAX_WAIT_SECS}, not {wait}"),
+            ));
+        }
+        let (stdout_since, stderr_since) =
+            (p.stdout_since.unwrap_or(0), p.stderr_since.unwrap_or(0));
+        let request = AttachRequest {
+            pid: p.pid,
+            stdout_since,
+            stderr_since,
+            follow: wait > 0,
+        };
+        let mut lines =
+            crate::processes::follow_output(&self.state, &who.caller, &p.sandbox_id, request)
+                .await
+                .or_tool()?;
+        let mut deadline = Instant::now() + Duration::from_secs(wait);
+        let mut out = Chunked::new(stdout_since);
+        let mut err = Chunked::new(stderr_since);
+        let mut exit = None;
+        loop {
+            let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+                Ok(Some(line)) => line,
+                Ok(None) | Err(_) => break,
+            };
+            let got_output = match line {
+                Line::Started { .. } => false,
+                Line::Stdout { offset, data } => out.push(offset, &data),
+                Line::Stderr { offset, data } => err.push(offset, &data),
+                Line::Exit {
+                    code,
+                    signal,
+                    timed_out,
+                    oom_killed,
+                } => {
+                    exit = Some((code, signal, timed_out, oom_killed));
+                    break;
+                }
+                Line::Error { code, message } => return Err(refuse(&code, message)),
+            };
+            if got_output && wait > 0 {
+                // Something new: answer soon, with what follows right after it.
+                deadline = deadline.min(Instant::now() + SETTLE);
+            }
+            if out.full && err.full {
+                break;
+            }
+        }
+        let status = match exit {
+            Some((code, signal, timed_out, oom)) => {
+                format!(
+                    "pid {}: {}",
+                    p.pid,
+                    describe_exit(code, signal, timed_out, oom)
+                )
+            }
+            None => format!("pid {}: running", p.pid),
+        };
+        let mut text = format!(
+            "{status}\nstdout (from byte {stdout_since}):\n{}\nstderr (from byte {stderr_since}):\n{}\n",
+            out.text(),
+            err.text()
+        );
+        if out.full || err.full {
+            text.push_str("More output is waiting: call again with the next offsets.\n");
+        }
+        text.push_str(&format!(
+            "next: stdout_since={}, stderr_since={}",
+            out.next, err.next
+        ));
+        let (code, signal, timed_out, oom_killed) = exit.unwrap_or((None, None, false, false));
+        answer(
+            text,
+            json!({
+                "pid": p.pid,
+                "stdout": out.text(),
+                "stderr": err.text(),
+                "stdout_next": out.next,
+                "stderr_next": err.next,
+                "more": out.full || err.full,
+                "exited": exit.is_some(),
+                "exit_code": code,
+                "signal": signal,
+                "timed_out": timed_out,
+                "oom_killed": oom_killed,
+            }),
+        )
+    }
+
+    /// Lists processes.
+    #[tool(
+        description = "List the processes of a sandbox that were started through openrun \
+        (running ones and ended ones not yet released), with their state and output sizes.",
+        annotations(
+            title = "List processes",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn list_processes(&self, who: Who, Parameters(p): Parameters<SandboxParam>) -> Answer {
+        let processes = crate::processes::list_processes(&self.state, &who.caller, &p.sandbox_id)
+            .await
+            .or_tool()?;
+        let text = if processes.is_empty() {
+            "No processes.".to_string()
+        } else {
+            processes
+                .iter()
+                .map(process_line)
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        answer(text, json!({ "processes": to_value(&processes)? }))
+    }
+
+    /// Signals a process.
+    #[tool(
+        description = "Stop a process (default SIGKILL) or send it another signal (TERM, INT, \
+        HUP, ...). The signal goes to its whole process group, so children started by a shell \
+        stop too.",
+        annotations(
+            title = "Kill process",
+            destructive_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn kill_process(&self, who: Who, Parameters(p): Parameters<KillParams>) -> Answer {
+        let name = p.signal.as_deref().unwrap_or("KILL");
+        let Some(signal) = signal_number(name) else {
+            return Err(refuse(
+                "invalid_argument",
+                format!("unknown signal {name:?}: use KILL, TERM, INT, HUP, QUIT, USR1, USR2, STOP, CONT or a number"),
+            ));
+        };
+        crate::processes::signal_process(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.pid,
+            signal,
+            true,
+        )
+        .await
+        .or_tool()?;
+        answer(
+            format!(
+                "Sent signal {signal} to pid {} and its process group.",
+                p.pid
+            ),
+            json!({ "pid": p.pid, "signal": signal }),
+        )
+    }
+
+    /// Reads a file.
+    #[tool(
+        description = "Read a file in a sandbox. Text comes back as lines (offset = first line, \
+        1-based; limit = number of lines, default 2000); binary files as base64 (up to 48 KiB). \
+        Read a file before edit_file to copy old_string exactly.",
+        annotations(title = "Read file", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn read_file(&self, who: Who, Parameters(p): Parameters<ReadParams>) -> Answer {
+        let offset = p.offset.unwrap_or(1).max(1);
+        let limit = p.limit.unwrap_or(DEFAULT_LINES);
+        if limit == 0 {
+            return Err(refuse("invalid_argument", "limit must be at least 1 line"));
+        }
+        let file = crate::files::read_file(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.path.clone(),
+            0,
+            Some(READ_FILE_BYTES),
+        )
+        .await
+        .or_tool()?;
+        let partial = file.size > file.data.len() as u64;
+        if !text::is_text(&file.data, partial) {
+            let shown = &file.data[..file.data.len().min(READ_BINARY_BYTES)];
+            let b64 = base64::engine::general_purpose::STANDARD.encode(shown);
+            let more = file.size > shown.len() as u64;
+            let mut note = format!(
+                "{} is a binary file of {} bytes; base64 of {} below.",
+                p.path,
+                file.size,
+                if more {
+                    format!("its first {} bytes", shown.len())
+                } else {
+                    "all of it".to_string()
+                }
+            );
+            if more {
+                note.push_str(" For the rest, use run_command (e.g. `xxd`, `file`, `base64`).");
+            }
+            return answer(
+                format!("{note}\n{b64}"),
+                json!({
+                    "path": p.path, "encoding": "base64", "content": b64, "size": file.size,
+                    "truncated": more,
+                }),
+            );
+        }
+        let valid = match std::str::from_utf8(&file.data) {
+            Ok(text) => text,
+            // A read cut inside a character: the complete part.
+            Err(e) => std::str::from_utf8(&file.data[..e.valid_up_to()]).unwrap_or(""),
+        };
+        let w = text::window(valid, offset, limit, READ_TEXT_BYTES);
+        let mut header = if w.content.is_empty() && w.total_lines > 0 {
+            format!(
+                "{}: no lines from line {offset}: the file has {} lines",
+                p.path, w.total_lines
+            )
+        } else if w.total_lines == 0 {
+            format!("{}: empty file", p.path)
+        } else {
+            format!(
+                "{}: lines {}-{} of {}{}",
+                p.path,
+                w.first_line,
+                w.last_line,
+                if partial { "at least " } else { "" },
+                w.total_lines
+            )
+        };
+        let more = w.cut || w.last_line < w.total_lines || partial;
+        if w.cut {
+            header.push_str(&format!(
+                " (cut at {READ_TEXT_BYTES} bytes: call again with offset={})",
+                w.last_line + 1
+            ));
+        } else if w.last_line < w.total_lines {
+            header.push_str(&format!(" (more: offset={})", w.last_line + 1));
+        } else if partial {
+            header.push_str(&format!(
+                " (only the first {READ_FILE_BYTES} bytes of its {} were read: use run_command \
+                 with sed -n or tail for the rest)",
+                file.size
+            ));
+        }
+        answer(
+            format!("{header}\n{}", w.content),
+            json!({
+                "path": p.path, "encoding": "text", "content": w.content, "size": file.size,
+                "first_line": w.first_line, "last_line": w.last_line,
+                "total_lines": if partial { Value::Null } else { json!(w.total_lines) },
+                "truncated": more,
+            }),
+        )
+    }
+
+    /// Writes a file.
+    #[tool(
+        description = "Write a whole file in a sandbox (created, or replaced atomically), with \
+        missing parent directories. content is text unless encoding is \"base64\". To change \
+        part of an existing file prefer edit_file.",
+        annotations(
+            title = "Write file",
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn write_file(&self, who: Who, Parameters(p): Parameters<WriteParams>) -> Answer {
+        let data = match p.encoding.unwrap_or_default() {
+            Encoding::Text => p.content.into_bytes(),
+            Encoding::Base64 => base64::engine::general_purpose::STANDARD
+                .decode(p.content.trim())
+                .map_err(|e| {
+                    refuse(
+                        "invalid_argument",
+                        format!("content is not valid base64: {e}"),
+                    )
+                })?,
+        };
+        let mode = match p.mode.as_deref() {
+            None => None,
+            Some(text) => match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+                Ok(mode) if mode <= 0o7777 => Some(mode),
+                _ => {
+                    return Err(refuse(
+                        "invalid_argument",
+                        format!(
+                            "mode must be octal permissions like \"644\" or \"755\", not {text:?}"
+                        ),
+                    ))
+                }
+            },
+        };
+        if data.len() > MAX_DATA_LEN {
+            return Err(refuse(
+                "body_too_large",
+                format!(
+                    "the content is {} bytes; one write takes at most {MAX_DATA_LEN}: write it in \
+                     parts with run_command, or generate it inside the sandbox",
+                    data.len()
+                ),
+            ));
+        }
+        let bytes = data.len();
+        crate::files::write_file(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.path.clone(),
+            data,
+            mode,
+            true,
+            false,
+        )
+        .await
+        .or_tool()?;
+        answer(
+            format!("Wrote {bytes} bytes to {}.", p.path),
+            json!({ "path": p.path, "bytes": bytes }),
+        )
+    }
+
+    /// Lists a directory.
+    #[tool(
+        description = "List a directory in a sandbox: each entry's type, size, permissions and \
+        name (directories end in /, links show their target).",
+        annotations(title = "List files", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn list_files(&self, who: Who, Parameters(p): Parameters<ListFilesParams>) -> Answer {
+        let path = p.path.unwrap_or_else(|| "/".to_string());
+        let entries = crate::files::list_dir(&self.state, &who.caller, &p.sandbox_id, path.clone())
+            .await
+            .or_tool()?;
+        let mut text = format!("{path}: {} entries\n", entries.len());
+        for entry in entries.iter().take(MAX_ENTRIES) {
+            let kind = serde_json::to_value(entry.kind)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            let suffix = match (&entry.symlink_target, kind.as_str()) {
+                (Some(target), _) => format!(" -> {target}"),
+                (None, "dir") => "/".to_string(),
+                _ => String::new(),
+            };
+            text.push_str(&format!(
+                "{kind:<8} {:>10} {:04o} {}{suffix}\n",
+                entry.size, entry.mode, entry.name
+            ));
+        }
+        if entries.len() > MAX_ENTRIES {
+            text.push_str(&format!(
+                "... and {} more (use run_command with ls or find to filter)\n",
+                entries.len() - MAX_ENTRIES
+            ));
+        }
+        let shown = &entries[..entries.len().min(MAX_ENTRIES)];
+        answer(
+            text,
+            json!({ "path": path, "entries": to_value(&shown)?, "total": entries.len() }),
+        )
+    }
+
+    /// Edits a file by exact replacement.
+    #[tool(
+        description = "Edit a text file by exact string replacement: old_string must occur \
+        exactly once (include enough surrounding lines to make it unique) unless replace_all \
+        is true. Errors say when it is not found or found several times. Whitespace and \
+        indentation must match read_file's content exactly.",
+        annotations(title = "Edit file", destructive_hint = true, open_world_hint = false)
+    )]
+    async fn edit_file(&self, who: Who, Parameters(p): Parameters<EditParams>) -> Answer {
+        let s = &self.state;
+        let file = crate::files::read_file(
+            s,
+            &who.caller,
+            &p.sandbox_id,
+            p.path.clone(),
+            0,
+            Some(MAX_DATA_LEN as u64),
+        )
+        .await
+        .or_tool()?;
+        if file.size > file.data.len() as u64 {
+            return Err(refuse(
+                "body_too_large",
+                format!(
+                    "{} has {} bytes; edit_file works on files up to {MAX_DATA_LEN} bytes: use \
+                     run_command (sed, python) for this one",
+                    p.path, file.size
+                ),
+            ));
+        }
+        let Ok(text) = std::str::from_utf8(&file.data) else {
+            return Err(refuse(
+                "invalid_argument",
+                format!(
+                    "{} is not a UTF-8 text file: edit_file only edits text",
+                    p.path
+                ),
+            ));
+        };
+        let all = p.replace_all.unwrap_or(false);
+        let (new_text, count, at) = text::replace(&p.path, text, &p.old_string, &p.new_string, all)
+            .map_err(|e| refuse("invalid_argument", e.to_string()))?;
+        let snippet = text::snippet(&new_text, at, p.new_string.len(), 3);
+        crate::files::write_file(
+            s,
+            &who.caller,
+            &p.sandbox_id,
+            p.path.clone(),
+            new_text.into_bytes(),
+            None,
+            false,
+            false,
+        )
+        .await
+        .or_tool()?;
+        answer(
+            format!(
+                "Replaced {count} occurrence{} in {}. Around the {}edit:\n{snippet}",
+                if count == 1 { "" } else { "s" },
+                p.path,
+                if count == 1 { "" } else { "first " }
+            ),
+            json!({ "path": p.path, "replacements": count }),
+        )
+    }
+
+    /// The environment manifest.
+    #[tool(
+        description = "Describe what a sandbox offers before planning work in it: OS, \
+        architecture, user, resource limits, network policy, PATH and the tools installed \
+        (python3, node, gcc, git, ... with versions). Set refresh after installing something.",
+        annotations(
+            title = "Sandbox environment",
+            read_only_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn environment(&self, who: Who, Parameters(p): Parameters<EnvironmentParams>) -> Answer {
+        let environment = crate::environment::describe(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.refresh.unwrap_or(false),
+        )
+        .await
+        .or_tool()?;
+        let v = to_value(&environment)?;
+        let s = |v: &Value| v.as_str().map(str::to_owned).unwrap_or_else(|| "-".into());
+        let os = v["os"]["pretty_name"]
+            .as_str()
+            .or(v["os"]["name"].as_str())
+            .unwrap_or("unknown");
+        let limit = |name: &str| match v["limits"][name].as_u64() {
+            Some(n) => n.to_string(),
+            None => "none".to_string(),
+        };
+        let tools: Vec<String> = v["tools"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .map(|t| match t["version"].as_str() {
+                Some(version) => format!("{} {version}", s(&t["name"])),
+                None => s(&t["name"]),
+            })
+            .collect();
+        let text = format!(
+            "OS: {os}\narch: {}  kernel: {}  user: {}\nlimits: memory_bytes={} cpu_millis={} pids={}\n\
+             network: {}\nPATH: {}\ntools: {}",
+            s(&v["arch"]),
+            s(&v["kernel"]),
+            s(&v["user"]),
+            limit("memory_bytes"),
+            limit("cpu_millis"),
+            limit("pids"),
+            s(&v["network"]["policy"]),
+            v["path"]
+                .as_array()
+                .map(|p| p.iter().map(s).collect::<Vec<_>>().join(":"))
+                .unwrap_or_default(),
+            if tools.is_empty() {
+                "none found".to_string()
+            } else {
+                tools.join(", ")
+            }
+        );
+        answer(text, v)
+    }
+
+    /// Snapshots a sandbox.
+    #[tool(
+        description = "Save a sandbox's files as a new image (the sandbox keeps running): a \
+        checkpoint to come back to. create_sandbox with that image, or fork, starts sandboxes \
+        from it.",
+        annotations(
+            title = "Snapshot sandbox",
+            destructive_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn snapshot(&self, who: Who, Parameters(p): Parameters<SnapshotParams>) -> Answer {
+        let (_, snap) =
+            crate::images::take_snapshot(&self.state, &who.caller, &p.sandbox_id, p.name)
+                .await
+                .or_tool()?;
+        answer(
+            format!(
+                "Snapshot image {} ({} bytes of changes, took {} ms). Use it as create_sandbox's \
+                 image, or fork to do both.",
+                snap.image, snap.bytes, snap.duration_ms
+            ),
+            to_value(&snap)?,
+        )
+    }
+
+    /// Forks a sandbox.
+    #[tool(
+        description = "Copy a sandbox: snapshot its files, then start `count` new sandboxes \
+        from the snapshot (same limits and environment). Use it to try several approaches \
+        from the same state in parallel.",
+        annotations(
+            title = "Fork sandbox",
+            destructive_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn fork(&self, who: Who, Parameters(p): Parameters<ForkParams>) -> Answer {
+        let mut options = serde_json::Map::new();
+        options.insert("count".into(), json!(p.count.unwrap_or(1)));
+        if let Some(name) = p.name {
+            options.insert("name".into(), json!(name));
+        }
+        if let Some(ttl) = p.ttl {
+            options.insert("ttl".into(), json!(ttl));
+        }
+        let made = crate::images::fork_sandbox(&self.state, &who.caller, &p.sandbox_id, options)
+            .await
+            .or_tool()?;
+        let ids: Vec<&str> = made.iter().map(crate::api::SandboxResource::id).collect();
+        answer(
+            format!("Forked {} into: {}", p.sandbox_id, ids.join(", ")),
+            json!({ "sandboxes": to_value(&made)? }),
+        )
+    }
+
+    /// Diffs a sandbox against its image.
+    #[tool(
+        description = "Show what changed in a sandbox's files against its image (or another \
+        image): added, modified and deleted paths, and a unified diff of the text files. Use \
+        it to review the work done in a sandbox.",
+        annotations(title = "Diff sandbox", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn diff(&self, who: Who, Parameters(p): Parameters<DiffParams>) -> Answer {
+        let report =
+            crate::images::diff_sandbox(&self.state, &who.caller, &p.sandbox_id, p.path, p.against)
+                .await
+                .or_tool()?;
+        let mut v = to_value(&report)?;
+        let mut text = String::new();
+        if report.changes.is_empty() {
+            text.push_str("No changes.\n");
+        }
+        for change in v["changes"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let kind = change["kind"].as_str().unwrap_or("?");
+            let mark = match kind {
+                "added" => "A",
+                "deleted" => "D",
+                _ => "M",
+            };
+            text.push_str(&format!(
+                "{mark} {} ({}, {} bytes)\n",
+                change["path"].as_str().unwrap_or("?"),
+                change["type"].as_str().unwrap_or("?"),
+                change["size"]
+            ));
+        }
+        let (patch, cut) = text::bounded(&report.patch, DIFF_TEXT_BYTES);
+        if !patch.is_empty() {
+            text.push('\n');
+            text.push_str(patch);
+        }
+        if cut {
+            text.push_str(&format!(
+                "\n[patch cut at {DIFF_TEXT_BYTES} bytes: pass path to see one file or directory]\n"
+            ));
+            v["patch"] = json!(patch);
+        }
+        if report.truncated {
+            text.push_str("\n[the server stopped the listing or patch at its limit]\n");
+        }
+        v["truncated"] = json!(report.truncated || cut);
+        answer(text, v)
+    }
+
+    /// A preview URL of a port.
+    #[tool(
+        description = "Get a URL that opens a port of a sandbox (a web server started with \
+        start_process, listening inside the sandbox) from outside, e.g. to show a user the app. \
+        Whoever has the URL can reach that port until it expires.",
+        annotations(
+            title = "Preview URL",
+            destructive_hint = false,
+            open_world_hint = false
+        )
+    )]
+    async fn preview_url(&self, who: Who, Parameters(p): Parameters<PreviewParams>) -> Answer {
+        let token = crate::preview::mint_token(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            &p.port.to_string(),
+            p.ttl.as_deref(),
+            &who.headers,
+        )
+        .await
+        .or_tool()?;
+        let v = to_value(&token)?;
+        let url = v["host_url"]
+            .as_str()
+            .or(v["path_url"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        answer(
+            format!(
+                "{url}\nOpens port {} of sandbox {} until {}. The server must listen inside the \
+                 sandbox (127.0.0.1 or 0.0.0.0) on that port.",
+                p.port,
+                p.sandbox_id,
+                v["expires_at"].as_str().unwrap_or("?")
+            ),
+            json!({ "url": url, "path_url": v["path_url"], "host_url": v["host_url"],
+                    "expires_at": v["expires_at"] }),
+        )
+    }
+
+    /// A sandbox's timeline.
+    #[tool(
+        description = "Show a sandbox's timeline: what happened to it, in order (created, \
+        commands run and their exits, files written, signals, snapshots, network events, \
+        deletion), by whom (agent, human, system). Kept after the sandbox is destroyed.",
+        annotations(title = "Timeline", read_only_hint = true, open_world_hint = false)
+    )]
+    async fn timeline(&self, who: Who, Parameters(p): Parameters<TimelineParams>) -> Answer {
+        let limit = p.limit.unwrap_or(DEFAULT_EVENTS);
+        if !(1..=MAX_EVENTS).contains(&limit) {
+            return Err(refuse(
+                "invalid_argument",
+                format!("limit must be 1 to {MAX_EVENTS}, not {limit}"),
+            ));
+        }
+        let since = p.since.unwrap_or(0).max(0);
+        let events = crate::api::read_events(&self.state, &who.caller, &p.sandbox_id, since)
+            .await
+            .or_tool()?;
+        let more = events.len() > limit;
+        let events = &events[..events.len().min(limit)];
+        let mut text = String::new();
+        for event in events {
+            let payload = event.payload.to_string();
+            let (payload, cut) = text::bounded(&payload, EVENT_PAYLOAD_CHARS);
+            text.push_str(&format!(
+                "#{} {} {} {} {payload}{}\n",
+                event.seq,
+                event.time,
+                event.actor,
+                event.kind,
+                if cut { "…" } else { "" }
+            ));
+        }
+        let next = events.last().map_or(since, |e| e.seq);
+        if events.is_empty() {
+            text.push_str("No events");
+            if since > 0 {
+                text.push_str(&format!(" after #{since}"));
+            }
+            text.push('\n');
+        }
+        if more {
+            text.push_str(&format!("More events: call again with since={next}\n"));
+        }
+        answer(
+            text,
+            json!({ "events": to_value(&events)?, "next_since": next, "more": more }),
+        )
+    }
+}
+
+/// New output of one stream from an offset, at most [`READ_OUTPUT_BYTES`].
+struct Chunked {
+    data: Vec<u8>,
+    /// Offset after the last byte kept: the next call's `since`.
+    next: u64,
+    /// Stopped at the bound: more is waiting.
+    full: bool,
+}
+
+impl Chunked {
+    fn new(since: u64) -> Self {
+        Self {
+            data: Vec::new(),
+            next: since,
+            full: false,
+        }
+    }
+
+    /// Adds a chunk that starts at `offset`; whether it held anything new.
+    fn push(&mut self, offset: u64, data: &[u8]) -> bool {
+        if self.full {
+            return false;
+        }
+        // Bytes before `next` were seen already (a chunk may start before the offset asked).
+        let skip = usize::try_from(self.next.saturating_sub(offset)).unwrap_or(usize::MAX);
+        let Some(new) = data.get(skip..).filter(|d| !d.is_empty()) else {
+            return false;
+        };
+        if offset > self.next {
+            // Output before `offset` is gone from the agent's buffer.
+            self.next = offset;
+        }
+        let room = READ_OUTPUT_BYTES - self.data.len();
+        let take = new.len().min(room);
+        self.data.extend_from_slice(&new[..take]);
+        self.next += take as u64;
+        if take < new.len() {
+            self.full = true;
+        }
+        true
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_of_command_or_argv() {
+        assert_eq!(
+            argv_of(Some("echo hi | wc -c".into()), None).unwrap(),
+            ["/bin/sh", "-c", "echo hi | wc -c"]
+        );
+        assert_eq!(argv_of(None, Some(vec!["ls".into()])).unwrap(), ["ls"]);
+        for (command, argv) in [
+            (None, None),
+            (Some(" ".to_string()), None),
+            (None, Some(vec![])),
+            (Some("ls".to_string()), Some(vec!["ls".to_string()])),
+        ] {
+            let refused = argv_of(command, argv).unwrap_err();
+            assert_eq!(refused.is_error, Some(true));
+        }
+    }
+
+    #[test]
+    fn timeouts_and_signals_are_checked() {
+        assert_eq!(timeout_ms(2).unwrap(), 2000);
+        assert!(timeout_ms(0).is_err());
+        assert!(timeout_ms(MAX_TIMEOUT_SECS + 1).is_err());
+        assert_eq!(signal_number("KILL"), Some(9));
+        assert_eq!(signal_number("sigterm"), Some(15));
+        assert_eq!(signal_number("2"), Some(2));
+        assert_eq!(signal_number("BOGUS"), None);
+    }
+
+    #[test]
+    fn output_chunks_resume_at_offsets_and_stop_at_the_bound() {
+        let mut c = Chunked::new(3);
+        // A chunk starting before the offset asked for: only the new part counts.
+        assert!(c.push(0, b"abcdef"));
+        assert_eq!((c.text().as_str(), c.next), ("def", 6));
+        assert!(!c.push(2, b"cd"));
+        let big = vec![b'x'; READ_OUTPUT_BYTES];
+        assert!(c.push(6, &big));
+        assert!(c.full);
+        assert_eq!(c.next, 6 + (READ_OUTPUT_BYTES - 3) as u64);
+        assert!(!c.push(c.next, b"more"));
+    }
+}
