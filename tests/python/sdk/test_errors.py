@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import re
 from pathlib import Path
+from typing import Type
 
 import httpx
 import pytest
@@ -114,14 +115,16 @@ def test_every_server_code_has_a_class() -> None:
         (409, {"code": "brand_new_conflict", "message": "?"}, openrun.ConflictError, "brand_new_conflict"),
     ],
 )
-def test_answers_map_to_classes(status: int, body: dict, cls: type, code: str) -> None:
+def test_answers_map_to_classes(status: int, body: dict, cls: Type[openrun.OpenrunError], code: str) -> None:
     response = httpx.Response(status, json=body, headers={"retry-after": "3"})
     with pytest.raises(cls) as caught:
         raise_for_error(response)
-    assert caught.value.code == code and caught.value.status == status
-    assert caught.value.message == body["message"]
-    if cls is openrun.RateLimitedError:
-        assert caught.value.retry_after == 3.0
+    err = caught.value
+    assert type(err) is cls
+    assert err.code == code and err.status == status
+    assert err.message == body["message"]
+    if isinstance(err, openrun.RateLimitedError):
+        assert err.retry_after == 3.0
 
 
 def test_an_answer_that_is_not_json_keeps_its_status() -> None:
@@ -136,3 +139,30 @@ def test_check_raises_command_error_with_the_result() -> None:
         result.check()
     assert "signal 9" in str(caught.value)
     assert caught.value.result is result
+
+
+def test_a_429_is_retried_after_its_retry_after() -> None:
+    # The server refuses with 429 before doing anything, so the client may send it again.
+    # (The live server cannot be made to refuse on demand: a stand-in answers here.)
+    from openrun._config import Target
+    from openrun._ops import get
+    from openrun._transport import MAX_RETRIES, SyncTransport
+
+    answers = [429, 429, 200]
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        status = answers.pop(0)
+        if status == 429:
+            return httpx.Response(429, json={"code": "too_many_requests", "message": "full"}, headers={"retry-after": "0"})
+        return httpx.Response(200, json={"id": "abc", "state": "running"})
+
+    transport = SyncTransport(Target("http://127.0.0.1:9", "or_k"))
+    transport.client = httpx.Client(base_url="http://127.0.0.1:9", headers=transport.client.headers, transport=httpx.MockTransport(handler))
+    assert transport.call(get("abc")).id == "abc"
+    assert seen == ["Bearer or_k"] * 3
+    answers[:] = [429] * (MAX_RETRIES + 1)
+    with pytest.raises(openrun.RateLimitedError) as caught:
+        transport.call(get("abc"))
+    assert caught.value.retry_after == 0.0 and not answers

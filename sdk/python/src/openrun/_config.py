@@ -169,8 +169,8 @@ def resolve(server: Optional[str] = None, api_key: Optional[str] = None, data_di
     data_dir = data_dir or _env("OPENRUN_DATA_DIR") or DEFAULT_DATA_DIR
     found = config_path()
     file = _read_json(*found) if found else {}
-    file_server_text = file.get("server") if isinstance(file.get("server"), str) else None
-    file_server = parse_url(file_server_text) if _nonempty(file_server_text) else None
+    file_server_text = _nonempty(file.get("server") if isinstance(file.get("server"), str) else None)
+    file_server = parse_url(file_server_text) if file_server_text is not None else None
     local = _read_local(data_dir)
     if server is not None:
         url = parse_url(server)

@@ -5,8 +5,10 @@ async client (``httpx.Client`` vs ``httpx.AsyncClient``). Errors are mapped by
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import time
 from typing import Any, AsyncIterator, Dict, Iterator, Optional, TypeVar, Union
 
 import httpx
@@ -14,12 +16,24 @@ import httpx
 from . import __version__
 from ._config import Target
 from ._ops import Call, raise_for_error
-from .errors import ConnectionError, OpenrunError, TimeoutError
+from .errors import ConnectionError, OpenrunError, RateLimitedError, TimeoutError
 
 T = TypeVar("T")
 
 #: Seconds a plain request may wait for its answer (creates may queue, snapshots copy).
 DEFAULT_TIMEOUT = 300.0
+#: Times a request refused with 429 ``too_many_requests`` is sent again (the server refuses
+#: before doing anything, so a retry never does something twice).
+MAX_RETRIES = 3
+#: Longest wait between two tries, in seconds, whatever ``Retry-After`` says.
+MAX_RETRY_DELAY = 10.0
+
+
+def retry_delay(error: RateLimitedError, attempt: int) -> Optional[float]:
+    """Seconds to wait before trying again after a 429, or ``None`` to give up."""
+    if attempt >= MAX_RETRIES:
+        return None
+    return min(error.retry_after if error.retry_after is not None else 1.0, MAX_RETRY_DELAY)
 
 
 def _timeouts(timeout: Optional[float]) -> "tuple[httpx.Timeout, httpx.Timeout]":
@@ -78,7 +92,7 @@ class _Base:
         return client.build_request(
             call.method,
             call.path,
-            params=call.params,
+            params=tuple(call.params) if call.params else None,
             json=call.json,
             content=call.content,
             headers=call.headers or None,
@@ -106,11 +120,21 @@ class SyncTransport(_Base):
         )
 
     def call(self, call: Call[T]) -> T:
-        """Sends a call and parses its answer; error answers raise their typed exception."""
-        with translate():
-            response = self.client.send(self._request(self.client, call, _UNSET))
-            raise_for_error(response)
-            return call.parse(response)
+        """Sends a call and parses its answer; error answers raise their typed exception
+        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times)."""
+        attempt = 0
+        while True:
+            try:
+                with translate():
+                    response = self.client.send(self._request(self.client, call, _UNSET))
+                    raise_for_error(response)
+                    return call.parse(response)
+            except RateLimitedError as e:
+                delay = retry_delay(e, attempt)
+                if delay is None:
+                    raise
+                attempt += 1
+                time.sleep(delay)
 
     def stream(self, call: Call[Any], read_timeout: Any = _UNSET) -> Iterator[Dict[str, Any]]:
         """Sends a streaming call and yields its NDJSON lines as they arrive."""
@@ -147,11 +171,21 @@ class AsyncTransport(_Base):
         )
 
     async def call(self, call: Call[T]) -> T:
-        """Sends a call and parses its answer; error answers raise their typed exception."""
-        with translate():
-            response = await self.client.send(self._request(self.client, call, _UNSET))
-            raise_for_error(response)
-            return call.parse(response)
+        """Sends a call and parses its answer; error answers raise their typed exception
+        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times)."""
+        attempt = 0
+        while True:
+            try:
+                with translate():
+                    response = await self.client.send(self._request(self.client, call, _UNSET))
+                    raise_for_error(response)
+                    return call.parse(response)
+            except RateLimitedError as e:
+                delay = retry_delay(e, attempt)
+                if delay is None:
+                    raise
+                attempt += 1
+                await asyncio.sleep(delay)
 
     async def stream(self, call: Call[Any], read_timeout: Any = _UNSET) -> AsyncIterator[Dict[str, Any]]:
         """Sends a streaming call and yields its NDJSON lines as they arrive."""

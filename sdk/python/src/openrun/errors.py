@@ -8,7 +8,7 @@ inside a stream (an exec's ``{"type": "error", ...}`` line) map through the same
 from __future__ import annotations
 
 import builtins
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Protocol, Tuple, Type
 
 __all__ = [
     "OpenrunError",
@@ -267,14 +267,19 @@ class CommandError(OpenrunError):
         return self.result.stderr
 
 
-class CommandResultLike:  # pragma: no cover - typing aid only
+class CommandResultLike(Protocol):  # pragma: no cover - typing aid only
     """What :class:`CommandError` needs of a result (see :class:`openrun.CommandResult`)."""
 
-    exit_code: Optional[int]
-    signal: Optional[int]
-    timed_out: bool
-    stdout: str
-    stderr: str
+    @property
+    def exit_code(self) -> Optional[int]: ...
+    @property
+    def signal(self) -> Optional[int]: ...
+    @property
+    def timed_out(self) -> bool: ...
+    @property
+    def stdout(self) -> str: ...
+    @property
+    def stderr(self) -> str: ...
 
 
 #: Every code the server sends, with its class and HTTP status (``crates/openrun-server/src/error.rs``).
