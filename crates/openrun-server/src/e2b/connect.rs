@@ -832,7 +832,9 @@ pub(crate) fn stream_reply<T: Serialize>(message: &T) -> Response {
     stream_response(Body::from(body))
 }
 
-/// proto3 JSON helpers for serde (`#[serde(with = "pj::int64")]` and so on).
+/// proto3 JSON helpers for serde (`#[serde(with = "pj::int64")]` and so on): both
+/// directions of each type, though a message may need only one.
+#[allow(dead_code)]
 pub(crate) mod pj {
     use std::fmt;
 
@@ -927,6 +929,49 @@ pub(crate) mod pj {
             engine
                 .decode(trimmed)
                 .map_err(|e| de::Error::custom(format!("invalid base64: {e}")))
+        }
+    }
+
+    /// `optional uint32` (for `Option` fields with `#[serde(default)]`).
+    pub(crate) mod opt_uint32 {
+        use super::*;
+
+        /// Writes the number.
+        pub(crate) fn serialize<S: Serializer>(v: &Option<u32>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.serialize_u32(*v),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads a number or a string.
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<u32>, D::Error> {
+            super::uint32::deserialize(d).map(Some)
+        }
+    }
+
+    /// `bytes` of a oneof member (for `Option` fields with `#[serde(default)]`).
+    pub(crate) mod opt_bytes {
+        use super::*;
+
+        /// Writes standard base64.
+        pub(crate) fn serialize<S: Serializer>(
+            v: &Option<Vec<u8>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::bytes::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        /// Reads base64.
+        pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<u8>>, D::Error> {
+            super::bytes::deserialize(d).map(Some)
         }
     }
 

@@ -1,10 +1,558 @@
-//! See [the module index](super).
+//! envd's `filesystem.Filesystem/*` Connect service but watchers (fact sheet §5.2): `files.list`,
+//! `exists`, `get_info`, `make_dir`, `rename`, `remove` of the SDK. Each method is a thin
+//! adapter over the core calls of [`crate::files`], on behalf of the sandbox's owner.
+//!
+//! | method | core call | answer |
+//! |---|---|---|
+//! | `ListDir` `{"path","depth"}` | [`files::list_dir`] per directory, `depth` levels (0 = 1) | `{"entries":[EntryInfo]}` |
+//! | `Stat` `{"path"}` | [`files::stat_path`] | `{"entry":EntryInfo}` (`not_found`: `exists()` is false) |
+//! | `MakeDir` `{"path"}` | [`files::make_dir`] (parents made) | `{"entry"}`; `already_exists` when it exists |
+//! | `Move` `{"source","destination"}` | [`files::move_path`] | `{"entry"}` of the destination |
+//! | `Remove` `{"path"}` | [`files::remove_path`] (recursive) | `{}` |
+//!
+//! Paths: a relative path (or `~`, `~/…`) is taken from the run-as user's home directory, as
+//! envd does; the agent would take it from `/`. Homes, and the owner and group names of
+//! [`EntryInfo`], come from the sandbox's own `/etc/passwd` and `/etc/group`, read through
+//! [`files::read_file`] and kept for [`USERS_TTL`] per sandbox ([`entry_info`] and
+//! [`resolve_path`] are shared with [`super::watch`]).
+//!
+//! `EntryInfo.mode` holds Go's `os.FileMode` bits (directory `0x80000000`, symlink
+//! `0x08000000`, setuid/setgid/sticky, permissions) and `permissions` its `String()`
+//! (`drwxr-xr-x`, `Lrwxrwxrwx`). A symlink has type `FILE_TYPE_SYMLINK`, `isSymlink` and
+//! `symlinkTarget` (the link's text).
 
-use axum::Router;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Extension, Router};
+use openrun_protocol::{ErrorCode, FileKind, FileStat};
+use serde::{Deserialize, Serialize};
+
+use super::connect::{pj, ConnectError, Reply, Unary};
+use super::SandboxCtx;
 use crate::api::Shared;
+use crate::error::ApiError;
+use crate::files;
+
+/// How long the users and groups of a sandbox are kept before they are read again.
+pub(super) const USERS_TTL: Duration = Duration::from_secs(30);
+/// Sandboxes whose users are kept at most (all are forgotten beyond).
+const USERS_CACHE_SIZE: usize = 1024;
+/// Most entries a recursive listing returns (`resource_exhausted` beyond).
+const MAX_LISTED: usize = 100_000;
+/// Most bytes of `/etc/passwd` or `/etc/group` read.
+const MAX_USERS_FILE: u64 = 1 << 20;
 
 /// The routes of this module.
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
+        .route("/filesystem.Filesystem/ListDir", post(list_dir))
+        .route("/filesystem.Filesystem/Stat", post(stat))
+        .route("/filesystem.Filesystem/MakeDir", post(make_dir))
+        .route("/filesystem.Filesystem/Move", post(move_entry))
+        .route("/filesystem.Filesystem/Remove", post(remove))
+}
+
+/// `filesystem.EntryInfo`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct EntryInfo {
+    /// Final name.
+    pub name: String,
+    /// `FILE_TYPE_FILE`, `FILE_TYPE_DIRECTORY`, `FILE_TYPE_SYMLINK` or
+    /// `FILE_TYPE_UNSPECIFIED` (anything else: the SDK skips it in listings).
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Absolute path.
+    pub path: String,
+    /// Size in bytes (a decimal string, proto3's `int64`).
+    #[serde(with = "pj::int64")]
+    pub size: i64,
+    /// Go's `os.FileMode` bits.
+    pub mode: u32,
+    /// Go's `os.FileMode.String()`, e.g. `-rw-r--r--`.
+    pub permissions: String,
+    /// Owner's name (its uid when the sandbox has no name for it).
+    pub owner: String,
+    /// Group's name (its gid when the sandbox has no name for it).
+    pub group: String,
+    /// Modification time, RFC 3339.
+    pub modified_time: String,
+    /// A symlink's target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+    /// Whether it is a symlink.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_symlink: bool,
+}
+
+/// A request naming one path (`Stat`, `MakeDir`, `Remove`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PathRequest {
+    path: String,
+}
+
+/// `filesystem.ListDirRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ListDirRequest {
+    path: String,
+    #[serde(with = "pj::uint32")]
+    depth: u32,
+}
+
+/// `filesystem.MoveRequest`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct MoveRequest {
+    source: String,
+    destination: String,
+}
+
+/// An answer with one entry.
+#[derive(Debug, Serialize)]
+struct EntryResponse {
+    entry: EntryInfo,
+}
+
+/// `filesystem.ListDirResponse`.
+#[derive(Debug, Serialize)]
+struct ListDirResponse {
+    entries: Vec<EntryInfo>,
+}
+
+/// An empty answer (`{}`).
+#[derive(Debug, Serialize)]
+struct Empty {}
+
+/// Names and homes of one sandbox, from its `/etc/passwd` and `/etc/group`.
+#[derive(Debug, Default)]
+pub(super) struct Users {
+    users: HashMap<u32, String>,
+    groups: HashMap<u32, String>,
+    homes: HashMap<String, String>,
+}
+
+impl Users {
+    /// Parses the two files (malformed lines are skipped).
+    fn parse(passwd: &str, group: &str) -> Self {
+        let mut users = Self::default();
+        for line in passwd.lines() {
+            let fields: Vec<&str> = line.trim_end_matches('\r').split(':').collect();
+            if let [name, _, uid, _, _, home, ..] = fields.as_slice() {
+                if let Ok(uid) = uid.parse::<u32>() {
+                    users.users.entry(uid).or_insert_with(|| name.to_string());
+                }
+                if !name.is_empty() && !home.is_empty() {
+                    users.homes.insert(name.to_string(), home.to_string());
+                }
+            }
+        }
+        for line in group.lines() {
+            let fields: Vec<&str> = line.trim_end_matches('\r').split(':').collect();
+            if let [name, _, gid, ..] = fields.as_slice() {
+                if let Ok(gid) = gid.parse::<u32>() {
+                    users.groups.entry(gid).or_insert_with(|| name.to_string());
+                }
+            }
+        }
+        users
+    }
+
+    /// The home of `user` (a name or a uid): from `/etc/passwd`, `/root` for root.
+    fn home(&self, user: &str) -> Option<String> {
+        let name = match user.split(':').next().unwrap_or(user).parse::<u32>() {
+            Ok(uid) => self.users.get(&uid).cloned()?,
+            Err(_) => user.to_string(),
+        };
+        match self.homes.get(&name) {
+            Some(home) => Some(home.clone()),
+            None if name == "root" => Some("/root".into()),
+            None => None,
+        }
+    }
+}
+
+/// The users of every sandbox seen lately: when they were read, and what.
+type UsersCache = Mutex<HashMap<String, (Instant, Arc<Users>)>>;
+
+fn users_cache() -> &'static UsersCache {
+    static CACHE: OnceLock<UsersCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// A text file of the sandbox, empty if it cannot be read.
+async fn read_text(s: &Shared, ctx: &SandboxCtx, path: &str) -> Result<String, ApiError> {
+    match files::read_file(
+        s,
+        &ctx.caller,
+        &ctx.sandbox_id,
+        path.to_string(),
+        0,
+        Some(MAX_USERS_FILE),
+    )
+    .await
+    {
+        Ok(file) => Ok(String::from_utf8_lossy(&file.data).into_owned()),
+        Err(ApiError::Agent(e)) if e.code != ErrorCode::Internal => Ok(String::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The users and groups of the sandbox (read at most every [`USERS_TTL`]).
+pub(super) async fn users(s: &Shared, ctx: &SandboxCtx) -> Result<Arc<Users>, ApiError> {
+    let now = Instant::now();
+    if let Ok(cache) = users_cache().lock() {
+        if let Some((at, users)) = cache.get(&ctx.sandbox_id) {
+            if now.duration_since(*at) < USERS_TTL {
+                return Ok(users.clone());
+            }
+        }
+    }
+    let passwd = read_text(s, ctx, "/etc/passwd").await?;
+    let group = read_text(s, ctx, "/etc/group").await?;
+    let users = Arc::new(Users::parse(&passwd, &group));
+    if let Ok(mut cache) = users_cache().lock() {
+        if cache.len() >= USERS_CACHE_SIZE {
+            cache.clear();
+        }
+        cache.insert(ctx.sandbox_id.clone(), (now, users.clone()));
+    }
+    Ok(users)
+}
+
+/// `path` without `.`, `..` (stopping at the root) and repeated slashes; absolute.
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            other => parts.push(other),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The absolute path of a client's `path`: a relative one (or `~`, `~/…`) is taken from the
+/// run-as user's home directory.
+pub(super) async fn resolve_path(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    path: &str,
+) -> Result<String, ConnectError> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(ConnectError::invalid(
+            "path must be a non-empty path without NUL",
+        ));
+    }
+    if path.starts_with('/') {
+        return Ok(normalize(path));
+    }
+    let rest = match path.strip_prefix('~') {
+        Some("") => "",
+        Some(rest) if rest.starts_with('/') => rest,
+        _ => path,
+    };
+    let user = ctx.user.as_deref().unwrap_or("root");
+    let home = if user == "root" {
+        "/root".to_string()
+    } else {
+        users(s, ctx).await?.home(user).ok_or_else(|| {
+            ConnectError::invalid(format!(
+                "user {user:?} has no home directory in the sandbox's /etc/passwd: give an absolute path"
+            ))
+        })?
+    };
+    Ok(normalize(&format!("{home}/{rest}")))
+}
+
+/// Go's `os.FileMode` of a stat: type bits and permission bits.
+fn go_mode(stat: &FileStat) -> u32 {
+    const DIR: u32 = 1 << 31;
+    const SYMLINK: u32 = 1 << 27;
+    const SETUID: u32 = 1 << 23;
+    const SETGID: u32 = 1 << 22;
+    const STICKY: u32 = 1 << 20;
+    const IRREGULAR: u32 = 1 << 19;
+    let mut mode = stat.mode & 0o777;
+    mode |= match stat.kind {
+        FileKind::File => 0,
+        FileKind::Dir => DIR,
+        FileKind::Symlink => SYMLINK,
+        FileKind::Other => IRREGULAR,
+    };
+    for (unix, go) in [(0o4000, SETUID), (0o2000, SETGID), (0o1000, STICKY)] {
+        if stat.mode & unix != 0 {
+            mode |= go;
+        }
+    }
+    mode
+}
+
+/// Go's `os.FileMode.String()`: type letters (`-` when none), then `rwxrwxrwx`.
+fn go_mode_string(mode: u32) -> String {
+    const LETTERS: &[u8] = b"dalTLDpSugct?";
+    let mut out = String::new();
+    for (i, letter) in LETTERS.iter().enumerate() {
+        if mode & (1 << (31 - i)) != 0 {
+            out.push(char::from(*letter));
+        }
+    }
+    if out.is_empty() {
+        out.push('-');
+    }
+    for (i, letter) in b"rwxrwxrwx".iter().enumerate() {
+        out.push(if mode & (1 << (8 - i)) != 0 {
+            char::from(*letter)
+        } else {
+            '-'
+        });
+    }
+    out
+}
+
+/// The [`EntryInfo`] of `stat`, found at the absolute `path`.
+fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
+    let mode = go_mode(&stat);
+    let name = path.rsplit('/').next().unwrap_or("").to_string();
+    let (kind, is_symlink) = match stat.kind {
+        FileKind::File => ("FILE_TYPE_FILE", false),
+        FileKind::Dir => ("FILE_TYPE_DIRECTORY", false),
+        FileKind::Symlink => ("FILE_TYPE_SYMLINK", true),
+        FileKind::Other => ("FILE_TYPE_UNSPECIFIED", false),
+    };
+    EntryInfo {
+        name: if name.is_empty() { "/".into() } else { name },
+        kind,
+        path,
+        size: i64::try_from(stat.size).unwrap_or(i64::MAX),
+        mode,
+        permissions: go_mode_string(mode),
+        owner: users
+            .users
+            .get(&stat.uid)
+            .cloned()
+            .unwrap_or_else(|| stat.uid.to_string()),
+        group: users
+            .groups
+            .get(&stat.gid)
+            .cloned()
+            .unwrap_or_else(|| stat.gid.to_string()),
+        modified_time: crate::time::rfc3339(stat.modified_ms),
+        symlink_target: stat.symlink_target,
+        is_symlink,
+    }
+}
+
+/// The [`EntryInfo`] of the absolute `path` (a final symlink is not followed).
+pub(super) async fn entry_info(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    path: String,
+) -> Result<EntryInfo, ConnectError> {
+    let stat = files::stat_path(s, &ctx.caller, &ctx.sandbox_id, path.clone()).await?;
+    let users = users(s, ctx).await?;
+    Ok(to_entry(stat, path, &users))
+}
+
+/// Joins a directory and an entry's name.
+fn join(dir: &str, name: &str) -> String {
+    if dir.ends_with('/') {
+        format!("{dir}{name}")
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// `ListDir`: the entries of a directory, and of its subdirectories down to `depth` levels
+/// (symlinks to directories are not descended into).
+async fn list_dir(
+    State(s): State<Shared>,
+    Extension(ctx): Extension<SandboxCtx>,
+    Unary(request): Unary<ListDirRequest>,
+) -> Result<Reply<ListDirResponse>, ConnectError> {
+    let root = resolve_path(&s, &ctx, &request.path).await?;
+    let depth = request.depth.max(1);
+    let users = users(&s, &ctx).await?;
+    let mut entries = Vec::new();
+    let mut level = vec![root];
+    for current in 1..=depth {
+        let mut next = Vec::new();
+        for dir in level {
+            let listed = match files::list_dir(&s, &ctx.caller, &ctx.sandbox_id, dir.clone()).await
+            {
+                Ok(listed) => listed,
+                // A subdirectory removed or made unreadable while we walk: skip it.
+                Err(ApiError::Agent(_)) if current > 1 => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for stat in listed {
+                let path = join(&dir, &stat.name);
+                if stat.kind == FileKind::Dir && current < depth {
+                    next.push(path.clone());
+                }
+                entries.push(to_entry(stat, path, &users));
+                if entries.len() > MAX_LISTED {
+                    return Err(ConnectError::new(
+                        super::connect::Code::ResourceExhausted,
+                        format!(
+                            "the listing has more than {MAX_LISTED} entries: ask for less depth"
+                        ),
+                    ));
+                }
+            }
+        }
+        level = next;
+        if level.is_empty() {
+            break;
+        }
+    }
+    Ok(Reply(ListDirResponse { entries }))
+}
+
+/// `Stat`: one entry (`not_found` when missing).
+async fn stat(
+    State(s): State<Shared>,
+    Extension(ctx): Extension<SandboxCtx>,
+    Unary(request): Unary<PathRequest>,
+) -> Result<Reply<EntryResponse>, ConnectError> {
+    let path = resolve_path(&s, &ctx, &request.path).await?;
+    Ok(Reply(EntryResponse {
+        entry: entry_info(&s, &ctx, path).await?,
+    }))
+}
+
+/// `MakeDir`: creates the directory and missing parents; `already_exists` when it exists.
+async fn make_dir(
+    State(s): State<Shared>,
+    Extension(ctx): Extension<SandboxCtx>,
+    Unary(request): Unary<PathRequest>,
+) -> Result<Reply<EntryResponse>, ConnectError> {
+    let path = resolve_path(&s, &ctx, &request.path).await?;
+    let (caller, id) = (&ctx.caller, ctx.sandbox_id.as_str());
+    // Without parents first, so that an existing directory is told apart atomically.
+    match files::make_dir(&s, caller, id, path.clone(), false).await {
+        Ok(()) => {}
+        Err(ApiError::Agent(e)) if e.code == ErrorCode::AlreadyExists => {
+            return Err(ConnectError::new(
+                super::connect::Code::AlreadyExists,
+                format!("directory {path} already exists"),
+            ))
+        }
+        Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => {
+            files::make_dir(&s, caller, id, path.clone(), true).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Reply(EntryResponse {
+        entry: entry_info(&s, &ctx, path).await?,
+    }))
+}
+
+/// `Move`: renames `source` to `destination`; answers the destination's entry.
+async fn move_entry(
+    State(s): State<Shared>,
+    Extension(ctx): Extension<SandboxCtx>,
+    Unary(request): Unary<MoveRequest>,
+) -> Result<Reply<EntryResponse>, ConnectError> {
+    let source = resolve_path(&s, &ctx, &request.source).await?;
+    let destination = resolve_path(&s, &ctx, &request.destination).await?;
+    files::move_path(
+        &s,
+        &ctx.caller,
+        &ctx.sandbox_id,
+        source,
+        destination.clone(),
+    )
+    .await?;
+    Ok(Reply(EntryResponse {
+        entry: entry_info(&s, &ctx, destination).await?,
+    }))
+}
+
+/// `Remove`: removes a file, or a directory with everything in it.
+async fn remove(
+    State(s): State<Shared>,
+    Extension(ctx): Extension<SandboxCtx>,
+    Unary(request): Unary<PathRequest>,
+) -> Result<Reply<Empty>, ConnectError> {
+    let path = resolve_path(&s, &ctx, &request.path).await?;
+    files::remove_path(&s, &ctx.caller, &ctx.sandbox_id, path, true).await?;
+    Ok(Reply(Empty {}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(kind: FileKind, mode: u32) -> FileStat {
+        FileStat {
+            name: "x".into(),
+            kind,
+            size: 9,
+            mode,
+            uid: 1000,
+            gid: 5,
+            modified_ms: 0,
+            symlink_target: None,
+        }
+    }
+
+    #[test]
+    fn modes_are_go_file_modes() {
+        let dir = go_mode(&stat(FileKind::Dir, 0o755));
+        assert_eq!(dir, 0x8000_0000 | 0o755);
+        assert_eq!(go_mode_string(dir), "drwxr-xr-x");
+        let file = go_mode(&stat(FileKind::File, 0o644));
+        assert_eq!((file, go_mode_string(file).as_str()), (420, "-rw-r--r--"));
+        let link = go_mode(&stat(FileKind::Symlink, 0o777));
+        assert_eq!(link, 0x0800_0000 | 0o777);
+        assert_eq!(go_mode_string(link), "Lrwxrwxrwx");
+        let tmp = go_mode(&stat(FileKind::Dir, 0o1777));
+        assert_eq!(go_mode_string(tmp), "dtrwxrwxrwx");
+    }
+
+    #[test]
+    fn entries_name_owners_and_paths() {
+        let users = Users::parse(
+            "root:x:0:0:root:/root:/bin/bash\nuser:x:1000:1000::/home/user:/bin/bash\n",
+            "root:x:0:\ntty:x:5:\n",
+        );
+        let entry = to_entry(
+            stat(FileKind::File, 0o600),
+            "/home/user/a.txt".into(),
+            &users,
+        );
+        let json = serde_json::to_value(&entry).unwrap();
+        assert_eq!(json["name"], "a.txt");
+        assert_eq!(json["type"], "FILE_TYPE_FILE");
+        assert_eq!(json["size"], "9");
+        assert_eq!(json["owner"], "user");
+        assert_eq!(json["group"], "tty");
+        assert_eq!(json["modifiedTime"], "1970-01-01T00:00:00.000Z");
+        assert!(json.get("isSymlink").is_none());
+        assert_eq!(users.home("user").as_deref(), Some("/home/user"));
+        assert_eq!(users.home("1000").as_deref(), Some("/home/user"));
+        assert_eq!(users.home("nobody"), None);
+        let unknown = to_entry(stat(FileKind::File, 0o600), "/x".into(), &Users::default());
+        assert_eq!(
+            (unknown.owner.as_str(), unknown.group.as_str()),
+            ("1000", "5")
+        );
+    }
+
+    #[test]
+    fn paths_are_normalized() {
+        assert_eq!(normalize("/a//b/./c/../d/"), "/a/b/d");
+        assert_eq!(normalize("/../.."), "/");
+        assert_eq!(join("/", "etc"), "/etc");
+        assert_eq!(join("/etc", "passwd"), "/etc/passwd");
+    }
 }
