@@ -140,3 +140,9 @@ async def test_async_lifecycle_and_errors(asbx: AsyncSandbox, client_args: dict,
 async def test_async_calls_run_concurrently(asbx: AsyncSandbox) -> None:
     results = await asyncio.gather(*(asbx.run(f"echo {i}") for i in range(4)))
     assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
+
+
+async def test_async_run_feeds_stdin(asbx: AsyncSandbox) -> None:
+    seen: list = []
+    result = await asbx.run("tr a-z A-Z", stdin=b"quiet\n", on_stdout=seen.append)
+    assert result.stdout == "QUIET\n" and seen == ["QUIET\n"] and result.ok

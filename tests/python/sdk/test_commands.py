@@ -176,3 +176,10 @@ def test_a_handle_can_be_used_from_threads(sbx: Sandbox) -> None:
     for t in threads:
         t.join()
     assert results == {i: f"{i}\n" for i in range(4)}
+
+
+def test_run_feeds_stdin(sbx: Sandbox) -> None:
+    result = sbx.run("tr a-z A-Z; echo err >&2; exit 2", stdin="shout\n")
+    assert (result.exit_code, result.stdout, result.stderr) == (2, "SHOUT\n", "err\n")
+    assert sbx.run(["wc", "-c"], stdin=bytes(1000)).stdout.strip() == "1000"
+    assert sbx.run("cat", stdin="").stdout == ""

@@ -5,7 +5,8 @@
 ...     print(sbx.run("echo hello").stdout)
 
 :class:`Sandbox` is the synchronous client, :class:`AsyncSandbox` the asyncio one; both have
-the same methods. Errors are :class:`OpenrunError` subclasses carrying the server's ``code``.
+the same methods. Errors are :class:`OpenrunError` subclasses carrying the server's ``code``;
+use ``openrun.TimeoutError`` and ``openrun.ConnectionError`` by their qualified names.
 """
 
 __version__ = "0.1.0"
@@ -103,7 +104,6 @@ __all__ = [
     "CommandNotFoundError",
     "ConfigurationError",
     "ConflictError",
-    "ConnectionError",
     "DirectoryNotEmptyError",
     "InvalidArgumentError",
     "InvalidNetworkPolicyError",
@@ -119,6 +119,7 @@ __all__ = [
     "SandboxPausedError",
     "ServerError",
     "StillRunningError",
-    "TimeoutError",
     "TooLargeError",
 ]
+# `openrun.TimeoutError` and `openrun.ConnectionError` subclass the built-ins of those names;
+# they are left out of `__all__` so that `from openrun import *` does not shadow the built-ins.

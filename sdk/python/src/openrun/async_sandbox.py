@@ -442,9 +442,13 @@ class AsyncSandbox:
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         check: bool = False,
+        stdin: Union[str, bytes, None] = None,
     ) -> CommandResult:
-        """Runs a command to its end (see :meth:`openrun.Sandbox.run`); callbacks may be
-        coroutine functions."""
+        """Runs a command to its end (see :meth:`openrun.Sandbox.run`, also for ``stdin``);
+        callbacks may be coroutine functions."""
+        if stdin is not None:
+            proc = await self.start(cmd, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+            return await proc.wait(on_stdout=on_stdout, on_stderr=on_stderr, check=check)
         collector = OutputCollector(on_stdout, on_stderr)
         async for event in self.exec(cmd, cwd=cwd, env=env, timeout=timeout):
             await _settle(collector.feed(event))

@@ -459,6 +459,7 @@ class Sandbox:
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         check: bool = False,
+        stdin: Union[str, bytes, None] = None,
     ) -> CommandResult:
         """Runs a command to its end.
 
@@ -471,11 +472,16 @@ class Sandbox:
             on_stdout: Called with each piece of standard output text as it arrives.
             on_stderr: Called with each piece of standard error text as it arrives.
             check: Raise :class:`~openrun.CommandError` unless it exited with code 0.
+            stdin: Text or bytes fed to its standard input (then closed); without it, stdin
+                is ``/dev/null``. (It then runs as a background process that is waited for.)
 
         Returns:
             A :class:`CommandResult` (``exit_code``, ``stdout``, ``stderr``, ``signal``,
             ``timed_out``, ``oom_killed``).
         """
+        if stdin is not None:
+            proc = self.start(cmd, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
+            return proc.wait(on_stdout=on_stdout, on_stderr=on_stderr, check=check)
         collector = OutputCollector(on_stdout, on_stderr)
         for event in self.exec(cmd, cwd=cwd, env=env, timeout=timeout):
             collector.feed(event)
