@@ -23,7 +23,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_environment_variables(clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_url: str, api_key: str) -> None:
+def test_environment_variables(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_url: str, api_key: str
+) -> None:
     monkeypatch.setenv("OPENRUN_SERVER", server_url)
     monkeypatch.setenv("OPENRUN_API_KEY", api_key)
     with Sandbox.create() as sandbox:
@@ -41,7 +43,9 @@ def test_config_file(clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_ur
     assert isinstance(Sandbox.list(), list)
 
 
-def test_config_key_goes_only_to_its_server(clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_url: str) -> None:
+def test_config_key_goes_only_to_its_server(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_url: str
+) -> None:
     config = clean_env / "cfg.json"
     config.write_text(json.dumps({"server": "http://10.9.8.7:7878", "api_key": "or_other"}))
     monkeypatch.setenv("OPENRUN_CONFIG", str(config))

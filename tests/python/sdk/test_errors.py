@@ -108,8 +108,18 @@ def test_every_server_code_has_a_class() -> None:
 @pytest.mark.parametrize(
     ("status", "body", "cls", "code"),
     [
-        (429, {"code": "too_many_requests", "message": "busy"}, openrun.RateLimitedError, "too_many_requests"),
-        (409, {"code": "sandbox_not_running", "message": "gone"}, openrun.SandboxNotRunningError, "sandbox_not_running"),
+        (
+            429,
+            {"code": "too_many_requests", "message": "busy"},
+            openrun.RateLimitedError,
+            "too_many_requests",
+        ),
+        (
+            409,
+            {"code": "sandbox_not_running", "message": "gone"},
+            openrun.SandboxNotRunningError,
+            "sandbox_not_running",
+        ),
         (413, {"code": "body_too_large", "message": "big"}, openrun.TooLargeError, "body_too_large"),
         (503, {"code": "something_new", "message": "later"}, openrun.ServerError, "something_new"),
         (409, {"code": "brand_new_conflict", "message": "?"}, openrun.ConflictError, "brand_new_conflict"),
@@ -155,11 +165,17 @@ def test_a_429_is_retried_after_its_retry_after() -> None:
         seen.append(request.headers.get("authorization"))
         status = answers.pop(0)
         if status == 429:
-            return httpx.Response(429, json={"code": "too_many_requests", "message": "full"}, headers={"retry-after": "0"})
+            return httpx.Response(
+                429, json={"code": "too_many_requests", "message": "full"}, headers={"retry-after": "0"}
+            )
         return httpx.Response(200, json={"id": "abc", "state": "running"})
 
     transport = SyncTransport(Target("http://127.0.0.1:9", "or_k"))
-    transport.client = httpx.Client(base_url="http://127.0.0.1:9", headers=transport.client.headers, transport=httpx.MockTransport(handler))
+    transport.client = httpx.Client(
+        base_url="http://127.0.0.1:9",
+        headers=transport.client.headers,
+        transport=httpx.MockTransport(handler),
+    )
     assert transport.call(get("abc")).id == "abc"
     assert seen == ["Bearer or_k"] * 3
     answers[:] = [429] * (MAX_RETRIES + 1)

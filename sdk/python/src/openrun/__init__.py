@@ -19,7 +19,7 @@ from .errors import (  # noqa: E402
     CommandNotFoundError,
     ConfigurationError,
     ConflictError,
-    ConnectionError,
+    ConnectionError as ConnectionError,
     DirectoryNotEmptyError,
     InvalidArgumentError,
     InvalidNetworkPolicyError,
@@ -36,7 +36,7 @@ from .errors import (  # noqa: E402
     SandboxPausedError,
     ServerError,
     StillRunningError,
-    TimeoutError,
+    TimeoutError as TimeoutError,
     TooLargeError,
 )
 from .models import (  # noqa: E402

@@ -158,7 +158,9 @@ def _local_key(url: str, local: Dict[str, Any]) -> Optional[str]:
     return key
 
 
-def resolve(server: Optional[str] = None, api_key: Optional[str] = None, data_dir: Optional[str] = None) -> Target:
+def resolve(
+    server: Optional[str] = None, api_key: Optional[str] = None, data_dir: Optional[str] = None
+) -> Target:
     """The server and key to use (see the module's documentation for the order).
 
     Raises :class:`~openrun.ConfigurationError` when no server is configured anywhere or a

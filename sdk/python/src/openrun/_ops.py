@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import io
-import json
 import os
 import posixpath
 import stat as _stat
@@ -540,7 +539,9 @@ def write_large(sandbox_id: str, path: str, data: bytes, mode: Optional[int]) ->
         info.mode = 0o644 if mode is None else mode
         tar.addfile(info, io.BytesIO(data))
     call = upload_tar(sandbox_id, directory or "/", buf.getvalue())
-    return Call(call.method, call.path, params=call.params, content=call.content, headers=call.headers, parse=_none)
+    return Call(
+        call.method, call.path, params=call.params, content=call.content, headers=call.headers, parse=_none
+    )
 
 
 def list_dir(sandbox_id: str, path: str) -> Call[List[FileInfo]]:
@@ -657,7 +658,9 @@ def unpack_dir(data: bytes, local: Union[str, "os.PathLike[str]"]) -> None:
                 src = tar.extractfile(member)
                 if src is None:
                     continue
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+                fd = os.open(
+                    target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600
+                )
                 with os.fdopen(fd, "wb") as dst:
                     while True:
                         chunk = src.read(1 << 20)

@@ -83,7 +83,9 @@ class _Base:
         self._plain, self._streaming = _timeouts(timeout)
         self._users = 0
 
-    def _request(self, client: Union[httpx.Client, httpx.AsyncClient], call: Call[Any], read_timeout: Any) -> httpx.Request:
+    def _request(
+        self, client: Union[httpx.Client, httpx.AsyncClient], call: Call[Any], read_timeout: Any
+    ) -> httpx.Request:
         timeout = self._streaming if call.stream else self._plain
         if read_timeout is not _UNSET:
             timeout = httpx.Timeout(

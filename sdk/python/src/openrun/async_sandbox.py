@@ -543,4 +543,3 @@ class AsyncSandbox:
     async def preview_url(self, port: int, *, ttl: Optional[Duration] = None) -> str:
         """A URL that opens ``port`` of this sandbox in a browser."""
         return _preview_url(self.server, await self.preview(port, ttl=ttl))
-

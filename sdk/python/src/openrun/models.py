@@ -523,7 +523,10 @@ class Environment:
             limits=Limits.from_json(d.get("limits")),
             network=EnvironmentNetwork(policy=net.get("policy", ""), loopback=bool(net.get("loopback"))),
             path=list(d.get("path") or []),
-            tools=[Tool(name=t["name"], path=t.get("path", ""), version=t.get("version")) for t in d.get("tools") or []],
+            tools=[
+                Tool(name=t["name"], path=t.get("path", ""), version=t.get("version"))
+                for t in d.get("tools") or []
+            ],
             raw=d,
         )
 

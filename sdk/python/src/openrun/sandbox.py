@@ -595,4 +595,3 @@ class Sandbox:
 def _preview_url(server: str, token: PreviewToken) -> str:
     url = token.host_url or token.path_url
     return url if "://" in url else server + url
-
