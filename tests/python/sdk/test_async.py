@@ -146,3 +146,16 @@ async def test_async_run_feeds_stdin(asbx: AsyncSandbox) -> None:
     seen: list = []
     result = await asbx.run("tr a-z A-Z", stdin=b"quiet\n", on_stdout=seen.append)
     assert result.stdout == "QUIET\n" and seen == ["QUIET\n"] and result.ok
+
+
+async def test_async_watch(asbx: AsyncSandbox) -> None:
+    await asbx.files.mkdir("/root/aw")
+    writer = await asbx.start("while [ -d /root/aw ]; do touch /root/aw/f || true; sleep 0.05; done")
+    kinds = []
+    async for change in asbx.files.watch("/root/aw"):
+        kinds.append(change.kind)
+        if len(kinds) == 1:
+            assert change.path == "/root/aw/f"
+            await asbx.files.remove("/root/aw", recursive=True)
+    assert "remove" in kinds
+    assert (await writer.wait(timeout=30)).exit_code == 0

@@ -103,3 +103,32 @@ def test_a_file_over_16_mib_goes_through(sbx: Sandbox) -> None:
     digest = sbx.run(["sha256sum", "/root/big/blob"]).stdout.split()[0]
     assert digest == hashlib.sha256(data).hexdigest()
     assert sbx.files.read("/root/big/blob", offset=len(data) - 10) == data[-10:]
+
+
+def test_watch_reports_changes_and_ends_with_the_directory(sbx: Sandbox) -> None:
+    sbx.files.mkdir("/root/w/sub")
+    # The writer keeps making files until the directory is gone, so the first change arrives
+    # whenever the watch is in place: no assumption about when that is.
+    writer = sbx.start(
+        "i=0; while [ -d /root/w ]; do i=$((i+1)); echo x > /root/w/sub/f$i || true; sleep 0.05; done"
+    )
+    seen = []
+    for change in sbx.files.watch("/root/w", recursive=True):
+        seen.append(change)
+        if len(seen) == 1:
+            sbx.files.remove("/root/w", recursive=True)
+    # The loop ended by itself: the watched directory was removed.
+    first = seen[0]
+    assert first.name.startswith("sub/f") and first.kind in ("create", "write")
+    assert first.path == "/root/w/" + first.name
+    assert any(c.kind == "remove" for c in seen)
+    assert writer.wait(timeout=30).exit_code == 0
+
+
+def test_watch_refuses_what_is_not_a_directory(sbx: Sandbox) -> None:
+    with pytest.raises(openrun.NotFoundError):
+        next(iter(sbx.files.watch("/root/no-such-dir")))
+    sbx.files.write("/root/file", "x")
+    with pytest.raises(openrun.InvalidArgumentError) as caught:
+        next(iter(sbx.files.watch("/root/file")))
+    assert caught.value.code == "not_a_directory"

@@ -28,6 +28,7 @@ from .models import (
     Event,
     ExecEvent,
     Exit,
+    FileChange,
     FileInfo,
     NetworkPolicy,
     PreviewToken,
@@ -579,6 +580,26 @@ def remove(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
 def move(sandbox_id: str, src: str, dst: str) -> Call[None]:
     """``POST /v1/sandboxes/{id}/files/move``."""
     return Call("POST", _q(sandbox_id) + "/files/move", json={"from": src, "to": dst}, parse=_none)
+
+
+def watch(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
+    """``GET /v1/sandboxes/{id}/files/watch``: an NDJSON stream of :func:`watch_event` lines."""
+    params = [("path", path)]
+    if recursive:
+        params.append(("recursive", "true"))
+    return Call("GET", _q(sandbox_id) + "/files/watch", params=params, stream=True)
+
+
+def watch_event(root: str, line: Dict[str, Any]) -> Optional[FileChange]:
+    """One line of a watch: a change, or ``None`` for the last line (``ended``)."""
+    if line.get("type") == "ended":
+        return None
+    if line.get("type") != "change":
+        raise OpenrunError(f"unexpected line in a watch stream: {line!r}", code="protocol")
+    name = str(line.get("name", ""))
+    return FileChange(
+        name=name, kind=str(line.get("kind", "")), path=posixpath.join(root, name) if name else root
+    )
 
 
 def download_tar(sandbox_id: str, path: str) -> Call[bytes]:

@@ -37,6 +37,7 @@ from .models import (
     Environment,
     Event,
     ExecEvent,
+    FileChange,
     FileInfo,
     NetworkPolicy,
     OutputCollector,
@@ -196,6 +197,15 @@ class AsyncFiles:
     async def move(self, src: str, dst: str) -> None:
         """Renames ``src`` to ``dst``."""
         await self._sbx._t.call(_ops.move(self._sbx.id, src, dst))
+
+    async def watch(self, path: str, *, recursive: bool = False) -> AsyncIterator[FileChange]:
+        """Yields the changes in directory ``path`` as they happen (``async for``); see
+        :meth:`openrun.Files.watch`."""
+        async for line in self._sbx._t.stream(_ops.watch(self._sbx.id, path, recursive)):
+            change = _ops.watch_event(path, line)
+            if change is None:
+                return
+            yield change
 
     async def upload_dir(self, local: str, remote: str) -> UploadResult:
         """Copies a local directory's contents into ``remote`` as one tar archive."""

@@ -37,6 +37,7 @@ __all__ = [
     "NetworkPolicy",
     "PreviewToken",
     "UploadResult",
+    "FileChange",
 ]
 
 
@@ -594,3 +595,16 @@ class UploadResult:
 
     files: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class FileChange:
+    """A change in a watched directory (``files.watch()``)."""
+
+    name: str
+    """Path relative to the watched directory (empty for ``overflow``)."""
+    kind: str
+    """``create``, ``write``, ``remove``, ``rename``, ``chmod``, or ``overflow`` when events
+    were lost (list the directory again)."""
+    path: str
+    """Absolute path inside the sandbox (the watched directory for ``overflow``)."""

@@ -21,6 +21,7 @@ from .models import (
     Event,
     ExecEvent,
     Exit,
+    FileChange,
     FileInfo,
     NetworkPolicy,
     OutputCollector,
@@ -194,6 +195,17 @@ class Files:
     def move(self, src: str, dst: str) -> None:
         """Renames ``src`` to ``dst``."""
         self._sbx._t.call(_ops.move(self._sbx.id, src, dst))
+
+    def watch(self, path: str, *, recursive: bool = False) -> Iterator[FileChange]:
+        """Yields the changes in directory ``path`` (and its subdirectories with ``recursive``)
+        as they happen: :class:`FileChange` ``(name, kind, path)``. It goes on until you stop
+        iterating, or ends when the directory is removed or the sandbox stops. A missing
+        directory raises :class:`~openrun.NotFoundError`, a file ``not_a_directory``."""
+        for line in self._sbx._t.stream(_ops.watch(self._sbx.id, path, recursive)):
+            change = _ops.watch_event(path, line)
+            if change is None:
+                return
+            yield change
 
     def upload_dir(self, local: str, remote: str) -> UploadResult:
         """Copies a local directory's contents into ``remote`` (made if missing) as one tar
