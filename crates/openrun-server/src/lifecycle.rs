@@ -1,6 +1,8 @@
 //! Changing a live sandbox: `POST /v1/sandboxes/{id}/ttl` (a new deadline), `.../pause` and
 //! `.../resume` (the cgroup freezer). Each answers the sandbox resource after its event
-//! (`sandbox.ttl`, `sandbox.pause`, `sandbox.resume`) is stored.
+//! (`sandbox.ttl`, `sandbox.pause`, `sandbox.resume`) is stored. The work is in the core
+//! calls [`set_ttl`], [`pause_sandbox`] and [`resume_sandbox`], which the E2B surface calls
+//! too; the handlers only translate.
 //!
 //! The deadline lives in three places, kept together here: the database (the TTL reaper's),
 //! the runtime record (the backstop of `Runtime::list`, for a server that is down) and the
@@ -145,17 +147,21 @@ fn event(
     }
 }
 
-/// The resource of the caller's sandbox as stored now.
-async fn current(s: &Shared, caller: &Caller, id: &str) -> Result<Json<SandboxResource>, ApiError> {
-    Ok(Json(SandboxResource::from_row(find(s, caller, id).await?)?))
-}
-
 /// Where a state change stands once its sandbox is locked.
 enum Change {
-    /// Already in the wanted state: this is the answer (changes are idempotent).
-    Done(Json<SandboxResource>),
+    /// Already in the wanted state: nothing to do (changes are idempotent).
+    Done(SandboxRow),
     /// In the state the change starts from.
     Go(SandboxRow),
+}
+
+/// What a pause or resume did.
+#[derive(Debug)]
+pub(crate) struct Changed {
+    /// The sandbox as stored after the call.
+    pub row: SandboxRow,
+    /// `false`: it was already in the wanted state, nothing was done.
+    pub changed: bool,
 }
 
 /// Locks the caller's sandbox `id` for a change from state `from` to `to`; any other state
@@ -170,7 +176,7 @@ async fn begin(
     let guard = lock(id).await;
     let row = find(s, caller, id).await?;
     let change = if row.state == to {
-        Change::Done(Json(SandboxResource::from_row(row)?))
+        Change::Done(row)
     } else if row.state == from {
         Change::Go(row)
     } else {
@@ -195,6 +201,48 @@ async fn finish(
     Ok(())
 }
 
+/// The core of `POST /v1/sandboxes/{id}/ttl`: the caller's sandbox `id` is destroyed `ttl`
+/// from now (sooner or later than before), running or paused. Records `sandbox.ttl`; returns
+/// the sandbox as stored after.
+pub(crate) async fn set_ttl(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    ttl: Duration,
+) -> Result<SandboxRow, ApiError> {
+    let _lock = lock(id).await;
+    let row = find(s, caller, id).await?;
+    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+    let expires_at = crate::time::now_ms().saturating_add(ttl_ms);
+    let mut sandbox = match row.state.as_str() {
+        "running" => {
+            let (sandbox, mut client) = open_running(s, &row).await?;
+            set_lifetime(&mut client, Some(ttl)).await?;
+            sandbox
+        }
+        "paused" => open_paused(s, &row).await?,
+        _ => return Err(ApiError::NotRunning(row.id)),
+    };
+    let runtime = s.runtime.clone();
+    let deadline = u64::try_from(expires_at).ok();
+    blocking(move || runtime.set_expiry(&mut sandbox, deadline))
+        .await?
+        .map_err(|e| ApiError::internal("cannot record the sandbox deadline", e))?;
+    let event = event(
+        &row,
+        caller,
+        "sandbox.ttl",
+        serde_json::json!({
+            "ttl_ms": ttl_ms,
+            "expires_at": crate::time::rfc3339(expires_at),
+        }),
+    );
+    let key = row.id.clone();
+    s.db.call(move |c| db::set_expiry(c, &key, expires_at, &event))
+        .await?;
+    find(s, caller, id).await
+}
+
 /// `POST /v1/sandboxes/{id}/ttl`: the sandbox is destroyed `ttl` from now (sooner or later
 /// than before), running or paused.
 #[utoipa::path(post, operation_id = "set_sandbox_ttl", path = "/v1/sandboxes/{id}/ttl", tag = "sandboxes",
@@ -208,53 +256,28 @@ pub async fn ttl(
 ) -> Result<Json<SandboxResource>, ApiError> {
     let ttl = openrun_runtime::limits::parse_duration(&body.ttl)
         .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-    let _lock = lock(&id).await;
-    let row = find(&s, &caller, &id).await?;
-    let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-    let expires_at = crate::time::now_ms().saturating_add(ttl_ms);
-    let mut sandbox = match row.state.as_str() {
-        "running" => {
-            let (sandbox, mut client) = open_running(&s, &row).await?;
-            set_lifetime(&mut client, Some(ttl)).await?;
-            sandbox
-        }
-        "paused" => open_paused(&s, &row).await?,
-        _ => return Err(ApiError::NotRunning(row.id)),
-    };
-    let runtime = s.runtime.clone();
-    let deadline = u64::try_from(expires_at).ok();
-    blocking(move || runtime.set_expiry(&mut sandbox, deadline))
-        .await?
-        .map_err(|e| ApiError::internal("cannot record the sandbox deadline", e))?;
-    let event = event(
-        &row,
-        &caller,
-        "sandbox.ttl",
-        serde_json::json!({
-            "ttl_ms": ttl_ms,
-            "expires_at": crate::time::rfc3339(expires_at),
-        }),
-    );
-    let key = row.id.clone();
-    s.db.call(move |c| db::set_expiry(c, &key, expires_at, &event))
-        .await?;
-    current(&s, &caller, &id).await
+    let row = set_ttl(&s, &caller, &id, ttl).await?;
+    Ok(Json(SandboxResource::from_row(row)?))
 }
 
-/// `POST /v1/sandboxes/{id}/pause`: freezes every process of the sandbox (idempotent).
-#[utoipa::path(post, operation_id = "pause_sandbox", path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
-    params(("id" = String, Path, description = "Sandbox id")),
-    responses((status = 200, description = "The sandbox, paused", body = SandboxResource), ErrorAnswers))]
-pub async fn pause(
-    State(s): State<Shared>,
-    Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
-) -> Result<Json<SandboxResource>, ApiError> {
-    let (_lock, row) = match begin(&s, &caller, &id, "running", "paused").await? {
-        (_, Change::Done(answer)) => return Ok(answer),
+/// The core of `POST /v1/sandboxes/{id}/pause`: freezes every process of the caller's
+/// sandbox `id` (idempotent: `changed` is false when it was paused already). Records
+/// `sandbox.pause`.
+pub(crate) async fn pause_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+) -> Result<Changed, ApiError> {
+    let (_lock, row) = match begin(s, caller, id, "running", "paused").await? {
+        (_, Change::Done(row)) => {
+            return Ok(Changed {
+                row,
+                changed: false,
+            })
+        }
         (lock, Change::Go(row)) => (lock, row),
     };
-    let (sandbox, mut client) = open_running(&s, &row).await?;
+    let (sandbox, mut client) = open_running(s, &row).await?;
     // A frozen agent cannot keep time: the reaper keeps the deadline while it is paused.
     set_lifetime(&mut client, None).await?;
     let (sandbox, frozen) = blocking(move || {
@@ -270,8 +293,57 @@ pub async fn pause(
         return Err(ApiError::internal("cannot pause the sandbox", e));
     }
     drop(client);
-    finish(&s, &caller, &row, "running", "paused", "sandbox.pause").await?;
-    current(&s, &caller, &id).await
+    finish(s, caller, &row, "running", "paused", "sandbox.pause").await?;
+    Ok(Changed {
+        row: find(s, caller, id).await?,
+        changed: true,
+    })
+}
+
+/// `POST /v1/sandboxes/{id}/pause`: freezes every process of the sandbox (idempotent).
+#[utoipa::path(post, operation_id = "pause_sandbox", path = "/v1/sandboxes/{id}/pause", tag = "sandboxes",
+    params(("id" = String, Path, description = "Sandbox id")),
+    responses((status = 200, description = "The sandbox, paused", body = SandboxResource), ErrorAnswers))]
+pub async fn pause(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SandboxResource>, ApiError> {
+    let done = pause_sandbox(&s, &caller, &id).await?;
+    Ok(Json(SandboxResource::from_row(done.row)?))
+}
+
+/// The core of `POST /v1/sandboxes/{id}/resume`: thaws the caller's paused sandbox `id`
+/// (idempotent: `changed` is false when it was running already). Records `sandbox.resume`.
+pub(crate) async fn resume_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+) -> Result<Changed, ApiError> {
+    let (_lock, row) = match begin(s, caller, id, "paused", "running").await? {
+        (_, Change::Done(row)) => {
+            return Ok(Changed {
+                row,
+                changed: false,
+            })
+        }
+        (lock, Change::Go(row)) => (lock, row),
+    };
+    let sandbox = open_paused(s, &row).await?;
+    blocking(move || sandbox.resume())
+        .await?
+        .map_err(|e| ApiError::internal("cannot resume the sandbox", e))?;
+    finish(s, caller, &row, "paused", "running", "sandbox.resume").await?;
+    let row = find(s, caller, id).await?;
+    // The agent keeps time again; should this fail, the reaper still holds the deadline.
+    if let Err(e) = restore_lifetime(s, &row).await {
+        tracing::warn!(id, error = %e, "cannot restore the agent's lifetime");
+    }
+    // Watchers of its background processes (a server started while it was paused has none).
+    if let Err(e) = crate::maintenance::rearm(s, Some(id)).await {
+        tracing::warn!(id, error = %e, "cannot watch the sandbox's background processes");
+    }
+    Ok(Changed { row, changed: true })
 }
 
 /// `POST /v1/sandboxes/{id}/resume`: thaws a paused sandbox (idempotent).
@@ -283,23 +355,6 @@ pub async fn resume(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<SandboxResource>, ApiError> {
-    let (_lock, row) = match begin(&s, &caller, &id, "paused", "running").await? {
-        (_, Change::Done(answer)) => return Ok(answer),
-        (lock, Change::Go(row)) => (lock, row),
-    };
-    let sandbox = open_paused(&s, &row).await?;
-    blocking(move || sandbox.resume())
-        .await?
-        .map_err(|e| ApiError::internal("cannot resume the sandbox", e))?;
-    finish(&s, &caller, &row, "paused", "running", "sandbox.resume").await?;
-    let row = find(&s, &caller, &id).await?;
-    // The agent keeps time again; should this fail, the reaper still holds the deadline.
-    if let Err(e) = restore_lifetime(&s, &row).await {
-        tracing::warn!(id, error = %e, "cannot restore the agent's lifetime");
-    }
-    // Watchers of its background processes (a server started while it was paused has none).
-    if let Err(e) = crate::maintenance::rearm(&s, Some(&id)).await {
-        tracing::warn!(id, error = %e, "cannot watch the sandbox's background processes");
-    }
-    Ok(Json(SandboxResource::from_row(row)?))
+    let done = resume_sandbox(&s, &caller, &id).await?;
+    Ok(Json(SandboxResource::from_row(done.row)?))
 }

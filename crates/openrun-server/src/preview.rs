@@ -148,6 +148,33 @@ impl Previews {
         self.domain.as_deref()
     }
 
+    /// The MAC of `label` and sandbox `id` under this server's secret, domain-separated from
+    /// preview tokens by `label` (E2B's per-sandbox envd and traffic access tokens).
+    fn sandbox_mac(&self, label: &str, id: &str) -> HmacSha256 {
+        // HMAC takes keys of any length: this cannot fail.
+        let mut mac = match HmacSha256::new_from_slice(&self.secret) {
+            Ok(mac) => mac,
+            Err(e) => unreachable!("HMAC refused a 32-byte key: {e}"),
+        };
+        mac.update(format!("openrun-sandbox-token-v1\n{label}\n{id}").as_bytes());
+        mac
+    }
+
+    /// A token of `label` for sandbox `id` (base64url): valid as long as this server's secret,
+    /// for that sandbox only. Checked by [`Previews::check_sandbox_token`].
+    pub(crate) fn sandbox_token(&self, label: &str, id: &str) -> String {
+        let tag = self.sandbox_mac(label, id).finalize().into_bytes();
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tag)
+    }
+
+    /// Whether `token` is [`Previews::sandbox_token`] of `label` and `id` (constant-time).
+    pub(crate) fn check_sandbox_token(&self, label: &str, id: &str, token: &str) -> bool {
+        let Ok(tag) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token.trim()) else {
+            return false;
+        };
+        self.sandbox_mac(label, id).verify_slice(&tag).is_ok()
+    }
+
     fn mac(&self, id: &str, port: u16, expires_ms: i64) -> HmacSha256 {
         // HMAC takes keys of any length: this cannot fail.
         let mut mac = match HmacSha256::new_from_slice(&self.secret) {
@@ -464,7 +491,7 @@ async fn by_path(s: Shared, req: Request) -> Response {
 
 /// What the Host header says about a request.
 #[derive(Debug, PartialEq, Eq)]
-enum HostMatch<'a> {
+pub(crate) enum HostMatch<'a> {
     /// Not a preview host: the API serves it.
     Api,
     /// `<port>-<id>.<domain>`.
@@ -477,7 +504,7 @@ enum HostMatch<'a> {
 }
 
 /// Reads `host` (`name[:port]`) against the preview domain.
-fn match_host<'a>(host: &'a str, domain: &str) -> HostMatch<'a> {
+pub(crate) fn match_host<'a>(host: &'a str, domain: &str) -> HostMatch<'a> {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
@@ -595,7 +622,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The live sandbox `id` whoever its tenant (a token names the sandbox; it carries no tenant).
-async fn sandbox_by_id(s: &Shared, id: &str) -> Result<SandboxRow, ApiError> {
+pub(crate) async fn sandbox_by_id(s: &Shared, id: &str) -> Result<SandboxRow, ApiError> {
     let missing = || ApiError::NotFound(format!("no such sandbox: {id}"));
     if !openrun_runtime::state::valid_id(id) {
         return Err(missing());
