@@ -472,6 +472,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Unary<T> {
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ConnectError> {
         check_headers(req.headers(), UNARY_JSON, "content-encoding")?;
+        Meta::from_headers(req.headers())?;
         let body = read_body(req.into_body(), MAX_MESSAGE, "the request message").await?;
         decode(&body).map(Unary)
     }
