@@ -84,6 +84,10 @@ pub enum Command {
     /// Manage the images of this machine's store (in the data dir).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Serve MCP (Model Context Protocol) over stdio for local agents such as Claude Desktop
+    /// and Claude Code, bridged to the server's /mcp; without a configured or running server,
+    /// one is started (see docs/mcp.md).
+    Mcp(McpArgs),
     /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
     /// print its record (see `Runtime::create_with_helper`).
     #[command(name = "__create", hide = true)]
@@ -295,6 +299,15 @@ pub struct EnvArgs {
     /// Print the server's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `openrun mcp`.
+#[derive(Debug, Args)]
+pub struct McpArgs {
+    /// Fail instead of starting `openrun serve` when no server is configured and none runs
+    /// on this machine.
+    #[arg(long)]
+    pub no_start: bool,
 }
 
 /// `openrun serve`.

@@ -23,6 +23,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Serve(args) => return serve(data_dir, args),
         Command::Key(KeyCommand::Create(args)) => return key_create(data_dir, args),
         Command::Image(command) => return crate::image_cmd::dispatch(data_dir, command),
+        Command::Mcp(args) => return crate::mcp::run(data_dir, cli.server, cli.api_key, args),
         Command::CreateHelper => {
             return Ok(i32::from(!Runtime::serve_helper_request(
                 data_dir,
@@ -53,6 +54,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         | Command::Serve(_)
         | Command::Key(_)
         | Command::Image(_)
+        | Command::Mcp(_)
         | Command::CreateHelper => {
             unreachable!("handled above")
         }

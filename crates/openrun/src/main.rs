@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod image_build;
 mod image_cmd;
+mod mcp;
 mod output;
 mod remote;
 mod session;

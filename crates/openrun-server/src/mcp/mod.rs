@@ -10,9 +10,10 @@
 //! - Tools ([`tools`]) are thin adapters over the core calls `/v1` uses (sandboxes, exec,
 //!   processes, files, images, environment, previews): same checks, same timeline events.
 //! - Errors: a tool that ran and failed (no such sandbox, file or command, a sandbox that
-//!   stopped, a bad value) answers a result with `isError: true` and a message saying what to
-//!   do next; protocol misuse (unknown tool, arguments that do not fit the tool's schema, unknown
-//!   method) is a JSON-RPC error, as rmcp answers it.
+//!   stopped, a bad value, arguments that do not fit its schema) answers a result with
+//!   `isError: true` and a message saying what to do next, as MCP 2025-11-25 asks (a model can
+//!   correct its call); protocol misuse (an unknown tool or method, a malformed request) is a
+//!   JSON-RPC error.
 //! - Sessions: rmcp's in-memory session manager (`Mcp-Session-Id`), idle sessions closed after
 //!   its keep-alive. Host-header checks (rmcp's DNS-rebinding guard) are off: every request
 //!   needs an API key, which a rebinding page does not have, and the server may be reached by
@@ -28,12 +29,15 @@ use axum::response::Response;
 use axum::Router;
 use rmcp::handler::server::common::{AsRequestContext, FromContextPart};
 use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
-    CallToolResult, ContentBlock, Implementation, ProtocolVersion, ServerCapabilities, ServerConfig,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, Implementation,
+    ProtocolVersion, ServerCapabilities, ServerConfig,
 };
+use rmcp::service::RequestContext;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use rmcp::{tool_handler, ErrorData, ServerHandler};
+use rmcp::{tool_handler, ErrorData, RoleServer, ServerHandler};
 
 use crate::api::{Caller, Shared};
 use crate::error::ApiError;
@@ -127,6 +131,27 @@ impl ServerHandler for OpenrunMcp {
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
         Cow::Borrowed(ProtocolVersion::known_up_to(&PROTOCOL_VERSION))
+    }
+
+    /// An unknown tool is a JSON-RPC error naming it (rmcp's says only "tool not found").
+    /// Arguments that do not fit a tool's schema are a tool error (`isError`, naming the field),
+    /// as MCP 2025-11-25 asks for input validation errors, so a model can correct them.
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        if !self.tools.has_route(&request.name) {
+            return Err(ErrorData::invalid_params(
+                format!(
+                    "unknown tool {:?}: tools/list shows this server's tools",
+                    request.name
+                ),
+                None,
+            ));
+        }
+        let call = ToolCallContext::new(self, request, context);
+        self.tools.call(call).await
     }
 }
 

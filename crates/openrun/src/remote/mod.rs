@@ -16,7 +16,7 @@ use anyhow::Result;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-pub use config::Target;
+pub use config::{Target, LOCAL_FILE};
 use http::{sandbox_path, Client};
 
 use crate::cli::{Command, CreateArgs, EnvArgs, EventsArgs, LsArgs, RmArgs};
@@ -63,6 +63,7 @@ async fn run(client: &Client, command: Command) -> Result<i32> {
         | Command::Serve(_)
         | Command::Key(_)
         | Command::Image(_)
+        | Command::Mcp(_)
         | Command::CreateHelper => {
             anyhow::bail!("this verb always runs locally")
         }
