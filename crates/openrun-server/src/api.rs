@@ -225,8 +225,9 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Checks `Authorization: Bearer <key>` against the stored hashes.
-async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<Response, ApiError> {
+/// Checks `Authorization: Bearer <key>` against the stored hashes (the middleware of `/v1` and
+/// `/mcp`).
+pub(crate) async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<Response, ApiError> {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -792,10 +793,7 @@ async fn list(
     let page = filter.limit as usize;
     // One more than asked for tells whether there is a next page.
     filter.limit += 1;
-    let tenant = caller.tenant.clone();
-    let mut rows =
-        s.db.call(move |c| db::list_sandboxes(c, &tenant, &filter))
-            .await?;
+    let mut rows = list_sandboxes(&s, &caller, filter).await?;
     let next = (rows.len() > page).then(|| {
         rows.truncate(page);
         rows.last().map(cursor_after)
@@ -811,6 +809,18 @@ async fn list(
         }
     }
     Ok(response)
+}
+
+/// The caller's sandboxes (deleted ones left out) that `filter` selects, oldest first.
+pub(crate) async fn list_sandboxes(
+    s: &AppState,
+    caller: &Caller,
+    filter: db::ListFilter,
+) -> Result<Vec<SandboxRow>, ApiError> {
+    let tenant = caller.tenant.clone();
+    Ok(s.db
+        .call(move |c| db::list_sandboxes(c, &tenant, &filter))
+        .await?)
 }
 
 /// Destroys a sandbox if it still exists; one already gone is not an error.

@@ -88,15 +88,28 @@ fn hex(bytes: &[u8]) -> String {
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], ServerError> {
     let mut buf = [0u8; N];
+    random_fill(&mut buf).map_err(ServerError::Random)?;
+    Ok(buf)
+}
+
+/// Fills `buf` from the kernel's random source (`getrandom`, retried on EINTR).
+pub(crate) fn random_fill(buf: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
-    while filled < N {
+    while filled < buf.len() {
         match rustix::rand::getrandom(&mut buf[filled..], rustix::rand::GetRandomFlags::empty()) {
             Ok(n) => filled += n,
             Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(ServerError::Random(e.into())),
+            Err(e) => return Err(e.into()),
         }
     }
-    Ok(buf)
+    Ok(())
+}
+
+/// `bytes` random bytes as lowercase hex: unguessable ids (contexts, watchers, ...).
+pub(crate) fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    random_fill(&mut buf)?;
+    Ok(hex(&buf))
 }
 
 #[cfg(test)]

@@ -227,6 +227,24 @@ pub(crate) async fn write_stdin(
     }
 }
 
+/// Forgets the exited process `pid` of the caller's sandbox `id` and its output (409
+/// `still_running` while it runs).
+pub(crate) async fn release_process(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    pid: Pid,
+) -> Result<(), ApiError> {
+    match agent_call(s, caller, id, Request::Release { pid }, Vec::new())
+        .await?
+        .1
+        .header
+    {
+        AgentResponse::Done => Ok(()),
+        other => Err(unexpected(other)),
+    }
+}
+
 /// Resizes the terminal of `pid` (started with a PTY) in the caller's sandbox `id`.
 pub(crate) async fn resize_terminal(
     s: &Shared,
