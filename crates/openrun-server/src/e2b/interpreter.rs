@@ -1,10 +1,1065 @@
-//! See [the module index](super).
+//! The code interpreter of E2B's `code-interpreter-v1` template (port 49999, fact sheet §5.4):
+//! `POST /execute` streams NDJSON; `/contexts` creates, lists, restarts and removes contexts.
+//!
+//! A context is one long-running Python process inside the sandbox, the kernel
+//! ([`kernel.py`](KERNEL), embedded here): it keeps the context's variables and runs code like
+//! a Jupyter kernel (the last expression is the result, rich `_repr_*_` formats, `display()`,
+//! matplotlib figures, output of subprocesses captured at the file-descriptor level). It is
+//! started with [`start_background`] (stdin kept open) and tagged
+//! `e2b-context:<id>:<language>[:default]`, so the process table *is* the list of contexts: a
+//! restarted server finds them again, nothing here is state that a restart loses (but the
+//! locks below, which only order requests in flight).
+//!
+//! An execution writes one JSON request line to the kernel's stdin ([`write_stdin`]) and
+//! follows its stdout from the offset it had ([`follow_output`]): the kernel answers with E2B's
+//! own lines tagged with the request's id, then `end_of_execution`. Executions of one context
+//! run one at a time. When the client goes away mid-execution (the SDK's `timeout` is
+//! client-side), the kernel is interrupted (SIGINT: `KeyboardInterrupt`), so the context stays
+//! usable; a kernel that does not stop is killed and starts afresh on the next use, as does a
+//! kernel that died (`os._exit`, out of memory). While nothing is produced the stream carries
+//! `{"type":"keepalive"}` lines, as E2B's server does: they let a disconnect show.
 
-use axum::Router;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex as SyncMutex, OnceLock};
+use std::time::Duration;
 
-use crate::api::Shared;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, post};
+use axum::{Extension, Json, Router};
+use openrun_protocol::{AttachRequest, ExecRequest, Pid, ProcessInfo, ProcessState};
+use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
+use tokio::time::{sleep, timeout, Instant};
+
+use super::SandboxCtx;
+use crate::api::{check_env, Shared};
+use crate::error::ApiError;
+use crate::exec::{start_background, Line};
+use crate::processes::{
+    follow_output, list_processes, process_status, release_process, signal_process, write_stdin,
+};
+
+/// The kernel's source, sent to the bootstrap on its stdin.
+const KERNEL: &str = include_str!("kernel.py");
+
+/// `python3 -c` program that reads `<length>\n<source>` from stdin and runs the source; it keeps
+/// the kernel out of the process table's command line.
+const BOOTSTRAP: &str = "import os
+def r(n):
+    b=b''
+    while len(b)<n:
+        c=os.read(0,n-len(b))
+        if not c: raise SystemExit(3)
+        b+=c
+    return b
+h=b''
+while not h.endswith(b'\\n'):
+    c=os.read(0,1)
+    if not c: raise SystemExit(3)
+    h+=c
+exec(compile(r(int(h)),'<openrun-kernel>','exec'))
+";
+
+/// The interpreter every context runs.
+const PYTHON: &str = "python3";
+
+/// Tag prefix of kernel processes.
+const TAG_PREFIX: &str = "e2b-context:";
+
+/// How long a new kernel may take to say it is ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Silence after which the stream carries a keepalive line.
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// After the client left: a first SIGINT to the kernel, a second to its process group after
+/// [`INTERRUPT_AGAIN`], SIGKILL to the group after [`INTERRUPT_KILL`].
+const INTERRUPT_AGAIN: Duration = Duration::from_secs(3);
+/// See [`INTERRUPT_AGAIN`].
+const INTERRUPT_KILL: Duration = Duration::from_secs(10);
+
+/// How long a killed kernel may take to be reported exited.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SIGINT: i32 = 2;
+const SIGKILL: i32 = 9;
 
 /// The routes of this module.
 pub(super) fn routes() -> Router<Shared> {
     Router::new()
+        .route(
+            "/execute",
+            post(|State(s), Extension(ctx), body| async move {
+                answer(&ctx, execute(s, &ctx, body).await)
+            }),
+        )
+        .route(
+            "/contexts",
+            post(|State(s), Extension(ctx), body| async move {
+                answer(&ctx, create_context(s, &ctx, body).await)
+            })
+            .get(|State(s), Extension(ctx)| async move {
+                answer(&ctx, list_contexts(s, &ctx).await)
+            }),
+        )
+        .route(
+            "/contexts/{id}",
+            delete(|State(s), Extension(ctx), Path(id)| async move {
+                answer(&ctx, remove_context(s, &ctx, id).await)
+            }),
+        )
+        .route(
+            "/contexts/{id}/restart",
+            post(|State(s), Extension(ctx), Path(id)| async move {
+                answer(&ctx, restart_context(s, &ctx, id).await)
+            }),
+        )
+}
+
+/// Prefix of the message of an unknown context (a 404 of its own, unlike a sandbox that went
+/// away, which is E2B's 502).
+const NO_CONTEXT: &str = "Context ";
+
+/// The HTTP answer of a handler: errors of the core calls through [`super::sandbox_error`]
+/// (a sandbox that went away is E2B's 502), an unknown context a 404. Only port 49999
+/// serves the interpreter.
+fn answer(ctx: &SandboxCtx, result: Result<Response, ApiError>) -> Response {
+    if ctx.port != super::INTERPRETER_PORT {
+        return super::error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "the code interpreter answers on port {}, not {}",
+                super::INTERPRETER_PORT,
+                ctx.port
+            ),
+        );
+    }
+    match result {
+        Ok(response) => response,
+        Err(ApiError::NotFound(message)) if message.starts_with(NO_CONTEXT) => {
+            super::error(StatusCode::NOT_FOUND, message)
+        }
+        Err(e) => super::sandbox_error(ctx, e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Contexts in the process table.
+
+/// What a kernel's tag says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ContextTag {
+    /// Context id: 32 lowercase hex digits.
+    id: String,
+    /// Language (always `python` for now).
+    language: String,
+    /// The default context of its language (the one `/execute` without `context_id` uses).
+    default: bool,
+}
+
+impl ContextTag {
+    fn render(&self) -> String {
+        let suffix = if self.default { ":default" } else { "" };
+        format!("{TAG_PREFIX}{}:{}{suffix}", self.id, self.language)
+    }
+
+    fn parse(tag: &str) -> Option<Self> {
+        let rest = tag.strip_prefix(TAG_PREFIX)?;
+        let mut parts = rest.split(':');
+        let id = parts.next()?;
+        let language = parts.next()?;
+        let default = match parts.next() {
+            None => false,
+            Some("default") => true,
+            Some(_) => return None,
+        };
+        if parts.next().is_some() || !valid_id(id) || language.is_empty() {
+            return None;
+        }
+        Some(Self {
+            id: id.to_string(),
+            language: language.to_string(),
+            default,
+        })
+    }
+}
+
+/// Whether `id` has the form of a context id (32 lowercase hex digits).
+fn valid_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A new context id: 128 random bits.
+fn new_id() -> Result<String, ApiError> {
+    crate::keys::random_hex(16).map_err(|e| ApiError::internal("cannot make a context id", e))
+}
+
+/// One context: its tag and its newest kernel process.
+#[derive(Debug, Clone)]
+struct Context {
+    tag: ContextTag,
+    /// The running kernel, or else the newest one that ended.
+    kernel: ProcessInfo,
+    /// Every process of the context that has ended (to release when it restarts or goes).
+    ended: Vec<Pid>,
+}
+
+impl Context {
+    fn running(&self) -> bool {
+        matches!(self.kernel.state, ProcessState::Running)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.tag.id,
+            "language": self.tag.language,
+            "cwd": self.kernel.cwd,
+        })
+    }
+}
+
+/// The contexts in a process table, in the order their kernels started.
+fn contexts_of(processes: Vec<ProcessInfo>) -> Vec<Context> {
+    let mut by_id: BTreeMap<String, Context> = BTreeMap::new();
+    for process in processes {
+        let Some(tag) = process.tag.as_deref().and_then(ContextTag::parse) else {
+            continue;
+        };
+        let running = |p: &ProcessInfo| matches!(p.state, ProcessState::Running);
+        let entry = by_id.entry(tag.id.clone()).or_insert_with(|| Context {
+            tag,
+            kernel: process.clone(),
+            ended: Vec::new(),
+        });
+        if !running(&process) {
+            entry.ended.push(process.pid);
+        }
+        // A running kernel wins over ended ones; among equals, the newest.
+        let better = if running(&process) != running(&entry.kernel) {
+            running(&process)
+        } else {
+            (process.started_at_ms, process.pid) > (entry.kernel.started_at_ms, entry.kernel.pid)
+        };
+        if better {
+            entry.kernel = process;
+        }
+    }
+    let mut all: Vec<Context> = by_id.into_values().collect();
+    all.sort_by_key(|c| (c.kernel.started_at_ms, c.kernel.pid));
+    all
+}
+
+async fn contexts(s: &Shared, ctx: &SandboxCtx) -> Result<Vec<Context>, ApiError> {
+    Ok(contexts_of(
+        list_processes(s, &ctx.caller, &ctx.sandbox_id).await?,
+    ))
+}
+
+/// The context `id` of the sandbox: 404 when there is none.
+async fn find_context(s: &Shared, ctx: &SandboxCtx, id: &str) -> Result<Context, ApiError> {
+    let not_found = || ApiError::NotFound(format!("{NO_CONTEXT}{id} not found"));
+    if !valid_id(id) {
+        return Err(not_found());
+    }
+    contexts(s, ctx)
+        .await?
+        .into_iter()
+        .find(|c| c.tag.id == id)
+        .ok_or_else(not_found)
+}
+
+/// The language of a request: `python` when none is given.
+fn language(requested: Option<&str>) -> Result<String, ApiError> {
+    let language = requested.map(|l| l.trim().to_ascii_lowercase());
+    match language.as_deref() {
+        None | Some("") | Some("python") | Some("python3") => Ok("python".to_string()),
+        Some(other) => Err(ApiError::InvalidArgument(format!(
+            "language {other:?} is not supported: openrun's code interpreter runs python only \
+             (omit the language, or use \"python\")"
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Locks: one execution (or restart, removal) per context at a time; one creation of a default
+// context per sandbox and language.
+
+fn lock_for(key: String) -> Arc<Mutex<()>> {
+    static LOCKS: OnceLock<SyncMutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
+    let locks = LOCKS.get_or_init(Default::default);
+    let mut map = match locks.lock() {
+        Ok(map) => map,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    // Forget the locks nobody holds or waits for, so the map stays small.
+    if map.len() > 256 {
+        map.retain(|_, lock| Arc::strong_count(lock) > 1);
+    }
+    map.entry(key).or_default().clone()
+}
+
+async fn lock_context(ctx: &SandboxCtx, id: &str) -> OwnedMutexGuard<()> {
+    lock_for(format!("{}/{id}", ctx.sandbox_id))
+        .lock_owned()
+        .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels.
+
+/// Starts a kernel for `tag` in `cwd` and waits for it to be ready; answers its pid and cwd.
+async fn start_kernel(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    tag: &ContextTag,
+    cwd: Option<String>,
+) -> Result<(Pid, String), ApiError> {
+    let request = ExecRequest {
+        argv: vec![PYTHON.into(), "-c".into(), BOOTSTRAP.into()],
+        cwd,
+        user: ctx.user.clone(),
+        stdin: true,
+        tag: Some(tag.render()),
+        ..Default::default()
+    };
+    let pid = match start_background(s, &ctx.caller, &ctx.sandbox_id, request).await {
+        Ok(pid) => pid,
+        Err(e) if e.status_and_code().1 == "command_not_found" => {
+            return Err(ApiError::InvalidArgument(format!(
+                "the code interpreter needs {PYTHON} in the sandbox, and this sandbox's image \
+                 has none ({e}); use a template whose image has Python, such as \
+                 code-interpreter-v1"
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    let mut input = format!("{}\n", KERNEL.len()).into_bytes();
+    input.extend_from_slice(KERNEL.as_bytes());
+    let attach = AttachRequest {
+        pid,
+        follow: true,
+        ..Default::default()
+    };
+    let mut lines = follow_output(s, &ctx.caller, &ctx.sandbox_id, attach).await?;
+    write_stdin(s, &ctx.caller, &ctx.sandbox_id, pid, input, false).await?;
+    let mut stdout = LineBuffer::default();
+    let mut stderr = Vec::new();
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let line = match timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            lines.recv(),
+        )
+        .await
+        {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                return Err(ApiError::internal(
+                    "the kernel did not start",
+                    "stream ended",
+                ))
+            }
+            Err(_) => {
+                let _ = signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, SIGKILL, true).await;
+                return Err(ApiError::internal(
+                    "the Python kernel did not start in time",
+                    format!("no ready line within {START_TIMEOUT:?}"),
+                ));
+            }
+        };
+        match line {
+            Line::Stdout { data, .. } => {
+                for message in stdout.push(&data) {
+                    if message.get("type").and_then(|t| t.as_str()) == Some("ready") {
+                        let cwd = message
+                            .get("cwd")
+                            .and_then(|c| c.as_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        return Ok((pid, cwd));
+                    }
+                }
+            }
+            Line::Stderr { data, .. } => stderr.extend_from_slice(&data),
+            Line::Exit { code, signal, .. } => {
+                let text = String::from_utf8_lossy(&stderr);
+                let tail: String = text.trim().chars().rev().take(2000).collect();
+                let tail: String = tail.chars().rev().collect();
+                return Err(ApiError::InvalidArgument(format!(
+                    "the Python kernel exited before it was ready ({}){}{}",
+                    exit_text(code, signal),
+                    if tail.is_empty() { "" } else { ": " },
+                    tail
+                )));
+            }
+            Line::Error { message, .. } => {
+                return Err(ApiError::internal("the kernel did not start", message))
+            }
+            Line::Started { .. } => {}
+        }
+    }
+}
+
+fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (_, Some(signal)) => format!("killed by signal {signal}"),
+        (Some(code), None) => format!("exit code {code}"),
+        (None, None) => "no exit status".to_string(),
+    }
+}
+
+/// Kills every running kernel of `context` (whole process groups), waits until they are
+/// reported exited, and releases every process of it from the table.
+async fn stop_context(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<(), ApiError> {
+    let mut pids = context.ended.clone();
+    if context.running() {
+        let pid = context.kernel.pid;
+        kill_kernel(s, ctx, context).await?;
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            match process_status(s, &ctx.caller, &ctx.sandbox_id, pid).await {
+                Ok(info) if matches!(info.state, ProcessState::Running) => {}
+                Ok(_) => break,
+                Err(e) if e.status_and_code().0 == StatusCode::NOT_FOUND => break,
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(ApiError::internal(
+                    "the kernel did not stop",
+                    format!("pid {pid} still runs {EXIT_TIMEOUT:?} after SIGKILL"),
+                ));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        pids.push(pid);
+    }
+    for pid in pids {
+        release(s, ctx, pid).await?;
+    }
+    Ok(())
+}
+
+/// Sends SIGKILL to the process group of the running kernel of `context`, if any.
+async fn kill_kernel(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<(), ApiError> {
+    if !context.running() {
+        return Ok(());
+    }
+    let pid = context.kernel.pid;
+    match signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, SIGKILL, true).await {
+        Ok(()) => Ok(()),
+        // Gone meanwhile.
+        Err(e) if e.status_and_code().0 == StatusCode::NOT_FOUND => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Forgets an ended process and its output (one already gone is fine).
+async fn release(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<(), ApiError> {
+    match release_process(s, &ctx.caller, &ctx.sandbox_id, pid).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.status_and_code().0 == StatusCode::NOT_FOUND => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The running kernel of `context`: a kernel that ended is replaced by a fresh one first.
+async fn ensure_running(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<Pid, ApiError> {
+    if context.running() {
+        return Ok(context.kernel.pid);
+    }
+    stop_context(s, ctx, context).await?;
+    let cwd = Some(context.kernel.cwd.clone()).filter(|c| !c.is_empty());
+    Ok(start_kernel(s, ctx, &context.tag, cwd).await?.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers.
+
+fn parse<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::InvalidArgument(format!("invalid JSON request body: {e}")))
+}
+
+/// Body of `POST /contexts`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct CreateBody {
+    language: Option<String>,
+    cwd: Option<String>,
+}
+
+/// `POST /contexts {"language"?, "cwd"?}` -> `{"id", "language", "cwd"}`.
+async fn create_context(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, ApiError> {
+    let body: CreateBody = parse(&body)?;
+    let tag = ContextTag {
+        id: new_id()?,
+        language: language(body.language.as_deref())?,
+        default: false,
+    };
+    let cwd = body.cwd.filter(|c| !c.is_empty());
+    let (_, cwd) = start_kernel(&s, ctx, &tag, cwd).await?;
+    let answer = serde_json::json!({ "id": tag.id, "language": tag.language, "cwd": cwd });
+    Ok(Json(answer).into_response())
+}
+
+/// `GET /contexts` -> `[{"id", "language", "cwd"}]`.
+async fn list_contexts(s: Shared, ctx: &SandboxCtx) -> Result<Response, ApiError> {
+    let all: Vec<_> = contexts(&s, ctx).await?.iter().map(Context::json).collect();
+    Ok(Json(all).into_response())
+}
+
+/// `DELETE /contexts/{id}`: kills its kernel; the context is gone.
+async fn remove_context(s: Shared, ctx: &SandboxCtx, id: String) -> Result<Response, ApiError> {
+    let context = find_context(&s, ctx, &id).await?;
+    // Kill first: an execution in flight ends and gives the lock up.
+    kill_kernel(&s, ctx, &context).await?;
+    let _guard = lock_context(ctx, &id).await;
+    if let Ok(context) = find_context(&s, ctx, &id).await {
+        stop_context(&s, ctx, &context).await?;
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `POST /contexts/{id}/restart`: a fresh kernel (no variables) in the same working directory.
+async fn restart_context(s: Shared, ctx: &SandboxCtx, id: String) -> Result<Response, ApiError> {
+    let context = find_context(&s, ctx, &id).await?;
+    kill_kernel(&s, ctx, &context).await?;
+    let _guard = lock_context(ctx, &id).await;
+    let context = find_context(&s, ctx, &id).await?;
+    stop_context(&s, ctx, &context).await?;
+    let cwd = Some(context.kernel.cwd.clone()).filter(|c| !c.is_empty());
+    start_kernel(&s, ctx, &context.tag, cwd).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Body of `POST /execute`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct ExecuteBody {
+    code: Option<String>,
+    context_id: Option<String>,
+    language: Option<String>,
+    env_vars: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /execute`: runs code in a context; the answer streams E2B's NDJSON lines.
+async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, ApiError> {
+    let body: ExecuteBody = parse(&body)?;
+    let Some(code) = body.code else {
+        return Err(ApiError::InvalidArgument(
+            "the request has no code to run".into(),
+        ));
+    };
+    let env_vars = body.env_vars.unwrap_or_default();
+    check_env(&env_vars)?;
+    let context_id = body.context_id.filter(|c| !c.is_empty());
+    let language_asked = body.language.filter(|l| !l.trim().is_empty());
+    if context_id.is_some() && language_asked.is_some() {
+        return Err(ApiError::InvalidArgument(
+            "Only one of context_id or language can be provided".into(),
+        ));
+    }
+    let (guard, pid) = match context_id {
+        Some(id) => {
+            let guard = lock_context(ctx, &id).await;
+            let context = find_context(&s, ctx, &id).await?;
+            (guard, ensure_running(&s, ctx, &context).await?)
+        }
+        None => default_kernel(&s, ctx, &language(language_asked.as_deref())?).await?,
+    };
+    let info = process_status(&s, &ctx.caller, &ctx.sandbox_id, pid).await?;
+    let attach = AttachRequest {
+        pid,
+        stdout_since: info.stdout_len,
+        stderr_since: info.stderr_len,
+        follow: true,
+    };
+    let lines = follow_output(&s, &ctx.caller, &ctx.sandbox_id, attach).await?;
+    let request_id = new_id()?;
+    let mut request = serde_json::to_vec(&serde_json::json!({
+        "id": request_id,
+        "code": code,
+        "env_vars": env_vars,
+    }))
+    .map_err(|e| ApiError::internal("cannot encode the execution", e))?;
+    request.push(b'\n');
+    write_stdin(&s, &ctx.caller, &ctx.sandbox_id, pid, request, false).await?;
+    let (tx, rx) = mpsc::channel::<Bytes>(64);
+    let run = Run {
+        s,
+        ctx: ctx.clone(),
+        pid,
+        request_id,
+        _guard: guard,
+    };
+    tokio::spawn(run.pump(lines, tx));
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let line = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// The default context of `language` (made on first use), locked for an execution.
+async fn default_kernel(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    language: &str,
+) -> Result<(OwnedMutexGuard<()>, Pid), ApiError> {
+    let _creating = lock_for(format!("{}/default:{language}", ctx.sandbox_id))
+        .lock_owned()
+        .await;
+    let found = contexts(s, ctx)
+        .await?
+        .into_iter()
+        .find(|c| c.tag.default && c.tag.language == language);
+    match found {
+        Some(context) => {
+            let guard = lock_context(ctx, &context.tag.id).await;
+            Ok((guard, ensure_running(s, ctx, &context).await?))
+        }
+        None => {
+            let tag = ContextTag {
+                id: new_id()?,
+                language: language.to_string(),
+                default: true,
+            };
+            let guard = lock_context(ctx, &tag.id).await;
+            Ok((guard, start_kernel(s, ctx, &tag, None).await?.0))
+        }
+    }
+}
+
+/// One execution in flight: holds its context's lock until the kernel is done with it.
+struct Run {
+    s: Shared,
+    ctx: SandboxCtx,
+    pid: Pid,
+    request_id: String,
+    _guard: OwnedMutexGuard<()>,
+}
+
+/// What to do with one line of the kernel.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// Send it to the client.
+    Forward(Bytes),
+    /// Not for this execution.
+    Skip,
+    /// The execution ended.
+    End,
+}
+
+/// Turns one kernel message into what the client gets: the message without its `id` if it
+/// belongs to `request_id`.
+fn step(mut message: serde_json::Value, request_id: &str) -> Step {
+    let Some(object) = message.as_object_mut() else {
+        return Step::Skip;
+    };
+    if object.get("id").and_then(|i| i.as_str()) != Some(request_id) {
+        return Step::Skip;
+    }
+    object.remove("id");
+    if object.get("type").and_then(|t| t.as_str()) == Some("end_of_execution") {
+        return Step::End;
+    }
+    ndjson(&message).map_or(Step::Skip, Step::Forward)
+}
+
+fn ndjson(value: &serde_json::Value) -> Option<Bytes> {
+    let mut text = serde_json::to_vec(value).ok()?;
+    text.push(b'\n');
+    Some(Bytes::from(text))
+}
+
+fn error_line(name: &str, value: String) -> Bytes {
+    let message =
+        serde_json::json!({ "type": "error", "name": name, "value": value, "traceback": "" });
+    ndjson(&message).unwrap_or_default()
+}
+
+fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    )
+}
+
+impl Run {
+    /// Forwards the kernel's lines for this execution until it ends; interrupts the kernel
+    /// when the client goes away.
+    async fn pump(self, mut lines: mpsc::Receiver<Line>, tx: mpsc::Sender<Bytes>) {
+        let mut buffer = LineBuffer::default();
+        let keepalive = ndjson(&serde_json::json!({ "type": "keepalive" })).unwrap_or_default();
+        loop {
+            let line = tokio::select! {
+                line = lines.recv() => line,
+                () = tx.closed() => {
+                    self.interrupted(lines, buffer).await;
+                    return;
+                }
+                () = sleep(KEEPALIVE) => {
+                    if tx.send(keepalive.clone()).await.is_err() {
+                        self.interrupted(lines, buffer).await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // What goes to the client, and whether the execution is over.
+            let (outgoing, done) = match line {
+                None => (
+                    vec![error_line(
+                        "UnexpectedEndOfExecution",
+                        "the output of the kernel ended before the execution did".into(),
+                    )],
+                    true,
+                ),
+                Some(Line::Stdout { data, .. }) => {
+                    let mut out = Vec::new();
+                    let mut done = false;
+                    for message in buffer.push(&data) {
+                        match step(message, &self.request_id) {
+                            Step::Forward(bytes) => out.push(bytes),
+                            Step::Skip => {}
+                            Step::End => {
+                                done = true;
+                                break;
+                            }
+                        }
+                    }
+                    (out, done)
+                }
+                Some(Line::Stderr { data, .. }) => {
+                    // The kernel's own stderr (user output arrives on stdout, as messages):
+                    // a failure of Python itself.
+                    let text = String::from_utf8_lossy(&data).into_owned();
+                    tracing::warn!(pid = self.pid, %text, "the code-interpreter kernel wrote to stderr");
+                    let message = serde_json::json!({
+                        "type": "stderr", "text": text, "timestamp": now_rfc3339(),
+                    });
+                    (ndjson(&message).into_iter().collect(), false)
+                }
+                Some(Line::Exit {
+                    code,
+                    signal,
+                    oom_killed,
+                    ..
+                }) => {
+                    let why = if oom_killed {
+                        "it ran out of memory".to_string()
+                    } else {
+                        exit_text(code, signal)
+                    };
+                    let value = format!(
+                        "the Python kernel of this context ended while running the code \
+                         ({why}): its variables are lost; the next execution starts a fresh \
+                         kernel"
+                    );
+                    (vec![error_line("KernelDied", value)], true)
+                }
+                Some(Line::Error { message, .. }) => {
+                    (vec![error_line("UnexpectedEndOfExecution", message)], true)
+                }
+                Some(Line::Started { .. }) => (Vec::new(), false),
+            };
+            for bytes in outgoing {
+                if tx.send(bytes).await.is_err() {
+                    if !done {
+                        self.interrupted(lines, buffer).await;
+                    }
+                    return;
+                }
+            }
+            if done {
+                return;
+            }
+        }
+    }
+
+    /// The client went away: interrupt the execution and wait for the kernel to finish it, so
+    /// the next execution finds the kernel idle (killing it if it does not stop).
+    async fn interrupted(&self, mut lines: mpsc::Receiver<Line>, mut buffer: LineBuffer) {
+        let (s, ctx, pid) = (&self.s, &self.ctx, self.pid);
+        tracing::info!(pid, sandbox = %ctx.sandbox_id, "client left mid-execution: interrupting the kernel");
+        let start = Instant::now();
+        let mut sent = 0;
+        loop {
+            let elapsed = start.elapsed();
+            let (signal, group) = if sent == 0 {
+                (Some(SIGINT), false)
+            } else if sent == 1 && elapsed >= INTERRUPT_AGAIN {
+                (Some(SIGINT), true)
+            } else if sent == 2 && elapsed >= INTERRUPT_KILL {
+                (Some(SIGKILL), true)
+            } else {
+                (None, false)
+            };
+            if let Some(signal) = signal {
+                sent += 1;
+                if let Err(e) =
+                    signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, signal, group).await
+                {
+                    tracing::debug!(pid, error = %e, "cannot signal the kernel");
+                    return;
+                }
+            }
+            match timeout(Duration::from_millis(250), lines.recv()).await {
+                Err(_) => {}
+                Ok(None) | Ok(Some(Line::Exit { .. } | Line::Error { .. })) => return,
+                Ok(Some(Line::Stdout { data, .. })) => {
+                    for message in buffer.push(&data) {
+                        if step(message, &self.request_id) == Step::End {
+                            return;
+                        }
+                    }
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+}
+
+/// Splits a byte stream into JSON lines.
+#[derive(Debug, Default)]
+struct LineBuffer {
+    pending: Vec<u8>,
+}
+
+impl LineBuffer {
+    /// Adds bytes; answers the complete lines that are JSON objects.
+    fn push(&mut self, data: &[u8]) -> Vec<serde_json::Value> {
+        self.pending.extend_from_slice(data);
+        let mut messages = Vec::new();
+        while let Some(at) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=at).collect();
+            match serde_json::from_slice::<serde_json::Value>(&line) {
+                Ok(value) if value.is_object() => messages.push(value),
+                _ => tracing::debug!(
+                    line = %String::from_utf8_lossy(&line),
+                    "not a kernel message"
+                ),
+            }
+        }
+        messages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn process(pid: Pid, tag: &str, started: u64, running: bool) -> ProcessInfo {
+        let state = if running {
+            ProcessState::Running
+        } else {
+            serde_json::from_value(serde_json::json!({"state": "exited", "status": {"code": 1, "signal": null, "timed_out": false, "oom_killed": false}}))
+                .expect("an exited state")
+        };
+        ProcessInfo {
+            pid,
+            argv: vec!["python3".into()],
+            cwd: "/root".into(),
+            uid: 0,
+            pty: false,
+            tag: Some(tag.into()),
+            started_at_ms: started,
+            state,
+            stdout_len: 0,
+            stderr_len: 0,
+        }
+    }
+
+    const ID: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn tags_round_trip_and_reject_anything_else() {
+        let tag = ContextTag {
+            id: ID.into(),
+            language: "python".into(),
+            default: true,
+        };
+        assert_eq!(ContextTag::parse(&tag.render()), Some(tag.clone()));
+        let plain = ContextTag {
+            default: false,
+            ..tag
+        };
+        assert_eq!(ContextTag::parse(&plain.render()), Some(plain));
+        for bad in [
+            "e2b-context:xyz:python",
+            "e2b-context:0123456789ABCDEF0123456789ABCDEF:python",
+            &format!("e2b-context:{ID}:python:other"),
+            &format!("e2b-context:{ID}:python:default:x"),
+            &format!("e2b-context:{ID}"),
+            &format!("other:{ID}:python"),
+        ] {
+            assert_eq!(ContextTag::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_are_random_and_valid() {
+        let a = new_id().expect("an id");
+        let b = new_id().expect("an id");
+        assert!(valid_id(&a) && valid_id(&b));
+        assert_ne!(a, b);
+        assert!(!valid_id("../etc"));
+        assert!(!valid_id(&format!("{ID}0")));
+    }
+
+    #[test]
+    fn a_context_is_its_running_kernel_else_its_newest() {
+        let tag = format!("e2b-context:{ID}:python");
+        let all = contexts_of(vec![
+            process(10, &tag, 1, false),
+            process(30, &tag, 3, false),
+            process(20, &tag, 2, true),
+            process(40, "other", 4, true),
+        ]);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].kernel.pid, 20);
+        assert!(all[0].running());
+        let mut ended = all[0].ended.clone();
+        ended.sort();
+        assert_eq!(ended, vec![10, 30]);
+
+        let dead = contexts_of(vec![
+            process(10, &tag, 1, false),
+            process(30, &tag, 3, false),
+        ]);
+        assert_eq!(dead[0].kernel.pid, 30);
+        assert!(!dead[0].running());
+    }
+
+    #[test]
+    fn only_this_executions_lines_pass_without_their_id() {
+        let line =
+            serde_json::json!({"id": "a", "type": "stdout", "text": "hi\n", "timestamp": "t"});
+        match step(line, "a") {
+            Step::Forward(bytes) => {
+                let back: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+                assert_eq!(
+                    back,
+                    serde_json::json!({"type": "stdout", "text": "hi\n", "timestamp": "t"})
+                );
+                assert!(bytes.ends_with(b"\n"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let other = serde_json::json!({"id": "b", "type": "stdout", "text": "x"});
+        assert_eq!(step(other, "a"), Step::Skip);
+        let end = serde_json::json!({"id": "a", "type": "end_of_execution"});
+        assert_eq!(step(end, "a"), Step::End);
+    }
+
+    #[test]
+    fn lines_split_across_chunks_are_joined() {
+        let mut buffer = LineBuffer::default();
+        assert!(buffer.push(b"{\"a\":").is_empty());
+        let got = buffer.push(b"1}\nnot json\n{\"b\":2}\n{\"c\"");
+        assert_eq!(
+            got,
+            vec![serde_json::json!({"a": 1}), serde_json::json!({"b": 2})]
+        );
+        assert_eq!(buffer.push(b":3}\n"), vec![serde_json::json!({"c": 3})]);
+    }
+
+    #[test]
+    fn languages() {
+        assert_eq!(language(None).expect("python"), "python");
+        assert_eq!(language(Some(" Python ")).expect("python"), "python");
+        let e = language(Some("r")).expect_err("r is refused");
+        assert!(e.to_string().contains("python only"), "{e}");
+    }
+
+    /// The kernel itself, run by the host's python3 as the sandbox runs it: bootstrap, source
+    /// on stdin, requests, E2B's lines tagged with the request ids.
+    #[test]
+    fn the_kernel_runs_code_like_a_jupyter_kernel() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(PYTHON)
+            .args(["-c", BOOTSTRAP])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        write!(stdin, "{}\n{KERNEL}", KERNEL.len()).expect("source sent");
+        let requests = [
+            serde_json::json!({"id": "r1", "code": "import os\nos.system('echo sub; echo err >&2')\nx = 6 * 7\nx", "env_vars": {"K": "v"}}),
+            serde_json::json!({"id": "r2", "code": "print(os.environ.get('K'))\nx / 0"}),
+        ];
+        for request in requests {
+            writeln!(stdin, "{request}").expect("request sent");
+        }
+        drop(stdin);
+        let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().expect("stdout"))
+            .lines()
+            .map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON"))
+            .collect();
+        assert!(child.wait().expect("exit").success());
+        assert_eq!(lines[0]["type"], "ready");
+        let of = |id: &str| -> Vec<serde_json::Value> {
+            lines
+                .iter()
+                .filter(|l| l["id"] == id)
+                .map(|l| {
+                    let mut l = l.clone();
+                    l.as_object_mut().map(|o| {
+                        o.remove("id");
+                        o.remove("timestamp")
+                    });
+                    l
+                })
+                .collect()
+        };
+        assert_eq!(
+            of("r1"),
+            vec![
+                serde_json::json!({"type": "number_of_executions", "execution_count": 1}),
+                serde_json::json!({"type": "stdout", "text": "sub\n"}),
+                serde_json::json!({"type": "stderr", "text": "err\n"}),
+                serde_json::json!({"type": "result", "is_main_result": true, "text": "42"}),
+                serde_json::json!({"type": "end_of_execution"}),
+            ]
+        );
+        let r2 = of("r2");
+        assert_eq!(
+            r2[1],
+            serde_json::json!({"type": "stdout", "text": "None\n"})
+        );
+        assert_eq!(r2[2]["type"], "error");
+        assert_eq!(r2[2]["name"], "ZeroDivisionError");
+        let traceback = r2[2]["traceback"].as_str().expect("a traceback");
+        assert!(
+            traceback.contains("x / 0") && !traceback.contains("openrun-kernel"),
+            "{traceback}"
+        );
+        assert_eq!(r2[3]["type"], "end_of_execution");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), "2026-12-06T02:02:04.058423Z".len(), "{t}");
+        assert!(t.ends_with('Z'));
+    }
 }

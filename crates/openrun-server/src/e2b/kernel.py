@@ -1,0 +1,542 @@
+# The code-interpreter kernel of openrun's E2B surface: one long-running Python process per
+# context inside the sandbox (see interpreter.rs). It keeps the context's variables and runs
+# code the way a Jupyter kernel does.
+#
+# Protocol. The server starts `python3 -c <BOOTSTRAP>` with a stdin pipe; the bootstrap reads a
+# decimal length line and then this source from stdin, and runs it. From then on:
+#   stdin:  one JSON object per line: {"id": str, "code": str, "env_vars": {str: str} | null}
+#   stdout: one JSON object per line, each with "id" (the request's, or null), in E2B's shape:
+#           {"type": "ready", "pid", "cwd", "python"}                      once, at start
+#           {"type": "number_of_executions", "execution_count"}
+#           {"type": "stdout" | "stderr", "text", "timestamp"}
+#           {"type": "result", "is_main_result", "text"?, "html"?, ...}
+#           {"type": "error", "name", "value", "traceback"}
+#           {"type": "end_of_execution"}                                     last of a request
+# The protocol uses private copies of the original fds 0 and 1. Fds 1 and 2 become pipes that
+# threads read, so the output of subprocesses and C code is captured and streamed as well;
+# fd 0 becomes /dev/null. SIGINT interrupts the running code (KeyboardInterrupt) and is
+# ignored between requests.
+
+import ast
+import asyncio
+import base64
+import builtins
+import codecs
+import datetime
+import importlib.abc
+import inspect
+import io
+import json
+import linecache
+import os
+import select
+import signal
+import sys
+import threading
+import tokenize
+import traceback
+import types
+
+_PROTO_IN = os.dup(0)
+_PROTO_OUT = os.dup(1)
+_null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(_null, 0)
+os.close(_null)
+
+_write_lock = threading.Lock()
+
+
+class _State:
+    current = None  # id of the request that runs now
+    user = False  # whether user code runs now (SIGINT interrupts it)
+    emitting = False  # whether the main thread writes a protocol line now
+    deferred = False  # a SIGINT came while it did
+    count = 0
+    loop = None
+
+
+def _now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _encode(message):
+    try:
+        text = json.dumps(message, default=str, allow_nan=False)
+    except (ValueError, TypeError):
+        # NaN, infinities, odd keys: what JSON cannot carry goes as text.
+        plain = (str, int, bool, type(None))
+        text = json.dumps({k: v if isinstance(v, plain) else str(v) for k, v in message.items()})
+    return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+def _emit(message, ident=None):
+    message["id"] = ident if ident is not None else _State.current
+    data = _encode(message)
+    main = threading.current_thread() is threading.main_thread()
+    if main:
+        # A SIGINT now would cut the line short: it waits until the line is out.
+        _State.emitting = True
+    try:
+        with _write_lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(_PROTO_OUT, view)
+                view = view[written:]
+    finally:
+        if main:
+            _State.emitting = False
+            if _State.deferred:
+                _State.deferred = False
+                if _State.user:
+                    raise KeyboardInterrupt
+
+
+class _Capture(threading.Thread):
+    """Reads one of the replaced fds (1 or 2) and emits what arrives as stdout/stderr."""
+
+    def __init__(self, fd, name):
+        super().__init__(daemon=True)
+        self.name_ = name
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        self.read_end = read_end
+        self.fd = fd
+        self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self.cond = threading.Condition()
+        self.seen = set()
+        self.pending = b""
+
+    def sync(self, token):
+        """Returns once everything written to the fd before this call has been emitted."""
+        marker = b"\0openrun-sync-" + token.encode() + b"\0"
+        view = memoryview(marker)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+        except OSError:
+            return  # the user's code closed or replaced the fd: nothing to wait for
+        with self.cond:
+            self.cond.wait_for(lambda: marker in self.seen, timeout=5)
+            self.seen.discard(marker)
+
+    def _text(self, data):
+        if data:
+            text = self.decoder.decode(data)
+            if text:
+                _emit({"type": self.name_, "text": text, "timestamp": _now()})
+
+    def run(self):
+        prefix = b"\0openrun-sync-"
+        while True:
+            try:
+                chunk = os.read(self.read_end, 65536)
+            except InterruptedError:
+                continue
+            if not chunk:
+                return
+            # What keeps coming within a few milliseconds goes out as one message.
+            while len(chunk) < 65536:
+                try:
+                    ready = select.select([self.read_end], [], [], 0.005)[0]
+                    more = os.read(self.read_end, 65536 - len(chunk)) if ready else b""
+                except InterruptedError:
+                    continue
+                if not more:
+                    break
+                chunk += more
+            data = self.pending + chunk
+            self.pending = b""
+            while True:
+                start = data.find(prefix)
+                if start < 0:
+                    break
+                end = data.find(b"\0", start + len(prefix))
+                if end < 0:
+                    break
+                self._text(data[:start])
+                with self.cond:
+                    self.seen.add(data[start:end + 1])
+                    self.cond.notify_all()
+                data = data[end + 1:]
+            # Hold back a possible beginning of a marker split across reads.
+            at = data.rfind(b"\0")
+            if at >= 0:
+                tail = data[at:]
+                if prefix.startswith(tail) or tail.startswith(prefix):
+                    self.pending = tail
+                    data = data[:at]
+            self._text(data)
+
+
+_stdout_capture = _Capture(1, "stdout")
+_stderr_capture = _Capture(2, "stderr")
+_stdout_capture.start()
+_stderr_capture.start()
+sys.stdout = io.TextIOWrapper(
+    io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+    line_buffering=True, write_through=False,
+)
+sys.stderr = io.TextIOWrapper(
+    io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace",
+    line_buffering=True,
+)
+sys.__stdout__, sys.__stderr__ = sys.stdout, sys.stderr
+sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
+sys.__stdin__ = sys.stdin
+
+
+def _on_sigint(signum, frame):
+    if _State.user:
+        if _State.emitting:
+            _State.deferred = True
+        else:
+            raise KeyboardInterrupt
+
+
+signal.signal(signal.SIGINT, _on_sigint)
+
+# ---------------------------------------------------------------------------------------------
+# Rich results, as IPython's display formatter makes them.
+
+_MIME_METHODS = [
+    ("text/html", "_repr_html_"),
+    ("text/markdown", "_repr_markdown_"),
+    ("image/svg+xml", "_repr_svg_"),
+    ("image/png", "_repr_png_"),
+    ("image/jpeg", "_repr_jpeg_"),
+    ("application/pdf", "_repr_pdf_"),
+    ("text/latex", "_repr_latex_"),
+    ("application/json", "_repr_json_"),
+    ("application/javascript", "_repr_javascript_"),
+]
+
+_E2B_FIELDS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/svg+xml": "svg",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "application/pdf": "pdf",
+    "text/latex": "latex",
+    "application/json": "json",
+    "application/javascript": "javascript",
+    "e2b/data": "data",
+    "e2b/chart": "chart",
+}
+
+
+def _method(obj, name):
+    if inspect.isclass(obj):
+        return None
+    try:
+        method = getattr(obj, name, None)
+    except Exception:
+        return None
+    return method if callable(method) else None
+
+
+def _binary(value):
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    return value
+
+
+def _bundle(obj):
+    """The MIME bundle of `obj` (text/plain always present)."""
+    data = {}
+    method = _method(obj, "_repr_mimebundle_")
+    if method is not None:
+        try:
+            bundle = method(include=None, exclude=None)
+        except TypeError:
+            bundle = method()
+        except Exception:
+            bundle = None
+        if isinstance(bundle, tuple):
+            bundle = bundle[0]
+        if isinstance(bundle, dict):
+            data.update(bundle)
+    for mime, name in _MIME_METHODS:
+        if mime in data:
+            continue
+        method = _method(obj, name)
+        if method is None:
+            continue
+        try:
+            value = method()
+        except Exception:
+            continue
+        if isinstance(value, tuple):
+            value = value[0]
+        if value is not None:
+            data[mime] = value
+    if _is_figure(obj) and "image/png" not in data:
+        png = _figure_png(obj)
+        if png is not None:
+            data["image/png"] = png
+    if "text/plain" not in data:
+        try:
+            data["text/plain"] = repr(obj)
+        except Exception as e:
+            data["text/plain"] = "<unrepresentable %s: %s>" % (type(obj).__name__, e)
+    return data
+
+
+def _result(data, main):
+    message = {"type": "result", "is_main_result": main}
+    extra = {}
+    for mime, value in data.items():
+        if mime in ("image/png", "image/jpeg", "application/pdf"):
+            value = _binary(value)
+        field = _E2B_FIELDS.get(mime)
+        if field is None:
+            extra[mime] = value
+        else:
+            message[field] = value
+    text = message.get("text")
+    # As E2B's server does: a string's repr loses its quotes.
+    if isinstance(text, str) and len(text) >= 2 and text[0] == text[-1] == "'":
+        message["text"] = text[1:-1]
+    if extra:
+        message["extra"] = extra
+    return message
+
+
+def display(*objs, raw=False, **kwargs):
+    """Shows each object as an extra result of the running code (like IPython's display)."""
+    for obj in objs:
+        data = obj if raw and isinstance(obj, dict) else _bundle(obj)
+        _sync_streams()
+        _emit(_result(data, False))
+
+
+builtins.display = display
+
+# ---------------------------------------------------------------------------------------------
+# matplotlib: figures are shown inline as PNG results (Agg backend; show() and the end of each
+# execution display the open figures and close them). IPython.display.display is ours.
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _is_figure(obj):
+    figure = sys.modules.get("matplotlib.figure")
+    return figure is not None and isinstance(obj, figure.Figure)
+
+
+def _figure_png(figure):
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, format="png", bbox_inches="tight")
+    except Exception as e:
+        print("cannot render the figure: %s" % e, file=sys.stderr)
+        return None
+    return buffer.getvalue()
+
+
+def _close_figure(figure):
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is not None:
+        pyplot.close(figure)
+
+
+def _show_figures(*args, **kwargs):
+    pyplot = sys.modules.get("matplotlib.pyplot")
+    if pyplot is None:
+        return
+    for number in pyplot.get_fignums():
+        display(pyplot.figure(number))
+    pyplot.close("all")
+
+
+def _patch(module):
+    if module.__name__ == "matplotlib.pyplot":
+        module.show = _show_figures
+    elif module.__name__ in ("IPython.display", "IPython.core.display_functions"):
+        module.display = display
+
+
+class _PostImport(importlib.abc.MetaPathFinder):
+    names = ("matplotlib.pyplot", "IPython.display", "IPython.core.display_functions")
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.names:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is None:
+                continue
+            loader = spec.loader
+            original = getattr(loader, "exec_module", None)
+            if original is None:
+                return spec
+
+            class _Loader(importlib.abc.Loader):
+                def create_module(self, spec):
+                    return loader.create_module(spec)
+
+                def exec_module(self, module):
+                    original(module)
+                    _patch(module)
+
+            spec.loader = _Loader()
+            return spec
+        return None
+
+
+sys.meta_path.insert(0, _PostImport())
+
+# ---------------------------------------------------------------------------------------------
+# Running code.
+
+_main = types.ModuleType("__main__")
+_main.__dict__["__builtins__"] = builtins
+_namespace = _main.__dict__
+sys.modules["__main__"] = _main
+_KERNEL_FILE = "<openrun-kernel>"
+
+
+def _flush_streams():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _sync_streams():
+    _flush_streams()
+    token = "%d-%d" % (os.getpid(), _State.count)
+    _stdout_capture.sync(token)
+    _stderr_capture.sync(token)
+
+
+def _silenced(code):
+    """Whether the code ends in a semicolon (IPython then shows no result)."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except Exception:
+        return False
+    skip = (tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER,
+            tokenize.INDENT, tokenize.DEDENT)
+    for token in reversed(tokens):
+        if token.type in skip:
+            continue
+        return token.type == tokenize.OP and token.string == ";"
+    return False
+
+
+def _run(code_object):
+    if code_object.co_flags & inspect.CO_COROUTINE:
+        if _State.loop is None:
+            _State.loop = asyncio.new_event_loop()
+        return _State.loop.run_until_complete(eval(code_object, _namespace))
+    return eval(code_object, _namespace)
+
+
+def _error_message(etype, value, tb):
+    # Drop the kernel's own frames: the traceback shows the user's code only.
+    report = traceback.TracebackException(etype, value, tb)
+    for part in [report, report.__cause__, report.__context__]:
+        if part is not None:
+            kept = [f for f in part.stack if f.filename != _KERNEL_FILE]
+            part.stack = traceback.StackSummary.from_list(kept)
+    lines = list(report.format())
+    return {
+        "type": "error",
+        "name": etype.__name__,
+        "value": str(value),
+        "traceback": "".join(lines),
+    }
+
+
+def _execute(request):
+    _State.count += 1
+    _State.deferred = False
+    count = _State.count
+    _emit({"type": "number_of_executions", "execution_count": count})
+    code = request.get("code") or ""
+    env_vars = request.get("env_vars") or {}
+    saved = {key: os.environ.get(key) for key in env_vars}
+    filename = "Cell In[%d]" % count
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    flags = getattr(ast, "PyCF_ALLOW_TOP_LEVEL_AWAIT", 0)
+    try:
+        for key, value in env_vars.items():
+            os.environ[str(key)] = str(value)
+        tree = ast.parse(code, filename=filename, mode="exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr) and not _silenced(code):
+            last = ast.Expression(tree.body.pop().value)
+        body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+        tail = compile(last, filename, "eval", flags=flags, dont_inherit=True) if last else None
+        _State.user = True
+        try:
+            _run(body)
+            value = _run(tail) if tail is not None else None
+        finally:
+            _State.user = False
+        if value is not None:
+            _namespace["_"] = value
+            data = _bundle(value)
+            if _is_figure(value):
+                # Shown once, as the result.
+                _close_figure(value)
+            _show_figures()
+            _sync_streams()
+            _emit(_result(data, True))
+        else:
+            _show_figures()
+    except BaseException:
+        _State.user = False
+        etype, value, tb = sys.exc_info()
+        try:
+            _show_figures()
+        except Exception:
+            pass
+        _sync_streams()
+        _emit(_error_message(etype, value, tb))
+    finally:
+        _State.user = False
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    _sync_streams()
+
+
+def _serve():
+    requests = os.fdopen(_PROTO_IN, "rb", buffering=0)
+    reader = io.BufferedReader(requests)
+    _emit({"type": "ready", "pid": os.getpid(), "cwd": os.getcwd(), "python": sys.version}, "")
+    while True:
+        try:
+            line = reader.readline()
+        except KeyboardInterrupt:
+            continue
+        if not line:
+            return
+        try:
+            request = json.loads(line)
+            ident = str(request["id"])
+        except Exception as e:
+            _emit({"type": "error", "name": "ProtocolError", "value": str(e), "traceback": ""}, "")
+            continue
+        _State.current = ident
+        try:
+            _execute(request)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            try:
+                _emit({"type": "end_of_execution"}, ident)
+            finally:
+                _State.current = None
+
+
+_serve()

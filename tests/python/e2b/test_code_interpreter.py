@@ -1,0 +1,290 @@
+"""The official e2b-code-interpreter SDK against a live `openrun serve`: run_code with contexts
+whose variables persist, streamed stdout/stderr, results (text, rich formats, display), errors,
+env vars, contexts (create, list, restart, remove), client timeouts that interrupt the kernel.
+
+Run: scripts/python-tests e2b -- -k code_interpreter
+"""
+
+import threading
+import time
+
+import pytest
+from e2b import InvalidArgumentException, NotFoundException, SandboxException, TimeoutException
+from e2b_code_interpreter import AsyncSandbox, Sandbox
+from e2b_code_interpreter.models import Context
+
+
+@pytest.fixture(scope="module")
+def sandbox(server_url):
+    """One sandbox of the SDK's default template (code-interpreter-v1) for the module."""
+    sbx = Sandbox.create()
+    try:
+        yield sbx
+    finally:
+        sbx.kill()
+
+
+@pytest.fixture()
+def context(sandbox):
+    """A fresh context of its own, removed afterwards."""
+    ctx = sandbox.create_code_context()
+    try:
+        yield ctx
+    finally:
+        try:
+            sandbox.remove_code_context(ctx)
+        except NotFoundException:
+            pass
+
+
+def test_code_interpreter_variables_persist_across_calls(sandbox):
+    sandbox.run_code("counter = 41")
+    execution = sandbox.run_code("counter += 1\ncounter")
+    assert execution.error is None
+    assert execution.text == "42"
+    assert sandbox.run_code("counter * 2").text == "84"
+
+
+def test_code_interpreter_text_of_the_last_expression(sandbox):
+    assert sandbox.run_code("1 + 1").text == "2"
+    # As E2B's server does, a string result loses its quotes.
+    assert sandbox.run_code("'hel' + 'lo'").text == "hello"
+    # No result when the last statement is not an expression, or ends with a semicolon.
+    execution = sandbox.run_code("y = 3")
+    assert execution.text is None and execution.results == []
+    assert sandbox.run_code("y;").results == []
+    main = [r for r in sandbox.run_code("[1, 2]").results if r.is_main_result]
+    assert len(main) == 1 and main[0].text == "[1, 2]"
+
+
+def test_code_interpreter_logs_and_streaming_callbacks(sandbox):
+    seen = []
+
+    def on_stdout(message):
+        seen.append(("out", message.line, time.monotonic(), message.timestamp))
+
+    def on_stderr(message):
+        seen.append(("err", message.line, time.monotonic(), message.timestamp))
+
+    code = (
+        "import sys, time\n"
+        "print('first', flush=True)\n"
+        "print('oops', file=sys.stderr, flush=True)\n"
+        "time.sleep(1.5)\n"
+        "print('second')\n"
+    )
+    execution = sandbox.run_code(code, on_stdout=on_stdout, on_stderr=on_stderr)
+    assert execution.error is None
+    assert "".join(execution.logs.stdout) == "first\nsecond\n"
+    assert execution.logs.stderr == ["oops\n"]
+    outs = [s for s in seen if s[0] == "out"]
+    assert [o[1] for o in outs] == ["first\n", "second\n"]
+    assert [s[1] for s in seen if s[0] == "err"] == ["oops\n"]
+    # Streamed as produced: the first line arrived well before the second was printed.
+    assert outs[1][2] - outs[0][2] >= 1.0
+    assert all(s[3] for s in seen), "every output line has a timestamp"
+
+
+def test_code_interpreter_output_of_subprocesses_is_captured(sandbox):
+    execution = sandbox.run_code(
+        "import os, subprocess\n"
+        "os.system('echo from-shell; echo to-stderr >&2')\n"
+        "subprocess.run(['printf', 'from-child'])\n"
+        "None\n"
+    )
+    assert execution.error is None
+    stdout = "".join(execution.logs.stdout)
+    assert "from-shell\n" in stdout and "from-child" in stdout
+    assert "to-stderr\n" in "".join(execution.logs.stderr)
+
+
+def test_code_interpreter_rich_results_and_display(sandbox):
+    code = (
+        "class Card:\n"
+        "    def _repr_html_(self):\n"
+        "        return '<b>card</b>'\n"
+        "    def _repr_markdown_(self):\n"
+        "        return '**card**'\n"
+        "    def __repr__(self):\n"
+        "        return 'Card()'\n"
+        "class Shown:\n"
+        "    def _repr_mimebundle_(self, include=None, exclude=None):\n"
+        "        return {'image/svg+xml': '<svg/>', 'application/x-custom': 'c'}\n"
+        "display(Shown())\n"
+        "Card()\n"
+    )
+    results = []
+    execution = sandbox.run_code(code, on_result=results.append)
+    assert execution.error is None
+    assert len(execution.results) == 2 and len(results) == 2
+    shown, card = execution.results
+    assert not shown.is_main_result
+    assert shown.svg == "<svg/>"
+    assert shown.extra == {"application/x-custom": "c"}
+    assert card.is_main_result
+    assert card.html == "<b>card</b>"
+    assert card.markdown == "**card**"
+    assert card.text == "Card()"
+    assert execution.text == "Card()"
+    assert set(card.formats()) >= {"text", "html", "markdown"}
+
+
+def test_code_interpreter_error_then_context_still_works(sandbox):
+    errors = []
+    sandbox.run_code("kept = 'still here'")
+    execution = sandbox.run_code("print('before')\n1 / 0", on_error=errors.append)
+    assert execution.error is not None
+    assert execution.error.name == "ZeroDivisionError"
+    assert execution.error.value == "division by zero"
+    assert "ZeroDivisionError" in execution.error.traceback
+    assert "1 / 0" in execution.error.traceback
+    assert errors and errors[0].name == "ZeroDivisionError"
+    assert execution.logs.stdout == ["before\n"]
+    assert execution.results == []
+
+    syntax = sandbox.run_code("def broken(:")
+    assert syntax.error is not None and syntax.error.name == "SyntaxError"
+
+    after = sandbox.run_code("kept")
+    assert after.error is None and after.text == "still here"
+
+
+def test_code_interpreter_execution_count_increases(sandbox, context):
+    first = sandbox.run_code("1", context=context)
+    second = sandbox.run_code("2", context=context)
+    assert first.execution_count >= 1
+    assert second.execution_count == first.execution_count + 1
+
+
+def test_code_interpreter_separate_contexts_do_not_share_variables(sandbox, context):
+    other = sandbox.create_code_context()
+    try:
+        sandbox.run_code("secret = 'mine'", context=context)
+        leaked = sandbox.run_code("secret", context=other)
+        assert leaked.error is not None and leaked.error.name == "NameError"
+        assert sandbox.run_code("secret", context=context).text == "mine"
+        # The default context does not see it either.
+        default = sandbox.run_code("secret")
+        assert default.error is not None and default.error.name == "NameError"
+    finally:
+        sandbox.remove_code_context(other)
+
+
+def test_code_interpreter_context_lifecycle(sandbox):
+    created = sandbox.create_code_context(cwd="/tmp", language="python")
+    assert created.language == "python"
+    assert created.cwd == "/tmp"
+    assert len(created.id) == 32
+    assert sandbox.run_code("import os; os.getcwd()", context=created).text == "/tmp"
+
+    listed = {c.id: c for c in sandbox.list_code_contexts()}
+    assert created.id in listed
+    assert listed[created.id].cwd == "/tmp"
+    assert listed[created.id].language == "python"
+
+    sandbox.run_code("before_restart = 1", context=created)
+    sandbox.restart_code_context(created)
+    gone = sandbox.run_code("before_restart", context=created)
+    assert gone.error is not None and gone.error.name == "NameError"
+    # Same id, same working directory, usable.
+    assert sandbox.run_code("import os; os.getcwd()", context=created).text == "/tmp"
+
+    sandbox.remove_code_context(created.id)
+    assert created.id not in {c.id for c in sandbox.list_code_contexts()}
+    with pytest.raises(NotFoundException):
+        sandbox.run_code("1", context=created)
+    with pytest.raises(NotFoundException):
+        sandbox.remove_code_context(created)
+    with pytest.raises(NotFoundException):
+        sandbox.restart_code_context(created)
+
+
+def test_code_interpreter_unknown_context_is_not_found(sandbox):
+    for context_id in ["0" * 32, "not-a-context", "../../etc"]:
+        unknown = Context(context_id=context_id, language="python", cwd="/")
+        with pytest.raises(NotFoundException) as caught:
+            sandbox.run_code("1", context=unknown)
+        assert "not found" in str(caught.value)
+
+
+def test_code_interpreter_unsupported_language_is_refused(sandbox):
+    with pytest.raises(SandboxException) as caught:
+        sandbox.run_code("1", language="r")
+    assert "400" in str(caught.value) and "python only" in str(caught.value)
+    with pytest.raises(SandboxException):
+        sandbox.create_code_context(language="java")
+    with pytest.raises(InvalidArgumentException):
+        sandbox.run_code("1", language="python", context=Context("x", "python", "/"))
+    # Python by name is the default context.
+    sandbox.run_code("by_name = 7", language="python")
+    assert sandbox.run_code("by_name").text == "7"
+
+
+def test_code_interpreter_env_vars_apply_to_one_run(sandbox):
+    execution = sandbox.run_code(
+        "import os, subprocess\n"
+        "print(subprocess.run(['sh', '-c', 'echo $GREETING'], capture_output=True, text=True).stdout, end='')\n"
+        "os.environ['GREETING']",
+        envs={"GREETING": "hello"},
+    )
+    assert execution.error is None
+    assert execution.text == "hello"
+    assert execution.logs.stdout == ["hello\n"]
+    after = sandbox.run_code("import os; repr(os.environ.get('GREETING'))")
+    assert after.text == "None"
+
+
+def test_code_interpreter_client_timeout_interrupts_the_kernel(sandbox, context):
+    sandbox.run_code("survivor = 5", context=context)
+    started = time.monotonic()
+    with pytest.raises(TimeoutException):
+        sandbox.run_code("while True:\n    pass", context=context, timeout=2)
+    assert time.monotonic() - started < 10
+    # The loop was interrupted: the next execution runs at once, with the variables intact.
+    started = time.monotonic()
+    after = sandbox.run_code("survivor", context=context, timeout=30)
+    assert after.error is None and after.text == "5"
+    assert time.monotonic() - started < 15
+
+
+def test_code_interpreter_dead_kernel_restarts(sandbox, context):
+    sandbox.run_code("lost = 1", context=context)
+    died = sandbox.run_code("import os; os._exit(3)", context=context)
+    assert died.error is not None
+    assert died.error.name == "KernelDied"
+    assert "exit code 3" in died.error.value
+    fresh = sandbox.run_code("lost", context=context)
+    assert fresh.error is not None and fresh.error.name == "NameError"
+    assert sandbox.run_code("2 + 2", context=context).text == "4"
+
+
+def test_code_interpreter_executions_of_one_context_run_in_order(sandbox, context):
+    out = {}
+
+    def run(name, code):
+        out[name] = sandbox.run_code(code, context=context)
+
+    first = threading.Thread(target=run, args=("a", "import time; time.sleep(1); order = ['a']"))
+    first.start()
+    time.sleep(0.3)
+    second = threading.Thread(target=run, args=("b", "order.append('b'); order"))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert out["a"].error is None
+    assert out["b"].error is None and out["b"].text == "['a', 'b']"
+
+
+async def test_code_interpreter_async_sandbox(server_url):
+    sbx = await AsyncSandbox.create()
+    try:
+        lines = []
+        await sbx.run_code("value = 20")
+        execution = await sbx.run_code("print('async'); value + 1", on_stdout=lines.append)
+        assert execution.text == "21"
+        assert [m.line for m in lines] == ["async\n"]
+        ctx = await sbx.create_code_context()
+        assert ctx.id in {c.id for c in await sbx.list_code_contexts()}
+        await sbx.remove_code_context(ctx)
+    finally:
+        await sbx.kill()
