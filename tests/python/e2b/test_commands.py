@@ -179,6 +179,12 @@ def test_envs_and_cwd(sandbox):
     assert result.stdout == "v a l:/tmp\n"
 
 
+def test_a_relative_cwd_is_taken_from_the_users_home(sandbox):
+    sandbox.commands.run("mkdir -p /root/h2-sub", user="root")
+    assert sandbox.commands.run("pwd", cwd="h2-sub", user="root").stdout == "/root/h2-sub\n"
+    assert sandbox.commands.run("pwd", cwd="~/h2-sub", user="root").stdout == "/root/h2-sub\n"
+
+
 def test_user_root(sandbox):
     result = sandbox.commands.run("id -u; pwd", user="root")
     assert result.stdout == "0\n/root\n"

@@ -10,8 +10,9 @@
 //! | `Move` `{"source","destination"}` | [`files::move_path`] | `{"entry"}` of the destination |
 //! | `Remove` `{"path"}` | [`files::remove_path`] (recursive) | `{}` |
 //!
-//! Paths: a relative path (or `~`, `~/…`) is taken from the run-as user's home directory, as
-//! envd does; the agent would take it from `/`. Homes, and the owner and group names of
+//! Paths: a relative path (or `~`, `~/…`) is taken from the run-as user's home directory (the
+//! user of `Authorization`, else the image's, else root), as envd does; the agent would take
+//! it from `/`. `Start` takes a relative `cwd` the same way. Homes, and the owner and group names of
 //! [`EntryInfo`], come from the sandbox's own `/etc/passwd` and `/etc/group`, read through
 //! [`files::read_file`] and kept for [`USERS_TTL`] per sandbox ([`entry_info`] and
 //! [`resolve_path`] are shared with [`super::watch`]).
@@ -129,12 +130,14 @@ struct ListDirResponse {
 #[derive(Debug, Serialize)]
 struct Empty {}
 
-/// Names and homes of one sandbox, from its `/etc/passwd` and `/etc/group`.
+/// Names and homes of one sandbox, from its `/etc/passwd` and `/etc/group`, and the user its
+/// commands run as by default (its image's).
 #[derive(Debug, Default)]
 pub(super) struct Users {
     users: HashMap<u32, String>,
     groups: HashMap<u32, String>,
     homes: HashMap<String, String>,
+    default_user: Option<String>,
 }
 
 impl Users {
@@ -215,7 +218,9 @@ pub(super) async fn users(s: &Shared, ctx: &SandboxCtx) -> Result<Arc<Users>, Ap
     }
     let passwd = read_text(s, ctx, "/etc/passwd").await?;
     let group = read_text(s, ctx, "/etc/group").await?;
-    let users = Arc::new(Users::parse(&passwd, &group));
+    let mut users = Users::parse(&passwd, &group);
+    users.default_user = default_user(s, &ctx.sandbox_id).await;
+    let users = Arc::new(users);
     if let Ok(mut cache) = users_cache().lock() {
         if cache.len() >= USERS_CACHE_SIZE {
             cache.clear();
@@ -223,6 +228,20 @@ pub(super) async fn users(s: &Shared, ctx: &SandboxCtx) -> Result<Arc<Users>, Ap
         cache.insert(ctx.sandbox_id.clone(), (now, users.clone()));
     }
     Ok(users)
+}
+
+/// The user the sandbox's commands run as when none is named (its image's; `None`: root).
+async fn default_user(s: &Shared, id: &str) -> Option<String> {
+    let runtime = s.runtime.clone();
+    let id = id.to_string();
+    match crate::api::blocking(move || runtime.open_sandbox_exact(&id)).await {
+        Ok(Ok(sandbox)) => sandbox.record().user.clone(),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "cannot open a sandbox for its default user");
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// `path` without `.`, `..` (stopping at the root) and repeated slashes; absolute.
@@ -260,17 +279,27 @@ pub(super) async fn resolve_path(
         Some(rest) if rest.starts_with('/') => rest,
         _ => path,
     };
-    let user = ctx.user.as_deref().unwrap_or("root");
-    let home = if user == "root" {
-        "/root".to_string()
-    } else {
-        users(s, ctx).await?.home(user).ok_or_else(|| {
-            ConnectError::invalid(format!(
-                "user {user:?} has no home directory in the sandbox's /etc/passwd: give an absolute path"
-            ))
-        })?
+    let home = match ctx.user.as_deref() {
+        Some("root") => "/root".to_string(),
+        Some(user) => home_of(&*users(s, ctx).await?, user)?,
+        None => {
+            let users = users(s, ctx).await?;
+            match users.default_user.as_deref() {
+                None | Some("root") => "/root".to_string(),
+                Some(user) => home_of(&users, user)?,
+            }
+        }
     };
     Ok(normalize(&format!("{home}/{rest}")))
+}
+
+/// The home directory of `user`, from the sandbox's `/etc/passwd`.
+fn home_of(users: &Users, user: &str) -> Result<String, ConnectError> {
+    users.home(user).ok_or_else(|| {
+        ConnectError::invalid(format!(
+            "user {user:?} has no home directory in the sandbox's /etc/passwd: give an absolute path"
+        ))
+    })
 }
 
 /// Go's `os.FileMode` of a stat: type bits and permission bits.

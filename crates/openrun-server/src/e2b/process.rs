@@ -36,6 +36,7 @@ use super::connect::{
     pj, server_stream, stream_reply, ClientStream, Code, ConnectError, Reply, StreamError,
     StreamOptions, Streaming, Unary,
 };
+use super::filesystem::resolve_path;
 use super::SandboxCtx;
 use crate::api::Shared;
 use crate::exec::{self, Line};
@@ -398,12 +399,17 @@ async fn start(
         return Err(ConnectError::invalid("process.cmd must name a program").into());
     }
     let pty = request.pty.as_ref().map(Pty::size).transpose()?;
+    // A relative cwd is taken from the user's home, as envd does.
+    let cwd = match config.cwd.filter(|c| !c.is_empty()) {
+        Some(cwd) if !cwd.starts_with('/') => Some(resolve_path(&s, &ctx, &cwd).await?),
+        cwd => cwd,
+    };
     let mut argv = vec![config.cmd];
     argv.extend(config.args);
     let exec_request = ExecRequest {
         argv,
         env: config.envs,
-        cwd: config.cwd.filter(|c| !c.is_empty()),
+        cwd,
         user: ctx.user.clone(),
         stdin: request.stdin.unwrap_or(false),
         pty,
