@@ -11,7 +11,7 @@
 //! |---|---|
 //! | `{"type":"change","name":"sub/a.txt","kind":"create"}` | `kind`: `create`, `write`, `remove`, `rename`, `chmod`; `name` relative to the watched directory |
 //! | `{"type":"change","name":"","kind":"overflow"}` | events were lost; list the directory again |
-//! | `{"type":"ended","reason":"..."}` | the last line: the directory was removed, or the sandbox stopped |
+//! | `{"type":"ended","reason":"..."}` | the last line: the directory was removed, the sandbox stopped, or `timeout_ms` passed |
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -139,39 +139,48 @@ fn refusal(e: ClientError) -> ApiError {
     }
 }
 
-/// `GET /v1/sandboxes/{id}/files/watch?path=/x[&recursive=true]`: NDJSON, one
-/// [`WatchEvent`] per line, for as long as the client reads.
+/// `GET /v1/sandboxes/{id}/files/watch?path=/x[&recursive=true][&timeout_ms=N]`: NDJSON, one
+/// [`WatchEvent`] per line, for as long as the client reads (or `timeout_ms`: then an `ended`
+/// line closes the stream).
 #[utoipa::path(get, operation_id = "watch_dir",
     path = "/v1/sandboxes/{id}/files/watch",
     tag = "files",
-    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path of a directory inside the sandbox"), ("recursive" = Option<bool>, Query, description = "Also watch every subdirectory, including new ones")),
-    responses((status = 200, description = "NDJSON lines, each a WatchEvent: {\"type\":\"change\",\"name\",\"kind\"} (kind create, write, remove, rename, chmod, or overflow when events were lost), and {\"type\":\"ended\",\"reason\"} last when the directory is removed or the sandbox stops. Closing the response ends the watch.", content_type = "application/x-ndjson", body = WatchEvent), ErrorAnswers))]
+    params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Absolute path of a directory inside the sandbox"), ("recursive" = Option<bool>, Query, description = "Also watch every subdirectory, including new ones"), ("timeout_ms" = Option<u64>, Query, description = "End the stream (with an ended line) after this many milliseconds; default: never")),
+    responses((status = 200, description = "NDJSON lines, each a WatchEvent: {\"type\":\"change\",\"name\",\"kind\"} (kind create, write, remove, rename, chmod, or overflow when events were lost), and {\"type\":\"ended\",\"reason\"} last when the directory is removed, the sandbox stops or timeout_ms passes. Closing the response ends the watch.", content_type = "application/x-ndjson", body = WatchEvent), ErrorAnswers))]
 pub async fn watch(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     query: Query,
 ) -> Result<Response, ApiError> {
-    query.only(&["path", "recursive"])?;
-    let rx = watch_dir(
-        &s,
-        &caller,
-        &id,
-        query.path("path")?,
-        query.flag("recursive")?,
-    )
-    .await?;
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            let event = rx.recv().await?;
-            match serde_json::to_string(&event) {
-                Ok(mut text) => {
-                    text.push('\n');
-                    return Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), rx));
-                }
-                Err(e) => tracing::error!(error = %e, "cannot encode a watch event"),
-            }
-        }
+    query.only(&["path", "recursive", "timeout_ms"])?;
+    let path = query.path("path")?;
+    let recursive = query.flag("recursive")?;
+    let deadline = query
+        .u64("timeout_ms")?
+        .map(|ms| tokio::time::Instant::now() + std::time::Duration::from_millis(ms));
+    let rx = watch_dir(&s, &caller, &id, path, recursive).await?;
+    let stream = futures_util::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        let next = match deadline {
+            Some(at) => tokio::time::timeout_at(at, rx.recv()).await.ok(),
+            None => Some(rx.recv().await),
+        };
+        let (event, rest) = match next {
+            Some(Some(event @ WatchEvent::Change { .. })) => (event, Some(rx)),
+            Some(Some(event @ WatchEvent::Ended { .. })) => (event, None),
+            Some(None) => return None,
+            None => (
+                WatchEvent::Ended {
+                    reason: "timeout_ms passed".into(),
+                },
+                None,
+            ),
+        };
+        // Cannot fail for these plain strings; an empty line would be skipped by readers.
+        let mut text = serde_json::to_string(&event).unwrap_or_default();
+        text.push('\n');
+        Some((Ok::<_, std::convert::Infallible>(Bytes::from(text)), rest))
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],

@@ -1,13 +1,18 @@
 """Directory watching through the official e2b SDK against a live `openrun serve`: the sync
 `files.watch_dir` (CreateWatcher / GetWatcherEvents / RemoveWatcher), recursive watches, stop(),
-refusals (missing directory, a file), and the async `files.watch_dir` (the WatchDir stream) with
-its on_event and on_exit callbacks.
+refusals (missing directory, a file), a killed sandbox, and the async `files.watch_dir` (the
+WatchDir stream) with its on_event and on_exit callbacks. Also the core call's own surface,
+`GET /v1/sandboxes/{id}/files/watch` (NDJSON), which the E2B adapter is a thin layer over.
 
 Run: scripts/python-tests e2b -- -k watch
 """
 
 import asyncio
+import json
+import threading
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 from e2b import AsyncSandbox, FilesystemEventType, Sandbox, SandboxException
@@ -169,3 +174,70 @@ async def test_watch_async_on_event(server_url):
             await sbx.files.watch_dir("/tmp/awatch-missing", on_event=on_event)
     finally:
         await sbx.kill()
+
+
+def test_watch_sync_watcher_of_a_killed_sandbox_fails(server_url):
+    sbx = Sandbox.create(template="base")
+    try:
+        handle = sbx.files.watch_dir("/tmp")
+    finally:
+        sbx.kill()
+    with pytest.raises(SandboxException):
+        handle.get_new_events()
+
+
+def v1(server_url, api_key, method, path, body=None, timeout=30):
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    req = urllib.request.Request(
+        server_url + path,
+        data=data,
+        method=method,
+        headers={"Authorization": "Bearer " + api_key, "Content-Type": "application/json"},
+    )
+    return urllib.request.urlopen(req, timeout=timeout)
+
+
+def test_watch_v1_ndjson_stream(server_url, api_key):
+    sandbox = json.load(v1(server_url, api_key, "POST", "/v1/sandboxes", {}))
+    sid = sandbox["id"]
+    try:
+        v1(server_url, api_key, "POST", f"/v1/sandboxes/{sid}/files/mkdir",
+           {"path": "/tmp/v1w/sub", "parents": True})
+        stream = v1(server_url, api_key, "GET",
+                    f"/v1/sandboxes/{sid}/files/watch?path=/tmp/v1w&recursive=true&timeout_ms=20000")
+        assert stream.headers["Content-Type"] == "application/x-ndjson"
+        lines = []
+        done = threading.Event()
+
+        def read():
+            for raw in stream:
+                line = json.loads(raw)
+                lines.append(line)
+                if line == {"type": "change", "name": "sub/x.txt", "kind": "write"}:
+                    done.set()
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        v1(server_url, api_key, "PUT", f"/v1/sandboxes/{sid}/files?path=/tmp/v1w/sub/x.txt", b"data")
+        assert done.wait(WAIT), lines
+        assert {"type": "change", "name": "sub/x.txt", "kind": "create"} in lines, lines
+        stream.close()
+
+        # timeout_ms ends a quiet stream with an ended line.
+        quiet = v1(server_url, api_key, "GET",
+                   f"/v1/sandboxes/{sid}/files/watch?path=/tmp/v1w&timeout_ms=300")
+        assert [json.loads(l) for l in quiet] == [{"type": "ended", "reason": "timeout_ms passed"}]
+
+        for query, status, code in [
+            ("path=/tmp/v1w/none", 404, "not_found"),
+            ("path=/etc/hostname", 400, "not_a_directory"),
+            ("path=/proc/self/root", 403, "forbidden"),
+            ("path=/tmp&recursive=maybe", 400, "invalid_argument"),
+        ]:
+            with pytest.raises(urllib.error.HTTPError) as err:
+                v1(server_url, api_key, "GET", f"/v1/sandboxes/{sid}/files/watch?{query}")
+            assert err.value.code == status, query
+            assert json.load(err.value)["code"] == code, query
+    finally:
+        v1(server_url, api_key, "DELETE", f"/v1/sandboxes/{sid}")

@@ -329,14 +329,12 @@ fn sweep(now: Instant) {
     drop(expired);
 }
 
-/// A new unguessable watcher id (TODO(lead): `keys::random_hex` once it is shared).
+/// A new unguessable watcher id.
 fn new_id() -> Result<String, ConnectError> {
-    let mut bytes = [0u8; 16];
-    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).map_err(|e| {
+    crate::keys::random_hex(16).map_err(|e| {
         tracing::error!(error = %e, "getrandom failed");
         ConnectError::new(Code::Internal, "cannot make a watcher id")
-    })?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    })
 }
 
 /// Collects `source`'s events into `buffer` until the watch ends.
