@@ -4,11 +4,20 @@
 
 import json
 import struct
+import threading
 import time
 
 import httpx
 import pytest
-from e2b import CommandExitException, NotFoundException, SandboxException, TimeoutException
+from e2b import (
+    AsyncSandbox,
+    CommandExitException,
+    NotFoundException,
+    Sandbox,
+    SandboxException,
+    TimeoutException,
+)
+from e2b.exceptions import SandboxNotRunningException
 
 
 def _args(sandbox, pid):
@@ -188,6 +197,48 @@ def test_a_relative_cwd_is_taken_from_the_users_home(sandbox):
 def test_user_root(sandbox):
     result = sandbox.commands.run("id -u; pwd", user="root")
     assert result.stdout == "0\n/root\n"
+
+
+def test_killing_the_sandbox_ends_a_running_command():
+    sbx = Sandbox.create(template="base")
+    raised = {}
+
+    def run():
+        try:
+            sbx.commands.run("sleep 30")
+        except Exception as e:
+            raised["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        time.sleep(1)
+    finally:
+        Sandbox.kill(sbx.sandbox_id)
+    thread.join(20)
+    assert not thread.is_alive()
+    assert isinstance(raised.get("error"), SandboxNotRunningException), raised
+    with pytest.raises(SandboxNotRunningException):
+        sbx.commands.run("true")
+    with pytest.raises(SandboxNotRunningException):
+        sbx.commands.list()
+
+
+async def test_the_async_sdk_runs_commands_too():
+    sbx = await AsyncSandbox.create(template="base")
+    try:
+        seen = []
+        result = await sbx.commands.run("echo a; echo b >&2", on_stdout=seen.append)
+        assert (result.stdout, result.stderr, seen) == ("a\n", "b\n", ["a\n"])
+        handle = await sbx.commands.run("cat", background=True, stdin=True)
+        await sbx.commands.send_stdin(handle.pid, "x\n")
+        await sbx.commands.close_stdin(handle.pid)
+        assert (await handle.wait()).stdout == "x\n"
+        handle = await sbx.commands.run("sleep 30", background=True)
+        assert await sbx.commands.kill(handle.pid) is True
+        assert await sbx.commands.kill(handle.pid) is False
+    finally:
+        await sbx.kill()
 
 
 def _raw(sandbox, method, body, content_type="application/connect+json", headers=None):

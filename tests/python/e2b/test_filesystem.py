@@ -6,7 +6,7 @@ import datetime
 
 import httpx
 import pytest
-from e2b import FileType, InvalidArgumentException, NotFoundException
+from e2b import AsyncSandbox, FileType, InvalidArgumentException, NotFoundException
 
 
 @pytest.fixture
@@ -118,6 +118,21 @@ def test_relative_paths_are_taken_from_the_users_home(sandbox):
         assert sandbox.files.get_info("~/h2-relative", user="root").path == "/root/h2-relative"
     finally:
         sandbox.files.remove("/root/h2-relative")
+
+
+async def test_the_async_sdk_uses_the_same_service():
+    sbx = await AsyncSandbox.create(template="base")
+    try:
+        assert await sbx.files.make_dir("/tmp/h2-async/d") is True
+        assert await sbx.files.make_dir("/tmp/h2-async/d") is False
+        assert [e.name for e in await sbx.files.list("/tmp/h2-async")] == ["d"]
+        assert await sbx.files.exists("/tmp/h2-async/nope") is False
+        info = await sbx.files.rename("/tmp/h2-async/d", "/tmp/h2-async/e")
+        assert (info.path, info.type) == ("/tmp/h2-async/e", FileType.DIR)
+        await sbx.files.remove("/tmp/h2-async")
+        assert await sbx.files.exists("/tmp/h2-async") is False
+    finally:
+        await sbx.kill()
 
 
 def test_malformed_unary_requests_get_connect_errors(sandbox):
