@@ -5,6 +5,11 @@ env vars, contexts (create, list, restart, remove), client timeouts that interru
 Run: scripts/python-tests e2b -- -k code_interpreter
 """
 
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import time
 
@@ -288,3 +293,80 @@ async def test_code_interpreter_async_sandbox(server_url):
         await sbx.remove_code_context(ctx)
     finally:
         await sbx.kill()
+
+
+def _serve(openrun_bin, data):
+    """Starts `openrun serve` on `data`; answers (process, url)."""
+    out = open(os.path.join(data, "serve.out"), "w+")
+    err = open(os.path.join(data, "serve.err"), "w")
+    process = subprocess.Popen(
+        [openrun_bin, "--data-dir", data, "serve", "--listen", "127.0.0.1:0"], stdout=out, stderr=err
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        out.seek(0)
+        for line in out.read().splitlines():
+            if line.startswith("listening on "):
+                return process, "http://" + line.split()[-1]
+        assert process.poll() is None, "the server exited: " + open(err.name).read()[-2000:]
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("the server did not start")
+
+
+def _stop(process):
+    process.send_signal(signal.SIGTERM)
+    process.wait(30)
+
+
+def test_code_interpreter_contexts_outlive_a_server_restart(openrun_bin):
+    """Contexts live in the sandbox's process table, not in the server: a restarted server
+    (sandboxes outlive it) finds them, their kernels and variables again."""
+    data = tempfile.mkdtemp(prefix="h3ci")
+    server = None
+    sbx = None
+    try:
+        key = subprocess.run(
+            [openrun_bin, "--data-dir", data, "key", "create", "--name", "restart"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        server, url = _serve(openrun_bin, data)
+        opts = {"api_key": key, "api_url": url, "sandbox_url": url}
+        sbx = Sandbox.create(**opts)
+        ctx = sbx.create_code_context(cwd="/tmp")
+        sbx.run_code("kept = 'across restarts'", context=ctx)
+        sbx.run_code("default_kept = 11")
+
+        _stop(server)
+        server, url = _serve(openrun_bin, data)
+        opts = {"api_key": key, "api_url": url, "sandbox_url": url}
+        again = Sandbox.connect(sbx.sandbox_id, **opts)
+
+        listed = {c.id: c for c in again.list_code_contexts()}
+        assert ctx.id in listed and listed[ctx.id].cwd == "/tmp"
+        assert again.run_code("kept", context=ctx).text == "across restarts"
+        assert again.run_code("default_kept").text == "11"
+        sbx = again
+    finally:
+        if sbx is not None:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
+        if server is not None:
+            _stop(server)
+        subprocess.run(["umount", "-l", os.path.join(data, "disk-pool")], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_code_interpreter_on_a_killed_sandbox(server_url):
+    sbx = Sandbox.create()
+    sbx.run_code("1")
+    sbx.kill()
+    with pytest.raises(TimeoutException) as caught:
+        sbx.run_code("1")
+    assert "was not found" in str(caught.value)
+    with pytest.raises(TimeoutException):
+        sbx.create_code_context()
+    with pytest.raises(TimeoutException):
+        sbx.list_code_contexts()
