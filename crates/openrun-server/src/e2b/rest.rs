@@ -459,14 +459,22 @@ async fn detail(
 }
 
 /// `DELETE /sandboxes/{id}`: 204; 404 when it is not alive (the SDK's `kill()` is then
-/// `False`).
+/// `False`). A stopped one (its timeout expired) is deleted all the same, so that it leaves
+/// `GET /v1/sandboxes` too, but answers 404 like E2B.
 async fn kill(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let row = find_alive(&s, &caller, &id).await?;
+    let row = find(&s, &caller, &id).await?;
+    let alive = e2b_state(&row).is_some();
+    let state = row.state.clone();
     crate::api::remove(&s, &caller, row).await?;
+    if !alive {
+        return Err(ApiError::NotFound(format!(
+            "sandbox {id} not found: it was {state}"
+        )));
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -1,0 +1,145 @@
+"""envd's plain-HTTP files (GET and POST /files) through the official `e2b` SDK against a live
+`openrun serve`: text and bytes, relative paths (the user's home), parents made, overwrite,
+several files in one request, streams (octet-stream), gzip both ways, a missing file, files
+larger than one 16 MiB agent frame, and the raw wire shapes.
+
+Run: scripts/python-tests e2b -- -k files
+"""
+
+import gzip
+import hashlib
+import io
+import os
+
+import httpx
+import pytest
+from e2b import FileNotFoundException, InvalidArgumentException
+from e2b.sandbox.filesystem.filesystem import WriteEntry
+
+
+def _envd(sandbox, server_url):
+    """A raw client of the sandbox's envd, with the SDK's headers."""
+    return httpx.Client(
+        base_url=server_url,
+        headers={
+            "E2b-Sandbox-Id": sandbox.sandbox_id,
+            "E2b-Sandbox-Port": "49983",
+            "X-Access-Token": sandbox._envd_access_token,
+        },
+        timeout=120,
+    )
+
+
+def test_files_write_and_read_text_and_bytes(sandbox):
+    info = sandbox.files.write("/tmp/hello.txt", "héllo\n")
+    assert info.path == "/tmp/hello.txt" and info.name == "hello.txt"
+    assert sandbox.files.read("/tmp/hello.txt") == "héllo\n"
+    data = bytes(range(256)) * 3
+    sandbox.files.write("/tmp/bin.dat", data)
+    assert bytes(sandbox.files.read("/tmp/bin.dat", format="bytes")) == data
+    streamed = b"".join(sandbox.files.read("/tmp/bin.dat", format="stream"))
+    assert streamed == data
+    # Overwrite replaces the whole file.
+    sandbox.files.write("/tmp/hello.txt", "x")
+    assert sandbox.files.read("/tmp/hello.txt") == "x"
+    assert sandbox.commands.run("cat /tmp/hello.txt").stdout == "x"
+
+
+def test_files_parents_are_made_and_relative_paths_are_from_home(sandbox):
+    sandbox.files.write("/tmp/a/b/c/deep.txt", "deep")
+    assert sandbox.files.read("/tmp/a/b/c/deep.txt") == "deep"
+    info = sandbox.files.write("notes/rel.txt", "relative")
+    # The run-as user is root (the image's), whose home is /root.
+    assert info.path == "/root/notes/rel.txt"
+    assert sandbox.files.read("/root/notes/rel.txt") == "relative"
+    assert sandbox.files.read("notes/rel.txt") == "relative"
+    assert sandbox.commands.run("cat ~/notes/rel.txt").stdout == "relative"
+
+
+def test_files_missing_file_is_file_not_found(sandbox):
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.read("/tmp/does-not-exist")
+    with pytest.raises(FileNotFoundException):
+        sandbox.files.read("no/such/relative/file")
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.read("/tmp")  # a directory
+
+
+def test_files_write_several_files_in_one_request(sandbox):
+    infos = sandbox.files.write_files(
+        [
+            WriteEntry(path="/tmp/multi/one.txt", data="1"),
+            WriteEntry(path="/tmp/multi/two.bin", data=b"\x00\x02"),
+            WriteEntry(path="multi/three.txt", data="3"),
+        ]
+    )
+    assert [i.path for i in infos] == [
+        "/tmp/multi/one.txt",
+        "/tmp/multi/two.bin",
+        "/root/multi/three.txt",
+    ]
+    assert sandbox.files.read("/tmp/multi/one.txt") == "1"
+    assert bytes(sandbox.files.read("/tmp/multi/two.bin", format="bytes")) == b"\x00\x02"
+    assert sandbox.files.read("/root/multi/three.txt") == "3"
+
+
+def test_files_streams_and_gzip(sandbox):
+    # A file-like object goes as application/octet-stream (envd >= 0.5.7).
+    sandbox.files.write("/tmp/stream.txt", io.BytesIO(b"streamed body"))
+    assert sandbox.files.read("/tmp/stream.txt") == "streamed body"
+    sandbox.files.write("/tmp/gz.txt", "compressed " * 1000, gzip=True)
+    assert sandbox.files.read("/tmp/gz.txt") == "compressed " * 1000
+    assert sandbox.files.read("/tmp/gz.txt", gzip=True) == "compressed " * 1000
+
+
+def test_files_larger_than_one_agent_frame_round_trip(sandbox):
+    data = os.urandom(20 << 20) + b"end"
+    digest = hashlib.sha256(data).hexdigest()
+    sandbox.files.write("/tmp/big.bin", data)
+    check = sandbox.commands.run("sha256sum /tmp/big.bin; ls -a /tmp")
+    assert check.stdout.startswith(digest)
+    assert "openrun-upload" not in check.stdout, "no temporary file is left"
+    back = bytes(sandbox.files.read("/tmp/big.bin", format="bytes"))
+    assert len(back) == len(data) and hashlib.sha256(back).hexdigest() == digest
+    gz = bytes(sandbox.files.read("/tmp/big.bin", format="bytes", gzip=True))
+    assert hashlib.sha256(gz).hexdigest() == digest
+    # Replacing a big file with a big stream keeps it whole too.
+    sandbox.files.write("/tmp/big.bin", io.BytesIO(data[::-1]))
+    assert sandbox.commands.run("sha256sum /tmp/big.bin").stdout.startswith(
+        hashlib.sha256(data[::-1]).hexdigest()
+    )
+
+
+def test_files_raw_wire_shapes(sandbox, server_url):
+    with _envd(sandbox, server_url) as envd:
+        # Multipart: the raw filename is the destination (absolute, not sanitised).
+        r = envd.post("/files", files=[("file", ("/tmp/raw/a.txt", b"A"))])
+        assert r.status_code == 200, r.text
+        assert r.json() == [{"name": "a.txt", "path": "/tmp/raw/a.txt", "type": "file"}]
+        r = envd.get("/files", params={"path": "/tmp/raw/a.txt"})
+        assert r.status_code == 200 and r.content == b"A"
+        assert r.headers["content-type"] == "application/octet-stream"
+        # Octet-stream with a gzip body.
+        r = envd.post(
+            "/files",
+            params={"path": "/tmp/raw/b.txt"},
+            content=gzip.compress(b"B" * 100),
+            headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"},
+        )
+        assert r.status_code == 200 and r.json()[0]["path"] == "/tmp/raw/b.txt"
+        assert envd.get("/files", params={"path": "/tmp/raw/b.txt"}).content == b"B" * 100
+        # Errors: {code: int, message}.
+        r = envd.get("/files", params={"path": "/tmp/raw/missing"})
+        assert r.status_code == 404 and r.json()["code"] == 404
+        r = envd.post("/files", content=b"x", headers={"Content-Type": "application/octet-stream"})
+        assert r.status_code == 400 and "path" in r.json()["message"]
+        r = envd.post(
+            "/files",
+            params={"path": "/tmp/raw/c.txt"},
+            content=b"not gzip",
+            headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"},
+        )
+        assert r.status_code == 400 and "gzip" in r.json()["message"]
+        assert sandbox.commands.run("ls /tmp/raw").stdout.split() == ["a.txt", "b.txt"]
+        r = envd.get("/no-such-envd-path")
+        assert r.status_code == 404 and r.json()["code"] == 404

@@ -1,0 +1,291 @@
+"""The E2B control plane through the official `e2b` SDK against a live `openrun serve`:
+create (templates, metadata, envs, timeout, network), list (filters, paging), get_info,
+set_timeout (and expiry), kill, connect, pause and resume through connect, and the errors the
+SDK expects: unknown template, bad timeouts, options openrun refuses, killed sandboxes, wrong
+keys and tokens.
+
+Run: scripts/python-tests e2b -- -k lifecycle
+"""
+
+import time
+import uuid
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from e2b import (
+    AuthenticationException,
+    Sandbox,
+    SandboxException,
+    SandboxNotFoundException,
+    SandboxQuery,
+    SandboxState,
+)
+from e2b.exceptions import SandboxNotRunningException
+
+
+def _seconds_left(info):
+    return (info.end_at - datetime.now(timezone.utc)).total_seconds()
+
+
+def _killed(*sandboxes):
+    for sbx in sandboxes:
+        try:
+            sbx.kill()
+        except Exception:
+            pass
+
+
+def test_lifecycle_create_get_info_and_envs():
+    tag = uuid.uuid4().hex
+    sbx = Sandbox.create(
+        template="base", timeout=120, metadata={"run": tag, "who": "lifecycle"}, envs={"FOO": "bar"}
+    )
+    try:
+        assert sbx.is_running()
+        info = sbx.get_info()
+        assert info.sandbox_id == sbx.sandbox_id
+        assert info.template_id == "base"
+        assert info.metadata == {"run": tag, "who": "lifecycle"}
+        assert info.state == SandboxState.RUNNING
+        assert info.envd_version == "0.5.7"
+        assert info.cpu_count >= 1 and info.memory_mb > 0
+        assert 100 < _seconds_left(info) <= 121
+        assert info.started_at <= datetime.now(timezone.utc)
+        # envVars are the environment of every process.
+        assert sbx.commands.run("echo $FOO").stdout == "bar\n"
+        # The class-method form answers the same.
+        assert Sandbox.get_info(sbx.sandbox_id).metadata["run"] == tag
+    finally:
+        sbx.kill()
+
+
+def test_lifecycle_code_interpreter_template_runs_the_host_image():
+    sbx = Sandbox.create(template="code-interpreter-v1")
+    try:
+        assert sbx.get_info().template_id == "code-interpreter-v1"
+        assert sbx.commands.run("python3 -c 'print(6 * 7)'").stdout == "42\n"
+    finally:
+        sbx.kill()
+
+
+def test_lifecycle_list_filters_and_pages():
+    tag = uuid.uuid4().hex
+    first = Sandbox.create(metadata={"run": tag, "n": "1"})
+    second = Sandbox.create(metadata={"run": tag, "n": "2"})
+    try:
+        ids = {first.sandbox_id, second.sandbox_id}
+        found = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
+        assert {s.sandbox_id for s in found} == ids
+        assert all(s.state == SandboxState.RUNNING for s in found)
+        one = Sandbox.list(query=SandboxQuery(metadata={"run": tag, "n": "2"})).next_items()
+        assert [s.sandbox_id for s in one] == [second.sandbox_id]
+        # Pages of one, oldest first, then newest first.
+        for order, expected in (("asc", [first, second]), ("desc", [second, first])):
+            pages = Sandbox.list(query=SandboxQuery(metadata={"run": tag}), limit=1, order=order)
+            seen = []
+            while pages.has_next:
+                page = pages.next_items()
+                assert len(page) <= 1
+                seen += [s.sandbox_id for s in page]
+            assert seen == [s.sandbox_id for s in expected], order
+        paused = Sandbox.list(
+            query=SandboxQuery(metadata={"run": tag}, state=[SandboxState.PAUSED])
+        ).next_items()
+        assert paused == []
+        none = Sandbox.list(query=SandboxQuery(metadata={"run": uuid.uuid4().hex})).next_items()
+        assert none == []
+        template = Sandbox.list(query=SandboxQuery(metadata={"run": tag}, template="base"))
+        assert {s.sandbox_id for s in template.next_items()} == ids
+    finally:
+        _killed(first, second)
+    after = Sandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
+    assert after == [], "killed sandboxes are not listed"
+
+
+def test_lifecycle_set_timeout_moves_the_end_and_expiry_kills(sandbox, v1):
+    sandbox.set_timeout(1000)
+    assert 990 < _seconds_left(sandbox.get_info()) <= 1000
+    Sandbox.set_timeout(sandbox.sandbox_id, 1)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            sandbox.get_info()
+        except SandboxNotFoundException:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the sandbox outlived its timeout")
+    assert not sandbox.is_running()
+    assert v1.get(f"/v1/sandboxes/{sandbox.sandbox_id}").json()["state"] == "stopped"
+    # Killing it answers False, like E2B, and deletes its record.
+    assert sandbox.kill() is False
+    assert v1.get(f"/v1/sandboxes/{sandbox.sandbox_id}").status_code == 404
+
+
+def test_lifecycle_kill_then_everything_says_it_is_gone():
+    sbx = Sandbox.create()
+    sbx.files.write("/tmp/x", "x")
+    assert sbx.kill() is True
+    assert not sbx.is_running()
+    with pytest.raises(SandboxNotFoundException):
+        sbx.get_info()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sbx.sandbox_id)
+    with pytest.raises(SandboxNotFoundException):
+        sbx.set_timeout(60)
+    assert sbx.kill() is False
+    assert Sandbox.kill(sbx.sandbox_id) is False
+    with pytest.raises(SandboxNotRunningException, match="was not found"):
+        sbx.files.read("/tmp/x")
+    with pytest.raises(SandboxNotRunningException, match="was not found"):
+        sbx.files.write("/tmp/y", "y")
+    with pytest.raises(SandboxNotRunningException):
+        sbx.commands.run("true")
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sbx.sandbox_id)
+
+
+def test_lifecycle_connect_to_a_running_sandbox(sandbox):
+    sandbox.files.write("/tmp/shared.txt", "from the first client")
+    again = Sandbox.connect(sandbox.sandbox_id)
+    assert again.sandbox_id == sandbox.sandbox_id
+    assert again.files.read("/tmp/shared.txt") == "from the first client"
+    # A longer timeout extends it; a shorter one leaves it (E2B: only ever extended).
+    Sandbox.connect(sandbox.sandbox_id, timeout=900)
+    assert 890 < _seconds_left(sandbox.get_info()) <= 900
+    Sandbox.connect(sandbox.sandbox_id, timeout=30)
+    assert _seconds_left(sandbox.get_info()) > 800
+
+
+def test_lifecycle_pause_and_resume_through_connect(sandbox):
+    sandbox.files.write("/tmp/state.txt", "kept")
+    handle = sandbox.commands.run("sleep 600", background=True)
+    assert sandbox.pause() is True
+    assert sandbox.pause() is False, "a second pause: already paused (409)"
+    assert sandbox.get_info().state == SandboxState.PAUSED
+    assert not sandbox.is_running()
+    with pytest.raises(SandboxNotRunningException, match="paused"):
+        sandbox.files.read("/tmp/state.txt")
+    tag_query = SandboxQuery(state=[SandboxState.PAUSED])
+    assert sandbox.sandbox_id in {s.sandbox_id for s in Sandbox.list(query=tag_query).next_items()}
+    resumed = Sandbox.connect(sandbox.sandbox_id, timeout=600)
+    assert resumed.get_info().state == SandboxState.RUNNING
+    assert 590 < _seconds_left(resumed.get_info()) <= 600
+    assert resumed.is_running()
+    assert resumed.files.read("/tmp/state.txt") == "kept"
+    assert handle.pid in {p.pid for p in resumed.commands.list()}, "processes survive a pause"
+    # The instance method resumes too.
+    assert Sandbox.pause(sandbox.sandbox_id) is True
+    sandbox.connect()
+    assert sandbox.is_running()
+
+
+def test_lifecycle_unknown_template_is_an_error_naming_it():
+    name = "no-such-template-" + uuid.uuid4().hex[:8]
+    with pytest.raises(SandboxException, match=f"404.*{name}.*not found") as err:
+        Sandbox.create(template=name)
+    assert err.value.status_code == 404
+
+
+@pytest.mark.parametrize("timeout", [0, -5])
+def test_lifecycle_bad_create_timeout_is_a_400(timeout):
+    with pytest.raises(SandboxException, match="400.*timeout") as err:
+        Sandbox.create(timeout=timeout)
+    assert err.value.status_code == 400
+
+
+def test_lifecycle_bad_set_timeout_is_a_400(sandbox):
+    with pytest.raises(SandboxException, match="400.*timeout"):
+        sandbox.set_timeout(0)
+    assert sandbox.is_running()
+
+
+def test_lifecycle_bad_timeouts_over_raw_http(api):
+    for body in ({"templateID": "base", "timeout": 1.5}, {"templateID": "base", "timeout": "60"}):
+        r = api.post("/v2/sandboxes", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["code"] == 400 and "timeout" in r.json()["message"]
+    r = api.post("/v2/sandboxes", json={"timeout": 60})
+    assert r.status_code == 400 and "templateID" in r.json()["message"]
+    r = api.post("/v2/sandboxes", json={"templateID": "base", "bogus": 1})
+    assert r.status_code == 400 and "bogus" in r.json()["message"]
+
+
+def test_lifecycle_options_openrun_does_not_have_are_refused_by_name():
+    with pytest.raises(SandboxException, match="400.*autoPause"):
+        Sandbox.create(lifecycle={"on_timeout": "pause"})
+    with pytest.raises(SandboxException, match="400.*network.dnsServers"):
+        Sandbox.create(network={"dns_servers": ["1.1.1.1"]})
+    with pytest.raises(SandboxException, match="400.*denyOut"):
+        Sandbox.create(network={"deny_out": ["8.8.8.8"]})
+    # Open internet needs an operator's consent (openrun serve --allow-open-network).
+    with pytest.raises(SandboxException, match="403.*open") as err:
+        Sandbox.create(allow_internet_access=True)
+    assert err.value.status_code == 403
+
+
+def test_lifecycle_metadata_keys_are_checked():
+    with pytest.raises(SandboxException, match="400.*bad key!"):
+        Sandbox.create(metadata={"bad key!": "x"})
+    with pytest.raises(SandboxException, match="400.*e2b.template"):
+        Sandbox.create(metadata={"e2b.template": "x"})
+
+
+def test_lifecycle_network_allowlist_maps_to_an_openrun_policy(v1):
+    sbx = Sandbox.create(
+        allow_internet_access=False,
+        network={"deny_out": ["0.0.0.0/0"], "allow_out": ["example.com"]},
+    )
+    try:
+        policy = v1.get(f"/v1/sandboxes/{sbx.sandbox_id}/network").json()
+        assert policy["mode"] == "allowlist"
+        assert policy["allow"] == ["example.com"]
+    finally:
+        sbx.kill()
+    plain = Sandbox.create()
+    try:
+        assert v1.get(f"/v1/sandboxes/{plain.sandbox_id}/network").json()["mode"] == "none"
+    finally:
+        plain.kill()
+
+
+def test_lifecycle_wrong_api_key_is_an_authentication_error():
+    with pytest.raises(AuthenticationException):
+        Sandbox.create(api_key="or_not_a_key")
+    with pytest.raises(AuthenticationException):
+        Sandbox.list(api_key="or_not_a_key").next_items()
+
+
+def test_lifecycle_errors_have_the_e2b_shape(api, server_url):
+    r = api.get("/sandboxes/doesnotexist")
+    assert r.status_code == 404
+    body = r.json()
+    assert body["code"] == 404 and isinstance(body["message"], str)
+    r = httpx.get(f"{server_url}/v2/sandboxes")
+    assert r.status_code == 401 and r.json()["code"] == 401
+    r = api.get("/v2/sandboxes", params={"state": "stopped"})
+    assert r.status_code == 400 and "stopped" in r.json()["message"]
+    # The /v1 API is not shadowed by the E2B routes, nor the other way round.
+    assert httpx.get(f"{server_url}/v1/health").json() == {"status": "ok"}
+
+
+def test_lifecycle_sandbox_traffic_needs_its_token(sandbox, server_url):
+    headers = {"E2b-Sandbox-Id": sandbox.sandbox_id, "E2b-Sandbox-Port": "49983"}
+    assert httpx.get(f"{server_url}/health", headers=headers).status_code == 401
+    bad = httpx.get(f"{server_url}/health", headers={**headers, "X-Access-Token": "AAAA"})
+    assert bad.status_code == 401 and bad.json()["code"] == 401
+    good = {**headers, "X-Access-Token": sandbox._envd_access_token}
+    assert httpx.get(f"{server_url}/health", headers=good).status_code == 204
+    # Another sandbox's token does not open this one.
+    other = Sandbox.create()
+    try:
+        stolen = {**headers, "X-Access-Token": other._envd_access_token}
+        assert httpx.get(f"{server_url}/health", headers=stolen).status_code == 401
+    finally:
+        other.kill()
+    sandbox.kill()
+    gone = httpx.get(f"{server_url}/health", headers=good)
+    assert gone.status_code == 502
+    assert "was not found" in gone.json()["message"] and gone.json()["code"] == 502
+    assert gone.headers["should-retry"] == "false"
