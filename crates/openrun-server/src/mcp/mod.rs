@@ -2,10 +2,10 @@
 //! official Rust SDK) at protocol revision 2025-11-25 (older revisions are negotiated down to).
 //! `openrun mcp` bridges stdio to it, so there is one implementation.
 //!
-//! - Authentication: `Authorization: Bearer <key>` on every request, checked by
-//!   [`crate::api::authenticate`] before rmcp sees the request (401 with the API's JSON error
+//! - Authentication: `Authorization: Bearer <key>` on every request, checked by the `/v1`
+//!   middleware [`crate::api::auth`] before rmcp sees the request (401 with the API's JSON error
 //!   otherwise). The [`Caller`] goes into the request's extensions; rmcp hands the request's
-//!   [`http::request::Parts`] to each tool call, so every tool acts as the key of *its own*
+//!   [`axum::http::request::Parts`] to each tool call, so every tool acts as the key of *its own*
 //!   request (a session id is no credential) and only ever sees that key's tenant.
 //! - Tools ([`tools`]) are thin adapters over the core calls `/v1` uses (sandboxes, exec,
 //!   processes, files, images, environment, previews): same checks, same timeline events.
@@ -22,10 +22,8 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
-use axum::http::{header, HeaderMap};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::http::HeaderMap;
+use axum::middleware;
 use axum::Router;
 use rmcp::handler::server::common::{AsRequestContext, FromContextPart};
 use rmcp::handler::server::router::tool::ToolRouter;
@@ -79,35 +77,9 @@ pub(crate) fn router(state: Shared) -> Router<Shared> {
     );
     Router::new()
         .route_service("/mcp", service)
-        .route_layer(middleware::from_fn_with_state(state, authenticate))
-}
-
-/// Checks `Authorization: Bearer <key>` and puts the [`Caller`] in the request's extensions
-/// (401 with the API's JSON error otherwise).
-// TODO(lead request 1 in /tmp/plan/requests.md): use crate::api::auth once it is pub(crate).
-async fn authenticate(
-    State(s): State<Shared>,
-    mut req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let token = bearer(req.headers()).ok_or_else(|| {
-        ApiError::Unauthorized(
-            "an API key is required: send Authorization: Bearer <key> (openrun key create)".into(),
-        )
-    })?;
-    let caller = crate::api::authenticate(&s, token).await?;
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
-}
-
-/// The key of `Authorization: Bearer <key>`.
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+        // As on /v1: the caller's key on the request log line, inside authentication.
+        .route_layer(middleware::from_fn(crate::metrics::tag_caller))
+        .route_layer(middleware::from_fn_with_state(state, crate::api::auth))
 }
 
 /// The MCP server of one session: the tools over the shared state.
@@ -246,18 +218,6 @@ fn hint(code: &str, message: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_keys_are_read_from_the_authorization_header() {
-        let mut headers = HeaderMap::new();
-        assert_eq!(bearer(&headers), None);
-        headers.insert(header::AUTHORIZATION, "Bearer  or_abc ".parse().unwrap());
-        assert_eq!(bearer(&headers), Some("or_abc"));
-        headers.insert(header::AUTHORIZATION, "Basic abc".parse().unwrap());
-        assert_eq!(bearer(&headers), None);
-        headers.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
-        assert_eq!(bearer(&headers), None);
-    }
 
     #[test]
     fn tool_errors_say_what_to_do() {

@@ -570,13 +570,8 @@ impl OpenrunMcp {
             limit: crate::api::MAX_PAGE,
             ..Default::default()
         };
-        let tenant = who.caller.tenant.clone();
-        let rows = self
-            .state
-            .db
-            .call(move |c| crate::db::list_sandboxes(c, &tenant, &filter))
+        let rows = crate::api::list_sandboxes(&self.state, &who.caller, filter)
             .await
-            .map_err(ApiError::from)
             .or_tool()?;
         let mut sandboxes = Vec::with_capacity(rows.len());
         for row in rows {
