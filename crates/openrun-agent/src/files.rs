@@ -590,6 +590,13 @@ fn outside(path: &str) -> AgentError {
     )
 }
 
+/// Whether a recursive watch descends into the directory `fd` (`crate::watch`): not into
+/// procfs or sysfs (thousands of entries that are not files anybody edits; procfs is not
+/// served at all).
+pub(crate) fn watchable_subdir(fd: BorrowedFd<'_>) -> bool {
+    rustix::fs::fstatfs(fd).is_ok_and(|fs| !matches!(fs.f_type, PROC_SUPER_MAGIC | SYSFS_MAGIC))
+}
+
 /// Refuses a descriptor on a file system the file API does not serve: procfs for anything
 /// (`/proc/self` is the agent, pid 1: its memory map, environment, descriptors), sysfs for
 /// writes. Reads of sysfs are harmless and allowed.

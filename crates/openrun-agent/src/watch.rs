@@ -26,7 +26,7 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use openrun_protocol::{AgentError, AgentMessage, ErrorCode, FileEventKind, Frame};
-use rustix::fd::OwnedFd;
+use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
 use rustix::fs::{Dir, FileType};
 use rustix::io::Errno;
@@ -37,7 +37,7 @@ use tokio::task::JoinHandle;
 
 use crate::connection::{OutTx, Outbound};
 use crate::errors::{errno_error, errno_text, internal};
-use crate::files::{is_temp_name, open_subdir, Files};
+use crate::files::{is_temp_name, open_subdir, watchable_subdir, Files};
 
 /// Watches one connection may hold at once.
 pub(crate) const MAX_WATCHES_PER_CONNECTION: usize = 64;
@@ -524,6 +524,9 @@ impl Watches {
                 };
                 let result = files.open_dir(&parent).and_then(|dir| {
                     let sub = open_subdir(&dir, name.as_str()).map_err(|e| errno_error(e, &rel))?;
+                    if !watchable_subdir(sub.as_fd()) {
+                        return Ok(());
+                    }
                     add_tree(&fd, sub, rel.clone(), true, budget, &path, &mut added)
                 });
                 (added, result)
@@ -621,6 +624,9 @@ fn add_tree(
             let Ok(sub) = open_subdir(&dir, name) else {
                 continue;
             };
+            if !watchable_subdir(sub.as_fd()) {
+                continue;
+            }
             let child = join(&rel, &String::from_utf8_lossy(name.to_bytes()));
             pending.push_back((sub, child));
         }

@@ -23,6 +23,10 @@ fn main() {
             recursive_watches_follow_new_subdirectories,
         ),
         (
+            "recursive_watches_of_the_root_skip_proc_and_sys",
+            recursive_watches_of_the_root_skip_proc_and_sys,
+        ),
+        (
             "bad_paths_are_refused_clearly",
             bad_paths_are_refused_clearly,
         ),
@@ -198,6 +202,30 @@ fn recursive_watches_follow_new_subdirectories() {
         late.is_empty(),
         "a moved-away directory still reports: {late:?}"
     );
+}
+
+fn recursive_watches_of_the_root_skip_proc_and_sys() {
+    let agent = TestAgent::start_with(Options {
+        mount_proc: true,
+        ..Options::default()
+    });
+    let mut client = agent.client();
+    let id = watch(&mut client, "/", true);
+    std::fs::write(agent.root.join("etc/marker"), "x").unwrap();
+    events_until(&mut client, id, |e| {
+        has(e, "etc/marker", FileEventKind::Write)
+    });
+    // The host's /proc changes all the time (this very test's threads): none of it shows.
+    std::thread::sleep(Duration::from_millis(300));
+    let late = events_within(&mut client, Duration::from_millis(300));
+    for m in &late {
+        if let AgentMessage::FileEvent { name, .. } = m {
+            assert!(
+                !name.starts_with("proc/") && !name.starts_with("sys/"),
+                "a recursive watch descended into {name}"
+            );
+        }
+    }
 }
 
 fn bad_paths_are_refused_clearly() {
