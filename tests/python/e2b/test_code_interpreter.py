@@ -204,6 +204,13 @@ def test_code_interpreter_context_lifecycle(sandbox):
         sandbox.restart_code_context(created)
 
 
+def test_code_interpreter_context_in_a_missing_directory_is_refused(sandbox):
+    with pytest.raises(SandboxException) as caught:
+        sandbox.create_code_context(cwd="/no/such/dir")
+    assert not isinstance(caught.value, NotFoundException)
+    assert "400" in str(caught.value) and "/no/such/dir" in str(caught.value)
+
+
 def test_code_interpreter_unknown_context_is_not_found(sandbox):
     for context_id in ["0" * 32, "not-a-context", "../../etc"]:
         unknown = Context(context_id=context_id, language="python", cwd="/")

@@ -321,7 +321,7 @@ async fn start_kernel(
 ) -> Result<(Pid, String), ApiError> {
     let request = ExecRequest {
         argv: vec![PYTHON.into(), "-c".into(), BOOTSTRAP.into()],
-        cwd,
+        cwd: cwd.clone(),
         user: ctx.user.clone(),
         stdin: true,
         tag: Some(tag.render()),
@@ -334,6 +334,18 @@ async fn start_kernel(
                 "the code interpreter needs {PYTHON} in the sandbox, and this sandbox's image \
                  has none ({e}); use a template whose image has Python, such as \
                  code-interpreter-v1"
+            )))
+        }
+        // The agent's "no such directory": the cwd asked for (404 would read as a missing
+        // context to the SDK).
+        Err(e)
+            if cwd.is_some()
+                && matches!(e, ApiError::Agent(_))
+                && e.status_and_code().0 == StatusCode::NOT_FOUND =>
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "cannot start the context in {}: {e}",
+                cwd.unwrap_or_default()
             )))
         }
         Err(e) => return Err(e),
