@@ -381,3 +381,41 @@ async def test_stdio_starts_a_server_when_none_is_configured(openrun_bin):
     finally:
         subprocess.run(["umount", "-l", os.path.join(home, "disk-pool")], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def other_key(openrun_bin, data_dir):
+    """A key of another tenant on the live server (every key is its own tenant)."""
+    made = subprocess.run([openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "mcp-other"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return made.stdout.strip()
+
+
+async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
+    stranger = other_key(openrun_bin, data_dir)
+    async with connect("http", server_url, api_key, openrun_bin, data_dir) as owner:
+        async with sandbox(owner) as sid:
+            await call(owner, "write_file", sandbox_id=sid, path="/root/secret.txt", content="s3cret\n")
+            async with connect("stdio", server_url, stranger, openrun_bin, data_dir) as other:
+                listed = await call(other, "list_sandboxes")
+                assert sid not in [s["id"] for s in listed["sandboxes"]]
+                for tool, args in [("run_command", {"command": "true"}),
+                                   ("read_file", {"path": "/root/secret.txt"}),
+                                   ("timeline", {}), ("diff", {}), ("destroy_sandbox", {})]:
+                    message = await call_error(other, tool, sandbox_id=sid, **args)
+                    assert f"no such sandbox: {sid}" in message, (tool, message)
+                    assert "s3cret" not in message
+            # A session id is no credential: the stranger's key on the owner's session still
+            # acts as the stranger.
+            headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {api_key}"}
+            with httpx.Client(base_url=server_url, headers=headers, timeout=60) as http:
+                init = http.post("/mcp", json=INITIALIZE)
+                session = {"mcp-session-id": init.headers["mcp-session-id"],
+                           "mcp-protocol-version": PROTOCOL_VERSION}
+                http.post("/mcp", headers=session, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+                asked = http.post("/mcp", headers={**session, "Authorization": f"Bearer {stranger}"}, json={
+                    "jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                    "params": {"name": "read_file", "arguments": {"sandbox_id": sid, "path": "/root/secret.txt"}}})
+                (answer,) = [m for m in rpc_messages(asked) if "id" in m]
+                assert answer["result"]["isError"] is True, answer
+                assert "s3cret" not in json.dumps(answer)
+                http.delete("/mcp", headers=session)
