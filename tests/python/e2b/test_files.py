@@ -9,7 +9,9 @@ Run: scripts/python-tests e2b -- -k files
 import gzip
 import hashlib
 import io
+import json
 import os
+import socket
 
 import httpx
 import pytest
@@ -143,3 +145,27 @@ def test_files_raw_wire_shapes(sandbox, server_url):
         assert sandbox.commands.run("ls /tmp/raw").stdout.split() == ["a.txt", "b.txt"]
         r = envd.get("/no-such-envd-path")
         assert r.status_code == 404 and r.json()["code"] == 404
+
+
+def test_files_an_upload_announced_too_large_is_413(sandbox, server_url):
+    host, port = server_url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"POST /files?path=/tmp/huge.bin HTTP/1.1\r\nHost: {host}\r\n"
+        f"E2b-Sandbox-Id: {sandbox.sandbox_id}\r\nE2b-Sandbox-Port: 49983\r\n"
+        f"X-Access-Token: {sandbox._envd_access_token}\r\n"
+        "Content-Type: application/octet-stream\r\n"
+        f"Content-Length: {2 << 30}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(head.encode() + b"x" * 1024)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    assert b" 413 " in status, answer
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["code"] == 413 and "larger than" in body["message"]
+    assert not sandbox.files.exists("/tmp/huge.bin")

@@ -33,6 +33,9 @@ use crate::query::Query;
 /// Largest upload (all files of one request, after gzip decoding): 1 GiB.
 pub(crate) const MAX_UPLOAD: u64 = 1 << 30;
 
+/// Room for a multipart body's boundaries and part headers above [`MAX_UPLOAD`].
+const MULTIPART_SLACK: u64 = 1 << 20;
+
 /// Bytes per agent read or write (the agent's largest data frame).
 const CHUNK: usize = MAX_DATA_LEN;
 
@@ -438,6 +441,18 @@ async fn upload_inner(
 ) -> Result<Vec<WriteInfo>, ApiError> {
     let query = Query::parse(req.uri().query().unwrap_or(""))?;
     query.only(&["path", "username", "signature", "signature_expiration"])?;
+    // A body announced too large is refused before anything is written (a chunked one is
+    // counted as it comes).
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_UPLOAD + MULTIPART_SLACK) {
+        return Err(ApiError::TooLarge {
+            limit: MAX_UPLOAD as usize,
+        });
+    }
     let user = user_of(&query, ctx);
     let content_type = req
         .headers()
@@ -620,6 +635,16 @@ mod tests {
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&out[..]), &mut text)
             .unwrap();
         assert_eq!(text, "hello world");
+    }
+
+    #[test]
+    fn uploads_are_counted_against_the_limit() {
+        let mut total = 0;
+        assert!(count(&mut total, 10).is_ok());
+        total = MAX_UPLOAD - 10;
+        assert!(count(&mut total, 10).is_ok());
+        let err = count(&mut total, 1).unwrap_err();
+        assert!(matches!(err, ApiError::TooLarge { .. }), "{err}");
     }
 
     #[test]
