@@ -82,7 +82,7 @@ def test_timeout_kills_the_command(sandbox):
     assert all("sleep 8" not in " ".join(p.args) for p in sandbox.commands.list())
 
 
-def test_background_command_and_wait(sandbox):
+def test_background_command_and_wait(sandbox, v1):
     handle = sandbox.commands.run("sleep 1; echo bg-done", background=True)
     assert handle.pid > 0
     assert _args(sandbox, handle.pid) == ["/bin/bash", "-l", "-c", "sleep 1; echo bg-done"]
@@ -90,6 +90,10 @@ def test_background_command_and_wait(sandbox):
     assert result.stdout == "bg-done\n"
     assert result.exit_code == 0
     assert _args(sandbox, handle.pid) is None
+    # Forgotten once it exited, as envd does (the agent keeps no output of it).
+    time.sleep(0.5)
+    table = v1.get(f"/v1/sandboxes/{sandbox.sandbox_id}/processes").json()
+    assert handle.pid not in [p["pid"] for p in table]
 
 
 def test_list_shows_running_commands_with_their_cwd(sandbox):

@@ -18,7 +18,8 @@
 //! `"signal: killed"` for a signal, like Go's `ProcessState`), then the end of the stream.
 //! `Connect-Timeout-Ms` on `Start` is the process's lifetime (the agent kills its group when it
 //! passes); on `Connect` it only bounds the stream. A client that goes away leaves the
-//! process running.
+//! process running. Once a process started by `Start` has exited, the agent forgets it (and
+//! its output), as envd does: `Connect`, `SendSignal`… then answer `not_found`.
 
 use std::collections::BTreeMap;
 
@@ -320,33 +321,54 @@ fn line_error(code: &str, message: String) -> ConnectError {
 }
 
 /// Relays the lines of a process (`rx`) to a stream (`tx`): output as data events (`pty`
-/// for a terminal), the exit as the end event. Returns when either side is done.
+/// for a terminal), the exit as the end event. Returns once the process ended, with its pid
+/// when it exited (a `Started` line then the `Exit` line were seen); with `drain`, keeps
+/// reading (without sending) after the client went away, so that the end is still seen,
+/// else returns `None` at once then.
 async fn relay(
     mut rx: mpsc::Receiver<Line>,
     tx: mpsc::Sender<Result<EventMessage, ConnectError>>,
     pty: bool,
-) {
+    drain: bool,
+) -> Option<Pid> {
+    let mut started = None;
+    let mut client = Some(tx);
     while let Some(line) = rx.recv().await {
         let item = match line {
-            Line::Started { pid } => Ok(message(Event::Start {
-                pid: u32::try_from(pid).unwrap_or_default(),
-            })),
+            Line::Started { pid } => {
+                started = Some(pid);
+                Ok(message(Event::Start {
+                    pid: u32::try_from(pid).unwrap_or_default(),
+                }))
+            }
             Line::Stdout { data, .. } if pty => Ok(message(Event::Data(Data::Pty(data)))),
             Line::Stdout { data, .. } => Ok(message(Event::Data(Data::Stdout(data)))),
             Line::Stderr { data, .. } => Ok(message(Event::Data(Data::Stderr(data)))),
-            Line::Exit { code, signal, .. } => Ok(message(Event::End(End::new(code, signal)))),
-            Line::Error { code, message } => Err(line_error(&code, message)),
+            Line::Exit { code, signal, .. } => {
+                if let Some(tx) = client.take() {
+                    let _ = tx
+                        .send(Ok(message(Event::End(End::new(code, signal)))))
+                        .await;
+                }
+                return started;
+            }
+            Line::Error { code, message } => {
+                if let Some(tx) = client.take() {
+                    let _ = tx.send(Err(line_error(&code, message))).await;
+                }
+                return None;
+            }
         };
-        let last = !matches!(
-            item,
-            Ok(EventMessage {
-                event: Event::Start { .. } | Event::Data(_)
-            })
-        );
-        if tx.send(item).await.is_err() || last {
-            return;
+        if let Some(tx) = &client {
+            if tx.send(item).await.is_err() {
+                if !drain {
+                    return None;
+                }
+                client = None;
+            }
         }
     }
+    None
 }
 
 /// The options of a process stream: keepalive events as the client asked, and `deadline`.
@@ -421,7 +443,17 @@ async fn start(
     };
     let lines = exec::run_attached(&s, &ctx.caller, &ctx.sandbox_id, exec_request, None).await?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(relay(lines, tx, pty.is_some()));
+    let is_pty = pty.is_some();
+    tokio::spawn(async move {
+        // envd forgets a process once it has exited: so does the agent here, which would
+        // otherwise keep its output until the sandbox ends.
+        if let Some(pid) = relay(lines, tx, is_pty, true).await {
+            let released = processes::release_process(&s, &ctx.caller, &ctx.sandbox_id, pid).await;
+            if let Err(e) = released {
+                tracing::debug!(pid, error = %e, "cannot release an exited process");
+            }
+        }
+    });
     // The process's own timeout ends it (and so the stream).
     Ok(server_stream(rx, options(meta.keepalive, None)))
 }
@@ -447,7 +479,7 @@ async fn connect(
         pid: u32::try_from(pid).unwrap_or_default(),
     });
     let _ = tx.send(Ok(start)).await;
-    tokio::spawn(relay(lines, tx, info.pty));
+    tokio::spawn(relay(lines, tx, info.pty, false));
     Ok(server_stream(rx, options(meta.keepalive, meta.timeout)))
 }
 
