@@ -35,6 +35,9 @@ use crate::query::Query;
 /// own queue fills, and then it reports an overflow.
 const EVENT_BUFFER: usize = 256;
 
+/// The reason of [`WatchEvent::Ended`] when the sandbox's agent went away.
+pub(crate) const SANDBOX_STOPPED: &str = "the sandbox stopped (its agent connection closed)";
+
 /// One thing a watch reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -109,7 +112,7 @@ pub(crate) async fn watch_dir(
                 },
                 Err(e) => {
                     tracing::debug!(error = %e, watch, "a watch's agent connection ended");
-                    let reason = "the sandbox stopped (its agent connection closed)".to_string();
+                    let reason = SANDBOX_STOPPED.to_string();
                     let _ = tx.send(WatchEvent::Ended { reason }).await;
                     return;
                 }

@@ -241,3 +241,20 @@ def test_watch_v1_ndjson_stream(server_url, api_key):
             assert json.load(err.value)["code"] == code, query
     finally:
         v1(server_url, api_key, "DELETE", f"/v1/sandboxes/{sid}")
+
+
+async def test_watch_async_on_exit_gets_the_error_when_the_sandbox_is_killed(server_url):
+    sbx = await AsyncSandbox.create(template="base")
+    exited = asyncio.Event()
+    exits = []
+
+    def on_exit(error):
+        exits.append(error)
+        exited.set()
+
+    try:
+        await sbx.files.watch_dir("/tmp", on_event=lambda e: None, on_exit=on_exit)
+    finally:
+        await sbx.kill()
+    await asyncio.wait_for(exited.wait(), WAIT)
+    assert len(exits) == 1 and isinstance(exits[0], Exception), exits

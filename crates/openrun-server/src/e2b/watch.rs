@@ -36,7 +36,8 @@ use super::connect::{
 use super::filesystem::{entry_info, resolve_path, EntryInfo};
 use super::SandboxCtx;
 use crate::api::Shared;
-use crate::watch::{watch_dir as core_watch, WatchEvent};
+use crate::error::ApiError;
+use crate::watch::{watch_dir as core_watch, WatchEvent, SANDBOX_STOPPED};
 
 /// Events a polled watcher keeps between two polls.
 pub(crate) const MAX_BUFFERED: usize = 10_000;
@@ -235,6 +236,13 @@ async fn watch_dir(
                     {
                         return;
                     }
+                }
+                // The sandbox went away: an error, as a broken envd connection would be (the
+                // SDK's on_exit gets it); a removed directory ends the stream normally.
+                Err(reason) if reason == SANDBOX_STOPPED => {
+                    let gone = ApiError::NotRunning(ctx.sandbox_id.clone());
+                    let _ = tx.send(Err(gone.into())).await;
+                    return;
                 }
                 Err(reason) => {
                     tracing::debug!(sandbox = ctx.sandbox_id, reason, "a WatchDir stream ends");
