@@ -419,3 +419,19 @@ async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
                 assert answer["result"]["isError"] is True, answer
                 assert "s3cret" not in json.dumps(answer)
                 http.delete("/mcp", headers=session)
+
+
+def leaves(error):
+    """The exceptions inside (nested) exception groups."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]
+
+
+async def test_stdio_with_a_wrong_key_says_so(server_url, openrun_bin, data_dir):
+    with pytest.raises(BaseException) as refused:
+        async with connect("stdio", server_url, "or_not_a_key", openrun_bin, data_dir):
+            pass
+    errors = [e for e in leaves(refused.value) if isinstance(e, MCPError)]
+    assert errors, refused.value
+    assert "401" in errors[0].message and "unknown API key" in errors[0].message

@@ -466,13 +466,18 @@ fn process_line(p: &ProcessInfo) -> String {
             status.oom_killed,
         ),
     };
+    // A command line may be a whole script: its first line, shortened, says enough.
+    let argv = p.argv.join(" ");
+    let first = argv.lines().next().unwrap_or_default();
+    let (shown, cut) = text::bounded(first, 120);
+    let more = if cut || first.len() < argv.len() {
+        " …"
+    } else {
+        ""
+    };
     format!(
-        "pid {}  {}  stdout {} B  stderr {} B  {}",
-        p.pid,
-        state,
-        p.stdout_len,
-        p.stderr_len,
-        p.argv.join(" ")
+        "pid {}  {}  stdout {} B  stderr {} B  {shown}{more}",
+        p.pid, state, p.stdout_len, p.stderr_len
     )
 }
 
