@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 
+import httpx
 import pytest
 from e2b import InvalidArgumentException, NotFoundException, SandboxException, TimeoutException
 from e2b_code_interpreter import AsyncSandbox, Sandbox
@@ -152,6 +153,22 @@ def test_code_interpreter_error_then_context_still_works(sandbox):
 
     after = sandbox.run_code("kept")
     assert after.error is None and after.text == "still here"
+
+
+def test_code_interpreter_executions_are_in_the_timeline(sandbox, context, server_url, api_key):
+    sandbox.run_code("timeline_marker = 'seen'", context=context, envs={"SECRET_NAME": "hidden"})
+    events = httpx.get(
+        f"{server_url}/v1/sandboxes/{sandbox.sandbox_id}/events",
+        headers={"Authorization": f"Bearer {api_key}"},
+        timeout=30,
+    ).json()
+    runs = [e for e in events if e["kind"] == "code.execute"]
+    mine = [e for e in runs if e["payload"]["code"] == "timeline_marker = 'seen'"]
+    assert len(mine) == 1
+    payload = mine[0]["payload"]
+    assert payload["context_id"] == context.id and payload["language"] == "python"
+    # Names of env vars only, never their values.
+    assert payload["env"] == ["SECRET_NAME"] and "hidden" not in str(payload)
 
 
 def test_code_interpreter_execution_count_increases(sandbox, context):

@@ -83,6 +83,9 @@ const INTERRUPT_KILL: Duration = Duration::from_secs(10);
 /// How long a killed kernel may take to be reported exited.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Code longer than this is recorded in the timeline cut to this many bytes.
+const RECORDED_CODE: usize = 64 << 10;
+
 const SIGINT: i32 = 2;
 const SIGKILL: i32 = 9;
 
@@ -577,11 +580,12 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
             "Only one of context_id or language can be provided".into(),
         ));
     }
-    let (guard, pid) = match context_id {
+    let (guard, pid, tag) = match context_id {
         Some(id) => {
             let guard = lock_context(ctx, &id).await;
             let context = find_context(&s, ctx, &id).await?;
-            (guard, ensure_running(&s, ctx, &context).await?)
+            let pid = ensure_running(&s, ctx, &context).await?;
+            (guard, pid, context.tag)
         }
         None => default_kernel(&s, ctx, &language(language_asked.as_deref())?).await?,
     };
@@ -601,6 +605,7 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
     }))
     .map_err(|e| ApiError::internal("cannot encode the execution", e))?;
     request.push(b'\n');
+    record_execution(&s, ctx, &tag, &code, &env_vars).await?;
     write_stdin(&s, &ctx.caller, &ctx.sandbox_id, pid, request, false).await?;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let run = Run {
@@ -622,12 +627,36 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
         .into_response())
 }
 
+/// Records `code.execute` (context, language, the code up to [`RECORDED_CODE`] bytes, names
+/// of the env vars) before the code runs.
+async fn record_execution(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    tag: &ContextTag,
+    code: &str,
+    env_vars: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let mut end = code.len().min(RECORDED_CODE);
+    while !code.is_char_boundary(end) {
+        end -= 1;
+    }
+    let payload = serde_json::json!({
+        "context_id": tag.id,
+        "language": tag.language,
+        "code": &code[..end],
+        "code_bytes": code.len(),
+        "env": env_vars.keys().collect::<Vec<_>>(),
+    });
+    let row = crate::api::find(s, &ctx.caller, &ctx.sandbox_id).await?;
+    crate::files::record(s, &ctx.caller, &row, "code.execute", payload).await
+}
+
 /// The default context of `language` (made on first use), locked for an execution.
 async fn default_kernel(
     s: &Shared,
     ctx: &SandboxCtx,
     language: &str,
-) -> Result<(OwnedMutexGuard<()>, Pid), ApiError> {
+) -> Result<(OwnedMutexGuard<()>, Pid, ContextTag), ApiError> {
     let _creating = lock_for(format!("{}/default:{language}", ctx.sandbox_id))
         .lock_owned()
         .await;
@@ -638,7 +667,8 @@ async fn default_kernel(
     match found {
         Some(context) => {
             let guard = lock_context(ctx, &context.tag.id).await;
-            Ok((guard, ensure_running(s, ctx, &context).await?))
+            let pid = ensure_running(s, ctx, &context).await?;
+            Ok((guard, pid, context.tag))
         }
         None => {
             let tag = ContextTag {
@@ -647,7 +677,8 @@ async fn default_kernel(
                 default: true,
             };
             let guard = lock_context(ctx, &tag.id).await;
-            Ok((guard, start_kernel(s, ctx, &tag, None).await?.0))
+            let pid = start_kernel(s, ctx, &tag, None).await?.0;
+            Ok((guard, pid, tag))
         }
     }
 }
