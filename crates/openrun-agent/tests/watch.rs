@@ -39,6 +39,10 @@ fn main() {
             removing_the_directory_ends_the_watch,
         ),
         (
+            "a_reader_that_falls_behind_gets_an_overflow",
+            a_reader_that_falls_behind_gets_an_overflow,
+        ),
+        (
             "watches_per_connection_are_capped",
             watches_per_connection_are_capped,
         ),
@@ -364,4 +368,77 @@ fn watches_per_connection_are_capped() {
     // Another connection is not affected.
     let mut other = agent.client();
     watch(&mut other, "/c", false);
+}
+
+fn a_reader_that_falls_behind_gets_an_overflow() {
+    use openrun_protocol::frame::{read_frame, write_frame};
+    use openrun_protocol::{Frame, RequestEnvelope, PROTOCOL_VERSION};
+    let agent = TestAgent::start();
+    std::fs::create_dir(agent.root.join("flood")).unwrap();
+    // A raw connection that stops reading after the answer to its watch.
+    let deadline = Instant::now() + WAIT;
+    let mut stream = loop {
+        match std::os::unix::net::UnixStream::connect(&agent.socket) {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() > deadline => panic!("connect: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    for (id, request) in [
+        (
+            1,
+            Request::Hello {
+                version: PROTOCOL_VERSION,
+            },
+        ),
+        (
+            2,
+            Request::Watch {
+                path: "/flood".into(),
+                recursive: false,
+            },
+        ),
+    ] {
+        write_frame(&mut stream, &Frame::new(RequestEnvelope { id, request })).unwrap();
+    }
+    for _ in 0..2 {
+        let answer: Frame<AgentMessage> = read_frame(&mut stream).unwrap();
+        assert!(
+            matches!(answer.header, AgentMessage::Response { result: Ok(_), .. }),
+            "{:?}",
+            answer.header
+        );
+    }
+    // Far more events than the socket, the connection's queue and the watch's queue hold.
+    for i in 0..15_000 {
+        std::fs::write(agent.root.join(format!("flood/{i:05}")), "").unwrap();
+    }
+    // Meanwhile the agent serves others.
+    let mut other = agent.client();
+    other
+        .call(Request::Info)
+        .expect("the agent stays responsive");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let (mut events, mut overflow) = (0usize, false);
+    while let Ok(frame) = read_frame::<AgentMessage>(&mut stream) {
+        match frame.header {
+            AgentMessage::FileEvent {
+                kind: FileEventKind::Overflow,
+                name,
+                ..
+            } => {
+                assert!(name.is_empty());
+                overflow = true;
+            }
+            AgentMessage::FileEvent { .. } => events += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        overflow,
+        "no overflow after {events} events of 15,000 files created"
+    );
+    assert!(events < 15_000, "every event was kept: {events}");
 }
