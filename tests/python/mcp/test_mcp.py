@@ -167,6 +167,13 @@ async def test_commands_files_and_diff(transport, server_url, api_key, openrun_b
             read = await call(client, "read_file", sandbox_id=sid, path="/work/blob.bin")
             assert read["encoding"] == "base64" and read["content"] == "AAEC/w=="
 
+            await call(client, "write_file", sandbox_id=sid, path="/work/log.txt", content="a\n")
+            appended = await call(client, "write_file", sandbox_id=sid, path="/work/log.txt",
+                                  content="b\n", append=True)
+            assert appended["appended"] is True
+            read = await call(client, "read_file", sandbox_id=sid, path="/work/log.txt")
+            assert read["content"] == "a\nb\n"
+
             listing = await call(client, "list_files", sandbox_id=sid, path="/work")
             names = {e["name"] for e in listing["entries"]}
             assert {"notes.txt", "blob.bin"} <= names

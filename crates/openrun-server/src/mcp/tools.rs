@@ -257,6 +257,9 @@ pub(crate) struct WriteParams {
     /// Octal permissions of a new file, e.g. "755" for a script (default "644"; an existing
     /// file keeps its own).
     mode: Option<String>,
+    /// Add content at the end of the file instead of replacing it (default false): how to
+    /// write a file larger than one call takes (16 MiB), in parts.
+    append: Option<bool>,
 }
 
 /// Parameters of `list_files`.
@@ -1044,8 +1047,8 @@ impl OpenrunMcp {
     /// Writes a file.
     #[tool(
         description = "Write a whole file in a sandbox (created, or replaced atomically), with \
-        missing parent directories. content is text unless encoding is \"base64\". To change \
-        part of an existing file prefer edit_file.",
+        missing parent directories; append adds to its end instead. content is text unless \
+        encoding is \"base64\". To change part of an existing file prefer edit_file.",
         annotations(
             title = "Write file",
             destructive_hint = true,
@@ -1083,13 +1086,14 @@ impl OpenrunMcp {
             return Err(refuse(
                 "body_too_large",
                 format!(
-                    "the content is {} bytes; one write takes at most {MAX_DATA_LEN}: write it in \
-                     parts with run_command, or generate it inside the sandbox",
+                    "the content is {} bytes; one write takes at most {MAX_DATA_LEN}: write the \
+                     first part, then the rest with append set to true",
                     data.len()
                 ),
             ));
         }
         let bytes = data.len();
+        let append = p.append.unwrap_or(false);
         crate::files::write_file(
             &self.state,
             &who.caller,
@@ -1098,13 +1102,17 @@ impl OpenrunMcp {
             data,
             mode,
             true,
-            false,
+            append,
         )
         .await
         .or_tool()?;
         answer(
-            format!("Wrote {bytes} bytes to {}.", p.path),
-            json!({ "path": p.path, "bytes": bytes }),
+            format!(
+                "{} {bytes} bytes to {}.",
+                if append { "Appended" } else { "Wrote" },
+                p.path
+            ),
+            json!({ "path": p.path, "bytes": bytes, "appended": append }),
         )
     }
 
