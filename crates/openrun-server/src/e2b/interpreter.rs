@@ -388,8 +388,8 @@ async fn start_kernel(
             }
         };
         match line {
-            Line::Stdout { data, .. } => {
-                for message in stdout.push(&data) {
+            Line::Stdout { offset, data } => {
+                for message in stdout.push(offset, &data) {
                     if message.get("type").and_then(|t| t.as_str()) == Some("ready") {
                         let cwd = message
                             .get("cwd")
@@ -775,10 +775,10 @@ impl Run {
                     )],
                     true,
                 ),
-                Some(Line::Stdout { data, .. }) => {
+                Some(Line::Stdout { offset, data }) => {
                     let mut out = Vec::new();
                     let mut done = false;
-                    for message in buffer.push(&data) {
+                    for message in buffer.push(offset, &data) {
                         match step(message, &self.request_id) {
                             Step::Forward(bytes) => out.push(bytes),
                             Step::Skip => {}
@@ -867,8 +867,8 @@ impl Run {
             match timeout(Duration::from_millis(250), lines.recv()).await {
                 Err(_) => {}
                 Ok(None) | Ok(Some(Line::Exit { .. } | Line::Error { .. })) => return,
-                Ok(Some(Line::Stdout { data, .. })) => {
-                    for message in buffer.push(&data) {
+                Ok(Some(Line::Stdout { offset, data })) => {
+                    for message in buffer.push(offset, &data) {
                         if step(message, &self.request_id) == Step::End {
                             return;
                         }
@@ -880,27 +880,58 @@ impl Run {
     }
 }
 
-/// Splits a byte stream into JSON lines.
+/// Splits the kernel's stdout into JSON lines. A gap in the offsets (output the agent no
+/// longer had) drops the line it cut; the lines after it are whole again.
 #[derive(Debug, Default)]
 struct LineBuffer {
     pending: Vec<u8>,
+    /// Offset of the next byte expected, once a chunk was seen.
+    next: Option<u64>,
+    /// Dropping bytes up to the next newline (after a gap).
+    skipping: bool,
 }
 
 impl LineBuffer {
-    /// Adds bytes; answers the complete lines that are JSON objects.
-    fn push(&mut self, data: &[u8]) -> Vec<serde_json::Value> {
+    /// Adds the chunk at stream offset `offset`; answers the complete lines that are JSON
+    /// objects.
+    fn push(&mut self, offset: u64, data: &[u8]) -> Vec<serde_json::Value> {
+        let mut data = data;
+        if let Some(next) = self.next {
+            if offset > next {
+                tracing::warn!(lost = offset - next, "a gap in the kernel's output");
+                self.pending.clear();
+                self.skipping = true;
+            } else if offset < next {
+                // Seen already.
+                let seen = usize::try_from(next - offset).unwrap_or(usize::MAX);
+                data = data.get(seen..).unwrap_or_default();
+            }
+        }
+        self.next = Some(offset.max(self.next.unwrap_or(0)) + data.len() as u64);
+        if self.skipping {
+            match data.iter().position(|b| *b == b'\n') {
+                Some(at) => {
+                    self.skipping = false;
+                    data = &data[at + 1..];
+                }
+                None => return Vec::new(),
+            }
+        }
         self.pending.extend_from_slice(data);
         let mut messages = Vec::new();
-        while let Some(at) = self.pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = self.pending.drain(..=at).collect();
-            match serde_json::from_slice::<serde_json::Value>(&line) {
+        let mut start = 0;
+        while let Some(len) = self.pending[start..].iter().position(|b| *b == b'\n') {
+            let line = &self.pending[start..start + len];
+            start += len + 1;
+            match serde_json::from_slice::<serde_json::Value>(line) {
                 Ok(value) if value.is_object() => messages.push(value),
                 _ => tracing::debug!(
-                    line = %String::from_utf8_lossy(&line),
+                    line = %String::from_utf8_lossy(line),
                     "not a kernel message"
                 ),
             }
         }
+        self.pending.drain(..start);
         messages
     }
 }
@@ -1015,13 +1046,38 @@ mod tests {
     #[test]
     fn lines_split_across_chunks_are_joined() {
         let mut buffer = LineBuffer::default();
-        assert!(buffer.push(b"{\"a\":").is_empty());
-        let got = buffer.push(b"1}\nnot json\n{\"b\":2}\n{\"c\"");
+        let chunks: [&[u8]; 3] = [b"{\"a\":", b"1}\nnot json\n{\"b\":2}\n{\"c\"", b":3}\n"];
+        assert!(buffer.push(0, chunks[0]).is_empty());
+        let at = chunks[0].len() as u64;
+        let got = buffer.push(at, chunks[1]);
         assert_eq!(
             got,
             vec![serde_json::json!({"a": 1}), serde_json::json!({"b": 2})]
         );
-        assert_eq!(buffer.push(b":3}\n"), vec![serde_json::json!({"c": 3})]);
+        let at = at + chunks[1].len() as u64;
+        assert_eq!(
+            buffer.push(at, chunks[2]),
+            vec![serde_json::json!({"c": 3})]
+        );
+        // A chunk seen already (a resent tail) adds nothing twice.
+        let again = buffer.push(at, b":3}\n{\"d\":4}\n");
+        assert_eq!(again, vec![serde_json::json!({"d": 4})]);
+    }
+
+    #[test]
+    fn a_gap_drops_only_the_line_it_cut() {
+        let mut buffer = LineBuffer::default();
+        assert!(buffer.push(0, b"{\"a\":1").is_empty());
+        // Bytes 7..100 were lost: the rest of the cut line goes, the next line is whole.
+        let got = buffer.push(100, b"tail of something}\n{\"end\":true}\n");
+        assert_eq!(got, vec![serde_json::json!({"end": true})]);
+        let mut skipping = LineBuffer::default();
+        assert!(skipping.push(0, b"{").is_empty());
+        assert!(skipping.push(50, b"no newline yet").is_empty());
+        assert_eq!(
+            skipping.push(64, b"}\n{\"x\":1}\n"),
+            vec![serde_json::json!({"x": 1})]
+        );
     }
 
     #[test]
@@ -1074,12 +1130,15 @@ mod tests {
                 })
                 .collect()
         };
+        // stdout and stderr are read by two threads: their order between them is not fixed.
+        let mut r1 = of("r1");
+        r1[1..3].sort_by_key(|m| m["type"].to_string());
         assert_eq!(
-            of("r1"),
+            r1,
             vec![
                 serde_json::json!({"type": "number_of_executions", "execution_count": 1}),
-                serde_json::json!({"type": "stdout", "text": "sub\n"}),
                 serde_json::json!({"type": "stderr", "text": "err\n"}),
+                serde_json::json!({"type": "stdout", "text": "sub\n"}),
                 serde_json::json!({"type": "result", "is_main_result": true, "text": "42"}),
                 serde_json::json!({"type": "end_of_execution"}),
             ]
