@@ -14,8 +14,8 @@
 //!
 //! A watcher of the polling trio keeps at most [`MAX_BUFFERED`] events (later ones are
 //! dropped until the next poll), belongs to its sandbox and tenant (anyone else's id is
-//! `not_found`), and is removed by `RemoveWatcher`, [`IDLE_TIMEOUT`] after its last poll, or
-//! [`ENDED_GRACE`] after it ended by itself (its directory removed, its sandbox stopped).
+//! `not_found`), and is removed by `RemoveWatcher`, when its sandbox stops, [`IDLE_TIMEOUT`]
+//! after its last poll, or [`ENDED_GRACE`] after its directory was removed.
 //! A sandbox holds at most [`MAX_WATCHERS_PER_SANDBOX`] of them.
 
 use std::collections::{HashMap, VecDeque};
@@ -346,7 +346,7 @@ fn new_id() -> Result<String, ConnectError> {
 }
 
 /// Collects `source`'s events into `buffer` until the watch ends.
-async fn collect(mut source: Source, buffer: Arc<Mutex<Buffer>>) {
+async fn collect(id: String, mut source: Source, buffer: Arc<Mutex<Buffer>>) {
     loop {
         match source.next().await {
             Ok(event) => {
@@ -356,6 +356,12 @@ async fn collect(mut source: Source, buffer: Arc<Mutex<Buffer>>) {
                 } else {
                     b.events.push_back(event);
                 }
+            }
+            // The sandbox is gone: so is its watcher.
+            Err(reason) if reason == SANDBOX_STOPPED => {
+                let removed = lock(registry()).remove(&id);
+                drop(removed);
+                return;
             }
             Err(reason) => {
                 lock(&buffer).ended = Some((Instant::now(), reason));
@@ -392,7 +398,7 @@ async fn create_watcher(
         ended: None,
         last_poll: Instant::now(),
     }));
-    let task = tokio::spawn(collect(source, buffer.clone()));
+    let task = tokio::spawn(collect(id.clone(), source, buffer.clone()));
     let watcher = Watcher {
         sandbox_id: ctx.sandbox_id.clone(),
         tenant: ctx.caller.tenant.clone(),
