@@ -240,6 +240,8 @@ async def test_the_async_sdk_runs_commands_too():
         assert (await handle.wait()).stdout == "x\n"
         handle = await sbx.commands.run("sleep 30", background=True)
         assert await sbx.commands.kill(handle.pid) is True
+        with pytest.raises(CommandExitException):
+            await handle.wait()
         assert await sbx.commands.kill(handle.pid) is False
     finally:
         await sbx.kill()
@@ -363,6 +365,10 @@ def test_unary_errors_have_connect_codes_and_statuses(sandbox):
         sandbox, "List", b"{}", "application/json", headers={"Connect-Timeout-Ms": "soon"}
     )
     assert (bad_timeout.status_code, bad_timeout.json()["code"]) == (400, "invalid_argument")
+    bad_version = _raw(
+        sandbox, "List", b"{}", "application/json", headers={"Connect-Protocol-Version": "2"}
+    )
+    assert (bad_version.status_code, bad_version.json()["code"]) == (400, "invalid_argument")
     listed = _raw(sandbox, "List", b"", content_type="application/json; charset=utf-8")
     assert listed.status_code == 200
     assert "processes" in listed.json() or listed.json() == {}

@@ -66,7 +66,7 @@
 //! `invalid_argument` ("compression is not supported"), unknown flags, a length beyond the
 //! body, trailing bytes or text that is not the message's JSON are `invalid_argument`, a
 //! message or body above [`MAX_MESSAGE`] is `resource_exhausted`, a bad `Connect-Timeout-Ms`
-//! is `invalid_argument`.
+//! is `invalid_argument`, and so is a `Connect-Protocol-Version` other than 1.
 //!
 //! # proto3 JSON
 //!
@@ -406,8 +406,8 @@ fn media_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
-/// Refuses a request whose `Content-Type` is not `expected`, or that declares compression in
-/// `encoding_header`.
+/// Refuses a request whose `Content-Type` is not `expected`, whose `Connect-Protocol-Version`
+/// (optional) is not 1, or that declares compression in `encoding_header`.
 fn check_headers(
     headers: &HeaderMap,
     expected: &str,
@@ -420,6 +420,14 @@ fn check_headers(
         ));
         e.status = Some(StatusCode::UNSUPPORTED_MEDIA_TYPE);
         return Err(e);
+    }
+    if let Some(version) = headers.get("connect-protocol-version") {
+        if version.as_bytes() != b"1" {
+            return Err(ConnectError::invalid(format!(
+                "Connect-Protocol-Version must be 1, not {:?}",
+                String::from_utf8_lossy(version.as_bytes())
+            )));
+        }
     }
     if let Some(encoding) = headers.get(encoding_header) {
         let encoding = encoding.to_str().unwrap_or("?").trim();

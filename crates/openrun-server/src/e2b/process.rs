@@ -534,6 +534,8 @@ async fn send_signal(
         ));
     }
     let pid = select(&s, &ctx, request.process).await?;
+    // An exited process is gone for envd, even while leftovers of its group linger.
+    running(&s, &ctx, pid).await?;
     processes::signal_process(&s, &ctx.caller, &ctx.sandbox_id, pid, request.signal, true).await?;
     Ok(Reply(Empty {}))
 }
