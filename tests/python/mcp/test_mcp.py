@@ -22,7 +22,7 @@ from mcp.shared.exceptions import MCPError
 PROTOCOL_VERSION = "2025-11-25"
 TOOLS = {
     "create_sandbox", "list_sandboxes", "destroy_sandbox", "run_command", "start_process",
-    "read_process_output", "kill_process", "list_processes", "read_file", "write_file",
+    "read_process_output", "kill_process", "list_processes", "write_process_stdin", "read_file", "write_file",
     "list_files", "edit_file", "environment", "snapshot", "fork", "diff", "preview_url",
     "timeline",
 }
@@ -207,6 +207,17 @@ async def test_background_processes(server_url, api_key, openrun_bin, data_dir):
             assert exited["exit_code"] == 4
             again = await call(client, "read_process_output", sandbox_id=sid, pid=pid, stdout_since=since)
             assert again["stdout"] == "" and again["exited"]
+
+            cat = (await call(client, "start_process", sandbox_id=sid, argv=["tr", "a-z", "A-Z"], stdin=True))["pid"]
+            await call(client, "write_process_stdin", sandbox_id=sid, pid=cat, input="hello\n")
+            await call(client, "write_process_stdin", sandbox_id=sid, pid=cat, input="world\n", eof=True)
+            got = await call(client, "read_process_output", sandbox_id=sid, pid=cat, wait_seconds=10)
+            for _ in range(10):
+                if got["exited"]:
+                    break
+                got = await call(client, "read_process_output", sandbox_id=sid, pid=cat, wait_seconds=5)
+            assert got["exited"] and got["exit_code"] == 0, got
+            assert got["stdout"] == "HELLO\nWORLD\n"
 
             sleeper = (await call(client, "start_process", sandbox_id=sid, argv=["sleep", "600"]))["pid"]
             listed = await call(client, "list_processes", sandbox_id=sid)

@@ -247,6 +247,7 @@ mod tests {
             "start_process",
             "read_process_output",
             "kill_process",
+            "write_process_stdin",
             "read_file",
             "write_file",
             "list_files",

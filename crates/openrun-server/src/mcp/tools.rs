@@ -179,6 +179,24 @@ pub(crate) struct StartParams {
     /// Seconds before the process is killed (default: it runs until it ends or the sandbox
     /// does).
     timeout_seconds: Option<u64>,
+    /// Keep its standard input open for write_process_stdin (default false: stdin is
+    /// /dev/null).
+    stdin: Option<bool>,
+}
+
+/// Parameters of `write_process_stdin`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StdinParams {
+    /// Sandbox id.
+    sandbox_id: String,
+    /// Process id (started with start_process and stdin true).
+    pid: Pid,
+    /// Text to write (include the newline a line-reading program waits for).
+    input: String,
+    /// Close its standard input after writing (end of input), default false.
+    eof: Option<bool>,
 }
 
 /// Parameters of `read_process_output`.
@@ -756,6 +774,7 @@ impl OpenrunMcp {
             env: p.env.unwrap_or_default(),
             cwd: p.cwd,
             timeout_ms: timeout,
+            stdin: p.stdin.unwrap_or(false),
             tag: Some("mcp".into()),
             ..Default::default()
         };
@@ -879,6 +898,44 @@ impl OpenrunMcp {
                 "timed_out": timed_out,
                 "oom_killed": oom_killed,
             }),
+        )
+    }
+
+    /// Writes to a process's stdin.
+    #[tool(
+        description = "Write text to the standard input of a process started with start_process \
+        and stdin true (a REPL, a program asking questions); eof closes its input. Then \
+        read_process_output shows what it answered.",
+        annotations(
+            title = "Write process stdin",
+            destructive_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn write_process_stdin(
+        &self,
+        who: Who,
+        Parameters(p): Parameters<StdinParams>,
+    ) -> Answer {
+        let eof = p.eof.unwrap_or(false);
+        let bytes = p.input.len();
+        crate::processes::write_stdin(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.pid,
+            p.input.into_bytes(),
+            eof,
+        )
+        .await
+        .or_tool()?;
+        answer(
+            format!(
+                "Wrote {bytes} bytes to the stdin of pid {}{}.",
+                p.pid,
+                if eof { " and closed it" } else { "" }
+            ),
+            json!({ "pid": p.pid, "bytes": bytes, "closed": eof }),
         )
     }
 
