@@ -7,6 +7,10 @@ keys and tokens.
 Run: scripts/python-tests e2b -- -k lifecycle
 """
 
+import os
+import shutil
+import subprocess
+import tempfile
 import time
 import uuid
 from datetime import datetime, timezone
@@ -289,3 +293,75 @@ def test_lifecycle_sandbox_traffic_needs_its_token(sandbox, server_url):
     assert gone.status_code == 502
     assert "was not found" in gone.json()["message"] and gone.json()["code"] == 502
     assert gone.headers["should-retry"] == "false"
+
+
+@pytest.fixture()
+def domain_server(openrun_bin):
+    """A second `openrun serve` with a preview domain (`sbx.test`), its URL and key; every
+    sandbox of it is deleted and it is stopped afterwards. (Its data dir has a short path:
+    sandboxes' sockets live there.)"""
+    data = tempfile.mkdtemp(prefix="ore2b")
+    key = subprocess.run(
+        [openrun_bin, "--data-dir", data, "key", "create", "--name", "domain"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip().splitlines()[-1]
+    log = os.path.join(data, "serve.out")
+    with open(log, "w") as out, open(os.path.join(data, "serve.err"), "w") as err:
+        server = subprocess.Popen(
+            [openrun_bin, "--data-dir", data, "serve", "--listen", "127.0.0.1:0",
+             "--preview-domain", "sbx.test"],
+            stdout=out,
+            stderr=err,
+        )
+    url = None
+    try:
+        for _ in range(600):
+            with open(log) as f:
+                lines = [l for l in f.read().splitlines() if l.startswith("listening on ")]
+            if lines:
+                url = "http://" + lines[0].removeprefix("listening on ")
+                break
+            assert server.poll() is None, open(os.path.join(data, "serve.err")).read()
+            time.sleep(0.05)
+        assert url, "the second server did not start"
+        yield url, key
+    finally:
+        if url:
+            try:
+                with httpx.Client(
+                    base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+                ) as v1:
+                    for s in v1.get("/v1/sandboxes").json():
+                        v1.delete(f"/v1/sandboxes/{s['id']}")
+            except Exception:
+                pass
+        server.terminate()
+        server.wait(timeout=30)
+        subprocess.run(["umount", "-l", os.path.join(data, "disk-pool")], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_lifecycle_hosts_of_the_preview_domain_reach_envd(domain_server):
+    url, key = domain_server
+    sbx = Sandbox.create(api_url=url, sandbox_url=url, api_key=key)
+    info = sbx.get_info()
+    assert info.sandbox_domain == "sbx.test", "create reports the domain: get_host uses it"
+    assert sbx.get_host(8080) == f"8080-{sbx.sandbox_id}.sbx.test"
+    sbx.files.write("/tmp/by-host.txt", "host routed")
+    token = {"X-Access-Token": sbx._envd_access_token}
+    envd = {"Host": f"49983-{sbx.sandbox_id}.sbx.test", **token}
+    # No E2b-Sandbox-Id header: the Host names the sandbox and the port.
+    assert httpx.get(f"{url}/health", headers=envd).status_code == 204
+    r = httpx.get(f"{url}/files", params={"path": "/tmp/by-host.txt"}, headers=envd)
+    assert r.status_code == 200 and r.content == b"host routed"
+    assert httpx.get(f"{url}/health", headers={"Host": envd["Host"]}).status_code == 401
+    # Other ports of the same host are previews (which want a preview token), not envd.
+    other = httpx.get(f"{url}/health", headers={"Host": f"8080-{sbx.sandbox_id}.sbx.test", **token})
+    assert other.status_code == 401 and "preview token" in other.text
+    # The API host is the API.
+    assert httpx.get(f"{url}/v1/health", headers={"Host": "api.sbx.test"}).json() == {"status": "ok"}
+    sbx.kill()
+    gone = httpx.get(f"{url}/health", headers=envd)
+    assert gone.status_code == 502 and "was not found" in gone.json()["message"]
