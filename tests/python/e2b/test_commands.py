@@ -303,6 +303,29 @@ def test_raw_start_streams_envelopes_then_the_end(sandbox):
     assert envelopes[-1] == (2, {})
 
 
+def test_start_without_the_stdin_field_keeps_stdin_open_as_envd(sandbox):
+    body = _envelope(0, json.dumps({"process": {"cmd": "/bin/cat"}}).encode())
+    holder = {}
+
+    def start():
+        holder["response"] = _raw(sandbox, "Start", body)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    pid = None
+    deadline = time.monotonic() + 10
+    while pid is None and time.monotonic() < deadline:
+        pid = next((p.pid for p in sandbox.commands.list() if p.cmd == "/bin/cat"), None)
+        time.sleep(0.1)
+    assert pid is not None
+    sandbox.commands.send_stdin(pid, "kept\n")
+    sandbox.commands.close_stdin(pid)
+    thread.join(15)
+    messages = [m for _, m in _envelopes(holder["response"].content)]
+    assert {"event": {"data": {"stdout": "a2VwdAo="}}} in messages
+    assert messages[-2]["event"]["end"]["exitCode"] == 0
+
+
 @pytest.mark.parametrize(
     "body, code",
     [

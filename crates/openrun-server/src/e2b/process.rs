@@ -433,7 +433,8 @@ async fn start(
         env: config.envs,
         cwd,
         user: ctx.user.clone(),
-        stdin: request.stdin.unwrap_or(false),
+        // Absent: true, as envd (for SDKs older than the field); the SDK sends false.
+        stdin: request.stdin.unwrap_or(true),
         pty,
         timeout_ms: meta
             .timeout
