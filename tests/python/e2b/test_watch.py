@@ -258,3 +258,29 @@ async def test_watch_async_on_exit_gets_the_error_when_the_sandbox_is_killed(ser
         await sbx.kill()
     await asyncio.wait_for(exited.wait(), WAIT)
     assert len(exits) == 1 and isinstance(exits[0], Exception), exits
+
+
+def test_watch_include_entry(sandbox, workdir):
+    # The SDK asks for entries only from envd >= 0.6.3; the server reports an older envd (for
+    # features it lacks elsewhere) but serves includeEntry, so raise the SDK's view here.
+    from packaging.version import Version
+
+    files = sandbox.files
+    saved = files._envd_version
+    files._envd_version = Version("0.6.4")
+    try:
+        handle = files.watch_dir(workdir, include_entry=True)
+    finally:
+        files._envd_version = saved
+    try:
+        sandbox.files.write(f"{workdir}/e.txt", "abc")
+        events = poll_until(handle, lambda ev: seen(ev, "e.txt", FilesystemEventType.WRITE))
+        write = next(e for e in events if e.type == FilesystemEventType.WRITE)
+        assert write.entry is not None
+        assert write.entry.path == f"{workdir}/e.txt"
+        assert write.entry.size == 3
+        sandbox.files.remove(f"{workdir}/e.txt")
+        events = poll_until(handle, lambda ev: seen(ev, "e.txt", FilesystemEventType.REMOVE))
+        assert all(e.entry is None for e in events if e.type == FilesystemEventType.REMOVE)
+    finally:
+        handle.stop()
