@@ -15,7 +15,7 @@
 //!   correct its call); protocol misuse (an unknown tool or method, a malformed request) is a
 //!   JSON-RPC error.
 //! - Sessions: rmcp's in-memory session manager (`Mcp-Session-Id`), idle sessions closed after
-//!   its keep-alive. Host-header checks (rmcp's DNS-rebinding guard) are off: every request
+//!   [`SESSION_IDLE`]. Host-header checks (rmcp's DNS-rebinding guard) are off: every request
 //!   needs an API key, which a rebinding page does not have, and the server may be reached by
 //!   any name.
 
@@ -50,6 +50,11 @@ pub(crate) const PROTOCOL_VERSION: ProtocolVersion = ProtocolVersion::V_2025_11_
 /// Largest JSON-RPC message accepted (a `write_file` carries the file: 16 MiB as base64 fits).
 const MAX_MESSAGE: usize = 24 * 1024 * 1024;
 
+/// How long a session lives without a message: longer than the longest `run_command`
+/// (rmcp's default, 5 minutes, would end a session while a long command runs).
+const SESSION_IDLE: std::time::Duration =
+    std::time::Duration::from_secs(tools::MAX_TIMEOUT_SECS + 10 * 60);
+
 /// What the server tells a model about itself at `initialize`.
 const INSTRUCTIONS: &str = "openrun runs commands in isolated Linux sandboxes (own filesystem, \
 processes, network; no access to the host). Typical use: create_sandbox (image \"host\" has the \
@@ -72,7 +77,7 @@ pub(crate) fn router(state: Shared) -> Router<Shared> {
                 tools: tools.clone(),
             })
         },
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(session_manager()),
         config,
     );
     Router::new()
@@ -80,6 +85,14 @@ pub(crate) fn router(state: Shared) -> Router<Shared> {
         // As on /v1: the caller's key on the request log line, inside authentication.
         .route_layer(middleware::from_fn(crate::metrics::tag_caller))
         .route_layer(middleware::from_fn_with_state(state, crate::api::auth))
+}
+
+/// rmcp's in-memory sessions, closed after [`SESSION_IDLE`] without a message. rmcp counts a
+/// session idle while one of its tool calls runs, so the limit outlasts the longest call.
+fn session_manager() -> LocalSessionManager {
+    let mut manager = LocalSessionManager::default();
+    manager.session_config.keep_alive = Some(SESSION_IDLE);
+    manager
 }
 
 /// The MCP server of one session: the tools over the shared state.

@@ -45,7 +45,7 @@ fn answer(text: String, structured: Value) -> Answer {
 /// `run_command`'s timeout when none is given.
 const DEFAULT_TIMEOUT_SECS: u64 = 120;
 /// Longest timeout of `run_command` (longer work: `start_process`).
-const MAX_TIMEOUT_SECS: u64 = 3600;
+pub(super) const MAX_TIMEOUT_SECS: u64 = 3600;
 /// How long past its timeout `run_command` waits for the exit the agent reports.
 const EXIT_GRACE: Duration = Duration::from_secs(15);
 /// Output bytes per stream one `read_process_output` returns.
