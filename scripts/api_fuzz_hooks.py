@@ -11,3 +11,6 @@ def before_call(context, case, kwargs):
     sandbox of the run does not: fuzz the endpoint without `follow` (the tests cover it)."""
     if case.operation.path == "/v1/sandboxes/{id}/events" and isinstance(case.query, dict):
         case.query.pop("follow", None)
+    # A directory watch streams until its client leaves (or `timeout_ms` passes): bound it.
+    if case.operation.path == "/v1/sandboxes/{id}/files/watch" and isinstance(case.query, dict):
+        case.query["timeout_ms"] = "200"
