@@ -27,7 +27,7 @@ def test_list_depth_1_gives_the_entries_of_the_dir(sandbox, tree):
     assert entries["a"].path == f"{tree}/a"
     assert entries["top.txt"].type == FileType.FILE
     assert entries["link"].type == FileType.SYMLINK
-    assert entries["link"].symlink_target == "a"
+    assert entries["link"].symlink_target == f"{tree}/a"
 
 
 def test_list_depth_2_descends_one_more_level(sandbox, tree):
@@ -69,11 +69,13 @@ def test_get_info_of_a_file_and_a_dir(sandbox, tree):
     assert abs((now - info.modified_time).total_seconds()) < 120
     directory = sandbox.files.get_info(f"{tree}/a")
     assert directory.type == FileType.DIR
-    assert directory.mode == 0x80000000 | 0o750
+    # As envd: the permission bits in `mode`, the type letter in `permissions`.
+    assert directory.mode == 0o750
     assert directory.permissions == "drwxr-x---"
     link = sandbox.files.get_info(f"{tree}/link")
     assert link.type == FileType.SYMLINK
-    assert link.symlink_target == "a"
+    assert link.symlink_target == f"{tree}/a"
+    assert link.permissions.startswith("L")
     with pytest.raises(NotFoundException):
         sandbox.files.get_info(f"{tree}/missing")
 
@@ -83,6 +85,8 @@ def test_make_dir_is_true_then_false(sandbox, tree):
     assert sandbox.files.get_info(f"{tree}/new/nested/dir").type == FileType.DIR
     assert sandbox.files.make_dir(f"{tree}/new/nested/dir") is False
     assert sandbox.files.make_dir(f"{tree}/new") is False
+    with pytest.raises(InvalidArgumentException):
+        sandbox.files.make_dir(f"{tree}/top.txt")
 
 
 def test_rename_moves_and_answers_the_new_entry(sandbox, tree):
@@ -94,6 +98,13 @@ def test_rename_moves_and_answers_the_new_entry(sandbox, tree):
     assert sandbox.files.exists(f"{tree}/a/moved.txt") is True
     with pytest.raises(NotFoundException):
         sandbox.files.rename(f"{tree}/top.txt", f"{tree}/again.txt")
+    assert sandbox.files.exists(f"{tree}/again.txt") is False
+    # As envd, the destination's missing parents are made.
+    info = sandbox.files.rename(f"{tree}/a/one.txt", f"{tree}/new/dir/one.txt")
+    assert (info.path, info.size) == (f"{tree}/new/dir/one.txt", 5)
+    with pytest.raises(NotFoundException):
+        sandbox.files.rename(f"{tree}/a/one.txt", f"{tree}/other/one.txt")
+    assert sandbox.files.exists(f"{tree}/other") is False
 
 
 def test_remove_a_file_and_a_whole_dir(sandbox, tree):
@@ -102,8 +113,8 @@ def test_remove_a_file_and_a_whole_dir(sandbox, tree):
     sandbox.files.remove(f"{tree}/a")
     assert sandbox.files.exists(f"{tree}/a") is False
     assert sandbox.files.exists(f"{tree}/link") is True
-    with pytest.raises(NotFoundException):
-        sandbox.files.remove(f"{tree}/a")
+    # As envd (os.RemoveAll): nothing there is nothing to do.
+    sandbox.files.remove(f"{tree}/a")
 
 
 def test_relative_paths_are_taken_from_the_users_home(sandbox):

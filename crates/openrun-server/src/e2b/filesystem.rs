@@ -6,9 +6,9 @@
 //! |---|---|---|
 //! | `ListDir` `{"path","depth"}` | [`files::list_dir`] per directory, `depth` levels (0 = 1) | `{"entries":[EntryInfo]}` |
 //! | `Stat` `{"path"}` | [`files::stat_path`] | `{"entry":EntryInfo}` (`not_found`: `exists()` is false) |
-//! | `MakeDir` `{"path"}` | [`files::make_dir`] (parents made) | `{"entry"}`; `already_exists` when it exists |
-//! | `Move` `{"source","destination"}` | [`files::move_path`] | `{"entry"}` of the destination |
-//! | `Remove` `{"path"}` | [`files::remove_path`] (recursive) | `{}` |
+//! | `MakeDir` `{"path"}` | [`files::make_dir`] (parents made) | `{"entry"}`; `already_exists` when the directory exists, `invalid_argument` when something else does |
+//! | `Move` `{"source","destination"}` | [`files::move_path`] (the destination's parents made) | `{"entry"}` of the destination |
+//! | `Remove` `{"path"}` | [`files::remove_path`] (recursive) | `{}`, also when nothing is there (envd's `os.RemoveAll`) |
 //!
 //! Paths: a relative path (or `~`, `~/…`) is taken from the run-as user's home directory (the
 //! user of `Authorization`, else the image's, else root), as envd does; the agent would take
@@ -17,10 +17,11 @@
 //! [`files::read_file`] and kept for [`USERS_TTL`] per sandbox ([`entry_info`] and
 //! [`resolve_path`] are shared with [`super::watch`]).
 //!
-//! `EntryInfo.mode` holds Go's `os.FileMode` bits (directory `0x80000000`, symlink
-//! `0x08000000`, setuid/setgid/sticky, permissions) and `permissions` its `String()`
-//! (`drwxr-xr-x`, `Lrwxrwxrwx`). A symlink has type `FILE_TYPE_SYMLINK`, `isSymlink` and
-//! `symlinkTarget` (the link's text).
+//! As in envd (`packages/shared/pkg/filesystem/entry.go`), `EntryInfo.mode` holds the
+//! permission bits only (`FileMode.Perm()`, e.g. `0o755` for a directory) and `permissions`
+//! Go's `FileMode.String()` with its type letters (`drwxr-xr-x`, `Lrwxrwxrwx`,
+//! `dtrwxrwxrwx`). A symlink has type `FILE_TYPE_SYMLINK`, `isSymlink` and `symlinkTarget`,
+//! absolute (a relative link is taken from its directory, lexically).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
-use openrun_protocol::{ErrorCode, FileKind, FileStat};
+use openrun_protocol::{AgentError, ErrorCode, FileKind, FileStat};
 use serde::{Deserialize, Serialize};
 
 use super::connect::{pj, ConnectError, Reply, Unary};
@@ -72,9 +73,9 @@ pub(super) struct EntryInfo {
     /// Size in bytes (a decimal string, proto3's `int64`).
     #[serde(with = "pj::int64")]
     pub size: i64,
-    /// Go's `os.FileMode` bits.
+    /// Permission bits (`0o755`): envd's `os.FileMode.Perm()`.
     pub mode: u32,
-    /// Go's `os.FileMode.String()`, e.g. `-rw-r--r--`.
+    /// Go's `os.FileMode.String()`, e.g. `drwxr-xr-x`.
     pub permissions: String,
     /// Owner's name (its uid when the sandbox has no name for it).
     pub owner: String,
@@ -82,7 +83,7 @@ pub(super) struct EntryInfo {
     pub group: String,
     /// Modification time, RFC 3339.
     pub modified_time: String,
-    /// A symlink's target.
+    /// A symlink's target, absolute.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub symlink_target: Option<String>,
     /// Whether it is a symlink.
@@ -351,6 +352,13 @@ fn go_mode_string(mode: u32) -> String {
 fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
     let mode = go_mode(&stat);
     let name = path.rsplit('/').next().unwrap_or("").to_string();
+    // envd's EvalSymlinks, lexically: a relative target is taken from the link's directory.
+    let symlink_target = stat
+        .symlink_target
+        .map(|target| match target.starts_with('/') {
+            true => normalize(&target),
+            false => normalize(&format!("{}/{target}", parent(&path))),
+        });
     let (kind, is_symlink) = match stat.kind {
         FileKind::File => ("FILE_TYPE_FILE", false),
         FileKind::Dir => ("FILE_TYPE_DIRECTORY", false),
@@ -362,7 +370,7 @@ fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
         kind,
         path,
         size: i64::try_from(stat.size).unwrap_or(i64::MAX),
-        mode,
+        mode: mode & 0o777,
         permissions: go_mode_string(mode),
         owner: users
             .users
@@ -375,7 +383,7 @@ fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
             .cloned()
             .unwrap_or_else(|| stat.gid.to_string()),
         modified_time: crate::time::rfc3339(stat.modified_ms),
-        symlink_target: stat.symlink_target,
+        symlink_target,
         is_symlink,
     }
 }
@@ -389,6 +397,14 @@ pub(super) async fn entry_info(
     let stat = files::stat_path(s, &ctx.caller, &ctx.sandbox_id, path.clone()).await?;
     let users = users(s, ctx).await?;
     Ok(to_entry(stat, path, &users))
+}
+
+/// The directory of the absolute, normalized `path` (`/` for `/x`).
+fn parent(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
 }
 
 /// Joins a directory and an entry's name.
@@ -470,10 +486,17 @@ async fn make_dir(
     match files::make_dir(&s, caller, id, path.clone(), false).await {
         Ok(()) => {}
         Err(ApiError::Agent(e)) if e.code == ErrorCode::AlreadyExists => {
-            return Err(ConnectError::new(
-                super::connect::Code::AlreadyExists,
-                format!("directory {path} already exists"),
-            ))
+            let existing = files::stat_path(&s, caller, id, path.clone()).await?;
+            return Err(if existing.kind == FileKind::Dir {
+                ConnectError::new(
+                    super::connect::Code::AlreadyExists,
+                    format!("directory already exists: {path}"),
+                )
+            } else {
+                ConnectError::invalid(format!(
+                    "path already exists but it is not a directory: {path}"
+                ))
+            });
         }
         Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => {
             files::make_dir(&s, caller, id, path.clone(), true).await?;
@@ -493,14 +516,18 @@ async fn move_entry(
 ) -> Result<Reply<EntryResponse>, ConnectError> {
     let source = resolve_path(&s, &ctx, &request.source).await?;
     let destination = resolve_path(&s, &ctx, &request.destination).await?;
-    files::move_path(
-        &s,
-        &ctx.caller,
-        &ctx.sandbox_id,
-        source,
-        destination.clone(),
-    )
-    .await?;
+    let (caller, id) = (&ctx.caller, ctx.sandbox_id.as_str());
+    match files::move_path(&s, caller, id, source.clone(), destination.clone()).await {
+        Ok(()) => {}
+        // Like envd, the destination's missing parents are made (once the source is known
+        // to exist, so that a failed move leaves nothing behind).
+        Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => {
+            files::stat_path(&s, caller, id, source.clone()).await?;
+            files::make_dir(&s, caller, id, parent(&destination).to_string(), true).await?;
+            files::move_path(&s, caller, id, source, destination.clone()).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok(Reply(EntryResponse {
         entry: entry_info(&s, &ctx, destination).await?,
     }))
@@ -513,8 +540,15 @@ async fn remove(
     Unary(request): Unary<PathRequest>,
 ) -> Result<Reply<Empty>, ConnectError> {
     let path = resolve_path(&s, &ctx, &request.path).await?;
-    files::remove_path(&s, &ctx.caller, &ctx.sandbox_id, path, true).await?;
-    Ok(Reply(Empty {}))
+    match files::remove_path(&s, &ctx.caller, &ctx.sandbox_id, path, true).await {
+        // envd's os.RemoveAll: nothing there is nothing to do.
+        Ok(())
+        | Err(ApiError::Agent(AgentError {
+            code: ErrorCode::NotFound,
+            ..
+        })) => Ok(Reply(Empty {})),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]
@@ -570,6 +604,21 @@ mod tests {
         assert_eq!(users.home("user").as_deref(), Some("/home/user"));
         assert_eq!(users.home("1000").as_deref(), Some("/home/user"));
         assert_eq!(users.home("nobody"), None);
+        let dir = to_entry(stat(FileKind::Dir, 0o755), "/tmp/d".into(), &users);
+        assert_eq!((dir.mode, dir.permissions.as_str()), (0o755, "drwxr-xr-x"));
+        for (target, resolved) in [
+            ("a", "/tmp/x/a"),
+            ("../b", "/tmp/b"),
+            ("/etc//passwd", "/etc/passwd"),
+        ] {
+            let mut link = stat(FileKind::Symlink, 0o777);
+            link.symlink_target = Some(target.into());
+            let entry = to_entry(link, "/tmp/x/link".into(), &users);
+            assert_eq!(entry.symlink_target.as_deref(), Some(resolved));
+            assert!(entry.is_symlink);
+            assert_eq!(entry.permissions, "Lrwxrwxrwx");
+        }
+        assert_eq!(parent("/x"), "/");
         let unknown = to_entry(stat(FileKind::File, 0o600), "/x".into(), &Users::default());
         assert_eq!(
             (unknown.owner.as_str(), unknown.group.as_str()),
