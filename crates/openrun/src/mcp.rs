@@ -175,7 +175,13 @@ async fn start_server(data_dir: &Path) -> Result<(Child, String)> {
     let first_line = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         let mut reader = std::io::BufReader::new(stdout);
-        reader.read_line(&mut line).map(|_| line)
+        let read = reader.read_line(&mut line).map(|_| line);
+        // Anything it prints later goes to our stderr: stdout is the client's, and a closed
+        // pipe would fail the server's writes.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::stderr());
+        });
+        read
     });
     let line = match tokio::time::timeout(START_TIMEOUT, first_line).await {
         Ok(Ok(Ok(line))) => line,
