@@ -365,3 +365,62 @@ def test_lifecycle_hosts_of_the_preview_domain_reach_envd(domain_server):
     sbx.kill()
     gone = httpx.get(f"{url}/health", headers=envd)
     assert gone.status_code == 502 and "was not found" in gone.json()["message"]
+
+
+def test_lifecycle_fork_copies_files_metadata_and_envs():
+    tag = uuid.uuid4().hex
+    parent = Sandbox.create(metadata={"run": tag}, envs={"FOO": "bar"})
+    forks = []
+    try:
+        parent.files.write("/root/fork-me.txt", "state")
+        forks = parent.fork(count=2, timeout=120)
+        assert len(forks) == 2 and all(isinstance(f, Sandbox) for f in forks)
+        assert len({f.sandbox_id for f in forks} | {parent.sandbox_id}) == 3
+        for child in forks:
+            assert child.files.read("/root/fork-me.txt") == "state"
+            assert child.commands.run("echo $FOO").stdout == "bar\n"
+            info = child.get_info()
+            assert info.metadata == {"run": tag}
+            assert 100 < _seconds_left(info) <= 121
+        # They are apart: a change in one is in no other.
+        forks[0].files.write("/root/fork-me.txt", "changed")
+        assert forks[1].files.read("/root/fork-me.txt") == "state"
+        assert parent.files.read("/root/fork-me.txt") == "state"
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.fork("doesnotexist")
+    finally:
+        _killed(parent, *[f for f in forks if isinstance(f, Sandbox)])
+
+
+def test_lifecycle_snapshot_is_a_template():
+    parent = Sandbox.create()
+    child = None
+    try:
+        parent.files.write("/opt/snapped.txt", "in the image")
+        snap = parent.create_snapshot()
+        assert snap.snapshot_id and snap.names == [snap.snapshot_id]
+        child = Sandbox.create(template=snap.snapshot_id)
+        assert child.files.read("/opt/snapped.txt") == "in the image"
+        assert child.get_info().template_id == snap.snapshot_id
+        with pytest.raises(SandboxException, match="400.*memory snapshot"):
+            parent.create_snapshot(mode="full")
+    finally:
+        _killed(parent, *([child] if child else []))
+
+
+def test_lifecycle_reboot_of_a_paused_sandbox_is_refused(sandbox):
+    sandbox.connect(on_resume="reboot")  # running: a no-op, as in E2B
+    sandbox.pause()
+    with pytest.raises(SandboxException, match="400.*reboot"):
+        Sandbox.connect(sandbox.sandbox_id, on_resume="reboot")
+    assert sandbox.get_info().state == SandboxState.PAUSED
+    Sandbox.connect(sandbox.sandbox_id)
+    assert sandbox.is_running()
+
+
+def test_lifecycle_what_openrun_lacks_is_a_501_naming_it(sandbox):
+    with pytest.raises(SandboxException, match="501.*metrics.*not implemented") as err:
+        sandbox.get_metrics()
+    assert err.value.status_code == 501
+    with pytest.raises(SandboxException, match="501.*PUT /v1/sandboxes"):
+        sandbox.update_network({"deny_out": ["0.0.0.0/0"]})

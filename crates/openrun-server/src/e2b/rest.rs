@@ -11,6 +11,9 @@
 //! | `POST /sandboxes/{id}/pause` | `lifecycle::pause_sandbox` | 204; 409 already paused |
 //! | `POST /v2/sandboxes/{id}/connect` (and `/sandboxes/{id}/connect`) `{"timeout"?}` | `lifecycle::resume_sandbox`, `set_ttl` | 200 running, 201 resumed |
 //! | `POST /sandboxes/{id}/resume` (legacy) `{"timeout"?}` | the same | 201; 409 not paused |
+//! | `POST /sandboxes/{id}/fork` `{"timeout"?,"count"?}` | `images::fork_sandbox` | 201 `[{"sandbox"}]` |
+//! | `POST /sandboxes/{id}/snapshots` `{"name"?}` | `images::take_snapshot` | 201 `{"snapshotID","names"}` |
+//! | metrics, logs, `PUT .../network`, refreshes, `GET /snapshots` | none | 501 naming what to use instead |
 //!
 //! Templates: `base` and `code-interpreter-v1` run the image `host`; any other template is
 //! the openrun image of that name (404 when there is none). The template is kept in the
@@ -23,7 +26,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use openrun_runtime::Limits;
@@ -60,6 +63,15 @@ pub(super) fn routes(state: Shared) -> Router<Shared> {
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(snapshot))
+        .route("/sandboxes/metrics", get(not_implemented))
+        .route("/sandboxes/{id}/metrics", get(not_implemented))
+        .route("/sandboxes/{id}/logs", get(not_implemented))
+        .route("/v2/sandboxes/{id}/logs", get(not_implemented))
+        .route("/sandboxes/{id}/network", put(not_implemented))
+        .route("/sandboxes/{id}/refreshes", post(not_implemented))
+        .route("/snapshots", get(not_implemented))
         .route_layer(middleware::from_fn_with_state(state, auth))
         .route_layer(middleware::from_fn(super::e2b_errors))
 }
@@ -523,8 +535,8 @@ async fn pause(
 #[serde(deny_unknown_fields)]
 struct ConnectBody {
     timeout: Option<Value>,
-    /// Restore memory (`true`) or reboot from disk (`false`): a paused sandbox here keeps
-    /// its memory (its processes are frozen), so both resume the same way.
+    /// Restore memory (absent or `true`) or reboot from disk (`false`): a paused sandbox
+    /// here keeps its memory (its processes are frozen), so rebooting one is refused.
     memory: Option<bool>,
     /// Legacy resume: auto-pause is not supported.
     #[serde(rename = "autoPause")]
@@ -547,8 +559,13 @@ async fn connect_core(
     if body.auto_pause == Some(true) {
         return Err(unsupported("autoPause", "there is no auto-pause"));
     }
-    let _ = body.memory;
-    find_alive(s, caller, id).await?;
+    let row = find_alive(s, caller, id).await?;
+    if body.memory == Some(false) && row.state == "paused" {
+        return Err(unsupported(
+            "on_resume=\"reboot\" (memory: false)",
+            "a paused sandbox keeps its memory and resumes as it was; connect without it",
+        ));
+    }
     let done = crate::lifecycle::resume_sandbox(s, caller, id).await?;
     let mut row = done.row;
     if let Some(secs) = timeout {
@@ -594,6 +611,95 @@ async fn resume(
     }
     let (row, _) = connect_core(&s, &caller, &id, body).await?;
     Ok((StatusCode::CREATED, Json(CreatedSandbox::new(&s, &row))).into_response())
+}
+
+/// E2B endpoints the SDK has that openrun does not implement: 501 naming what to use.
+async fn not_implemented(uri: axum::http::Uri) -> Response {
+    let path = uri.path();
+    let instead = if path.ends_with("/network") {
+        "set the network policy with PUT /v1/sandboxes/{id}/network"
+    } else if path.ends_with("/metrics") {
+        "read the sandbox's limits with Sandbox.get_info() or GET /v1/sandboxes/{id}/environment"
+    } else if path.ends_with("/logs") {
+        "read the sandbox's timeline with GET /v1/sandboxes/{id}/events"
+    } else if path.starts_with("/snapshots") {
+        "snapshots are openrun images: openrun image ls"
+    } else {
+        "give a timeout with Sandbox.set_timeout() instead"
+    };
+    super::error(
+        StatusCode::NOT_IMPLEMENTED,
+        format!("{path} is not implemented by openrun: {instead}"),
+    )
+}
+
+/// Body of `POST /sandboxes/{id}/fork`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForkBody {
+    timeout: Option<Value>,
+    count: Option<Value>,
+}
+
+/// `POST /sandboxes/{id}/fork` `{"timeout"?, "count"?}`: `count` (default 1) new sandboxes
+/// from a snapshot of this one's files (its processes are not carried over), with its
+/// metadata, environment and limits; 201 `[{"sandbox": ...}]`. All or none are made.
+async fn fork(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<ForkBody>,
+) -> Result<Response, ApiError> {
+    let timeout = match &body.timeout {
+        None | Some(Value::Null) => DEFAULT_TIMEOUT_SECS,
+        Some(value) => timeout_secs("timeout", value)?,
+    };
+    let count = match body.count {
+        None | Some(Value::Null) => Value::from(1),
+        Some(count) => count,
+    };
+    let parent = find_alive(&s, &caller, &id).await?;
+    let mut options = serde_json::Map::new();
+    options.insert("count".into(), count);
+    options.insert("ttl".into(), format!("{timeout}s").into());
+    options.insert("labels".into(), serde_json::json!(parent.labels));
+    let made = crate::images::fork_sandbox(&s, &caller, &id, options).await?;
+    let mut answer = Vec::with_capacity(made.len());
+    for resource in made {
+        let row = find(&s, &caller, resource.id()).await?;
+        answer.push(serde_json::json!({ "sandbox": CreatedSandbox::new(&s, &row) }));
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// Body of `POST /sandboxes/{id}/snapshots`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotBody {
+    name: Option<String>,
+    /// E2B's memory snapshots (`true`): refused, openrun snapshots files only.
+    memory: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/snapshots` `{"name"?}`: snapshots the sandbox's files into an openrun
+/// image; its name is the `snapshotID`, a template `Sandbox.create` takes.
+async fn snapshot(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<SnapshotBody>,
+) -> Result<Response, ApiError> {
+    if body.memory == Some(true) {
+        return Err(unsupported(
+            "a memory snapshot (mode \"full\")",
+            "openrun snapshots a sandbox's files (mode \"filesystem\"); its processes are \
+             not kept",
+        ));
+    }
+    find_alive(&s, &caller, &id).await?;
+    let (_, snap) = crate::images::take_snapshot(&s, &caller, &id, body.name).await?;
+    let answer = serde_json::json!({ "snapshotID": snap.image, "names": [snap.image] });
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// What `GET /v2/sandboxes` asks for.
