@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -208,7 +209,9 @@ async def test_background_processes(server_url, api_key, openrun_bin, data_dir):
             again = await call(client, "read_process_output", sandbox_id=sid, pid=pid, stdout_since=since)
             assert again["stdout"] == "" and again["exited"]
 
-            cat = (await call(client, "start_process", sandbox_id=sid, argv=["tr", "a-z", "A-Z"], stdin=True))["pid"]
+            started = await call(client, "start_process", sandbox_id=sid, argv=["tr", "a-z", "A-Z"],
+                                 stdin=True)
+            cat = started["pid"]
             await call(client, "write_process_stdin", sandbox_id=sid, pid=cat, input="hello\n")
             await call(client, "write_process_stdin", sandbox_id=sid, pid=cat, input="world\n", eof=True)
             got = await call(client, "read_process_output", sandbox_id=sid, pid=cat, wait_seconds=10)
@@ -275,7 +278,8 @@ async def test_errors_a_model_can_act_on(transport, server_url, api_key, openrun
             assert "not_found" in message
             message = await call_error(client, "run_command", sandbox_id=sid)
             assert "nothing to run" in message
-            message = await call_error(client, "run_command", sandbox_id=sid, command="true", timeout_seconds=0)
+            message = await call_error(client, "run_command", sandbox_id=sid, command="true",
+                                       timeout_seconds=0)
             assert "timeout_seconds" in message
             message = await call_error(client, "read_process_output", sandbox_id=sid, pid=99999)
             assert "no_such_process" in message
@@ -429,10 +433,12 @@ async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
                 init = http.post("/mcp", json=INITIALIZE)
                 session = {"mcp-session-id": init.headers["mcp-session-id"],
                            "mcp-protocol-version": PROTOCOL_VERSION}
-                http.post("/mcp", headers=session, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+                initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+                http.post("/mcp", headers=session, json=initialized)
                 asked = http.post("/mcp", headers={**session, "Authorization": f"Bearer {stranger}"}, json={
                     "jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                    "params": {"name": "read_file", "arguments": {"sandbox_id": sid, "path": "/root/secret.txt"}}})
+                    "params": {"name": "read_file",
+                               "arguments": {"sandbox_id": sid, "path": "/root/secret.txt"}}})
                 (answer,) = [m for m in rpc_messages(asked) if "id" in m]
                 assert answer["result"]["isError"] is True, answer
                 assert "s3cret" not in json.dumps(answer)
@@ -456,7 +462,6 @@ async def test_stdio_with_a_wrong_key_says_so(server_url, openrun_bin, data_dir)
 
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
