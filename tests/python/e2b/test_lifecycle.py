@@ -245,11 +245,16 @@ def test_lifecycle_network_allowlist_maps_to_an_openrun_policy(v1):
         policy = v1.get(f"/v1/sandboxes/{sbx.sandbox_id}/network").json()
         assert policy["mode"] == "allowlist"
         assert policy["allow"] == ["example.com"]
+        info = sbx.get_info()
+        assert info.allow_internet_access is False
+        assert info.network["allow_out"] == ["example.com"]
+        assert info.network["deny_out"] == ["0.0.0.0/0"]
     finally:
         sbx.kill()
     plain = Sandbox.create()
     try:
         assert v1.get(f"/v1/sandboxes/{plain.sandbox_id}/network").json()["mode"] == "none"
+        assert plain.get_info().allow_internet_access is False
     finally:
         plain.kill()
 

@@ -467,6 +467,20 @@ async fn detail(
         "domain".into(),
         s.previews.domain().map_or(Value::Null, |d| d.into()),
     );
+    // The network policy in E2B's terms (the inverse of `network_policy`).
+    let view = s.egress.policy(&s, &row.id).await?.view();
+    let (internet, network) = match view.mode {
+        crate::egress::policy::Mode::Open => (true, serde_json::json!({})),
+        crate::egress::policy::Mode::Allowlist => (
+            false,
+            serde_json::json!({ "denyOut": ["0.0.0.0/0"], "allowOut": view.allow }),
+        ),
+        crate::egress::policy::Mode::None => {
+            (false, serde_json::json!({ "denyOut": ["0.0.0.0/0"] }))
+        }
+    };
+    detail.insert("allowInternetAccess".into(), internet.into());
+    detail.insert("network".into(), network);
     Ok(Json(Value::Object(detail)))
 }
 
