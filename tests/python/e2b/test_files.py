@@ -169,3 +169,19 @@ def test_files_an_upload_announced_too_large_is_413(sandbox, server_url):
     body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
     assert body["code"] == 413 and "larger than" in body["message"]
     assert not sandbox.files.exists("/tmp/huge.bin")
+
+
+async def test_files_async_sdk():
+    from e2b import AsyncSandbox
+
+    sbx = await AsyncSandbox.create()
+    try:
+        await sbx.files.write("async/a.txt", "from async")
+        assert await sbx.files.read("/root/async/a.txt") == "from async"
+        data = os.urandom(17 << 20)
+        await sbx.files.write("/root/async/big.bin", data)
+        assert bytes(await sbx.files.read("/root/async/big.bin", format="bytes")) == data
+        with pytest.raises(FileNotFoundException):
+            await sbx.files.read("/root/async/missing")
+    finally:
+        await sbx.kill()

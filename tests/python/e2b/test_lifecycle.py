@@ -429,3 +429,26 @@ def test_lifecycle_what_openrun_lacks_is_a_501_naming_it(sandbox):
     assert err.value.status_code == 501
     with pytest.raises(SandboxException, match="501.*PUT /v1/sandboxes"):
         sandbox.update_network({"deny_out": ["0.0.0.0/0"]})
+
+
+async def test_lifecycle_async_sdk():
+    from e2b import AsyncSandbox
+
+    tag = uuid.uuid4().hex
+    sbx = await AsyncSandbox.create(metadata={"run": tag}, timeout=120)
+    try:
+        assert await sbx.is_running()
+        info = await sbx.get_info()
+        assert info.metadata == {"run": tag} and info.state == SandboxState.RUNNING
+        listed = await AsyncSandbox.list(query=SandboxQuery(metadata={"run": tag})).next_items()
+        assert [s.sandbox_id for s in listed] == [sbx.sandbox_id]
+        await sbx.set_timeout(600)
+        assert 590 < _seconds_left(await sbx.get_info()) <= 600
+        assert await sbx.pause() is True
+        assert not await sbx.is_running()
+        again = await AsyncSandbox.connect(sbx.sandbox_id)
+        assert await again.is_running()
+    finally:
+        assert await sbx.kill() is True
+    assert not await sbx.is_running()
+    assert await sbx.kill() is False
