@@ -4,7 +4,7 @@
 //! | method and path | core call | answer |
 //! |---|---|---|
 //! | `POST /v2/sandboxes` (and the legacy `POST /sandboxes`) | `api::create_sandbox` | 201 `Sandbox` |
-//! | `GET /v2/sandboxes?metadata=&state=&template=&startedAfter=&order=&limit=&nextToken=` (legacy `GET /sandboxes`) | `db::list_sandboxes` | 200 `[ListedSandbox]`, `x-next-token` |
+//! | `GET /v2/sandboxes?metadata=&state=&template=&startedAfter=&order=&limit=&nextToken=` (legacy `GET /sandboxes`) | `api::list_sandboxes` | 200 `[ListedSandbox]`, `x-next-token` |
 //! | `GET /sandboxes/{id}` | `api::find` | 200 `SandboxDetail` |
 //! | `DELETE /sandboxes/{id}` | `api::remove` | 204 |
 //! | `POST /sandboxes/{id}/timeout` `{"timeout"}` | `lifecycle::set_ttl` | 204 |
@@ -850,10 +850,7 @@ async fn list(
         after: None,
         limit: u32::MAX,
     };
-    let tenant = caller.tenant.clone();
-    let mut rows =
-        s.db.call(move |c| db::list_sandboxes(c, &tenant, &filter))
-            .await?;
+    let mut rows = crate::api::list_sandboxes(&s, &caller, filter).await?;
     rows.retain(|row| {
         e2b_state(row).is_some_and(|state| q.states.contains(&state))
             && q.template.as_ref().is_none_or(|t| &template_of(row) == t)
