@@ -97,13 +97,14 @@ def test_background_command_and_wait(sandbox, v1):
 
 
 def test_list_shows_running_commands_with_their_cwd(sandbox):
-    handle = sandbox.commands.run("sleep 30", background=True, cwd="/tmp")
+    handle = sandbox.commands.run("sleep 30", background=True, cwd="/tmp", envs={"H2_L": "1"})
     try:
         listed = {p.pid: p for p in sandbox.commands.list()}
         assert handle.pid in listed
         assert listed[handle.pid].cmd == "/bin/bash"
         assert listed[handle.pid].args == ["-l", "-c", "sleep 30"]
         assert listed[handle.pid].cwd == "/tmp"
+        assert listed[handle.pid].envs == {"H2_L": "1"}
     finally:
         sandbox.commands.kill(handle.pid)
 
@@ -415,6 +416,16 @@ def test_connect_timeout_bounds_a_connect_stream_not_the_process(sandbox):
     assert envelopes[0][1] == {"event": {"start": {"pid": handle.pid}}}
     assert envelopes[-1][1]["error"]["code"] == "deadline_exceeded"
     assert handle.wait().stdout == "survived\n"
+
+
+def test_connect_with_replay_sends_the_output_so_far(sandbox):
+    handle = sandbox.commands.run("echo early; sleep 3", background=True)
+    time.sleep(0.5)
+    body = _envelope(0, json.dumps({"process": {"pid": handle.pid}, "replay": True}).encode())
+    response = _raw(sandbox, "Connect", body, headers={"Connect-Timeout-Ms": "1000"})
+    messages = [m for _, m in _envelopes(response.content)]
+    assert {"event": {"data": {"stdout": "ZWFybHkK"}}} in messages
+    handle.kill()
 
 
 def test_a_client_that_goes_away_leaves_the_command_running(sandbox):

@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | `Start` | server stream | [`exec::run_attached`] |
 //! | `Connect` | server stream | [`processes::process_status`] + [`processes::follow_output`] |
-//! | `List` | unary | [`processes::list_processes`] (running ones) |
+//! | `List` | unary | [`processes::list_processes`] (running ones; `envs` as `Start` got them) |
 //! | `SendSignal` | unary | [`processes::signal_process`] (to the process group) |
 //! | `SendInput`, `CloseStdin`, `StreamInput` | unary, client stream | [`processes::write_stdin`] |
 //! | `Update` | unary | [`processes::resize_terminal`] |
@@ -21,7 +21,8 @@
 //! process running. Once a process started by `Start` has exited, the agent forgets it (and
 //! its output), as envd does: `Connect`, `SendSignal`… then answer `not_found`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::response::Response;
@@ -125,11 +126,19 @@ struct Selector {
     tag: Option<String>,
 }
 
-/// A request naming one process (`Connect`, `CloseStdin`).
+/// A request naming one process (`CloseStdin`, `StreamInput`'s start).
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct ProcessRequest {
     process: Option<Selector>,
+}
+
+/// `process.ConnectRequest`: `replay` (newer envd) also sends the output kept so far.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ConnectRequest {
+    process: Option<Selector>,
+    replay: bool,
 }
 
 /// `process.SendSignalRequest`.
@@ -302,6 +311,45 @@ fn signal_name(signal: i32) -> String {
     name.to_string()
 }
 
+/// Most processes whose `envs` are kept for `List` (all are forgotten beyond: entries of
+/// processes whose end was never seen, e.g. in a killed sandbox, must not pile up).
+const MAX_REMEMBERED: usize = 10_000;
+
+/// The `envs` of the processes `Start` runs, by sandbox and pid, for `List` (the agent keeps
+/// only the names of what it was given).
+type EnvStore = Mutex<HashMap<(String, Pid), BTreeMap<String, String>>>;
+
+fn env_store() -> &'static EnvStore {
+    static STORE: OnceLock<EnvStore> = OnceLock::new();
+    STORE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Keeps the `envs` a process of `sandbox` was started with.
+fn remember_envs(sandbox: &str, pid: Pid, envs: BTreeMap<String, String>) {
+    if let Ok(mut store) = env_store().lock() {
+        if store.len() >= MAX_REMEMBERED {
+            store.clear();
+        }
+        store.insert((sandbox.to_string(), pid), envs);
+    }
+}
+
+/// Forgets them once the process has exited.
+fn forget_envs(sandbox: &str, pid: Pid) {
+    if let Ok(mut store) = env_store().lock() {
+        store.remove(&(sandbox.to_string(), pid));
+    }
+}
+
+/// The `envs` a process of `sandbox` was started with (empty when unknown).
+fn remembered_envs(sandbox: &str, pid: Pid) -> BTreeMap<String, String> {
+    env_store()
+        .lock()
+        .ok()
+        .and_then(|store| store.get(&(sandbox.to_string(), pid)).cloned())
+        .unwrap_or_default()
+}
+
 /// The message of an event.
 fn message(event: Event) -> EventMessage {
     EventMessage { event }
@@ -321,7 +369,7 @@ fn line_error(code: &str, message: String) -> ConnectError {
 }
 
 /// Relays the lines of a process (`rx`) to a stream (`tx`): output as data events (`pty`
-/// for a terminal), the exit as the end event. Returns once the process ended, with its pid
+/// for a terminal), the exit as the end event; `on_start` gets the pid when it starts. Returns once the process ended, with its pid
 /// when it exited (a `Started` line then the `Exit` line were seen); with `drain`, keeps
 /// reading (without sending) after the client went away, so that the end is still seen,
 /// else returns `None` at once then.
@@ -330,13 +378,18 @@ async fn relay(
     tx: mpsc::Sender<Result<EventMessage, ConnectError>>,
     pty: bool,
     drain: bool,
+    on_start: impl FnOnce(Pid),
 ) -> Option<Pid> {
     let mut started = None;
     let mut client = Some(tx);
+    let mut on_start = Some(on_start);
     while let Some(line) = rx.recv().await {
         let item = match line {
             Line::Started { pid } => {
                 started = Some(pid);
+                if let Some(f) = on_start.take() {
+                    f(pid);
+                }
                 Ok(message(Event::Start {
                     pid: u32::try_from(pid).unwrap_or_default(),
                 }))
@@ -428,6 +481,7 @@ async fn start(
     };
     let mut argv = vec![config.cmd];
     argv.extend(config.args);
+    let envs = config.envs.clone();
     let exec_request = ExecRequest {
         argv,
         env: config.envs,
@@ -448,7 +502,10 @@ async fn start(
     tokio::spawn(async move {
         // envd forgets a process once it has exited: so does the agent here, which would
         // otherwise keep its output until the sandbox ends.
-        if let Some(pid) = relay(lines, tx, is_pty, true).await {
+        let remember = |pid| remember_envs(&ctx.sandbox_id, pid, envs);
+        let exited = relay(lines, tx, is_pty, true, remember).await;
+        if let Some(pid) = exited {
+            forget_envs(&ctx.sandbox_id, pid);
             let released = processes::release_process(&s, &ctx.caller, &ctx.sandbox_id, pid).await;
             if let Err(e) = released {
                 tracing::debug!(pid, error = %e, "cannot release an exited process");
@@ -463,15 +520,16 @@ async fn start(
 async fn connect(
     State(s): State<Shared>,
     Extension(ctx): Extension<SandboxCtx>,
-    request: Streaming<ProcessRequest>,
+    request: Streaming<ConnectRequest>,
 ) -> Result<Response, StreamError> {
     let meta = request.meta;
+    let replay = request.message.replay;
     let pid = select(&s, &ctx, request.message.process).await?;
     let info = running(&s, &ctx, pid).await?;
     let attach = AttachRequest {
         pid,
-        stdout_since: info.stdout_len,
-        stderr_since: info.stderr_len,
+        stdout_since: if replay { 0 } else { info.stdout_len },
+        stderr_since: if replay { 0 } else { info.stderr_len },
         follow: true,
     };
     let lines = processes::follow_output(&s, &ctx.caller, &ctx.sandbox_id, attach).await?;
@@ -480,7 +538,7 @@ async fn connect(
         pid: u32::try_from(pid).unwrap_or_default(),
     });
     let _ = tx.send(Ok(start)).await;
-    tokio::spawn(relay(lines, tx, info.pty, false));
+    tokio::spawn(relay(lines, tx, info.pty, false, |_| {}));
     Ok(server_stream(rx, options(meta.keepalive, meta.timeout)))
 }
 
@@ -513,7 +571,7 @@ async fn list(
                 config: ProcessConfig {
                     cmd: argv.next().unwrap_or_default(),
                     args: argv.collect(),
-                    envs: BTreeMap::new(),
+                    envs: remembered_envs(&ctx.sandbox_id, p.pid),
                     cwd: Some(p.cwd),
                 },
             }
