@@ -16,14 +16,18 @@ mod terminal;
 fn main() {
     let cli = cli::Cli::parse_checked();
     // Warnings only, unless OPENRUN_LOG asks for more (e.g. OPENRUN_LOG=debug).
+    // Colours only for a terminal: logs of `openrun serve` or `openrun mcp` often go to files.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     match tracing_subscriber::EnvFilter::try_from_env("OPENRUN_LOG") {
         Ok(filter) => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(ansi)
             .init(),
         Err(_) => tracing_subscriber::fmt()
             .with_max_level(tracing::Level::WARN)
             .with_writer(std::io::stderr)
+            .with_ansi(ansi)
             .init(),
     }
     let code = match commands::dispatch(cli) {
