@@ -112,6 +112,7 @@ async def test_async_snapshot_fork_diff_events(asbx: AsyncSandbox) -> None:
     finally:
         for fork in forks:
             assert await fork.kill()
+            await fork.close()
     snap = await asbx.snapshot()
     assert snap.image.startswith("snap-")
     kinds = [e.kind async for e in asbx.events()]
@@ -138,8 +139,13 @@ async def test_async_lifecycle_and_errors(asbx: AsyncSandbox, client_args: dict,
 
 
 async def test_async_calls_run_concurrently(asbx: AsyncSandbox) -> None:
-    results = await asyncio.gather(*(asbx.run(f"echo {i}") for i in range(4)))
-    assert [r.stdout for r in results] == [f"{i}\n" for i in range(4)]
+    # Each command waits for a file the other makes: they can only both finish (before their
+    # timeout) if they run at the same time.
+    def cmd(me: int, other: int) -> str:
+        return f"touch /tmp/c{me}; while [ ! -e /tmp/c{other} ]; do sleep 0.05; done; echo {me}"
+
+    results = await asyncio.gather(asbx.run(cmd(0, 1), timeout=30), asbx.run(cmd(1, 0), timeout=30))
+    assert [(r.stdout, r.timed_out) for r in results] == [("0\n", False), ("1\n", False)]
 
 
 async def test_async_run_feeds_stdin(asbx: AsyncSandbox) -> None:
@@ -150,12 +156,47 @@ async def test_async_run_feeds_stdin(asbx: AsyncSandbox) -> None:
 
 async def test_async_watch(asbx: AsyncSandbox) -> None:
     await asbx.files.mkdir("/root/aw")
-    writer = await asbx.start("while [ -d /root/aw ]; do touch /root/aw/f || true; sleep 0.05; done")
+    writer = await asbx.start("while true; do touch /root/aw/f; sleep 0.05; done")
     kinds = []
     async for change in asbx.files.watch("/root/aw"):
         kinds.append(change.kind)
         if len(kinds) == 1:
             assert change.path == "/root/aw/f"
+            # The writer stops before the directory goes (else the removal may race it).
+            await writer.kill()
+            assert (await writer.wait(timeout=30)).signal == signal.SIGKILL
             await asbx.files.remove("/root/aw", recursive=True)
     assert "remove" in kinds
-    assert (await writer.wait(timeout=30)).exit_code == 0
+
+
+async def test_async_sandbox_killed_mid_run(client_args: dict) -> None:
+    sandbox = await AsyncSandbox.create(**client_args)
+    try:
+
+        async def kill(_: str) -> None:
+            await sandbox.kill()
+
+        with pytest.raises(openrun.SandboxLostError) as caught:
+            await sandbox.run("echo up; sleep 60", on_stdout=kill)
+        assert isinstance(caught.value, openrun.SandboxNotRunningError)
+    finally:
+        await sandbox.kill()
+        await sandbox.close()
+    with pytest.raises(openrun.ClientClosedError):
+        await sandbox.run("true")
+
+
+async def test_async_bad_inputs_are_typed(asbx: AsyncSandbox) -> None:
+    with pytest.raises(openrun.InvalidArgumentError):
+        await asbx.run(None)  # type: ignore[arg-type]
+    with pytest.raises(openrun.InvalidArgumentError):
+        await asbx.run("cat", stdin=123)  # type: ignore[arg-type]
+    proc = await asbx.start("cat", stdin=True)
+    with pytest.raises(openrun.InvalidArgumentError):
+        await proc.send_stdin(5)  # type: ignore[arg-type]
+    await proc.send_stdin(bytearray(b"ok"))
+    await proc.close_stdin()
+    assert (await proc.wait(timeout=30)).stdout == "ok"
+    assert (await asbx.run("cat", stdin=memoryview(b"view"))).stdout == "view"
+    with pytest.raises(openrun.InvalidArgumentError):
+        await asbx.files.write("/root/x", "x", mode="644")  # type: ignore[arg-type]

@@ -183,3 +183,37 @@ def test_run_feeds_stdin(sbx: Sandbox) -> None:
     assert (result.exit_code, result.stdout, result.stderr) == (2, "SHOUT\n", "err\n")
     assert sbx.run(["wc", "-c"], stdin=bytes(1000)).stdout.strip() == "1000"
     assert sbx.run("cat", stdin="").stdout == ""
+
+
+def test_stdin_takes_any_bytes_like(sbx: Sandbox) -> None:
+    # bytearray and memoryview are bytes too: they were dropped (stdin stayed /dev/null).
+    assert sbx.run("cat", stdin=bytearray(b"from a bytearray")).stdout == "from a bytearray"
+    assert sbx.run("cat", stdin=memoryview(b"from a view")).stdout == "from a view"
+    proc = sbx.start(["wc", "-c"], stdin=bytearray(b"123"))
+    assert proc.wait(timeout=30).stdout.strip() == "3"
+
+
+def test_send_stdin_refuses_what_is_not_text_or_bytes(sbx: Sandbox) -> None:
+    proc = sbx.start("cat", stdin=True)
+    with pytest.raises(openrun.InvalidArgumentError):
+        proc.send_stdin(5)  # type: ignore[arg-type]  # was bytes(5): five NULs
+    proc.send_stdin(bytearray(b"ok"))
+    proc.close_stdin()
+    result = proc.wait(timeout=30)
+    assert result.stdout_bytes == b"ok", "nothing but the valid input reached the process"
+
+
+def test_wait_timeout_is_a_total_deadline(sbx: Sandbox) -> None:
+    # Output arrives just before the deadline, then nothing: with a per-read timeout the wait
+    # would last about twice the timeout (the read after that output waits a whole timeout).
+    proc = sbx.start("sleep 1; echo late; sleep 300")
+    started = time.monotonic()
+    with pytest.raises(openrun.TimeoutError):
+        proc.wait(timeout=1.5)
+    elapsed = time.monotonic() - started
+    assert elapsed < 2.2, f"wait(timeout=1.5) took {elapsed:.2f} s"
+    assert proc.stdout_offset == len("late\n"), "the output before the deadline was read"
+    proc.kill()
+    # A process that ends before the deadline is waited for across the reopened streams.
+    quick = sbx.start("for i in 1 2 3 4 5; do echo $i; sleep 0.2; done")
+    assert quick.wait(timeout=30).stdout == "1\n2\n3\n4\n5\n"

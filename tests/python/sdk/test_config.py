@@ -91,3 +91,27 @@ def test_configuration_errors(clean_env: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("OPENRUN_CONFIG", str(clean_env / "bad.json"))
     with pytest.raises(openrun.ConfigurationError, match="invalid config file"):
         resolve(server="http://127.0.0.1:1")
+
+
+def test_the_local_server_gets_only_its_own_key(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, server_url: str, api_key: str
+) -> None:
+    # No server named anywhere: the local.json fallback. A key meant for some other server
+    # ($OPENRUN_API_KEY, or a config file's key) is never sent to whatever listens locally.
+    local = clean_env / "data" / "local.json"
+    local.write_text(json.dumps({"server": server_url, "api_key": api_key}))
+    monkeypatch.setenv("OPENRUN_API_KEY", "or_meant_for_another_server")
+    config = clean_env / "cfg.json"
+    config.write_text(json.dumps({"api_key": "or_from_the_config_file"}))
+    monkeypatch.setenv("OPENRUN_CONFIG", str(config))
+    target = resolve()
+    assert (target.url, target.api_key) == (server_url, api_key)
+    assert isinstance(Sandbox.list(), list)
+    # An explicit key is the caller's choice, and a named server gets the usual keys.
+    assert resolve(api_key="or_explicit").api_key == "or_explicit"
+    monkeypatch.setenv("OPENRUN_SERVER", server_url)
+    assert resolve().api_key == "or_meant_for_another_server"
+    # Without local.json's key, the fallback sends none.
+    monkeypatch.delenv("OPENRUN_SERVER")
+    local.write_text(json.dumps({"server": server_url}))
+    assert resolve().api_key is None

@@ -107,22 +107,23 @@ def test_a_file_over_16_mib_goes_through(sbx: Sandbox) -> None:
 
 def test_watch_reports_changes_and_ends_with_the_directory(sbx: Sandbox) -> None:
     sbx.files.mkdir("/root/w/sub")
-    # The writer keeps making files until the directory is gone, so the first change arrives
-    # whenever the watch is in place: no assumption about when that is.
-    writer = sbx.start(
-        "i=0; while [ -d /root/w ]; do i=$((i+1)); echo x > /root/w/sub/f$i || true; sleep 0.05; done"
-    )
+    # The writer keeps making files until it is stopped, so the first change arrives whenever
+    # the watch is in place: no assumption about when that is.
+    writer = sbx.start("i=0; while true; do i=$((i+1)); echo x > /root/w/sub/f$i; sleep 0.05; done")
     seen = []
     for change in sbx.files.watch("/root/w", recursive=True):
         seen.append(change)
         if len(seen) == 1:
+            # The writer stops before the directory goes (a file it makes meanwhile would
+            # make the recursive removal fail with directory_not_empty).
+            writer.kill()
+            assert writer.wait(timeout=30).signal == 9
             sbx.files.remove("/root/w", recursive=True)
     # The loop ended by itself: the watched directory was removed.
     first = seen[0]
     assert first.name.startswith("sub/f") and first.kind in ("create", "write")
     assert first.path == "/root/w/" + first.name
     assert any(c.kind == "remove" for c in seen)
-    assert writer.wait(timeout=30).exit_code == 0
 
 
 def test_watch_refuses_what_is_not_a_directory(sbx: Sandbox) -> None:
@@ -132,3 +133,54 @@ def test_watch_refuses_what_is_not_a_directory(sbx: Sandbox) -> None:
     with pytest.raises(openrun.InvalidArgumentError) as caught:
         next(iter(sbx.files.watch("/root/file")))
     assert caught.value.code == "not_a_directory"
+
+
+def test_upload_a_directory_with_hard_links(sbx: Sandbox, tmp_path) -> None:
+    # tarfile writes a second name of an inode as a hard-link entry, which the server refuses:
+    # each name goes as a file of its own.
+    src = tmp_path / "linked"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("shared\n")
+    os.link(src / "a.txt", src / "sub" / "b.txt")
+    os.link(src / "a.txt", src / "c.txt")
+    result = sbx.files.upload_dir(str(src), "/root/linked")
+    assert result.files == 3
+    for name in ("a.txt", "sub/b.txt", "c.txt"):
+        assert sbx.files.read_text(f"/root/linked/{name}") == "shared\n"
+        assert sbx.files.stat(f"/root/linked/{name}").is_file
+
+
+def test_a_large_write_keeps_the_mode_and_honours_parents(sbx: Sandbox) -> None:
+    data = b"\x01" * (17 << 20)
+    sbx.files.write("/root/tool.bin", "small", mode=0o751)
+    # Over 16 MiB (the tar path), without mode: the existing file keeps its mode, as a
+    # plain write keeps it.
+    sbx.files.write("/root/tool.bin", data)
+    info = sbx.files.stat("/root/tool.bin")
+    assert (info.size, info.mode & 0o7777) == (len(data), 0o751)
+    sbx.files.write("/root/tool.bin", data, mode=0o600)
+    assert sbx.files.stat("/root/tool.bin").mode & 0o7777 == 0o600
+    sbx.files.write("/root/fresh.bin", data)
+    assert sbx.files.stat("/root/fresh.bin").mode & 0o7777 == 0o644
+    # parents=False: a missing directory is an error, as for a small write, and nothing is made.
+    with pytest.raises(openrun.NotFoundError) as caught:
+        sbx.files.write("/root/no-dir/big.bin", data, parents=False)
+    assert "/root/no-dir" in caught.value.message
+    assert not sbx.files.exists("/root/no-dir")
+    sbx.files.mkdir("/root/big-dir")
+    sbx.files.write("/root/big-dir/big.bin", data, parents=False)
+    assert sbx.files.stat("/root/big-dir/big.bin").size == len(data)
+
+
+def test_writes_over_the_tar_limit_are_refused_before_sending(
+    sbx: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import openrun._ops as ops
+
+    # The server extracts at most 256 MiB of tar; the limit is lowered here so the test does
+    # not hold 256 MiB: the client refuses what the server would cut off mid-upload.
+    monkeypatch.setattr(ops, "MAX_TAR_UPLOAD", 17 << 20)
+    with pytest.raises(openrun.TooLargeError) as caught:
+        sbx.files.write("/root/huge.bin", b"x" * (17 << 20))
+    assert "MiB" in caught.value.message
+    assert not sbx.files.exists("/root/huge.bin")

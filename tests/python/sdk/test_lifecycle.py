@@ -133,3 +133,134 @@ def test_preview_url_carries_a_token_for_the_port(sbx: Sandbox) -> None:
     )
     with pytest.raises(openrun.InvalidArgumentError):
         sbx.preview(0)
+
+
+def test_create_outlives_a_short_request_timeout(client_args: dict, cleanup: list, label: dict) -> None:
+    # The server finishes a create whose client left: a read timeout on it would leave a
+    # sandbox without a handle. The create waits for its answer; the timeout bounds the rest.
+    sandbox = Sandbox.create(labels=label, request_timeout=0.002, **client_args)
+    cleanup.append(Sandbox.connect(sandbox.id, **client_args))
+    assert [s.id for s in Sandbox.list(labels=label, **client_args)] == [sandbox.id]
+    forks = sandbox.fork(1, labels=label)
+    cleanup.extend(Sandbox.connect(f.id, **client_args) for f in forks)
+    assert len(Sandbox.list(labels=label, **client_args)) == 2
+    for handle in [sandbox, *forks]:
+        handle.close()
+
+
+async def test_a_cancelled_create_leaves_no_sandbox(client_args: dict, label: dict) -> None:
+    import asyncio
+
+    # Cancelled after the request went out (the server goes on with it): the sandbox the
+    # server makes is found by the request's label and deleted before the cancellation ends.
+    for delay in (0.005, 0.015, 0.03):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(openrun.AsyncSandbox.create(labels=label, **client_args), delay)
+    await asyncio.sleep(1.0)  # any create still running would have finished by now
+    left = Sandbox.list(labels=label, **client_args)
+    assert left == [], f"sandboxes left by cancelled creates: {[s.id for s in left]}"
+
+
+def test_the_request_label_is_hidden(sbx: Sandbox, label: dict) -> None:
+    from openrun.models import REQUEST_LABEL
+
+    info = sbx.info()
+    assert info.labels == label
+    assert REQUEST_LABEL in info.raw["labels"]
+
+
+def test_reprs_do_not_show_secrets(client_args: dict, cleanup: list) -> None:
+    sandbox = Sandbox.create(env={"API_TOKEN": "s3cr3t-value"}, **client_args)
+    cleanup.append(sandbox)
+    info = sandbox.info()
+    assert info.env == {"API_TOKEN": "s3cr3t-value"}
+    assert "s3cr3t-value" not in repr(info) and "API_TOKEN" in repr(info)
+    assert "s3cr3t-value" not in repr(Sandbox.list(**client_args))
+    token = sandbox.preview(8000)
+    for secret in (token.token, token.path_url):
+        assert secret and secret not in repr(token)
+    assert "openrun_token=" not in repr(token)
+
+
+def test_a_policy_with_secrets_is_not_sent_back_without_them(sbx: Sandbox) -> None:
+    sbx.network.set(
+        mode="allowlist",
+        allow=["api.github.com"],
+        secrets=[{"name": "GH", "value": "s3cr3t", "hosts": ["api.github.com"]}],
+    )
+    current = sbx.network.get()
+    assert [s.name for s in current.secrets] == ["GH"]
+    # The values never come back: sending it as it is would drop the secret silently.
+    with pytest.raises(openrun.InvalidArgumentError) as caught:
+        sbx.network.set(current, allow=["api.github.com", "pypi.org"])
+    assert "GH" in caught.value.message
+    assert sbx.network.get() == current, "nothing changed"
+    dropped = sbx.network.set(current, secrets=[])
+    assert dropped.secrets == [] and dropped.allow == ["api.github.com"]
+    with pytest.raises(openrun.InvalidArgumentError):
+        Sandbox.create(network=current, server=sbx.server, api_key="or_unused")
+
+
+def test_list_takes_a_request_timeout(client_args: dict, sbx: Sandbox, label: dict) -> None:
+    import socket
+    import time
+
+    assert [s.id for s in Sandbox.list(labels=label, request_timeout=30, **client_args)] == [sbx.id]
+    # A listener that never answers: the list gives up after its request_timeout.
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        started = time.monotonic()
+        with pytest.raises(openrun.TimeoutError):
+            Sandbox.list(
+                request_timeout=0.5,
+                server=f"http://127.0.0.1:{mute.getsockname()[1]}",
+                api_key="or_unused",
+            )
+        assert time.monotonic() - started < 10
+
+
+def test_forks_share_the_connection_pool_until_the_last_closes(sbx: Sandbox, client_args: dict) -> None:
+    parent = Sandbox.connect(sbx.id, **client_args)
+    forks = parent.fork(2)
+    try:
+        transport = parent._transport
+        assert all(f._transport is transport for f in forks)
+        parent.close()
+        forks[0].close()
+        assert not transport.client.is_closed, "a fork still uses it"
+        assert forks[1].run("echo alive").stdout == "alive\n"
+        with pytest.raises(openrun.ClientClosedError):
+            forks[0].run("true")
+    finally:
+        for fork in forks:
+            Sandbox.connect(fork.id, **client_args).kill()
+            fork.close()
+    assert transport.client.is_closed
+
+
+def test_the_handle_count_is_thread_safe(client_args: dict) -> None:
+    import threading
+
+    from openrun._config import Target
+    from openrun._transport import SyncTransport
+
+    transport = SyncTransport(Target(client_args["server"], client_args["api_key"]))
+    barrier = threading.Barrier(8)
+
+    def churn() -> None:
+        barrier.wait()
+        for _ in range(2000):
+            transport.retain()
+            assert not transport.closed
+            transport.retain()
+            transport.release()
+
+    transport.retain()  # one user throughout: the pool must stay open
+    threads = [threading.Thread(target=churn) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert transport._users == 1 + 8 * 2000 and not transport.client.is_closed
+    transport.close()

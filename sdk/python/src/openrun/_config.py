@@ -11,6 +11,12 @@ The key: ``api_key=``, else ``$OPENRUN_API_KEY``, else the config file's ``api_k
 server is the config file's (or the file names none), else, for a loopback server only, the
 key in ``local.json`` when that file names a loopback address on the same port. A key is never
 sent to a server it was not configured for.
+
+When the server itself comes from ``local.json`` (nothing named one), the key is ``api_key=``
+if given, else ``local.json``'s only: ``$OPENRUN_API_KEY`` and the config file's key were
+configured for some other server (the one the caller forgot to name), so they are never sent
+to whatever listens on the local address. (The CLI has no such fallback: without a server it
+works on the local data dir directly; ``crates/openrun/src/remote/config.rs``.)
 """
 
 from __future__ import annotations
@@ -167,7 +173,7 @@ def resolve(
     configured address or file is invalid.
     """
     server = _nonempty(server) or _env("OPENRUN_SERVER")
-    api_key = _nonempty(api_key) or _env("OPENRUN_API_KEY")
+    explicit_key = _nonempty(api_key)
     data_dir = data_dir or _env("OPENRUN_DATA_DIR") or DEFAULT_DATA_DIR
     found = config_path()
     file = _read_json(*found) if found else {}
@@ -185,7 +191,9 @@ def resolve(
                 "no openrun server configured: pass server=, set OPENRUN_SERVER, write "
                 "~/.config/openrun/config.json, or start `openrun serve` on loopback"
             )
-        url = local_url
+        # The local server's own key only (see the module's documentation).
+        return Target(url=local_url, api_key=explicit_key or _local_key(local_url, local))
+    api_key = explicit_key or _env("OPENRUN_API_KEY")
     if api_key is None:
         file_key = file.get("api_key")
         if isinstance(file_key, str) and file_key.strip() and (file_server is None or file_server == url):

@@ -11,17 +11,34 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import io
+import math
+import operator
 import os
 import posixpath
+import signal as _signal
 import stat as _stat
 import tarfile
+import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Generic, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Generator,
+    Generic,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+    Union,
+)
 from urllib.parse import quote
 
 import httpx
 
-from .errors import InvalidArgumentError, OpenrunError, error_from_code
+from .errors import InvalidArgumentError, NotFoundError, OpenrunError, TooLargeError, error_from_code
 from .models import (
     Diff,
     Environment,
@@ -31,6 +48,7 @@ from .models import (
     FileChange,
     FileInfo,
     NetworkPolicy,
+    REQUEST_LABEL,
     PreviewToken,
     ProcessInfo,
     SandboxInfo,
@@ -52,6 +70,11 @@ Command = Union[str, Sequence[str]]
 
 #: Largest body of one file write (the server's 16 MiB); bigger writes go as a tar archive.
 MAX_FILE_WRITE = 16 << 20
+#: Largest tar archive the server extracts (``MAX_UPLOAD`` of ``crates/openrun-server/src/archive.rs``):
+#: the limit of ``files.upload_dir`` and of one ``files.write`` over :data:`MAX_FILE_WRITE`.
+MAX_TAR_UPLOAD = 256 << 20
+#: Bytes sent as they are: one buffer, or chunks (not copied into one).
+Content = Union[bytes, List[bytes]]
 
 
 @dataclass
@@ -62,11 +85,23 @@ class Call(Generic[T]):
     path: str
     params: Optional[List[Tuple[str, str]]] = None
     json: Any = None
-    content: Optional[bytes] = None
+    content: Optional[Content] = None
     headers: Dict[str, str] = field(default_factory=dict)
     parse: Callable[[httpx.Response], T] = field(default=lambda r: None)  # type: ignore[assignment]
     stream: bool = False
     """An NDJSON stream: the transport yields its lines as parsed JSON."""
+    expected: int = 1
+    """How many sandboxes a create or fork makes (for :func:`abandoned`)."""
+    no_read_timeout: bool = False
+    """Wait for the answer however long it takes (creates and forks, which the server finishes
+    even when the client leaves): ``request_timeout`` then bounds connecting only."""
+    request_label: Optional[str] = None
+    """The value of :data:`REQUEST_LABEL` this request gives the sandboxes it makes."""
+
+
+#: A multi-step operation: yields the calls to send, gets each one's result back (or its
+#: error thrown in), returns the result. Driven by the sync and the async client alike.
+Plan = Generator[Call[Any], Any, T]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,18 +109,72 @@ class Call(Generic[T]):
 
 
 def duration(value: Optional[Duration], name: str) -> Optional[str]:
-    """A duration as the server takes it: numbers are seconds, sent as whole milliseconds."""
+    """A duration as the server takes it: numbers are seconds, sent as whole milliseconds
+    (``nan``, infinities and negative numbers are refused here)."""
     if value is None:
         return None
+    bad = InvalidArgumentError(f"invalid {name} {value!r}: expected seconds or a string like '30s'")
     if isinstance(value, bool):
-        raise InvalidArgumentError(f"invalid {name} {value!r}: expected seconds or a string like '30s'")
+        raise bad
     if isinstance(value, str):
         return value
     if isinstance(value, _dt.timedelta):
         value = value.total_seconds()
     if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value < 0:
+            raise bad
         return f"{round(value * 1000)}ms"
-    raise InvalidArgumentError(f"invalid {name} {value!r}: expected seconds or a string like '30s'")
+    raise bad
+
+
+def integer(value: Any, name: str, minimum: Optional[int] = 0) -> int:
+    """An integer argument (an ``int``-like, not a bool), at least ``minimum``."""
+    if isinstance(value, bool):
+        raise InvalidArgumentError(f"invalid {name} {value!r}: expected an integer")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise InvalidArgumentError(f"invalid {name} {value!r}: expected an integer") from None
+    if minimum is not None and number < minimum:
+        raise InvalidArgumentError(f"invalid {name} {value!r}: expected an integer >= {minimum}")
+    return number
+
+
+def optional_integer(value: Any, name: str, minimum: Optional[int] = 0) -> Optional[int]:
+    """:func:`integer`, or ``None``."""
+    return None if value is None else integer(value, name, minimum)
+
+
+def file_mode(mode: Any) -> Optional[int]:
+    """Permission bits: an ``int`` from 0 to ``0o7777`` (e.g. ``0o755``), or ``None``."""
+    if mode is None:
+        return None
+    value = integer(mode, "mode")
+    if value > 0o7777:
+        raise InvalidArgumentError(f"invalid mode {mode!r}: expected permission bits like 0o755")
+    return value
+
+
+def signal_number(sig: Any) -> int:
+    """A signal: a number, a :class:`signal.Signals`, or a name (``"TERM"``, ``"SIGTERM"``)."""
+    if isinstance(sig, str):
+        name = sig.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        found = getattr(_signal.Signals, name, None) if name.isidentifier() else None
+        if not isinstance(found, _signal.Signals):
+            raise InvalidArgumentError(f"unknown signal {sig!r}: expected a number or a name like 'TERM'")
+        return int(found)
+    return integer(sig, "signal", 1)
+
+
+def stdin_bytes(data: Any) -> bytes:
+    """Input for a process: text (as UTF-8) or bytes-like (``bytes``, ``bytearray``,
+    ``memoryview``); anything else is an :class:`~openrun.InvalidArgumentError`."""
+    if isinstance(data, str):
+        return data.encode("utf-8")
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise InvalidArgumentError(f"invalid stdin {type(data).__name__}: expected str or bytes")
 
 
 def size(value: Optional[Size], name: str) -> Optional[str]:
@@ -101,19 +190,33 @@ def argv(cmd: Command) -> List[str]:
     """A shell line becomes ``["sh", "-c", line]``; an argv list is used as given."""
     if isinstance(cmd, str):
         return ["sh", "-c", cmd]
-    if isinstance(cmd, (bytes, bytearray)) or not all(isinstance(a, str) for a in cmd):
+    if (
+        not isinstance(cmd, (list, tuple))
+        and not (isinstance(cmd, Sequence) and not isinstance(cmd, (bytes, bytearray)))
+    ) or not all(isinstance(a, str) for a in cmd):
         raise InvalidArgumentError(f"invalid command {cmd!r}: expected a string or a list of strings")
     return list(cmd)
 
 
-def network_body(network: Any) -> Optional[Dict[str, Any]]:
+def network_body(network: Any, secrets_given: bool = False) -> Optional[Dict[str, Any]]:
     """A network policy argument: a mode string, a dict as the API takes it, or a
-    :class:`NetworkPolicy` (its secrets have no values, so they are left out)."""
+    :class:`NetworkPolicy`.
+
+    A :class:`NetworkPolicy` read from the server has its secrets without their values, so it
+    cannot be sent back as it is: one with secrets is refused unless ``secrets_given`` (the
+    caller passes ``secrets=``, e.g. ``[]`` to drop them), rather than silently dropping them.
+    """
     if network is None:
         return None
     if isinstance(network, str):
         return {"mode": network}
     if isinstance(network, NetworkPolicy):
+        if network.secrets and not secrets_given:
+            names = ", ".join(s.name for s in network.secrets)
+            raise InvalidArgumentError(
+                f"this policy has secrets ({names}) whose values the server never shows: pass "
+                "secrets=[{name, value, hosts, ...}] with their values again, or secrets=[] to drop them"
+            )
         return {"mode": network.mode, "allow": list(network.allow)}
     if isinstance(network, Mapping):
         return dict(network)
@@ -142,6 +245,43 @@ def _none(r: httpx.Response) -> None:
 
 def _sandbox(r: httpx.Response) -> SandboxInfo:
     return SandboxInfo.from_json(r.json())
+
+
+def _request_labels(labels: Optional[Mapping[str, str]]) -> Tuple[Dict[str, str], str]:
+    """The labels of a create or fork, with a fresh :data:`REQUEST_LABEL`."""
+    tag = uuid.uuid4().hex
+    return {**dict(labels or {}), REQUEST_LABEL: tag}, tag
+
+
+def abandoned(request_label: str, expected: int, window: float) -> Plan[int]:
+    """After a create or fork whose answer was not read: finds the sandboxes the server made
+    for it (by its :data:`REQUEST_LABEL`) and deletes them; the number deleted. It looks
+    again while the server may still be making them (``expected`` of them), at most
+    ``window`` seconds (the drivers sleep between looks: a ``SLEEP`` call)."""
+    deleted: "set[str]" = set()
+    looks = 0
+    while True:
+        page, _ = yield list_page({REQUEST_LABEL: request_label}, None, None)
+        for info in page:
+            if info.id not in deleted:
+                try:
+                    yield delete(info.id)
+                except NotFoundError:
+                    pass
+                deleted.add(info.id)
+        looks += 1
+        if len(deleted) >= expected or looks * ABANDON_POLL >= window:
+            return len(deleted)
+        yield Call("SLEEP", "", json=ABANDON_POLL)
+
+
+#: How long, in seconds, the sandbox of an abandoned create is looked for (an admitted create
+#: has its record within milliseconds; one still queued is dropped with its request).
+ABANDON_WINDOW = 3.0
+#: The same for a fork, whose snapshot comes first (the forks appear only after it).
+FORK_ABANDON_WINDOW = 60.0
+#: Seconds between two looks.
+ABANDON_POLL = 0.25
 
 
 def raise_for_error(r: httpx.Response) -> None:
@@ -207,22 +347,23 @@ def create(
     labels: Optional[Mapping[str, str]],
     network: Any,
 ) -> Call[SandboxInfo]:
-    """``POST /v1/sandboxes``."""
+    """``POST /v1/sandboxes`` (with a fresh :data:`REQUEST_LABEL`)."""
+    all_labels, tag = _request_labels(labels)
     body = _drop_none(
         {
             "image": getattr(image, "image", image),  # a Snapshot works as an image
             "memory": size(memory, "memory"),
             "cpus": None if cpus is None else str(cpus),
-            "pids": pids,
+            "pids": optional_integer(pids, "pids", 1),
             "disk": size(disk, "disk"),
-            "open_files": open_files,
+            "open_files": optional_integer(open_files, "open_files", 1),
             "ttl": duration(ttl, "ttl"),
             "env": dict(env) if env else None,
-            "labels": dict(labels) if labels else None,
+            "labels": all_labels,
             "network": network_body(network),
         }
     )
-    return Call("POST", "/v1/sandboxes", json=body, parse=_sandbox)
+    return Call("POST", "/v1/sandboxes", json=body, parse=_sandbox, no_read_timeout=True, request_label=tag)
 
 
 def get(sandbox_id: str) -> Call[SandboxInfo]:
@@ -291,17 +432,18 @@ def fork(
     labels: Optional[Mapping[str, str]],
     network: Any,
 ) -> Call[List[SandboxInfo]]:
-    """``POST /v1/sandboxes/{id}/fork``."""
+    """``POST /v1/sandboxes/{id}/fork`` (with a fresh :data:`REQUEST_LABEL`)."""
+    all_labels, tag = _request_labels(labels)
     body = _drop_none(
         {
-            "count": count,
+            "count": integer(count, "count", None),
             "name": name,
             "memory": size(memory, "memory"),
             "cpus": None if cpus is None else str(cpus),
-            "pids": pids,
+            "pids": optional_integer(pids, "pids", 1),
             "ttl": duration(ttl, "ttl"),
             "env": dict(env) if env is not None else None,
-            "labels": dict(labels) if labels is not None else None,
+            "labels": all_labels,
             "network": network_body(network),
         }
     )
@@ -310,6 +452,9 @@ def fork(
         _q(sandbox_id) + "/fork",
         json=body,
         parse=lambda r: [SandboxInfo.from_json(d) for d in r.json()],
+        no_read_timeout=True,
+        request_label=tag,
+        expected=body["count"],
     )
 
 
@@ -321,7 +466,7 @@ def diff(sandbox_id: str, path: Optional[str], against: Optional[str]) -> Call[D
 
 def events(sandbox_id: str, since: int, follow: bool) -> Call[List[Event]]:
     """``GET /v1/sandboxes/{id}/events`` (``follow``: an NDJSON stream of :func:`event` lines)."""
-    params = [("since", str(since))]
+    params = [("since", str(integer(since, "since")))]
     if follow:
         params.append(("follow", "true"))
     return Call(
@@ -371,8 +516,9 @@ def network_policy(
     secrets: Optional[Sequence[Mapping[str, Any]]],
 ) -> Dict[str, Any]:
     """A policy body from ``set()``'s arguments: ``policy`` (mode, dict or
-    :class:`NetworkPolicy`) with ``mode``, ``allow`` and ``secrets`` over it."""
-    body = network_body(policy) or {}
+    :class:`NetworkPolicy`) with ``mode``, ``allow`` and ``secrets`` over it. A
+    :class:`NetworkPolicy` with secrets needs ``secrets=`` (see :func:`network_body`)."""
+    body = network_body(policy, secrets_given=secrets is not None) or {}
     if mode is not None:
         body["mode"] = mode
     if allow is not None:
@@ -388,7 +534,7 @@ def preview(sandbox_id: str, port: int, ttl: Optional[Duration]) -> Call[Preview
     """``POST /v1/sandboxes/{id}/ports/{port}/preview``."""
     return Call(
         "POST",
-        f"{_q(sandbox_id)}/ports/{int(port)}/preview",
+        f"{_q(sandbox_id)}/ports/{integer(port, 'port')}/preview",
         json=_drop_none({"ttl": duration(ttl, "ttl")}),
         parse=lambda r: PreviewToken.from_json(r.json()),
     )
@@ -451,27 +597,27 @@ def process(sandbox_id: str, pid: int) -> Call[ProcessInfo]:
     """``GET /v1/sandboxes/{id}/processes/{pid}``."""
     return Call(
         "GET",
-        f"{_q(sandbox_id)}/processes/{int(pid)}",
+        f"{_q(sandbox_id)}/processes/{integer(pid, 'pid')}",
         parse=lambda r: ProcessInfo.from_json(r.json()),
     )
 
 
-def signal(sandbox_id: str, pid: int, signum: int, group: bool) -> Call[None]:
+def signal(sandbox_id: str, pid: int, signum: Union[int, str], group: bool) -> Call[None]:
     """``POST /v1/sandboxes/{id}/processes/{pid}/signal``."""
     return Call(
         "POST",
-        f"{_q(sandbox_id)}/processes/{int(pid)}/signal",
-        json={"signal": int(signum), "group": group},
+        f"{_q(sandbox_id)}/processes/{integer(pid, 'pid')}/signal",
+        json={"signal": signal_number(signum), "group": bool(group)},
         parse=_none,
     )
 
 
-def stdin(sandbox_id: str, pid: int, data: Union[str, bytes], eof: bool) -> Call[None]:
-    """``POST /v1/sandboxes/{id}/processes/{pid}/stdin``."""
-    raw = data.encode() if isinstance(data, str) else bytes(data)
+def stdin(sandbox_id: str, pid: int, data: Any, eof: bool) -> Call[None]:
+    """``POST /v1/sandboxes/{id}/processes/{pid}/stdin`` (``data``: see :func:`stdin_bytes`)."""
+    raw = stdin_bytes(data)
     return Call(
         "POST",
-        f"{_q(sandbox_id)}/processes/{int(pid)}/stdin",
+        f"{_q(sandbox_id)}/processes/{integer(pid, 'pid')}/stdin",
         params=[("eof", "true")] if eof else None,
         content=raw,
         headers={"content-type": "application/octet-stream"},
@@ -481,10 +627,13 @@ def stdin(sandbox_id: str, pid: int, data: Union[str, bytes], eof: bool) -> Call
 
 def output(sandbox_id: str, pid: int, stdout_since: int, stderr_since: int, follow: bool) -> Call[None]:
     """``GET /v1/sandboxes/{id}/processes/{pid}/output``: exec stream lines from those offsets."""
-    params = [("stdout_since", str(int(stdout_since))), ("stderr_since", str(int(stderr_since)))]
+    params = [
+        ("stdout_since", str(integer(stdout_since, "stdout_since"))),
+        ("stderr_since", str(integer(stderr_since, "stderr_since"))),
+    ]
     if follow:
         params.append(("follow", "true"))
-    return Call("GET", f"{_q(sandbox_id)}/processes/{int(pid)}/output", params=params, stream=True)
+    return Call("GET", f"{_q(sandbox_id)}/processes/{integer(pid, 'pid')}/output", params=params, stream=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,15 +644,16 @@ def read_file(sandbox_id: str, path: str, offset: Optional[int], limit: Optional
     """``GET /v1/sandboxes/{id}/files``: the bytes."""
     params = [("path", path)]
     if offset is not None:
-        params.append(("offset", str(int(offset))))
+        params.append(("offset", str(integer(offset, "offset"))))
     if limit is not None:
-        params.append(("limit", str(int(limit))))
+        params.append(("limit", str(integer(limit, "limit"))))
     return Call("GET", _q(sandbox_id) + "/files", params=params, parse=lambda r: r.content)
 
 
 def write_file(sandbox_id: str, path: str, data: bytes, mode: Optional[int], parents: bool) -> Call[None]:
     """``PUT /v1/sandboxes/{id}/files`` (at most 16 MiB: see :func:`write_large`)."""
     params = [("path", path)]
+    mode = file_mode(mode)
     if mode is not None:
         params.append(("mode", format(mode, "o")))
     if parents:
@@ -527,19 +677,60 @@ def file_bytes(data: Union[str, bytes, bytearray, memoryview]) -> bytes:
     raise InvalidArgumentError(f"cannot write {type(data).__name__}: expected str or bytes")
 
 
+def write(sandbox_id: str, path: str, data: Any, mode: Any, parents: bool) -> Plan[None]:
+    """``files.write``: one ``PUT .../files`` up to :data:`MAX_FILE_WRITE`, else a one-file tar
+    archive extracted into the file's directory (see :func:`write_large`)."""
+    raw = file_bytes(data)
+    mode = file_mode(mode)
+    if len(raw) <= MAX_FILE_WRITE:
+        yield write_file(sandbox_id, path, raw, mode, parents)
+        return
+    directory, name = posixpath.split(posixpath.normpath(path))
+    if not name or name in (".", ".."):
+        raise InvalidArgumentError(f"invalid file path {path!r}")
+    if len(raw) + 3 * tarfile.BLOCKSIZE + 1024 > MAX_TAR_UPLOAD:
+        raise TooLargeError(
+            f"cannot write {len(raw)} bytes to {path}: one file write takes at most "
+            f"{MAX_TAR_UPLOAD >> 20} MiB (the server's tar upload limit); write it in parts "
+            "(e.g. several files joined with a command in the sandbox)",
+            code="body_too_large",
+        )
+    if mode is None or not parents:
+        # An archive sets the mode it carries, and makes missing directories: so the mode an
+        # existing file has is kept as a plain write keeps it, and parents=False is checked.
+        try:
+            existing: Optional[FileInfo] = yield stat(sandbox_id, path)
+        except NotFoundError:
+            existing = None
+        if existing is not None and existing.is_file and mode is None:
+            mode = existing.mode & 0o7777
+        if existing is None and not parents:
+            try:
+                yield stat(sandbox_id, directory or "/")
+            except NotFoundError as e:
+                raise NotFoundError(
+                    f"cannot write {path}: its directory {directory or '/'} does not exist "
+                    "(pass parents=True to make it)",
+                    code=e.code,
+                    status=e.status,
+                ) from None
+    yield write_large(sandbox_id, path, raw, mode)
+
+
 def write_large(sandbox_id: str, path: str, data: bytes, mode: Optional[int]) -> Call[None]:
     """A file over 16 MiB: a one-file tar archive extracted into its directory (which is
-    created if missing)."""
+    created if missing), sent as chunks around ``data`` (not copied). ``mode`` defaults to
+    ``0o644`` (:func:`write` passes an existing file's)."""
     directory, name = posixpath.split(posixpath.normpath(path))
     if not name:
         raise InvalidArgumentError(f"invalid file path {path!r}")
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644 if mode is None else mode
-        tar.addfile(info, io.BytesIO(data))
-    call = upload_tar(sandbox_id, directory or "/", buf.getvalue())
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644 if mode is None else mode
+    header = info.tobuf(format=tarfile.PAX_FORMAT)
+    padding = b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    chunks = [header, data, padding + b"\0" * (2 * tarfile.BLOCKSIZE)]
+    call = upload_tar(sandbox_id, directory or "/", chunks)
     return Call(
         call.method, call.path, params=call.params, content=call.content, headers=call.headers, parse=_none
     )
@@ -607,7 +798,7 @@ def download_tar(sandbox_id: str, path: str) -> Call[bytes]:
     return Call("GET", _q(sandbox_id) + "/files/tar", params=[("path", path)], parse=lambda r: r.content)
 
 
-def upload_tar(sandbox_id: str, path: str, data: bytes) -> Call[UploadResult]:
+def upload_tar(sandbox_id: str, path: str, data: Content) -> Call[UploadResult]:
     """``PUT /v1/sandboxes/{id}/files/tar``: extracts the archive into ``path``."""
 
     def parse(r: httpx.Response) -> UploadResult:
@@ -626,7 +817,10 @@ def upload_tar(sandbox_id: str, path: str, data: bytes) -> Call[UploadResult]:
 
 def pack_dir(local: Union[str, "os.PathLike[str]"]) -> bytes:
     """A tar archive of a local directory's contents (names relative to it). Only regular files
-    and directories go in: the server refuses links and devices; others are skipped."""
+    and directories go in: the server refuses links and devices; others are skipped. Files
+    linked to each other (hard links) go in as separate files, each with its contents (a tar
+    hard-link entry is a link, which the server refuses). The archive is limited to
+    :data:`MAX_TAR_UPLOAD` (a :class:`~openrun.TooLargeError` beyond it)."""
     root = os.fspath(local)
     if not os.path.isdir(root):
         raise InvalidArgumentError(f"not a local directory: {root}")
@@ -640,14 +834,23 @@ def pack_dir(local: Union[str, "os.PathLike[str]"]) -> bytes:
                 if not (_stat.S_ISREG(st.st_mode) or _stat.S_ISDIR(st.st_mode)):
                     continue
                 arcname = os.path.relpath(full, root).replace(os.sep, "/")
-                info = tar.gettarinfo(full, arcname)
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
-                if info.isreg():
+                info = tarfile.TarInfo(arcname)
+                info.mode = _stat.S_IMODE(st.st_mode)
+                info.mtime = int(st.st_mtime)
+                if _stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                else:
+                    info.type = tarfile.REGTYPE
+                    info.size = st.st_size
                     with open(full, "rb") as f:
                         tar.addfile(info, f)
-                else:
-                    tar.addfile(info)
+                if buf.tell() > MAX_TAR_UPLOAD:
+                    raise TooLargeError(
+                        f"{root} makes an archive over {MAX_TAR_UPLOAD >> 20} MiB, the most the "
+                        "server extracts at once: upload its subdirectories one by one",
+                        code="body_too_large",
+                    )
     return buf.getvalue()
 
 

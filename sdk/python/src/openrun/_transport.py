@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
-from typing import Any, AsyncIterator, Dict, Iterator, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Dict, Iterator, List, Optional, TypeVar, Union
 
 import httpx
 
 from . import __version__
 from ._config import Target
-from ._ops import Call, raise_for_error
-from .errors import ConnectionError, OpenrunError, RateLimitedError, TimeoutError
+from ._ops import ABANDON_WINDOW, FORK_ABANDON_WINDOW, Call, Plan, abandoned, raise_for_error
+from .errors import ClientClosedError, ConnectionError, OpenrunError, RateLimitedError, TimeoutError
 
 T = TypeVar("T")
 
@@ -62,8 +63,26 @@ def translate() -> Iterator[None]:
         raise TimeoutError(f"the server did not answer in time: {e}") from e
     except httpx.TransportError as e:
         raise ConnectionError(f"cannot reach the openrun server: {e}") from e
+    except RuntimeError as e:  # httpx: "Cannot send a request, as the client has been closed."
+        if "closed" not in str(e):
+            raise
+        raise ClientClosedError(f"this client was closed: {e}") from e
     except ValueError as e:  # an answer that is not the JSON it should be
         raise OpenrunError(f"unexpected answer from the server: {e}", code="protocol") from e
+
+
+def _answered(error: BaseException) -> bool:
+    """Whether the server answered the request (an error answer: nothing was made), or the
+    request was never sent; otherwise a create or fork may have gone on without its client."""
+    return isinstance(error, ClientClosedError) or (
+        isinstance(error, OpenrunError) and error.status is not None
+    )
+
+
+def _abandon_plan(call: Call[Any]) -> Plan[int]:
+    assert call.request_label is not None
+    window = FORK_ABANDON_WINDOW if call.path.endswith("/fork") else ABANDON_WINDOW
+    return abandoned(call.request_label, call.expected, window)
 
 
 def _line(raw: str) -> Optional[Dict[str, Any]]:
@@ -76,34 +95,60 @@ def _line(raw: str) -> Optional[Dict[str, Any]]:
     return value
 
 
+async def _chunks(chunks: List[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
 class _Base:
     def __init__(self, target: Target, timeout: Optional[float]):
         self.target = target
         self.timeout = timeout
         self._plain, self._streaming = _timeouts(timeout)
+        # Handles using this transport (a sandbox and its forks share one); guarded by the
+        # lock, since handles are used (and closed) from several threads.
         self._users = 0
+        self._lock = threading.Lock()
+        self.closed = False
 
     def _request(
         self, client: Union[httpx.Client, httpx.AsyncClient], call: Call[Any], read_timeout: Any
     ) -> httpx.Request:
-        timeout = self._streaming if call.stream else self._plain
+        if self.closed:
+            raise ClientClosedError("this client was closed: connect again with Sandbox.connect(id)")
+        # A create or fork is finished by the server even when its client leaves: waiting for
+        # its answer without a read timeout is what keeps the new sandbox from having no handle.
+        timeout = self._streaming if call.stream or call.no_read_timeout else self._plain
         if read_timeout is not _UNSET:
             timeout = httpx.Timeout(
                 connect=timeout.connect, read=read_timeout, write=timeout.write, pool=timeout.pool
             )
+        content: Any = call.content
+        if isinstance(content, list):  # chunks, sent as they are (a large file is not copied)
+            content = _chunks(content) if isinstance(client, httpx.AsyncClient) else iter(content)
         return client.build_request(
             call.method,
             call.path,
             params=tuple(call.params) if call.params else None,
             json=call.json,
-            content=call.content,
+            content=content,
             headers=call.headers or None,
             timeout=timeout,
         )
 
     def retain(self) -> None:
         """One more sandbox handle uses this transport."""
-        self._users += 1
+        with self._lock:
+            self._users += 1
+
+    def _last_release(self) -> bool:
+        """A handle is done with it: whether it was the last (the transport is then closed)."""
+        with self._lock:
+            self._users -= 1
+            if self._users > 0 or self.closed:
+                return False
+            self.closed = True
+            return True
 
 
 _UNSET: Any = object()
@@ -123,7 +168,23 @@ class SyncTransport(_Base):
 
     def call(self, call: Call[T]) -> T:
         """Sends a call and parses its answer; error answers raise their typed exception
-        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times)."""
+        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times).
+
+        A create or fork left without its answer (interrupted, connection broken) deletes
+        what the server makes for it (:func:`~openrun._ops.abandoned`) before raising."""
+        if call.request_label is None:
+            return self._call(call)
+        try:
+            return self._call(call)
+        except BaseException as e:
+            if not _answered(e):
+                try:
+                    self.run(_abandon_plan(call))
+                except Exception:  # the original error is what the caller needs to see
+                    pass
+            raise
+
+    def _call(self, call: Call[T]) -> T:
         attempt = 0
         while True:
             try:
@@ -137,6 +198,24 @@ class SyncTransport(_Base):
                     raise
                 attempt += 1
                 time.sleep(delay)
+
+    def run(self, plan: Plan[T]) -> T:
+        """Runs a multi-step operation of :mod:`openrun._ops` (its calls one after another)."""
+        try:
+            call = next(plan)
+            while True:
+                if call.method == "SLEEP":
+                    time.sleep(call.json)
+                    result: Any = None
+                else:
+                    try:
+                        result = self.call(call)
+                    except OpenrunError as e:
+                        call = plan.throw(e)
+                        continue
+                call = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
     def stream(self, call: Call[Any], read_timeout: Any = _UNSET) -> Iterator[Dict[str, Any]]:
         """Sends a streaming call and yields its NDJSON lines as they arrive."""
@@ -155,9 +234,14 @@ class SyncTransport(_Base):
 
     def release(self) -> None:
         """A handle is done with it; the connection pool closes with the last one."""
-        self._users -= 1
-        if self._users <= 0:
+        if self._last_release():
             self.client.close()
+
+    def close(self) -> None:
+        """Closes the connection pool whoever uses it (a transport no handle took)."""
+        with self._lock:
+            self.closed = True
+        self.client.close()
 
 
 class AsyncTransport(_Base):
@@ -174,7 +258,43 @@ class AsyncTransport(_Base):
 
     async def call(self, call: Call[T]) -> T:
         """Sends a call and parses its answer; error answers raise their typed exception
-        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times)."""
+        (a 429 is retried after its ``Retry-After``, :data:`MAX_RETRIES` times).
+
+        A create or fork left without its answer (cancelled, connection broken) deletes what
+        the server makes for it (:func:`~openrun._ops.abandoned`) before raising; that clean-up
+        is shielded from a second cancellation."""
+        if call.request_label is None:
+            return await self._call(call)
+        try:
+            return await self._call(call)
+        except BaseException as e:
+            if not _answered(e):
+                cleanup = asyncio.ensure_future(self.run(_abandon_plan(call)))
+                try:
+                    await asyncio.shield(cleanup)
+                except BaseException:  # the original error is what the caller needs to see
+                    pass
+            raise
+
+    async def run(self, plan: Plan[T]) -> T:
+        """Runs a multi-step operation of :mod:`openrun._ops` (its calls one after another)."""
+        try:
+            call = next(plan)
+            while True:
+                if call.method == "SLEEP":
+                    await asyncio.sleep(call.json)
+                    result: Any = None
+                else:
+                    try:
+                        result = await self.call(call)
+                    except OpenrunError as e:
+                        call = plan.throw(e)
+                        continue
+                call = plan.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _call(self, call: Call[T]) -> T:
         attempt = 0
         while True:
             try:
@@ -206,6 +326,11 @@ class AsyncTransport(_Base):
 
     async def release(self) -> None:
         """A handle is done with it; the connection pool closes with the last one."""
-        self._users -= 1
-        if self._users <= 0:
+        if self._last_release():
             await self.client.aclose()
+
+    async def close(self) -> None:
+        """Closes the connection pool whoever uses it (a transport no handle took)."""
+        with self._lock:
+            self.closed = True
+        await self.client.aclose()

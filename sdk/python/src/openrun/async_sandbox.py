@@ -4,6 +4,17 @@
 :mod:`openrun._ops`, this module only awaits them.
 
 Output callbacks (``on_stdout``, ``on_stderr``) may be plain functions or coroutine functions.
+
+The streams (``exec``, ``Process.output``, ``files.watch``, ``events(follow=True)``) are async
+generators: leaving an ``async for`` early does not close one at once (Python closes an
+abandoned async generator only when it is garbage-collected, or at loop shutdown), so its
+connection stays open until then. To close it deterministically, wrap it::
+
+    async with contextlib.aclosing(sbx.exec("...")) as events:   # Python 3.10+
+        async for event in events:
+            break
+
+(or call ``await gen.aclose()``). The command itself keeps running either way.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from . import _ops
 from ._config import resolve
 from ._ops import Command, Duration, Size
 from ._transport import DEFAULT_TIMEOUT, AsyncTransport
-from .errors import NotFoundError, SandboxNotFoundError, TimeoutError
+from .errors import ClientClosedError, NotFoundError, SandboxNotFoundError, TimeoutError
 from .models import (
     CommandResult,
     Diff,
@@ -127,17 +138,19 @@ class AsyncProcess:
         result = collector.result()
         return result.check() if check else result
 
-    async def send_stdin(self, data: Union[str, bytes]) -> None:
-        """Writes to its standard input (it must have been started with ``stdin=True``)."""
+    async def send_stdin(self, data: Union[str, bytes, bytearray, memoryview]) -> None:
+        """Writes to its standard input (it must have been started with ``stdin=True``):
+        text or bytes; anything else raises :class:`~openrun.InvalidArgumentError`."""
         await self.sandbox._t.call(_ops.stdin(self.sandbox.id, self.pid, data, False))
 
     async def close_stdin(self) -> None:
         """Closes its standard input (the program reads end of file)."""
         await self.sandbox._t.call(_ops.stdin(self.sandbox.id, self.pid, b"", True))
 
-    async def kill(self, signal: int = _signal.SIGKILL, *, group: bool = True) -> None:
-        """Sends a signal (default ``SIGKILL``) to it, and to its process group with ``group``."""
-        await self.sandbox._t.call(_ops.signal(self.sandbox.id, self.pid, int(signal), group))
+    async def kill(self, signal: Union[int, str] = _signal.SIGKILL, *, group: bool = True) -> None:
+        """Sends a signal (default ``SIGKILL``; a number or a name like ``"TERM"``) to it, and
+        to its process group with ``group``."""
+        await self.sandbox._t.call(_ops.signal(self.sandbox.id, self.pid, signal, group))
 
 
 class AsyncFiles:
@@ -158,17 +171,14 @@ class AsyncFiles:
     async def write(
         self,
         path: str,
-        data: Union[str, bytes],
+        data: Union[str, bytes, bytearray, memoryview],
         *,
         mode: Optional[int] = None,
         parents: bool = True,
     ) -> None:
-        """Writes a file (text as UTF-8), replacing it; ``parents`` makes missing directories."""
-        raw = _ops.file_bytes(data)
-        if len(raw) > _ops.MAX_FILE_WRITE:
-            await self._sbx._t.call(_ops.write_large(self._sbx.id, path, raw, mode))
-        else:
-            await self._sbx._t.call(_ops.write_file(self._sbx.id, path, raw, mode, parents))
+        """Writes a file (text as UTF-8), replacing it; ``parents`` makes missing directories.
+        See :meth:`openrun.Files.write` (mode, files over 16 MiB, the 256 MiB limit)."""
+        await self._sbx._t.run(_ops.write(self._sbx.id, path, data, mode, parents))
 
     async def list(self, path: str) -> List[FileInfo]:
         """The entries of a directory."""
@@ -234,7 +244,8 @@ class AsyncNetwork:
         allow: Optional[Sequence[str]] = None,
         secrets: Optional[Sequence[Mapping[str, Any]]] = None,
     ) -> NetworkPolicy:
-        """Replaces the policy, e.g. ``await set(mode="allowlist", allow=["pypi.org"])``."""
+        """Replaces the policy, e.g. ``await set(mode="allowlist", allow=["pypi.org"])``. A
+        :class:`NetworkPolicy` with secrets needs ``secrets=`` (see :meth:`openrun.Network.set`)."""
         body = _ops.network_policy(policy, mode, allow, secrets)
         return await self._sbx._t.call(_ops.network_set(self._sbx.id, body))
 
@@ -272,7 +283,7 @@ class AsyncSandbox:
 
     def __init__(self, sandbox_id: str, transport: AsyncTransport, info: Optional[SandboxInfo] = None):
         self.id = sandbox_id
-        self._t = transport
+        self._transport = transport
         self._info = info
         self._closed = False
         transport.retain()
@@ -280,12 +291,20 @@ class AsyncSandbox:
         self.network = AsyncNetwork(self)
 
     def __repr__(self) -> str:
-        return f"AsyncSandbox(id={self.id!r}, server={self._t.target.url!r})"
+        return f"AsyncSandbox(id={self.id!r}, server={self._transport.target.url!r})"
+
+    @property
+    def _t(self) -> AsyncTransport:
+        if self._closed:
+            raise ClientClosedError(
+                f"the handle of sandbox {self.id} was closed: use AsyncSandbox.connect({self.id!r})"
+            )
+        return self._transport
 
     @property
     def server(self) -> str:
         """The server's URL."""
-        return self._t.target.url
+        return self._transport.target.url
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -328,7 +347,7 @@ class AsyncSandbox:
             try:
                 info = await transport.call(call)
             except BaseException:
-                await transport.client.aclose()
+                await transport.close()
                 raise
             return cls(info.id, transport, info)
 
@@ -349,10 +368,10 @@ class AsyncSandbox:
         try:
             info = await transport.call(_ops.get(sid))
         except NotFoundError as e:
-            await transport.client.aclose()
+            await transport.close()
             raise SandboxNotFoundError(e.message, code=e.code, status=e.status) from None
         except BaseException:
-            await transport.client.aclose()
+            await transport.close()
             raise
         return cls(info.id, transport, info)
 
@@ -365,9 +384,11 @@ class AsyncSandbox:
         server: Optional[str] = None,
         api_key: Optional[str] = None,
         page_size: int = 1000,
+        request_timeout: Optional[float] = DEFAULT_TIMEOUT,
     ) -> List[SandboxInfo]:
-        """The key's sandboxes, oldest first, all pages, filtered by ``labels`` and ``state``."""
-        transport = AsyncTransport(resolve(server, api_key))
+        """The key's sandboxes, oldest first, all pages, filtered by ``labels`` and ``state``;
+        ``request_timeout`` bounds each page's request."""
+        transport = AsyncTransport(resolve(server, api_key), request_timeout)
         try:
             found: List[SandboxInfo] = []
             cursor: Optional[str] = None
@@ -377,7 +398,7 @@ class AsyncSandbox:
                 if cursor is None:
                     return found
         finally:
-            await transport.client.aclose()
+            await transport.close()
 
     async def info(self) -> SandboxInfo:
         """The sandbox resource now."""
@@ -408,10 +429,13 @@ class AsyncSandbox:
         return self._info
 
     async def close(self) -> None:
-        """Releases this handle's connections (the sandbox keeps running)."""
+        """Releases this handle's connections (the sandbox keeps running); the handle then
+        raises :class:`~openrun.ClientClosedError`. A sandbox and its forks share one
+        connection pool, closed with the last of their handles (see
+        :meth:`openrun.Sandbox.close`)."""
         if not self._closed:
             self._closed = True
-            await self._t.release()
+            await self._transport.release()
 
     async def __aenter__(self) -> "AsyncSandbox":
         return self
@@ -452,7 +476,7 @@ class AsyncSandbox:
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         check: bool = False,
-        stdin: Union[str, bytes, None] = None,
+        stdin: Union[str, bytes, bytearray, memoryview, None] = None,
     ) -> CommandResult:
         """Runs a command to its end (see :meth:`openrun.Sandbox.run`, also for ``stdin``);
         callbacks may be coroutine functions."""
@@ -474,14 +498,17 @@ class AsyncSandbox:
         cwd: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout: Optional[Duration] = None,
-        stdin: Union[bool, str, bytes] = False,
+        stdin: Union[bool, str, bytes, bytearray, memoryview] = False,
     ) -> AsyncProcess:
-        """Starts a command in the background; an :class:`AsyncProcess` handle."""
-        pipe = stdin is True or isinstance(stdin, (str, bytes))
-        pid = await self._t.call(_ops.start(self.id, cmd, cwd, env, timeout, pipe))
+        """Starts a command in the background; an :class:`AsyncProcess` handle (``stdin`` as
+        :meth:`openrun.Sandbox.start`)."""
+        data = None if isinstance(stdin, bool) or stdin is None else _ops.stdin_bytes(stdin)
+        pid = await self._t.call(
+            _ops.start(self.id, cmd, cwd, env, timeout, stdin is True or data is not None)
+        )
         proc = AsyncProcess(self, pid)
-        if isinstance(stdin, (str, bytes)):
-            await self._t.call(_ops.stdin(self.id, pid, stdin, True))
+        if data is not None:
+            await self._t.call(_ops.stdin(self.id, pid, data, True))
         return proc
 
     def process(self, pid: int) -> AsyncProcess:
@@ -511,7 +538,8 @@ class AsyncSandbox:
         labels: Optional[Mapping[str, str]] = None,
         network: Union[str, Mapping[str, Any], NetworkPolicy, None] = None,
     ) -> List["AsyncSandbox"]:
-        """Snapshots the sandbox and creates ``count`` sandboxes from it (all or none)."""
+        """Snapshots the sandbox and creates ``count`` sandboxes from it (all or none). Their
+        handles share this handle's connection pool: close each of them too."""
         call = _ops.fork(
             self.id,
             count=count,

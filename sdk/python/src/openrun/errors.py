@@ -28,6 +28,7 @@ __all__ = [
     "ConflictError",
     "SandboxNotRunningError",
     "SandboxPausedError",
+    "SandboxLostError",
     "AlreadyExistsError",
     "DirectoryNotEmptyError",
     "StillRunningError",
@@ -37,6 +38,7 @@ __all__ = [
     "BadGatewayError",
     "PortClosedError",
     "CommandError",
+    "ClientClosedError",
     "error_from_code",
 ]
 
@@ -48,8 +50,9 @@ class OpenrunError(Exception):
         code: The server's stable snake_case code (e.g. ``not_found``), or a client-side one
             (``timeout``, ``connection_error``, ``configuration``, ``command_failed``).
         message: What went wrong, for humans.
-        status: The HTTP status of the answer, or ``None`` for client-side errors and errors
-            reported inside a stream.
+        status: The HTTP status of the answer, or ``None`` for client-side errors. An error
+            reported inside a stream (an ``error`` line of an exec or output stream) has the
+            status its code has as an answer (e.g. 409 for ``agent_lost``).
     """
 
     #: The code this class stands for when the server sends none it knows.
@@ -97,7 +100,8 @@ class AuthenticationError(OpenrunError):
 
 
 class PermissionDeniedError(OpenrunError):
-    """403 ``forbidden``: a path that leaves the sandbox or is not permitted."""
+    """403 ``forbidden``: a path that leaves the sandbox or is not permitted (also the agent's
+    ``permission_denied`` and ``outside_sandbox`` inside a stream)."""
 
     default_code = "forbidden"
 
@@ -160,6 +164,14 @@ class SandboxNotRunningError(ConflictError):
     default_code = "sandbox_not_running"
 
 
+class SandboxLostError(SandboxNotRunningError):
+    """``agent_lost``: the sandbox went away while a command ran or its output was followed
+    (killed, expired, or its agent died). A :class:`SandboxNotRunningError`, so catching
+    ``(NotFoundError, SandboxNotRunningError)`` covers a sandbox killed mid-run."""
+
+    default_code = "agent_lost"
+
+
 class SandboxPausedError(ConflictError):
     """409 ``sandbox_paused``: the sandbox is paused; call ``resume()`` first."""
 
@@ -213,7 +225,8 @@ class RateLimitedError(OpenrunError):
 
 
 class ServerError(OpenrunError):
-    """5xx: a failure of the server or the host (``internal``)."""
+    """5xx: a failure of the server or the host (``internal``; inside a stream also
+    ``agent_failed`` and ``version_mismatch``)."""
 
     default_code = "internal"
 
@@ -225,7 +238,8 @@ class BadGatewayError(ServerError):
 
 
 class PortClosedError(BadGatewayError):
-    """502 ``port_closed``: nothing listens on that port inside the sandbox."""
+    """502 ``port_closed`` (the agent's ``connection_refused``): nothing listens on that port
+    inside the sandbox."""
 
     default_code = "port_closed"
 
@@ -267,6 +281,13 @@ class CommandError(OpenrunError):
         return self.result.stderr
 
 
+class ClientClosedError(OpenrunError):
+    """The handle (or the client it shares) was closed with ``close()``: connect again with
+    ``Sandbox.connect(id)``. Raised before anything is sent."""
+
+    default_code = "client_closed"
+
+
 class CommandResultLike(Protocol):  # pragma: no cover - typing aid only
     """What :class:`CommandError` needs of a result (see :class:`openrun.CommandResult`)."""
 
@@ -282,7 +303,11 @@ class CommandResultLike(Protocol):  # pragma: no cover - typing aid only
     def stderr(self) -> str: ...
 
 
-#: Every code the server sends, with its class and HTTP status (``crates/openrun-server/src/error.rs``).
+#: Every code the server sends, with its class and HTTP status: the answers' codes
+#: (``crates/openrun-server/src/error.rs``), and the codes of ``error`` lines in streams, which
+#: are the agent's own (``ErrorCode`` of ``crates/openrun-protocol/src/message.rs``, snake_case)
+#: or the server's (``agent_lost``, ``agent_failed``: ``crates/openrun-server/src/exec.rs``).
+#: ``tests/python/sdk/test_errors.py`` checks that every one of them is here.
 CODES: Dict[str, Tuple[Type[OpenrunError], int]] = {
     "unauthorized": (AuthenticationError, 401),
     "forbidden": (PermissionDeniedError, 403),
@@ -306,6 +331,13 @@ CODES: Dict[str, Tuple[Type[OpenrunError], int]] = {
     "internal": (ServerError, 500),
     "bad_gateway": (BadGatewayError, 502),
     "port_closed": (PortClosedError, 502),
+    # Codes only seen in stream lines (the agent's, and the server's relay).
+    "permission_denied": (PermissionDeniedError, 403),
+    "outside_sandbox": (PermissionDeniedError, 403),
+    "connection_refused": (PortClosedError, 502),
+    "version_mismatch": (ServerError, 500),
+    "agent_failed": (ServerError, 500),
+    "agent_lost": (SandboxLostError, 409),
 }
 
 #: The class for a status whose code is not in :data:`CODES` (a newer server).

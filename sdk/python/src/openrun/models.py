@@ -41,6 +41,16 @@ __all__ = [
 ]
 
 
+#: The label every create and fork request of the SDK carries, unique to the request: if the
+#: client stops waiting for the answer (interrupted, cancelled, the connection broke), the
+#: sandboxes the server goes on to make are found by it and deleted.
+#: :class:`SandboxInfo` leaves it out of ``labels`` (``raw`` keeps it).
+REQUEST_LABEL = "openrun.sdk/request"
+
+#: What ``repr()`` shows in place of a secret.
+REDACTED = "<redacted>"
+
+
 def parse_time(value: Any) -> Optional[_dt.datetime]:
     """An RFC 3339 time of the server (``2026-12-06T01:59:04.335Z``) as an aware datetime."""
     if not isinstance(value, str) or not value:
@@ -94,8 +104,18 @@ class SandboxInfo:
     limits: Limits
     labels: Dict[str, str]
     env: Dict[str, str]
+    """The variables given at create; ``repr()`` shows their names only (values may be
+    credentials)."""
     owner: str
     raw: Dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    def __repr__(self) -> str:
+        env = {k: REDACTED for k in self.env}
+        return (
+            f"SandboxInfo(id={self.id!r}, image={self.image!r}, state={self.state!r}, "
+            f"created_at={self.created_at!r}, expires_at={self.expires_at!r}, limits={self.limits!r}, "
+            f"labels={self.labels!r}, env={env!r}, owner={self.owner!r})"
+        )
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "SandboxInfo":
@@ -107,7 +127,7 @@ class SandboxInfo:
             created_at=parse_time(d.get("created_at")),
             expires_at=parse_time(d.get("expires_at")),
             limits=Limits.from_json(d.get("limits")),
-            labels=dict(d.get("labels") or {}),
+            labels={k: v for k, v in (d.get("labels") or {}).items() if k != REQUEST_LABEL},
             env=dict(d.get("env") or {}),
             owner=d.get("owner", ""),
             raw=d,
@@ -332,7 +352,8 @@ class FileInfo:
     name: str
     """Last component of the path."""
     type: str
-    """``file``, ``dir``, ``symlink``, ``fifo``, ``socket``, ``char_device`` or ``block_device``."""
+    """``file``, ``dir``, ``symlink`` or ``other`` (a device, fifo or socket), as the server
+    sends it (``FileKind`` of the protocol)."""
     size: int
     mode: int
     """Permission bits, e.g. ``0o644``."""
@@ -571,12 +592,20 @@ class NetworkPolicy:
 
 @dataclass(frozen=True)
 class PreviewToken:
-    """A token that opens one port of one sandbox, and the URLs to use it."""
+    """A token that opens one port of one sandbox, and the URLs to use it. The token and the
+    URLs (which carry it) are credentials: ``repr()`` does not show them."""
 
     token: str
     path_url: str
     host_url: Optional[str]
     expires_at: Optional[_dt.datetime]
+
+    def __repr__(self) -> str:
+        host = None if self.host_url is None else REDACTED
+        return (
+            f"PreviewToken(token={REDACTED!r}, path_url={REDACTED!r}, host_url={host!r}, "
+            f"expires_at={self.expires_at!r})"
+        )
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> "PreviewToken":

@@ -13,7 +13,7 @@ from . import _ops
 from ._config import resolve
 from ._ops import Command, Duration, Size
 from ._transport import DEFAULT_TIMEOUT, SyncTransport
-from .errors import NotFoundError, SandboxNotFoundError, TimeoutError
+from .errors import ClientClosedError, NotFoundError, SandboxNotFoundError, TimeoutError
 from .models import (
     CommandResult,
     Diff,
@@ -105,33 +105,62 @@ class Process:
             check: Raise :class:`~openrun.CommandError` unless it exited with code 0.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        late = TimeoutError(f"process {self.pid} did not exit within {timeout} s")
         collector = OutputCollector(on_stdout, on_stderr, self.pid)
-        call = _ops.output(self.sandbox.id, self.pid, 0, 0, True)
-        read_timeout = timeout if timeout is not None else None
-        try:
-            for line in self.sandbox._t.stream(call, read_timeout=read_timeout):
-                event = _ops.exec_event(line)
-                self._advance(event)
-                collector.feed(event)
-                if deadline is not None and time.monotonic() > deadline and not isinstance(event, Exit):
-                    raise TimeoutError(f"process {self.pid} did not exit within {timeout} s")
-        except TimeoutError:
-            raise TimeoutError(f"process {self.pid} did not exit within {timeout} s") from None
+        # The total wait is bounded by the deadline, not each read: httpx's read timeout is
+        # per read, so the stream is opened again (from the offsets read so far) whenever the
+        # time left has fallen below 90% of the open stream's timeout. No read then outlasts
+        # the deadline by more than a ninth of the time that was left.
+        since = [0, 0]
+        while collector.exit is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise late
+            call = _ops.output(self.sandbox.id, self.pid, since[0], since[1], True)
+            reopen = False
+            try:
+                for line in self.sandbox._t.stream(call, read_timeout=left):
+                    event = _ops.exec_event(line)
+                    self._advance(event)
+                    collector.feed(event)
+                    if isinstance(event, Stdout):
+                        since[0] = event.offset + len(event.data)
+                    elif isinstance(event, Stderr):
+                        since[1] = event.offset + len(event.data)
+                    elif isinstance(event, Exit):
+                        break
+                    if left is not None and deadline is not None:
+                        now_left = deadline - time.monotonic()
+                        if now_left <= 0:
+                            raise late
+                        if now_left < 0.9 * left:
+                            reopen = True
+                            break
+            except TimeoutError:
+                if deadline is None:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise late from None
+                continue  # a read timed out a hair early: the loop checks the deadline
+            if not reopen and collector.exit is None:
+                break  # the stream ended without the exit: result() says so
         collector.flush()
         result = collector.result()
         return result.check() if check else result
 
-    def send_stdin(self, data: Union[str, bytes]) -> None:
-        """Writes to its standard input (it must have been started with ``stdin=True``)."""
+    def send_stdin(self, data: Union[str, bytes, bytearray, memoryview]) -> None:
+        """Writes to its standard input (it must have been started with ``stdin=True``):
+        text (as UTF-8) or bytes; anything else raises :class:`~openrun.InvalidArgumentError`."""
         self.sandbox._t.call(_ops.stdin(self.sandbox.id, self.pid, data, False))
 
     def close_stdin(self) -> None:
         """Closes its standard input (the program reads end of file)."""
         self.sandbox._t.call(_ops.stdin(self.sandbox.id, self.pid, b"", True))
 
-    def kill(self, signal: int = _signal.SIGKILL, *, group: bool = True) -> None:
-        """Sends a signal (default ``SIGKILL``) to it, and to its process group with ``group``."""
-        self.sandbox._t.call(_ops.signal(self.sandbox.id, self.pid, int(signal), group))
+    def kill(self, signal: Union[int, str] = _signal.SIGKILL, *, group: bool = True) -> None:
+        """Sends a signal (default ``SIGKILL``; a number, ``signal.SIGTERM`` or a name like
+        ``"TERM"``) to it, and to its process group with ``group``."""
+        self.sandbox._t.call(_ops.signal(self.sandbox.id, self.pid, signal, group))
 
 
 class Files:
@@ -152,21 +181,20 @@ class Files:
     def write(
         self,
         path: str,
-        data: Union[str, bytes],
+        data: Union[str, bytes, bytearray, memoryview],
         *,
         mode: Optional[int] = None,
         parents: bool = True,
     ) -> None:
-        """Writes a file (text as UTF-8), replacing it; ``parents`` makes missing directories.
+        """Writes a file (text as UTF-8), replacing it; ``parents`` makes missing directories
+        (without it, a missing directory raises :class:`~openrun.NotFoundError`).
 
-        ``mode`` sets the permission bits (e.g. ``0o755``). Files over 16 MiB go as a tar
-        archive (their directory is then always made).
+        ``mode`` sets the permission bits (an ``int`` like ``0o755``); without it a new file
+        gets ``0o644`` and an existing one keeps its mode. Files over 16 MiB go as a one-file
+        tar archive, at most 256 MiB (the server's limit; beyond it
+        :class:`~openrun.TooLargeError`); such a write is not atomic.
         """
-        raw = _ops.file_bytes(data)
-        if len(raw) > _ops.MAX_FILE_WRITE:
-            self._sbx._t.call(_ops.write_large(self._sbx.id, path, raw, mode))
-        else:
-            self._sbx._t.call(_ops.write_file(self._sbx.id, path, raw, mode, parents))
+        self._sbx._t.run(_ops.write(self._sbx.id, path, data, mode, parents))
 
     def list(self, path: str) -> List[FileInfo]:
         """The entries of a directory."""
@@ -209,7 +237,9 @@ class Files:
 
     def upload_dir(self, local: str, remote: str) -> UploadResult:
         """Copies a local directory's contents into ``remote`` (made if missing) as one tar
-        archive. Files and directories only; links and devices are skipped."""
+        archive (at most 256 MiB, the server's limit: :class:`~openrun.TooLargeError` beyond
+        it). Files and directories only; symlinks and devices are skipped, hard-linked files
+        go as separate copies."""
         return self._sbx._t.call(_ops.upload_tar(self._sbx.id, remote, _ops.pack_dir(local)))
 
     def download_dir(self, remote: str, local: str) -> None:
@@ -242,6 +272,11 @@ class Network:
         ``mode``, ``allow`` and ``secrets`` (dicts ``{name, value, hosts, header?, format?}``)
         go over it. A policy the server cannot apply raises
         :class:`~openrun.InvalidNetworkPolicyError`.
+
+        The server never shows secret values, so a :class:`NetworkPolicy` from :meth:`get`
+        that has secrets cannot be sent back as it is: ``set(network.get(), ...)`` then raises
+        :class:`~openrun.InvalidArgumentError` unless ``secrets=`` is given (the secrets with
+        their values, or ``[]`` to drop them), instead of dropping them silently.
         """
         body = _ops.network_policy(policy, mode, allow, secrets)
         return self._sbx._t.call(_ops.network_set(self._sbx.id, body))
@@ -261,7 +296,7 @@ class Sandbox:
 
     def __init__(self, sandbox_id: str, transport: SyncTransport, info: Optional[SandboxInfo] = None):
         self.id = sandbox_id
-        self._t = transport
+        self._transport = transport
         self._info = info
         self._closed = False
         transport.retain()
@@ -269,12 +304,20 @@ class Sandbox:
         self.network = Network(self)
 
     def __repr__(self) -> str:
-        return f"Sandbox(id={self.id!r}, server={self._t.target.url!r})"
+        return f"Sandbox(id={self.id!r}, server={self._transport.target.url!r})"
+
+    @property
+    def _t(self) -> SyncTransport:
+        if self._closed:
+            raise ClientClosedError(
+                f"the handle of sandbox {self.id} was closed: use Sandbox.connect({self.id!r})"
+            )
+        return self._transport
 
     @property
     def server(self) -> str:
         """The server's URL."""
-        return self._t.target.url
+        return self._transport.target.url
 
     # ------------------------------------------------------------------------- lifecycle
 
@@ -315,6 +358,11 @@ class Sandbox:
                 server's ``local.json``).
             api_key: The API key (else ``$OPENRUN_API_KEY``, the config file, ``local.json``).
             request_timeout: Seconds a request may wait for its answer (``None``: forever).
+                Streams, and this create itself, wait for their answer however long it
+                takes: the server finishes a create whose client left, so a timeout here
+                would leave a sandbox nobody has a handle on. For them it bounds connecting
+                only. (Interrupted anyway, e.g. by Ctrl-C, the create deletes the sandbox the
+                server goes on to make; a second interrupt stops that clean-up.)
 
         Raises:
             InvalidArgumentError: A value the server refuses (the message names it).
@@ -337,7 +385,7 @@ class Sandbox:
             )
             info = transport.call(call)
         except BaseException:
-            transport.client.close()
+            transport.close()
             raise
         return cls(info.id, transport, info)
 
@@ -360,10 +408,10 @@ class Sandbox:
         try:
             info = transport.call(_ops.get(sid))
         except NotFoundError as e:
-            transport.client.close()
+            transport.close()
             raise SandboxNotFoundError(e.message, code=e.code, status=e.status) from None
         except BaseException:
-            transport.client.close()
+            transport.close()
             raise
         return cls(info.id, transport, info)
 
@@ -376,11 +424,13 @@ class Sandbox:
         server: Optional[str] = None,
         api_key: Optional[str] = None,
         page_size: int = 1000,
+        request_timeout: Optional[float] = DEFAULT_TIMEOUT,
     ) -> List[SandboxInfo]:
         """The key's sandboxes, oldest first, all pages: those with every label of
         ``labels`` and, if given, in ``state`` (``running``, ``paused``, ...). The server is
-        asked ``page_size`` (1 to 1000) at a time."""
-        transport = SyncTransport(resolve(server, api_key))
+        asked ``page_size`` (1 to 1000) at a time; ``request_timeout`` bounds each page's
+        request."""
+        transport = SyncTransport(resolve(server, api_key), request_timeout)
         try:
             found: List[SandboxInfo] = []
             cursor: Optional[str] = None
@@ -390,7 +440,7 @@ class Sandbox:
                 if cursor is None:
                     return found
         finally:
-            transport.client.close()
+            transport.close()
 
     def info(self) -> SandboxInfo:
         """The sandbox resource now (state, limits, expiry, labels, ...)."""
@@ -423,10 +473,14 @@ class Sandbox:
         return self._info
 
     def close(self) -> None:
-        """Releases this handle's connections (the sandbox keeps running)."""
+        """Releases this handle's connections (the sandbox keeps running); the handle then
+        raises :class:`~openrun.ClientClosedError`. A sandbox and its forks share one
+        connection pool, closed with the last of their handles: close each handle (or use
+        them as context managers). :meth:`kill` does not close the handle, so that the
+        killed sandbox's timeline stays readable through it."""
         if not self._closed:
             self._closed = True
-            self._t.release()
+            self._transport.release()
 
     def __enter__(self) -> "Sandbox":
         return self
@@ -456,7 +510,11 @@ class Sandbox:
         :class:`Stdout`/:class:`Stderr` chunks, then :class:`Exit`.
 
         ``cmd`` is a shell line (run with ``sh -c``) or an argv list. A program that cannot
-        start raises (e.g. :class:`~openrun.CommandNotFoundError`).
+        start raises (e.g. :class:`~openrun.CommandNotFoundError`); a sandbox killed while
+        it runs raises :class:`~openrun.SandboxLostError` (a
+        :class:`~openrun.SandboxNotRunningError`). Leaving the loop early closes the stream
+        when the generator is closed: at once with ``break`` in CPython (or call
+        ``close()``); the command keeps running either way.
         """
         for line in self._t.stream(_ops.exec_stream(self.id, cmd, cwd, env, timeout)):
             yield _ops.exec_event(line)
@@ -471,7 +529,7 @@ class Sandbox:
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
         check: bool = False,
-        stdin: Union[str, bytes, None] = None,
+        stdin: Union[str, bytes, bytearray, memoryview, None] = None,
     ) -> CommandResult:
         """Runs a command to its end.
 
@@ -484,12 +542,19 @@ class Sandbox:
             on_stdout: Called with each piece of standard output text as it arrives.
             on_stderr: Called with each piece of standard error text as it arrives.
             check: Raise :class:`~openrun.CommandError` unless it exited with code 0.
-            stdin: Text or bytes fed to its standard input (then closed); without it, stdin
-                is ``/dev/null``. (It then runs as a background process that is waited for.)
+            stdin: Text or bytes (``bytes``, ``bytearray``, ``memoryview``) fed to its standard
+                input (then closed); without it, stdin is ``/dev/null``. (It then runs as a
+                background process that is waited for.) Anything else raises
+                :class:`~openrun.InvalidArgumentError`.
 
         Returns:
             A :class:`CommandResult` (``exit_code``, ``stdout``, ``stderr``, ``signal``,
             ``timed_out``, ``oom_killed``).
+
+        Raises:
+            SandboxLostError: The sandbox was killed (or expired) while the command ran; a
+                :class:`~openrun.SandboxNotRunningError`, so ``except (NotFoundError,
+                SandboxNotRunningError)`` covers a sandbox gone before or during the call.
         """
         if stdin is not None:
             proc = self.start(cmd, cwd=cwd, env=env, timeout=timeout, stdin=stdin)
@@ -508,18 +573,19 @@ class Sandbox:
         cwd: Optional[str] = None,
         env: Optional[Mapping[str, str]] = None,
         timeout: Optional[Duration] = None,
-        stdin: Union[bool, str, bytes] = False,
+        stdin: Union[bool, str, bytes, bytearray, memoryview] = False,
     ) -> Process:
         """Starts a command in the background; a :class:`Process` handle.
 
         ``stdin=True`` keeps a pipe open for :meth:`Process.send_stdin`; text or bytes are
-        written to it and the pipe is closed. Otherwise stdin is ``/dev/null``.
+        written to it and the pipe is closed. With ``False`` (or ``None``) stdin is
+        ``/dev/null``. Anything else raises :class:`~openrun.InvalidArgumentError`.
         """
-        pipe = stdin is True or isinstance(stdin, (str, bytes))
-        pid = self._t.call(_ops.start(self.id, cmd, cwd, env, timeout, pipe))
+        data = None if isinstance(stdin, bool) or stdin is None else _ops.stdin_bytes(stdin)
+        pid = self._t.call(_ops.start(self.id, cmd, cwd, env, timeout, stdin is True or data is not None))
         proc = Process(self, pid)
-        if isinstance(stdin, (str, bytes)):
-            self._t.call(_ops.stdin(self.id, pid, stdin, True))
+        if data is not None:
+            self._t.call(_ops.stdin(self.id, pid, data, True))
         return proc
 
     def process(self, pid: int) -> Process:
@@ -556,7 +622,9 @@ class Sandbox:
     ) -> List["Sandbox"]:
         """Snapshots the sandbox and creates ``count`` (1 to 100) sandboxes from it, all or
         none. Limits and env default to this sandbox's; the network to ``none``. The forks
-        are not killed with this sandbox: kill them (or use them as context managers)."""
+        are not killed with this sandbox: kill them (or use them as context managers). Their
+        handles share this handle's connection pool: it closes once every one of them is
+        closed (``close()`` or the context manager), so close each fork's handle too."""
         call = _ops.fork(
             self.id,
             count=count,
@@ -581,7 +649,8 @@ class Sandbox:
     def events(self, since: int = 0, *, follow: bool = False) -> Iterator[Event]:
         """The sandbox's timeline after sequence number ``since``: creates, commands, file
         writes, network decisions, ... With ``follow`` it goes on live and ends when the
-        sandbox is deleted or stopped (or when you stop iterating)."""
+        sandbox is deleted or stopped (or when you stop iterating and the generator is
+        closed)."""
         call = _ops.events(self.id, since, follow)
         if follow:
             for line in self._t.stream(call):
