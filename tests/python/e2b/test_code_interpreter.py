@@ -239,7 +239,7 @@ def test_code_interpreter_unknown_context_is_not_found(sandbox):
 def test_code_interpreter_unsupported_language_is_refused(sandbox):
     with pytest.raises(SandboxException) as caught:
         sandbox.run_code("1", language="r")
-    assert "400" in str(caught.value) and "python only" in str(caught.value)
+    assert "400" in str(caught.value) and "python and bash" in str(caught.value)
     with pytest.raises(SandboxException):
         sandbox.create_code_context(language="java")
     with pytest.raises(InvalidArgumentException):
@@ -247,6 +247,39 @@ def test_code_interpreter_unsupported_language_is_refused(sandbox):
     # Python by name is the default context.
     sandbox.run_code("by_name = 7", language="python")
     assert sandbox.run_code("by_name").text == "7"
+
+
+def test_code_interpreter_bash_contexts_keep_their_shell(sandbox):
+    first = sandbox.run_code("COUNT=3; cd /tmp; twice() { echo \"$1$1\"; }", language="bash")
+    assert first.error is None
+    execution = sandbox.run_code("twice ab; pwd; echo $COUNT; echo oops >&2", language="bash")
+    assert execution.error is None
+    assert "".join(execution.logs.stdout) == "abab\n/tmp\n3\n"
+    assert execution.logs.stderr == ["oops\n"]
+    failed = sandbox.run_code("ls /no/such/path", language="bash")
+    assert failed.error is not None and failed.error.name == "ExitCode"
+    assert failed.error.value == "2"
+    assert "/no/such/path" in "".join(failed.logs.stderr)
+    env = sandbox.run_code("echo $ONLY_NOW", language="bash", envs={"ONLY_NOW": "x y"})
+    assert env.logs.stdout == ["x y\n"]
+    assert sandbox.run_code("echo ${ONLY_NOW-unset}", language="bash").logs.stdout == ["unset\n"]
+
+    ctx = sandbox.create_code_context(language="bash", cwd="/")
+    try:
+        assert ctx.language == "bash"
+        assert {c.id: c.language for c in sandbox.list_code_contexts()}[ctx.id] == "bash"
+        # Its own shell: the default bash context's variables are not there.
+        assert sandbox.run_code("echo ${COUNT-none}; pwd", context=ctx).logs.stdout == ["none\n/\n"]
+        sandbox.run_code("KEPT=yes", context=ctx)
+        with pytest.raises(TimeoutException):
+            sandbox.run_code("while true; do sleep 0.2; done", context=ctx, timeout=2)
+        after = sandbox.run_code("echo $KEPT", context=ctx, timeout=30)
+        assert after.error is None and after.logs.stdout == ["yes\n"]
+        gone = sandbox.run_code("exit 4", context=ctx)
+        assert gone.error is not None and gone.error.name == "ShellExited"
+        assert sandbox.run_code("echo ${KEPT-fresh}", context=ctx).logs.stdout == ["fresh\n"]
+    finally:
+        sandbox.remove_code_context(ctx)
 
 
 def test_code_interpreter_env_vars_apply_to_one_run(sandbox):

@@ -4,7 +4,8 @@
 //! A context is one long-running Python process inside the sandbox, the kernel
 //! ([`kernel.py`](KERNEL), embedded here): it keeps the context's variables and runs code like
 //! a Jupyter kernel (the last expression is the result, rich `_repr_*_` formats, `display()`,
-//! matplotlib figures, output of subprocesses captured at the file-descriptor level). It is
+//! matplotlib figures, output of subprocesses captured at the file-descriptor level); in a
+//! `bash` context it runs a persistent bash that `source`s each execution. It is
 //! started with [`start_background`] (stdin kept open) and tagged
 //! `e2b-context:<id>:<language>[:default]`, so the process table *is* the list of contexts: a
 //! restarted server finds them again, nothing here is state that a restart loses (but the
@@ -156,7 +157,7 @@ fn answer(ctx: &SandboxCtx, result: Result<Response, ApiError>) -> Response {
 struct ContextTag {
     /// Context id: 32 lowercase hex digits.
     id: String,
-    /// Language (always `python` for now).
+    /// Language: `python` or `bash`.
     language: String,
     /// The default context of its language (the one `/execute` without `context_id` uses).
     default: bool,
@@ -281,9 +282,10 @@ fn language(requested: Option<&str>) -> Result<String, ApiError> {
     let language = requested.map(|l| l.trim().to_ascii_lowercase());
     match language.as_deref() {
         None | Some("") | Some("python") | Some("python3") => Ok("python".to_string()),
+        Some("bash") => Ok("bash".to_string()),
         Some(other) => Err(ApiError::InvalidArgument(format!(
-            "language {other:?} is not supported: openrun's code interpreter runs python only \
-             (omit the language, or use \"python\")"
+            "language {other:?} is not supported: openrun's code interpreter runs python and \
+             bash (omit the language for python)"
         ))),
     }
 }
@@ -328,6 +330,8 @@ async fn start_kernel(
         user: ctx.user.clone(),
         stdin: true,
         tag: Some(tag.render()),
+        // The kernel reads (and removes) it: a bash context runs a persistent bash.
+        env: BTreeMap::from([("OPENRUN_KERNEL_LANGUAGE".to_string(), tag.language.clone())]),
         ..Default::default()
     };
     let pid = match start_background(s, &ctx.caller, &ctx.sandbox_id, request).await {
@@ -1084,8 +1088,9 @@ mod tests {
     fn languages() {
         assert_eq!(language(None).expect("python"), "python");
         assert_eq!(language(Some(" Python ")).expect("python"), "python");
+        assert_eq!(language(Some("bash")).expect("bash"), "bash");
         let e = language(Some("r")).expect_err("r is refused");
-        assert!(e.to_string().contains("python only"), "{e}");
+        assert!(e.to_string().contains("python and bash"), "{e}");
     }
 
     /// The kernel itself, run by the host's python3 as the sandbox runs it: bootstrap, source
@@ -1156,6 +1161,58 @@ mod tests {
             "{traceback}"
         );
         assert_eq!(r2[3]["type"], "end_of_execution");
+    }
+
+    /// A bash context's kernel: state persists between executions, a failing command is an
+    /// `ExitCode` error.
+    #[test]
+    fn the_bash_kernel_keeps_its_shell() {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(PYTHON)
+            .args(["-c", BOOTSTRAP])
+            .env("OPENRUN_KERNEL_LANGUAGE", "bash")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        write!(stdin, "{}\n{KERNEL}", KERNEL.len()).expect("source sent");
+        let requests = [
+            serde_json::json!({"id": "b1", "code": "N=4; cd /; greet() { echo \"hi $1\"; }"}),
+            serde_json::json!({"id": "b2", "code": "greet $N; pwd; echo $OPENRUN_KERNEL_LANGUAGE-$V", "env_vars": {"V": "v"}}),
+            serde_json::json!({"id": "b3", "code": "echo $V; false"}),
+        ];
+        for request in requests {
+            writeln!(stdin, "{request}").expect("request sent");
+        }
+        drop(stdin);
+        let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().expect("stdout"))
+            .lines()
+            .map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON"))
+            .collect();
+        assert!(child.wait().expect("exit").success());
+        let of = |id: &str, kind: &str| -> Vec<serde_json::Value> {
+            lines
+                .iter()
+                .filter(|l| l["id"] == id && l["type"] == kind)
+                .cloned()
+                .collect()
+        };
+        let text = |id: &str| -> String {
+            of(id, "stdout")
+                .iter()
+                .filter_map(|l| l["text"].as_str())
+                .collect()
+        };
+        assert_eq!(text("b2"), "hi 4\n/\n-v\n");
+        assert!(of("b2", "error").is_empty());
+        assert_eq!(text("b3"), "\n");
+        let error = of("b3", "error");
+        assert_eq!(error.len(), 1);
+        assert_eq!(error[0]["name"], "ExitCode");
+        assert_eq!(error[0]["value"], "1");
+        assert_eq!(of("b3", "end_of_execution").len(), 1);
     }
 
     #[test]

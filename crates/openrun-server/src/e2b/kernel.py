@@ -29,10 +29,15 @@ import io
 import json
 import linecache
 import os
+import re
 import select
+import shlex
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
+import time
 import tokenize
 import traceback
 import types
@@ -510,6 +515,153 @@ def _execute(request):
     _sync_streams()
 
 
+# ---------------------------------------------------------------------------------------------
+# bash contexts: one persistent bash (same process group as the kernel) runs every execution
+# with `source`, so variables, functions and the working directory persist. Its output goes to
+# the captured fds 1 and 2; the exit status of each execution comes back on a private pipe.
+# SIGINT: the kernel passes it to its process group; bash's trap returns from the `source`.
+
+# The cell's first line: SIGINT returns from the cell's `source`. Outside a cell, a no-op
+# handler (bash survives, the commands it runs get SIGINT's default action).
+_BASH_CELL_TRAP = "trap 'return 130 2>/dev/null' INT\n"
+_BASH_IDLE_TRAP = "trap : INT"
+
+
+class _Bash:
+    def __init__(self):
+        self.process = None
+        self.directory = tempfile.mkdtemp(prefix="openrun-bash-")
+        self.start()
+
+    def start(self):
+        status_r, status_w = os.pipe()
+        self.process = subprocess.Popen(
+            ["bash", "--noprofile", "--norc"], stdin=subprocess.PIPE, pass_fds=(status_w,),
+        )
+        os.close(status_w)
+        self.status_fd = status_r
+        self.pending = b""
+        self.fd = status_w
+        self.send(_BASH_IDLE_TRAP + "\n")
+
+    def send(self, text):
+        self.process.stdin.write(text.encode("utf-8", "surrogateescape"))
+        self.process.stdin.flush()
+
+    def read_status(self, count, timeout):
+        """The exit status of execution `count`: an int, None after `timeout` seconds (None:
+        no limit), "exited" when bash is gone. Status lines of other executions are skipped."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            while b"\n" in self.pending:
+                line, _, self.pending = self.pending.partition(b"\n")
+                number, _, status = line.decode("ascii", "replace").partition(" ")
+                if number == str(count):
+                    try:
+                        return int(status)
+                    except ValueError:
+                        return 1
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([self.status_fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.status_fd, 4096)
+            if not chunk:
+                return "exited"
+            self.pending += chunk
+
+    def run(self, code, env_vars, count):
+        """Runs `code`; answers its exit status, "exited" when bash itself exited."""
+        cell = os.path.join(self.directory, "cell-%d.sh" % count)
+        wrapper = os.path.join(self.directory, "run-%d.sh" % count)
+        with open(cell, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write(_BASH_CELL_TRAP + code + "\n")
+        script = []
+        for index, (key, value) in enumerate(env_vars.items()):
+            script.append("__openrun_set_%d=${%s+x}; __openrun_old_%d=${%s-}; export %s=%s"
+                          % (index, key, index, key, key, shlex.quote(str(value))))
+        script.append("source %s </dev/null; __openrun_rc=$?; %s"
+                      % (shlex.quote(cell), _BASH_IDLE_TRAP))
+        for index, key in enumerate(env_vars):
+            script.append('if [ -n "$__openrun_set_%d" ]; then export %s="$__openrun_old_%d"; '
+                          "else unset %s; fi; unset __openrun_set_%d __openrun_old_%d"
+                          % (index, key, index, key, index, index))
+        script.append("printf '%d %%s\\n' \"$__openrun_rc\" >&%d" % (count, self.fd))
+        with open(wrapper, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.write("\n".join(script) + "\n")
+        try:
+            # The wrapper comes from a file: bash drops the rest of its input line on SIGINT.
+            self.send("source %s\n" % shlex.quote(wrapper))
+            try:
+                return self.read_status(count, None)
+            except KeyboardInterrupt:
+                return self.interrupted(count)
+        finally:
+            for path in (cell, wrapper):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+
+    def interrupted(self, count):
+        """SIGINT came: pass it to bash and what it runs, then wait for the cell to end."""
+        _State.user = False  # the kernel ignores SIGINT from here on
+        os.killpg(os.getpgrp(), signal.SIGINT)
+        status = self.read_status(count, 2.0)
+        if status is None:
+            # A SIGINT that came between the cell's end and the idle trap skipped the status.
+            self.send("%s; printf '%d 130\\n' >&%d\n" % (_BASH_IDLE_TRAP, count, self.fd))
+            status = self.read_status(count, 2.0)
+        if status is None:
+            self.restart()
+            return "restarted"
+        return status
+
+    def restart(self):
+        try:
+            self.process.kill()
+            self.process.wait()
+        except Exception:
+            pass
+        try:
+            os.close(self.status_fd)
+        except OSError:
+            pass
+        self.start()
+
+
+def _execute_bash(request):
+    _State.count += 1
+    _State.deferred = False
+    count = _State.count
+    _emit({"type": "number_of_executions", "execution_count": count})
+    env_vars = request.get("env_vars") or {}
+    bad = [key for key in env_vars if not _IDENTIFIER.match(str(key))]
+    if bad:
+        _emit({"type": "error", "name": "ValueError", "traceback": "",
+               "value": "not a shell variable name: %s" % ", ".join(map(repr, bad))})
+        return
+    _State.user = True
+    try:
+        status = _BASH.run(request.get("code") or "", env_vars, count)
+    finally:
+        _State.user = False
+    _sync_streams()
+    if status == "exited":
+        code = _BASH.process.wait()
+        _BASH.restart()
+        _emit({"type": "error", "name": "ShellExited", "traceback": "",
+               "value": "bash exited (status %s): its variables are lost; the next execution "
+                        "runs in a fresh bash" % code})
+    elif status == "restarted":
+        _emit({"type": "error", "name": "KeyboardInterrupt", "traceback": "",
+               "value": "bash did not stop on SIGINT and was restarted: its variables are lost"})
+    elif status == 130:
+        _emit({"type": "error", "name": "KeyboardInterrupt", "value": "", "traceback": ""})
+    elif status != 0:
+        _emit({"type": "error", "name": "ExitCode", "value": str(status), "traceback":
+               "the last command exited with status %d\n" % status})
+
+
 def _serve():
     requests = os.fdopen(_PROTO_IN, "rb", buffering=0)
     reader = io.BufferedReader(requests)
@@ -529,7 +681,7 @@ def _serve():
             continue
         _State.current = ident
         try:
-            _execute(request)
+            (_execute_bash if _LANGUAGE == "bash" else _execute)(request)
         except KeyboardInterrupt:
             pass
         finally:
@@ -539,4 +691,7 @@ def _serve():
                 _State.current = None
 
 
+_LANGUAGE = os.environ.pop("OPENRUN_KERNEL_LANGUAGE", "python")
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_BASH = _Bash() if _LANGUAGE == "bash" else None
 _serve()
