@@ -11,6 +11,7 @@ import httpx
 import pytest
 from e2b import (
     AsyncSandbox,
+    AuthenticationException,
     CommandExitException,
     NotFoundException,
     Sandbox,
@@ -246,6 +247,21 @@ async def test_the_async_sdk_runs_commands_too():
         assert await sbx.commands.kill(handle.pid) is False
     finally:
         await sbx.kill()
+
+
+def test_an_unknown_user_is_refused_as_envd_does(sandbox):
+    with pytest.raises(AuthenticationException) as raised:
+        sandbox.commands.run("true", user="nobody-h2")
+    assert "nobody-h2" in str(raised.value)
+    with pytest.raises(AuthenticationException):
+        sandbox.files.list("/", user="nobody-h2")
+    # A user added just now is known at once.
+    sandbox.commands.run("echo 'h2user:x:4242:4242::/home/h2user:/bin/sh' >> /etc/passwd")
+    sandbox.commands.run("mkdir -p /home/h2user && chown 4242 /home/h2user")
+    result = sandbox.commands.run("id -u; pwd", user="h2user")
+    assert result.stdout == "4242\n/home/h2user\n"
+    assert sandbox.files.make_dir("made-by-h2user", user="h2user") is True
+    assert sandbox.files.exists("/home/h2user/made-by-h2user") is True
 
 
 def _raw(sandbox, method, body, content_type="application/connect+json", headers=None):

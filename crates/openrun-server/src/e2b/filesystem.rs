@@ -23,7 +23,7 @@
 //! `dtrwxrwxrwx`). A symlink has type `FILE_TYPE_SYMLINK`, `isSymlink` and `symlinkTarget`,
 //! absolute (a relative link is taken from its directory, lexically).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,7 @@ pub(super) struct Users {
     users: HashMap<u32, String>,
     groups: HashMap<u32, String>,
     homes: HashMap<String, String>,
+    names: HashSet<String>,
     default_user: Option<String>,
 }
 
@@ -148,6 +149,7 @@ impl Users {
         for line in passwd.lines() {
             let fields: Vec<&str> = line.trim_end_matches('\r').split(':').collect();
             if let [name, _, uid, _, _, home, ..] = fields.as_slice() {
+                users.names.insert(name.to_string());
                 if let Ok(uid) = uid.parse::<u32>() {
                     users.users.entry(uid).or_insert_with(|| name.to_string());
                 }
@@ -209,10 +211,19 @@ async fn read_text(s: &Shared, ctx: &SandboxCtx, path: &str) -> Result<String, A
 
 /// The users and groups of the sandbox (read at most every [`USERS_TTL`]).
 pub(super) async fn users(s: &Shared, ctx: &SandboxCtx) -> Result<Arc<Users>, ApiError> {
+    load_users(s, ctx, USERS_TTL).await
+}
+
+/// The users and groups of the sandbox, read again when older than `max_age`.
+async fn load_users(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    max_age: Duration,
+) -> Result<Arc<Users>, ApiError> {
     let now = Instant::now();
     if let Ok(cache) = users_cache().lock() {
         if let Some((at, users)) = cache.get(&ctx.sandbox_id) {
-            if now.duration_since(*at) < USERS_TTL {
+            if now.duration_since(*at) < max_age {
                 return Ok(users.clone());
             }
         }
@@ -229,6 +240,32 @@ pub(super) async fn users(s: &Shared, ctx: &SandboxCtx) -> Result<Arc<Users>, Ap
         cache.insert(ctx.sandbox_id.clone(), (now, users.clone()));
     }
     Ok(users)
+}
+
+/// Refuses a run-as user (`Authorization`) the sandbox does not know, as envd does
+/// (`unauthenticated`, "invalid username"); root and numeric ids are always accepted. The
+/// users are read again before a name is refused (it may have been added just now).
+pub(super) async fn check_user(s: &Shared, ctx: &SandboxCtx) -> Result<(), ConnectError> {
+    let Some(user) = ctx.user.as_deref() else {
+        return Ok(());
+    };
+    let numeric = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
+    let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
+    if user == "root" || (numeric(uid) && numeric(gid)) {
+        return Ok(());
+    }
+    if users(s, ctx).await?.names.contains(user)
+        || load_users(s, ctx, Duration::ZERO)
+            .await?
+            .names
+            .contains(user)
+    {
+        return Ok(());
+    }
+    Err(ConnectError::new(
+        super::connect::Code::Unauthenticated,
+        format!("invalid username: '{user}'"),
+    ))
 }
 
 /// The user the sandbox's commands run as when none is named (its image's; `None`: root).
@@ -261,7 +298,7 @@ fn normalize(path: &str) -> String {
 }
 
 /// The absolute path of a client's `path`: a relative one (or `~`, `~/…`) is taken from the
-/// run-as user's home directory.
+/// run-as user's home directory. An unknown run-as user is refused ([`check_user`]).
 pub(super) async fn resolve_path(
     s: &Shared,
     ctx: &SandboxCtx,
@@ -272,6 +309,7 @@ pub(super) async fn resolve_path(
             "path must be a non-empty path without NUL",
         ));
     }
+    check_user(s, ctx).await?;
     if path.starts_with('/') {
         return Ok(normalize(path));
     }

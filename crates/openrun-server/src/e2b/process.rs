@@ -38,7 +38,7 @@ use super::connect::{
     pj, server_stream, stream_reply, ClientStream, Code, ConnectError, Reply, StreamError,
     StreamOptions, Streaming, Unary,
 };
-use super::filesystem::resolve_path;
+use super::filesystem::{check_user, resolve_path};
 use super::SandboxCtx;
 use crate::api::Shared;
 use crate::exec::{self, Line};
@@ -474,6 +474,7 @@ async fn start(
         return Err(ConnectError::invalid("process.cmd must name a program").into());
     }
     let pty = request.pty.as_ref().map(Pty::size).transpose()?;
+    check_user(&s, &ctx).await?;
     // A relative cwd is taken from the user's home, as envd does.
     let cwd = match config.cwd.filter(|c| !c.is_empty()) {
         Some(cwd) if !cwd.starts_with('/') => Some(resolve_path(&s, &ctx, &cwd).await?),
