@@ -264,3 +264,36 @@ def test_the_handle_count_is_thread_safe(client_args: dict) -> None:
         t.join()
     assert transport._users == 1 + 8 * 2000 and not transport.client.is_closed
     transport.close()
+
+
+class _Interrupted(BaseException):
+    """Stands for Ctrl-C (a KeyboardInterrupt would also stop pytest)."""
+
+
+def test_an_interrupted_create_leaves_no_sandbox(client_args: dict, label: dict) -> None:
+    import signal
+    import time
+
+    def fire(*_: object) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    try:
+        for delay in (0.005, 0.01, 0.015, 0.02, 0.03):
+            made = None
+            try:
+                signal.setitimer(signal.ITIMER_REAL, delay)
+                made = Sandbox.create(labels=label, **client_args)
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            except _Interrupted:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if made is not None:  # the answer came first: not this test's case
+                made.kill()
+                made.close()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    time.sleep(1.0)  # any create still running would have finished by now
+    left = Sandbox.list(labels=label, **client_args)
+    assert left == [], f"sandboxes left by interrupted creates: {[s.id for s in left]}"
