@@ -286,6 +286,14 @@ def test_lifecycle_sandbox_traffic_needs_its_token(sandbox, server_url):
     assert bad.status_code == 401 and bad.json()["code"] == 401
     good = {**headers, "X-Access-Token": sandbox._envd_access_token}
     assert httpx.get(f"{server_url}/health", headers=good).status_code == 204
+    # The traffic token opens the interpreter's port only.
+    traffic = {**headers, "E2B-Traffic-Access-Token": sandbox.traffic_access_token}
+    assert httpx.get(f"{server_url}/health", headers=traffic).status_code == 401
+    # Ports other than envd's and the interpreter's are not open (E2B's wording).
+    closed = httpx.get(f"{server_url}/health", headers={**good, "E2b-Sandbox-Port": "8080"})
+    assert closed.status_code == 502 and "port is not open" in closed.json()["message"]
+    bad_port = httpx.get(f"{server_url}/health", headers={**good, "E2b-Sandbox-Port": "x"})
+    assert bad_port.status_code == 400 and bad_port.json()["code"] == 400
     # Another sandbox's token does not open this one.
     other = Sandbox.create()
     try:

@@ -317,17 +317,7 @@ pub(crate) async fn sandbox_traffic(State(s): State<Shared>, req: Request, next:
     };
     let id = target.id;
     let port = match target.port {
-        Ok(port) if port == ENVD_PORT || port == INTERPRETER_PORT => port,
-        Ok(port) => {
-            return error(
-                StatusCode::BAD_GATEWAY,
-                format!(
-                    "The sandbox {id} is running but port {port} is not open: this server serves \
-                     envd ({ENVD_PORT}) and the code interpreter ({INTERPRETER_PORT}) by \
-                     E2b-Sandbox-Port; other ports are previews (<port>-<id>.<domain>)"
-                ),
-            )
-        }
+        Ok(port) => port,
         Err(text) => {
             return error(
                 StatusCode::BAD_REQUEST,
@@ -359,6 +349,17 @@ pub(crate) async fn sandbox_traffic(State(s): State<Shared>, req: Request, next:
             )
         }
         _ => return not_running(&id, ""),
+    }
+    if port != ENVD_PORT && port != INTERPRETER_PORT {
+        // E2B's proxy words it so: the SDK then raises SandboxUnreachableException.
+        return error(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "The sandbox {id} is running but port is not open: port {port} is not served \
+                 by E2b-Sandbox-Port, only envd ({ENVD_PORT}) and the code interpreter \
+                 ({INTERPRETER_PORT}); other ports are previews (<port>-<id>.<domain>)"
+            ),
+        );
     }
     let ctx = SandboxCtx {
         caller: Caller {
