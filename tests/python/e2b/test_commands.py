@@ -172,6 +172,13 @@ def test_send_stdin_then_close_stdin(sandbox):
     assert result.stdout == "hello\nworld\n"
 
 
+def test_send_stdin_of_megabytes(sandbox):
+    handle = sandbox.commands.run("wc -c", background=True, stdin=True)
+    sandbox.commands.send_stdin(handle.pid, b"y" * (2 << 20))
+    sandbox.commands.close_stdin(handle.pid)
+    assert handle.wait().stdout.strip() == str(2 << 20)
+
+
 def test_stream_input_writes_chunks_in_order(sandbox):
     handle = sandbox.commands.run("cat", background=True, stdin=True)
     sandbox.commands.stream_input(handle.pid, ["a", b"b", "c\n"])
