@@ -249,6 +249,17 @@ def test_lifecycle_network_allowlist_maps_to_an_openrun_policy(v1):
         assert info.allow_internet_access is False
         assert info.network["allow_out"] == ["example.com"]
         assert info.network["deny_out"] == ["0.0.0.0/0"]
+        # update_network replaces it the same way.
+        sbx.update_network({"deny_out": ["0.0.0.0/0"], "allow_out": ["example.org", "10.1.2.0/24"]})
+        policy = v1.get(f"/v1/sandboxes/{sbx.sandbox_id}/network").json()
+        assert (policy["mode"], policy["allow"]) == ("allowlist", ["example.org", "10.1.2.0/24"])
+        sbx.update_network({"allow_internet_access": False})
+        assert v1.get(f"/v1/sandboxes/{sbx.sandbox_id}/network").json()["mode"] == "none"
+        with pytest.raises(SandboxException, match="400.*denyOut"):
+            sbx.update_network({"deny_out": ["8.8.8.8"]})
+        with pytest.raises(SandboxException, match="403.*open"):
+            sbx.update_network({"allow_internet_access": True})
+        assert v1.get(f"/v1/sandboxes/{sbx.sandbox_id}/network").json()["mode"] == "none"
     finally:
         sbx.kill()
     plain = Sandbox.create()
@@ -435,8 +446,6 @@ def test_lifecycle_what_openrun_lacks_is_a_501_naming_it(sandbox):
     with pytest.raises(SandboxException, match="501.*metrics.*not implemented") as err:
         sandbox.get_metrics()
     assert err.value.status_code == 501
-    with pytest.raises(SandboxException, match="501.*PUT /v1/sandboxes"):
-        sandbox.update_network({"deny_out": ["0.0.0.0/0"]})
 
 
 async def test_lifecycle_async_sdk():

@@ -13,7 +13,8 @@
 //! | `POST /sandboxes/{id}/resume` (legacy) `{"timeout"?}` | the same | 201; 409 not paused |
 //! | `POST /sandboxes/{id}/fork` `{"timeout"?,"count"?}` | `images::fork_sandbox` | 201 `[{"sandbox"}]` |
 //! | `POST /sandboxes/{id}/snapshots` `{"name"?}` | `images::take_snapshot` | 201 `{"snapshotID","names"}` |
-//! | metrics, logs, `PUT .../network`, refreshes, `GET /snapshots` | none | 501 naming what to use instead |
+//! | `PUT /sandboxes/{id}/network` `{allowOut, denyOut, allow_internet_access}` | `egress::routes::put` | 204 |
+//! | metrics, logs, refreshes, `GET /snapshots` | none | 501 naming what to use instead |
 //!
 //! Templates: `base` and `code-interpreter-v1` run the image `host`; any other template is
 //! the openrun image of that name (404 when there is none). The template is kept in the
@@ -69,7 +70,7 @@ pub(super) fn routes(state: Shared) -> Router<Shared> {
         .route("/sandboxes/{id}/metrics", get(not_implemented))
         .route("/sandboxes/{id}/logs", get(not_implemented))
         .route("/v2/sandboxes/{id}/logs", get(not_implemented))
-        .route("/sandboxes/{id}/network", put(not_implemented))
+        .route("/sandboxes/{id}/network", put(update_network))
         .route("/sandboxes/{id}/refreshes", post(not_implemented))
         .route("/snapshots", get(not_implemented))
         .route_layer(middleware::from_fn_with_state(state, auth))
@@ -630,9 +631,7 @@ async fn resume(
 /// E2B endpoints the SDK has that openrun does not implement: 501 naming what to use.
 async fn not_implemented(uri: axum::http::Uri) -> Response {
     let path = uri.path();
-    let instead = if path.ends_with("/network") {
-        "set the network policy with PUT /v1/sandboxes/{id}/network"
-    } else if path.ends_with("/metrics") {
+    let instead = if path.ends_with("/metrics") {
         "read the sandbox's limits with Sandbox.get_info() or GET /v1/sandboxes/{id}/environment"
     } else if path.ends_with("/logs") {
         "read the sandbox's timeline with GET /v1/sandboxes/{id}/events"
@@ -645,6 +644,38 @@ async fn not_implemented(uri: axum::http::Uri) -> Response {
         StatusCode::NOT_IMPLEMENTED,
         format!("{path} is not implemented by openrun: {instead}"),
     )
+}
+
+/// `PUT /sandboxes/{id}/network` (`update_network`): replaces the sandbox's network policy
+/// with the one E2B's `allowOut`, `denyOut` and `allow_internet_access` map to (as on create:
+/// [`network_policy`]); 204.
+async fn update_network(
+    State(s): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<Value>,
+) -> Result<StatusCode, ApiError> {
+    let Value::Object(mut fields) = body else {
+        return Err(ApiError::InvalidArgument(
+            "the body must be an object".into(),
+        ));
+    };
+    let internet = match fields.remove("allow_internet_access") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(b),
+        Some(_) => {
+            return Err(ApiError::InvalidArgument(
+                "allow_internet_access must be true or false".into(),
+            ))
+        }
+    };
+    let policy = network_policy(internet, Some(&Value::Object(fields)))?
+        .unwrap_or_else(|| serde_json::json!({ "mode": "none" }));
+    find_alive(&s, &caller, &id).await?;
+    // The /v1 handler is the core of a policy change; its answer (the new policy) is not E2B's.
+    let _view =
+        crate::egress::routes::put(State(s), Extension(caller), Path(id), JsonBody(policy)).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Body of `POST /sandboxes/{id}/fork`.
