@@ -63,6 +63,8 @@ fn locks() -> &'static Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>> {
     LOCKS.get_or_init(Mutex::default)
 }
 
+/// Takes sandbox `id`'s change lock (held until the guard drops): changes of one sandbox run
+/// one at a time.
 pub(crate) async fn lock(id: &str) -> ChangeGuard {
     let lock = locks()
         .lock()
