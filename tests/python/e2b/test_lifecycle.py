@@ -385,7 +385,8 @@ def test_lifecycle_hosts_of_the_preview_domain_reach_envd(domain_server):
     other = httpx.get(f"{url}/health", headers={"Host": f"8080-{sbx.sandbox_id}.sbx.test", **token})
     assert other.status_code == 401 and "preview token" in other.text
     # The API host is the API.
-    assert httpx.get(f"{url}/v1/health", headers={"Host": "api.sbx.test"}).json() == {"status": "ok"}
+    api_host = httpx.get(f"{url}/v1/health", headers={"Host": "api.sbx.test"})
+    assert api_host.json() == {"status": "ok"}
     sbx.kill()
     gone = httpx.get(f"{url}/health", headers=envd)
     assert gone.status_code == 502 and "was not found" in gone.json()["message"]
