@@ -470,3 +470,26 @@ async def test_lifecycle_async_sdk():
         assert await sbx.kill() is True
     assert not await sbx.is_running()
     assert await sbx.kill() is False
+
+
+def test_lifecycle_another_tenant_sees_nothing(sandbox, openrun_bin, data_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRUN_")}
+    other = subprocess.run(
+        [openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "other-tenant"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.strip().splitlines()[-1]
+    sid = sandbox.sandbox_id
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(sid, api_key=other)
+    assert Sandbox.kill(sid, api_key=other) is False
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.connect(sid, api_key=other)
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.set_timeout(sid, 30, api_key=other)
+    assert sid not in {s.sandbox_id for s in Sandbox.list(api_key=other).next_items()}
+    # The owner's sandbox is untouched.
+    assert sandbox.is_running()
+    assert 200 < _seconds_left(sandbox.get_info()) <= 300
