@@ -282,6 +282,26 @@ def test_code_interpreter_bash_contexts_keep_their_shell(sandbox):
         sandbox.remove_code_context(ctx)
 
 
+def test_code_interpreter_ipython_shell_escapes_and_magics(sandbox, context):
+    execution = sandbox.run_code("n = 2\n!echo shell {n * 21}\n!exit 3\n_exit_code", context=context)
+    assert execution.error is None
+    assert execution.logs.stdout == ["shell 42\n"]
+    assert execution.text == "3"
+    assert sandbox.run_code("%cd /tmp", context=context).logs.stdout == ["/tmp\n"]
+    assert sandbox.run_code("import os; os.getcwd()", context=context).text == "/tmp"
+    sandbox.run_code("%env MAGIC_VAR=on", context=context)
+    assert sandbox.run_code("os.environ['MAGIC_VAR']", context=context).text == "on"
+    shell = sandbox.run_code("%%bash\nX=cell; echo \"$X\"", context=context)
+    assert shell.logs.stdout == ["cell\n"]
+    unknown = sandbox.run_code("%timeit 1", context=context)
+    assert unknown.error is not None and unknown.error.name == "UsageError"
+    assert "%timeit" in unknown.error.value
+    # Python that is wrong stays a SyntaxError about the code as written.
+    broken = sandbox.run_code("x = (1,\n!echo no", context=context)
+    assert broken.error is not None and broken.error.name == "SyntaxError"
+    assert "never closed" in broken.error.value
+
+
 def test_code_interpreter_env_vars_apply_to_one_run(sandbox):
     execution = sandbox.run_code(
         "import os, subprocess\n"

@@ -451,13 +451,93 @@ def _error_message(etype, value, tb):
         if part is not None:
             kept = [f for f in part.stack if f.filename != _KERNEL_FILE]
             part.stack = traceback.StackSummary.from_list(kept)
-    lines = list(report.format())
+    if issubclass(etype, (SyntaxError, UsageError)):
+        # Where the code is wrong, not where the kernel was (as IPython shows them).
+        lines = list(report.format_exception_only())
+    else:
+        lines = list(report.format())
     return {
         "type": "error",
         "name": etype.__name__,
         "value": str(value),
         "traceback": "".join(lines),
     }
+
+
+# IPython syntax that models write out of habit: shell escapes and a few magics, translated to
+# calls of _magic when the code does not parse as Python as it stands.
+
+_SHELL_LINE = re.compile(r"^(\s*)!(.*)$")
+_MAGIC_LINE = re.compile(r"^(\s*)%([A-Za-z_]\w*)(.*)$")
+
+
+class UsageError(Exception):
+    """A magic that this kernel does not have (IPython's name for it)."""
+
+
+def _translate_magics(code):
+    lines = code.split("\n")
+    first = lines[0].strip()
+    if first in ("%%bash", "%%sh"):
+        return "_magic(%r, %r)\n" % (first[2:], "\n".join(lines[1:]))
+    if first.startswith("%%"):
+        return "_magic(%r, '')\n" % ("%" + (first[2:].split() or [""])[0])
+    out = []
+    for line in lines:
+        shell = _SHELL_LINE.match(line)
+        magic = _MAGIC_LINE.match(line)
+        if shell:
+            out.append("%s_magic('!', %r)" % (shell.group(1), shell.group(2)))
+        elif magic:
+            out.append("%s_magic(%r, %r)" % (magic.group(1), magic.group(2), magic.group(3).strip()))
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _expand(text):
+    """IPython's `{expression}` expansion in shell lines (what does not evaluate stays)."""
+    def value(match):
+        try:
+            return str(eval(match.group(1), _namespace))
+        except Exception:
+            return match.group(0)
+    return re.sub(r"(?<!\$)\{([^{}]+)\}", value, text)
+
+
+def _magic(name, argument):
+    """Runs `!command`, `%pip`, `%cd`, `%env` and `%%bash` / `%%sh` cells as IPython does."""
+    _flush_streams()
+    if name == "!":
+        status = subprocess.call(_expand(argument), shell=True)
+        _namespace["_exit_code"] = status
+        return None
+    if name in ("bash", "sh"):
+        subprocess.call([name, "-c", argument])
+        return None
+    if name == "pip":
+        subprocess.call([sys.executable, "-m", "pip"] + shlex.split(_expand(argument)))
+        print("Note: you may need to restart the kernel to use updated packages.")
+        return None
+    if name == "cd":
+        os.chdir(os.path.expanduser(_expand(argument) or "~"))
+        print(os.getcwd())
+        return None
+    if name == "env":
+        if not argument:
+            return dict(os.environ)
+        key, sep, value = argument.replace("=", " ", 1).partition(" ")
+        if not sep:
+            return os.environ.get(key)
+        os.environ[key] = _expand(value.strip())
+        print("env: %s=%s" % (key, os.environ[key]))
+        return None
+    kind = "Cell" if name.startswith("%") else "Line"
+    raise UsageError("%s magic function `%%%s` not found (openrun's kernel has !command, "
+                     "%%pip, %%cd, %%env, %%%%bash and %%%%sh)." % (kind, name))
+
+
+builtins._magic = _magic
 
 
 def _execute(request):
@@ -474,7 +554,19 @@ def _execute(request):
     try:
         for key, value in env_vars.items():
             os.environ[str(key)] = str(value)
-        tree = ast.parse(code, filename=filename, mode="exec")
+        try:
+            tree = ast.parse(code, filename=filename, mode="exec")
+        except SyntaxError:
+            # Perhaps IPython syntax (`!pip install x`, `%cd dir`): parse it as its translation,
+            # or else fail on the code as it was written.
+            magic = _translate_magics(code)
+            if magic == code:
+                raise
+            try:
+                tree = ast.parse(magic, filename=filename, mode="exec")
+            except SyntaxError:
+                ast.parse(code, filename=filename, mode="exec")
+                raise
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr) and not _silenced(code):
             last = ast.Expression(tree.body.pop().value)
