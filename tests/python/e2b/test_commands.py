@@ -13,6 +13,7 @@ from e2b import (
     AsyncSandbox,
     AuthenticationException,
     CommandExitException,
+    InvalidArgumentException,
     NotFoundException,
     Sandbox,
     SandboxException,
@@ -205,6 +206,14 @@ def test_a_relative_cwd_is_taken_from_the_users_home(sandbox):
     sandbox.commands.run("mkdir -p /root/h2-sub", user="root")
     assert sandbox.commands.run("pwd", cwd="h2-sub", user="root").stdout == "/root/h2-sub\n"
     assert sandbox.commands.run("pwd", cwd="~/h2-sub", user="root").stdout == "/root/h2-sub\n"
+
+
+def test_a_command_that_cannot_start_is_invalid_argument_as_envd_answers(sandbox):
+    with pytest.raises(InvalidArgumentException) as raised:
+        sandbox.commands.run("true", cwd="/no/such/dir-h2")
+    assert "/no/such/dir-h2" in str(raised.value)
+    with pytest.raises(InvalidArgumentException):
+        sandbox.commands.run("true", cwd="/etc/passwd")
 
 
 def test_user_root(sandbox):

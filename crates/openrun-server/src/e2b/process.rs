@@ -356,28 +356,39 @@ fn message(event: Event) -> EventMessage {
 }
 
 /// The Connect error of an exec stream's `error` line (its `code` is the agent's, or
-/// `agent_lost` when the sandbox went away).
-fn line_error(code: &str, message: String) -> ConnectError {
+/// `agent_lost` when the sandbox went away). A refusal to spawn (`spawn`: the line came before
+/// the start) is `invalid_argument` as envd answers (a missing cwd, say), unless it is a
+/// limit (`resource_exhausted`) or a failure of ours.
+fn line_error(code: &str, message: String, spawn: bool) -> ConnectError {
     let parsed = serde_json::from_value::<ErrorCode>(serde_json::Value::String(code.into()));
-    match parsed {
+    let mut e = match parsed {
         Ok(agent) => ConnectError::from(crate::error::ApiError::Agent(
             openrun_protocol::AgentError::new(agent, message),
         )),
         Err(_) if code == "agent_lost" => ConnectError::new(Code::Unavailable, message),
         Err(_) => ConnectError::new(Code::Internal, message),
+    };
+    let refusal = !matches!(
+        e.code,
+        Code::ResourceExhausted | Code::Internal | Code::Unavailable
+    );
+    if spawn && refusal {
+        e.code = Code::InvalidArgument;
     }
+    e
 }
 
 /// Relays the lines of a process (`rx`) to a stream (`tx`): output as data events (`pty`
-/// for a terminal), the exit as the end event; `on_start` gets the pid when it starts. Returns once the process ended, with its pid
-/// when it exited (a `Started` line then the `Exit` line were seen); with `drain`, keeps
-/// reading (without sending) after the client went away, so that the end is still seen,
-/// else returns `None` at once then.
+/// for a terminal), the exit as the end event; `on_start` gets the pid when it starts.
+/// Returns once the process ended, with its pid when it exited (a `Started` line then the
+/// `Exit` line were seen). `start`: the lines of `Start` (they begin with the start; an error
+/// before it is a refused spawn), which are read to the end even after the client went away
+/// (so that the exit is seen); other relays return `None` at once then.
 async fn relay(
     mut rx: mpsc::Receiver<Line>,
     tx: mpsc::Sender<Result<EventMessage, ConnectError>>,
     pty: bool,
-    drain: bool,
+    start: bool,
     on_start: impl FnOnce(Pid),
 ) -> Option<Pid> {
     let mut started = None;
@@ -406,15 +417,17 @@ async fn relay(
                 return started;
             }
             Line::Error { code, message } => {
+                // Only Start's lines have a start; an error before it is a refused spawn.
+                let spawn = start && started.is_none();
                 if let Some(tx) = client.take() {
-                    let _ = tx.send(Err(line_error(&code, message))).await;
+                    let _ = tx.send(Err(line_error(&code, message, spawn))).await;
                 }
                 return None;
             }
         };
         if let Some(tx) = &client {
             if tx.send(item).await.is_err() {
-                if !drain {
+                if !start {
                     return None;
                 }
                 client = None;
