@@ -447,3 +447,52 @@ def test_code_interpreter_on_a_killed_sandbox(server_url):
         sbx.create_code_context()
     with pytest.raises(TimeoutException):
         sbx.list_code_contexts()
+
+
+def test_code_interpreter_needs_python_in_the_image(openrun_bin):
+    """A template whose image has no python3 (busybox only): the calls fail with a 400 that
+    says so, not with a hang or a 500."""
+    data = tempfile.mkdtemp(prefix="h3ci")
+    server = None
+    sbx = None
+    try:
+        context = os.path.join(data, "build")
+        root = os.path.join(context, "rootfs")
+        os.makedirs(os.path.join(root, "usr", "bin"))
+        os.makedirs(os.path.join(root, "etc"))
+        os.makedirs(os.path.join(root, "tmp"))
+        shutil.copy("/bin/busybox", os.path.join(root, "usr", "bin", "busybox"))
+        for applet in ["sh", "echo", "cat", "ls"]:
+            os.symlink("busybox", os.path.join(root, "usr", "bin", applet))
+        os.symlink("usr/bin", os.path.join(root, "bin"))
+        with open(os.path.join(root, "etc", "passwd"), "w") as f:
+            f.write("root:x:0:0:root:/root:/bin/sh\n")
+        with open(os.path.join(context, "Dockerfile"), "w") as f:
+            f.write('FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/bin:/bin\nCMD ["sh"]\n')
+        subprocess.run(
+            [openrun_bin, "--data-dir", data, "image", "build", "-t", "nopython", context],
+            check=True, capture_output=True,
+        )
+        key = subprocess.run(
+            [openrun_bin, "--data-dir", data, "key", "create", "--name", "nopython"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+        server, url = _serve(openrun_bin, data)
+        sbx = Sandbox.create(template="nopython", api_key=key, api_url=url, sandbox_url=url)
+        with pytest.raises(SandboxException) as caught:
+            sbx.run_code("1 + 1")
+        assert "400" in str(caught.value) and "python3" in str(caught.value)
+        with pytest.raises(SandboxException) as caught:
+            sbx.create_code_context()
+        assert "python3" in str(caught.value)
+        assert sbx.list_code_contexts() == []
+    finally:
+        if sbx is not None:
+            try:
+                sbx.kill()
+            except Exception:
+                pass
+        if server is not None:
+            _stop(server)
+        subprocess.run(["umount", "-l", os.path.join(data, "disk-pool")], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
