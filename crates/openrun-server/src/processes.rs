@@ -329,7 +329,13 @@ pub(crate) async fn follow_output(
             if !request.follow && !exited && cursor[0] >= ends[0] && cursor[1] >= ends[1] {
                 return;
             }
-            let frame = match receiver.next().await {
+            // A quiet process sends nothing for long: a reader that left must end the attach
+            // (and its agent connection) now, not at the next output.
+            let next = tokio::select! {
+                next = receiver.next() => next,
+                () = tx.closed() => return,
+            };
+            let frame = match next {
                 Ok(frame) => frame,
                 Err(e) => {
                     let line = Line::Error {
