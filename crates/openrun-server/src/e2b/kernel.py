@@ -108,6 +108,7 @@ class _Capture(threading.Thread):
         os.close(write_end)
         self.read_end = read_end
         self.fd = fd
+        self.pipe = os.fstat(fd).st_ino
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.cond = threading.Condition()
         self.seen = set()
@@ -118,6 +119,8 @@ class _Capture(threading.Thread):
         marker = b"\0openrun-sync-" + token.encode() + b"\0"
         view = memoryview(marker)
         try:
+            if os.fstat(self.fd).st_ino != self.pipe:
+                return  # the user's code put something else on the fd
             while view:
                 view = view[os.write(self.fd, view):]
         except OSError:
