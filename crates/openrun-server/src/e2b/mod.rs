@@ -169,10 +169,16 @@ const PAUSED: &str = ": it is paused (resume it with Sandbox.connect)";
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Middleware: an error answer of this server (`{"code": "<name>", "message"}`) becomes
-/// E2B's `{"code": <status>, "message", "error_code": "<name>"}`; anything else passes.
+/// E2B's `{"code": <status>, "message", "error_code": "<name>"}` (closing the connection when
+/// the request had a body, which may be unread); anything else passes.
 pub(crate) async fn e2b_errors(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
+    let unread_body = may_have_body(req.headers());
+    let mut response = next.run(req).await;
     let status = response.status();
+    // A refusal may come before the body was read (or in the middle of it).
+    if unread_body && (status.is_client_error() || status.is_server_error()) {
+        close_connection(&mut response);
+    }
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -315,51 +321,83 @@ pub(crate) async fn sandbox_traffic(State(s): State<Shared>, req: Request, next:
     let Some(target) = target(req.headers(), req.uri().host(), s.previews.domain()) else {
         return next.run(req).await;
     };
+    let unread_body = may_have_body(req.headers());
+    match dispatch(s, target, req).await {
+        Ok(response) => response,
+        Err(mut refusal) => {
+            if unread_body {
+                close_connection(&mut refusal);
+            }
+            refusal
+        }
+    }
+}
+
+/// Whether a request may carry a body (`Content-Length` above 0, or chunked).
+fn may_have_body(headers: &HeaderMap) -> bool {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| v.to_str().map_or(true, |v| v.trim() != "0"));
+    headers.contains_key(header::TRANSFER_ENCODING) || length == Some(true)
+}
+
+/// Marks an answer given before the request's body was read: the connection closes after it,
+/// so a pooling client (the SDK shares one pool for the API and every sandbox) does not send
+/// its next request on a connection the server is dropping.
+pub(crate) fn close_connection(response: &mut Response) {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// Checks a request of sandbox traffic and runs it on the sandbox routes; a refusal (`Err`)
+/// is answered before its body was read.
+async fn dispatch(s: Shared, target: Target, req: Request) -> Result<Response, Response> {
     let id = target.id;
     let port = match target.port {
         Ok(port) => port,
         Err(text) => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "invalid E2b-Sandbox-Port {text:?}: expected {ENVD_PORT} or {INTERPRETER_PORT}"
                 ),
-            )
+            ))
         }
     };
     if let Err(message) = check_tokens(&s, req.headers(), &id, port) {
-        return error(StatusCode::UNAUTHORIZED, message);
+        return Err(error(StatusCode::UNAUTHORIZED, message));
     }
     let user = match basic_user(req.headers()) {
         Ok(user) => user,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+        Err(message) => return Err(error(StatusCode::BAD_REQUEST, message)),
     };
     let row = match crate::preview::sandbox_by_id(&s, &id).await {
         Ok(row) => row,
-        Err(ApiError::NotFound(_)) => return not_running(&id, ""),
-        Err(e) => return e.into_response(),
+        Err(ApiError::NotFound(_)) => return Err(not_running(&id, "")),
+        Err(e) => return Err(e.into_response()),
     };
     match row.state.as_str() {
         "running" => {}
-        "paused" => return not_running(&id, PAUSED),
+        "paused" => return Err(not_running(&id, PAUSED)),
         "creating" => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_GATEWAY,
                 format!("The sandbox {id} is still being created"),
-            )
+            ))
         }
-        _ => return not_running(&id, ""),
+        _ => return Err(not_running(&id, "")),
     }
     if port != ENVD_PORT && port != INTERPRETER_PORT {
         // E2B's proxy words it so: the SDK then raises SandboxUnreachableException.
-        return error(
+        return Err(error(
             StatusCode::BAD_GATEWAY,
             format!(
                 "The sandbox {id} is running but port is not open: port {port} is not served \
                  by E2b-Sandbox-Port, only envd ({ENVD_PORT}) and the code interpreter \
                  ({INTERPRETER_PORT}); other ports are previews (<port>-<id>.<domain>)"
             ),
-        );
+        ));
     }
     let ctx = SandboxCtx {
         caller: Caller {
@@ -382,7 +420,7 @@ pub(crate) async fn sandbox_traffic(State(s): State<Shared>, req: Request, next:
     parts.extensions.insert(ctx);
     let req = Request::from_parts(parts, body);
     match sandbox_routes().with_state(s).oneshot(req).await {
-        Ok(response) => response,
+        Ok(response) => Ok(response),
         Err(never) => match never {},
     }
 }
@@ -437,6 +475,14 @@ mod tests {
         );
         let h = headers(&[("Host", "api.example.com")]);
         assert_eq!(target(&h, None, Some("sbx.example.com")), None);
+    }
+
+    #[test]
+    fn bodies_are_told_by_length_or_chunking() {
+        assert!(!may_have_body(&headers(&[])));
+        assert!(!may_have_body(&headers(&[("Content-Length", "0")])));
+        assert!(may_have_body(&headers(&[("Content-Length", "12")])));
+        assert!(may_have_body(&headers(&[("Transfer-Encoding", "chunked")])));
     }
 
     #[test]
