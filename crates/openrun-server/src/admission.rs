@@ -2,9 +2,11 @@
 //! `queue` more wait for a slot (in arrival order), and any create beyond that is refused at
 //! once with 429 `too_many_requests` and a `Retry-After` estimate, before its body is read.
 //!
-//! This is a layer on the `POST /v1/sandboxes` route ([`limit`]), inside authentication (an
-//! unknown key never takes a slot); the handler knows nothing of it. It also times each
-//! admitted create for [`crate::metrics`].
+//! The core is [`admitted`], which every surface that creates one sandbox goes through: a
+//! layer on the `POST /v1/sandboxes` route ([`limit`], inside authentication: an unknown key
+//! never takes a slot; the handler knows nothing of it) and MCP's `create_sandbox`. It also
+//! times each admitted create for [`crate::metrics`]. A fork's creates wait for slots
+//! ([`Admission::slot`]) without the queue bound: the fork itself is one request.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -131,10 +133,30 @@ fn too_many_requests_answer() -> openapi::Response {
         .build()
 }
 
-/// Middleware of the create route: runs the create in a slot, waiting in the queue if there
-/// is room, else answers 429 at once. An admitted create runs to its end even when its client
-/// leaves. Times the creates that succeed.
+/// Middleware of the create route: [`admitted`] around the handler; the creates that answer
+/// 201 are timed.
 async fn admit(State(s): State<Shared>, req: Request, next: Next) -> Result<Response, ApiError> {
+    admitted(&s, next.run(req), |response: &Response| {
+        response.status() == StatusCode::CREATED
+    })
+    .await
+}
+
+/// Runs one sandbox create under admission control — the one path of every surface that
+/// creates a sandbox (the `/v1` route through [`admit`], MCP's `create_sandbox`): in a slot,
+/// waiting in the queue if there is room, else refused at once with 429. The create runs in
+/// its own task, to its end even when its caller leaves (dropped halfway, it would leave a
+/// `creating` row over a live sandbox whose agent nobody reaps), and keeps its slot until it
+/// is done. Creates for which `succeeded` holds are timed for [`crate::metrics`].
+pub(crate) async fn admitted<T, F>(
+    s: &Shared,
+    create: F,
+    succeeded: fn(&T) -> bool,
+) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let admission = &s.admission;
     let permit = match admission.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
@@ -161,16 +183,13 @@ async fn admit(State(s): State<Shared>, req: Request, next: Next) -> Result<Resp
     };
     let started = Instant::now();
     let metrics = s.metrics.clone();
-    // Its own task: a create goes on when its client leaves (dropped halfway, it would leave a
-    // `creating` row over a live sandbox whose agent nobody reaps), and keeps its slot until
-    // it is done.
     let create = tokio::spawn(async move {
-        let response = next.run(req).await;
+        let outcome = create.await;
         drop(permit);
-        if response.status() == StatusCode::CREATED {
+        if succeeded(&outcome) {
             metrics.observe_create(started.elapsed());
         }
-        response
+        outcome
     });
     create
         .await

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::{StatusCode, Url};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -57,35 +57,34 @@ pub fn run(
     args: McpArgs,
 ) -> Result<i32> {
     let rt = crate::session::tokio_runtime()?;
-    let mut child = None;
+    let mut local = Local::default();
     let target = rt.block_on(choose_server(
         data_dir,
         server,
         api_key,
         args.no_start,
-        &mut child,
+        &mut local,
     ));
     let result = match target {
         Ok(target) => rt.block_on(bridge(target)),
         Err(e) => Err(e),
     };
-    if let Some(child) = child {
-        stop(child);
-    }
+    local.finish(data_dir);
     // A stdin read may still be parked on its blocking thread: do not wait for it.
     rt.shutdown_background();
     result.map(|()| 0)
 }
 
-/// The server to bridge to (see the module documentation); a started one goes to `child`.
+/// The server to bridge to (see the module documentation); the use of the data dir's local
+/// server (and a started one) goes to `local`.
 async fn choose_server(
     data_dir: &Path,
     server: Option<String>,
     api_key: Option<String>,
     no_start: bool,
-    child: &mut Option<Child>,
+    local: &mut Local,
 ) -> Result<Target> {
-    let http = reqwest::Client::builder()
+    let http = Target::client_builder()
         .timeout(HEALTH_TIMEOUT)
         .build()
         .context("cannot make an HTTP client")?;
@@ -99,12 +98,23 @@ async fn choose_server(
         }
         return with_key(target);
     }
+    // One `openrun mcp` at a time looks for (and maybe starts) the data dir's server: two
+    // servers on one data dir would fight over it.
+    let start_lock = lock(data_dir, START_LOCK, LockKind::Exclusive).await?;
     if let Some(url) = local_server(data_dir) {
         if health(&http, &url).await.is_ok() {
-            tracing::info!(%url, "using the local server of local.json");
-            if let Some(target) = Target::resolve(Some(url.to_string()), api_key.clone(), data_dir)?
-            {
-                return with_key(target);
+            let target = Target::resolve(Some(url.to_string()), api_key.clone(), data_dir)?;
+            match target {
+                Some(target) if target.api_key.is_some() => {
+                    tracing::info!(%url, "using the local server of local.json");
+                    local.users = Some(lock(data_dir, USERS_LOCK, LockKind::Shared).await?);
+                    return Ok(target);
+                }
+                _ => tracing::warn!(
+                    %url,
+                    "the address in local.json answers but is not this data dir's server (or \
+                     no key goes to it): starting one"
+                ),
             }
         }
     }
@@ -116,11 +126,156 @@ async fn choose_server(
         );
     }
     let (started, addr) = start_server(data_dir).await?;
-    *child = Some(started);
+    if let Err(e) = write_child_file(data_dir, started.id()) {
+        tracing::warn!(error = %e, "cannot note the started server's pid");
+    }
+    local.child = Some(started);
+    local.users = Some(lock(data_dir, USERS_LOCK, LockKind::Shared).await?);
+    drop(start_lock);
     let url = format!("http://{addr}");
     match Target::resolve(Some(url.clone()), api_key, data_dir)? {
         Some(target) => with_key(target),
         None => bail!("cannot use the started server at {url}"),
+    }
+}
+
+/// Lock file taken while looking for or starting the data dir's server.
+const START_LOCK: &str = "mcp-start.lock";
+/// Lock file every `openrun mcp` using the data dir's local server holds shared.
+const USERS_LOCK: &str = "mcp-users.lock";
+/// The pid and start time of the server an `openrun mcp` started.
+const CHILD_FILE: &str = "mcp-server.pid";
+
+/// How a lock file is taken.
+#[derive(Debug, Clone, Copy)]
+enum LockKind {
+    Shared,
+    Exclusive,
+    /// Exclusive, or `None` at once when someone holds it.
+    TryExclusive,
+}
+
+/// Opens `<data_dir>/<name>` and takes its `flock` (waiting, off the async threads).
+async fn lock(data_dir: &Path, name: &str, kind: LockKind) -> Result<std::fs::File> {
+    let path = data_dir.join(name);
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || lock_now(&path, kind))
+        .await
+        .context("the lock task failed")?
+        .and_then(|f| f.with_context(|| format!("{shown} is locked")))
+        .with_context(|| format!("cannot lock {shown}"))
+}
+
+/// The blocking [`lock`]: `Ok(None)` when `TryExclusive` finds it held.
+fn lock_now(path: &Path, kind: LockKind) -> Result<Option<std::fs::File>> {
+    use rustix::fs::{flock, FlockOperation};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let operation = match kind {
+        LockKind::Shared => FlockOperation::LockShared,
+        LockKind::Exclusive => FlockOperation::LockExclusive,
+        LockKind::TryExclusive => FlockOperation::NonBlockingLockExclusive,
+    };
+    match flock(&file, operation) {
+        Ok(()) => Ok(Some(file)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// This process's use of the data dir's local server.
+#[derive(Default)]
+struct Local {
+    /// The server this process started.
+    child: Option<Child>,
+    /// The shared lock on [`USERS_LOCK`] while the local server is used.
+    users: Option<std::fs::File>,
+}
+
+impl Local {
+    /// Stops the local server an `openrun mcp` started when no other `openrun mcp` uses it
+    /// any more (whichever of them started it); else leaves it to the last one.
+    fn finish(self, data_dir: &Path) {
+        let Some(users) = self.users else {
+            return;
+        };
+        drop(users);
+        // No one looks for the server while it may be stopping.
+        let Ok(Some(_start)) = lock_now(&data_dir.join(START_LOCK), LockKind::Exclusive) else {
+            return;
+        };
+        match lock_now(&data_dir.join(USERS_LOCK), LockKind::TryExclusive) {
+            Ok(Some(_alone)) => {
+                if let Some(child) = self.child {
+                    stop(child);
+                } else if let Some(pid) = started_server(data_dir) {
+                    tracing::info!(pid, "stopping the server another openrun mcp started");
+                    stop_pid(pid);
+                }
+                let _ = std::fs::remove_file(data_dir.join(CHILD_FILE));
+            }
+            Ok(None) => {
+                if self.child.is_some() {
+                    tracing::info!(
+                        "leaving the started openrun server running: another openrun mcp uses \
+                         it (the last one stops it)"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot lock {USERS_LOCK}"),
+        }
+    }
+}
+
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`), telling a reused pid apart.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Notes the started server's pid and start time in [`CHILD_FILE`].
+fn write_child_file(data_dir: &Path, pid: u32) -> std::io::Result<()> {
+    let started = start_time(pid).unwrap_or(0);
+    std::fs::write(data_dir.join(CHILD_FILE), format!("{pid} {started}\n"))
+}
+
+/// The pid of the server [`CHILD_FILE`] names, if that very process still runs.
+fn started_server(data_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(data_dir.join(CHILD_FILE)).ok()?;
+    let mut fields = text.split_whitespace();
+    let pid: u32 = fields.next()?.parse().ok()?;
+    let started: u64 = fields.next()?.parse().ok()?;
+    (pid != std::process::id() && start_time(pid) == Some(started)).then_some(pid)
+}
+
+/// SIGTERM to a server that is not our child, then SIGKILL after [`STOP_TIMEOUT`].
+fn stop_pid(pid: u32) {
+    let Some(target) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    let started = start_time(pid);
+    let alive = || start_time(pid).is_some() && start_time(pid) == started;
+    let _ = rustix::process::kill_process(target, rustix::process::Signal::TERM);
+    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if !alive() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive() {
+        let _ = rustix::process::kill_process(target, rustix::process::Signal::KILL);
     }
 }
 
@@ -201,7 +356,10 @@ async fn start_server(data_dir: &Path) -> Result<(Child, String)> {
     match line.trim().strip_prefix("listening on ") {
         Some(addr) => Ok((child, addr.to_string())),
         None => {
-            let status = child.wait().ok();
+            // It printed something else: it may still run (or hang); stop it, do not wait
+            // for it.
+            stop_and_reap(&mut child);
+            let status = child.try_wait().ok().flatten();
             bail!(
                 "no openrun server is configured and starting one failed (openrun serve: {}; \
                  its messages are above). Start one yourself (openrun serve, as root), or name \
@@ -214,6 +372,11 @@ async fn start_server(data_dir: &Path) -> Result<(Child, String)> {
 
 /// Stops a started server: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
 fn stop(mut child: Child) {
+    stop_and_reap(&mut child);
+}
+
+/// [`stop`] of a child still needed afterwards (for its exit status).
+fn stop_and_reap(child: &mut Child) {
     if let Ok(Some(_)) = child.try_wait() {
         return;
     }
@@ -250,16 +413,18 @@ struct Session {
 struct Upstream {
     http: reqwest::Client,
     endpoint: Url,
-    key: String,
+    /// `Bearer <key>`, checked once at the start, marked sensitive.
+    auth: HeaderValue,
     session: Mutex<Session>,
     out: mpsc::UnboundedSender<Value>,
 }
 
 /// Copies stdin to the server and the answers to stdout until stdin closes (or SIGTERM/SIGINT).
 async fn bridge(target: Target) -> Result<()> {
-    let key = target.api_key.clone().context("no API key")?;
+    let auth = authorization(target.api_key.as_deref())?;
     let endpoint = target.url.join("mcp")?;
-    let http = reqwest::Client::builder()
+    // The CLI's client settings: no proxy of the environment, no redirects (the key).
+    let http = Target::client_builder()
         .build()
         .context("cannot make an HTTP client")?;
     let (out, mut out_rx) = mpsc::unbounded_channel::<Value>();
@@ -276,7 +441,7 @@ async fn bridge(target: Target) -> Result<()> {
     let upstream = Arc::new(Upstream {
         http,
         endpoint,
-        key,
+        auth,
         session: Mutex::new(Session::default()),
         out,
     });
@@ -293,6 +458,20 @@ async fn bridge(target: Target) -> Result<()> {
         match read {
             Ok(0) => break,
             Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                // Too long: skip the rest of that line and go on with the next.
+                if let Err(e) = skip_line(&mut stdin).await {
+                    tracing::warn!(error = %e, "cannot read stdin");
+                    break;
+                }
+                upstream.send_out(json!({
+                    "jsonrpc": "2.0", "id": null,
+                    "error": { "code": -32600, "message": format!(
+                        "invalid request: a message longer than {MAX_LINE} bytes (a write_file \
+                         of a large file: write it in parts with append)") }
+                }));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read stdin");
                 break;
@@ -312,6 +491,14 @@ async fn bridge(target: Target) -> Result<()> {
                 continue;
             }
         };
+        if !message.is_object() {
+            // JSON-RPC batches were removed from MCP in 2025-06-18.
+            upstream.send_out(json!({
+                "jsonrpc": "2.0", "id": null,
+                "error": { "code": -32600, "message": "invalid request: one JSON-RPC object per line (MCP has no batches)" }
+            }));
+            continue;
+        }
         if message.get("method").and_then(Value::as_str) == Some("initialize") {
             // Nothing else may be sent before the session exists.
             upstream.initialize(message).await;
@@ -350,6 +537,26 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(
         reader.consume(take);
         if done {
             return Ok(line.len());
+        }
+    }
+}
+
+/// Reads and drops input up to the end of the current line.
+async fn skip_line<R: tokio::io::AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<()> {
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(());
+        }
+        match available.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                reader.consume(i + 1);
+                return Ok(());
+            }
+            None => {
+                let n = available.len();
+                reader.consume(n);
+            }
         }
     }
 }
@@ -447,8 +654,7 @@ impl Upstream {
     /// POSTs one message; returns the JSON-RPC messages of the answer (none for 202).
     async fn post(&self, message: &Value) -> Result<Vec<Value>, PostError> {
         let mut headers = HeaderMap::new();
-        let auth = format!("Bearer {}", self.key);
-        headers.insert(AUTHORIZATION, header_value(&auth)?);
+        headers.insert(AUTHORIZATION, self.auth.clone());
         headers.insert(CONTENT_TYPE, header_value("application/json")?);
         headers.insert(ACCEPT, header_value("application/json, text/event-stream")?);
         let had_session = {
@@ -532,12 +738,12 @@ impl Upstream {
 
     /// Ends the session on the server (best effort).
     async fn close(&self) {
-        let (id, key) = (self.session().id.clone(), self.key.clone());
+        let id = self.session().id.clone();
         if let Some(id) = id {
             let request = self
                 .http
                 .delete(self.endpoint.clone())
-                .bearer_auth(key)
+                .header(AUTHORIZATION, self.auth.clone())
                 .header("mcp-session-id", id)
                 .timeout(Duration::from_secs(2));
             if let Err(e) = request.send().await {
@@ -547,9 +753,27 @@ impl Upstream {
     }
 }
 
-fn header_value(text: &str) -> Result<reqwest::header::HeaderValue, PostError> {
-    reqwest::header::HeaderValue::from_str(text)
-        .map_err(|_| PostError::Other(format!("a header value that HTTP cannot carry: {text:?}")))
+/// A header value; the error never shows the value (it may be a secret).
+fn header_value(text: &str) -> Result<HeaderValue, PostError> {
+    HeaderValue::from_str(text)
+        .map_err(|_| PostError::Other("a header value that HTTP cannot carry".into()))
+}
+
+/// The `Authorization` header of the key, checked once (trimmed; never shown in an error).
+fn authorization(key: Option<&str>) -> Result<HeaderValue> {
+    let key = key.map(str::trim).filter(|k| !k.is_empty());
+    let Some(key) = key else {
+        bail!("no API key: set OPENRUN_API_KEY (openrun key create makes one)");
+    };
+    let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+        anyhow::anyhow!(
+            "the API key (--api-key, OPENRUN_API_KEY or the config file) holds characters an \
+             HTTP header cannot carry (a line break or another control character?): check it \
+             [key not shown]"
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Why a message could not be forwarded.
@@ -644,5 +868,29 @@ mod tests {
         assert_eq!(read_line(&mut reader, &mut line).await.unwrap(), 3);
         line.clear();
         assert_eq!(read_line(&mut reader, &mut line).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_over_long_line_is_skipped_whole() {
+        let mut input = vec![b'x'; MAX_LINE + 10];
+        input.extend_from_slice(b"\nnext\n");
+        let mut reader = tokio::io::BufReader::new(&input[..]);
+        let mut line = Vec::new();
+        let e = read_line(&mut reader, &mut line).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        skip_line(&mut reader).await.unwrap();
+        line.clear();
+        read_line(&mut reader, &mut line).await.unwrap();
+        assert_eq!(line, b"next\n");
+    }
+
+    #[test]
+    fn the_key_is_checked_once_and_never_shown() {
+        assert!(authorization(Some(" or_key \n")).is_ok());
+        let e = authorization(Some("or_se\ncret")).unwrap_err().to_string();
+        assert!(!e.contains("or_se") && !e.contains("cret"), "{e}");
+        assert!(authorization(Some("  ")).is_err());
+        let e = header_value("sec\u{7f}ret").unwrap_err().to_string();
+        assert!(!e.contains("sec"), "{e}");
     }
 }

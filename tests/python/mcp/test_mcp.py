@@ -405,15 +405,8 @@ async def test_stdio_starts_a_server_when_none_is_configured(openrun_bin):
         shutil.rmtree(home, ignore_errors=True)
 
 
-def other_key(openrun_bin, data_dir):
-    """A key of another tenant on the live server (every key is its own tenant)."""
-    made = subprocess.run([openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "mcp-other"],
-                          capture_output=True, text=True, timeout=60, check=True)
-    return made.stdout.strip()
-
-
-async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
-    stranger = other_key(openrun_bin, data_dir)
+async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir, stranger_key):
+    stranger = stranger_key
     async with connect("http", server_url, api_key, openrun_bin, data_dir) as owner:
         async with sandbox(owner) as sid:
             await call(owner, "write_file", sandbox_id=sid, path="/root/secret.txt", content="s3cret\n")
@@ -426,8 +419,9 @@ async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
                     message = await call_error(other, tool, sandbox_id=sid, **args)
                     assert f"no such sandbox: {sid}" in message, (tool, message)
                     assert "s3cret" not in message
-            # A session id is no credential: the stranger's key on the owner's session still
-            # acts as the stranger.
+            # A session id is no credential: on the owner's session, the stranger's key gets
+            # 404 (as for an unknown session) for POST, GET (also resuming with Last-Event-ID)
+            # and DELETE, and the session goes on for its owner.
             headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {api_key}"}
             with httpx.Client(base_url=server_url, headers=headers, timeout=60) as http:
                 init = http.post("/mcp", json=INITIALIZE)
@@ -435,14 +429,26 @@ async def test_tenants_are_isolated(server_url, api_key, openrun_bin, data_dir):
                            "mcp-protocol-version": PROTOCOL_VERSION}
                 initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
                 http.post("/mcp", headers=session, json=initialized)
-                asked = http.post("/mcp", headers={**session, "Authorization": f"Bearer {stranger}"}, json={
-                    "jsonrpc": "2.0", "id": 2, "method": "tools/call",
-                    "params": {"name": "read_file",
-                               "arguments": {"sandbox_id": sid, "path": "/root/secret.txt"}}})
-                (answer,) = [m for m in rpc_messages(asked) if "id" in m]
-                assert answer["result"]["isError"] is True, answer
-                assert "s3cret" not in json.dumps(answer)
-                http.delete("/mcp", headers=session)
+                read_secret = {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                               "params": {"name": "read_file",
+                                          "arguments": {"sandbox_id": sid, "path": "/root/secret.txt"}}}
+                as_stranger = {**session, "Authorization": f"Bearer {stranger}"}
+                asked = http.post("/mcp", headers=as_stranger, json=read_secret)
+                assert asked.status_code == 404, (asked.status_code, asked.text)
+                assert "s3cret" not in asked.text
+                for extra in [{}, {"Last-Event-ID": "0/0"}, {"Last-Event-ID": "1"}]:
+                    got = http.get("/mcp", headers={**as_stranger, **extra,
+                                                    "Accept": "text/event-stream"})
+                    assert got.status_code == 404, (extra, got.status_code, got.text)
+                assert http.delete("/mcp", headers=as_stranger).status_code == 404
+                # Still the owner's, still alive.
+                mine = http.post("/mcp", headers=session, json=read_secret)
+                assert mine.status_code == 200, mine.text
+                (answer,) = [m for m in rpc_messages(mine) if "id" in m]
+                assert "s3cret" in json.dumps(answer["result"]), answer
+                assert http.delete("/mcp", headers=session).status_code in (200, 202, 204)
+                gone = http.post("/mcp", headers=session, json=read_secret)
+                assert gone.status_code == 404
 
 
 def leaves(error):

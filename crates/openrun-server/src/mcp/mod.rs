@@ -14,8 +14,10 @@
 //!   `isError: true` and a message saying what to do next, as MCP 2025-11-25 asks (a model can
 //!   correct its call); protocol misuse (an unknown tool or method, a malformed request) is a
 //!   JSON-RPC error.
-//! - Sessions: rmcp's in-memory session manager (`Mcp-Session-Id`), idle sessions closed after
-//!   [`SESSION_IDLE`]. Host-header checks (rmcp's DNS-rebinding guard) are off: every request
+//! - Sessions: rmcp's in-memory session manager (`Mcp-Session-Id`). A session belongs to the
+//!   tenant of the key that opened it: [`sessions`] answers 404 to any other tenant, bounds
+//!   sessions per tenant and in all, and closes those idle (nothing in flight) for
+//!   [`sessions::IDLE`]; rmcp's own limit, [`SESSION_IDLE`], is only a backstop. Host-header checks (rmcp's DNS-rebinding guard) are off: every request
 //!   needs an API key, which a rebinding page does not have, and the server may be reached by
 //!   any name.
 
@@ -40,6 +42,7 @@ use rmcp::{tool_handler, ErrorData, RoleServer, ServerHandler};
 use crate::api::{Caller, Shared};
 use crate::error::ApiError;
 
+mod sessions;
 mod text;
 mod tools;
 
@@ -66,22 +69,29 @@ by default). The network is off unless create_sandbox asks for an allowlist.";
 /// The `/mcp` route: rmcp's Streamable HTTP service behind the API-key check.
 pub(crate) fn router(state: Shared) -> Router<Shared> {
     let tools = Arc::new(OpenrunMcp::tool_router());
+    let edits = Arc::new(tools::EditLocks::default());
     let factory_state = state.clone();
     let config = StreamableHttpServerConfig::default()
         .disable_allowed_hosts()
         .with_max_request_body_bytes(MAX_MESSAGE);
+    let manager = Arc::new(session_manager());
     let service = StreamableHttpService::new(
         move || {
             Ok(OpenrunMcp {
                 state: factory_state.clone(),
                 tools: tools.clone(),
+                edits: edits.clone(),
             })
         },
-        Arc::new(session_manager()),
+        manager.clone(),
         config,
     );
+    let sessions = sessions::Sessions::new(manager);
+    sessions::Sessions::start_sweeper(&sessions);
     Router::new()
         .route_service("/mcp", service)
+        // Innermost: sessions belong to the tenant of the key that opened them.
+        .route_layer(middleware::from_fn_with_state(sessions, sessions::guard))
         // As on /v1: the caller's key on the request log line, inside authentication.
         .route_layer(middleware::from_fn(crate::metrics::tag_caller))
         .route_layer(middleware::from_fn_with_state(state, crate::api::auth))
@@ -100,6 +110,8 @@ fn session_manager() -> LocalSessionManager {
 pub(crate) struct OpenrunMcp {
     state: Shared,
     tools: Arc<ToolRouter<OpenrunMcp>>,
+    /// `edit_file`/`write_file` of one file wait for each other (shared by all sessions).
+    edits: Arc<tools::EditLocks>,
 }
 
 #[tool_handler(router = self.tools)]

@@ -44,22 +44,62 @@ impl Capture {
         self.total
     }
 
-    /// The text kept (invalid UTF-8 as U+FFFD), with a note where bytes were left out.
+    /// The text kept (invalid UTF-8 as U+FFFD), with a note where bytes were left out. A
+    /// character cut by the head's end or the tail's start is left out with the gap (not
+    /// shown as U+FFFD); head and tail that meet are decoded as one.
     pub(crate) fn text(&self) -> String {
-        let mut text = String::from_utf8_lossy(&self.head).into_owned();
-        let omitted = self.omitted();
-        if omitted > 0 {
-            text.push_str(&format!(
-                "\n[... {omitted} bytes left out: the output was longer than {OUTPUT_BYTES} bytes; \
-                 redirect it to a file and read that in parts ...]\n"
-            ));
-        }
         let (a, b) = self.tail.as_slices();
+        let omitted = self.omitted();
+        if omitted == 0 {
+            let mut all = Vec::with_capacity(self.head.len() + a.len() + b.len());
+            all.extend_from_slice(&self.head);
+            all.extend_from_slice(a);
+            all.extend_from_slice(b);
+            return String::from_utf8_lossy(&all).into_owned();
+        }
+        let head = &self.head[..complete_prefix(&self.head)];
+        let mut text = String::from_utf8_lossy(head).into_owned();
+        text.push_str(&format!(
+            "\n[... {omitted} bytes left out: the output was longer than {OUTPUT_BYTES} bytes; \
+             redirect it to a file and read that in parts ...]\n"
+        ));
         let mut tail = Vec::with_capacity(a.len() + b.len());
         tail.extend_from_slice(a);
         tail.extend_from_slice(b);
-        text.push_str(&String::from_utf8_lossy(&tail));
+        // Continuation bytes at the start belong to a character whose first byte was dropped.
+        let skip = tail
+            .iter()
+            .take(3)
+            .take_while(|&&byte| byte & 0xC0 == 0x80)
+            .count();
+        text.push_str(&String::from_utf8_lossy(&tail[skip..]));
         text
+    }
+}
+
+/// The length of `data` without an incomplete UTF-8 character at its end (a cut inside one).
+pub(crate) fn complete_prefix(data: &[u8]) -> usize {
+    match std::str::from_utf8(data) {
+        Ok(_) => data.len(),
+        // An incomplete sequence at the very end; invalid bytes elsewhere stay (as U+FFFD).
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        Err(_) => {
+            // Look only at the last character's bytes.
+            let start = data.len().saturating_sub(3);
+            for i in (start..data.len()).rev() {
+                let byte = data[i];
+                if byte & 0xC0 != 0x80 {
+                    let need = match byte {
+                        0xC0..=0xDF => 2,
+                        0xE0..=0xEF => 3,
+                        0xF0..=0xF7 => 4,
+                        _ => 1,
+                    };
+                    return if data.len() - i < need { i } else { data.len() };
+                }
+            }
+            data.len()
+        }
     }
 }
 
@@ -164,17 +204,37 @@ pub(crate) fn replace(
     if old == new {
         return Err(EditError::Same);
     }
-    let count = text.matches(old).count();
     let first = text.find(old).ok_or_else(|| EditError::NotFound {
         path: path.to_string(),
     })?;
-    if count > 1 && !all {
-        return Err(EditError::Ambiguous {
-            path: path.to_string(),
-            count,
-        });
+    if !all {
+        // Overlapping occurrences count too: "aa" is not unique in "aaa".
+        let count = overlapping(text, old);
+        if count > 1 {
+            return Err(EditError::Ambiguous {
+                path: path.to_string(),
+                count,
+            });
+        }
+        return Ok((text.replacen(old, new, 1), 1, first));
     }
-    Ok((text.replace(old, new), count, first))
+    Ok((text.replace(old, new), text.matches(old).count(), first))
+}
+
+/// Occurrences of `needle` in `text`, overlapping ones included.
+fn overlapping(text: &str, needle: &str) -> usize {
+    let mut count = 0;
+    let mut from = 0;
+    while let Some(i) = text[from..].find(needle) {
+        count += 1;
+        let at = from + i;
+        // The next start: one character further.
+        from = at + text[at..].chars().next().map_or(1, char::len_utf8);
+        if from > text.len() {
+            break;
+        }
+    }
+    count
 }
 
 /// Up to `context` lines around the replacement at byte `at` of `text` (spanning `len` bytes),
@@ -227,6 +287,45 @@ mod tests {
             (c.head.len() + c.tail.len()) as u64 + c.omitted()
         );
         assert!(c.head.len() + c.tail.len() <= OUTPUT_BYTES);
+    }
+
+    #[test]
+    fn characters_cut_at_chunk_or_capture_boundaries_stay_whole() {
+        // A character split across two chunks at the head's end.
+        let mut c = Capture::default();
+        let mut first = vec![b'x'; HEAD_BYTES - 1];
+        first.push("é".as_bytes()[0]);
+        c.push(&first);
+        c.push(&["é".as_bytes()[1]]);
+        c.push("ok".as_bytes());
+        assert!(
+            !c.text().contains('\u{FFFD}'),
+            "{:?}",
+            &c.text()[HEAD_BYTES - 4..]
+        );
+        assert!(c.text().ends_with("xéok"));
+        // Long output of 3-byte characters: the cut head and tail drop partial characters.
+        let mut c = Capture::default();
+        for _ in 0..20_000 {
+            c.push("€".as_bytes());
+        }
+        assert!(c.omitted() > 0);
+        let text = c.text();
+        assert!(!text.contains('\u{FFFD}'));
+        assert!(text.starts_with('€') && text.ends_with('€'));
+        assert_eq!(complete_prefix(&[b'a', 0xE2, 0x82]), 1);
+        assert_eq!(complete_prefix(&[0xff, b'a', 0xE2]), 2);
+        assert_eq!(complete_prefix("a€".as_bytes()), 4);
+    }
+
+    #[test]
+    fn overlapping_matches_are_not_unique() {
+        assert!(matches!(
+            replace("/f", "aaa", "aa", "b", false),
+            Err(EditError::Ambiguous { count: 2, .. })
+        ));
+        assert_eq!(replace("/f", "xaay", "aa", "b", false).unwrap().0, "xby");
+        assert_eq!(overlapping("ééé", "éé"), 2);
     }
 
     #[test]

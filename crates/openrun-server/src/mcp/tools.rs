@@ -2,11 +2,14 @@
 //! encoding), calls the core call `/v1` uses, and shows the answer as readable text plus
 //! structured content. A failed core call is a tool error ([`tool_error`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
-use openrun_protocol::{AttachRequest, ExecRequest, Pid, ProcessInfo, ProcessState, MAX_DATA_LEN};
+use openrun_protocol::{
+    AttachRequest, ExecRequest, FileKind, Pid, ProcessInfo, ProcessState, MAX_DATA_LEN,
+};
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock};
 use rmcp::schemars::JsonSchema;
@@ -135,8 +138,13 @@ pub(crate) struct SandboxParam {
 #[schemars(crate = "rmcp::schemars")]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
-    /// Only sandboxes in this state: "running", "paused", "stopped", "creating" or "error".
+    /// Only sandboxes in this state: "running", "paused", "creating", "stopped" or "error"
+    /// (default: the live ones: running, paused and creating).
     state: Option<String>,
+    /// Sandboxes to return, 1 to 1000 (default 100).
+    limit: Option<u32>,
+    /// Where to go on: the `next_cursor` of the previous call.
+    cursor: Option<String>,
 }
 
 /// Parameters of `run_command`.
@@ -385,6 +393,20 @@ pub(crate) struct TimelineParams {
     limit: Option<usize>,
 }
 
+/// The states `list_sandboxes` shows by default.
+const LIVE_STATES: [&str; 3] = ["running", "paused", "creating"];
+/// Sandboxes `list_sandboxes` returns when no limit is given.
+const DEFAULT_SANDBOXES: u32 = 100;
+/// Rows `list_sandboxes` reads at most per state (a tenant with more ended sandboxes should
+/// ask the REST list, which pages).
+const MAX_SCANNED: usize = 20_000;
+
+/// A `list_sandboxes` cursor: `created_at:id` of the last sandbox shown.
+fn parse_cursor(cursor: &str) -> Option<(i64, String)> {
+    let (created_at, id) = cursor.split_once(':')?;
+    Some((created_at.parse().ok()?, id.to_string())).filter(|(_, id)| !id.is_empty())
+}
+
 /// The argv of `command` (through `sh -c`) or `argv`: exactly one must be given.
 fn argv_of(
     command: Option<String>,
@@ -476,6 +498,87 @@ fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, CallToolResult> {
         .map_err(|e| tool_error(ApiError::internal("cannot encode the answer", e)))
 }
 
+/// The tool error of a file too large for `edit_file`.
+fn too_big_to_edit(path: &str, size: u64) -> CallToolResult {
+    refuse(
+        "body_too_large",
+        format!(
+            "{path} has {size} bytes; edit_file works on files up to {MAX_DATA_LEN} bytes: use \
+             run_command (sed, python) for this one"
+        ),
+    )
+}
+
+/// Where a symlink at `link` with `target` points, as an absolute path when the target is
+/// relative (resolved lexically against the link's directory).
+fn link_target(link: &str, target: &str) -> String {
+    if target.starts_with('/') {
+        return normalize(target);
+    }
+    let dir = link.rsplit_once('/').map_or("", |(dir, _)| dir);
+    normalize(&format!("{dir}/{target}"))
+}
+
+/// An absolute path with `//`, `.` and `..` folded lexically (the key of a file's edit turn).
+fn normalize(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
+/// The turn of each (sandbox, file) being edited.
+type TurnMap = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+/// One turn per (sandbox, file) for `edit_file` and `write_file`, across every session.
+#[derive(Debug, Default)]
+pub(crate) struct EditLocks(std::sync::Mutex<TurnMap>);
+
+/// A file's turn; the entry goes when nobody waits for it any more.
+pub(crate) struct EditTurn<'a> {
+    locks: &'a EditLocks,
+    key: (String, String),
+    turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl EditLocks {
+    fn map(&self) -> std::sync::MutexGuard<'_, TurnMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for the turn of `path` in `sandbox`.
+    pub(crate) async fn lock(&self, sandbox: &str, path: &str) -> EditTurn<'_> {
+        let key = (sandbox.to_string(), normalize(path));
+        let mutex = self.map().entry(key.clone()).or_default().clone();
+        let turn = mutex.lock_owned().await;
+        EditTurn {
+            locks: self,
+            key,
+            turn: Some(turn),
+        }
+    }
+}
+
+impl Drop for EditTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.turn.take());
+        let mut map = self.locks.map();
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
 /// A process's state, in words.
 fn process_line(p: &ProcessInfo) -> String {
     let state = match &p.state {
@@ -548,13 +651,13 @@ impl OpenrunMcp {
         let body = serde_json::from_value(Value::Object(body))
             .map_err(|e| ApiError::InvalidArgument(format!("invalid sandbox options: {e}")))
             .or_tool()?;
-        let s = &self.state;
-        let _slot = s.admission.slot().await.or_tool()?;
-        let started = std::time::Instant::now();
-        let resource = crate::api::create_sandbox(s, &who.caller, body)
+        let s = self.state.clone();
+        let caller = who.caller.clone();
+        let create = async move { crate::api::create_sandbox(&s, &caller, body).await };
+        let resource = crate::admission::admitted(&self.state, create, Result::is_ok)
             .await
+            .and_then(|created| created)
             .or_tool()?;
-        s.metrics.observe_create(started.elapsed());
         let value = to_value(&resource)?;
         answer(
             format!(
@@ -571,8 +674,9 @@ impl OpenrunMcp {
 
     /// Lists the caller's sandboxes.
     #[tool(
-        description = "List your sandboxes (id, state, image, expiry), oldest first. Use it to \
-        find a sandbox_id again or to see what is still running.",
+        description = "List your live sandboxes (running, paused, creating; id, state, image, \
+        expiry), newest first; state=\"stopped\" lists ended ones. Use it to find a sandbox_id \
+        again or to see what is still running. When more is true, pass next_cursor as cursor.",
         annotations(
             title = "List sandboxes",
             read_only_hint = true,
@@ -580,32 +684,83 @@ impl OpenrunMcp {
         )
     )]
     async fn list_sandboxes(&self, who: Who, Parameters(p): Parameters<ListParams>) -> Answer {
-        if let Some(state) = &p.state {
-            if !crate::api::STATES.contains(&state.as_str()) {
+        let states: Vec<String> = match &p.state {
+            Some(state) if crate::api::STATES.contains(&state.as_str()) => vec![state.clone()],
+            Some(state) => {
                 return Err(refuse(
                     "invalid_argument",
                     format!(
                         "state must be one of {:?}, not {state:?}",
                         crate::api::STATES
                     ),
-                ));
+                ))
+            }
+            None => LIVE_STATES.iter().map(|s| s.to_string()).collect(),
+        };
+        let limit = p.limit.unwrap_or(DEFAULT_SANDBOXES) as usize;
+        if !(1..=crate::api::MAX_PAGE as usize).contains(&limit) {
+            return Err(refuse(
+                "invalid_argument",
+                format!("limit must be 1 to {}, not {limit}", crate::api::MAX_PAGE),
+            ));
+        }
+        let before = match p.cursor.as_deref() {
+            None => None,
+            Some(cursor) => Some(parse_cursor(cursor).ok_or_else(|| {
+                refuse(
+                    "invalid_argument",
+                    format!(
+                        "cursor {cursor:?} is not one this tool gave: pass next_cursor of the \
+                         previous call, or leave it out to start from the newest"
+                    ),
+                )
+            })?),
+        };
+        // Every row of the states asked for (the core list pages oldest first), newest first.
+        let mut rows = Vec::new();
+        for state in states {
+            let mut after = None;
+            loop {
+                let filter = crate::db::ListFilter {
+                    state: Some(state.clone()),
+                    after: after.clone(),
+                    limit: crate::api::MAX_PAGE,
+                    ..Default::default()
+                };
+                let page = crate::api::list_sandboxes(&self.state, &who.caller, filter)
+                    .await
+                    .or_tool()?;
+                let full = page.len() >= crate::api::MAX_PAGE as usize;
+                after = page.last().map(|r| (r.created_at, r.id.clone()));
+                rows.extend(page);
+                if !full || rows.len() >= MAX_SCANNED {
+                    break;
+                }
             }
         }
-        let filter = crate::db::ListFilter {
-            state: p.state,
-            limit: crate::api::MAX_PAGE,
-            ..Default::default()
+        rows.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        if let Some((created_at, id)) = &before {
+            rows.retain(|r| (r.created_at, &r.id) < (*created_at, id));
+        }
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next_cursor = if more {
+            rows.last().map(|r| format!("{}:{}", r.created_at, r.id))
+        } else {
+            None
         };
-        let rows = crate::api::list_sandboxes(&self.state, &who.caller, filter)
-            .await
-            .or_tool()?;
         let mut sandboxes = Vec::with_capacity(rows.len());
         for row in rows {
             let resource = crate::api::SandboxResource::from_row(row).or_tool()?;
             sandboxes.push(to_value(&resource)?);
         }
-        let text = if sandboxes.is_empty() {
-            "No sandboxes. create_sandbox makes one.".to_string()
+        let mut text = if sandboxes.is_empty() {
+            match &p.state {
+                Some(state) => format!("No {state} sandboxes."),
+                None => "No live sandboxes (state \"stopped\" lists ended ones). create_sandbox \
+                         makes one."
+                    .to_string(),
+            }
         } else {
             sandboxes
                 .iter()
@@ -613,7 +768,13 @@ impl OpenrunMcp {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        answer(text, json!({ "sandboxes": sandboxes }))
+        if let Some(cursor) = &next_cursor {
+            text.push_str(&format!("\nMore: call again with cursor={cursor:?}"));
+        }
+        answer(
+            text,
+            json!({ "sandboxes": sandboxes, "more": more, "next_cursor": next_cursor }),
+        )
     }
 
     /// Destroys a sandbox.
@@ -1105,7 +1266,9 @@ impl OpenrunMcp {
     #[tool(
         description = "Write a whole file in a sandbox (created, or replaced atomically), with \
         missing parent directories; append adds to its end instead. content is text unless \
-        encoding is \"base64\". To change part of an existing file prefer edit_file.",
+        encoding is \"base64\". A symlink at path is replaced by the file (its target is \
+        left as it was): to write through a link, give its target's path. To change part of an \
+        existing file prefer edit_file.",
         annotations(
             title = "Write file",
             destructive_hint = true,
@@ -1151,6 +1314,7 @@ impl OpenrunMcp {
         }
         let bytes = data.len();
         let append = p.append.unwrap_or(false);
+        let _turn = self.edits.lock(&p.sandbox_id, &p.path).await;
         crate::files::write_file(
             &self.state,
             &who.caller,
@@ -1223,6 +1387,47 @@ impl OpenrunMcp {
     )]
     async fn edit_file(&self, who: Who, Parameters(p): Parameters<EditParams>) -> Answer {
         let s = &self.state;
+        // Edits of one file take turns (a read-modify-write each), and the write happens only
+        // if the file is still what was read: a program that changed it meanwhile is not
+        // overwritten.
+        let _turn = self.edits.lock(&p.sandbox_id, &p.path).await;
+        let before = crate::files::stat_path(s, &who.caller, &p.sandbox_id, p.path.clone())
+            .await
+            .or_tool()?;
+        match before.kind {
+            FileKind::File => {}
+            FileKind::Symlink => {
+                let target = before.symlink_target.as_deref().unwrap_or("?");
+                return Err(refuse(
+                    "invalid_argument",
+                    format!(
+                        "{} is a symlink to {target}: edit {} (edit_file does not replace a link \
+                         with a file)",
+                        p.path,
+                        link_target(&p.path, target)
+                    ),
+                ));
+            }
+            FileKind::Dir => {
+                return Err(refuse(
+                    "invalid_argument",
+                    format!("{} is a directory: edit_file edits text files", p.path),
+                ))
+            }
+            FileKind::Other => {
+                return Err(refuse(
+                    "invalid_argument",
+                    format!(
+                        "{} is not a regular file (a device, fifo or socket): edit_file edits \
+                         text files",
+                        p.path
+                    ),
+                ))
+            }
+        }
+        if before.size > MAX_DATA_LEN as u64 {
+            return Err(too_big_to_edit(&p.path, before.size));
+        }
         let file = crate::files::read_file(
             s,
             &who.caller,
@@ -1234,14 +1439,7 @@ impl OpenrunMcp {
         .await
         .or_tool()?;
         if file.size > file.data.len() as u64 {
-            return Err(refuse(
-                "body_too_large",
-                format!(
-                    "{} has {} bytes; edit_file works on files up to {MAX_DATA_LEN} bytes: use \
-                     run_command (sed, python) for this one",
-                    p.path, file.size
-                ),
-            ));
+            return Err(too_big_to_edit(&p.path, file.size));
         }
         let Ok(text) = std::str::from_utf8(&file.data) else {
             return Err(refuse(
@@ -1256,6 +1454,23 @@ impl OpenrunMcp {
         let (new_text, count, at) = text::replace(&p.path, text, &p.old_string, &p.new_string, all)
             .map_err(|e| refuse("invalid_argument", e.to_string()))?;
         let snippet = text::snippet(&new_text, at, p.new_string.len(), 3);
+        let now = crate::files::stat_path(s, &who.caller, &p.sandbox_id, p.path.clone())
+            .await
+            .or_tool()?;
+        let unchanged = now.kind == FileKind::File
+            && now.size == before.size
+            && now.modified_ms == before.modified_ms
+            && file.data.len() as u64 == before.size;
+        if !unchanged {
+            return Err(refuse(
+                "conflict",
+                format!(
+                    "{} changed while it was being edited (another program wrote it): nothing was \
+                     written; read_file it again and retry the edit",
+                    p.path
+                ),
+            ));
+        }
         crate::files::write_file(
             s,
             &who.caller,
@@ -1577,7 +1792,14 @@ impl Chunked {
             self.next = offset;
         }
         let room = READ_OUTPUT_BYTES - self.data.len();
-        let take = new.len().min(room);
+        let mut take = new.len().min(room);
+        if take < new.len() {
+            // Stop before a character cut by the bound: the next call starts with it whole.
+            let mut kept = self.data.clone();
+            kept.extend_from_slice(&new[..take]);
+            let whole = text::complete_prefix(&kept);
+            take -= (kept.len() - whole).min(take);
+        }
         self.data.extend_from_slice(&new[..take]);
         self.next += take as u64;
         if take < new.len() {
@@ -1636,5 +1858,19 @@ mod tests {
         assert!(c.full);
         assert_eq!(c.next, 6 + (READ_OUTPUT_BYTES - 3) as u64);
         assert!(!c.push(c.next, b"more"));
+    }
+
+    #[test]
+    fn output_pages_end_at_character_boundaries() {
+        let mut c = Chunked::new(0);
+        let mut data = vec![b'x'; READ_OUTPUT_BYTES - 1];
+        data.extend_from_slice("€€".as_bytes());
+        assert!(c.push(0, &data));
+        assert!(c.full);
+        assert_eq!(c.next, (READ_OUTPUT_BYTES - 1) as u64);
+        assert!(!c.text().contains('\u{FFFD}'));
+        let mut rest = Chunked::new(c.next);
+        assert!(rest.push(0, &data));
+        assert_eq!(rest.text(), "€€");
     }
 }

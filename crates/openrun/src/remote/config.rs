@@ -69,6 +69,18 @@ struct FileConfig {
 }
 
 impl Target {
+    /// The settings of every HTTP client of the CLI that talks to an openrun server (and
+    /// carries its key): straight to the server, never through a proxy of the environment
+    /// (`HTTP_PROXY` would get the key), never following a redirect elsewhere; a connect
+    /// timeout.
+    pub fn client_builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .user_agent(concat!("openrun/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+    }
+
     /// The configured server, or `None` when there is none (the verbs then work locally).
     /// `server` and `api_key` are the flags (clap has already read their variables).
     pub fn resolve(
@@ -155,14 +167,74 @@ fn local_key(url: &Url, data_dir: &Path) -> Option<String> {
             });
             if !same {
                 tracing::debug!(path = %path.display(), "the local key is for another address");
+                return None;
             }
-            local.api_key.filter(|k| !k.is_empty() && same)
+            // The address may be stale (that server stopped) and the port now another
+            // program's: the key goes only to a socket of the file's owner.
+            let owner = match std::fs::metadata(&path) {
+                Ok(meta) => std::os::unix::fs::MetadataExt::uid(&meta),
+                Err(_) => return None,
+            };
+            let port = url.port_or_known_default()?;
+            match listener_uids(port) {
+                Ok(uids) if !uids.is_empty() && uids.iter().all(|&uid| uid == owner) => {}
+                Ok(uids) => {
+                    tracing::warn!(
+                        port,
+                        owner,
+                        ?uids,
+                        "not sending the key of {}: the program listening on port {port} is not \
+                         the server that wrote it (owner uid {owner})",
+                        path.display()
+                    );
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check who listens on port {port}: not sending the local key");
+                    return None;
+                }
+            }
+            local.api_key.filter(|k| !k.is_empty())
         }
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring an invalid local key file");
             None
         }
     }
+}
+
+/// The uids owning the listening TCP sockets on `port` (IPv4 and IPv6) of this network
+/// namespace, from `/proc/net/tcp{,6}`.
+fn listener_uids(port: u16) -> std::io::Result<Vec<u32>> {
+    let mut uids = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        match std::fs::read_to_string(table) {
+            Ok(text) => uids.extend(listeners_on(&text, port)),
+            // No IPv6 in this kernel.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && table.ends_with('6') => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(uids)
+}
+
+/// The uids of the LISTEN sockets on `port` in one `/proc/net/tcp*` table.
+fn listeners_on(table: &str, port: u16) -> Vec<u32> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:tm retrnsmt uid ...
+            let local = fields.get(1)?;
+            let state = fields.get(3)?;
+            let uid = fields.get(7)?.parse::<u32>().ok()?;
+            let (_, hex_port) = local.rsplit_once(':')?;
+            let listening = *state == LISTEN && u16::from_str_radix(hex_port, 16).ok()? == port;
+            listening.then_some(uid)
+        })
+        .collect()
 }
 
 /// `http://HOST:PORT[/]`; a bare `HOST:PORT` gets `http://`.
@@ -205,18 +277,53 @@ mod tests {
             r#"{"server":"http://127.0.0.1:7878","api_key":"or_k"}"#,
         )
         .unwrap();
-        assert_eq!(
-            local_key(&url("127.0.0.1:7878"), dir.path()).as_deref(),
-            Some("or_k")
-        );
-        assert_eq!(
-            local_key(&url("localhost:7878"), dir.path()).as_deref(),
-            Some("or_k")
-        );
+        // (Whether the listener is the file owner's: the next test.)
         assert_eq!(local_key(&url("127.0.0.1:7879"), dir.path()), None);
         assert_eq!(local_key(&url("10.1.2.3:7878"), dir.path()), None);
         std::fs::write(dir.path().join(LOCAL_FILE), "not json").unwrap();
         assert_eq!(local_key(&url("127.0.0.1:7878"), dir.path()), None);
+    }
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1EC6 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 0100007F:1EC7 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 2 1
+   2: 0100007F:1EC6 0100007F:D431 01 00000000:00000000 00:00000000 00000000  1000        0 3 1
+";
+        assert_eq!(listeners_on(table, 7878), [0]);
+        assert_eq!(listeners_on(table, 7879), [1000]);
+        assert!(listeners_on(table, 80).is_empty());
+        let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:1EC6 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000   42        0 9 1
+";
+        assert_eq!(listeners_on(v6, 7878), [42]);
+    }
+
+    #[test]
+    fn the_local_key_goes_only_to_a_listener_of_the_files_owner() {
+        // A listener of ours (this test's uid owns the file it writes).
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::fs::write(
+            dir.path().join(LOCAL_FILE),
+            format!(r#"{{"server":"http://127.0.0.1:{port}","api_key":"or_k"}}"#),
+        )
+        .unwrap();
+        let url = parse_url(&format!("127.0.0.1:{port}")).unwrap();
+        assert_eq!(local_key(&url, dir.path()).as_deref(), Some("or_k"));
+        // Nobody listens any more: the address is stale, the key stays home.
+        drop(listener);
+        assert_eq!(local_key(&url, dir.path()), None);
+        // A file owned by someone else than the listener: refused.
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let me = rustix::process::getuid().as_raw();
+        if me == 0 {
+            std::os::unix::fs::chown(dir.path().join(LOCAL_FILE), Some(4242), None).unwrap();
+            assert_eq!(local_key(&url, dir.path()), None);
+        }
+        drop(listener);
     }
 
     #[test]

@@ -1,8 +1,6 @@
 //! The HTTP and WebSocket client of the server's API: bearer key on every request, the
 //! server's `{"code","message"}` errors as [`ApiError`], NDJSON streams line by line.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::de::DeserializeOwned;
@@ -80,11 +78,7 @@ impl Client {
         if let Some(warning) = cleartext_warning(&target) {
             eprintln!("openrun: warning: {warning}");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("openrun/", env!("CARGO_PKG_VERSION")))
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let http = Target::client_builder()
             .build()
             .context("cannot set up the HTTP client")?;
         Ok(Self {
