@@ -303,6 +303,7 @@ impl Agent {
             changed,
             phase,
             timeout: None,
+            released: false,
         };
 
         let mut readers: Vec<(Stream, Rc<AsyncFd<OwnedFd>>)> = Vec::new();
@@ -533,18 +534,33 @@ impl Agent {
         })
     }
 
-    /// Forgets an exited process.
+    /// Forgets an exited process: at once, or (while other connections still stream its
+    /// output) once the last of them has sent the exit ([`Agent::forget_if_released`]).
     pub(crate) fn release(&self, pid: Pid) -> Result<(), AgentError> {
         let mut table = self.processes.borrow_mut();
-        let p = table.get(&pid).ok_or_else(|| no_such_process(pid))?;
+        let p = table.get_mut(&pid).ok_or_else(|| no_such_process(pid))?;
         if p.is_running() {
             return Err(AgentError::new(
                 ErrorCode::StillRunning,
                 format!("process {pid} is still running"),
             ));
         }
-        table.remove(&pid);
+        if p.release() {
+            table.remove(&pid);
+        }
         Ok(())
+    }
+
+    /// Removes a released process whose last follower just stopped.
+    pub(crate) fn forget_if_released(&self, pid: Pid) {
+        // Called when a streaming task ends (or is dropped): never while the table is borrowed
+        // by the agent's own code, but a drop must not panic whatever happens.
+        let Ok(mut table) = self.processes.try_borrow_mut() else {
+            return;
+        };
+        if table.get(&pid).is_some_and(Process::removable) {
+            table.remove(&pid);
+        }
     }
 
     /// One process's entry.

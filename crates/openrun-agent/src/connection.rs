@@ -9,7 +9,8 @@
 //! writer task together with a request to hand the socket back, and the connection task then
 //! pipes raw bytes between the socket and the TCP connection ([`crate::relay`]).
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -25,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::agent::Agent;
-use crate::errors::internal;
+use crate::errors::{internal, no_such_process};
 use crate::files::Files;
 use crate::output::MAX_CHUNK;
 
@@ -89,8 +90,10 @@ struct Connection {
     pumps: HashMap<Pid, JoinHandle<()>>,
     /// The egress listener this connection started (`RelayEgress`), stopped when it ends.
     egress: Option<u64>,
-    /// Directory watches this connection started (`Watch`), stopped when it ends.
-    watches: std::collections::HashSet<u64>,
+    /// Directory watches this connection started (`Watch`), stopped when it ends. Shared
+    /// with the writer task, which drops a watch once its `WatchEnded` is written (a watch
+    /// that ended by itself no longer counts toward the connection's cap).
+    watches: Rc<RefCell<HashSet<u64>>>,
 }
 
 /// Serves one connection until the client closes it, sends something unreadable, or asks the
@@ -98,13 +101,14 @@ struct Connection {
 pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
     let (mut reader, writer) = stream.into_split();
     let (out, rx) = mpsc::channel(OUTBOUND_QUEUE);
-    tokio::task::spawn_local(write_loop(writer, rx));
+    let watches = Rc::new(RefCell::new(HashSet::new()));
+    tokio::task::spawn_local(write_loop(writer, rx, watches.clone()));
     let mut conn = Connection {
         agent,
         out,
         pumps: HashMap::new(),
         egress: None,
-        watches: std::collections::HashSet::new(),
+        watches,
     };
     let mut piped = None;
     loop {
@@ -149,7 +153,8 @@ pub(crate) async fn serve_connection(agent: Rc<Agent>, stream: UnixStream) {
     if let Some(generation) = conn.egress.take() {
         conn.agent.relay.stop(generation);
     }
-    for watch in conn.watches.drain() {
+    let watches: Vec<u64> = conn.watches.borrow_mut().drain().collect();
+    for watch in watches {
         conn.agent.watches.stop(watch);
     }
     let Some((id, tcp)) = piped else {
@@ -207,10 +212,17 @@ impl tokio::io::AsyncWrite for SplitUnix {
     }
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>) {
+async fn write_loop(
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    watches: Rc<RefCell<HashSet<u64>>>,
+) {
     while let Some(item) = rx.recv().await {
         match item {
             Outbound::Frame(frame) => {
+                if let AgentMessage::WatchEnded { watch, .. } = &frame.header {
+                    watches.borrow_mut().remove(watch);
+                }
                 let Some(bytes) = encode_for_wire(&frame) else {
                     continue;
                 };
@@ -312,21 +324,22 @@ impl Connection {
         }
     }
 
-    fn start_pump(&mut self, pid: Pid, since: [u64; 2], follow: bool) {
+    /// Streams `pid`'s output to this connection (for request `request`, whose id a final
+    /// error answer names if the process vanishes).
+    fn start_pump(&mut self, request: u64, pid: Pid, since: [u64; 2], follow: bool) {
         if let Some(old) = self.pumps.remove(&pid) {
             old.abort();
         }
         let Some(changed) = self.agent.subscribe(pid) else {
             return;
         };
-        let task = tokio::task::spawn_local(pump(
-            self.agent.clone(),
+        let follower = Follower {
+            agent: self.agent.clone(),
             pid,
-            since,
-            follow,
-            self.out.clone(),
-            changed,
-        ));
+            changed: Some(changed),
+        };
+        let task =
+            tokio::task::spawn_local(pump(follower, request, since, follow, self.out.clone()));
         self.pumps.insert(pid, task);
     }
 
@@ -350,7 +363,7 @@ impl Connection {
                     self.respond(id, Ok((Response::Started { pid }, Vec::new())))
                         .await;
                     if req.attach {
-                        self.start_pump(pid, [0, 0], true);
+                        self.start_pump(id, pid, [0, 0], true);
                     }
                     return Flow::Continue;
                 }
@@ -369,7 +382,7 @@ impl Connection {
                         stderr_since,
                         follow,
                     } = req;
-                    self.start_pump(pid, [stdout_since, stderr_since], follow);
+                    self.start_pump(id, pid, [stdout_since, stderr_since], follow);
                     return Flow::Continue;
                 }
                 Err(e) => Err(e),
@@ -499,7 +512,7 @@ impl Connection {
                 }
             }
             Request::Watch { path, recursive } => {
-                if self.watches.len() >= crate::watch::MAX_WATCHES_PER_CONNECTION {
+                if self.watches.borrow().len() >= crate::watch::MAX_WATCHES_PER_CONNECTION {
                     Err(AgentError::new(
                         ErrorCode::TooLarge,
                         format!(
@@ -511,7 +524,7 @@ impl Connection {
                     match self.agent.watches.watch(path, recursive).await {
                         Ok(started) => {
                             let watch = started.id;
-                            self.watches.insert(watch);
+                            self.watches.borrow_mut().insert(watch);
                             self.respond(id, Ok((Response::Watching { watch }, Vec::new())))
                                 .await;
                             // Events only after the answer.
@@ -523,7 +536,8 @@ impl Connection {
                 }
             }
             Request::Unwatch { watch } => {
-                if self.watches.remove(&watch) {
+                let ours = self.watches.borrow_mut().remove(&watch);
+                if ours {
                     done(self.agent.watches.unwatch(watch))
                 } else {
                     Err(AgentError::new(
@@ -561,20 +575,45 @@ pub(crate) enum Step {
     Gone,
 }
 
-/// Streams a process's output from `cursor` (stdout, stderr offsets) to a connection, then
-/// its exit. Without `follow` it stops once the buffered output is sent.
-async fn pump(
+/// A streaming task's hold on a process: its subscription to the process's changes. When it
+/// goes (the task ended or was aborted), a process released meanwhile is removed if this was
+/// its last follower.
+struct Follower {
     agent: Rc<Agent>,
     pid: Pid,
+    /// `Some` until dropped (it must be gone before the follower count is checked).
+    changed: Option<watch::Receiver<u64>>,
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.changed = None;
+        self.agent.forget_if_released(self.pid);
+    }
+}
+
+/// Streams a process's output from `cursor` (stdout, stderr offsets) to a connection, then
+/// its exit. Without `follow` it stops once the buffered output is sent. A process that
+/// vanished (its entry replaced or removed) ends the stream with an error answer to
+/// `request`, the `Exec` or `Attach` that started it, so that the client does not wait for
+/// an exit that will never come.
+async fn pump(
+    mut follower: Follower,
+    request: u64,
     mut cursor: [u64; 2],
     follow: bool,
     out: OutTx,
-    mut changed: watch::Receiver<u64>,
 ) {
+    let pid = follower.pid;
+    let agent = follower.agent.clone();
     let mut prefer_stderr = false;
     loop {
+        let Some(changed) = follower.changed.as_mut() else {
+            return;
+        };
         changed.borrow_and_update();
-        match agent.next_step(pid, cursor, prefer_stderr, MAX_CHUNK) {
+        let step = agent.next_step(pid, cursor, prefer_stderr, MAX_CHUNK);
+        match step {
             Step::Data(stream, offset, bytes) => {
                 let index = usize::from(stream == Stream::Stderr);
                 cursor[index] = offset + bytes.len() as u64;
@@ -601,13 +640,28 @@ async fn pump(
                 return;
             }
             Step::Wait => {
-                if !follow || changed.changed().await.is_err() {
+                if !follow {
+                    return;
+                }
+                if changed.changed().await.is_err() {
+                    // The entry was dropped (its sender with it).
+                    vanished(&out, request, pid).await;
                     return;
                 }
             }
-            Step::Gone => return,
+            Step::Gone => {
+                vanished(&out, request, pid).await;
+                return;
+            }
         }
     }
+}
+
+/// The last word of a stream whose process vanished: `no_such_process` for its request.
+async fn vanished(out: &OutTx, request: u64, pid: Pid) {
+    let mut err = no_such_process(pid);
+    err.message = format!("process {pid} is gone: its output and exit are no longer known");
+    let _ = out.send(response(request, Err(err), Vec::new())).await;
 }
 
 #[cfg(test)]

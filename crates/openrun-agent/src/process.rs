@@ -52,6 +52,9 @@ pub(crate) struct Process {
     pub(crate) phase: watch::Sender<Phase>,
     /// The timeout timer, cancelled when the process ends.
     pub(crate) timeout: Option<JoinHandle<()>>,
+    /// A client released the exited process while other connections still followed it: the
+    /// entry goes once the last of them has sent its exit ([`Process::release`]).
+    pub(crate) released: bool,
 }
 
 impl Process {
@@ -74,6 +77,24 @@ impl Process {
     /// Whether the exit has not been reported yet.
     pub(crate) fn is_running(&self) -> bool {
         self.status.is_none()
+    }
+
+    /// Connections streaming this process's output (each holds a receiver of `changed`).
+    pub(crate) fn followers(&self) -> usize {
+        self.changed.receiver_count()
+    }
+
+    /// Marks the (exited) process released; whether its entry can go now. With followers
+    /// left it stays, so that a connection behind on the output still gets all of it and the
+    /// exit, and goes when the last follower stops ([`Process::removable`]).
+    pub(crate) fn release(&mut self) -> bool {
+        self.released = true;
+        self.followers() == 0
+    }
+
+    /// Whether a released entry has no followers left.
+    pub(crate) fn removable(&self) -> bool {
+        self.released && self.followers() == 0
     }
 
     /// Wakes everything that follows this process.

@@ -45,6 +45,10 @@ fn main() {
             "two_connections_follow_the_same_process",
             two_connections_follow_the_same_process,
         ),
+        (
+            "release_waits_for_a_follower_behind_on_the_output",
+            release_waits_for_a_follower_behind_on_the_output,
+        ),
         ("detach_stops_events", detach_stops_events),
         ("stdin_round_trip", stdin_round_trip),
         (
@@ -399,6 +403,50 @@ fn two_connections_follow_the_same_process() {
     assert_eq!(from_a.stdout_str(), "got-both\n");
     assert_eq!(from_b.stdout_str(), "got-both\n");
     assert_eq!(from_a.status, from_b.status);
+}
+
+/// A connection that follows a process but reads slowly still gets all of its output and
+/// its exit when another connection releases the process as soon as it exited (the E2B
+/// surface does); the entry goes once that follower has its exit.
+fn release_waits_for_a_follower_behind_on_the_output() {
+    const SIZE: usize = 24 << 20;
+    let agent = TestAgent::start();
+    let mut a = agent.client();
+    let pid = a.exec(sh(&format!("head -c {SIZE} /dev/zero")), vec![]);
+    // A follower that reads nothing yet: its stream fills the socket and the agent's queue.
+    let mut slow = std::os::unix::net::UnixStream::connect(&agent.socket).expect("connect");
+    openrun_protocol::frame::write_frame(
+        &mut slow,
+        &openrun_protocol::Frame::new(openrun_protocol::RequestEnvelope {
+            id: 1,
+            request: Request::Attach(AttachRequest {
+                pid,
+                follow: true,
+                ..Default::default()
+            }),
+        }),
+    )
+    .expect("attach");
+    let status = a.wait_exited(pid);
+    assert_eq!(status.code, Some(0));
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(matches!(
+        a.call(Request::Release { pid }),
+        Ok(Response::Done)
+    ));
+    let mut b = Client::from_stream(slow);
+    match b.wait_response(1, WAIT) {
+        Some((Ok(Response::Attached { .. }), _)) => {}
+        other => panic!("attach failed: {other:?}"),
+    }
+    let got = b.collect(pid, WAIT);
+    assert_eq!(got.stdout.len(), SIZE, "all of the output");
+    assert_eq!(got.status.code, Some(0));
+    assert_eq!(
+        a.call_err(Request::ProcessStatus { pid }).code,
+        ErrorCode::NoSuchProcess,
+        "released once its last follower had the exit"
+    );
 }
 
 fn detach_stops_events() {

@@ -308,6 +308,7 @@ pub(crate) async fn follow_output(
     let (_sandbox, client) = open_running(s, &row).await?;
     let (mut sender, mut receiver) = client.split();
     let sent = sender.send(Request::Attach(request.clone())).await;
+    let attach_id = sent.as_ref().ok().copied();
     let attached = match sent {
         Ok(request_id) => receiver.response(request_id).await,
         Err(e) => Err(e),
@@ -358,6 +359,24 @@ pub(crate) async fn follow_output(
                 }
                 AgentMessage::Exit { pid: from, status } if from == pid => {
                     let _ = tx.send(Line::exit(&status)).await;
+                    return;
+                }
+                // The agent's last word on an attach whose process vanished (released or
+                // replaced while this stream followed it): no exit will come.
+                AgentMessage::Response {
+                    id,
+                    result: Err(err),
+                } if Some(id) == attach_id => {
+                    let code = serde_json::to_value(err.code)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_else(|| "no_such_process".into());
+                    let _ = tx
+                        .send(Line::Error {
+                            code,
+                            message: err.message,
+                        })
+                        .await;
                     return;
                 }
                 _ => continue,
