@@ -416,6 +416,8 @@ struct Upstream {
     /// `Bearer <key>`, checked once at the start, marked sensitive.
     auth: HeaderValue,
     session: Mutex<Session>,
+    /// Taken while a forgotten session is reopened.
+    reopening: tokio::sync::Mutex<()>,
     out: mpsc::UnboundedSender<Value>,
 }
 
@@ -443,6 +445,7 @@ async fn bridge(target: Target) -> Result<()> {
         endpoint,
         auth,
         session: Mutex::new(Session::default()),
+        reopening: tokio::sync::Mutex::new(()),
         out,
     });
     tracing::info!(endpoint = %upstream.endpoint, "bridging stdio to MCP over HTTP");
@@ -587,7 +590,7 @@ impl Upstream {
     /// Sends one message; answers go to stdout. A forgotten session is opened again once.
     async fn forward(&self, message: Value) {
         let answers = match self.post(&message).await {
-            Err(PostError::SessionGone) => match self.reopen().await {
+            Err(PostError::SessionGone(gone)) => match self.reopen(gone).await {
                 Ok(()) => self.post(&message).await,
                 Err(e) => Err(e),
             },
@@ -611,7 +614,13 @@ impl Upstream {
 
     /// Opens a new session with the client's original `initialize` (the server restarted or
     /// forgot the old one).
-    async fn reopen(&self) -> Result<(), PostError> {
+    async fn reopen(&self, gone: String) -> Result<(), PostError> {
+        // Messages that failed together reopen once: the first does, the others find the
+        // new session.
+        let _turn = self.reopening.lock().await;
+        if self.session().id.as_deref() != Some(gone.as_str()) {
+            return Ok(());
+        }
         let params = {
             let mut session = self.session();
             session.id = None;
@@ -657,7 +666,7 @@ impl Upstream {
         headers.insert(AUTHORIZATION, self.auth.clone());
         headers.insert(CONTENT_TYPE, header_value("application/json")?);
         headers.insert(ACCEPT, header_value("application/json, text/event-stream")?);
-        let had_session = {
+        let sent_session = {
             let session = self.session();
             if let Some(id) = &session.id {
                 headers.insert("mcp-session-id", header_value(id)?);
@@ -665,7 +674,7 @@ impl Upstream {
             if let Some(version) = &session.protocol_version {
                 headers.insert("mcp-protocol-version", header_value(version)?);
             }
-            session.id.is_some()
+            session.id.clone()
         };
         let answer = self
             .http
@@ -688,8 +697,10 @@ impl Upstream {
         {
             self.session().id = Some(id.to_string());
         }
-        if status == StatusCode::NOT_FOUND && had_session {
-            return Err(PostError::SessionGone);
+        if status == StatusCode::NOT_FOUND {
+            if let Some(gone) = sent_session {
+                return Err(PostError::SessionGone(gone));
+            }
         }
         if status == StatusCode::ACCEPTED {
             return Ok(Vec::new());
@@ -781,7 +792,7 @@ fn authorization(key: Option<&str>) -> Result<HeaderValue> {
 enum PostError {
     /// The server does not know the session any more (404 with a session id).
     #[error("the server forgot the MCP session")]
-    SessionGone,
+    SessionGone(String),
     /// Anything else, said for the client.
     #[error("{0}")]
     Other(String),

@@ -330,3 +330,80 @@ def test_concurrent_bridges_share_one_started_server(openrun_bin):
             os.kill(pid, 15)
         subprocess.run(["umount", "-l", os.path.join(home, "disk-pool")], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def server_pid(data_dir):
+    """The pid of the live `openrun serve` on `data_dir`."""
+    (pid,) = servers_of(data_dir)
+    return pid
+
+
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_abandoned_output_waits_hold_no_agent_connection(server_url, api_key, openrun_bin, data_dir):
+    """read_process_output with wait_seconds on a quiet process returns at its deadline; the
+    server's follow of that output ends with it (no connection left per call)."""
+    pid = server_pid(data_dir)
+    async with connect("http", server_url, api_key, openrun_bin, data_dir) as client:
+        async with sandbox(client) as sid:
+            quiet = (await call(client, "start_process", sandbox_id=sid, command="sleep 300"))["pid"]
+            await call(client, "read_process_output", sandbox_id=sid, pid=quiet, wait_seconds=1)
+            await asyncio.sleep(0.5)
+            before = open_fds(pid)
+            for _ in range(3):
+                pages = await asyncio.gather(*(
+                    call(client, "read_process_output", sandbox_id=sid, pid=quiet, wait_seconds=1)
+                    for _ in range(8)))
+                assert all(not page["exited"] for page in pages)
+            await asyncio.sleep(1)
+            after = open_fds(pid)
+            assert after <= before + 4, f"{after - before} more open fds after 24 abandoned waits"
+            await call(client, "kill_process", sandbox_id=sid, pid=quiet)
+
+
+def sse_call(http, session, request_id, tool, arguments):
+    answer = http.post("/mcp", headers=session, json={
+        "jsonrpc": "2.0", "id": request_id, "method": "tools/call",
+        "params": {"name": tool, "arguments": arguments}})
+    assert answer.status_code == 200, answer.text
+    (message,) = [m for m in rpc_messages(answer) if m.get("id") == request_id]
+    return message
+
+
+def test_a_cancelled_run_command_kills_its_command(server_url, api_key):
+    import threading
+    with httpx.Client(base_url=server_url, headers={"Accept": "application/json, text/event-stream"},
+                      timeout=120) as http:
+        session = initialize(http, api_key)
+        http.post("/mcp", headers=session, json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        created = sse_call(http, session, 1, "create_sandbox", {"ttl": "5m"})
+        sid = created["result"]["structuredContent"]["id"]
+        try:
+            # A cancelled request gets no answer (MCP): its stream just ends.
+            runner = threading.Thread(target=lambda: http.post("/mcp", headers=session, json={
+                "jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                "params": {"name": "run_command", "arguments": {
+                    "sandbox_id": sid, "command": "sleep 300", "timeout_seconds": 600}}}))
+            runner.start()
+            for n in range(100):
+                listed = sse_call(http, session, 100 + n, "list_processes", {"sandbox_id": sid})
+                processes = listed["result"]["structuredContent"]["processes"]
+                if any("sleep 300" in " ".join(p["argv"]) for p in processes):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("run_command's process never showed up")
+            cancelled = http.post("/mcp", headers=session, json={
+                "jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": 7, "reason": "test"}})
+            assert cancelled.status_code == 202
+            runner.join(timeout=30)
+            assert not runner.is_alive(), "the cancelled call did not end"
+            ran = sse_call(http, session, 300, "run_command",
+                           {"sandbox_id": sid, "command": "pgrep -x sleep || echo none"})
+            assert ran["result"]["structuredContent"]["stdout"].strip() == "none", ran
+        finally:
+            sse_call(http, session, 400, "destroy_sandbox", {"sandbox_id": sid})
+            http.delete("/mcp", headers=session)

@@ -13,7 +13,8 @@ use openrun_protocol::{
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock};
 use rmcp::schemars::JsonSchema;
-use rmcp::{tool, tool_router};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_router, RoleServer};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -498,6 +499,22 @@ fn to_value<T: serde::Serialize>(value: &T) -> Result<Value, CallToolResult> {
         .map_err(|e| tool_error(ApiError::internal("cannot encode the answer", e)))
 }
 
+/// A tool error of `run_command` with the output captured before it (not lost with it).
+fn with_output(mut result: CallToolResult, stdout: &Capture, stderr: &Capture) -> CallToolResult {
+    if stdout.total() == 0 && stderr.total() == 0 {
+        return result;
+    }
+    let (out, err) = (stdout.text(), stderr.text());
+    result.content.push(ContentBlock::text(format!(
+        "Output before the error:\nstdout:\n{out}\nstderr:\n{err}"
+    )));
+    if let Some(Value::Object(fields)) = result.structured_content.as_mut() {
+        fields.insert("stdout".into(), json!(out));
+        fields.insert("stderr".into(), json!(err));
+    }
+    result
+}
+
 /// The tool error of a file too large for `edit_file`.
 fn too_big_to_edit(path: &str, size: u64) -> CallToolResult {
     refuse(
@@ -814,7 +831,12 @@ impl OpenrunMcp {
             open_world_hint = false
         )
     )]
-    async fn run_command(&self, who: Who, Parameters(p): Parameters<RunParams>) -> Answer {
+    async fn run_command(
+        &self,
+        who: Who,
+        context: RequestContext<RoleServer>,
+        Parameters(p): Parameters<RunParams>,
+    ) -> Answer {
         let argv = argv_of(p.command, p.argv)?;
         let seconds = p.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECS);
         let timeout = timeout_ms(seconds)?;
@@ -847,16 +869,38 @@ impl OpenrunMcp {
         let mut pid = None;
         let mut exit = None;
         loop {
-            let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(deadline, lines.recv()) => next,
+                () = context.ct.cancelled() => {
+                    // The client cancelled the call (notifications/cancelled): the command
+                    // goes too, with its children.
+                    if let Some(pid) = pid {
+                        if let Err(e) = crate::processes::signal_process(
+                            &self.state, &who.caller, &p.sandbox_id, pid, 9, true,
+                        )
+                        .await
+                        {
+                            tracing::debug!(error = %e, pid, "cannot kill a cancelled command");
+                        }
+                    }
+                    return Err(refuse("cancelled", "the call was cancelled: the command was killed"));
+                }
+            };
+            let line = match next {
                 Ok(Some(line)) => line,
                 Ok(None) => break,
                 Err(_) => {
-                    return Err(refuse(
-                        "internal",
-                        format!(
-                            "the sandbox did not report the command's end {}s after its timeout",
-                            EXIT_GRACE.as_secs()
+                    return Err(with_output(
+                        refuse(
+                            "internal",
+                            format!(
+                                "the sandbox did not report the command's end {}s after its \
+                                 timeout",
+                                EXIT_GRACE.as_secs()
+                            ),
                         ),
+                        &stdout,
+                        &stderr,
                     ))
                 }
             };
@@ -873,13 +917,20 @@ impl OpenrunMcp {
                     exit = Some((code, signal, timed_out, oom_killed));
                     break;
                 }
-                Line::Error { code, message } => return Err(refuse(&code, message)),
+                Line::Error { code, message } => {
+                    return Err(with_output(refuse(&code, message), &stdout, &stderr))
+                }
             }
         }
         let Some((code, signal, timed_out, oom_killed)) = exit else {
-            return Err(refuse(
-                "agent_lost",
-                "the command's output ended without an exit status (the sandbox may have stopped)",
+            return Err(with_output(
+                refuse(
+                    "agent_lost",
+                    "the command's output ended without an exit status (the sandbox may have \
+                     stopped)",
+                ),
+                &stdout,
+                &stderr,
             ));
         };
         let mut status = describe_exit(code, signal, timed_out, oom_killed);
@@ -1039,6 +1090,15 @@ impl OpenrunMcp {
         if out.full || err.full {
             text.push_str("More output is waiting: call again with the next offsets.\n");
         }
+        for (name, chunked) in [("stdout", &out), ("stderr", &err)] {
+            if chunked.dropped > 0 {
+                text.push_str(&format!(
+                    "{} bytes of {name} were lost before this (the sandbox keeps only the latest \
+                     output of a process: read more often, or redirect to a file).\n",
+                    chunked.dropped
+                ));
+            }
+        }
         text.push_str(&format!(
             "next: stdout_since={}, stderr_since={}",
             out.next, err.next
@@ -1053,6 +1113,8 @@ impl OpenrunMcp {
                 "stdout_next": out.next,
                 "stderr_next": err.next,
                 "more": out.full || err.full,
+                "stdout_dropped": out.dropped,
+                "stderr_dropped": err.dropped,
                 "exited": exit.is_some(),
                 "exit_code": code,
                 "signal": signal,
@@ -1766,6 +1828,8 @@ struct Chunked {
     next: u64,
     /// Stopped at the bound: more is waiting.
     full: bool,
+    /// Bytes after `since` that are gone from the agent's buffer (never shown).
+    dropped: u64,
 }
 
 impl Chunked {
@@ -1774,6 +1838,7 @@ impl Chunked {
             data: Vec::new(),
             next: since,
             full: false,
+            dropped: 0,
         }
     }
 
@@ -1789,6 +1854,7 @@ impl Chunked {
         };
         if offset > self.next {
             // Output before `offset` is gone from the agent's buffer.
+            self.dropped += offset - self.next;
             self.next = offset;
         }
         let room = READ_OUTPUT_BYTES - self.data.len();
@@ -1853,6 +1919,11 @@ mod tests {
         assert!(c.push(0, b"abcdef"));
         assert_eq!((c.text().as_str(), c.next), ("def", 6));
         assert!(!c.push(2, b"cd"));
+        assert_eq!(c.dropped, 0);
+        // Output the agent no longer has: counted, skipped.
+        let mut gap = Chunked::new(0);
+        assert!(gap.push(10, b"xy"));
+        assert_eq!((gap.dropped, gap.next), (10, 12));
         let big = vec![b'x'; READ_OUTPUT_BYTES];
         assert!(c.push(6, &big));
         assert!(c.full);
