@@ -18,7 +18,7 @@
 //! temporary files of the agent's atomic writes are hidden: their rename over the final name
 //! is reported as `create` and `write` of that name.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::mem::MaybeUninit;
 use std::os::fd::AsRawFd;
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use openrun_protocol::{AgentError, AgentMessage, ErrorCode, FileEventKind, Frame};
 use rustix::fd::{AsFd, OwnedFd};
 use rustix::fs::inotify::{self, CreateFlags, ReadFlags, WatchFlags};
-use rustix::fs::{Dir, FileType};
+use rustix::fs::{Dir, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -46,13 +46,30 @@ pub(crate) const MAX_WATCHES: usize = 512;
 /// Directories watched at once over all watches (each is a kernel watch; the runtime allows a
 /// sandbox 131,072 in all, shared with its own programs).
 pub(crate) const MAX_DIRS: usize = 16_384;
+/// Directories the watches hold in all, counting a directory once per watch that holds it
+/// (the agent's memory for them: at most a name of 255 bytes each).
+pub(crate) const MAX_DIR_ENTRIES: usize = 65_536;
+/// Longest path of a watched directory (the watched path, a slash and the path below it),
+/// as the kernel's `PATH_MAX` (with its NUL): a deeper directory cannot be named in one call.
+pub(crate) const MAX_PATH: usize = 4095;
 /// Events one watch keeps for a connection that reads slowly before it drops them (and
 /// reports `overflow`).
 pub(crate) const MAX_QUEUED: usize = 4096;
+/// Bytes of events one watch keeps (names, plus [`EVENT_COST`] each) before it drops them.
+pub(crate) const MAX_QUEUED_BYTES: usize = 256 * 1024;
+/// Bytes of events all watches keep together before they drop them.
+pub(crate) const MAX_QUEUED_BYTES_TOTAL: usize = 8 * 1024 * 1024;
+/// What a queued event costs besides its name.
+const EVENT_COST: usize = 48;
+/// New subdirectories of recursive watches waiting to be watched; beyond it the watch whose
+/// directory could not wait gets an `overflow` event.
+const MAX_GROW_PENDING: usize = 4096;
 /// Bytes read from the inotify descriptor at once.
 const READ_BUFFER: usize = 64 * 1024;
 /// Renames of temporary files remembered until their `IN_MOVED_TO` arrives.
 const MAX_PENDING_COOKIES: usize = 256;
+/// The parent of a watch's root in [`Node::parent`].
+const NO_PARENT: i32 = -1;
 
 /// What every watched directory reports.
 const MASK: WatchFlags = WatchFlags::CREATE
@@ -69,6 +86,8 @@ const MASK: WatchFlags = WatchFlags::CREATE
 #[derive(Debug, Default)]
 struct Queue {
     events: VecDeque<(String, FileEventKind)>,
+    /// What `events` cost ([`EVENT_COST`] plus the name, each).
+    bytes: usize,
     /// Events were dropped since the last one sent.
     overflow: bool,
     /// The watch ended by itself, for this reason.
@@ -80,15 +99,26 @@ struct Queue {
 struct Mailbox {
     queue: RefCell<Queue>,
     notify: Notify,
+    /// Bytes queued by every mailbox of the agent.
+    total: Rc<Cell<usize>>,
 }
 
 impl Mailbox {
+    fn new(total: Rc<Cell<usize>>) -> Self {
+        Self {
+            queue: RefCell::default(),
+            notify: Notify::new(),
+            total,
+        }
+    }
+
     fn push(&self, name: String, kind: FileEventKind) {
         {
             let mut q = self.queue.borrow_mut();
             if q.ended.is_some() {
                 return;
             }
+            let cost = EVENT_COST + name.len();
             if kind == FileEventKind::Overflow {
                 q.overflow = true;
             } else if q
@@ -98,19 +128,65 @@ impl Mailbox {
             {
                 // The same change again before anyone read the first: one event says it.
                 return;
-            } else if q.events.len() >= MAX_QUEUED {
+            } else if q.events.len() >= MAX_QUEUED
+                || q.bytes + cost > MAX_QUEUED_BYTES
+                || self.total.get() + cost > MAX_QUEUED_BYTES_TOTAL
+            {
                 q.overflow = true;
             } else {
                 q.events.push_back((name, kind));
+                q.bytes += cost;
+                self.total.set(self.total.get() + cost);
             }
         }
         self.notify.notify_one();
+    }
+
+    /// The next thing to send: the queued events, then the loss, then the end.
+    fn pop(&self) -> Option<Next> {
+        let mut q = self.queue.borrow_mut();
+        if let Some((name, kind)) = q.events.pop_front() {
+            let cost = EVENT_COST + name.len();
+            q.bytes -= cost;
+            self.total.set(self.total.get().saturating_sub(cost));
+            return Some(Next::Event(name, kind));
+        }
+        if std::mem::take(&mut q.overflow) {
+            return Some(Next::Event(String::new(), FileEventKind::Overflow));
+        }
+        q.ended.clone().map(Next::Ended)
     }
 
     fn end(&self, reason: String) {
         self.queue.borrow_mut().ended.get_or_insert(reason);
         self.notify.notify_one();
     }
+}
+
+impl Drop for Mailbox {
+    fn drop(&mut self) {
+        let left = self.queue.get_mut().bytes;
+        self.total.set(self.total.get().saturating_sub(left));
+    }
+}
+
+/// What [`Mailbox::pop`] found.
+#[derive(Debug)]
+enum Next {
+    Event(String, FileEventKind),
+    Ended(String),
+}
+
+/// A watched directory of a watch: its parent's descriptor and its name (paths are built
+/// when an event needs one, so a deep tree costs memory linear in its size).
+#[derive(Debug, Clone)]
+struct Node {
+    /// Descriptor of the parent directory ([`NO_PARENT`] for the watch's root).
+    parent: i32,
+    /// Name in the parent (`""` for the root).
+    name: Box<str>,
+    /// Length of its path relative to the watch's root.
+    len: usize,
 }
 
 /// One watch.
@@ -121,10 +197,50 @@ struct Watch {
     recursive: bool,
     /// Descriptor of the watched directory itself.
     root_wd: i32,
-    /// Every watched directory: descriptor to path relative to the root (`""` for the root).
-    dirs: HashMap<i32, String>,
+    /// Every watched directory by descriptor.
+    dirs: HashMap<i32, Node>,
     mailbox: Rc<Mailbox>,
     pump: Option<JoinHandle<()>>,
+}
+
+impl Watch {
+    /// The path of directory `wd` relative to the root (`""` for the root); `None` when it
+    /// is not (or no longer) part of this watch.
+    fn rel(&self, wd: i32) -> Option<String> {
+        let mut names = Vec::new();
+        let mut at = wd;
+        // Bounded: a chain longer than the map would be a cycle.
+        for _ in 0..=self.dirs.len() {
+            if at == NO_PARENT {
+                names.reverse();
+                return Some(names.join("/"));
+            }
+            let node = self.dirs.get(&at)?;
+            if node.parent != NO_PARENT {
+                names.push(&*node.name);
+            }
+            at = node.parent;
+        }
+        None
+    }
+
+    /// The directory named `name` in directory `parent`.
+    fn child(&self, parent: i32, name: &str) -> Option<i32> {
+        self.dirs
+            .iter()
+            .find(|(_, n)| n.parent == parent && &*n.name == name)
+            .map(|(wd, _)| *wd)
+    }
+
+    /// Longest path below the root a watched directory may have.
+    fn max_len(&self) -> usize {
+        max_rel_len(&self.path)
+    }
+}
+
+/// Longest relative path of a watched directory below `path`.
+fn max_rel_len(path: &str) -> usize {
+    MAX_PATH.saturating_sub(path.trim_end_matches('/').len() + 1)
 }
 
 /// The agent's inotify instance.
@@ -140,6 +256,9 @@ impl Drop for Inotify {
     }
 }
 
+/// A new subdirectory of a recursive watch, to be watched: (watch, parent's descriptor, name).
+type Grow = (u64, i32, Box<str>);
+
 #[derive(Debug, Default)]
 struct State {
     inotify: Option<Inotify>,
@@ -149,6 +268,49 @@ struct State {
     users: HashMap<i32, HashSet<u64>>,
     /// Cookies of temporary files moved away, whose `IN_MOVED_TO` is an atomic write.
     temp_moves: VecDeque<u32>,
+    /// Kernel watches being added (outside this thread) right now: while any are, unused
+    /// descriptors are not removed (the kernel hands an add the descriptor of a directory
+    /// already watched, which a removal would take away under it).
+    adding: usize,
+    /// Unused descriptors whose removal waits for the adds in flight.
+    deferred: Vec<i32>,
+    /// New subdirectories waiting to be watched, in order, and the same as a set.
+    grow_queue: VecDeque<Grow>,
+    grow_set: HashSet<Grow>,
+    /// Whether the task that watches them runs.
+    growing: bool,
+}
+
+impl State {
+    /// Removes the kernel watches among `wds` that no watch uses (later, when adds are in
+    /// flight).
+    fn remove_unused(&mut self, wds: impl IntoIterator<Item = i32>) {
+        if self.adding > 0 {
+            self.deferred.extend(wds);
+            return;
+        }
+        if let Some(ino) = &self.inotify {
+            for wd in wds {
+                if !self.users.contains_key(&wd) {
+                    // Fails only for a watch the kernel already dropped (its directory is
+                    // gone).
+                    let _ = inotify::remove_watch(&*ino.fd, wd);
+                }
+            }
+        }
+    }
+
+    /// Directories held by all watches (one per watch that holds it).
+    fn entries(&self) -> usize {
+        self.watches.values().map(|w| w.dirs.len()).sum()
+    }
+
+    /// How many more directories a watch may add.
+    fn budget(&self) -> usize {
+        MAX_DIRS
+            .saturating_sub(self.users.len())
+            .min(MAX_DIR_ENTRIES.saturating_sub(self.entries()))
+    }
 }
 
 /// Every watch of the agent.
@@ -156,6 +318,29 @@ struct State {
 pub(crate) struct Watches {
     files: Arc<Files>,
     state: RefCell<State>,
+    /// Bytes queued by every watch's mailbox.
+    queued: Rc<Cell<usize>>,
+}
+
+/// An add of kernel watches in flight: counted in [`State::adding`] until dropped.
+struct Adding<'a>(&'a Watches);
+
+impl<'a> Adding<'a> {
+    fn new(watches: &'a Watches) -> Self {
+        watches.state.borrow_mut().adding += 1;
+        Self(watches)
+    }
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.borrow_mut();
+        state.adding -= 1;
+        if state.adding == 0 {
+            let deferred = std::mem::take(&mut state.deferred);
+            state.remove_unused(deferred);
+        }
+    }
 }
 
 /// A watch that is registered but whose events do not flow yet: the connection answers the
@@ -180,8 +365,8 @@ impl Started {
     }
 }
 
-/// A directory the kernel watches for a watch, as found by [`add_tree`].
-type Added = Vec<(i32, String)>;
+/// The directories [`add_tree`] added, and how it ended.
+type Added = (Vec<(i32, Node)>, Result<(), AgentError>);
 
 impl Watches {
     /// No watches yet; the inotify instance is made at the first.
@@ -189,6 +374,7 @@ impl Watches {
         Rc::new(Self {
             files,
             state: RefCell::new(State::default()),
+            queued: Rc::default(),
         })
     }
 
@@ -223,7 +409,9 @@ impl Watches {
     }
 
     /// Starts watching `path` (and, when `recursive`, every directory below it). Refused
-    /// beyond [`MAX_WATCHES`] watches or [`MAX_DIRS`] directories in all.
+    /// beyond [`MAX_WATCHES`] watches ([`ErrorCode::TooLarge`]: wait for others to stop), and
+    /// for a tree beyond [`MAX_DIRS`] directories, deeper than [`MAX_PATH`], or beyond the
+    /// kernel's watches ([`ErrorCode::InvalidArgument`]: waiting does not help).
     pub(crate) async fn watch(
         self: &Rc<Self>,
         path: String,
@@ -239,33 +427,40 @@ impl Watches {
                     ),
                 ));
             }
-            MAX_DIRS.saturating_sub(state.users.len())
+            state.budget()
         };
         let fd = self.instance()?;
         let files = self.files.clone();
+        let adding = Adding::new(self);
         let (added, result) = {
             let path = path.clone();
             let fd = fd.clone();
-            tokio::task::spawn_blocking(move || {
-                let mut added = Vec::new();
-                let result = files.open_dir(&path).and_then(|dir| {
-                    add_tree(
-                        &fd,
-                        dir,
-                        String::new(),
+            tokio::task::spawn_blocking(move || match files.open_dir(&path) {
+                Ok(dir) => {
+                    let top = Node {
+                        parent: NO_PARENT,
+                        name: "".into(),
+                        len: 0,
+                    };
+                    let tree = Tree {
+                        ino: &fd,
+                        path: &path,
                         recursive,
                         budget,
-                        &path,
-                        &mut added,
-                    )
-                });
-                (added, result)
+                        max_len: max_rel_len(&path),
+                    };
+                    tree.add(dir, top)
+                }
+                Err(e) => (Vec::new(), Err(e)),
             })
             .await
             .map_err(|e| internal("watching failed", e))?
         };
+        let mut state = self.state.borrow_mut();
         if let Err(e) = result {
-            self.forget_unused(&added);
+            state.remove_unused(added.into_iter().map(|(wd, _)| wd));
+            drop(state);
+            drop(adding);
             return Err(e);
         }
         let Some(&(root_wd, _)) = added.first() else {
@@ -274,8 +469,7 @@ impl Watches {
                 "no descriptor for the directory",
             ));
         };
-        let mailbox = Rc::new(Mailbox::default());
-        let mut state = self.state.borrow_mut();
+        let mailbox = Rc::new(Mailbox::new(self.queued.clone()));
         state.next_id += 1;
         let id = state.next_id;
         for (wd, _) in &added {
@@ -292,6 +486,8 @@ impl Watches {
                 pump: None,
             },
         );
+        drop(state);
+        drop(adding);
         Ok(Started {
             id,
             watches: Rc::downgrade(self),
@@ -338,24 +534,7 @@ impl Watches {
                 }
             }
         }
-        if let Some(ino) = &state.inotify {
-            for wd in unused {
-                // Fails only for a watch the kernel already dropped (its directory is gone).
-                let _ = inotify::remove_watch(&*ino.fd, wd);
-            }
-        }
-    }
-
-    /// After a failed watch: removes the kernel watches it added that no watch uses.
-    fn forget_unused(&self, added: &Added) {
-        let state = self.state.borrow();
-        if let Some(ino) = &state.inotify {
-            for (wd, _) in added {
-                if !state.users.contains_key(wd) {
-                    let _ = inotify::remove_watch(&*ino.fd, *wd);
-                }
-            }
-        }
+        state.remove_unused(unused);
     }
 
     /// Handles one event read from the instance.
@@ -416,7 +595,8 @@ impl Watches {
         }
         let name = String::from_utf8_lossy(&name).into_owned();
         let appeared = flags.intersects(ReadFlags::CREATE | ReadFlags::MOVED_TO);
-        let moved_away = flags.contains(ReadFlags::MOVED_FROM);
+        // Moved away or removed: a directory of that name that appears later is another one.
+        let moved_away = flags.intersects(ReadFlags::MOVED_FROM | ReadFlags::DELETE);
         let mut grow = Vec::new();
         let mut shrink = Vec::new();
         {
@@ -428,26 +608,27 @@ impl Watches {
                 let Some(w) = state.watches.get(id) else {
                     continue;
                 };
-                let Some(rel) = w.dirs.get(&event.wd) else {
+                let Some(rel) = w.rel(event.wd) else {
                     continue;
                 };
-                let rel = join(rel, &name);
+                let rel = join(&rel, &name);
                 for kind in kinds {
                     w.mailbox.push(rel.clone(), *kind);
                 }
                 if w.recursive && is_dir && appeared {
-                    grow.push((*id, rel.clone()));
+                    grow.push((*id, event.wd, Box::<str>::from(name.as_str())));
                 } else if w.recursive && is_dir && moved_away {
-                    shrink.push((*id, rel));
+                    if let Some(wd) = w.child(event.wd, &name) {
+                        shrink.push((*id, wd));
+                    }
                 }
             }
         }
-        for (id, rel) in shrink {
-            self.forget_subtree(id, &rel);
+        for (id, wd) in shrink {
+            self.forget_subtree(id, wd);
         }
-        for (id, rel) in grow {
-            let watches = self.clone();
-            tokio::task::spawn_local(async move { watches.grow(id, rel).await });
+        for item in grow {
+            self.queue_grow(item);
         }
     }
 
@@ -478,20 +659,25 @@ impl Watches {
         }
     }
 
-    /// A directory of watch `id` moved away: stops watching it and everything below.
-    fn forget_subtree(&self, id: u64, rel: &str) {
+    /// Directory `top` of watch `id` moved away: stops watching it and everything below.
+    fn forget_subtree(&self, id: u64, top: i32) {
         let wds: Vec<i32> = {
             let mut state = self.state.borrow_mut();
             let Some(w) = state.watches.get_mut(&id) else {
                 return;
             };
-            let prefix = format!("{rel}/");
-            let gone: Vec<i32> = w
-                .dirs
-                .iter()
-                .filter(|(_, r)| *r == rel || r.starts_with(&prefix))
-                .map(|(wd, _)| *wd)
-                .collect();
+            let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+            for (wd, node) in &w.dirs {
+                children.entry(node.parent).or_default().push(*wd);
+            }
+            let mut gone = vec![top];
+            let mut at = 0;
+            while let Some(wd) = gone.get(at).copied() {
+                at += 1;
+                if let Some(below) = children.remove(&wd) {
+                    gone.extend(below);
+                }
+            }
             for wd in &gone {
                 w.dirs.remove(wd);
             }
@@ -500,47 +686,110 @@ impl Watches {
         self.release(id, &wds);
     }
 
-    /// A directory appeared at `rel` in recursive watch `id`: watches it and its subtree.
-    async fn grow(self: Rc<Self>, id: u64, rel: String) {
-        let (path, budget, fd) = {
+    /// Queues a new subdirectory of a recursive watch (once), and starts the one task that
+    /// watches them, one at a time, if it is not running.
+    fn queue_grow(self: &Rc<Self>, item: Grow) {
+        let mut state = self.state.borrow_mut();
+        if state.grow_set.contains(&item) {
+            return;
+        }
+        if state.grow_queue.len() >= MAX_GROW_PENDING {
+            if let Some(w) = state.watches.get(&item.0) {
+                w.mailbox.push(String::new(), FileEventKind::Overflow);
+            }
+            return;
+        }
+        state.grow_set.insert(item.clone());
+        state.grow_queue.push_back(item);
+        if !state.growing {
+            state.growing = true;
+            let watches = self.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let next = {
+                        let mut state = watches.state.borrow_mut();
+                        let next = state.grow_queue.pop_front();
+                        match &next {
+                            Some(item) => {
+                                state.grow_set.remove(item);
+                            }
+                            None => state.growing = false,
+                        }
+                        next
+                    };
+                    match next {
+                        Some((id, parent, name)) => watches.grow(id, parent, name).await,
+                        None => return,
+                    }
+                }
+            });
+        }
+    }
+
+    /// A directory `name` appeared in directory `parent` of recursive watch `id`: watches it
+    /// and its subtree.
+    async fn grow(&self, id: u64, parent: i32, name: Box<str>) {
+        let (path, top, budget, max_len, fd) = {
             let state = self.state.borrow();
             let (Some(w), Some(ino)) = (state.watches.get(&id), &state.inotify) else {
                 return;
             };
+            let (Some(rel), Some(node)) = (w.rel(parent), w.dirs.get(&parent)) else {
+                return;
+            };
+            if w.child(parent, &name).is_some() {
+                // Already watched (found by the walk of its parent).
+                return;
+            }
+            let top = Node {
+                parent,
+                len: node.len + usize::from(node.len > 0) + name.len(),
+                name,
+            };
+            if top.len > w.max_len() {
+                w.mailbox.push(String::new(), FileEventKind::Overflow);
+                return;
+            }
             (
-                w.path.clone(),
-                MAX_DIRS.saturating_sub(state.users.len()),
+                join(&w.path, &rel),
+                top,
+                state.budget(),
+                w.max_len(),
                 ino.fd.clone(),
             )
         };
         let files = self.files.clone();
-        let (added, result) = {
-            let rel = rel.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut added = Vec::new();
-                let (parent, name) = match rel.rsplit_once('/') {
-                    Some((parent, name)) => (join(&path, parent), name.to_string()),
-                    None => (path.clone(), rel.clone()),
-                };
-                let result = files.open_dir(&parent).and_then(|dir| {
-                    let sub = open_subdir(&dir, name.as_str()).map_err(|e| errno_error(e, &rel))?;
-                    if !watchable_subdir(sub.as_fd()) {
-                        return Ok(());
-                    }
-                    add_tree(&fd, sub, rel.clone(), true, budget, &path, &mut added)
-                });
-                (added, result)
-            })
-            .await;
-            match outcome {
-                Ok(outcome) => outcome,
-                Err(_) => return,
+        let adding = Adding::new(self);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let dir = match files.open_dir(&path) {
+                Ok(dir) => dir,
+                Err(e) => return (Vec::new(), Err(e)),
+            };
+            let sub = match open_subdir(&dir, &*top.name) {
+                Ok(sub) => sub,
+                Err(e) => return (Vec::new(), Err(errno_error(e, &join(&path, &top.name)))),
+            };
+            drop(dir);
+            if !watchable_subdir(sub.as_fd()) {
+                return (Vec::new(), Ok(()));
             }
+            let tree = Tree {
+                ino: &fd,
+                path: &path,
+                recursive: true,
+                budget,
+                max_len,
+            };
+            tree.add(sub, top)
+        })
+        .await;
+        let (added, result) = match outcome {
+            Ok(outcome) => outcome,
+            Err(_) => return,
         };
         let mut state = self.state.borrow_mut();
         let Some(w) = state.watches.get_mut(&id) else {
-            drop(state);
-            self.forget_unused(&added);
+            state.remove_unused(added.into_iter().map(|(wd, _)| wd));
             return;
         };
         match result {
@@ -552,12 +801,18 @@ impl Watches {
                 w.mailbox.push(String::new(), FileEventKind::Overflow);
             }
         }
-        for (wd, r) in &added {
-            w.dirs.insert(*wd, r.clone());
+        let mut fresh = Vec::new();
+        for (wd, node) in added {
+            if let std::collections::hash_map::Entry::Vacant(slot) = w.dirs.entry(wd) {
+                slot.insert(node);
+                fresh.push(wd);
+            }
         }
-        for (wd, _) in &added {
-            state.users.entry(*wd).or_default().insert(id);
+        for wd in fresh {
+            state.users.entry(wd).or_default().insert(id);
         }
+        drop(state);
+        drop(adding);
     }
 }
 
@@ -570,68 +825,221 @@ fn join(rel: &str, name: &str) -> String {
     }
 }
 
-/// Adds a kernel watch for `dir` (relative path `rel`) and, when `recursive`, for every
-/// directory below it, breadth first, appending what it added to `added`. More than `budget`
-/// directories is [`ErrorCode::TooLarge`]; subdirectories that vanish or cannot be read are
-/// skipped. `path` names the watch in errors.
-fn add_tree(
-    ino: &OwnedFd,
-    dir: OwnedFd,
-    rel: String,
+/// One walk that adds kernel watches for a directory and (when `recursive`) its subtree.
+struct Tree<'a> {
+    ino: &'a OwnedFd,
+    /// The directory the walk starts in, as the client named it (for errors).
+    path: &'a str,
     recursive: bool,
+    /// Most directories it may add.
     budget: usize,
-    path: &str,
-    added: &mut Added,
-) -> Result<(), AgentError> {
-    let mut pending = VecDeque::from([(dir, rel)]);
-    while let Some((dir, rel)) = pending.pop_front() {
-        if added.len() >= budget {
-            return Err(AgentError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "cannot watch {path}: more than {budget} directories to watch \
-                     (the sandbox watches at most {MAX_DIRS} in all)"
-                ),
+    /// Longest relative path below the watch's root it may add.
+    max_len: usize,
+}
+
+/// A directory found by [`Tree::add`]: its index in the walk's list of directories, or the
+/// node it starts from.
+#[derive(Debug)]
+struct Found {
+    /// Index of the parent in the walk's list (`None` for the start).
+    parent: Option<usize>,
+    name: Box<str>,
+    len: usize,
+    /// Its kernel watch, once added (`None`: not added, or already added by this walk
+    /// through another path, e.g. a bind mount).
+    wd: Option<i32>,
+}
+
+impl Tree<'_> {
+    /// Adds kernel watches for `dir` (described by `top`) and, when recursive, every
+    /// directory below it, breadth first. Only directory names wait in the queue, never
+    /// descriptors: a directory is opened when its turn comes, from `dir` without following
+    /// any symlink. More than `budget` directories (added or waiting), or one deeper than
+    /// `max_len`, is [`ErrorCode::InvalidArgument`]; directories that vanish (or turn into
+    /// something else) are skipped; any other failure (unreadable, out of descriptors) is an
+    /// error naming the directory. Returns what it added even when it fails.
+    fn add(&self, dir: OwnedFd, top: Node) -> Added {
+        let mut added = Vec::new();
+        let result = self.walk(&dir, top, &mut added);
+        (added, result)
+    }
+
+    fn walk(
+        &self,
+        base: &OwnedFd,
+        top: Node,
+        added: &mut Vec<(i32, Node)>,
+    ) -> Result<(), AgentError> {
+        let mut found = vec![Found {
+            parent: None,
+            name: top.name.clone(),
+            len: top.len,
+            wd: None,
+        }];
+        let mut seen = HashSet::new();
+        let mut next = 0;
+        while next < found.len() {
+            let at = next;
+            next += 1;
+            let below = self.below(&found, at);
+            let opened;
+            let dir = if at == 0 {
+                base
+            } else {
+                match open_beneath(base, &below) {
+                    Ok(dir) => {
+                        opened = dir;
+                        &opened
+                    }
+                    Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => continue,
+                    Err(e) => return Err(self.failure(e, &below)),
+                }
+            };
+            if at > 0 && !watchable_subdir(dir.as_fd()) {
+                continue;
+            }
+            let target = format!("/proc/self/fd/{}", dir.as_raw_fd());
+            let wd = match inotify::add_watch(self.ino, target.as_str(), MASK) {
+                Ok(wd) => wd,
+                Err(Errno::NOENT) if at > 0 => continue,
+                Err(Errno::NOSPC) => {
+                    return Err(AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "cannot watch {}: the sandbox's inotify watches are used up \
+                             (fs.inotify.max_user_watches); watch a smaller tree",
+                            self.path
+                        ),
+                    ))
+                }
+                Err(e) => return Err(self.failure(e, &below)),
+            };
+            if !seen.insert(wd) {
+                // The same directory again (a bind mount): watched already, walked already.
+                continue;
+            }
+            found[at].wd = Some(wd);
+            let parent = match found[at].parent {
+                None => top.parent,
+                Some(p) => found[p].wd.unwrap_or(NO_PARENT),
+            };
+            added.push((
+                wd,
+                Node {
+                    parent,
+                    name: found[at].name.clone(),
+                    len: found[at].len,
+                },
             ));
+            if !self.recursive {
+                continue;
+            }
+            let mut entries = match Dir::read_from(dir) {
+                Ok(entries) => entries,
+                Err(Errno::NOENT) => continue,
+                Err(e) => return Err(self.failure(e, &below)),
+            };
+            while let Some(entry) = entries.read() {
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(Errno::NOENT) => break,
+                    Err(e) => return Err(self.failure(e, &below)),
+                };
+                let name = entry.file_name();
+                if name == c"." || name == c".." {
+                    continue;
+                }
+                if !matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
+                    continue;
+                }
+                let name: Box<str> = String::from_utf8_lossy(name.to_bytes()).into();
+                let len = found[at].len + usize::from(found[at].len > 0) + name.len();
+                if len > self.max_len {
+                    return Err(AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "cannot watch {} recursively: it has directories deeper than \
+                             {MAX_PATH} bytes of path (e.g. below {}); watch a deeper directory \
+                             instead",
+                            self.path,
+                            join(self.path, &self.below(&found, at))
+                        ),
+                    ));
+                }
+                if found.len() >= self.budget {
+                    return Err(AgentError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "cannot watch {} recursively: more than {} directories to watch \
+                             (the sandbox watches at most {MAX_DIRS} directories in all); \
+                             watch a smaller tree",
+                            self.path, self.budget
+                        ),
+                    ));
+                }
+                found.push(Found {
+                    parent: Some(at),
+                    name,
+                    len,
+                    wd: None,
+                });
+            }
         }
-        let target = format!("/proc/self/fd/{}", dir.as_raw_fd());
-        let wd = inotify::add_watch(ino, target.as_str(), MASK).map_err(|e| match e {
-            Errno::NOSPC => AgentError::new(
+        Ok(())
+    }
+
+    /// The path of `found[at]` below the start of the walk (`""` for the start).
+    fn below(&self, found: &[Found], at: usize) -> String {
+        let mut names = Vec::new();
+        let mut i = Some(at);
+        while let Some(n) = i {
+            if n == 0 {
+                break;
+            }
+            names.push(&*found[n].name);
+            i = found[n].parent;
+        }
+        names.reverse();
+        names.join("/")
+    }
+
+    /// A failure to open, watch or read directory `below` (relative to the walk's start).
+    fn failure(&self, e: Errno, below: &str) -> AgentError {
+        let dir = join(self.path, below);
+        match e {
+            Errno::MFILE | Errno::NFILE | Errno::NOMEM => AgentError::new(
                 ErrorCode::TooLarge,
                 format!(
-                    "cannot watch {path}: the sandbox's inotify watches are used up \
-                     (fs.inotify.max_user_watches)"
+                    "cannot watch {}: the agent is out of resources opening {dir} ({}); try again \
+                     later",
+                    self.path,
+                    errno_text(e)
                 ),
             ),
-            other => errno_error(other, path),
-        })?;
-        added.push((wd, rel.clone()));
-        if !recursive {
-            continue;
-        }
-        let Ok(mut entries) = Dir::read_from(&dir) else {
-            continue;
-        };
-        while let Some(Ok(entry)) = entries.read() {
-            let name = entry.file_name();
-            if name == c"." || name == c".." {
-                continue;
+            other => {
+                let e = errno_error(other, &dir);
+                AgentError::new(e.code, format!("cannot watch {}: {}", self.path, e.message))
             }
-            if !matches!(entry.file_type(), FileType::Directory | FileType::Unknown) {
-                continue;
-            }
-            // Opened without following a symlink; a non-directory fails with ENOTDIR.
-            let Ok(sub) = open_subdir(&dir, name) else {
-                continue;
-            };
-            if !watchable_subdir(sub.as_fd()) {
-                continue;
-            }
-            let child = join(&rel, &String::from_utf8_lossy(name.to_bytes()));
-            pending.push_back((sub, child));
         }
     }
-    Ok(())
+}
+
+/// Opens directory `path` below `base`, never following a symlink (nor leaving `base`).
+fn open_beneath(base: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
+    let mut last = Errno::AGAIN;
+    for _ in 0..16 {
+        match rustix::fs::openat2(
+            base,
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Err(e @ (Errno::AGAIN | Errno::INTR)) => last = e,
+            other => return other,
+        }
+    }
+    Err(last)
 }
 
 /// One event read from the instance, owned.
@@ -696,32 +1104,30 @@ async fn read_loop(watches: Weak<Watches>, fd: AsyncFd<Arc<OwnedFd>>) {
 }
 
 /// Sends watch `id`'s events on `out` as they come, until it ends or the connection closes.
+/// Events leave the queue one at a time, so the queue's caps bound all the watch holds.
 async fn pump(id: u64, mailbox: Rc<Mailbox>, out: OutTx) {
     loop {
-        let (events, overflow, ended) = {
-            let mut q = mailbox.queue.borrow_mut();
-            let events: Vec<_> = q.events.drain(..).collect();
-            let overflow = std::mem::take(&mut q.overflow);
-            (events, overflow, q.ended.clone())
-        };
-        if events.is_empty() && !overflow && ended.is_none() {
+        let Some(next) = mailbox.pop() else {
             mailbox.notify.notified().await;
             continue;
-        }
-        let overflow = overflow.then(|| (String::new(), FileEventKind::Overflow));
-        for (name, kind) in events.into_iter().chain(overflow) {
-            let frame = Frame::new(AgentMessage::FileEvent {
-                watch: id,
-                name,
-                kind,
-            });
-            if out.send(Outbound::Frame(frame)).await.is_err() {
-                return;
-            }
-        }
-        if let Some(reason) = ended {
-            let frame = Frame::new(AgentMessage::WatchEnded { watch: id, reason });
-            let _ = out.send(Outbound::Frame(frame)).await;
+        };
+        let (message, last) = match next {
+            Next::Event(name, kind) => (
+                AgentMessage::FileEvent {
+                    watch: id,
+                    name,
+                    kind,
+                },
+                false,
+            ),
+            Next::Ended(reason) => (AgentMessage::WatchEnded { watch: id, reason }, true),
+        };
+        if out
+            .send(Outbound::Frame(Frame::new(message)))
+            .await
+            .is_err()
+            || last
+        {
             return;
         }
     }
@@ -753,6 +1159,64 @@ mod tests {
         let q = m.queue.borrow();
         let names: Vec<&str> = q.events.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, ["a", "b", "a"]);
+    }
+
+    #[test]
+    fn queues_are_capped_by_bytes_per_watch_and_in_all() {
+        let total = Rc::new(Cell::new(0));
+        let long = "x".repeat(4000);
+        let m = Mailbox::new(total.clone());
+        for i in 0..200 {
+            m.push(format!("{long}{i}"), FileEventKind::Create);
+        }
+        let kept = m.queue.borrow().events.len();
+        assert!(kept < 200 && kept * 4000 <= MAX_QUEUED_BYTES, "{kept}");
+        assert!(m.queue.borrow().overflow);
+        assert_eq!(total.get(), m.queue.borrow().bytes);
+        // Many watches together stop at the agent's cap.
+        let others: Vec<Mailbox> = (0..64).map(|_| Mailbox::new(total.clone())).collect();
+        for o in &others {
+            for i in 0..100 {
+                o.push(format!("{long}{i}"), FileEventKind::Create);
+            }
+        }
+        assert!(total.get() <= MAX_QUEUED_BYTES_TOTAL);
+        assert!(others.last().is_some_and(|o| o.queue.borrow().overflow));
+        // Sending and dropping give the bytes back.
+        while let Some(Next::Event(..)) = m.pop() {}
+        drop(others);
+        drop(m);
+        assert_eq!(total.get(), 0);
+    }
+
+    #[test]
+    fn paths_are_built_from_parents() {
+        let node = |parent, name: &str, len| Node {
+            parent,
+            name: name.into(),
+            len,
+        };
+        let w = Watch {
+            path: "/w".into(),
+            recursive: true,
+            root_wd: 1,
+            dirs: HashMap::from([
+                (1, node(NO_PARENT, "", 0)),
+                (2, node(1, "a", 1)),
+                (3, node(2, "b", 3)),
+                // A cycle (cannot happen, must not hang).
+                (4, node(5, "x", 1)),
+                (5, node(4, "y", 1)),
+            ]),
+            mailbox: Rc::default(),
+            pump: None,
+        };
+        assert_eq!(w.rel(1).as_deref(), Some(""));
+        assert_eq!(w.rel(3).as_deref(), Some("a/b"));
+        assert_eq!(w.rel(9), None);
+        assert_eq!(w.rel(4), None);
+        assert_eq!(w.child(2, "b"), Some(3));
+        assert_eq!(max_rel_len("/w"), MAX_PATH - 3);
     }
 
     #[test]

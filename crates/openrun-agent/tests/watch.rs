@@ -46,6 +46,22 @@ fn main() {
             "watches_per_connection_are_capped",
             watches_per_connection_are_capped,
         ),
+        (
+            "a_deep_tree_is_refused_in_bounded_memory",
+            a_deep_tree_is_refused_in_bounded_memory,
+        ),
+        (
+            "a_wide_tree_is_watched_with_few_descriptors",
+            a_wide_tree_is_watched_with_few_descriptors,
+        ),
+        (
+            "many_new_directories_do_not_starve_file_operations",
+            many_new_directories_do_not_starve_file_operations,
+        ),
+        (
+            "a_directory_watched_again_while_its_old_watch_stops_keeps_reporting",
+            a_directory_watched_again_while_its_old_watch_stops_keeps_reporting,
+        ),
     ]);
 }
 
@@ -409,8 +425,22 @@ fn a_reader_that_falls_behind_gets_an_overflow() {
             answer.header
         );
     }
-    // Far more events than the socket, the connection's queue and the watch's queue hold.
-    for i in 0..15_000 {
+    // Far more events than the socket, the connection's queue and the watch's queue hold,
+    // whatever this host's socket buffers: frames in the socket take at least their own
+    // bytes of its send buffer (the agent's is the host's default, as this socket's is).
+    let (probe, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+    let sndbuf = rustix::net::sockopt::socket_send_buffer_size(&probe).unwrap();
+    let frame = Frame::new(AgentMessage::FileEvent {
+        watch: 1,
+        name: "00000".into(),
+        kind: FileEventKind::Create,
+    })
+    .encode()
+    .unwrap()
+    .len();
+    // The socket, the connection's queue of 64 frames, the watch's queue, and margin.
+    let files = sndbuf / frame + 64 + 4096 + 2000;
+    for i in 0..files {
         std::fs::write(agent.root.join(format!("flood/{i:05}")), "").unwrap();
     }
     // Meanwhile the agent serves others.
@@ -438,7 +468,205 @@ fn a_reader_that_falls_behind_gets_an_overflow() {
     }
     assert!(
         overflow,
-        "no overflow after {events} events of 15,000 files created"
+        "no overflow after {events} events of {files} files created"
     );
-    assert!(events < 15_000, "every event was kept: {events}");
+    assert!(events < files, "every event was kept: {events}");
+}
+
+/// Peak memory of process `pid` in KiB (`VmHWM`).
+fn peak_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in {status}"))
+}
+
+/// Makes a chain of `depth` directories named `name` below `dir` (beyond `PATH_MAX`, so
+/// one at a time from the last one's descriptor); returns the first level's path.
+fn make_chain(dir: &std::path::Path, depth: usize, name: &str) {
+    use rustix::fs::{mkdirat, openat, Mode, OFlags};
+    let mut at = openat(
+        rustix::fs::CWD,
+        dir,
+        OFlags::DIRECTORY | OFlags::RDONLY,
+        Mode::empty(),
+    )
+    .unwrap();
+    for _ in 0..depth {
+        mkdirat(&at, name, Mode::from_raw_mode(0o755)).unwrap();
+        at = openat(&at, name, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty()).unwrap();
+    }
+}
+
+/// Removes a tree too deep for `std::fs::remove_dir_all` (GNU `rm` walks any depth).
+fn remove_deep(dir: &std::path::Path) {
+    let status = std::process::Command::new("rm")
+        .arg("-rf")
+        .arg(dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn a_deep_tree_is_refused_in_bounded_memory() {
+    let agent = TestAgent::start();
+    let deep = agent.root.join("deep");
+    std::fs::create_dir(&deep).unwrap();
+    // 3000 levels of 64-character names: 192,000 bytes of path at the bottom. Paths kept per
+    // directory would cost 288 MB; the tree cannot be named below PATH_MAX anyway.
+    let name = "d".repeat(64);
+    make_chain(&deep, 3000, &name);
+    let mut client = agent.client();
+    let err = client.call_err(Request::Watch {
+        path: "/deep".into(),
+        recursive: true,
+    });
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    assert!(err.message.contains("deeper than 4095"), "{}", err.message);
+    assert!(err.message.contains("/deep"), "{}", err.message);
+    // A watch below the limit, in the same tree: events flow, with the whole relative name.
+    let mut shallow = String::from("/deep");
+    for _ in 0..3 {
+        shallow.push('/');
+        shallow.push_str(&name);
+    }
+    let err = client.call_err(Request::Watch {
+        path: shallow.clone(),
+        recursive: true,
+    });
+    assert_eq!(err.code, ErrorCode::InvalidArgument, "{err:?}");
+    let id = watch(&mut client, "/deep", false);
+    std::fs::write(deep.join("top"), "x").unwrap();
+    events_until(&mut client, id, |e| has(e, "top", FileEventKind::Write));
+    let kib = peak_kib(agent.pid());
+    assert!(
+        kib < 100 * 1024,
+        "the agent's peak memory is {kib} KiB after refusing a deep tree"
+    );
+    client.call(Request::Info).expect("the agent is alive");
+    // A tree just within the limit is watched, and reports its deepest directory.
+    std::fs::create_dir(agent.root.join("ok")).unwrap();
+    make_chain(&agent.root.join("ok"), 40, &name);
+    let id = watch(&mut client, "/ok", true);
+    let mut bottom = agent.root.join("ok");
+    let mut rel = String::new();
+    for _ in 0..40 {
+        bottom.push(&name);
+        rel.push_str(&name);
+        rel.push('/');
+    }
+    std::fs::write(bottom.join("f"), "x").unwrap();
+    let want = format!("{rel}f");
+    events_until(&mut client, id, |e| has(e, &want, FileEventKind::Write));
+    remove_deep(&deep);
+}
+
+fn a_wide_tree_is_watched_with_few_descriptors() {
+    let agent = TestAgent::start();
+    let wide = agent.root.join("wide");
+    for i in 0..300 {
+        std::fs::create_dir_all(wide.join(format!("d{i:03}/sub"))).unwrap();
+    }
+    // The sandbox's smallest open-files limit: a walk that kept a descriptor per waiting
+    // directory would run out, and skip directories without a word.
+    let pid = rustix::process::Pid::from_raw(agent.pid()).unwrap();
+    rustix::process::prlimit(
+        Some(pid),
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(64),
+            maximum: Some(64),
+        },
+    )
+    .unwrap();
+    let mut client = agent.client();
+    let id = watch(&mut client, "/wide", true);
+    for i in 0..300 {
+        std::fs::write(wide.join(format!("d{i:03}/sub/f")), "x").unwrap();
+    }
+    let got = events_until(&mut client, id, |e| {
+        (0..300).all(|i| has(e, &format!("d{i:03}/sub/f"), FileEventKind::Write))
+    });
+    assert!(!got.iter().any(|(_, k)| *k == FileEventKind::Overflow));
+}
+
+fn many_new_directories_do_not_starve_file_operations() {
+    let agent = TestAgent::start();
+    std::fs::create_dir(agent.root.join("grow")).unwrap();
+    std::fs::write(agent.root.join("file"), "content").unwrap();
+    let mut client = agent.client();
+    let id = watch(&mut client, "/grow", true);
+    let root = agent.root.clone();
+    let maker = std::thread::spawn(move || {
+        for i in 0..1000 {
+            std::fs::create_dir_all(root.join(format!("grow/a{i}/b/c"))).unwrap();
+        }
+    });
+    // File operations answer while the watch follows 3000 new directories.
+    let mut ops = agent.client();
+    let mut reads = 0;
+    while !maker.is_finished() || reads < 5 {
+        let (result, data) = ops.call_data(
+            Request::ReadFile {
+                path: "/file".into(),
+                offset: 0,
+                limit: None,
+            },
+            Vec::new(),
+        );
+        result.expect("read");
+        assert_eq!(data, b"content");
+        reads += 1;
+    }
+    maker.join().unwrap();
+    // And the newest directories are watched (or the loss is reported).
+    let deadline = Instant::now() + WAIT;
+    let mut n = 0;
+    loop {
+        n += 1;
+        std::fs::write(agent.root.join(format!("grow/a999/b/c/f{n}")), "x").unwrap();
+        let got = events_within(&mut client, Duration::from_millis(300));
+        let seen = got.iter().any(|m| {
+            matches!(m, AgentMessage::FileEvent { watch, name, .. }
+                if *watch == id && name.starts_with("a999/b/c/f"))
+        });
+        if seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a999/b/c is never watched");
+    }
+}
+
+fn a_directory_watched_again_while_its_old_watch_stops_keeps_reporting() {
+    let agent = TestAgent::start();
+    // Many subdirectories: a recursive watch takes a while to add, and shares every kernel
+    // watch with the old one.
+    for i in 0..1000 {
+        std::fs::create_dir_all(agent.root.join(format!("same/d{i}"))).unwrap();
+    }
+    let mut old = agent.client();
+    watch(&mut old, "/same", true);
+    for round in 0..40 {
+        // The new watch is asked for, then the old one's connection closes (the SDK's stop()
+        // then watch_dir()): the two meet in the agent.
+        let mut new = agent.client();
+        let request = new.send(
+            Request::Watch {
+                path: "/same".into(),
+                recursive: true,
+            },
+            Vec::new(),
+        );
+        drop(old);
+        let id = match new.wait_response(request, WAIT) {
+            Some((Ok(Response::Watching { watch }), _)) => watch,
+            other => panic!("watch failed: {other:?}"),
+        };
+        let name = format!("f{round}");
+        std::fs::write(agent.root.join("same").join(&name), "x").unwrap();
+        events_until(&mut new, id, |e| has(e, &name, FileEventKind::Write));
+        old = new;
+    }
 }
