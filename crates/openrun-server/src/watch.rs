@@ -60,8 +60,10 @@ pub(crate) enum WatchEvent {
 /// Watches the directory `path` (with every subdirectory when `recursive`) in the caller's
 /// running sandbox `id`. The changes arrive on the receiver, an [`WatchEvent::Ended`] last
 /// when the watch ends by itself; dropping the receiver ends the watch. A missing path is
-/// 404, a file 400 `not_a_directory`, too many watches 429, a sandbox whose agent predates
-/// watching 400 `not_supported`.
+/// 404, a file 400 `not_a_directory`, too many watches in the sandbox 429 (they end when
+/// their clients go), a tree too big to watch (too many directories, deeper than
+/// `PATH_MAX`, the sandbox's inotify watches used up) 400 `invalid_argument` naming the
+/// limit, a sandbox whose agent predates watching 400 `not_supported`.
 pub(crate) async fn watch_dir(
     s: &Shared,
     caller: &Caller,
@@ -125,8 +127,10 @@ pub(crate) async fn watch_dir(
     Ok(rx)
 }
 
-/// An agent's refusal of `Watch` as an API error: the agent's categories, but too many
-/// watches is 429, and an agent that does not know the request says so.
+/// An agent's refusal of `Watch` as an API error: the agent's categories, but its
+/// `too_large` (too many watches at once, or the agent out of descriptors: both pass) is 429,
+/// and an agent that does not know the request says so. Limits that waiting does not lift
+/// (the tree's size or depth, the kernel's watches) come as `invalid_argument`: 400.
 fn refusal(e: ClientError) -> ApiError {
     match e {
         ClientError::Agent(err) if err.is_unknown_request() => ApiError::Agent(AgentError::new(
@@ -216,7 +220,7 @@ mod tests {
     }
 
     #[test]
-    fn an_old_agent_is_not_supported_and_caps_are_429() {
+    fn an_old_agent_is_not_supported_caps_are_429_and_trees_400() {
         let e = serde_json::from_str::<openrun_protocol::RequestEnvelope>(
             r#"{"id":1,"request":{"op":"not_a_request"}}"#,
         )
@@ -230,6 +234,12 @@ mod tests {
         let full = AgentError::new(ErrorCode::TooLarge, "too many watches");
         let (status, _) = refusal(ClientError::Agent(full)).status_and_code();
         assert_eq!(status.as_u16(), 429);
+        let tree = AgentError::new(
+            ErrorCode::InvalidArgument,
+            "cannot watch / recursively: more than 16384 directories to watch",
+        );
+        let (status, code) = refusal(ClientError::Agent(tree)).status_and_code();
+        assert_eq!((status.as_u16(), code), (400, "invalid_argument"));
         let missing = AgentError::new(ErrorCode::NotFound, "no such file or directory: /x");
         let (status, _) = refusal(ClientError::Agent(missing)).status_and_code();
         assert_eq!(status.as_u16(), 404);

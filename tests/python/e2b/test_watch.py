@@ -284,3 +284,94 @@ def test_watch_include_entry(sandbox, workdir):
         assert all(e.entry is None for e in events if e.type == FilesystemEventType.REMOVE)
     finally:
         handle.stop()
+
+
+DEEP_CHAIN = """python3 -c '
+import os
+os.makedirs("{path}", exist_ok=True); os.chdir("{path}")
+for i in range({depth}):
+    os.mkdir("{name}"); os.chdir("{name}")
+'"""
+
+
+def agent_peak_kib(sandbox):
+    """The agent's (pid 1) peak memory in KiB."""
+    out = sandbox.commands.run("grep VmHWM /proc/1/status").stdout
+    return int(out.split()[1])
+
+
+def test_watch_refuses_a_deep_tree_and_the_sandbox_lives(sandbox, workdir):
+    # 3000 levels of 64-character names (192 kB of path at the bottom): refused clearly,
+    # not the agent (pid 1, the sandbox) killed for memory.
+    deep = f"{workdir}/deep"
+    sandbox.commands.run(DEEP_CHAIN.format(path=deep, depth=3000, name="d" * 64), timeout=120)
+    with pytest.raises(InvalidArgumentException, match="deeper than 4095"):
+        sandbox.files.watch_dir(deep, recursive=True)
+    assert agent_peak_kib(sandbox) < 100 * 1024
+    # The sandbox and watching still work.
+    handle = sandbox.files.watch_dir(deep)
+    try:
+        sandbox.files.write(f"{deep}/top.txt", "x")
+        poll_until(handle, lambda ev: seen(ev, "top.txt", FilesystemEventType.WRITE))
+    finally:
+        handle.stop()
+    sandbox.commands.run(f"rm -rf {deep}", timeout=120)
+
+
+def test_watch_again_right_after_stop_keeps_reporting(sandbox, workdir):
+    # A recursive watch of a tree shares every kernel watch with the previous one, which is
+    # being stopped as the new one starts.
+    sandbox.commands.run(f"cd {workdir} && mkdir -p d{{1..500}}")
+    handle = sandbox.files.watch_dir(workdir, recursive=True)
+    for round in range(15):
+        handle.stop()
+        handle = sandbox.files.watch_dir(workdir, recursive=True)
+        sandbox.files.write(f"{workdir}/d1/f{round}", "x")
+        poll_until(handle, lambda ev: seen(ev, f"d1/f{round}", FilesystemEventType.WRITE))
+    handle.stop()
+
+
+def test_watch_follows_thousands_of_new_directories_while_files_answer(sandbox, workdir):
+    sandbox.files.write(f"{workdir}/keep.txt", "content")
+    handle = sandbox.files.watch_dir(workdir, recursive=True)
+    try:
+        maker = sandbox.commands.run(
+            f"cd {workdir} && mkdir -p t{{1..1000}}/a/b", background=True
+        )
+        # File operations answer meanwhile.
+        for _ in range(5):
+            assert sandbox.files.read(f"{workdir}/keep.txt") == "content"
+        assert maker.wait().exit_code == 0
+        # The newest directories are watched.
+        deadline = time.monotonic() + WAIT
+        n = 0
+        events = []
+        while True:
+            n += 1
+            sandbox.files.write(f"{workdir}/t1000/a/b/f{n}", "x")
+            time.sleep(0.2)
+            events.extend(handle.get_new_events())
+            if any(e.name.startswith("t1000/a/b/f") for e in events):
+                break
+            assert time.monotonic() < deadline, "t1000/a/b is never watched"
+    finally:
+        handle.stop()
+
+
+def test_watch_v1_tree_limits_are_400_not_429(server_url, api_key):
+    sandbox = json.load(v1(server_url, api_key, "POST", "/v1/sandboxes", {}))
+    sid = sandbox["id"]
+    try:
+        # A tree too deep to name in one path: a clear 400 that retrying cannot lift.
+        body = {"cmd": ["sh", "-c", DEEP_CHAIN.format(path="/tmp/v1deep", depth=100, name="e" * 64)]}
+        v1(server_url, api_key, "POST", f"/v1/sandboxes/{sid}/exec", body).read()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            v1(server_url, api_key, "GET",
+               f"/v1/sandboxes/{sid}/files/watch?path=/tmp/v1deep&recursive=true")
+        assert err.value.code == 400
+        answer = json.load(err.value)
+        assert answer["code"] == "invalid_argument", answer
+        assert "deeper than 4095" in answer["message"], answer
+        assert "Retry-After" not in err.value.headers
+    finally:
+        v1(server_url, api_key, "DELETE", f"/v1/sandboxes/{sid}")

@@ -9,16 +9,25 @@
 //!
 //! Event types are envd's (fsnotify's): `EVENT_TYPE_CREATE`, `_WRITE`, `_REMOVE`, `_RENAME`,
 //! `_CHMOD`; `name` is relative to the watched directory. Lost events (the agent's overflow
-//! marker) have no envd type and are left out. With `includeEntry`, events whose entry still
-//! exists carry its `EntryInfo`.
+//! marker, or a full buffer here) have no envd type: the protocol cannot say so, and they are
+//! left out (logged). With `includeEntry`, events whose entry still exists carry its
+//! `EntryInfo`.
 //!
-//! A watcher of the polling trio keeps at most [`MAX_BUFFERED`] events (later ones are
-//! dropped until the next poll), belongs to its sandbox and tenant (anyone else's id is
-//! `not_found`), and is removed by `RemoveWatcher`, when its sandbox stops, [`IDLE_TIMEOUT`]
-//! after its last poll, or [`ENDED_GRACE`] after its directory was removed.
-//! A sandbox holds at most [`MAX_WATCHERS_PER_SANDBOX`] of them.
+//! A watcher of the polling trio keeps at most [`MAX_BUFFERED`] events and
+//! [`MAX_BUFFERED_BYTES`] bytes of them (as JSON), and all watchers of the server together
+//! [`MAX_BUFFERED_BYTES_TOTAL`]; later events are dropped until the next poll. A watcher
+//! belongs to its sandbox and tenant (anyone else's id is `not_found`), and is removed by
+//! `RemoveWatcher`, when its sandbox stops, [`IDLE_TIMEOUT`] after its last poll, or
+//! [`ENDED_GRACE`] after its directory was removed. A sandbox holds at most
+//! [`MAX_WATCHERS_PER_SANDBOX`] of them, a tenant [`MAX_WATCHERS_PER_TENANT`], the server
+//! [`MAX_WATCHERS`] (`resource_exhausted`: remove some first).
+//!
+//! A tree too big to watch (too many directories, deeper than `PATH_MAX`, the sandbox's
+//! inotify watches used up) is `invalid_argument` (the SDK's `InvalidArgumentException`):
+//! waiting does not help, unlike `resource_exhausted`, which the SDK words as a rate limit.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -45,8 +54,16 @@ pub(crate) const MAX_BUFFERED: usize = 10_000;
 pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 /// A watcher that ended by itself is kept this long for a last poll.
 pub(crate) const ENDED_GRACE: Duration = Duration::from_secs(60);
+/// Bytes (of the events as JSON) a polled watcher keeps between two polls.
+pub(crate) const MAX_BUFFERED_BYTES: usize = 1024 * 1024;
+/// Bytes all polled watchers of the server keep together.
+pub(crate) const MAX_BUFFERED_BYTES_TOTAL: usize = 64 * 1024 * 1024;
 /// Polled watchers one sandbox may have at once.
 pub(crate) const MAX_WATCHERS_PER_SANDBOX: usize = 64;
+/// Polled watchers one tenant may have at once.
+pub(crate) const MAX_WATCHERS_PER_TENANT: usize = 256;
+/// Polled watchers the server keeps at once.
+pub(crate) const MAX_WATCHERS: usize = 2048;
 /// How often expired watchers are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// Messages buffered between a watch and a `WatchDir` stream.
@@ -265,15 +282,68 @@ async fn watch_dir(
 /// What a polled watcher collected.
 #[derive(Debug)]
 struct Buffer {
-    events: VecDeque<FilesystemEvent>,
-    /// Events dropped because the buffer was full, since the last poll.
+    /// The events, with what each costs (its JSON's length).
+    events: VecDeque<(FilesystemEvent, usize)>,
+    /// What `events` cost in all (counted in [`BUFFERED`] too).
+    bytes: usize,
+    /// Events dropped because a buffer was full, since the last poll.
     dropped: u64,
     /// When and why the watch ended by itself.
     ended: Option<(Instant, String)>,
     last_poll: Instant,
 }
 
+/// Bytes buffered by every polled watcher of the server.
+static BUFFERED: AtomicUsize = AtomicUsize::new(0);
+
+impl Buffer {
+    fn new() -> Self {
+        Self {
+            events: VecDeque::new(),
+            bytes: 0,
+            dropped: 0,
+            ended: None,
+            last_poll: Instant::now(),
+        }
+    }
+
+    /// Keeps `event`, unless this buffer, or all of them, would hold too much.
+    fn push(&mut self, event: FilesystemEvent) {
+        let cost = serde_json::to_vec(&event).map_or(usize::MAX, |json| json.len());
+        let reserved = BUFFERED.fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+            total
+                .checked_add(cost)
+                .filter(|after| *after <= MAX_BUFFERED_BYTES_TOTAL)
+        });
+        if self.events.len() >= MAX_BUFFERED
+            || self.bytes.saturating_add(cost) > MAX_BUFFERED_BYTES
+            || reserved.is_err()
+        {
+            if reserved.is_ok() {
+                BUFFERED.fetch_sub(cost, Ordering::AcqRel);
+            }
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += cost;
+        self.events.push_back((event, cost));
+    }
+
+    /// Everything buffered, leaving it empty.
+    fn take(&mut self) -> Vec<FilesystemEvent> {
+        BUFFERED.fetch_sub(std::mem::take(&mut self.bytes), Ordering::AcqRel);
+        self.events.drain(..).map(|(event, _)| event).collect()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        BUFFERED.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 /// A watcher of the polling trio.
+#[derive(Debug)]
 struct Watcher {
     sandbox_id: String,
     tenant: String,
@@ -305,8 +375,88 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Every polled watcher of the server, by id.
-type Registry = Mutex<HashMap<String, Watcher>>;
+/// Every polled watcher of the server.
+#[derive(Debug, Default)]
+struct Watchers {
+    /// By id.
+    by_id: HashMap<String, Watcher>,
+    /// Watchers being created (their watch is starting), by sandbox and by tenant: they
+    /// count against the caps like the others.
+    starting: Vec<(String, String)>,
+}
+
+impl Watchers {
+    /// Why one more watcher of `tenant` in `sandbox` is refused, if it is.
+    fn refusal(&self, sandbox: &str, tenant: &str) -> Option<String> {
+        let all = self
+            .by_id
+            .values()
+            .map(|w| (w.sandbox_id.as_str(), w.tenant.as_str()))
+            .chain(self.starting.iter().map(|(s, t)| (s.as_str(), t.as_str())));
+        let (mut in_sandbox, mut of_tenant, mut total) = (0, 0, 0);
+        for (s, t) in all {
+            total += 1;
+            in_sandbox += usize::from(s == sandbox);
+            of_tenant += usize::from(t == tenant);
+        }
+        if in_sandbox >= MAX_WATCHERS_PER_SANDBOX {
+            Some(format!(
+                "the sandbox already has {MAX_WATCHERS_PER_SANDBOX} watchers: remove some (RemoveWatcher) first"
+            ))
+        } else if of_tenant >= MAX_WATCHERS_PER_TENANT {
+            Some(format!(
+                "your sandboxes already have {MAX_WATCHERS_PER_TENANT} watchers: remove some (RemoveWatcher) first"
+            ))
+        } else if total >= MAX_WATCHERS {
+            Some(format!(
+                "the server already has {MAX_WATCHERS} watchers: remove some (RemoveWatcher) first"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// A watcher's place, taken under the registry's lock before its watch starts (so
+/// concurrent `CreateWatcher`s cannot exceed the caps); given back when dropped.
+struct Slot {
+    sandbox: String,
+    tenant: String,
+}
+
+impl Slot {
+    /// Takes a place for a watcher of `tenant` in `sandbox`, or says why not.
+    fn take(sandbox: &str, tenant: &str) -> Result<Self, String> {
+        let mut reg = lock(registry());
+        if let Some(why) = reg.refusal(sandbox, tenant) {
+            return Err(why);
+        }
+        reg.starting.push((sandbox.to_string(), tenant.to_string()));
+        Ok(Self {
+            sandbox: sandbox.to_string(),
+            tenant: tenant.to_string(),
+        })
+    }
+
+    fn give_back(reg: &mut Watchers, sandbox: &str, tenant: &str) {
+        if let Some(at) = reg
+            .starting
+            .iter()
+            .position(|(s, t)| s == sandbox && t == tenant)
+        {
+            reg.starting.swap_remove(at);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        Self::give_back(&mut lock(registry()), &self.sandbox, &self.tenant);
+    }
+}
+
+/// The registry's type.
+type Registry = Mutex<Watchers>;
 
 /// The registry, with its sweeper started on first use.
 fn registry() -> &'static Registry {
@@ -319,7 +469,7 @@ fn registry() -> &'static Registry {
                 sweep(Instant::now());
             }
         });
-        Mutex::new(HashMap::new())
+        Mutex::new(Watchers::default())
     })
 }
 
@@ -328,11 +478,12 @@ fn sweep(now: Instant) {
     let expired: Vec<Watcher> = {
         let mut map = lock(registry());
         let ids: Vec<String> = map
+            .by_id
             .iter()
             .filter(|(_, w)| w.expired(now))
             .map(|(id, _)| id.clone())
             .collect();
-        ids.iter().filter_map(|id| map.remove(id)).collect()
+        ids.iter().filter_map(|id| map.by_id.remove(id)).collect()
     };
     drop(expired);
 }
@@ -349,17 +500,10 @@ fn new_id() -> Result<String, ConnectError> {
 async fn collect(id: String, mut source: Source, buffer: Arc<Mutex<Buffer>>) {
     loop {
         match source.next().await {
-            Ok(event) => {
-                let mut b = lock(&buffer);
-                if b.events.len() >= MAX_BUFFERED {
-                    b.dropped += 1;
-                } else {
-                    b.events.push_back(event);
-                }
-            }
+            Ok(event) => lock(&buffer).push(event),
             // The sandbox is gone: so is its watcher.
             Err(reason) if reason == SANDBOX_STOPPED => {
-                let removed = lock(registry()).remove(&id);
+                let removed = lock(registry()).by_id.remove(&id);
                 drop(removed);
                 return;
             }
@@ -378,26 +522,13 @@ async fn create_watcher(
     Unary(request): Unary<WatchRequest>,
 ) -> Result<Reply<WatcherId>, ConnectError> {
     sweep(Instant::now());
-    let count = lock(registry())
-        .values()
-        .filter(|w| w.sandbox_id == ctx.sandbox_id)
-        .count();
-    if count >= MAX_WATCHERS_PER_SANDBOX {
-        return Err(ConnectError::new(
-            Code::ResourceExhausted,
-            format!(
-                "the sandbox already has {MAX_WATCHERS_PER_SANDBOX} watchers: remove some (RemoveWatcher) first"
-            ),
-        ));
-    }
+    let slot = Slot::take(&ctx.sandbox_id, &ctx.caller.tenant)
+        .map_err(|why| ConnectError::new(Code::ResourceExhausted, why))?;
     let source = Source::start(&s, &ctx, request).await?;
     let id = new_id()?;
-    let buffer = Arc::new(Mutex::new(Buffer {
-        events: VecDeque::new(),
-        dropped: 0,
-        ended: None,
-        last_poll: Instant::now(),
-    }));
+    let buffer = Arc::new(Mutex::new(Buffer::new()));
+    // Registered before its task runs: a task that ends at once finds it to remove.
+    let mut reg = lock(registry());
     let task = tokio::spawn(collect(id.clone(), source, buffer.clone()));
     let watcher = Watcher {
         sandbox_id: ctx.sandbox_id.clone(),
@@ -405,14 +536,16 @@ async fn create_watcher(
         buffer,
         task,
     };
-    lock(registry()).insert(id.clone(), watcher);
+    reg.by_id.insert(id.clone(), watcher);
+    drop(reg);
+    drop(slot);
     Ok(Reply(WatcherId { watcher_id: id }))
 }
 
 /// The buffer of the caller's watcher `id`, or `not_found`.
 fn find(ctx: &SandboxCtx, id: &str) -> Result<Arc<Mutex<Buffer>>, ConnectError> {
     let map = lock(registry());
-    match map.get(id) {
+    match map.by_id.get(id) {
         Some(w) if w.sandbox_id == ctx.sandbox_id && w.tenant == ctx.caller.tenant => {
             Ok(w.buffer.clone())
         }
@@ -438,12 +571,13 @@ async fn get_watcher_events(
             );
             b.dropped = 0;
         }
-        let events: Vec<FilesystemEvent> = b.events.drain(..).collect();
+        let events = b.take();
         (events, b.ended.as_ref().map(|(_, reason)| reason.clone()))
     };
     if events.is_empty() {
         if let Some(reason) = ended {
-            lock(registry()).remove(&request.watcher_id);
+            let removed = lock(registry()).by_id.remove(&request.watcher_id);
+            drop(removed);
             return Err(ConnectError::not_found(format!(
                 "watcher {:?} ended: {reason}",
                 request.watcher_id
@@ -459,7 +593,7 @@ async fn remove_watcher(
     Unary(request): Unary<WatcherId>,
 ) -> Result<Reply<Empty>, ConnectError> {
     find(&ctx, &request.watcher_id)?;
-    let removed = lock(registry()).remove(&request.watcher_id);
+    let removed = lock(registry()).by_id.remove(&request.watcher_id);
     drop(removed);
     Ok(Reply(Empty {}))
 }
@@ -507,6 +641,82 @@ mod tests {
             .unwrap(),
             serde_json::json!({"watcherId": "y"})
         );
+    }
+
+    fn event(name: String) -> FilesystemEvent {
+        FilesystemEvent {
+            name,
+            kind: "EVENT_TYPE_CREATE",
+            entry: None,
+        }
+    }
+
+    /// The byte tests share [`BUFFERED`]: one at a time.
+    static BYTES: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn buffers_are_capped_by_bytes() {
+        let _one = lock(&BYTES);
+        let mut b = Buffer::new();
+        let long = "x".repeat(4000);
+        for i in 0..1000 {
+            b.push(event(format!("{long}{i}")));
+        }
+        assert!(b.bytes <= MAX_BUFFERED_BYTES, "{}", b.bytes);
+        assert!(b.events.len() < 1000 && b.events.len() > 200);
+        assert!(b.dropped > 0);
+        // Short names: the count caps.
+        let mut c = Buffer::new();
+        for i in 0..MAX_BUFFERED + 5 {
+            c.push(event(format!("f{i}")));
+        }
+        assert_eq!(c.events.len(), MAX_BUFFERED);
+        assert_eq!(c.dropped, 5);
+        let kept = b.take().len();
+        assert!(kept > 200 && b.bytes == 0);
+        drop(c);
+    }
+
+    #[test]
+    fn all_buffers_together_are_capped() {
+        let _one = lock(&BYTES);
+        let long = "y".repeat(4000);
+        let buffers: Vec<Buffer> = (0..100)
+            .map(|_| {
+                let mut b = Buffer::new();
+                for i in 0..300 {
+                    b.push(event(format!("{long}{i}")));
+                }
+                b
+            })
+            .collect();
+        let held: usize = buffers.iter().map(|b| b.bytes).sum();
+        assert!(held <= MAX_BUFFERED_BYTES_TOTAL, "{held}");
+        assert!(buffers.last().is_some_and(|b| b.dropped > 0));
+        assert!(BUFFERED.load(Ordering::Acquire) >= held);
+    }
+
+    #[tokio::test]
+    async fn watcher_places_are_taken_under_the_lock() {
+        // Places taken (as concurrent CreateWatchers would, before their watch starts).
+        let mut slots = Vec::new();
+        for _ in 0..MAX_WATCHERS_PER_SANDBOX {
+            slots.push(Slot::take("sbx-slots", "tenant-slots").unwrap());
+        }
+        let why = Slot::take("sbx-slots", "tenant-slots").err().unwrap();
+        assert!(why.contains("64 watchers"), "{why}");
+        // Another sandbox of the tenant still may, until the tenant's cap.
+        let mut more = Vec::new();
+        while more.len() + slots.len() < MAX_WATCHERS_PER_TENANT {
+            more.push(Slot::take(&format!("sbx-{}", more.len()), "tenant-slots").unwrap());
+        }
+        let why = Slot::take("sbx-other", "tenant-slots").err().unwrap();
+        assert!(why.contains("your sandboxes"), "{why}");
+        slots.pop();
+        Slot::take("sbx-slots", "tenant-slots").unwrap();
+        drop(slots);
+        drop(more);
+        assert!(Slot::take("sbx-slots", "tenant-slots").is_ok());
     }
 
     #[test]
