@@ -576,7 +576,7 @@ impl Upstream {
     /// Sends the client's `initialize` and keeps the session it opens.
     async fn initialize(&self, message: Value) {
         self.session().initialize = message.get("params").cloned();
-        match self.post(&message).await {
+        match self.post(&message, Relay::Collect).await {
             Ok(answers) => {
                 for answer in answers {
                     self.learn(&answer);
@@ -589,9 +589,9 @@ impl Upstream {
 
     /// Sends one message; answers go to stdout. A forgotten session is opened again once.
     async fn forward(&self, message: Value) {
-        let answers = match self.post(&message).await {
+        let answers = match self.post(&message, Relay::Out).await {
             Err(PostError::SessionGone(gone)) => match self.reopen(gone).await {
-                Ok(()) => self.post(&message).await,
+                Ok(()) => self.post(&message, Relay::Out).await,
                 Err(e) => Err(e),
             },
             other => other,
@@ -634,7 +634,7 @@ impl Upstream {
         };
         tracing::warn!("the server forgot the MCP session: opening a new one");
         let init = json!({"jsonrpc": "2.0", "id": "openrun-mcp-reinitialize", "method": "initialize", "params": params});
-        for answer in self.post(&init).await? {
+        for answer in self.post(&init, Relay::Collect).await? {
             if answer.get("error").is_some() {
                 return Err(PostError::Other(format!(
                     "the server refused a new session: {}",
@@ -644,7 +644,7 @@ impl Upstream {
             self.learn(&answer);
         }
         let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        self.post(&initialized).await.map(|_| ())
+        self.post(&initialized, Relay::Collect).await.map(|_| ())
     }
 
     /// Answers a request that could not be forwarded with a JSON-RPC error (notifications and
@@ -660,8 +660,9 @@ impl Upstream {
         }
     }
 
-    /// POSTs one message; returns the JSON-RPC messages of the answer (none for 202).
-    async fn post(&self, message: &Value) -> Result<Vec<Value>, PostError> {
+    /// POSTs one message; returns the JSON-RPC messages of the answer (none for 202; none for
+    /// an SSE answer relayed to stdout as it arrives, [`Relay::Out`]).
+    async fn post(&self, message: &Value, relay: Relay) -> Result<Vec<Value>, PostError> {
         let mut headers = HeaderMap::new();
         headers.insert(AUTHORIZATION, self.auth.clone());
         headers.insert(CONTENT_TYPE, header_value("application/json")?);
@@ -719,6 +720,8 @@ impl Upstream {
                     .map_err(|e| PostError::Other(format!("the server's answer broke off: {e}")))?;
                 for data in events.feed(&chunk) {
                     match serde_json::from_str::<Value>(&data) {
+                        // Each event goes out as it arrives (progress, logs, then the answer).
+                        Ok(message) if relay == Relay::Out => self.send_out(message),
                         Ok(message) => messages.push(message),
                         Err(e) => tracing::warn!(error = %e, "an SSE event that is not JSON"),
                     }
@@ -785,6 +788,15 @@ fn authorization(key: Option<&str>) -> Result<HeaderValue> {
     })?;
     value.set_sensitive(true);
     Ok(value)
+}
+
+/// What [`Upstream::post`] does with the messages of an SSE answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Relay {
+    /// Each to stdout as it arrives (nothing is returned).
+    Out,
+    /// Returned together once the stream ended.
+    Collect,
 }
 
 /// Why a message could not be forwarded.

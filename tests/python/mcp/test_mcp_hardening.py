@@ -407,3 +407,34 @@ def test_a_cancelled_run_command_kills_its_command(server_url, api_key):
         finally:
             sse_call(http, session, 400, "destroy_sandbox", {"sandbox_id": sid})
             http.delete("/mcp", headers=session)
+
+
+async def test_read_file_goes_on_by_bytes_in_long_lines_and_binaries(server_url, api_key, openrun_bin, data_dir):
+    import base64
+    async with connect("http", server_url, api_key, openrun_bin, data_dir) as client:
+        async with sandbox(client) as sid:
+            line = "é" + "".join(f"{i:07d}," for i in range(20000)) + "€\n"
+            await call(client, "write_file", sandbox_id=sid, path="/root/long.txt", content=line + "next\n")
+            first = await call(client, "read_file", sandbox_id=sid, path="/root/long.txt")
+            assert first["truncated"] and first["next_byte_offset"], first["next_byte_offset"]
+            text, at = first["content"], first["next_byte_offset"]
+            for _ in range(20):
+                page = await call(client, "read_file", sandbox_id=sid, path="/root/long.txt", byte_offset=at)
+                assert page["encoding"] == "text"
+                text += page["content"]
+                if page["next_byte_offset"] is None:
+                    break
+                at = page["next_byte_offset"]
+            assert text == line + "next\n"
+            blob = bytes(range(256)) * 400 + b"\0tail"
+            await call(client, "write_file", sandbox_id=sid, path="/root/blob.bin",
+                       content=base64.b64encode(blob).decode(), encoding="base64")
+            got, at = b"", 0
+            for _ in range(20):
+                page = await call(client, "read_file", sandbox_id=sid, path="/root/blob.bin", byte_offset=at)
+                assert page["encoding"] == "base64"
+                got += base64.b64decode(page["content"])
+                if page["next_byte_offset"] is None:
+                    break
+                at = page["next_byte_offset"]
+            assert got == blob

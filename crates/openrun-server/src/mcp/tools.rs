@@ -254,6 +254,10 @@ pub(crate) struct ReadParams {
     offset: Option<usize>,
     /// Lines to return (default 2000).
     limit: Option<usize>,
+    /// Read from this byte instead of by lines (for a line longer than one answer, or the rest
+    /// of a binary file): up to 64 KiB of text or 48 KiB of binary (base64) from there; the
+    /// answer's next_byte_offset continues. offset and limit are then ignored.
+    byte_offset: Option<u64>,
 }
 
 /// How `write_file`'s content is encoded.
@@ -1234,6 +1238,9 @@ impl OpenrunMcp {
         annotations(title = "Read file", read_only_hint = true, open_world_hint = false)
     )]
     async fn read_file(&self, who: Who, Parameters(p): Parameters<ReadParams>) -> Answer {
+        if let Some(at) = p.byte_offset {
+            return self.read_bytes(who, p, at).await;
+        }
         let offset = p.offset.unwrap_or(1).max(1);
         let limit = p.limit.unwrap_or(DEFAULT_LINES);
         if limit == 0 {
@@ -1265,7 +1272,10 @@ impl OpenrunMcp {
                 }
             );
             if more {
-                note.push_str(" For the rest, use run_command (e.g. `xxd`, `file`, `base64`).");
+                note.push_str(&format!(
+                    " For the rest: byte_offset={} (or run_command with xxd, file, base64).",
+                    shown.len()
+                ));
             }
             return answer(
                 format!("{note}\n{b64}"),
@@ -1299,7 +1309,22 @@ impl OpenrunMcp {
             )
         };
         let more = w.cut || w.last_line < w.total_lines || partial;
-        if w.cut {
+        let mut next_byte_offset = Value::Null;
+        if w.cut && !w.content.ends_with('\n') && !w.content.is_empty() {
+            // One line longer than an answer: go on inside it by bytes.
+            let start: usize = valid
+                .split_inclusive('\n')
+                .take(offset - 1)
+                .map(str::len)
+                .sum();
+            let next = start + w.content.len();
+            next_byte_offset = json!(next);
+            header.push_str(&format!(
+                " (line {} is longer than {READ_TEXT_BYTES} bytes: call again with \
+                 byte_offset={next} for the rest of it)",
+                w.last_line
+            ));
+        } else if w.cut {
             header.push_str(&format!(
                 " (cut at {READ_TEXT_BYTES} bytes: call again with offset={})",
                 w.last_line + 1
@@ -1319,7 +1344,7 @@ impl OpenrunMcp {
                 "path": p.path, "encoding": "text", "content": w.content, "size": file.size,
                 "first_line": w.first_line, "last_line": w.last_line,
                 "total_lines": if partial { Value::Null } else { json!(w.total_lines) },
-                "truncated": more,
+                "truncated": more, "next_byte_offset": next_byte_offset,
             }),
         )
     }
@@ -1817,6 +1842,78 @@ impl OpenrunMcp {
         answer(
             text,
             json!({ "events": to_value(&events)?, "next_since": next, "more": more }),
+        )
+    }
+}
+
+impl OpenrunMcp {
+    /// `read_file` with `byte_offset`: bytes from `at`, as text when they are text.
+    async fn read_bytes(&self, who: Who, p: ReadParams, at: u64) -> Answer {
+        let file = crate::files::read_file(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            p.path.clone(),
+            at,
+            Some(READ_TEXT_BYTES as u64),
+        )
+        .await
+        .or_tool()?;
+        // A start inside a character: from the next whole one.
+        let skip = file
+            .data
+            .iter()
+            .take(3)
+            .take_while(|&&b| b & 0xC0 == 0x80)
+            .count();
+        let data = &file.data[skip..];
+        let end = at + file.data.len() as u64;
+        let cut = end < file.size;
+        if text::is_text(data, cut) {
+            let whole = text::complete_prefix(data);
+            let content = String::from_utf8_lossy(&data[..whole]).into_owned();
+            let next = at + (skip + whole) as u64;
+            let more = next < file.size;
+            return answer(
+                format!(
+                    "{}: bytes {}-{} of {}{}\n{content}",
+                    p.path,
+                    at + skip as u64,
+                    next,
+                    file.size,
+                    if more {
+                        format!(" (more: byte_offset={next})")
+                    } else {
+                        String::new()
+                    }
+                ),
+                json!({
+                    "path": p.path, "encoding": "text", "content": content, "size": file.size,
+                    "byte_offset": at + skip as u64, "next_byte_offset": if more { json!(next) } else { Value::Null },
+                    "truncated": more,
+                }),
+            );
+        }
+        let shown = &file.data[..file.data.len().min(READ_BINARY_BYTES)];
+        let next = at + shown.len() as u64;
+        let more = next < file.size;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(shown);
+        answer(
+            format!(
+                "{}: binary, bytes {at}-{next} of {} as base64{}\n{b64}",
+                p.path,
+                file.size,
+                if more {
+                    format!(" (more: byte_offset={next})")
+                } else {
+                    String::new()
+                }
+            ),
+            json!({
+                "path": p.path, "encoding": "base64", "content": b64, "size": file.size,
+                "byte_offset": at, "next_byte_offset": if more { json!(next) } else { Value::Null },
+                "truncated": more,
+            }),
         )
     }
 }
