@@ -342,19 +342,181 @@ def test_code_interpreter_dead_kernel_restarts(sandbox, context):
 
 def test_code_interpreter_executions_of_one_context_run_in_order(sandbox, context):
     out = {}
+    started = threading.Event()
 
-    def run(name, code):
-        out[name] = sandbox.run_code(code, context=context)
+    def run(name, code, **kwargs):
+        out[name] = sandbox.run_code(code, context=context, **kwargs)
 
-    first = threading.Thread(target=run, args=("a", "import time; time.sleep(1); order = ['a']"))
+    first = threading.Thread(
+        target=run,
+        args=("a", "import time\nprint('started', flush=True)\ntime.sleep(1)\norder = ['a']"),
+        kwargs={"on_stdout": lambda _: started.set()},
+    )
     first.start()
-    time.sleep(0.3)
+    # The first execution runs (its output arrived) before the second is sent.
+    assert started.wait(30)
     second = threading.Thread(target=run, args=("b", "order.append('b'); order"))
     second.start()
     first.join(30)
     second.join(30)
     assert out["a"].error is None
     assert out["b"].error is None and out["b"].text == "['a', 'b']"
+
+
+# The kernel's globals (its protocol fds, the running request's id) from the user's code: code
+# in a context can reach everything of its kernel (same process).
+_KERNEL_GLOBALS = "import sys, os\nkernel = sys._getframe().f_back.f_globals\n"
+
+
+def test_code_interpreter_huge_output_and_results(sandbox, context):
+    # Output is streamed in pieces, whatever its size.
+    big = sandbox.run_code("print('y' * 20_000_000)", context=context, timeout=120)
+    assert big.error is None
+    assert len("".join(big.logs.stdout)) == 20_000_001
+    # A result too large for one message: a clear error, the start of its text, and the
+    # context goes on.
+    huge = sandbox.run_code("'x' * 30_000_000", context=context, timeout=120)
+    assert huge.error is not None and huge.error.name == "OutputTooLarge", huge.error
+    assert "30000" in huge.error.value and "limit" in huge.error.value
+    assert huge.text.startswith("xxxx") and "cut by openrun" in huge.text
+    assert sandbox.run_code("2 + 2", context=context).text == "4"
+
+
+def test_code_interpreter_output_without_newline_on_the_protocol_pipe(sandbox, context):
+    """Code that writes 20 MiB without a newline to the kernel's protocol pipe: the server drops
+    that line (it does not buffer it without limit) and tells the client; the rest of the
+    execution arrives."""
+    execution = sandbox.run_code(
+        _KERNEL_GLOBALS
+        + "os.write(kernel['_PROTO_OUT'], b'z' * (20 << 20) + b'\\n')\nprint('after')\n",
+        context=context,
+        timeout=120,
+    )
+    assert execution.error is None
+    assert execution.logs.stdout == ["after\n"]
+    stderr = "".join(execution.logs.stderr)
+    assert "line of 20971520 bytes was dropped" in stderr, stderr
+    assert sandbox.run_code("3 * 3", context=context).text == "9"
+
+
+def test_code_interpreter_forged_end_of_execution_only_cuts_its_own_stream(sandbox, context):
+    """Code in a context can forge its kernel's output (same process): a fake end of execution
+    ends its own stream early. It cannot reach into the next execution's output."""
+    forged = sandbox.run_code(
+        _KERNEL_GLOBALS
+        + "import json, time\n"
+        "line = json.dumps({'id': kernel['_State'].current, 'type': 'end_of_execution'})\n"
+        "os.write(kernel['_PROTO_OUT'], line.encode() + b'\\n')\n"
+        "time.sleep(1)\n"
+        "print('late')\n"
+        "forger = 1\n",
+        context=context,
+    )
+    assert forged.error is None and forged.logs.stdout == []
+    after = sandbox.run_code("print('own'); forger + 1", context=context)
+    assert after.error is None
+    assert after.logs.stdout == ["own\n"] and after.text == "2"
+
+
+def test_code_interpreter_kernel_dying_just_after_an_execution(sandbox, context):
+    """A kernel that exits right after an execution: the next execution runs (in a fresh kernel
+    when needed) or reports KernelDied; never a 4xx about a closed stdin."""
+    for delay in [0.0, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15]:
+        sandbox.run_code(
+            "import os, threading\nthreading.Timer(%r, os._exit, (0,)).start()" % delay,
+            context=context,
+        )
+        after = sandbox.run_code("1 + 1", context=context, timeout=60)
+        if after.error is not None:
+            assert after.error.name == "KernelDied", after.error
+        else:
+            assert after.text == "2"
+    assert sandbox.run_code("2 + 3", context=context).text == "5"
+
+
+def test_code_interpreter_removal_and_restart_while_an_execution_waits(sandbox):
+    for action in ["remove", "restart"]:
+        ctx = sandbox.create_code_context()
+        try:
+            sandbox.run_code("before = 1", context=ctx)
+            out = {}
+            started = threading.Event()
+
+            def first():
+                out["first"] = sandbox.run_code(
+                    "import time\nprint('started', flush=True)\ntime.sleep(5)",
+                    context=ctx, on_stdout=lambda _: started.set(), timeout=60,
+                )
+
+            def second():
+                try:
+                    out["second"] = sandbox.run_code("'before' in globals()", context=ctx, timeout=60)
+                except Exception as e:
+                    out["second"] = e
+
+            one = threading.Thread(target=first)
+            one.start()
+            assert started.wait(30)
+            two = threading.Thread(target=second)
+            two.start()
+            time.sleep(0.5)  # the second request reaches the server and waits for the first
+            if action == "remove":
+                sandbox.remove_code_context(ctx)
+            else:
+                sandbox.restart_code_context(ctx)
+            one.join(60)
+            two.join(60)
+            if action == "remove":
+                assert out["first"].error.name == "ContextRemoved", out["first"].error
+                assert isinstance(out["second"], NotFoundException), out["second"]
+            else:
+                assert out["first"].error.name == "ContextRestarted", out["first"].error
+                # Ran in the fresh kernel, after the restart.
+                assert out["second"].error is None and out["second"].text == "False"
+        finally:
+            try:
+                sandbox.remove_code_context(ctx)
+            except NotFoundException:
+                pass
+
+
+def test_code_interpreter_interrupting_a_slow_repr(sandbox, context):
+    """The result's formatting is the user's code too: a client timeout interrupts it like the
+    code itself (no kill after 10 s, the variables stay)."""
+    sandbox.run_code(
+        "kept = 'yes'\nclass Slow:\n    def __repr__(self):\n        while True:\n            pass\n",
+        context=context,
+    )
+    with pytest.raises(TimeoutException):
+        sandbox.run_code("Slow()", context=context, timeout=2)
+    started = time.monotonic()
+    after = sandbox.run_code("kept", context=context, timeout=30)
+    assert after.error is None and after.text == "yes"
+    assert time.monotonic() - started < 6
+
+
+def test_code_interpreter_bash_shell_exit_with_a_background_job(sandbox):
+    """bash exits while a job it started keeps its pipes open: the exit is seen at once."""
+    ctx = sandbox.create_code_context(language="bash")
+    try:
+        started = time.monotonic()
+        gone = sandbox.run_code("sleep 1000 & exit 1", context=ctx, timeout=30)
+        assert gone.error is not None and gone.error.name == "ShellExited"
+        assert time.monotonic() - started < 10
+        assert sandbox.run_code("echo fine", context=ctx).logs.stdout == ["fine\n"]
+        # The cells' temp directory removed under it: the next cells still run.
+        sandbox.run_code("KEEP=1; rm -rf /tmp/openrun-bash-*", context=ctx)
+        again = sandbox.run_code("echo $KEEP", context=ctx)
+        assert again.error is None and again.logs.stdout == ["1\n"]
+    finally:
+        sandbox.remove_code_context(ctx)
+
+
+def test_code_interpreter_code_too_large_is_a_413_naming_it(sandbox, context):
+    with pytest.raises(SandboxException) as caught:
+        sandbox.run_code("x = '" + "a" * (5 << 20) + "'", context=context)
+    assert "413" in str(caught.value) and "code to run is too large" in str(caught.value)
+    assert sandbox.run_code("5 + 5", context=context).text == "10"
 
 
 async def test_code_interpreter_async_sandbox(server_url):

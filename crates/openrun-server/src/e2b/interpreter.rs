@@ -30,7 +30,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, post};
 use axum::{Extension, Json, Router};
-use openrun_protocol::{AttachRequest, ExecRequest, Pid, ProcessInfo, ProcessState};
+use openrun_protocol::{AttachRequest, ExecRequest, Pid, ProcessInfo, ProcessState, MAX_DATA_LEN};
 use tokio::sync::{mpsc, Mutex, OwnedMutexGuard};
 use tokio::time::{sleep, timeout, Instant};
 
@@ -95,7 +95,7 @@ pub(super) fn routes() -> Router<Shared> {
     Router::new()
         .route(
             "/execute",
-            post(|State(s), Extension(ctx), body| async move {
+            post(|State(s), Extension(ctx), body: Body| async move {
                 answer(&ctx, execute(s, &ctx, body).await)
             }),
         )
@@ -203,11 +203,12 @@ fn new_id() -> Result<String, ApiError> {
     crate::keys::random_hex(16).map_err(|e| ApiError::internal("cannot make a context id", e))
 }
 
-/// One context: its tag and its newest kernel process.
+/// One context: its tag and its kernel process.
 #[derive(Debug, Clone)]
 struct Context {
     tag: ContextTag,
-    /// The running kernel, or else the newest one that ended.
+    /// The running kernel (the oldest, if several run with its tag), or else the newest one
+    /// that ended.
     kernel: ProcessInfo,
     /// Every process of the context that has ended (to release when it restarts or goes).
     ended: Vec<Pid>,
@@ -228,28 +229,46 @@ impl Context {
 }
 
 /// The contexts in a process table, in the order their kernels started.
+///
+/// This server never runs two kernels of one context at once (a new one starts only after the
+/// old one is reported exited). A second running process with the same tag was started by
+/// someone else (a process of the sandbox with a copied tag): the oldest running process keeps
+/// the context, the later ones are ignored, neither used nor released.
 fn contexts_of(processes: Vec<ProcessInfo>) -> Vec<Context> {
     let mut by_id: BTreeMap<String, Context> = BTreeMap::new();
+    let running = |p: &ProcessInfo| matches!(p.state, ProcessState::Running);
     for process in processes {
         let Some(tag) = process.tag.as_deref().and_then(ContextTag::parse) else {
             continue;
         };
-        let running = |p: &ProcessInfo| matches!(p.state, ProcessState::Running);
         let entry = by_id.entry(tag.id.clone()).or_insert_with(|| Context {
-            tag,
+            tag: tag.clone(),
             kernel: process.clone(),
             ended: Vec::new(),
         });
         if !running(&process) {
             entry.ended.push(process.pid);
         }
-        // A running kernel wins over ended ones; among equals, the newest.
-        let better = if running(&process) != running(&entry.kernel) {
-            running(&process)
-        } else {
-            (process.started_at_ms, process.pid) > (entry.kernel.started_at_ms, entry.kernel.pid)
+        let age = |p: &ProcessInfo| (p.started_at_ms, p.pid);
+        let better = match (running(&process), running(&entry.kernel)) {
+            (true, false) => true,
+            (false, true) => false,
+            // Two running: the oldest is the context's, the other an impostor.
+            (true, true) => {
+                if process.pid != entry.kernel.pid {
+                    tracing::warn!(
+                        context = %tag.id,
+                        pids = ?(entry.kernel.pid, process.pid),
+                        "two running processes carry one context's tag: the oldest keeps it"
+                    );
+                }
+                age(&process) < age(&entry.kernel)
+            }
+            (false, false) => age(&process) > age(&entry.kernel),
         };
         if better {
+            // Its tag (language, default) is the one of the process that keeps the context.
+            entry.tag = tag;
             entry.kernel = process;
         }
     }
@@ -266,15 +285,14 @@ async fn contexts(s: &Shared, ctx: &SandboxCtx) -> Result<Vec<Context>, ApiError
 
 /// The context `id` of the sandbox: 404 when there is none.
 async fn find_context(s: &Shared, ctx: &SandboxCtx, id: &str) -> Result<Context, ApiError> {
-    let not_found = || ApiError::NotFound(format!("{NO_CONTEXT}{id} not found"));
     if !valid_id(id) {
-        return Err(not_found());
+        return Err(not_found(id));
     }
     contexts(s, ctx)
         .await?
         .into_iter()
         .find(|c| c.tag.id == id)
-        .ok_or_else(not_found)
+        .ok_or_else(|| not_found(id))
 }
 
 /// The language of a request: `python` when none is given.
@@ -292,32 +310,96 @@ fn language(requested: Option<&str>) -> Result<String, ApiError> {
 
 // ---------------------------------------------------------------------------------------------
 // Locks: one execution (or restart, removal) per context at a time; one creation of a default
-// context per sandbox and language.
+// context per sandbox and language. Context ids are validated before they key anything, and the
+// two kinds of keys have their own prefixes.
 
-fn lock_for(key: String) -> Arc<Mutex<()>> {
-    static LOCKS: OnceLock<SyncMutex<HashMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
-    let locks = LOCKS.get_or_init(Default::default);
-    let mut map = match locks.lock() {
-        Ok(map) => map,
-        Err(poisoned) => poisoned.into_inner(),
-    };
-    // Forget the locks nobody holds or waits for, so the map stays small.
+/// What this server is doing to a context on purpose, set before it kills the kernel: the
+/// execution in flight then says why its kernel ended, the ones queued behind it do not start
+/// the kernel again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `DELETE /contexts/{id}`: executions queued behind it are 404s.
+    Removed,
+    /// `POST /contexts/{id}/restart`: executions queued behind it wait for the fresh kernel.
+    Restarting,
+}
+
+/// The lock of one context and what is being done to it.
+#[derive(Default)]
+struct Slot {
+    lock: Arc<Mutex<()>>,
+    ending: SyncMutex<Option<Ending>>,
+}
+
+impl Slot {
+    fn ending(&self) -> Option<Ending> {
+        *self.ending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_ending(&self, ending: Option<Ending>) {
+        *self.ending.lock().unwrap_or_else(|p| p.into_inner()) = ending;
+    }
+}
+
+fn slot_for(key: String) -> Arc<Slot> {
+    static SLOTS: OnceLock<SyncMutex<HashMap<String, Arc<Slot>>>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(Default::default);
+    let mut map = slots.lock().unwrap_or_else(|p| p.into_inner());
+    // Forget the slots nobody holds or waits for, so the map stays small.
     if map.len() > 256 {
-        map.retain(|_, lock| Arc::strong_count(lock) > 1);
+        map.retain(|_, slot| Arc::strong_count(slot) > 1 || Arc::strong_count(&slot.lock) > 1);
     }
     map.entry(key).or_default().clone()
 }
 
-async fn lock_context(ctx: &SandboxCtx, id: &str) -> OwnedMutexGuard<()> {
-    lock_for(format!("{}/{id}", ctx.sandbox_id))
-        .lock_owned()
-        .await
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("{NO_CONTEXT}{id} not found"))
+}
+
+/// The slot of context `id` (a valid id: see [`lock_context`]).
+fn context_slot(ctx: &SandboxCtx, id: &str) -> Arc<Slot> {
+    slot_for(format!("context/{}/{id}", ctx.sandbox_id))
+}
+
+/// Waits for the lock of context `id`: a 404 when the context was removed meanwhile; behind a
+/// restart that began meanwhile (the execution then runs in the fresh kernel).
+async fn lock_context(
+    ctx: &SandboxCtx,
+    id: &str,
+) -> Result<(Arc<Slot>, OwnedMutexGuard<()>), ApiError> {
+    if !valid_id(id) {
+        return Err(not_found(id));
+    }
+    let slot = context_slot(ctx, id);
+    let deadline = Instant::now() + START_TIMEOUT + EXIT_TIMEOUT;
+    loop {
+        let guard = slot.lock.clone().lock_owned().await;
+        match slot.ending() {
+            None => return Ok((slot, guard)),
+            Some(Ending::Removed) => {
+                return Err(ApiError::NotFound(format!(
+                    "{NO_CONTEXT}{id} not found: it was removed while this execution waited \
+                     for the one before it"
+                )))
+            }
+            Some(Ending::Restarting) if Instant::now() < deadline => {
+                drop(guard);
+                sleep(Duration::from_millis(50)).await;
+            }
+            Some(Ending::Restarting) => return Ok((slot, guard)),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
 
-/// Starts a kernel for `tag` in `cwd` and waits for it to be ready; answers its pid and cwd.
+/// How much of a kernel's stderr before it was ready is kept (its tail) for the error.
+const STARTUP_STDERR: usize = 64 << 10;
+
+/// Starts a kernel for `tag` in `cwd` and waits for it to be ready; answers its pid and cwd. A
+/// kernel that exits or does not get ready in time is killed and released (no context row is
+/// left behind).
 async fn start_kernel(
     s: &Shared,
     ctx: &SandboxCtx,
@@ -357,6 +439,17 @@ async fn start_kernel(
         }
         Err(e) => return Err(e),
     };
+    match wait_ready(s, ctx, pid).await {
+        Ok(cwd) => Ok((pid, cwd)),
+        Err(e) => {
+            discard(s, ctx, pid).await;
+            Err(e)
+        }
+    }
+}
+
+/// Sends the kernel's source to the bootstrap `pid` and waits for its ready line.
+async fn wait_ready(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<String, ApiError> {
     let mut input = format!("{}\n", KERNEL.len()).into_bytes();
     input.extend_from_slice(KERNEL.as_bytes());
     let attach = AttachRequest {
@@ -384,7 +477,6 @@ async fn start_kernel(
                 ))
             }
             Err(_) => {
-                let _ = signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, SIGKILL, true).await;
                 return Err(ApiError::internal(
                     "the Python kernel did not start in time",
                     format!("no ready line within {START_TIMEOUT:?}"),
@@ -393,18 +485,27 @@ async fn start_kernel(
         };
         match line {
             Line::Stdout { offset, data } => {
-                for message in stdout.push(offset, &data) {
+                for event in stdout.push(offset, &data) {
+                    let Event::Message(message) = event else {
+                        continue;
+                    };
                     if message.get("type").and_then(|t| t.as_str()) == Some("ready") {
                         let cwd = message
                             .get("cwd")
                             .and_then(|c| c.as_str())
                             .unwrap_or_default()
                             .to_string();
-                        return Ok((pid, cwd));
+                        return Ok(cwd);
                     }
                 }
             }
-            Line::Stderr { data, .. } => stderr.extend_from_slice(&data),
+            Line::Stderr { data, .. } => {
+                // Only the tail matters (the last lines of a traceback).
+                stderr.extend_from_slice(&data);
+                if stderr.len() > STARTUP_STDERR {
+                    stderr.drain(..stderr.len() - STARTUP_STDERR);
+                }
+            }
             Line::Exit { code, signal, .. } => {
                 let text = String::from_utf8_lossy(&stderr);
                 let tail: String = text.trim().chars().rev().take(2000).collect();
@@ -424,51 +525,77 @@ async fn start_kernel(
     }
 }
 
+/// Gets rid of a kernel that never became ready: killed if it runs, released once it ended
+/// (errors are logged: the caller reports the reason it failed).
+async fn discard(s: &Shared, ctx: &SandboxCtx, pid: Pid) {
+    let result = async {
+        kill_kernel(s, ctx, pid).await?;
+        wait_exited(s, ctx, pid).await?;
+        release(s, ctx, pid).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(pid, error = %e, "cannot discard a kernel that did not start");
+    }
+}
+
 fn exit_text(code: Option<i32>, signal: Option<i32>) -> String {
     match (code, signal) {
+        (_, Some(SIGKILL)) => "killed by signal 9 (SIGKILL)".to_string(),
         (_, Some(signal)) => format!("killed by signal {signal}"),
         (Some(code), None) => format!("exit code {code}"),
         (None, None) => "no exit status".to_string(),
     }
 }
 
-/// Kills every running kernel of `context` (whole process groups), waits until they are
-/// reported exited, and releases every process of it from the table.
-async fn stop_context(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<(), ApiError> {
-    let mut pids = context.ended.clone();
-    if context.running() {
-        let pid = context.kernel.pid;
-        kill_kernel(s, ctx, context).await?;
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        loop {
-            match process_status(s, &ctx.caller, &ctx.sandbox_id, pid).await {
-                Ok(info) if matches!(info.state, ProcessState::Running) => {}
-                Ok(_) => break,
-                Err(e) if e.status_and_code().0 == StatusCode::NOT_FOUND => break,
-                Err(e) => return Err(e),
-            }
-            if Instant::now() >= deadline {
-                return Err(ApiError::internal(
-                    "the kernel did not stop",
-                    format!("pid {pid} still runs {EXIT_TIMEOUT:?} after SIGKILL"),
-                ));
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
-        pids.push(pid);
+/// Whether `pid` is still a running process of the sandbox (one gone from the table is not).
+async fn is_running(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<bool, ApiError> {
+    match process_status(s, &ctx.caller, &ctx.sandbox_id, pid).await {
+        Ok(info) => Ok(matches!(info.state, ProcessState::Running)),
+        Err(e) if e.status_and_code().0 == StatusCode::NOT_FOUND => Ok(false),
+        Err(e) => Err(e),
     }
-    for pid in pids {
-        release(s, ctx, pid).await?;
+}
+
+/// Waits until `pid` is reported exited (or gone).
+async fn wait_exited(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<(), ApiError> {
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while is_running(s, ctx, pid).await? {
+        if Instant::now() >= deadline {
+            return Err(ApiError::internal(
+                "the kernel did not stop",
+                format!("pid {pid} still runs {EXIT_TIMEOUT:?} after SIGKILL"),
+            ));
+        }
+        sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
 
-/// Sends SIGKILL to the process group of the running kernel of `context`, if any.
-async fn kill_kernel(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<(), ApiError> {
-    if !context.running() {
+/// Kills the running kernel of `context` (its whole process group) and waits until it is
+/// reported exited; answers every process of the context, to release once a new kernel runs
+/// (or the context goes).
+async fn kill_and_wait(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    context: &Context,
+) -> Result<Vec<Pid>, ApiError> {
+    let mut pids = context.ended.clone();
+    if context.running() {
+        let pid = context.kernel.pid;
+        kill_kernel(s, ctx, pid).await?;
+        wait_exited(s, ctx, pid).await?;
+        pids.push(pid);
+    }
+    Ok(pids)
+}
+
+/// Sends SIGKILL to the process group of kernel `pid` while it still runs: once its exit is
+/// known its pid (and group id) may be reused, so nothing is sent then.
+async fn kill_kernel(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<(), ApiError> {
+    if !is_running(s, ctx, pid).await? {
         return Ok(());
     }
-    let pid = context.kernel.pid;
     match signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, SIGKILL, true).await {
         Ok(()) => Ok(()),
         // Gone meanwhile.
@@ -486,14 +613,39 @@ async fn release(s: &Shared, ctx: &SandboxCtx, pid: Pid) -> Result<(), ApiError>
     }
 }
 
-/// The running kernel of `context`: a kernel that ended is replaced by a fresh one first.
-async fn ensure_running(s: &Shared, ctx: &SandboxCtx, context: &Context) -> Result<Pid, ApiError> {
-    if context.running() {
-        return Ok(context.kernel.pid);
+async fn release_all(s: &Shared, ctx: &SandboxCtx, pids: Vec<Pid>) -> Result<(), ApiError> {
+    for pid in pids {
+        release(s, ctx, pid).await?;
     }
-    stop_context(s, ctx, context).await?;
+    Ok(())
+}
+
+/// The running kernel of `context`: a kernel that ended is replaced by a fresh one first (the
+/// old rows are released only once the new kernel runs), and the notice for the client says
+/// so.
+async fn ensure_running(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    context: &Context,
+) -> Result<(Pid, Option<String>), ApiError> {
+    if context.running() {
+        return Ok((context.kernel.pid, None));
+    }
+    let old = kill_and_wait(s, ctx, context).await?;
     let cwd = Some(context.kernel.cwd.clone()).filter(|c| !c.is_empty());
-    Ok(start_kernel(s, ctx, &context.tag, cwd).await?.0)
+    let (pid, _) = start_kernel(s, ctx, &context.tag, cwd).await?;
+    release_all(s, ctx, old).await?;
+    let why = match &context.kernel.state {
+        ProcessState::Exited { status } if status.oom_killed => "it ran out of memory".to_string(),
+        ProcessState::Exited { status } => exit_text(status.code, status.signal),
+        ProcessState::Running => "no exit status".to_string(),
+    };
+    let notice = format!(
+        "[openrun] the kernel of this context had ended ({why}) since its last execution (a \
+         kernel that did not stop on interrupt after its client left is killed); this \
+         execution runs in a fresh kernel: earlier variables are lost\n"
+    );
+    Ok((pid, Some(notice)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -534,27 +686,50 @@ async fn list_contexts(s: Shared, ctx: &SandboxCtx) -> Result<Response, ApiError
     Ok(Json(all).into_response())
 }
 
-/// `DELETE /contexts/{id}`: kills its kernel; the context is gone.
+/// `DELETE /contexts/{id}`: kills its kernel; the context is gone, and executions queued
+/// for it are 404s.
 async fn remove_context(s: Shared, ctx: &SandboxCtx, id: String) -> Result<Response, ApiError> {
     let context = find_context(&s, ctx, &id).await?;
-    // Kill first: an execution in flight ends and gives the lock up.
-    kill_kernel(&s, ctx, &context).await?;
-    let _guard = lock_context(ctx, &id).await;
-    if let Ok(context) = find_context(&s, ctx, &id).await {
-        stop_context(&s, ctx, &context).await?;
+    let slot = context_slot(ctx, &id);
+    slot.set_ending(Some(Ending::Removed));
+    let result = async {
+        // Kill first: an execution in flight ends and gives the lock up.
+        kill_kernel(&s, ctx, context.kernel.pid).await?;
+        let _guard = slot.lock.clone().lock_owned().await;
+        if let Ok(context) = find_context(&s, ctx, &id).await {
+            let pids = kill_and_wait(&s, ctx, &context).await?;
+            release_all(&s, ctx, pids).await?;
+        }
+        Ok::<_, ApiError>(())
     }
+    .await;
+    if result.is_err() {
+        slot.set_ending(None);
+    }
+    result?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `POST /contexts/{id}/restart`: a fresh kernel (no variables) in the same working directory.
+/// `POST /contexts/{id}/restart`: a fresh kernel (no variables) in the same working directory;
+/// executions queued for it run in the fresh kernel.
 async fn restart_context(s: Shared, ctx: &SandboxCtx, id: String) -> Result<Response, ApiError> {
     let context = find_context(&s, ctx, &id).await?;
-    kill_kernel(&s, ctx, &context).await?;
-    let _guard = lock_context(ctx, &id).await;
-    let context = find_context(&s, ctx, &id).await?;
-    stop_context(&s, ctx, &context).await?;
-    let cwd = Some(context.kernel.cwd.clone()).filter(|c| !c.is_empty());
-    start_kernel(&s, ctx, &context.tag, cwd).await?;
+    let slot = context_slot(ctx, &id);
+    slot.set_ending(Some(Ending::Restarting));
+    let result = async {
+        if context.running() {
+            kill_kernel(&s, ctx, context.kernel.pid).await?;
+        }
+        let _guard = slot.lock.clone().lock_owned().await;
+        let context = find_context(&s, ctx, &id).await?;
+        let old = kill_and_wait(&s, ctx, &context).await?;
+        let cwd = Some(context.kernel.cwd.clone()).filter(|c| !c.is_empty());
+        start_kernel(&s, ctx, &context.tag, cwd).await?;
+        release_all(&s, ctx, old).await
+    }
+    .await;
+    slot.set_ending(None);
+    result?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -567,8 +742,30 @@ struct ExecuteBody {
     env_vars: Option<BTreeMap<String, String>>,
 }
 
+/// Largest body of `POST /execute` (the limit of every request of the sandbox's traffic): the
+/// code is most of it. (The JSON request to the kernel may be longer, with escapes: it is sent
+/// in pieces.)
+const MAX_EXECUTE_BODY: usize = super::connect::MAX_MESSAGE + 64;
+
 /// `POST /execute`: runs code in a context; the answer streams E2B's NDJSON lines.
-async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, ApiError> {
+async fn execute(s: Shared, ctx: &SandboxCtx, body: Body) -> Result<Response, ApiError> {
+    let Ok(body) = axum::body::to_bytes(body, MAX_EXECUTE_BODY).await else {
+        // Said here, naming the code (the body extractor's refusal would not); the rest of
+        // the body is unread, so the connection closes.
+        let mut response = super::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the code to run is too large: the request body of /execute is limited to \
+                 {MAX_EXECUTE_BODY} bytes (write bigger code to a file in the sandbox and run \
+                 that)"
+            ),
+        );
+        response.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return Ok(response);
+    };
     let body: ExecuteBody = parse(&body)?;
     let Some(code) = body.code else {
         return Err(ApiError::InvalidArgument(
@@ -584,23 +781,16 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
             "Only one of context_id or language can be provided".into(),
         ));
     }
-    let (guard, pid, tag) = match context_id {
+    let (slot, guard, tag, mut pid, notice) = match context_id {
         Some(id) => {
-            let guard = lock_context(ctx, &id).await;
+            let (slot, guard) = lock_context(ctx, &id).await?;
             let context = find_context(&s, ctx, &id).await?;
-            let pid = ensure_running(&s, ctx, &context).await?;
-            (guard, pid, context.tag)
+            let (pid, notice) = ensure_running(&s, ctx, &context).await?;
+            (slot, guard, context.tag, pid, notice)
         }
         None => default_kernel(&s, ctx, &language(language_asked.as_deref())?).await?,
     };
-    let info = process_status(&s, &ctx.caller, &ctx.sandbox_id, pid).await?;
-    let attach = AttachRequest {
-        pid,
-        stdout_since: info.stdout_len,
-        stderr_since: info.stderr_len,
-        follow: true,
-    };
-    let lines = follow_output(&s, &ctx.caller, &ctx.sandbox_id, attach).await?;
+    let mut notices: Vec<String> = notice.into_iter().collect();
     let request_id = new_id()?;
     let mut request = serde_json::to_vec(&serde_json::json!({
         "id": request_id,
@@ -610,16 +800,33 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
     .map_err(|e| ApiError::internal("cannot encode the execution", e))?;
     request.push(b'\n');
     record_execution(&s, ctx, &tag, &code, &env_vars).await?;
-    write_stdin(&s, &ctx.caller, &ctx.sandbox_id, pid, request, false).await?;
+    // A kernel that ended just now (between its last execution and this one) is restarted
+    // once: its stdin is closed, which is no fault of the request.
+    let mut retried = false;
+    let (lines, offset) = loop {
+        match send_request(&s, ctx, pid, &request).await {
+            Ok(sent) => break sent,
+            Err(e) if !retried && !is_running(&s, ctx, pid).await? => {
+                tracing::info!(pid, error = %e, "the kernel ended before the execution was sent: restarting it");
+                retried = true;
+                let context = find_context(&s, ctx, &tag.id).await?;
+                let (new_pid, notice) = ensure_running(&s, ctx, &context).await?;
+                pid = new_pid;
+                notices.extend(notice);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let run = Run {
         s,
         ctx: ctx.clone(),
         pid,
         request_id,
+        slot,
         _guard: guard,
     };
-    tokio::spawn(run.pump(lines, tx));
+    tokio::spawn(run.pump(lines, LineBuffer::starting_at(offset), notices, tx));
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
         let line = rx.recv().await?;
         Some((Ok::<_, std::convert::Infallible>(line), rx))
@@ -629,6 +836,28 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Bytes) -> Result<Response, A
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Follows the output of kernel `pid` from its current end and writes the request to its
+/// stdin (in pieces the agent takes); answers the output and the offset it starts at.
+async fn send_request(
+    s: &Shared,
+    ctx: &SandboxCtx,
+    pid: Pid,
+    request: &[u8],
+) -> Result<(mpsc::Receiver<Line>, u64), ApiError> {
+    let info = process_status(s, &ctx.caller, &ctx.sandbox_id, pid).await?;
+    let attach = AttachRequest {
+        pid,
+        stdout_since: info.stdout_len,
+        stderr_since: info.stderr_len,
+        follow: true,
+    };
+    let lines = follow_output(s, &ctx.caller, &ctx.sandbox_id, attach).await?;
+    for piece in request.chunks(MAX_DATA_LEN) {
+        write_stdin(s, &ctx.caller, &ctx.sandbox_id, pid, piece.to_vec(), false).await?;
+    }
+    Ok((lines, info.stdout_len))
 }
 
 /// Records `code.execute` (context, language, the code up to [`RECORDED_CODE`] bytes, names
@@ -655,13 +884,21 @@ async fn record_execution(
     crate::files::record(s, &ctx.caller, &row, "code.execute", payload).await
 }
 
+/// What [`default_kernel`] answers: the context's slot and lock, its tag, the kernel's pid and
+/// a notice for the client.
+type Locked = (
+    Arc<Slot>,
+    OwnedMutexGuard<()>,
+    ContextTag,
+    Pid,
+    Option<String>,
+);
+
 /// The default context of `language` (made on first use), locked for an execution.
-async fn default_kernel(
-    s: &Shared,
-    ctx: &SandboxCtx,
-    language: &str,
-) -> Result<(OwnedMutexGuard<()>, Pid, ContextTag), ApiError> {
-    let _creating = lock_for(format!("{}/default:{language}", ctx.sandbox_id))
+async fn default_kernel(s: &Shared, ctx: &SandboxCtx, language: &str) -> Result<Locked, ApiError> {
+    let _creating = slot_for(format!("default/{}/{language}", ctx.sandbox_id))
+        .lock
+        .clone()
         .lock_owned()
         .await;
     let found = contexts(s, ctx)
@@ -670,9 +907,11 @@ async fn default_kernel(
         .find(|c| c.tag.default && c.tag.language == language);
     match found {
         Some(context) => {
-            let guard = lock_context(ctx, &context.tag.id).await;
-            let pid = ensure_running(s, ctx, &context).await?;
-            Ok((guard, pid, context.tag))
+            let (slot, guard) = lock_context(ctx, &context.tag.id).await?;
+            // Found again under the lock: a restart may have replaced the kernel meanwhile.
+            let context = find_context(s, ctx, &context.tag.id).await?;
+            let (pid, notice) = ensure_running(s, ctx, &context).await?;
+            Ok((slot, guard, context.tag, pid, notice))
         }
         None => {
             let tag = ContextTag {
@@ -680,9 +919,9 @@ async fn default_kernel(
                 language: language.to_string(),
                 default: true,
             };
-            let guard = lock_context(ctx, &tag.id).await;
+            let (slot, guard) = lock_context(ctx, &tag.id).await?;
             let pid = start_kernel(s, ctx, &tag, None).await?.0;
-            Ok((guard, pid, tag))
+            Ok((slot, guard, tag, pid, None))
         }
     }
 }
@@ -693,6 +932,7 @@ struct Run {
     ctx: SandboxCtx,
     pid: Pid,
     request_id: String,
+    slot: Arc<Slot>,
     _guard: OwnedMutexGuard<()>,
 }
 
@@ -703,8 +943,8 @@ enum Step {
     Forward(Bytes),
     /// Not for this execution.
     Skip,
-    /// The execution ended.
-    End,
+    /// The execution ended: its last line for the client.
+    End(Bytes),
 }
 
 /// Turns one kernel message into what the client gets: the message without its `id` if it
@@ -718,9 +958,14 @@ fn step(mut message: serde_json::Value, request_id: &str) -> Step {
     }
     object.remove("id");
     if object.get("type").and_then(|t| t.as_str()) == Some("end_of_execution") {
-        return Step::End;
+        return Step::End(end_line());
     }
     ndjson(&message).map_or(Step::Skip, Step::Forward)
+}
+
+/// The last line of every stream, as E2B's server sends it (the SDK ignores it).
+fn end_line() -> Bytes {
+    ndjson(&serde_json::json!({ "type": "end_of_execution" })).unwrap_or_default()
 }
 
 fn ndjson(value: &serde_json::Value) -> Option<Bytes> {
@@ -733,6 +978,28 @@ fn error_line(name: &str, value: String) -> Bytes {
     let message =
         serde_json::json!({ "type": "error", "name": name, "value": value, "traceback": "" });
     ndjson(&message).unwrap_or_default()
+}
+
+fn stderr_line(text: String) -> Bytes {
+    let message = serde_json::json!({ "type": "stderr", "text": text, "timestamp": now_rfc3339() });
+    ndjson(&message).unwrap_or_default()
+}
+
+/// The client's line for something the line buffer noticed (`None` for a message).
+fn notice_of(event: &Event) -> Option<Bytes> {
+    match event {
+        Event::Message(_) => None,
+        Event::Lost(bytes) => Some(stderr_line(format!(
+            "[openrun] {bytes} bytes of the kernel's output were lost (the sandbox's output \
+             buffer overflowed before the server read them): output or results of this \
+             execution may be missing\n"
+        ))),
+        Event::TooLong(bytes) => Some(stderr_line(format!(
+            "[openrun] a kernel output line of {bytes} bytes was dropped: lines are limited to \
+             {MAX_LINE} bytes (something wrote to the kernel's protocol pipe without newlines, \
+             or a message was too large to carry)\n"
+        ))),
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -750,10 +1017,21 @@ fn now_rfc3339() -> String {
 }
 
 impl Run {
-    /// Forwards the kernel's lines for this execution until it ends; interrupts the kernel
-    /// when the client goes away.
-    async fn pump(self, mut lines: mpsc::Receiver<Line>, tx: mpsc::Sender<Bytes>) {
-        let mut buffer = LineBuffer::default();
+    /// Forwards the kernel's lines for this execution until it ends (the notices first);
+    /// interrupts the kernel when the client goes away.
+    async fn pump(
+        self,
+        mut lines: mpsc::Receiver<Line>,
+        mut buffer: LineBuffer,
+        notices: Vec<String>,
+        tx: mpsc::Sender<Bytes>,
+    ) {
+        for notice in notices {
+            if tx.send(stderr_line(notice)).await.is_err() {
+                self.interrupted(lines, buffer).await;
+                return;
+            }
+        }
         let keepalive = ndjson(&serde_json::json!({ "type": "keepalive" })).unwrap_or_default();
         loop {
             let line = tokio::select! {
@@ -773,20 +1051,28 @@ impl Run {
             // What goes to the client, and whether the execution is over.
             let (outgoing, done) = match line {
                 None => (
-                    vec![error_line(
-                        "UnexpectedEndOfExecution",
-                        "the output of the kernel ended before the execution did".into(),
-                    )],
+                    vec![
+                        error_line(
+                            "UnexpectedEndOfExecution",
+                            "the output of the kernel ended before the execution did".into(),
+                        ),
+                        end_line(),
+                    ],
                     true,
                 ),
                 Some(Line::Stdout { offset, data }) => {
                     let mut out = Vec::new();
                     let mut done = false;
-                    for message in buffer.push(offset, &data) {
+                    for event in buffer.push(offset, &data) {
+                        let Event::Message(message) = event else {
+                            out.extend(notice_of(&event));
+                            continue;
+                        };
                         match step(message, &self.request_id) {
                             Step::Forward(bytes) => out.push(bytes),
                             Step::Skip => {}
-                            Step::End => {
+                            Step::End(bytes) => {
+                                out.push(bytes);
                                 done = true;
                                 break;
                             }
@@ -798,11 +1084,9 @@ impl Run {
                     // The kernel's own stderr (user output arrives on stdout, as messages):
                     // a failure of Python itself.
                     let text = String::from_utf8_lossy(&data).into_owned();
-                    tracing::warn!(pid = self.pid, %text, "the code-interpreter kernel wrote to stderr");
-                    let message = serde_json::json!({
-                        "type": "stderr", "text": text, "timestamp": now_rfc3339(),
-                    });
-                    (ndjson(&message).into_iter().collect(), false)
+                    let start: String = text.chars().take(200).collect();
+                    tracing::warn!(pid = self.pid, bytes = data.len(), %start, "the code-interpreter kernel wrote to stderr");
+                    (vec![stderr_line(text)], false)
                 }
                 Some(Line::Exit {
                     code,
@@ -815,16 +1099,34 @@ impl Run {
                     } else {
                         exit_text(code, signal)
                     };
-                    let value = format!(
-                        "the Python kernel of this context ended while running the code \
-                         ({why}): its variables are lost; the next execution starts a fresh \
-                         kernel"
-                    );
-                    (vec![error_line("KernelDied", value)], true)
+                    let error = match self.slot.ending() {
+                        Some(Ending::Removed) => error_line(
+                            "ContextRemoved",
+                            "the context was removed (DELETE /contexts/{id}) while this code \
+                             ran: its kernel was killed"
+                                .into(),
+                        ),
+                        Some(Ending::Restarting) => error_line(
+                            "ContextRestarted",
+                            "the context was restarted (POST /contexts/{id}/restart) while \
+                             this code ran: its kernel was killed, its variables are lost"
+                                .into(),
+                        ),
+                        None => error_line(
+                            "KernelDied",
+                            format!(
+                                "the Python kernel of this context ended while running the \
+                                 code ({why}): its variables are lost; the next execution \
+                                 starts a fresh kernel"
+                            ),
+                        ),
+                    };
+                    (vec![error, end_line()], true)
                 }
-                Some(Line::Error { message, .. }) => {
-                    (vec![error_line("UnexpectedEndOfExecution", message)], true)
-                }
+                Some(Line::Error { message, .. }) => (
+                    vec![error_line("UnexpectedEndOfExecution", message), end_line()],
+                    true,
+                ),
                 Some(Line::Started { .. }) => (Vec::new(), false),
             };
             for bytes in outgoing {
@@ -842,7 +1144,8 @@ impl Run {
     }
 
     /// The client went away: interrupt the execution and wait for the kernel to finish it, so
-    /// the next execution finds the kernel idle (killing it if it does not stop).
+    /// the next execution finds the kernel idle (killing it if it does not stop; the next
+    /// execution is told).
     async fn interrupted(&self, mut lines: mpsc::Receiver<Line>, mut buffer: LineBuffer) {
         let (s, ctx, pid) = (&self.s, &self.ctx, self.pid);
         tracing::info!(pid, sandbox = %ctx.sandbox_id, "client left mid-execution: interrupting the kernel");
@@ -861,6 +1164,15 @@ impl Run {
             };
             if let Some(signal) = signal {
                 sent += 1;
+                // Once its exit is known, the pid (and the group id) may be reused.
+                match is_running(s, ctx, pid).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::debug!(pid, error = %e, "cannot see the kernel");
+                        return;
+                    }
+                }
                 if let Err(e) =
                     signal_process(s, &ctx.caller, &ctx.sandbox_id, pid, signal, group).await
                 {
@@ -872,9 +1184,11 @@ impl Run {
                 Err(_) => {}
                 Ok(None) | Ok(Some(Line::Exit { .. } | Line::Error { .. })) => return,
                 Ok(Some(Line::Stdout { offset, data })) => {
-                    for message in buffer.push(offset, &data) {
-                        if step(message, &self.request_id) == Step::End {
-                            return;
+                    for event in buffer.push(offset, &data) {
+                        if let Event::Message(message) = event {
+                            if matches!(step(message, &self.request_id), Step::End(_)) {
+                                return;
+                            }
                         }
                     }
                 }
@@ -884,27 +1198,58 @@ impl Run {
     }
 }
 
-/// Splits the kernel's stdout into JSON lines. A gap in the offsets (output the agent no
-/// longer had) drops the line it cut; the lines after it are whole again.
+/// Longest line of kernel output the server takes: the kernel keeps its own lines well under
+/// it ([`KERNEL`] splits output and refuses results that would not fit); a longer one
+/// (something wrote to the protocol pipe without newlines) is dropped and the client told.
+const MAX_LINE: usize = MAX_DATA_LEN;
+
+/// What the line buffer found in a chunk.
+#[derive(Debug, PartialEq)]
+enum Event {
+    /// A complete line that is a JSON object.
+    Message(serde_json::Value),
+    /// This many bytes of output were gone (the agent no longer had them).
+    Lost(u64),
+    /// A line of this many bytes was over [`MAX_LINE`] and dropped.
+    TooLong(u64),
+}
+
+/// Splits the kernel's stdout into JSON lines, in one pass over each chunk. A gap in the offsets
+/// (output the agent no longer had) drops the line it cut (a first line after the gap that is
+/// whole is kept); a line longer than [`MAX_LINE`] is dropped up to its newline.
 #[derive(Debug, Default)]
 struct LineBuffer {
+    /// The start of a line whose newline has not come yet (never longer than [`MAX_LINE`]).
     pending: Vec<u8>,
-    /// Offset of the next byte expected, once a chunk was seen.
+    /// Offset of the next byte expected, once known.
     next: Option<u64>,
-    /// Dropping bytes up to the next newline (after a gap).
-    skipping: bool,
+    /// Bytes dropped so far of a line over [`MAX_LINE`] (its newline has not come yet).
+    dropping: Option<u64>,
 }
 
 impl LineBuffer {
-    /// Adds the chunk at stream offset `offset`; answers the complete lines that are JSON
-    /// objects.
-    fn push(&mut self, offset: u64, data: &[u8]) -> Vec<serde_json::Value> {
+    /// A buffer for output that starts at stream offset `offset`.
+    fn starting_at(offset: u64) -> Self {
+        Self {
+            next: Some(offset),
+            ..Self::default()
+        }
+    }
+
+    /// Adds the chunk at stream offset `offset`; answers what it completes.
+    fn push(&mut self, offset: u64, data: &[u8]) -> Vec<Event> {
+        let mut events = Vec::new();
         let mut data = data;
         if let Some(next) = self.next {
             if offset > next {
                 tracing::warn!(lost = offset - next, "a gap in the kernel's output");
+                events.push(Event::Lost(offset - next));
+                if let Some(dropped) = self.dropping.take() {
+                    events.push(Event::TooLong(dropped));
+                }
+                // The line the gap cut: what comes after the gap is tried as a line of its
+                // own (it does not parse unless it began at a line boundary).
                 self.pending.clear();
-                self.skipping = true;
             } else if offset < next {
                 // Seen already.
                 let seen = usize::try_from(next - offset).unwrap_or(usize::MAX);
@@ -912,31 +1257,42 @@ impl LineBuffer {
             }
         }
         self.next = Some(offset.max(self.next.unwrap_or(0)) + data.len() as u64);
-        if self.skipping {
-            match data.iter().position(|b| *b == b'\n') {
-                Some(at) => {
-                    self.skipping = false;
-                    data = &data[at + 1..];
-                }
-                None => return Vec::new(),
+        let mut rest = data;
+        while let Some(at) = rest.iter().position(|b| *b == b'\n') {
+            let segment = &rest[..at];
+            rest = &rest[at + 1..];
+            if let Some(dropped) = self.dropping.take() {
+                events.push(Event::TooLong(dropped + segment.len() as u64));
+                continue;
+            }
+            let length = self.pending.len() + segment.len();
+            if length > MAX_LINE {
+                self.pending.clear();
+                events.push(Event::TooLong(length as u64));
+                continue;
+            }
+            let parsed = if self.pending.is_empty() {
+                serde_json::from_slice::<serde_json::Value>(segment)
+            } else {
+                self.pending.extend_from_slice(segment);
+                let parsed = serde_json::from_slice::<serde_json::Value>(&self.pending);
+                self.pending.clear();
+                parsed
+            };
+            match parsed {
+                Ok(value) if value.is_object() => events.push(Event::Message(value)),
+                _ => tracing::debug!(bytes = length, "not a kernel message"),
             }
         }
-        self.pending.extend_from_slice(data);
-        let mut messages = Vec::new();
-        let mut start = 0;
-        while let Some(len) = self.pending[start..].iter().position(|b| *b == b'\n') {
-            let line = &self.pending[start..start + len];
-            start += len + 1;
-            match serde_json::from_slice::<serde_json::Value>(line) {
-                Ok(value) if value.is_object() => messages.push(value),
-                _ => tracing::debug!(
-                    line = %String::from_utf8_lossy(line),
-                    "not a kernel message"
-                ),
-            }
+        if let Some(dropped) = self.dropping.as_mut() {
+            *dropped += rest.len() as u64;
+        } else if self.pending.len() + rest.len() > MAX_LINE {
+            self.dropping = Some((self.pending.len() + rest.len()) as u64);
+            self.pending = Vec::new();
+        } else {
+            self.pending.extend_from_slice(rest);
         }
-        self.pending.drain(..start);
-        messages
+        events
     }
 }
 
@@ -1043,8 +1399,83 @@ mod tests {
         }
         let other = serde_json::json!({"id": "b", "type": "stdout", "text": "x"});
         assert_eq!(step(other, "a"), Step::Skip);
+        // The end is forwarded as the stream's last line, as E2B's server sends it.
         let end = serde_json::json!({"id": "a", "type": "end_of_execution"});
-        assert_eq!(step(end, "a"), Step::End);
+        assert_eq!(
+            step(end, "a"),
+            Step::End(Bytes::from_static(b"{\"type\":\"end_of_execution\"}\n"))
+        );
+    }
+
+    fn messages(events: Vec<Event>) -> Vec<serde_json::Value> {
+        events
+            .into_iter()
+            .map(|e| match e {
+                Event::Message(m) => m,
+                other => panic!("not a message: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_oldest_running_kernel_keeps_its_context() {
+        let tag = format!("e2b-context:{ID}:python");
+        // A later process with a copied tag (an impostor) neither takes the context over nor
+        // is released with it.
+        let all = contexts_of(vec![
+            process(50, &tag, 5, true),
+            process(20, &tag, 2, true),
+            process(10, &tag, 1, false),
+        ]);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].kernel.pid, 20);
+        assert_eq!(all[0].ended, vec![10]);
+    }
+
+    #[test]
+    fn a_line_without_newline_is_capped_and_dropped_up_to_its_newline() {
+        let mut buffer = LineBuffer::starting_at(0);
+        let chunk = vec![b'x'; 1 << 20];
+        let mut at = 0u64;
+        for _ in 0..20 {
+            assert!(buffer.push(at, &chunk).is_empty());
+            at += chunk.len() as u64;
+            assert!(buffer.pending.len() <= MAX_LINE);
+        }
+        let got = buffer.push(at, b"xx\n{\"after\":1}\n");
+        assert_eq!(
+            got,
+            vec![
+                Event::TooLong((20 << 20) + 2),
+                Event::Message(serde_json::json!({"after": 1}))
+            ]
+        );
+        assert!(buffer.pending.is_empty());
+    }
+
+    #[test]
+    fn a_long_line_in_many_chunks_is_read_in_linear_time() {
+        // 12 MiB in 4 KiB chunks, one line: each chunk is scanned once (a rescan from the
+        // start of the line on each chunk would take minutes in a debug build).
+        let mut buffer = LineBuffer::starting_at(0);
+        let mut line = b"{\"text\":\"".to_vec();
+        line.extend(std::iter::repeat_n(b'y', 12 << 20));
+        line.extend_from_slice(b"\"}\n");
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        let mut at = 0u64;
+        for chunk in line.chunks(4096) {
+            got.extend(buffer.push(at, chunk));
+            at += chunk.len() as u64;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        let got = messages(got);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["text"].as_str().map(str::len), Some(12 << 20));
     }
 
     #[test]
@@ -1053,18 +1484,18 @@ mod tests {
         let chunks: [&[u8]; 3] = [b"{\"a\":", b"1}\nnot json\n{\"b\":2}\n{\"c\"", b":3}\n"];
         assert!(buffer.push(0, chunks[0]).is_empty());
         let at = chunks[0].len() as u64;
-        let got = buffer.push(at, chunks[1]);
+        let got = messages(buffer.push(at, chunks[1]));
         assert_eq!(
             got,
             vec![serde_json::json!({"a": 1}), serde_json::json!({"b": 2})]
         );
         let at = at + chunks[1].len() as u64;
         assert_eq!(
-            buffer.push(at, chunks[2]),
+            messages(buffer.push(at, chunks[2])),
             vec![serde_json::json!({"c": 3})]
         );
         // A chunk seen already (a resent tail) adds nothing twice.
-        let again = buffer.push(at, b":3}\n{\"d\":4}\n");
+        let again = messages(buffer.push(at, b":3}\n{\"d\":4}\n"));
         assert_eq!(again, vec![serde_json::json!({"d": 4})]);
     }
 
@@ -1072,15 +1503,47 @@ mod tests {
     fn a_gap_drops_only_the_line_it_cut() {
         let mut buffer = LineBuffer::default();
         assert!(buffer.push(0, b"{\"a\":1").is_empty());
-        // Bytes 7..100 were lost: the rest of the cut line goes, the next line is whole.
+        // Bytes 6..100 were lost: the rest of the cut line goes, the next line is whole, and
+        // the loss is reported.
         let got = buffer.push(100, b"tail of something}\n{\"end\":true}\n");
-        assert_eq!(got, vec![serde_json::json!({"end": true})]);
+        assert_eq!(
+            got,
+            vec![
+                Event::Lost(94),
+                Event::Message(serde_json::json!({"end": true}))
+            ]
+        );
         let mut skipping = LineBuffer::default();
         assert!(skipping.push(0, b"{").is_empty());
-        assert!(skipping.push(50, b"no newline yet").is_empty());
+        assert_eq!(skipping.push(50, b"no newline yet"), vec![Event::Lost(49)]);
         assert_eq!(
-            skipping.push(64, b"}\n{\"x\":1}\n"),
+            messages(skipping.push(64, b"}\n{\"x\":1}\n")),
             vec![serde_json::json!({"x": 1})]
+        );
+    }
+
+    #[test]
+    fn a_gap_at_a_line_boundary_keeps_the_next_line() {
+        // The data after the gap starts a line: that line (perhaps the end of the execution)
+        // is kept.
+        let mut buffer = LineBuffer::starting_at(0);
+        assert_eq!(
+            messages(buffer.push(0, b"{\"a\":1}\n")),
+            vec![serde_json::json!({"a": 1})]
+        );
+        let got = buffer.push(100, b"{\"type\":\"end_of_execution\"}\n");
+        assert_eq!(
+            got,
+            vec![
+                Event::Lost(92),
+                Event::Message(serde_json::json!({"type": "end_of_execution"}))
+            ]
+        );
+        // Output that starts later than the stream was followed from is a loss too.
+        let mut late = LineBuffer::starting_at(10);
+        assert_eq!(
+            late.push(30, b"{\"b\":2}\n"),
+            vec![Event::Lost(20), Event::Message(serde_json::json!({"b": 2}))]
         );
     }
 

@@ -28,11 +28,15 @@ import inspect
 import io
 import json
 import linecache
+import math
 import os
 import re
+import secrets
 import select
 import shlex
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -65,19 +69,92 @@ def _now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+# Longest protocol line the kernel writes (the server drops lines over 16 MiB): bigger output is
+# split, a bigger result loses its biggest formats (with an OutputTooLarge error saying so).
+_MAX_LINE = 8 << 20
+
+
+def _plain(value, depth=0):
+    """`value` with what JSON cannot carry made plain: NaN and infinities become null, odd
+    keys and objects their str(), containers recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if depth > 64:
+        return "<nested too deeply>"
+    if isinstance(value, dict):
+        return {k if isinstance(k, str) else str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    try:
+        return str(value)
+    except Exception as e:
+        return "<unrepresentable %s: %s>" % (type(value).__name__, e)
+
+
 def _encode(message):
     try:
-        text = json.dumps(message, default=str, allow_nan=False)
-    except (ValueError, TypeError):
-        # NaN, infinities, odd keys: what JSON cannot carry goes as text.
-        plain = (str, int, bool, type(None))
-        text = json.dumps({k: v if isinstance(v, plain) else str(v) for k, v in message.items()})
+        text = json.dumps(message, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        text = json.dumps(_plain(message), allow_nan=False)
     return (text + "\n").encode("utf-8", "backslashreplace")
+
+
+def _size(value):
+    try:
+        return len(_encode(value)) - 1
+    except Exception:
+        return 0
+
+
+def _shrink(message, size):
+    """Messages that carry `message` (encoded: `size` bytes, over _MAX_LINE) within the limit."""
+    kind = message.get("type")
+    ident = message.get("id")
+    limit = _MAX_LINE // 2
+
+    def too_large(value):
+        return {"type": "error", "name": "OutputTooLarge", "id": ident, "traceback": "",
+                "value": value}
+
+    if kind in ("stdout", "stderr") and isinstance(message.get("text"), str):
+        text = message["text"]
+        step = max(1, limit // 12)  # a character is at most 12 bytes of JSON (a surrogate pair)
+        return [dict(message, text=text[i:i + step]) for i in range(0, len(text), step)]
+    if kind == "result":
+        kept = dict(message)
+        dropped = []
+        for key in sorted(message, key=lambda k: -_size(message[k])):
+            if _size(kept) <= limit:
+                break
+            if key in ("type", "id", "is_main_result"):
+                continue
+            dropped.append("%s (%d bytes)" % (key, _size(message[key])))
+            del kept[key]
+        text = message.get("text")
+        if "text" not in kept and isinstance(text, str):
+            kept["text"] = text[:1000] + "... [cut by openrun: %d characters]" % len(text)
+        return [kept, too_large(
+            "the result was %d bytes as JSON, over the kernel's limit of %d bytes per message: "
+            "dropped %s" % (size, _MAX_LINE, ", ".join(dropped) or "nothing"))]
+    if kind == "error":
+        cut = dict(message)
+        for key in ("value", "traceback"):
+            text = cut.get(key)
+            if isinstance(text, str) and len(text) > limit // 24:
+                cut[key] = text[:limit // 24] + "... [cut by openrun: %d characters]" % len(text)
+        if _size(cut) <= limit:
+            return [cut]
+    return [too_large("a %s message of %d bytes was over the kernel's limit of %d bytes per "
+                      "message and was dropped" % (kind, size, _MAX_LINE))]
 
 
 def _emit(message, ident=None):
     message["id"] = ident if ident is not None else _State.current
     data = _encode(message)
+    if len(data) > _MAX_LINE:
+        data = b"".join(_encode(part) for part in _shrink(message, len(data)))
     main = threading.current_thread() is threading.main_thread()
     if main:
         # A SIGINT now would cut the line short: it waits until the line is out.
@@ -116,7 +193,7 @@ class _Capture(threading.Thread):
 
     def sync(self, token):
         """Returns once everything written to the fd before this call has been emitted."""
-        marker = b"\0openrun-sync-" + token.encode() + b"\0"
+        marker = _SYNC_PREFIX + token.encode() + b"\0"
         view = memoryview(marker)
         try:
             if os.fstat(self.fd).st_ino != self.pipe:
@@ -136,7 +213,7 @@ class _Capture(threading.Thread):
                 _emit({"type": self.name_, "text": text, "timestamp": _now()})
 
     def run(self):
-        prefix = b"\0openrun-sync-"
+        prefix = _SYNC_PREFIX
         while True:
             try:
                 chunk = os.read(self.read_end, 65536)
@@ -168,16 +245,20 @@ class _Capture(threading.Thread):
                     self.seen.add(data[start:end + 1])
                     self.cond.notify_all()
                 data = data[end + 1:]
-            # Hold back a possible beginning of a marker split across reads.
+            # Hold back a possible beginning of a marker split across reads (a few bytes: a
+            # marker's token is short).
             at = data.rfind(b"\0")
             if at >= 0:
                 tail = data[at:]
-                if prefix.startswith(tail) or tail.startswith(prefix):
+                if prefix.startswith(tail) or (tail.startswith(prefix)
+                                               and len(tail) <= len(prefix) + 64):
                     self.pending = tail
                     data = data[:at]
             self._text(data)
 
 
+# Sync markers carry a random part per kernel: output cannot contain one by accident.
+_SYNC_PREFIX = b"\0openrun-sync-" + secrets.token_hex(8).encode() + b"-"
 _stdout_capture = _Capture(1, "stdout")
 _stderr_capture = _Capture(2, "stderr")
 _stdout_capture.start()
@@ -575,32 +656,39 @@ def _execute(request):
             last = ast.Expression(tree.body.pop().value)
         body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
         tail = compile(last, filename, "eval", flags=flags, dont_inherit=True) if last else None
+        # Formatting the result runs the user's code too (__repr__, _repr_*_, savefig): SIGINT
+        # interrupts it as well.
         _State.user = True
         try:
             _run(body)
             value = _run(tail) if tail is not None else None
+            if os.getpid() != _PID:
+                os._exit(0)  # a child of os.fork() in the code: only the kernel answers
+            if value is not None:
+                _namespace["_"] = value
+                data = _bundle(value)
+                if _is_figure(value):
+                    # Shown once, as the result.
+                    _close_figure(value)
+                _show_figures()
+                _sync_streams()
+                _emit(_result(data, True))
+            else:
+                _show_figures()
         finally:
             _State.user = False
             if os.getpid() != _PID:
-                os._exit(0)  # a child of os.fork() in the code: only the kernel answers
-        if value is not None:
-            _namespace["_"] = value
-            data = _bundle(value)
-            if _is_figure(value):
-                # Shown once, as the result.
-                _close_figure(value)
-            _show_figures()
-            _sync_streams()
-            _emit(_result(data, True))
-        else:
-            _show_figures()
+                os._exit(0)
     except BaseException:
         _State.user = False
         etype, value, tb = sys.exc_info()
+        _State.user = True
         try:
             _show_figures()
-        except Exception:
+        except BaseException:
             pass
+        finally:
+            _State.user = False
         _sync_streams()
         _emit(_error_message(etype, value, tb))
     finally:
@@ -625,11 +713,53 @@ _BASH_CELL_TRAP = "trap 'return 130 2>/dev/null' INT\n"
 _BASH_IDLE_TRAP = "trap : INT"
 
 
+_BASH_DIR_PREFIX = "openrun-bash-%d-" % _PID
+_BASH_DIR_NAME = re.compile(r"^openrun-bash-(\d+)-")
+
+
+def _clean_stale_bash_dirs():
+    """Removes the cell directories of bash kernels that are gone (killed kernels leave them)."""
+    try:
+        root = tempfile.gettempdir()
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        match = _BASH_DIR_NAME.match(name)
+        if match is None or int(match.group(1)) == _PID:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its kernel still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        path = os.path.join(root, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class _Bash:
     def __init__(self):
         self.process = None
-        self.directory = tempfile.mkdtemp(prefix="openrun-bash-")
+        _clean_stale_bash_dirs()
+        self.directory = tempfile.mkdtemp(prefix=_BASH_DIR_PREFIX)
         self.start()
+
+    def cell_directory(self):
+        """The directory of the cell files, made again when something removed it."""
+        if not os.path.isdir(self.directory):
+            try:
+                self.directory = tempfile.mkdtemp(prefix=_BASH_DIR_PREFIX)
+            except OSError:
+                tempfile.tempdir = None  # the one it chose went away: choose again
+                self.directory = tempfile.mkdtemp(prefix=_BASH_DIR_PREFIX)
+        return self.directory
 
     def start(self):
         status_r, status_w = os.pipe()
@@ -643,13 +773,16 @@ class _Bash:
         self.send(_BASH_IDLE_TRAP + "\n")
 
     def send(self, text):
+        """Writes to bash's stdin (OSError: bash is gone)."""
         self.process.stdin.write(text.encode("utf-8", "surrogateescape"))
         self.process.stdin.flush()
 
     def read_status(self, count, timeout):
         """The exit status of execution `count`: an int, None after `timeout` seconds (None:
-        no limit), "exited" when bash is gone. Status lines of other executions are skipped."""
+        no limit), "exited" when bash is gone. Status lines of other executions are skipped.
+        Bash's exit is seen even while a child it left holds the status pipe open."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        gone = False
         while True:
             while b"\n" in self.pending:
                 line, _, self.pending = self.pending.partition(b"\n")
@@ -659,9 +792,23 @@ class _Bash:
                         return int(status)
                     except ValueError:
                         return 1
+            if gone:
+                return "exited"
+            if self.process.poll() is not None:
+                # Gone: what it wrote before it went is still read (a last status line).
+                gone = True
+                while select.select([self.status_fd], [], [], 0)[0]:
+                    chunk = os.read(self.status_fd, 4096)
+                    if not chunk:
+                        break
+                    self.pending += chunk
+                continue
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not select.select([self.status_fd], [], [], left)[0]:
-                return None
+            wait = 0.2 if left is None else min(left, 0.2)
+            if not select.select([self.status_fd], [], [], wait)[0]:
+                if left is not None and left <= 0.2:
+                    return None
+                continue
             chunk = os.read(self.status_fd, 4096)
             if not chunk:
                 return "exited"
@@ -669,8 +816,15 @@ class _Bash:
 
     def run(self, code, env_vars, count):
         """Runs `code`; answers its exit status, "exited" when bash itself exited."""
-        cell = os.path.join(self.directory, "cell-%d.sh" % count)
-        wrapper = os.path.join(self.directory, "run-%d.sh" % count)
+        if self.process.poll() is not None:
+            status = self.process.returncode
+            self.restart()
+            _emit({"type": "stderr", "timestamp": _now(),
+                   "text": "[openrun] bash had exited (status %s) since the last execution: this "
+                           "execution runs in a fresh bash; its variables are lost\n" % status})
+        directory = self.cell_directory()
+        cell = os.path.join(directory, "cell-%d.sh" % count)
+        wrapper = os.path.join(directory, "run-%d.sh" % count)
         with open(cell, "w", encoding="utf-8", errors="surrogateescape") as f:
             f.write(_BASH_CELL_TRAP + code + "\n")
         script = []
@@ -688,7 +842,10 @@ class _Bash:
             f.write("\n".join(script) + "\n")
         try:
             # The wrapper comes from a file: bash drops the rest of its input line on SIGINT.
-            self.send("source %s\n" % shlex.quote(wrapper))
+            try:
+                self.send("source %s\n" % shlex.quote(wrapper))
+            except OSError:
+                return "exited"
             try:
                 return self.read_status(count, None)
             except KeyboardInterrupt:
@@ -703,11 +860,16 @@ class _Bash:
     def interrupted(self, count):
         """SIGINT came: pass it to bash and what it runs, then wait for the cell to end."""
         _State.user = False  # the kernel ignores SIGINT from here on
+        if self.process.poll() is not None:
+            return "exited"
         os.killpg(os.getpgrp(), signal.SIGINT)
         status = self.read_status(count, 2.0)
         if status is None:
             # A SIGINT that came between the cell's end and the idle trap skipped the status.
-            self.send("%s; printf '%d 130\\n' >&%d\n" % (_BASH_IDLE_TRAP, count, self.fd))
+            try:
+                self.send("%s; printf '%d 130\\n' >&%d\n" % (_BASH_IDLE_TRAP, count, self.fd))
+            except OSError:
+                return "exited"
             status = self.read_status(count, 2.0)
         if status is None:
             self.restart()
@@ -718,6 +880,10 @@ class _Bash:
         try:
             self.process.kill()
             self.process.wait()
+        except Exception:
+            pass
+        try:
+            self.process.stdin.close()
         except Exception:
             pass
         try:
@@ -741,6 +907,8 @@ def _execute_bash(request):
     _State.user = True
     try:
         status = _BASH.run(request.get("code") or "", env_vars, count)
+    except KeyboardInterrupt:
+        status = _BASH.interrupted(count)
     finally:
         _State.user = False
     _sync_streams()
@@ -782,6 +950,14 @@ def _serve():
             (_execute_bash if _LANGUAGE == "bash" else _execute)(request)
         except KeyboardInterrupt:
             pass
+        except Exception as e:
+            # A failure of the kernel itself: the execution ends with it, the kernel goes on.
+            _State.user = False
+            try:
+                _emit({"type": "error", "name": "KernelError", "traceback": traceback.format_exc(),
+                       "value": "the kernel failed: %s: %s" % (type(e).__name__, e)})
+            except Exception:
+                pass
         finally:
             try:
                 _emit({"type": "end_of_execution"}, ident)
