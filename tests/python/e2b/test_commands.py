@@ -138,6 +138,41 @@ def test_connect_and_reconnect_to_a_background_command(sandbox):
     assert "tick1" not in result.stdout
 
 
+def test_connect_behind_on_the_output_gets_all_of_it_and_the_end(sandbox):
+    """A reader of `connect` that falls behind while the command exits still gets every byte
+    and the end event (the process is forgotten only after it), not a hang to its deadline."""
+    handle = sandbox.commands.run(
+        "sleep 1; head -c 30000000 /dev/zero | base64 -w 0; echo; echo done",
+        background=True,
+        timeout=0,
+    )
+    pid = handle.pid
+    handle.disconnect()
+    follower = sandbox.commands.connect(pid, timeout=60)
+    time.sleep(6)  # the command exits meanwhile; its output waits in the buffers
+    started = time.monotonic()
+    result = follower.wait()
+    assert time.monotonic() - started < 40
+    assert result.exit_code == 0
+    assert len(result.stdout) == 40_000_000 + len("\ndone\n")
+    assert result.stdout.endswith("\ndone\n")
+    # Then it is gone, as envd forgets an exited process.
+    with pytest.raises(NotFoundException):
+        sandbox.commands.connect(pid)
+
+
+def test_start_refuses_the_interpreters_reserved_tags(sandbox):
+    body = _envelope(
+        0,
+        json.dumps(
+            {"process": {"cmd": "/bin/true"}, "tag": "e2b-context:0123456789abcdef:python"}
+        ).encode(),
+    )
+    error = _stream_error(_raw(sandbox, "Start", body))
+    assert error["code"] == "invalid_argument"
+    assert "reserved" in error["message"]
+
+
 def test_connect_to_an_unknown_pid_is_not_found(sandbox):
     with pytest.raises(NotFoundException):
         sandbox.commands.connect(999_999)

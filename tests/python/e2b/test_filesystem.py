@@ -146,7 +146,8 @@ async def test_the_async_sdk_uses_the_same_service():
         await sbx.kill()
 
 
-def test_malformed_unary_requests_get_connect_errors(sandbox):
+def _unary(sandbox, extra=None):
+    """Headers of a unary call to `sandbox`'s envd, and the filesystem service's URL."""
     headers = {
         "Content-Type": "application/json",
         "E2b-Sandbox-Id": sandbox.sandbox_id,
@@ -154,7 +155,12 @@ def test_malformed_unary_requests_get_connect_errors(sandbox):
     }
     if sandbox._envd_access_token:
         headers["X-Access-Token"] = sandbox._envd_access_token
-    url = f"{sandbox.envd_api_url}/filesystem.Filesystem"
+    headers.update(extra or {})
+    return headers, f"{sandbox.envd_api_url}/filesystem.Filesystem"
+
+
+def test_malformed_unary_requests_get_connect_errors(sandbox):
+    headers, url = _unary(sandbox)
     bad_json = httpx.post(f"{url}/Stat", content=b'{"path":', headers=headers, timeout=30)
     assert (bad_json.status_code, bad_json.json()["code"]) == (400, "invalid_argument")
     no_path = httpx.post(f"{url}/Stat", content=b"{}", headers=headers, timeout=30)
@@ -171,3 +177,53 @@ def test_malformed_unary_requests_get_connect_errors(sandbox):
     assert entry["type"] == "FILE_TYPE_DIRECTORY"
     assert isinstance(entry["size"], str)
     assert entry["modifiedTime"].endswith("Z")
+
+
+def test_a_unary_call_ends_at_its_connect_timeout(sandbox):
+    """Connect-Timeout-Ms bounds a unary call: a deep listing of /usr is cut off with
+    deadline_exceeded (504) instead of running on."""
+    headers, url = _unary(sandbox, {"Connect-Timeout-Ms": "150"})
+    started = datetime.datetime.now()
+    answer = httpx.post(
+        f"{url}/ListDir", content=b'{"path":"/usr","depth":40}', headers=headers, timeout=60
+    )
+    elapsed = (datetime.datetime.now() - started).total_seconds()
+    assert (answer.status_code, answer.json()["code"]) == (504, "deadline_exceeded"), answer.text
+    assert elapsed < 5
+    # The sandbox serves the next call as usual.
+    headers, url = _unary(sandbox)
+    ok = httpx.post(f"{url}/Stat", content=b'{"path":"/usr"}', headers=headers, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_a_listing_beyond_its_memory_budget_is_resource_exhausted(sandbox):
+    """Entries with long paths are counted by their bytes (64 MiB), not their number: ~25,000
+    entries of ~3 KiB paths are refused with a clear resource_exhausted."""
+    script = (
+        "import os\n"
+        "d = '/tmp/h2big/' + '/'.join(c * 250 for c in 'abcdefghi')\n"
+        "for k in range(10):\n"
+        "    sub = f'{d}/{k}'\n"
+        "    os.makedirs(sub)\n"
+        "    for i in range(2500):\n"
+        "        os.close(os.open(f'{sub}/{i:05}' + 'x' * 240, os.O_CREAT | os.O_WRONLY))\n"
+    )
+    sandbox.files.write("/tmp/h2big.py", script)
+    sandbox.commands.run("rm -rf /tmp/h2big; python3 /tmp/h2big.py", timeout=120)
+    try:
+        headers, url = _unary(sandbox)
+        answer = httpx.post(
+            f"{url}/ListDir",
+            content=b'{"path":"/tmp/h2big","depth":12}',
+            headers=headers,
+            timeout=120,
+        )
+        assert answer.status_code == 429, answer.text[:300]
+        error = answer.json()
+        assert error["code"] == "resource_exhausted"
+        assert "larger than 64 MiB" in error["message"]
+        # A listing within the budget still works.
+        small = sandbox.files.list("/tmp/h2big", depth=3)
+        assert [e.name for e in small][:1] == ["a" * 250]
+    finally:
+        sandbox.commands.run("rm -rf /tmp/h2big /tmp/h2big.py", timeout=120)

@@ -257,6 +257,16 @@ impl From<ApiError> for ConnectError {
             ApiError::Paused(_) => Code::FailedPrecondition,
             ApiError::BadGateway(_) => Code::Unavailable,
             ApiError::Agent(agent) => agent_code(agent.code),
+            ApiError::Internal { context, source } if connection_lost(source.as_ref()) => {
+                // The agent died or the sandbox was killed mid-call. `unavailable` (not
+                // saying "not found") makes the SDK probe the sandbox's health and raise
+                // `SandboxNotRunningException` when it is gone.
+                tracing::debug!(error = %source, "{context}");
+                return Self::new(
+                    Code::Unavailable,
+                    format!("{context}: the connection to the sandbox's agent was lost"),
+                );
+            }
             ApiError::Internal { context, source } => {
                 tracing::error!(error = %source, "{context}");
                 Code::Internal
@@ -274,6 +284,21 @@ impl From<ApiError> for ConnectError {
             tracing::debug!(code = code.name(), "{message}");
         }
         Self::new(code, message)
+    }
+}
+
+/// Whether an agent call failed because its connection could not be made or broke (the
+/// agent or its sandbox went away), not because the agent answered.
+fn connection_lost(source: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    use openrun_protocol::frame::FrameError;
+    use openrun_runtime::ClientError;
+    match source.downcast_ref::<ClientError>() {
+        Some(ClientError::Connect { .. }) => true,
+        Some(ClientError::Frame(FrameError::Io(_) | FrameError::Closed)) => true,
+        Some(_) => false,
+        None => source
+            .downcast_ref::<FrameError>()
+            .is_some_and(|e| matches!(e, FrameError::Io(_) | FrameError::Closed)),
     }
 }
 
@@ -486,6 +511,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Unary<T> {
     }
 }
 
+/// Middleware for a module's routes: a unary call (`application/json`) with
+/// `Connect-Timeout-Ms` gets `deadline_exceeded` once that passes (the work in progress is
+/// dropped, as envd cancels its context). Streaming calls bound themselves (their answer is
+/// already under way when a deadline passes). A malformed header is left to the extractors.
+pub(crate) async fn unary_deadline(req: Request, next: axum::middleware::Next) -> Response {
+    let unary = media_type(req.headers()) == UNARY_JSON;
+    let timeout = Meta::from_headers(req.headers())
+        .ok()
+        .and_then(|meta| meta.timeout);
+    match timeout {
+        Some(limit) if unary => match tokio::time::timeout(limit, next.run(req)).await {
+            Ok(response) => response,
+            Err(_) => {
+                let mut response = ConnectError::new(
+                    Code::DeadlineExceeded,
+                    "the call's deadline (Connect-Timeout-Ms) passed",
+                )
+                .into_response();
+                // The request's body may be unread: the connection cannot carry another call.
+                super::close_connection(&mut response);
+                response
+            }
+        },
+        _ => next.run(req).await,
+    }
+}
+
 /// A unary answer: 200 `application/json` of the message.
 #[derive(Debug)]
 pub(crate) struct Reply<T>(pub T);
@@ -607,7 +659,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Streaming<T> {
 /// The requests of a client-streaming call, decoded as they arrive.
 pub(crate) struct ClientStream<T> {
     body: Body,
+    /// Bytes received; those before `pos` are decoded already.
     buf: Vec<u8>,
+    /// Where the next envelope starts in `buf` (a cursor: many small messages in one
+    /// chunk are not each moved to the front).
+    pos: usize,
     done: bool,
     /// Timeout and keepalive interval.
     pub meta: Meta,
@@ -615,27 +671,44 @@ pub(crate) struct ClientStream<T> {
 }
 
 impl<T: DeserializeOwned> ClientStream<T> {
+    /// The next message if a whole one has arrived already (never waits for the body).
+    pub(crate) fn next_ready(&mut self) -> Option<Result<T, ConnectError>> {
+        if self.done {
+            return None;
+        }
+        match parse_envelope(&self.buf[self.pos..]) {
+            Err(e) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            Ok(Some(envelope)) => {
+                let message = decode(envelope.payload);
+                self.pos += envelope.used;
+                if message.is_err() {
+                    self.done = true;
+                }
+                Some(message)
+            }
+            Ok(None) => None,
+        }
+    }
+
     /// The next message; `None` at the end of the body. After an error, `None`.
     pub(crate) async fn next(&mut self) -> Option<Result<T, ConnectError>> {
         loop {
             if self.done {
                 return None;
             }
-            match parse_envelope(&self.buf) {
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(e));
-                }
-                Ok(Some(envelope)) => {
-                    let used = envelope.used;
-                    let message = decode(envelope.payload);
-                    self.buf.drain(..used);
-                    if message.is_err() {
-                        self.done = true;
-                    }
-                    return Some(message);
-                }
-                Ok(None) => {}
+            if let Some(message) = self.next_ready() {
+                return Some(message);
+            }
+            if self.done {
+                return None;
+            }
+            // Only an incomplete envelope is left: move it to the front before reading more.
+            if self.pos > 0 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
             }
             match self.body.frame().await {
                 None => {
@@ -672,6 +745,7 @@ impl<T, S: Send + Sync> FromRequest<S> for ClientStream<T> {
         Ok(Self {
             body: req.into_body(),
             buf: Vec::new(),
+            pos: 0,
             done: false,
             meta,
             _message: std::marker::PhantomData,
@@ -1131,10 +1205,102 @@ mod tests {
             rest = &rest[5 + length..];
         }
         assert!(messages.len() >= 3, "{messages:?}");
-        assert_eq!(messages[0].1, serde_json::json!({"keepalive":{}}));
+        // Timing decides how many keepalives come and where: one at least, before the end.
+        assert!(
+            messages.contains(&(0, serde_json::json!({"keepalive":{}}))),
+            "{messages:?}"
+        );
         let n = messages.len();
         assert_eq!(messages[n - 2].1, serde_json::json!({"n":1}));
         assert_eq!(messages[n - 1], (FLAG_END_STREAM, serde_json::json!({})));
+    }
+
+    #[test]
+    fn a_lost_agent_connection_is_unavailable() {
+        use openrun_protocol::frame::FrameError;
+        use openrun_runtime::ClientError;
+        let lost = [
+            ClientError::Frame(FrameError::Closed),
+            ClientError::Frame(FrameError::Io(std::io::ErrorKind::BrokenPipe.into())),
+            ClientError::Connect {
+                path: "/x/agent.sock".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            },
+        ];
+        for e in lost {
+            let e = ConnectError::from(ApiError::from_client("the sandbox agent failed", e));
+            assert_eq!(e.code, Code::Unavailable, "{e}");
+            // Not the proxy's "not found" wording: the SDK checks the sandbox's health.
+            assert!(!e.message.contains("not found"), "{e}");
+            assert!(!e.message.contains("/x/agent.sock"), "{e}");
+        }
+        let confused = ClientError::Unexpected("what".into());
+        let e = ConnectError::from(ApiError::from_client("the sandbox agent failed", confused));
+        assert_eq!(e.code, Code::Internal);
+    }
+
+    #[tokio::test]
+    async fn many_small_client_messages_decode_in_order() {
+        let count = 60_000;
+        let mut body = Vec::new();
+        for i in 0..count {
+            body.extend_from_slice(&env(0, format!("{{\"n\":{i}}}").as_bytes()));
+        }
+        // Split mid-envelope too.
+        let (a, b) = body.split_at(body.len() / 2 + 3);
+        let chunks: Vec<Result<Bytes, std::convert::Infallible>> =
+            vec![Ok(Bytes::copy_from_slice(a)), Ok(Bytes::copy_from_slice(b))];
+        let mut stream = ClientStream::<serde_json::Value> {
+            body: Body::from_stream(futures_util::stream::iter(chunks)),
+            buf: Vec::new(),
+            pos: 0,
+            done: false,
+            meta: Meta::default(),
+            _message: std::marker::PhantomData,
+        };
+        let started = std::time::Instant::now();
+        let mut n = 0;
+        while let Some(message) = stream.next().await {
+            assert_eq!(message.unwrap()["n"], n);
+            n += 1;
+        }
+        assert_eq!(n, count);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn unary_calls_end_at_their_deadline() {
+        use tower::ServiceExt;
+        async fn slow() -> &'static str {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            "late"
+        }
+        let app = axum::Router::new()
+            .route("/x", axum::routing::post(slow))
+            .route_layer(axum::middleware::from_fn(unary_deadline));
+        let request = |content_type: &str| {
+            axum::http::Request::post("/x")
+                .header(header::CONTENT_TYPE, content_type)
+                .header("connect-timeout-ms", "50")
+                .body(Body::from("{}"))
+                .unwrap()
+        };
+        let started = std::time::Instant::now();
+        let response = app.clone().oneshot(request(UNARY_JSON)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "deadline_exceeded");
+        // Streams bound themselves: the middleware leaves them alone.
+        let stream = tokio::time::timeout(
+            Duration::from_millis(300),
+            app.oneshot(request(STREAM_JSON)),
+        )
+        .await;
+        assert!(stream.is_err(), "a stream is not cut by the unary deadline");
     }
 
     #[tokio::test]

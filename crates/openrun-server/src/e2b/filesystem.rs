@@ -43,8 +43,11 @@ use crate::files;
 pub(super) const USERS_TTL: Duration = Duration::from_secs(30);
 /// Sandboxes whose users are kept at most (all are forgotten beyond).
 const USERS_CACHE_SIZE: usize = 1024;
-/// Most entries a recursive listing returns (`resource_exhausted` beyond).
-const MAX_LISTED: usize = 100_000;
+/// Most bytes of entries a listing holds (`resource_exhausted` beyond), counted as
+/// [`EntryInfo::weight`]: the answer's size is about this too.
+const MAX_LISTED_BYTES: usize = 64 << 20;
+/// Most directories a recursive listing reads (each is one agent call).
+const MAX_LISTED_DIRS: usize = 10_000;
 /// Most bytes of `/etc/passwd` or `/etc/group` read.
 const MAX_USERS_FILE: u64 = 1 << 20;
 
@@ -56,6 +59,7 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/filesystem.Filesystem/MakeDir", post(make_dir))
         .route("/filesystem.Filesystem/Move", post(move_entry))
         .route("/filesystem.Filesystem/Remove", post(remove))
+        .route_layer(axum::middleware::from_fn(super::connect::unary_deadline))
 }
 
 /// `filesystem.EntryInfo`.
@@ -341,6 +345,21 @@ fn home_of(users: &Users, user: &str) -> Result<String, ConnectError> {
     })
 }
 
+impl EntryInfo {
+    /// About how many bytes the entry takes in memory (and in the answer).
+    fn weight(&self) -> usize {
+        const FIXED: usize = 160;
+        FIXED
+            + self.name.len()
+            + self.path.len()
+            + self.permissions.len()
+            + self.owner.len()
+            + self.group.len()
+            + self.modified_time.len()
+            + self.symlink_target.as_ref().map_or(0, String::len)
+    }
+}
+
 /// Go's `os.FileMode` of a stat: type bits and permission bits.
 fn go_mode(stat: &FileStat) -> u32 {
     const DIR: u32 = 1 << 31;
@@ -465,10 +484,21 @@ async fn list_dir(
     let depth = request.depth.max(1);
     let users = users(&s, &ctx).await?;
     let mut entries = Vec::new();
+    let mut bytes = 0usize;
+    let mut dirs = 0usize;
     let mut level = vec![root];
     for current in 1..=depth {
         let mut next = Vec::new();
         for dir in level {
+            dirs += 1;
+            if dirs > MAX_LISTED_DIRS {
+                return Err(ConnectError::new(
+                    super::connect::Code::ResourceExhausted,
+                    format!(
+                        "the listing spans more than {MAX_LISTED_DIRS} directories: ask for less depth"
+                    ),
+                ));
+            }
             let listed = match files::list_dir(&s, &ctx.caller, &ctx.sandbox_id, dir.clone()).await
             {
                 Ok(listed) => listed,
@@ -481,15 +511,19 @@ async fn list_dir(
                 if stat.kind == FileKind::Dir && current < depth {
                     next.push(path.clone());
                 }
-                entries.push(to_entry(stat, path, &users));
-                if entries.len() > MAX_LISTED {
+                let entry = to_entry(stat, path, &users);
+                bytes += entry.weight();
+                if bytes > MAX_LISTED_BYTES {
                     return Err(ConnectError::new(
                         super::connect::Code::ResourceExhausted,
                         format!(
-                            "the listing has more than {MAX_LISTED} entries: ask for less depth"
+                            "the listing is larger than {} MiB ({} entries so far): ask for less depth",
+                            MAX_LISTED_BYTES >> 20,
+                            entries.len()
                         ),
                     ));
                 }
+                entries.push(entry);
             }
         }
         level = next;

@@ -44,6 +44,11 @@ use crate::api::Shared;
 use crate::exec::{self, Line};
 use crate::processes;
 
+/// Tags starting with this belong to the code interpreter's kernels
+/// (`super::interpreter`'s `TAG_PREFIX`): a process of `Start` with such a tag would pass for
+/// a context, so `Start` refuses them.
+const RESERVED_TAG_PREFIX: &str = "e2b-context:";
+
 /// Messages buffered between a process's output and a slow client.
 const STREAM_BUFFER: usize = 64;
 
@@ -58,6 +63,7 @@ pub(super) fn routes() -> Router<Shared> {
         .route("/process.Process/CloseStdin", post(close_stdin))
         .route("/process.Process/Update", post(update))
         .route("/process.Process/StreamInput", post(stream_input))
+        .route_layer(axum::middleware::from_fn(super::connect::unary_deadline))
 }
 
 /// `process.ProcessConfig`.
@@ -311,42 +317,73 @@ fn signal_name(signal: i32) -> String {
     name.to_string()
 }
 
-/// Most processes whose `envs` are kept for `List` (all are forgotten beyond: entries of
-/// processes whose end was never seen, e.g. in a killed sandbox, must not pile up).
-const MAX_REMEMBERED: usize = 10_000;
+/// Most processes of one sandbox whose `envs` are kept for `List` (those started beyond
+/// list without them).
+const MAX_REMEMBERED: usize = 1024;
 
-/// The `envs` of the processes `Start` runs, by sandbox and pid, for `List` (the agent keeps
-/// only the names of what it was given).
-type EnvStore = Mutex<HashMap<(String, Pid), BTreeMap<String, String>>>;
+/// The `envs` the caller gave `Start`, for `List` (the agent keeps only their names): by
+/// sandbox, then pid. An entry lives exactly as long as the `Start` relay that follows its
+/// process ([`Remembered`]): it goes when the process exits, when the sandbox's agent goes
+/// away (a killed or stopped sandbox), whatever ends the relay. So values (often secrets) are
+/// not kept beyond the process, and a pid reused later never shows another process's envs.
+type EnvStore = Mutex<HashMap<String, HashMap<Pid, BTreeMap<String, String>>>>;
 
 fn env_store() -> &'static EnvStore {
     static STORE: OnceLock<EnvStore> = OnceLock::new();
     STORE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Keeps the `envs` a process of `sandbox` was started with.
-fn remember_envs(sandbox: &str, pid: Pid, envs: BTreeMap<String, String>) {
-    if let Ok(mut store) = env_store().lock() {
-        if store.len() >= MAX_REMEMBERED {
-            store.clear();
+/// The `envs` of one running process of `Start`, in the store while this lives.
+struct Remembered {
+    sandbox: String,
+    pid: Option<Pid>,
+}
+
+impl Remembered {
+    /// Nothing remembered yet.
+    fn new(sandbox: &str) -> Self {
+        Self {
+            sandbox: sandbox.to_string(),
+            pid: None,
         }
-        store.insert((sandbox.to_string(), pid), envs);
+    }
+
+    /// Keeps the `envs` process `pid` was started with (unless its sandbox has
+    /// [`MAX_REMEMBERED`] already).
+    fn remember(&mut self, pid: Pid, envs: BTreeMap<String, String>) {
+        let Ok(mut store) = env_store().lock() else {
+            return;
+        };
+        let of_sandbox = store.entry(self.sandbox.clone()).or_default();
+        if of_sandbox.len() < MAX_REMEMBERED || of_sandbox.contains_key(&pid) {
+            of_sandbox.insert(pid, envs);
+            self.pid = Some(pid);
+        }
     }
 }
 
-/// Forgets them once the process has exited.
-fn forget_envs(sandbox: &str, pid: Pid) {
-    if let Ok(mut store) = env_store().lock() {
-        store.remove(&(sandbox.to_string(), pid));
+impl Drop for Remembered {
+    fn drop(&mut self) {
+        let Some(pid) = self.pid else {
+            return;
+        };
+        if let Ok(mut store) = env_store().lock() {
+            if let Some(of_sandbox) = store.get_mut(&self.sandbox) {
+                of_sandbox.remove(&pid);
+                if of_sandbox.is_empty() {
+                    store.remove(&self.sandbox);
+                }
+            }
+        }
     }
 }
 
-/// The `envs` a process of `sandbox` was started with (empty when unknown).
+/// The `envs` a running process of `sandbox` was started with (empty when unknown).
 fn remembered_envs(sandbox: &str, pid: Pid) -> BTreeMap<String, String> {
     env_store()
         .lock()
         .ok()
-        .and_then(|store| store.get(&(sandbox.to_string(), pid)).cloned())
+        .and_then(|store| store.get(sandbox)?.get(&pid).cloned())
         .unwrap_or_default()
 }
 
@@ -486,6 +523,7 @@ async fn start(
     if config.cmd.is_empty() {
         return Err(ConnectError::invalid("process.cmd must name a program").into());
     }
+    check_tag(request.tag.as_deref())?;
     let pty = request.pty.as_ref().map(Pty::size).transpose()?;
     check_user(&s, &ctx).await?;
     // A relative cwd is taken from the user's home, as envd does.
@@ -514,12 +552,17 @@ async fn start(
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let is_pty = pty.is_some();
     tokio::spawn(async move {
+        let mut remembered = Remembered::new(&ctx.sandbox_id);
+        let exited = relay(lines, tx, is_pty, true, |pid| {
+            remembered.remember(pid, envs);
+        })
+        .await;
+        drop(remembered);
         // envd forgets a process once it has exited: so does the agent here, which would
-        // otherwise keep its output until the sandbox ends.
-        let remember = |pid| remember_envs(&ctx.sandbox_id, pid, envs);
-        let exited = relay(lines, tx, is_pty, true, remember).await;
+        // otherwise keep its output until the sandbox ends. A `Connect` stream still behind
+        // on the output gets the rest and the end first: the agent removes the process once
+        // its last follower has sent the exit.
         if let Some(pid) = exited {
-            forget_envs(&ctx.sandbox_id, pid);
             let released = processes::release_process(&s, &ctx.caller, &ctx.sandbox_id, pid).await;
             if let Err(e) = released {
                 tracing::debug!(pid, error = %e, "cannot release an exited process");
@@ -528,6 +571,16 @@ async fn start(
     });
     // The process's own timeout ends it (and so the stream).
     Ok(server_stream(rx, options(meta.keepalive, None)))
+}
+
+/// Refuses a tag reserved for the code interpreter's contexts.
+fn check_tag(tag: Option<&str>) -> Result<(), ConnectError> {
+    match tag {
+        Some(tag) if tag.starts_with(RESERVED_TAG_PREFIX) => Err(ConnectError::invalid(format!(
+            "tag {tag:?}: tags starting with {RESERVED_TAG_PREFIX:?} are reserved for the code interpreter's contexts"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// `Connect`: the start event of a running process, then its output from now on and its end.
@@ -676,26 +729,57 @@ async fn stream_input(
     Ok(stream_reply(&Empty {}))
 }
 
-/// Writes the data events of a `StreamInput` call to the process its start event names.
+/// Most bytes of `StreamInput` data events written to the agent in one request.
+const MAX_INPUT_BATCH: usize = 1 << 20;
+
+/// The bytes of a `StreamInput` data event.
+fn input_bytes(data: StreamInputData) -> Result<Vec<u8>, ConnectError> {
+    data.input
+        .ok_or_else(|| ConnectError::invalid("data.input is required"))?
+        .into_data()
+}
+
+/// Writes the data events of a `StreamInput` call to the process its start event names. Data
+/// events that arrived together (already received, up to [`MAX_INPUT_BATCH`] bytes) are
+/// written with one agent call, not one each.
 async fn write_stream(
     s: &Shared,
     ctx: &SandboxCtx,
     mut requests: ClientStream<StreamInputRequest>,
 ) -> Result<(), ConnectError> {
     let mut pid = None;
-    while let Some(request) = requests.next().await {
-        let request = request?;
+    let mut pending = None;
+    loop {
+        let request = match pending.take() {
+            Some(request) => request,
+            None => match requests.next().await {
+                Some(request) => request?,
+                None => break,
+            },
+        };
         if let Some(start) = request.start {
             pid = Some(select(s, ctx, start.process).await?);
         } else if let Some(data) = request.data {
             let pid = pid.ok_or_else(|| {
                 ConnectError::invalid("the first message of StreamInput must be a start event")
             })?;
-            let data = data
-                .input
-                .ok_or_else(|| ConnectError::invalid("data.input is required"))?
-                .into_data()?;
-            processes::write_stdin(s, &ctx.caller, &ctx.sandbox_id, pid, data, false).await?;
+            let mut bytes = input_bytes(data)?;
+            while bytes.len() < MAX_INPUT_BATCH {
+                match requests.next_ready() {
+                    Some(Ok(StreamInputRequest {
+                        start: None,
+                        data: Some(more),
+                        ..
+                    })) => bytes.extend(input_bytes(more)?),
+                    Some(Ok(other)) => {
+                        pending = Some(other);
+                        break;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            processes::write_stdin(s, &ctx.caller, &ctx.sandbox_id, pid, bytes, false).await?;
         } else if request.keepalive.is_none() {
             return Err(ConnectError::invalid(
                 "a StreamInput message must be a start, data or keepalive event",
@@ -726,6 +810,48 @@ mod tests {
             (killed.exit_code, killed.status.as_str()),
             (-1, "signal: killed")
         );
+    }
+
+    #[test]
+    fn interpreter_tags_are_reserved() {
+        assert_eq!(
+            check_tag(Some("e2b-context:0123:python")).unwrap_err().code,
+            Code::InvalidArgument
+        );
+        assert!(check_tag(Some("my-server")).is_ok());
+        assert!(check_tag(Some("e2b-contexts")).is_ok());
+        assert!(check_tag(None).is_ok());
+    }
+
+    #[test]
+    fn env_values_live_as_long_as_their_relay() {
+        let sandbox = "sbx-env-test";
+        let envs = BTreeMap::from([("SECRET".to_string(), "v".to_string())]);
+        let mut first = Remembered::new(sandbox);
+        first.remember(41, envs.clone());
+        let mut other = Remembered::new("sbx-env-other");
+        other.remember(41, BTreeMap::new());
+        assert_eq!(remembered_envs(sandbox, 41), envs);
+        drop(first);
+        assert!(
+            remembered_envs(sandbox, 41).is_empty(),
+            "gone with the process"
+        );
+        assert!(env_store().lock().unwrap().get(sandbox).is_none());
+        // Bounded per sandbox: the others keep theirs.
+        let mut many: Vec<Remembered> = (0..MAX_REMEMBERED + 5)
+            .map(|i| {
+                let mut r = Remembered::new(sandbox);
+                r.remember(1000 + i as Pid, envs.clone());
+                r
+            })
+            .collect();
+        assert_eq!(env_store().lock().unwrap()[sandbox].len(), MAX_REMEMBERED);
+        assert!(remembered_envs(sandbox, (1000 + MAX_REMEMBERED) as Pid).is_empty());
+        assert!(env_store().lock().unwrap().contains_key("sbx-env-other"));
+        many.clear();
+        assert!(env_store().lock().unwrap().get(sandbox).is_none());
+        drop(other);
     }
 
     #[test]
