@@ -49,6 +49,10 @@ fn main() {
             "release_waits_for_a_follower_behind_on_the_output",
             release_waits_for_a_follower_behind_on_the_output,
         ),
+        (
+            "watches_that_ended_leave_the_connections_count",
+            watches_that_ended_leave_the_connections_count,
+        ),
         ("detach_stops_events", detach_stops_events),
         ("stdin_round_trip", stdin_round_trip),
         (
@@ -447,6 +451,46 @@ fn release_waits_for_a_follower_behind_on_the_output() {
         ErrorCode::NoSuchProcess,
         "released once its last follower had the exit"
     );
+}
+
+/// Watches that ended by themselves (their directory was removed) no longer count toward the
+/// connection's cap: a connection that reached it can watch again once they ended.
+fn watches_that_ended_leave_the_connections_count() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    let mut started = 0;
+    let cap = loop {
+        let dir = format!("w{started}");
+        std::fs::create_dir(agent.root.join(&dir)).unwrap();
+        match c.call(Request::Watch {
+            path: format!("/{dir}"),
+            recursive: false,
+        }) {
+            Ok(Response::Watching { .. }) => started += 1,
+            Err(e) if e.code == ErrorCode::TooLarge => break started,
+            other => panic!("{other:?}"),
+        }
+        assert!(started <= 1000, "no cap per connection");
+    };
+    for i in 0..=cap {
+        std::fs::remove_dir(agent.root.join(format!("w{i}"))).unwrap();
+    }
+    let mut ended = 0;
+    while ended < cap {
+        match c.next_event(WAIT).map(|f| f.header) {
+            Some(AgentMessage::WatchEnded { .. }) => ended += 1,
+            Some(AgentMessage::FileEvent { .. }) => {}
+            other => panic!("waiting for the watches to end: {other:?}"),
+        }
+    }
+    std::fs::create_dir(agent.root.join("again")).unwrap();
+    assert!(matches!(
+        c.call(Request::Watch {
+            path: "/again".into(),
+            recursive: false,
+        }),
+        Ok(Response::Watching { .. })
+    ));
 }
 
 fn detach_stops_events() {
