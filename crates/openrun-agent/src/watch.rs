@@ -10,8 +10,12 @@
 //!
 //! Paths resolve like every file operation ([`Files::open_dir`]: inside the root, never on
 //! procfs); the directory is then watched through its descriptor (`/proc/self/fd/N`), so
-//! what is watched is what was resolved. Subdirectories of a recursive watch are opened from
-//! their parent's descriptor without following a symlink.
+//! what is watched is what was resolved. Subdirectories of a recursive watch are found
+//! breadth first, queued by name (never by descriptor: the sandbox may have 64 open files), and
+//! opened below the watched directory without following any symlink. Each watched directory
+//! is kept as its parent's descriptor and its name; paths are built per event, and a tree
+//! deeper than `PATH_MAX` is refused. New subdirectories wait in one queue per sandbox that
+//! one task serves, so a burst of them holds one blocking thread at most.
 //!
 //! Mapping (like envd's fsnotify): `IN_CREATE` and `IN_MOVED_TO` are `create`, `IN_MODIFY`
 //! `write`, `IN_ATTRIB` `chmod`, `IN_DELETE` `remove`, `IN_MOVED_FROM` `rename`. The
@@ -199,6 +203,8 @@ struct Watch {
     root_wd: i32,
     /// Every watched directory by descriptor.
     dirs: HashMap<i32, Node>,
+    /// The same by parent and name.
+    by_name: HashMap<(i32, Box<str>), i32>,
     mailbox: Rc<Mailbox>,
     pump: Option<JoinHandle<()>>,
 }
@@ -226,10 +232,27 @@ impl Watch {
 
     /// The directory named `name` in directory `parent`.
     fn child(&self, parent: i32, name: &str) -> Option<i32> {
-        self.dirs
-            .iter()
-            .find(|(_, n)| n.parent == parent && &*n.name == name)
-            .map(|(wd, _)| *wd)
+        self.by_name.get(&(parent, name.into())).copied()
+    }
+
+    /// Adds directory `wd`; whether it was new to the watch.
+    fn insert(&mut self, wd: i32, node: Node) -> bool {
+        if self.dirs.contains_key(&wd) {
+            return false;
+        }
+        self.by_name.insert((node.parent, node.name.clone()), wd);
+        self.dirs.insert(wd, node);
+        true
+    }
+
+    /// Forgets directory `wd`.
+    fn remove(&mut self, wd: i32) {
+        if let Some(node) = self.dirs.remove(&wd) {
+            let key = (node.parent, node.name);
+            if self.by_name.get(&key) == Some(&wd) {
+                self.by_name.remove(&key);
+            }
+        }
     }
 
     /// Longest path below the root a watched directory may have.
@@ -475,17 +498,19 @@ impl Watches {
         for (wd, _) in &added {
             state.users.entry(*wd).or_default().insert(id);
         }
-        state.watches.insert(
-            id,
-            Watch {
-                path,
-                recursive,
-                root_wd,
-                dirs: added.into_iter().collect(),
-                mailbox: mailbox.clone(),
-                pump: None,
-            },
-        );
+        let mut watch = Watch {
+            path,
+            recursive,
+            root_wd,
+            dirs: HashMap::new(),
+            by_name: HashMap::new(),
+            mailbox: mailbox.clone(),
+            pump: None,
+        };
+        for (wd, node) in added {
+            watch.insert(wd, node);
+        }
+        state.watches.insert(id, watch);
         drop(state);
         drop(adding);
         Ok(Started {
@@ -642,7 +667,7 @@ impl Watches {
         let mut ended = Vec::new();
         for id in users {
             if let Some(w) = state.watches.get_mut(&id) {
-                w.dirs.remove(&wd);
+                w.remove(wd);
                 if w.root_wd == wd {
                     ended.push(id);
                 }
@@ -679,7 +704,7 @@ impl Watches {
                 }
             }
             for wd in &gone {
-                w.dirs.remove(wd);
+                w.remove(*wd);
             }
             gone
         };
@@ -803,8 +828,7 @@ impl Watches {
         }
         let mut fresh = Vec::new();
         for (wd, node) in added {
-            if let std::collections::hash_map::Entry::Vacant(slot) = w.dirs.entry(wd) {
-                slot.insert(node);
+            if w.insert(wd, node) {
                 fresh.push(wd);
             }
         }
@@ -1196,26 +1220,34 @@ mod tests {
             name: name.into(),
             len,
         };
-        let w = Watch {
+        let mut w = Watch {
             path: "/w".into(),
             recursive: true,
             root_wd: 1,
-            dirs: HashMap::from([
-                (1, node(NO_PARENT, "", 0)),
-                (2, node(1, "a", 1)),
-                (3, node(2, "b", 3)),
-                // A cycle (cannot happen, must not hang).
-                (4, node(5, "x", 1)),
-                (5, node(4, "y", 1)),
-            ]),
+            dirs: HashMap::new(),
+            by_name: HashMap::new(),
             mailbox: Rc::default(),
             pump: None,
         };
+        for (wd, n) in [
+            (1, node(NO_PARENT, "", 0)),
+            (2, node(1, "a", 1)),
+            (3, node(2, "b", 3)),
+            // A cycle (cannot happen, must not hang).
+            (4, node(5, "x", 1)),
+            (5, node(4, "y", 1)),
+        ] {
+            assert!(w.insert(wd, n));
+        }
+        assert!(!w.insert(2, node(1, "again", 5)));
         assert_eq!(w.rel(1).as_deref(), Some(""));
         assert_eq!(w.rel(3).as_deref(), Some("a/b"));
         assert_eq!(w.rel(9), None);
         assert_eq!(w.rel(4), None);
         assert_eq!(w.child(2, "b"), Some(3));
+        w.remove(3);
+        assert_eq!(w.child(2, "b"), None);
+        assert_eq!(w.rel(3), None);
         assert_eq!(max_rel_len("/w"), MAX_PATH - 3);
     }
 
