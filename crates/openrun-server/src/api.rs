@@ -534,9 +534,9 @@ pub(crate) async fn create_sandbox(
     // The resource shows the variables the caller gave; the image's come with the image.
     let body_env = spec.env.clone();
     // The image's layers stay on disk (its lease holds off prune) until the sandbox's record
-    // lists them.
-    let data_dir = s.runtime.data_dir().to_path_buf();
-    let image = blocking(move || openrun_image::sandbox_image(&data_dir, &image_name))
+    // lists them. The caller's own images and server-wide ones only: another tenant's is
+    // missing (crate::images::resolve).
+    let image = crate::images::sandbox_image(s, caller, &image_name)
         .await?
         .map_err(|e| {
             if e.is_user_error() {
@@ -562,7 +562,11 @@ pub(crate) async fn create_sandbox(
         id: id.clone(),
         tenant: caller.tenant.clone(),
         owner: caller.name.clone(),
-        image: spec.image.describe(),
+        // As the caller named it (the store's name of its own images has a tenant prefix).
+        image: match spec.image {
+            ImageSource::Host => spec.image.describe(),
+            _ => image_name,
+        },
         limits_json: serde_json::to_string(&spec.limits)
             .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
         labels,
@@ -614,7 +618,7 @@ pub(crate) async fn create_sandbox(
         actor: caller.actor.clone(),
         kind: "sandbox.create",
         payload: serde_json::json!({
-            "image": record.image,
+            "image": row.image,
             "limits": record.limits,
             "ttl_ms": ttl_ms,
             "labels": row.labels,

@@ -115,6 +115,16 @@ const MIGRATIONS: &[(i64, &str)] = &[
         SELECT id FROM sandboxes WHERE state IN ('stopped', 'error') OR deleted_at IS NOT NULL
     );",
     ),
+    (
+        5,
+        // The tenant of every image made through the API (snapshots, forks' snapshots), by
+        // its name in the store (`crate::images`). Images not listed are server-wide.
+        "CREATE TABLE image_owners (
+        name TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        created_at INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// Shared handle to the database.
@@ -715,6 +725,39 @@ pub fn record_background_exit(
     })
 }
 
+/// Records `tenant` as the owner of the store image `name` (`name:tag`), replacing an
+/// earlier record of that name (an image removed and made again).
+pub fn set_image_owner(conn: &Connection, name: &str, tenant: &str) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO image_owners (name, tenant, created_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (name) DO UPDATE SET tenant = excluded.tenant,
+                                          created_at = excluded.created_at",
+        params![name, tenant, crate::time::now_ms()],
+    )?;
+    Ok(())
+}
+
+/// The tenant owning the store image `name` (`name:tag`), if one does.
+pub fn image_owner(conn: &Connection, name: &str) -> Result<Option<String>, DbError> {
+    Ok(conn
+        .query_row(
+            "SELECT tenant FROM image_owners WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// The tenant of sandbox `id`, deleted or not (the owner of the snapshots made of it before
+/// owners were recorded).
+pub fn sandbox_tenant(conn: &Connection, id: &str) -> Result<Option<String>, DbError> {
+    Ok(conn
+        .query_row("SELECT tenant FROM sandboxes WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -909,6 +952,27 @@ mod tests {
             5,
             "paused ones are live"
         );
+    }
+
+    #[test]
+    fn image_owners_are_recorded_and_replaced() {
+        let (_dir, db) = open();
+        let conn = db.conn.lock().unwrap();
+        assert_eq!(image_owner(&conn, "a:latest").unwrap(), None);
+        set_image_owner(&conn, "a:latest", "t1").unwrap();
+        assert_eq!(
+            image_owner(&conn, "a:latest").unwrap().as_deref(),
+            Some("t1")
+        );
+        set_image_owner(&conn, "a:latest", "t2").unwrap();
+        assert_eq!(
+            image_owner(&conn, "a:latest").unwrap().as_deref(),
+            Some("t2")
+        );
+        assert_eq!(image_owner(&conn, "a:v1").unwrap(), None);
+        insert_sandbox(&conn, &row("sb1", "t3", 1, &[])).unwrap();
+        assert_eq!(sandbox_tenant(&conn, "sb1").unwrap().as_deref(), Some("t3"));
+        assert_eq!(sandbox_tenant(&conn, "sb2").unwrap(), None);
     }
 
     #[test]

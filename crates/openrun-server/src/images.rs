@@ -7,6 +7,15 @@
 //! | `POST /v1/sandboxes/{id}/fork` `{"count", "name"?, create options}` | 201 `[sandbox]`: a snapshot, then `count` sandboxes created from it |
 //! | `GET /v1/sandboxes/{id}/diff[?path=P][&against=IMAGE]` | `{changes, patch, truncated}` |
 //!
+//! Images made through the API belong to the tenant that made them. A tenant names its
+//! snapshots as it likes (`dev-env`); the store holds them under a prefix of the tenant
+//! ([`scope`]: `tenants/<16 hex of sha256(tenant)>/dev-env`), the database records the owner
+//! (`image_owners`), and every name a tenant gives is resolved by [`resolve`]: its own image
+//! of that name first, else a server-wide image (`host`, those built or imported with the
+//! CLI). Another tenant's image answers exactly as a missing one, and its names never
+//! collide with the caller's. Snapshots made before owners were recorded (unprefixed, with
+//! the source `snapshot:<sandbox id>`) belong to the tenant of that sandbox.
+//!
 //! A snapshot holds the sandbox's change lock (as pause, resume and TTL changes do), so a
 //! pause or resume never interleaves with the freeze of the copy. A fork's creates run
 //! concurrently, each in a create slot of [`crate::admission`]; if one fails, the ones made are
@@ -16,14 +25,15 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::{Extension, Json};
 use openrun_image::diff::{DiffOptions, DiffReport};
+use openrun_image::name::MAX_NAME;
 use openrun_image::snapshot::{self, Snapshot, SnapshotError};
-use openrun_image::Store;
+use openrun_image::{ImageError, ImageRef, SandboxImage, Store};
 use openrun_protocol::{AgentError, ErrorCode};
 use openrun_runtime::Limits;
 use serde_json::{json, Value};
 
 use crate::api::{blocking, find, Caller, JsonBody, SandboxResource, Shared};
-use crate::db::SandboxRow;
+use crate::db::{self, SandboxRow};
 use crate::error::ApiError;
 use crate::files::record;
 use crate::openapi::ErrorAnswers;
@@ -123,6 +133,138 @@ fn snapshot_error(e: SnapshotError) -> ApiError {
     }
 }
 
+/// First component of the store names of tenants' images.
+const TENANTS: &str = "tenants";
+
+/// The prefix of the store names of `tenant`'s images: `tenants/<16 hex>/`, the hex the start
+/// of the tenant's sha256 (a tenant id may hold characters an image name may not).
+fn scope(tenant: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(tenant.as_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{TENANTS}/{hex}/")
+}
+
+/// The store name of `tenant`'s image `r`.
+fn scoped(tenant: &str, r: &ImageRef) -> Result<ImageRef, ApiError> {
+    let scope = scope(tenant);
+    ImageRef::parse(&format!("{scope}{r}")).map_err(|_| {
+        ApiError::InvalidArgument(format!(
+            "invalid image name {:?}: longer than {} characters, the most a snapshot's name may have",
+            r.name,
+            MAX_NAME - scope.len()
+        ))
+    })
+}
+
+/// The name `tenant` knows its image by, from its store name (`name:tag`).
+fn shown(tenant: &str, stored: &str) -> String {
+    stored
+        .strip_prefix(&scope(tenant))
+        .unwrap_or(stored)
+        .to_string()
+}
+
+/// Resolves `name`, an image a tenant asks for, to its name in the store: the caller's own
+/// image of that name, else a server-wide one (the `host` image, or a store image no tenant
+/// owns). Another tenant's image is missing (`ImageError::NotFound(name)`, as for a name
+/// nobody has); a malformed name is `ImageError::InvalidName`.
+pub(crate) async fn resolve(
+    s: &Shared,
+    caller: &Caller,
+    name: &str,
+) -> Result<Result<String, ImageError>, ApiError> {
+    let r = match ImageRef::parse(name) {
+        Ok(r) => r,
+        Err(e) => return Ok(Err(e)),
+    };
+    if r.is_host() {
+        return Ok(Ok(name.to_string()));
+    }
+    let missing = || Ok(Err(ImageError::NotFound(name.to_string())));
+    let own = scoped(&caller.tenant, &r).ok().map(|r| r.to_string());
+    let plain = r.to_string();
+    let (tenant, keys) = (caller.tenant.clone(), (own.clone(), plain.clone()));
+    let (own_owner, plain_owner) =
+        s.db.call(move |c| {
+            let own = match &keys.0 {
+                Some(own) => db::image_owner(c, own)?,
+                None => None,
+            };
+            Ok((own, db::image_owner(c, &keys.1)?))
+        })
+        .await?;
+    let others = |owner: &Option<String>| owner.as_ref().is_some_and(|t| *t != tenant);
+    // The owner recorded for the caller's prefix is the caller (unless two tenants' hashes
+    // met, when it is refused too).
+    let own = own.filter(|_| !others(&own_owner));
+    let plain_visible = !r.name.starts_with(&format!("{TENANTS}/")) && !others(&plain_owner);
+    let data_dir = s.runtime.data_dir().to_path_buf();
+    let (own_ref, plain_ref) = (own.as_deref().map(ImageRef::parse).transpose(), r.clone());
+    // A server-wide image keeps the name as given (the sandbox's record shows it).
+    let given = name.to_string();
+    let found = blocking(
+        move || -> Result<Option<(String, Option<String>)>, ImageError> {
+            let store = Store::open(&data_dir)?;
+            if let Ok(Some(own)) = own_ref {
+                match store.get(&own) {
+                    Ok(_) => return Ok(Some((own.to_string(), None))),
+                    Err(ImageError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if !plain_visible {
+                return Ok(None);
+            }
+            match store.get(&plain_ref) {
+                // A snapshot made before owners were recorded: its sandbox's tenant owns it.
+                Ok(record) => Ok(Some((
+                    given,
+                    record.source.strip_prefix("snapshot:").map(str::to_string),
+                ))),
+                Err(ImageError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        },
+    )
+    .await?;
+    let (stored, made_from) = match found {
+        Ok(Some(found)) => found,
+        Ok(None) => return missing(),
+        Err(e) => return Ok(Err(e)),
+    };
+    if let (Some(sandbox), None) = (made_from, &plain_owner) {
+        let owner = s.db.call(move |c| db::sandbox_tenant(c, &sandbox)).await?;
+        if others(&owner) {
+            return missing();
+        }
+    }
+    Ok(Ok(stored))
+}
+
+/// The image `name` resolved for a new sandbox of `caller` ([`resolve`], then
+/// [`openrun_image::sandbox_image`]): its source names the image by its store name; errors
+/// name it as given.
+pub(crate) async fn sandbox_image(
+    s: &Shared,
+    caller: &Caller,
+    name: &str,
+) -> Result<Result<SandboxImage, ImageError>, ApiError> {
+    let stored = match resolve(s, caller, name).await? {
+        Ok(stored) => stored,
+        Err(e) => return Ok(Err(e)),
+    };
+    let data_dir = s.runtime.data_dir().to_path_buf();
+    let given = name.to_string();
+    blocking(move || {
+        openrun_image::sandbox_image(&data_dir, &stored).map_err(|e| match e {
+            ImageError::NotFound(_) => ImageError::NotFound(given),
+            e => e,
+        })
+    })
+    .await
+}
+
 /// The caller's sandbox `id`, which must be running or paused.
 async fn live(s: &Shared, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
     let row = find(s, caller, id).await?;
@@ -142,14 +284,51 @@ pub(crate) async fn take_snapshot(
 ) -> Result<(SandboxRow, Snapshot), ApiError> {
     let _lock = crate::lifecycle::lock(id).await;
     let row = live(s, caller, id).await?;
+    // The image goes under the caller's prefix; a name the caller can already use (its own,
+    // or a server-wide image's) is taken.
+    let given = match name {
+        Some(name) => {
+            let r = ImageRef::parse(&name).map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+            if r.is_host() {
+                return Err(ApiError::InvalidArgument(
+                    ImageError::InvalidName {
+                        name: r.to_string(),
+                        reason: "\"host\" is the built-in image".into(),
+                    }
+                    .to_string(),
+                ));
+            }
+            let stored = scoped(&caller.tenant, &r)?;
+            if resolve(s, caller, &name).await?.is_ok() {
+                return Err(snapshot_error(SnapshotError::Exists(r.to_string())));
+            }
+            Some(stored)
+        }
+        None => None,
+    };
     let sandbox = crate::lifecycle::open_paused(s, &row).await?;
     let data_dir = s.runtime.data_dir().to_path_buf();
-    let snap = blocking(move || {
+    let scope = scope(&caller.tenant);
+    let sandbox_id = row.id.clone();
+    let mut snap = blocking(move || {
         let store = Store::open(&data_dir)?;
-        snapshot::snapshot(&store, &sandbox, name.as_deref())
+        let r = match given {
+            Some(r) => r,
+            None => default_name(&store, &scope, &sandbox_id)?,
+        };
+        snapshot::snapshot(&store, &sandbox, Some(&r.to_string()))
     })
     .await?
-    .map_err(snapshot_error)?;
+    .map_err(|e| match e {
+        SnapshotError::Exists(stored) => {
+            snapshot_error(SnapshotError::Exists(shown(&caller.tenant, &stored)))
+        }
+        e => snapshot_error(e),
+    })?;
+    let (stored, tenant) = (snap.image.clone(), caller.tenant.clone());
+    s.db.call(move |c| db::set_image_owner(c, &stored, &tenant))
+        .await?;
+    snap.image = shown(&caller.tenant, &snap.image);
     let payload = serde_json::to_value(&snap)
         .map_err(|e| ApiError::internal("cannot encode the snapshot", e))?;
     record(s, caller, &row, "sandbox.snapshot", payload).await?;
@@ -161,6 +340,25 @@ pub(crate) async fn take_snapshot(
         "sandbox snapshotted"
     );
     Ok((row, snap))
+}
+
+/// The first `snap-<id>-<n>` (n from 1) free under `scope` (and unprefixed, where snapshots
+/// were made before owners were recorded).
+fn default_name(store: &Store, scope: &str, id: &str) -> Result<ImageRef, SnapshotError> {
+    let free = |r: &ImageRef| match store.get(r) {
+        Err(ImageError::NotFound(_)) => Ok(true),
+        Ok(_) => Ok(false),
+        Err(e) => Err(e),
+    };
+    let mut n = 1u64;
+    loop {
+        let name = format!("snap-{id}-{n}");
+        let r = ImageRef::parse(&format!("{scope}{name}"))?;
+        if free(&r)? && free(&ImageRef::parse(&name)?)? {
+            return Ok(r);
+        }
+        n += 1;
+    }
 }
 
 /// `POST /v1/sandboxes/{id}/snapshot`: freezes the sandbox's writable layer into a new image
@@ -369,8 +567,18 @@ pub(crate) async fn diff_sandbox(
     against: Option<String>,
 ) -> Result<DiffReport, ApiError> {
     let row = live(s, caller, id).await?;
+    // Another tenant's image is as missing as a name nobody has.
+    let against = match against {
+        Some(name) => Some(
+            resolve(s, caller, &name)
+                .await?
+                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?,
+        ),
+        None => None,
+    };
     let sandbox = crate::lifecycle::open_paused(s, &row).await?;
     let data_dir = s.runtime.data_dir().to_path_buf();
+    let scope = scope(&caller.tenant);
     blocking(move || {
         let store = match &against {
             Some(_) => Some(Store::open(&data_dir)?),
@@ -384,7 +592,8 @@ pub(crate) async fn diff_sandbox(
     })
     .await?
     .map_err(|e| match e {
-        e if e.is_user_error() => ApiError::InvalidArgument(e.to_string()),
+        // The caller's images by the names it knows them by.
+        e if e.is_user_error() => ApiError::InvalidArgument(e.to_string().replace(&scope, "")),
         e => ApiError::internal("cannot compare the sandbox with its image", e),
     })
 }
@@ -406,6 +615,28 @@ mod tests {
             created_at: 0,
             expires_at: None,
         }
+    }
+
+    #[test]
+    fn tenants_images_are_stored_under_their_own_prefix() {
+        let r = ImageRef::parse("dev-env").unwrap();
+        let a = scoped("tenant-a", &r).unwrap().to_string();
+        let b = scoped("tenant-b", &r).unwrap().to_string();
+        assert_ne!(a, b);
+        assert!(
+            a.starts_with("tenants/") && a.ends_with("/dev-env:latest"),
+            "{a}"
+        );
+        assert_eq!(scope("tenant-a").len(), "tenants/".len() + 17);
+        assert_eq!(shown("tenant-a", &a), "dev-env:latest");
+        // Another tenant's store name is not shortened for this one.
+        assert_eq!(shown("tenant-b", &a), a);
+        // A name too long once prefixed is refused, naming the most a tenant may use.
+        let long = ImageRef::parse(&"a".repeat(MAX_NAME)).unwrap();
+        let Err(ApiError::InvalidArgument(message)) = scoped("t", &long) else {
+            panic!("a long name was accepted")
+        };
+        assert!(message.contains("103 characters"), "{message}");
     }
 
     #[test]
