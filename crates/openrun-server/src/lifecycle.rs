@@ -78,6 +78,14 @@ pub(crate) async fn lock(id: &str) -> ChangeGuard {
     }
 }
 
+/// Takes the change lock of the caller's sandbox `id` once it is known to be the caller's
+/// (404 otherwise, without touching the lock: another tenant's calls never wait on it nor
+/// make its owner's wait). The caller reads the row again under the lock.
+async fn lock_found(s: &Shared, caller: &Caller, id: &str) -> Result<ChangeGuard, ApiError> {
+    let row = find(s, caller, id).await?;
+    Ok(lock(&row.id).await)
+}
+
 /// Replaces the agent's lifetime (`None`: no deadline).
 async fn set_lifetime(
     client: &mut AgentClient,
@@ -175,7 +183,7 @@ async fn begin(
     from: &str,
     to: &str,
 ) -> Result<(ChangeGuard, Change), ApiError> {
-    let guard = lock(id).await;
+    let guard = lock_found(s, caller, id).await?;
     let row = find(s, caller, id).await?;
     let change = if row.state == to {
         Change::Done(row)
@@ -212,7 +220,7 @@ pub(crate) async fn set_ttl(
     id: &str,
     ttl: Duration,
 ) -> Result<SandboxRow, ApiError> {
-    let _lock = lock(id).await;
+    let _lock = lock_found(s, caller, id).await?;
     let row = find(s, caller, id).await?;
     let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
     let expires_at = crate::time::now_ms().saturating_add(ttl_ms);

@@ -12,10 +12,12 @@ import io
 import json
 import os
 import socket
+import time
+import zlib
 
 import httpx
 import pytest
-from e2b import FileNotFoundException, InvalidArgumentException
+from e2b import FileNotFoundException, InvalidArgumentException, Sandbox
 from e2b.sandbox.filesystem.filesystem import WriteEntry
 
 
@@ -185,3 +187,141 @@ async def test_files_async_sdk():
             await sbx.files.read("/root/async/missing")
     finally:
         await sbx.kill()
+
+
+def _raw_post(url, sandbox, path, head_extra, body_parts, close_early=False):
+    """POSTs /files?path= over a raw socket, sending `body_parts` (ignoring a connection the
+    server closed meanwhile); `close_early`: hang up after the parts. The status line and
+    body of the answer, or None."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"POST /files?path={path} HTTP/1.1\r\nHost: {host}\r\n"
+        f"E2b-Sandbox-Id: {sandbox.sandbox_id}\r\nE2b-Sandbox-Port: 49983\r\n"
+        f"X-Access-Token: {sandbox._envd_access_token}\r\n"
+        "Content-Type: application/octet-stream\r\n" + head_extra + "\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=300) as conn:
+        try:
+            conn.sendall(head.encode())
+            for part in body_parts:
+                conn.sendall(part)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        if close_early:
+            return None
+        answer = b""
+        try:
+            while True:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+        except ConnectionResetError:
+            pass
+    status, _, rest = answer.partition(b"\r\n")
+    return status, rest.split(b"\r\n\r\n", 1)[-1]
+
+
+def _chunked(parts):
+    for part in parts:
+        yield f"{len(part):x}\r\n".encode() + part + b"\r\n"
+    yield b"0\r\n\r\n"
+
+
+def _no_temporary_file(sandbox, directory="/tmp"):
+    """Waits (a removal may run after the answer) until no upload temporary file is left."""
+    for _ in range(100):
+        listing = sandbox.commands.run(f"ls -a {directory}").stdout
+        if "openrun-upload" not in listing:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"a temporary file is left: {listing}")
+
+
+def test_files_a_gzip_bomb_is_413_without_the_memory(start_server):
+    server = start_server()
+    sbx = Sandbox.create(api_url=server.url, sandbox_url=server.url, api_key=server.key)
+    try:
+        sbx.files.write("/tmp/bomb.txt", "old")
+        # A little over 1 GiB of zeros in about 1 MB of gzip.
+        packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+        zeros = bytes(1 << 20)
+        bomb = b"".join(packer.compress(zeros) for _ in range(1024 + 16)) + packer.flush()
+        assert len(bomb) < 2 << 20
+        answer = _raw_post(
+            server.url,
+            sbx,
+            "/tmp/bomb.txt",
+            f"Content-Encoding: gzip\r\nContent-Length: {len(bomb)}\r\n",
+            [bomb],
+        )
+        assert answer and b" 413 " in answer[0], answer
+        assert json.loads(answer[1])["code"] == 413
+        assert sbx.files.read("/tmp/bomb.txt") == "old"
+        _no_temporary_file(sbx)
+        # Decoded a few MiB at a time, never a whole body frame at once.
+        assert server.peak_rss_kib() < 300 << 10, server.peak_rss_kib()
+    finally:
+        sbx.kill()
+
+
+def test_files_a_truncated_gzip_body_is_400_and_writes_nothing(sandbox, server_url):
+    cut = gzip.compress(b"some text " * 1000)[:-6]
+    with _envd(sandbox, server_url) as envd:
+        r = envd.post(
+            "/files",
+            params={"path": "/tmp/cut.txt"},
+            content=cut,
+            headers={"Content-Type": "application/octet-stream", "Content-Encoding": "gzip"},
+        )
+    assert r.status_code == 400 and "gzip" in r.json()["message"], r.text
+    assert not sandbox.files.exists("/tmp/cut.txt")
+    _no_temporary_file(sandbox)
+
+
+def test_files_a_large_upload_keeps_the_mode_of_the_file_it_replaces(sandbox):
+    sandbox.files.write("/tmp/keep.bin", "small")
+    sandbox.commands.run("chmod 751 /tmp/keep.bin")
+    data = os.urandom(17 << 20)
+    sandbox.files.write("/tmp/keep.bin", data)
+    assert sandbox.commands.run("stat -c %a /tmp/keep.bin").stdout.strip() == "751"
+    assert sandbox.files.get_info("/tmp/keep.bin").size == len(data)
+    # A small one (one agent write) keeps it too; a new file gets the default.
+    sandbox.files.write("/tmp/keep.bin", "small again")
+    assert sandbox.commands.run("stat -c %a /tmp/keep.bin").stdout.strip() == "751"
+    sandbox.files.write("/tmp/new.bin", data)
+    assert sandbox.commands.run("stat -c %a /tmp/new.bin").stdout.strip() == "644"
+
+
+def test_files_an_upload_cut_mid_body_keeps_the_old_file(sandbox, server_url):
+    sandbox.files.write("/tmp/cut-mid.bin", "old")
+    # 40 MiB announced, 20 MiB sent (more than one agent write: a temporary file exists),
+    # then the client hangs up.
+    part = os.urandom(1 << 20)
+    _raw_post(
+        server_url,
+        sandbox,
+        "/tmp/cut-mid.bin",
+        f"Content-Length: {40 << 20}\r\n",
+        [part] * 20,
+        close_early=True,
+    )
+    _no_temporary_file(sandbox)
+    assert sandbox.files.read("/tmp/cut-mid.bin") == "old"
+
+
+def test_files_a_chunked_upload_too_large_keeps_the_old_file(sandbox, server_url):
+    sandbox.files.write("/tmp/too-big.bin", "old")
+    part = bytes(4 << 20)
+    answer = _raw_post(
+        server_url,
+        sandbox,
+        "/tmp/too-big.bin",
+        "Transfer-Encoding: chunked\r\n",
+        _chunked([part] * (256 + 2)),
+    )
+    assert answer and b" 413 " in answer[0], answer
+    assert sandbox.files.read("/tmp/too-big.bin") == "old"
+    _no_temporary_file(sandbox)

@@ -8,8 +8,11 @@
 //!
 //! Relative paths resolve against the run-as user's home, as in the Connect RPCs. Parent
 //! directories are made; an existing file is replaced atomically: a body of up to 16 MiB in
-//! one write, a larger one written to a temporary name beside it in 16 MiB appends and moved
-//! into place. Bodies are streamed, never held whole; above [`MAX_UPLOAD`] the answer is 413.
+//! one write, a larger one written to a temporary name beside it in 16 MiB appends (with the
+//! replaced file's mode) and moved into place. Bodies are streamed, never held whole; a gzip
+//! body is decoded a few MiB at a time ([`Gunzip`]); above [`MAX_UPLOAD`] (before or after
+//! decoding) the answer is 413; a body that stops for [`UPLOAD_IDLE`] is cut off. An upload
+//! that does not complete keeps the old file and removes its temporary one.
 
 use std::io::Write;
 
@@ -261,24 +264,30 @@ async fn download_inner(
 }
 
 /// One file being uploaded to `dest` in [`CHUNK`] writes: a body that fits in one write
-/// replaces the file at once; a larger one goes to a temporary name beside it, moved into
-/// place at the end.
-struct Upload<'a> {
-    s: &'a Shared,
-    ctx: &'a SandboxCtx,
+/// replaces the file at once (the agent keeps an existing file's mode and owner); a larger
+/// one goes to a temporary name beside it, with the existing file's mode, moved into place at
+/// the end (its owner becomes the agent's: there is no core call to give a file away). An
+/// upload dropped before [`Upload::finish`] or [`Upload::abort`] (its client left, the
+/// handler was dropped) removes its temporary file in a task of its own.
+struct Upload {
+    s: Shared,
+    ctx: SandboxCtx,
     dest: String,
     buf: Vec<u8>,
     tmp: Option<String>,
+    /// Mode of the temporary file: the existing destination's, if it is a regular file.
+    mode: Option<u32>,
 }
 
-impl<'a> Upload<'a> {
-    fn new(s: &'a Shared, ctx: &'a SandboxCtx, dest: String) -> Self {
+impl Upload {
+    fn new(s: &Shared, ctx: &SandboxCtx, dest: String) -> Self {
         Self {
-            s,
-            ctx,
+            s: s.clone(),
+            ctx: ctx.clone(),
             dest,
             buf: Vec::new(),
             tmp: None,
+            mode: None,
         }
     }
 
@@ -296,24 +305,36 @@ impl<'a> Upload<'a> {
         Ok(())
     }
 
-    /// Appends one chunk to the temporary file (made by the first).
+    /// Appends one chunk to the temporary file (made by the first, with the mode of the file
+    /// it replaces).
     async fn write_chunk(&mut self, chunk: Vec<u8>) -> Result<(), ApiError> {
         let (tmp, append) = match &self.tmp {
             Some(tmp) => (tmp.clone(), true),
             None => {
+                self.mode = match files::stat_path(
+                    &self.s,
+                    &self.ctx.caller,
+                    &self.ctx.sandbox_id,
+                    self.dest.clone(),
+                )
+                .await
+                {
+                    Ok(st) if st.kind == openrun_protocol::FileKind::File => Some(st.mode),
+                    _ => None,
+                };
                 let tmp = temporary_name(&self.dest);
                 self.tmp = Some(tmp.clone());
                 (tmp, false)
             }
         };
-        let (s, ctx) = (self.s, self.ctx);
+        let mode = if append { None } else { self.mode };
         files::write_file(
-            s,
-            &ctx.caller,
-            &ctx.sandbox_id,
+            &self.s,
+            &self.ctx.caller,
+            &self.ctx.sandbox_id,
             tmp,
             chunk,
-            None,
+            mode,
             true,
             append,
         )
@@ -322,15 +343,13 @@ impl<'a> Upload<'a> {
 
     /// Puts the file in place.
     async fn finish(mut self) -> Result<(), ApiError> {
-        let (s, ctx) = (self.s, self.ctx);
         let Some(tmp) = self.tmp.clone() else {
             let data = std::mem::take(&mut self.buf);
-            let dest = self.dest.clone();
             return files::write_file(
-                s,
-                &ctx.caller,
-                &ctx.sandbox_id,
-                dest,
+                &self.s,
+                &self.ctx.caller,
+                &self.ctx.sandbox_id,
+                self.dest.clone(),
                 data,
                 None,
                 true,
@@ -342,9 +361,9 @@ impl<'a> Upload<'a> {
             if !self.buf.is_empty() {
                 let data = std::mem::take(&mut self.buf);
                 files::write_file(
-                    s,
-                    &ctx.caller,
-                    &ctx.sandbox_id,
+                    &self.s,
+                    &self.ctx.caller,
+                    &self.ctx.sandbox_id,
                     tmp.clone(),
                     data,
                     None,
@@ -354,17 +373,18 @@ impl<'a> Upload<'a> {
                 .await?;
             }
             files::move_path(
-                s,
-                &ctx.caller,
-                &ctx.sandbox_id,
+                &self.s,
+                &self.ctx.caller,
+                &self.ctx.sandbox_id,
                 tmp.clone(),
                 self.dest.clone(),
             )
             .await
         }
         .await;
-        if result.is_err() {
-            self.abort().await;
+        match result {
+            Ok(()) => self.tmp = None,
+            Err(_) => self.abort().await,
         }
         result
     }
@@ -372,14 +392,71 @@ impl<'a> Upload<'a> {
     /// Removes the temporary file of an upload that failed.
     async fn abort(&mut self) {
         if let Some(tmp) = self.tmp.take() {
-            let (s, ctx) = (self.s, self.ctx);
-            if let Err(e) =
-                files::remove_path(s, &ctx.caller, &ctx.sandbox_id, tmp.clone(), false).await
-            {
-                tracing::warn!(id = ctx.sandbox_id, tmp, error = %e, "cannot remove a failed upload");
+            remove_temporary(&self.s, &self.ctx, tmp).await;
+        }
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.tmp.take() {
+            let (s, ctx) = (self.s.clone(), self.ctx.clone());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move { remove_temporary(&s, &ctx, tmp).await });
             }
         }
     }
+}
+
+/// Removes the temporary file `tmp` of an upload that did not finish.
+async fn remove_temporary(s: &Shared, ctx: &SandboxCtx, tmp: String) {
+    if let Err(e) = files::remove_path(s, &ctx.caller, &ctx.sandbox_id, tmp.clone(), false).await {
+        tracing::warn!(id = ctx.sandbox_id, tmp, error = %e, "cannot remove a failed upload");
+    }
+}
+
+/// Bytes of a gzip body decoded at a time: the output of one step is at most about a
+/// thousand times that (deflate's largest ratio), so a small body that inflates hugely is
+/// decoded a few MiB at a time, written out and counted against [`MAX_UPLOAD`] as it goes.
+const GZIP_STEP: usize = 4096;
+
+/// Decodes a gzip body in bounded steps.
+struct Gunzip(flate2::write::GzDecoder<Vec<u8>>);
+
+impl Gunzip {
+    fn new() -> Self {
+        Self(flate2::write::GzDecoder::new(Vec::new()))
+    }
+
+    /// Decodes at most [`GZIP_STEP`] bytes of `input`: how many were taken, and what they
+    /// decoded to.
+    fn step(&mut self, input: &[u8]) -> std::io::Result<(usize, Vec<u8>)> {
+        let n = input.len().min(GZIP_STEP);
+        self.0.write_all(&input[..n])?;
+        Ok((n, std::mem::take(self.0.get_mut())))
+    }
+
+    /// The end of the stream: an error when it is cut short (no complete trailer).
+    fn finish(self) -> std::io::Result<Vec<u8>> {
+        self.0.finish()
+    }
+}
+
+/// How long an upload may go without a byte of its body before it is cut off (its temporary
+/// file removed, the old file kept).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The next item of an upload's body, unless none comes within `idle`.
+async fn within<T>(
+    idle: std::time::Duration,
+    next: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(idle, next).await.map_err(|_| {
+        ApiError::InvalidArgument(format!(
+            "the upload stalled: no data for {} s, it was cut off",
+            idle.as_secs()
+        ))
+    })
 }
 
 /// A temporary name beside `dest` (same directory, so the final move is a rename).
@@ -490,23 +567,27 @@ async fn upload_inner(
     };
     let dest = resolve_path(s, ctx, user.as_deref(), &path).await?;
     let mut upload = Upload::new(s, ctx, dest.clone());
-    let mut decoder = gzip.then(|| flate2::write::GzDecoder::new(Vec::new()));
-    let mut total = 0u64;
+    let mut decoder = gzip.then(Gunzip::new);
+    let (mut received, mut total) = (0u64, 0u64);
     let mut body = req.into_body().into_data_stream();
     let result = async {
-        while let Some(chunk) = body.next().await {
+        while let Some(chunk) = within(UPLOAD_IDLE, body.next()).await? {
             let chunk = chunk.map_err(|e| {
                 ApiError::InvalidArgument(format!("cannot read the request body: {e}"))
             })?;
-            let data = match &mut decoder {
-                None => chunk.to_vec(),
-                Some(d) => {
-                    d.write_all(&chunk).map_err(bad_gzip)?;
-                    std::mem::take(d.get_mut())
-                }
+            count(&mut received, chunk.len())?;
+            let Some(d) = &mut decoder else {
+                count(&mut total, chunk.len())?;
+                upload.push(&chunk).await?;
+                continue;
             };
-            count(&mut total, data.len())?;
-            upload.push(&data).await?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                let (taken, data) = d.step(rest).map_err(bad_gzip)?;
+                rest = &rest[taken..];
+                count(&mut total, data.len())?;
+                upload.push(&data).await?;
+            }
         }
         if let Some(d) = decoder.take() {
             let rest = d.finish().map_err(bad_gzip)?;
@@ -552,7 +633,10 @@ async fn upload_multipart(
     let mut written = Vec::new();
     let mut total = 0u64;
     let mut first = true;
-    while let Some(mut field) = multipart.next_field().await.map_err(bad)? {
+    while let Some(mut field) = within(UPLOAD_IDLE, multipart.next_field())
+        .await?
+        .map_err(bad)?
+    {
         if field.name() != Some("file") {
             return Err(ApiError::InvalidArgument(format!(
                 "unexpected multipart part {:?}: each file is a part named \"file\"",
@@ -575,7 +659,7 @@ async fn upload_multipart(
         let dest = resolve_path(s, ctx, user.as_deref(), &target).await?;
         let mut upload = Upload::new(s, ctx, dest.clone());
         let result = async {
-            while let Some(chunk) = field.chunk().await.map_err(bad)? {
+            while let Some(chunk) = within(UPLOAD_IDLE, field.chunk()).await?.map_err(bad)? {
                 count(&mut total, chunk.len())?;
                 upload.push(&chunk).await?;
             }
@@ -635,6 +719,55 @@ mod tests {
         std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&out[..]), &mut text)
             .unwrap();
         assert_eq!(text, "hello world");
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_decoded_a_little_at_a_time() {
+        // 64 MiB of zeros in about 64 KiB: one step never decodes more than a few MiB.
+        let mut packer = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        for _ in 0..64 {
+            packer.write_all(&vec![0u8; 1 << 20]).unwrap();
+        }
+        let bomb = packer.finish().unwrap();
+        let mut gz = Gunzip::new();
+        let (mut rest, mut total, mut largest) = (&bomb[..], 0usize, 0usize);
+        while !rest.is_empty() {
+            let (taken, out) = gz.step(rest).unwrap();
+            assert!(taken > 0 && taken <= GZIP_STEP);
+            rest = &rest[taken..];
+            total += out.len();
+            largest = largest.max(out.len());
+        }
+        total += gz.finish().unwrap().len();
+        assert_eq!(total, 64 << 20);
+        assert!(
+            largest <= GZIP_STEP * 1100,
+            "one step decoded {largest} bytes"
+        );
+    }
+
+    #[test]
+    fn a_cut_gzip_body_does_not_decode() {
+        let mut packer = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        packer.write_all(b"some text that is long enough").unwrap();
+        let whole = packer.finish().unwrap();
+        let mut gz = Gunzip::new();
+        let (taken, _) = gz.step(&whole[..whole.len() - 6]).unwrap();
+        assert_eq!(taken, whole.len() - 6);
+        assert!(
+            gz.finish().is_err(),
+            "a gzip body without its trailer is refused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_is_cut_off() {
+        let idle = std::time::Duration::from_millis(20);
+        let err = within(idle, std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("stalled"), "{err}");
+        assert_eq!(within(idle, async { 7 }).await.unwrap(), 7);
     }
 
     #[test]

@@ -43,7 +43,7 @@ mod watch;
 use std::sync::OnceLock;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -107,8 +107,14 @@ pub(crate) fn api_routes(state: Shared) -> Router<Shared> {
     rest::routes(state)
 }
 
+/// Largest request body of the sandbox routes but `POST /files` (which streams its body and
+/// counts it against its own limit): a Connect message and its envelope prefix.
+const MAX_TRAFFIC_BODY: usize = connect::MAX_MESSAGE + 64;
+
 /// The routes of sandbox traffic (envd and the interpreter), behind [`sandbox_traffic`];
-/// made once (they hold no state).
+/// made once (they hold no state). Each request is counted and logged by
+/// [`crate::metrics::observe`] under its route, like the API's, and has an explicit body
+/// limit ([`MAX_TRAFFIC_BODY`]).
 fn sandbox_routes() -> Router<Shared> {
     static ROUTES: OnceLock<Router<Shared>> = OnceLock::new();
     ROUTES
@@ -119,8 +125,39 @@ fn sandbox_routes() -> Router<Shared> {
                 .merge(watch::routes())
                 .merge(interpreter::routes())
                 .fallback(no_endpoint)
+                .layer(DefaultBodyLimit::max(MAX_TRAFFIC_BODY))
+                .layer(axum::middleware::from_fn(tag_owner))
+                .layer(axum::middleware::from_fn(observe))
         })
         .clone()
+}
+
+/// The metrics of the server a request of sandbox traffic came to (put in its extensions by
+/// [`dispatch`]: the sandbox routes are made once, without a server's state).
+#[derive(Clone)]
+struct TrafficMetrics(std::sync::Arc<crate::metrics::Metrics>);
+
+/// Middleware of the sandbox routes: [`crate::metrics::observe`] with the request's server's
+/// metrics.
+async fn observe(req: Request, next: Next) -> Response {
+    match req.extensions().get::<TrafficMetrics>().cloned() {
+        Some(TrafficMetrics(metrics)) => crate::metrics::observe(State(metrics), req, next).await,
+        None => next.run(req).await,
+    }
+}
+
+/// Middleware of the sandbox routes, inside [`observe`]: names the sandbox's owner in the
+/// response, for the request log (as [`crate::metrics::tag_caller`] does for the API).
+async fn tag_owner(req: Request, next: Next) -> Response {
+    let caller = req
+        .extensions()
+        .get::<SandboxCtx>()
+        .map(|c| c.caller.clone());
+    let mut response = next.run(req).await;
+    if let Some(caller) = caller {
+        response.extensions_mut().insert(caller);
+    }
+    response
 }
 
 /// Answer of a path no sandbox route serves.
@@ -418,6 +455,7 @@ async fn dispatch(s: Shared, target: Target, req: Request) -> Result<Response, R
     );
     let (mut parts, body) = req.into_parts();
     parts.extensions.insert(ctx);
+    parts.extensions.insert(TrafficMetrics(s.metrics.clone()));
     let req = Request::from_parts(parts, body);
     match sandbox_routes().with_state(s).oneshot(req).await {
         Ok(response) => Ok(response),

@@ -3,12 +3,12 @@
 //!
 //! | method and path | core call | answer |
 //! |---|---|---|
-//! | `POST /v2/sandboxes` (and the legacy `POST /sandboxes`) | `api::create_sandbox` | 201 `Sandbox` |
+//! | `POST /v2/sandboxes` (and the legacy `POST /sandboxes`) | `api::create_sandbox` in `admission::admitted` | 201 `Sandbox`; 429 beyond the create slots and queue |
 //! | `GET /v2/sandboxes?metadata=&state=&template=&startedAfter=&order=&limit=&nextToken=` (legacy `GET /sandboxes`) | `api::list_sandboxes` | 200 `[ListedSandbox]`, `x-next-token` |
 //! | `GET /sandboxes/{id}` | `api::find` | 200 `SandboxDetail` |
 //! | `DELETE /sandboxes/{id}` | `api::remove` | 204 |
 //! | `POST /sandboxes/{id}/timeout` `{"timeout"}` | `lifecycle::set_ttl` | 204 |
-//! | `POST /sandboxes/{id}/pause` | `lifecycle::pause_sandbox` | 204; 409 already paused |
+//! | `POST /sandboxes/{id}/pause` `{"memory"?, "requireHealthyGuest"?}` | `lifecycle::pause_sandbox` | 204; 409 already paused; 400 `memory: false` |
 //! | `POST /v2/sandboxes/{id}/connect` (and `/sandboxes/{id}/connect`) `{"timeout"?}` | `lifecycle::resume_sandbox`, `set_ttl` | 200 running, 201 resumed |
 //! | `POST /sandboxes/{id}/resume` (legacy) `{"timeout"?}` | the same | 201; 409 not paused |
 //! | `POST /sandboxes/{id}/fork` `{"timeout"?,"count"?}` | `images::fork_sandbox` | 201 `[{"sandbox"}]` |
@@ -119,7 +119,7 @@ struct NewSandbox {
     auto_pause_memory: Option<bool>,
     #[serde(rename = "autoResume")]
     auto_resume: Option<Value>,
-    /// Legacy `POST /sandboxes`: every sandbox is secured here.
+    /// Legacy `POST /sandboxes`: every sandbox is secured here (`true`); `false` is refused.
     secure: Option<bool>,
     allow_internet_access: Option<bool>,
     network: Option<Value>,
@@ -170,11 +170,11 @@ fn template_of(row: &SandboxRow) -> String {
         .unwrap_or_else(|| row.image.clone())
 }
 
-/// The E2B state of a sandbox, if E2B would show it (`running` or `paused`; one being
-/// created shows as running, the state it is about to reach).
+/// The E2B state of a sandbox, if E2B would show it (`running` or `paused`). One still
+/// being created is not shown: it does not run yet, and its create answers its id.
 fn e2b_state(row: &SandboxRow) -> Option<&'static str> {
     match row.state.as_str() {
-        "running" | "creating" => Some("running"),
+        "running" => Some("running"),
         "paused" => Some("paused"),
         _ => None,
     }
@@ -338,7 +338,12 @@ fn check_unsupported(body: &NewSandbox) -> Result<(), ApiError> {
     {
         return Err(unsupported("volumeMounts", "there are no volumes"));
     }
-    let _ = body.secure;
+    if body.secure == Some(false) {
+        return Err(unsupported(
+            "secure=false (envd without an access token)",
+            "every sandbox's envd wants its access token (envdAccessToken, X-Access-Token)",
+        ));
+    }
     Ok(())
 }
 
@@ -379,7 +384,12 @@ async fn create(
         network,
         ..CreateBody::default()
     };
-    let resource = crate::api::create_sandbox(&s, &caller, create).await?;
+    // Under admission control like every create (the create slots and their queue, 429
+    // beyond, timed for the metrics), in its own task: a client that leaves mid-create
+    // leaves a running sandbox (ended by its timeout), never one stuck `creating`.
+    let (shared, owner) = (s.clone(), caller.clone());
+    let made = async move { crate::api::create_sandbox(&shared, &owner, create).await };
+    let resource = crate::admission::admitted(&s, made, Result::is_ok).await??;
     let row = find(&s, &caller, resource.id()).await?;
     Ok((StatusCode::CREATED, Json(CreatedSandbox::new(&s, &row))).into_response())
 }
@@ -494,7 +504,8 @@ async fn kill(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let row = find(&s, &caller, &id).await?;
-    let alive = e2b_state(&row).is_some();
+    // One being created is killed too (its create then fails).
+    let alive = e2b_state(&row).is_some() || row.state == "creating";
     let state = row.state.clone();
     crate::api::remove(&s, &caller, row).await?;
     if !alive {
@@ -528,12 +539,36 @@ async fn set_timeout(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// `POST /sandboxes/{id}/pause`: 204; 409 when it is paused already.
+/// Body of `POST /sandboxes/{id}/pause` (E2B's `SandboxPauseRequest`; may be empty).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseBody {
+    /// Keep the memory (absent or `true`: a paused sandbox's processes are frozen, as they
+    /// are here); `false`, a filesystem-only pause that resumes by rebooting, is refused.
+    memory: Option<bool>,
+    /// Whether the pause is refused while the sandbox's agent does not answer: it always is
+    /// here (the pause needs the agent, and the sandbox keeps running), so both values are
+    /// accepted.
+    #[serde(rename = "requireHealthyGuest")]
+    require_healthy_guest: Option<bool>,
+}
+
+/// `POST /sandboxes/{id}/pause` `{"memory"?, "requireHealthyGuest"?}`: 204; 409 when it is
+/// paused already.
 async fn pause(
     State(s): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    JsonBody(body): JsonBody<PauseBody>,
 ) -> Result<Response, ApiError> {
+    if body.memory == Some(false) {
+        return Err(unsupported(
+            "a filesystem-only pause (memory: false, mode \"filesystem\")",
+            "a paused sandbox keeps its memory (its processes are frozen) and resumes as it was; \
+             pause without it",
+        ));
+    }
+    let _ = body.require_healthy_guest;
     find_alive(&s, &caller, &id).await?;
     let done = crate::lifecycle::pause_sandbox(&s, &caller, &id).await?;
     if !done.changed {
