@@ -1678,6 +1678,115 @@ mod tests {
         assert_eq!(of("b3", "end_of_execution").len(), 1);
     }
 
+    /// Runs the kernel (python3 from the host) on `requests`; answers every line it wrote.
+    fn kernel_lines(language: &str, requests: &[serde_json::Value]) -> Vec<serde_json::Value> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(PYTHON)
+            .args(["-c", BOOTSTRAP])
+            .env("OPENRUN_KERNEL_LANGUAGE", language)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut stdin = child.stdin.take().expect("stdin");
+        write!(stdin, "{}\n{KERNEL}", KERNEL.len()).expect("source sent");
+        for request in requests {
+            writeln!(stdin, "{request}").expect("request sent");
+        }
+        drop(stdin);
+        let lines = BufReader::new(child.stdout.take().expect("stdout"))
+            .lines()
+            .map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON"))
+            .collect();
+        assert!(child.wait().expect("exit").success());
+        lines
+    }
+
+    fn of<'a>(lines: &'a [serde_json::Value], id: &str, kind: &str) -> Vec<&'a serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l["id"] == id && l["type"] == kind)
+            .collect()
+    }
+
+    /// What JSON cannot carry is made plain field by field (NaN is null), and output that
+    /// looks like the start of a sync marker is not held back.
+    #[test]
+    fn the_kernel_sanitises_results_and_passes_marker_lookalikes() {
+        let marker_like = format!("\\0openrun-sync-{}", "a".repeat(200));
+        let requests = [
+            serde_json::json!({"id": "n", "code": "display({'application/json': {'x': float('nan'), 'y': [1.5, float('inf')], 'z': 'ok'}}, raw=True)"}),
+            serde_json::json!({"id": "m", "code": format!("import sys, time\nsys.stdout.write('{marker_like}'); sys.stdout.flush(); time.sleep(0.3)\nprint('end')")}),
+        ];
+        let started = std::time::Instant::now();
+        let lines = kernel_lines("python", &requests);
+        let results = of(&lines, "n", "result");
+        assert_eq!(results.len(), 1);
+        assert_eq!(
+            results[0]["json"],
+            serde_json::json!({"x": null, "y": [1.5, null], "z": "ok"})
+        );
+        let text: String = of(&lines, "m", "stdout")
+            .iter()
+            .filter_map(|l| l["text"].as_str())
+            .collect();
+        assert_eq!(text, format!("\0openrun-sync-{}end\n", "a".repeat(200)));
+        // No 5 s wait for a sync marker the look-alike swallowed.
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// bash: an exit is seen while a background job holds the pipes; the cells' directory may
+    /// be removed; a big result is refused with an error that says so.
+    #[test]
+    fn the_bash_kernel_sees_an_exit_and_survives_its_temp_dir_going() {
+        let requests = [
+            serde_json::json!({"id": "a", "code": "sleep 30 & exit 3"}),
+            serde_json::json!({"id": "b", "code": "KEPT=1; rm -rf \"$(dirname \"$BASH_SOURCE\")\""}),
+            serde_json::json!({"id": "c", "code": "echo kept=$KEPT"}),
+        ];
+        let started = std::time::Instant::now();
+        let lines = kernel_lines("bash", &requests);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+        let exited = of(&lines, "a", "error");
+        assert_eq!(exited.len(), 1, "{lines:?}");
+        assert_eq!(exited[0]["name"], "ShellExited");
+        assert!(of(&lines, "b", "error").is_empty(), "{lines:?}");
+        let text: Vec<_> = of(&lines, "c", "stdout")
+            .iter()
+            .filter_map(|l| l["text"].as_str())
+            .collect();
+        assert_eq!(text, vec!["kept=1\n"], "{lines:?}");
+        assert!(of(&lines, "c", "error").is_empty(), "{lines:?}");
+    }
+
+    #[test]
+    fn the_kernel_refuses_a_result_too_large_for_a_message() {
+        let lines = kernel_lines(
+            "python",
+            &[serde_json::json!({"id": "r", "code": "'x' * (9 << 20)"})],
+        );
+        let result = of(&lines, "r", "result");
+        assert_eq!(result.len(), 1);
+        let text = result[0]["text"].as_str().expect("text");
+        assert!(
+            text.starts_with("xxx") && text.contains("cut by openrun"),
+            "{}",
+            &text[..50]
+        );
+        let error = of(&lines, "r", "error");
+        assert_eq!(error[0]["name"], "OutputTooLarge");
+        assert_eq!(of(&lines, "r", "end_of_execution").len(), 1);
+    }
+
     #[test]
     fn timestamps_are_rfc3339() {
         let t = now_rfc3339();
