@@ -6,17 +6,22 @@
 //! 1. the configured one (`--server`/`OPENRUN_SERVER`, else the config file's), with its key;
 //!    if it does not answer, `openrun mcp` fails (it never starts a server in its place);
 //! 2. else the local server of `<data-dir>/local.json` (written by `openrun serve` on loopback),
-//!    if it answers;
+//!    if it answers and gets the key: [`Target::resolve`] sends that key only to a listener
+//!    owned by the file's owner (a stale port taken by another user's program gets none);
 //! 3. else it starts one: a child `openrun serve --listen 127.0.0.1:0` on the data dir, using
-//!    the key that server writes to `local.json`, stopped (SIGTERM) when stdin closes or this
-//!    process is told to stop. Sandboxes it made outlive it like any server's; the next start
-//!    finds them again. `--no-start` fails instead, with a message saying how to name a server.
+//!    the key that server writes to `local.json`. Steps 2 and 3 hold a lock on the data dir,
+//!    so concurrent `openrun mcp` start one server; each holds a shared "users" lock while it
+//!    uses it, and the last one to end stops the started server (SIGTERM, then SIGKILL).
+//!    Sandboxes it made outlive it like any server's; the next start finds them again.
+//!    `--no-start` fails instead, with a message saying how to name a server.
 //!
 //! The bridge: each JSON-RPC message read from stdin (one per line) is POSTed to `/mcp` with
 //! the bearer key, `Mcp-Session-Id` and `MCP-Protocol-Version`; the answer, JSON or an SSE
 //! stream, goes to stdout one message per line. Requests run concurrently (a long
 //! `run_command` does not hold up a `ping`); `initialize` is awaited before anything else is
-//! read. When the server forgot the session (it restarted), the bridge initializes a new one
+//! read, and `notifications/initialized` is sent before the requests after it; when stdin
+//! closes, answers to requests in flight are awaited (up to [`DRAIN_TIMEOUT`]). SSE answers
+//! are relayed event by event. When the server forgot the session (it restarted), the bridge initializes a new one
 //! with the client's original `initialize` and sends the message again. A request the server
 //! cannot be asked (down, 401, 5xx) is answered with a JSON-RPC error naming the problem.
 //! stdout carries only JSON-RPC; logs and the child server's output go to stderr.
@@ -44,6 +49,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a started server has to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long answers to requests already sent are waited for after stdin closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest line read from stdin (a `write_file` carries its file).
 const MAX_LINE: usize = 32 << 20;
 /// JSON-RPC error code of a server that cannot be asked (in the implementation-defined range).
@@ -452,11 +459,18 @@ async fn bridge(target: Target) -> Result<()> {
     let mut signals = Signals::install()?;
     let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
     let mut line = Vec::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut stopped = false;
     loop {
+        // Forget the requests that finished.
+        while in_flight.try_join_next().is_some() {}
         line.clear();
         let read = tokio::select! {
             read = read_line(&mut stdin, &mut line) => read,
-            () = signals.recv() => break,
+            () = signals.recv() => {
+                stopped = true;
+                break;
+            }
         };
         match read {
             Ok(0) => break,
@@ -502,14 +516,28 @@ async fn bridge(target: Target) -> Result<()> {
             }));
             continue;
         }
-        if message.get("method").and_then(Value::as_str) == Some("initialize") {
+        let method = message.get("method").and_then(Value::as_str);
+        if method == Some("initialize") {
             // Nothing else may be sent before the session exists.
             upstream.initialize(message).await;
+        } else if method == Some("notifications/initialized") {
+            // In order too: rmcp ends a session whose first message after initialize is not
+            // this one, and concurrent forwarding could let a request overtake it.
+            upstream.forward(message).await;
         } else {
             let upstream = upstream.clone();
-            tokio::spawn(async move { upstream.forward(message).await });
+            in_flight.spawn(async move { upstream.forward(message).await });
         }
     }
+    if !stopped {
+        // stdin closed: the answers to requests already sent still go out (for a while)
+        // before the session ends.
+        let drained = async { while in_flight.join_next().await.is_some() {} };
+        if tokio::time::timeout(DRAIN_TIMEOUT, drained).await.is_err() {
+            tracing::warn!("requests still running when stdin closed: ending the session");
+        }
+    }
+    in_flight.abort_all();
     upstream.close().await;
     drop(upstream);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;

@@ -438,3 +438,30 @@ async def test_read_file_goes_on_by_bytes_in_long_lines_and_binaries(server_url,
                     break
                 at = page["next_byte_offset"]
             assert got == blob
+
+
+def test_the_bridge_keeps_initialized_before_the_requests_after_it(server_url, api_key, openrun_bin):
+    with tempfile.TemporaryDirectory() as home:
+        env = bare_env(home)
+        env["OPENRUN_SERVER"] = server_url
+        env["OPENRUN_API_KEY"] = api_key
+        lines = [json.dumps(INITIALIZE) + "\n",
+                 json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}) + "\n"]
+        lines += [json.dumps({"jsonrpc": "2.0", "id": 10 + n, "method": "tools/list"}) + "\n" for n in range(8)]
+        done = run_bridge(openrun_bin, env, lines)
+        answers = {a.get("id"): a for a in map(json.loads, done.stdout.splitlines())}
+        for n in range(8):
+            assert "result" in answers.get(10 + n, {}), answers.get(10 + n)
+
+
+async def test_start_process_timeouts_are_its_own(server_url, api_key, openrun_bin, data_dir):
+    async with connect("http", server_url, api_key, openrun_bin, data_dir) as client:
+        async with sandbox(client) as sid:
+            message = await call_error(client, "start_process", sandbox_id=sid, command="true",
+                                       timeout_seconds=0)
+            assert "timeout_seconds" in message and "use start_process" not in message, message
+            started = await client.call_tool("start_process", {
+                "sandbox_id": sid, "command": "cat", "stdin": True, "timeout_seconds": 7200})
+            assert not started.is_error, text_of(started)
+            assert "write_process_stdin" in text_of(started) and "Started pid" in text_of(started)
+            await call(client, "kill_process", sandbox_id=sid, pid=started.structured_content["pid"])

@@ -434,7 +434,7 @@ fn argv_of(
     }
 }
 
-/// Milliseconds of a `timeout_seconds`, checked to be 1 to [`MAX_TIMEOUT_SECS`].
+/// Milliseconds of `run_command`'s `timeout_seconds`, checked to be 1 to [`MAX_TIMEOUT_SECS`].
 fn timeout_ms(seconds: u64) -> Result<u64, CallToolResult> {
     if !(1..=MAX_TIMEOUT_SECS).contains(&seconds) {
         return Err(refuse(
@@ -446,6 +446,21 @@ fn timeout_ms(seconds: u64) -> Result<u64, CallToolResult> {
         ));
     }
     Ok(seconds * 1000)
+}
+
+/// Milliseconds of `start_process`'s `timeout_seconds` (at least 1; no upper bound but the
+/// sandbox's life).
+fn process_timeout_ms(seconds: u64) -> Result<u64, CallToolResult> {
+    match seconds.checked_mul(1000) {
+        Some(ms) if seconds >= 1 => Ok(ms),
+        _ => Err(refuse(
+            "invalid_argument",
+            format!(
+                "timeout_seconds must be at least 1, not {seconds}; leave it out to let the \
+                 process run until it ends or the sandbox does"
+            ),
+        )),
+    }
 }
 
 /// A signal given by name (with or without `SIG`) or number.
@@ -983,14 +998,20 @@ impl OpenrunMcp {
         )
     )]
     async fn start_process(&self, who: Who, Parameters(p): Parameters<StartParams>) -> Answer {
+        let shown = match (&p.command, &p.argv) {
+            (Some(command), _) => command.clone(),
+            (None, Some(argv)) => argv.join(" "),
+            (None, None) => String::new(),
+        };
         let argv = argv_of(p.command, p.argv)?;
-        let timeout = p.timeout_seconds.map(timeout_ms).transpose()?;
+        let timeout = p.timeout_seconds.map(process_timeout_ms).transpose()?;
+        let stdin = p.stdin.unwrap_or(false);
         let request = ExecRequest {
-            argv: argv.clone(),
+            argv,
             env: p.env.unwrap_or_default(),
             cwd: p.cwd,
             timeout_ms: timeout,
-            stdin: p.stdin.unwrap_or(false),
+            stdin,
             tag: Some("mcp".into()),
             ..Default::default()
         };
@@ -999,11 +1020,16 @@ impl OpenrunMcp {
             .or_tool()?;
         answer(
             format!(
-                "Started pid {pid}: {}. read_process_output with pid {pid} shows its output; \
-                 kill_process stops it.",
-                argv.join(" ")
+                "Started pid {pid}: {}. read_process_output with pid {pid} (wait_seconds to \
+                 wait) shows its output and exit;{} kill_process stops it.",
+                text::bounded(&shown, 200).0,
+                if stdin {
+                    " write_process_stdin sends it input;"
+                } else {
+                    ""
+                }
             ),
-            json!({ "pid": pid }),
+            json!({ "pid": pid, "stdin": stdin }),
         )
     }
 
@@ -2003,6 +2029,11 @@ mod tests {
         assert_eq!(timeout_ms(2).unwrap(), 2000);
         assert!(timeout_ms(0).is_err());
         assert!(timeout_ms(MAX_TIMEOUT_SECS + 1).is_err());
+        // start_process: no 1-hour cap, and no hint to use start_process.
+        assert_eq!(process_timeout_ms(7200).unwrap(), 7_200_000);
+        let refused = serde_json::to_string(&process_timeout_ms(0).unwrap_err().content).unwrap();
+        assert!(!refused.contains("use start_process"), "{refused}");
+        assert!(process_timeout_ms(u64::MAX).is_err());
         assert_eq!(signal_number("KILL"), Some(9));
         assert_eq!(signal_number("sigterm"), Some(15));
         assert_eq!(signal_number("2"), Some(2));
