@@ -18,7 +18,13 @@
 //! client-side), the kernel is interrupted (SIGINT: `KeyboardInterrupt`), so the context stays
 //! usable; a kernel that does not stop is killed and starts afresh on the next use, as does a
 //! kernel that died (`os._exit`, out of memory). While nothing is produced the stream carries
-//! `{"type":"keepalive"}` lines, as E2B's server does: they let a disconnect show.
+//! `{"type":"keepalive"}` lines (the SDK skips them): only a write shows that the client left.
+//! The last line is `{"type":"end_of_execution"}`.
+//!
+//! Contexts are namespaces within one sandbox, not a security boundary: every kernel runs as
+//! the sandbox's user, and code in a context can forge its own kernel's output (end its own
+//! stream early). The oldest running process with a context's tag is its kernel; later ones
+//! with the same tag are ignored.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex as SyncMutex, OnceLock};
