@@ -12,6 +12,7 @@ pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
+pub mod users;
 
 pub use frame::{Frame, FrameError, MAX_DATA_LEN, MAX_HEADER_LEN};
 pub use message::*;

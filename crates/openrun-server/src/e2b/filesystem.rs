@@ -15,7 +15,13 @@
 //! it from `/`. `Start` takes a relative `cwd` the same way. Homes, and the owner and group names of
 //! [`EntryInfo`], come from the sandbox's own `/etc/passwd` and `/etc/group`, read through
 //! [`files::read_file`] and kept for [`USERS_TTL`] per sandbox ([`entry_info`] and
-//! [`resolve_path`] are shared with [`super::watch`]).
+//! [`resolve_path`] are shared with [`super::watch`]). They are parsed and resolved by
+//! [`openrun_protocol::users`], the agent's own code, so a run-as user is accepted, and has
+//! the home, that the agent gives its processes.
+//!
+//! Gap: file operations are done by the agent as root, whatever the run-as user (envd does
+//! them with that user's permissions), and the directories `MakeDir`/`Move` create belong to
+//! root.
 //!
 //! As in envd (`packages/shared/pkg/filesystem/entry.go`), `EntryInfo.mode` holds the
 //! permission bits only (`FileMode.Perm()`, e.g. `0o755` for a directory) and `permissions`
@@ -23,13 +29,14 @@
 //! `dtrwxrwxrwx`). A symlink has type `FILE_TYPE_SYMLINK`, `isSymlink` and `symlinkTarget`,
 //! absolute (a relative link is taken from its directory, lexically).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Extension, Router};
+use openrun_protocol::users::{self as user_db, GroupEntry, PasswdEntry};
 use openrun_protocol::{AgentError, ErrorCode, FileKind, FileStat};
 use serde::{Deserialize, Serialize};
 
@@ -135,55 +142,57 @@ struct ListDirResponse {
 #[derive(Debug, Serialize)]
 struct Empty {}
 
-/// Names and homes of one sandbox, from its `/etc/passwd` and `/etc/group`, and the user its
-/// commands run as by default (its image's).
+/// The users and groups of one sandbox, from its `/etc/passwd` and `/etc/group`, parsed and
+/// resolved by [`openrun_protocol::users`] (the agent's own rules: a run-as user the server
+/// accepts is one the agent runs as, with the same home), and the user its commands run as by
+/// default (its image's).
 #[derive(Debug, Default)]
 pub(super) struct Users {
-    users: HashMap<u32, String>,
-    groups: HashMap<u32, String>,
-    homes: HashMap<String, String>,
-    names: HashSet<String>,
+    passwd: Vec<PasswdEntry>,
+    groups: Vec<GroupEntry>,
+    /// The first name of each uid and gid, for [`EntryInfo`]'s owner and group.
+    user_names: HashMap<u32, String>,
+    group_names: HashMap<u32, String>,
     default_user: Option<String>,
 }
 
 impl Users {
     /// Parses the two files (malformed lines are skipped).
     fn parse(passwd: &str, group: &str) -> Self {
-        let mut users = Self::default();
-        for line in passwd.lines() {
-            let fields: Vec<&str> = line.trim_end_matches('\r').split(':').collect();
-            if let [name, _, uid, _, _, home, ..] = fields.as_slice() {
-                users.names.insert(name.to_string());
-                if let Ok(uid) = uid.parse::<u32>() {
-                    users.users.entry(uid).or_insert_with(|| name.to_string());
-                }
-                if !name.is_empty() && !home.is_empty() {
-                    users.homes.insert(name.to_string(), home.to_string());
-                }
-            }
+        let passwd = user_db::parse_passwd(passwd);
+        let groups = user_db::parse_group(group);
+        let mut user_names = HashMap::new();
+        for entry in &passwd {
+            user_names
+                .entry(entry.uid)
+                .or_insert_with(|| entry.name.clone());
         }
-        for line in group.lines() {
-            let fields: Vec<&str> = line.trim_end_matches('\r').split(':').collect();
-            if let [name, _, gid, ..] = fields.as_slice() {
-                if let Ok(gid) = gid.parse::<u32>() {
-                    users.groups.entry(gid).or_insert_with(|| name.to_string());
-                }
-            }
+        let mut group_names = HashMap::new();
+        for entry in &groups {
+            group_names
+                .entry(entry.gid)
+                .or_insert_with(|| entry.name.clone());
         }
-        users
+        Self {
+            passwd,
+            groups,
+            user_names,
+            group_names,
+            default_user: None,
+        }
     }
 
-    /// The home of `user` (a name or a uid): from `/etc/passwd`, `/root` for root.
+    /// Whether the agent would run a process as `user` (a name, uid, `uid:gid`, `name:group`).
+    fn knows(&self, user: &str) -> bool {
+        user_db::resolve_user(Some(user), &self.passwd, &self.groups).is_ok()
+    }
+
+    /// The home of `user`, as the agent finds it (`/root` for root without an entry, `/` for
+    /// a uid without one); `None` for an unknown name.
     fn home(&self, user: &str) -> Option<String> {
-        let name = match user.split(':').next().unwrap_or(user).parse::<u32>() {
-            Ok(uid) => self.users.get(&uid).cloned()?,
-            Err(_) => user.to_string(),
-        };
-        match self.homes.get(&name) {
-            Some(home) => Some(home.clone()),
-            None if name == "root" => Some("/root".into()),
-            None => None,
-        }
+        user_db::resolve_user(Some(user), &self.passwd, &self.groups)
+            .ok()
+            .map(|resolved| resolved.home)
     }
 }
 
@@ -253,16 +262,9 @@ pub(super) async fn check_user(s: &Shared, ctx: &SandboxCtx) -> Result<(), Conne
     let Some(user) = ctx.user.as_deref() else {
         return Ok(());
     };
-    let numeric = |id: &str| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit());
-    let (uid, gid) = user.split_once(':').unwrap_or((user, "0"));
-    if user == "root" || (numeric(uid) && numeric(gid)) {
-        return Ok(());
-    }
-    if users(s, ctx).await?.names.contains(user)
-        || load_users(s, ctx, Duration::ZERO)
-            .await?
-            .names
-            .contains(user)
+    if user == "root"
+        || users(s, ctx).await?.knows(user)
+        || load_users(s, ctx, Duration::ZERO).await?.knows(user)
     {
         return Ok(());
     }
@@ -430,12 +432,12 @@ fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
         mode: mode & 0o777,
         permissions: go_mode_string(mode),
         owner: users
-            .users
+            .user_names
             .get(&stat.uid)
             .cloned()
             .unwrap_or_else(|| stat.uid.to_string()),
         group: users
-            .groups
+            .group_names
             .get(&stat.gid)
             .cloned()
             .unwrap_or_else(|| stat.gid.to_string()),
@@ -676,6 +678,12 @@ mod tests {
         assert_eq!(users.home("user").as_deref(), Some("/home/user"));
         assert_eq!(users.home("1000").as_deref(), Some("/home/user"));
         assert_eq!(users.home("nobody"), None);
+        // The agent's rules, from the one shared parser: a uid without an entry runs in `/`,
+        // root without one in `/root`, a pair's group must exist.
+        assert_eq!(users.home("4242").as_deref(), Some("/"));
+        assert_eq!(Users::default().home("0").as_deref(), Some("/root"));
+        assert!(users.knows("user:tty") && users.knows("1000:5") && users.knows("4242"));
+        assert!(!users.knows("user:nogroup") && !users.knows("nobody") && !users.knows("1000:"));
         let dir = to_entry(stat(FileKind::Dir, 0o755), "/tmp/d".into(), &users);
         assert_eq!((dir.mode, dir.permissions.as_str()), (0o755, "drwxr-xr-x"));
         for (target, resolved) in [
