@@ -123,6 +123,13 @@ fn another_tenants_snapshot_is_a_missing_image() {
     let e2b_missing = e2b_create_answer(&bob, "no-such-template");
     assert_eq!(e2b_missing.0, 404, "{e2b_missing:?}");
     assert_eq!(e2b_create_answer(&bob, "dev-env"), e2b_missing);
+    // Alice's own snapshot is a template for her.
+    let (status, body) = e2b_create_answer(&alice, "dev-env");
+    assert_eq!(status, 201, "{body}");
+    let created: Value = serde_json::from_str(&body).unwrap();
+    let eid = created["sandboxID"].as_str().unwrap();
+    assert_eq!(run(&alice, eid, "cat /root/who"), "alice-secret\n");
+    assert_eq!(alice.delete(&format!("/v1/sandboxes/{eid}")).status(), 204);
     // Nor can Bob compare his sandbox with it.
     let b = bob.create(json!({}));
     let bid = b["id"].as_str().unwrap();
