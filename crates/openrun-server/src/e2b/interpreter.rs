@@ -907,19 +907,14 @@ async fn default_kernel(s: &Shared, ctx: &SandboxCtx, language: &str) -> Result<
         .clone()
         .lock_owned()
         .await;
-    let found = contexts(s, ctx)
-        .await?
-        .into_iter()
-        .find(|c| c.tag.default && c.tag.language == language);
-    match found {
-        Some(context) => {
-            let (slot, guard) = lock_context(ctx, &context.tag.id).await?;
-            // Found again under the lock: a restart may have replaced the kernel meanwhile.
-            let context = find_context(s, ctx, &context.tag.id).await?;
-            let (pid, notice) = ensure_running(s, ctx, &context).await?;
-            Ok((slot, guard, context.tag, pid, notice))
-        }
-        None => {
+    // Twice: the default context may be removed while this execution waits for it (then a
+    // new one is made).
+    for _ in 0..2 {
+        let found = contexts(s, ctx)
+            .await?
+            .into_iter()
+            .find(|c| c.tag.default && c.tag.language == language);
+        let Some(context) = found else {
             let tag = ContextTag {
                 id: new_id()?,
                 language: language.to_string(),
@@ -927,9 +922,27 @@ async fn default_kernel(s: &Shared, ctx: &SandboxCtx, language: &str) -> Result<
             };
             let (slot, guard) = lock_context(ctx, &tag.id).await?;
             let pid = start_kernel(s, ctx, &tag, None).await?.0;
-            Ok((slot, guard, tag, pid, None))
+            return Ok((slot, guard, tag, pid, None));
+        };
+        let locked = match lock_context(ctx, &context.tag.id).await {
+            // Found again under the lock: a restart may have replaced the kernel meanwhile.
+            Ok(locked) => (locked, find_context(s, ctx, &context.tag.id).await),
+            Err(ApiError::NotFound(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        match locked {
+            ((slot, guard), Ok(context)) => {
+                let (pid, notice) = ensure_running(s, ctx, &context).await?;
+                return Ok((slot, guard, context.tag, pid, notice));
+            }
+            (_, Err(ApiError::NotFound(_))) => continue,
+            (_, Err(e)) => return Err(e),
         }
     }
+    Err(ApiError::internal(
+        "cannot find or make the default context",
+        "it was removed twice while this execution waited for it",
+    ))
 }
 
 /// One execution in flight: holds its context's lock until the kernel is done with it.
