@@ -375,7 +375,7 @@ async fn create(
     labels.insert(TEMPLATE_LABEL.into(), template.clone());
     let network = network_policy(body.allow_internet_access, body.network.as_ref())?;
     let image = image_of(&template).to_string();
-    check_template(&s, &template, &image).await?;
+    check_template(&s, &caller, &template, &image).await?;
     let create = CreateBody {
         image: Some(image),
         ttl: Some(format!("{timeout}s")),
@@ -394,11 +394,16 @@ async fn create(
     Ok((StatusCode::CREATED, Json(CreatedSandbox::new(&s, &row))).into_response())
 }
 
-/// 404 for a template that names no image (what E2B answers for an unknown template).
-async fn check_template(s: &Shared, template: &str, image: &str) -> Result<(), ApiError> {
-    let data_dir = s.runtime.data_dir().to_path_buf();
-    let name = image.to_string();
-    match crate::api::blocking(move || openrun_image::sandbox_image(&data_dir, &name)).await? {
+/// 404 for a template that names no image the caller may use (what E2B answers for an
+/// unknown template): its own snapshots and the server-wide images; another tenant's image
+/// is as missing as one nobody has ([`crate::images::resolve`]).
+async fn check_template(
+    s: &Shared,
+    caller: &Caller,
+    template: &str,
+    image: &str,
+) -> Result<(), ApiError> {
+    match crate::images::resolve(s, caller, image).await? {
         Ok(_) => Ok(()),
         Err(openrun_image::ImageError::NotFound(_)) => Err(ApiError::NotFound(format!(
             "template {template:?} not found: there is no openrun image of that name (see \
