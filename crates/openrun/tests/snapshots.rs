@@ -88,6 +88,22 @@ fn fork(api: &Api, id: &str, count: usize) -> (String, Vec<Value>) {
     (image, forks)
 }
 
+/// The store name of a tenant's image `name` (`name[:tag]` as the API shows it): the store
+/// keeps the images a tenant makes under its prefix `tenants/<hash>/`; returns `name:tag`.
+fn stored(env: &Env, name: &str) -> String {
+    let name = openrun_image::ImageRef::parse(name).unwrap().to_string();
+    let store = openrun_image::Store::open(env.data_dir()).unwrap();
+    let found: Vec<String> = store
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r.to_string())
+        .filter(|r| r.starts_with("tenants/") && r.ends_with(&format!("/{name}")))
+        .collect();
+    assert_eq!(found.len(), 1, "{name}: {found:?}");
+    found[0].clone()
+}
+
 fn post_json(api: &Api, path: &str, body: Value) -> reqwest::blocking::Response {
     api.post(path, &body.to_string())
 }
@@ -170,7 +186,7 @@ fn forks_see_the_snapshot_and_diverge() {
     assert!(snap["duration_ms"].is_u64() && snap["paused_ms"].is_u64());
     let store = openrun_image::Store::open(env.data_dir()).unwrap();
     let record = store
-        .get(&openrun_image::ImageRef::parse("parent-snap:v1").unwrap())
+        .get(&openrun_image::ImageRef::parse(&stored(&env, "parent-snap:v1")).unwrap())
         .unwrap();
     assert_eq!(record.config.env, ["PATH=/bin"]);
     assert_eq!(record.parent.as_deref(), Some("bb"));
@@ -433,7 +449,7 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
     // The store has one layer on the host image (its /usr is never copied).
     let store = openrun_image::Store::open(env.data_dir()).unwrap();
     let record = store
-        .get(&openrun_image::ImageRef::parse(&image).unwrap())
+        .get(&openrun_image::ImageRef::parse(&stored(&env, &image)).unwrap())
         .unwrap();
     assert_eq!(record.base, Some(openrun_image::ImageBase::Host));
     assert_eq!(record.layers.len(), 1);
@@ -513,7 +529,10 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
         0,
     );
     assert_eq!(out, "mine\ntool ran c\n");
-    // The embedded CLI runs the snapshot like any image, and lists its base.
+    // The embedded CLI runs the snapshot like any image (by its store name), and lists its
+    // base.
+    let (image, gen2) = (stored(&env, &image), stored(&env, "gen2"));
+    let gen2_name = gen2.rsplit_once(':').unwrap().0;
     let out = env.output([
         "run",
         "--image",
@@ -530,17 +549,25 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
     let listing = stdout(&out);
     let row = listing
         .lines()
-        .find(|l| l.starts_with("gen2 "))
+        .find(|l| l.starts_with(&format!("{gen2_name} ")))
         .unwrap_or_else(|| panic!("{listing}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(columns[..4], ["gen2", "latest", "host", "2"], "{listing}");
-    let out = env.output(["image", "inspect", "--json", "gen2"]);
+    assert_eq!(
+        columns[..4],
+        [gen2_name, "latest", "host", "2"],
+        "{listing}"
+    );
+    let out = env.output(["image", "inspect", "--json", &gen2]);
     assert_ok(&out);
     let inspected: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(inspected["base"], "host");
     // A Dockerfile cannot build on it (its steps would run without the host's /usr).
     let context = tempfile::tempdir().unwrap();
-    fs::write(context.path().join("Dockerfile"), "FROM gen2\nRUN true\n").unwrap();
+    fs::write(
+        context.path().join("Dockerfile"),
+        format!("FROM {gen2}\nRUN true\n"),
+    )
+    .unwrap();
     let out = env
         .cmd(["image", "build", "-t", "on-gen2"])
         .arg(context.path())
@@ -549,7 +576,7 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("host image"), "{}", stderr(&out));
     // With their names gone, prune keeps the layers live sandboxes stack (on / and /usr).
-    for name in [image.as_str(), "gen2"] {
+    for name in [image.as_str(), gen2.as_str()] {
         assert_ok(&env.output(["image", "rm", name]));
     }
     assert_ok(&env.output(["image", "prune"]));
