@@ -384,8 +384,7 @@ async fn lock_context(
             None => return Ok((slot, guard)),
             Some(Ending::Removed) => {
                 return Err(ApiError::NotFound(format!(
-                    "{NO_CONTEXT}{id} not found: it was removed while this execution waited \
-                     for the one before it"
+                    "{NO_CONTEXT}{id} not found: it was removed (DELETE /contexts/{id})"
                 )))
             }
             Some(Ending::Restarting) if Instant::now() < deadline => {
