@@ -559,11 +559,15 @@ def test_lifecycle_tokens_open_only_what_they_were_made_for(sandbox, server_url,
         headers={"X-Openrun-Token": sandbox._envd_access_token},
     )
     assert r.status_code == 401, r.text
-    # A token of another server (its own secret) opens nothing here, even for the same id.
+    # A token of another server (its own secret) opens nothing here: not its sandbox's id,
+    # not this server's sandbox.
     url, key = domain_server
     elsewhere = Sandbox.create(api_url=url, sandbox_url=url, api_key=key)
     try:
-        theirs = {"E2b-Sandbox-Id": elsewhere.sandbox_id, "X-Access-Token": elsewhere._envd_access_token}
+        theirs = {
+            "E2b-Sandbox-Id": elsewhere.sandbox_id,
+            "X-Access-Token": elsewhere._envd_access_token,
+        }
         assert httpx.get(f"{url}/health", headers=theirs).status_code == 204
         assert httpx.get(f"{server_url}/health", headers=theirs).status_code == 401
         r = httpx.get(
@@ -601,3 +605,51 @@ def test_lifecycle_sandbox_traffic_is_counted_in_the_metrics(sandbox, server_url
     for _ in range(3):
         assert httpx.get(f"{server_url}/health", headers=headers).status_code == 204
     assert health_count() >= before + 3
+
+
+def test_lifecycle_another_tenant_never_waits_on_a_sandbox_lock(sandbox, v1, openrun_bin, data_dir):
+    # The owner's snapshot holds the sandbox's change lock while it copies the files; another
+    # tenant's timeout change is told "not found" at once, not after the lock (a timing
+    # oracle and a way to hold the owner up).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRUN_")}
+    other = subprocess.run(
+        [openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "lock-prober"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout.strip().splitlines()[-1]
+    sandbox.commands.run(
+        "for i in $(seq 64); do head -c 8M /dev/urandom > /root/fill.$i; done", timeout=300
+    )
+    done = threading.Event()
+
+    def snapshot():
+        try:
+            v1.post(f"/v1/sandboxes/{sandbox.sandbox_id}/snapshot", json={}, timeout=300)
+        finally:
+            done.set()
+
+    taker = threading.Thread(target=snapshot)
+    taker.start()
+    try:
+        time.sleep(0.3)
+        assert not done.is_set(), "the snapshot was too quick to hold the lock for this test"
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.set_timeout(sandbox.sandbox_id, 30, api_key=other)
+        with pytest.raises(SandboxNotFoundException):
+            Sandbox.pause(sandbox.sandbox_id, api_key=other)
+        # The core calls themselves (/v1 reaches them without the E2B surface's own lookup).
+        base = str(v1.base_url)
+        stranger = {"Authorization": f"Bearer {other}"}
+        for path, body in (("ttl", {"ttl": "30s"}), ("pause", {}), ("resume", {})):
+            r = httpx.post(
+                f"{base}/v1/sandboxes/{sandbox.sandbox_id}/{path}",
+                json=body,
+                headers=stranger,
+                timeout=120,
+            )
+            assert r.status_code == 404, (path, r.text)
+        assert not done.is_set(), "the other tenant's calls waited for the owner's lock"
+    finally:
+        taker.join(timeout=300)
