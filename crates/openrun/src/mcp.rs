@@ -110,14 +110,18 @@ async fn choose_server(
     let start_lock = lock(data_dir, START_LOCK, LockKind::Exclusive).await?;
     if let Some(url) = local_server(data_dir) {
         if health(&http, &url).await.is_ok() {
-            let target = Target::resolve(Some(url.to_string()), api_key.clone(), data_dir)?;
-            match target {
-                Some(target) if target.api_key.is_some() => {
+            // No key (not even one given with --api-key) goes to a program that is not the
+            // server that wrote local.json.
+            match Target::local(&url, data_dir) {
+                Some(mut target) => {
                     tracing::info!(%url, "using the local server of local.json");
+                    if let Some(key) = api_key.clone().filter(|k| !k.trim().is_empty()) {
+                        target.api_key = Some(key);
+                    }
                     local.users = Some(lock(data_dir, USERS_LOCK, LockKind::Shared).await?);
                     return Ok(target);
                 }
-                _ => tracing::warn!(
+                None => tracing::warn!(
                     %url,
                     "the address in local.json answers but is not this data dir's server (or \
                      no key goes to it): starting one"

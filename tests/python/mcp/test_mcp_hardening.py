@@ -237,12 +237,17 @@ def test_the_local_key_never_goes_to_another_users_server_on_a_stale_port(openru
                                   env=env, capture_output=True, text=True, timeout=60)
             assert done.returncode != 0, done.stdout
             assert "no openrun server" in done.stderr, done.stderr
+            # A key of the user's own goes there neither.
+            done = subprocess.run([openrun_bin, "mcp", "--no-start"], input=json.dumps(INITIALIZE) + "\n",
+                                  env={**env, "OPENRUN_API_KEY": "or_userkey"}, capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode != 0, done.stdout
             subprocess.run([openrun_bin, "--server", f"http://127.0.0.1:{port}", "ls"], env=env,
                            capture_output=True, text=True, timeout=60)
             with open(log) as f:
                 seen = f.read()
             assert seen, "the impostor was asked (health, ls)"
-            assert "or_localsecret" not in seen, seen
+            assert "or_localsecret" not in seen and "or_userkey" not in seen, seen
     finally:
         subprocess.run(["umount", "-l", os.path.join(home, "disk-pool")], capture_output=True)
         shutil.rmtree(home, ignore_errors=True)

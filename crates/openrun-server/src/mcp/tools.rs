@@ -56,6 +56,8 @@ const EXIT_GRACE: Duration = Duration::from_secs(15);
 const READ_OUTPUT_BYTES: usize = 32 * 1024;
 /// Longest wait of `read_process_output`.
 const MAX_WAIT_SECS: u64 = 60;
+/// How long `read_process_output` without a wait reads the output there is, at most.
+const SNAPSHOT_BOUND: Duration = Duration::from_secs(10);
 /// Once new output arrived, how long `read_process_output` waits for more before answering.
 const SETTLE: Duration = Duration::from_millis(500);
 /// Bytes of a file `read_file` reads to find the lines asked for.
@@ -1070,7 +1072,15 @@ impl OpenrunMcp {
             crate::processes::follow_output(&self.state, &who.caller, &p.sandbox_id, request)
                 .await
                 .or_tool()?;
-        let mut deadline = Instant::now() + Duration::from_secs(wait);
+        // Without a wait the stream (follow off) ends by itself after the output there is
+        // (and the exit, if it ended): read it to its end, within a bound, instead of
+        // answering before its first line arrived.
+        let mut deadline = Instant::now()
+            + if wait > 0 {
+                Duration::from_secs(wait)
+            } else {
+                SNAPSHOT_BOUND
+            };
         let mut out = Chunked::new(stdout_since);
         let mut err = Chunked::new(stderr_since);
         let mut exit = None;

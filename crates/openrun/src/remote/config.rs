@@ -81,6 +81,16 @@ impl Target {
             .redirect(reqwest::redirect::Policy::none())
     }
 
+    /// The local server of `<data_dir>/local.json` at `url` with its key, only when `url` is
+    /// where that file's server listens and the listener is the file owner's (see
+    /// [`Target::resolve`]); `None` for a stale address or another program.
+    pub fn local(url: &Url, data_dir: &Path) -> Option<Target> {
+        local_key(url, data_dir).map(|key| Target {
+            url: url.clone(),
+            api_key: Some(key),
+        })
+    }
+
     /// The configured server, or `None` when there is none (the verbs then work locally).
     /// `server` and `api_key` are the flags (clap has already read their variables).
     pub fn resolve(
