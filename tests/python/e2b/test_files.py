@@ -325,3 +325,31 @@ def test_files_a_chunked_upload_too_large_keeps_the_old_file(sandbox, server_url
     assert answer and b" 413 " in answer[0], answer
     assert sandbox.files.read("/tmp/too-big.bin") == "old"
     _no_temporary_file(sandbox)
+
+
+def test_files_a_stalled_upload_is_cut_off_and_keeps_the_old_file(sandbox, server_url):
+    sandbox.files.write("/tmp/stalled.bin", "old")
+    host, port = server_url.removeprefix("http://").rsplit(":", 1)
+    head = (
+        f"POST /files?path=/tmp/stalled.bin HTTP/1.1\r\nHost: {host}\r\n"
+        f"E2b-Sandbox-Id: {sandbox.sandbox_id}\r\nE2b-Sandbox-Port: 49983\r\n"
+        f"X-Access-Token: {sandbox._envd_access_token}\r\n"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {40 << 20}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=180) as conn:
+        # More than one agent write (a temporary file exists), then nothing: the server cuts
+        # the upload off after 60 s without data.
+        conn.sendall(head.encode() + os.urandom(20 << 20))
+        started = time.monotonic()
+        answer = b""
+        while not (b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}")):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        waited = time.monotonic() - started
+    assert b" 400 " in answer.split(b"\r\n", 1)[0], answer
+    assert b"stalled" in answer
+    assert 50 < waited < 150, waited
+    assert sandbox.files.read("/tmp/stalled.bin") == "old"
+    _no_temporary_file(sandbox)
