@@ -143,12 +143,20 @@ impl Db {
             source,
         };
         // Created owner-only: the timeline holds commands and the key table their hashes.
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(open_err)?;
+        // Only when it does not exist yet: closing any descriptor of the file drops every POSIX
+        // lock this process holds on it, so opening and closing it here while another
+        // connection of this process (the server's) is open would let another process (`openrun
+        // key create`) think the database unused, checkpoint and delete the WAL under the
+        // server: the server would go on with a stale index, not see later writes, and lose
+        // them at its next checkpoint.
+        if std::fs::symlink_metadata(path).is_err() {
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(open_err)?;
+        }
         let mut conn =
             Connection::open(path).map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

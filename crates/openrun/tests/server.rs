@@ -716,3 +716,31 @@ fn another_tenant_gets_404_on_files_and_processes() {
         ["sandbox.create", "file.write", "process.exec"]
     );
 }
+
+#[test]
+fn keys_made_while_the_server_runs_all_work_and_survive_its_restart() {
+    // `openrun key create` is another process writing the same database: the server must keep
+    // its locks (and so its WAL) while it runs, see every key made, and lose none of them at
+    // its next checkpoint.
+    let env = Env::new();
+    let first = key(&env, "before");
+    let server = Server::start(&env);
+    let mut keys = vec![first];
+    for i in 0..4 {
+        keys.push(key(&env, &format!("during-{i}")));
+        // The server writes between the keys (a sandbox and its events).
+        let api = Api::new(&server, &keys[0]);
+        let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+        assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+        for key in &keys {
+            let res = Api::new(&server, key).get("/v1/sandboxes");
+            assert_eq!(res.status(), 200, "key {key} made while the server runs");
+        }
+    }
+    server.stop();
+    let server = Server::start(&env);
+    for key in &keys {
+        let res = Api::new(&server, key).get("/v1/sandboxes");
+        assert_eq!(res.status(), 200, "key {key} after a restart");
+    }
+}
