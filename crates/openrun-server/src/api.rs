@@ -227,23 +227,57 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Checks `Authorization: Bearer <key>` against the stored hashes (the middleware of `/v1` and
 /// `/mcp`).
-pub(crate) async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Result<Response, ApiError> {
-    let token = req
-        .headers()
+pub(crate) async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+    // Owned before the await: a request's body is not `Sync`, so no borrow of it may be held.
+    let token = bearer_token(req.headers());
+    let body = has_body(req.headers());
+    match caller_of(&s, token).await {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => {
+            let mut response = e.into_response();
+            // Refused before its body was read: the connection cannot be reused for the next
+            // request, and a pooling client (the E2B SDK's) must be told so.
+            if body {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            }
+            response
+        }
+    }
+}
+
+/// Whether a request announces a body (a length above zero, or chunked).
+pub(crate) fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+}
+
+/// The key of `Authorization: Bearer <key>`, if any.
+fn bearer_token(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            ApiError::Unauthorized(
-                "an API key is required: send Authorization: Bearer <key> (openrun key create)"
-                    .into(),
-            )
-        })?;
-    let caller = authenticate(&s, token).await?;
-    req.extensions_mut().insert(caller);
-    Ok(next.run(req).await)
+        .map(str::to_owned)
+}
+
+/// The caller a request's bearer key stands for.
+async fn caller_of(s: &AppState, token: Option<String>) -> Result<Caller, ApiError> {
+    let token = token.ok_or_else(|| {
+        ApiError::Unauthorized(
+            "an API key is required: send Authorization: Bearer <key> (openrun key create)".into(),
+        )
+    })?;
+    authenticate(s, &token).await
 }
 
 /// The caller an API key stands for (401 for a key this server does not know). Every surface

@@ -744,3 +744,26 @@ fn keys_made_while_the_server_runs_all_work_and_survive_its_restart() {
         assert_eq!(res.status(), 200, "key {key} after a restart");
     }
 }
+
+#[test]
+fn a_request_refused_before_its_body_was_read_closes_its_connection() {
+    // A pooling client must not reuse a connection whose request body the server never read.
+    let env = Env::new();
+    let server = Server::start(&env);
+    let http = Client::new();
+    let res = http
+        .post(format!("{}/v1/sandboxes", server.url))
+        .header("Authorization", "Bearer or_not-a-key")
+        .body("{\"image\":\"host\"}")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert_eq!(res.headers()["connection"], "close");
+    // Without a body the connection stays usable.
+    let res = http
+        .get(format!("{}/v1/sandboxes", server.url))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    assert!(res.headers().get("connection").is_none_or(|v| v != "close"));
+}
