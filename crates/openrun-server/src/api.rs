@@ -241,9 +241,10 @@ pub(crate) async fn auth(State(s): State<Shared>, mut req: Request, next: Next) 
             // Refused before its body was read: the connection cannot be reused for the next
             // request, and a pooling client (the E2B SDK's) must be told so.
             if body {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                response.headers_mut().insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
             }
             response
         }
