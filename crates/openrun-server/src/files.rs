@@ -47,6 +47,23 @@ fn check_path(name: &str, path: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// `path` made absolute with `//`, `.` and `..` folded lexically (`..` stops at the root),
+/// without looking at the file system: a key for a path, never a way to resolve one (the
+/// agent resolves paths inside the sandbox).
+pub(crate) fn normalize_path(path: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            part => parts.push(part),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// Appends an event of the caller's on `row`'s sandbox.
 pub(crate) async fn record(
     s: &Shared,

@@ -125,9 +125,7 @@ impl Query {
 
     /// An optional octal permission mode (`644`, `0755`).
     pub fn mode(&self, name: &str) -> Result<Option<u32>, ApiError> {
-        self.parsed(name, "octal permission bits like 644", |v| {
-            u32::from_str_radix(v, 8).ok().filter(|m| *m <= 0o7777)
-        })
+        self.parsed(name, "octal permission bits like 644", parse_mode)
     }
 
     /// An optional flag: `true` or `false` (missing is `false`).
@@ -140,6 +138,15 @@ impl Query {
             })?
             .unwrap_or(false))
     }
+}
+
+/// Octal permission bits like `644`, `0755` or `0o755` (at most `7777`).
+pub(crate) fn parse_mode(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
 }
 
 #[cfg(test)]

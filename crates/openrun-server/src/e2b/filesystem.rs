@@ -288,21 +288,6 @@ async fn default_user(s: &Shared, id: &str) -> Option<String> {
     }
 }
 
-/// `path` without `.`, `..` (stopping at the root) and repeated slashes; absolute.
-fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            other => parts.push(other),
-        }
-    }
-    format!("/{}", parts.join("/"))
-}
-
 /// The absolute path of a client's `path`: a relative one (or `~`, `~/…`) is taken from the
 /// run-as user's home directory. An unknown run-as user is refused ([`check_user`]).
 pub(super) async fn resolve_path(
@@ -317,7 +302,7 @@ pub(super) async fn resolve_path(
     }
     check_user(s, ctx).await?;
     if path.starts_with('/') {
-        return Ok(normalize(path));
+        return Ok(crate::files::normalize_path(path));
     }
     let rest = match path.strip_prefix('~') {
         Some("") => "",
@@ -335,7 +320,7 @@ pub(super) async fn resolve_path(
             }
         }
     };
-    Ok(normalize(&format!("{home}/{rest}")))
+    Ok(crate::files::normalize_path(&format!("{home}/{rest}")))
 }
 
 /// The home directory of `user`, from the sandbox's `/etc/passwd`.
@@ -415,8 +400,8 @@ fn to_entry(stat: FileStat, path: String, users: &Users) -> EntryInfo {
     let symlink_target = stat
         .symlink_target
         .map(|target| match target.starts_with('/') {
-            true => normalize(&target),
-            false => normalize(&format!("{}/{target}", parent(&path))),
+            true => crate::files::normalize_path(&target),
+            false => crate::files::normalize_path(&format!("{}/{target}", parent(&path))),
         });
     let (kind, is_symlink) = match stat.kind {
         FileKind::File => ("FILE_TYPE_FILE", false),
@@ -708,8 +693,8 @@ mod tests {
 
     #[test]
     fn paths_are_normalized() {
-        assert_eq!(normalize("/a//b/./c/../d/"), "/a/b/d");
-        assert_eq!(normalize("/../.."), "/");
+        assert_eq!(crate::files::normalize_path("/a//b/./c/../d/"), "/a/b/d");
+        assert_eq!(crate::files::normalize_path("/../.."), "/");
         assert_eq!(join("/", "etc"), "/etc");
         assert_eq!(join("/etc", "passwd"), "/etc/passwd");
     }

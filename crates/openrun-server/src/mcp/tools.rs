@@ -551,25 +551,10 @@ fn too_big_to_edit(path: &str, size: u64) -> CallToolResult {
 /// relative (resolved lexically against the link's directory).
 fn link_target(link: &str, target: &str) -> String {
     if target.starts_with('/') {
-        return normalize(target);
+        return crate::files::normalize_path(target);
     }
     let dir = link.rsplit_once('/').map_or("", |(dir, _)| dir);
-    normalize(&format!("{dir}/{target}"))
-}
-
-/// An absolute path with `//`, `.` and `..` folded lexically (the key of a file's edit turn).
-fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for part in path.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            part => parts.push(part),
-        }
-    }
-    format!("/{}", parts.join("/"))
+    crate::files::normalize_path(&format!("{dir}/{target}"))
 }
 
 /// The turn of each (sandbox, file) being edited.
@@ -593,7 +578,7 @@ impl EditLocks {
 
     /// Waits for the turn of `path` in `sandbox`.
     pub(crate) async fn lock(&self, sandbox: &str, path: &str) -> EditTurn<'_> {
-        let key = (sandbox.to_string(), normalize(path));
+        let key = (sandbox.to_string(), crate::files::normalize_path(path));
         let mutex = self.map().entry(key.clone()).or_default().clone();
         let turn = mutex.lock_owned().await;
         EditTurn {
@@ -1413,9 +1398,9 @@ impl OpenrunMcp {
         };
         let mode = match p.mode.as_deref() {
             None => None,
-            Some(text) => match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
-                Ok(mode) if mode <= 0o7777 => Some(mode),
-                _ => {
+            Some(text) => match crate::query::parse_mode(text) {
+                Some(mode) => Some(mode),
+                None => {
                     return Err(refuse(
                         "invalid_argument",
                         format!(
