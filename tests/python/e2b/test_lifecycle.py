@@ -619,6 +619,7 @@ def test_lifecycle_another_tenant_never_waits_on_a_sandbox_lock(sandbox, v1, ope
         text=True,
         env=env,
     ).stdout.strip().splitlines()[-1]
+    assert Sandbox.list(api_key=other).next_items() == [], "the new key works and sees nothing"
     sandbox.commands.run(
         "for i in $(seq 64); do head -c 8M /dev/urandom > /root/fill.$i; done", timeout=300
     )
