@@ -431,7 +431,13 @@ def test_code_interpreter_kernel_dying_just_after_an_execution(sandbox, context)
             assert after.error.name == "KernelDied", after.error
         else:
             assert after.text == "2"
-    assert sandbox.run_code("2 + 3", context=context).text == "5"
+    final = sandbox.run_code("2 + 3", context=context)
+    if final.error is not None:
+        # The last timer may fire during this execution on a loaded machine: then this one
+        # reports KernelDied and the next runs in a fresh kernel, which has no timer.
+        assert final.error.name == "KernelDied", final.error
+        final = sandbox.run_code("2 + 3", context=context)
+    assert final.text == "5"
 
 
 def test_code_interpreter_removal_and_restart_while_an_execution_waits(sandbox):

@@ -307,7 +307,7 @@ class CommandResultLike(Protocol):  # pragma: no cover - typing aid only
 #: (``crates/openrun-server/src/error.rs``), and the codes of ``error`` lines in streams, which
 #: are the agent's own (``ErrorCode`` of ``crates/openrun-protocol/src/message.rs``, snake_case)
 #: or the server's (``agent_lost``, ``agent_failed``: ``crates/openrun-server/src/exec.rs``).
-#: ``tests/python/sdk/test_errors.py`` checks that every one of them is here.
+#: ``tests/python/sdk/test_sdk_errors.py`` checks that every one of them is here.
 CODES: Dict[str, Tuple[Type[OpenrunError], int]] = {
     "unauthorized": (AuthenticationError, 401),
     "forbidden": (PermissionDeniedError, 403),
