@@ -30,14 +30,18 @@ pub fn replay_corpus(target: &str, check: fn(&[u8])) {
         .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
+        .map(|e| match e {
+            Ok(entry) => entry.path(),
+            Err(e) => panic!("cannot list {}: {e}", dir.display()),
+        })
         .collect();
     files.sort();
     assert!(!files.is_empty(), "the {target} corpus is missing");
     let failed: Vec<String> = files
         .iter()
         .filter(|path| {
-            let data = std::fs::read(path).unwrap();
+            let data = std::fs::read(path)
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
             std::panic::catch_unwind(|| check(&data)).is_err()
         })
         .map(|path| path.display().to_string())

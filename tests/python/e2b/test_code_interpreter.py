@@ -7,9 +7,7 @@ Run: scripts/python-tests e2b -- -k code_interpreter
 
 import os
 import shutil
-import signal
 import subprocess
-import tempfile
 import threading
 import time
 
@@ -540,51 +538,19 @@ async def test_code_interpreter_async_sandbox(server_url):
         await sbx.kill()
 
 
-def _serve(openrun_bin, data):
-    """Starts `openrun serve` on `data`; answers (process, url)."""
-    out = open(os.path.join(data, "serve.out"), "w+")
-    err = open(os.path.join(data, "serve.err"), "w")
-    process = subprocess.Popen(
-        [openrun_bin, "--data-dir", data, "serve", "--listen", "127.0.0.1:0"], stdout=out, stderr=err
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        out.seek(0)
-        for line in out.read().splitlines():
-            if line.startswith("listening on "):
-                return process, "http://" + line.split()[-1]
-        assert process.poll() is None, "the server exited: " + open(err.name).read()[-2000:]
-        time.sleep(0.1)
-    process.kill()
-    raise AssertionError("the server did not start")
-
-
-def _stop(process):
-    process.send_signal(signal.SIGTERM)
-    process.wait(30)
-
-
-def test_code_interpreter_contexts_outlive_a_server_restart(openrun_bin):
+def test_code_interpreter_contexts_outlive_a_server_restart(private_servers):
     """Contexts live in the sandbox's process table, not in the server: a restarted server
     (sandboxes outlive it) finds them, their kernels and variables again."""
-    data = tempfile.mkdtemp(prefix="h3ci")
-    server = None
-    sbx = None
+    server = private_servers.start()
+    opts = {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
+    sbx = Sandbox.create(**opts)
     try:
-        key = subprocess.run(
-            [openrun_bin, "--data-dir", data, "key", "create", "--name", "restart"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-        server, url = _serve(openrun_bin, data)
-        opts = {"api_key": key, "api_url": url, "sandbox_url": url}
-        sbx = Sandbox.create(**opts)
         ctx = sbx.create_code_context(cwd="/tmp")
         sbx.run_code("kept = 'across restarts'", context=ctx)
         sbx.run_code("default_kept = 11")
 
-        _stop(server)
-        server, url = _serve(openrun_bin, data)
-        opts = {"api_key": key, "api_url": url, "sandbox_url": url}
+        server = private_servers.restart(server)
+        opts = {"api_key": server.key, "api_url": server.url, "sandbox_url": server.url}
         again = Sandbox.connect(sbx.sandbox_id, **opts)
 
         listed = {c.id: c for c in again.list_code_contexts()}
@@ -593,15 +559,10 @@ def test_code_interpreter_contexts_outlive_a_server_restart(openrun_bin):
         assert again.run_code("default_kept").text == "11"
         sbx = again
     finally:
-        if sbx is not None:
-            try:
-                sbx.kill()
-            except Exception:
-                pass
-        if server is not None:
-            _stop(server)
-        subprocess.run(["umount", "-l", os.path.join(data, "disk-pool")], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
+        try:
+            sbx.kill()
+        except Exception:
+            pass
 
 
 def test_code_interpreter_on_a_killed_sandbox(server_url):
@@ -617,36 +578,32 @@ def test_code_interpreter_on_a_killed_sandbox(server_url):
         sbx.list_code_contexts()
 
 
-def test_code_interpreter_needs_python_in_the_image(openrun_bin):
+def test_code_interpreter_needs_python_in_the_image(openrun_bin, private_servers):
     """A template whose image has no python3 (busybox only): the calls fail with a 400 that
     says so, not with a hang or a 500."""
-    data = tempfile.mkdtemp(prefix="h3ci")
-    server = None
-    sbx = None
+    data = private_servers.data_dir()
+    context = os.path.join(data, "build")
+    root = os.path.join(context, "rootfs")
+    os.makedirs(os.path.join(root, "usr", "bin"))
+    os.makedirs(os.path.join(root, "etc"))
+    os.makedirs(os.path.join(root, "tmp"))
+    shutil.copy("/bin/busybox", os.path.join(root, "usr", "bin", "busybox"))
+    for applet in ["sh", "echo", "cat", "ls"]:
+        os.symlink("busybox", os.path.join(root, "usr", "bin", applet))
+    os.symlink("usr/bin", os.path.join(root, "bin"))
+    with open(os.path.join(root, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+    with open(os.path.join(context, "Dockerfile"), "w") as f:
+        f.write('FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/bin:/bin\nCMD ["sh"]\n')
+    subprocess.run(
+        [openrun_bin, "--data-dir", data, "image", "build", "-t", "nopython", context],
+        check=True, capture_output=True,
+    )
+    server = private_servers.start(data=data)
+    sbx = Sandbox.create(
+        template="nopython", api_key=server.key, api_url=server.url, sandbox_url=server.url
+    )
     try:
-        context = os.path.join(data, "build")
-        root = os.path.join(context, "rootfs")
-        os.makedirs(os.path.join(root, "usr", "bin"))
-        os.makedirs(os.path.join(root, "etc"))
-        os.makedirs(os.path.join(root, "tmp"))
-        shutil.copy("/bin/busybox", os.path.join(root, "usr", "bin", "busybox"))
-        for applet in ["sh", "echo", "cat", "ls"]:
-            os.symlink("busybox", os.path.join(root, "usr", "bin", applet))
-        os.symlink("usr/bin", os.path.join(root, "bin"))
-        with open(os.path.join(root, "etc", "passwd"), "w") as f:
-            f.write("root:x:0:0:root:/root:/bin/sh\n")
-        with open(os.path.join(context, "Dockerfile"), "w") as f:
-            f.write('FROM scratch\nCOPY rootfs/ /\nENV PATH=/usr/bin:/bin\nCMD ["sh"]\n')
-        subprocess.run(
-            [openrun_bin, "--data-dir", data, "image", "build", "-t", "nopython", context],
-            check=True, capture_output=True,
-        )
-        key = subprocess.run(
-            [openrun_bin, "--data-dir", data, "key", "create", "--name", "nopython"],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip()
-        server, url = _serve(openrun_bin, data)
-        sbx = Sandbox.create(template="nopython", api_key=key, api_url=url, sandbox_url=url)
         with pytest.raises(SandboxException) as caught:
             sbx.run_code("1 + 1")
         assert "400" in str(caught.value) and "python3" in str(caught.value)
@@ -655,12 +612,7 @@ def test_code_interpreter_needs_python_in_the_image(openrun_bin):
         assert "python3" in str(caught.value)
         assert sbx.list_code_contexts() == []
     finally:
-        if sbx is not None:
-            try:
-                sbx.kill()
-            except Exception:
-                pass
-        if server is not None:
-            _stop(server)
-        subprocess.run(["umount", "-l", os.path.join(data, "disk-pool")], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
+        try:
+            sbx.kill()
+        except Exception:
+            pass

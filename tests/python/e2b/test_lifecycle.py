@@ -7,9 +7,7 @@ keys and tokens.
 Run: scripts/python-tests e2b -- -k lifecycle
 """
 
-import os
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -433,15 +431,8 @@ async def test_lifecycle_async_sdk():
     assert await sbx.kill() is False
 
 
-def test_lifecycle_another_tenant_sees_nothing(sandbox, openrun_bin, data_dir):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRUN_")}
-    other = subprocess.run(
-        [openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "other-tenant"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.strip().splitlines()[-1]
+def test_lifecycle_another_tenant_sees_nothing(sandbox, make_key):
+    other = make_key("other-tenant")
     sid = sandbox.sandbox_id
     with pytest.raises(SandboxNotFoundException):
         Sandbox.get_info(sid, api_key=other)
@@ -607,18 +598,11 @@ def test_lifecycle_sandbox_traffic_is_counted_in_the_metrics(sandbox, server_url
     assert health_count() >= before + 3
 
 
-def test_lifecycle_another_tenant_never_waits_on_a_sandbox_lock(sandbox, v1, openrun_bin, data_dir):
+def test_lifecycle_another_tenant_never_waits_on_a_sandbox_lock(sandbox, v1, make_key):
     # The owner's snapshot holds the sandbox's change lock while it copies the files; another
     # tenant's timeout change is told "not found" at once, not after the lock (a timing
     # oracle and a way to hold the owner up).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRUN_")}
-    other = subprocess.run(
-        [openrun_bin, "--data-dir", data_dir, "key", "create", "--name", "lock-prober"],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout.strip().splitlines()[-1]
+    other = make_key("lock-prober")
     assert Sandbox.list(api_key=other).next_items() == [], "the new key works and sees nothing"
     sandbox.commands.run(
         "for i in $(seq 64); do head -c 8M /dev/urandom > /root/fill.$i; done", timeout=300

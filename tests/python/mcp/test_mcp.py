@@ -473,41 +473,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_private_server(openrun_bin, data_dir, port):
-    server = subprocess.Popen([openrun_bin, "--data-dir", data_dir, "serve", "--listen", f"127.0.0.1:{port}"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = server.stdout.readline()
-    assert line.startswith("listening on "), line
-    return server
-
-
-def stop_private_server(server):
-    server.terminate()
-    server.wait(timeout=30)
-
-
-async def test_stdio_bridge_survives_a_server_restart(openrun_bin):
+async def test_stdio_bridge_survives_a_server_restart(openrun_bin, private_servers):
     """The server forgets MCP sessions when it restarts: the bridge opens a new one with the
     client's initialize and the client notices nothing."""
-    home = tempfile.mkdtemp(prefix="ormcp")
-    server = None
-    try:
-        key = subprocess.run([openrun_bin, "--data-dir", home, "key", "create", "--name", "restart"],
-                             capture_output=True, text=True, timeout=60, check=True).stdout.strip()
-        port = free_port()
-        server = start_private_server(openrun_bin, home, port)
-        env = bare_env(home)
-        env["OPENRUN_SERVER"] = f"http://127.0.0.1:{port}"
-        env["OPENRUN_API_KEY"] = key
-        async with Client(stdio_params(openrun_bin, env), mode="legacy", read_timeout_seconds=60) as client:
-            assert (await call(client, "list_sandboxes"))["sandboxes"] == []
-            stop_private_server(server)
-            server = start_private_server(openrun_bin, home, port)
-            assert (await call(client, "list_sandboxes"))["sandboxes"] == []
-            tools = await client.list_tools()
-            assert "run_command" in [t.name for t in tools.tools]
-    finally:
-        if server is not None:
-            stop_private_server(server)
-        subprocess.run(["umount", "-l", os.path.join(home, "disk-pool")], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+    server = private_servers.start()
+    env = bare_env(server.data)
+    env["OPENRUN_SERVER"] = server.url
+    env["OPENRUN_API_KEY"] = server.key
+    async with Client(stdio_params(openrun_bin, env), mode="legacy", read_timeout_seconds=60) as client:
+        assert (await call(client, "list_sandboxes"))["sandboxes"] == []
+        server = private_servers.restart(server)
+        assert (await call(client, "list_sandboxes"))["sandboxes"] == []
+        tools = await client.list_tools()
+        assert "run_command" in [t.name for t in tools.tools]

@@ -1578,29 +1578,13 @@ mod tests {
     /// on stdin, requests, E2B's lines tagged with the request ids.
     #[test]
     fn the_kernel_runs_code_like_a_jupyter_kernel() {
-        use std::io::{BufRead, BufReader, Write};
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(PYTHON)
-            .args(["-c", BOOTSTRAP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let mut stdin = child.stdin.take().expect("stdin");
-        write!(stdin, "{}\n{KERNEL}", KERNEL.len()).expect("source sent");
-        let requests = [
-            serde_json::json!({"id": "r1", "code": "import os\nos.system('echo sub; echo err >&2')\nx = 6 * 7\nx", "env_vars": {"K": "v"}}),
-            serde_json::json!({"id": "r2", "code": "print(os.environ.get('K'))\nx / 0"}),
-        ];
-        for request in requests {
-            writeln!(stdin, "{request}").expect("request sent");
-        }
-        drop(stdin);
-        let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().expect("stdout"))
-            .lines()
-            .map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON"))
-            .collect();
-        assert!(child.wait().expect("exit").success());
+        let lines = kernel_lines(
+            "python",
+            &[
+                serde_json::json!({"id": "r1", "code": "import os\nos.system('echo sub; echo err >&2')\nx = 6 * 7\nx", "env_vars": {"K": "v"}}),
+                serde_json::json!({"id": "r2", "code": "print(os.environ.get('K'))\nx / 0"}),
+            ],
+        );
         assert_eq!(lines[0]["type"], "ready");
         let of = |id: &str| -> Vec<serde_json::Value> {
             lines
@@ -1648,31 +1632,14 @@ mod tests {
     /// `ExitCode` error.
     #[test]
     fn the_bash_kernel_keeps_its_shell() {
-        use std::io::{BufRead, BufReader, Write};
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(PYTHON)
-            .args(["-c", BOOTSTRAP])
-            .env("OPENRUN_KERNEL_LANGUAGE", "bash")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 runs");
-        let mut stdin = child.stdin.take().expect("stdin");
-        write!(stdin, "{}\n{KERNEL}", KERNEL.len()).expect("source sent");
-        let requests = [
-            serde_json::json!({"id": "b1", "code": "N=4; cd /; greet() { echo \"hi $1\"; }"}),
-            serde_json::json!({"id": "b2", "code": "greet $N; pwd; echo $OPENRUN_KERNEL_LANGUAGE-$V", "env_vars": {"V": "v"}}),
-            serde_json::json!({"id": "b3", "code": "echo $V; false"}),
-        ];
-        for request in requests {
-            writeln!(stdin, "{request}").expect("request sent");
-        }
-        drop(stdin);
-        let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().expect("stdout"))
-            .lines()
-            .map(|l| serde_json::from_str(&l.expect("a line")).expect("JSON"))
-            .collect();
-        assert!(child.wait().expect("exit").success());
+        let lines = kernel_lines(
+            "bash",
+            &[
+                serde_json::json!({"id": "b1", "code": "N=4; cd /; greet() { echo \"hi $1\"; }"}),
+                serde_json::json!({"id": "b2", "code": "greet $N; pwd; echo $OPENRUN_KERNEL_LANGUAGE-$V", "env_vars": {"V": "v"}}),
+                serde_json::json!({"id": "b3", "code": "echo $V; false"}),
+            ],
+        );
         let of = |id: &str, kind: &str| -> Vec<serde_json::Value> {
             lines
                 .iter()
