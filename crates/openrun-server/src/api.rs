@@ -117,6 +117,9 @@ pub fn router(state: Shared) -> Router {
             state.clone(),
             crate::e2b::sandbox_traffic,
         ))
+        // Around everything: an answer made before its request's body was read closes the
+        // connection.
+        .layer(middleware::from_fn(crate::unread_body::close_if_unread))
         .with_state(state)
 }
 
@@ -227,37 +230,16 @@ async fn health() -> Json<serde_json::Value> {
 
 /// Checks `Authorization: Bearer <key>` against the stored hashes (the middleware of `/v1` and
 /// `/mcp`).
-pub(crate) async fn auth(State(s): State<Shared>, mut req: Request, next: Next) -> Response {
+pub(crate) async fn auth(
+    State(s): State<Shared>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     // Owned before the await: a request's body is not `Sync`, so no borrow of it may be held.
     let token = bearer_token(req.headers());
-    let body = has_body(req.headers());
-    match caller_of(&s, token).await {
-        Ok(caller) => {
-            req.extensions_mut().insert(caller);
-            next.run(req).await
-        }
-        Err(e) => {
-            let mut response = e.into_response();
-            // Refused before its body was read: the connection cannot be reused for the next
-            // request, and a pooling client (the E2B SDK's) must be told so.
-            if body {
-                response.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("close"),
-                );
-            }
-            response
-        }
-    }
-}
-
-/// Whether a request announces a body (a length above zero, or chunked).
-pub(crate) fn has_body(headers: &axum::http::HeaderMap) -> bool {
-    headers.contains_key(header::TRANSFER_ENCODING)
-        || headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim() != "0")
+    let caller = caller_of(&s, token).await?;
+    req.extensions_mut().insert(caller);
+    Ok(next.run(req).await)
 }
 
 /// The key of `Authorization: Bearer <key>`, if any.

@@ -249,14 +249,6 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, retry_after_secs.into());
         }
-        if let Self::TooLarge { .. } = self {
-            // The rest of the body stays unread, so the connection cannot carry another
-            // request: say so, or a client would reuse it and see it close under its next one.
-            response.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-        }
         response
     }
 }

@@ -33,6 +33,7 @@ mod query;
 mod relay;
 mod terminal;
 mod time;
+mod unread_body;
 mod watch;
 mod ws;
 

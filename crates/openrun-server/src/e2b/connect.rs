@@ -80,7 +80,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use openrun_protocol::ErrorCode;
@@ -321,20 +321,12 @@ impl IntoResponse for ConnectError {
     /// The unary error answer.
     fn into_response(self) -> Response {
         let status = self.status.unwrap_or_else(|| self.code.http_status());
-        let mut response = (
+        (
             status,
             [(header::CONTENT_TYPE, UNARY_JSON)],
             self.json().to_string(),
         )
-            .into_response();
-        if self.code == Code::ResourceExhausted {
-            // The rest of an oversize body stays unread: the connection cannot carry another
-            // request.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+            .into_response()
     }
 }
 
@@ -357,14 +349,7 @@ impl From<ApiError> for StreamError {
 
 impl IntoResponse for StreamError {
     fn into_response(self) -> Response {
-        let close = self.0.code == Code::ResourceExhausted;
-        let mut response = stream_response(Body::from(end_stream(Some(&self.0))));
-        if close {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        response
+        stream_response(Body::from(end_stream(Some(&self.0))))
     }
 }
 
@@ -523,16 +508,11 @@ pub(crate) async fn unary_deadline(req: Request, next: axum::middleware::Next) -
     match timeout {
         Some(limit) if unary => match tokio::time::timeout(limit, next.run(req)).await {
             Ok(response) => response,
-            Err(_) => {
-                let mut response = ConnectError::new(
-                    Code::DeadlineExceeded,
-                    "the call's deadline (Connect-Timeout-Ms) passed",
-                )
-                .into_response();
-                // The request's body may be unread: the connection cannot carry another call.
-                super::close_connection(&mut response);
-                response
-            }
+            Err(_) => ConnectError::new(
+                Code::DeadlineExceeded,
+                "the call's deadline (Connect-Timeout-Ms) passed",
+            )
+            .into_response(),
         },
         _ => next.run(req).await,
     }
@@ -1093,6 +1073,7 @@ pub(crate) mod pj {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn env(flags: u8, payload: &[u8]) -> Vec<u8> {
         envelope(flags, payload).to_vec()

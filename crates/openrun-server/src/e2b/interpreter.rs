@@ -757,17 +757,13 @@ async fn execute(s: Shared, ctx: &SandboxCtx, body: Body) -> Result<Response, Ap
     let Ok(body) = axum::body::to_bytes(body, MAX_EXECUTE_BODY).await else {
         // Said here, naming the code (the body extractor's refusal would not); the rest of
         // the body is unread, so the connection closes.
-        let mut response = super::error(
+        let response = super::error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
                 "the code to run is too large: the request body of /execute is limited to \
                  {MAX_EXECUTE_BODY} bytes (write bigger code to a file in the sandbox and run \
                  that)"
             ),
-        );
-        response.headers_mut().insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("close"),
         );
         return Ok(response);
     };

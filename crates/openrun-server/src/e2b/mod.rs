@@ -206,16 +206,10 @@ const PAUSED: &str = ": it is paused (resume it with Sandbox.connect)";
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Middleware: an error answer of this server (`{"code": "<name>", "message"}`) becomes
-/// E2B's `{"code": <status>, "message", "error_code": "<name>"}` (closing the connection when
-/// the request had a body, which may be unread); anything else passes.
+/// E2B's `{"code": <status>, "message", "error_code": "<name>"}`; anything else passes.
 pub(crate) async fn e2b_errors(req: Request, next: Next) -> Response {
-    let unread_body = may_have_body(req.headers());
-    let mut response = next.run(req).await;
+    let response = next.run(req).await;
     let status = response.status();
-    // A refusal may come before the body was read (or in the middle of it).
-    if unread_body && (status.is_client_error() || status.is_server_error()) {
-        close_connection(&mut response);
-    }
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -358,33 +352,11 @@ pub(crate) async fn sandbox_traffic(State(s): State<Shared>, req: Request, next:
     let Some(target) = target(req.headers(), req.uri().host(), s.previews.domain()) else {
         return next.run(req).await;
     };
-    let unread_body = may_have_body(req.headers());
-    match dispatch(s, target, req).await {
-        Ok(response) => response,
-        Err(mut refusal) => {
-            if unread_body {
-                close_connection(&mut refusal);
-            }
-            refusal
-        }
-    }
-}
-
-/// Whether a request may carry a body (`Content-Length` above 0, or chunked).
-fn may_have_body(headers: &HeaderMap) -> bool {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .map(|v| v.to_str().map_or(true, |v| v.trim() != "0"));
-    headers.contains_key(header::TRANSFER_ENCODING) || length == Some(true)
-}
-
-/// Marks an answer given before the request's body was read: the connection closes after it,
-/// so a pooling client (the SDK shares one pool for the API and every sandbox) does not send
-/// its next request on a connection the server is dropping.
-pub(crate) fn close_connection(response: &mut Response) {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // A refusal is answered before the body was read: `crate::unread_body` closes the
+    // connection after it.
+    dispatch(s, target, req)
+        .await
+        .unwrap_or_else(|refusal| refusal)
 }
 
 /// Checks a request of sandbox traffic and runs it on the sandbox routes; a refusal (`Err`)
@@ -513,14 +485,6 @@ mod tests {
         );
         let h = headers(&[("Host", "api.example.com")]);
         assert_eq!(target(&h, None, Some("sbx.example.com")), None);
-    }
-
-    #[test]
-    fn bodies_are_told_by_length_or_chunking() {
-        assert!(!may_have_body(&headers(&[])));
-        assert!(!may_have_body(&headers(&[("Content-Length", "0")])));
-        assert!(may_have_body(&headers(&[("Content-Length", "12")])));
-        assert!(may_have_body(&headers(&[("Transfer-Encoding", "chunked")])));
     }
 
     #[test]

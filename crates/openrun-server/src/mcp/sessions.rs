@@ -205,17 +205,7 @@ impl Drop for InFlight {
 
 /// rmcp's answer to a session it does not know, given for another tenant's sessions too.
 fn session_not_found() -> Response {
-    unread((StatusCode::NOT_FOUND, "Not Found: Session not found").into_response())
-}
-
-/// An answer given without reading the request's body: the connection is not reused (a
-/// client sending its next request on it could find it closed under it).
-fn unread(mut response: Response) -> Response {
-    response.headers_mut().insert(
-        axum::http::header::CONNECTION,
-        axum::http::HeaderValue::from_static("close"),
-    );
-    response
+    (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response()
 }
 
 /// The layer of `/mcp` (inside authentication): see the module documentation.
@@ -256,7 +246,7 @@ pub(crate) async fn guard(
         None => {
             if req.method() == Method::POST {
                 if let Err(e) = sessions.make_room(&caller.tenant).await {
-                    return unread(e.into_response());
+                    return e.into_response();
                 }
             }
             let response = next.run(req).await;
