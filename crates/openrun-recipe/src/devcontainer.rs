@@ -1,0 +1,1 @@
+//! devcontainer.json (the Development Containers specification) to a plan.
