@@ -34,6 +34,7 @@ mod relay;
 mod terminal;
 mod time;
 mod unread_body;
+mod up;
 mod watch;
 mod ws;
 
