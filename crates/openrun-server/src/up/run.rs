@@ -1,0 +1,255 @@
+//! One command of an `up` (a clone, an install, a setup step, the check) run through the exec
+//! core call ([`crate::exec::run_attached`]: the `process.exec`/`process.exit` events and
+//! owed exits come with it), its output forwarded as progress and its end summarized.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use openrun_protocol::ExecRequest;
+
+use super::{Progress, UpError, UpEvent};
+use crate::api::{Caller, Shared};
+use crate::exec::Line;
+
+/// Bytes of output an [`Outcome`] keeps (the end of stdout and stderr, interleaved).
+pub(crate) const TAIL_BYTES: usize = 4096;
+
+/// How long past its timeout a command may go unreported before the sandbox is given up on
+/// (the agent kills it at the timeout and reports the exit).
+const EXIT_GRACE: Duration = Duration::from_secs(30);
+
+/// How a command ended.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    /// Its exit code; 128 + N for a signal N, 124 for a timeout without a code, 127 or 126
+    /// for a command that could not start (not found, not executable).
+    pub exit_code: i32,
+    /// How long it ran.
+    pub duration_ms: u64,
+    /// The last [`TAIL_BYTES`] of its stdout and stderr (lossy UTF-8), then a line saying why
+    /// it ended when it was not an exit of its own (a signal, the timeout, memory).
+    pub tail: String,
+}
+
+impl Outcome {
+    /// Whether it exited with 0.
+    pub(crate) fn ok(&self) -> bool {
+        self.exit_code == 0
+    }
+
+    /// The last `lines` non-empty lines of the tail.
+    pub(crate) fn last_lines(&self, lines: usize) -> String {
+        let kept: Vec<&str> = self
+            .tail
+            .lines()
+            .map(str::trim_end)
+            .filter(|l| !l.is_empty())
+            .collect();
+        kept[kept.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// The end of a command's output, bounded.
+#[derive(Debug, Default)]
+struct Tail(VecDeque<u8>);
+
+impl Tail {
+    fn push(&mut self, data: &[u8]) {
+        let data = &data[data.len().saturating_sub(TAIL_BYTES)..];
+        let excess = (self.0.len() + data.len()).saturating_sub(TAIL_BYTES);
+        self.0.drain(..excess);
+        self.0.extend(data);
+    }
+
+    fn text(&self) -> String {
+        let bytes: Vec<u8> = self.0.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// Runs `argv` in the caller's sandbox `sandbox_id` as step `step` (`cwd`, extra `env`, as
+/// `user`, killed after `timeout`), forwarding its output to `progress` as
+/// [`UpEvent::Output`]. A command that ran (whatever its exit) is an `Ok`; an error is a
+/// sandbox that could not run it or went away.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_command(
+    s: &Shared,
+    caller: &Caller,
+    sandbox_id: &str,
+    step: &str,
+    argv: Vec<String>,
+    cwd: Option<String>,
+    env: BTreeMap<String, String>,
+    user: Option<String>,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<Outcome, UpError> {
+    let started = Instant::now();
+    let request = ExecRequest {
+        argv,
+        env,
+        cwd,
+        user,
+        timeout_ms: Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+        attach: true,
+        tag: Some(format!("up:{step}")),
+        ..Default::default()
+    };
+    let mut lines = crate::exec::run_attached(s, caller, sandbox_id, request, None)
+        .await
+        .map_err(|e| UpError::from(e).at_step(step))?;
+    let deadline = tokio::time::Instant::now() + timeout + EXIT_GRACE;
+    let mut tail = Tail::default();
+    let elapsed = |started: Instant| u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
+    loop {
+        let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => {
+                return Err(UpError::new(
+                    "agent_lost",
+                    format!(
+                        "step {step}: the command's output ended without an exit status (the \
+                         sandbox may have stopped)"
+                    ),
+                )
+                .at_step(step))
+            }
+            Err(_) => {
+                return Err(UpError::new(
+                    "internal",
+                    format!(
+                        "step {step}: the sandbox did not report the command's end {} s after \
+                         its timeout",
+                        EXIT_GRACE.as_secs()
+                    ),
+                )
+                .at_step(step))
+            }
+        };
+        match line {
+            Line::Started { .. } => {}
+            Line::Stdout { data, .. } => forward(progress, step, "stdout", &data, &mut tail).await,
+            Line::Stderr { data, .. } => forward(progress, step, "stderr", &data, &mut tail).await,
+            Line::Exit {
+                code,
+                signal,
+                timed_out,
+                oom_killed,
+            } => {
+                let exit_code = match (code, signal) {
+                    (Some(code), _) => code,
+                    (None, Some(signal)) => 128 + signal,
+                    (None, None) => 124,
+                };
+                let mut why = Vec::new();
+                if timed_out {
+                    why.push(format!(
+                        "killed at its timeout of {}",
+                        human_duration(timeout)
+                    ));
+                }
+                if oom_killed {
+                    why.push("killed by the sandbox's memory limit (out of memory)".to_string());
+                }
+                if why.is_empty() {
+                    if let (None, Some(signal)) = (code, signal) {
+                        why.push(format!("killed by signal {signal}"));
+                    }
+                }
+                let mut text = tail.text();
+                if !why.is_empty() {
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                    text.push_str(&format!("[openrun: {}]\n", why.join("; ")));
+                }
+                let exit_code = if exit_code == 0 && (timed_out || oom_killed) {
+                    124
+                } else {
+                    exit_code
+                };
+                return Ok(Outcome {
+                    exit_code,
+                    duration_ms: elapsed(started),
+                    tail: text,
+                });
+            }
+            Line::Error { code, message } => {
+                // A command that could not start is the step's failure, as a shell reports it.
+                let exit_code = match code.as_str() {
+                    "command_not_found" => 127,
+                    "permission_denied" => 126,
+                    "not_found" | "not_a_directory" | "invalid_argument" => 126,
+                    _ => {
+                        return Err(UpError::new(&code, format!("step {step}: {message}"))
+                            .at_step(step))
+                    }
+                };
+                let note = format!("[openrun: {message}]\n");
+                forward(progress, step, "stderr", note.as_bytes(), &mut tail).await;
+                return Ok(Outcome {
+                    exit_code,
+                    duration_ms: elapsed(started),
+                    tail: tail.text(),
+                });
+            }
+        }
+    }
+}
+
+/// Sends an output chunk as progress and keeps its end.
+async fn forward(
+    progress: &Progress,
+    step: &str,
+    stream: &'static str,
+    data: &[u8],
+    tail: &mut Tail,
+) {
+    tail.push(data);
+    progress
+        .send(UpEvent::Output {
+            step: step.to_string(),
+            stream,
+            data_b64: base64::engine::general_purpose::STANDARD.encode(data),
+        })
+        .await;
+}
+
+/// `5 min`, `30 s`.
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 60 && secs % 60 == 0 {
+        format!("{} min", secs / 60)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_last_bytes() {
+        let mut tail = Tail::default();
+        tail.push(&[b'a'; 3000]);
+        tail.push(&[b'b'; 3000]);
+        let text = tail.text();
+        assert_eq!(text.len(), TAIL_BYTES);
+        assert!(text.ends_with(&"b".repeat(3000)));
+        tail.push(&vec![b'c'; 10_000]);
+        assert_eq!(tail.text(), "c".repeat(TAIL_BYTES));
+    }
+
+    #[test]
+    fn last_lines_skip_blank_ones() {
+        let outcome = Outcome {
+            exit_code: 1,
+            duration_ms: 0,
+            tail: "a\nb\n\nc\n\n".into(),
+        };
+        assert_eq!(outcome.last_lines(2), "b\nc");
+        assert_eq!(outcome.last_lines(10), "a\nb\nc");
+    }
+}
