@@ -28,6 +28,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, Read, Write};
+use std::path::Path as HostPath;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -170,10 +171,11 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     query.only(&["path"])?;
     let root = query.path("path")?;
-    let row = find(&s, &caller, &id).await?;
-    let (_sandbox, mut client) = open_running(&s, &row).await?;
-    let slot = Slot::take(&caller.tenant)?;
-    let entries = walk(&mut client, &root).await?;
+    let Listed {
+        mut client,
+        slot,
+        entries,
+    } = listed(&s, &caller, &id, &root).await?;
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(SEND_QUEUE);
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || {
@@ -197,6 +199,103 @@ pub async fn download(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Writes the tar archive of the directory `root` in the caller's sandbox `id` to the host
+/// file `dest` (created or truncated), exactly as `GET .../files/tar` sends it; returns the
+/// archive's size in bytes. A failure part way leaves `dest` partly written: the caller
+/// removes it.
+#[allow(
+    dead_code,
+    reason = "a core call for `openrun up` (up::open_repo), being written"
+)]
+pub(crate) async fn archive_to_file(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    root: &str,
+    dest: &HostPath,
+) -> Result<u64, ApiError> {
+    check_root(root)?;
+    let Listed {
+        mut client,
+        slot,
+        entries,
+    } = listed(s, caller, id, root).await?;
+    let file = std::fs::File::create(dest).map_err(|e| {
+        ApiError::internal(
+            "cannot write the archive",
+            format!("{}: {e}", dest.display()),
+        )
+    })?;
+    let handle = Handle::current();
+    let root = root.to_string();
+    let shown_dest = dest.display().to_string();
+    blocking(move || {
+        let _slot = slot;
+        let mut sink = Counted {
+            inner: io::BufWriter::new(file),
+            written: 0,
+        };
+        write_archive(&handle, &mut client, &root, &entries, &mut sink)?;
+        sink.inner
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        Ok::<u64, io::Error>(sink.written)
+    })
+    .await?
+    .map_err(|e| ApiError::internal("a tar archive broke off", format!("{shown_dest}: {e}")))
+}
+
+/// Refuses a directory path the file API would refuse.
+fn check_root(root: &str) -> Result<(), ApiError> {
+    if root.is_empty() || root.contains('\0') {
+        return Err(ApiError::InvalidArgument(
+            "path must be a non-empty path without NUL".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What an archive of a sandbox directory starts from: the agent connection, the transfer's
+/// place and the tree's entries.
+struct Listed {
+    client: AgentClient,
+    slot: Slot,
+    entries: Vec<Entry>,
+}
+
+/// Finds the caller's running sandbox `id`, takes a transfer place and lists `root`: the
+/// shared first half of [`download`] and [`archive_to_file`].
+async fn listed(s: &Shared, caller: &Caller, id: &str, root: &str) -> Result<Listed, ApiError> {
+    let row = find(s, caller, id).await?;
+    let (_sandbox, mut client) = open_running(s, &row).await?;
+    let slot = Slot::take(&caller.tenant)?;
+    let entries = walk(&mut client, root).await?;
+    Ok(Listed {
+        client,
+        slot,
+        entries,
+    })
+}
+
+/// A writer counting the bytes it passes on.
+struct Counted<W> {
+    inner: W,
+    written: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// One entry of a download: its name relative to the root, and its metadata.
@@ -337,7 +436,7 @@ fn write_archive(
     client: &mut AgentClient,
     root: &str,
     entries: &[Entry],
-    sink: &mut Sink,
+    sink: &mut impl Write,
 ) -> io::Result<()> {
     let mut builder = tar::Builder::new(&mut *sink);
     for Entry { name, stat } in entries {
@@ -476,12 +575,12 @@ impl Write for Sink {
 }
 
 /// Answer of an upload.
-#[derive(Debug, Default, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
 pub struct Extracted {
     /// Regular files written.
-    files: u64,
+    pub(crate) files: u64,
     /// Bytes written to them.
-    bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// `PUT /v1/sandboxes/{id}/files/tar?path=/dir` with a tar body.
@@ -510,11 +609,60 @@ pub async fn upload(
             limit: MAX_UPLOAD as usize,
         });
     }
-    let row = find(&s, &caller, &id).await?;
-    let (_sandbox, mut client) = open_running(&s, &row).await?;
+    let body = BodyReader {
+        handle: Handle::current(),
+        stream: body.into_data_stream(),
+        chunk: Bytes::new(),
+        total: 0,
+        failure: None,
+    };
+    extract(&s, &caller, &id, &root, body).await.map(Json)
+}
+
+/// Extracts the tar file `file` on the host (one the server wrote) into the directory `root`
+/// of the caller's sandbox `id` (created if missing), exactly as `PUT .../files/tar` extracts
+/// a body: the same checks per entry, agent requests and `file.write` event. The archive's
+/// size is not limited (the server made it; the sandbox's disk quota still applies).
+#[allow(
+    dead_code,
+    reason = "a core call for `openrun up` (up::open_repo), being written"
+)]
+pub(crate) async fn extract_archive(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    root: &str,
+    file: &HostPath,
+) -> Result<Extracted, ApiError> {
+    check_root(root)?;
+    let opened = std::fs::File::open(file).map_err(|e| {
+        ApiError::internal(
+            "cannot read the archive",
+            format!("{}: {e}", file.display()),
+        )
+    })?;
+    let source = HostFile {
+        file: io::BufReader::new(opened),
+        failure: None,
+    };
+    extract(s, caller, id, root, source).await
+}
+
+/// Extracts the archive read from `source` into `root` of the caller's sandbox `id` and
+/// records the `file.write` event: the one implementation of [`upload`] and
+/// [`extract_archive`].
+async fn extract(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    root: &str,
+    source: impl Source + Send + 'static,
+) -> Result<Extracted, ApiError> {
+    let row = find(s, caller, id).await?;
+    let (_sandbox, mut client) = open_running(s, &row).await?;
     let slot = Slot::take(&caller.tenant)?;
     let mkdir = Request::Mkdir {
-        path: root.clone(),
+        path: root.to_string(),
         parents: true,
         mode: None,
     };
@@ -526,7 +674,7 @@ pub async fn upload(
         other => return Err(unexpected(other)),
     }
     let handle = Handle::current();
-    let target = root.clone();
+    let target = root.to_string();
     let (done, result) = blocking(move || {
         let _slot = slot;
         let mut extraction = Extraction {
@@ -535,7 +683,7 @@ pub async fn upload(
             root: target,
             done: Extracted::default(),
         };
-        let result = extraction.run(body.into_data_stream());
+        let result = extraction.run(source);
         (extraction.done, result)
     })
     .await?;
@@ -547,13 +695,39 @@ pub async fn upload(
         "bytes": done.bytes,
         "complete": result.is_ok(),
     });
-    record(&s, &caller, &row, "file.write", payload).await?;
-    result.map(|()| Json(done))
+    record(s, caller, &row, "file.write", payload).await?;
+    result.map(|()| done)
+}
+
+/// Where an archive being extracted is read from.
+trait Source: Read {
+    /// Why reading stopped, when it was not the archive's fault (taken once).
+    fn failure(&mut self) -> Option<ApiError>;
+}
+
+/// A tar file on the host.
+struct HostFile {
+    file: io::BufReader<std::fs::File>,
+    failure: Option<ApiError>,
+}
+
+impl Read for HostFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.file.read(buf).inspect_err(|e| {
+            self.failure = Some(ApiError::internal("cannot read the archive", e.to_string()));
+        })
+    }
+}
+
+impl Source for HostFile {
+    fn failure(&mut self) -> Option<ApiError> {
+        self.failure.take()
+    }
 }
 
 /// The request body as a [`Read`], refusing more than [`MAX_UPLOAD`] bytes.
-struct BodyReader<'a> {
-    handle: &'a Handle,
+struct BodyReader {
+    handle: Handle,
     stream: BodyDataStream,
     chunk: Bytes,
     total: u64,
@@ -561,11 +735,11 @@ struct BodyReader<'a> {
     failure: Option<ApiError>,
 }
 
-impl Read for BodyReader<'_> {
+impl Read for BodyReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.chunk.is_empty() {
             let next =
-                within(self.handle, "the request body", self.stream.next()).inspect_err(|e| {
+                within(&self.handle, "the request body", self.stream.next()).inspect_err(|e| {
                     self.failure = Some(ApiError::InvalidArgument(e.to_string()));
                 })?;
             match next {
@@ -591,6 +765,12 @@ impl Read for BodyReader<'_> {
         let n = buf.len().min(self.chunk.len());
         buf[..n].copy_from_slice(&self.chunk.split_to(n));
         Ok(n)
+    }
+}
+
+impl Source for BodyReader {
+    fn failure(&mut self) -> Option<ApiError> {
+        self.failure.take()
     }
 }
 
@@ -624,24 +804,17 @@ fn relative_path(raw: &[u8]) -> Result<Option<String>, &'static str> {
 }
 
 impl Extraction {
-    /// Extracts every entry of the archive in `body`.
-    fn run(&mut self, body: BodyDataStream) -> Result<(), ApiError> {
-        let handle = self.handle.clone();
-        let mut archive = tar::Archive::new(BodyReader {
-            handle: &handle,
-            stream: body,
-            chunk: Bytes::new(),
-            total: 0,
-            failure: None,
-        });
+    /// Extracts every entry of the archive read from `source`.
+    fn run(&mut self, source: impl Source) -> Result<(), ApiError> {
+        let mut archive = tar::Archive::new(source);
         let result = self.entries(&mut archive);
-        match archive.into_inner().failure {
+        match archive.into_inner().failure() {
             Some(failure) => Err(failure),
             None => result,
         }
     }
 
-    fn entries(&mut self, archive: &mut tar::Archive<BodyReader<'_>>) -> Result<(), ApiError> {
+    fn entries(&mut self, archive: &mut tar::Archive<impl Read>) -> Result<(), ApiError> {
         let bad = |e: io::Error| ApiError::InvalidArgument(format!("invalid tar archive: {e}"));
         for entry in archive.entries().map_err(bad)? {
             let mut entry = entry.map_err(bad)?;
