@@ -481,6 +481,17 @@ impl Connection {
                 self.blocking(move |f| f.rename(&from, &to).map(|()| (Response::Done, Vec::new())))
                     .await
             }
+            Request::Symlink {
+                target,
+                path,
+                parents,
+            } => {
+                self.blocking(move |f| {
+                    f.symlink(&target, &path, parents)
+                        .map(|()| (Response::Done, Vec::new()))
+                })
+                .await
+            }
             Request::Info => Ok((Response::Info(self.agent.info()), Vec::new())),
             Request::SetLifetime { remaining_ms } => {
                 self.agent

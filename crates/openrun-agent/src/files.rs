@@ -556,6 +556,48 @@ impl Files {
         rustix::fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|e| errno_error(e, path))
     }
 
+    /// Creates a symbolic link at `path` holding `target`. Only the parent of `path` is
+    /// resolved (inside the root); `target` is text, never resolved here. An existing name
+    /// (even a dangling link) is [`ErrorCode::AlreadyExists`]: nothing is replaced or followed.
+    pub(crate) fn symlink(
+        &self,
+        target: &str,
+        path: &str,
+        parents: bool,
+    ) -> Result<(), AgentError> {
+        check_path(path)?;
+        if target.is_empty() {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                "symlink target is empty",
+            ));
+        }
+        if target.contains('\0') {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                "symlink target contains a nul byte",
+            ));
+        }
+        if target.len() > MAX_PATH_LEN {
+            return Err(AgentError::new(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "symlink target is too long ({} bytes; the limit is {MAX_PATH_LEN})",
+                    target.len()
+                ),
+            ));
+        }
+        let split = split_path(path);
+        let Some(name) = split.name.as_deref() else {
+            return Err(errno_error(Errno::EXIST, path));
+        };
+        if parents {
+            self.mkdir_all(&split.parent, None, path)?;
+        }
+        let dir = self.open_parent(&split, path, OFlags::PATH, Access::Write)?;
+        rustix::fs::symlinkat(target, &dir, name).map_err(|e| errno_error(e, path))
+    }
+
     /// Renames `from` to `to`; neither final name is followed if it is a symlink.
     pub(crate) fn rename(&self, from: &str, to: &str) -> Result<(), AgentError> {
         check_path(from)?;

@@ -104,6 +104,10 @@ fn main() {
             "remove_does_not_follow_symlinks",
             remove_does_not_follow_symlinks,
         ),
+        (
+            "symlink_requests_store_the_target_as_text",
+            symlink_requests_store_the_target_as_text,
+        ),
         ("magic_links_are_refused", magic_links_are_refused),
         ("proc_is_not_served", proc_is_not_served),
         (
@@ -1431,6 +1435,112 @@ fn symlinks_cannot_leave_the_root() {
         Ok(Response::Stat(st)) => assert_eq!(st.kind, FileKind::Symlink),
         other => panic!("{other:?}"),
     }
+    assert_eq!(
+        std::fs::read_to_string(agent.outside.join("secret")).unwrap(),
+        SECRET
+    );
+}
+
+fn symlink_requests_store_the_target_as_text() {
+    let agent = TestAgent::start();
+    let mut c = agent.client();
+    let symlink = |c: &mut Client, target: &str, path: &str, parents: bool| {
+        c.call(Request::Symlink {
+            target: target.into(),
+            path: path.into(),
+            parents,
+        })
+    };
+    // Created with the exact text, parents made on request.
+    assert!(matches!(
+        symlink(&mut c, "../../../etc/passwd", "/w/deep/up", true),
+        Ok(Response::Done)
+    ));
+    assert_eq!(
+        std::fs::read_link(agent.root.join("w/deep/up")).unwrap(),
+        std::path::Path::new("../../../etc/passwd")
+    );
+    match c.call(Request::Stat {
+        path: "/w/deep/up".into(),
+    }) {
+        Ok(Response::Stat(st)) => {
+            assert_eq!(st.kind, FileKind::Symlink);
+            assert_eq!(st.symlink_target.as_deref(), Some("../../../etc/passwd"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Reading through a link that climbs out stops at the root: the sandbox's passwd.
+    let data = read(&mut c, "/w/deep/up").expect("read through the link");
+    assert!(String::from_utf8_lossy(&data).contains(PASSWD_MARKER));
+    // Absolute targets, even the host path of a file outside, resolve inside the root.
+    assert!(matches!(
+        symlink(&mut c, "/etc/shadow", "/w/shadow", false),
+        Ok(Response::Done)
+    ));
+    assert_eq!(
+        std::fs::read_link(agent.root.join("w/shadow")).unwrap(),
+        std::path::Path::new("/etc/shadow")
+    );
+    assert_eq!(
+        read(&mut c, "/w/shadow").unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    let host_secret = agent.outside.join("secret");
+    assert!(matches!(
+        symlink(&mut c, host_secret.to_str().unwrap(), "/w/secret", false),
+        Ok(Response::Done)
+    ));
+    assert_eq!(
+        read(&mut c, "/w/secret").unwrap_err().code,
+        ErrorCode::NotFound
+    );
+    // A write through a link to the host's directory lands inside the root, never outside.
+    assert!(matches!(
+        symlink(&mut c, agent.outside.to_str().unwrap(), "/w/out", false),
+        Ok(Response::Done)
+    ));
+    let (r, _) = c.call_data(
+        Request::WriteFile {
+            path: "/w/out/planted".into(),
+            mode: None,
+            parents: true,
+            append: false,
+        },
+        b"x".to_vec(),
+    );
+    assert!(r.is_err(), "{r:?}");
+    assert!(!agent.outside.join("planted").exists(), "wrote outside");
+    // A link whose parent is a link to the outside directory is made inside the root (where
+    // that directory does not exist), never next to the secret.
+    let err = symlink(&mut c, "x", "/w/out/link", false).unwrap_err();
+    assert_eq!(err.code, ErrorCode::NotFound, "{err:?}");
+    assert!(std::fs::symlink_metadata(agent.outside.join("link")).is_err());
+    // An existing name is never replaced or followed, even a dangling link.
+    assert!(matches!(
+        symlink(&mut c, "nowhere", "/w/dangling", false),
+        Ok(Response::Done)
+    ));
+    for existing in ["/w/dangling", "/w/deep/up", "/w/deep", "/etc/passwd"] {
+        let err = symlink(&mut c, "other", existing, false).unwrap_err();
+        assert_eq!(err.code, ErrorCode::AlreadyExists, "{existing}: {err:?}");
+    }
+    assert_eq!(
+        std::fs::read_link(agent.root.join("w/dangling")).unwrap(),
+        std::path::Path::new("nowhere")
+    );
+    assert!(agent.root.join("etc/passwd").is_file());
+    // Bad requests.
+    for (target, path) in [("", "/w/empty"), ("a\0b", "/w/nul"), ("x", "/"), ("x", "")] {
+        assert!(
+            symlink(&mut c, target, path, false).is_err(),
+            "{target:?} at {path:?}"
+        );
+    }
+    assert_eq!(
+        symlink(&mut c, "", "/w/empty", false).unwrap_err().code,
+        ErrorCode::InvalidArgument
+    );
+    assert!(std::fs::symlink_metadata(agent.root.join("w/empty")).is_err());
     assert_eq!(
         std::fs::read_to_string(agent.outside.join("secret")).unwrap(),
         SECRET

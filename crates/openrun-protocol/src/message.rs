@@ -142,6 +142,22 @@ pub enum Request {
         /// Destination path inside the sandbox.
         to: String,
     },
+    /// Creates a symbolic link at `path` whose content is `target`. Only the directory holding
+    /// `path` is resolved (inside the sandbox, like every path); `target` is text stored in the
+    /// link and never resolved by the agent (whatever later follows the link resolves it, and
+    /// the agent's own file operations stay inside the sandbox root). Fails with
+    /// [`ErrorCode::AlreadyExists`] when the name exists (even as a dangling link). Answered
+    /// with [`Response::Done`]. Additive like [`Request::SetLifetime`]: an older agent refuses
+    /// it as an unknown request.
+    Symlink {
+        /// What the link points to (non-empty, at most 4096 bytes; absolute or relative).
+        target: String,
+        /// Path of the new link inside the sandbox.
+        path: String,
+        /// Create missing parent directories.
+        #[serde(default)]
+        parents: bool,
+    },
     /// Facts about the agent and sandbox.
     Info,
     /// Replaces the sandbox's lifetime: the agent ends the sandbox `remaining_ms` from now
@@ -668,6 +684,30 @@ mod tests {
         assert_eq!(msg, serde_json::json!({"type": "incoming", "conn": 9}));
         let code = serde_json::to_value(ErrorCode::ConnectionRefused).unwrap();
         assert_eq!(code, "connection_refused");
+    }
+
+    #[test]
+    fn symlink_requests_have_a_stable_json_shape() {
+        let req: Request =
+            serde_json::from_str(r#"{"op":"symlink","target":"../a","path":"/w/l"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::Symlink {
+                target: "../a".into(),
+                path: "/w/l".into(),
+                parents: false
+            }
+        );
+        let json = serde_json::to_value(Request::Symlink {
+            target: "/etc".into(),
+            path: "/w/l".into(),
+            parents: true,
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "symlink", "target": "/etc", "path": "/w/l", "parents": true})
+        );
     }
 
     #[test]
