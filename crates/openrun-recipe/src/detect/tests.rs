@@ -1,0 +1,785 @@
+//! Plans of small in-memory repositories, one or more per language and lockfile.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::error::TreeError;
+
+/// A repository in memory: path → contents.
+#[derive(Default)]
+struct Mem(BTreeMap<String, Vec<u8>>);
+
+impl Mem {
+    fn new(files: &[(&str, &str)]) -> Self {
+        Mem(files
+            .iter()
+            .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+            .collect())
+    }
+}
+
+impl RepoTree for Mem {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, TreeError> {
+        Ok(self.0.get(path).cloned())
+    }
+    fn is_file(&self, path: &str) -> bool {
+        self.0.contains_key(path)
+    }
+    fn is_dir(&self, path: &str) -> bool {
+        path.is_empty() || self.0.keys().any(|k| k.starts_with(&format!("{path}/")))
+    }
+    fn list(&self, path: &str) -> Vec<String> {
+        let prefix = if path.is_empty() {
+            String::new()
+        } else {
+            format!("{path}/")
+        };
+        let names: BTreeSet<String> = self
+            .0
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(|rest| rest.split('/').next().unwrap_or(rest).to_string())
+            .collect();
+        names.into_iter().collect()
+    }
+}
+
+fn plan(files: &[(&str, &str)]) -> Plan {
+    match plan_for(&Mem::new(files), "demo") {
+        Ok(plan) => plan,
+        Err(e) => panic!("no plan: {e}"),
+    }
+}
+
+fn error(files: &[(&str, &str)]) -> PlanError {
+    match plan_for(&Mem::new(files), "demo") {
+        Ok(plan) => panic!("a plan: {}", plan.render()),
+        Err(e) => e,
+    }
+}
+
+/// Each step as `name [file]: first | alternative`.
+fn steps(plan: &Plan) -> Vec<String> {
+    plan.steps
+        .iter()
+        .map(|s| {
+            let commands: Vec<String> = s.commands.iter().map(|c| c.to_string()).collect();
+            format!("{} [{}]: {}", s.name, s.file, commands.join(" | "))
+        })
+        .collect()
+}
+
+fn test(plan: &Plan) -> String {
+    plan.test
+        .as_ref()
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn start(plan: &Plan) -> String {
+    plan.start
+        .as_ref()
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn has(list: &[String], item: &str) -> bool {
+    list.iter().any(|i| i == item)
+}
+
+const CARGO: &str = "[package]\nname = \"demo\"\nversion = \"0.1.0\"\nedition = \"2021\"\n";
+
+#[test]
+fn nothing_is_no_project() {
+    assert!(matches!(error(&[]), PlanError::NoProject));
+    assert!(matches!(
+        error(&[("README.md", "hi")]),
+        PlanError::NoProject
+    ));
+    // apt.txt alone is not a project.
+    assert!(matches!(
+        error(&[("apt.txt", "curl\n")]),
+        PlanError::NoProject
+    ));
+}
+
+#[test]
+fn rust_with_lockfile() {
+    let lock = "version = 4\n\n[[package]]\nname = \"openssl-sys\"\nversion = \"0.9.1\"\n";
+    let p = plan(&[
+        ("Cargo.toml", CARGO),
+        ("Cargo.lock", lock),
+        ("src/main.rs", ""),
+    ]);
+    assert_eq!(p.source, PlanSource::Detected);
+    assert_eq!(p.languages, ["rust"]);
+    assert_eq!(
+        p.base,
+        BaseImage::Debian {
+            suite: "bookworm".into()
+        }
+    );
+    assert_eq!(p.workspace, "/workspaces/demo");
+    assert_eq!(
+        p.system_packages,
+        [
+            "build-essential",
+            "ca-certificates",
+            "cargo-web",
+            "libssl-dev",
+            "pkg-config",
+            "rustc-web"
+        ]
+    );
+    assert_eq!(
+        steps(&p),
+        [
+            "install [Cargo.lock]: cargo fetch --locked",
+            "build [Cargo.toml]: cargo build --all-targets --locked"
+        ]
+    );
+    assert_eq!(test(&p), "cargo test");
+    assert_eq!(
+        p.network,
+        ["crates.io", "index.crates.io", "static.crates.io"]
+    );
+    assert_eq!(p.inputs, ["Cargo.lock", "Cargo.toml"]);
+}
+
+#[test]
+fn rust_without_lockfile_workspace_and_toolchain_note() {
+    let p = plan(&[
+        (
+            "Cargo.toml",
+            "[workspace]\nmembers = [\"a\"]\n[workspace.package]\nrust-version = \"1.90\"\n",
+        ),
+        (
+            "rust-toolchain.toml",
+            "[toolchain]\nchannel = \"nightly\"\n",
+        ),
+    ]);
+    assert_eq!(
+        steps(&p),
+        [
+            "install [Cargo.toml]: cargo fetch",
+            "build [Cargo.toml]: cargo build --all-targets"
+        ]
+    );
+    assert!(p.notes.iter().any(|n| n.contains("rust-toolchain.toml")));
+    assert!(p.notes.iter().any(|n| n.contains("1.90")));
+    assert_eq!(p.inputs, ["Cargo.toml", "rust-toolchain.toml"]);
+}
+
+#[test]
+fn malformed_cargo_toml_names_file_line_and_column() {
+    let e = error(&[("Cargo.toml", "[package]\nname = \"x\nversion = 1\n")]);
+    match &e {
+        PlanError::Invalid {
+            file, line, column, ..
+        } => {
+            assert_eq!(file, "Cargo.toml");
+            assert_eq!(*line, Some(2));
+            assert!(column.is_some());
+        }
+        other => panic!("{other}"),
+    }
+    assert!(e.to_string().starts_with("Cargo.toml:2:"), "{e}");
+    let e = error(&[("Cargo.toml", "[dependencies]\n")]);
+    assert!(e.to_string().contains("[package]"), "{e}");
+}
+
+#[test]
+fn python_requirements_with_pytest() {
+    let p = plan(&[
+        ("requirements.txt", "requests==2.31\n"),
+        ("requirements-dev.txt", "-r requirements.txt\npytest>=7\n"),
+        ("tests/test_a.py", ""),
+    ]);
+    assert_eq!(p.languages, ["python"]);
+    assert_eq!(
+        steps(&p),
+        [
+            "venv [requirements.txt]: python3 -m venv .venv",
+            "install [requirements.txt]: pip install -r requirements.txt -r requirements-dev.txt"
+        ]
+    );
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert_eq!(p.env["VIRTUAL_ENV"], "/workspaces/demo/.venv");
+    assert_eq!(
+        p.env["PATH"],
+        "/workspaces/demo/.venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    );
+    assert!(has(&p.system_packages, "python3-venv"));
+    assert_eq!(p.network, ["files.pythonhosted.org", "pypi.org"]);
+    assert_eq!(p.inputs, ["requirements-dev.txt", "requirements.txt"]);
+}
+
+#[test]
+fn python_pyproject_with_test_extra_and_configured_pytest() {
+    let pyproject = r#"
+[build-system]
+requires = ["setuptools"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "demo"
+version = "0.1"
+requires-python = ">=3.12"
+dependencies = ["attrs"]
+
+[project.optional-dependencies]
+test = ["pytest", "hypothesis"]
+docs = ["sphinx"]
+"#;
+    let p = plan(&[("pyproject.toml", pyproject)]);
+    assert_eq!(
+        steps(&p),
+        [
+            "venv [pyproject.toml]: python3 -m venv .venv",
+            "install [pyproject.toml]: pip install -e '.[test]' | pip install '.[test]'"
+        ]
+    );
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert!(
+        p.notes.iter().any(|n| n.contains(">=3.12")),
+        "{:?}",
+        p.notes
+    );
+
+    // pytest configured but not declared: the install adds it.
+    let p = plan(&[(
+        "pyproject.toml",
+        "[project]\nname = \"d\"\nversion = \"1\"\n[tool.pytest.ini_options]\n",
+    )]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [pyproject.toml]: pip install pytest -e . | pip install pytest ."
+    );
+    assert_eq!(test(&p), "python3 -m pytest");
+}
+
+#[test]
+fn python_dependency_groups_become_requirements() {
+    let p = plan(&[(
+        "pyproject.toml",
+        "[project]\nname = \"d\"\nversion = \"1\"\n[dependency-groups]\ntest = [\"pytest>=8\", {include-group = \"x\"}]\n",
+    )]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [pyproject.toml]: pip install 'pytest>=8' -e . | pip install 'pytest>=8' ."
+    );
+}
+
+#[test]
+fn python_poetry() {
+    let pyproject = r#"
+[tool.poetry]
+name = "demo"
+version = "0.1.0"
+
+[tool.poetry.dependencies]
+python = "^3.10"
+
+[tool.poetry.group.dev.dependencies]
+pytest = "^8"
+"#;
+    let p = plan(&[("pyproject.toml", pyproject), ("poetry.lock", "# lock\n")]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [poetry.lock]: /usr/bin/python3 -m pip install --break-system-packages \
+         --root-user-action=ignore poetry && poetry install"
+    );
+    assert_eq!(p.env["POETRY_VIRTUALENVS_IN_PROJECT"], "true");
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert_eq!(p.inputs, ["poetry.lock", "pyproject.toml"]);
+}
+
+#[test]
+fn python_uv() {
+    let pyproject =
+        "[project]\nname = \"d\"\nversion = \"1\"\n[dependency-groups]\ndev = [\"pytest\"]\n";
+    let p = plan(&[("pyproject.toml", pyproject), ("uv.lock", "version = 1\n")]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [uv.lock]: /usr/bin/python3 -m pip install --break-system-packages \
+         --root-user-action=ignore uv && uv sync --frozen"
+    );
+    assert_eq!(p.env["UV_PROJECT_ENVIRONMENT"], "/workspaces/demo/.venv");
+    assert_eq!(p.env["UV_PYTHON_DOWNLOADS"], "never");
+    assert_eq!(test(&p), "python3 -m pytest");
+}
+
+#[test]
+fn python_pipenv_with_and_without_lock() {
+    let pipfile = "[packages]\nrequests = \"*\"\n\n[dev-packages]\npytest = \"*\"\n";
+    let p = plan(&[("Pipfile", pipfile), ("Pipfile.lock", "{}")]);
+    let s = steps(&p);
+    assert!(s[1].starts_with("install [Pipfile.lock]: "), "{s:?}");
+    assert!(s[1].contains("pipenv sync --dev | "), "{s:?}");
+    assert!(s[1].contains("pipenv requirements --dev"), "{s:?}");
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert_eq!(p.inputs, ["Pipfile", "Pipfile.lock"]);
+    let p = plan(&[("Pipfile", pipfile)]);
+    assert!(
+        steps(&p)[1].ends_with("pipenv install --dev"),
+        "{:?}",
+        steps(&p)
+    );
+    // A Pipfile is TOML: a syntax error names it.
+    let e = error(&[("Pipfile", "[packages\n")]);
+    assert_eq!(e.file(), Some("Pipfile"));
+}
+
+#[test]
+fn python_setup_py_unittest_and_django() {
+    let p = plan(&[
+        (
+            "setup.py",
+            "from setuptools import setup\nsetup(name='d')\n",
+        ),
+        ("tests/__init__.py", ""),
+        ("tests/test_x.py", ""),
+    ]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [setup.py]: pip install -e . | pip install ."
+    );
+    assert_eq!(test(&p), "python3 -m unittest discover -s tests -t .");
+
+    let p = plan(&[
+        ("requirements.txt", "Django>=4.2\n"),
+        ("manage.py", "import django\n"),
+    ]);
+    assert_eq!(test(&p), "python3 manage.py test");
+    assert_eq!(start(&p), "python3 manage.py runserver 0.0.0.0:8000");
+    assert_eq!(p.ports, [8000]);
+
+    let p = plan(&[
+        ("requirements.txt", "flask\n"),
+        ("app.py", "from flask import Flask\napp = Flask(__name__)\n"),
+    ]);
+    assert_eq!(start(&p), "flask --app app run --host 0.0.0.0 --port 5000");
+    assert_eq!(p.ports, [5000]);
+}
+
+#[test]
+fn malformed_pyproject_is_invalid_with_position() {
+    let e = error(&[("pyproject.toml", "[project]\nname = \n")]);
+    match e {
+        PlanError::Invalid {
+            file, line, column, ..
+        } => {
+            assert_eq!(file, "pyproject.toml");
+            assert_eq!(line, Some(2));
+            assert!(column.is_some());
+        }
+        other => panic!("{other}"),
+    }
+}
+
+const PACKAGE_JSON: &str = r#"{
+  "name": "demo",
+  "scripts": {"test": "node --test", "start": "vite --port 4000"},
+  "dependencies": {"left-pad": "1.3.0"}
+}"#;
+
+#[test]
+fn node_npm_lockfile_and_none() {
+    let p = plan(&[("package.json", PACKAGE_JSON), ("package-lock.json", "{}")]);
+    assert_eq!(p.languages, ["node"]);
+    assert_eq!(steps(&p), ["install [package-lock.json]: npm ci"]);
+    assert_eq!(test(&p), "npm test");
+    assert_eq!(start(&p), "npm start");
+    assert_eq!(p.ports, [4000]);
+    assert_eq!(p.network, ["registry.npmjs.org"]);
+    assert_eq!(p.system_packages, ["ca-certificates", "nodejs", "npm"]);
+    assert_eq!(p.inputs, ["package-lock.json", "package.json"]);
+
+    let p = plan(&[("package.json", PACKAGE_JSON)]);
+    assert_eq!(steps(&p), ["install [package.json]: npm install"]);
+
+    // npm init's placeholder is no test; no dependencies, no install.
+    let p = plan(&[(
+        "package.json",
+        r#"{"scripts": {"test": "echo \"Error: no test specified\" && exit 1", "dev": "next dev"}}"#,
+    )]);
+    assert_eq!(p.test, None);
+    assert!(p.steps.is_empty());
+    assert_eq!(start(&p), "npm run dev");
+    assert_eq!(p.ports, [3000]);
+}
+
+#[test]
+fn node_pnpm_and_yarn() {
+    let p = plan(&[
+        ("package.json", PACKAGE_JSON),
+        ("pnpm-lock.yaml", "lockfileVersion: '9.0'\n"),
+    ]);
+    assert_eq!(
+        steps(&p),
+        ["install [pnpm-lock.yaml]: npm install -g pnpm@9 && pnpm install --frozen-lockfile"]
+    );
+    assert_eq!(test(&p), "pnpm test");
+
+    let pinned = r#"{"packageManager": "pnpm@8.15.1+sha512.abc", "scripts": {"test": "jest"}}"#;
+    let p = plan(&[
+        ("package.json", pinned),
+        ("pnpm-lock.yaml", "lockfileVersion: '6.0'\n"),
+    ]);
+    assert!(steps(&p)[0].contains("pnpm@8.15.1 &&"), "{:?}", steps(&p));
+
+    let p = plan(&[
+        ("package.json", PACKAGE_JSON),
+        ("yarn.lock", "# yarn lockfile v1\n"),
+    ]);
+    assert_eq!(
+        steps(&p),
+        ["install [yarn.lock]: npm install -g yarn@1 && yarn install --frozen-lockfile"]
+    );
+    assert_eq!(test(&p), "yarn test");
+
+    let p = plan(&[
+        ("package.json", PACKAGE_JSON),
+        ("yarn.lock", "__metadata:\n  version: 8\n"),
+    ]);
+    assert_eq!(
+        steps(&p),
+        ["install [yarn.lock]: npm install -g corepack && corepack enable && yarn install --immutable"]
+    );
+    assert!(has(&p.network, "repo.yarnpkg.com"));
+}
+
+#[test]
+fn malformed_package_json_names_line_and_column() {
+    let e = error(&[(
+        "package.json",
+        "{\n  \"name\": \"x\",\n  \"scripts\": {,}\n}\n",
+    )]);
+    match &e {
+        PlanError::Invalid {
+            file, line, column, ..
+        } => {
+            assert_eq!(file, "package.json");
+            assert_eq!(*line, Some(3));
+            assert_eq!(*column, Some(15));
+        }
+        other => panic!("{other}"),
+    }
+    assert!(!e.to_string().contains("at line"), "{e}");
+    let e = error(&[("package.json", "[1]")]);
+    assert_eq!(e.file(), Some("package.json"));
+}
+
+#[test]
+fn not_utf8_is_invalid_with_position() {
+    let mut tree = Mem::default();
+    tree.0
+        .insert("package.json".into(), b"{\n  \"a\": \"\xff\"}".to_vec());
+    let e = plan_for(&tree, "demo").err().map(|e| e.to_string());
+    assert_eq!(e.as_deref(), Some("package.json:2:9: not valid UTF-8"));
+}
+
+#[test]
+fn go_module() {
+    let p = plan(&[
+        (
+            "go.mod",
+            "module example.com/demo\n\ngo 1.21.0\n\nrequire github.com/x/y v1.0.0\n",
+        ),
+        ("go.sum", ""),
+    ]);
+    assert_eq!(p.languages, ["go"]);
+    assert_eq!(
+        steps(&p),
+        [
+            "install [go.sum]: go mod download",
+            "build [go.mod]: go build ./..."
+        ]
+    );
+    assert_eq!(test(&p), "go test ./...");
+    assert_eq!(p.network, ["proxy.golang.org", "sum.golang.org"]);
+    assert!(
+        p.notes.iter().any(|n| n.contains("three-part")),
+        "{:?}",
+        p.notes
+    );
+    // No requirements, or vendored: nothing to download.
+    let p = plan(&[("go.mod", "module demo\ngo 1.19\n")]);
+    assert_eq!(steps(&p), ["build [go.mod]: go build ./..."]);
+    assert!(p.notes.is_empty());
+    let p = plan(&[
+        ("go.mod", "module demo\nrequire x v1\n"),
+        ("vendor/modules.txt", ""),
+    ]);
+    assert_eq!(steps(&p), ["build [go.mod]: go build ./..."]);
+    assert!(error(&[("go.mod", "go 1.19\n")])
+        .to_string()
+        .contains("module"));
+}
+
+#[test]
+fn java_maven_and_gradle() {
+    let p = plan(&[("pom.xml", "<project/>"), ("src/test/java/ATest.java", "")]);
+    assert_eq!(p.languages, ["java"]);
+    assert_eq!(
+        steps(&p),
+        ["install [pom.xml]: mvn -B -ntp test-compile | mvn -B -ntp -o test-compile"]
+    );
+    assert_eq!(test(&p), "mvn -B -ntp test");
+    assert!(has(&p.system_packages, "maven"));
+    assert!(has(&p.system_packages, "default-jdk-headless"));
+
+    let p = plan(&[
+        ("build.gradle.kts", ""),
+        ("gradlew", "#!/bin/sh\n"),
+        ("gradle/wrapper/gradle-wrapper.properties", ""),
+    ]);
+    assert_eq!(
+        steps(&p),
+        ["install [gradle/wrapper/gradle-wrapper.properties]: chmod +x gradlew && ./gradlew --no-daemon testClasses"]
+    );
+    assert_eq!(test(&p), "./gradlew --no-daemon test");
+    assert!(!has(&p.system_packages, "maven"));
+    assert!(has(&p.network, "services.gradle.org"));
+
+    let p = plan(&[("build.gradle", "")]);
+    assert!(has(&p.system_packages, "gradle"));
+    assert_eq!(test(&p), "gradle --no-daemon test");
+}
+
+#[test]
+fn ruby_bundler() {
+    let p = plan(&[
+        (
+            "Gemfile",
+            "source 'https://rubygems.org'\ngem 'minitest'\ngem 'rake'\n",
+        ),
+        (
+            "Gemfile.lock",
+            "GEM\n  specs:\n    minitest (5.15.0)\n\nBUNDLED WITH\n   2.5.3\n",
+        ),
+        (
+            "Rakefile",
+            "require 'rake/testtask'\nRake::TestTask.new(:test)\n",
+        ),
+    ]);
+    assert_eq!(p.languages, ["ruby"]);
+    assert_eq!(
+        steps(&p),
+        ["install [Gemfile.lock]: bundle install --local | bundle install"]
+    );
+    assert_eq!(test(&p), "bundle exec rake test");
+    assert!(p.notes.iter().any(|n| n.contains("2.5.3")), "{:?}", p.notes);
+    assert_eq!(p.network, ["index.rubygems.org", "rubygems.org"]);
+
+    let p = plan(&[("Gemfile", "gem \"rspec\"\n")]);
+    assert_eq!(test(&p), "bundle exec rspec");
+    assert_eq!(
+        steps(&p),
+        ["install [Gemfile]: bundle install --local | bundle install"]
+    );
+}
+
+#[test]
+fn cpp_cmake_make_and_autotools() {
+    let p = plan(&[(
+        "CMakeLists.txt",
+        "cmake_minimum_required(VERSION 3.20)\nproject(d CXX)\nfind_package(GTest REQUIRED)\nenable_testing()\nadd_test(NAME t COMMAND t)\n",
+    )]);
+    assert_eq!(p.languages, ["c++"]);
+    assert_eq!(
+        steps(&p),
+        [
+            "configure [CMakeLists.txt]: cmake -S . -B build",
+            "build [CMakeLists.txt]: cmake --build build -j2"
+        ]
+    );
+    assert_eq!(test(&p), "ctest --test-dir build --output-on-failure");
+    assert_eq!(
+        p.system_packages,
+        [
+            "build-essential",
+            "ca-certificates",
+            "cmake",
+            "libgtest-dev"
+        ]
+    );
+
+    let p = plan(&[("Makefile", "all:\n\tcc -o x x.c\ncheck: all\n\t./x\n")]);
+    assert_eq!(steps(&p), ["build [Makefile]: make -j2"]);
+    assert_eq!(test(&p), "make check");
+    assert_eq!(p.system_packages, ["build-essential", "ca-certificates"]);
+
+    let p = plan(&[("Makefile", "test:\n\t./t\nCC := gcc\n")]);
+    assert_eq!(test(&p), "make test");
+
+    let p = plan(&[("configure", "#!/bin/sh\n"), ("Makefile.am", "TESTS = t\n")]);
+    assert_eq!(
+        steps(&p),
+        [
+            "configure [configure]: sh ./configure",
+            "build [configure]: make -j2"
+        ]
+    );
+    assert_eq!(test(&p), "make check");
+}
+
+#[test]
+fn a_makefile_beside_another_language_is_not_cpp() {
+    let p = plan(&[
+        ("Makefile", "test:\n\tpytest\n"),
+        ("requirements.txt", "pytest\n"),
+    ]);
+    assert_eq!(p.languages, ["python"]);
+}
+
+#[test]
+fn apt_txt_and_aptfile_add_packages() {
+    let p = plan(&[
+        (
+            "apt.txt",
+            "# tools\nlibpq-dev\n\n  graphviz   # for docs\nlibpq-dev\n",
+        ),
+        ("Aptfile", "g++\n"),
+        ("go.mod", "module d\n"),
+    ]);
+    assert!(has(&p.system_packages, "libpq-dev"));
+    assert!(has(&p.system_packages, "graphviz"));
+    assert!(has(&p.system_packages, "g++"));
+    assert!(has(&p.inputs, "apt.txt") && has(&p.inputs, "Aptfile"));
+    let sorted: Vec<String> = {
+        let mut s = p.system_packages.clone();
+        s.sort();
+        s.dedup();
+        s
+    };
+    assert_eq!(p.system_packages, sorted);
+}
+
+#[test]
+fn apt_txt_errors_name_file_line_and_column() {
+    let e = error(&[("apt.txt", "curl\n  Bad_Name\n"), ("go.mod", "module d\n")]);
+    assert!(
+        e.to_string()
+            .starts_with("apt.txt:2:3: \"Bad_Name\" is not a Debian package name"),
+        "{e}"
+    );
+    let e = error(&[
+        ("Aptfile", ":repo:deb http://x y main\n"),
+        ("go.mod", "module d\n"),
+    ]);
+    assert!(e.to_string().starts_with("Aptfile:1:1:"), "{e}");
+    let e = error(&[("apt.txt", "x\n"), ("go.mod", "module d\n")]);
+    assert!(e.to_string().starts_with("apt.txt:1:1:"), "{e}");
+    assert!(apt::valid_package("libstdc++6"));
+    assert!(apt::valid_package("0ad"));
+    assert!(!apt::valid_package("curl=7.88"));
+    assert!(!apt::valid_package("-x"));
+}
+
+#[test]
+fn languages_combine_and_the_test_suite_picks_the_primary() {
+    // Python without tests and Node with a test script: Node's test.
+    let p = plan(&[
+        ("requirements.txt", "requests\n"),
+        ("package.json", PACKAGE_JSON),
+        ("package-lock.json", "{}"),
+    ]);
+    assert_eq!(p.languages, ["python", "node"]);
+    assert_eq!(test(&p), "npm test");
+    assert_eq!(
+        steps(&p),
+        [
+            "venv:python [requirements.txt]: python3 -m venv .venv",
+            "install:python [requirements.txt]: pip install -r requirements.txt",
+            "install:node [package-lock.json]: npm ci"
+        ]
+    );
+    assert!(has(&p.system_packages, "nodejs") && has(&p.system_packages, "python3"));
+    assert_eq!(
+        p.network,
+        ["files.pythonhosted.org", "pypi.org", "registry.npmjs.org"]
+    );
+    assert!(has(&p.notes, "test: node's"));
+
+    // Rust has a test suite: first in the order wins.
+    let p = plan(&[("Cargo.toml", CARGO), ("package.json", PACKAGE_JSON)]);
+    assert_eq!(p.languages, ["rust", "node"]);
+    assert_eq!(test(&p), "cargo test");
+}
+
+#[test]
+fn a_dockerfile_builds_the_environment() {
+    let p = plan(&[
+        ("Dockerfile", "FROM debian\n"),
+        ("package.json", PACKAGE_JSON),
+        ("package-lock.json", "{}"),
+        ("apt.txt", "curl\n"),
+    ]);
+    assert_eq!(p.source, PlanSource::Dockerfile);
+    assert_eq!(p.config_file.as_deref(), Some("Dockerfile"));
+    assert_eq!(
+        p.base,
+        BaseImage::Dockerfile {
+            dockerfile: "Dockerfile".into(),
+            context: ".".into(),
+            args: BTreeMap::new()
+        }
+    );
+    assert!(p.steps.is_empty());
+    assert!(p.system_packages.is_empty());
+    assert_eq!(p.languages, ["node"]);
+    assert_eq!(test(&p), "npm test");
+    assert_eq!(
+        p.inputs,
+        ["Dockerfile", "package-lock.json", "package.json"]
+    );
+
+    // A Dockerfile alone is a project; a broken manifest beside it costs only the test.
+    let p = plan(&[("Dockerfile", "FROM debian\n")]);
+    assert_eq!(p.test, None);
+    let p = plan(&[("Dockerfile", "FROM debian\n"), ("package.json", "{")]);
+    assert_eq!(p.test, None);
+    assert!(
+        p.notes.iter().any(|n| n.contains("package.json")),
+        "{:?}",
+        p.notes
+    );
+}
+
+#[test]
+fn plans_are_deterministic_and_serialize() {
+    let files = [
+        (
+            "pyproject.toml",
+            "[project]\nname = \"d\"\nversion = \"1\"\ndependencies = [\"pytest\"]\n",
+        ),
+        ("package.json", PACKAGE_JSON),
+        ("apt.txt", "zlib1g-dev\ncurl\n"),
+    ];
+    let a = plan(&files);
+    let b = plan(&files);
+    assert_eq!(a, b);
+    let json = serde_json::to_string(&a).unwrap_or_default();
+    let back: Plan = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    assert_eq!(back, a);
+    for list in [&a.system_packages, &a.network, &a.inputs] {
+        let mut sorted = list.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(list, &sorted);
+    }
+}
+
+#[test]
+fn toolchains_cover_every_language() {
+    for language in ["rust", "python", "node", "go", "java", "ruby", "c++"] {
+        let tc = toolchain(language).unwrap_or_else(|| panic!("{language}"));
+        assert!(has(&tc.packages, "ca-certificates"), "{language}");
+        let mut sorted = tc.packages.clone();
+        sorted.sort();
+        assert_eq!(tc.packages, sorted, "{language}");
+    }
+    assert_eq!(toolchain("typescript"), toolchain("node"));
+    assert_eq!(toolchain("cobol"), None);
+}
