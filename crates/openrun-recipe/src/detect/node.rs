@@ -144,6 +144,9 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
             f.host("registry.yarnpkg.com");
         }
         Manager::YarnBerry => {
+            // Yarn 2+ from the npm registry (no corepack: it fetches from elsewhere and
+            // verifies signatures a registry mirror may not carry).
+            let version = pinned("yarn").unwrap_or_else(|| berry_for_lockfile(repo));
             let install = if frozen {
                 "yarn install --immutable"
             } else {
@@ -153,12 +156,12 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
                 "install",
                 file,
                 &[format!(
-                    "npm install -g corepack && corepack enable && {install}"
+                    "npm install -g {} && {install}",
+                    quote(&format!("@yarnpkg/cli-dist@{version}"))
                 )],
             );
-            f.env
-                .insert("COREPACK_ENABLE_DOWNLOAD_PROMPT".into(), "0".into());
-            f.host("repo.yarnpkg.com");
+            f.env.insert("YARN_ENABLE_TELEMETRY".into(), "0".into());
+            f.host("registry.yarnpkg.com");
         }
     }
     let run = match manager {
@@ -204,6 +207,22 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         }
     }
     Ok(Some(f))
+}
+
+/// The Yarn that writes the lockfile's format (`__metadata: version: 8` → 4, 6 → 3).
+fn berry_for_lockfile(repo: &Repo) -> String {
+    let text = repo.text("yarn.lock").ok().flatten().unwrap_or_default();
+    let version = text
+        .lines()
+        .skip_while(|l| !l.starts_with("__metadata:"))
+        .find_map(|l| l.trim().strip_prefix("version:"))
+        .map(|v| version_numbers(v.trim()))
+        .unwrap_or_default();
+    match version.first() {
+        Some(4..=6) => "3",
+        _ => "4",
+    }
+    .to_string()
 }
 
 /// The pnpm that writes the lockfile's format (`lockfileVersion: '9.0'` → 9).

@@ -444,9 +444,27 @@ fn node_pnpm_and_yarn() {
     ]);
     assert_eq!(
         steps(&p),
-        ["install [yarn.lock]: npm install -g corepack && corepack enable && yarn install --immutable"]
+        ["install [yarn.lock]: npm install -g @yarnpkg/cli-dist@4 && yarn install --immutable"]
     );
-    assert!(has(&p.network, "repo.yarnpkg.com"));
+    assert!(has(&p.network, "registry.yarnpkg.com"));
+    let p = plan(&[
+        ("package.json", r#"{"packageManager": "yarn@3.6.4"}"#),
+        ("yarn.lock", "__metadata:\n  version: 6\n"),
+    ]);
+    assert!(
+        steps(&p)[0].contains("@yarnpkg/cli-dist@3.6.4 &&"),
+        "{:?}",
+        steps(&p)
+    );
+    let p = plan(&[
+        ("package.json", "{}"),
+        ("yarn.lock", "__metadata:\n  version: 6\n"),
+    ]);
+    assert!(
+        steps(&p)[0].contains("@yarnpkg/cli-dist@3 &&"),
+        "{:?}",
+        steps(&p)
+    );
 }
 
 #[test]
