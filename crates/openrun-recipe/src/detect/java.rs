@@ -20,9 +20,11 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
     }
 }
 
-/// Maven: Debian's Maven 3.8 (dependencies from the network, or from Debian's
-/// `/usr/share/maven-repo` when the pom points there; the offline alternative then needs no
-/// network at all).
+/// Maven: Debian's Maven 3.8, dependencies from the network, or from Debian's
+/// `/usr/share/maven-repo` when the pom declares it as a `file://` repository. The offline
+/// alternative is for the latter when the online run trips over an unreachable Central:
+/// offline mode blocks every remote repository, `file://` ones included, unless
+/// `aether.offline.protocols` lets `file` through.
 fn maven(repo: &Repo) -> Found {
     let mut f = Found::new("java");
     f.inputs(
@@ -34,7 +36,7 @@ fn maven(repo: &Repo) -> Found {
         "pom.xml",
         &[
             "mvn -B -ntp test-compile".into(),
-            "mvn -B -ntp -o test-compile".into(),
+            "mvn -B -ntp -o -Daether.offline.protocols=file test-compile".into(),
         ],
     );
     f.test("mvn -B -ntp test", true);

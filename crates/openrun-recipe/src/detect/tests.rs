@@ -541,7 +541,7 @@ fn java_maven_and_gradle() {
     assert_eq!(p.languages, ["java"]);
     assert_eq!(
         steps(&p),
-        ["install [pom.xml]: mvn -B -ntp test-compile | mvn -B -ntp -o test-compile"]
+        ["install [pom.xml]: mvn -B -ntp test-compile | mvn -B -ntp -o -Daether.offline.protocols=file test-compile"]
     );
     assert_eq!(test(&p), "mvn -B -ntp test");
     assert!(has(&p.system_packages, "maven"));
