@@ -538,3 +538,49 @@ mod tests {
         ));
     }
 }
+
+/// A repository in memory, for tests.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct MemTree(pub(crate) BTreeMap<String, Vec<u8>>);
+
+#[cfg(test)]
+impl MemTree {
+    /// A tree of `files` (path, contents).
+    pub(crate) fn new(files: &[(&str, &str)]) -> Self {
+        MemTree(
+            files
+                .iter()
+                .map(|(p, c)| (p.to_string(), c.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+impl RepoTree for MemTree {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, TreeError> {
+        Ok(normalise(path).and_then(|p| self.0.get(&p).cloned()))
+    }
+    fn is_file(&self, path: &str) -> bool {
+        normalise(path).is_some_and(|p| self.0.contains_key(&p))
+    }
+    fn is_dir(&self, path: &str) -> bool {
+        normalise(path)
+            .is_some_and(|p| p.is_empty() || self.0.keys().any(|k| k.starts_with(&format!("{p}/"))))
+    }
+    fn list(&self, path: &str) -> Vec<String> {
+        let Some(p) = normalise(path) else {
+            return Vec::new();
+        };
+        let prefix = if p.is_empty() { p } else { format!("{p}/") };
+        let mut names: Vec<String> = self
+            .0
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .map(|rest| rest.split('/').next().unwrap_or(rest).to_string())
+            .collect();
+        names.dedup();
+        names
+    }
+}
