@@ -84,6 +84,11 @@ pub enum Command {
     /// Manage the images of this machine's store (in the data dir).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Open a repository (a directory here, or an http(s) git URL) in a sandbox ready to
+    /// work in: its devcontainer.json, Dockerfile or detected languages are set up once (a
+    /// recipe, reused by later opens) and its tests run as a readiness check. Prints the
+    /// sandbox id first (see `openrun up --help`).
+    Up(UpArgs),
     /// Serve MCP (Model Context Protocol) over stdio for local agents such as Claude Desktop
     /// and Claude Code, bridged to the server's /mcp; without a configured or running server,
     /// one is started (see docs/mcp.md).
@@ -310,6 +315,58 @@ pub struct McpArgs {
     pub no_start: bool,
 }
 
+/// `openrun up`.
+#[derive(Debug, Args)]
+#[command(after_help = UP_HELP)]
+pub struct UpArgs {
+    /// A directory on this machine (sent as a tar, .gitignore'd files left out), or an
+    /// http(s) git URL the server clones.
+    #[arg(value_name = "PATH|GIT_URL")]
+    pub source: String,
+    /// Readiness check to run instead of the detected test suite (a shell command, run in
+    /// the workspace).
+    #[arg(long, value_name = "CMD", conflicts_with = "no_check")]
+    pub check: Option<String>,
+    /// Run no readiness check.
+    #[arg(long)]
+    pub no_check: bool,
+    /// Only print the plan (base, packages, steps, test, ports); nothing is made. For a
+    /// directory it is computed here, without a server.
+    #[arg(long)]
+    pub plan: bool,
+    /// Print the result (or the error, or with --plan the plan) as one JSON document on
+    /// stdout; progress stays on stderr.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the sandbox when a step fails (rolled back to before the failed step) and when
+    /// interrupted, to look into it.
+    #[arg(long)]
+    pub keep: bool,
+    /// Lifetime of the sandbox (default: the server's).
+    #[arg(long, value_parser = limits::parse_duration, value_name = "DURATION")]
+    pub ttl: Option<Duration>,
+    /// Branch or tag to clone (git URLs only).
+    #[arg(long = "ref", value_name = "REF")]
+    pub git_ref: Option<String>,
+    /// Name of the repository (default: the directory's or the URL's last part); the
+    /// workspace is /workspaces/NAME unless its devcontainer.json says otherwise.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+/// The end of `openrun up --help`.
+const UP_HELP: &str = "\
+Server: the configured one (--server, OPENRUN_SERVER, the config file), else the one \
+<data-dir>/local.json names, else one is started in the background (log: <data-dir>/serve.log) \
+and left running for `openrun shell ID`.
+
+Output: progress on stderr; on stdout the sandbox id first, then how to attach, the \
+workspace, ports, the recipe and the check's result.
+
+Exit codes: 0 ready (check passed or none); 1 a setup step or the check failed; 125 openrun \
+could not do it (bad arguments, no recognizable project, invalid configuration, clone \
+failed, server refused or unreachable); 130 interrupted.";
+
 /// `openrun serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -354,6 +411,10 @@ pub struct ServeArgs {
     /// the server), e.g. preview.example.com. Previews by path need nothing.
     #[arg(long, value_name = "DOMAIN", value_parser = openrun_server::check_preview_domain)]
     pub preview_domain: Option<String>,
+    /// Internal: start a new session first (setsid), away from the terminal of the verb that
+    /// started this server (`openrun up` leaves the server it starts running).
+    #[arg(long, hide = true)]
+    pub new_session: bool,
 }
 
 /// A limit given as a value or `none`.

@@ -24,6 +24,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Key(KeyCommand::Create(args)) => return key_create(data_dir, args),
         Command::Image(command) => return crate::image_cmd::dispatch(data_dir, command),
         Command::Mcp(args) => return crate::mcp::run(data_dir, cli.server, cli.api_key, args),
+        Command::Up(args) => return crate::up::run(data_dir, cli.server, cli.api_key, args),
         Command::CreateHelper => {
             return Ok(i32::from(!Runtime::serve_helper_request(
                 data_dir,
@@ -35,6 +36,21 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
     };
     if let Some(target) = remote::Target::resolve(cli.server, cli.api_key, data_dir)? {
         return remote::dispatch(target, command);
+    }
+    // The verbs only a server can do use the data dir's own server when none is configured
+    // (e.g. `openrun shell ID` after `openrun up` started one).
+    let server_only = matches!(
+        command,
+        Command::Shell(_)
+            | Command::Cp(_)
+            | Command::Logs(_)
+            | Command::Events(_)
+            | Command::Env(_)
+    );
+    if server_only {
+        if let Some(target) = crate::local_server::existing(data_dir) {
+            return remote::dispatch(target, command);
+        }
     }
     match command {
         Command::Create(args) => create(data_dir, args),
@@ -55,6 +71,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         | Command::Key(_)
         | Command::Image(_)
         | Command::Mcp(_)
+        | Command::Up(_)
         | Command::CreateHelper => {
             unreachable!("handled above")
         }
@@ -276,6 +293,9 @@ fn rm(data_dir: &std::path::Path, args: RmArgs) -> Result<i32> {
 }
 
 fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
+    if args.new_session {
+        rustix::process::setsid().context("cannot start a new session")?;
+    }
     // Sandbox agents are forked by the create helper, which exits at once: as a subreaper
     // this process inherits (and reaps) them instead of init. Set before any thread starts.
     rustix::process::set_child_subreaper(Some(rustix::process::getpid()))

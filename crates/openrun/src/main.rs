@@ -6,12 +6,14 @@ mod cli;
 mod commands;
 mod image_build;
 mod image_cmd;
+mod local_server;
 mod mcp;
 mod output;
 mod remote;
 mod session;
 mod snapshot_cmd;
 mod terminal;
+mod up;
 
 fn main() {
     let cli = cli::Cli::parse_checked();

@@ -2,7 +2,7 @@
 //! `{"command": "openrun", "args": ["mcp"]}`), bridged to a server's `/mcp` (Streamable HTTP),
 //! so the tools have one implementation, the server's.
 //!
-//! Which server:
+//! Which server ([`local_server::choose`], shared with `openrun up`):
 //! 1. the configured one (`--server`/`OPENRUN_SERVER`, else the config file's), with its key;
 //!    if it does not answer, `openrun mcp` fails (it never starts a server in its place);
 //! 2. else the local server of `<data-dir>/local.json` (written by `openrun serve` on loopback),
@@ -26,9 +26,7 @@
 //! cannot be asked (down, 401, 5xx) is answered with a JSON-RPC error naming the problem.
 //! stdout carries only JSON-RPC; logs and the child server's output go to stderr.
 
-use std::io::BufRead;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,14 +39,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use crate::cli::McpArgs;
+use crate::local_server::{self, Starting};
 use crate::remote::Target;
 
-/// How long a server has to answer `/v1/health` to count as up.
-const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a started server has to print `listening on`.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a started server has to stop after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long answers to requests already sent are waited for after stdin closed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest line read from stdin (a `write_file` carries its file).
@@ -64,349 +57,24 @@ pub fn run(
     args: McpArgs,
 ) -> Result<i32> {
     let rt = crate::session::tokio_runtime()?;
-    let mut local = Local::default();
-    let target = rt.block_on(choose_server(
-        data_dir,
-        server,
-        api_key,
-        args.no_start,
-        &mut local,
-    ));
-    let result = match target {
-        Ok(target) => rt.block_on(bridge(target)),
-        Err(e) => Err(e),
+    let starting = if args.no_start {
+        Starting::Never
+    } else {
+        Starting::Child
     };
+    let (target, local) =
+        match rt.block_on(local_server::choose(data_dir, server, api_key, starting)) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
+    let result = rt.block_on(bridge(target));
     local.finish(data_dir);
     // A stdin read may still be parked on its blocking thread: do not wait for it.
     rt.shutdown_background();
     result.map(|()| 0)
-}
-
-/// The server to bridge to (see the module documentation); the use of the data dir's local
-/// server (and a started one) goes to `local`.
-async fn choose_server(
-    data_dir: &Path,
-    server: Option<String>,
-    api_key: Option<String>,
-    no_start: bool,
-    local: &mut Local,
-) -> Result<Target> {
-    let http = Target::client_builder()
-        .timeout(HEALTH_TIMEOUT)
-        .build()
-        .context("cannot make an HTTP client")?;
-    if let Some(target) = Target::resolve(server, api_key.clone(), data_dir)? {
-        if let Err(e) = health(&http, &target.url).await {
-            bail!(
-                "the openrun server {} does not answer ({e:#}); start it (openrun serve) or \
-                 name another with --server / OPENRUN_SERVER",
-                target.url
-            );
-        }
-        return with_key(target);
-    }
-    // One `openrun mcp` at a time looks for (and maybe starts) the data dir's server: two
-    // servers on one data dir would fight over it.
-    let start_lock = lock(data_dir, START_LOCK, LockKind::Exclusive).await?;
-    if let Some(url) = local_server(data_dir) {
-        if health(&http, &url).await.is_ok() {
-            // No key (not even one given with --api-key) goes to a program that is not the
-            // server that wrote local.json.
-            match Target::local(&url, data_dir) {
-                Some(mut target) => {
-                    tracing::info!(%url, "using the local server of local.json");
-                    if let Some(key) = api_key.clone().filter(|k| !k.trim().is_empty()) {
-                        target.api_key = Some(key);
-                    }
-                    local.users = Some(lock(data_dir, USERS_LOCK, LockKind::Shared).await?);
-                    return Ok(target);
-                }
-                None => tracing::warn!(
-                    %url,
-                    "the address in local.json answers but is not this data dir's server (or \
-                     no key goes to it): starting one"
-                ),
-            }
-        }
-    }
-    if no_start {
-        bail!(
-            "no openrun server is configured and none answers on this machine: start one \
-             (openrun serve), or name one with --server / OPENRUN_SERVER and its key with \
-             OPENRUN_API_KEY (or drop --no-start to let openrun mcp start one)"
-        );
-    }
-    let (started, addr) = start_server(data_dir).await?;
-    if let Err(e) = write_child_file(data_dir, started.id()) {
-        tracing::warn!(error = %e, "cannot note the started server's pid");
-    }
-    local.child = Some(started);
-    local.users = Some(lock(data_dir, USERS_LOCK, LockKind::Shared).await?);
-    drop(start_lock);
-    let url = format!("http://{addr}");
-    match Target::resolve(Some(url.clone()), api_key, data_dir)? {
-        Some(target) => with_key(target),
-        None => bail!("cannot use the started server at {url}"),
-    }
-}
-
-/// Lock file taken while looking for or starting the data dir's server.
-const START_LOCK: &str = "mcp-start.lock";
-/// Lock file every `openrun mcp` using the data dir's local server holds shared.
-const USERS_LOCK: &str = "mcp-users.lock";
-/// The pid and start time of the server an `openrun mcp` started.
-const CHILD_FILE: &str = "mcp-server.pid";
-
-/// How a lock file is taken.
-#[derive(Debug, Clone, Copy)]
-enum LockKind {
-    Shared,
-    Exclusive,
-    /// Exclusive, or `None` at once when someone holds it.
-    TryExclusive,
-}
-
-/// Opens `<data_dir>/<name>` and takes its `flock` (waiting, off the async threads).
-async fn lock(data_dir: &Path, name: &str, kind: LockKind) -> Result<std::fs::File> {
-    let path = data_dir.join(name);
-    let shown = path.display().to_string();
-    tokio::task::spawn_blocking(move || lock_now(&path, kind))
-        .await
-        .context("the lock task failed")?
-        .and_then(|f| f.with_context(|| format!("{shown} is locked")))
-        .with_context(|| format!("cannot lock {shown}"))
-}
-
-/// The blocking [`lock`]: `Ok(None)` when `TryExclusive` finds it held.
-fn lock_now(path: &Path, kind: LockKind) -> Result<Option<std::fs::File>> {
-    use rustix::fs::{flock, FlockOperation};
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)?;
-    let operation = match kind {
-        LockKind::Shared => FlockOperation::LockShared,
-        LockKind::Exclusive => FlockOperation::LockExclusive,
-        LockKind::TryExclusive => FlockOperation::NonBlockingLockExclusive,
-    };
-    match flock(&file, operation) {
-        Ok(()) => Ok(Some(file)),
-        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// This process's use of the data dir's local server.
-#[derive(Default)]
-struct Local {
-    /// The server this process started.
-    child: Option<Child>,
-    /// The shared lock on [`USERS_LOCK`] while the local server is used.
-    users: Option<std::fs::File>,
-}
-
-impl Local {
-    /// Stops the local server an `openrun mcp` started when no other `openrun mcp` uses it
-    /// any more (whichever of them started it); else leaves it to the last one.
-    fn finish(self, data_dir: &Path) {
-        let Some(users) = self.users else {
-            return;
-        };
-        drop(users);
-        // No one looks for the server while it may be stopping.
-        let Ok(Some(_start)) = lock_now(&data_dir.join(START_LOCK), LockKind::Exclusive) else {
-            return;
-        };
-        match lock_now(&data_dir.join(USERS_LOCK), LockKind::TryExclusive) {
-            Ok(Some(_alone)) => {
-                if let Some(child) = self.child {
-                    stop(child);
-                } else if let Some(pid) = started_server(data_dir) {
-                    tracing::info!(pid, "stopping the server another openrun mcp started");
-                    stop_pid(pid);
-                }
-                let _ = std::fs::remove_file(data_dir.join(CHILD_FILE));
-            }
-            Ok(None) => {
-                if self.child.is_some() {
-                    tracing::info!(
-                        "leaving the started openrun server running: another openrun mcp uses \
-                         it (the last one stops it)"
-                    );
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot lock {USERS_LOCK}"),
-        }
-    }
-}
-
-/// The start time of process `pid` (field 22 of `/proc/PID/stat`), telling a reused pid apart.
-fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: count fields after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Notes the started server's pid and start time in [`CHILD_FILE`].
-fn write_child_file(data_dir: &Path, pid: u32) -> std::io::Result<()> {
-    let started = start_time(pid).unwrap_or(0);
-    std::fs::write(data_dir.join(CHILD_FILE), format!("{pid} {started}\n"))
-}
-
-/// The pid of the server [`CHILD_FILE`] names, if that very process still runs.
-fn started_server(data_dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(data_dir.join(CHILD_FILE)).ok()?;
-    let mut fields = text.split_whitespace();
-    let pid: u32 = fields.next()?.parse().ok()?;
-    let started: u64 = fields.next()?.parse().ok()?;
-    (pid != std::process::id() && start_time(pid) == Some(started)).then_some(pid)
-}
-
-/// SIGTERM to a server that is not our child, then SIGKILL after [`STOP_TIMEOUT`].
-fn stop_pid(pid: u32) {
-    let Some(target) = i32::try_from(pid)
-        .ok()
-        .and_then(rustix::process::Pid::from_raw)
-    else {
-        return;
-    };
-    let started = start_time(pid);
-    let alive = || start_time(pid).is_some() && start_time(pid) == started;
-    let _ = rustix::process::kill_process(target, rustix::process::Signal::TERM);
-    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
-    while std::time::Instant::now() < deadline {
-        if !alive() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if alive() {
-        let _ = rustix::process::kill_process(target, rustix::process::Signal::KILL);
-    }
-}
-
-/// `target`, which must have a key.
-fn with_key(target: Target) -> Result<Target> {
-    if target.api_key.is_none() {
-        bail!(
-            "no API key for the openrun server {}: set OPENRUN_API_KEY (openrun key create \
-             makes one) or \"api_key\" in the config file",
-            target.url
-        );
-    }
-    Ok(target)
-}
-
-/// The server `<data_dir>/local.json` names, if any.
-fn local_server(data_dir: &Path) -> Option<Url> {
-    let bytes = std::fs::read(data_dir.join(crate::remote::LOCAL_FILE)).ok()?;
-    let local: Value = serde_json::from_slice(&bytes).ok()?;
-    Url::parse(local.get("server")?.as_str()?).ok()
-}
-
-/// `GET /v1/health`.
-async fn health(http: &reqwest::Client, url: &Url) -> Result<()> {
-    let answer = http
-        .get(url.join("v1/health")?)
-        .send()
-        .await
-        .context("no answer")?;
-    if !answer.status().is_success() {
-        bail!("/v1/health answered {}", answer.status());
-    }
-    Ok(())
-}
-
-/// Starts `openrun serve --listen 127.0.0.1:0` on `data_dir` (its log on our stderr) and waits
-/// for its address.
-async fn start_server(data_dir: &Path) -> Result<(Child, String)> {
-    let exe = std::env::current_exe().context("cannot find the openrun binary")?;
-    tracing::warn!(data_dir = %data_dir.display(), "no openrun server is configured or running: starting one");
-    let mut child = Command::new(exe)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .env_remove("OPENRUN_SERVER")
-        .spawn()
-        .context("cannot start openrun serve")?;
-    let stdout = child.stdout.take().context("no stdout of openrun serve")?;
-    let first_line = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        let mut reader = std::io::BufReader::new(stdout);
-        let read = reader.read_line(&mut line).map(|_| line);
-        // Anything it prints later goes to our stderr: stdout is the client's, and a closed
-        // pipe would fail the server's writes.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut reader, &mut std::io::stderr());
-        });
-        read
-    });
-    let line = match tokio::time::timeout(START_TIMEOUT, first_line).await {
-        Ok(Ok(Ok(line))) => line,
-        Ok(Ok(Err(e))) => {
-            stop(child);
-            return Err(e).context("cannot read what openrun serve printed");
-        }
-        Ok(Err(e)) => {
-            stop(child);
-            return Err(e).context("cannot read what openrun serve printed");
-        }
-        Err(_) => {
-            stop(child);
-            bail!("openrun serve did not start listening within {START_TIMEOUT:?}");
-        }
-    };
-    match line.trim().strip_prefix("listening on ") {
-        Some(addr) => Ok((child, addr.to_string())),
-        None => {
-            // It printed something else: it may still run (or hang); stop it, do not wait
-            // for it.
-            stop_and_reap(&mut child);
-            let status = child.try_wait().ok().flatten();
-            bail!(
-                "no openrun server is configured and starting one failed (openrun serve: {}; \
-                 its messages are above). Start one yourself (openrun serve, as root), or name \
-                 one with --server / OPENRUN_SERVER and OPENRUN_API_KEY",
-                status.map_or_else(|| "no status".to_string(), |s| s.to_string())
-            )
-        }
-    }
-}
-
-/// Stops a started server: SIGTERM, then SIGKILL after [`STOP_TIMEOUT`].
-fn stop(mut child: Child) {
-    stop_and_reap(&mut child);
-}
-
-/// [`stop`] of a child still needed afterwards (for its exit status).
-fn stop_and_reap(child: &mut Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    let pid = i32::try_from(child.id())
-        .ok()
-        .and_then(rustix::process::Pid::from_raw);
-    if let Some(pid) = pid {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-    let deadline = std::time::Instant::now() + STOP_TIMEOUT;
-    while std::time::Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-    tracing::warn!("the started openrun server did not stop: killing it");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// What every request to `/mcp` carries once `initialize` answered.

@@ -64,6 +64,7 @@ async fn run(client: &Client, command: Command) -> Result<i32> {
         | Command::Key(_)
         | Command::Image(_)
         | Command::Mcp(_)
+        | Command::Up(_)
         | Command::CreateHelper => {
             anyhow::bail!("this verb always runs locally")
         }
