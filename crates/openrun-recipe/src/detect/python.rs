@@ -240,8 +240,10 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         || tool.is_some_and(|t| t.contains_key("pytest"))
         || cfg_text.contains("[tool:pytest]")
         || tox.contains("[pytest]");
-    let pytest = declared.contains("pytest") || pytest_configured;
-    let add_pytest = pytest && !installed.contains("pytest");
+    // A plugin (pytest-cov, pytest-django...) brings pytest along.
+    let is_pytest = |n: &String| n == "pytest" || n.starts_with("pytest-");
+    let pytest = declared.iter().any(is_pytest) || pytest_configured;
+    let add_pytest = pytest && !installed.iter().any(is_pytest);
 
     // The project itself is installable with a pyproject.toml that says how to build it, or
     // a setup.py.

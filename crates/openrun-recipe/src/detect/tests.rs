@@ -351,6 +351,16 @@ fn python_setup_py_unittest_and_django() {
         ("manage.py", "import django\n"),
     ]);
     assert_eq!(test(&p), "python3 manage.py test");
+    // A pytest plugin brings pytest: nothing added.
+    let p = plan(&[
+        ("requirements.txt", "pytest-django\nDjango\n"),
+        ("manage.py", ""),
+    ]);
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert_eq!(
+        steps(&p)[1],
+        "install [requirements.txt]: pip install -r requirements.txt"
+    );
     assert_eq!(start(&p), "python3 manage.py runserver 0.0.0.0:8000");
     assert_eq!(p.ports, [8000]);
 
