@@ -304,8 +304,8 @@ def make_go(root: Path) -> Path:
 
 def make_java(root: Path) -> Path:
     """A Maven project compiling and running JUnit 4 tests offline from Debian's Maven repository
-    (/usr/share/maven-repo, filled by the packages in apt.txt): the file repository is declared
-    first, plugin versions are pinned to the ones Debian ships."""
+    (/usr/share/maven-repo, filled by the packages in apt.txt): the file repository takes Central's
+    id (so Maven never asks the network), plugin versions are pinned to the ones Debian ships."""
     return write(root, {
         "pom.xml": """
             <?xml version="1.0" encoding="UTF-8"?>
@@ -325,14 +325,14 @@ def make_java(root: Path) -> Path:
 
               <repositories>
                 <repository>
-                  <id>debian</id>
+                  <id>central</id>
                   <url>file:///usr/share/maven-repo</url>
                   <releases><checksumPolicy>ignore</checksumPolicy></releases>
                 </repository>
               </repositories>
               <pluginRepositories>
                 <pluginRepository>
-                  <id>debian</id>
+                  <id>central</id>
                   <url>file:///usr/share/maven-repo</url>
                   <releases><checksumPolicy>ignore</checksumPolicy></releases>
                 </pluginRepository>
