@@ -517,9 +517,10 @@ DEVCONTAINER_JSON = """
     "FIXTURE_REMOTE": "from-remoteEnv",
   },
   "forwardPorts": [8000, 5432,],
-  "hostRequirements": { "memory": "2gb", "cpus": 1 },
-  // Not supported by openrun up: reported by name.
-  "features": { "ghcr.io/devcontainers/features/node:1": {} },
+  "hostRequirements": { "memory": "1gb", "cpus": 1 },  // the default is 2 GiB
+  // Not carried out by openrun up: reported by name.
+  "features": { "ghcr.io/devcontainers/features/docker-in-docker:2": {} },
+  "postAttachCommand": "echo attached",
   "onCreateCommand": "echo onCreate >> /var/tmp/lifecycle.log && touch /var/tmp/marker-onCreate",
   "updateContentCommand": ["sh", "-c", "echo updateContent >> /var/tmp/lifecycle.log && touch /var/tmp/marker-updateContent"],
   "postCreateCommand": {
@@ -533,7 +534,7 @@ DEVCONTAINER_JSON = """
 
 def make_devcontainer(root: Path) -> Path:
     """.devcontainer/devcontainer.json (JSON with comments and trailing commas) with env, ports,
-    hostRequirements, an unsupported key (`features`) and all four lifecycle commands in their
+    hostRequirements, unsupported keys (a Feature, postAttachCommand) and all four lifecycle commands in their
     string, array and object forms, each appending to /var/tmp/lifecycle.log; plus a tiny Python
     test the check runs."""
     return write(root, {
