@@ -1,0 +1,872 @@
+//! The image an `up`'s workspace sandbox starts from: the plan's base (a Debian image built
+//! by debootstrap, a store image, or the repository's Dockerfile built), then its system
+//! packages installed in a throwaway sandbox and kept as a snapshot of the caller's, one per
+//! base and package set (`up-base-<hash>`), so the next `up` needing the same finds it.
+//!
+//! Images are built by the server's own binary as a child (`openrun image build`), the way an
+//! operator would: server-wide images (`debian:SUITE`, `up-dockerfile-<hash>`), one Debian
+//! build at a time, one build or install per image name at a time (a second `up` waiting for
+//! the same name then finds it made).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, Read};
+use std::path::Path;
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use openrun_image::{ImageRef, Store};
+use openrun_recipe::{BaseImage, Plan};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, Mutex};
+
+use super::run::run_command;
+use super::source::{SandboxGuard, TempFile};
+use super::{Progress, StepStatus, UpError, UpEvent};
+use crate::api::{blocking, Caller, CreateBody, Shared};
+use crate::error::ApiError;
+
+/// How long a Debian image build may take.
+const DEBIAN_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// How long a Dockerfile build may take.
+const DOCKERFILE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long `apt-get update` and `apt-get install` may take, each.
+const APT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Lifetime of the sandbox packages are installed in (removed when done).
+const APT_TTL: &str = "45m";
+/// Hosts the package install reaches.
+const APT_HOSTS: &[&str] = &["deb.debian.org", "security.debian.org"];
+/// Packages every base gets (what clones and HTTPS need); the Debian images built by
+/// `openrun image build --debian` already have them.
+const BASE_PACKAGES: &[&str] = &["ca-certificates", "git"];
+/// Largest Dockerfile read.
+const MAX_DOCKERFILE: u64 = 1 << 20;
+/// Lines of a failed child's stderr put in the error.
+const ERROR_LINES: usize = 12;
+
+/// One Debian build at a time on this server.
+fn debian_lock() -> &'static Mutex<()> {
+    static LOCK: OnceLock<Mutex<()>> = OnceLock::new();
+    LOCK.get_or_init(|| Mutex::new(()))
+}
+
+/// The lock of one image name (kept while someone holds or waits for it).
+async fn name_lock(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    static LOCKS: OnceLock<StdMutex<HashMap<String, Weak<Mutex<()>>>>> = OnceLock::new();
+    let lock = {
+        let mut locks = LOCKS
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.retain(|_, weak| weak.strong_count() > 0);
+        match locks.get(name).and_then(Weak::upgrade) {
+            Some(lock) => lock,
+            None => {
+                let lock = Arc::new(Mutex::new(()));
+                locks.insert(name.to_string(), Arc::downgrade(&lock));
+                lock
+            }
+        }
+    };
+    lock.lock_owned().await
+}
+
+/// Makes (or finds) the image the workspace sandbox of `plan` starts from and returns a name
+/// [`crate::api::create_sandbox`] takes for `caller`. `source_tar` is the repository (a
+/// Dockerfile base is built from it). Steps `base` and `packages`.
+pub(crate) async fn prepare_base(
+    s: &Shared,
+    caller: &Caller,
+    plan: &Plan,
+    source_tar: &Path,
+    progress: &Progress,
+) -> Result<String, UpError> {
+    let (image, preinstalled): (String, &[&str]) = match &plan.base {
+        BaseImage::Debian { suite } => (
+            ensure_debian(s, caller, suite, progress).await?,
+            openrun_image::debian::PACKAGES,
+        ),
+        BaseImage::Image { name } => (store_image(s, caller, name, progress).await?, &[]),
+        BaseImage::Dockerfile {
+            dockerfile,
+            context,
+            args,
+        } => (
+            build_dockerfile(s, caller, source_tar, dockerfile, context, args, progress).await?,
+            &[],
+        ),
+    };
+    // Nothing beyond what the base has: no package layer (an image base may not even have
+    // apt).
+    let wanted = package_set(&plan.system_packages);
+    let asked = plan.system_packages.iter().map(|p| p.trim());
+    if asked
+        .filter(|p| !p.is_empty())
+        .all(|p| preinstalled.contains(&p))
+    {
+        return Ok(image);
+    }
+    install_packages(s, caller, plan, &image, &wanted, progress).await
+}
+
+/// The packages to install: the plan's and [`BASE_PACKAGES`], sorted, without duplicates.
+fn package_set(packages: &[String]) -> BTreeSet<String> {
+    packages
+        .iter()
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .chain(BASE_PACKAGES.iter().map(|p| p.to_string()))
+        .collect()
+}
+
+/// Whether `name` can be a Debian package name (with an optional `=version` or `:arch`): it
+/// goes on apt's command line.
+fn valid_package(name: &str) -> bool {
+    name.len() <= 128
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"+-.:=~_".contains(&b))
+}
+
+/// The name of the caller's image of `base` (its layers) with `packages` installed.
+fn package_image_name(base_layers: &[String], packages: &BTreeSet<String>) -> String {
+    let mut hash = Sha256::new();
+    for layer in base_layers {
+        hash.update(layer.as_bytes());
+        hash.update(b"\n");
+    }
+    hash.update(b"--\n");
+    for package in packages {
+        hash.update(package.as_bytes());
+        hash.update(b"\n");
+    }
+    format!("up-base-{}", &hex(&hash.finalize())[..16])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether the caller sees an image `name` (its own or a server-wide one).
+async fn exists(s: &Shared, caller: &Caller, name: &str) -> Result<bool, ApiError> {
+    Ok(crate::images::resolve(s, caller, name).await?.is_ok())
+}
+
+/// The layer ids of the caller's image `name`.
+async fn layers_of(s: &Shared, caller: &Caller, name: &str) -> Result<Vec<String>, UpError> {
+    let stored = match crate::images::resolve(s, caller, name).await? {
+        Ok(stored) => stored,
+        Err(e) => {
+            return Err(
+                UpError::new("base_failed", format!("image {name} is not usable: {e}"))
+                    .at_step("base"),
+            )
+        }
+    };
+    let data_dir = s.runtime.data_dir().to_path_buf();
+    let record = blocking(move || {
+        let r = ImageRef::parse(&stored)?;
+        Store::open(&data_dir)?.get(&r)
+    })
+    .await?;
+    match record {
+        Ok(record) => Ok(record.layers),
+        // The host image has no layers of the store.
+        Err(_) if name == "host" => Ok(Vec::new()),
+        Err(e) => Err(
+            UpError::new("base_failed", format!("cannot read image {name}: {e}")).at_step("base"),
+        ),
+    }
+}
+
+/// `debian:SUITE`, built if the store lacks it (step `base`: `cached` or `running`/`ok`).
+async fn ensure_debian(
+    s: &Shared,
+    caller: &Caller,
+    suite: &str,
+    progress: &Progress,
+) -> Result<String, UpError> {
+    if suite.is_empty() || suite.len() > 32 || !suite.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(UpError::new(
+            "base_failed",
+            format!("invalid Debian suite {suite:?}: a suite is a name such as bookworm"),
+        )
+        .at_step("base"));
+    }
+    let name = format!("debian:{suite}");
+    let command = format!("openrun image build --debian {suite} -t {name}");
+    if exists(s, caller, &name).await? {
+        progress
+            .step("base", Some(command), StepStatus::Cached, Some(0), None)
+            .await;
+        return Ok(name);
+    }
+    let started = Instant::now();
+    progress
+        .step(
+            "base",
+            Some(command.clone()),
+            StepStatus::Running,
+            None,
+            None,
+        )
+        .await;
+    let result = async {
+        let _one = debian_lock().lock().await;
+        // Made by another up while this one waited.
+        if exists(s, caller, &name).await? {
+            return Ok(());
+        }
+        let args = vec![
+            "image".to_string(),
+            "build".into(),
+            "--debian".into(),
+            suite.into(),
+            "-t".into(),
+            name.clone(),
+        ];
+        run_openrun(s, args, "base", DEBIAN_TIMEOUT, progress)
+            .await
+            .map_err(|tail| {
+                UpError::new(
+                    "base_failed",
+                    format!("cannot build the Debian {suite} image: {tail}"),
+                )
+            })
+    }
+    .await;
+    finish_step(progress, "base", command, started, result).await?;
+    Ok(name)
+}
+
+/// Sends the end of a step (`ok`, or `failed` with the error at that step).
+async fn finish_step(
+    progress: &Progress,
+    step: &str,
+    command: String,
+    started: Instant,
+    result: Result<(), UpError>,
+) -> Result<(), UpError> {
+    let ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+    match result {
+        Ok(()) => {
+            progress
+                .step(step, Some(command), StepStatus::Ok, ms, None)
+                .await;
+            Ok(())
+        }
+        Err(mut e) => {
+            progress
+                .step(step, Some(command.clone()), StepStatus::Failed, ms, None)
+                .await;
+            e.step = Some(step.to_string());
+            e.command.get_or_insert(command);
+            Err(e)
+        }
+    }
+}
+
+/// A store image the plan names: it must be there for the caller.
+async fn store_image(
+    s: &Shared,
+    caller: &Caller,
+    name: &str,
+    progress: &Progress,
+) -> Result<String, UpError> {
+    if exists(s, caller, name).await? {
+        progress
+            .step("base", None, StepStatus::Cached, Some(0), None)
+            .await;
+        return Ok(name.to_string());
+    }
+    progress
+        .step("base", None, StepStatus::Failed, Some(0), None)
+        .await;
+    Err(UpError::new(
+        "base_failed",
+        format!(
+            "image {name} is not in the server's store: import it with `openrun image import` \
+             or use a Debian image"
+        ),
+    )
+    .at_step("base"))
+}
+
+/// Builds the repository's Dockerfile (server-wide image `up-dockerfile-<hash>`, the hash of
+/// the Dockerfile, its build arguments and the context's contents).
+async fn build_dockerfile(
+    s: &Shared,
+    caller: &Caller,
+    source_tar: &Path,
+    dockerfile: &str,
+    context: &str,
+    args: &BTreeMap<String, String>,
+    progress: &Progress,
+) -> Result<String, UpError> {
+    let failed = |message: String| {
+        let mut e = UpError::new("base_failed", message).at_step("base");
+        e.file = Some(dockerfile.to_string());
+        e
+    };
+    let context = relative(context).ok_or_else(|| {
+        failed(format!(
+            "the build context {context:?} is not a path inside the repository"
+        ))
+    })?;
+    let dockerfile_rel = relative(dockerfile).ok_or_else(|| {
+        failed(format!(
+            "the Dockerfile {dockerfile:?} is not a path inside the repository"
+        ))
+    })?;
+    let dir = TempFile::new_dir(s, ".context")?;
+    let copy = TempFile::new(s, ".Dockerfile")?;
+    let (tar, root, copy_path) = (
+        source_tar.to_path_buf(),
+        dir.path().to_path_buf(),
+        copy.path().to_path_buf(),
+    );
+    let (ctx, file_rel) = (context.clone(), dockerfile_rel.clone());
+    let unpacked = blocking(move || unpack_context(&tar, &root, &ctx, &file_rel, &copy_path))
+        .await?
+        .map_err(&failed)?;
+    let parsed = openrun_image::dockerfile::parse(&unpacked.text)
+        .map_err(|e| failed(format!("cannot read {dockerfile}: {e}")))?;
+    // A FROM debian:SUITE is built first, like a Debian base.
+    for instruction in &parsed.instructions {
+        if let openrun_image::dockerfile::Kind::From { image } = &instruction.kind {
+            let raw = image.raw();
+            if let Some(suite) = raw.strip_prefix("debian:") {
+                if !suite.is_empty() && suite.bytes().all(|b| b.is_ascii_lowercase()) {
+                    ensure_debian(s, caller, suite, progress).await?;
+                }
+            }
+        }
+    }
+    let mut hash = Sha256::new();
+    hash.update(unpacked.text.as_bytes());
+    for (k, v) in args {
+        hash.update(format!("\0{k}={v}").as_bytes());
+    }
+    hash.update(unpacked.digest);
+    let name = format!("up-dockerfile-{}", &hex(&hash.finalize())[..16]);
+    let mut argv = vec![
+        "image".to_string(),
+        "build".into(),
+        "-t".into(),
+        name.clone(),
+        "-f".into(),
+        copy.path().display().to_string(),
+    ];
+    for (k, v) in args {
+        argv.extend(["--build-arg".into(), format!("{k}={v}")]);
+    }
+    let context_dir = if context == "." {
+        dir.path().to_path_buf()
+    } else {
+        dir.path().join(&context)
+    };
+    argv.push(context_dir.display().to_string());
+    let command = format!(
+        "openrun image build -t {name} -f {dockerfile} {}",
+        if context == "." { "." } else { &context }
+    );
+    let _same = name_lock(&name).await;
+    if exists(s, caller, &name).await? {
+        progress
+            .step("base", Some(command), StepStatus::Cached, Some(0), None)
+            .await;
+        return Ok(name);
+    }
+    let started = Instant::now();
+    progress
+        .step(
+            "base",
+            Some(command.clone()),
+            StepStatus::Running,
+            None,
+            None,
+        )
+        .await;
+    let result = run_openrun(s, argv, "base", DOCKERFILE_TIMEOUT, progress)
+        .await
+        .map_err(|tail| failed(format!("cannot build {dockerfile}: {tail}")));
+    finish_step(progress, "base", command, started, result).await?;
+    Ok(name)
+}
+
+/// `path` as a relative path without `..` (`.` for the root), or `None`.
+fn relative(path: &str) -> Option<String> {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if path.starts_with('/') || parts.iter().any(|p| *p == "..") || path.contains('\0') {
+        return None;
+    }
+    Some(if parts.is_empty() {
+        ".".into()
+    } else {
+        parts.join("/")
+    })
+}
+
+/// What [`unpack_context`] found.
+struct Unpacked {
+    /// The Dockerfile.
+    text: String,
+    /// sha256 of the context's entries (paths, kinds, modes, contents, link targets).
+    digest: [u8; 32],
+}
+
+/// Unpacks the repository's tar into `root` (no path leaves it: the store's layer unpacking),
+/// checks the context is a directory reached without symbolic links, and copies the
+/// Dockerfile (a regular file reached the same way) to `copy`.
+fn unpack_context(
+    tar: &Path,
+    root: &Path,
+    context: &str,
+    dockerfile: &str,
+    copy: &Path,
+) -> Result<Unpacked, String> {
+    let open = |path: &Path| {
+        std::fs::File::open(path).map_err(|e| format!("cannot read the repository: {e}"))
+    };
+    openrun_image::layer::unpack(std::io::BufReader::new(open(tar)?), root, "the repository")
+        .map_err(|e| format!("cannot unpack the repository: {e}"))?;
+    let flags = rustix::fs::ResolveFlags::BENEATH | rustix::fs::ResolveFlags::NO_SYMLINKS;
+    let dir = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| format!("cannot open the unpacked repository: {e}"))?;
+    if context != "." {
+        rustix::fs::openat2(
+            &dir,
+            context,
+            rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+            flags,
+        )
+        .map_err(|e| {
+            format!("the build context {context} is not a directory of the repository ({e})")
+        })?;
+    }
+    let file = rustix::fs::openat2(
+        &dir,
+        dockerfile,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+        flags,
+    )
+    .map_err(|e| format!("{dockerfile} is not a file of the repository ({e})"))?;
+    let mut file = std::fs::File::from(file);
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read {dockerfile}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{dockerfile} is not a regular file"));
+    }
+    let mut text = String::new();
+    (&mut file)
+        .take(MAX_DOCKERFILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read {dockerfile}: {e}"))?;
+    if text.len() as u64 > MAX_DOCKERFILE {
+        return Err(format!("{dockerfile} is larger than 1 MiB"));
+    }
+    std::fs::write(copy, &text).map_err(|e| format!("cannot copy {dockerfile}: {e}"))?;
+    let digest = context_digest(open(tar)?, context)
+        .map_err(|e| format!("cannot read the repository: {e}"))?;
+    Ok(Unpacked { text, digest })
+}
+
+/// sha256 of the entries of the tar `reader` under `context` (`.` for all): path, kind,
+/// mode, contents or link target, in archive order; times and owners left out (a fresh
+/// clone has new times).
+fn context_digest(reader: impl Read, context: &str) -> std::io::Result<[u8; 32]> {
+    let mut hash = Sha256::new();
+    let mut archive = tar::Archive::new(std::io::BufReader::new(reader));
+    let prefix = format!("{context}/");
+    let mut buf = vec![0u8; 64 * 1024];
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        let raw = entry.path_bytes().into_owned();
+        let path = String::from_utf8_lossy(&raw);
+        let path = path.trim_start_matches("./");
+        if context != "." && !(path == context || path.starts_with(&prefix)) {
+            continue;
+        }
+        let header = entry.header();
+        hash.update(path.as_bytes());
+        hash.update([0, header.entry_type().as_byte()]);
+        hash.update(header.mode().unwrap_or(0).to_le_bytes());
+        if let Some(target) = entry.link_name_bytes() {
+            hash.update(&target);
+        }
+        hash.update([0]);
+        loop {
+            let n = entry.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+        }
+    }
+    Ok(hash.finalize().into())
+}
+
+/// The caller's image `up-base-<hash>`: `image` with `packages` installed (made in a
+/// throwaway sandbox if missing). Step `packages`.
+async fn install_packages(
+    s: &Shared,
+    caller: &Caller,
+    plan: &Plan,
+    image: &str,
+    packages: &BTreeSet<String>,
+    progress: &Progress,
+) -> Result<String, UpError> {
+    const STEP: &str = "packages";
+    let list: Vec<String> = packages.iter().cloned().collect();
+    let command = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        list.join(" ")
+    );
+    let failed = |message: String| {
+        let mut e = UpError::new("packages_failed", message).at_step(STEP);
+        e.file = asked_by(plan);
+        e.command = Some(command.clone());
+        e
+    };
+    if let Some(bad) = list.iter().find(|p| !valid_package(p)) {
+        return Err(failed(format!(
+            "{bad:?} is not a Debian package name (asked for by {})",
+            asker(plan)
+        )));
+    }
+    let layers = layers_of(s, caller, image).await?;
+    let name = package_image_name(&layers, packages);
+    let _same = name_lock(&name).await;
+    if exists(s, caller, &name).await? {
+        progress
+            .step(STEP, Some(command), StepStatus::Cached, Some(0), None)
+            .await;
+        return Ok(name);
+    }
+    let started = Instant::now();
+    progress
+        .step(STEP, Some(command.clone()), StepStatus::Running, None, None)
+        .await;
+    let mut exit_code = None;
+    let result = install_in_sandbox(s, caller, image, &name, &list, progress, &mut exit_code)
+        .await
+        .map_err(|e| match e {
+            Install::Failed(tail) => failed(format!(
+                "cannot install the system packages {} (asked for by {}): {tail}",
+                list.join(" "),
+                asker(plan)
+            )),
+            Install::Error(e) => e,
+        });
+    let ms = Some(u64::try_from(started.elapsed().as_millis()).unwrap_or(0));
+    match result {
+        Ok(()) => {
+            progress
+                .step(STEP, Some(command), StepStatus::Ok, ms, Some(0))
+                .await;
+            Ok(name)
+        }
+        Err(mut e) => {
+            progress
+                .step(STEP, Some(command), StepStatus::Failed, ms, exit_code)
+                .await;
+            e.step = Some(STEP.into());
+            Err(e)
+        }
+    }
+}
+
+/// Why an install failed: apt said no (its last lines), or the sandbox did.
+enum Install {
+    Failed(String),
+    Error(UpError),
+}
+
+impl From<UpError> for Install {
+    fn from(e: UpError) -> Self {
+        Install::Error(e)
+    }
+}
+
+impl From<ApiError> for Install {
+    fn from(e: ApiError) -> Self {
+        Install::Error(e.into())
+    }
+}
+
+async fn install_in_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    image: &str,
+    name: &str,
+    packages: &[String],
+    progress: &Progress,
+    exit_code: &mut Option<i32>,
+) -> Result<(), Install> {
+    let body = CreateBody {
+        image: Some(image.to_string()),
+        ttl: Some(APT_TTL.into()),
+        labels: BTreeMap::from([("openrun.up.packages".to_string(), name.to_string())]),
+        network: Some(serde_json::json!({ "mode": "allowlist", "allow": APT_HOSTS })),
+        ..Default::default()
+    };
+    let created = crate::api::create_sandbox(s, caller, body).await?;
+    let guard = SandboxGuard::new(s, caller, created.id());
+    let env = BTreeMap::from([("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())]);
+    let mut install: Vec<String> = ["apt-get", "install", "-y", "--no-install-recommends"]
+        .map(String::from)
+        .to_vec();
+    install.extend(packages.iter().cloned());
+    let clean = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        "apt-get clean; rm -rf /var/lib/apt/lists/*".into(),
+    ];
+    for argv in [vec!["apt-get".to_string(), "update".into()], install, clean] {
+        let outcome = run_command(
+            s,
+            caller,
+            guard.id(),
+            "packages",
+            argv,
+            Some("/".into()),
+            env.clone(),
+            Some("root".into()),
+            APT_TIMEOUT,
+            progress,
+        )
+        .await?;
+        *exit_code = Some(outcome.exit_code);
+        if !outcome.ok() {
+            guard.remove().await;
+            return Err(Install::Failed(outcome.last_lines(ERROR_LINES)));
+        }
+    }
+    match crate::images::take_snapshot(s, caller, guard.id(), Some(name.to_string())).await {
+        Ok(_) => {}
+        // Made meanwhile by another server process on this data dir.
+        Err(e) if exists(s, caller, name).await.unwrap_or(false) => {
+            tracing::debug!(name, error = %e, "package image made meanwhile");
+        }
+        Err(e) => {
+            guard.remove().await;
+            return Err(e.into());
+        }
+    }
+    guard.remove().await;
+    Ok(())
+}
+
+/// The file that asked for the plan's packages, if one is known.
+fn asked_by(plan: &Plan) -> Option<String> {
+    if plan.inputs.iter().any(|f| f == "apt.txt") {
+        return Some("apt.txt".into());
+    }
+    plan.config_file.clone()
+}
+
+/// Who asked for the packages, for a message: the file, or the languages detected.
+fn asker(plan: &Plan) -> String {
+    match asked_by(plan) {
+        Some(file) => file,
+        None if !plan.languages.is_empty() => {
+            format!("the toolchains of {} (detected)", plan.languages.join(", "))
+        }
+        None => "the plan".into(),
+    }
+}
+
+/// Runs the server's own binary (`openrun --data-dir D ARGS`) as a child, its stderr lines
+/// sent as `step`'s output; killed after `timeout`. `Err` holds the last lines of its
+/// stderr.
+async fn run_openrun(
+    s: &Shared,
+    args: Vec<String>,
+    step: &str,
+    timeout: Duration,
+    progress: &Progress,
+) -> Result<(), String> {
+    let helper = s.helper.clone();
+    let data_dir = s.runtime.data_dir().to_path_buf();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
+    let child =
+        tokio::task::spawn_blocking(move || run_child(&helper, &data_dir, &args, timeout, tx));
+    let mut tail: Vec<String> = Vec::new();
+    while let Some(line) = rx.recv().await {
+        progress
+            .send(UpEvent::Output {
+                step: step.to_string(),
+                stream: "stderr",
+                data_b64: base64::engine::general_purpose::STANDARD.encode(&line),
+            })
+            .await;
+        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+        if !text.is_empty() {
+            tail.push(text);
+            if tail.len() > ERROR_LINES {
+                tail.remove(0);
+            }
+        }
+    }
+    let ended = child
+        .await
+        .map_err(|e| format!("the build's task failed: {e}"))?;
+    match ended {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(if tail.is_empty() {
+            "it failed without saying why".into()
+        } else {
+            tail.join("\n")
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// The blocking part of [`run_openrun`]: `Ok(success)`, `Err` when it could not run or timed
+/// out.
+fn run_child(
+    helper: &Path,
+    data_dir: &Path,
+    args: &[String],
+    timeout: Duration,
+    tx: mpsc::Sender<Vec<u8>>,
+) -> Result<bool, String> {
+    let mut child = std::process::Command::new(helper)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        // The child works on this data dir itself, never through a server.
+        .env_remove("OPENRUN_SERVER")
+        .env_remove("OPENRUN_API_KEY")
+        .env_remove("OPENRUN_DATA_DIR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", helper.display()))?;
+    let stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let Some(stderr) = stderr else { return };
+        let mut lines = std::io::BufReader::new(stderr);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match lines.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    // A reader that left only stops seeing it.
+                    let _ = tx.blocking_send(line.clone());
+                }
+            }
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(format!(
+                    "it did not finish in {} min",
+                    timeout.as_secs() / 60
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => break Err(format!("cannot wait for the build: {e}")),
+        }
+    };
+    let _ = reader.join();
+    Ok(status?.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn package_images_are_named_by_base_and_set() {
+        let layers = vec!["a".repeat(64), "b".repeat(64)];
+        let one = package_set(&["ruby".into(), "bundler".into(), "git".into()]);
+        let two = package_set(&[" bundler".into(), "ruby".into()]);
+        assert_eq!(
+            one, two,
+            "order, spaces and the base packages do not matter"
+        );
+        assert!(one.contains("ca-certificates"));
+        let name = package_image_name(&layers, &one);
+        assert!(name.starts_with("up-base-"));
+        assert_eq!(name.len(), "up-base-".len() + 16);
+        assert!(ImageRef::parse(&name).is_ok());
+        assert_eq!(name, package_image_name(&layers, &two));
+        let other = package_set(&["ruby".into()]);
+        assert_ne!(name, package_image_name(&layers, &other));
+        assert_ne!(name, package_image_name(&layers[..1], &one));
+    }
+
+    #[test]
+    fn package_names_are_checked() {
+        for good in [
+            "g++",
+            "python3.11",
+            "libssl-dev",
+            "libc6:amd64",
+            "ruby=1:3.1",
+        ] {
+            assert!(valid_package(good), "{good}");
+        }
+        for bad in ["", "-o", "a b", "a;b", "$(x)", "Ruby", "a/b"] {
+            assert!(!valid_package(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn relative_paths_stay_inside() {
+        assert_eq!(relative(".").as_deref(), Some("."));
+        assert_eq!(relative("").as_deref(), Some("."));
+        assert_eq!(relative("./docker/").as_deref(), Some("docker"));
+        assert_eq!(
+            relative("a//b/./Dockerfile").as_deref(),
+            Some("a/b/Dockerfile")
+        );
+        assert_eq!(relative("../x"), None);
+        assert_eq!(relative("/etc"), None);
+        assert_eq!(relative("a/../../b"), None);
+    }
+
+    #[test]
+    fn the_context_digest_ignores_times_and_other_dirs() {
+        let tar_of = |mtime: u64, other: &[u8]| {
+            let mut b = tar::Builder::new(Vec::new());
+            for (path, data) in [("ctx/a.txt", &b"hello"[..]), ("other.txt", other)] {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                h.set_mode(0o644);
+                h.set_mtime(mtime);
+                h.set_cksum();
+                b.append_data(&mut h, path, data).unwrap();
+            }
+            b.into_inner().unwrap()
+        };
+        let one = context_digest(&tar_of(1, b"x")[..], "ctx").unwrap();
+        assert_eq!(one, context_digest(&tar_of(2, b"y")[..], "ctx").unwrap());
+        assert_ne!(
+            context_digest(&tar_of(1, b"x")[..], ".").unwrap(),
+            context_digest(&tar_of(1, b"y")[..], ".").unwrap()
+        );
+    }
+}
