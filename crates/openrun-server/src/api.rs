@@ -194,6 +194,7 @@ fn authed_routes() -> OpenApiRouter<Shared> {
         .routes(routes!(crate::images::fork))
         .routes(routes!(crate::images::diff))
         .routes(routes!(crate::preview::mint))
+        .merge(crate::up::routes::routes())
 }
 
 /// The document's own entry (its handler holds the finished document, so it is written here).

@@ -125,6 +125,26 @@ const MIGRATIONS: &[(i64, &str)] = &[
         created_at INTEGER NOT NULL
     );",
     ),
+    (
+        6,
+        // `openrun up`'s recipes (crate::up::recipes): per tenant and key, the snapshot image
+        // that holds a finished setup, the generated devcontainer.json, the plan, and the
+        // repository's file list and digest the snapshot was made from (to sync the next open).
+        "CREATE TABLE recipes (
+        tenant TEXT NOT NULL,
+        key TEXT NOT NULL,
+        repo TEXT NOT NULL,
+        name TEXT NOT NULL,
+        image TEXT NOT NULL,
+        devcontainer TEXT NOT NULL,
+        plan_json TEXT NOT NULL,
+        sources_json TEXT NOT NULL,
+        source_digest TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at INTEGER NOT NULL,
+        PRIMARY KEY (tenant, key)
+    );",
+    ),
 ];
 
 /// Shared handle to the database.

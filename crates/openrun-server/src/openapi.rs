@@ -33,6 +33,8 @@ pub const SECURITY_SCHEME: &str = "api_key";
         (name = "images", description = "Snapshots, forks and diffs of sandboxes"),
         (name = "previews", description = "HTTP and WebSocket into a port inside a sandbox \
                                            (the API key, or a preview token)"),
+        (name = "up", description = "A repository to a ready sandbox (openrun up) and its \
+                                     remembered setups (recipes)"),
     )
 )]
 pub struct ApiDoc;

@@ -7,10 +7,26 @@
 // Removed once `open_repo` and its routes use everything here.
 #![allow(dead_code)]
 
+mod base;
+mod recipes;
+pub(crate) mod routes;
+mod run;
+mod setup;
+mod source;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openrun_recipe::tree::TarTree;
+use openrun_recipe::{Phase, PlanError};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::api::{blocking, Caller, Shared};
 use crate::error::ApiError;
+use run::run_command;
 
 /// One line of the progress stream (`POST /v1/up`'s NDJSON).
 #[derive(Debug, Clone, Serialize)]
@@ -19,7 +35,7 @@ pub(crate) enum UpEvent {
     /// The plan, first.
     Plan {
         /// It.
-        plan: openrun_recipe::Plan,
+        plan: Box<openrun_recipe::Plan>,
     },
     /// A step changed state.
     Step {
@@ -80,6 +96,12 @@ impl Progress {
     /// Progress nobody reads (MCP collects the result only).
     pub(crate) fn none() -> Self {
         Progress { tx: None }
+    }
+
+    /// Whether the reader left (a client that disconnected): the open stops after the
+    /// command that runs and cleans up.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.is_closed())
     }
 
     /// Sends `event` (waits while the stream is full; drops it if the reader left).
@@ -152,8 +174,626 @@ impl UpError {
     }
 }
 
+impl From<crate::error::DbError> for UpError {
+    fn from(e: crate::error::DbError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
 impl From<ApiError> for UpError {
     fn from(e: ApiError) -> Self {
         UpError::new(e.status_and_code().1, e.to_string())
+    }
+}
+
+/// The error of an open stopped because its client left.
+pub(crate) fn cancelled(step: &str) -> UpError {
+    UpError::new(
+        "cancelled",
+        format!("the client left: stopped before step {step} and removed the sandbox"),
+    )
+    .at_step(step)
+}
+
+/// Longest the readiness check may run.
+pub(crate) const CHECK_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// What a client asks of an up (besides the repository itself).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct UpRequest {
+    /// The repository's name: the workspace is `/workspaces/<name>` unless the plan says.
+    pub name: String,
+    /// The repository's identity (`local:<host>:<path>`, `git:<url>[#ref]`), part of the key.
+    pub repo: String,
+    /// The readiness check (a shell command) instead of the plan's test.
+    pub check: Option<String>,
+    /// No check at all.
+    pub no_check: bool,
+    /// Only the plan: no sandbox.
+    pub plan_only: bool,
+    /// On a failure, keep the sandbox (rolled back to before the failed step).
+    pub keep: bool,
+    /// The sandbox's lifetime (default [`setup::DEFAULT_TTL`]).
+    pub ttl: Option<String>,
+}
+
+/// Where the repository comes from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// A tar the client sent, received into a temporary file.
+    Upload(source::TempFile),
+    /// A git URL, cloned in a sandbox.
+    Git(source::GitSource),
+}
+
+/// A port of the application with its preview path.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct PortInfo {
+    /// The port inside the sandbox.
+    pub port: u16,
+    /// Its preview, under the API's address (`/v1/sandboxes/ID/ports/N/`).
+    pub preview: String,
+}
+
+/// The recipe of an up.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct RecipeRef {
+    /// Its key.
+    pub key: String,
+    /// The stored devcontainer.json on the server (none for a plan only).
+    pub path: Option<String>,
+    /// The generated devcontainer.json.
+    pub devcontainer: String,
+}
+
+/// How the readiness check went.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct CheckResult {
+    /// What ran.
+    pub command: String,
+    /// Its exit code.
+    pub exit_code: i32,
+    /// Whether it exited with 0.
+    pub passed: bool,
+    /// How long it ran.
+    pub duration_ms: u64,
+}
+
+/// Where the time went.
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub(crate) struct Timings {
+    /// The whole up.
+    pub total_ms: u64,
+    /// Until the sandbox was ready (before the check).
+    pub ready_ms: u64,
+    /// Base, packages, copy and setup steps (or the cached sandbox and its sync).
+    pub setup_ms: u64,
+    /// The check.
+    pub check_ms: u64,
+}
+
+/// What an up made.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub(crate) struct UpResult {
+    /// The ready sandbox (none for a plan only).
+    pub sandbox_id: Option<String>,
+    /// How to get a shell in it (`openrun shell ID`).
+    pub attach: Option<String>,
+    /// The repository's directory inside the sandbox.
+    pub workspace: String,
+    /// The application's ports and their previews.
+    pub ports: Vec<PortInfo>,
+    /// The recipe.
+    pub recipe: Option<RecipeRef>,
+    /// Whether the sandbox came from a stored recipe (no setup ran).
+    pub cached: bool,
+    /// The readiness check (none when there was none).
+    pub check: Option<CheckResult>,
+    /// Timings.
+    pub timings: Timings,
+    /// The plan.
+    #[schema(value_type = Object)]
+    pub plan: openrun_recipe::Plan,
+}
+
+/// Milliseconds since `t`.
+fn ms_since(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A plan's failure as an up's: `no_project` or `invalid_config` naming the file (and where
+/// in it), at step `plan`.
+pub(crate) fn plan_error(e: PlanError) -> UpError {
+    use openrun_recipe::error::TreeError;
+    let code = match &e {
+        PlanError::NoProject => "no_project",
+        PlanError::Invalid { .. } | PlanError::Tree(TreeError::TooLarge { .. }) => "invalid_config",
+        PlanError::Tree(TreeError::BadArchive(_)) => "invalid_argument",
+        PlanError::Tree(_) => "internal",
+    };
+    let mut error = UpError::new(code, e.to_string()).at_step("plan");
+    error.file = e.file().map(str::to_string);
+    error
+}
+
+/// What the planner read from the repository's tar.
+struct Planned {
+    plan: openrun_recipe::Plan,
+    key: String,
+    files: Vec<String>,
+    digest: String,
+}
+
+/// Opens the tar at `path`, plans it and keys it (blocking: it reads the tar).
+fn plan_tar(path: &Path, name: &str, repo: &str) -> Result<Planned, PlanError> {
+    let tree = TarTree::open(path)?;
+    let plan = openrun_recipe::plan_for(&tree, name)?;
+    let key = recipe::recipe_key(&plan, &tree, repo)?;
+    Ok(Planned {
+        plan,
+        key,
+        files: tree.files(),
+        digest: tree.digest(),
+    })
+}
+
+/// One open per tenant and recipe key at a time: a second open of the same repository waits
+/// and then finds the first one's recipe instead of setting up twice (and racing for the
+/// step snapshots' names).
+async fn turn(tenant: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    static TURNS: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> =
+        Mutex::new(BTreeMap::new());
+    let lock = {
+        let mut turns = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+        // Locks nobody holds or waits for are dropped as new ones are made.
+        turns.retain(|_, l| Arc::strong_count(l) > 1);
+        turns.entry(format!("{tenant}\n{key}")).or_default().clone()
+    };
+    lock.lock_owned().await
+}
+
+/// The core call of `openrun up` (`POST /v1/up`, MCP's `up`): the repository `source` becomes
+/// a ready sandbox. The steps: the tar (uploaded, or cloned from git) is planned
+/// (`openrun_recipe::plan_for`) and keyed; a stored recipe of the key whose image still
+/// exists gives the sandbox at once (the workspace synced to the new tree); otherwise the
+/// base image and packages are prepared, the workspace is copied in, the setup steps run
+/// transactionally ([`setup::run_setup`]) and the result is stored as a recipe. Then the
+/// start steps and the readiness check run. Progress goes to `progress`; a failure removes
+/// the sandbox unless `request.keep`, when the error names it.
+pub(crate) async fn open_repo(
+    s: &Shared,
+    caller: &Caller,
+    request: UpRequest,
+    source: Source,
+    progress: Progress,
+) -> Result<UpResult, UpError> {
+    let started = Instant::now();
+    let tar = match source {
+        Source::Upload(file) => file,
+        Source::Git(git) => {
+            let file = source::TempFile::new(s, ".tar")?;
+            source::clone_repo(s, caller, &git, file.path(), &progress).await?;
+            file
+        }
+    };
+    let path = tar.path().to_path_buf();
+    let (name, repo) = (request.name.clone(), request.repo.clone());
+    let planned = blocking(move || plan_tar(&path, &name, &repo))
+        .await?
+        .map_err(plan_error)?;
+    progress
+        .send(UpEvent::Plan {
+            plan: Box::new(planned.plan.clone()),
+        })
+        .await;
+    let devcontainer = recipe::devcontainer_json(&planned.plan);
+    if request.plan_only {
+        return Ok(UpResult {
+            sandbox_id: None,
+            attach: None,
+            workspace: planned.plan.workspace.clone(),
+            ports: Vec::new(),
+            recipe: Some(RecipeRef {
+                key: planned.key.clone(),
+                path: None,
+                devcontainer,
+            }),
+            cached: false,
+            check: None,
+            timings: Timings {
+                total_ms: ms_since(started),
+                ..Default::default()
+            },
+            plan: planned.plan,
+        });
+    }
+    let _turn = turn(&caller.tenant, &planned.key).await;
+    let mut slot = None;
+    let open = Open {
+        s,
+        caller,
+        request: &request,
+        planned: &planned,
+        tar: tar.path(),
+        devcontainer,
+        progress: &progress,
+        started,
+    };
+    let result = open.run(&mut slot).await;
+    let ws = slot.as_mut();
+    if let Some(ws) = ws {
+        setup::remove_snapshots(s, caller, ws).await;
+    }
+    match result {
+        Ok(result) if !progress.cancelled() => Ok(result),
+        Ok(_) => {
+            if let Some(ws) = slot {
+                setup::discard(s, caller, &ws.id).await;
+            }
+            Err(cancelled("result"))
+        }
+        Err(mut e) => {
+            if let Some(ws) = slot.filter(|ws| !ws.id.is_empty()) {
+                if request.keep && !progress.cancelled() {
+                    e.sandbox_id = Some(ws.id);
+                } else {
+                    setup::discard(s, caller, &ws.id).await;
+                }
+            }
+            Err(e)
+        }
+    }
+}
+
+/// One open under way.
+struct Open<'a> {
+    s: &'a Shared,
+    caller: &'a Caller,
+    request: &'a UpRequest,
+    planned: &'a Planned,
+    tar: &'a Path,
+    devcontainer: String,
+    progress: &'a Progress,
+    started: Instant,
+}
+
+impl Open<'_> {
+    /// Everything after the plan; the workspace sandbox, once made, is in `slot` (for the
+    /// caller's cleanup).
+    async fn run(self, slot: &mut Option<setup::Workspace>) -> Result<UpResult, UpError> {
+        let (s, caller, plan) = (self.s, self.caller, &self.planned.plan);
+        let key = &self.planned.key;
+        let spec = setup::WorkspaceSpec::new(plan, &self.request.name, self.request.ttl.as_deref());
+        let setup_started = Instant::now();
+        let recipe_path;
+        let cached = match self.cached().await? {
+            Some(row) => {
+                for step in plan.steps.iter().filter(|st| st.phase == Phase::Setup) {
+                    let command = step.commands.first().map(ToString::to_string);
+                    self.progress
+                        .step(&step.name, command, StepStatus::Cached, None, None)
+                        .await;
+                }
+                let id = setup::create(s, caller, &spec, &row.image)
+                    .await
+                    .map_err(|e| e.at_step("copy"))?;
+                let ws = slot.insert(setup::Workspace {
+                    id,
+                    spec,
+                    snapshots: Vec::new(),
+                });
+                self.sync(ws, &row).await?;
+                let (tenant, k, now) = (caller.tenant.clone(), key.clone(), crate::time::now_ms());
+                s.db.call(move |c| recipes::touch(c, &tenant, &k, now))
+                    .await?;
+                recipe_path = recipes::recipe_dir(s.runtime.data_dir(), &caller.tenant, key)
+                    .join("devcontainer.json");
+                true
+            }
+            None => {
+                let image = base::prepare_base(s, caller, plan, self.tar, self.progress).await?;
+                if self.progress.cancelled() {
+                    return Err(cancelled("copy"));
+                }
+                let id = setup::create(s, caller, &spec, &image)
+                    .await
+                    .map_err(|e| e.at_step("copy"))?;
+                let ws = slot.insert(setup::Workspace {
+                    id,
+                    spec,
+                    snapshots: Vec::new(),
+                });
+                self.copy(ws, None).await?;
+                setup::run_setup(s, caller, ws, plan, key, self.request.keep, self.progress)
+                    .await?;
+                recipe_path = self.store(ws).await?;
+                false
+            }
+        };
+        let setup_ms = ms_since(setup_started);
+        let ws = slot
+            .as_ref()
+            .ok_or_else(|| UpError::new("internal", "the workspace sandbox is missing"))?;
+        if self.progress.cancelled() {
+            return Err(cancelled("start"));
+        }
+        setup::run_start(s, caller, ws, plan, self.progress).await?;
+        let ready_ms = ms_since(self.started);
+        let check = self.check(ws).await?;
+        let check_ms = check.as_ref().map_or(0, |c| c.duration_ms);
+        let id = ws.id.clone();
+        Ok(UpResult {
+            attach: Some(format!("openrun shell {id}")),
+            workspace: plan.workspace.clone(),
+            ports: plan
+                .ports
+                .iter()
+                .map(|&port| PortInfo {
+                    port,
+                    preview: format!("/v1/sandboxes/{id}/ports/{port}/"),
+                })
+                .collect(),
+            recipe: Some(RecipeRef {
+                key: key.clone(),
+                path: Some(recipe_path.display().to_string()),
+                devcontainer: self.devcontainer.clone(),
+            }),
+            sandbox_id: Some(id),
+            cached,
+            check,
+            timings: Timings {
+                total_ms: ms_since(self.started),
+                ready_ms,
+                setup_ms,
+                check_ms,
+            },
+            plan: plan.clone(),
+        })
+    }
+
+    /// The caller's recipe of this key, if stored and its image still exists.
+    async fn cached(&self) -> Result<Option<recipes::RecipeRow>, UpError> {
+        let (tenant, key) = (self.caller.tenant.clone(), self.planned.key.clone());
+        let Some(row) = self
+            .s
+            .db
+            .call(move |c| recipes::get(c, &tenant, &key))
+            .await?
+        else {
+            return Ok(None);
+        };
+        match crate::images::resolve(self.s, self.caller, &row.image).await? {
+            // The caller's own image (a server-wide one of that name is not the recipe).
+            Ok(stored) if stored != row.image => Ok(Some(row)),
+            _ => {
+                tracing::info!(
+                    key = row.key,
+                    image = row.image,
+                    "recipe image gone: setting up again"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Step `copy`: the repository's tree into the workspace, after removing `removals`
+    /// (paths relative to it); owned by the plan's user.
+    async fn copy(
+        &self,
+        ws: &setup::Workspace,
+        removals: Option<Vec<recipes::Removal>>,
+    ) -> Result<(), UpError> {
+        let (s, caller, plan) = (self.s, self.caller, &self.planned.plan);
+        let at = |e: crate::error::ApiError| UpError::from(e).at_step("copy");
+        let started = Instant::now();
+        self.progress
+            .step("copy", None, StepStatus::Running, None, None)
+            .await;
+        for removal in removals.unwrap_or_default() {
+            let path = format!("{}/{}", plan.workspace.trim_end_matches('/'), removal.path);
+            match crate::files::remove_path(s, caller, &ws.id, path, removal.recursive).await {
+                Ok(()) | Err(crate::error::ApiError::NotFound(_)) => {}
+                Err(crate::error::ApiError::Agent(e))
+                    if e.code == openrun_protocol::ErrorCode::NotFound => {}
+                Err(e) => return Err(at(e)),
+            }
+        }
+        crate::archive::extract_archive(s, caller, &ws.id, &plan.workspace, self.tar)
+            .await
+            .map_err(at)?;
+        if let Some(user) = plan.user.as_deref().filter(|u| *u != "root" && *u != "0") {
+            let argv = vec![
+                "chown".to_string(),
+                "-R".into(),
+                format!("{user}:"),
+                plan.workspace.clone(),
+            ];
+            let outcome = run_command(
+                s,
+                caller,
+                &ws.id,
+                "copy",
+                argv,
+                None,
+                BTreeMap::new(),
+                None,
+                setup::STEP_TIMEOUT,
+                self.progress,
+            )
+            .await?;
+            if !outcome.ok() {
+                return Err(UpError::new(
+                    "invalid_config",
+                    format!(
+                        "cannot give the workspace {} to user {user} (remoteUser): {}",
+                        plan.workspace,
+                        outcome.last_lines(5)
+                    ),
+                )
+                .at_step("copy"));
+            }
+        }
+        self.progress
+            .step("copy", None, StepStatus::Ok, Some(ms_since(started)), None)
+            .await;
+        Ok(())
+    }
+
+    /// A cached sandbox's workspace brought to the new tree: unchanged when the tar's digest
+    /// is the recipe's.
+    async fn sync(&self, ws: &setup::Workspace, row: &recipes::RecipeRow) -> Result<(), UpError> {
+        if row.source_digest == self.planned.digest {
+            self.progress
+                .step("copy", None, StepStatus::Cached, None, None)
+                .await;
+            return Ok(());
+        }
+        let old: Vec<String> = serde_json::from_str(&row.sources_json).unwrap_or_else(|e| {
+            tracing::warn!(key = row.key, error = %e, "a recipe's file list does not decode");
+            Vec::new()
+        });
+        let removals = recipes::sync_removals(&old, &self.planned.files);
+        self.copy(ws, Some(removals)).await
+    }
+
+    /// The finished setup as the caller's recipe: the snapshot `up-recipe-<key16>`, the row
+    /// and the files. Returns the stored devcontainer.json's path.
+    async fn store(&self, ws: &setup::Workspace) -> Result<PathBuf, UpError> {
+        let (s, caller, key) = (self.s, self.caller, &self.planned.key);
+        let at = |e: crate::error::ApiError| UpError::from(e).at_step("recipe");
+        let image = recipes::recipe_image(key);
+        recipes::remove_image(s, caller, &image).await.map_err(at)?;
+        crate::images::take_snapshot(s, caller, &ws.id, Some(image.clone()))
+            .await
+            .map_err(at)?;
+        let now = crate::time::now_ms();
+        let plan_json = serde_json::to_string(&self.planned.plan).map_err(|e| {
+            at(crate::error::ApiError::internal(
+                "cannot encode the plan",
+                e,
+            ))
+        })?;
+        let sources_json = serde_json::to_string(&self.planned.files).map_err(|e| {
+            at(crate::error::ApiError::internal(
+                "cannot encode the file list",
+                e,
+            ))
+        })?;
+        let row = recipes::RecipeRow {
+            tenant: caller.tenant.clone(),
+            key: key.clone(),
+            repo: self.request.repo.clone(),
+            name: self.request.name.clone(),
+            image: image.clone(),
+            devcontainer: self.devcontainer.clone(),
+            plan_json,
+            sources_json,
+            source_digest: self.planned.digest.clone(),
+            created_at: now,
+            used_at: now,
+        };
+        let recipe_json = serde_json::to_string_pretty(&serde_json::json!({
+            "key": key,
+            "repo": row.repo,
+            "name": row.name,
+            "image": image,
+            "created_at": crate::time::rfc3339(now),
+            "plan": self.planned.plan,
+        }))
+        .map_err(|e| {
+            at(crate::error::ApiError::internal(
+                "cannot encode the recipe",
+                e,
+            ))
+        })?;
+        let dir = recipes::recipe_dir(s.runtime.data_dir(), &caller.tenant, key);
+        let devcontainer = self.devcontainer.clone();
+        let path = blocking(move || recipes::write_files(&dir, &devcontainer, &recipe_json))
+            .await
+            .map_err(at)?
+            .map_err(|e| {
+                at(crate::error::ApiError::internal(
+                    "cannot write the recipe's files",
+                    e,
+                ))
+            })?;
+        s.db.call(move |c| recipes::put(c, &row))
+            .await
+            .map_err(|e| at(e.into()))?;
+        tracing::info!(key, image, tenant = caller.tenant, "recipe stored");
+        Ok(path)
+    }
+
+    /// The readiness check: the request's, else the plan's test (unless `no_check`). A
+    /// failed check is a result (`passed: false`), not an error.
+    async fn check(&self, ws: &setup::Workspace) -> Result<Option<CheckResult>, UpError> {
+        let plan = &self.planned.plan;
+        let command = match (&self.request.check, self.request.no_check) {
+            (_, true) => return Ok(None),
+            (Some(line), false) => openrun_recipe::Command::Shell(line.clone()),
+            (None, false) => match &plan.test {
+                Some(test) => test.clone(),
+                None => return Ok(None),
+            },
+        };
+        self.progress
+            .step(
+                "check",
+                Some(command.to_string()),
+                StepStatus::Running,
+                None,
+                None,
+            )
+            .await;
+        let outcome = run_command(
+            self.s,
+            self.caller,
+            &ws.id,
+            "check",
+            command.argv(),
+            Some(plan.workspace.clone()),
+            plan.remote_env.clone(),
+            plan.user.clone(),
+            CHECK_TIMEOUT,
+            self.progress,
+        )
+        .await?;
+        let status = if outcome.ok() {
+            StepStatus::Ok
+        } else {
+            StepStatus::Failed
+        };
+        self.progress
+            .step(
+                "check",
+                Some(command.to_string()),
+                status,
+                Some(outcome.duration_ms),
+                Some(outcome.exit_code),
+            )
+            .await;
+        Ok(Some(CheckResult {
+            command: command.to_string(),
+            exit_code: outcome.exit_code,
+            passed: outcome.ok(),
+            duration_ms: outcome.duration_ms,
+        }))
+    }
+}
+// Until `openrun_recipe::recipe` has them (H1): every open stops at the key with a clear error.
+mod recipe {
+    use openrun_recipe::{Plan, PlanError, RepoTree};
+
+    /// Stand-in for `openrun_recipe::recipe::recipe_key`.
+    pub(crate) fn recipe_key(_: &Plan, _: &dyn RepoTree, _: &str) -> Result<String, PlanError> {
+        Err(PlanError::invalid(
+            "(recipe)",
+            "recipe keys are not implemented yet",
+        ))
+    }
+
+    /// Stand-in for `openrun_recipe::recipe::devcontainer_json`.
+    pub(crate) fn devcontainer_json(plan: &Plan) -> String {
+        serde_json::to_string_pretty(plan).unwrap_or_default()
     }
 }
