@@ -10,14 +10,18 @@
 //! time; device nodes, fifos and sockets are left out. A file that shrinks while it is read is
 //! padded with zeros and one that grows is cut at its listed size, as GNU tar does.
 //!
-//! Upload (a tar body, at most [`MAX_UPLOAD`] bytes, streamed): `path` is created if missing,
-//! then every entry is extracted in order: directories with `Mkdir` (mode kept when it creates
-//! them), regular files with `WriteFile` in chunks (an existing file is replaced, so the
-//! archive's mode applies). Entries with an absolute path or a `..` component, names that are
-//! not UTF-8, symlinks and hard links (the agent has no operation to create them), devices and
-//! fifos are refused with a 400 naming the entry; entries before it stay extracted. The answer
-//! is `{"files":N,"bytes":M}` and the timeline gets one `file.write` event with the same
-//! counts.
+//! Upload (a tar body, at most [`MAX_UPLOAD`] bytes, streamed; or a host file the server
+//! wrote, [`extract_archive`]): `path` is created if missing, then every entry is extracted in
+//! order: directories with `Mkdir` (mode kept when it creates them; a symlink at the name is
+//! removed first, as GNU tar does), regular files with `WriteFile` in chunks (what is at the
+//! name is removed first, a link never followed, so the archive's mode applies), symlinks with
+//! `Symlink` (likewise replacing what is there; the target is text the agent stores as is, and
+//! whatever later follows the link still resolves inside the sandbox). No entry is extracted
+//! through a symlink the same archive made (`link -> /etc` then `link/x`): such an entry is
+//! refused. Entries with an absolute path or a `..` component, names or link targets that are
+//! not UTF-8, hard links, devices and fifos are refused with a 400 naming the entry; entries
+//! before it stay extracted. The answer is `{"files":N,"bytes":M}` (regular files) and the
+//! timeline gets one `file.write` event with the same counts.
 //!
 //! The `tar` crate reads and writes synchronously, so each transfer runs on one blocking-pool
 //! thread that drives its agent calls (and the request body) with [`Handle::block_on`]. That
@@ -25,7 +29,7 @@
 //! limited ([`MAX_TRANSFERS`], [`MAX_TENANT_TRANSFERS`] per key; beyond them 429
 //! `too_many_requests`), and one whose client, body or agent stalls for [`IDLE`] is abandoned.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::{self, Read, Write};
 use std::path::Path as HostPath;
@@ -205,10 +209,6 @@ pub async fn download(
 /// file `dest` (created or truncated), exactly as `GET .../files/tar` sends it; returns the
 /// archive's size in bytes. A failure part way leaves `dest` partly written: the caller
 /// removes it.
-#[allow(
-    dead_code,
-    reason = "a core call for `openrun up` (up::open_repo), being written"
-)]
 pub(crate) async fn archive_to_file(
     s: &Shared,
     caller: &Caller,
@@ -588,7 +588,7 @@ pub struct Extracted {
     path = "/v1/sandboxes/{id}/files/tar",
     tag = "files",
     params(("id" = String, Path, description = "Sandbox id"), ("path" = String, Query, description = "Directory to extract into (created if missing)")),
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "A tar archive (up to 256 MiB): directories and regular files, relative names"),
+    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "A tar archive (up to 256 MiB): directories, regular files and symlinks, relative names"),
     responses((status = 200, description = "Extracted", body = Extracted), ErrorAnswers))]
 pub async fn upload(
     State(s): State<Shared>,
@@ -623,10 +623,6 @@ pub async fn upload(
 /// of the caller's sandbox `id` (created if missing), exactly as `PUT .../files/tar` extracts
 /// a body: the same checks per entry, agent requests and `file.write` event. The archive's
 /// size is not limited (the server made it; the sandbox's disk quota still applies).
-#[allow(
-    dead_code,
-    reason = "a core call for `openrun up` (up::open_repo), being written"
-)]
 pub(crate) async fn extract_archive(
     s: &Shared,
     caller: &Caller,
@@ -682,6 +678,7 @@ async fn extract(
             client,
             root: target,
             done: Extracted::default(),
+            links: HashSet::new(),
         };
         let result = extraction.run(source);
         (extraction.done, result)
@@ -780,6 +777,15 @@ struct Extraction {
     client: AgentClient,
     root: String,
     done: Extracted,
+    /// Symlinks this archive made (relative paths): no later entry is extracted through one.
+    links: HashSet<String>,
+}
+
+/// The one of `links` (relative paths) that `rel` is below, if any.
+fn link_above<'a>(links: &HashSet<String>, rel: &'a str) -> Option<&'a str> {
+    rel.match_indices('/')
+        .map(|(at, _)| &rel[..at])
+        .find(|dir| links.contains(*dir))
 }
 
 /// An entry name for messages: its bytes, escaped where they are not printable ASCII.
@@ -826,12 +832,21 @@ impl Extraction {
             if kind.is_pax_global_extensions() {
                 continue;
             }
-            let path = match relative_path(&raw).map_err(refuse)? {
-                Some(rel) => join(&self.root, &rel),
-                None => continue,
+            let Some(rel) = relative_path(&raw).map_err(refuse)? else {
+                continue;
             };
+            if let Some(link) = link_above(&self.links, &rel) {
+                return Err(refuse(&format!(
+                    "is inside \"{link}\", a symbolic link made by the same archive: \
+                     it is not extracted through the link"
+                )));
+            }
+            let path = join(&self.root, &rel);
             let mode = entry.header().mode().map_err(bad)? & 0o7777;
             if kind.is_dir() {
+                // A symlink there is replaced by the directory, as GNU tar does by default.
+                self.remove_symlink(&path)?;
+                self.links.remove(&rel);
                 let request = Request::Mkdir {
                     path,
                     parents: true,
@@ -839,14 +854,22 @@ impl Extraction {
                 };
                 self.call(request, Vec::new())?;
             } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+                self.links.remove(&rel);
                 self.write_file(&mut entry, path, mode)?;
             } else if kind.is_symlink() {
-                return Err(refuse(
-                    "is a symbolic link: the sandbox file API cannot create symlinks",
-                ));
+                let target = entry.link_name_bytes().unwrap_or_default();
+                if target.is_empty() {
+                    return Err(refuse("is a symbolic link without a target"));
+                }
+                let target = std::str::from_utf8(&target)
+                    .map_err(|_| refuse("is a symbolic link whose target is not UTF-8"))?
+                    .to_string();
+                self.make_symlink(target, path)?;
+                self.links.insert(rel);
             } else if kind.is_hard_link() {
                 return Err(refuse(
-                    "is a hard link: the sandbox file API cannot create links",
+                    "is a hard link: hard links are not extracted (the sandbox file API cannot \
+                     create them)",
                 ));
             } else {
                 return Err(refuse(
@@ -855,6 +878,46 @@ impl Extraction {
             }
         }
         Ok(())
+    }
+
+    /// Removes `path` when it is a symlink (the link itself, never what it points to).
+    fn remove_symlink(&mut self, path: &str) -> Result<(), ApiError> {
+        let stat = Request::Stat {
+            path: path.to_string(),
+        };
+        match self.ask(stat, Vec::new()) {
+            Ok(AgentResponse::Stat(found)) if found.kind == FileKind::Symlink => {}
+            Ok(AgentResponse::Stat(_)) => return Ok(()),
+            Ok(other) => return Err(unexpected(other)),
+            Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        self.remove_existing(path)
+    }
+
+    /// Removes what is at `path` (a file, a symlink (not followed) or an empty directory),
+    /// if anything.
+    fn remove_existing(&mut self, path: &str) -> Result<(), ApiError> {
+        let remove = Request::Remove {
+            path: path.to_string(),
+            recursive: false,
+        };
+        match self.call(remove, Vec::new()) {
+            Ok(()) => Ok(()),
+            Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces `path` with a symlink holding `target` (text the agent stores as is).
+    fn make_symlink(&mut self, target: String, path: String) -> Result<(), ApiError> {
+        self.remove_existing(&path)?;
+        let request = Request::Symlink {
+            target,
+            path,
+            parents: true,
+        };
+        self.call(request, Vec::new())
     }
 
     /// Replaces `path` with the entry's content, a chunk per request.
@@ -866,15 +929,7 @@ impl Extraction {
     ) -> Result<(), ApiError> {
         let bad = |e: io::Error| ApiError::InvalidArgument(format!("invalid tar archive: {e}"));
         // A file already there keeps its mode when rewritten: remove it so the archive's applies.
-        let remove = Request::Remove {
-            path: path.clone(),
-            recursive: false,
-        };
-        match self.call(remove, Vec::new()) {
-            Ok(()) => {}
-            Err(ApiError::Agent(e)) if e.code == ErrorCode::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        self.remove_existing(&path)?;
         let mut first = true;
         loop {
             let mut data = Vec::new();
@@ -906,16 +961,21 @@ impl Extraction {
 
     /// One agent request answered by `Done`.
     fn call(&mut self, request: Request, data: Vec<u8>) -> Result<(), ApiError> {
+        match self.ask(request, data)? {
+            AgentResponse::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// One agent request, and its answer.
+    fn ask(&mut self, request: Request, data: Vec<u8>) -> Result<AgentResponse, ApiError> {
         let answer = within(
             &self.handle,
             "the sandbox agent",
             call(&mut self.client, request, data),
         )
         .map_err(|e| ApiError::internal("the sandbox agent failed", e))?;
-        match answer.map_err(|e| ApiError::from_client("the sandbox agent failed", e))? {
-            AgentResponse::Done => Ok(()),
-            other => Err(unexpected(other)),
-        }
+        answer.map_err(|e| ApiError::from_client("the sandbox agent failed", e))
     }
 }
 
@@ -942,5 +1002,20 @@ mod tests {
         assert_eq!(shown(b"caf\xe9"), "caf\\xe9");
         assert_eq!(join("/", "a"), "/a");
         assert_eq!(join("/d/", "a"), "/d/a");
+    }
+
+    #[test]
+    fn entries_below_links_of_the_archive_are_found() {
+        let links: HashSet<String> = ["l".into(), "a/b".into()].into();
+        assert_eq!(link_above(&links, "l/x"), Some("l"));
+        assert_eq!(link_above(&links, "a/b/c/d"), Some("a/b"));
+        assert_eq!(
+            link_above(&links, "l"),
+            None,
+            "the link's own name is replaced"
+        );
+        assert_eq!(link_above(&links, "a/bc/d"), None);
+        assert_eq!(link_above(&links, "ll/x"), None);
+        assert_eq!(link_above(&links, "a/x"), None);
     }
 }

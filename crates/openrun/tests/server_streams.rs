@@ -489,21 +489,11 @@ fn directories_round_trip_as_tar_archives() {
     );
     assert_eq!(get("zero").3, b"");
 
-    // Upload it again elsewhere (without the symlink, which cannot be created).
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut source = tar::Archive::new(archive.as_slice());
-    for entry in source.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        if entry.header().entry_type().is_symlink() {
-            continue;
-        }
-        let header = entry.header().clone();
-        let mut body = Vec::new();
-        entry.read_to_end(&mut body).unwrap();
-        builder.append(&header, body.as_slice()).unwrap();
-    }
-    let upload = builder.into_inner().unwrap();
-    let res = api.put(&format!("{files}/tar?path=/work/copy/deep"), upload);
+    // Upload it again elsewhere, symlink included.
+    let res = api.put(
+        &format!("{files}/tar?path=/work/copy/deep"),
+        archive.clone(),
+    );
     assert_eq!(res.status(), 200);
     let done: Value = res.json().unwrap();
     assert_eq!(done, json!({ "files": 5, "bytes": 3_000_000 + 6 + 3 + 19 }));
@@ -512,10 +502,9 @@ fn directories_round_trip_as_tar_archives() {
             .bytes()
             .unwrap(),
     );
-    let without_link: Vec<_> = entries.iter().filter(|e| e.0 != b"link").cloned().collect();
     assert_eq!(
-        copied, without_link,
-        "names, types, modes and contents survive"
+        copied, entries,
+        "names, types, modes, contents and links survive"
     );
     let lines = api.exec(&id, "/work/copy/deep/run.sh");
     assert_eq!(stream(&lines, "stdout"), "run\n");
@@ -555,11 +544,7 @@ fn directories_round_trip_as_tar_archives() {
             tar::EntryType::Regular,
             "\"caf\\xe9\" has a name that is not UTF-8",
         ),
-        (
-            b"sym",
-            tar::EntryType::Symlink,
-            "\"sym\" is a symbolic link",
-        ),
+        (b"hard", tar::EntryType::Link, "\"hard\" is a hard link"),
         (b"dev", tar::EntryType::Char, "\"dev\" is a device"),
     ] {
         let body = raw_tar(&[(entry, kind, b"x")]);
@@ -608,6 +593,126 @@ fn directories_round_trip_as_tar_archives() {
         "invalid_argument",
     );
     assert!(message.contains("not UTF-8"), "{message}");
+}
+
+/// A tar of `(name, kind, content or link target)` entries, mode 644.
+fn tar_of(entries: &[(&str, tar::EntryType, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, kind, data) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(*kind);
+        header.set_mode(0o644);
+        if kind.is_symlink() {
+            header.set_size(0);
+            builder.append_link(&mut header, name, data).unwrap();
+        } else {
+            header.set_size(data.len() as u64);
+            builder
+                .append_data(&mut header, name, data.as_bytes())
+                .unwrap();
+        }
+    }
+    builder.into_inner().unwrap()
+}
+
+#[test]
+fn tar_uploads_make_symlinks_without_writing_through_them() {
+    let (_env, _server, _key, api, id) = setup("tarlinks");
+    let files = format!("/v1/sandboxes/{id}/files");
+    let put = |dir: &str, body: Vec<u8>| api.put(&format!("{files}/tar?path={dir}"), body);
+    let sh = |script: &str| {
+        let lines = api.exec(&id, script);
+        assert_eq!(exit_line(&lines)["code"], 0, "{script}: {lines:?}");
+        stream(&lines, "stdout")
+    };
+
+    // Links are made with their targets as text, whatever they point at.
+    let body = tar_of(&[
+        ("up", tar::EntryType::Symlink, "../../../etc/passwd"),
+        ("shadow", tar::EntryType::Symlink, "/etc/shadow"),
+        ("d/rel", tar::EntryType::Symlink, "../f"),
+        ("f", tar::EntryType::Regular, "file"),
+        ("dangling", tar::EntryType::Symlink, "nowhere/at/all"),
+    ]);
+    let res = put("/work/l", body);
+    assert_eq!(res.status(), 200);
+    let done: Value = res.json().unwrap();
+    assert_eq!(done, json!({ "files": 1, "bytes": 4 }));
+    assert_eq!(
+        sh("cd /work/l && readlink up shadow d/rel dangling && cat d/rel"),
+        "../../../etc/passwd\n/etc/shadow\n../f\nnowhere/at/all\nfile"
+    );
+    // Reading through a link that climbs out stays inside the sandbox: its own passwd.
+    let ours = api
+        .get(&format!("{files}?path=/etc/passwd"))
+        .bytes()
+        .unwrap();
+    let res = api.get(&format!("{files}?path=/work/l/up"));
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.bytes().unwrap(), ours);
+    // The sandbox has no /etc/shadow (the host image filters /etc), so neither has the link.
+    error(
+        api.get(&format!("{files}?path=/work/l/shadow")),
+        404,
+        "not_found",
+    );
+    let writes = events_of(&api, &id, "file.write");
+    assert_eq!(writes.last().unwrap()["payload"]["files"], 1);
+
+    // A file "through" a link of the same archive is refused, and nothing is written there.
+    let body = tar_of(&[
+        ("link", tar::EntryType::Symlink, "/etc"),
+        ("link/planted", tar::EntryType::Regular, "pwned"),
+    ]);
+    let message = error(put("/work/slip", body), 400, "invalid_argument");
+    assert!(
+        message.contains("\"link/planted\" is inside \"link\""),
+        "{message}"
+    );
+    let body = tar_of(&[
+        ("a/link", tar::EntryType::Symlink, "../../.."),
+        ("a/link/etc/planted", tar::EntryType::Regular, "pwned"),
+    ]);
+    let message = error(put("/work/slip", body), 400, "invalid_argument");
+    assert!(message.contains("\"a/link\""), "{message}");
+    assert_eq!(
+        sh("readlink /work/slip/link /work/slip/a/link; \
+            test ! -e /etc/planted && test ! -e /work/slip/a/link/etc/planted && echo clean"),
+        "/etc\n../../..\nclean\n"
+    );
+    assert!(!std::path::Path::new("/etc/planted").exists());
+
+    // A symlink, file or directory in the archive replaces what is at its name (a link is
+    // removed, never followed), as GNU tar does.
+    sh(
+        "mkdir -p /work/r/real && echo keep > /work/r/real/kept && ln -s real /work/r/dirlink \
+        && ln -s real/kept /work/r/filelink && echo old > /work/r/plain",
+    );
+    let body = tar_of(&[
+        ("plain", tar::EntryType::Symlink, "real/kept"),
+        ("filelink", tar::EntryType::Regular, "now a file"),
+        ("dirlink/", tar::EntryType::Directory, ""),
+        ("dirlink/inside", tar::EntryType::Regular, "in the new dir"),
+    ]);
+    assert_eq!(put("/work/r", body).status(), 200);
+    assert_eq!(
+        sh(
+            "cd /work/r && readlink plain && cat plain filelink && test ! -L filelink \
+            && test -d dirlink && test ! -L dirlink && cat dirlink/inside && ls real"
+        ),
+        "real/kept\nkeep\nnow a filein the new dirkept\n"
+    );
+    // A link made and later replaced by a directory in the same archive: then written into.
+    let body = tar_of(&[
+        ("x", tar::EntryType::Symlink, "/etc"),
+        ("x/", tar::EntryType::Directory, ""),
+        ("x/y", tar::EntryType::Regular, "y"),
+    ]);
+    assert_eq!(put("/work/r2", body).status(), 200);
+    assert_eq!(
+        sh("test -d /work/r2/x && test ! -L /work/r2/x && test ! -e /etc/y && cat /work/r2/x/y"),
+        "y"
+    );
 }
 
 #[test]
