@@ -97,7 +97,7 @@ pub(crate) async fn prepare(
             .connect()
             .await
             .map_err(|e| ApiError::internal("cannot reach the new sandbox's agent", e))?;
-        sandbox_files::install_ca(&mut client, s.egress.tls.ca_pem()).await?;
+        sandbox_files::install_ca(&mut client, &s.egress.tls).await?;
     }
     s.egress.remember(sandbox.id(), policy.clone());
     Ok(())
@@ -141,7 +141,7 @@ pub(crate) async fn put(
         "running" => {
             if policy.has_secrets() {
                 let (_sandbox, mut client) = crate::exec::open_running(&s, &row).await?;
-                sandbox_files::install_ca(&mut client, s.egress.tls.ca_pem()).await?;
+                sandbox_files::install_ca(&mut client, &s.egress.tls).await?;
             }
         }
         // Frozen: the CA files are written when a later PUT finds it running; its network is

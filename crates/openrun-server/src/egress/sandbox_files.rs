@@ -1,7 +1,10 @@
 //! What a sandbox gets so that its programs use the proxy: proxy variables in its environment
 //! (every server-created sandbox), and for interception the proxy's CA certificate, written
-//! through the agent (never from the host side) with a bundle of the image's own roots plus
-//! that CA, named by the usual variables.
+//! through the agent (never from the host side) with a bundle of the image's own roots, the
+//! roots the proxy trusts upstream (the host's trust store and `--egress-ca-file`) and that CA,
+//! named by the usual variables. The host's roots are there because what the proxy tunnels
+//! leaves through the host's network: where that network inspects TLS with a CA the host
+//! trusts (a corporate proxy), the sandbox must trust it as well, or no registry works.
 //!
 //! The environment of a sandbox is fixed at create, so the CA variables are set when the
 //! policy at create is not `none` (a sandbox that may use the network may be given secrets
@@ -19,7 +22,7 @@ use crate::error::ApiError;
 
 /// The proxy's CA certificate inside a sandbox.
 pub(crate) const CA_PATH: &str = "/etc/openrun/ca.crt";
-/// The image's roots plus the proxy's CA, inside a sandbox.
+/// The image's roots, the proxy's upstream roots and the proxy's CA, inside a sandbox.
 pub(crate) const BUNDLE_PATH: &str = "/etc/openrun/ca-bundle.crt";
 /// Where Debian-like images keep their roots.
 const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -27,13 +30,16 @@ const SYSTEM_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 const MAX_SYSTEM_BUNDLE: u64 = 8 << 20;
 
 /// Variables pointing TLS clients at a bundle file (OpenSSL, Python requests and pip, curl,
-/// git); Node.js adds [`CA_PATH`] to its own roots instead.
+/// git, cargo, whose libcurl ignores `SSL_CERT_FILE`); Node.js adds the bundle to its own roots
+/// (`NODE_EXTRA_CA_CERTS`).
 const BUNDLE_VARS: &[&str] = &[
     "SSL_CERT_FILE",
     "REQUESTS_CA_BUNDLE",
     "CURL_CA_BUNDLE",
     "GIT_SSL_CAINFO",
     "PIP_CERT",
+    "CARGO_HTTP_CAINFO",
+    "NODE_EXTRA_CA_CERTS",
 ];
 
 /// The proxy's address as seen from inside a sandbox (the agent's egress relay).
@@ -63,7 +69,6 @@ pub(crate) fn add_env(env: &mut BTreeMap<String, String>, ca: bool) {
         for var in BUNDLE_VARS {
             set(var, BUNDLE_PATH);
         }
-        set("NODE_EXTRA_CA_CERTS", CA_PATH);
     }
 }
 
@@ -71,8 +76,11 @@ pub(crate) fn add_env(env: &mut BTreeMap<String, String>, ca: bool) {
 const AGENT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Writes [`CA_PATH`] and [`BUNDLE_PATH`] through the sandbox's agent, within [`AGENT_WAIT`].
-pub(crate) async fn install_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError> {
-    tokio::time::timeout(AGENT_WAIT, write_ca(client, ca_pem))
+pub(crate) async fn install_ca(
+    client: &mut AgentClient,
+    tls: &super::tls::Tls,
+) -> Result<(), ApiError> {
+    tokio::time::timeout(AGENT_WAIT, write_ca(client, tls.ca_pem(), tls.roots_pem()))
         .await
         .unwrap_or_else(|_| {
             Err(ApiError::internal(
@@ -82,7 +90,7 @@ pub(crate) async fn install_ca(client: &mut AgentClient, ca_pem: &str) -> Result
         })
 }
 
-async fn write_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError> {
+async fn write_ca(client: &mut AgentClient, ca_pem: &str, roots_pem: &str) -> Result<(), ApiError> {
     let failed =
         |e: ClientError| ApiError::from_client("cannot write the proxy's CA into the sandbox", e);
     let system = match client
@@ -112,11 +120,7 @@ async fn write_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError
         }
         Err(e) => return Err(failed(e)),
     };
-    let mut bundle = system;
-    if !bundle.is_empty() && !bundle.ends_with(b"\n") {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(ca_pem.as_bytes());
+    let bundle = bundle(system, roots_pem, ca_pem);
     for (path, data) in [(CA_PATH, ca_pem.as_bytes().to_vec()), (BUNDLE_PATH, bundle)] {
         let frame = client
             .call_with_data(
@@ -140,6 +144,17 @@ async fn write_ca(client: &mut AgentClient, ca_pem: &str) -> Result<(), ApiError
     Ok(())
 }
 
+/// The sandbox's bundle: the image's roots, then the upstream roots, then the proxy's CA.
+fn bundle(mut system: Vec<u8>, roots_pem: &str, ca_pem: &str) -> Vec<u8> {
+    for part in [roots_pem, ca_pem] {
+        if !system.is_empty() && !system.ends_with(b"\n") {
+            system.push(b'\n');
+        }
+        system.extend_from_slice(part.as_bytes());
+    }
+    system
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +170,14 @@ mod tests {
         assert!(!env.contains_key("SSL_CERT_FILE"));
         add_env(&mut env, true);
         assert_eq!(env["SSL_CERT_FILE"], BUNDLE_PATH);
-        assert_eq!(env["NODE_EXTRA_CA_CERTS"], CA_PATH);
+        assert_eq!(env["NODE_EXTRA_CA_CERTS"], BUNDLE_PATH);
+        assert_eq!(env["CARGO_HTTP_CAINFO"], BUNDLE_PATH);
+    }
+
+    #[test]
+    fn the_bundle_holds_the_images_roots_the_upstream_roots_and_the_ca() {
+        let b = bundle(b"IMAGE".to_vec(), "UPSTREAM\n", "CA\n");
+        assert_eq!(b, b"IMAGE\nUPSTREAM\nCA\n");
+        assert_eq!(bundle(Vec::new(), "", "CA\n"), b"CA\n");
     }
 }

@@ -86,10 +86,26 @@ pub(crate) enum TlsError {
 /// The proxy's TLS material.
 pub(crate) struct Tls {
     ca_pem: String,
+    /// The upstream roots (the system's and `--egress-ca-file`'s) as PEM: sandboxes trust
+    /// them too, since what the proxy tunnels for them leaves with the host's network.
+    roots_pem: String,
     issuer: Issuer<'static, KeyPair>,
     leaves: Mutex<HashMap<String, (Instant, Arc<rustls::ServerConfig>)>>,
     upstream: Arc<rustls::ClientConfig>,
     provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Appends `cert` to `out` as a PEM block.
+fn push_pem(out: &mut String, cert: &CertificateDer<'_>) {
+    use base64::Engine;
+    let text = base64::engine::general_purpose::STANDARD.encode(cert.as_ref());
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for line in text.as_bytes().chunks(64) {
+        // Base64 is ASCII, so every chunk is valid UTF-8.
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
 }
 
 /// The CA's fixed parameters: the same name and usages each time, so a certificate made again
@@ -125,6 +141,10 @@ impl Tls {
         for e in &native.errors {
             tracing::warn!(error = %e, "cannot read some of the system's CA certificates");
         }
+        let mut roots_pem = String::new();
+        for cert in &native.certs {
+            push_pem(&mut roots_pem, cert);
+        }
         let (added, ignored) = roots.add_parsable_certificates(native.certs);
         tracing::debug!(
             added,
@@ -148,6 +168,7 @@ impl Tls {
                 return Err(extra_err("holds no certificate".into()));
             }
             for cert in certs {
+                push_pem(&mut roots_pem, &cert);
                 roots
                     .add(cert)
                     .map_err(|e| extra_err(format!("unusable certificate: {e}")))?;
@@ -170,6 +191,7 @@ impl Tls {
         upstream.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Self {
             ca_pem,
+            roots_pem,
             issuer,
             leaves: Mutex::new(HashMap::new()),
             upstream: Arc::new(upstream),
@@ -180,6 +202,11 @@ impl Tls {
     /// The CA certificate (PEM), what sandboxes trust.
     pub(crate) fn ca_pem(&self) -> &str {
         &self.ca_pem
+    }
+
+    /// The upstream trust roots (PEM), which sandboxes trust as well.
+    pub(crate) fn roots_pem(&self) -> &str {
+        &self.roots_pem
     }
 
     /// Client configuration for the real hosts.
