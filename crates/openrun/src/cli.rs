@@ -87,7 +87,7 @@ pub enum Command {
     /// Open a repository (a directory here, or an http(s) git URL) in a sandbox ready to
     /// work in: its devcontainer.json, Dockerfile or detected languages are set up once (a
     /// recipe, reused by later opens) and its tests run as a readiness check. Prints the
-    /// sandbox id first (see `openrun up --help`).
+    /// sandbox id first.
     Up(UpArgs),
     /// Serve MCP (Model Context Protocol) over stdio for local agents such as Claude Desktop
     /// and Claude Code, bridged to the server's /mcp; without a configured or running server,

@@ -288,18 +288,19 @@ async fn send_dir(
     }
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(4);
     let root = dir.to_path_buf();
-    let writer = std::thread::spawn(move || {
+    // Why the tar could not be made, if it could not.
+    let failure = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let failed = failure.clone();
+    // Not joined: it ends when the tar is written or the request is gone.
+    std::thread::spawn(move || {
         let sender = ChannelWriter { tx: tx.clone() };
-        let result = write_tar(
-            &root,
-            &listing.entries,
-            std::io::BufWriter::with_capacity(CHUNK, sender),
-        );
-        if let Err(e) = &result {
+        let out = std::io::BufWriter::with_capacity(CHUNK, sender);
+        if let Err(e) = write_tar(&root, &listing.entries, out) {
+            let text = describe_error(&e);
+            *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.clone());
             // The body ends with an error: the request is cut off, not sent short.
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+            let _ = tx.blocking_send(Err(std::io::Error::other(text)));
         }
-        result
     });
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|chunk| (chunk, rx))
@@ -310,13 +311,14 @@ async fn send_dir(
         .header(CONTENT_TYPE, "application/x-tar")
         .body(body);
     let code = stream(target, request, args).await;
-    if let Ok(Err(e)) = writer.join().map_err(|_| ()) {
+    let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+    match failure {
         // The tar could not be made: that, rather than the cut-off request, is the error.
-        if code.is_err() || code.as_ref().is_ok_and(|c| *c != 0) {
-            return Err(e.context("cannot send the directory"));
+        Some(why) if code.as_ref().map_or(true, |c| *c != 0) => {
+            bail!("cannot send {}: {why}", dir.display())
         }
+        _ => code,
     }
-    code
 }
 
 /// `POST /v1/up` with a git URL.
@@ -375,7 +377,7 @@ async fn follow(target: &Target, request: reqwest::RequestBuilder, args: &UpArgs
     let mut res = request
         .send()
         .await
-        .with_context(|| format!("cannot reach the server at {}", target.url))?;
+        .with_context(|| format!("the request to the server at {} failed", target.url))?;
     let status = res.status();
     if !status.is_success() {
         let body = res.bytes().await.unwrap_or_default();
