@@ -411,7 +411,12 @@ impl<'a> Reader<'a> {
     }
 
     /// Packages, network and environment of the plan's languages' toolchains.
+    /// Only on a Debian base: an image or a Dockerfile is expected to bring its languages
+    /// (`languages` only records them).
     fn toolchains(&mut self, env: &mut BTreeMap<String, String>) {
+        if !matches!(self.plan.base, BaseImage::Debian { .. }) {
+            return;
+        }
         for language in self.plan.languages.clone() {
             match toolchain(&language) {
                 Some(tc) => {
@@ -424,12 +429,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// `features`: well-known language Features become toolchains; the others are listed.
+    /// `features`: on a Debian base, well-known language Features become toolchains; the
+    /// others are listed.
     fn features(&mut self, value: &Value) -> Result<(), PlanError> {
         let features = self.object("features", value)?;
         let mut skipped = Vec::new();
+        let debian = matches!(self.plan.base, BaseImage::Debian { .. });
         for id in features.keys() {
-            match feature_language(id) {
+            match feature_language(id).filter(|_| debian) {
                 Some(language) => {
                     self.add_language(language);
                     self.note(format!(
@@ -588,9 +595,11 @@ impl<'a> Reader<'a> {
             };
             match port {
                 Some(port) if port > 0 => self.plan.ports.push(port),
-                _ => return Err(self.invalid(format!(
+                _ => {
+                    return Err(self.invalid(format!(
                     "forwardPorts[{i}]: expected a port (1-65535) or \"host:port\", found {item}"
-                ))),
+                )))
+                }
             }
         }
         Ok(())
@@ -1375,6 +1384,21 @@ mod tests {
         assert!(unsupported.contains("customizations.openrun.future: unknown key"));
         assert!(unsupported.contains("customizations.jetbrains: editor settings"));
         assert!(!unsupported.contains("node:1"));
+    }
+
+    #[test]
+    fn languages_on_an_image_are_only_recorded() {
+        let plan = plan_of(
+            r#"{"build": {"dockerfile": "Dockerfile"}, "features": {"ghcr.io/devcontainers/features/node:1": {}},
+                "customizations": {"openrun": {"languages": ["rust"]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(plan.languages, ["rust"]);
+        assert!(plan.system_packages.is_empty() && plan.network.is_empty() && plan.env.is_empty());
+        assert!(plan
+            .unsupported
+            .iter()
+            .any(|u| u.contains("features/node:1")));
     }
 
     #[test]
