@@ -301,9 +301,10 @@ fn allowlist_decides_by_name_before_dns_and_by_cidr_and_follows_runtime_changes(
     let (code, _, err) = sh(&api, &id, "curl -sS -m 20 https://other.test/");
     assert_ne!(code, 0);
     assert!(err.contains("403"), "{err}");
-    // An allowed name is resolved on the host; one that does not resolve is a clean refusal.
+    // An allowed name is resolved on the host; one that does not resolve is a 502 naming it
+    // (a failure upstream, not a refusal of the policy).
     let (status, text) = curl(&api, &id, "http://nxdomain.invalid/");
-    assert_eq!(status, 403, "{text}");
+    assert_eq!(status, 502, "{text}");
     assert!(text.contains("cannot resolve nxdomain.invalid"), "{text}");
 
     // An address literal needs a CIDR, and loopback one inside 127.0.0.0/8.

@@ -397,7 +397,11 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
             ),
             None => match resolve(name, ask.port).await {
                 Ok(addrs) => (Some(name.clone()), addrs, false),
-                Err(reason) => return deny(reason).await,
+                // Allowed, but the name does not resolve: a failure upstream, not a refusal.
+                Err(reason) => {
+                    client.record("network.deny", ask.payload(&reason)).await;
+                    return Err(answer(StatusCode::BAD_GATEWAY, &reason));
+                }
             },
         },
     };
@@ -442,21 +446,31 @@ async fn decide(client: &Client, ask: &Ask, plain: bool) -> Decision {
 
 /// Resolves an allowed name on the host.
 async fn resolve(name: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
-    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((name, port))).await {
-        Ok(Ok(addrs)) => {
-            let addrs: Vec<SocketAddr> = addrs.collect();
-            if addrs.is_empty() {
-                Err(format!("cannot resolve {name}: no address"))
-            } else {
-                Ok(addrs)
+    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    let mut last = String::new();
+    // A resolver under load (many sandboxes installing packages at once) fails some lookups
+    // for a moment ("temporary failure in name resolution"): a few quick retries, all within
+    // the one timeout.
+    for pause_ms in [0u64, 100, 300, 900] {
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((name, port))).await {
+            Ok(Ok(addrs)) => {
+                let addrs: Vec<SocketAddr> = addrs.collect();
+                if !addrs.is_empty() {
+                    return Ok(addrs);
+                }
+                last = format!("cannot resolve {name}: no address");
+            }
+            Ok(Err(e)) => last = format!("cannot resolve {name}: {e}"),
+            Err(_) => {
+                return Err(format!(
+                    "cannot resolve {name}: no answer within {}s",
+                    RESOLVE_TIMEOUT.as_secs()
+                ))
             }
         }
-        Ok(Err(e)) => Err(format!("cannot resolve {name}: {e}")),
-        Err(_) => Err(format!(
-            "cannot resolve {name}: no answer within {}s",
-            RESOLVE_TIMEOUT.as_secs()
-        )),
     }
+    Err(last)
 }
 
 /// Connects to the first address that answers, each within [`CONNECT_TIMEOUT`].
