@@ -296,6 +296,7 @@ impl TempFile {
                     format!("{}: {e}", dir.display()),
                 )
             })?;
+        clean_stale(&dir);
         let id = crate::keys::random_hex(12)
             .map_err(|e| ApiError::internal("cannot name a temporary file", e))?;
         Ok(dir.join(format!("{id}{suffix}")))
@@ -320,6 +321,39 @@ impl Drop for TempFile {
             }
         }
     }
+}
+
+/// Entries of `<data-dir>/up/tmp` older than this are left from a server that stopped
+/// mid-`up` (no `up` runs this long).
+const STALE: Duration = Duration::from_secs(24 * 3600);
+
+/// Removes stale entries of `dir`, once per process (the first temporary file made).
+fn clean_stale(dir: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE);
+            if !old {
+                continue;
+            }
+            let path = entry.path();
+            let removed = match entry.file_type() {
+                Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+                _ => std::fs::remove_file(&path),
+            };
+            if let Err(e) = removed {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a stale temporary file");
+            }
+        }
+    });
 }
 
 /// `<data-dir>/up/tmp`.
@@ -438,11 +472,6 @@ impl SandboxGuard {
         if let Some(id) = self.id.take() {
             remove_sandbox(&self.s, &self.caller, &id).await;
         }
-    }
-
-    /// Keeps it: the guard no longer removes it. Returns its id.
-    pub(crate) fn keep(mut self) -> String {
-        self.id.take().unwrap_or_default()
     }
 }
 
@@ -570,7 +599,7 @@ async fn clone_inner(
     if !outcome.ok() {
         let mut e = UpError::new(
             "fetch_failed",
-            format!("cannot clone {}: {}", git.url, outcome.last_lines(6)),
+            format!("cannot clone {}: {}", git.url, git_said(&outcome.tail)),
         );
         e.command = Some(command.to_string());
         guard.remove().await;
@@ -579,6 +608,19 @@ async fn clone_inner(
     crate::archive::archive_to_file(s, caller, guard.id(), CLONE_DIR, dest).await?;
     guard.remove().await;
     Ok(())
+}
+
+/// The last lines git wrote, without its `Cloning into` banner.
+fn git_said(tail: &str) -> String {
+    let lines: Vec<&str> = tail
+        .lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty() && !l.starts_with("Cloning into "))
+        .collect();
+    if lines.is_empty() {
+        return "git failed without saying why".into();
+    }
+    lines[lines.len().saturating_sub(6)..].join("\n")
 }
 
 #[cfg(test)]
