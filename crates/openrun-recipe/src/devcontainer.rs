@@ -196,12 +196,13 @@ impl<'a> Reader<'a> {
         if let Some(features) = config.get("features") {
             self.features(features)?;
         }
-        let mut custom_env = BTreeMap::new();
         if let Some(customizations) = config.get("customizations") {
             self.customizations(customizations)?;
         }
-        self.toolchains(&mut custom_env);
-        self.plan.env = custom_env;
+        // The toolchains' environment first: containerEnv overrides it.
+        let mut toolchain_env = BTreeMap::new();
+        self.toolchains(&mut toolchain_env);
+        self.plan.env = toolchain_env;
         if let Some(value) = config.get("containerEnv") {
             for (k, v) in self.env_map("containerEnv", value)? {
                 self.plan.env.insert(k, v);

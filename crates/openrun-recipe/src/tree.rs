@@ -503,6 +503,34 @@ mod tests {
     }
 
     #[test]
+    fn tar_tree_reads_long_names_and_pax_entries() {
+        let long = format!("{}/Cargo.toml", "d".repeat(150));
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(3);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder
+            .append_data(&mut header, &long, &b"abc"[..])
+            .unwrap();
+        builder
+            .append_pax_extensions([("path", "pax/é.txt".as_bytes())])
+            .unwrap();
+        let mut header = tar::Header::new_ustar();
+        header.set_path("short").unwrap();
+        header.set_size(2);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        builder.append(&header, &b"hi"[..]).unwrap();
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, &builder.into_inner().unwrap()).unwrap();
+        let tree = TarTree::open(file.path()).unwrap();
+        assert_eq!(tree.read(&long).unwrap().unwrap(), b"abc");
+        assert_eq!(tree.read("pax/é.txt").unwrap().unwrap(), b"hi");
+        assert!(tree.is_dir("pax") && !tree.is_file("short"));
+    }
+
+    #[test]
     fn tar_tree_refuses_names_leaving_the_root() {
         use tar::EntryType as T;
         for name in ["../evil", "a/../../evil", "/etc/passwd"] {
