@@ -239,3 +239,334 @@ fn up_starts_a_server_that_keeps_running_and_opens_the_directory() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stdout(&out).contains("FAILED (exit 3"), "{}", stdout(&out));
 }
+
+/// A stand-in for `openrun serve`'s `/v1/health` and `/v1/up`: it records each up request
+/// (head and body) and answers with the NDJSON lines given, then either closes or waits for
+/// the client to close (reported as `closed`).
+struct FakeServer {
+    url: String,
+    requests: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+impl FakeServer {
+    fn start(lines: Vec<String>, hang: bool) -> Self {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (req_tx, requests) = std::sync::mpsc::channel();
+        let (closed_tx, closed) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut out = conn;
+                if head.starts_with("GET /v1/health") {
+                    let _ = out.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+                    );
+                    continue;
+                }
+                let lower = head.to_ascii_lowercase();
+                let mut body = Vec::new();
+                if lower.contains("transfer-encoding: chunked") {
+                    loop {
+                        let mut size = String::new();
+                        reader.read_line(&mut size).unwrap();
+                        let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                        let mut chunk = vec![0u8; n + 2];
+                        reader.read_exact(&mut chunk).unwrap();
+                        body.extend_from_slice(&chunk[..n]);
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                } else if let Some(len) = lower
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                {
+                    let mut data = vec![0u8; len.trim().parse().unwrap()];
+                    reader.read_exact(&mut data).unwrap();
+                    body = data;
+                }
+                req_tx.send((head, body)).unwrap();
+                let _ = out.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n",
+                );
+                for line in &lines {
+                    let _ = out.write_all(format!("{line}\n").as_bytes());
+                    let _ = out.flush();
+                }
+                if hang {
+                    let mut rest = Vec::new();
+                    let _ = reader.read_to_end(&mut rest);
+                    let _ = closed_tx.send(());
+                }
+            }
+        });
+        FakeServer {
+            url,
+            requests,
+            closed,
+        }
+    }
+}
+
+/// A plan line for a fake answer.
+fn plan_line() -> String {
+    serde_json::json!({"type": "plan", "plan": {
+        "source": "detected", "languages": ["node"], "base": {"kind": "debian", "suite": "bookworm"},
+        "system_packages": ["nodejs", "npm"], "workspace": "/workspaces/app",
+        "steps": [{"name": "install", "phase": "setup", "commands": ["npm ci"], "file": "package-lock.json"}],
+        "test": "npm test"
+    }})
+    .to_string()
+}
+
+/// A directory with a package.json (and what should and should not be sent).
+fn node_repo() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(
+        repo.path().join("package.json"),
+        r#"{"name": "app", "version": "1.0.0", "scripts": {"test": "node t.js"}}"#,
+    )
+    .unwrap();
+    std::fs::write(repo.path().join(".gitignore"), "node_modules/\n").unwrap();
+    std::fs::create_dir(repo.path().join("node_modules")).unwrap();
+    std::fs::write(repo.path().join("node_modules/big.js"), "x").unwrap();
+    std::fs::create_dir(repo.path().join(".git")).unwrap();
+    std::fs::write(repo.path().join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
+    std::os::unix::fs::symlink("/etc", repo.path().join("etc")).unwrap();
+    repo
+}
+
+#[test]
+fn the_directory_goes_as_a_tar_and_the_progress_and_result_are_shown() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = node_repo();
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    let lines = vec![
+        plan_line(),
+        r#"{"type":"step","step":"packages","status":"cached"}"#.to_string(),
+        r#"{"type":"step","step":"install","command":"npm ci","status":"running"}"#.to_string(),
+        serde_json::json!({"type": "output", "step": "install", "stream": "stdout",
+            "data_b64": b64("added 3 packages")})
+        .to_string(),
+        r#"{"type":"step","step":"install","status":"ok","duration_ms":12345}"#.to_string(),
+        serde_json::json!({"type": "result", "result": {
+            "sandbox_id": "0123abcd4567", "attach": "openrun shell 0123abcd4567",
+            "workspace": "/workspaces/app", "ports": [], "cached": false,
+            "recipe": {"key": "k1", "path": "/d/recipes/t/k1/devcontainer.json"},
+            "check": {"command": "npm test", "exit_code": 0, "passed": true, "duration_ms": 900},
+            "timings": {"total_ms": 20000, "ready_ms": 19000, "setup_ms": 15000, "check_ms": 900}
+        }})
+        .to_string(),
+    ];
+    let server = FakeServer::start(lines, false);
+    let dir = repo.path().to_str().unwrap();
+    let out = up(
+        &env,
+        home.path(),
+        &[
+            "--server",
+            &server.url,
+            "--api-key",
+            "or_test",
+            "--ttl",
+            "2h",
+            "--keep",
+            dir,
+        ],
+    );
+    assert_ok(&out);
+    let (head, body) = server.requests.recv().unwrap();
+    let first = head.lines().next().unwrap();
+    assert!(first.starts_with("POST /v1/up?name="), "{first}");
+    let name = repo.path().file_name().unwrap().to_str().unwrap();
+    assert!(first.contains(&format!("name={name}")), "{first}");
+    assert!(first.contains("repo=local%3A"), "{first}");
+    assert!(
+        first.contains("keep=true") && first.contains("ttl=7200000ms"),
+        "{first}"
+    );
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("content-type: application/x-tar"), "{head}");
+    assert!(lower.contains("authorization: bearer or_test"), "{head}");
+    let mut archive = tar::Archive::new(&body[..]);
+    let names: Vec<String> = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [".git", ".git/HEAD", ".gitignore", "package.json"],
+        "node_modules/ is ignored, the link to /etc skipped"
+    );
+    let err = stderr(&out);
+    assert!(err.contains("skipped the symlink etc -> /etc"), "{err}");
+    assert!(
+        err.contains("base:      debian bookworm"),
+        "the plan: {err}"
+    );
+    assert!(err.contains("==> packages cached\n"), "{err}");
+    assert!(
+        err.contains("==> install: npm ci\nadded 3 packages\n==> install ok (12.3 s)\n"),
+        "{err}"
+    );
+    let text = stdout(&out);
+    assert_eq!(
+        text,
+        "0123abcd4567\n\
+         attach:    openrun shell 0123abcd4567\n\
+         workspace: /workspaces/app\n\
+         recipe:    /d/recipes/t/k1/devcontainer.json (new)\n\
+         check:     npm test: passed (0.9 s)\n\
+         time:      ready in 19.0 s (first open), setup 15.0 s, check 0.9 s, total 20.0 s\n"
+    );
+}
+
+#[test]
+fn a_failed_step_is_exit_1_and_json_prints_the_error_object() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = node_repo();
+    let error = serde_json::json!({"type": "error", "code": "step_failed",
+        "message": "install failed: npm ci exited with 1", "step": "install",
+        "file": "package-lock.json", "command": "npm ci"});
+    let lines = vec![
+        plan_line(),
+        r#"{"type":"step","step":"install","status":"failed","exit_code":1,"duration_ms":800}"#
+            .to_string(),
+        error.to_string(),
+    ];
+    let server = FakeServer::start(lines.clone(), false);
+    let dir = repo.path().to_str().unwrap();
+    let out = up(
+        &env,
+        home.path(),
+        &["--server", &server.url, "--api-key", "k", dir],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("==> install failed (exit 1, 0.8 s)\n"),
+        "{err}"
+    );
+    assert!(
+        err.contains(
+            "openrun up: install failed: npm ci exited with 1 (step_failed)\n  step: install\n  \
+             file: package-lock.json\n  command: npm ci\n"
+        ),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+
+    let server = FakeServer::start(lines, false);
+    let out = up(
+        &env,
+        home.path(),
+        &["--json", "--server", &server.url, "--api-key", "k", dir],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed, error);
+    // --json: no plan on stderr, the progress still there.
+    let err = stderr(&out);
+    assert!(!err.contains("base:"), "{err}");
+    assert!(err.contains("==> install failed"), "{err}");
+}
+
+#[test]
+fn a_git_url_goes_as_json_and_plan_asks_the_server() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let server = FakeServer::start(
+        vec![
+            plan_line(),
+            r#"{"type":"result","result":{"sandbox_id":null}}"#.to_string(),
+        ],
+        false,
+    );
+    let out = up(
+        &env,
+        home.path(),
+        &[
+            "--server",
+            &server.url,
+            "--api-key",
+            "k",
+            "--plan",
+            "--ref",
+            "v1",
+            "--check",
+            "make t",
+            "https://example.org/team/app.git",
+        ],
+    );
+    assert_ok(&out);
+    let (head, body) = server.requests.recv().unwrap();
+    assert!(head.starts_with("POST /v1/up HTTP/1.1"), "{head}");
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: application/json"));
+    let sent: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(sent["git"], "https://example.org/team/app.git");
+    assert_eq!(sent["ref"], "v1");
+    assert_eq!(sent["check"], "make t");
+    assert_eq!(sent["plan_only"], true);
+    assert_eq!(sent["name"], "app");
+    assert_eq!(sent["no_check"], false);
+    // The plan is the output.
+    let text = stdout(&out);
+    assert!(text.starts_with("plan:      detected\n"), "{text}");
+    assert!(text.contains("step:      install: npm ci\n"), "{text}");
+}
+
+#[test]
+fn ctrl_c_closes_the_request() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = node_repo();
+    let server = FakeServer::start(
+        vec![
+            plan_line(),
+            r#"{"type":"step","step":"install","command":"npm ci","status":"running"}"#.to_string(),
+        ],
+        true,
+    );
+    let mut cmd = env.cmd([
+        "up",
+        "--server",
+        &server.url,
+        "--api-key",
+        "k",
+        repo.path().to_str().unwrap(),
+    ]);
+    cmd.env_remove("OPENRUN_CONFIG")
+        .env("XDG_CONFIG_HOME", home.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    // Once the request arrived and the progress was sent, interrupt.
+    server.requests.recv().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    server
+        .closed
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request was closed");
+}
