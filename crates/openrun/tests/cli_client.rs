@@ -508,8 +508,9 @@ fn cp_copies_files_and_directories_both_ways() {
     std::fs::create_dir_all(l("tree/sub/deeper")).unwrap();
     std::fs::write(l("tree/a.txt"), b"alpha").unwrap();
     std::fs::write(l("tree/sub/deeper/b.bin"), [0u8, 1, 2, 255]).unwrap();
-    // Symlinks cannot be made over the API: they are left out, with a warning.
+    // Symlinks go in as links (their targets as text, even ones that leave the tree).
     std::os::unix::fs::symlink("a.txt", l("tree/link")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", l("tree/sub/out")).unwrap();
     let out = cli.out(&[
         "cp",
         "--json",
@@ -517,7 +518,7 @@ fn cp_copies_files_and_directories_both_ways() {
         &format!("{id}:/srv"),
     ]);
     assert_ok(&out);
-    assert!(stderr(&out).contains("tree/link"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("skipping"), "{}", stderr(&out));
     let copied: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(copied, json!({ "files": 2, "bytes": 9 }));
     let listing = cli.ok(&[
@@ -526,10 +527,13 @@ fn cp_copies_files_and_directories_both_ways() {
         "--",
         "sh",
         "-c",
-        "cd /srv/tree && cat a.txt && echo && od -An -tu1 sub/deeper/b.bin && ls",
+        "cd /srv/tree && cat a.txt && echo && od -An -tu1 sub/deeper/b.bin && ls \
+         && readlink link sub/out && cat link",
     ]);
-    assert_eq!(listing, "alpha\n   0   1   2 255\na.txt\nsub\n");
-    cli.ok(&["exec", &id, "--", "ln", "-s", "a.txt", "/srv/tree/link"]);
+    assert_eq!(
+        listing,
+        "alpha\n   0   1   2 255\na.txt\nlink\nsub\na.txt\n/etc/shadow\nalpha"
+    );
     // A new directory name: the contents go there.
     cli.ok(&[
         "cp",

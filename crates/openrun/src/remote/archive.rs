@@ -26,10 +26,11 @@ pub struct Copied {
     pub bytes: u64,
 }
 
-/// A tar of the contents of directory `src` for a sandbox (names relative to it). Only
-/// directories and regular files: the server cannot make symlinks (and following them could
-/// carry anything on this machine into the sandbox), so they are left out with a warning, as
-/// are sockets, devices and fifos.
+/// A tar of the contents of directory `src` for a sandbox (names relative to it): directories,
+/// regular files and symlinks, as links (never followed: that could carry anything on this
+/// machine into the sandbox; the sandbox gets the target as text, as `docker cp` does). Sockets,
+/// devices, fifos and links whose target is not UTF-8 (the sandbox file API cannot carry it)
+/// are left out with a warning.
 pub fn pack_dir(src: &Path, out: impl Write) -> Result<()> {
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
@@ -64,9 +65,22 @@ fn add_tree<W: Write>(builder: &mut tar::Builder<W>, dir: &Path, rel: &Path) -> 
             builder.append_dir(&name, &path)
         } else if kind.is_file() {
             builder.append_path_with_name(&path, &name)
+        } else if kind.is_symlink() {
+            let target = std::fs::read_link(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            if target.to_str().is_none() {
+                eprintln!(
+                    "openrun: skipping {}: its link target is not UTF-8",
+                    path.display()
+                );
+                continue;
+            }
+            // Not followed (`follow_symlinks(false)`): stored as a link.
+            builder.append_path_with_name(&path, &name)
         } else {
             eprintln!(
-                "openrun: skipping {}: only files and directories are copied into a sandbox",
+                "openrun: skipping {}: only files, directories and symlinks are copied into a \
+                 sandbox",
                 path.display()
             );
             continue;
@@ -297,7 +311,7 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_keeps_files_and_modes_and_leaves_out_links() {
+    fn round_trip_keeps_files_modes_and_links() {
         let src = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(src.path().join("d/e")).unwrap();
         std::fs::write(src.path().join("d/e/f.txt"), b"hello").unwrap();
@@ -318,7 +332,11 @@ mod tests {
             std::fs::read(dst.path().join("d/e/f.txt")).unwrap(),
             b"hello"
         );
-        assert!(std::fs::symlink_metadata(dst.path().join("link")).is_err());
+        assert_eq!(
+            std::fs::read_link(dst.path().join("link")).unwrap(),
+            Path::new("d/e/f.txt"),
+            "a link is packed as a link, not followed"
+        );
         // Links in an archive from a sandbox are made as links.
         let tar = archive(|b| {
             let mut h = header(EntryType::Symlink, 0, 0o777);
