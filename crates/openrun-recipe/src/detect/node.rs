@@ -170,9 +170,30 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         Manager::Yarn | Manager::YarnBerry => "yarn",
     };
 
-    if let Some(test) = script("test") {
-        if !test.contains(NO_TEST) {
-            f.test(&format!("{run} test"), true);
+    if script("test").is_some_and(|t| !t.contains(NO_TEST)) {
+        f.test(&format!("{run} test"), true);
+    } else {
+        // No test script, but a test runner among the dependencies.
+        let exec = match run {
+            "npm" => "npx --no-install",
+            "pnpm" => "pnpm exec",
+            _ => "yarn",
+        };
+        let dev = |name: &str| {
+            ["devDependencies", "dependencies"].iter().any(|k| {
+                manifest
+                    .get(*k)
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| m.contains_key(name))
+            })
+        };
+        let runners = [
+            ("vitest", "vitest run"),
+            ("jest", "jest"),
+            ("mocha", "mocha"),
+        ];
+        if let Some((_, command)) = runners.iter().find(|(name, _)| dev(name)) {
+            f.test(&format!("{exec} {command}"), true);
         }
     }
     let (start, script_text) = if let Some(text) = script("start") {

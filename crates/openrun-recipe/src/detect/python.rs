@@ -38,6 +38,21 @@ const REQUIREMENT_FILES: [&str; 16] = [
 /// Extras and dependency groups that hold a project's test tools.
 const TEST_EXTRAS: [&str; 4] = ["dev", "test", "testing", "tests"];
 
+/// Projects that build against a system library (no wheel, or a source build), and the
+/// Debian packages they need.
+const NATIVE: [(&str, &[&str]); 7] = [
+    ("mysqlclient", &["default-libmysqlclient-dev", "pkg-config"]),
+    ("psycopg2", &["libpq-dev"]),
+    ("pyaudio", &["portaudio19-dev"]),
+    ("pycairo", &["libcairo2-dev", "pkg-config"]),
+    (
+        "pygobject",
+        &["libcairo2-dev", "libgirepository1.0-dev", "pkg-config"],
+    ),
+    ("python-ldap", &["libldap2-dev", "libsasl2-dev"]),
+    ("pyodbc", &["unixodbc-dev"]),
+];
+
 /// Installs a Python tool into Debian's Python (not the project's environment).
 const SYSTEM_PIP: &str =
     "/usr/bin/python3 -m pip install --break-system-packages --root-user-action=ignore";
@@ -242,7 +257,12 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         || tox.contains("[pytest]");
     // A plugin (pytest-cov, pytest-django...) brings pytest along.
     let is_pytest = |n: &String| n == "pytest" || n.starts_with("pytest-");
-    let pytest = declared.iter().any(is_pytest) || pytest_configured;
+    let django = repo.file("manage.py")
+        && (declared.contains("django") || repo.text_or_empty("manage.py")?.contains("django"));
+    // pytest also runs unittest's TestCases, and plain `def test_...` functions unittest
+    // would skip (passing with nothing run): test files are pytest's, save Django's.
+    let pytest =
+        declared.iter().any(is_pytest) || pytest_configured || (!django && has_test_files(repo));
     let add_pytest = pytest && !installed.iter().any(is_pytest);
 
     // The project itself is installable with a pyproject.toml that says how to build it, or
@@ -268,6 +288,13 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
     }
     if git {
         f.package("git");
+    }
+    for (name, packages) in NATIVE {
+        if declared.contains(name) {
+            for package in packages {
+                f.package(package);
+            }
+        }
     }
 
     let manifest = repo
@@ -397,8 +424,6 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
     }
 
     // Test.
-    let django = repo.file("manage.py")
-        && (declared.contains("django") || repo.text_or_empty("manage.py")?.contains("django"));
     if pytest {
         f.test("python3 -m pytest", true);
     } else if django {
@@ -440,6 +465,35 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
 /// `pip install  -e .` → `pip install -e .` (no empty argument list).
 fn squeeze(command: &str) -> String {
     command.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether test modules (`test_*.py`, `*_test.py`) are at the root or under `tests/` or
+/// `test/` (three levels deep at most).
+fn has_test_files(repo: &Repo) -> bool {
+    fn is_test(name: &str) -> bool {
+        name.ends_with(".py") && (name.starts_with("test_") || name.ends_with("_test.py"))
+    }
+    fn walk(repo: &Repo, dir: &str, depth: usize, budget: &mut usize) -> bool {
+        for name in repo.list(dir) {
+            if *budget == 0 {
+                return false;
+            }
+            *budget -= 1;
+            let path = format!("{dir}/{name}");
+            if is_test(&name) && repo.file(&path) {
+                return true;
+            }
+            if depth > 1 && repo.dir(&path) && walk(repo, &path, depth - 1, budget) {
+                return true;
+            }
+        }
+        false
+    }
+    let mut budget = 2000;
+    repo.list("").iter().any(|n| is_test(n) && repo.file(n))
+        || ["tests", "test"]
+            .iter()
+            .any(|d| repo.dir(d) && walk(repo, d, 3, &mut budget))
 }
 
 /// unittest's discovery where the tests are; whether test files were seen.

@@ -340,11 +340,25 @@ fn python_setup_py_unittest_and_django() {
         ("tests/__init__.py", ""),
         ("tests/test_x.py", ""),
     ]);
+    // Test files without pytest declared: pytest (it runs unittest's tests too), installed.
+    assert_eq!(
+        steps(&p)[1],
+        "install [setup.py]: pip install pytest -e . | pip install pytest ."
+    );
+    assert_eq!(test(&p), "python3 -m pytest");
+    // No test files: unittest's discovery, a weak test.
+    let p = plan(&[("setup.py", ""), ("tests/__init__.py", "")]);
     assert_eq!(
         steps(&p)[1],
         "install [setup.py]: pip install -e . | pip install ."
     );
     assert_eq!(test(&p), "python3 -m unittest discover -s tests -t .");
+    let p = plan(&[
+        ("requirements.txt", "psycopg2\n"),
+        ("test/unit/deep/test_a.py", ""),
+    ]);
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert!(has(&p.system_packages, "libpq-dev"));
 
     let p = plan(&[
         ("requirements.txt", "Django>=4.2\n"),
@@ -417,6 +431,9 @@ fn node_npm_lockfile_and_none() {
     assert!(p.steps.is_empty());
     assert_eq!(start(&p), "npm run dev");
     assert_eq!(p.ports, [3000]);
+    // No test script, a runner in devDependencies.
+    let p = plan(&[("package.json", r#"{"devDependencies": {"vitest": "^1"}}"#)]);
+    assert_eq!(test(&p), "npx --no-install vitest run");
 }
 
 #[test]
