@@ -125,15 +125,17 @@ pub fn toolchain(language: &str) -> Option<Toolchain> {
 /// cannot be read only costs the detected test (a note says why); in the last it is the error.
 pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
     let workspace = format!("/workspaces/{name}");
-    if let Some(file) = devcontainer::find(tree) {
-        let mut plan = devcontainer::plan(tree, file, name)?;
+    if let Some(file) = crate::devcontainer::find(tree) {
+        let mut plan = crate::devcontainer::plan(tree, file, name)?;
         if plan.test.is_none() {
             let repo = Repo::new(tree, &plan.workspace);
             match detect_all(&repo) {
                 Ok(found) if !found.is_empty() => {
                     let primary = primary(&found);
-                    if plan.languages.is_empty() {
-                        plan.languages = found.iter().map(|f| f.language.to_string()).collect();
+                    for f in &found {
+                        if !plan.languages.iter().any(|l| l == f.language) {
+                            plan.languages.push(f.language.to_string());
+                        }
                     }
                     plan.test = found[primary].test.as_ref().map(|t| t.command.clone());
                 }
@@ -508,27 +510,6 @@ fn version_numbers(text: &str) -> Vec<u64> {
         .split('.')
         .map_while(|n| n.parse().ok())
         .collect()
-}
-
-/// TEMPORARY (H2): stand-ins for `crate::devcontainer::{find, plan}` until H1 commits them;
-/// `find` finds nothing, so every plan comes from a Dockerfile or detection meanwhile.
-mod devcontainer {
-    use crate::error::PlanError;
-    use crate::plan::Plan;
-    use crate::tree::RepoTree;
-
-    pub(super) fn find(tree: &dyn RepoTree) -> Option<&'static str> {
-        let _ = tree;
-        None
-    }
-
-    pub(super) fn plan(tree: &dyn RepoTree, file: &str, name: &str) -> Result<Plan, PlanError> {
-        let _ = (tree, name);
-        Err(PlanError::invalid(
-            file,
-            "devcontainer.json is not supported yet",
-        ))
-    }
 }
 
 #[cfg(test)]

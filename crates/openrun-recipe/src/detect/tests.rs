@@ -846,3 +846,55 @@ fn plans_of_directories() {
         }
     }
 }
+
+#[test]
+fn a_devcontainer_wins_and_detection_fills_its_test() {
+    let dc = r#"{
+  // comments are fine
+  "image": "mcr.microsoft.com/devcontainers/python:3.11",
+  "postCreateCommand": "pip install -r requirements.txt",
+}"#;
+    let p = plan(&[
+        (".devcontainer/devcontainer.json", dc),
+        ("requirements.txt", "pytest\n"),
+        ("package.json", PACKAGE_JSON),
+        ("Dockerfile", "FROM debian\n"),
+    ]);
+    assert_eq!(p.source, PlanSource::Devcontainer);
+    assert_eq!(test(&p), "python3 -m pytest");
+    assert!(
+        has(&p.languages, "python") && has(&p.languages, "node"),
+        "{:?}",
+        p.languages
+    );
+    // Detection adds no steps of its own to a devcontainer's plan.
+    assert!(p
+        .steps
+        .iter()
+        .all(|s| s.file == ".devcontainer/devcontainer.json"));
+
+    // Its own test stays.
+    let dc =
+        r#"{"image": "debian:bookworm", "customizations": {"openrun": {"test": "make check"}}}"#;
+    let p = plan(&[(".devcontainer.json", dc), ("requirements.txt", "pytest\n")]);
+    assert_eq!(test(&p), "make check");
+
+    // A broken manifest beside it costs only the detected test.
+    let p = plan(&[
+        (".devcontainer.json", r#"{"image": "debian:bookworm"}"#),
+        ("Cargo.toml", "["),
+    ]);
+    assert_eq!(p.test, None);
+    assert!(
+        p.notes.iter().any(|n| n.contains("Cargo.toml")),
+        "{:?}",
+        p.notes
+    );
+
+    // Its own errors are the plan's.
+    let e = error(&[
+        (".devcontainer.json", "{\n  \"image\": 1,,\n}"),
+        ("go.mod", "module d\n"),
+    ]);
+    assert_eq!(e.file(), Some(".devcontainer.json"));
+}
