@@ -210,14 +210,15 @@ enum Kind {
     File { offset: u64, size: u64 },
     /// A directory (an entry of its own or implied by a path below it).
     Dir,
-    /// A symbolic link: reads as absent, but is part of the workspace.
-    Symlink,
+    /// A symbolic or hard link: reads as absent, but is part of the workspace.
+    Link,
     /// A hard link, device, fifo...: reads as absent.
     Other,
 }
 
 /// An uncompressed tar file on disk (what the server received or cloned), indexed once at
-/// [`TarTree::open`]; reads go to the file at the recorded offsets. Links read as absent.
+/// [`TarTree::open`]; reads go to the file at the recorded offsets. Links (symbolic or hard)
+/// read as absent.
 #[derive(Debug)]
 pub struct TarTree {
     file: File,
@@ -270,8 +271,8 @@ impl TarTree {
                 }
             } else if entry_type.is_dir() {
                 Kind::Dir
-            } else if entry_type.is_symlink() {
-                Kind::Symlink
+            } else if entry_type.is_symlink() || entry_type.is_hard_link() {
+                Kind::Link
             } else {
                 Kind::Other
             };
@@ -291,12 +292,12 @@ impl TarTree {
         })
     }
 
-    /// The paths of its regular files and symbolic links, sorted (what a workspace extracted
-    /// from it holds besides directories).
+    /// The paths of its regular files and links (symbolic and hard), sorted: what a workspace
+    /// extracted from it holds besides directories.
     pub fn files(&self) -> Vec<String> {
         self.entries
             .iter()
-            .filter(|(_, kind)| matches!(kind, Kind::File { .. } | Kind::Symlink))
+            .filter(|(_, kind)| matches!(kind, Kind::File { .. } | Kind::Link))
             .map(|(path, _)| path.clone())
             .collect()
     }
@@ -457,8 +458,8 @@ mod tests {
             header.set_entry_type(*entry_type);
             header.set_mode(0o644);
             header.set_size(data.len() as u64);
-            if entry_type.is_symlink() {
-                header.set_link_name("../../etc/passwd").unwrap();
+            if entry_type.is_symlink() || entry_type.is_hard_link() {
+                header.set_link_name("package.json").unwrap();
             }
             header.set_cksum();
             builder.append(&header, *data).unwrap();
@@ -478,6 +479,7 @@ mod tests {
             ("src/index.js", T::Regular, b"console.log(1)"),
             ("src/lib/", T::Directory, b""),
             ("link", T::Symlink, b""),
+            ("hard", T::Link, b""),
             ("src/a-b", T::Regular, b"x"),
             ("package.json", T::Regular, b"{}"),
         ]);
@@ -488,15 +490,16 @@ mod tests {
             b"console.log(1)"
         );
         assert!(tree.read("link").unwrap().is_none());
+        assert!(tree.read("hard").unwrap().is_none());
         assert!(tree.read("src").unwrap().is_none());
         assert!(tree.read("../package.json").unwrap().is_none());
         assert!(tree.is_dir("") && tree.is_dir("src") && tree.is_dir("src/lib"));
         assert!(!tree.is_file("link") && !tree.is_dir("link"));
-        assert_eq!(tree.list(""), ["link", "package.json", "src"]);
+        assert_eq!(tree.list(""), ["hard", "link", "package.json", "src"]);
         assert_eq!(tree.list("src"), ["a-b", "index.js", "lib"]);
         assert_eq!(
             tree.files(),
-            ["link", "package.json", "src/a-b", "src/index.js"]
+            ["hard", "link", "package.json", "src/a-b", "src/index.js"]
         );
         let whole = std::fs::read(file.path()).unwrap();
         assert_eq!(tree.digest(), hex(&Sha256::digest(&whole)));
