@@ -283,6 +283,7 @@ mod tests {
             "diff",
             "preview_url",
             "timeline",
+            "up",
         ] {
             assert!(names.contains(&name), "{name} missing from {names:?}");
         }

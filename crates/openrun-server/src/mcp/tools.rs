@@ -408,6 +408,96 @@ const DEFAULT_SANDBOXES: u32 = 100;
 /// ask the REST list, which pages).
 const MAX_SCANNED: usize = 20_000;
 
+/// Parameters of `up`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpParams {
+    /// The repository: an https:// (or http://) git URL.
+    git: String,
+    /// Branch or tag to clone (default: the remote's default branch).
+    #[serde(rename = "ref")]
+    reference: Option<String>,
+    /// The readiness check, a shell command run in the workspace (default: the project's
+    /// test suite, when one was found).
+    check: Option<String>,
+    /// Run no readiness check.
+    #[serde(default)]
+    no_check: bool,
+    /// Only show the plan (what would be installed and run); no sandbox is made.
+    #[serde(default)]
+    plan_only: bool,
+    /// On a failure keep the sandbox (rolled back to before the failed step) to look into it.
+    #[serde(default)]
+    keep: bool,
+    /// The sandbox's lifetime, e.g. "2h" (default "1h").
+    ttl: Option<String>,
+    /// The repository's name (default: the URL's last part): the workspace is
+    /// /workspaces/<name>.
+    name: Option<String>,
+}
+
+/// Step lines `up` shows.
+const UP_STEP_LINES: usize = 40;
+/// Output bytes `up` shows (the end of the last commands' output).
+const UP_OUTPUT_BYTES: usize = 4096;
+
+/// What `up` saw of an open's progress: its step lines and the end of the output.
+#[derive(Debug, Default)]
+struct UpLog {
+    steps: std::collections::VecDeque<String>,
+    output: std::collections::VecDeque<u8>,
+}
+
+impl UpLog {
+    fn push(&mut self, event: crate::up::UpEvent) {
+        use crate::up::UpEvent;
+        match event {
+            UpEvent::Plan { .. } => {}
+            UpEvent::Step {
+                step,
+                command,
+                status,
+                duration_ms,
+                exit_code,
+            } => {
+                let status = serde_json::to_value(status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let mut line = format!("{step}: {status}");
+                if let Some(code) = exit_code.filter(|c| *c != 0) {
+                    line.push_str(&format!(" (exit {code})"));
+                }
+                if let Some(ms) = duration_ms {
+                    line.push_str(&format!(" {ms} ms"));
+                }
+                if let (Some(command), "running") = (command, status.as_str()) {
+                    line.push_str(&format!(": {command}"));
+                }
+                if self.steps.len() == UP_STEP_LINES {
+                    self.steps.pop_front();
+                }
+                self.steps.push_back(line);
+            }
+            UpEvent::Output { data_b64, .. } => {
+                let data = base64::engine::general_purpose::STANDARD
+                    .decode(data_b64)
+                    .unwrap_or_default();
+                let data = &data[data.len().saturating_sub(UP_OUTPUT_BYTES)..];
+                let excess = (self.output.len() + data.len()).saturating_sub(UP_OUTPUT_BYTES);
+                self.output.drain(..excess);
+                self.output.extend(data);
+            }
+        }
+    }
+
+    fn output_text(&self) -> String {
+        let bytes: Vec<u8> = self.output.iter().copied().collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
 /// A `list_sandboxes` cursor: `created_at:id` of the last sandbox shown.
 fn parse_cursor(cursor: &str) -> Option<(i64, String)> {
     let (created_at, id) = cursor.split_once(':')?;
@@ -1865,6 +1955,62 @@ impl OpenrunMcp {
             json!({ "events": to_value(&events)?, "next_since": next, "more": more }),
         )
     }
+
+    /// A repository to a ready sandbox.
+    #[tool(
+        description = "Open a git repository (https URL) in a new sandbox, ready to work in:         the project is detected (devcontainer.json, a Dockerfile, or its language's manifests),         its toolchain and dependencies installed, and its test suite run as a readiness check.         Returns the sandbox_id (use it with run_command and the file tools), the workspace         directory and the check's result. A repository opened before starts from its stored         setup in seconds. plan_only shows what would be done without doing it.",
+        annotations(
+            title = "Open repository",
+            read_only_hint = false,
+            destructive_hint = false,
+            open_world_hint = true
+        )
+    )]
+    async fn up(&self, who: Who, Parameters(p): Parameters<UpParams>) -> Answer {
+        let (request, source) = crate::up::routes::git_request(
+            p.git,
+            p.reference,
+            p.name,
+            p.check,
+            p.no_check,
+            p.plan_only,
+            p.keep,
+            p.ttl,
+        )
+        .or_tool()?;
+        let mut running = crate::up::routes::spawn_open(&self.state, &who.caller, request, source);
+        let mut log = UpLog::default();
+        while let Some(event) = running.events.recv().await {
+            log.push(event);
+        }
+        let steps: Vec<String> = log.steps.iter().cloned().collect();
+        match running.finish().await {
+            Ok(result) => {
+                let mut value = to_value(&result)?;
+                value["steps"] = json!(steps);
+                answer(up_text(&result, &steps), value)
+            }
+            Err(e) => {
+                let mut text = format!("Error ({}): {}", e.code, e.message);
+                if let Some(id) = &e.sandbox_id {
+                    text.push_str(&format!(
+                        "\nThe sandbox {id} was kept (as it was before the failed step): \
+                         look into it with run_command, destroy_sandbox when done."
+                    ));
+                }
+                if !steps.is_empty() {
+                    text.push_str(&format!("\nSteps:\n{}", steps.join("\n")));
+                }
+                let output = log.output_text();
+                if !output.trim().is_empty() && e.code == "step_failed" {
+                    text.push_str(&format!("\nEnd of the output:\n{output}"));
+                }
+                let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
+                result.structured_content = Some(json!({ "error": to_value(&e)?, "steps": steps }));
+                Err(result)
+            }
+        }
+    }
 }
 
 impl OpenrunMcp {
@@ -1995,6 +2141,52 @@ impl Chunked {
     fn text(&self) -> String {
         String::from_utf8_lossy(&self.data).into_owned()
     }
+}
+
+/// `up`'s text: the sandbox, the workspace, the check, how long it took, the steps.
+fn up_text(result: &crate::up::UpResult, steps: &[String]) -> String {
+    let Some(id) = &result.sandbox_id else {
+        return format!(
+            "Plan (nothing was run):\n{}Recipe key: {}",
+            result.plan.render(),
+            result.recipe.as_ref().map_or("", |r| r.key.as_str())
+        );
+    };
+    let how = if result.cached {
+        "from its stored setup"
+    } else {
+        "set up"
+    };
+    let mut text = format!(
+        "Sandbox {id} is ready ({how} in {:.1} s). The repository is in {}: pass sandbox_id \
+         \"{id}\" to run_command (cwd {}) and the file tools.\n",
+        result.timings.ready_ms as f64 / 1000.0,
+        result.workspace,
+        result.workspace
+    );
+    match &result.check {
+        Some(check) if check.passed => {
+            text.push_str(&format!("Check `{}` passed.\n", check.command));
+        }
+        Some(check) => text.push_str(&format!(
+            "Check `{}` FAILED with exit code {} (the sandbox is ready; run it to see why).\n",
+            check.command, check.exit_code
+        )),
+        None => text.push_str("No readiness check ran.\n"),
+    }
+    for port in &result.ports {
+        text.push_str(&format!(
+            "Port {}: preview_url gives a URL for it.\n",
+            port.port
+        ));
+    }
+    if let Some(start) = &result.plan.start {
+        text.push_str(&format!("Start the application with: {start}\n"));
+    }
+    if !steps.is_empty() {
+        text.push_str(&format!("Steps:\n{}\n", steps.join("\n")));
+    }
+    text
 }
 
 #[cfg(test)]

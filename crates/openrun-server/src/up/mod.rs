@@ -4,9 +4,6 @@
 //! open of an unchanged repository starts from the recipe's snapshot. One core call,
 //! [`open_repo`]; `POST /v1/up` and MCP's `up` are its adapters.
 
-// Removed once `open_repo` and its routes use everything here.
-#![allow(dead_code)]
-
 mod base;
 mod recipes;
 pub(crate) mod routes;
@@ -20,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openrun_recipe::tree::TarTree;
-use openrun_recipe::{Phase, PlanError};
+use openrun_recipe::{recipe, Phase, PlanError};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -91,11 +88,6 @@ impl Progress {
     /// Progress to `tx`.
     pub(crate) fn new(tx: mpsc::Sender<UpEvent>) -> Self {
         Progress { tx: Some(tx) }
-    }
-
-    /// Progress nobody reads (MCP collects the result only).
-    pub(crate) fn none() -> Self {
-        Progress { tx: None }
     }
 
     /// Whether the reader left (a client that disconnected): the open stops after the
@@ -778,22 +770,5 @@ impl Open<'_> {
             passed: outcome.ok(),
             duration_ms: outcome.duration_ms,
         }))
-    }
-}
-// Until `openrun_recipe::recipe` has them (H1): every open stops at the key with a clear error.
-mod recipe {
-    use openrun_recipe::{Plan, PlanError, RepoTree};
-
-    /// Stand-in for `openrun_recipe::recipe::recipe_key`.
-    pub(crate) fn recipe_key(_: &Plan, _: &dyn RepoTree, _: &str) -> Result<String, PlanError> {
-        Err(PlanError::invalid(
-            "(recipe)",
-            "recipe keys are not implemented yet",
-        ))
-    }
-
-    /// Stand-in for `openrun_recipe::recipe::devcontainer_json`.
-    pub(crate) fn devcontainer_json(plan: &Plan) -> String {
-        serde_json::to_string_pretty(plan).unwrap_or_default()
     }
 }

@@ -144,6 +144,30 @@ pub(crate) fn request_of(
     })
 }
 
+/// The request and source of a git URL with options (MCP's `up`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn git_request(
+    git: String,
+    reference: Option<String>,
+    name: Option<String>,
+    check: Option<String>,
+    no_check: bool,
+    plan_only: bool,
+    keep: bool,
+    ttl: Option<String>,
+) -> Result<(UpRequest, Source), ApiError> {
+    from_json(UpBody {
+        git,
+        reference,
+        check,
+        no_check,
+        plan_only,
+        keep,
+        ttl,
+        name,
+    })
+}
+
 /// The request and source of a JSON body.
 fn from_json(body: UpBody) -> Result<(UpRequest, Source), ApiError> {
     let git = source::parse_git_url(&body.git, body.reference.as_deref())?;
