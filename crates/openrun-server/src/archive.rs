@@ -914,10 +914,22 @@ impl Extraction {
         self.remove_existing(&path)?;
         let request = Request::Symlink {
             target,
-            path,
+            path: path.clone(),
             parents: true,
         };
-        self.call(request, Vec::new())
+        match self.call(request, Vec::new()) {
+            // An agent started before `Symlink` existed cannot decode it.
+            Err(ApiError::Agent(e))
+                if e.code == ErrorCode::InvalidArgument
+                    && e.message.starts_with("malformed request") =>
+            {
+                Err(ApiError::InvalidArgument(format!(
+                    "cannot make the symlink {path}: this sandbox's agent predates symlink \
+                     support (a sandbox created by this server version can)"
+                )))
+            }
+            other => other,
+        }
     }
 
     /// Replaces `path` with the entry's content, a chunk per request.
