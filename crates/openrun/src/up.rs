@@ -175,6 +175,12 @@ async fn up(
                 bail!("{}", too_large(dir, &listing));
             }
             let (target, local) = choose(data_dir, server, api_key).await?;
+            eprintln!(
+                "==> send: {} ({} entries, {})",
+                dir.display(),
+                listing.entries.len(),
+                mebibytes(listing.tar_size)
+            );
             let code = send_dir(&target, &args, dir, &name, listing).await;
             local.finish(data_dir);
             code
@@ -603,6 +609,15 @@ fn paren(text: &str) -> String {
     } else {
         format!(" ({text})")
     }
+}
+
+/// Bytes as `4.5 MiB`.
+fn mebibytes(bytes: u64) -> String {
+    format!(
+        "{}.{} MiB",
+        bytes >> 20,
+        ((bytes & ((1 << 20) - 1)) * 10) >> 20
+    )
 }
 
 /// Milliseconds as `12.3 s`.
@@ -1284,6 +1299,8 @@ mod tests {
             line(json!({"step":"base","status":"cached"})),
             "==> base cached"
         );
+        assert_eq!(mebibytes(4 << 20 | 512 << 10), "4.5 MiB");
+        assert_eq!(mebibytes(1024), "0.0 MiB");
         assert_eq!(
             line(json!({"step":"install","status":"failed","exit_code":1,"duration_ms":800})),
             "==> install failed (exit 1, 0.8 s)"

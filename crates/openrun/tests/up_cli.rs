@@ -570,3 +570,41 @@ fn ctrl_c_closes_the_request() {
         .recv_timeout(Duration::from_secs(10))
         .expect("the request was closed");
 }
+
+#[test]
+fn without_a_configured_server_local_json_is_used() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = node_repo();
+    let server = FakeServer::start(
+        vec![
+            // Also the environment `env` prints (any JSON object).
+            r#"{"type":"result","result":{"sandbox_id":"0123abcd4567"}}"#.to_string(),
+        ],
+        false,
+    );
+    std::fs::write(
+        env.data_dir().join("local.json"),
+        format!(r#"{{"server": "{}", "api_key": "or_local"}}"#, server.url),
+    )
+    .unwrap();
+    // up: the local server answers its health check, so none is started.
+    let out = up(&env, home.path(), &[repo.path().to_str().unwrap()]);
+    assert_ok(&out);
+    assert!(!stderr(&out).contains("started"), "{}", stderr(&out));
+    let (head, _) = server.requests.recv().unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("authorization: bearer or_local"),
+        "{head}"
+    );
+    assert_eq!(stdout(&out).lines().next(), Some("0123abcd4567"));
+    // A verb only a server can do goes there too (the fake answers with its lines).
+    let out = cli(&env, home.path(), &["env", "0123abcd4567", "--json"]);
+    assert_ok(&out);
+    let (head, _) = server.requests.recv().unwrap();
+    assert!(
+        head.starts_with("GET /v1/sandboxes/0123abcd4567/environment"),
+        "{head}"
+    );
+}
