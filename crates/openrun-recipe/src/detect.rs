@@ -174,6 +174,13 @@ pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
             Ok(_) => {}
             Err(e) => plan.notes.push(format!("no test detected: {e}")),
         }
+        for file in ["apt.txt", "Aptfile"] {
+            if tree.is_file(file) {
+                plan.notes.push(format!(
+                    "{file} is not applied: the Dockerfile makes the environment"
+                ));
+            }
+        }
         plan.inputs = inputs.into_iter().collect();
         return Ok(plan);
     }

@@ -1,8 +1,11 @@
 //! C and C++: CMake (`CMakeLists.txt`), autotools (`configure`) or a plain Makefile. Only
 //! consulted when no other language is found.
 
-use super::{Found, Repo};
+use super::{version_numbers, Found, Repo};
 use crate::error::PlanError;
+
+/// The CMake of Debian bookworm.
+const DEBIAN_CMAKE: [u64; 2] = [3, 25];
 
 /// `find_package(X)` names and the Debian package that provides them.
 const FIND_PACKAGE: [(&str, &str); 14] = [
@@ -47,6 +50,21 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
                 if word == name {
                     f.package(package);
                 }
+            }
+        }
+        if let Some(i) = lower.find("cmake_minimum_required(") {
+            let args = &lower[i + "cmake_minimum_required(".len()..];
+            let args = args.split(')').next().unwrap_or("");
+            let minimum = args
+                .split_whitespace()
+                .skip_while(|w| *w != "version")
+                .nth(1)
+                .map(|v| version_numbers(v.split("...").next().unwrap_or(v)));
+            if let Some(v) = minimum.filter(|v| v.len() >= 2 && v[..2] > DEBIAN_CMAKE[..]) {
+                f.notes.push(format!(
+                    "CMakeLists.txt asks for CMake {}.{}; Debian bookworm has {}.{}",
+                    v[0], v[1], DEBIAN_CMAKE[0], DEBIAN_CMAKE[1]
+                ));
             }
         }
         if lower.contains("fetchcontent") {

@@ -41,6 +41,8 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
             "yarn.lock",
             ".yarnrc.yml",
             ".npmrc",
+            ".nvmrc",
+            ".node-version",
         ],
     );
     let scripts = string_map(manifest.get("scripts"));
@@ -224,6 +226,20 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         if minimum.is_some_and(|m| m > DEBIAN_NODE) {
             f.notes.push(format!(
                 "package.json's engines.node is {engines:?}; Debian bookworm has Node.js {DEBIAN_NODE}"
+            ));
+        }
+    }
+    for file in [".nvmrc", ".node-version"] {
+        let Some(text) = repo.text(file)? else {
+            continue;
+        };
+        let wanted = text.lines().next().unwrap_or("").trim().to_string();
+        if version_numbers(&wanted)
+            .first()
+            .is_some_and(|&m| m > DEBIAN_NODE)
+        {
+            f.notes.push(format!(
+                "{file} asks for Node.js {wanted}; Debian bookworm has Node.js {DEBIAN_NODE}"
             ));
         }
     }

@@ -272,18 +272,37 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         || project.is_some()
         || poetry.is_some();
 
-    // Python version.
-    if let Some(wanted) = project
-        .and_then(|p| p.get("requires-python"))
-        .and_then(|v| v.as_str())
-    {
-        if let Some(min) = minimum_python(wanted) {
-            if min > DEBIAN_PYTHON {
-                f.notes.push(format!(
-                    "pyproject.toml requires Python {wanted}; Debian bookworm has {}.{}",
-                    DEBIAN_PYTHON[0], DEBIAN_PYTHON[1]
-                ));
-            }
+    // Python version: requires-python, Poetry's `python` dependency, `.python-version`.
+    let wanted = [
+        (
+            "pyproject.toml",
+            project
+                .and_then(|p| p.get("requires-python"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        ),
+        (
+            "pyproject.toml",
+            poetry
+                .and_then(|p| p.get("dependencies"))
+                .and_then(|d| d.get("python"))
+                .and_then(|v| v.as_str())
+                .map(str::to_string),
+        ),
+        (
+            ".python-version",
+            repo.text(".python-version")?
+                .and_then(|t| t.lines().next().map(|l| format!("=={}", l.trim()))),
+        ),
+    ];
+    for (file, spec) in wanted {
+        let Some(spec) = spec else { continue };
+        if minimum_python(&spec).is_some_and(|min| min > DEBIAN_PYTHON) {
+            let spec = spec.trim_start_matches("==");
+            f.notes.push(format!(
+                "{file} asks for Python {spec}; Debian bookworm has {}.{}",
+                DEBIAN_PYTHON[0], DEBIAN_PYTHON[1]
+            ));
         }
     }
     if git {
@@ -611,17 +630,19 @@ fn mentions(text: &str, name: &str) -> bool {
     })
 }
 
-/// The lowest Python `requires-python` allows (`>=3.12`, `~=3.12`, `==3.12.*` → 3.12); none
-/// when it has no lower bound.
+/// The lowest Python a specifier allows (`>=3.12`, `~=3.12`, `==3.12.*`, Poetry's `^3.12` →
+/// 3.12); none when it has no lower bound.
 fn minimum_python(spec: &str) -> Option<[u64; 2]> {
-    spec.split(',')
+    spec.split([',', ' '])
         .filter_map(|clause| {
             let clause = clause.trim();
             let bound = clause
                 .strip_prefix(">=")
                 .or_else(|| clause.strip_prefix("~="))
                 .or_else(|| clause.strip_prefix("=="))
-                .or_else(|| clause.strip_prefix('>'))?;
+                .or_else(|| clause.strip_prefix('>'))
+                .or_else(|| clause.strip_prefix('^'))
+                .or_else(|| clause.strip_prefix('~'))?;
             let v = version_numbers(bound);
             (v.len() >= 2).then(|| [v[0], v[1]])
         })

@@ -3,6 +3,9 @@
 use super::{version_numbers, Found, Repo};
 use crate::error::PlanError;
 
+/// The Ruby of Debian bookworm.
+const DEBIAN_RUBY: [u64; 2] = [3, 1];
+
 /// The Bundler of Debian bookworm.
 const DEBIAN_BUNDLER: [u64; 2] = [2, 3];
 
@@ -51,6 +54,16 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         f.start("bin/rails server -b 0.0.0.0 -p 3000", Some(3000));
     } else if repo.file("config.ru") {
         f.start("bundle exec rackup -o 0.0.0.0 -p 9292", Some(9292));
+    }
+    if let Some(text) = repo.text(".ruby-version")? {
+        let wanted = text.lines().next().unwrap_or("").trim().to_string();
+        let v = version_numbers(&wanted);
+        if v.len() >= 2 && v[..2] > DEBIAN_RUBY[..] {
+            f.notes.push(format!(
+                ".ruby-version asks for Ruby {wanted}; Debian bookworm has {}.{}",
+                DEBIAN_RUBY[0], DEBIAN_RUBY[1]
+            ));
+        }
     }
     if let Some(lock) = &lock {
         let mut lines = lock.lines();

@@ -773,6 +773,10 @@ fn a_dockerfile_builds_the_environment() {
     );
     assert!(p.steps.is_empty());
     assert!(p.system_packages.is_empty());
+    assert!(has(
+        &p.notes,
+        "apt.txt is not applied: the Dockerfile makes the environment"
+    ));
     assert_eq!(p.languages, ["node"]);
     assert_eq!(test(&p), "npm test");
     assert_eq!(
@@ -897,4 +901,59 @@ fn a_devcontainer_wins_and_detection_fills_its_test() {
         ("go.mod", "module d\n"),
     ]);
     assert_eq!(e.file(), Some(".devcontainer.json"));
+}
+
+#[test]
+fn versions_debian_does_not_have_are_noted() {
+    let notes = |files: &[(&str, &str)]| plan(files).notes;
+    let n = notes(&[
+        (
+            "pyproject.toml",
+            "[tool.poetry]\nname = \"d\"\n[tool.poetry.dependencies]\npython = \"^3.12\"\n",
+        ),
+        (".python-version", "3.13.1\n"),
+    ]);
+    assert!(
+        has(
+            &n,
+            "pyproject.toml asks for Python ^3.12; Debian bookworm has 3.11"
+        ),
+        "{n:?}"
+    );
+    assert!(
+        has(
+            &n,
+            ".python-version asks for Python 3.13.1; Debian bookworm has 3.11"
+        ),
+        "{n:?}"
+    );
+    assert!(notes(&[("requirements.txt", ""), (".python-version", "3.11\n")]).is_empty());
+    let n = notes(&[("package.json", "{}"), (".nvmrc", "v20.11.0\n")]);
+    assert!(
+        has(
+            &n,
+            ".nvmrc asks for Node.js v20.11.0; Debian bookworm has Node.js 18"
+        ),
+        "{n:?}"
+    );
+    let n = notes(&[("Gemfile", ""), (".ruby-version", "3.3.0\n")]);
+    assert!(
+        has(
+            &n,
+            ".ruby-version asks for Ruby 3.3.0; Debian bookworm has 3.1"
+        ),
+        "{n:?}"
+    );
+    let n = notes(&[(
+        "CMakeLists.txt",
+        "cmake_minimum_required(VERSION 3.28...3.30)\n",
+    )]);
+    assert!(
+        has(
+            &n,
+            "CMakeLists.txt asks for CMake 3.28; Debian bookworm has 3.25"
+        ),
+        "{n:?}"
+    );
+    assert!(notes(&[("CMakeLists.txt", "cmake_minimum_required(VERSION 3.10)\n")]).is_empty());
 }
