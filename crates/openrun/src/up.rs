@@ -1252,6 +1252,37 @@ mod tests {
     }
 
     #[test]
+    fn a_tree_over_the_limit_names_its_largest_parts() {
+        let file = |path: &str, size: u64| Entry {
+            path: PathBuf::from(path),
+            kind: EntryKind::File(size),
+            mode: 0o644,
+            mtime: 0,
+        };
+        let entries = vec![
+            file("data/a.bin", 200 << 20),
+            file("data/b.bin", 100 << 20),
+            file("target/x", 10 << 20),
+            file("README", 10),
+        ];
+        let listing = Listing {
+            tar_size: entries.iter().map(tar_size).sum::<u64>() + 1024,
+            entries,
+            warnings: Vec::new(),
+        };
+        assert!(listing.tar_size > MAX_TAR);
+        let text = too_large(Path::new("/src/app"), &listing);
+        assert!(
+            text.starts_with("/src/app is 310 MiB as a tar, over the 256 MiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("the largest parts: data (300 MiB), target (10 MiB), README (0 MiB)"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn sources_are_told_apart() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap();
