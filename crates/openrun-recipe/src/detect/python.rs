@@ -122,11 +122,21 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
     let mut declared = BTreeSet::new();
     let mut installed = BTreeSet::new();
     let mut git = false;
+    // A requirements file that installs the project itself (`-e .`, `.[dev]`).
+    let mut project_required = false;
     for file in &requirements {
         let text = repo.text_or_empty(file)?;
         for line in text.lines() {
             let line = line.trim();
             git |= line.contains("git+");
+            let target = line
+                .strip_prefix("-e")
+                .or_else(|| line.strip_prefix("--editable"))
+                .unwrap_or(line)
+                .trim_start_matches([' ', '='])
+                .trim_start_matches("./");
+            project_required |=
+                target == "." || target.starts_with(".[") || target.starts_with(". ");
             if let Some(name) = requirement_name(line) {
                 declared.insert(name.clone());
                 installed.insert(name);
@@ -421,13 +431,13 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
             } else {
                 format!(".[{}]", extras_used.join(","))
             };
-            let file = if installable {
+            let file = if installable && !project_required {
                 repo.first(&["pyproject.toml", "setup.py"])
                     .unwrap_or("pyproject.toml")
             } else {
                 requirements.first().copied().unwrap_or(manifest)
             };
-            if installable {
+            if installable && !project_required {
                 let editable =
                     format!("pip install {} -e {}", args.join(" "), quote(&project_spec));
                 let plain = format!("pip install {} {}", args.join(" "), quote(&project_spec));

@@ -346,6 +346,15 @@ fn python_setup_py_unittest_and_django() {
         "install [setup.py]: pip install pytest -e . | pip install pytest ."
     );
     assert_eq!(test(&p), "python3 -m pytest");
+    // A requirements file that installs the project: not twice.
+    let p = plan(&[
+        ("setup.py", ""),
+        ("requirements-dev.txt", "-e .[dev]\npytest\n"),
+    ]);
+    assert_eq!(
+        steps(&p)[1],
+        "install [requirements-dev.txt]: pip install -r requirements-dev.txt"
+    );
     // No test files: unittest's discovery, a weak test.
     let p = plan(&[("setup.py", ""), ("tests/__init__.py", "")]);
     assert_eq!(
