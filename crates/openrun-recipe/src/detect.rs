@@ -418,7 +418,11 @@ impl<'a> Repo<'a> {
             return Ok(None);
         };
         match String::from_utf8(bytes) {
-            Ok(text) => Ok(Some(text)),
+            // A byte order mark (editors on Windows write one) is not content.
+            Ok(text) => Ok(Some(match text.strip_prefix('\u{feff}') {
+                Some(rest) => rest.to_string(),
+                None => text,
+            })),
             Err(e) => {
                 let (line, column) = position(e.as_bytes(), e.utf8_error().valid_up_to());
                 Err(PlanError::Invalid {

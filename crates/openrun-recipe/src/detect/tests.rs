@@ -525,6 +525,15 @@ fn malformed_package_json_names_line_and_column() {
 }
 
 #[test]
+fn a_byte_order_mark_is_not_content() {
+    let p = plan(&[(
+        "package.json",
+        "\u{feff}{\"scripts\": {\"test\": \"jest\"}}",
+    )]);
+    assert_eq!(test(&p), "npm test");
+}
+
+#[test]
 fn not_utf8_is_invalid_with_position() {
     let mut tree = Mem::default();
     tree.0
