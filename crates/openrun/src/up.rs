@@ -132,10 +132,27 @@ fn default_name(source: &Source) -> String {
             .map(|s| s.strip_suffix(".git").unwrap_or(s).to_string())
             .unwrap_or_default(),
     };
-    if name.is_empty() {
+    usable_name(&name)
+}
+
+/// `name` as the server takes repository names: 1 to 100 of `A-Za-z0-9._-`, not starting
+/// with `.` (others become `-`; `repo` when nothing is left).
+fn usable_name(name: &str) -> String {
+    let mapped: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let trimmed: String = mapped.trim_start_matches('.').chars().take(100).collect();
+    if trimmed.is_empty() {
         "repo".into()
     } else {
-        name
+        trimmed
     }
 }
 
@@ -1290,6 +1307,11 @@ mod tests {
             parse_source(d).unwrap(),
             Source::Dir(dir.path().canonicalize().unwrap())
         );
+        assert_eq!(usable_name(".tmpAb9"), "tmpAb9");
+        assert_eq!(usable_name("my project (2)"), "my-project--2-");
+        assert_eq!(usable_name("..."), "repo");
+        assert_eq!(usable_name("é"), "-");
+        assert_eq!(usable_name(&"x".repeat(150)).len(), 100);
         let git = parse_source("https://example.org/a/b.git").unwrap();
         assert_eq!(default_name(&git), "b");
         assert_eq!(

@@ -178,7 +178,6 @@ impl Drop for Stop {
 }
 
 #[test]
-#[ignore = "until devcontainer.json support and the server's open_repo land (issue 7)"]
 fn up_starts_a_server_that_keeps_running_and_opens_the_directory() {
     let env = Env::new();
     let home = tempfile::tempdir().unwrap();
