@@ -975,3 +975,75 @@ fn versions_debian_does_not_have_are_noted() {
     );
     assert!(notes(&[("CMakeLists.txt", "cmake_minimum_required(VERSION 3.10)\n")]).is_empty());
 }
+
+/// Whatever a manifest holds, planning answers (a plan or an error), never panics: odd bytes,
+/// truncations, deep nesting.
+#[test]
+fn odd_manifests_never_panic() {
+    let manifests = [
+        "Cargo.toml",
+        "Cargo.lock",
+        "pyproject.toml",
+        "Pipfile",
+        "requirements.txt",
+        "setup.py",
+        "setup.cfg",
+        "package.json",
+        "pnpm-lock.yaml",
+        "yarn.lock",
+        "go.mod",
+        "pom.xml",
+        "Gemfile",
+        "Gemfile.lock",
+        "CMakeLists.txt",
+        "Makefile",
+        "apt.txt",
+        ".python-version",
+        ".nvmrc",
+    ];
+    let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_toml = format!("a = {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep_table = format!("a = {}{}", "{b = ".repeat(10_000), "}".repeat(10_000));
+    let mut contents: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"{".to_vec(),
+        b"[".to_vec(),
+        b"\0\0\0".to_vec(),
+        b"\xef\xbb\xbf".to_vec(),
+        b"\xff\xfe".to_vec(),
+        "é\u{301}\n#\t\r\n".as_bytes().to_vec(),
+        b"[package]\nrust-version = 1\n".to_vec(),
+        b"[project]\nrequires-python = \">=\"\noptional-dependencies = 3\n".to_vec(),
+        b"{\"scripts\": [], \"engines\": {\"node\": \">=\"}, \"packageManager\": \"pnpm@\"}"
+            .to_vec(),
+        b"module\ngo\ngo 1.\ntoolchain\n".to_vec(),
+        b"cmake_minimum_required(VERSION\nfind_package(".to_vec(),
+        b"BUNDLED WITH\n".to_vec(),
+        b"lockfileVersion:\n__metadata:\n  version:".to_vec(),
+        deep_json.into_bytes(),
+        deep_toml.into_bytes(),
+        deep_table.into_bytes(),
+    ];
+    // Pseudo-random bytes (a fixed LCG: the same every run).
+    const ALPHABET: &[u8] = b"{}[]=\"',.:-_ \n\tabcz019#@^~<>/\\";
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    for _ in 0..16 {
+        let bytes = (0..512)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                ALPHABET[(x >> 33) as usize % ALPHABET.len()]
+            })
+            .collect();
+        contents.push(bytes);
+    }
+    for manifest in manifests {
+        for content in &contents {
+            let mut tree = Mem::default();
+            tree.0.insert(manifest.to_string(), content.clone());
+            let _ = plan_for(&tree, "demo");
+            // With a neighbour of another language too.
+            tree.0.insert("go.mod".into(), b"module d\n".to_vec());
+            let _ = plan_for(&tree, "demo");
+        }
+    }
+}
