@@ -212,8 +212,9 @@ pub(crate) struct UpRequest {
 /// Where the repository comes from.
 #[derive(Debug)]
 pub(crate) enum Source {
-    /// A tar the client sent, received into a temporary file.
-    Upload(source::TempFile),
+    /// A tar the client sent, received into a temporary file and indexed (found valid
+    /// before the answer started).
+    Upload(source::TempFile, TarTree),
     /// A git URL, cloned in a sandbox.
     Git(source::GitSource),
 }
@@ -316,9 +317,18 @@ struct Planned {
     digest: String,
 }
 
-/// Opens the tar at `path`, plans it and keys it (blocking: it reads the tar).
-fn plan_tar(path: &Path, name: &str, repo: &str) -> Result<Planned, PlanError> {
-    let tree = TarTree::open(path)?;
+/// Opens the tar at `path` (unless `tree` is it, opened), plans it and keys it (blocking: it
+/// reads the tar).
+fn plan_tar(
+    path: &Path,
+    tree: Option<TarTree>,
+    name: &str,
+    repo: &str,
+) -> Result<Planned, PlanError> {
+    let tree = match tree {
+        Some(tree) => tree,
+        None => TarTree::open(path)?,
+    };
     let plan = openrun_recipe::plan_for(&tree, name)?;
     let key = recipe::recipe_key(&plan, &tree, repo)?;
     Ok(Planned {
@@ -360,17 +370,17 @@ pub(crate) async fn open_repo(
     progress: Progress,
 ) -> Result<UpResult, UpError> {
     let started = Instant::now();
-    let tar = match source {
-        Source::Upload(file) => file,
+    let (tar, tree) = match source {
+        Source::Upload(file, tree) => (file, Some(tree)),
         Source::Git(git) => {
             let file = source::TempFile::new(s, ".tar")?;
             source::clone_repo(s, caller, &git, file.path(), &progress).await?;
-            file
+            (file, None)
         }
     };
     let path = tar.path().to_path_buf();
     let (name, repo) = (request.name.clone(), request.repo.clone());
-    let planned = blocking(move || plan_tar(&path, &name, &repo))
+    let planned = blocking(move || plan_tar(&path, tree, &name, &repo))
         .await?
         .map_err(plan_error)?;
     progress
@@ -713,6 +723,18 @@ impl Open<'_> {
             .await
             .map_err(|e| at(e.into()))?;
         tracing::info!(key, image, tenant = caller.tenant, "recipe stored");
+        // One recipe per repository: the ones its earlier inputs made go (their images are
+        // a whole environment each).
+        let (tenant, repo) = (caller.tenant.clone(), self.request.repo.clone());
+        let older = s.db.call(move |c| recipes::list(c, &tenant)).await?;
+        for old in older.iter().filter(|r| r.repo == repo && r.key != *key) {
+            match recipes::delete_recipe(s, caller, &old.key).await {
+                Ok(()) => tracing::info!(key = old.key, "older recipe of the repository removed"),
+                Err(e) => {
+                    tracing::warn!(key = old.key, error = %e, "cannot remove an older recipe")
+                }
+            }
+        }
         Ok(path)
     }
 

@@ -17,6 +17,8 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use openrun_recipe::error::TreeError;
+use openrun_recipe::tree::TarTree;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use utoipa_axum::router::OpenApiRouter;
@@ -373,7 +375,8 @@ async fn up(
             let request = from_query(&query)?;
             let file = TempFile::new(&s, ".tar")?;
             source::receive_upload(req.into_body(), file.path(), MAX_TAR).await?;
-            (request, Source::Upload(file))
+            let tree = index(&file).await?;
+            (request, Source::Upload(file, tree))
         }
         other => {
             let given = other.map_or("none".to_string(), |t| format!("{t:?}"));
@@ -386,6 +389,17 @@ async fn up(
         stream(running),
     )
         .into_response())
+}
+
+/// The uploaded tar indexed: one that is not a valid tar is a 400 before anything streams.
+async fn index(file: &TempFile) -> Result<TarTree, ApiError> {
+    let path = file.path().to_path_buf();
+    crate::api::blocking(move || TarTree::open(&path))
+        .await?
+        .map_err(|e| match e {
+            TreeError::BadArchive(_) => ApiError::InvalidArgument(e.to_string()),
+            e => ApiError::internal("cannot read the uploaded tar", e),
+        })
 }
 
 /// 415 for a body that is neither form.
