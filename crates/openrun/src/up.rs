@@ -192,10 +192,11 @@ async fn up(
                 bail!("{}", too_large(dir, &listing));
             }
             let (target, local) = choose(data_dir, server, api_key).await?;
+            let count = listing.entries.len();
             eprintln!(
-                "==> send: {} ({} entries, {})",
+                "==> send: {} ({count} {}, {})",
                 dir.display(),
-                listing.entries.len(),
+                if count == 1 { "entry" } else { "entries" },
                 mebibytes(listing.tar_size)
             );
             let code = send_dir(&target, &args, dir, &name, listing).await;
