@@ -119,10 +119,11 @@ pub fn toolchain(language: &str) -> Option<Toolchain> {
 /// which names the workspace `/workspaces/<name>`).
 ///
 /// A devcontainer.json wins; when it names no test, the detected languages' test fills it.
-/// Then a root `Dockerfile` (it builds the environment: no packages, no steps; the test, start
-/// command, ports and hosts come from detection). Then detection alone on Debian bookworm;
-/// nothing recognisable is [`PlanError::NoProject`]. In the first two cases a manifest that
-/// cannot be read only costs the detected test (a note says why); in the last it is the error.
+/// Then a root `Dockerfile` (or `Containerfile`): it builds the environment (no packages, no
+/// steps); the test, start command, ports and hosts come from detection. Then detection alone
+/// on Debian bookworm; nothing recognisable is [`PlanError::NoProject`]. In the first two
+/// cases a manifest that cannot be read only costs the detected test (a note says why); in the
+/// last it is the error.
 pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
     let workspace = format!("/workspaces/{name}");
     if let Some(file) = crate::devcontainer::find(tree) {
@@ -145,16 +146,20 @@ pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
         }
         return Ok(plan);
     }
-    if tree.is_file("Dockerfile") {
+    // Podman's name for the same file.
+    let dockerfile = ["Dockerfile", "Containerfile"]
+        .into_iter()
+        .find(|f| tree.is_file(f));
+    if let Some(dockerfile) = dockerfile {
         let repo = Repo::new(tree, &workspace);
         let mut plan = empty_plan(PlanSource::Dockerfile, &workspace);
-        plan.config_file = Some("Dockerfile".into());
+        plan.config_file = Some(dockerfile.into());
         plan.base = BaseImage::Dockerfile {
-            dockerfile: "Dockerfile".into(),
+            dockerfile: dockerfile.into(),
             context: ".".into(),
             args: BTreeMap::new(),
         };
-        let mut inputs = BTreeSet::from(["Dockerfile".to_string()]);
+        let mut inputs = BTreeSet::from([dockerfile.to_string()]);
         match detect_all(&repo) {
             Ok(found) if !found.is_empty() => {
                 let primary = primary(&found);

@@ -225,7 +225,8 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
             .min();
         if minimum.is_some_and(|m| m > DEBIAN_NODE) {
             f.notes.push(format!(
-                "package.json's engines.node is {engines:?}; Debian bookworm has Node.js {DEBIAN_NODE}"
+                "package.json's engines.node is {engines:?}; \
+                 Debian bookworm has Node.js {DEBIAN_NODE}"
             ));
         }
     }

@@ -400,8 +400,9 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
                     &[
                         format!("{SYSTEM_PIP} pipenv && pipenv sync --dev{pytest_tail}"),
                         format!(
-                            "{SYSTEM_PIP} pipenv && pipenv requirements --dev > /tmp/requirements.txt \
-                             && pip install -r /tmp/requirements.txt{pytest_tail}"
+                            "{SYSTEM_PIP} pipenv && pipenv requirements --dev \
+                             > /tmp/requirements.txt && pip install -r /tmp/requirements.txt\
+                             {pytest_tail}"
                         ),
                     ],
                 );

@@ -46,7 +46,10 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         f.test("bundle exec rake test", true);
     } else if repo.dir("test") {
         f.test(
-            "bundle exec ruby -Itest -Ilib -e 'Dir[\"test/**/*_test.rb\", \"test/**/test_*.rb\"].each { |f| require File.expand_path(f) }'",
+            concat!(
+                "bundle exec ruby -Itest -Ilib -e 'Dir[\"test/**/*_test.rb\", ",
+                "\"test/**/test_*.rb\"].each { |f| require File.expand_path(f) }'"
+            ),
             true,
         );
     }

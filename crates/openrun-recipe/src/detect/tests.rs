@@ -802,6 +802,9 @@ fn a_dockerfile_builds_the_environment() {
         ["Dockerfile", "package-lock.json", "package.json"]
     );
 
+    let p = plan(&[("Containerfile", "FROM debian\n")]);
+    assert_eq!(p.config_file.as_deref(), Some("Containerfile"));
+    assert_eq!(p.inputs, ["Containerfile"]);
     // A Dockerfile alone is a project; a broken manifest beside it costs only the test.
     let p = plan(&[("Dockerfile", "FROM debian\n")]);
     assert_eq!(p.test, None);
