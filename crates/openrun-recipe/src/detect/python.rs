@@ -75,7 +75,22 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         .collect();
     let setup_py = repo.file("setup.py");
     let setup_cfg = repo.file("setup.cfg");
-    let nothing = pyproject.is_none() && pipfile.is_none() && requirements.is_empty() && !setup_py;
+    // A pyproject.toml holding only tools' settings (black, ruff...) makes a Python project
+    // when Python code is there too.
+    let pyproject_counts = pyproject.as_ref().is_some_and(|t| {
+        ["project", "build-system", "dependency-groups"]
+            .iter()
+            .any(|k| t.contains_key(*k))
+            || t.get("tool").is_some_and(|tool| {
+                ["poetry", "pdm", "uv", "pytest"]
+                    .iter()
+                    .any(|k| tool.get(*k).is_some())
+            })
+            || ["", "src"]
+                .iter()
+                .any(|d| repo.list(d).iter().any(|n| n.ends_with(".py")))
+    });
+    let nothing = !pyproject_counts && pipfile.is_none() && requirements.is_empty() && !setup_py;
     // A setup.cfg alone is often only flake8's or isort's configuration.
     if nothing && !(setup_cfg && repo.text_or_empty("setup.cfg")?.contains("[metadata]")) {
         return Ok(None);

@@ -688,6 +688,19 @@ fn cpp_cmake_make_and_autotools() {
 }
 
 #[test]
+fn a_pyproject_of_tool_settings_alone_is_not_python() {
+    let black = "[tool.black]\nline-length = 100\n";
+    let p = plan(&[("pyproject.toml", black), ("package.json", PACKAGE_JSON)]);
+    assert_eq!(p.languages, ["node"]);
+    let p = plan(&[("pyproject.toml", black), ("src/app.py", "")]);
+    assert_eq!(p.languages, ["python"]);
+    assert!(matches!(
+        error(&[("pyproject.toml", black)]),
+        PlanError::NoProject
+    ));
+}
+
+#[test]
 fn a_makefile_beside_another_language_is_not_cpp() {
     let p = plan(&[
         ("Makefile", "test:\n\tpytest\n"),
