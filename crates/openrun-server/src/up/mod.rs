@@ -182,7 +182,7 @@ impl From<ApiError> for UpError {
 pub(crate) fn cancelled(step: &str) -> UpError {
     UpError::new(
         "cancelled",
-        format!("the client left: stopped before step {step} and removed the sandbox"),
+        format!("the client left: stopped before step {step}"),
     )
     .at_step(step)
 }
@@ -426,8 +426,10 @@ pub(crate) async fn open_repo(
     if let Some(ws) = ws {
         setup::remove_snapshots(s, caller, ws).await;
     }
+    // A client that left without `keep` gets nothing left behind; with `keep` the sandbox
+    // stays (labelled `openrun.up=<name>`), as it would after a failure.
     match result {
-        Ok(result) if !progress.cancelled() => Ok(result),
+        Ok(result) if !progress.cancelled() || request.keep => Ok(result),
         Ok(_) => {
             if let Some(ws) = slot {
                 setup::discard(s, caller, &ws.id).await;
@@ -436,7 +438,7 @@ pub(crate) async fn open_repo(
         }
         Err(mut e) => {
             if let Some(ws) = slot.filter(|ws| !ws.id.is_empty()) {
-                if request.keep && !progress.cancelled() {
+                if request.keep {
                     e.sandbox_id = Some(ws.id);
                 } else {
                     setup::discard(s, caller, &ws.id).await;

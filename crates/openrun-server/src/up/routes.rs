@@ -10,7 +10,7 @@
 //! A request that cannot start (a bad option, a URL that is refused, a tar too large) is a
 //! 4xx JSON error before any line is streamed. Once streaming, the open runs in a task of its
 //! own that owns the cleanup: a client that leaves stops it after the command that runs, and
-//! the sandbox is removed.
+//! the sandbox is removed (kept with `keep`).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
