@@ -128,6 +128,12 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
         ],
     );
     f.inputs(repo, &requirements);
+    // Files they include (`-r base.txt`, `-c constraints.txt`) key the recipe too.
+    for included in included_files(repo, &requirements)? {
+        if !f.inputs.contains(&included) {
+            f.inputs.push(included);
+        }
+    }
     for (k, v) in venv_env(repo.workspace) {
         f.env.insert(k, v);
     }
@@ -510,6 +516,57 @@ pub(super) fn detect(repo: &Repo) -> Result<Option<Found>, PlanError> {
 /// `pip install  -e .` → `pip install -e .` (no empty argument list).
 fn squeeze(command: &str) -> String {
     command.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The repository's files that requirement files include with `-r`/`-c` (transitively; paths
+/// relative to the including file; at most 64).
+fn included_files(repo: &Repo, roots: &[&str]) -> Result<Vec<String>, PlanError> {
+    let mut seen: Vec<String> = roots.iter().map(|r| r.to_string()).collect();
+    let mut queue = seen.clone();
+    let mut out = Vec::new();
+    while let Some(file) = queue.pop() {
+        let text = repo.text_or_empty(&file)?;
+        let dir = file.rsplit_once('/').map_or("", |(d, _)| d);
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let target = match words.next() {
+                Some("-r" | "--requirement" | "-c" | "--constraint") => words.next(),
+                Some(w) => ["-r", "--requirement=", "-c", "--constraint="]
+                    .iter()
+                    .find_map(|p| w.strip_prefix(p).filter(|t| !t.is_empty())),
+                None => None,
+            };
+            let Some(target) = target else { continue };
+            let Some(path) = join(dir, target) else {
+                continue;
+            };
+            if out.len() < 64 && !seen.contains(&path) && repo.file(&path) {
+                seen.push(path.clone());
+                queue.push(path.clone());
+                out.push(path);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `target` relative to the directory `dir`, as a path of the tree; none if it leaves it or is
+/// absolute or a URL.
+fn join(dir: &str, target: &str) -> Option<String> {
+    if target.starts_with('/') || target.contains("://") {
+        return None;
+    }
+    let mut parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop()?;
+            }
+            p => parts.push(p),
+        }
+    }
+    Some(parts.join("/"))
 }
 
 /// Whether test modules (`test_*.py`, `*_test.py`) are at the root or under `tests/` or

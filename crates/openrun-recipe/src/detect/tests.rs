@@ -215,6 +215,31 @@ fn python_requirements_with_pytest() {
 }
 
 #[test]
+fn python_included_requirement_files_are_inputs() {
+    let p = plan(&[
+        (
+            "requirements.txt",
+            "-r requirements/prod.txt\n-c constraints.txt\n",
+        ),
+        (
+            "requirements/prod.txt",
+            "-r ../requirements/common.txt\n-r /etc/passwd\n-r ../../x\n",
+        ),
+        ("requirements/common.txt", "--requirement=prod.txt\nattrs\n"),
+        ("constraints.txt", "attrs<24\n"),
+    ]);
+    assert_eq!(
+        p.inputs,
+        [
+            "constraints.txt",
+            "requirements.txt",
+            "requirements/common.txt",
+            "requirements/prod.txt"
+        ]
+    );
+}
+
+#[test]
 fn python_pyproject_with_test_extra_and_configured_pytest() {
     let pyproject = r#"
 [build-system]
