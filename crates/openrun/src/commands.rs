@@ -37,21 +37,6 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
     if let Some(target) = remote::Target::resolve(cli.server, cli.api_key, data_dir)? {
         return remote::dispatch(target, command);
     }
-    // The verbs only a server can do use the data dir's own server when none is configured
-    // (e.g. `openrun shell ID` after `openrun up` started one).
-    let server_only = matches!(
-        command,
-        Command::Shell(_)
-            | Command::Cp(_)
-            | Command::Logs(_)
-            | Command::Events(_)
-            | Command::Env(_)
-    );
-    if server_only {
-        if let Some(target) = crate::local_server::existing(data_dir) {
-            return remote::dispatch(target, command);
-        }
-    }
     match command {
         Command::Create(args) => create(data_dir, args),
         Command::Exec(args) => exec(data_dir, args),

@@ -12,7 +12,7 @@
 //!    ([`Starting::Child`], `openrun mcp`: the last `openrun mcp` using it stops it, see
 //!    [`LocalUse::finish`]) or detached in its own session with its output in
 //!    `<data-dir>/serve.log` ([`Starting::Detached`], `openrun up`: it keeps running after the
-//!    verb, so `openrun shell ID` finds it through `local.json`).
+//!    verb, for `openrun --server URL shell ID`, whose key comes from `local.json`).
 //!
 //! Steps 2 and 3 hold a lock on the data dir, so concurrent verbs start one server; each
 //! holds a shared "users" lock while it uses the local server.
@@ -185,15 +185,14 @@ async fn choose_into(
     Ok(target)
 }
 
-/// The data dir's local server for a verb that only a server can do, when none is
-/// configured: the server of `local.json` with its key, when the address is still that
-/// server's (no health check, no start).
-pub fn existing(data_dir: &Path) -> Option<Target> {
-    let url = local_server(data_dir)?;
-    Target::local(&url, data_dir)
-}
-
 impl LocalUse {
+    /// Whether the server is the data dir's local one (found through `local.json`, or
+    /// started), not a configured one: other verbs reach it with `--server URL` (the key
+    /// comes from `local.json`).
+    pub fn is_local(&self) -> bool {
+        self.users.is_some()
+    }
+
     /// Ends the use of the local server. For `openrun mcp` ([`Starting::Never`] and
     /// [`Starting::Child`]): stops the server an `openrun mcp` started when no other user is
     /// left (whichever of them started it); else leaves it to the last one. A verb that

@@ -72,6 +72,7 @@ pub fn run(
         report_error(
             json,
             &json!({"type": "error", "code": "openrun_error", "message": describe_error(&e)}),
+            "openrun",
         );
         ERROR_EXIT_CODE
     }))
@@ -176,7 +177,7 @@ async fn up(
             let plan = match openrun_recipe::plan_for(&tree, &name) {
                 Ok(plan) => plan,
                 Err(e) => {
-                    report_error(args.json, &plan_error(&e));
+                    report_error(args.json, &plan_error(&e), "openrun");
                     return Ok(ERROR_EXIT_CODE);
                 }
             };
@@ -191,7 +192,7 @@ async fn up(
             if listing.tar_size > MAX_TAR {
                 bail!("{}", too_large(dir, &listing));
             }
-            let (target, local) = choose(data_dir, server, api_key).await?;
+            let (server, local) = choose(data_dir, server, api_key).await?;
             let count = listing.entries.len();
             eprintln!(
                 "==> send: {} ({count} {}, {})",
@@ -199,17 +200,26 @@ async fn up(
                 if count == 1 { "entry" } else { "entries" },
                 mebibytes(listing.tar_size)
             );
-            let code = send_dir(&target, &args, dir, &name, listing).await;
+            let code = send_dir(&server, &args, dir, &name, listing).await;
             local.finish(data_dir);
             code
         }
         Source::Git(url) => {
-            let (target, local) = choose(data_dir, server, api_key).await?;
-            let code = send_git(&target, &args, url, &name).await;
+            let (server, local) = choose(data_dir, server, api_key).await?;
+            let code = send_git(&server, &args, url, &name).await;
             local.finish(data_dir);
             code
         }
     }
+}
+
+/// The server `up` talks to.
+struct Server {
+    /// Its address and key.
+    target: Target,
+    /// How other verbs reach it: `openrun`, or `openrun --server URL` for the data dir's
+    /// local server (which is not configured; the key comes from `local.json`).
+    openrun: String,
 }
 
 /// The server ([`local_server::choose`]); one started for `up` is said on stderr.
@@ -217,9 +227,15 @@ async fn choose(
     data_dir: &Path,
     server: Option<String>,
     api_key: Option<String>,
-) -> Result<(Target, local_server::LocalUse)> {
+) -> Result<(Server, local_server::LocalUse)> {
     let (target, local) =
         local_server::choose(data_dir, server, api_key, Starting::Detached).await?;
+    let openrun = if local.is_local() {
+        let url = target.url.as_str().trim_end_matches('/');
+        format!("openrun --server {url}")
+    } else {
+        "openrun".to_string()
+    };
     if let Some(started) = &local.started {
         let log = started
             .log
@@ -227,8 +243,8 @@ async fn choose(
             .map(|l| format!(" (log: {})", l.display()))
             .unwrap_or_default();
         eprintln!(
-            "openrun up: started a local openrun server at {}{log}; it keeps running for \
-             `openrun shell`; stop it with: kill {}",
+            "openrun up: started a local openrun server at {}{log}; it keeps running (reach \
+             it with `{openrun} ...`); stop it with: kill {}",
             started.url, started.pid
         );
     }
@@ -239,7 +255,7 @@ async fn choose(
             target.url
         );
     }
-    Ok((target, local))
+    Ok((Server { target, openrun }, local))
 }
 
 /// Whether the URL's host is this machine.
@@ -291,7 +307,7 @@ fn duration(d: std::time::Duration) -> String {
 
 /// `POST /v1/up` with the directory's tar.
 async fn send_dir(
-    target: &Target,
+    server: &Server,
     args: &UpArgs,
     dir: &Path,
     name: &str,
@@ -330,11 +346,11 @@ async fn send_dir(
         rx.recv().await.map(|chunk| (chunk, rx))
     }));
     let request = client()?
-        .post(target.url.join("v1/up")?)
+        .post(server.target.url.join("v1/up")?)
         .query(&query)
         .header(CONTENT_TYPE, "application/x-tar")
         .body(body);
-    let code = stream(target, request, args).await;
+    let code = stream(server, request, args).await;
     let failure = failure.lock().unwrap_or_else(|p| p.into_inner()).take();
     match failure {
         // The tar could not be made: that, rather than the cut-off request, is the error.
@@ -346,7 +362,7 @@ async fn send_dir(
 }
 
 /// `POST /v1/up` with a git URL.
-async fn send_git(target: &Target, args: &UpArgs, url: &Url, name: &str) -> Result<i32> {
+async fn send_git(server: &Server, args: &UpArgs, url: &Url, name: &str) -> Result<i32> {
     let body = json!({
         "git": url.as_str(),
         "ref": args.git_ref,
@@ -357,8 +373,8 @@ async fn send_git(target: &Target, args: &UpArgs, url: &Url, name: &str) -> Resu
         "ttl": args.ttl.map(duration),
         "name": name,
     });
-    let request = client()?.post(target.url.join("v1/up")?).json(&body);
-    stream(target, request, args).await
+    let request = client()?.post(server.target.url.join("v1/up")?).json(&body);
+    stream(server, request, args).await
 }
 
 /// An HTTP client for the server (the CLI's settings, [`Target::client_builder`]).
@@ -370,14 +386,14 @@ fn client() -> Result<reqwest::Client> {
 
 /// Sends the request with the key and follows its NDJSON answer to the end; Ctrl-C or
 /// SIGTERM close it.
-async fn stream(target: &Target, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
-    let request = match &target.api_key {
+async fn stream(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
+    let request = match &server.target.api_key {
         Some(key) => request.bearer_auth(key),
         None => request,
     };
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let follow = follow(target, request, args);
+    let follow = follow(server, request, args);
     tokio::select! {
         code = follow => code,
         _ = interrupt.recv() => Ok(interrupted(args.keep)),
@@ -397,7 +413,8 @@ fn interrupted(keep: bool) -> i32 {
 }
 
 /// [`stream`] without the signals.
-async fn follow(target: &Target, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
+async fn follow(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
+    let target = &server.target;
     let mut res = request
         .send()
         .await
@@ -427,11 +444,11 @@ async fn follow(target: &Target, request: reqwest::RequestBuilder, args: &UpArgs
                 obj.insert("message".into(), json!(format!("{message} (does this server know `openrun up`? it may be older than this CLI)")));
             }
         }
-        report_error(args.json, &error);
+        report_error(args.json, &error, &server.openrun);
         return Ok(exit_code_of(&error));
     }
     let mut lines = LineReader::default();
-    let mut view = Progress::new(args.json, args.plan, target.url.clone());
+    let mut view = Progress::new(args.json, args.plan, target.url.clone(), &server.openrun);
     loop {
         while let Some(line) = lines.next_line()? {
             let event: Value = serde_json::from_str(&line).with_context(|| {
@@ -512,16 +529,19 @@ struct Progress {
     json: bool,
     plan_only: bool,
     server: Url,
+    /// How other verbs reach the server (see [`Server::openrun`]).
+    openrun: String,
     /// Whether the last byte written to stderr ended a line.
     at_line_start: bool,
 }
 
 impl Progress {
-    fn new(json: bool, plan_only: bool, server: Url) -> Self {
+    fn new(json: bool, plan_only: bool, server: Url, openrun: &str) -> Self {
         Progress {
             json,
             plan_only,
             server,
+            openrun: openrun.to_string(),
             at_line_start: true,
         }
     }
@@ -572,7 +592,7 @@ impl Progress {
                     if !self.at_line_start {
                         self.say("");
                     }
-                    crate::output::print(&result_text(result, &self.server));
+                    crate::output::print(&result_text(result, &self.server, &self.openrun));
                 }
                 let failed = result["check"]["passed"] == json!(false);
                 return Ok(Some(if failed { FAILED } else { 0 }));
@@ -581,7 +601,7 @@ impl Progress {
                 if !self.at_line_start {
                     self.say("");
                 }
-                report_error(self.json, event);
+                report_error(self.json, event, &self.openrun);
                 return Ok(Some(exit_code_of(event)));
             }
             other => tracing::debug!(kind = other, "an up event this CLI does not know"),
@@ -644,15 +664,18 @@ fn seconds(ms: u64) -> String {
 }
 
 /// The result for a reader: the sandbox id on the first line, then one `what: value` a line.
-fn result_text(result: &Value, server: &Url) -> String {
+fn result_text(result: &Value, server: &Url, openrun: &str) -> String {
     let id = result["sandbox_id"].as_str().unwrap_or("");
     let mut out = format!("{id}\n");
     let mut line =
         |key: &str, value: String| out.push_str(&format!("{:<10} {value}\n", format!("{key}:")));
-    let attach = result["attach"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| format!("openrun shell {id}"));
+    let attach = match result["attach"].as_str() {
+        Some(attach) => match attach.strip_prefix("openrun ") {
+            Some(rest) => format!("{openrun} {rest}"),
+            None => attach.to_string(),
+        },
+        None => format!("{openrun} shell {id}"),
+    };
     line("attach", attach);
     if let Some(workspace) = result["workspace"].as_str() {
         line("workspace", workspace.to_string());
@@ -725,7 +748,7 @@ fn result_text(result: &Value, server: &Url) -> String {
 
 /// Says an error line on stderr (`openrun up: MESSAGE`, then step, file, command, kept
 /// sandbox), and with `--json` prints it on stdout too.
-fn report_error(json: bool, error: &Value) {
+fn report_error(json: bool, error: &Value, openrun: &str) {
     let message = error["message"].as_str().unwrap_or("failed");
     let code = error["code"].as_str().unwrap_or("");
     let mut text = format!("openrun up: {message}");
@@ -743,7 +766,7 @@ fn report_error(json: bool, error: &Value) {
         }
     }
     if let Some(id) = error["sandbox_id"].as_str() {
-        text.push_str(&format!("\n  look into it: openrun shell {id}"));
+        text.push_str(&format!("\n  look into it: {openrun} shell {id}"));
     }
     eprintln!("{text}");
     if json {
@@ -1379,10 +1402,14 @@ mod tests {
                 "timings": {"total_ms": 4000, "ready_ms": 1200, "setup_ms": 0, "check_ms": 2100}
             }),
             &server,
+            "openrun --server http://127.0.0.1:7878",
         );
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "0123abcd4567");
-        assert_eq!(lines[1], "attach:    openrun shell 0123abcd4567");
+        assert_eq!(
+            lines[1],
+            "attach:    openrun --server http://127.0.0.1:7878 shell 0123abcd4567"
+        );
         assert!(
             text.contains(
                 "port:      3000 http://127.0.0.1:7878/v1/sandboxes/0123abcd4567/ports/3000/\n"

@@ -212,18 +212,43 @@ fn up_starts_a_server_that_keeps_running_and_opens_the_directory() {
     let text = stdout(&out);
     let id = text.lines().next().unwrap_or("").to_string();
     assert_eq!(id.len(), 12, "{text}");
+    // The server is reached with --server URL (its key comes from local.json).
+    let url = err
+        .split("started a local openrun server at ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the server's address")
+        .trim_end_matches('/')
+        .to_string();
     assert!(
-        text.contains(&format!("attach:    openrun shell {id}")),
+        text.contains(&format!("attach:    openrun --server {url} shell {id}\n")),
         "{text}"
     );
     assert!(text.contains("check:") && text.contains("passed"), "{text}");
-    // The server outlived the CLI, and the server-only verbs find it through local.json.
+    // The server outlived the CLI; the attach line's --server reaches it with local.json's
+    // key, and the workspace holds what the client sent and the setup made.
     let pid = started_pid(&err).expect("the server's pid");
     assert!(
         rustix::process::test_kill_process(rustix::process::Pid::from_raw(pid).unwrap()).is_ok()
     );
-    let out = cli(&env, home.path(), &["env", &id, "--json"]);
+    let out = cli(
+        &env,
+        home.path(),
+        &[
+            "--server",
+            &url,
+            "exec",
+            &id,
+            "-w",
+            "/workspaces",
+            "--",
+            "sh",
+            "-c",
+            "cat */made.txt",
+        ],
+    );
     assert_ok(&out);
+    assert_eq!(stdout(&out), "from the client\n");
 
     // A second open reuses the server and the recipe, and --json prints one document.
     let out = up(&env, home.path(), &["--json", "--no-check", dir]);
@@ -390,9 +415,15 @@ fn the_directory_goes_as_a_tar_and_the_progress_and_result_are_shown() {
     let (head, body) = server.requests.recv().unwrap();
     let first = head.lines().next().unwrap();
     assert!(first.starts_with("POST /v1/up?name="), "{first}");
+    // The directory's name as the server takes names (tempdirs start with a '.').
     let name = repo.path().file_name().unwrap().to_str().unwrap();
-    assert!(first.contains(&format!("name={name}")), "{first}");
+    let usable = name.trim_start_matches('.');
+    assert!(first.contains(&format!("name={usable}&")), "{first}");
+    // The identity is the canonical path, as is.
+    let path = repo.path().canonicalize().unwrap();
+    let encoded = path.to_str().unwrap().replace('/', "%2F");
     assert!(first.contains("repo=local%3A"), "{first}");
+    assert!(first.contains(&format!("%3A{encoded}&")), "{first}");
     assert!(
         first.contains("keep=true") && first.contains("ttl=7200000ms"),
         "{first}"
@@ -571,15 +602,12 @@ fn ctrl_c_closes_the_request() {
 }
 
 #[test]
-fn without_a_configured_server_local_json_is_used() {
+fn without_a_configured_server_local_json_names_it() {
     let env = Env::new();
     let home = tempfile::tempdir().unwrap();
     let repo = node_repo();
     let server = FakeServer::start(
-        vec![
-            // Also the environment `env` prints (any JSON object).
-            r#"{"type":"result","result":{"sandbox_id":"0123abcd4567"}}"#.to_string(),
-        ],
+        vec![r#"{"type":"result","result":{"sandbox_id":"0123abcd4567"}}"#.to_string()],
         false,
     );
     std::fs::write(
@@ -597,13 +625,14 @@ fn without_a_configured_server_local_json_is_used() {
             .contains("authorization: bearer or_local"),
         "{head}"
     );
-    assert_eq!(stdout(&out).lines().next(), Some("0123abcd4567"));
-    // A verb only a server can do goes there too (the fake answers with its lines).
-    let out = cli(&env, home.path(), &["env", "0123abcd4567", "--json"]);
-    assert_ok(&out);
-    let (head, _) = server.requests.recv().unwrap();
+    let text = stdout(&out);
+    assert_eq!(text.lines().next(), Some("0123abcd4567"));
+    // How to reach it: with --server (it is not configured).
     assert!(
-        head.starts_with("GET /v1/sandboxes/0123abcd4567/environment"),
-        "{head}"
+        text.contains(&format!(
+            "attach:    openrun --server {} shell 0123abcd4567\n",
+            server.url
+        )),
+        "{text}"
     );
 }
