@@ -376,7 +376,10 @@ fn listening_address(line: &str) -> Option<String> {
 /// Starts `openrun serve --listen 127.0.0.1:0` on `data_dir` as a child (its log on our
 /// stderr) and waits for its address.
 async fn start_child(data_dir: &Path) -> Result<(Child, String)> {
-    tracing::warn!(data_dir = %data_dir.display(), "no openrun server is configured or running: starting one");
+    tracing::warn!(
+        data_dir = %data_dir.display(),
+        "no openrun server is configured or running: starting one"
+    );
     let mut child = serve_command(data_dir)?
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -458,9 +461,9 @@ async fn start_detached(data_dir: &Path) -> Result<(u32, String, PathBuf)> {
         }
         if let Ok(Some(status)) = child.try_wait() {
             bail!(
-                "no openrun server is configured and starting one failed (openrun serve: {status}); \
-                 its log, {}:\n{}\nStart one yourself (openrun serve, as root), or name one \
-                 with --server / OPENRUN_SERVER and OPENRUN_API_KEY",
+                "no openrun server is configured and starting one failed (openrun serve: \
+                 {status}); its log, {}:\n{}\nStart one yourself (openrun serve, as root), or \
+                 name one with --server / OPENRUN_SERVER and OPENRUN_API_KEY",
                 log_path.display(),
                 tail(&written, 20)
             );

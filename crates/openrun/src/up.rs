@@ -16,8 +16,8 @@
 //! which clones it). Otherwise the server's NDJSON progress goes to stderr (plan, steps, their
 //! output) and the result to stdout: the sandbox id on the first line, then how to attach,
 //! the workspace, ports, the recipe, the check. The server is chosen like `openrun mcp`'s
-//! ([`local_server::choose`]); one started for `up` keeps running (`openrun shell ID` needs
-//! it).
+//! ([`local_server::choose`]); one started for `up` keeps running (the result's attach line,
+//! `openrun --server URL shell ID`, needs it).
 //!
 //! Exit codes: 0 ready; [`FAILED`] a setup step or the check failed (the repository's
 //! commands); [`ERROR_EXIT_CODE`] openrun could not do it (bad arguments, no recognizable
@@ -112,7 +112,10 @@ fn parse_source(text: &str) -> Result<Source> {
     }
     let meta = std::fs::metadata(path).with_context(|| format!("cannot open {text}"))?;
     if !meta.is_dir() {
-        bail!("{text} is not a directory (openrun up takes a repository's directory or an http(s) git URL)");
+        bail!(
+            "{text} is not a directory (openrun up takes a repository's directory or an \
+             http(s) git URL)"
+        );
     }
     let dir = path
         .canonicalize()
@@ -422,28 +425,7 @@ async fn follow(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs
     let status = res.status();
     if !status.is_success() {
         let body = res.bytes().await.unwrap_or_default();
-        let mut error = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .filter(|v| v.get("message").is_some())
-            .unwrap_or_else(|| {
-                let text: String = String::from_utf8_lossy(&body).trim().chars().take(200).collect();
-                json!({"code": format!("http_{}", status.as_u16()), "message": if text.is_empty() { format!("the server answered {status}") } else { text }})
-            });
-        if error.get("type").is_none() {
-            if let Some(obj) = error.as_object_mut() {
-                obj.insert("type".into(), json!("error"));
-            }
-        }
-        if status == reqwest::StatusCode::NOT_FOUND && error["code"] == "not_found" {
-            if let Some(obj) = error.as_object_mut() {
-                let message = obj
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                obj.insert("message".into(), json!(format!("{message} (does this server know `openrun up`? it may be older than this CLI)")));
-            }
-        }
+        let error = refusal(status, &body);
         report_error(args.json, &error, &server.openrun);
         return Ok(exit_code_of(&error));
     }
@@ -480,6 +462,36 @@ async fn follow(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs
             }
         }
     }
+}
+
+/// The error object of a refusal (a non-2xx answer): the server's `{"code","message"}`, or
+/// the status and the start of the body.
+fn refusal(status: reqwest::StatusCode, body: &[u8]) -> Value {
+    let mut error = serde_json::from_slice::<Value>(body)
+        .ok()
+        .filter(|v| v.get("message").is_some_and(Value::is_string))
+        .unwrap_or_else(|| {
+            let text = truncate(String::from_utf8_lossy(body).trim(), 200);
+            let message = if text.is_empty() {
+                format!("the server answered {status}")
+            } else {
+                text
+            };
+            json!({"code": format!("http_{}", status.as_u16()), "message": message})
+        });
+    let message = error["message"].as_str().unwrap_or("").to_string();
+    if let Some(obj) = error.as_object_mut() {
+        obj.insert("type".into(), json!("error"));
+        if message == "no such endpoint" {
+            obj.insert(
+                "message".into(),
+                json!(format!(
+                    "{message}: this server does not know POST /v1/up (older than this CLI?)"
+                )),
+            );
+        }
+    }
+    error
 }
 
 /// Splits the answer into lines as chunks arrive.
@@ -996,7 +1008,10 @@ pub fn write_tar<W: Write>(root: &Path, entries: &[Entry], out: W) -> Result<()>
                 tar.append_data(&mut header, &entry.path, &mut data)
                     .with_context(|| format!("cannot add {shown}"))?;
                 if data.changed {
-                    eprintln!("openrun up: warning: {shown} changed while it was sent (sent as {size} bytes)");
+                    eprintln!(
+                        "openrun up: warning: {shown} changed while it was sent (sent as \
+                         {size} bytes)"
+                    );
                 }
             }
             EntryKind::Symlink(target) => {
@@ -1398,7 +1413,8 @@ mod tests {
                 "ports": [{"port": 3000, "preview": "/v1/sandboxes/0123abcd4567/ports/3000/"}],
                 "recipe": {"key": "k", "path": "/var/lib/openrun/recipes/t/k/devcontainer.json"},
                 "cached": true,
-                "check": {"command": "npm test", "exit_code": 1, "passed": false, "duration_ms": 2100},
+                "check": {"command": "npm test", "exit_code": 1, "passed": false,
+                          "duration_ms": 2100},
                 "timings": {"total_ms": 4000, "ready_ms": 1200, "setup_ms": 0, "check_ms": 2100}
             }),
             &server,
@@ -1435,6 +1451,32 @@ mod tests {
             exit_code_of(&json!({"code": "fetch_failed"})),
             ERROR_EXIT_CODE
         );
+    }
+
+    #[test]
+    fn refusals_become_error_objects() {
+        let e = refusal(
+            reqwest::StatusCode::BAD_REQUEST,
+            br#"{"code":"invalid_argument","message":"bad name"}"#,
+        );
+        assert_eq!(
+            e,
+            json!({"type": "error", "code": "invalid_argument", "message": "bad name"})
+        );
+        let e = refusal(reqwest::StatusCode::BAD_GATEWAY, b"  upstream down\n");
+        assert_eq!(e["code"], "http_502");
+        assert_eq!(e["message"], "upstream down");
+        let e = refusal(reqwest::StatusCode::NOT_FOUND, b"");
+        assert_eq!(e["message"], "the server answered 404 Not Found");
+        let e = refusal(
+            reqwest::StatusCode::NOT_FOUND,
+            br#"{"code":"not_found","message":"no such endpoint"}"#,
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains("POST /v1/up"),
+            "{e}"
+        );
+        assert_eq!(exit_code_of(&e), ERROR_EXIT_CODE);
     }
 
     #[test]

@@ -323,7 +323,8 @@ impl FakeServer {
                 }
                 req_tx.send((head, body)).unwrap();
                 let _ = out.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\nconnection: close\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
+                      connection: close\r\n\r\n",
                 );
                 for line in &lines {
                     let _ = out.write_all(format!("{line}\n").as_bytes());
@@ -347,9 +348,11 @@ impl FakeServer {
 /// A plan line for a fake answer.
 fn plan_line() -> String {
     serde_json::json!({"type": "plan", "plan": {
-        "source": "detected", "languages": ["node"], "base": {"kind": "debian", "suite": "bookworm"},
+        "source": "detected", "languages": ["node"],
+        "base": {"kind": "debian", "suite": "bookworm"},
         "system_packages": ["nodejs", "npm"], "workspace": "/workspaces/app",
-        "steps": [{"name": "install", "phase": "setup", "commands": ["npm ci"], "file": "package-lock.json"}],
+        "steps": [{"name": "install", "phase": "setup", "commands": ["npm ci"],
+                   "file": "package-lock.json"}],
         "test": "npm test"
     }})
     .to_string()
