@@ -796,3 +796,54 @@ impl Open<'_> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_errors_name_their_file_and_code() {
+        let e = plan_error(PlanError::NoProject);
+        assert_eq!(
+            (e.code.as_str(), e.step.as_deref()),
+            ("no_project", Some("plan"))
+        );
+        assert!(e.file.is_none());
+        let e = plan_error(PlanError::Invalid {
+            file: "package.json".into(),
+            line: Some(3),
+            column: Some(7),
+            message: "expected ','".into(),
+        });
+        assert_eq!(e.code, "invalid_config");
+        assert_eq!(e.file.as_deref(), Some("package.json"));
+        assert!(e.message.starts_with("package.json:3:7: "), "{}", e.message);
+        let e = plan_error(PlanError::Tree(
+            openrun_recipe::error::TreeError::BadArchive("truncated".into()),
+        ));
+        assert_eq!(e.code, "invalid_argument");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_left_cancels() {
+        let (tx, rx) = mpsc::channel(1);
+        let progress = Progress::new(tx);
+        assert!(!progress.cancelled());
+        drop(rx);
+        assert!(progress.cancelled());
+        // Sending to nobody neither fails nor waits.
+        progress.step("x", None, StepStatus::Ok, None, None).await;
+    }
+
+    #[tokio::test]
+    async fn opens_of_one_key_take_turns() {
+        let first = turn("t", "k").await;
+        let second = tokio::spawn(async { turn("t", "k").await });
+        let other = turn("t", "other").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the same key must wait");
+        drop(first);
+        let _second = second.await.unwrap();
+        drop(other);
+    }
+}

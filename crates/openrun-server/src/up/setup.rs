@@ -78,14 +78,17 @@ impl WorkspaceSpec {
     }
 }
 
-/// Creates a workspace sandbox on `image`; its id.
+/// Creates a workspace sandbox on `image` under create admission (a slot, or the queue, or
+/// `too_many_requests`, like every create); its id.
 pub(crate) async fn create(
     s: &Shared,
     caller: &Caller,
     spec: &WorkspaceSpec,
     image: &str,
 ) -> Result<String, UpError> {
-    let resource = api::create_sandbox(s, caller, spec.body(image)).await?;
+    let (state, who, body) = (s.clone(), caller.clone(), spec.body(image));
+    let create = async move { api::create_sandbox(&state, &who, body).await };
+    let resource = crate::admission::admitted(s, create, Result::is_ok).await??;
     Ok(resource.id().to_string())
 }
 
