@@ -404,7 +404,7 @@ fn relative(path: &str) -> Option<String> {
         .split('/')
         .filter(|p| !p.is_empty() && *p != ".")
         .collect();
-    if path.starts_with('/') || parts.iter().any(|p| *p == "..") || path.contains('\0') {
+    if path.starts_with('/') || parts.contains(&"..") || path.contains('\0') {
         return None;
     }
     Some(if parts.is_empty() {

@@ -182,8 +182,9 @@ pub(crate) async fn run_command(
                     "permission_denied" => 126,
                     "not_found" | "not_a_directory" | "invalid_argument" => 126,
                     _ => {
-                        return Err(UpError::new(&code, format!("step {step}: {message}"))
-                            .at_step(step))
+                        return Err(
+                            UpError::new(&code, format!("step {step}: {message}")).at_step(step)
+                        )
                     }
                 };
                 let note = format!("[openrun: {message}]\n");
@@ -219,7 +220,7 @@ async fn forward(
 /// `5 min`, `30 s`.
 fn human_duration(d: Duration) -> String {
     let secs = d.as_secs();
-    if secs >= 60 && secs % 60 == 0 {
+    if secs >= 60 && secs.is_multiple_of(60) {
         format!("{} min", secs / 60)
     } else {
         format!("{secs} s")

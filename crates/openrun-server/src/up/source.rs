@@ -136,7 +136,7 @@ pub(crate) fn parse_git_url(url: &str, reference: Option<&str>) -> Result<GitSou
              events): clone a public repository, or send the directory as a tar",
         ));
     }
-    let host = parse_host(authority).map_err(|why| refuse(why))?;
+    let host = parse_host(authority).map_err(&refuse)?;
     let path = path.split(['?', '#']).next().unwrap_or_default();
     let last = path
         .split('/')
