@@ -34,13 +34,13 @@ use base64::Engine;
 use openrun_recipe::tree::DirTree;
 use openrun_recipe::{Plan, PlanError};
 use reqwest::header::CONTENT_TYPE;
-use reqwest::Url;
+use reqwest::{Method, Url};
 use serde_json::{json, Value};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cli::{describe_error, UpArgs, ERROR_EXIT_CODE};
 use crate::local_server::{self, Starting};
-use crate::remote::Target;
+use crate::remote::http::{ApiError, Client};
 
 /// Exit code of a failed setup step or check.
 pub const FAILED: i32 = 1;
@@ -48,8 +48,6 @@ pub const FAILED: i32 = 1;
 pub const INTERRUPTED: i32 = 130;
 /// Largest tar sent (the server's limit).
 pub const MAX_TAR: u64 = 256 << 20;
-/// Longest NDJSON line accepted from the server.
-const MAX_LINE: usize = 16 << 20;
 /// Size of the chunks the tar is sent in.
 const CHUNK: usize = 256 << 10;
 /// Error codes of a failure of the repository's own commands ([`FAILED`]).
@@ -218,8 +216,10 @@ async fn up(
 
 /// The server `up` talks to.
 struct Server {
-    /// Its address and key.
-    target: Target,
+    /// A client of it (with its key).
+    client: Client,
+    /// Its address.
+    url: Url,
     /// How other verbs reach it: `openrun`, or `openrun --server URL` for the data dir's
     /// local server (which is not configured; the key comes from `local.json`).
     openrun: String,
@@ -251,24 +251,17 @@ async fn choose(
             started.url, started.pid
         );
     }
-    if !is_loopback(&target.url) {
-        eprintln!(
-            "openrun: warning: the API key is sent unencrypted to {} (plain HTTP to another \
-             machine): reach a remote server through an SSH tunnel or a private network",
-            target.url
-        );
-    }
-    Ok((Server { target, openrun }, local))
-}
-
-/// Whether the URL's host is this machine.
-fn is_loopback(url: &Url) -> bool {
-    let host = url.host_str().unwrap_or("");
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+    let url = target.url.clone();
+    // (Says on stderr when the key would cross the network unencrypted.)
+    let client = Client::new(target)?;
+    Ok((
+        Server {
+            client,
+            url,
+            openrun,
+        },
+        local,
+    ))
 }
 
 /// The error object of a plan that could not be made (as the server's error line).
@@ -348,8 +341,9 @@ async fn send_dir(
     let body = reqwest::Body::wrap_stream(futures_util::stream::unfold(rx, |mut rx| async {
         rx.recv().await.map(|chunk| (chunk, rx))
     }));
-    let request = client()?
-        .post(server.target.url.join("v1/up")?)
+    let request = server
+        .client
+        .request(Method::POST, "/v1/up")?
         .query(&query)
         .header(CONTENT_TYPE, "application/x-tar")
         .body(body);
@@ -376,24 +370,13 @@ async fn send_git(server: &Server, args: &UpArgs, url: &Url, name: &str) -> Resu
         "ttl": args.ttl.map(duration),
         "name": name,
     });
-    let request = client()?.post(server.target.url.join("v1/up")?).json(&body);
+    let request = server.client.request(Method::POST, "/v1/up")?.json(&body);
     stream(server, request, args).await
 }
 
-/// An HTTP client for the server (the CLI's settings, [`Target::client_builder`]).
-fn client() -> Result<reqwest::Client> {
-    Target::client_builder()
-        .build()
-        .context("cannot make an HTTP client")
-}
-
-/// Sends the request with the key and follows its NDJSON answer to the end; Ctrl-C or
+/// Sends the request (with the key) and follows its NDJSON answer to the end; Ctrl-C or
 /// SIGTERM close it.
 async fn stream(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
-    let request = match &server.target.api_key {
-        Some(key) => request.bearer_auth(key),
-        None => request,
-    };
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let follow = follow(server, request, args);
@@ -417,118 +400,41 @@ fn interrupted(keep: bool) -> i32 {
 
 /// [`stream`] without the signals.
 async fn follow(server: &Server, request: reqwest::RequestBuilder, args: &UpArgs) -> Result<i32> {
-    let target = &server.target;
-    let mut res = request
-        .send()
-        .await
-        .with_context(|| format!("the request to the server at {} failed", target.url))?;
-    let status = res.status();
-    if !status.is_success() {
-        let body = res.bytes().await.unwrap_or_default();
-        let error = refusal(status, &body);
-        report_error(args.json, &error, &server.openrun);
-        return Ok(exit_code_of(&error));
-    }
-    let mut lines = LineReader::default();
-    let mut view = Progress::new(args.json, args.plan, target.url.clone(), &server.openrun);
-    loop {
-        while let Some(line) = lines.next_line()? {
-            let event: Value = serde_json::from_str(&line).with_context(|| {
-                format!(
-                    "the server sent a line that is not JSON: {}",
-                    truncate(&line, 200)
-                )
-            })?;
-            if let Some(code) = view.event(&event)? {
-                return Ok(code);
+    let mut lines = match server.client.lines(request).await {
+        Ok(lines) => lines,
+        Err(e) => match e.downcast_ref::<ApiError>() {
+            // A refusal before any progress (a bad name, a tar too large, no such route).
+            Some(refused) => {
+                let error = refusal(refused);
+                report_error(args.json, &error, &server.openrun);
+                return Ok(exit_code_of(&error));
             }
-        }
-        match res
-            .chunk()
-            .await
-            .context("lost the connection to the server")?
-        {
-            Some(chunk) => lines.feed(&chunk)?,
-            None => {
-                lines.finish();
-                if let Some(line) = lines.next_line()? {
-                    let event: Value = serde_json::from_str(&line)
-                        .context("the server sent a line that is not JSON")?;
-                    if let Some(code) = view.event(&event)? {
-                        return Ok(code);
-                    }
-                }
-                bail!("the server's answer ended without a result");
-            }
+            None => return Err(e),
+        },
+    };
+    let mut view = Progress::new(args.json, args.plan, server.url.clone(), &server.openrun);
+    while let Some(line) = lines.next_text().await? {
+        let event: Value = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "the server sent a line that is not JSON: {}",
+                truncate(&line, 200)
+            )
+        })?;
+        if let Some(code) = view.event(&event)? {
+            return Ok(code);
         }
     }
+    bail!("the server's answer ended without a result")
 }
 
-/// The error object of a refusal (a non-2xx answer): the server's `{"code","message"}`, or
-/// the status and the start of the body.
-fn refusal(status: reqwest::StatusCode, body: &[u8]) -> Value {
-    let mut error = serde_json::from_slice::<Value>(body)
-        .ok()
-        .filter(|v| v.get("message").is_some_and(Value::is_string))
-        .unwrap_or_else(|| {
-            let text = truncate(String::from_utf8_lossy(body).trim(), 200);
-            let message = if text.is_empty() {
-                format!("the server answered {status}")
-            } else {
-                text
-            };
-            json!({"code": format!("http_{}", status.as_u16()), "message": message})
-        });
-    let message = error["message"].as_str().unwrap_or("").to_string();
-    if let Some(obj) = error.as_object_mut() {
-        obj.insert("type".into(), json!("error"));
-        if message == "no such endpoint" {
-            obj.insert(
-                "message".into(),
-                json!(format!(
-                    "{message}: this server does not know POST /v1/up (older than this CLI?)"
-                )),
-            );
-        }
+/// The error object of a refusal of the server (as an error line; "no such endpoint" says
+/// what it means here).
+fn refusal(refused: &ApiError) -> Value {
+    let mut message = refused.message.clone();
+    if message == "no such endpoint" {
+        message.push_str(": this server does not know POST /v1/up (older than this CLI?)");
     }
-    error
-}
-
-/// Splits the answer into lines as chunks arrive.
-#[derive(Debug, Default)]
-struct LineReader {
-    buf: Vec<u8>,
-    done: bool,
-}
-
-impl LineReader {
-    fn feed(&mut self, chunk: &[u8]) -> Result<()> {
-        self.buf.extend_from_slice(chunk);
-        if self.buf.len() > MAX_LINE && !self.buf.contains(&b'\n') {
-            bail!("the server sent a line over {MAX_LINE} bytes");
-        }
-        Ok(())
-    }
-
-    fn finish(&mut self) {
-        self.done = true;
-    }
-
-    /// The next complete line (the rest, at the end), blank lines skipped.
-    fn next_line(&mut self) -> Result<Option<String>> {
-        loop {
-            let line: Vec<u8> = match self.buf.iter().position(|&b| b == b'\n') {
-                Some(end) => self.buf.drain(..=end).collect(),
-                None if self.done && !self.buf.is_empty() => std::mem::take(&mut self.buf),
-                None => return Ok(None),
-            };
-            let text =
-                String::from_utf8(line).context("the server sent a line that is not UTF-8")?;
-            if !text.trim().is_empty() {
-                return Ok(Some(text.trim_end().to_string()));
-            }
-        }
-    }
+    json!({"type": "error", "code": refused.code, "message": message})
 }
 
 /// `text`, at most `n` characters.
@@ -1455,39 +1361,20 @@ mod tests {
 
     #[test]
     fn refusals_become_error_objects() {
-        let e = refusal(
-            reqwest::StatusCode::BAD_REQUEST,
-            br#"{"code":"invalid_argument","message":"bad name"}"#,
-        );
+        let refused = |code: &str, message: &str| ApiError {
+            status: 400,
+            code: code.into(),
+            message: message.into(),
+        };
         assert_eq!(
-            e,
+            refusal(&refused("invalid_argument", "bad name")),
             json!({"type": "error", "code": "invalid_argument", "message": "bad name"})
         );
-        let e = refusal(reqwest::StatusCode::BAD_GATEWAY, b"  upstream down\n");
-        assert_eq!(e["code"], "http_502");
-        assert_eq!(e["message"], "upstream down");
-        let e = refusal(reqwest::StatusCode::NOT_FOUND, b"");
-        assert_eq!(e["message"], "the server answered 404 Not Found");
-        let e = refusal(
-            reqwest::StatusCode::NOT_FOUND,
-            br#"{"code":"not_found","message":"no such endpoint"}"#,
-        );
+        let e = refusal(&refused("not_found", "no such endpoint"));
         assert!(
             e["message"].as_str().unwrap().contains("POST /v1/up"),
             "{e}"
         );
         assert_eq!(exit_code_of(&e), ERROR_EXIT_CODE);
-    }
-
-    #[test]
-    fn lines_split_across_chunks() {
-        let mut r = LineReader::default();
-        r.feed(b"{\"a\":1}\n{\"b\"").unwrap();
-        assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"a\":1}"));
-        assert_eq!(r.next_line().unwrap(), None);
-        r.feed(b":2}").unwrap();
-        r.finish();
-        assert_eq!(r.next_line().unwrap().as_deref(), Some("{\"b\":2}"));
-        assert_eq!(r.next_line().unwrap(), None);
     }
 }

@@ -322,6 +322,11 @@ impl FakeServer {
                     body = data;
                 }
                 req_tx.send((head, body)).unwrap();
+                // A whole answer of its own (a refusal), or NDJSON lines.
+                if let Some(raw) = lines.first().filter(|l| l.starts_with("HTTP/")) {
+                    let _ = out.write_all(raw.as_bytes());
+                    continue;
+                }
                 let _ = out.write_all(
                     b"HTTP/1.1 200 OK\r\ncontent-type: application/x-ndjson\r\n\
                       connection: close\r\n\r\n",
@@ -638,4 +643,41 @@ fn without_a_configured_server_local_json_names_it() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn a_refusal_of_the_server_is_exit_125_with_its_message() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = node_repo();
+    let body = r#"{"code":"invalid_argument","message":"invalid repository name"}"#;
+    let raw = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let dir = repo.path().to_str().unwrap();
+    let server = FakeServer::start(vec![raw.clone()], false);
+    let out = up(
+        &env,
+        home.path(),
+        &["--server", &server.url, "--api-key", "k", dir],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("openrun up: invalid repository name (invalid_argument)\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(out.stdout.is_empty());
+    let server = FakeServer::start(vec![raw], false);
+    let out = up(
+        &env,
+        home.path(),
+        &["--json", "--server", &server.url, "--api-key", "k", dir],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    let error: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["code"], "invalid_argument");
 }

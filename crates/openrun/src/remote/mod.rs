@@ -6,7 +6,7 @@ mod archive;
 mod config;
 mod cp;
 mod exec;
-mod http;
+pub(crate) mod http;
 mod images;
 
 use std::collections::BTreeMap;
