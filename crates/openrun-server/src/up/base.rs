@@ -335,14 +335,19 @@ async fn build_dockerfile(
         .map_err(&failed)?;
     let parsed = openrun_image::dockerfile::parse(&unpacked.text)
         .map_err(|e| failed(format!("cannot read {dockerfile}: {e}")))?;
-    // A FROM debian:SUITE is built first, like a Debian base.
-    for instruction in &parsed.instructions {
-        if let openrun_image::dockerfile::Kind::From { image } = &instruction.kind {
-            let raw = image.raw();
-            if let Some(suite) = raw.strip_prefix("debian:") {
-                if !suite.is_empty() && suite.bytes().all(|b| b.is_ascii_lowercase()) {
-                    ensure_debian(s, caller, suite, progress).await?;
-                }
+    // The child reads the store without tenancy: a FROM naming a tenant's image (its store
+    // name, `tenants/<hash>/...`) is refused, and a FROM debian:SUITE is built first, like a
+    // Debian base.
+    for image in from_images(&parsed, args).map_err(|why| failed(format!("{dockerfile}: {why}")))? {
+        if ImageRef::parse(&image).is_ok_and(|r| r.name.starts_with("tenants/")) {
+            return Err(failed(format!(
+                "{dockerfile}: FROM {image}: a snapshot of a tenant cannot be a Dockerfile's \
+                 base (build on a Debian or imported image)"
+            )));
+        }
+        if let Some(suite) = image.strip_prefix("debian:") {
+            if !suite.is_empty() && suite.bytes().all(|b| b.is_ascii_lowercase()) {
+                ensure_debian(s, caller, suite, progress).await?;
             }
         }
     }
@@ -396,6 +401,38 @@ async fn build_dockerfile(
         .map_err(|tail| failed(format!("cannot build {dockerfile}: {tail}")));
     finish_step(progress, "base", command, started, result).await?;
     Ok(name)
+}
+
+/// The images the FROMs of `parsed` name, expanded as the builder does: with the ARGs
+/// before the first FROM (their defaults, overridden by the build arguments `args`).
+fn from_images(
+    parsed: &openrun_image::dockerfile::Dockerfile,
+    args: &BTreeMap<String, String>,
+) -> Result<Vec<String>, String> {
+    use openrun_image::dockerfile::Kind;
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    for instruction in &parsed.global_args {
+        if let Kind::Arg(declared) = &instruction.kind {
+            for (name, default) in declared {
+                let value = match (args.get(name), default) {
+                    (Some(value), _) => value.clone(),
+                    (None, Some(word)) => word.expand(&|k| vars.get(k).cloned())?,
+                    (None, None) => String::new(),
+                };
+                vars.insert(name.clone(), value);
+            }
+        }
+    }
+    let mut images = Vec::new();
+    for instruction in &parsed.instructions {
+        if let Kind::From { image } = &instruction.kind {
+            let name = image
+                .expand(&|k| vars.get(k).cloned())
+                .map_err(|e| format!("line {}: {e}", instruction.line))?;
+            images.push(name);
+        }
+    }
+    Ok(images)
 }
 
 /// `path` as a relative path without `..` (`.` for the root), or `None`.
@@ -832,6 +869,21 @@ mod tests {
         for bad in ["", "-o", "a b", "a;b", "$(x)", "Ruby", "a/b"] {
             assert!(!valid_package(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn from_images_are_expanded_like_the_builder() {
+        let parsed = openrun_image::dockerfile::parse(
+            "ARG BASE=debian\nARG SUITE=bookworm\nFROM ${BASE}:${SUITE}\nRUN true\n",
+        )
+        .unwrap();
+        let none = BTreeMap::new();
+        assert_eq!(from_images(&parsed, &none).unwrap(), ["debian:bookworm"]);
+        let args = BTreeMap::from([("BASE".to_string(), "tenants/0123/x".to_string())]);
+        assert_eq!(
+            from_images(&parsed, &args).unwrap(),
+            ["tenants/0123/x:bookworm"]
+        );
     }
 
     #[test]
