@@ -71,6 +71,39 @@ async fn name_lock(name: &str) -> tokio::sync::OwnedMutexGuard<()> {
     lock.lock_owned().await
 }
 
+/// Claims the making of image `name` at `step`: `None` (step `cached`) when the caller has it,
+/// also once another `up` that was making it is done; else the name's lock, held while it is
+/// made, and when the step started (`running` sent).
+async fn claim(
+    s: &Shared,
+    caller: &Caller,
+    name: &str,
+    step: &str,
+    command: &str,
+    progress: &Progress,
+) -> Result<Option<(tokio::sync::OwnedMutexGuard<()>, Instant)>, UpError> {
+    let command = Some(command.to_string());
+    if exists(s, caller, name).await? {
+        progress
+            .step(step, command, StepStatus::Cached, Some(0), None)
+            .await;
+        return Ok(None);
+    }
+    let started = Instant::now();
+    progress
+        .step(step, command.clone(), StepStatus::Running, None, None)
+        .await;
+    let lock = name_lock(name).await;
+    if exists(s, caller, name).await? {
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
+        progress
+            .step(step, command, StepStatus::Cached, Some(ms), None)
+            .await;
+        return Ok(None);
+    }
+    Ok(Some((lock, started)))
+}
+
 /// Makes (or finds) the image the workspace sandbox of `plan` starts from and returns a name
 /// [`crate::api::create_sandbox`] takes for `caller`. `source_tar` is the repository (a
 /// Dockerfile base is built from it). Steps `base` and `packages`.
@@ -379,23 +412,9 @@ async fn build_dockerfile(
         "openrun image build -t {name} -f {dockerfile} {}",
         if context == "." { "." } else { &context }
     );
-    let _same = name_lock(&name).await;
-    if exists(s, caller, &name).await? {
-        progress
-            .step("base", Some(command), StepStatus::Cached, Some(0), None)
-            .await;
+    let Some((_same, started)) = claim(s, caller, &name, "base", &command, progress).await? else {
         return Ok(name);
-    }
-    let started = Instant::now();
-    progress
-        .step(
-            "base",
-            Some(command.clone()),
-            StepStatus::Running,
-            None,
-            None,
-        )
-        .await;
+    };
     let result = run_openrun(s, argv, "base", DOCKERFILE_TIMEOUT, progress)
         .await
         .map_err(|tail| failed(format!("cannot build {dockerfile}: {tail}")));
@@ -587,17 +606,9 @@ async fn install_packages(
     }
     let layers = layers_of(s, caller, image).await?;
     let name = package_image_name(&layers, packages);
-    let _same = name_lock(&name).await;
-    if exists(s, caller, &name).await? {
-        progress
-            .step(STEP, Some(command), StepStatus::Cached, Some(0), None)
-            .await;
+    let Some((_same, started)) = claim(s, caller, &name, STEP, &command, progress).await? else {
         return Ok(name);
-    }
-    let started = Instant::now();
-    progress
-        .step(STEP, Some(command.clone()), StepStatus::Running, None, None)
-        .await;
+    };
     let mut exit_code = None;
     let result = install_in_sandbox(s, caller, image, &name, &list, progress, &mut exit_code)
         .await
