@@ -365,7 +365,13 @@ async fn up(
         Some("application/json") => {
             let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY)
                 .await
-                .map_err(|_| ApiError::TooLarge { limit: MAX_BODY })?;
+                .map_err(|e| {
+                    if e.to_string().contains("length limit") {
+                        ApiError::TooLarge { limit: MAX_BODY }
+                    } else {
+                        ApiError::InvalidArgument(format!("cannot read the request body: {e}"))
+                    }
+                })?;
             let body: UpBody = serde_json::from_slice(&bytes)
                 .map_err(|e| ApiError::InvalidArgument(format!("invalid request body: {e}")))?;
             from_json(body)?
