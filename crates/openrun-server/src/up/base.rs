@@ -675,16 +675,27 @@ async fn install_in_sandbox(
     let created = crate::api::create_sandbox(s, caller, body).await?;
     let guard = SandboxGuard::new(s, caller, created.id());
     let env = BTreeMap::from([("DEBIAN_FRONTEND".to_string(), "noninteractive".to_string())]);
-    let mut install: Vec<String> = ["apt-get", "install", "-y", "--no-install-recommends"]
-        .map(String::from)
-        .to_vec();
+    // Retries: a mirror's connection may drop under several installs at once.
+    let retries = ["-o", "Acquire::Retries=3"];
+    let mut install: Vec<String> = ["apt-get"]
+        .iter()
+        .chain(&retries)
+        .chain(&["install", "-y", "--no-install-recommends"])
+        .map(|w| w.to_string())
+        .collect();
     install.extend(packages.iter().cloned());
     let clean = vec![
         "/bin/sh".to_string(),
         "-c".into(),
         "apt-get clean; rm -rf /var/lib/apt/lists/*".into(),
     ];
-    for argv in [vec!["apt-get".to_string(), "update".into()], install, clean] {
+    let update: Vec<String> = ["apt-get"]
+        .iter()
+        .chain(&retries)
+        .chain(&["update"])
+        .map(|w| w.to_string())
+        .collect();
+    for argv in [update, install, clean] {
         let outcome = run_command(
             s,
             caller,

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use base64::Engine;
 use futures_util::StreamExt;
 
 use super::run::run_command;
@@ -19,6 +20,8 @@ use crate::error::ApiError;
 pub(crate) const CLONE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Lifetime of the fetch sandbox (it is removed as soon as the clone is archived).
 const FETCH_TTL: &str = "15m";
+/// What git says when a shallow clone meets a dumb HTTP server.
+const NO_SHALLOW: &str = "dumb http transport does not support shallow";
 /// Where the clone goes inside the fetch sandbox.
 const CLONE_DIR: &str = "/src";
 /// An upload that sends nothing for this long is abandoned.
@@ -53,10 +56,20 @@ impl GitSource {
 
     /// The clone's argv.
     fn clone_argv(&self) -> Vec<String> {
+        self.clone_argv_with(&["--depth", "1"])
+    }
+
+    /// The clone's argv for a server that cannot clone shallow (git's dumb HTTP protocol):
+    /// the whole history of the one branch.
+    fn full_clone_argv(&self) -> Vec<String> {
+        self.clone_argv_with(&["--single-branch"])
+    }
+
+    fn clone_argv_with(&self, options: &[&str]) -> Vec<String> {
         let mut argv: Vec<String> = ["git", "-c", "advice.detachedHead=false", "clone"]
             .map(String::from)
             .to_vec();
-        argv.extend(["--depth".into(), "1".into()]);
+        argv.extend(options.iter().map(|o| o.to_string()));
         if let Some(reference) = &self.reference {
             argv.extend(["--branch".into(), reference.clone()]);
         }
@@ -582,19 +595,34 @@ async fn clone_inner(
         ("no_proxy".to_string(), String::new()),
         ("GIT_TERMINAL_PROMPT".to_string(), "0".to_string()),
     ]);
-    let outcome = run_command(
-        s,
-        caller,
-        guard.id(),
-        "fetch",
-        argv,
-        Some("/".into()),
-        env,
-        None,
-        CLONE_TIMEOUT,
-        progress,
-    )
-    .await?;
+    let clone = |argv: Vec<String>| {
+        run_command(
+            s,
+            caller,
+            guard.id(),
+            "fetch",
+            argv,
+            Some("/".into()),
+            env.clone(),
+            None,
+            CLONE_TIMEOUT,
+            progress,
+        )
+    };
+    let mut outcome = clone(argv).await?;
+    if !outcome.ok() && outcome.tail.contains(NO_SHALLOW) {
+        // A static (dumb HTTP) git server: the whole branch then (git removed what it made).
+        let note = "[openrun: this server speaks git's dumb HTTP protocol, which cannot clone \
+                    shallow: cloning the whole branch]\n";
+        progress
+            .send(super::UpEvent::Output {
+                step: "fetch".into(),
+                stream: "stderr",
+                data_b64: base64::engine::general_purpose::STANDARD.encode(note),
+            })
+            .await;
+        outcome = clone(git.full_clone_argv()).await?;
+    }
     *exit_code = Some(outcome.exit_code);
     if !outcome.ok() {
         let mut e = UpError::new(
@@ -717,5 +745,10 @@ mod tests {
         let dash = argv.iter().position(|a| a == "--").unwrap();
         assert_eq!(&argv[dash + 1..], ["https://example.com/a.git", "/src"]);
         assert!(argv.windows(2).any(|w| w == ["--branch", "v1"]));
+        let full = g.full_clone_argv();
+        assert!(!full.iter().any(|a| a == "--depth"));
+        assert!(full.iter().any(|a| a == "--single-branch"));
+        assert!(full.windows(2).any(|w| w == ["--branch", "v1"]));
+        assert_eq!(full.last().map(String::as_str), Some("/src"));
     }
 }
