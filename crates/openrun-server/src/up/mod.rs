@@ -409,7 +409,7 @@ pub(crate) async fn open_repo(
             plan: planned.plan,
         });
     }
-    let _turn = turn(&caller.tenant, &planned.key).await;
+    let turn = turn(&caller.tenant, &planned.key).await;
     let mut slot = None;
     let open = Open {
         s,
@@ -421,7 +421,7 @@ pub(crate) async fn open_repo(
         progress: &progress,
         started,
     };
-    let result = open.run(&mut slot).await;
+    let result = open.run(&mut slot, turn).await;
     let ws = slot.as_mut();
     if let Some(ws) = ws {
         setup::remove_snapshots(s, caller, ws).await;
@@ -463,8 +463,13 @@ struct Open<'a> {
 
 impl Open<'_> {
     /// Everything after the plan; the workspace sandbox, once made, is in `slot` (for the
-    /// caller's cleanup).
-    async fn run(self, slot: &mut Option<setup::Workspace>) -> Result<UpResult, UpError> {
+    /// caller's cleanup). `turn` is held until the recipe is stored (or found): the start
+    /// steps and the check of two opens of one repository run side by side.
+    async fn run(
+        self,
+        slot: &mut Option<setup::Workspace>,
+        turn: tokio::sync::OwnedMutexGuard<()>,
+    ) -> Result<UpResult, UpError> {
         let (s, caller, plan) = (self.s, self.caller, &self.planned.plan);
         let key = &self.planned.key;
         let spec = setup::WorkspaceSpec::new(plan, &self.request.name, self.request.ttl.as_deref());
@@ -514,6 +519,7 @@ impl Open<'_> {
                 false
             }
         };
+        drop(turn);
         let setup_ms = ms_since(setup_started);
         let ws = slot
             .as_ref()
