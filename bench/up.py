@@ -20,6 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests/python/up
 import up_fixtures  # noqa: E402
 
 
+# Fixtures whose plan has no test suite: the check their first open runs.
+CHECKS = {"devcontainer": ["--check", "python3 check.py"]}
+
+
 def up(bin_, url, key, target, *args):
     """`openrun up --json ARGS TARGET`: (exit code, result or error object, wall ms)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENRUN_")}
@@ -61,7 +65,7 @@ def measure(bin_, url, key, runs, kinds):
             root.mkdir()
             up_fixtures.MAKERS[kind](root)
             print(f"bench/up: {kind}: first open", file=sys.stderr)
-            code, out, wall = up(bin_, url, key, root)
+            code, out, wall = up(bin_, url, key, root, *CHECKS.get(kind, []))
             row = {"fixture": kind, "first": {"exit": code, "wall_ms": wall}}
             if out.get("sandbox_id"):
                 delete(url, key, out["sandbox_id"])
@@ -105,6 +109,9 @@ def report(results, runs):
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- machine: {os.cpu_count()} CPUs, kernel {platform.release()}",
+        f"- binary: {os.environ.get('BENCH_UP_BUILD', 'release build')}",
+        f"- Debian base (`openrun image build --debian bookworm`, once per server): "
+        f"{os.environ.get('BENCH_UP_BASE_S', '?')} s",
         "",
         "| fixture | first open: ready s | check s | total s | check | cached re-opens | ready ms median | ready ms p95 | CLI wall ms median | CLI wall ms p95 |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
@@ -116,7 +123,7 @@ def report(results, runs):
             continue
         r = row.get("reopen", {})
         ready, walls = r.get("ready_ms") or [0], r.get("wall_ms") or [0]
-        check = "passed" if f.get("check_passed") else "FAILED"
+        check = {True: "passed", False: "FAILED", None: "none"}[f.get("check_passed")]
         cached = f"{r.get('cached', 0)}/{r.get('runs', 0)}"
         lines.append(
             f"| {row['fixture']} | {secs(f.get('ready_ms'))} | {secs(f.get('check_ms'))} | "
@@ -127,7 +134,8 @@ def report(results, runs):
         "",
         "- first open: the fixture never opened before on this server (its recipe made: the "
         "packages layer, the setup steps, the snapshot), the Debian base image already built "
-        "(`openrun image build --debian bookworm`, once per server, not counted). ready = "
+        "(not counted). Fixtures run in the order of the table and share a packages layer when "
+        "their Debian package sets are equal (the devcontainer fixture's is python's). ready = "
         "`timings.ready_ms` (request to a ready sandbox, before the check); total includes the "
         "check (the fixture's test suite).",
         "- cached re-open: `openrun up --json --no-check DIR` of the unchanged fixture, a new "
