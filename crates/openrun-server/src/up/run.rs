@@ -71,7 +71,8 @@ impl Tail {
 /// Runs `argv` in the caller's sandbox `sandbox_id` as step `step` (`cwd`, extra `env`, as
 /// `user`, killed after `timeout`), forwarding its output to `progress` as
 /// [`UpEvent::Output`]. A command that ran (whatever its exit) is an `Ok`; an error is a
-/// sandbox that could not run it or went away.
+/// sandbox that could not run it or went away, or the progress reader (the client) leaving:
+/// the command is then killed with its process group (`cancelled`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_command(
     s: &Shared,
@@ -102,8 +103,24 @@ pub(crate) async fn run_command(
     let deadline = tokio::time::Instant::now() + timeout + EXIT_GRACE;
     let mut tail = Tail::default();
     let elapsed = |started: Instant| u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
+    let mut pid = None;
     loop {
-        let line = match tokio::time::timeout_at(deadline, lines.recv()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, lines.recv()) => next,
+            () = reader_left(progress), if pid.is_some() => {
+                // The client left: the open stops, and so does what it runs (with its
+                // children), instead of a long install running on for nobody.
+                if let Some(pid) = pid {
+                    if let Err(e) =
+                        crate::processes::signal_process(s, caller, sandbox_id, pid, 9, true).await
+                    {
+                        tracing::debug!(error = %e, pid, "cannot kill an abandoned step");
+                    }
+                }
+                return Err(super::cancelled(step));
+            }
+        };
+        let line = match next {
             Ok(Some(line)) => line,
             Ok(None) => {
                 return Err(UpError::new(
@@ -128,7 +145,7 @@ pub(crate) async fn run_command(
             }
         };
         match line {
-            Line::Started { .. } => {}
+            Line::Started { pid: started } => pid = Some(started),
             Line::Stdout { data, .. } => forward(progress, step, "stdout", &data, &mut tail).await,
             Line::Stderr { data, .. } => forward(progress, step, "stderr", &data, &mut tail).await,
             Line::Exit {
@@ -199,6 +216,14 @@ pub(crate) async fn run_command(
     }
 }
 
+/// Resolves once the progress reader left (never for progress nobody reads).
+async fn reader_left(progress: &Progress) {
+    match &progress.tx {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Sends an output chunk as progress and keeps its end.
 async fn forward(
     progress: &Progress,
@@ -241,6 +266,21 @@ mod tests {
         assert!(text.ends_with(&"b".repeat(3000)));
         tail.push(&vec![b'c'; 10_000]);
         assert_eq!(tail.text(), "c".repeat(TAIL_BYTES));
+    }
+
+    #[tokio::test]
+    async fn a_reader_leaving_is_noticed_and_no_reader_never_leaves() {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let progress = Progress::new(tx);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), reader_left(&progress));
+        assert!(waiting.await.is_err(), "the reader is still there");
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(1), reader_left(&progress))
+            .await
+            .expect("the reader left");
+        let nobody = Progress { tx: None };
+        let waiting = tokio::time::timeout(Duration::from_millis(50), reader_left(&nobody));
+        assert!(waiting.await.is_err());
     }
 
     #[test]
