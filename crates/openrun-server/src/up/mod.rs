@@ -90,8 +90,8 @@ impl Progress {
         Progress { tx: Some(tx) }
     }
 
-    /// Whether the reader left (a client that disconnected): the open stops after the
-    /// command that runs and cleans up.
+    /// Whether the reader left (a client that disconnected): the open stops (a running
+    /// command is killed) and cleans up.
     pub(crate) fn cancelled(&self) -> bool {
         self.tx.as_ref().is_some_and(|tx| tx.is_closed())
     }

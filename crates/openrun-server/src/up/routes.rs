@@ -9,8 +9,8 @@
 //!
 //! A request that cannot start (a bad option, a URL that is refused, a tar too large) is a
 //! 4xx JSON error before any line is streamed. Once streaming, the open runs in a task of its
-//! own that owns the cleanup: a client that leaves stops it after the command that runs, and
-//! the sandbox is removed (kept with `keep`).
+//! own that owns the cleanup: a client that leaves stops it (the running command is killed),
+//! and the sandbox is removed (kept with `keep`).
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Request, State};
@@ -295,7 +295,7 @@ impl Running {
 }
 
 /// Starts [`open_repo`] in a task that owns it and its cleanup: dropping the events'
-/// receiver is the client leaving (the open stops after the command that runs).
+/// receiver is the client leaving (the open stops; a running command is killed).
 pub(crate) fn spawn_open(
     s: &Shared,
     caller: &Caller,
