@@ -8,10 +8,13 @@ is set up once per session."""
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,3 +174,116 @@ def opened(client, repo):
         return runs[kind]
 
     return open_
+
+
+# --- git repositories over HTTP ---------------------------------------------------------------
+
+def git(*args, cwd):
+    subprocess.run(
+        ["git", "-c", "user.name=up", "-c", "user.email=up@example.com", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
+class Dumb(http.server.SimpleHTTPRequestHandler):
+    """"Dumb" HTTP: the bare repository's files as they are (git update-server-info made the
+    index files a client needs)."""
+
+    def log_message(self, *args):
+        pass
+
+
+class Smart(http.server.BaseHTTPRequestHandler):
+    """"Smart" HTTP (what GitHub and most hosts speak): every request through `git http-backend`
+    as a CGI program."""
+
+    root = ""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.backend()
+
+    def do_POST(self):
+        self.backend()
+
+    def backend(self):
+        path, _, query = self.path.partition("?")
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "GIT_PROJECT_ROOT": self.root,
+            "GIT_HTTP_EXPORT_ALL": "1",
+            "REQUEST_METHOD": self.command,
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+            "CONTENT_LENGTH": str(len(body)),
+            "REMOTE_ADDR": self.client_address[0],
+        }
+        if self.headers.get("Content-Encoding"):
+            env["HTTP_CONTENT_ENCODING"] = self.headers["Content-Encoding"]
+        if self.headers.get("Git-Protocol"):
+            env["GIT_PROTOCOL"] = self.headers["Git-Protocol"]
+        done = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True, timeout=120)
+        head, _, payload = done.stdout.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value.strip()))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture(scope="session")
+def bare_repos(workdir):
+    """A directory holding ruby-fixture.git: the Ruby fixture (no registry needed) committed to a
+    bare repository."""
+    src = workdir / "git-src"
+    src.mkdir()
+    fixtures.make_ruby(src)
+    git("init", "-q", "-b", "main", cwd=src)
+    git("add", "-A", cwd=src)
+    git("commit", "-q", "-m", "fixture", cwd=src)
+    served = workdir / "git-served"
+    served.mkdir()
+    git("clone", "-q", "--bare", str(src), str(served / "ruby-fixture.git"), cwd=workdir)
+    git("update-server-info", cwd=served / "ruby-fixture.git")
+    return served
+
+
+@pytest.fixture(scope="session")
+def git_url_for(bare_repos):
+    """`git_url_for(transport)`: http://127.0.0.1:PORT/ruby-fixture.git over "smart" or "dumb"
+    HTTP, one server per transport, served until the session ends."""
+    servers: dict[str, tuple] = {}
+
+    def url(transport: str) -> str:
+        if transport not in servers:
+            if transport == "dumb":
+                handler = functools.partial(Dumb, directory=str(bare_repos))
+            else:
+                handler = type("SmartHere", (Smart,), {"root": str(bare_repos)})
+            httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            servers[transport] = (httpd, f"http://127.0.0.1:{httpd.server_address[1]}/ruby-fixture.git")
+        return servers[transport][1]
+
+    try:
+        yield url
+    finally:
+        for httpd, _ in servers.values():
+            httpd.shutdown()
+            httpd.server_close()
