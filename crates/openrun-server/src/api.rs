@@ -342,6 +342,12 @@ pub(crate) struct CreateBody {
     /// Network policy (default: mode `none`); see `PUT /v1/sandboxes/{id}/network`.
     #[schema(value_type = Option<crate::egress::policy::PolicyBody>)]
     pub(crate) network: Option<serde_json::Value>,
+    /// Default working directory of every process, an absolute path (default: the image's;
+    /// made at start when the image lacks it).
+    pub(crate) workdir: Option<String>,
+    /// Default user of every process: a name of the image's `/etc/passwd` or `uid[:gid]`
+    /// (default: the image's).
+    pub(crate) user: Option<String>,
 }
 
 /// The sandbox resource of the API.
@@ -504,6 +510,22 @@ pub(crate) fn spec_from(body: CreateBody) -> Result<SandboxSpec, ApiError> {
     check_env(&body.env)?;
     check_labels(&body.labels)?;
     spec.env = body.env;
+    if let Some(dir) = body.workdir {
+        if !dir.starts_with('/') || dir.contains('\0') || dir.len() > 4096 {
+            return Err(ApiError::InvalidArgument(format!(
+                "workdir must be an absolute path without NUL bytes, at most 4096 bytes: {dir:?}"
+            )));
+        }
+        spec.cwd = Some(dir);
+    }
+    if let Some(user) = body.user {
+        if user.is_empty() || user.contains('\0') || user.len() > 256 {
+            return Err(ApiError::InvalidArgument(
+                "user must name a user or uid[:gid] (no NUL bytes, at most 256 bytes)".into(),
+            ));
+        }
+        spec.user = Some(user);
+    }
     Ok(spec)
 }
 
@@ -1061,5 +1083,13 @@ mod tests {
         assert!(matches!(err, ApiError::InvalidArgument(_)));
         let err = spec_from(body(r#"{"ttl":"0s"}"#).unwrap()).unwrap_err();
         assert!(matches!(err, ApiError::InvalidArgument(ref m) if m.contains("0s")));
+        let spec = spec_from(body(r#"{"workdir":"/workspaces/app","user":"1000:1000"}"#).unwrap())
+            .unwrap();
+        assert_eq!(spec.cwd.as_deref(), Some("/workspaces/app"));
+        assert_eq!(spec.user.as_deref(), Some("1000:1000"));
+        for bad in [r#"{"workdir":"relative"}"#, r#"{"user":""}"#] {
+            let err = spec_from(body(bad).unwrap()).unwrap_err();
+            assert!(matches!(err, ApiError::InvalidArgument(_)), "{bad}: {err}");
+        }
     }
 }

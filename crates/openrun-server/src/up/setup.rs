@@ -41,6 +41,10 @@ pub(crate) struct WorkspaceSpec {
     pub labels: BTreeMap<String, String>,
     /// The network policy (an allowlist of the plan's hosts, or mode `none`).
     pub network: serde_json::Value,
+    /// The default working directory: the workspace, so shells and commands start there.
+    pub workdir: String,
+    /// The default user (`remoteUser`), if the plan names one.
+    pub user: Option<String>,
 }
 
 impl WorkspaceSpec {
@@ -59,6 +63,8 @@ impl WorkspaceSpec {
             ttl: ttl.unwrap_or(DEFAULT_TTL).to_string(),
             labels: BTreeMap::from([(LABEL.to_string(), name.to_string())]),
             network,
+            workdir: plan.workspace.clone(),
+            user: plan.user.clone(),
         }
     }
 
@@ -73,6 +79,8 @@ impl WorkspaceSpec {
             env: self.env.clone(),
             labels: self.labels.clone(),
             network: Some(self.network.clone()),
+            workdir: Some(self.workdir.clone()),
+            user: self.user.clone(),
             ..Default::default()
         }
     }
