@@ -58,3 +58,35 @@ def test_reopen(client, opened, repo):
     )
     assert code == 0 and "six 1.16.0" in text, text
     client.delete(fourth.out["sandbox_id"])
+
+
+@pytest.mark.timeout(600)
+def test_what_a_directory_sends(client, opened, repo):
+    """The tree sent follows the CLI's rules (checked on a cached open, seconds): .gitignore'd
+    files stay home, hidden files go, a symlink inside the tree goes as a link, one out of the
+    tree is skipped with a warning and never followed."""
+    assert opened(KIND).code == 0, opened(KIND).describe()
+    root = repo(KIND)
+    (root / ".gitignore").write_text("secret.txt\nbuild/\n")
+    (root / "secret.txt").write_text("stays home\n")
+    (root / "build").mkdir(exist_ok=True)
+    (root / "build" / "big.bin").write_bytes(b"\0" * 1024)
+    (root / ".hidden").write_text("hidden but sent\n")
+    (root / "link-in").symlink_to("app.py")
+    (root / "link-out").symlink_to("/etc/hostname")
+    try:
+        run = client.up(root)
+        assert run.code == 0, run.describe()
+        assert run.out["cached"] is True, run.describe()
+        assert "link-out" in run.stderr, run.describe()  # the warning names the skipped link
+        code, text = client.exec(
+            run.out["sandbox_id"],
+            "test ! -e secret.txt && test ! -e build && cat .hidden && readlink link-in "
+            "&& test ! -e link-out && test ! -L link-out && echo RULES-OK",
+            workdir=run.out["workspace"],
+        )
+        assert code == 0 and "hidden but sent" in text and "app.py" in text and "RULES-OK" in text, text
+        client.delete(run.out["sandbox_id"])
+    finally:
+        for name in ("link-in", "link-out"):
+            (root / name).unlink(missing_ok=True)
