@@ -449,6 +449,15 @@ impl Builder<'_, '_> {
             return Ok(None);
         }
         let r = ImageRef::parse(name).map_err(|e| self.fail(ins, e.to_string()))?;
+        // A tenant's snapshots are its own (the server resolves them per caller); a build
+        // reads the store without tenancy, so it never starts from one, whatever the
+        // Dockerfile's ARGs expand to.
+        if is_tenant_image(&r) {
+            return Err(self.fail(
+                ins,
+                format!("FROM {r}: a tenant's snapshot cannot be a build base"),
+            ));
+        }
         if r.is_host() {
             return Err(self.fail(
                 ins,
@@ -882,6 +891,14 @@ impl Builder<'_, '_> {
     }
 }
 
+/// Whether `r` is a tenant's image (store name `tenants/<hash>/...`).
+fn is_tenant_image(r: &ImageRef) -> bool {
+    r.name
+        .split('/')
+        .next()
+        .is_some_and(|first| first.eq_ignore_ascii_case("tenants"))
+}
+
 /// Runs `argv` attached through the agent's control stream, passing its output to `events`
 /// as it comes. Returns how it ended (or why it could not start) and the end of its output.
 ///
@@ -1022,5 +1039,44 @@ mod tests {
         assert!(!valid_port("0"));
         assert!(!valid_port("80/http"));
         assert!(!valid_port("x"));
+    }
+
+    /// The FROM check runs on the name the builder itself expanded: an ARG declared without
+    /// a value is unset, so `${X-...}` takes its default.
+    #[test]
+    fn from_a_tenant_image_is_refused_after_expansion() {
+        let dir = tempfile::tempdir().unwrap();
+        let context = dir.path().join("ctx");
+        std::fs::create_dir(&context).unwrap();
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        let runtime = match Runtime::open(dir.path().join("data")) {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("skipped: no runtime here ({e})");
+                return;
+            }
+        };
+        for text in [
+            "ARG X\nFROM ${X-tenants/abc/x}\nRUN true\n",
+            "ARG X=tenants\nFROM ${X}/0123456789abcdef/up-recipe-1:latest\n",
+            "ARG X\nARG Y=${X:-tenants/abc/y}\nFROM ${Y}\n",
+        ] {
+            let parsed = dockerfile::parse(text).unwrap();
+            let options = BuildOptions {
+                tag: ImageRef::parse("t:latest").unwrap(),
+                context: context.clone(),
+                dockerfile: context.join("Dockerfile"),
+                build_args: BTreeMap::new(),
+                no_cache: false,
+            };
+            let e = build(&store, &runtime, &parsed, &options, &mut |_| {}).unwrap_err();
+            let message = e.to_string();
+            assert!(
+                message.contains("FROM tenants/")
+                    && message.contains("a tenant's snapshot cannot be a build base"),
+                "{text}: {message}"
+            );
+            assert!(e.is_user_error());
+        }
     }
 }
