@@ -450,10 +450,10 @@ struct UpLog {
 }
 
 impl UpLog {
-    fn push(&mut self, event: crate::up::UpEvent) {
+    /// Takes `event` in; returns the line shown for a step event.
+    fn push(&mut self, event: crate::up::UpEvent) -> Option<String> {
         use crate::up::UpEvent;
         match event {
-            UpEvent::Plan { .. } => {}
             UpEvent::Step {
                 step,
                 command,
@@ -478,7 +478,8 @@ impl UpLog {
                 if self.steps.len() == UP_STEP_LINES {
                     self.steps.pop_front();
                 }
-                self.steps.push_back(line);
+                self.steps.push_back(line.clone());
+                Some(line)
             }
             UpEvent::Output { data_b64, .. } => {
                 let data = base64::engine::general_purpose::STANDARD
@@ -488,7 +489,9 @@ impl UpLog {
                 let excess = (self.output.len() + data.len()).saturating_sub(UP_OUTPUT_BYTES);
                 self.output.drain(..excess);
                 self.output.extend(data);
+                None
             }
+            UpEvent::Plan { .. } => None,
         }
     }
 
@@ -1966,7 +1969,13 @@ impl OpenrunMcp {
             open_world_hint = true
         )
     )]
-    async fn up(&self, who: Who, Parameters(p): Parameters<UpParams>) -> Answer {
+    async fn up(
+        &self,
+        who: Who,
+        context: RequestContext<RoleServer>,
+        Parameters(p): Parameters<UpParams>,
+    ) -> Answer {
+        let keep = p.keep;
         let (request, source) = crate::up::routes::git_request(
             p.git,
             p.reference,
@@ -1980,8 +1989,40 @@ impl OpenrunMcp {
         .or_tool()?;
         let mut running = crate::up::routes::spawn_open(&self.state, &who.caller, request, source);
         let mut log = UpLog::default();
-        while let Some(event) = running.events.recv().await {
-            log.push(event);
+        // A client that asked for progress (`_meta.progressToken`) gets a notification per
+        // step line, so one that restarts its timeout on progress keeps waiting.
+        let token = context.meta.get_progress_token();
+        let mut steps_seen = 0u32;
+        loop {
+            let event = tokio::select! {
+                event = running.events.recv() => event,
+                () = context.ct.cancelled() => {
+                    // The client cancelled the call (notifications/cancelled; rmcp does not
+                    // drop this future). Dropping `running` closes the open's stream: the
+                    // open sees its reader gone, kills a running command and removes what it
+                    // made, as for a REST client that left (with keep, the sandbox stays).
+                    drop(running);
+                    let what = if keep {
+                        "the call was cancelled: the open stopped (keep: its sandbox stays; \
+                         list_sandboxes shows it)"
+                    } else {
+                        "the call was cancelled: the open stopped and removed what it made"
+                    };
+                    return Err(refuse("cancelled", what));
+                }
+            };
+            let Some(event) = event else { break };
+            if let (Some(line), Some(token)) = (log.push(event), &token) {
+                steps_seen += 1;
+                let note = rmcp::model::ProgressNotificationParam::new(
+                    token.clone(),
+                    f64::from(steps_seen),
+                )
+                .with_message(line);
+                if let Err(e) = context.peer.notify_progress(note).await {
+                    tracing::debug!(error = %e, "cannot send an up progress notification");
+                }
+            }
         }
         let steps: Vec<String> = log.steps.iter().cloned().collect();
         match running.finish().await {
