@@ -8,6 +8,18 @@ use crate::error::TreeError;
 /// Largest file a plan reads (a manifest or lockfile); larger ones are an error naming them.
 pub const MAX_READ: u64 = 16 * 1024 * 1024;
 
+/// Longest entry name (bytes, after normalisation) a [`TarTree`] accepts.
+pub const MAX_PATH: usize = 4096;
+
+/// Most components in an entry name a [`TarTree`] accepts.
+pub const MAX_DEPTH: usize = 256;
+
+/// Most paths (entries and the directories they imply) a [`TarTree`] indexes.
+pub const MAX_ENTRIES: usize = 500_000;
+
+/// Most bytes of indexed path names a [`TarTree`] holds in memory.
+pub const MAX_NAME_BYTES: usize = 128 * 1024 * 1024;
+
 /// What a plan may ask of a repository.
 pub trait RepoTree {
     /// The contents of the regular file at `path`, `None` if there is none (or it is a link
@@ -47,6 +59,15 @@ fn normalise(path: &str) -> Option<String> {
         }
     }
     Some(parts.join("/"))
+}
+
+/// The first 100 bytes of `name` (on a character boundary), for an error message.
+fn truncated(name: &str) -> &str {
+    let mut end = name.len().min(100);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
 }
 
 /// A directory on this machine. Every open resolves beneath the root with no symbolic link
@@ -230,6 +251,11 @@ impl TarTree {
     /// Indexes the tar at `path` and computes its digest. An entry whose name is absolute,
     /// contains `..` or is not UTF-8 makes the whole archive invalid.
     pub fn open(path: &Path) -> Result<TarTree, TreeError> {
+        TarTree::open_limited(path, MAX_ENTRIES)
+    }
+
+    /// [`TarTree::open`] with at most `max_entries` paths indexed.
+    fn open_limited(path: &Path, max_entries: usize) -> Result<TarTree, TreeError> {
         let io_error = |source| TreeError::Io {
             path: path.display().to_string(),
             source,
@@ -242,6 +268,7 @@ impl TarTree {
 
         let bad = |e: io::Error| TreeError::BadArchive(e.to_string());
         let mut entries = BTreeMap::new();
+        let mut name_bytes = 0usize;
         let mut archive = tar::Archive::new(&file);
         for entry in archive.entries_with_seek().map_err(bad)? {
             let entry = entry.map_err(bad)?;
@@ -264,6 +291,18 @@ impl TarTree {
             if key.is_empty() {
                 continue;
             }
+            if key.len() > MAX_PATH {
+                return Err(TreeError::BadArchive(format!(
+                    "an entry's name is longer than {MAX_PATH} bytes: {}...",
+                    truncated(&key)
+                )));
+            }
+            if key.split('/').count() > MAX_DEPTH {
+                return Err(TreeError::BadArchive(format!(
+                    "an entry's name is deeper than {MAX_DEPTH} directories: {}...",
+                    truncated(&key)
+                )));
+            }
             let kind = if entry_type.is_file() || entry_type.is_contiguous() {
                 Kind::File {
                     offset: entry.raw_file_position(),
@@ -276,14 +315,36 @@ impl TarTree {
             } else {
                 Kind::Other
             };
-            // Every parent is a directory, listed or not.
+            // Every parent is a directory, listed or not. Parents are added from the nearest
+            // up and the walk stops at the first one already a directory: its own parents were
+            // recorded with it, so indexing stays linear in the names' total length.
             let mut parent = key.as_str();
             while let Some((up, _)) = parent.rsplit_once('/') {
-                entries.insert(up.to_string(), Kind::Dir);
+                match entries.get_mut(up) {
+                    Some(Kind::Dir) => break,
+                    Some(other) => *other = Kind::Dir,
+                    None => {
+                        name_bytes += up.len();
+                        entries.insert(up.to_string(), Kind::Dir);
+                    }
+                }
                 parent = up;
             }
             // A later entry of the same name replaces an earlier one, as extraction does.
+            if !entries.contains_key(&key) {
+                name_bytes += key.len();
+            }
             entries.insert(key, kind);
+            if entries.len() > max_entries {
+                return Err(TreeError::BadArchive(format!(
+                    "more than {max_entries} entries (files and directories)"
+                )));
+            }
+            if name_bytes > MAX_NAME_BYTES {
+                return Err(TreeError::BadArchive(format!(
+                    "entry names add up to more than {MAX_NAME_BYTES} bytes"
+                )));
+            }
         }
         Ok(TarTree {
             file,
@@ -550,6 +611,57 @@ mod tests {
         raw.close().unwrap();
         raw = tar_file(&[]).into_temp_path();
         assert!(TarTree::open(&raw).unwrap().files().is_empty());
+    }
+
+    /// A tar of one regular file per name (GNU long names as needed).
+    fn tar_of_names(names: impl IntoIterator<Item = String>) -> tempfile::NamedTempFile {
+        let mut builder = tar::Builder::new(Vec::new());
+        for name in names {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(0);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            builder.append_data(&mut header, &name, &b""[..]).unwrap();
+        }
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, &builder.into_inner().unwrap()).unwrap();
+        file
+    }
+
+    #[test]
+    fn tar_tree_indexes_deep_paths_linearly() {
+        // 200 files each 250 directories deep under the same directories: with every parent
+        // recorded again for every file this is quadratic; stopping at a known parent it is not.
+        let deep = "d/".repeat(250);
+        let file = tar_of_names((0..200).map(|i| format!("{deep}f{i}")));
+        let started = std::time::Instant::now();
+        let tree = TarTree::open(file.path()).unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        assert_eq!(tree.entries.len(), 250 + 200);
+        assert!(tree.is_dir("d/d") && tree.is_file(&format!("{deep}f7")));
+        // A file that a later entry shows to be a directory becomes one, parents and all.
+        let file = tar_of_names(["a".to_string(), "a/b/c".to_string()]);
+        let tree = TarTree::open(file.path()).unwrap();
+        assert!(tree.is_dir("a") && tree.is_dir("a/b") && tree.is_file("a/b/c"));
+    }
+
+    #[test]
+    fn tar_tree_refuses_too_long_too_deep_and_too_many_names() {
+        let file = tar_of_names([format!("{}/f", "x".repeat(MAX_PATH))]);
+        let err = TarTree::open(file.path()).unwrap_err().to_string();
+        assert!(err.contains("longer than 4096 bytes"), "{err}");
+        let file = tar_of_names([format!("{}f", "d/".repeat(MAX_DEPTH))]);
+        let err = TarTree::open(file.path()).unwrap_err().to_string();
+        assert!(err.contains("deeper than 256"), "{err}");
+        let file = tar_of_names([format!("{}f", "d/".repeat(MAX_DEPTH - 1))]);
+        assert!(TarTree::open(file.path()).is_ok());
+        // Directories implied by the names count too.
+        let file = tar_of_names((0..50).map(|i| format!("d{i}/f")));
+        let err = TarTree::open_limited(file.path(), 99)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("more than 99 entries"), "{err}");
+        assert!(TarTree::open_limited(file.path(), 100).is_ok());
     }
 
     #[test]
