@@ -329,8 +329,10 @@ async fn store_image(
     .at_step("base"))
 }
 
-/// Builds the repository's Dockerfile (server-wide image `up-dockerfile-<hash>`, the hash of
-/// the Dockerfile, its build arguments and the context's contents).
+/// Builds the repository's Dockerfile: the caller's image `up-dockerfile-<hash>` (stored as
+/// `tenants/<scope>/up-dockerfile-<hash>`, owned by the caller: another tenant's open never
+/// finds it), the hash of the Dockerfile, its build arguments and the unpacked context
+/// exactly as the build reads it.
 async fn build_dockerfile(
     s: &Shared,
     caller: &Caller,
@@ -372,6 +374,13 @@ async fn build_dockerfile(
     // name, `tenants/<hash>/...`) is refused, and a FROM debian:SUITE is built first, like a
     // Debian base.
     for image in from_images(&parsed, args).map_err(|why| failed(format!("{dockerfile}: {why}")))? {
+        // The builder refuses these too (after its own expansion); this says so before any
+        // build starts.
+        if image != "scratch" && ImageRef::parse(&image).is_err() {
+            return Err(failed(format!(
+                "{dockerfile}: FROM {image:?} is not an image name"
+            )));
+        }
         if ImageRef::parse(&image).is_ok_and(|r| r.name.starts_with("tenants/")) {
             return Err(failed(format!(
                 "{dockerfile}: FROM {image}: a snapshot of a tenant cannot be a Dockerfile's \
@@ -385,17 +394,20 @@ async fn build_dockerfile(
         }
     }
     let mut hash = Sha256::new();
+    // v2: the context's digest is of the unpacked directory.
+    hash.update(b"up-dockerfile v2\0");
     hash.update(unpacked.text.as_bytes());
     for (k, v) in args {
         hash.update(format!("\0{k}={v}").as_bytes());
     }
     hash.update(unpacked.digest);
     let name = format!("up-dockerfile-{}", &hex(&hash.finalize())[..16]);
+    let stored = format!("{}{name}:latest", tenant_scope(&caller.tenant));
     let mut argv = vec![
         "image".to_string(),
         "build".into(),
         "-t".into(),
-        name.clone(),
+        stored.clone(),
         "-f".into(),
         copy.path().display().to_string(),
     ];
@@ -415,11 +427,25 @@ async fn build_dockerfile(
     let Some((_same, started)) = claim(s, caller, &name, "base", &command, progress).await? else {
         return Ok(name);
     };
-    let result = run_openrun(s, argv, "base", DOCKERFILE_TIMEOUT, progress)
-        .await
-        .map_err(|tail| failed(format!("cannot build {dockerfile}: {tail}")));
+    let result = match run_openrun(s, argv, "base", DOCKERFILE_TIMEOUT, progress).await {
+        Ok(()) => {
+            let tenant = caller.tenant.clone();
+            s.db.call(move |c| crate::db::set_image_owner(c, &stored, &tenant))
+                .await
+                .map_err(|e| UpError::from(ApiError::from(e)))
+        }
+        Err(tail) => Err(failed(format!("cannot build {dockerfile}: {tail}"))),
+    };
     finish_step(progress, "base", command, started, result).await?;
     Ok(name)
+}
+
+/// The prefix of the store names of `tenant`'s images, `tenants/<16 hex of sha256>/`: the
+/// one `crate::images` gives snapshots (its `scope`), so [`crate::images::resolve`] finds
+/// the caller's image by its plain name.
+fn tenant_scope(tenant: &str) -> String {
+    let digest = Sha256::digest(tenant.as_bytes());
+    format!("tenants/{}/", hex(&digest[..8]))
 }
 
 /// The images the FROMs of `parsed` name, expanded as the builder does: with the ARGs
@@ -429,14 +455,16 @@ fn from_images(
     args: &BTreeMap<String, String>,
 ) -> Result<Vec<String>, String> {
     use openrun_image::dockerfile::Kind;
-    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    // As the builder's: an ARG declared without a value is unset (`${X-default}` takes the
+    // default), not empty.
+    let mut vars: BTreeMap<String, Option<String>> = BTreeMap::new();
     for instruction in &parsed.global_args {
         if let Kind::Arg(declared) = &instruction.kind {
             for (name, default) in declared {
                 let value = match (args.get(name), default) {
-                    (Some(value), _) => value.clone(),
-                    (None, Some(word)) => word.expand(&|k| vars.get(k).cloned())?,
-                    (None, None) => String::new(),
+                    (Some(value), _) => Some(value.clone()),
+                    (None, Some(word)) => Some(word.expand(&|k| vars.get(k).cloned().flatten())?),
+                    (None, None) => None,
                 };
                 vars.insert(name.clone(), value);
             }
@@ -446,7 +474,7 @@ fn from_images(
     for instruction in &parsed.instructions {
         if let Kind::From { image } = &instruction.kind {
             let name = image
-                .expand(&|k| vars.get(k).cloned())
+                .expand(&|k| vars.get(k).cloned().flatten())
                 .map_err(|e| format!("line {}: {e}", instruction.line))?;
             images.push(name);
         }
@@ -536,42 +564,70 @@ fn unpack_context(
         return Err(format!("{dockerfile} is larger than 1 MiB"));
     }
     std::fs::write(copy, &text).map_err(|e| format!("cannot copy {dockerfile}: {e}"))?;
-    let digest = context_digest(open(tar)?, context)
-        .map_err(|e| format!("cannot read the repository: {e}"))?;
+    let context_dir = if context == "." {
+        root.to_path_buf()
+    } else {
+        root.join(context)
+    };
+    let digest = context_digest(&context_dir)
+        .map_err(|e| format!("cannot read the unpacked repository: {e}"))?;
     Ok(Unpacked { text, digest })
 }
 
-/// sha256 of the entries of the tar `reader` under `context` (`.` for all): path, kind,
-/// mode, contents or link target, in archive order; times and owners left out (a fresh
-/// clone has new times).
-fn context_digest(reader: impl Read, context: &str) -> std::io::Result<[u8; 32]> {
+/// sha256 of the directory `dir` as the build reads it (the unpacked context, whatever
+/// names the tar gave its entries): every entry's relative path, kind, mode, and contents or
+/// link target, in name order; times and owners left out (a fresh clone has new times).
+/// Links are never followed.
+fn context_digest(dir: &Path) -> std::io::Result<[u8; 32]> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
     let mut hash = Sha256::new();
-    let mut archive = tar::Archive::new(std::io::BufReader::new(reader));
-    let prefix = format!("{context}/");
     let mut buf = vec![0u8; 64 * 1024];
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let raw = entry.path_bytes().into_owned();
-        let path = String::from_utf8_lossy(&raw);
-        let path = path.trim_start_matches("./");
-        if context != "." && !(path == context || path.starts_with(&prefix)) {
-            continue;
-        }
-        let header = entry.header();
-        hash.update(path.as_bytes());
-        hash.update([0, header.entry_type().as_byte()]);
-        hash.update(header.mode().unwrap_or(0).to_le_bytes());
-        if let Some(target) = entry.link_name_bytes() {
-            hash.update(&target);
-        }
-        hash.update([0]);
-        loop {
-            let n = entry.read(&mut buf)?;
-            if n == 0 {
-                break;
+    // Directories to list, relative to `dir` ("" for `dir` itself).
+    let mut pending: Vec<std::path::PathBuf> = vec![std::path::PathBuf::new()];
+    while let Some(rel) = pending.pop() {
+        let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(dir.join(&rel))?
+            .map(|entry| entry.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        // Pushed in reverse so they are listed in name order (depth first).
+        let mut subdirs = Vec::new();
+        for name in names {
+            let rel = rel.join(&name);
+            let path = dir.join(&rel);
+            let meta = std::fs::symlink_metadata(&path)?;
+            let kind = meta.file_type();
+            hash.update(rel.as_os_str().as_bytes());
+            hash.update([0]);
+            let tag = if kind.is_dir() {
+                b'd'
+            } else if kind.is_file() {
+                b'f'
+            } else if kind.is_symlink() {
+                b'l'
+            } else {
+                b'o'
+            };
+            hash.update([tag]);
+            hash.update((meta.permissions().mode() & 0o7777).to_le_bytes());
+            if kind.is_file() {
+                hash.update(meta.len().to_le_bytes());
+                let mut file = std::fs::File::open(&path)?;
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hash.update(&buf[..n]);
+                }
+            } else if kind.is_symlink() {
+                hash.update(std::fs::read_link(&path)?.as_os_str().as_bytes());
+            } else if kind.is_dir() {
+                subdirs.push(rel);
             }
-            hash.update(&buf[..n]);
+            hash.update([0]);
         }
+        pending.extend(subdirs.into_iter().rev());
     }
     Ok(hash.finalize().into())
 }
@@ -922,25 +978,69 @@ mod tests {
         assert_eq!(relative("a/../../b"), None);
     }
 
+    /// Unpacks `entries` (name, contents) as a tar the way an open does; the digest of
+    /// `context` in it.
+    fn digest_of(entries: &[(&str, &[u8])], mtime: u64, context: &str) -> [u8; 32] {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_mtime(mtime);
+            // Names the tar crate would refuse to write (`.//x`) go in raw.
+            let name = h.as_old_mut();
+            name.name[..path.len()].copy_from_slice(path.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        openrun_image::layer::unpack(&tar[..], dir.path(), "test").unwrap();
+        let ctx = if context == "." {
+            dir.path().to_path_buf()
+        } else {
+            dir.path().join(context)
+        };
+        context_digest(&ctx).unwrap()
+    }
+
     #[test]
     fn the_context_digest_ignores_times_and_other_dirs() {
-        let tar_of = |mtime: u64, other: &[u8]| {
-            let mut b = tar::Builder::new(Vec::new());
-            for (path, data) in [("ctx/a.txt", &b"hello"[..]), ("other.txt", other)] {
-                let mut h = tar::Header::new_gnu();
-                h.set_size(data.len() as u64);
-                h.set_mode(0o644);
-                h.set_mtime(mtime);
-                h.set_cksum();
-                b.append_data(&mut h, path, data).unwrap();
-            }
-            b.into_inner().unwrap()
-        };
-        let one = context_digest(&tar_of(1, b"x")[..], "ctx").unwrap();
-        assert_eq!(one, context_digest(&tar_of(2, b"y")[..], "ctx").unwrap());
+        let tree = |other: &'static [u8]| [("ctx/a.txt", &b"hello"[..]), ("other.txt", other)];
+        let one = digest_of(&tree(b"x"), 1, "ctx");
+        assert_eq!(one, digest_of(&tree(b"y"), 2, "ctx"));
         assert_ne!(
-            context_digest(&tar_of(1, b"x")[..], ".").unwrap(),
-            context_digest(&tar_of(1, b"y")[..], ".").unwrap()
+            digest_of(&tree(b"x"), 1, "."),
+            digest_of(&tree(b"y"), 1, ".")
+        );
+    }
+
+    /// Security review #2: an entry whose raw name is not the normal one (`.//ctx/a.txt`)
+    /// still lands in the context and changes its digest.
+    #[test]
+    fn the_context_digest_is_of_what_is_unpacked() {
+        let honest: [(&str, &[u8]); 1] = [("ctx/a.txt", b"hello")];
+        let sneaky: [(&str, &[u8]); 2] = [("ctx/a.txt", b"hello"), (".//ctx/a.txt", b"evil")];
+        assert_ne!(digest_of(&honest, 1, "ctx"), digest_of(&sneaky, 1, "ctx"));
+        let same: [(&str, &[u8]); 1] = [("./ctx//a.txt", b"hello")];
+        assert_eq!(digest_of(&honest, 1, "ctx"), digest_of(&same, 1, "ctx"));
+    }
+
+    #[test]
+    fn tenant_scope_is_the_store_prefix_of_snapshots() {
+        let scope = tenant_scope("tenant-a");
+        assert!(scope.starts_with("tenants/") && scope.ends_with('/'));
+        assert_eq!(scope.len(), "tenants/".len() + 17);
+        assert!(ImageRef::parse(&format!("{scope}up-dockerfile-0123456789abcdef")).is_ok());
+    }
+
+    #[test]
+    fn an_arg_without_a_value_is_unset_as_for_the_builder() {
+        let parsed =
+            openrun_image::dockerfile::parse("ARG X\nFROM ${X-tenants/abc/x}\nRUN true\n").unwrap();
+        assert_eq!(
+            from_images(&parsed, &BTreeMap::new()).unwrap(),
+            ["tenants/abc/x"]
         );
     }
 }
