@@ -77,29 +77,80 @@ pub(crate) enum StepStatus {
     Cached,
 }
 
+/// How long a step event may wait for room in a full stream before the reader counts as gone
+/// (a client that stays connected but stopped reading must not hold the open forever).
+const STEP_SEND_DEADLINE: Duration = Duration::from_secs(300);
+
 /// Where [`open_repo`] reports progress. Sending never fails the setup: a client that left
-/// only stops seeing it.
+/// only stops seeing it. Output chunks are dropped while the stream is full (the commands'
+/// tails are kept anyway); a step event that waits more than [`STEP_SEND_DEADLINE`] marks
+/// the reader gone, and the open then stops as for a client that left.
 #[derive(Debug, Clone)]
 pub(crate) struct Progress {
     tx: Option<mpsc::Sender<UpEvent>>,
+    /// Set when the reader counts as gone without having closed the stream.
+    gone: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Progress {
     /// Progress to `tx`.
     pub(crate) fn new(tx: mpsc::Sender<UpEvent>) -> Self {
-        Progress { tx: Some(tx) }
+        Progress {
+            tx: Some(tx),
+            gone: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
     }
 
-    /// Whether the reader left (a client that disconnected): the open stops (a running
-    /// command is killed) and cleans up.
+    /// Progress nobody reads (it never counts as gone).
+    #[cfg(test)]
+    pub(crate) fn unread() -> Self {
+        Progress {
+            tx: None,
+            gone: Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+
+    /// Whether the reader left (a client that disconnected, or stopped reading for
+    /// [`STEP_SEND_DEADLINE`]): the open stops (a running command is killed) and cleans up.
     pub(crate) fn cancelled(&self) -> bool {
-        self.tx.as_ref().is_some_and(|tx| tx.is_closed())
+        *self.gone.borrow() || self.tx.as_ref().is_some_and(|tx| tx.is_closed())
     }
 
-    /// Sends `event` (waits while the stream is full; drops it if the reader left).
+    /// Resolves once the reader left (never for progress nobody reads).
+    pub(crate) async fn reader_left(&self) {
+        let Some(tx) = &self.tx else {
+            return std::future::pending().await;
+        };
+        let mut gone = self.gone.subscribe();
+        tokio::select! {
+            () = tx.closed() => {}
+            _ = gone.wait_for(|g| *g) => {}
+        }
+    }
+
+    /// Sends `event`: output is dropped when the stream is full; other events wait for room
+    /// up to [`STEP_SEND_DEADLINE`], after which the reader counts as gone. Nothing is sent
+    /// to a reader that left.
     pub(crate) async fn send(&self, event: UpEvent) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(event).await;
+        let Some(tx) = &self.tx else { return };
+        if self.cancelled() {
+            return;
+        }
+        if matches!(event, UpEvent::Output { .. }) {
+            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+                tracing::debug!("up: the reader is slow, an output chunk was dropped");
+            }
+            return;
+        }
+        if tokio::time::timeout(STEP_SEND_DEADLINE, tx.send(event))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "up: the reader took no event for {} s: it counts as gone, the open stops",
+                STEP_SEND_DEADLINE.as_secs()
+            );
+            self.gone.send_replace(true);
         }
     }
 
@@ -354,6 +405,34 @@ async fn turn(tenant: &str, key: &str) -> tokio::sync::OwnedMutexGuard<()> {
     lock.lock_owned().await
 }
 
+/// [`turn`], saying so (step `wait`) when another open of the key holds it, and giving up
+/// when the reader leaves meanwhile.
+async fn wait_turn(
+    tenant: &str,
+    key: &str,
+    progress: &Progress,
+) -> Result<tokio::sync::OwnedMutexGuard<()>, UpError> {
+    let waiting = turn(tenant, key);
+    tokio::pin!(waiting);
+    // A free turn is taken at once, without a `wait` step.
+    if let Some(guard) = futures_util::FutureExt::now_or_never(waiting.as_mut()) {
+        return Ok(guard);
+    }
+    let started = Instant::now();
+    let what = "another open of this repository is under way: waiting for it".to_string();
+    progress
+        .step("wait", Some(what), StepStatus::Running, None, None)
+        .await;
+    let guard = tokio::select! {
+        guard = waiting => guard,
+        () = progress.reader_left() => return Err(cancelled("wait")),
+    };
+    progress
+        .step("wait", None, StepStatus::Ok, Some(ms_since(started)), None)
+        .await;
+    Ok(guard)
+}
+
 /// The core call of `openrun up` (`POST /v1/up`, MCP's `up`): the repository `source` becomes
 /// a ready sandbox. The steps: the tar (uploaded, or cloned from git) is planned
 /// (`openrun_recipe::plan_for`) and keyed; a stored recipe of the key whose image still
@@ -409,7 +488,7 @@ pub(crate) async fn open_repo(
             plan: planned.plan,
         });
     }
-    let turn = turn(&caller.tenant, &planned.key).await;
+    let turn = wait_turn(&caller.tenant, &planned.key, &progress).await?;
     let mut slot = None;
     let open = Open {
         s,
@@ -851,5 +930,63 @@ mod tests {
         drop(first);
         let _second = second.await.unwrap();
         drop(other);
+    }
+}
+
+#[cfg(test)]
+mod backpressure_tests {
+    use super::*;
+
+    fn output(n: u8) -> UpEvent {
+        UpEvent::Output {
+            step: "s".into(),
+            stream: "stdout",
+            data_b64: n.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn output_is_dropped_when_nobody_reads_and_the_open_goes_on() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let progress = Progress::new(tx);
+        for n in 0..10 {
+            tokio::time::timeout(Duration::from_secs(1), progress.send(output(n)))
+                .await
+                .expect("output never waits for the reader");
+        }
+        assert!(!progress.cancelled(), "dropped output is not a reader gone");
+        let first = rx.recv().await;
+        assert!(matches!(first, Some(UpEvent::Output { data_b64, .. }) if data_b64 == "0"));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_open_says_so_and_stops_when_its_reader_leaves() {
+        let holder = turn("t-wait", "k").await;
+        let (tx, mut rx) = mpsc::channel(8);
+        let progress = Progress::new(tx);
+        let waiter = {
+            let progress = progress.clone();
+            tokio::spawn(async move { wait_turn("t-wait", "k", &progress).await.map(drop) })
+        };
+        let first = rx.recv().await;
+        assert!(matches!(
+            first,
+            Some(UpEvent::Step { ref step, status: StepStatus::Running, .. }) if step == "wait"
+        ));
+        drop(rx);
+        let result = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the wait ends when the reader leaves")
+            .expect("no panic");
+        assert_eq!(result.err().map(|e| e.code), Some("cancelled".to_string()));
+        drop(holder);
+        // A free turn is taken without a wait step.
+        let (tx, mut rx) = mpsc::channel(8);
+        let progress = Progress::new(tx);
+        let _guard = wait_turn("t-wait", "k", &progress)
+            .await
+            .map_err(|e| e.code);
+        drop(progress);
+        assert!(rx.recv().await.is_none());
     }
 }

@@ -218,10 +218,7 @@ pub(crate) async fn run_command(
 
 /// Resolves once the progress reader left (never for progress nobody reads).
 async fn reader_left(progress: &Progress) {
-    match &progress.tx {
-        Some(tx) => tx.closed().await,
-        None => std::future::pending().await,
-    }
+    progress.reader_left().await;
 }
 
 /// Sends an output chunk as progress and keeps its end.
@@ -278,7 +275,7 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), reader_left(&progress))
             .await
             .expect("the reader left");
-        let nobody = Progress { tx: None };
+        let nobody = Progress::unread();
         let waiting = tokio::time::timeout(Duration::from_millis(50), reader_left(&nobody));
         assert!(waiting.await.is_err());
     }
