@@ -66,6 +66,21 @@ impl PlanError {
         }
     }
 
+    /// The error code an up reports for it (the same on the server and in the CLI):
+    /// `no_project`; `invalid_config` for a file that is not valid, too large or unreadable
+    /// (the error names it); `invalid_repository` for an archive that is not a valid tar or
+    /// is over a limit.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PlanError::NoProject => "no_project",
+            PlanError::Invalid { .. }
+            | PlanError::Tree(TreeError::TooLarge { .. } | TreeError::Io { .. }) => {
+                "invalid_config"
+            }
+            PlanError::Tree(TreeError::BadArchive(_)) => "invalid_repository",
+        }
+    }
+
     /// The file the error is about, if one.
     pub fn file(&self) -> Option<&str> {
         match self {
@@ -75,5 +90,35 @@ impl PlanError {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_name_the_kind_of_failure() {
+        assert_eq!(PlanError::NoProject.code(), "no_project");
+        let invalid = PlanError::invalid("package.json", "bad");
+        assert_eq!(
+            (invalid.code(), invalid.file()),
+            ("invalid_config", Some("package.json"))
+        );
+        let large = PlanError::Tree(TreeError::TooLarge {
+            path: "Cargo.lock".into(),
+            limit: 1,
+        });
+        assert_eq!(
+            (large.code(), large.file()),
+            ("invalid_config", Some("Cargo.lock"))
+        );
+        let io = PlanError::Tree(TreeError::Io {
+            path: "go.mod".into(),
+            source: std::io::Error::other("x"),
+        });
+        assert_eq!((io.code(), io.file()), ("invalid_config", Some("go.mod")));
+        let bad = PlanError::Tree(TreeError::BadArchive("x".into()));
+        assert_eq!((bad.code(), bad.file()), ("invalid_repository", None));
     }
 }

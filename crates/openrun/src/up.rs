@@ -266,12 +266,7 @@ async fn choose(
 
 /// The error object of a plan that could not be made (as the server's error line).
 fn plan_error(e: &PlanError) -> Value {
-    let code = match e {
-        PlanError::NoProject => "no_project",
-        PlanError::Invalid { .. } => "invalid_config",
-        PlanError::Tree(_) => "invalid_repository",
-    };
-    let mut error = json!({"type": "error", "code": code, "message": e.to_string()});
+    let mut error = json!({"type": "error", "code": e.code(), "message": e.to_string()});
     if let Some(file) = e.file() {
         error["file"] = json!(file);
     }
