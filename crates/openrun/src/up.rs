@@ -171,10 +171,16 @@ async fn up(
             if args.git_ref.is_some() {
                 bail!("--ref is for git URLs: {} is a directory", dir.display());
             }
-            // Planned here first: what is not a project fails without a server.
+            let listing = list_tree(dir)?;
+            for warning in &listing.warnings {
+                eprintln!("openrun up: warning: {warning}");
+            }
+            // Planned here first, over exactly what is sent (the server plans the same
+            // files): what is not a project fails without a server.
             let tree = DirTree::open(dir)
                 .map_err(|e| anyhow!(e))
                 .with_context(|| format!("cannot read {}", dir.display()))?;
+            let tree = ListedTree::new(tree, &listing);
             let plan = match openrun_recipe::plan_for(&tree, &name) {
                 Ok(plan) => plan,
                 Err(e) => {
@@ -185,10 +191,6 @@ async fn up(
             if args.plan {
                 print_plan(&plan, args.json)?;
                 return Ok(0);
-            }
-            let listing = list_tree(dir)?;
-            for warning in &listing.warnings {
-                eprintln!("openrun up: warning: {warning}");
             }
             if listing.tar_size > MAX_TAR {
                 bail!("{}", too_large(dir, &listing));
@@ -262,6 +264,81 @@ async fn choose(
         },
         local,
     ))
+}
+
+/// A directory seen through its [`Listing`]: only what the tar holds (no `.gitignore`d
+/// files, no links out of the tree), so a plan made here is the one the server makes.
+struct ListedTree {
+    dir: DirTree,
+    /// Regular files, `/`-separated.
+    files: std::collections::HashSet<String>,
+    /// Directories, `/`-separated; each with its listed children's names, sorted.
+    dirs: BTreeMap<String, Vec<String>>,
+}
+
+impl ListedTree {
+    fn new(dir: DirTree, listing: &Listing) -> Self {
+        let mut files = std::collections::HashSet::new();
+        let mut dirs: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        dirs.insert(String::new(), Vec::new());
+        for entry in &listing.entries {
+            // A name that is not UTF-8 cannot be a manifest; the server refuses the tar.
+            let Some(path) = entry.path.to_str() else {
+                continue;
+            };
+            let path = path.replace(std::path::MAIN_SEPARATOR, "/");
+            let (parent, name) = path.rsplit_once('/').unwrap_or(("", &path));
+            dirs.entry(parent.to_string())
+                .or_default()
+                .push(name.to_string());
+            match entry.kind {
+                EntryKind::Dir => {
+                    dirs.entry(path.clone()).or_default();
+                }
+                EntryKind::File(_) => {
+                    files.insert(path.clone());
+                }
+                EntryKind::Symlink(_) => {}
+            }
+        }
+        for names in dirs.values_mut() {
+            names.sort();
+            names.dedup();
+        }
+        ListedTree { dir, files, dirs }
+    }
+
+    /// `path` as the listing keys it (no `.`, empty or trailing components).
+    fn key(path: &str) -> String {
+        path.split('/')
+            .filter(|part| !part.is_empty() && *part != ".")
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+impl openrun_recipe::tree::RepoTree for ListedTree {
+    fn read(&self, path: &str) -> Result<Option<Vec<u8>>, openrun_recipe::error::TreeError> {
+        if !self.is_file(path) {
+            return Ok(None);
+        }
+        self.dir.read(path)
+    }
+
+    fn is_file(&self, path: &str) -> bool {
+        self.files.contains(&ListedTree::key(path)) && self.dir.is_file(path)
+    }
+
+    fn is_dir(&self, path: &str) -> bool {
+        self.dirs.contains_key(&ListedTree::key(path))
+    }
+
+    fn list(&self, path: &str) -> Vec<String> {
+        self.dirs
+            .get(&ListedTree::key(path))
+            .cloned()
+            .unwrap_or_default()
+    }
 }
 
 /// The error object of a plan that could not be made (as the server's error line).

@@ -124,6 +124,48 @@ fn a_directory_that_is_no_project_fails_here() {
 }
 
 #[test]
+fn the_plan_is_made_of_what_is_sent() {
+    let env = Env::new();
+    let home = tempfile::tempdir().unwrap();
+    let repo = tempfile::tempdir().unwrap();
+    let root = repo.path();
+    // A personal devcontainer, ignored: the server never sees it, so neither does the plan.
+    std::fs::write(
+        root.join(".gitignore"),
+        ".devcontainer/\nrequirements.txt\n",
+    )
+    .unwrap();
+    std::fs::create_dir(root.join(".devcontainer")).unwrap();
+    std::fs::write(
+        root.join(".devcontainer/devcontainer.json"),
+        r#"{"image": "debian:bookworm"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("package.json"),
+        r#"{"name": "app", "version": "1.0.0"}"#,
+    )
+    .unwrap();
+    let dir = root.to_str().unwrap();
+    let out = up(
+        &env,
+        home.path(),
+        &["--server", NO_SERVER, "--plan", "--json", dir],
+    );
+    assert_ok(&out);
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["source"], "detected", "{plan}");
+    // An ignored, generated requirements.txt as the only manifest: no project, here.
+    std::fs::remove_file(root.join("package.json")).unwrap();
+    std::fs::remove_dir_all(root.join(".devcontainer")).unwrap();
+    std::fs::write(root.join("requirements.txt"), "requests\n").unwrap();
+    let out = up(&env, home.path(), &["--server", NO_SERVER, "--json", dir]);
+    assert_eq!(out.status.code(), Some(125), "{}", stderr(&out));
+    let error: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(error["code"], "no_project", "{error}");
+}
+
+#[test]
 fn bad_sources_are_refused_with_a_reason() {
     let env = Env::new();
     let home = tempfile::tempdir().unwrap();
