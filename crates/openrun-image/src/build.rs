@@ -29,7 +29,9 @@ use openrun_protocol::frame::{read_frame, write_frame};
 use openrun_protocol::{
     AgentMessage, ExecRequest, ExitStatus, Frame, FrameError, Request, RequestEnvelope, Response,
 };
-use openrun_runtime::{ClientError, ImageSource, Runtime, RuntimeError, SandboxSpec, Storage};
+use openrun_runtime::{
+    ClientError, ImageSource, Limits, Runtime, RuntimeError, SandboxSpec, Storage,
+};
 use serde_json::json;
 
 use crate::cache::{key_of, Cache};
@@ -128,6 +130,9 @@ pub struct BuildOptions {
     pub build_args: BTreeMap<String, String>,
     /// Run every step even when the cache has it.
     pub no_cache: bool,
+    /// Limits of every `RUN` sandbox: each one set replaces the default (none for memory,
+    /// CPU and disk; the runtime's default pids).
+    pub limits: Limits,
 }
 
 /// Progress of a build, as it happens.
@@ -823,6 +828,12 @@ impl Builder<'_, '_> {
         });
         spec.storage = Storage::Disk;
         spec.exit_with_creator = true;
+        let limits = &self.options.limits;
+        spec.limits.memory_bytes = limits.memory_bytes.or(spec.limits.memory_bytes);
+        spec.limits.cpu_millis = limits.cpu_millis.or(spec.limits.cpu_millis);
+        spec.limits.pids = limits.pids.or(spec.limits.pids);
+        spec.limits.disk_bytes = limits.disk_bytes.or(spec.limits.disk_bytes);
+        spec.limits.open_files = limits.open_files.or(spec.limits.open_files);
         // ARGs are in the environment of RUN steps (not of the image); ENV wins.
         for (k, v) in &self.state.args {
             if let Some(v) = v {
@@ -1068,6 +1079,7 @@ mod tests {
                 dockerfile: context.join("Dockerfile"),
                 build_args: BTreeMap::new(),
                 no_cache: false,
+                limits: Limits::default(),
             };
             let e = build(&store, &runtime, &parsed, &options, &mut |_| {}).unwrap_err();
             let message = e.to_string();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use openrun_image::build::{BuildEvent, BuildOptions, BuildReport};
 use openrun_image::debian::{DebianEvent, DebianOptions, DEFAULT_MIRROR};
 use openrun_image::{ImageRef, Store};
-use openrun_runtime::Runtime;
+use openrun_runtime::{limits, Limits, Runtime};
 
 use crate::output;
 
@@ -48,6 +48,19 @@ pub struct ImageBuildArgs {
     /// Print the build's report (steps, cache hits, the image) as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Memory limit of every RUN step's sandbox (hidden: what the server passes for builds
+    /// a repository asks for).
+    #[arg(long, hide = true, value_parser = limits::parse_memory, value_name = "SIZE", conflicts_with = "debian")]
+    pub memory: Option<u64>,
+    /// CPU limit of every RUN step's sandbox, in CPUs.
+    #[arg(long, hide = true, value_parser = limits::parse_cpus, value_name = "CPUS", conflicts_with = "debian")]
+    pub cpus: Option<u64>,
+    /// Process limit of every RUN step's sandbox.
+    #[arg(long, hide = true, value_parser = limits::parse_pids, value_name = "N", conflicts_with = "debian")]
+    pub pids: Option<u64>,
+    /// Disk quota of every RUN step's writable layer.
+    #[arg(long, hide = true, value_parser = limits::parse_disk, value_name = "SIZE", conflicts_with = "debian")]
+    pub disk: Option<u64>,
 }
 
 fn parse_build_arg(s: &str) -> Result<(String, String), String> {
@@ -81,6 +94,13 @@ pub fn build(data_dir: &Path, store: &Store, args: ImageBuildArgs) -> Result<i32
         dockerfile: std::path::absolute(&file).unwrap_or(file),
         build_args: args.build_args.iter().cloned().collect(),
         no_cache: args.no_cache,
+        limits: Limits {
+            memory_bytes: args.memory,
+            cpu_millis: args.cpus,
+            pids: args.pids,
+            disk_bytes: args.disk,
+            open_files: None,
+        },
     };
     let runtime = Runtime::open(data_dir)?;
     let mut printer = StepPrinter::default();
