@@ -8,9 +8,10 @@
 //! build at a time, one build or install per image name at a time (a second `up` waiting for
 //! the same name then finds it made).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{BufRead, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -43,6 +44,11 @@ const BASE_PACKAGES: &[&str] = &["ca-certificates", "git"];
 const MAX_DOCKERFILE: u64 = 1 << 20;
 /// Lines of a failed child's stderr put in the error.
 const ERROR_LINES: usize = 12;
+/// Longest line of a child's stderr passed on whole: a longer one (a `RUN` printing without
+/// newlines) is passed on in pieces of this size, so it never grows the server's memory.
+const MAX_LINE: usize = 8 * 1024;
+/// How often a running child build looks whether the client left.
+const LEAVE_POLL: Duration = Duration::from_millis(250);
 
 /// One Debian build at a time on this server.
 fn debian_lock() -> &'static Mutex<()> {
@@ -93,7 +99,9 @@ async fn claim(
     progress
         .step(step, command.clone(), StepStatus::Running, None, None)
         .await;
-    let lock = name_lock(name).await;
+    // The images made here are the caller's: another tenant making the same name does not
+    // make it for this one, so it does not wait for it.
+    let lock = name_lock(&format!("{}{name}", tenant_scope(&caller.tenant))).await;
     if exists(s, caller, name).await? {
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
         progress
@@ -249,7 +257,24 @@ async fn ensure_debian(
         )
         .await;
     let result = async {
-        let _one = debian_lock().lock().await;
+        let one = match debian_lock().try_lock() {
+            Ok(one) => one,
+            Err(_) => {
+                progress
+                    .send(UpEvent::Output {
+                        step: "base".into(),
+                        stream: "stderr",
+                        data_b64: base64::engine::general_purpose::STANDARD
+                            .encode("waiting for another Debian image build to finish\n"),
+                    })
+                    .await;
+                tokio::select! {
+                    one = debian_lock().lock() => one,
+                    () = client_left(progress) => return Err(super::cancelled("base")),
+                }
+            }
+        };
+        let _one = one;
         // Made by another up while this one waited.
         if exists(s, caller, &name).await? {
             return Ok(());
@@ -264,11 +289,12 @@ async fn ensure_debian(
         ];
         run_openrun(s, args, "base", DEBIAN_TIMEOUT, progress)
             .await
-            .map_err(|tail| {
-                UpError::new(
+            .map_err(|e| match e {
+                ChildError::Failed(tail) => UpError::new(
                     "base_failed",
                     format!("cannot build the Debian {suite} image: {tail}"),
-                )
+                ),
+                ChildError::Up(e) => e,
             })
     }
     .await;
@@ -414,6 +440,23 @@ async fn build_dockerfile(
     for (k, v) in args {
         argv.extend(["--build-arg".into(), format!("{k}={v}")]);
     }
+    // A repository's RUN steps get the limits of a sandbox created with none.
+    let limits = &s.default_limits;
+    if let Some(bytes) = limits.memory_bytes {
+        argv.extend(["--memory".into(), bytes.to_string()]);
+    }
+    if let Some(millis) = limits.cpu_millis {
+        argv.extend([
+            "--cpus".into(),
+            format!("{}.{:03}", millis / 1000, millis % 1000),
+        ]);
+    }
+    if let Some(pids) = limits.pids {
+        argv.extend(["--pids".into(), pids.to_string()]);
+    }
+    if let Some(bytes) = limits.disk_bytes {
+        argv.extend(["--disk".into(), bytes.to_string()]);
+    }
     let context_dir = if context == "." {
         dir.path().to_path_buf()
     } else {
@@ -434,7 +477,8 @@ async fn build_dockerfile(
                 .await
                 .map_err(|e| UpError::from(ApiError::from(e)))
         }
-        Err(tail) => Err(failed(format!("cannot build {dockerfile}: {tail}"))),
+        Err(ChildError::Failed(tail)) => Err(failed(format!("cannot build {dockerfile}: {tail}"))),
+        Err(ChildError::Up(e)) => Err(e),
     };
     finish_step(progress, "base", command, started, result).await?;
     Ok(name)
@@ -805,23 +849,72 @@ fn asker(plan: &Plan) -> String {
     }
 }
 
-/// Runs the server's own binary (`openrun --data-dir D ARGS`) as a child, its stderr lines
-/// sent as `step`'s output; killed after `timeout`. `Err` holds the last lines of its
-/// stderr.
+/// Why a child build did not succeed.
+enum ChildError {
+    /// It failed, could not run or timed out: the last lines of its stderr, or why.
+    Failed(String),
+    /// The open stops: the client left (the child was killed), or no create slot.
+    Up(UpError),
+}
+
+/// Resolves once the client left (never for progress nobody reads).
+async fn client_left(progress: &Progress) {
+    loop {
+        if progress.cancelled() {
+            return;
+        }
+        tokio::time::sleep(LEAVE_POLL).await;
+    }
+}
+
+/// Sets its flag when dropped: a child build whose open is dropped is killed.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Runs the server's own binary (`openrun --data-dir D ARGS`) as a child in a create slot
+/// (its `RUN` steps are sandboxes), its stderr sent as `step`'s output (lines of at most
+/// [`MAX_LINE`] bytes); killed with its process group after `timeout`, or when the client
+/// leaves.
 async fn run_openrun(
     s: &Shared,
     args: Vec<String>,
     step: &str,
     timeout: Duration,
     progress: &Progress,
-) -> Result<(), String> {
+) -> Result<(), ChildError> {
+    let _slot = tokio::select! {
+        slot = s.admission.slot() => slot.map_err(|e| ChildError::Up(e.into()))?,
+        () = client_left(progress) => return Err(ChildError::Up(super::cancelled(step))),
+    };
     let helper = s.helper.clone();
     let data_dir = s.runtime.data_dir().to_path_buf();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(64);
-    let child =
-        tokio::task::spawn_blocking(move || run_child(&helper, &data_dir, &args, timeout, tx));
-    let mut tail: Vec<String> = Vec::new();
-    while let Some(line) = rx.recv().await {
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let child_stop = stop.0.clone();
+    let child = tokio::task::spawn_blocking(move || {
+        run_child(&helper, &data_dir, &args, timeout, tx, &child_stop)
+    });
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut poll = tokio::time::interval(LEAVE_POLL);
+    loop {
+        let line = tokio::select! {
+            line = rx.recv() => line,
+            _ = poll.tick() => {
+                if progress.cancelled() {
+                    stop.0.store(true, Ordering::Relaxed);
+                }
+                continue;
+            }
+        };
+        let Some(line) = line else { break };
+        if progress.cancelled() {
+            stop.0.store(true, Ordering::Relaxed);
+        }
         progress
             .send(UpEvent::Output {
                 step: step.to_string(),
@@ -831,35 +924,70 @@ async fn run_openrun(
             .await;
         let text = String::from_utf8_lossy(&line).trim_end().to_string();
         if !text.is_empty() {
-            tail.push(text);
+            tail.push_back(text);
             if tail.len() > ERROR_LINES {
-                tail.remove(0);
+                tail.pop_front();
             }
         }
     }
     let ended = child
         .await
-        .map_err(|e| format!("the build's task failed: {e}"))?;
+        .map_err(|e| ChildError::Failed(format!("the build's task failed: {e}")))?;
+    if stop.0.load(Ordering::Relaxed) {
+        return Err(ChildError::Up(super::cancelled(step)));
+    }
     match ended {
         Ok(true) => Ok(()),
-        Ok(false) => Err(if tail.is_empty() {
+        Ok(false) => Err(ChildError::Failed(if tail.is_empty() {
             "it failed without saying why".into()
         } else {
-            tail.join("\n")
-        }),
-        Err(e) => Err(e),
+            Vec::from(tail).join("\n")
+        })),
+        Err(e) => Err(ChildError::Failed(e)),
+    }
+}
+
+/// Reads `reader` to its end, passing on each line (with its newline) to `send`; a line
+/// longer than [`MAX_LINE`] goes in pieces of that size. Never holds more than a piece.
+fn read_lines(reader: impl Read, mut send: impl FnMut(Vec<u8>) -> bool) {
+    let mut reader = std::io::BufReader::new(reader);
+    let mut line = Vec::new();
+    loop {
+        let chunk = match reader.fill_buf() {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => chunk,
+        };
+        let room = MAX_LINE - line.len();
+        let (take, ends) = match chunk.iter().take(room).position(|&b| b == b'\n') {
+            Some(at) => (at + 1, true),
+            None => (
+                chunk.len().min(room),
+                line.len() + chunk.len().min(room) >= MAX_LINE,
+            ),
+        };
+        line.extend_from_slice(&chunk[..take]);
+        reader.consume(take);
+        if ends && !send(std::mem::take(&mut line)) {
+            return;
+        }
+    }
+    if !line.is_empty() {
+        send(line);
     }
 }
 
 /// The blocking part of [`run_openrun`]: `Ok(success)`, `Err` when it could not run or timed
-/// out.
+/// out. The child leads its own process group (debootstrap, the build's sandboxes' creators),
+/// killed whole at the deadline or once `stop` is set.
 fn run_child(
     helper: &Path,
     data_dir: &Path,
     args: &[String],
     timeout: Duration,
     tx: mpsc::Sender<Vec<u8>>,
+    stop: &AtomicBool,
 ) -> Result<bool, String> {
+    use std::os::unix::process::CommandExt;
     let mut child = std::process::Command::new(helper)
         .arg("--data-dir")
         .arg(data_dir)
@@ -871,31 +999,34 @@ fn run_child(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", helper.display()))?;
+    let group = rustix::process::Pid::from_child(&child);
     let stderr = child.stderr.take();
     let reader = std::thread::spawn(move || {
         let Some(stderr) = stderr else { return };
-        let mut lines = std::io::BufReader::new(stderr);
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match lines.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    // A reader that left only stops seeing it.
-                    let _ = tx.blocking_send(line.clone());
-                }
-            }
-        }
+        // A reader that left only stops seeing it.
+        read_lines(stderr, |line| {
+            let _ = tx.blocking_send(line);
+            true
+        });
     });
+    let kill = |child: &mut std::process::Child| {
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Ok(status),
+            Ok(None) if stop.load(Ordering::Relaxed) => {
+                kill(&mut child);
+                break Err("stopped: the client left".to_string());
+            }
             Ok(None) if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
+                kill(&mut child);
                 break Err(format!(
                     "it did not finish in {} min",
                     timeout.as_secs() / 60
@@ -905,6 +1036,8 @@ fn run_child(
             Err(e) => break Err(format!("cannot wait for the build: {e}")),
         }
     };
+    // What the group left (a process that kept the pipe open) goes with it.
+    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
     let _ = reader.join();
     Ok(status?.success())
 }
@@ -1024,6 +1157,24 @@ mod tests {
         assert_ne!(digest_of(&honest, 1, "ctx"), digest_of(&sneaky, 1, "ctx"));
         let same: [(&str, &[u8]); 1] = [("./ctx//a.txt", b"hello")];
         assert_eq!(digest_of(&honest, 1, "ctx"), digest_of(&same, 1, "ctx"));
+    }
+
+    /// Correctness review H1: output without newlines reaches the server in bounded pieces.
+    #[test]
+    fn child_lines_are_bounded() {
+        let mut input = b"short\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE + 10));
+        input.extend(b"\nend");
+        let mut got = Vec::new();
+        read_lines(&input[..], |line| {
+            got.push(line);
+            true
+        });
+        assert!(got.iter().all(|l| l.len() <= MAX_LINE));
+        assert_eq!(got[0], b"short\n");
+        assert_eq!(got.last().map(Vec::as_slice), Some(&b"end"[..]));
+        assert_eq!(got.concat(), input, "nothing lost or reordered");
+        assert_eq!(got.len(), 1 + 3 + 1 + 1);
     }
 
     #[test]
