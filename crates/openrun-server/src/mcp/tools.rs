@@ -2224,6 +2224,9 @@ fn up_text(result: &crate::up::UpResult, steps: &[String]) -> String {
     if let Some(start) = &result.plan.start {
         text.push_str(&format!("Start the application with: {start}\n"));
     }
+    for note in &result.notes {
+        text.push_str(&format!("Note: {note}\n"));
+    }
     if !steps.is_empty() {
         text.push_str(&format!("Steps:\n{}\n", steps.join("\n")));
     }

@@ -338,6 +338,10 @@ pub(crate) struct UpResult {
     /// The plan.
     #[schema(value_type = Object)]
     pub plan: openrun_recipe::Plan,
+    /// What went wrong without failing the open (e.g. the recipe could not be stored: the
+    /// next open sets up again). Absent when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// Milliseconds since `t`.
@@ -486,10 +490,16 @@ pub(crate) async fn open_repo(
                 ..Default::default()
             },
             plan: planned.plan,
+            notes: Vec::new(),
         });
     }
     let turn = wait_turn(&caller.tenant, &planned.key, &progress).await?;
-    let mut slot = None;
+    let mut guard = WorkspaceGuard {
+        s: s.clone(),
+        caller: caller.clone(),
+        keep: request.keep,
+        slot: None,
+    };
     let open = Open {
         s,
         caller,
@@ -500,11 +510,12 @@ pub(crate) async fn open_repo(
         progress: &progress,
         started,
     };
-    let result = open.run(&mut slot, turn).await;
-    let ws = slot.as_mut();
-    if let Some(ws) = ws {
+    let result = open.run(&mut guard.slot, turn).await;
+    if let Some(ws) = guard.slot.as_mut() {
         setup::remove_snapshots(s, caller, ws).await;
     }
+    // From here the sandbox is the result's, kept, or removed below.
+    let slot = guard.slot.take();
     // A client that left without `keep` gets nothing left behind; with `keep` the sandbox
     // stays (labelled `openrun.up=<name>`), as it would after a failure.
     match result {
@@ -524,6 +535,39 @@ pub(crate) async fn open_repo(
                 }
             }
             Err(e)
+        }
+    }
+}
+
+/// The workspace of an open under way. If the open ends without reaching its own cleanup
+/// (its future dropped as the server stops, or a panic), the drop removes the step snapshots
+/// and, unless `keep`, the sandbox, as the open would have.
+struct WorkspaceGuard {
+    s: Shared,
+    caller: Caller,
+    keep: bool,
+    slot: Option<setup::Workspace>,
+}
+
+impl Drop for WorkspaceGuard {
+    fn drop(&mut self) {
+        let Some(mut ws) = self.slot.take() else {
+            return;
+        };
+        let (s, caller, keep) = (self.s.clone(), self.caller.clone(), self.keep);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    setup::remove_snapshots(&s, &caller, &mut ws).await;
+                    if !keep && !ws.id.is_empty() {
+                        setup::discard(&s, &caller, &ws.id).await;
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                id = ws.id,
+                "no runtime to remove an abandoned up's sandbox and snapshots"
+            ),
         }
     }
 }
@@ -554,6 +598,7 @@ impl Open<'_> {
         let spec = setup::WorkspaceSpec::new(plan, &self.request.name, self.request.ttl.as_deref());
         let setup_started = Instant::now();
         let recipe_path;
+        let mut notes = Vec::new();
         let cached = match self.cached().await? {
             Some(row) => {
                 for step in plan.steps.iter().filter(|st| st.phase == Phase::Setup) {
@@ -574,8 +619,10 @@ impl Open<'_> {
                 let (tenant, k, now) = (caller.tenant.clone(), key.clone(), crate::time::now_ms());
                 s.db.call(move |c| recipes::touch(c, &tenant, &k, now))
                     .await?;
-                recipe_path = recipes::recipe_dir(s.runtime.data_dir(), &caller.tenant, key)
-                    .join("devcontainer.json");
+                recipe_path = Some(
+                    recipes::recipe_dir(s.runtime.data_dir(), &caller.tenant, key)
+                        .join("devcontainer.json"),
+                );
                 true
             }
             None => {
@@ -594,7 +641,23 @@ impl Open<'_> {
                 self.copy(ws, None).await?;
                 setup::run_setup(s, caller, ws, plan, key, self.request.keep, self.progress)
                     .await?;
-                recipe_path = self.store(ws).await?;
+                // A recipe is a cache: a failure to store it leaves the ready sandbox.
+                recipe_path = match self.store(ws).await {
+                    Ok(path) => Some(path),
+                    Err(e) => {
+                        tracing::warn!(
+                            key,
+                            code = e.code,
+                            error = e.message,
+                            "cannot store a recipe"
+                        );
+                        notes.push(format!(
+                            "the recipe could not be stored ({}): the next open sets up again",
+                            e.message
+                        ));
+                        None
+                    }
+                };
                 false
             }
         };
@@ -624,7 +687,7 @@ impl Open<'_> {
                 .collect(),
             recipe: Some(RecipeRef {
                 key: key.clone(),
-                path: Some(recipe_path.display().to_string()),
+                path: recipe_path.map(|p| p.display().to_string()),
                 devcontainer: self.devcontainer.clone(),
             }),
             sandbox_id: Some(id),
@@ -637,6 +700,7 @@ impl Open<'_> {
                 check_ms,
             },
             plan: plan.clone(),
+            notes,
         })
     }
 
@@ -748,9 +812,23 @@ impl Open<'_> {
     /// The finished setup as the caller's recipe: the snapshot `up-recipe-<key16>`, the row
     /// and the files. Returns the stored devcontainer.json's path.
     async fn store(&self, ws: &setup::Workspace) -> Result<PathBuf, UpError> {
+        let (s, caller) = (self.s, self.caller);
+        let image = recipes::recipe_image(&self.planned.key);
+        let stored = self.store_as(ws, &image).await;
+        if stored.is_err() {
+            // A snapshot nothing refers to would only take space.
+            if let Err(e) = recipes::remove_image(s, caller, &image).await {
+                tracing::warn!(image, error = %e, "cannot remove an unstored recipe's image");
+            }
+        }
+        stored
+    }
+
+    /// [`Open::store`] with the recipe image `image`.
+    async fn store_as(&self, ws: &setup::Workspace, image: &str) -> Result<PathBuf, UpError> {
         let (s, caller, key) = (self.s, self.caller, &self.planned.key);
+        let image = image.to_string();
         let at = |e: crate::error::ApiError| UpError::from(e).at_step("recipe");
-        let image = recipes::recipe_image(key);
         recipes::remove_image(s, caller, &image).await.map_err(at)?;
         crate::images::take_snapshot(s, caller, &ws.id, Some(image.clone()))
             .await

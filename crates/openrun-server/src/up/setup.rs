@@ -141,6 +141,22 @@ pub(crate) fn step_failed(step: &Step, command: &Command, outcome: &Outcome) -> 
     e
 }
 
+/// The `step_failed` error of `step` whose rollback (re-creating the sandbox from the
+/// snapshot) failed with `error` after `command` ended as `outcome`: no sandbox is left.
+pub(crate) fn rollback_failed(
+    step: &Step,
+    command: &Command,
+    outcome: &Outcome,
+    error: &UpError,
+) -> UpError {
+    let mut e = step_failed(step, command, outcome);
+    e.message.push_str(&format!(
+        "\n(rolling the sandbox back to before the step failed: {}: {}; no sandbox is left)",
+        error.code, error.message
+    ));
+    e
+}
+
 /// Whether a setup step needs a snapshot before it: to roll back to when an alternative
 /// follows a failure, or to leave the sandbox as it was before the step (`keep`). A step
 /// with one command in a sandbox that is removed on failure needs none.
@@ -251,9 +267,12 @@ pub(crate) async fn run_setup(
                 if more || keep {
                     let old = std::mem::take(&mut ws.id);
                     discard(s, caller, &old).await;
-                    ws.id = create(s, caller, &ws.spec, image)
-                        .await
-                        .map_err(|e| e.at_step(&step.name))?;
+                    ws.id = match create(s, caller, &ws.spec, image).await {
+                        Ok(id) => id,
+                        // The step's own failure stays the error (its command, exit and
+                        // output); the failed rollback is added to it.
+                        Err(e) => return Err(rollback_failed(step, command, &outcome, &e)),
+                    };
                     progress
                         .step(
                             &step.name,
@@ -407,5 +426,11 @@ mod tests {
             e.message
         );
         assert!(e.message.contains("npm ERR! missing"));
+        let create = UpError::new("too_many_requests", "too many requests");
+        let e = rollback_failed(&step, &step.commands[0], &outcome, &create);
+        assert_eq!(e.code, "step_failed");
+        assert_eq!(e.command.as_deref(), Some("npm ci"));
+        assert!(e.message.contains("npm ERR! missing"), "{}", e.message);
+        assert!(e.message.contains("too_many_requests"), "{}", e.message);
     }
 }
