@@ -527,6 +527,10 @@ pub(crate) async fn open_repo(
             Err(cancelled("result"))
         }
         Err(mut e) => {
+            if e.code == "step_failed" && !request.keep {
+                e.message
+                    .push_str(&keep_hint(&planned.plan, e.step.as_deref()));
+            }
             if let Some(ws) = slot.filter(|ws| !ws.id.is_empty()) {
                 if request.keep {
                     e.sandbox_id = Some(ws.id);
@@ -537,6 +541,23 @@ pub(crate) async fn open_repo(
             Err(e)
         }
     }
+}
+
+/// What a `step_failed` without `keep` adds: how to get the sandbox to look into (a setup
+/// step's as it was before the step, a start step's as the step left it).
+fn keep_hint(plan: &openrun_recipe::Plan, step: Option<&str>) -> String {
+    let setup = plan
+        .steps
+        .iter()
+        .any(|s| Some(s.name.as_str()) == step && s.phase == Phase::Setup);
+    let how = if setup {
+        "as it was before this step"
+    } else {
+        "as this step left it"
+    };
+    format!(
+        "\nNo sandbox was kept: run again with --keep (MCP: keep=true) to keep the sandbox {how}."
+    )
 }
 
 /// The workspace of an open under way. If the open ends without reaching its own cleanup
@@ -1014,6 +1035,43 @@ mod tests {
 #[cfg(test)]
 mod backpressure_tests {
     use super::*;
+
+    #[test]
+    fn a_step_failed_without_keep_says_how_to_keep_the_sandbox() {
+        use openrun_recipe::{BaseImage, Command, PlanSource, Step};
+        let step = |name: &str, phase| Step {
+            name: name.into(),
+            phase,
+            commands: vec![Command::Shell("x".into())],
+            file: "f".into(),
+        };
+        let plan = openrun_recipe::Plan {
+            source: PlanSource::Detected,
+            config_file: None,
+            languages: vec![],
+            base: BaseImage::Debian {
+                suite: "bookworm".into(),
+            },
+            system_packages: vec![],
+            env: BTreeMap::new(),
+            remote_env: BTreeMap::new(),
+            user: None,
+            workspace: "/workspaces/a".into(),
+            steps: vec![step("install", Phase::Setup), step("serve", Phase::Start)],
+            test: None,
+            start: None,
+            ports: vec![],
+            network: vec![],
+            resources: Default::default(),
+            inputs: vec![],
+            unsupported: vec![],
+            notes: vec![],
+        };
+        let hint = keep_hint(&plan, Some("install"));
+        assert!(hint.contains("run again with --keep"), "{hint}");
+        assert!(hint.contains("before this step"), "{hint}");
+        assert!(keep_hint(&plan, Some("serve")).contains("as this step left it"));
+    }
 
     fn output(n: u8) -> UpEvent {
         UpEvent::Output {
