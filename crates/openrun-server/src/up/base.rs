@@ -4,9 +4,11 @@
 //! base and package set (`up-base-<hash>`), so the next `up` needing the same finds it.
 //!
 //! Images are built by the server's own binary as a child (`openrun image build`), the way an
-//! operator would: server-wide images (`debian:SUITE`, `up-dockerfile-<hash>`), one Debian
-//! build at a time, one build or install per image name at a time (a second `up` waiting for
-//! the same name then finds it made).
+//! operator would, each in a create slot and killed if the client leaves: the server-wide
+//! `debian:SUITE` (one Debian build at a time), and the caller's `up-dockerfile-<hash>` (stored
+//! under the caller's `tenants/<scope>/`, its `RUN` steps with the server's default limits).
+//! One build or install per tenant and image name at a time (a second `up` waiting for the
+//! same name then finds it made).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{BufRead, Read};
