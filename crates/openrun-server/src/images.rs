@@ -138,7 +138,7 @@ const TENANTS: &str = "tenants";
 
 /// The prefix of the store names of `tenant`'s images: `tenants/<16 hex>/`, the hex the start
 /// of the tenant's sha256 (a tenant id may hold characters an image name may not).
-fn scope(tenant: &str) -> String {
+pub(crate) fn scope(tenant: &str) -> String {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(tenant.as_bytes());
     let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();

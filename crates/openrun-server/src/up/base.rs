@@ -103,7 +103,7 @@ async fn claim(
         .await;
     // The images made here are the caller's: another tenant making the same name does not
     // make it for this one, so it does not wait for it.
-    let lock = name_lock(&format!("{}{name}", tenant_scope(&caller.tenant))).await;
+    let lock = name_lock(&format!("{}{name}", crate::images::scope(&caller.tenant))).await;
     if exists(s, caller, name).await? {
         let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
         progress
@@ -430,7 +430,7 @@ async fn build_dockerfile(
     }
     hash.update(unpacked.digest);
     let name = format!("up-dockerfile-{}", &hex(&hash.finalize())[..16]);
-    let stored = format!("{}{name}:latest", tenant_scope(&caller.tenant));
+    let stored = format!("{}{name}:latest", crate::images::scope(&caller.tenant));
     let mut argv = vec![
         "image".to_string(),
         "build".into(),
@@ -484,14 +484,6 @@ async fn build_dockerfile(
     };
     finish_step(progress, "base", command, started, result).await?;
     Ok(name)
-}
-
-/// The prefix of the store names of `tenant`'s images, `tenants/<16 hex of sha256>/`: the
-/// one `crate::images` gives snapshots (its `scope`), so [`crate::images::resolve`] finds
-/// the caller's image by its plain name.
-fn tenant_scope(tenant: &str) -> String {
-    let digest = Sha256::digest(tenant.as_bytes());
-    format!("tenants/{}/", hex(&digest[..8]))
 }
 
 /// The images the FROMs of `parsed` name, expanded as the builder does: with the ARGs
@@ -1181,7 +1173,7 @@ mod tests {
 
     #[test]
     fn tenant_scope_is_the_store_prefix_of_snapshots() {
-        let scope = tenant_scope("tenant-a");
+        let scope = crate::images::scope("tenant-a");
         assert!(scope.starts_with("tenants/") && scope.ends_with('/'));
         assert_eq!(scope.len(), "tenants/".len() + 17);
         assert!(ImageRef::parse(&format!("{scope}up-dockerfile-0123456789abcdef")).is_ok());
