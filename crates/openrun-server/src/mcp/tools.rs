@@ -408,35 +408,6 @@ const DEFAULT_SANDBOXES: u32 = 100;
 /// ask the REST list, which pages).
 const MAX_SCANNED: usize = 20_000;
 
-/// Parameters of `up`.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[schemars(crate = "rmcp::schemars")]
-#[serde(deny_unknown_fields)]
-pub(crate) struct UpParams {
-    /// The repository: an https:// (or http://) git URL.
-    git: String,
-    /// Branch or tag to clone (default: the remote's default branch).
-    #[serde(rename = "ref")]
-    reference: Option<String>,
-    /// The readiness check, a shell command run in the workspace (default: the project's
-    /// test suite, when one was found).
-    check: Option<String>,
-    /// Run no readiness check.
-    #[serde(default)]
-    no_check: bool,
-    /// Only show the plan (what would be installed and run); no sandbox is made.
-    #[serde(default)]
-    plan_only: bool,
-    /// On a failure keep the sandbox (rolled back to before the failed step) to look into it.
-    #[serde(default)]
-    keep: bool,
-    /// The sandbox's lifetime, e.g. "2h" (default "1h").
-    ttl: Option<String>,
-    /// The repository's name (default: the URL's last part): the workspace is
-    /// /workspaces/<name>.
-    name: Option<String>,
-}
-
 /// Step lines `up` shows.
 const UP_STEP_LINES: usize = 40;
 /// Output bytes `up` shows (the end of the last commands' output).
@@ -1973,20 +1944,10 @@ impl OpenrunMcp {
         &self,
         who: Who,
         context: RequestContext<RoleServer>,
-        Parameters(p): Parameters<UpParams>,
+        Parameters(p): Parameters<crate::up::routes::UpBody>,
     ) -> Answer {
         let keep = p.keep;
-        let (request, source) = crate::up::routes::git_request(
-            p.git,
-            p.reference,
-            p.name,
-            p.check,
-            p.no_check,
-            p.plan_only,
-            p.keep,
-            p.ttl,
-        )
-        .or_tool()?;
+        let (request, source) = crate::up::routes::from_json(p).or_tool()?;
         let mut running = crate::up::routes::spawn_open(&self.state, &who.caller, request, source);
         let mut log = UpLog::default();
         // A client that asked for progress (`_meta.progressToken`) gets a notification per

@@ -352,14 +352,7 @@ fn ms_since(t: Instant) -> u64 {
 /// A plan's failure as an up's: `no_project` or `invalid_config` naming the file (and where
 /// in it), at step `plan`.
 pub(crate) fn plan_error(e: PlanError) -> UpError {
-    use openrun_recipe::error::TreeError;
-    let code = match &e {
-        PlanError::NoProject => "no_project",
-        PlanError::Invalid { .. } | PlanError::Tree(TreeError::TooLarge { .. }) => "invalid_config",
-        PlanError::Tree(TreeError::BadArchive(_)) => "invalid_argument",
-        PlanError::Tree(_) => "internal",
-    };
-    let mut error = UpError::new(code, e.to_string()).at_step("plan");
+    let mut error = UpError::new(e.code(), e.to_string()).at_step("plan");
     error.file = e.file().map(str::to_string);
     error
 }
@@ -936,42 +929,17 @@ impl Open<'_> {
                 None => return Ok(None),
             },
         };
-        self.progress
-            .step(
-                "check",
-                Some(command.to_string()),
-                StepStatus::Running,
-                None,
-                None,
-            )
-            .await;
-        let outcome = run_command(
+        let outcome = setup::run_step_command(
             self.s,
             self.caller,
-            &ws.id,
+            ws,
+            plan,
             "check",
-            command.argv(),
-            Some(plan.workspace.clone()),
-            plan.remote_env.clone(),
-            plan.user.clone(),
+            &command,
             CHECK_TIMEOUT,
             self.progress,
         )
         .await?;
-        let status = if outcome.ok() {
-            StepStatus::Ok
-        } else {
-            StepStatus::Failed
-        };
-        self.progress
-            .step(
-                "check",
-                Some(command.to_string()),
-                status,
-                Some(outcome.duration_ms),
-                Some(outcome.exit_code),
-            )
-            .await;
         Ok(Some(CheckResult {
             command: command.to_string(),
             exit_code: outcome.exit_code,
@@ -1005,7 +973,7 @@ mod tests {
         let e = plan_error(PlanError::Tree(
             openrun_recipe::error::TreeError::BadArchive("truncated".into()),
         ));
-        assert_eq!(e.code, "invalid_argument");
+        assert_eq!(e.code, "invalid_repository");
     }
 
     #[tokio::test]

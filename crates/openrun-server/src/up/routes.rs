@@ -52,31 +52,35 @@ pub(crate) fn routes() -> OpenApiRouter<Shared> {
         .routes(routes!(delete))
 }
 
-/// Body of `POST /v1/up` with `Content-Type: application/json`.
-#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+/// Body of `POST /v1/up` with `Content-Type: application/json`; also the parameters of
+/// MCP's `up` (one set of fields and descriptions for both adapters).
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema, rmcp::schemars::JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpBody {
     /// The repository: an `https://` or `http://` git URL (cloned through the egress proxy).
-    git: String,
-    /// Branch or tag (default: the remote's HEAD).
+    pub(crate) git: String,
+    /// Branch or tag to clone (default: the remote's default branch).
     #[serde(rename = "ref")]
-    reference: Option<String>,
-    /// The readiness check, a shell command (default: the plan's test).
-    check: Option<String>,
-    /// No readiness check.
+    pub(crate) reference: Option<String>,
+    /// The readiness check, a shell command run in the workspace (default: the project's test
+    /// suite, when one was found).
+    pub(crate) check: Option<String>,
+    /// Run no readiness check.
     #[serde(default)]
-    no_check: bool,
-    /// Only the plan (a `plan` line and a result without a sandbox).
+    pub(crate) no_check: bool,
+    /// Only show the plan (what would be installed and run); no sandbox is made.
     #[serde(default)]
-    plan_only: bool,
-    /// On a failure keep the sandbox (rolled back to before the failed step); its id is in
-    /// the error line.
+    pub(crate) plan_only: bool,
+    /// On a failure keep the sandbox (rolled back to before the failed step) to look into
+    /// it; its id is in the error.
     #[serde(default)]
-    keep: bool,
+    pub(crate) keep: bool,
     /// The sandbox's lifetime, e.g. `2h` (default `1h`).
-    ttl: Option<String>,
-    /// The repository's name (default: the URL's last part), naming `/workspaces/<name>`.
-    name: Option<String>,
+    pub(crate) ttl: Option<String>,
+    /// The repository's name (default: the URL's last part): the workspace is
+    /// `/workspaces/<name>`.
+    pub(crate) name: Option<String>,
 }
 
 /// Checks a repository name: 1 to 100 characters from `A-Za-z0-9._-`, not starting with `.`
@@ -146,32 +150,8 @@ pub(crate) fn request_of(
     })
 }
 
-/// The request and source of a git URL with options (MCP's `up`).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn git_request(
-    git: String,
-    reference: Option<String>,
-    name: Option<String>,
-    check: Option<String>,
-    no_check: bool,
-    plan_only: bool,
-    keep: bool,
-    ttl: Option<String>,
-) -> Result<(UpRequest, Source), ApiError> {
-    from_json(UpBody {
-        git,
-        reference,
-        check,
-        no_check,
-        plan_only,
-        keep,
-        ttl,
-        name,
-    })
-}
-
-/// The request and source of a JSON body.
-fn from_json(body: UpBody) -> Result<(UpRequest, Source), ApiError> {
+/// The request and source of a JSON body (REST's, or MCP `up`'s parameters).
+pub(crate) fn from_json(body: UpBody) -> Result<(UpRequest, Source), ApiError> {
     let git = source::parse_git_url(&body.git, body.reference.as_deref())?;
     let name = body.name.unwrap_or_else(|| git.name.clone());
     let repo = match &git.reference {

@@ -176,7 +176,8 @@ pub(crate) struct Workspace {
 }
 
 /// Runs `command` of step `name` in the workspace (its directory, `remote_env`, the plan's
-/// user), with running/ok/failed events.
+/// user, killed after `timeout`), with running/ok/failed events.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_step_command(
     s: &Shared,
     caller: &Caller,
@@ -184,6 +185,7 @@ pub(crate) async fn run_step_command(
     plan: &Plan,
     name: &str,
     command: &Command,
+    timeout: Duration,
     progress: &Progress,
 ) -> Result<Outcome, UpError> {
     progress
@@ -204,7 +206,7 @@ pub(crate) async fn run_step_command(
         Some(plan.workspace.clone()),
         plan.remote_env.clone(),
         plan.user.clone(),
-        STEP_TIMEOUT,
+        timeout,
         progress,
     )
     .await?;
@@ -256,8 +258,17 @@ pub(crate) async fn run_setup(
         };
         let mut failure = None;
         for (i, command) in step.commands.iter().enumerate() {
-            let outcome =
-                run_step_command(s, caller, ws, plan, &step.name, command, progress).await?;
+            let outcome = run_step_command(
+                s,
+                caller,
+                ws,
+                plan,
+                &step.name,
+                command,
+                STEP_TIMEOUT,
+                progress,
+            )
+            .await?;
             if outcome.ok() {
                 failure = None;
                 break;
@@ -309,8 +320,17 @@ pub(crate) async fn run_start(
     for step in plan.steps.iter().filter(|step| step.phase == Phase::Start) {
         let mut failure = None;
         for command in &step.commands {
-            let outcome =
-                run_step_command(s, caller, ws, plan, &step.name, command, progress).await?;
+            let outcome = run_step_command(
+                s,
+                caller,
+                ws,
+                plan,
+                &step.name,
+                command,
+                STEP_TIMEOUT,
+                progress,
+            )
+            .await?;
             if outcome.ok() {
                 failure = None;
                 break;
