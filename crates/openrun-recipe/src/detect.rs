@@ -125,6 +125,108 @@ pub fn toolchain(language: &str) -> Option<Toolchain> {
 /// cases a manifest that cannot be read only costs the detected test (a note says why); in the
 /// last it is the error.
 pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
+    let mut plan = plan_from_sources(tree, name)?;
+    plan.inputs.extend(manifests(tree));
+    plan.inputs.sort();
+    plan.inputs.dedup();
+    Ok(plan)
+}
+
+/// Names of the manifests and lockfiles of every supported language (and of `apt.txt`):
+/// wherever one is in the tree, it is an input of the plan.
+const MANIFESTS: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    "pom.xml",
+    "build.gradle",
+    "build.gradle.kts",
+    "settings.gradle",
+    "settings.gradle.kts",
+    "gradle.lockfile",
+    "package.json",
+    "package-lock.json",
+    "npm-shrinkwrap.json",
+    "yarn.lock",
+    "pnpm-lock.yaml",
+    "pnpm-workspace.yaml",
+    "go.mod",
+    "go.sum",
+    "go.work",
+    "pyproject.toml",
+    "setup.py",
+    "setup.cfg",
+    "Pipfile",
+    "Pipfile.lock",
+    "poetry.lock",
+    "uv.lock",
+    "Gemfile",
+    "Gemfile.lock",
+    "CMakeLists.txt",
+    "Makefile",
+    "apt.txt",
+    "Aptfile",
+];
+
+/// Directories [`manifests`] does not look into: dependencies, build output, VCS data.
+const NOT_SEARCHED: &[&str] = &[
+    "node_modules",
+    "vendor",
+    ".git",
+    "target",
+    "build",
+    "dist",
+    ".venv",
+];
+
+/// How deep [`manifests`] looks (the root's files are depth 1).
+const MANIFEST_DEPTH: usize = 6;
+
+/// How many directory entries [`manifests`] looks at, at most.
+const MANIFEST_VISITS: usize = 50_000;
+
+/// Whether `name` is a manifest or lockfile's name.
+fn is_manifest(name: &str) -> bool {
+    MANIFESTS.contains(&name)
+        || name.ends_with(".gemspec")
+        || (name.starts_with("requirements") && name.ends_with(".txt"))
+}
+
+/// Every manifest and lockfile in the tree, at most [`MANIFEST_DEPTH`] deep, outside
+/// [`NOT_SEARCHED`] directories, sorted. A nested one (a Gradle `app/build.gradle.kts`, a
+/// workspace member's `Cargo.toml`, a Maven module's `pom.xml`) is read by the setup's
+/// tools, so a change to it must change the recipe's key. The walk looks at no more than
+/// [`MANIFEST_VISITS`] entries (breadth first, so shallow files come first).
+fn manifests(tree: &dyn RepoTree) -> Vec<String> {
+    let mut found = BTreeSet::new();
+    let mut queue = std::collections::VecDeque::from([(String::new(), 1usize)]);
+    let mut visits = 0usize;
+    while let Some((dir, depth)) = queue.pop_front() {
+        for name in tree.list(&dir) {
+            visits += 1;
+            if visits > MANIFEST_VISITS {
+                return found.into_iter().collect();
+            }
+            let path = if dir.is_empty() {
+                name.clone()
+            } else {
+                format!("{dir}/{name}")
+            };
+            if is_manifest(&name) && tree.is_file(&path) {
+                found.insert(path);
+            } else if depth < MANIFEST_DEPTH
+                && !NOT_SEARCHED.contains(&name.as_str())
+                && tree.is_dir(&path)
+            {
+                queue.push_back((path, depth + 1));
+            }
+        }
+    }
+    found.into_iter().collect()
+}
+
+/// [`plan_for`] without the nested manifests: the plan its source (devcontainer.json,
+/// Dockerfile or detection) makes.
+fn plan_from_sources(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
     let workspace = format!("/workspaces/{name}");
     if let Some(file) = crate::devcontainer::find(tree) {
         let mut plan = crate::devcontainer::plan(tree, file, name)?;

@@ -837,7 +837,7 @@ fn a_dockerfile_builds_the_environment() {
     assert_eq!(test(&p), "npm test");
     assert_eq!(
         p.inputs,
-        ["Dockerfile", "package-lock.json", "package.json"]
+        ["Dockerfile", "apt.txt", "package-lock.json", "package.json"]
     );
 
     let p = plan(&[("Containerfile", "FROM debian\n")]);
@@ -1087,4 +1087,96 @@ fn odd_manifests_never_panic() {
             let _ = plan_for(&tree, "demo");
         }
     }
+}
+
+#[test]
+fn nested_manifests_are_inputs_and_change_the_key() {
+    let gradle = |deps: &str| {
+        Mem::new(&[
+            (
+                "settings.gradle.kts",
+                "rootProject.name = \"demo\"\ninclude(\"app\")\n",
+            ),
+            ("gradlew", "#!/bin/sh\n"),
+            ("app/build.gradle.kts", deps),
+            ("app/src/main/java/App.java", "class App {}"),
+            ("node_modules/x/package.json", "{}"),
+            ("a/b/c/d/e/Cargo.toml", "[package]"),
+            ("a/b/c/d/e/f/Cargo.toml", "[package]"),
+        ])
+    };
+    let tree = gradle("dependencies { implementation(\"a:b:1\") }");
+    let plan = plan_for(&tree, "demo").unwrap();
+    assert!(
+        plan.inputs.iter().any(|i| i == "app/build.gradle.kts"),
+        "{:?}",
+        plan.inputs
+    );
+    // Dependencies and what is too deep are not searched.
+    assert!(!plan.inputs.iter().any(|i| i.starts_with("node_modules/")));
+    assert!(plan.inputs.iter().any(|i| i == "a/b/c/d/e/Cargo.toml"));
+    assert!(!plan.inputs.iter().any(|i| i == "a/b/c/d/e/f/Cargo.toml"));
+    let key = crate::recipe::recipe_key(&plan, &tree, "r").unwrap();
+    let changed = gradle("dependencies { implementation(\"a:b:2\") }");
+    let plan2 = plan_for(&changed, "demo").unwrap();
+    assert_ne!(
+        key,
+        crate::recipe::recipe_key(&plan2, &changed, "r").unwrap()
+    );
+
+    // A Cargo workspace without a lockfile: a member's Cargo.toml is an input.
+    let cargo = |member: &str| {
+        Mem::new(&[
+            ("Cargo.toml", "[workspace]\nmembers = [\"crates/a\"]\n"),
+            ("crates/a/Cargo.toml", member),
+            ("crates/a/src/lib.rs", ""),
+            ("crates/a/requirements-dev.txt", "x"),
+            ("crates/a/a.gemspec", "x"),
+        ])
+    };
+    let tree = cargo("[package]\nname = \"a\"\n");
+    let plan = plan_for(&tree, "w").unwrap();
+    for input in [
+        "crates/a/Cargo.toml",
+        "crates/a/requirements-dev.txt",
+        "crates/a/a.gemspec",
+    ] {
+        assert!(plan.inputs.iter().any(|i| i == input), "{:?}", plan.inputs);
+    }
+    let key = crate::recipe::recipe_key(&plan, &tree, "r").unwrap();
+    let changed = cargo("[package]\nname = \"a\"\n[dependencies]\nserde = \"1\"\n");
+    let plan2 = plan_for(&changed, "w").unwrap();
+    assert_ne!(
+        key,
+        crate::recipe::recipe_key(&plan2, &changed, "r").unwrap()
+    );
+}
+
+/// A root with one manifest and `wide/`, a directory of many entries, then `zz/package.json`.
+struct Wide;
+
+impl RepoTree for Wide {
+    fn read(&self, _: &str) -> Result<Option<Vec<u8>>, TreeError> {
+        Ok(Some(b"{}".to_vec()))
+    }
+    fn is_file(&self, path: &str) -> bool {
+        path.ends_with(".json") || path.starts_with("wide/")
+    }
+    fn is_dir(&self, path: &str) -> bool {
+        matches!(path, "" | "wide" | "zz")
+    }
+    fn list(&self, path: &str) -> Vec<String> {
+        match path {
+            "" => vec!["package.json".into(), "wide".into(), "zz".into()],
+            "wide" => (0..MANIFEST_VISITS).map(|i| format!("f{i}")).collect(),
+            "zz" => vec!["package.json".into()],
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[test]
+fn the_manifest_walk_is_bounded() {
+    // The root's files come first; zz/ is reached only after wide/'s entries, past the bound.
+    assert_eq!(manifests(&Wide), ["package.json"]);
 }
