@@ -126,10 +126,76 @@ pub fn toolchain(language: &str) -> Option<Toolchain> {
 /// last it is the error.
 pub fn plan_for(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError> {
     let mut plan = plan_from_sources(tree, name)?;
+    check_limits(&plan)?;
     plan.inputs.extend(manifests(tree));
     plan.inputs.sort();
     plan.inputs.dedup();
     Ok(plan)
+}
+
+/// Most steps a plan may have (each takes a snapshot before it runs).
+pub const MAX_STEPS: usize = 64;
+
+/// Most Debian packages a plan may install.
+pub const MAX_PACKAGES: usize = 500;
+
+/// Longest command (bytes; an exec form's arguments together) a plan may run.
+pub const MAX_COMMAND: usize = 64 * 1024;
+
+/// A plan over [`MAX_STEPS`], [`MAX_PACKAGES`] or [`MAX_COMMAND`] is refused, naming the file
+/// it comes from and the limit: what a repository asks must stay within what a server runs.
+fn check_limits(plan: &Plan) -> Result<(), PlanError> {
+    let config = plan.config_file.as_deref();
+    if let Some(step) = plan.steps.get(MAX_STEPS) {
+        return Err(PlanError::invalid(
+            config.unwrap_or(&step.file),
+            format!(
+                "{} setup steps: at most {MAX_STEPS} are run",
+                plan.steps.len()
+            ),
+        ));
+    }
+    if plan.system_packages.len() > MAX_PACKAGES {
+        let file = config.or_else(|| {
+            ["apt.txt", "Aptfile"]
+                .into_iter()
+                .find(|f| plan.inputs.iter().any(|i| i == f))
+        });
+        return Err(PlanError::invalid(
+            file.unwrap_or("apt.txt"),
+            format!(
+                "{} system packages: at most {MAX_PACKAGES} are installed",
+                plan.system_packages.len()
+            ),
+        ));
+    }
+    let size = |command: &Command| match command {
+        Command::Shell(text) => text.len(),
+        Command::Exec(args) => args.iter().map(|a| a.len() + 1).sum(),
+    };
+    let too_long = |file: &str, what: &str, command: &Command| {
+        let n = size(command);
+        (n > MAX_COMMAND).then(|| {
+            PlanError::invalid(
+                file,
+                format!("{what}: the command is {n} bytes, at most {MAX_COMMAND} are run"),
+            )
+        })
+    };
+    for step in &plan.steps {
+        for command in &step.commands {
+            if let Some(e) = too_long(&step.file, &step.name, command) {
+                return Err(e);
+            }
+        }
+    }
+    let file = config.unwrap_or("plan");
+    for (what, command) in [("test", &plan.test), ("start", &plan.start)] {
+        if let Some(e) = command.as_ref().and_then(|c| too_long(file, what, c)) {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 /// Names of the manifests and lockfiles of every supported language (and of `apt.txt`):

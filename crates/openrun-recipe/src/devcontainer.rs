@@ -27,6 +27,9 @@ pub const FILES: [&str; 2] = [".devcontainer/devcontainer.json", ".devcontainer.
 /// The suite images are approximated with (the one whose toolchains are known).
 const SUITE: &str = "bookworm";
 
+/// Most `forwardPorts` a devcontainer.json may list.
+pub const MAX_PORTS: usize = 64;
+
 /// `PATH` of a Debian root shell (`${containerEnv:PATH}` before the sandbox runs).
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -579,6 +582,12 @@ impl<'a> Reader<'a> {
         let items = value
             .as_array()
             .ok_or_else(|| self.invalid("forwardPorts: expected an array of ports"))?;
+        if items.len() > MAX_PORTS {
+            return Err(self.invalid(format!(
+                "forwardPorts: {} ports, at most {MAX_PORTS}",
+                items.len()
+            )));
+        }
         for (i, item) in items.iter().enumerate() {
             let port = match item {
                 Value::Number(n) => n.as_u64().and_then(|p| u16::try_from(p).ok()),

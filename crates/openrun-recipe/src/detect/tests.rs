@@ -1180,3 +1180,48 @@ fn the_manifest_walk_is_bounded() {
     // The root's files come first; zz/ is reached only after wide/'s entries, past the bound.
     assert_eq!(manifests(&Wide), ["package.json"]);
 }
+
+#[test]
+fn plans_over_the_limits_are_refused_naming_the_file() {
+    const DC: &str = ".devcontainer/devcontainer.json";
+    let commands: Vec<String> = (0..=MAX_STEPS)
+        .map(|i| format!("\"s{i}\": \"true\""))
+        .collect();
+    let json = format!(
+        r#"{{"image": "debian:12", "postCreateCommand": {{{}}}}}"#,
+        commands.join(",")
+    );
+    let e = error(&[(DC, &json)]);
+    assert_eq!(e.file(), Some(DC));
+    assert!(e.to_string().contains("at most 64"), "{e}");
+    let commands: Vec<String> = (0..MAX_STEPS)
+        .map(|i| format!("\"s{i}\": \"true\""))
+        .collect();
+    let json = format!(
+        r#"{{"image": "debian:12", "postCreateCommand": {{{}}}}}"#,
+        commands.join(",")
+    );
+    assert_eq!(plan(&[(DC, &json)]).steps.len(), MAX_STEPS);
+
+    let long = "x".repeat(MAX_COMMAND + 1);
+    let json = format!(r#"{{"image": "debian:12", "postCreateCommand": "{long}"}}"#);
+    let e = error(&[(DC, &json)]);
+    assert_eq!(e.file(), Some(DC));
+    assert!(e.to_string().contains("at most 65536"), "{e}");
+
+    let packages: String = (0..=MAX_PACKAGES).map(|i| format!("p{i}\n")).collect();
+    let e = error(&[("apt.txt", &packages), ("Makefile", "all:\n")]);
+    assert_eq!(e.file(), Some("apt.txt"));
+    assert!(e.to_string().contains("at most 500"), "{e}");
+
+    let ports: Vec<String> = (1..=65).map(|p| p.to_string()).collect();
+    let json = format!(
+        r#"{{"image": "debian:12", "forwardPorts": [{}]}}"#,
+        ports.join(",")
+    );
+    let e = error(&[(DC, &json)]);
+    assert!(
+        e.to_string().contains("forwardPorts: 65 ports, at most 64"),
+        "{e}"
+    );
+}
