@@ -27,6 +27,34 @@ pub const FILES: [&str; 2] = [".devcontainer/devcontainer.json", ".devcontainer.
 /// The suite images are approximated with (the one whose toolchains are known).
 const SUITE: &str = "bookworm";
 
+/// Whether `folder` (without a trailing `/`) can hold the workspace: absolute, normalised
+/// (no empty, `.` or `..` component), not `/`, and not in a system directory (the tree is
+/// extracted there, and files it lacks are removed there on a cached open) nor in `/tmp`
+/// (the sandbox's own tmpfs, not kept in snapshots, so a recipe would lose it).
+fn workspace_folder(folder: &str) -> Result<(), &'static str> {
+    let Some(rest) = folder.strip_prefix('/') else {
+        return Err("expected an absolute path");
+    };
+    if rest.is_empty() {
+        return Err("expected an absolute path below /, not / itself");
+    }
+    if rest
+        .split('/')
+        .any(|p| p.is_empty() || p == "." || p == "..")
+    {
+        return Err("expected a normalised path (no //, . or .. components)");
+    }
+    let top = rest.split('/').next().unwrap_or(rest);
+    if top == "tmp" {
+        return Err("/tmp is the sandbox's tmpfs, which snapshots do not keep: use a directory like /workspaces/NAME");
+    }
+    const SYSTEM: [&str; 8] = ["proc", "sys", "dev", "etc", "usr", "bin", "sbin", "boot"];
+    if SYSTEM.contains(&top) || top.starts_with("lib") {
+        return Err("expected a directory outside the system's (/proc, /sys, /dev, /etc, /usr, /bin, /sbin, /boot, /lib*)");
+    }
+    Ok(())
+}
+
 /// Most `forwardPorts` a devcontainer.json may list.
 pub const MAX_PORTS: usize = 64;
 
@@ -188,10 +216,8 @@ impl<'a> Reader<'a> {
             let folder = self.string("workspaceFolder", value)?;
             let folder = self.substitute(folder);
             let folder = folder.trim_end_matches('/');
-            if !folder.starts_with('/') || folder.split('/').any(|p| p == "..") {
-                return Err(self.invalid(format!(
-                    "workspaceFolder: expected an absolute path below /, found {folder:?}"
-                )));
+            if let Err(why) = workspace_folder(folder) {
+                return Err(self.invalid(format!("workspaceFolder: {why}, found {folder:?}")));
             }
             self.plan.workspace = folder.to_string();
         }
@@ -1485,6 +1511,34 @@ mod tests {
             (
                 r#"{"image": "debian:12", "workspaceFolder": "/"}"#,
                 "workspaceFolder: expected an absolute path",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/."}"#,
+                "workspaceFolder: expected a normalised path",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/w/../etc"}"#,
+                "workspaceFolder: expected a normalised path",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/w//x"}"#,
+                "workspaceFolder: expected a normalised path",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/etc/app"}"#,
+                "workspaceFolder: expected a directory outside the system's",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/proc"}"#,
+                "workspaceFolder: expected a directory outside the system's",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/lib64/x"}"#,
+                "workspaceFolder: expected a directory outside the system's",
+            ),
+            (
+                r#"{"image": "debian:12", "workspaceFolder": "/tmp/w"}"#,
+                "workspaceFolder: /tmp is the sandbox's tmpfs",
             ),
             (
                 r#"{"image": "debian:12", "hostRequirements": {"memory": "lots"}}"#,
