@@ -553,6 +553,30 @@ fn keep_hint(plan: &openrun_recipe::Plan, step: Option<&str>) -> String {
     )
 }
 
+/// Most bytes of paths one batch of [`argv_batches`] carries (well under the kernel's limit
+/// on a command line).
+const ARGV_BATCH_BYTES: usize = 64 * 1024;
+
+/// `head` followed by `paths`, split into command lines of at most [`ARGV_BATCH_BYTES`] of
+/// paths each (at least one path per line); none when there are no paths.
+fn argv_batches(head: &[&str], paths: impl Iterator<Item = String>) -> Vec<Vec<String>> {
+    let start = || head.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+    let mut batches = Vec::new();
+    let (mut argv, mut bytes) = (start(), 0);
+    for path in paths {
+        if bytes > 0 && bytes + path.len() > ARGV_BATCH_BYTES {
+            batches.push(std::mem::replace(&mut argv, start()));
+            bytes = 0;
+        }
+        bytes += path.len() + 1;
+        argv.push(path);
+    }
+    if bytes > 0 {
+        batches.push(argv);
+    }
+    batches
+}
+
 /// The workspace of an open under way. If the open ends without reaching its own cleanup
 /// (its future dropped as the server stops, or a panic), the drop removes the step snapshots
 /// and, unless `keep`, the sandbox, as the open would have.
@@ -756,39 +780,61 @@ impl Open<'_> {
         self.progress
             .step("copy", None, StepStatus::Running, None, None)
             .await;
-        for removal in removals.unwrap_or_default() {
-            let path = format!("{}/{}", plan.workspace.trim_end_matches('/'), removal.path);
-            match crate::files::remove_path(s, caller, &ws.id, path, removal.recursive).await {
-                Ok(()) | Err(crate::error::ApiError::NotFound(_)) => {}
-                Err(crate::error::ApiError::Agent(e))
-                    if e.code == openrun_protocol::ErrorCode::NotFound => {}
-                Err(e) => return Err(at(e)),
+        let first_open = removals.is_none();
+        let removals = removals.unwrap_or_default();
+        let root = plan.workspace.trim_end_matches('/');
+        // One `rm` per batch of paths (argv after `--`, never a shell line), not one agent
+        // request and timeline event per file.
+        for (recursive, flags) in [(true, "-rf"), (false, "-f")] {
+            let paths = removals
+                .iter()
+                .filter(|r| r.recursive == recursive)
+                .map(|r| format!("{root}/{}", r.path));
+            for batch in argv_batches(&["rm", flags, "--"], paths) {
+                let outcome = self.as_root(ws, batch).await?;
+                if !outcome.ok() {
+                    return Err(UpError::new(
+                        "internal",
+                        format!(
+                            "cannot remove the files the new tree lacks from {}: {}",
+                            plan.workspace,
+                            outcome.last_lines(5)
+                        ),
+                    )
+                    .at_step("copy"));
+                }
             }
         }
         crate::archive::extract_archive(s, caller, &ws.id, &plan.workspace, self.tar)
             .await
             .map_err(at)?;
         if let Some(user) = plan.user.as_deref().filter(|u| *u != "root" && *u != "0") {
-            let argv = vec![
-                "chown".to_string(),
-                "-R".into(),
-                format!("{user}:"),
-                plan.workspace.clone(),
-            ];
-            let outcome = run_command(
-                s,
-                caller,
-                &ws.id,
-                "copy",
-                argv,
-                None,
-                BTreeMap::new(),
-                None,
-                setup::STEP_TIMEOUT,
-                self.progress,
-            )
-            .await?;
-            if !outcome.ok() {
+            // A first open gives the whole workspace to the user; a re-open only what the
+            // tree brought (its top-level entries), not what the setup made and the
+            // recipe's snapshot already has with the right owner (node_modules, .venv).
+            let paths: Vec<String> = if first_open {
+                vec![plan.workspace.clone()]
+            } else {
+                let tops: std::collections::BTreeSet<&str> = self
+                    .planned
+                    .files
+                    .iter()
+                    .filter_map(|f| f.split('/').next())
+                    .filter(|t| !t.is_empty() && *t != "." && *t != "..")
+                    .collect();
+                tops.into_iter().map(|t| format!("{root}/{t}")).collect()
+            };
+            let owner = format!("{user}:");
+            let mut outcome = None;
+            for batch in argv_batches(&["chown", "-R", &owner, "--"], paths.into_iter()) {
+                let ran = self.as_root(ws, batch).await?;
+                let ok = ran.ok();
+                outcome = Some(ran);
+                if !ok {
+                    break;
+                }
+            }
+            if let Some(outcome) = outcome.filter(|o| !o.ok()) {
                 return Err(UpError::new(
                     "invalid_config",
                     format!(
@@ -808,6 +854,28 @@ impl Open<'_> {
 
     /// A cached sandbox's workspace brought to the new tree: unchanged when the tar's digest
     /// is the recipe's.
+    /// Runs `argv` in the workspace sandbox as root (its default user may be `remoteUser`),
+    /// as part of step `copy`.
+    async fn as_root(
+        &self,
+        ws: &setup::Workspace,
+        argv: Vec<String>,
+    ) -> Result<run::Outcome, UpError> {
+        run_command(
+            self.s,
+            self.caller,
+            &ws.id,
+            "copy",
+            argv,
+            None,
+            BTreeMap::new(),
+            Some("0".into()),
+            setup::STEP_TIMEOUT,
+            self.progress,
+        )
+        .await
+    }
+
     async fn sync(&self, ws: &setup::Workspace, row: &recipes::RecipeRow) -> Result<(), UpError> {
         if row.source_digest == self.planned.digest {
             self.progress
@@ -1003,6 +1071,21 @@ mod tests {
 #[cfg(test)]
 mod backpressure_tests {
     use super::*;
+
+    #[test]
+    fn argv_batches_split_long_lists_and_skip_empty_ones() {
+        assert!(argv_batches(&["rm", "-f", "--"], std::iter::empty()).is_empty());
+        let one = argv_batches(&["rm", "-f", "--"], ["/w/-a".to_string()].into_iter());
+        assert_eq!(one, vec![vec!["rm", "-f", "--", "/w/-a"]]);
+        let long = (0..5000).map(|i| format!("/workspaces/app/some/dir/file-{i:05}.txt"));
+        let batches = argv_batches(&["rm", "-rf", "--"], long);
+        assert!(batches.len() > 1);
+        assert_eq!(batches.iter().map(|b| b.len() - 3).sum::<usize>(), 5000);
+        for b in &batches {
+            assert_eq!(&b[..3], ["rm", "-rf", "--"]);
+            assert!(b[3..].iter().map(|p| p.len() + 1).sum::<usize>() <= ARGV_BATCH_BYTES + 64);
+        }
+    }
 
     #[test]
     fn a_step_failed_without_keep_says_how_to_keep_the_sandbox() {
