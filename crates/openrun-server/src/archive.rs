@@ -207,7 +207,8 @@ pub async fn download(
 
 /// Writes the tar archive of the directory `root` in the caller's sandbox `id` to the host
 /// file `dest` (created or truncated), exactly as `GET .../files/tar` sends it; returns the
-/// archive's size in bytes. A failure part way leaves `dest` partly written: the caller
+/// archive's size in bytes. With a `limit`, an archive that would be larger stops there with
+/// [`ApiError::TooLarge`]. A failure part way leaves `dest` partly written: the caller
 /// removes it.
 pub(crate) async fn archive_to_file(
     s: &Shared,
@@ -215,6 +216,7 @@ pub(crate) async fn archive_to_file(
     id: &str,
     root: &str,
     dest: &HostPath,
+    limit: Option<u64>,
 ) -> Result<u64, ApiError> {
     check_root(root)?;
     let Listed {
@@ -236,6 +238,7 @@ pub(crate) async fn archive_to_file(
         let mut sink = Counted {
             inner: io::BufWriter::new(file),
             written: 0,
+            limit,
         };
         write_archive(&handle, &mut client, &root, &entries, &mut sink)?;
         sink.inner
@@ -245,7 +248,12 @@ pub(crate) async fn archive_to_file(
         Ok::<u64, io::Error>(sink.written)
     })
     .await?
-    .map_err(|e| ApiError::internal("a tar archive broke off", format!("{shown_dest}: {e}")))
+    .map_err(|e| match (e.kind(), limit) {
+        (io::ErrorKind::FileTooLarge, Some(limit)) => ApiError::TooLarge {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+        },
+        _ => ApiError::internal("a tar archive broke off", format!("{shown_dest}: {e}")),
+    })
 }
 
 /// Refuses a directory path the file API would refuse.
@@ -280,14 +288,24 @@ async fn listed(s: &Shared, caller: &Caller, id: &str, root: &str) -> Result<Lis
     })
 }
 
-/// A writer counting the bytes it passes on.
+/// A writer counting the bytes it passes on; past `limit`, writes fail with
+/// [`io::ErrorKind::FileTooLarge`].
 struct Counted<W> {
     inner: W,
     written: u64,
+    limit: Option<u64>,
 }
 
 impl<W: Write> Write for Counted<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if let Some(limit) = self.limit {
+            if self.written.saturating_add(data.len() as u64) > limit {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("the archive is larger than {limit} bytes"),
+                ));
+            }
+        }
         let n = self.inner.write(data)?;
         self.written += n as u64;
         Ok(n)
@@ -993,6 +1011,20 @@ impl Extraction {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn counted_stops_past_its_limit() {
+        use std::io::Write as _;
+        let mut sink = super::Counted {
+            inner: Vec::new(),
+            written: 0,
+            limit: Some(10),
+        };
+        sink.write_all(b"0123456789").unwrap();
+        let e = sink.write_all(b"x").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
+        assert_eq!(sink.inner.len(), 10);
+    }
+
     use super::*;
 
     #[test]

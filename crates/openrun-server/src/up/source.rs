@@ -633,9 +633,27 @@ async fn clone_inner(
         guard.remove().await;
         return Err(e);
     }
-    crate::archive::archive_to_file(s, caller, guard.id(), CLONE_DIR, dest).await?;
+    let limit = super::routes::MAX_TAR;
+    let archived =
+        crate::archive::archive_to_file(s, caller, guard.id(), CLONE_DIR, dest, Some(limit)).await;
     guard.remove().await;
-    Ok(())
+    match archived {
+        Ok(_) => Ok(()),
+        Err(ApiError::TooLarge { .. }) => Err(too_large_clone(&git.url, limit)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The error of a clone whose tree is larger as a tar than an upload may be.
+fn too_large_clone(url: &str, limit: u64) -> UpError {
+    UpError::new(
+        "fetch_failed",
+        format!(
+            "cannot use {url}: its tree is larger than {} MiB as a tar, the limit of a \
+             repository (the same as an upload's)",
+            limit >> 20
+        ),
+    )
 }
 
 /// The last lines git wrote, without its `Cloning into` banner.
@@ -653,6 +671,17 @@ fn git_said(tail: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_too_large_clone_is_fetch_failed_saying_why() {
+        let e = too_large_clone("https://example.com/r.git", 256 << 20);
+        assert_eq!(e.code, "fetch_failed");
+        assert!(
+            e.message.contains("https://example.com/r.git") && e.message.contains("256 MiB"),
+            "{}",
+            e.message
+        );
+    }
+
     use super::*;
 
     fn ok(url: &str) -> GitSource {
