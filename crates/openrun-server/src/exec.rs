@@ -293,6 +293,106 @@ pub async fn exec(
         .into_response())
 }
 
+/// How a command run by [`run_to_end`] ended (its `exit` line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// Its pid inside the sandbox, if it was reported as started.
+    pub pid: Option<Pid>,
+    /// Its exit code, if it exited.
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    pub signal: Option<i32>,
+    /// Whether it was killed at its timeout.
+    pub timed_out: bool,
+    /// Whether the sandbox's memory limit killed it.
+    pub oom_killed: bool,
+}
+
+/// Why [`run_to_end`] has no [`Ended`].
+#[derive(Debug)]
+pub(crate) enum NotEnded {
+    /// It could not be started (refused before any line).
+    Refused(ApiError),
+    /// The sandbox's `error` line (`code`, e.g. `command_not_found`, and `message`).
+    Error {
+        /// Its code.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// `cancel` resolved: the command was killed with its process group.
+    Cancelled,
+    /// The output ended without an exit status (the sandbox may have stopped).
+    Lost,
+    /// No end was reported `grace` after the timeout.
+    NoEnd,
+}
+
+/// Runs `request` attached in the caller's sandbox `id` to its end: the one exec-to-completion
+/// driver (MCP's `run_command`, every command of an `up`). Output chunks go to `on_output` as
+/// they come. The wait ends `grace` after the request's timeout at the latest (the agent
+/// kills at the timeout and reports the exit). Once the command runs, `cancel` resolving
+/// kills it with its process group (signal 9) and ends the run with
+/// [`NotEnded::Cancelled`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn run_to_end(
+    s: &Shared,
+    caller: &Caller,
+    id: &str,
+    request: ExecRequest,
+    input: Option<mpsc::Receiver<Input>>,
+    grace: std::time::Duration,
+    cancel: impl std::future::Future<Output = ()>,
+    mut on_output: impl FnMut(Stream, &[u8]),
+) -> Result<Ended, NotEnded> {
+    let timeout = std::time::Duration::from_millis(request.timeout_ms.unwrap_or(0));
+    let mut lines = run_attached(s, caller, id, request, input)
+        .await
+        .map_err(NotEnded::Refused)?;
+    let deadline = tokio::time::Instant::now() + timeout + grace;
+    tokio::pin!(cancel);
+    let mut pid = None;
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, lines.recv()) => next,
+            () = &mut cancel, if pid.is_some() => {
+                if let Some(pid) = pid {
+                    if let Err(e) =
+                        crate::processes::signal_process(s, caller, id, pid, 9, true).await
+                    {
+                        tracing::debug!(error = %e, pid, "cannot kill a cancelled command");
+                    }
+                }
+                return Err(NotEnded::Cancelled);
+            }
+        };
+        match next {
+            Err(_) => return Err(NotEnded::NoEnd),
+            Ok(None) => return Err(NotEnded::Lost),
+            Ok(Some(Line::Started { pid: started })) => pid = Some(started),
+            Ok(Some(Line::Stdout { data, .. })) => on_output(Stream::Stdout, &data),
+            Ok(Some(Line::Stderr { data, .. })) => on_output(Stream::Stderr, &data),
+            Ok(Some(Line::Exit {
+                code,
+                signal,
+                timed_out,
+                oom_killed,
+            })) => {
+                return Ok(Ended {
+                    pid,
+                    code,
+                    signal,
+                    timed_out,
+                    oom_killed,
+                })
+            }
+            Ok(Some(Line::Error { code, message })) => {
+                return Err(NotEnded::Error { code, message })
+            }
+        }
+    }
+}
+
 /// Starts `request` attached in the caller's running sandbox `id` (see [`start`]): its lines
 /// arrive on the returned channel, the last an `exit` or `error` line; `input` carries what
 /// the client sends while it runs.

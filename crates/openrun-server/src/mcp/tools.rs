@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use openrun_protocol::{
-    AttachRequest, ExecRequest, FileKind, Pid, ProcessInfo, ProcessState, MAX_DATA_LEN,
+    AttachRequest, ExecRequest, FileKind, Pid, ProcessInfo, ProcessState, Stream, MAX_DATA_LEN,
 };
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock};
@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use super::text::{self, Capture};
 use super::{refuse, tool_error, OpenrunMcp, Who};
 use crate::error::ApiError;
-use crate::exec::{Input, Line};
+use crate::exec::{Input, Line, NotEnded};
 
 /// A tool's answer: `Err` is a result with `isError` set (rmcp marks it so).
 type Answer = Result<CallToolResult, CallToolResult>;
@@ -930,78 +930,66 @@ impl OpenrunMcp {
             let _ = tx.try_send(Input::StdinEof);
             rx
         });
-        let mut lines =
-            crate::exec::run_attached(&self.state, &who.caller, &p.sandbox_id, request, input)
-                .await
-                .or_tool()?;
-        let deadline = Instant::now() + Duration::from_millis(timeout) + EXIT_GRACE;
         let (mut stdout, mut stderr) = (Capture::default(), Capture::default());
-        let mut pid = None;
-        let mut exit = None;
-        loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(deadline, lines.recv()) => next,
-                () = context.ct.cancelled() => {
-                    // The client cancelled the call (notifications/cancelled): the command
-                    // goes too, with its children.
-                    if let Some(pid) = pid {
-                        if let Err(e) = crate::processes::signal_process(
-                            &self.state, &who.caller, &p.sandbox_id, pid, 9, true,
-                        )
-                        .await
-                        {
-                            tracing::debug!(error = %e, pid, "cannot kill a cancelled command");
-                        }
-                    }
-                    return Err(refuse("cancelled", "the call was cancelled: the command was killed"));
-                }
-            };
-            let line = match next {
-                Ok(Some(line)) => line,
-                Ok(None) => break,
-                Err(_) => {
-                    return Err(with_output(
-                        refuse(
-                            "internal",
-                            format!(
-                                "the sandbox did not report the command's end {}s after its \
-                                 timeout",
-                                EXIT_GRACE.as_secs()
-                            ),
-                        ),
-                        &stdout,
-                        &stderr,
-                    ))
-                }
-            };
-            match line {
-                Line::Started { pid: p } => pid = Some(p),
-                Line::Stdout { data, .. } => stdout.push(&data),
-                Line::Stderr { data, .. } => stderr.push(&data),
-                Line::Exit {
-                    code,
-                    signal,
-                    timed_out,
-                    oom_killed,
-                } => {
-                    exit = Some((code, signal, timed_out, oom_killed));
-                    break;
-                }
-                Line::Error { code, message } => {
-                    return Err(with_output(refuse(&code, message), &stdout, &stderr))
-                }
+        let ended = crate::exec::run_to_end(
+            &self.state,
+            &who.caller,
+            &p.sandbox_id,
+            request,
+            input,
+            EXIT_GRACE,
+            // The client cancelled the call (notifications/cancelled): the command goes too,
+            // with its children.
+            context.ct.cancelled(),
+            |stream, data| match stream {
+                Stream::Stdout => stdout.push(data),
+                Stream::Stderr => stderr.push(data),
+            },
+        )
+        .await;
+        let crate::exec::Ended {
+            pid,
+            code,
+            signal,
+            timed_out,
+            oom_killed,
+        } = match ended {
+            Ok(ended) => ended,
+            Err(NotEnded::Refused(e)) => return Err(tool_error(e)),
+            Err(NotEnded::Cancelled) => {
+                return Err(refuse(
+                    "cancelled",
+                    "the call was cancelled: the command was killed",
+                ))
             }
-        }
-        let Some((code, signal, timed_out, oom_killed)) = exit else {
-            return Err(with_output(
-                refuse(
-                    "agent_lost",
-                    "the command's output ended without an exit status (the sandbox may have \
-                     stopped)",
-                ),
-                &stdout,
-                &stderr,
-            ));
+            Err(NotEnded::NoEnd) => {
+                return Err(with_output(
+                    refuse(
+                        "internal",
+                        format!(
+                            "the sandbox did not report the command's end {}s after its \
+                             timeout",
+                            EXIT_GRACE.as_secs()
+                        ),
+                    ),
+                    &stdout,
+                    &stderr,
+                ))
+            }
+            Err(NotEnded::Error { code, message }) => {
+                return Err(with_output(refuse(&code, message), &stdout, &stderr))
+            }
+            Err(NotEnded::Lost) => {
+                return Err(with_output(
+                    refuse(
+                        "agent_lost",
+                        "the command's output ended without an exit status (the sandbox may \
+                         have stopped)",
+                    ),
+                    &stdout,
+                    &stderr,
+                ))
+            }
         };
         let mut status = describe_exit(code, signal, timed_out, oom_killed);
         if timed_out {

@@ -137,9 +137,7 @@ impl Progress {
             return;
         }
         if matches!(event, UpEvent::Output { .. }) {
-            if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
-                tracing::debug!("up: the reader is slow, an output chunk was dropped");
-            }
+            self.output(event);
             return;
         }
         if tokio::time::timeout(STEP_SEND_DEADLINE, tx.send(event))
@@ -151,6 +149,15 @@ impl Progress {
                 STEP_SEND_DEADLINE.as_secs()
             );
             self.gone.send_replace(true);
+        }
+    }
+
+    /// Sends an output event if the stream has room (never waits: output is dropped while a
+    /// slow reader's stream is full).
+    pub(crate) fn output(&self, event: UpEvent) {
+        let Some(tx) = &self.tx else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(event) {
+            tracing::debug!("up: the reader is slow, an output chunk was dropped");
         }
     }
 

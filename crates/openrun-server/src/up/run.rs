@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use openrun_protocol::ExecRequest;
+use openrun_protocol::{ExecRequest, Stream};
 
 use super::{Progress, UpError, UpEvent};
 use crate::api::{Caller, Shared};
-use crate::exec::Line;
+use crate::exec::{Ended, NotEnded};
 
 /// Bytes of output an [`Outcome`] keeps (the end of stdout and stderr, interleaved).
 pub(crate) const TAIL_BYTES: usize = 4096;
@@ -97,123 +97,108 @@ pub(crate) async fn run_command(
         tag: Some(format!("up:{step}")),
         ..Default::default()
     };
-    let mut lines = crate::exec::run_attached(s, caller, sandbox_id, request, None)
-        .await
-        .map_err(|e| UpError::from(e).at_step(step))?;
-    let deadline = tokio::time::Instant::now() + timeout + EXIT_GRACE;
     let mut tail = Tail::default();
     let elapsed = |started: Instant| u64::try_from(started.elapsed().as_millis()).unwrap_or(0);
-    let mut pid = None;
-    loop {
-        let next = tokio::select! {
-            next = tokio::time::timeout_at(deadline, lines.recv()) => next,
-            () = reader_left(progress), if pid.is_some() => {
-                // The client left: the open stops, and so does what it runs (with its
-                // children), instead of a long install running on for nobody.
-                if let Some(pid) = pid {
-                    if let Err(e) =
-                        crate::processes::signal_process(s, caller, sandbox_id, pid, 9, true).await
-                    {
-                        tracing::debug!(error = %e, pid, "cannot kill an abandoned step");
-                    }
+    let ended = crate::exec::run_to_end(
+        s,
+        caller,
+        sandbox_id,
+        request,
+        None,
+        EXIT_GRACE,
+        // The client left: the open stops, and so does what it runs (with its children),
+        // instead of a long install running on for nobody.
+        reader_left(progress),
+        |stream, data| forward(progress, step, stream, data, &mut tail),
+    )
+    .await;
+    let Ended {
+        pid: _,
+        code,
+        signal,
+        timed_out,
+        oom_killed,
+    } = match ended {
+        Ok(ended) => ended,
+        Err(NotEnded::Refused(e)) => return Err(UpError::from(e).at_step(step)),
+        Err(NotEnded::Cancelled) => return Err(super::cancelled(step)),
+        Err(NotEnded::Lost) => {
+            return Err(UpError::new(
+                "agent_lost",
+                format!(
+                    "step {step}: the command's output ended without an exit status (the \
+                     sandbox may have stopped)"
+                ),
+            )
+            .at_step(step))
+        }
+        Err(NotEnded::NoEnd) => {
+            return Err(UpError::new(
+                "internal",
+                format!(
+                    "step {step}: the sandbox did not report the command's end {} s after \
+                     its timeout",
+                    EXIT_GRACE.as_secs()
+                ),
+            )
+            .at_step(step))
+        }
+        Err(NotEnded::Error { code, message }) => {
+            // A command that could not start is the step's failure, as a shell reports it.
+            let exit_code = match code.as_str() {
+                "command_not_found" => 127,
+                "permission_denied" => 126,
+                "not_found" | "not_a_directory" | "invalid_argument" => 126,
+                _ => {
+                    return Err(UpError::new(&code, format!("step {step}: {message}")).at_step(step))
                 }
-                return Err(super::cancelled(step));
-            }
-        };
-        let line = match next {
-            Ok(Some(line)) => line,
-            Ok(None) => {
-                return Err(UpError::new(
-                    "agent_lost",
-                    format!(
-                        "step {step}: the command's output ended without an exit status (the \
-                         sandbox may have stopped)"
-                    ),
-                )
-                .at_step(step))
-            }
-            Err(_) => {
-                return Err(UpError::new(
-                    "internal",
-                    format!(
-                        "step {step}: the sandbox did not report the command's end {} s after \
-                         its timeout",
-                        EXIT_GRACE.as_secs()
-                    ),
-                )
-                .at_step(step))
-            }
-        };
-        match line {
-            Line::Started { pid: started } => pid = Some(started),
-            Line::Stdout { data, .. } => forward(progress, step, "stdout", &data, &mut tail).await,
-            Line::Stderr { data, .. } => forward(progress, step, "stderr", &data, &mut tail).await,
-            Line::Exit {
-                code,
-                signal,
-                timed_out,
-                oom_killed,
-            } => {
-                let exit_code = match (code, signal) {
-                    (Some(code), _) => code,
-                    (None, Some(signal)) => 128 + signal,
-                    (None, None) => 124,
-                };
-                let mut why = Vec::new();
-                if timed_out {
-                    why.push(format!(
-                        "killed at its timeout of {}",
-                        human_duration(timeout)
-                    ));
-                }
-                if oom_killed {
-                    why.push("killed by the sandbox's memory limit (out of memory)".to_string());
-                }
-                if why.is_empty() {
-                    if let (None, Some(signal)) = (code, signal) {
-                        why.push(format!("killed by signal {signal}"));
-                    }
-                }
-                let mut text = tail.text();
-                if !why.is_empty() {
-                    if !text.is_empty() && !text.ends_with('\n') {
-                        text.push('\n');
-                    }
-                    text.push_str(&format!("[openrun: {}]\n", why.join("; ")));
-                }
-                let exit_code = if exit_code == 0 && (timed_out || oom_killed) {
-                    124
-                } else {
-                    exit_code
-                };
-                return Ok(Outcome {
-                    exit_code,
-                    duration_ms: elapsed(started),
-                    tail: text,
-                });
-            }
-            Line::Error { code, message } => {
-                // A command that could not start is the step's failure, as a shell reports it.
-                let exit_code = match code.as_str() {
-                    "command_not_found" => 127,
-                    "permission_denied" => 126,
-                    "not_found" | "not_a_directory" | "invalid_argument" => 126,
-                    _ => {
-                        return Err(
-                            UpError::new(&code, format!("step {step}: {message}")).at_step(step)
-                        )
-                    }
-                };
-                let note = format!("[openrun: {message}]\n");
-                forward(progress, step, "stderr", note.as_bytes(), &mut tail).await;
-                return Ok(Outcome {
-                    exit_code,
-                    duration_ms: elapsed(started),
-                    tail: tail.text(),
-                });
-            }
+            };
+            let note = format!("[openrun: {message}]\n");
+            forward(progress, step, Stream::Stderr, note.as_bytes(), &mut tail);
+            return Ok(Outcome {
+                exit_code,
+                duration_ms: elapsed(started),
+                tail: tail.text(),
+            });
+        }
+    };
+    let exit_code = match (code, signal) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        (None, None) => 124,
+    };
+    let mut why = Vec::new();
+    if timed_out {
+        why.push(format!(
+            "killed at its timeout of {}",
+            human_duration(timeout)
+        ));
+    }
+    if oom_killed {
+        why.push("killed by the sandbox's memory limit (out of memory)".to_string());
+    }
+    if why.is_empty() {
+        if let (None, Some(signal)) = (code, signal) {
+            why.push(format!("killed by signal {signal}"));
         }
     }
+    let mut text = tail.text();
+    if !why.is_empty() {
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&format!("[openrun: {}]\n", why.join("; ")));
+    }
+    let exit_code = if exit_code == 0 && (timed_out || oom_killed) {
+        124
+    } else {
+        exit_code
+    };
+    Ok(Outcome {
+        exit_code,
+        duration_ms: elapsed(started),
+        tail: text,
+    })
 }
 
 /// Resolves once the progress reader left (never for progress nobody reads).
@@ -221,22 +206,18 @@ async fn reader_left(progress: &Progress) {
     progress.reader_left().await;
 }
 
-/// Sends an output chunk as progress and keeps its end.
-async fn forward(
-    progress: &Progress,
-    step: &str,
-    stream: &'static str,
-    data: &[u8],
-    tail: &mut Tail,
-) {
+/// Sends an output chunk as progress (dropped while the stream is full) and keeps its end.
+fn forward(progress: &Progress, step: &str, stream: Stream, data: &[u8], tail: &mut Tail) {
     tail.push(data);
-    progress
-        .send(UpEvent::Output {
-            step: step.to_string(),
-            stream,
-            data_b64: base64::engine::general_purpose::STANDARD.encode(data),
-        })
-        .await;
+    let stream = match stream {
+        Stream::Stdout => "stdout",
+        Stream::Stderr => "stderr",
+    };
+    progress.output(UpEvent::Output {
+        step: step.to_string(),
+        stream,
+        data_b64: base64::engine::general_purpose::STANDARD.encode(data),
+    });
 }
 
 /// `5 min`, `30 s`.
