@@ -278,7 +278,10 @@ mod tests {
         assert_eq!(shell.argv(), ["/bin/sh", "-c", "npm ci"]);
         let exec: Command = serde_json::from_str(r#"["pip","install","a b"]"#).unwrap();
         assert_eq!(exec.to_string(), "pip install 'a b'");
-        assert_eq!(serde_json::to_string(&exec).unwrap(), r#"["pip","install","a b"]"#);
+        assert_eq!(
+            serde_json::to_string(&exec).unwrap(),
+            r#"["pip","install","a b"]"#
+        );
     }
 
     #[test]
