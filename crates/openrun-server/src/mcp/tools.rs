@@ -410,14 +410,13 @@ const MAX_SCANNED: usize = 20_000;
 
 /// Step lines `up` shows.
 const UP_STEP_LINES: usize = 40;
-/// Output bytes `up` shows (the end of the last commands' output).
-const UP_OUTPUT_BYTES: usize = 4096;
 
 /// What `up` saw of an open's progress: its step lines and the end of the output.
 #[derive(Debug, Default)]
 struct UpLog {
     steps: std::collections::VecDeque<String>,
-    output: std::collections::VecDeque<u8>,
+    /// The end of the commands' output.
+    output: crate::up::run::Tail,
 }
 
 impl UpLog {
@@ -456,10 +455,7 @@ impl UpLog {
                 let data = base64::engine::general_purpose::STANDARD
                     .decode(data_b64)
                     .unwrap_or_default();
-                let data = &data[data.len().saturating_sub(UP_OUTPUT_BYTES)..];
-                let excess = (self.output.len() + data.len()).saturating_sub(UP_OUTPUT_BYTES);
-                self.output.drain(..excess);
-                self.output.extend(data);
+                self.output.push(&data);
                 None
             }
             UpEvent::Plan { .. } => None,
@@ -467,8 +463,7 @@ impl UpLog {
     }
 
     fn output_text(&self) -> String {
-        let bytes: Vec<u8> = self.output.iter().copied().collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+        self.output.text()
     }
 }
 

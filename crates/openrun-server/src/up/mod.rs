@@ -7,7 +7,7 @@
 mod base;
 mod recipes;
 pub(crate) mod routes;
-mod run;
+pub(crate) mod run;
 mod setup;
 mod source;
 

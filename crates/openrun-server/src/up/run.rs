@@ -50,19 +50,22 @@ impl Outcome {
     }
 }
 
-/// The end of a command's output, bounded.
+/// The end of a command's output, bounded to [`TAIL_BYTES`] (an up's commands, MCP `up`'s
+/// log).
 #[derive(Debug, Default)]
-struct Tail(VecDeque<u8>);
+pub(crate) struct Tail(VecDeque<u8>);
 
 impl Tail {
-    fn push(&mut self, data: &[u8]) {
+    /// Adds a chunk, keeping the last [`TAIL_BYTES`].
+    pub(crate) fn push(&mut self, data: &[u8]) {
         let data = &data[data.len().saturating_sub(TAIL_BYTES)..];
         let excess = (self.0.len() + data.len()).saturating_sub(TAIL_BYTES);
         self.0.drain(..excess);
         self.0.extend(data);
     }
 
-    fn text(&self) -> String {
+    /// The bytes kept, as lossy UTF-8.
+    pub(crate) fn text(&self) -> String {
         let bytes: Vec<u8> = self.0.iter().copied().collect();
         String::from_utf8_lossy(&bytes).into_owned()
     }
