@@ -320,7 +320,7 @@ fn plan_from_sources(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError>
         .find(|f| tree.is_file(f));
     if let Some(dockerfile) = dockerfile {
         let repo = Repo::new(tree, &workspace);
-        let mut plan = empty_plan(PlanSource::Dockerfile, &workspace);
+        let mut plan = Plan::empty(PlanSource::Dockerfile, &workspace);
         plan.config_file = Some(dockerfile.into());
         plan.base = BaseImage::Dockerfile {
             dockerfile: dockerfile.into(),
@@ -360,32 +360,6 @@ fn plan_from_sources(tree: &dyn RepoTree, name: &str) -> Result<Plan, PlanError>
     detected_plan(tree, &workspace)
 }
 
-/// A plan of `source` with nothing in it yet, on Debian.
-fn empty_plan(source: PlanSource, workspace: &str) -> Plan {
-    Plan {
-        source,
-        config_file: None,
-        languages: Vec::new(),
-        base: BaseImage::Debian {
-            suite: SUITE.into(),
-        },
-        system_packages: Vec::new(),
-        env: BTreeMap::new(),
-        remote_env: BTreeMap::new(),
-        user: None,
-        workspace: workspace.to_string(),
-        steps: Vec::new(),
-        test: None,
-        start: None,
-        ports: Vec::new(),
-        network: Vec::new(),
-        resources: Default::default(),
-        inputs: Vec::new(),
-        unsupported: Vec::new(),
-        notes: Vec::new(),
-    }
-}
-
 /// Detection alone: Debian, the languages' packages and steps, `apt.txt`.
 fn detected_plan(tree: &dyn RepoTree, workspace: &str) -> Result<Plan, PlanError> {
     let repo = Repo::new(tree, workspace);
@@ -395,7 +369,7 @@ fn detected_plan(tree: &dyn RepoTree, workspace: &str) -> Result<Plan, PlanError
     }
     let extra = apt::read(&repo)?;
     let primary = primary(&found);
-    let mut plan = empty_plan(PlanSource::Detected, workspace);
+    let mut plan = Plan::empty(PlanSource::Detected, workspace);
     let mut packages: BTreeSet<String> = extra.packages.into_iter().collect();
     let mut network = BTreeSet::new();
     let mut inputs: BTreeSet<String> = extra.files.into_iter().collect();

@@ -15,17 +15,14 @@ use std::collections::BTreeMap;
 
 use serde_json::{Map, Value};
 
-use crate::detect::toolchain;
+use crate::detect::{toolchain, SUITE};
 use crate::error::PlanError;
 use crate::jsonc;
-use crate::plan::{BaseImage, Command, Phase, Plan, PlanSource, Resources, Step};
+use crate::plan::{BaseImage, Command, Phase, Plan, PlanSource, Step};
 use crate::tree::RepoTree;
 
 /// Where a devcontainer.json is looked for, in order.
 pub const FILES: [&str; 2] = [".devcontainer/devcontainer.json", ".devcontainer.json"];
-
-/// The suite images are approximated with (the one whose toolchains are known).
-const SUITE: &str = "bookworm";
 
 /// Whether `folder` (without a trailing `/`) can hold the workspace: absolute, normalised
 /// (no empty, `.` or `..` component), not `/`, and not in a system directory (the tree is
@@ -136,26 +133,9 @@ impl<'a> Reader<'a> {
             name,
             dir: dir.to_string(),
             plan: Plan {
-                source: PlanSource::Devcontainer,
                 config_file: Some(file.to_string()),
-                languages: Vec::new(),
-                base: BaseImage::Debian {
-                    suite: SUITE.into(),
-                },
-                system_packages: Vec::new(),
-                env: BTreeMap::new(),
-                remote_env: BTreeMap::new(),
-                user: None,
-                workspace: format!("/workspaces/{name}"),
-                steps: Vec::new(),
-                test: None,
-                start: None,
-                ports: Vec::new(),
-                network: Vec::new(),
-                resources: Resources::default(),
                 inputs: vec![file.to_string()],
-                unsupported: Vec::new(),
-                notes: Vec::new(),
+                ..Plan::empty(PlanSource::Devcontainer, &format!("/workspaces/{name}"))
             },
             approximated: false,
         }

@@ -189,6 +189,33 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// A plan of `source` with nothing in it yet: Debian [`crate::detect::SUITE`], the
+    /// repository at `workspace`.
+    pub fn empty(source: PlanSource, workspace: &str) -> Self {
+        Plan {
+            source,
+            config_file: None,
+            languages: Vec::new(),
+            base: BaseImage::Debian {
+                suite: crate::detect::SUITE.into(),
+            },
+            system_packages: Vec::new(),
+            env: BTreeMap::new(),
+            remote_env: BTreeMap::new(),
+            user: None,
+            workspace: workspace.to_string(),
+            steps: Vec::new(),
+            test: None,
+            start: None,
+            ports: Vec::new(),
+            network: Vec::new(),
+            resources: Resources::default(),
+            inputs: Vec::new(),
+            unsupported: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
     /// A human-readable rendering (what `openrun up --plan` prints).
     pub fn render(&self) -> String {
         let mut out = String::new();
