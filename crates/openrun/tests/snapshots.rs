@@ -561,7 +561,8 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
     assert_ok(&out);
     let inspected: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(inspected["base"], "host");
-    // A Dockerfile cannot build on it (its steps would run without the host's /usr).
+    // A Dockerfile cannot build on it: it is a tenant's snapshot (and a host-based one, whose
+    // steps would run without the host's /usr: builds.rs covers that refusal).
     let context = tempfile::tempdir().unwrap();
     fs::write(
         context.path().join("Dockerfile"),
@@ -574,7 +575,11 @@ fn host_sandboxes_snapshot_and_fork_with_their_usr_changes() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("host image"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("a tenant's snapshot cannot be a build base"),
+        "{}",
+        stderr(&out)
+    );
     // With their names gone, prune keeps the layers live sandboxes stack (on / and /usr).
     for name in [image.as_str(), gen2.as_str()] {
         assert_ok(&env.output(["image", "rm", name]));
