@@ -7,6 +7,7 @@ import io
 import json
 import tarfile
 
+import httpx
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
@@ -77,6 +78,51 @@ def test_rest_stream_follows_the_contract(client, repo):
     result = again[-1]["result"]
     assert result["cached"] is True and result["check"]["passed"] is True, result
     client.delete(result["sandbox_id"])
+
+
+@pytest.mark.timeout(900)
+def test_recipes_belong_to_their_tenant(client, repo, server_url, make_key):
+    """Another tenant cannot list, delete or start from a tenant's recipe, and the same tree
+    under the same identity sets up again for it instead of opening the first one's recipe."""
+    root = repo("ruby")
+    mine = post_up(client, root, "ruby-tenancy", "test:ruby-tenancy")[-1]
+    assert mine["type"] == "result", mine
+    key = mine["result"]["recipe"]["key"]
+    client.delete(mine["result"]["sandbox_id"])
+    recipes = {r["key"]: r for r in client.v1.get("/v1/recipes").json()}
+    assert key in recipes, recipes
+    image = recipes[key]["image"]
+
+    other = httpx.Client(
+        base_url=server_url,
+        headers={"Authorization": "Bearer " + make_key("up-other-tenant")},
+        timeout=60,
+        trust_env=False,
+    )
+    try:
+        assert other.get("/v1/recipes").json() == []
+        assert other.delete(f"/v1/recipes/{key}").status_code == 404
+        made = other.post("/v1/sandboxes", json={"image": image, "ttl": "2m"})
+        assert made.status_code == 400 and image in made.text, made.text
+        # The same tree and identity: its own setup, not the first tenant's recipe.
+        with other.stream(
+            "POST",
+            "/v1/up",
+            params={"name": "ruby-tenancy", "repo": "test:ruby-tenancy", "no_check": "true"},
+            content=tar_of(root),
+            headers={"Content-Type": "application/x-tar"},
+            timeout=900,
+        ) as res:
+            assert res.status_code == 200, res.read()
+            lines = [json.loads(line) for line in res.iter_lines() if line.strip()]
+        theirs = lines[-1]
+        assert theirs["type"] == "result", theirs
+        assert theirs["result"]["cached"] is False, theirs
+        other.delete("/v1/sandboxes/" + theirs["result"]["sandbox_id"])
+    finally:
+        other.close()
+    # The first tenant's recipe is untouched.
+    assert key in {r["key"] for r in client.v1.get("/v1/recipes").json()}
 
 
 @pytest.mark.timeout(900)

@@ -892,24 +892,6 @@ fn toolchains_cover_every_language() {
     assert_eq!(toolchain("cobol"), None);
 }
 
-/// Prints the plan of each directory in `OPENRUN_PLAN_DIRS` (colon-separated), read through
-/// [`crate::tree::DirTree`]: `OPENRUN_PLAN_DIRS=a:b cargo test -p openrun-recipe -- --ignored
-/// --nocapture plans_of_directories`.
-#[test]
-#[ignore = "reads directories named by OPENRUN_PLAN_DIRS"]
-fn plans_of_directories() {
-    let dirs = std::env::var("OPENRUN_PLAN_DIRS").unwrap_or_default();
-    for dir in dirs.split(':').filter(|d| !d.is_empty()) {
-        let path = std::path::Path::new(dir);
-        let tree = crate::tree::DirTree::open(path).unwrap_or_else(|e| panic!("{dir}: {e}"));
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("repo");
-        match plan_for(&tree, name) {
-            Ok(plan) => println!("== {dir}\n{}", plan.render()),
-            Err(e) => println!("== {dir}\nerror: {e}\n"),
-        }
-    }
-}
-
 #[test]
 fn a_devcontainer_wins_and_detection_fills_its_test() {
     let dc = r#"{
