@@ -14,13 +14,15 @@ and 1,000 live (DENSITY_CHECKPOINTS), measures:
   * what the sandboxes' own memory cgroups are charged (v1 `memory.usage_in_bytes`, of which
     `memory.kmem.usage_in_bytes` is kernel memory; v2 `memory.current`), summed over the
     sandboxes this script created, divided by their number;
-  * the system-wide drop of `MemAvailable` since the 0-live checkpoint, divided by the number
-    live (it also counts what no sandbox cgroup is charged for: memory the agent inherited from
+  * the system-wide drop of `MemAvailable` over the fills (taken just before and just after
+    each fill, so the probes and the time in between add no drift), divided by the number
+    created (it also counts what no sandbox cgroup is charged for: memory the agent inherited from
     the helper it was forked from, netns and mount-namespace objects, page tables; it is noisy
     when other processes allocate meanwhile);
   * the growth of the server process's RSS since the 0-live checkpoint, per sandbox;
-  plus the agents' own PSS/RSS (from /proc/PID/smaps_rollup) and the /proc/meminfo kernel
-  counters (Slab, SUnreclaim, PageTables, KernelStack) per sandbox;
+  plus the agents' own PSS/RSS (from /proc/PID/smaps_rollup) and /proc/meminfo counters
+  over the fills (AnonPages, Slab, PageTables, KernelStack, Percpu, VmallocUsed...) per
+  sandbox;
 - the server's open descriptors and threads, and the load average.
 
 DENSITY_WORKERS (default 2) connections fill; DENSITY_TTL (default 3h) is the idle sandboxes'
@@ -380,6 +382,21 @@ def probe(api, checkpoint):
     return samples, errors
 
 
+# /proc/meminfo counters reported per sandbox (AnonPages holds the agents' private memory,
+# wherever it is charged; the rest is the kernel's).
+KERNEL_COUNTERS = (
+    "AnonPages",
+    "Slab",
+    "SReclaimable",
+    "SUnreclaim",
+    "PageTables",
+    "KernelStack",
+    "Percpu",
+    "VmallocUsed",
+    "Shmem",
+)
+
+
 def measure_memory(ids, server_pid):
     mem = meminfo()
     usage = kmem = 0
@@ -399,9 +416,7 @@ def measure_memory(ids, server_pid):
                 agents[k] += s.get(k, 0)
     return {
         "memavailable": mem.get("MemAvailable"),
-        "kernel": {
-            k: mem.get(k) for k in ("Slab", "SUnreclaim", "PageTables", "KernelStack", "Shmem")
-        },
+        "kernel": {k: mem.get(k) for k in KERNEL_COUNTERS},
         "memcg_sum": usage,
         "memcg_kmem_sum": kmem,
         "memcg_counted": counted,
@@ -411,23 +426,29 @@ def measure_memory(ids, server_pid):
     }
 
 
-def per_sandbox(cp, base):
+def per_sandbox(cp, base, segments):
+    """Per live sandbox. System-wide counters come from the fill segments (each measured just
+    before and just after its creates, so the probes and the time between checkpoints add no
+    drift); the server's RSS from the 0-live checkpoint."""
     n = cp["live"]
     if n == 0:
         return {}
     m, b = cp["memory"], base["memory"]
+    made = sum(seg["made"] for seg in segments) or n
     out = {
         "memcg_bytes": m["memcg_sum"] / max(m["memcg_counted"], 1),
         "memcg_kmem_bytes": m["memcg_kmem_sum"] / max(m["memcg_counted"], 1),
-        "memavailable_drop_bytes": (b["memavailable"] - m["memavailable"]) / n,
+        "memavailable_drop_bytes": sum(seg["memavailable_drop"] for seg in segments) / made,
+        "memavailable_drop_since_0_bytes": (b["memavailable"] - m["memavailable"]) / n,
         "processes": m["processes"] / n,
         "agent_pss_bytes": m["agents"]["Pss"] / n,
         "agent_pss_anon_bytes": m["agents"]["Pss_Anon"] / n,
         "agent_rss_bytes": m["agents"]["Rss"] / n,
     }
-    for k, v in m["kernel"].items():
-        if v is not None and b["kernel"].get(k) is not None:
-            out["kernel_" + k + "_bytes"] = (v - b["kernel"][k]) / n
+    for k in KERNEL_COUNTERS:
+        deltas = [seg["kernel"].get(k) for seg in segments]
+        if deltas and None not in deltas:
+            out["kernel_" + k + "_bytes"] = sum(deltas) / made
     if m["server"].get("VmRSS") is not None and b["server"].get("VmRSS") is not None:
         out["server_rss_bytes"] = (m["server"]["VmRSS"] - b["server"]["VmRSS"]) / n
         out["server_fds"] = (m["server"]["fds"] - b["server"]["fds"]) / n
@@ -483,6 +504,7 @@ def main():
     fleet = Fleet(url, key)
     checkpoints = sorted({c for c in CHECKPOINTS if c <= TARGET} | {TARGET})
     results = []
+    segments = []
     base = None
     all_ids = []
     t_start = time.time()
@@ -492,16 +514,32 @@ def main():
             if len(fleet.ids) < target:
                 t0 = time.perf_counter()
                 before = len(fleet.ids)
+                mem_before = meminfo()
                 fleet.fill(target)
                 made = len(fleet.ids) - before
                 fill_s = time.perf_counter() - t0
+                time.sleep(SETTLE_S)
+                mem_after = meminfo()
+                segments.append(
+                    {
+                        "made": made,
+                        "memavailable_drop": mem_before["MemAvailable"]
+                        - mem_after["MemAvailable"],
+                        "kernel": {
+                            k: mem_after[k] - mem_before[k]
+                            for k in KERNEL_COUNTERS
+                            if k in mem_after and k in mem_before
+                        },
+                    }
+                )
                 all_ids = list(fleet.ids)
                 if fleet.error:
                     log("fill stopped:", fleet.error)
             live = len(fleet.ids)
             if live < target and results and results[-1]["live"] == live:
                 break  # nothing new since the last checkpoint
-            time.sleep(SETTLE_S)
+            else:
+                time.sleep(SETTLE_S)
             cp = {
                 "live": live,
                 "target": target,
@@ -523,7 +561,7 @@ def main():
                     log("probe at", live, "live:", e.get("error"))
             if base is None:
                 base = cp
-            cp["per_sandbox"] = per_sandbox(cp, base)
+            cp["per_sandbox"] = per_sandbox(cp, base, segments)
             results.append(cp)
             hold = os.environ.get("DENSITY_HOLD")
             if hold and target == checkpoints[-1]:
