@@ -1,4 +1,12 @@
-"""Turns hyperfine's JSON export into BENCHMARKS.md: machine, date, median/p95 and ratios."""
+"""Turns bench/run's samples (bench/results/*.json: hyperfine's export and openrun-bench's
+JSON) into BENCHMARKS.md on stdout: machine, kernel, date, command lines, and for every figure
+the median, p95 and p99 and the ratio openrun / peer measured in the same run.
+
+    python3 bench/report.py bench/results
+
+A figure whose samples are missing is printed as "not measured" with the reason; nothing is
+made up.
+"""
 import datetime
 import json
 import os
@@ -7,12 +15,34 @@ import statistics
 import subprocess
 import sys
 
+OUT = None
+EXPECTED_BYTES = 512 << 20  # what bench/run's pipe commands write
+
+
+def load(name):
+    path = os.path.join(OUT, name)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
 
 def percentile(values, q):
     values = sorted(values)
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def stats(values):
+    """(median, p95, p99, n) of a list of numbers."""
+    return (statistics.median(values), percentile(values, 0.95), percentile(values, 0.99),
+            len(values))
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if a is not None and b else "-"
 
 
 def cpu_model():
@@ -32,69 +62,294 @@ def mem_gib():
     return kib / (1 << 20)
 
 
+def version(*cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        return out.splitlines()[0] if out else "?"
+    except OSError:
+        return "not installed"
+
+
+def git_head():
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" with uncommitted changes" if dirty else "")
+    except OSError:
+        return "?"
+
+
+def p(*lines):
+    for line in lines:
+        print(line)
+
+
+def header(cmds):
+    runs = cmds.get("runs", "?") if cmds else "?"
+    p("# Benchmarks", "",
+      "Produced by `bench/run` (see the README): openrun and its peers measured in one run on",
+      "one machine. Times in ms; p95/p99 are percentiles of the samples (linear interpolation);",
+      "a ratio is openrun's figure divided by the peer's at the same percentile (below 1.0:",
+      "openrun is faster; for rates, above 1.0: openrun does more per second).", "")
+    p(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+      f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {mem_gib():.0f} GiB RAM",
+      f"- kernel: {platform.release()}",
+      (f"- openrun: `{cmds['bin']}` (OPENRUN_BIN; harness of {git_head()})"
+       if cmds.get("bin_override") else f"- openrun: release build of {git_head()}"),
+      f"- peers: {version('hyperfine', '--version')}; {version('bwrap', '--version')}; "
+      f"{version('runc', '--version')}; {version('unshare', '--version')}",
+      f"- runs: `bench/run {runs}`", "")
+
+
+def section_cold(cmds):
+    p("## 1. Create → first command output, cold", "")
+    hf = load("run-true.json")
+    if not hf:
+        p("Not measured (no bench/results/run-true.json).", "")
+        return {}
+    rows = {r["command"]: [t * 1000 for t in r["times"]] for r in hf["results"]}
+    base = {name: stats(t) for name, t in rows.items()}
+    o = base.get("openrun")
+    p("| command | median | p95 | p99 | runs | openrun ÷ this, median | p95 | p99 |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (med, p95, p99, n) in base.items():
+        r = [ratio(o[i], x) if o else "-" for i, x in enumerate((med, p95, p99))]
+        p(f"| {name} | {med:.2f} | {p95:.2f} | {p99:.2f} | {n} | {r[0]} | {r[1]} | {r[2]} |")
+    p("")
+    if o and "bwrap" in base:
+        verdict = "met" if o[0] <= base["bwrap"][0] else "not met"
+        p(f"Target: openrun ÷ bwrap ≤ 1.0 at the median: {o[0] / base['bwrap'][0]:.2f} ({verdict}).",
+          "")
+    p("hyperfine `-N` (no shell), 20 warm-up runs, a 20 ms untimed `--prepare` pause before each",
+      "run (openrun finishes its teardown in a background process, and the kernel frees network",
+      "namespaces asynchronously for all of them; back-to-back runs would measure the previous",
+      "run's leftovers). Command lines:", "", "```")
+    for name in ("openrun", "bwrap", "unshare", "runc", "openrun --storage disk"):
+        if cmds and name in cmds:
+            p(f"{name}: {cmds[name]}")
+    p("```", "")
+    p("- openrun: new user (own 65,536-id range), mount, pid, net, uts, ipc and cgroup",
+      "  namespaces, cgroup with a pids limit, overlay root over the idmapped host image with a",
+      "  writable layer (its own tmpfs; `--storage disk`: in the data dir), /proc, /dev, /sys,",
+      "  /tmp, seccomp and landlock, the agent as pid 1 running `true` and streaming its result.",
+      "- bwrap: `--unshare-all` (user, mount, pid, net, ipc, uts, cgroup) with the host /usr",
+      "  read-only, /proc, /dev, tmpfs /tmp.",
+      "- unshare: user, mount, pid and net namespaces, no root filesystem of its own: the floor.",
+      "- runc: an OCI bundle of the same root as bwrap (`bench/runc_bundle.py`: /usr bind",
+      "  read-only, bin/lib/lib64/sbin symlinks, /proc, tmpfs /dev, tmpfs /tmp; pid, net, ipc,",
+      "  uts, mount, cgroup namespaces, no user namespace, run as root, cgroup v1), `runc run`",
+      "  in the foreground (it deletes the container before it exits).", "")
+    return {name: s for name, s in base.items()}
+
+
+def api_table(rows, yard, yard_name):
+    p(f"| figure | median | p95 | p99 | runs | ÷ {yard_name} median |",
+      "|---|---:|---:|---:|---:|---:|")
+    for label, values in rows:
+        if not values:
+            continue
+        med, p95, p99, n = stats(values)
+        p(f"| {label} | {med:.2f} | {p95:.2f} | {p99:.2f} | {n} | {ratio(med, yard)} |")
+    p("")
+
+
+def section_api(cmds, cold):
+    p("## 2. Create → first output through the HTTP API", "")
+    unshare = cold.get("unshare", (None,))[0]
+    warm, coldapi = load("api-warm.json"), load("api-cold.json")
+    if not warm and not coldapi:
+        p("Not measured (no bench/results/api-*.json).", "")
+        return
+    pool = cmds.get("warm_pool_flag") if cmds else False
+    for title, data in ((("server defaults (warm pool of 4)" if pool else
+                          "server defaults (this build has no warm pool)"), warm),
+                        ("`--warm-pool 0` (cold API)", coldapi)):
+        if not data:
+            if pool or data is warm:
+                p(f"{title}: not measured.", "")
+            continue
+        p(f"**{title}**", "")
+        api_table([
+            ("create → first output (create + exec `true` to its exit line)",
+             data["create_first_output_ms"]),
+            ("create (`POST /v1/sandboxes` `{}` → 201)", data["create_ms"]),
+            ("exec `true` on the new sandbox, to its exit line", data["exec_true_ms"]),
+            ("delete (untimed in create → first output)", data["delete_ms"]),
+        ], unshare, "unshare")
+    if warm and unshare:
+        med = statistics.median(warm["create_first_output_ms"])
+        verdict = "met" if med <= unshare else "not met"
+        p(f"Target: API create → first output with the warm pool ≤ `unshare … true` at the "
+          f"median: {med:.2f} ÷ {unshare:.2f} = {med / unshare:.2f} ({verdict}).", "")
+    if not pool:
+        p("`--warm-pool 0` (cold API): not measured (`openrun serve` has no --warm-pool flag in"
+          " this build).", "")
+    n = (warm or coldapi)["runs"]
+    p(f"{n} sandboxes one after another (5 untimed first), one keep-alive HTTP/1.1 connection on",
+      "loopback from `openrun-bench api` (a blocking Rust client, times from CLOCK_MONOTONIC",
+      "around the requests: client time included). Each: `POST /v1/sandboxes` `{}`, `POST",
+      ".../exec` `{\"cmd\":[\"true\"]}` read to its exit line, `DELETE`, 20 ms pause. unshare is",
+      "section 1's median (process start included there).", "")
+
+
+def section_exec(cmds):
+    p("## 3. Exec round trip on a live sandbox", "")
+    d = load("exec-rt.json")
+    if not d:
+        p("Not measured (no bench/results/exec-rt.json).", "")
+        return
+    fork = statistics.median(d["host_fork_exec_ms"])
+    api_table([
+        ("API exec `true` on a live sandbox, to its exit line", d["api_exec_true_ms"]),
+        ("host `fork` + `execve` /usr/bin/true + `waitpid`", d["host_fork_exec_ms"]),
+        ("host `std::process::Command` (posix_spawn) /usr/bin/true", d["host_posix_spawn_ms"]),
+    ], fork, "host fork+exec")
+    med = statistics.median(d["api_exec_true_ms"])
+    verdict = "met" if med <= 2 * fork else "not met"
+    p(f"Target: within 2× of a host fork+exec at the median: {med / fork:.2f}× ({verdict}).", "")
+    p(f"`openrun-bench exec-rt`: one sandbox, {d['runs']} rounds (after {d['warmup']} untimed),",
+      "each round one of every row back to back from the same single-threaded client process,",
+      "so they share the machine's noise.", "")
+
+
+def section_throughput(cmds):
+    p("## 4. Create throughput, 2 workers", "")
+    rows = [(label, load(f)) for label, f in (
+        ("openrun run -- true", "spawn-openrun.json"),
+        ("bwrap --unshare-all … true", "spawn-bwrap.json"),
+        ("unshare … true", "spawn-unshare.json"),
+        ("runc run (unique id per run)", "spawn-runc.json"),
+        ("API create + delete, server defaults", "api-throughput-warm.json"),
+        ("API create + delete, `--warm-pool 0`", "api-throughput-cold.json"),
+    )]
+    if not any(d for _, d in rows):
+        p("Not measured.", "")
+        return
+    o, bw = rows[0][1], rows[1][1]
+    p("| what | per second | this ÷ bwrap | each: median | p95 | p99 | runs | wall s |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, d in rows:
+        if not d:
+            continue
+        med, p95, p99, n = stats(d["op_ms"])
+        r = ratio(d["per_s"], bw["per_s"]) if bw else "-"
+        p(f"| {label} | {d['per_s']:.0f} | {r} | {med:.2f} | {p95:.2f} | {p99:.2f} | {n} | "
+          f"{d['seconds']:.2f} |")
+    p("")
+    if o and bw:
+        verdict = "met" if o["per_s"] >= bw["per_s"] else "not met"
+        p(f"Target: openrun ≥ bwrap: {o['per_s']:.0f}/s vs {bw['per_s']:.0f}/s "
+          f"({o['per_s'] / bw['per_s']:.2f}, {verdict}).", "")
+    p("`openrun-bench spawn --workers 2`: two threads each run the command to completion (stdout",
+      "to /dev/null), taking the next run number until the total is done; per second = runs ÷",
+      "wall time from the start barrier to the last exit (10 untimed runs first; no pause, so",
+      "openrun's background teardown competes for the CPUs as it would in production). The",
+      "command lines are section 1's; runc's id is `bench-runc-N`. API: `openrun-bench",
+      "api-throughput --clients 2`, two keep-alive connections, each `POST /v1/sandboxes` `{}`",
+      "then `DELETE`.", "")
+
+
+def section_density():
+    p("## 5. Density: idle sandboxes", "")
+    d = load("density.json")
+    if not d:
+        reason = ("bench/density.py is not in this tree" if not os.path.exists("bench/density.py")
+                  else "bench/density.py wrote no bench/results/density.json (see bench/run's log)")
+        p(f"Not measured ({reason}).", "")
+        return
+    cps = d.get("checkpoints") or []
+    if not cps:
+        p("Not measured (bench/density.py recorded no checkpoint).", "")
+    kinds = [("create_ms", "create (server defaults)"), ("create_cold_ms", "create, cold path")]
+    base = {k: statistics.median(cps[0][k]) for k, _ in kinds if cps and cps[0].get(k)}
+    for k, label in kinds:
+        if not any(cp.get(k) for cp in cps):
+            continue
+        p(f"**{label}** (`POST /v1/sandboxes` with that many idle sandboxes live)", "",
+          "| live | median | p95 | p99 | probes | median ÷ at 0 live |",
+          "|---:|---:|---:|---:|---:|---:|")
+        for cp in cps:
+            if not cp.get(k):
+                continue
+            med, p95, p99, n = stats(cp[k])
+            p(f"| {cp['live']} | {med:.2f} | {p95:.2f} | {p99:.2f} | {n} | "
+              f"{ratio(med, base.get(k))} |")
+        p("")
+
+    def mib(v):
+        return f"{v / (1 << 20):.2f} MiB" if isinstance(v, (int, float)) else "not measured"
+    p(f"- most live at once: {d.get('max_live', 'not measured')}"
+      f" (target {d.get('target', '?')})",
+      f"- memory per idle sandbox, charged to its memory cgroup: "
+      f"{mib(d.get('per_sandbox_memcg_bytes'))}"
+      + (f" (of which kernel {mib(d.get('per_sandbox_memcg_kmem_bytes'))})"
+         if d.get("per_sandbox_memcg_kmem_bytes") is not None else ""),
+      f"- system MemAvailable drop per sandbox: {mib(d.get('per_sandbox_memavailable_bytes'))}",
+      f"- server RSS growth per sandbox: {mib(d.get('server_rss_bytes_per_sandbox'))}")
+    for note in d.get("notes") or []:
+        p(f"- note: {note}")
+    p("", "`bench/density.py` (through the warm-pool server of sections 2-4): see its docstring for"
+      " the method.", "")
+
+
+def section_output(cmds):
+    p("## 6. Output throughput", "")
+    rows = [(label, load(f)) for label, f in (
+        ("API exec `head -c 512M /dev/zero`, base64 NDJSON decoded by the client",
+         "api-output.json"),
+        ("`openrun run -- head -c 512M /dev/zero` into a pipe", "pipe-openrun.json"),
+        ("bwrap … `head -c 512M /dev/zero` into a pipe", "pipe-bwrap.json"),
+        ("runc run (`head -c 512M /dev/zero`) into a pipe", "pipe-runc.json"),
+        ("host `head -c 512M /dev/zero` into a pipe (the floor)", "pipe-host.json"),
+    )]
+    if not any(d for _, d in rows):
+        p("Not measured.", "")
+        return
+    host = rows[4][1]
+    bw = rows[2][1]
+    hmed = statistics.median(host["mb_s"]) if host else None
+    bmed = statistics.median(bw["mb_s"]) if bw else None
+    p("| what | MB/s median | slowest | runs | delivered | ÷ bwrap | ÷ host pipe |",
+      "|---|---:|---:|---:|---:|---:|---:|")
+    lossy = False
+    for label, d in rows:
+        if not d:
+            p(f"| {label} | not measured | | | | | |")
+            continue
+        med = statistics.median(d["mb_s"])
+        got = d.get("delivered") or d.get("bytes") or []
+        want = d["bytes"] if isinstance(d["bytes"], int) else EXPECTED_BYTES
+        share = sum(got) / (want * len(got)) if got else None
+        lossy = lossy or (share is not None and share < 1)
+        shown = f"{share:.1%}" if share is not None else "?"
+        p(f"| {label} | {med:.0f} | {min(d['mb_s']):.0f} | {len(d['mb_s'])} | {shown} | "
+          f"{ratio(med, bmed)} | {ratio(med, hmed)} |")
+    p("", "MB = 10^6 bytes, counted by the reader (`openrun-bench api-output` / `pipe`) and",
+      "divided by the time from the request (or spawn) to the exit line (or exit); one untimed",
+      "run first. With a few runs of 512 MiB each, the slowest run stands in for p95/p99.",
+      "delivered: the share of the 512 MiB written that reached the reader.")
+    if lossy:
+        p("**Output was lost** where delivered is below 100%: the agent keeps a bounded buffer",
+          "per stream and drops the oldest bytes when its reader falls behind (the API marks",
+          "the gap with offsets). MB/s counts only delivered bytes.")
+    p("")
+
+
 def main():
-    path, runs = sys.argv[1], sys.argv[2]
-    with open(path) as f:
-        results = json.load(f)["results"]
-    rows = {}
-    for r in results:
-        times = [t * 1000 for t in r["times"]]
-        rows[r["command"]] = (statistics.median(times), percentile(times, 0.95), len(times))
-    bwrap = rows.get("bwrap", (None,))[0]
-    hv = subprocess.run(["hyperfine", "--version"], capture_output=True, text=True).stdout.strip()
-    print("# Benchmarks\n")
-    print("Produced by `bench/run` (see the README). Each command is timed by hyperfine")
-    print(f"(`-N`, 20 warm-up runs, {runs} timed runs, 20 ms untimed pause before each run so")
-    print("asynchronous teardown of the previous run does not count against the next) in the")
-    print("same run, on the same machine.\n")
-    print(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"- machine: {cpu_model()}, {os.cpu_count()} CPUs, {mem_gib():.0f} GiB RAM")
-    print(f"- kernel: {platform.release()}; {hv}\n")
-    print("## Run `true` in a fresh sandbox\n")
-    print("| command | median ms | p95 ms | runs | median vs bwrap |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (med, p95, n) in rows.items():
-        ratio = f"{med / bwrap:.2f}x" if bwrap else "-"
-        print(f"| {name} | {med:.2f} | {p95:.2f} | {n} | {ratio} |")
-    print()
-    print("- openrun: `openrun run -- true`: new user (own 65,536-id range), mount, pid, net,")
-    print("  uts, ipc and cgroup namespaces, cgroup with a pids limit, overlay root over the")
-    print("  idmapped host image with a writable layer (its own tmpfs), /proc, /dev, /sys, /tmp,")
-    print("  the agent as pid 1 running `true` as its child and streaming the result back.")
-    print("  The time is until `openrun` exits: the sandbox is killed before that, and the rest")
-    print("  of its teardown (cgroup, runtime files, id claim) runs in a background process")
-    print("  that overlaps the next run, so its CPU shows up as load, not as latency here.")
-    print("- openrun --storage disk: the same with the writable layer on disk in the data dir")
-    print("  (the default for `openrun create`).")
-    print("- bwrap: `bwrap --unshare-all` with the host /usr read-only, /proc, /dev, tmpfs /tmp.")
-    print("- unshare: `unshare --user --map-root-user --mount --pid --fork --net true` (no root")
-    print("  filesystem of its own: the floor for namespace creation).")
-    print("\nTarget: openrun within 1.5x of bwrap at the median.")
-    if len(sys.argv) > 3:
-        api_table(sys.argv[3], bwrap)
-
-
-def api_table(path, bwrap):
-    """The HTTP API's figures, with the same bwrap median as the yardstick."""
-    with open(path) as f:
-        samples = json.load(f)
-    n = len(samples["create"])
-    print("\n## Through the HTTP API\n")
-    print("| operation | median ms | p95 ms | runs | median vs bwrap `true` |")
-    print("|---|---:|---:|---:|---:|")
-    for name, times in samples.items():
-        med = statistics.median(times)
-        ratio = f"{med / bwrap:.2f}x" if bwrap else "-"
-        print(f"| {name} | {med:.2f} | {percentile(times, 0.95):.2f} | {len(times)} | {ratio} |")
-    print()
-    print(f"- {n} sandboxes one after another, each: `POST /v1/sandboxes` `{{}}` (disk layer,")
-    print("  15 min TTL; the answer comes once the agent answers), `POST .../exec`")
-    print("  `{\"cmd\":[\"true\"]}` read to its exit line, `DELETE`. One keep-alive HTTP")
-    print("  connection on loopback (Python http.client), 20 ms pause between sandboxes.")
-    print("- create runs the single-threaded `openrun __create` helper (the server is")
-    print("  multi-threaded and must not fork namespaces itself) and records the sandbox")
-    print("  and its event in SQLite before answering; exec records `process.exec` and")
-    print("  `process.exit` too.")
+    global OUT
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    OUT = sys.argv[1]
+    cmds = load("commands.json") or {}
+    header(cmds)
+    cold = section_cold(cmds)
+    section_api(cmds, cold)
+    section_exec(cmds)
+    section_throughput(cmds)
+    section_density()
+    section_output(cmds)
 
 
 main()

@@ -109,9 +109,16 @@ class Api:
 
 def cleanup(binary, data_dir, images):
     run = lambda *args: subprocess.run([binary, "--data-dir", data_dir, *args],
-                                       check=True, capture_output=True)
+                                       check=True, capture_output=True, text=True)
     if images:
-        run("image", "rm", *images)
+        # A tenant's snapshot is stored as tenants/<tenant>/NAME: the API answers NAME.
+        listed = []
+        for line in run("image", "ls").stdout.splitlines()[1:]:
+            cols = line.split()
+            if len(cols) >= 2:
+                listed.append(f"{cols[0]}:{cols[1]}")
+        scoped = [n for image in images for n in listed if n == image or n.endswith("/" + image)]
+        run("image", "rm", *(scoped or images))
     run("image", "prune")
 
 
