@@ -140,6 +140,19 @@ def meminfo():
     return values
 
 
+def slabinfo():
+    """{cache: bytes} from /proc/slabinfo (root only; {} otherwise)."""
+    out = {}
+    try:
+        with open("/proc/slabinfo") as f:
+            for line in f.readlines()[2:]:
+                fields = line.split()
+                out[fields[0]] = int(fields[2]) * int(fields[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def loadavg():
     try:
         with open("/proc/loadavg") as f:
@@ -449,6 +462,12 @@ def per_sandbox(cp, base, segments):
         deltas = [seg["kernel"].get(k) for seg in segments]
         if deltas and None not in deltas:
             out["kernel_" + k + "_bytes"] = sum(deltas) / made
+    slab = {}
+    for seg in segments:
+        for k, v in seg["slab"].items():
+            slab[k] = slab.get(k, 0) + v
+    top = sorted(slab.items(), key=lambda kv: -kv[1])[:20]
+    out["slab_caches_bytes"] = {k: v / made for k, v in top if v > 0}
     if m["server"].get("VmRSS") is not None and b["server"].get("VmRSS") is not None:
         out["server_rss_bytes"] = (m["server"]["VmRSS"] - b["server"]["VmRSS"]) / n
         out["server_fds"] = (m["server"]["fds"] - b["server"]["fds"]) / n
@@ -514,15 +533,20 @@ def main():
             if len(fleet.ids) < target:
                 t0 = time.perf_counter()
                 before = len(fleet.ids)
-                mem_before = meminfo()
+                mem_before, slab_before = meminfo(), slabinfo()
                 fleet.fill(target)
                 made = len(fleet.ids) - before
                 fill_s = time.perf_counter() - t0
                 time.sleep(SETTLE_S)
-                mem_after = meminfo()
+                mem_after, slab_after = meminfo(), slabinfo()
                 segments.append(
                     {
                         "made": made,
+                        "slab": {
+                            k: slab_after[k] - slab_before[k]
+                            for k in slab_after
+                            if k in slab_before
+                        },
                         "memavailable_drop": mem_before["MemAvailable"]
                         - mem_after["MemAvailable"],
                         "kernel": {
