@@ -504,6 +504,24 @@ def leftovers(ids, data):
     return left
 
 
+BREAKDOWN = (
+    ("agent_private_anon", "agent_pss_anon_bytes"),
+    ("kernel_slab_unreclaimable", "kernel_SUnreclaim_bytes"),
+    ("kernel_page_tables", "kernel_PageTables_bytes"),
+    ("kernel_stacks", "kernel_KernelStack_bytes"),
+    ("kernel_percpu", "kernel_Percpu_bytes"),
+    ("kernel_vmalloc", "kernel_VmallocUsed_bytes"),
+    ("kernel_slab_reclaimable", "kernel_SReclaimable_bytes"),
+)
+
+
+def unreclaimable(ps):
+    parts = [ps.get(v) for k, v in BREAKDOWN if k != "kernel_slab_reclaimable"]
+    if not ps or any(p is None for p in parts):
+        return None
+    return sum(max(p, 0) for p in parts)
+
+
 def ratio_of(first, top, kind):
     a, b = first["summary"].get(kind), top["summary"].get(kind)
     if not a or not b:
@@ -625,6 +643,11 @@ def main():
     if any(left.values()):
         notes.append(f"leftovers after deleting all: {left}")
     notes.append(
+        "per_sandbox_unreclaimable_bytes = the agents' private anonymous memory (smaps Pss_Anon; "
+        "mostly NOT charged to the sandbox's memcg: the helper faulted it before the fork) + "
+        "the growth of SUnreclaim, PageTables, KernelStack, Percpu and VmallocUsed over the fills"
+    )
+    notes.append(
         "MemAvailable is system-wide: other processes allocating during the run add noise; "
         "memavailable_freed_on_delete is the same measure taken over the teardown"
     )
@@ -642,6 +665,12 @@ def main():
         "per_sandbox_memcg_kmem_bytes": ps.get("memcg_kmem_bytes"),
         "per_sandbox_memavailable_bytes": ps.get("memavailable_drop_bytes"),
         "server_rss_bytes_per_sandbox": ps.get("server_rss_bytes"),
+        # The headline: what one idle sandbox holds that nothing can reclaim — its agent's
+        # private memory (wherever it is charged) plus the kernel's unreclaimable growth.
+        "per_sandbox_unreclaimable_bytes": unreclaimable(ps),
+        "per_sandbox_breakdown_bytes": {
+            k: ps.get(v) for k, v in BREAKDOWN if ps.get(v) is not None
+        },
         "per_sandbox": ps,
         "create_median_ratio_top_vs_0": ratio_of(first, top, "create_ms") if top else None,
         "create_cold_median_ratio_top_vs_0": (
