@@ -375,6 +375,12 @@ impl Agent {
         }
     }
 
+    /// Runs `f` on one process's entry (`None` if there is none). `f` must not call back
+    /// into the agent (the table is borrowed meanwhile).
+    pub(crate) fn with_process<R>(&self, pid: Pid, f: impl FnOnce(&Process) -> R) -> Option<R> {
+        self.processes.borrow().get(&pid).map(f)
+    }
+
     /// A reader reached EOF or stopped.
     pub(crate) fn reader_closed(&self, pid: Pid) {
         let ready = match self.processes.borrow_mut().get_mut(&pid) {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use openrun_protocol::frame::nonblocking::read_frame;
 use openrun_protocol::{
-    AgentError, AgentMessage, AttachRequest, ErrorCode, Frame, FrameError, Pid, Request,
-    RequestEnvelope, Response, Stream, MAX_DATA_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION,
+    AgentError, AgentMessage, ErrorCode, Frame, FrameError, Pid, Request, RequestEnvelope,
+    Response, Stream, MAX_DATA_LEN, MAX_HEADER_LEN, PROTOCOL_VERSION,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 use crate::agent::Agent;
 use crate::errors::{internal, no_such_process};
 use crate::files::Files;
-use crate::output::MAX_CHUNK;
+use crate::output::{FollowerCursor, MAX_CHUNK};
 
 /// Frames that may wait for the socket before senders have to wait.
 const OUTBOUND_QUEUE: usize = 64;
@@ -324,9 +324,25 @@ impl Connection {
         }
     }
 
+    /// Registers a follower of `pid`'s output that has everything before `since` (stdout,
+    /// stderr), before the answer that precedes its stream is queued: from then on the
+    /// readers keep what it has not sent yet.
+    fn cursors(&self, pid: Pid, since: [u64; 2]) -> Option<[FollowerCursor; 2]> {
+        self.agent.with_process(pid, |p| {
+            [p.stdout.follow(since[0]), p.stderr.follow(since[1])]
+        })
+    }
+
     /// Streams `pid`'s output to this connection (for request `request`, whose id a final
-    /// error answer names if the process vanishes).
-    fn start_pump(&mut self, request: u64, pid: Pid, since: [u64; 2], follow: bool) {
+    /// error answer names if the process vanishes), from `since` (where `cursors` are).
+    fn start_pump(
+        &mut self,
+        request: u64,
+        pid: Pid,
+        since: [u64; 2],
+        follow: bool,
+        cursors: Option<[FollowerCursor; 2]>,
+    ) {
         if let Some(old) = self.pumps.remove(&pid) {
             old.abort();
         }
@@ -337,6 +353,7 @@ impl Connection {
             agent: self.agent.clone(),
             pid,
             changed: Some(changed),
+            cursors,
         };
         let task =
             tokio::task::spawn_local(pump(follower, request, since, follow, self.out.clone()));
@@ -360,10 +377,11 @@ impl Connection {
             }
             Request::Exec(req) => match self.agent.exec(&req, data) {
                 Ok(pid) => {
+                    let cursors = req.attach.then(|| self.cursors(pid, [0, 0]));
                     self.respond(id, Ok((Response::Started { pid }, Vec::new())))
                         .await;
-                    if req.attach {
-                        self.start_pump(id, pid, [0, 0], true);
+                    if let Some(cursors) = cursors {
+                        self.start_pump(id, pid, [0, 0], true, cursors);
                     }
                     return Flow::Continue;
                 }
@@ -371,18 +389,14 @@ impl Connection {
             },
             Request::Attach(req) => match self.agent.attach_info(&req) {
                 Ok((process, dropped)) => {
+                    let since = [req.stdout_since, req.stderr_since];
+                    let cursors = self.cursors(req.pid, since);
                     self.respond(
                         id,
                         Ok((Response::Attached { process, dropped }, Vec::new())),
                     )
                     .await;
-                    let AttachRequest {
-                        pid,
-                        stdout_since,
-                        stderr_since,
-                        follow,
-                    } = req;
-                    self.start_pump(id, pid, [stdout_since, stderr_since], follow);
+                    self.start_pump(id, req.pid, since, req.follow, cursors);
                     return Flow::Continue;
                 }
                 Err(e) => Err(e),
@@ -586,25 +600,43 @@ pub(crate) enum Step {
     Gone,
 }
 
-/// A streaming task's hold on a process: its subscription to the process's changes. When it
-/// goes (the task ended or was aborted), a process released meanwhile is removed if this was
-/// its last follower.
+/// A streaming task's hold on a process: its subscription to the process's changes, and its
+/// cursors in the process's stdout and stderr, which hold the readers back while it is behind
+/// (see [`crate::output`]). When it goes (the task ended or was aborted: the stream ended, was
+/// detached or replaced, or the connection closed), its cursors stop counting and a process
+/// released meanwhile is removed if this was its last follower.
 struct Follower {
     agent: Rc<Agent>,
     pid: Pid,
     /// `Some` until dropped (it must be gone before the follower count is checked).
     changed: Option<watch::Receiver<u64>>,
+    /// Stdout's and stderr's cursor (`None` if the entry was gone when the stream started).
+    cursors: Option<[FollowerCursor; 2]>,
+}
+
+impl Follower {
+    /// Everything of `stream` before `offset` is in the connection's outbound queue.
+    fn sent(&self, stream: Stream, offset: u64) {
+        if let Some(cursors) = &self.cursors {
+            cursors[usize::from(stream == Stream::Stderr)].advance(offset);
+        }
+    }
 }
 
 impl Drop for Follower {
     fn drop(&mut self) {
         self.changed = None;
+        self.cursors = None;
         self.agent.forget_if_released(self.pid);
     }
 }
 
 /// Streams a process's output from `cursor` (stdout, stderr offsets) to a connection, then
-/// its exit. Without `follow` it stops once the buffered output is sent. A process that
+/// its exit. A chunk counts as sent (and lets the reader take more from the pipe) once it is
+/// in the connection's bounded outbound queue: a client that reads slowly fills the queue,
+/// this task waits on it, and the process waits on its pipe. (Counting at the socket write
+/// instead would only shave the queue, at most [`OUTBOUND_QUEUE`] chunks, off the memory a
+/// slow stream holds.) Without `follow` it stops once the buffered output is sent. A process that
 /// vanished (its entry replaced or removed) ends the stream with an error answer to
 /// `request`, the `Exec` or `Attach` that started it, so that the client does not wait for
 /// an exit that will never come.
@@ -640,6 +672,7 @@ async fn pump(
                 if out.send(Outbound::Frame(frame)).await.is_err() {
                     return;
                 }
+                follower.sent(stream, cursor[index]);
             }
             Step::Exit(status) => {
                 let _ = out

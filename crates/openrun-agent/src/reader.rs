@@ -1,4 +1,9 @@
 //! Reading a process's output pipes (or terminal master) into its buffers.
+//!
+//! While a client follows the stream, the reader takes from the pipe only as fast as the
+//! slowest follower sends ([`crate::output::OutputBuffer::room`]): the rest waits in the
+//! pipe, and a process that fills it blocks in `write`. Unfollowed output is read at once and
+//! kept up to the retention.
 
 use std::rc::Rc;
 
@@ -10,7 +15,7 @@ use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::agent::Agent;
-use crate::output::MAX_CHUNK;
+use crate::output::{Followers, MAX_CHUNK};
 use crate::process::Phase;
 
 /// How much a stopping reader still takes from the pipe (what is already there), so a
@@ -32,13 +37,21 @@ pub(crate) async fn read_stream(
     mut phase: watch::Receiver<Phase>,
 ) {
     let mut buf = vec![0u8; MAX_CHUNK];
+    let followers = agent.with_process(pid, |p| p.buffer(stream).followers());
     loop {
-        let event = tokio::select! {
-            biased;
-            r = fd.async_io(Interest::READABLE, |f| {
-                rustix::io::read(f, &mut buf[..]).map_err(std::io::Error::from)
-            }) => Event::Read(r),
-            _ = phase.wait_for(|p| *p != Phase::Running) => Event::Stop,
+        let take = match &followers {
+            Some(followers) => room(&agent, pid, stream, followers, &mut phase).await,
+            None => Some(MAX_CHUNK),
+        };
+        let event = match take {
+            Some(take) => tokio::select! {
+                biased;
+                r = fd.async_io(Interest::READABLE, |f| {
+                    rustix::io::read(f, &mut buf[..take]).map_err(std::io::Error::from)
+                }) => Event::Read(r),
+                _ = phase.wait_for(|p| *p != Phase::Running) => Event::Stop,
+            },
+            None => Event::Stop,
         };
         match event {
             Event::Read(Ok(0)) => break,
@@ -50,6 +63,9 @@ pub(crate) async fn read_stream(
                 break;
             }
             Event::Stop => {
+                // Followers or not: the process is gone (or killed) and the reader must end.
+                // What the pipe still holds may push unsent bytes out of the retention; a
+                // follower that reattaches learns how many.
                 let mut taken = 0;
                 while taken < DRAIN_LIMIT {
                     match rustix::io::read(fd.get_ref(), &mut buf[..]) {
@@ -68,4 +84,32 @@ pub(crate) async fn read_stream(
     }
     drop(fd);
     agent.reader_closed(pid);
+}
+
+/// Waits until the stream's followers leave room for another read, and returns how much to
+/// read; `None` once the phase says to stop (the process was reaped and its grace period
+/// passed, after an exit, a kill or its timeout), so that a client that stopped reading
+/// cannot keep the reader, and so the exit, waiting forever. Sleeps on the followers' moves,
+/// never polls.
+async fn room(
+    agent: &Agent,
+    pid: Pid,
+    stream: Stream,
+    followers: &Followers,
+    phase: &mut watch::Receiver<Phase>,
+) -> Option<usize> {
+    loop {
+        let moved = followers.moved();
+        let room = agent
+            .with_process(pid, |p| p.buffer(stream).room())
+            .unwrap_or(MAX_CHUNK);
+        if room > 0 {
+            return Some(room);
+        }
+        tokio::select! {
+            biased;
+            _ = phase.wait_for(|p| *p != Phase::Running) => return None,
+            () = moved => {}
+        }
+    }
 }

@@ -215,3 +215,85 @@ fn run_dash_t_gives_a_terminal() {
     assert!(text.contains("tty-yes"), "{text:?}");
     assert!(text.contains("24 80"), "{text:?}");
 }
+
+/// An attached reader slower than the process gets every byte: the process waits on its pipe
+/// (as with docker or runc), the agent never drops output a client is streaming.
+#[test]
+fn run_gives_a_slow_reader_every_byte() {
+    use std::io::Read;
+    const TOTAL: u64 = 200_000_000;
+    let env = Env::new();
+    let mut child = env
+        .cmd(["run", "--", "head", "-c", &TOTAL.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    // Nothing read for a while (more than the agent's retention could be written meanwhile),
+    // then a trickle, then as fast as we can.
+    std::thread::sleep(Duration::from_secs(2));
+    let slow_until = Instant::now() + Duration::from_secs(1);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = out.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if Instant::now() < slow_until {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    assert_eq!(total, TOTAL);
+}
+
+/// The same through the API: an exec whose HTTP client pauses gets all of the output, while a
+/// background process nobody streams is not held back (its output stays bounded).
+#[test]
+fn api_exec_gives_a_paused_client_every_byte() {
+    use base64::Engine;
+    use common::server::{key, Api, Server};
+    const TOTAL: u64 = 100_000_000;
+    let env = Env::new();
+    let key = key(&env, "backpressure");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    let id = api.create(serde_json::json!({}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &serde_json::json!({ "cmd": ["head", "-c", TOTAL.to_string(), "/dev/zero"] }).to_string(),
+    );
+    assert_eq!(res.status(), 200);
+    std::thread::sleep(Duration::from_secs(2));
+    let mut received = 0u64;
+    let mut last = serde_json::Value::Null;
+    for line in BufReader::new(res).lines() {
+        let line: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if line["type"] == "stdout" {
+            assert_eq!(line["offset"].as_u64(), Some(received), "contiguous");
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(line["data_b64"].as_str().unwrap())
+                .unwrap();
+            received += data.len() as u64;
+        }
+        last = line;
+    }
+    assert_eq!(received, TOTAL);
+    assert_eq!(last["type"], "exit", "{last}");
+    assert_eq!(last["code"], 0, "{last}");
+
+    // More than the retention (64 MiB), in the background: it runs to its end at once.
+    let pid = api.background(
+        &id,
+        serde_json::json!({ "cmd": ["head", "-c", TOTAL.to_string(), "/dev/zero"], "background": true }),
+    );
+    let info = api.wait_exited(&id, pid);
+    assert_eq!(info["stdout_len"], TOTAL, "{info}");
+    server.stop();
+}
