@@ -65,6 +65,8 @@ pub struct AppState {
     pub(crate) egress: crate::egress::Egress,
     /// Preview tokens' secret and the preview domain.
     pub previews: crate::preview::Previews,
+    /// Sandboxes made ahead of default creates (`openrun serve --warm-pool`).
+    pub pool: crate::pool::Pool,
 }
 
 /// Shared state handle.
@@ -559,24 +561,22 @@ async fn create(
     Ok((StatusCode::CREATED, Json(resource)))
 }
 
-/// Creates the sandbox `body` describes (`POST /v1/sandboxes`, and each sandbox of a fork);
-/// returns once its agent answers.
-pub(crate) async fn create_sandbox(
+/// The final spec of a create: `body` over the server's default limits, the image's
+/// environment, working directory and user, and the proxy environment of `network`. Returns
+/// the spec and the image (its lease keeps the layers until the sandbox's record lists them).
+async fn final_spec(
     s: &Shared,
     caller: &Caller,
-    mut body: CreateBody,
-) -> Result<SandboxResource, ApiError> {
-    let network = crate::egress::routes::create_policy(s, body.network.take())?;
-    let labels = body.labels.clone();
-    let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
+    body: CreateBody,
+    image_name: &str,
+    network: &crate::egress::policy::Policy,
+) -> Result<(SandboxSpec, openrun_image::SandboxImage), ApiError> {
     let mut spec = spec_from(body)?;
     apply_default_limits(&mut spec.limits, &s.default_limits);
-    // The resource shows the variables the caller gave; the image's come with the image.
-    let body_env = spec.env.clone();
     // The image's layers stay on disk (its lease holds off prune) until the sandbox's record
     // lists them. The caller's own images and server-wide ones only: another tenant's is
     // missing (crate::images::resolve).
-    let image = crate::images::sandbox_image(s, caller, &image_name)
+    let image = crate::images::sandbox_image(s, caller, image_name)
         .await?
         .map_err(|e| {
             if e.is_user_error() {
@@ -588,27 +588,119 @@ pub(crate) async fn create_sandbox(
     image.apply(&mut spec);
     crate::egress::sandbox_files::add_env(
         &mut spec.env,
-        crate::egress::sandbox_files::wants_ca(&network),
+        crate::egress::sandbox_files::wants_ca(network),
     );
+    Ok((spec, image))
+}
+
+/// The spec of a create that asks for nothing (`POST /v1/sandboxes {}`): what the warm pool
+/// makes ([`crate::pool`]).
+pub(crate) async fn default_spec(s: &Shared) -> Result<SandboxSpec, ApiError> {
+    let nobody = Caller {
+        tenant: String::new(),
+        actor: "system".into(),
+        name: String::new(),
+    };
+    let network = crate::egress::routes::create_policy(s, None)?;
+    let (spec, _image) = final_spec(s, &nobody, CreateBody::default(), "host", &network).await?;
+    Ok(spec)
+}
+
+/// The `sandbox.create` event of `row`, made with `limits` for `ttl_ms` under `network`.
+fn create_event(
+    caller: &Caller,
+    row: &SandboxRow,
+    limits: &Limits,
+    ttl_ms: Option<i64>,
+    network: &crate::egress::policy::Policy,
+) -> NewEvent {
+    NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind: "sandbox.create",
+        payload: serde_json::json!({
+            "image": row.image,
+            "limits": limits,
+            "ttl_ms": ttl_ms,
+            "labels": row.labels,
+            "env": row.env.keys().collect::<Vec<_>>(),
+            "network": network.view(),
+        }),
+    }
+}
+
+/// Creates the sandbox `body` describes (`POST /v1/sandboxes`, and each sandbox of a fork);
+/// returns once its agent answers. A create whose spec is the warm pool's takes a pooled
+/// sandbox when one is ready ([`crate::pool`]); the answer and the timeline are the same.
+pub(crate) async fn create_sandbox(
+    s: &Shared,
+    caller: &Caller,
+    mut body: CreateBody,
+) -> Result<SandboxResource, ApiError> {
+    // The pool refills only while no create of a user is in progress.
+    let _user_create = s.pool.user_create();
+    let network = crate::egress::routes::create_policy(s, body.network.take())?;
+    let labels = body.labels.clone();
+    let image_name = body.image.clone().unwrap_or_else(|| "host".to_string());
+    // The resource shows the variables the caller gave; the image's come with the image.
+    let body_env = body.env.clone();
+    let (mut spec, image) = final_spec(s, caller, body, &image_name, &network).await?;
+    let ttl_ms = spec
+        .lifetime
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let row_image = match spec.image {
+        // As the caller named it (the store's name of its own images has a tenant prefix).
+        ImageSource::Host => spec.image.describe(),
+        _ => image_name,
+    };
+    let limits_json = serde_json::to_string(&spec.limits)
+        .map_err(|e| ApiError::internal("cannot encode the limits", e))?;
+    // A spec that matches the pool's has network mode `none` without secrets (the proxy
+    // environment tells): nothing of its policy is stored or in the sandbox.
+    let poolable = !crate::egress::sandbox_files::wants_ca(&network);
+    if let Some(ready) = poolable.then(|| s.pool.take(&spec)).flatten() {
+        let created_at = crate::time::now_ms();
+        let row = SandboxRow {
+            id: ready.id().to_string(),
+            tenant: caller.tenant.clone(),
+            owner: caller.name.clone(),
+            image: row_image.clone(),
+            limits_json: limits_json.clone(),
+            labels: labels.clone(),
+            env: body_env.clone(),
+            state: "running".into(),
+            created_at,
+            expires_at: ttl_ms.map(|ms| created_at.saturating_add(ms)),
+        };
+        let event = create_event(caller, &row, &spec.limits, ttl_ms, &network);
+        match crate::pool::claim(s, ready, spec.lifetime, row, event).await {
+            Ok((sandbox, row)) => {
+                crate::egress::routes::prepare(s, &sandbox, &network).await?;
+                tracing::info!(
+                    id = row.id,
+                    tenant = row.tenant,
+                    "sandbox created (warm pool)"
+                );
+                crate::relay::ensure_egress(s, &row.id, &row.tenant);
+                return SandboxResource::from_row(row);
+            }
+            Err(Some(error)) => return Err(error),
+            // The pooled sandbox was unusable: made cold below.
+            Err(None) => {}
+        }
+    }
     // The row comes first, as `creating`, under the id the sandbox will get: a server that
     // stops mid-create finds it at start and removes what was made (maintenance::reconcile).
     let id = openrun_runtime::state::new_id();
     spec.id = Some(id.clone());
     let created_at = crate::time::now_ms();
-    let ttl_ms = spec
-        .lifetime
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
     let mut row = SandboxRow {
         id: id.clone(),
         tenant: caller.tenant.clone(),
         owner: caller.name.clone(),
-        // As the caller named it (the store's name of its own images has a tenant prefix).
-        image: match spec.image {
-            ImageSource::Host => spec.image.describe(),
-            _ => image_name,
-        },
-        limits_json: serde_json::to_string(&spec.limits)
-            .map_err(|e| ApiError::internal("cannot encode the limits", e))?,
+        image: row_image,
+        limits_json,
         labels,
         env: body_env,
         state: "creating".into(),
@@ -652,20 +744,7 @@ pub(crate) async fn create_sandbox(
     row.expires_at = record
         .expires_at_ms
         .map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-    let event = NewEvent {
-        sandbox_id: id.clone(),
-        tenant: caller.tenant.clone(),
-        actor: caller.actor.clone(),
-        kind: "sandbox.create",
-        payload: serde_json::json!({
-            "image": row.image,
-            "limits": record.limits,
-            "ttl_ms": ttl_ms,
-            "labels": row.labels,
-            "env": row.env.keys().collect::<Vec<_>>(),
-            "network": network.view(),
-        }),
-    };
+    let event = create_event(caller, &row, &record.limits, ttl_ms, &network);
     let expires_at = row.expires_at;
     let finished =
         s.db.call(move |c| db::finish_create(c, &id, expires_at, &event))

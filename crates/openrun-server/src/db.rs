@@ -145,6 +145,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
         PRIMARY KEY (tenant, key)
     );",
     ),
+    (
+        7,
+        // The warm pool (crate::pool): sandboxes made ahead of demand that no tenant owns yet.
+        // A row is written before its sandbox is made and goes when the sandbox is claimed
+        // (in the transaction that records it in `sandboxes`) or destroyed, so a server that
+        // stops without destroying its pool finds what is left of it at the next start.
+        "CREATE TABLE warm_pool (
+        id TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL
+    );",
+    ),
 ];
 
 /// Shared handle to the database.
@@ -218,6 +229,43 @@ impl Db {
         })
         .await
         .map_err(DbError::Task)?
+    }
+}
+
+/// Pages of WAL after which a (synced) commit checkpoints: SQLite's default.
+const WAL_AUTOCHECKPOINT: i64 = 1000;
+
+impl Db {
+    /// Runs `f` like [`Db::call`], its writes committed without waiting for the disk
+    /// (`synchronous = OFF`): only for rows that matter while this host keeps running and
+    /// are worthless after a power loss, which ends every sandbox (the warm pool's rows, the
+    /// rows of started processes whose exit is still owed). Such a commit survives a crash of
+    /// this process (the kernel holds it); a power loss may lose it, but never a later synced
+    /// commit without it: WAL frames are appended in order, recovery keeps a prefix of them,
+    /// and the next synced commit flushes the earlier frames with its own. Checkpoints are
+    /// held off meanwhile, so the database file is only ever written from the WAL by a
+    /// synced commit (with the syncs `synchronous = FULL` makes around a checkpoint).
+    pub async fn call_unsynced<T, F>(&self, f: F) -> Result<T, DbError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        self.call(move |c| {
+            c.pragma_update(None, "wal_autocheckpoint", 0)?;
+            c.pragma_update(None, "synchronous", "OFF")?;
+            let result = f(c);
+            let full = c.pragma_update(None, "synchronous", "FULL");
+            let checkpoints = c.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT);
+            if let Err(e) = full.and(checkpoints) {
+                // Every later commit would go unsynced: a connection that cannot be put back
+                // must not be used. Its writes so far are committed; nothing is lost by
+                // failing here rather than later.
+                tracing::error!(error = %e, "cannot restore synchronous = FULL");
+                return Err(e.into());
+            }
+            result
+        })
+        .await
     }
 }
 
@@ -751,6 +799,47 @@ pub fn record_background_exit(
             [row_id],
         )
     })
+}
+
+/// Records a warm-pool sandbox about to be made (see [`claim_pooled`]).
+pub fn insert_pooled(conn: &Connection, id: &str) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO warm_pool (id, created_at) VALUES (?1, ?2)",
+        params![id, crate::time::now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Forgets a warm-pool sandbox that was destroyed (or never made).
+pub fn remove_pooled(conn: &Connection, id: &str) -> Result<(), DbError> {
+    conn.execute("DELETE FROM warm_pool WHERE id = ?1", [id])?;
+    Ok(())
+}
+
+/// Every warm-pool sandbox recorded (at start: what a previous server left).
+pub fn pooled(conn: &Connection) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn.prepare("SELECT id FROM warm_pool ORDER BY created_at, id")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A warm-pool sandbox becomes `row` (a tenant's, normally `running`) with its creation
+/// `event`, in one transaction: it leaves the pool exactly when it gets its owner, so a crash
+/// leaves it either in the pool (destroyed at the next start) or recorded. `false` (nothing
+/// changed) when it was not in the pool.
+pub fn claim_pooled(
+    conn: &mut Connection,
+    row: &SandboxRow,
+    event: &NewEvent,
+) -> Result<bool, DbError> {
+    let tx = conn.transaction()?;
+    if tx.execute("DELETE FROM warm_pool WHERE id = ?1", [&row.id])? == 0 {
+        return Ok(false);
+    }
+    insert_sandbox(&tx, row)?;
+    append_event(&tx, event)?;
+    tx.commit()?;
+    Ok(true)
 }
 
 /// Records `tenant` as the owner of the store image `name` (`name:tag`), replacing an

@@ -27,6 +27,7 @@ mod maintenance;
 mod mcp;
 mod metrics;
 mod openapi;
+mod pool;
 mod preview;
 mod processes;
 mod query;
@@ -48,6 +49,7 @@ pub use api::openapi_document;
 pub use egress::{parse_resolve as parse_egress_resolve, EgressOptions, EgressSetupError};
 pub use error::ServerError;
 pub use keys::{create_key, ActorKind, NewKey};
+pub use pool::DEFAULT_SIZE as DEFAULT_WARM_POOL;
 pub use preview::check_preview_domain;
 
 /// How long a graceful shutdown waits for open requests (streaming execs included) to end.
@@ -76,6 +78,9 @@ pub struct Config {
     /// Domain of host previews (`<port>-<id>.<domain>`), checked by
     /// [`check_preview_domain`]; `None`: previews by path only.
     pub preview_domain: Option<String>,
+    /// Sandboxes kept ready for creates that ask for nothing beyond the defaults (0: none;
+    /// see [`DEFAULT_WARM_POOL`]).
+    pub warm_pool: usize,
 }
 
 /// Default disk quota of sandboxes created through the API: room for a repository, its
@@ -158,6 +163,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         default_limits: config.default_limits.clone(),
         egress,
         previews,
+        pool: pool::Pool::new(config.warm_pool),
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);
@@ -189,9 +195,12 @@ async fn serve(
     on_listening(addr);
 
     let maintenance = tokio::spawn(maintenance::run(state.clone()));
+    if let Err(e) = pool::start(&state).await {
+        tracing::warn!(error = %e, "cannot start the warm pool: creates are made cold");
+    }
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
-    let app = api::router(state);
+    let app = api::router(state.clone());
     // Streams are many small writes (an NDJSON line, a WebSocket frame): without TCP_NODELAY,
     // Nagle holds each one back until the client's delayed ACK, ~40 ms.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -224,6 +233,8 @@ async fn serve(
         }
     };
     maintenance.abort();
+    // Pooled sandboxes belong to nobody: they end with the server.
+    pool::Pool::shutdown(&state).await;
     match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(source)) => Err(ServerError::Serve(source)),

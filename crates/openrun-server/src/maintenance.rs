@@ -69,14 +69,17 @@ impl AgentReaper {
 }
 
 /// How long reconciliation waits for a create that a previous server left in progress.
-const SETTLE: Duration = Duration::from_secs(5);
+pub(crate) const SETTLE: Duration = Duration::from_secs(5);
 
 /// At start: sandboxes recorded as `creating` (the previous server stopped mid-create) are
 /// removed, whatever exists of them, and become `error` (event `sandbox.error`); sandboxes
 /// recorded as running or paused whose agent is gone become `stopped` (event
 /// `sandbox.vanish`). Sandboxes the database does not know (`openrun create` shares the data
-/// dir) are never touched. Background processes still running get watchers again.
+/// dir) are never touched, except the previous server's warm pool ([`crate::pool::reconcile`]:
+/// it belongs to no one and is destroyed). Background processes still running get watchers
+/// again.
 pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
+    crate::pool::reconcile(state).await?;
     let creating = state.db.call(|c| db::creating_sandboxes(c)).await?;
     for row in creating {
         let runtime = state.runtime.clone();
@@ -213,9 +216,11 @@ pub async fn track(
     pid: i32,
 ) -> Option<db::BackgroundRow> {
     let (sandbox, tenant, actor) = (row.id.clone(), caller.tenant.clone(), caller.actor.clone());
+    // Unsynced (Db::call_unsynced): the row matters only while the host runs (the sandbox
+    // and its process end with it), and it keeps no exit waiting on the disk.
     let inserted = state
         .db
-        .call(move |c| db::insert_background(c, &sandbox, &tenant, &actor, pid))
+        .call_unsynced(move |c| db::insert_background(c, &sandbox, &tenant, &actor, pid))
         .await;
     match inserted {
         Ok(id) => Some(db::BackgroundRow {

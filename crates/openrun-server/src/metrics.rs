@@ -106,8 +106,9 @@ impl Metrics {
         }
     }
 
-    /// The text exposition, with `sandboxes` (state → count) read at scrape time.
-    fn render(&self, sandboxes: &BTreeMap<String, u64>) -> String {
+    /// The text exposition, with `sandboxes` (state → count) and the warm pool's counters
+    /// read at scrape time.
+    fn render(&self, sandboxes: &BTreeMap<String, u64>, pool: crate::pool::Stats) -> String {
         let mut out = String::new();
         header_lines(
             &mut out,
@@ -154,6 +155,30 @@ impl Metrics {
             "Sandbox creates refused with 429 (create slots and queue full).",
             self.creates_rejected.load(Ordering::Relaxed),
         );
+        gauge(
+            &mut out,
+            "openrun_warm_pool_size",
+            "Sandboxes the warm pool keeps ready (--warm-pool).",
+            pool.target as u64,
+        );
+        gauge(
+            &mut out,
+            "openrun_warm_pool_ready",
+            "Warm-pool sandboxes ready now.",
+            pool.ready as u64,
+        );
+        counter(
+            &mut out,
+            "openrun_warm_pool_hits_total",
+            "Creates served from the warm pool.",
+            pool.hits,
+        );
+        counter(
+            &mut out,
+            "openrun_warm_pool_misses_total",
+            "Creates the warm pool could have served but found empty (made cold).",
+            pool.misses,
+        );
 
         header_lines(
             &mut out,
@@ -189,6 +214,12 @@ impl Metrics {
 fn header_lines(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A gauge without labels.
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    header_lines(out, name, "gauge", help);
+    let _ = writeln!(out, "{name} {value}");
 }
 
 /// A counter without labels.
@@ -288,7 +319,7 @@ pub async fn tag_caller(
         content_type = "text/plain; version=0.0.4; charset=utf-8", body = String), ErrorAnswers))]
 pub async fn scrape(State(s): State<Shared>) -> Result<Response, ApiError> {
     let sandboxes = s.db.call(sandboxes_by_state).await?;
-    let body = s.metrics.render(&sandboxes);
+    let body = s.metrics.render(&sandboxes, s.pool.stats());
     Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response())
 }
 
@@ -317,7 +348,10 @@ mod tests {
         m.observe_create(Duration::from_millis(300));
         m.observe_create(Duration::from_secs(60));
         m.observe_request("GET", "a\"b\\c\nd", StatusCode::NOT_FOUND, None);
-        let text = m.render(&BTreeMap::from([("running".to_string(), 2)]));
+        let text = m.render(
+            &BTreeMap::from([("running".to_string(), 2)]),
+            crate::pool::Stats::default(),
+        );
         assert!(
             text.contains("openrun_sandbox_create_seconds_bucket{le=\"0.005\"} 1\n"),
             "{text}"

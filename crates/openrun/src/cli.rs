@@ -379,6 +379,12 @@ pub struct ServeArgs {
     /// Creates that may wait for a slot; any more are refused with 429 and Retry-After.
     #[arg(long, value_name = "N", default_value_t = openrun_server::DEFAULT_CREATE_QUEUE as u32)]
     pub create_queue: u32,
+    /// Sandboxes kept ready for creates that ask for nothing beyond the defaults (labels
+    /// and ttl allowed): such a create takes one instead of forking a new one. Refilled in
+    /// the background, in a create slot, when no other create runs; destroyed when the
+    /// server stops. 0 turns the pool off.
+    #[arg(long, value_name = "N", default_value_t = openrun_server::DEFAULT_WARM_POOL as u32)]
+    pub warm_pool: u32,
     /// Memory limit of creates that give none, or `none` (default: 2G, at most half the
     /// host's memory).
     #[arg(long, value_name = "SIZE|none", value_parser = parse_default_memory, allow_hyphen_values = true)]

@@ -310,6 +310,7 @@ fn serve(data_dir: &std::path::Path, args: ServeArgs) -> Result<i32> {
             allow_open_network: args.allow_open_network,
         },
         preview_domain: args.preview_domain,
+        warm_pool: args.warm_pool as usize,
     };
     openrun_server::run(config, |addr| {
         use std::io::Write;
