@@ -126,7 +126,7 @@ def section_cold(cmds):
       "run (openrun finishes its teardown in a background process, and the kernel frees network",
       "namespaces asynchronously for all of them; back-to-back runs would measure the previous",
       "run's leftovers). Command lines:", "", "```")
-    for name in ("openrun", "bwrap", "unshare", "runc", "openrun --storage disk"):
+    for name in ("openrun", "bwrap", "unshare", "runc", "openrun --storage disk", "host true"):
         if cmds and name in cmds:
             p(f"{name}: {cmds[name]}")
     p("```", "")
@@ -140,7 +140,8 @@ def section_cold(cmds):
       "- runc: an OCI bundle of the same root as bwrap (`bench/runc_bundle.py`: /usr bind",
       "  read-only, bin/lib/lib64/sbin symlinks, /proc, tmpfs /dev, tmpfs /tmp; pid, net, ipc,",
       "  uts, mount, cgroup namespaces, no user namespace, run as root, cgroup v1), `runc run`",
-      "  in the foreground (it deletes the container before it exits).", "")
+      "  in the foreground (it deletes the container before it exits).",
+      "- host true: `/usr/bin/true` with no sandbox: what starting a process costs here.", "")
     return {name: s for name, s in base.items()}
 
 
@@ -181,7 +182,8 @@ def section_api(cmds, cold):
     if warm and unshare:
         med = statistics.median(warm["create_first_output_ms"])
         verdict = "met" if med <= unshare else "not met"
-        p(f"Target: API create → first output with the warm pool ≤ `unshare … true` at the "
+        pooled = "with the warm pool" if pool else "(this build has no warm pool)"
+        p(f"Target: API create → first output {pooled} ≤ `unshare … true` at the "
           f"median: {med:.2f} ÷ {unshare:.2f} = {med / unshare:.2f} ({verdict}).", "")
     if not pool:
         p("`--warm-pool 0` (cold API): not measured (`openrun serve` has no --warm-pool flag in"
@@ -296,14 +298,16 @@ def section_density():
 
 def section_output(cmds):
     p("## 6. Output throughput", "")
-    rows = [(label, load(f)) for label, f in (
+    piped = (load("pipe.json") or {}).get("commands") or []
+    piped += [None] * (4 - len(piped))
+    rows = [
         ("API exec `head -c 512M /dev/zero`, base64 NDJSON decoded by the client",
-         "api-output.json"),
-        ("`openrun run -- head -c 512M /dev/zero` into a pipe", "pipe-openrun.json"),
-        ("bwrap … `head -c 512M /dev/zero` into a pipe", "pipe-bwrap.json"),
-        ("runc run (`head -c 512M /dev/zero`) into a pipe", "pipe-runc.json"),
-        ("host `head -c 512M /dev/zero` into a pipe (the floor)", "pipe-host.json"),
-    )]
+         load("api-output.json")),
+        ("`openrun run -- head -c 512M /dev/zero` into a pipe", piped[1]),
+        ("bwrap … `head -c 512M /dev/zero` into a pipe", piped[2]),
+        ("runc run (`head -c 512M /dev/zero`) into a pipe", piped[3]),
+        ("host `head -c 512M /dev/zero` into a pipe (the floor)", piped[0]),
+    ]
     if not any(d for _, d in rows):
         p("Not measured.", "")
         return
@@ -311,12 +315,12 @@ def section_output(cmds):
     bw = rows[2][1]
     hmed = statistics.median(host["mb_s"]) if host else None
     bmed = statistics.median(bw["mb_s"]) if bw else None
-    p("| what | MB/s median | slowest | runs | delivered | ÷ bwrap | ÷ host pipe |",
-      "|---|---:|---:|---:|---:|---:|---:|")
+    p("| what | MB/s median | slowest | runs | delivered | reader CPU | ÷ bwrap | ÷ host pipe |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|")
     lossy = False
     for label, d in rows:
         if not d:
-            p(f"| {label} | not measured | | | | | |")
+            p(f"| {label} | not measured | | | | | | |")
             continue
         med = statistics.median(d["mb_s"])
         got = d.get("delivered") or d.get("bytes") or []
@@ -324,12 +328,18 @@ def section_output(cmds):
         share = sum(got) / (want * len(got)) if got else None
         lossy = lossy or (share is not None and share < 1)
         shown = f"{share:.1%}" if share is not None else "?"
+        cpu = d.get("client_cpu_seconds")
+        busy = (f"{statistics.median(c / t for c, t in zip(cpu, d['seconds'])):.0%}"
+                if cpu else "?")
         p(f"| {label} | {med:.0f} | {min(d['mb_s']):.0f} | {len(d['mb_s'])} | {shown} | "
-          f"{ratio(med, bmed)} | {ratio(med, hmed)} |")
+          f"{busy} | {ratio(med, bmed)} | {ratio(med, hmed)} |")
     p("", "MB = 10^6 bytes, counted by the reader (`openrun-bench api-output` / `pipe`) and",
       "divided by the time from the request (or spawn) to the exit line (or exit); one untimed",
-      "run first. With a few runs of 512 MiB each, the slowest run stands in for p95/p99.",
-      "delivered: the share of the 512 MiB written that reached the reader.")
+      "run first; the pipe commands run in turn, round after round, so they share the",
+      "machine's noise. With a few runs of 512 MiB each, the slowest run stands in for p95/p99.",
+      "delivered: the share of the 512 MiB written that reached the reader. reader CPU: the",
+      "reading process's own CPU time (user + system) over the wall time, median: well below",
+      "100% means the reader was not what limited the rate.")
     if lossy:
         p("**Output was lost** where delivered is below 100%: the agent keeps a bounded buffer",
           "per stream and drops the oldest bytes when its reader falls behind (the API marks",

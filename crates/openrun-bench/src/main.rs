@@ -12,7 +12,7 @@
 //! - `api-output`: exec `head -c BYTES /dev/zero`, the stream's base64 decoded and counted.
 //! - `spawn`: a command run to completion by N concurrent workers (`{n}` in an argument is
 //!   replaced by a unique number), for creates per second.
-//! - `pipe`: a command's stdout read through a pipe and counted, for MB/s.
+//! - `pipe`: commands' stdout read through a pipe and counted, for MB/s (runs interleaved).
 //!
 //! The HTTP client is [`http::Conn`], a blocking HTTP/1.1 keep-alive client on a `TcpStream`:
 //! no async runtime or connection pool between the clock and the socket.
@@ -117,12 +117,12 @@ enum Cmd {
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
-    /// A command's stdout read through a pipe here and counted, for MB/s.
+    /// Commands' stdout read through a pipe here and counted, for MB/s.
     Pipe {
-        /// Timed runs (one untimed run first).
+        /// Timed rounds (one untimed round first); each round runs every command once.
         #[arg(long, default_value_t = 3)]
         runs: usize,
-        /// The command.
+        /// The commands, separated by `::`.
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
     },
@@ -137,6 +137,22 @@ fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a `struct rusage` to a valid, writable pointer.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if r != 0 {
+        return Duration::ZERO;
+    }
+    // SAFETY: getrusage succeeded, so the struct is initialised (and zeroed before anyway).
+    let usage = unsafe { usage.assume_init() };
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// What an exec stream said.
@@ -463,13 +479,15 @@ fn api_throughput(url: &str, key: &str, clients: usize, total: u64) -> Result<Va
 fn api_output(url: &str, key: &str, bytes: u64, runs: usize) -> Result<Value> {
     let mut api = Api::connect(url, key)?;
     let id = api.create()?;
-    let (mut seconds, mut delivered, mut skipped) = (vec![], vec![], vec![]);
+    let (mut seconds, mut delivered, mut skipped, mut cpu) = (vec![], vec![], vec![], vec![]);
     let result = (|| -> Result<()> {
         for i in 0..=runs {
             let n = if i == 0 { (bytes / 8).max(1) } else { bytes };
             let count = n.to_string();
+            let c0 = cpu_time();
             let t0 = Instant::now();
             let end = api.exec(&id, &["head", "-c", &count, "/dev/zero"])?;
+            let c1 = cpu_time();
             if end.bytes + end.skipped != n {
                 bail!(
                     "head -c {n} /dev/zero: {} bytes came through and {} were skipped",
@@ -481,6 +499,7 @@ fn api_output(url: &str, key: &str, bytes: u64, runs: usize) -> Result<Value> {
                 seconds.push((end.exit_at - t0).as_secs_f64());
                 delivered.push(end.bytes);
                 skipped.push(end.skipped);
+                cpu.push((c1 - c0).as_secs_f64());
             }
         }
         Ok(())
@@ -499,7 +518,7 @@ fn api_output(url: &str, key: &str, bytes: u64, runs: usize) -> Result<Value> {
     );
     Ok(json!({
         "bytes": bytes, "runs": runs, "seconds": seconds, "mb_s": mb_s,
-        "delivered": delivered, "skipped": skipped,
+        "delivered": delivered, "skipped": skipped, "client_cpu_seconds": cpu,
     }))
 }
 
@@ -531,50 +550,70 @@ fn spawn(workers: usize, total: u64, warmup: u64, cmd: &[String]) -> Result<Valu
     }))
 }
 
-fn pipe(runs: usize, cmd: &[String]) -> Result<Value> {
-    let (program, args) = cmd.split_first().ok_or_else(|| anyhow!("no command"))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut seconds, mut bytes) = (vec![], vec![]);
-    for i in 0..=runs {
-        let t0 = Instant::now();
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("running {program}"))?;
-        let mut out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
-        let mut n = 0u64;
-        loop {
-            match out.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => n += k as u64,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let status = child.wait()?;
-        let elapsed = t0.elapsed().as_secs_f64();
-        if !status.success() {
-            bail!("{cmd:?}: {status}");
-        }
-        if i > 0 {
-            seconds.push(elapsed);
-            bytes.push(n);
+/// One run of a command with its stdout read through a pipe: (bytes, seconds, reader CPU s).
+fn pipe_once(program: &str, args: &[String], buf: &mut [u8]) -> Result<(u64, f64, f64)> {
+    let c0 = cpu_time();
+    let t0 = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program}"))?;
+    let mut out = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut n = 0u64;
+    loop {
+        match out.read(buf) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    let mb_s: Vec<f64> = seconds
-        .iter()
-        .zip(&bytes)
-        .map(|(s, &b)| b as f64 / 1e6 / s)
-        .collect();
-    eprintln!(
-        "pipe: {program}: {:.0} MB/s (median of {runs})",
-        median(&mb_s)
-    );
-    Ok(json!({
-        "command": cmd.join(" "), "runs": runs, "bytes": bytes, "seconds": seconds, "mb_s": mb_s,
-    }))
+    let status = child.wait()?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    let used = (cpu_time() - c0).as_secs_f64();
+    if !status.success() {
+        bail!("{program} {args:?}: {status}");
+    }
+    Ok((n, elapsed, used))
+}
+
+/// Commands separated by `::`, run in turn (one untimed round first, then `runs` rounds, each
+/// round one run of every command), so they share the machine's noise.
+fn pipe(runs: usize, cmd: &[String]) -> Result<Value> {
+    let cmds: Vec<&[String]> = cmd.split(|a| a == "::").filter(|c| !c.is_empty()).collect();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut samples = vec![(vec![], vec![], vec![]); cmds.len()];
+    for round in 0..=runs {
+        for (c, (bytes, seconds, cpu)) in cmds.iter().zip(samples.iter_mut()) {
+            let (program, args) = c.split_first().ok_or_else(|| anyhow!("no command"))?;
+            let (n, elapsed, used) = pipe_once(program, args, &mut buf)?;
+            if round > 0 {
+                bytes.push(n);
+                seconds.push(elapsed);
+                cpu.push(used);
+            }
+        }
+    }
+    let mut out = vec![];
+    for (c, (bytes, seconds, cpu)) in cmds.iter().zip(samples) {
+        let mb_s: Vec<f64> = seconds
+            .iter()
+            .zip(&bytes)
+            .map(|(s, &b)| b as f64 / 1e6 / s)
+            .collect();
+        eprintln!(
+            "pipe: {}: {:.0} MB/s (median of {runs})",
+            c.join(" "),
+            median(&mb_s)
+        );
+        out.push(json!({
+            "command": c.join(" "), "runs": runs, "bytes": bytes, "seconds": seconds,
+            "mb_s": mb_s, "client_cpu_seconds": cpu,
+        }));
+    }
+    Ok(json!({ "commands": out }))
 }
 
 fn main() -> Result<()> {
