@@ -12,7 +12,8 @@
 //! Layout: `server` (main loop: accept, control stream, lifetime, shutdown), `connection`
 //! (one client: requests in, responses and events out, attach streaming), `agent` (shared
 //! state and the operations on the process table), `process` (a table entry), `command`
-//! (environment, cwd, `PATH` candidates for an exec), `spawn` (fork, child setup, exec),
+//! (environment, cwd, `PATH` candidates for an exec), `spawn` (child setup, exec), `vfork`
+//! (starting a child that shares the agent's memory, and its watchdog),
 //! `pty`, `reader` (output pipes into buffers), `stdin` (ordered stdin writes), `output`
 //! (bounded buffers with absolute offsets), `reaper` (SIGCHLD and `waitpid(-1)`), `files`
 //! (file operations confined to the root with `openat2`), `users` (passwd/group parsing),
@@ -41,6 +42,7 @@ mod server;
 mod spawn;
 mod stdin;
 mod users;
+mod vfork;
 mod watch;
 
 pub use spawn::set_exec_session_ruleset;

@@ -1,31 +1,38 @@
-//! Starting a process: `fork`, then a short, async-signal-safe setup in the child, then `execve`.
+//! Starting a process: `clone(CLONE_VM | CLONE_VFORK)` (or `fork`), then a short,
+//! async-signal-safe setup in the child, then `execve`.
 //!
 //! Everything the child needs (argv, envp, candidate paths, the ids to switch to) is built
-//! *before* `fork`, so the child never allocates or takes a lock: the agent may have other
-//! threads (tokio's blocking pool) whose locks are frozen in the child. A close-on-exec pipe
-//! reports the first failing step and its errno back to the parent; EOF on it means `execve`
+//! *before* the child starts, so the child never allocates or takes a lock: the agent may have
+//! other threads (tokio's blocking pool) whose locks it must not touch. A close-on-exec pipe
+//! reports the first failing step and its errno back to the parent; no report means `execve`
 //! succeeded.
 //!
-//! The wait for that report is bounded: the child runs as the sandbox's root until it switches
-//! user, so a sandbox process can stop it (`SIGSTOP`, `ptrace`) before it execs. The agent, a
-//! single thread, must never wait for it indefinitely; a child that is stopped, or that neither
-//! execs nor fails within [`START_TIMEOUT`], is killed and the exec fails.
+//! The child normally shares the agent's memory until it execs, the way `posix_spawn` starts
+//! processes, which spares copying and tearing down the agent's page tables on every exec (see
+//! [`crate::vfork`] for what makes that sound). Where that is not safe (a host whose
+//! `fs.suid_dumpable` is 1, an unsupported architecture) or not available, the agent forks.
+//!
+//! The wait for the child is bounded either way: the child runs as the sandbox's root until it
+//! switches user, so a sandbox process can stop it (`SIGSTOP`) before it execs. The agent must
+//! never wait for it indefinitely; a child that is stopped, or that neither execs nor fails
+//! within [`START_TIMEOUT`], is killed and the exec fails (after a `fork`, the agent's own
+//! wait on the pipe checks; during a vfork start, the watchdog thread of [`crate::vfork`]).
 //!
 //! Inside a sandbox every child also enters a Landlock domain of its own (nested in the
 //! sandbox's) before `execve` — see [`set_exec_session_ruleset`]: the processes of one exec
 //! session can trace their own descendants but not another session's processes, nor the agent.
 
 use std::ffi::{c_char, CString};
-use std::os::fd::AsRawFd;
 use std::ptr;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use openrun_protocol::{AgentError, ErrorCode, Pid};
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsRawFd as _, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 
 use crate::errors::errno_text;
+use crate::vfork::raw;
 
 /// The child's standard descriptors.
 #[derive(Debug)]
@@ -91,9 +98,8 @@ impl Stage {
     }
 }
 
-/// Pointer arrays and C strings the child uses, all allocated before `fork`.
-struct Prepared<'a> {
-    plan: &'a ExecPlan,
+/// Pointer arrays and C strings the child uses, all allocated before the child starts.
+struct Prepared {
     cwd: CString,
     argv: Vec<*const c_char>,
     envp: Vec<*const c_char>,
@@ -101,17 +107,48 @@ struct Prepared<'a> {
     /// (a script without `#!`), as `execvp` does it.
     sh_argv: Vec<Vec<*const c_char>>,
     groups: Vec<rustix::process::Gid>,
-    /// `setgroups` may be refused in a user namespace; that only matters when the process is
-    /// meant to run as someone other than the agent.
-    tolerate_groups_failure: bool,
-    empty_mask: libc::sigset_t,
     /// `oom_score_adj` as the decimal text the kernel expects, when the child must write it
     /// itself (an agent that is not a sandbox's pid 1, as in tests).
     oom_score_adj: Option<Vec<u8>>,
-    err_pipe: OwnedFd,
-    stdio: &'a ChildStdio,
+}
+
+/// The child's standard descriptors, as numbers (the parent closes its own copies while a
+/// clone-based child may still read this).
+#[derive(Debug, Clone, Copy)]
+enum RawStdio {
+    Pipes {
+        stdin: i32,
+        stdout: i32,
+        stderr: i32,
+    },
+    Pty {
+        slave: i32,
+    },
+}
+
+/// Everything the child reads: plain values and borrows of memory that outlives it. Built
+/// before the child starts and never changed while it runs.
+struct ChildArgs<'a> {
+    plan: &'a ExecPlan,
+    cwd: &'a std::ffi::CStr,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    sh_argv: &'a [Vec<*const c_char>],
+    groups: &'a [rustix::process::Gid],
+    /// `setgroups` may be refused in a user namespace; that only matters when the process is
+    /// meant to run as someone other than the agent.
+    tolerate_groups_failure: bool,
+    oom_score_adj: Option<&'a [u8]>,
+    /// The write end of the error pipe (close-on-exec).
+    err_pipe: i32,
+    stdio: RawStdio,
     /// The exec-session Landlock ruleset to enter, if the agent has one.
     landlock_ruleset: Option<i32>,
+    /// Highest descriptor to close one by one where `close_range` is missing.
+    fd_limit: u32,
+    /// Tests: the child stops itself before it execs.
+    #[cfg(test)]
+    stop_before_exec: bool,
 }
 
 /// The Landlock ruleset every started process enters before `execve` (see
@@ -134,12 +171,12 @@ pub fn set_exec_session_ruleset(ruleset: OwnedFd) -> Result<(), OwnedFd> {
 
 const SH: &std::ffi::CStr = c"/bin/sh";
 
-/// Longest time a forked child may take to exec (or to report why it could not). A child
+/// Longest time a started child may take to exec (or to report why it could not). A child
 /// stopped by a signal is killed at once; this bound is for one that is merely stuck (a busy,
 /// memory-starved sandbox can be slow, so it is generous).
 pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the wait for the child's report checks whether the child was stopped.
-const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+const STOP_CHECK_INTERVAL: Duration = crate::vfork::STOP_CHECK_INTERVAL;
 /// How long to wait for a killed child to be reaped before leaving it to the reaper.
 const REAP_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -161,29 +198,42 @@ fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
         .collect()
 }
 
-/// Forks and executes `plan` with `stdio`. Returns the child's pid once `execve` succeeded;
-/// otherwise reaps the failed child and returns an error for the step that failed.
+/// Starts `plan` with `stdio`. Returns the child's pid once `execve` succeeded; otherwise
+/// reaps the failed child and returns an error for the step that failed.
 pub(crate) fn spawn(
     plan: &ExecPlan,
     stdio: ChildStdio,
     own_oom_score_adj: Option<&std::fs::File>,
 ) -> Result<Pid, AgentError> {
+    spawn_with(plan, stdio, own_oom_score_adj, Options::default())
+}
+
+/// How [`spawn_with`] starts the child (tests choose).
+#[derive(Debug, Clone, Copy, Default)]
+struct Options {
+    /// Never share the agent's memory (`fork`).
+    force_fork: bool,
+    #[cfg(test)]
+    stop_before_exec: bool,
+}
+
+fn spawn_with(
+    plan: &ExecPlan,
+    stdio: ChildStdio,
+    own_oom_score_adj: Option<&std::fs::File>,
+    options: Options,
+) -> Result<Pid, AgentError> {
     let cwd = CString::new(plan.cwd.as_str())
         .map_err(|_| AgentError::new(ErrorCode::InvalidArgument, "cwd contains a nul byte"))?;
-    let (err_read, err_write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-        .map_err(|e| crate::errors::internal("cannot create a pipe", errno_text(e)))?;
+    // Non-blocking: after a clone-based start the report is read once, without waiting (the
+    // child wrote it before exiting, or exec'd); the child's single 8-byte write never blocks.
+    let (err_read, err_write) = rustix::pipe::pipe_with(
+        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
+    )
+    .map_err(|e| crate::errors::internal("cannot create a pipe", errno_text(e)))?;
     let err_write = above_stdio(err_write)?;
 
-    // SAFETY: `sigset_t` is a plain C struct for which all-zero bytes are a valid value; it
-    // is filled by `sigemptyset` below before use.
-    let mut empty_mask: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: the pointer refers to a live, writable `sigset_t` owned by this frame.
-    unsafe {
-        libc::sigemptyset(&mut empty_mask);
-    }
-
     let prepared = Prepared {
-        plan,
         argv: null_terminated(&plan.argv),
         envp: null_terminated(&plan.envp),
         sh_argv: plan
@@ -203,20 +253,49 @@ pub(crate) fn spawn(
             .iter()
             .map(|g| rustix::process::Gid::from_raw(*g))
             .collect(),
-        tolerate_groups_failure: rustix::process::geteuid().as_raw() == plan.uid,
-        empty_mask,
         oom_score_adj: match own_oom_score_adj {
-            // Set from the outside around the fork (see below): nothing for the child to do.
+            // Set from the outside around the start (see below): nothing for the child to do.
             Some(_) => None,
             None => Some(plan.oom_score_adj.to_string().into_bytes()),
         },
-        err_pipe: err_write,
-        stdio: &stdio,
+    };
+    let euid = rustix::process::geteuid().as_raw();
+    let changes_ids = euid != plan.uid || rustix::process::getegid().as_raw() != plan.gid;
+    let args = ChildArgs {
+        plan,
+        cwd: prepared.cwd.as_c_str(),
+        argv: prepared.argv.as_ptr(),
+        envp: prepared.envp.as_ptr(),
+        sh_argv: &prepared.sh_argv,
+        groups: &prepared.groups,
+        tolerate_groups_failure: euid == plan.uid,
+        oom_score_adj: prepared.oom_score_adj.as_deref(),
+        err_pipe: err_write.as_raw_fd(),
+        stdio: match &stdio {
+            ChildStdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => RawStdio::Pipes {
+                stdin: stdin.as_raw_fd(),
+                stdout: stdout.as_raw_fd(),
+                stderr: stderr.as_raw_fd(),
+            },
+            ChildStdio::Pty { slave } => RawStdio::Pty {
+                slave: slave.as_raw_fd(),
+            },
+        },
         landlock_ruleset: EXEC_SESSION_RULESET.get().map(|fd| fd.as_raw_fd()),
+        fd_limit: rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(65536)
+            .min(1 << 20) as u32,
+        #[cfg(test)]
+        stop_before_exec: options.stop_before_exec,
     };
 
-    // Block every signal across fork so no handler of the agent (tokio's) runs in the child
-    // before its dispositions are reset; the parent restores its mask right after.
+    // Block every signal across the start so no handler of the agent (tokio's) runs in the
+    // child before its dispositions are reset; the parent restores its mask right after.
     // SAFETY: zeroed `sigset_t` values are valid storage for `sigfillset`/`pthread_sigmask`.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: as above.
@@ -227,16 +306,37 @@ pub(crate) fn spawn(
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
     }
 
-    // The child inherits the agent's OOM score at fork: set the child's value on the agent for
-    // the instant of the fork, then put the agent's own back.
+    // The child inherits the agent's OOM score when it starts: set the child's value on the
+    // agent for the instant of the start, then put the agent's own back.
     let restore = own_oom_score_adj.and_then(|file| set_oom_score_adj(file, plan.oom_score_adj));
-    // SAFETY: the child only runs `child_main`, which makes async-signal-safe system calls on
-    // memory prepared above and ends in `execve` or `_exit`; it never returns into Rust code
-    // that could touch locks or allocator state held by other threads at the time of fork.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        child_main(&prepared);
-    }
+    let arg = ptr::addr_of!(args).cast_mut().cast::<std::ffi::c_void>();
+    let cloned = if !options.force_fork && crate::vfork::usable(changes_ids) {
+        // SAFETY: `child_entry` follows the rules of a memory-sharing child (raw and rustix
+        // system calls only, on `args`, no allocation, locks or unwinding; it ends in
+        // `execve` or `raw::exit`), and `args` with everything it borrows (`plan`,
+        // `prepared`, the descriptors, which the parent closes only below) stays alive and
+        // unchanged until `clone_vfork` returns, when the child has exec'd or exited.
+        // Signals are blocked (above).
+        unsafe { crate::vfork::clone_vfork(child_entry, arg, START_TIMEOUT, changes_ids) }
+    } else {
+        None
+    };
+    let (pid, verdict, start_errno) = match cloned {
+        Some(Ok(started)) => (started.pid, Some(started.verdict), None),
+        Some(Err(e)) => (-1, None, Some(e)),
+        None => {
+            // SAFETY: the forked child only runs `child_main` (async-signal-safe system calls
+            // on memory prepared above, ending in `execve` or `_exit`); it never returns into
+            // Rust code that could touch locks or allocator state held by other threads at
+            // the time of fork.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                child_main(&args);
+            }
+            let errno = (pid < 0).then(last_errno);
+            (pid, None, errno)
+        }
+    };
     if let (Some(file), Some(previous)) = (own_oom_score_adj, restore) {
         if let Err(e) = rustix::io::pwrite(file, &previous, 0) {
             tracing::warn!(error = %e, "cannot restore the agent's oom_score_adj");
@@ -246,16 +346,51 @@ pub(crate) fn spawn(
     unsafe {
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, ptr::null_mut());
     }
-    let fork_errno = std::io::Error::last_os_error();
-    // The parent's copies of the child's ends must close, or EOF never arrives.
-    let Prepared { err_pipe, .. } = prepared;
-    drop(err_pipe);
+    // The parent's copies of the child's ends must close, or EOF never arrives (the child
+    // has its own copies; a clone-based child is done reading `args` by now).
+    drop(err_write);
     drop(stdio);
-    if pid < 0 {
-        return Err(crate::errors::internal("fork failed", fork_errno));
+    if let Some(errno) = start_errno {
+        return Err(crate::errors::internal(
+            "cannot start a process",
+            errno_text(errno),
+        ));
     }
+    match verdict {
+        // Started by `clone_vfork`: the child has exec'd, exited or been killed.
+        Some(verdict) => {
+            let report = match verdict {
+                Some(crate::vfork::Verdict::Stopped) => StartReport::Stopped,
+                Some(crate::vfork::Verdict::TimedOut) => StartReport::TimedOut,
+                None => read_report(&err_read),
+            };
+            finish_start(plan, pid, report, START_TIMEOUT)
+        }
+        None => await_start(plan, pid, &err_read, START_TIMEOUT),
+    }
+}
 
-    await_start(plan, pid, &err_read, START_TIMEOUT)
+/// Reads the report of a child that has already exec'd or exited: its failure report if it
+/// wrote one, else [`StartReport::Execed`]. Never waits.
+fn read_report(err_read: &OwnedFd) -> StartReport {
+    let mut report = [0u8; 8];
+    loop {
+        match rustix::io::read(err_read, &mut report) {
+            // The child writes its 8 bytes with one write (atomic on a pipe).
+            Ok(8) => return decode_report(&report),
+            Err(Errno::INTR) => continue,
+            // EOF, nothing written yet (the child exec'd: the pipe is close-on-exec, but the
+            // parent may run again before the exec closes it), or an unreadable pipe.
+            _ => return StartReport::Execed,
+        }
+    }
+}
+
+fn decode_report(report: &[u8; 8]) -> StartReport {
+    StartReport::Failed {
+        stage: i32::from_le_bytes([report[0], report[1], report[2], report[3]]),
+        errno: i32::from_le_bytes([report[4], report[5], report[6], report[7]]),
+    }
 }
 
 /// What the error pipe said about a forked child.
@@ -336,10 +471,7 @@ fn wait_for_report(
         // Readiness (data, EOF, an error) or not, the loop reads again and checks the clock.
         let _ = rustix::event::poll(&mut fds, Some(&timeout));
     }
-    StartReport::Failed {
-        stage: i32::from_le_bytes([report[0], report[1], report[2], report[3]]),
-        errno: i32::from_le_bytes([report[4], report[5], report[6], report[7]]),
-    }
+    decode_report(&report)
 }
 
 /// Waits (bounded by `limit`) until the child `pid` has exec'd. On anything else the child is
@@ -352,6 +484,18 @@ fn await_start(
 ) -> Result<Pid, AgentError> {
     let child = rustix::process::Pid::from_raw(pid);
     let report = wait_for_report(err_read, child, limit);
+    finish_start(plan, pid, report, limit)
+}
+
+/// Turns the child's start report into the result: its pid once it exec'd; otherwise the
+/// child is killed and reaped (bounded) and the error says why.
+fn finish_start(
+    plan: &ExecPlan,
+    pid: Pid,
+    report: StartReport,
+    limit: Duration,
+) -> Result<Pid, AgentError> {
+    let child = rustix::process::Pid::from_raw(pid);
     if report == StartReport::Execed {
         return Ok(pid);
     }
@@ -480,14 +624,16 @@ fn stage_error(plan: &ExecPlan, stage: Option<Stage>, errno: Errno) -> AgentErro
 }
 
 /// Writes the failing stage and errno to the parent and exits. Async-signal-safe.
-fn fail(p: &Prepared<'_>, stage: Stage, errno: Errno) -> ! {
+fn fail(p: &ChildArgs<'_>, stage: Stage, errno: Errno) -> ! {
     let mut msg = [0u8; 8];
-    msg[..4].copy_from_slice(&(stage as i32).to_le_bytes());
-    msg[4..].copy_from_slice(&errno.raw_os_error().to_le_bytes());
-    let _ = rustix::io::write(&p.err_pipe, &msg);
-    // SAFETY: `_exit` ends the child immediately without running atexit handlers or
-    // destructors, which is what a forked child that failed to exec must do.
-    unsafe { libc::_exit(127) }
+    let (stage_bytes, errno_bytes) = msg.split_at_mut(4);
+    stage_bytes.copy_from_slice(&(stage as i32).to_le_bytes());
+    errno_bytes.copy_from_slice(&errno.raw_os_error().to_le_bytes());
+    // SAFETY: the error pipe's write end stays open in the child until exec or exit.
+    let pipe = unsafe { BorrowedFd::borrow_raw(p.err_pipe) };
+    let _ = rustix::io::write(pipe, &msg);
+    // Ends the child at once: no atexit handlers or destructors, which belong to the agent.
+    raw::exit(127)
 }
 
 fn last_errno() -> Errno {
@@ -495,35 +641,26 @@ fn last_errno() -> Errno {
 }
 
 /// Closes every descriptor above stderr except the error pipe. Async-signal-safe.
-fn close_inherited(p: &Prepared<'_>) {
-    let keep = rustix::fd::AsRawFd::as_raw_fd(&p.err_pipe) as u32;
-    let ranges = [(3u32, keep.wrapping_sub(1)), (keep + 1, u32::MAX)];
+fn close_inherited(p: &ChildArgs<'_>) {
+    let keep = p.err_pipe as u32;
+    let ranges = [
+        (3u32, keep.saturating_sub(1)),
+        (keep.saturating_add(1), u32::MAX),
+    ];
     for (first, last) in ranges {
-        if first > last {
+        if first > last || first == keep {
             continue;
         }
-        // SAFETY: close_range only closes descriptors of this (forked, single-threaded) child;
-        // no Rust object in the child uses them again before exec.
-        let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
-        if rc != 0 {
+        if raw::close_range(first, last).is_err() {
             // Kernels before 5.9: close one by one up to the descriptor limit.
-            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-                .current
-                .unwrap_or(65536)
-                .min(1 << 20);
-            let last = u64::from(last).min(limit.saturating_sub(1));
-            for fd in u64::from(first)..=last {
-                // SAFETY: closing a descriptor number that may not be open only fails with
-                // EBADF; nothing in the child refers to these descriptors afterwards.
-                unsafe {
-                    libc::close(fd as i32);
-                }
+            for fd in first..=last.min(p.fd_limit.saturating_sub(1)) {
+                raw::close(fd as i32);
             }
         }
     }
 }
 
-/// Writes `value` to the agent's own `oom_score_adj` and returns the previous contents, or
+/// Writes the agent's own `oom_score_adj` (`value`) and returns the previous contents, or
 /// `None` (logged) if either step fails: the child then simply keeps the agent's score.
 fn set_oom_score_adj(file: &std::fs::File, value: i32) -> Option<Vec<u8>> {
     let mut previous = [0u8; 16];
@@ -539,7 +676,9 @@ fn set_oom_score_adj(file: &std::fs::File, value: i32) -> Option<Vec<u8>> {
 
 /// Writes the configured `oom_score_adj` from the child itself. Async-signal-safe. Only used
 /// when the agent has no handle on its own score (it is not a sandbox's pid 1, so it is
-/// dumpable and its `/proc/self` is writable); a child never becomes dumpable for this.
+/// dumpable and its `/proc/self` is writable); a child never becomes dumpable for this. (A
+/// child that shares the agent's memory is a vfork child, whose score the kernel keeps apart
+/// from the agent's.)
 fn write_oom_score_adj(value: &[u8]) -> Result<(), Errno> {
     let fd = rustix::fs::open(
         c"/proc/self/oom_score_adj",
@@ -549,30 +688,26 @@ fn write_oom_score_adj(value: &[u8]) -> Result<(), Errno> {
     rustix::io::write(&fd, value).map(|_| ())
 }
 
-/// The child between `fork` and `execve`. Only async-signal-safe system calls; no allocation.
-fn child_main(p: &Prepared<'_>) -> ! {
-    // Every signal is still blocked (see `spawn`). Reset all dispositions to their defaults:
-    // handled signals would be reset by exec anyway, but ignored ones (SIGPIPE is ignored by
-    // the Rust runtime, others may be inherited from whoever started the agent) would be
-    // inherited by the new program. The raw syscall is used because the C library refuses to
-    // touch the two real-time signals it reserves for itself (32 and 33), which may be ignored
-    // too. An all-zero kernel `sigaction` is SIG_DFL, no flags, empty mask.
-    let default_action = [0u64; 4];
+/// Entry point of a child started by [`crate::vfork::clone_vfork`].
+extern "C" fn child_entry(arg: *mut std::ffi::c_void) -> std::ffi::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that `spawn_with` passed, alive and unchanged until
+    // the child has exec'd or exited.
+    let args = unsafe { &*arg.cast_const().cast::<ChildArgs<'_>>() };
+    child_main(args)
+}
+
+/// The child between its start (`clone` or `fork`) and `execve`. It may share the agent's
+/// memory (see [`crate::vfork`]): only system calls that never touch `errno` ([`raw`] and
+/// rustix's), no allocation, no locks, nothing that can panic.
+fn child_main(p: &ChildArgs<'_>) -> ! {
+    // Every signal is still blocked (see `spawn_with`). Reset all dispositions to their
+    // defaults: handlers must never run here (they would run on the agent's memory), and
+    // ignored ones (SIGPIPE is ignored by the Rust runtime, others may be inherited from
+    // whoever started the agent) would be inherited by the new program. Errors (SIGKILL,
+    // SIGSTOP) are harmless and ignored.
     for sig in 1..=64 {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: rt_sigaction reads `size_of::<kernel sigaction>()` (at most 32 bytes) from a
-        // live zeroed buffer of 32 bytes and writes nothing (old action pointer is NULL); the
-        // sigset size is the kernel's 8 bytes. Errors are harmless and ignored.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                default_action.as_ptr(),
-                ptr::null_mut::<u64>(),
-                8usize,
-            );
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            let _ = raw::default_disposition(sig);
         }
     }
 
@@ -583,31 +718,41 @@ fn child_main(p: &Prepared<'_>) -> ! {
     }
 
     match p.stdio {
-        ChildStdio::Pty { slave } => {
+        RawStdio::Pty { slave } => {
+            // SAFETY: the slave descriptor stays open in the child until it is dup'ed below.
+            let slave = unsafe { BorrowedFd::borrow_raw(slave) };
             if let Err(e) = rustix::process::ioctl_tiocsctty(slave) {
                 fail(p, Stage::ControllingTerminal, e);
             }
             for dup in [
-                rustix::stdio::dup2_stdin::<&OwnedFd>,
-                rustix::stdio::dup2_stdout::<&OwnedFd>,
-                rustix::stdio::dup2_stderr::<&OwnedFd>,
+                rustix::stdio::dup2_stdin::<BorrowedFd<'_>>,
+                rustix::stdio::dup2_stdout::<BorrowedFd<'_>>,
+                rustix::stdio::dup2_stderr::<BorrowedFd<'_>>,
             ] {
                 if let Err(e) = dup(slave) {
                     fail(p, Stage::Stdio, e);
                 }
             }
         }
-        ChildStdio::Pipes {
+        RawStdio::Pipes {
             stdin,
             stdout,
             stderr,
         } => {
             // The sources are all above 2 (see [`above_stdio`]), so no dup2 overwrites
             // a source that is still needed, and dup2 clears close-on-exec on the targets.
+            // SAFETY: the three descriptors stay open in the child until closed below.
+            let (stdin, stdout, stderr) = unsafe {
+                (
+                    BorrowedFd::borrow_raw(stdin),
+                    BorrowedFd::borrow_raw(stdout),
+                    BorrowedFd::borrow_raw(stderr),
+                )
+            };
             let steps = [
-                rustix::stdio::dup2_stdin(stdin.as_fd()),
-                rustix::stdio::dup2_stdout(stdout.as_fd()),
-                rustix::stdio::dup2_stderr(stderr.as_fd()),
+                rustix::stdio::dup2_stdin(stdin),
+                rustix::stdio::dup2_stdout(stdout),
+                rustix::stdio::dup2_stderr(stderr),
             ];
             for step in steps {
                 if let Err(e) = step {
@@ -620,11 +765,8 @@ fn child_main(p: &Prepared<'_>) -> ! {
     // Its own Landlock domain, nested in the sandbox's (before the ruleset's descriptor is
     // closed with the others below).
     if let Some(ruleset) = p.landlock_ruleset {
-        // SAFETY: landlock_restrict_self takes a descriptor number and flags only; the
-        // descriptor is the agent's ruleset, open until the agent exits.
-        let rc = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, ruleset, 0u32) };
-        if rc != 0 {
-            fail(p, Stage::Landlock, last_errno());
+        if let Err(e) = raw::landlock_restrict_self(ruleset) {
+            fail(p, Stage::Landlock, e);
         }
     }
 
@@ -635,14 +777,14 @@ fn child_main(p: &Prepared<'_>) -> ! {
     // The agent may run with oom_score_adj -1000 (set by the host) and children inherit it;
     // user processes must be killable by the OOM killer, so they get the configured value.
     // Done before dropping privileges: afterwards the file may no longer be writable.
-    if let Some(value) = &p.oom_score_adj {
+    if let Some(value) = p.oom_score_adj {
         if let Err(e) = write_oom_score_adj(value) {
             fail(p, Stage::OomScore, e);
         }
     }
 
     // Supplementary groups, then gid, then uid (the order that keeps the right to change them).
-    if let Err(e) = rustix::thread::set_thread_groups(&p.groups) {
+    if let Err(e) = rustix::thread::set_thread_groups(p.groups) {
         if !p.tolerate_groups_failure {
             fail(p, Stage::Groups, e);
         }
@@ -655,31 +797,29 @@ fn child_main(p: &Prepared<'_>) -> ! {
     }
 
     // After switching user, so the directory is entered with the user's permissions.
-    if let Err(e) = rustix::process::chdir(p.cwd.as_c_str()) {
+    if let Err(e) = rustix::process::chdir(p.cwd) {
         fail(p, Stage::Chdir, e);
     }
 
-    // SAFETY: `empty_mask` is an initialised, empty `sigset_t`; this unblocks every signal.
-    unsafe {
-        libc::pthread_sigmask(libc::SIG_SETMASK, &p.empty_mask, ptr::null_mut());
+    #[cfg(test)]
+    if p.stop_before_exec {
+        raw::stop_self();
     }
+
+    // Unblocks every signal (all dispositions are defaults now).
+    let _ = raw::unblock_all_signals();
 
     let mut saw_eacces = false;
     let mut last = Errno::NOENT;
-    for (i, candidate) in p.plan.candidates.iter().enumerate() {
+    for (candidate, sh_argv) in p.plan.candidates.iter().zip(p.sh_argv) {
         // SAFETY: `candidate`, `argv` and `envp` are NUL-terminated strings / NULL-terminated
-        // pointer arrays that live in memory prepared before fork.
-        unsafe {
-            libc::execve(candidate.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
-        }
-        let errno = last_errno();
+        // pointer arrays that live in memory prepared before the start.
+        let errno = unsafe { raw::execve(candidate.as_ptr(), p.argv, p.envp) };
         match errno {
             Errno::NOEXEC => {
                 // A script without `#!`: run it with the shell, as execvp does.
-                // SAFETY: as above; `sh_argv[i]` is a NULL-terminated pointer array.
-                unsafe {
-                    libc::execve(SH.as_ptr(), p.sh_argv[i].as_ptr(), p.envp.as_ptr());
-                }
+                // SAFETY: as above; `sh_argv` is a NULL-terminated pointer array.
+                let _ = unsafe { raw::execve(SH.as_ptr(), sh_argv.as_ptr(), p.envp) };
                 fail(p, Stage::Exec, Errno::NOEXEC);
             }
             Errno::ACCESS => {
@@ -691,9 +831,6 @@ fn child_main(p: &Prepared<'_>) -> ! {
             }
             other => fail(p, Stage::Exec, other),
         }
-    }
-    if p.plan.candidates.is_empty() {
-        fail(p, Stage::Exec, Errno::NOENT);
     }
     fail(
         p,
@@ -864,6 +1001,96 @@ mod tests {
         assert_eq!(err.code, ErrorCode::CommandNotFound);
         assert_eq!(err.message, "nope: command not found");
         assert!(reaped(pid), "the failed child was not reaped");
+    }
+
+    /// A plan for `program` as the current user, with its output going nowhere.
+    fn runnable(program: &str, candidates: &[&str]) -> (ExecPlan, ChildStdio) {
+        let plan = ExecPlan {
+            program: program.to_string(),
+            candidates: candidates
+                .iter()
+                .map(|c| CString::new(*c).unwrap())
+                .collect(),
+            argv: vec![CString::new(program).unwrap()],
+            envp: vec![],
+            cwd: "/".to_string(),
+            uid: rustix::process::geteuid().as_raw(),
+            gid: rustix::process::getegid().as_raw(),
+            groups: vec![],
+            oom_score_adj: 0,
+        };
+        let null = || {
+            let fd = rustix::fs::open(
+                c"/dev/null",
+                rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+            above_stdio(fd).unwrap()
+        };
+        let stdio = ChildStdio::Pipes {
+            stdin: null(),
+            stdout: null(),
+            stderr: null(),
+        };
+        (plan, stdio)
+    }
+
+    fn exit_code(pid: Pid) -> i32 {
+        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+        let (_, status) =
+            rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty())
+                .unwrap()
+                .unwrap();
+        status.exit_status().unwrap_or(-1)
+    }
+
+    #[test]
+    fn clone_and_fork_starts_run_the_program_and_search_candidates() {
+        for force_fork in [false, true] {
+            let options = Options {
+                force_fork,
+                ..Options::default()
+            };
+            // The first candidates do not exist, as in a PATH search.
+            let (plan, stdio) = runnable("true", &["/nonexistent/true", "/bin/true"]);
+            let pid = spawn_with(&plan, stdio, None, options).unwrap();
+            assert_eq!(exit_code(pid), 0, "force_fork {force_fork}");
+            let (plan, stdio) = runnable("false", &["/bin/false"]);
+            let pid = spawn_with(&plan, stdio, None, options).unwrap();
+            assert_eq!(exit_code(pid), 1, "force_fork {force_fork}");
+            // A failed setup step is reported, and the child reaped.
+            let (plan, stdio) = runnable("nope", &["/nonexistent/nope"]);
+            let err = spawn_with(&plan, stdio, None, options).unwrap_err();
+            assert_eq!(err.code, ErrorCode::CommandNotFound, "{err:?}");
+            let (mut plan, stdio) = runnable("true", &["/bin/true"]);
+            plan.cwd = "/nonexistent-dir".to_string();
+            let err = spawn_with(&plan, stdio, None, options).unwrap_err();
+            assert_eq!(err.code, ErrorCode::NotFound, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn a_clone_started_child_stopped_before_exec_is_killed_and_reaped() {
+        for force_fork in [false, true] {
+            let options = Options {
+                force_fork,
+                stop_before_exec: true,
+            };
+            let (plan, stdio) = runnable("stopped", &["/bin/true"]);
+            let started = Instant::now();
+            let err = spawn_with(&plan, stdio, None, options).unwrap_err();
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                started.elapsed()
+            );
+            assert_eq!(err.code, ErrorCode::Internal);
+            assert_eq!(
+                err.message,
+                "stopped: the process was stopped before it could start"
+            );
+        }
     }
 
     #[test]
