@@ -45,7 +45,9 @@ impl IdPool {
     /// Opens (creating) the pool directory.
     pub fn open(dir: impl Into<PathBuf>) -> io::Result<Self> {
         let dir = dir.into();
-        fs::create_dir_all(&dir)?;
+        if !fs::metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            fs::create_dir_all(&dir)?;
+        }
         Ok(Self { dir })
     }
 

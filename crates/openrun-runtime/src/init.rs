@@ -3,25 +3,31 @@
 //! It runs in the child of `clone3` (fresh user, mount, pid, net, uts and ipc namespaces; pid 1
 //! of its pid namespace), still seeing the host's mounts. Step by step, each for a reason:
 //!
-//! 0. Join the sandbox cgroup itself through `tasks` files the host opened (v1; on v2 it was
-//!    created inside it), before anything else runs: cheaper than a host-side migration.
+//! 0. Join the sandbox cgroup itself through `tasks` files the host opened, before anything
+//!    else runs: cheaper than a host-side migration (on v2 it was created inside it; on v1
+//!    the host makes it after step 1, see step 4).
 //! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid) and no lower
 //!    mounts.
 //! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
 //!    unprivileged host id `base`. Without this the process would keep host root's kuid and
 //!    every file it created in the writable layer would belong to host root. Then leave the
 //!    creator's session (its controlling terminal) and session keyring (the host user's keys).
-//! 3. `unshare(CLONE_NEWCGROUP)`: now that the host placed us in the sandbox cgroup, make it
-//!    the root of our cgroup view, so the sandbox cannot see the host's cgroup tree paths.
-//! 4. Make every mount private: nothing we mount may propagate back to the host.
-//! 5. Mount the memory layer's tmpfs (if any) and write the sandbox's own `hostname` and
-//!    `hosts` into its layer; attach the idmapped lowers and mount one overlay per layer (the
-//!    writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the host's idmapped template with six
+//! 3. Make every mount private: nothing we mount may propagate back to the host.
+//! 4. On v1 hosts, wait for the host's `Cgroup` message (the host makes the cgroup while steps
+//!    2 and 3 run) and join the sandbox cgroup through the `tasks` files attached to it, before
+//!    anything is mounted, so the sandbox's mounts and files are charged to it. Then
+//!    `unshare(CLONE_NEWCGROUP)`: make the sandbox cgroup the root of our cgroup view, so the
+//!    sandbox cannot see the host's cgroup tree paths.
+//! 5. Mount the memory layer's tmpfs (if any) and write the sandbox's own `hostname`, `hosts`
+//!    and `resolv.conf` into its layer; attach the idmapped lowers and mount one overlay per
+//!    layer (the writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the
+//!    host's idmapped template with six
 //!    device nodes, see `devices.rs`) with a private devpts instance and `/dev/shm` on top,
 //!    `/sys` read-only (its firmware, powercap, btrfs and virtual block device directories
 //!    masked) and a tmpfs `/tmp` sized like a memory layer. Then `/proc` as runc leaves it: host-revealing
 //!    files (`kcore`, `keys`, `kallsyms`, `timer_list`, `sysrq-trigger`, ...) covered by
-//!    `/dev/null`, hardware directories by an empty read-only tmpfs, and `/proc/sys`, `bus`,
+//!    `/dev/null`, hardware directories by an empty read-only directory (the `/dev` template's
+//!    `pts` before devpts covers it: no superblock of its own), and `/proc/sys`, `bus`,
 //!    `fs`, `irq` read-only — after `net.ipv4.ping_group_range` is opened to every group of the
 //!    sandbox (ping without `CAP_NET_RAW`).
 //! 6. `pivot_root(".", ".")` then detach the old root: the host's tree is gone from this mount
@@ -93,6 +99,11 @@ pub struct InitPlan {
     /// Size cap of the sandbox's `/tmp` tmpfs (the smaller of the memory limit and the disk
     /// quota, like a memory layer's; `None`: tmpfs's default, half the host's RAM).
     pub tmp_size_bytes: Option<u64>,
+    /// The host makes the sandbox cgroup after `Go` (cgroup v1, whose `mkdir`s are the
+    /// slowest host step) and sends its `tasks` files in a `Cgroup` message, which the init
+    /// waits for before it mounts anything: the cgroup's creation overlaps the init's first
+    /// steps.
+    pub late_cgroup: bool,
     /// Agent configuration.
     pub agent: openrun_agent::AgentConfig,
 }
@@ -240,6 +251,13 @@ pub fn run(
         // Only the init sets it, once: a second value cannot happen.
         let _ = openrun_agent::set_exec_session_ruleset(ruleset);
     }
+    // A long-lived sandbox idles most of its life: return the heap that setup (and the
+    // creator before the fork, its command-line parser included) freed, so it is not kept per
+    // sandbox. A sandbox tied to its creator (`openrun run`) serves one command right away and
+    // skips it.
+    if !plan.agent.exit_with_control {
+        sys::release_free_heap();
+    }
     let code = openrun_agent::run(plan.agent, listener, control).unwrap_or(2);
     sys::exit_now(code)
 }
@@ -306,12 +324,7 @@ fn prepare(
     )?;
     step("leaving the host session", rustix::process::setsid())?;
     step("leaving the host keyring", sys::join_new_session_keyring())?;
-    // 3. Private cgroup view.
-    step(
-        "entering a cgroup namespace",
-        sys::unshare_cgroup_namespace(),
-    )?;
-    // 4. No propagation to the host.
+    // 3. No propagation to the host.
     step(
         "making mounts private",
         mount_change(
@@ -319,7 +332,18 @@ fn prepare(
             MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
         ),
     )?;
-    phase("ids, cgroupns, private");
+    // 4. The sandbox cgroup, if the host makes it while we got this far (v1): joined before
+    //    anything is mounted or written, so the kernel charges this sandbox's mounts,
+    //    superblocks and files to it, not to the creator. Then the private cgroup view, which
+    //    needs the sandbox cgroup as its root.
+    if plan.late_cgroup {
+        join_late_cgroup(setup)?;
+    }
+    step(
+        "entering a cgroup namespace",
+        sys::unshare_cgroup_namespace(),
+    )?;
+    phase("ids, private, cgroup");
     // 5. Assemble the root.
     if let Some(memory) = &plan.memory_layer {
         mount_memory_layer(plan, memory)?;
@@ -431,6 +455,26 @@ fn prepare(
     Ok(exec_ruleset)
 }
 
+/// Waits for the host's `Cgroup` message and moves this (single-threaded) process into every
+/// hierarchy through the `tasks` files attached to it (see [`SelfJoin`]).
+fn join_late_cgroup(setup: &OwnedFd) -> Result<(), StepError> {
+    let (msg, tasks) = step("waiting for the sandbox cgroup", setup_channel::recv(setup))?;
+    if msg != SetupMessage::Cgroup || tasks.is_empty() {
+        return Err(StepError {
+            stage: "waiting for the sandbox cgroup".into(),
+            errno: None,
+            message: format!(
+                "unexpected setup message {msg:?} with {} descriptors",
+                tasks.len()
+            ),
+        });
+    }
+    let join = SelfJoin::V1 {
+        tasks: tasks.into_iter().map(fs::File::from).collect(),
+    };
+    step("joining the sandbox cgroup", join.join_self())
+}
+
 /// Enters the sandbox's Landlock domain (see `landlock.rs`); returns the ruleset of exec
 /// sessions for the agent. A kernel without Landlock is logged and tolerated: the sandbox keeps
 /// its namespaces, capabilities and seccomp filter.
@@ -515,6 +559,18 @@ fn mount_special_filesystems(
         ),
     )?;
     let pts = dev.join("pts");
+    // The template's `pts` is an empty directory on a read-only mount: a clone of it, taken
+    // before devpts covers it, masks directories below (no superblock of its own, where a
+    // tmpfs would add one per sandbox, and every superblock costs each memory cgroup).
+    let empty = step(
+        "preparing the masks",
+        rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &pts,
+            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+                | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        ),
+    )?;
     step(
         "mounting /dev/pts",
         mount(
@@ -569,8 +625,9 @@ fn mount_special_filesystems(
     )?;
     allow_unprivileged_ping(&proc_dir);
     cap_user_namespace(&proc_dir)?;
-    let masked = mask_proc(&proc_dir, &dev.join("null"))?;
-    mask_sys(&sys_dir, masked)?;
+    let mut empty = Mask::Detached(empty);
+    mask_proc(&proc_dir, &dev.join("null"), &mut empty)?;
+    mask_sys(&sys_dir, &mut empty)?;
     Ok(())
 }
 
@@ -587,40 +644,51 @@ const MASKED_SYS_DIRS: [&str; 4] = [
     "devices/virtual/block",
 ];
 
-/// Covers [`MASKED_SYS_DIRS`] (those that exist) with the empty tmpfs `empty`, or a new one.
-fn mask_sys(sys_dir: &Path, empty: Option<PathBuf>) -> Result<(), StepError> {
-    let mut empty = empty;
+/// Covers [`MASKED_SYS_DIRS`] (those that exist) with the empty read-only directory `empty`.
+fn mask_sys(sys_dir: &Path, empty: &mut Mask) -> Result<(), StepError> {
     for name in MASKED_SYS_DIRS {
-        let target = sys_dir.join(name);
-        if !fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-            continue;
-        }
-        mask_dir(&mut empty, &target, "masking /sys directories")?;
+        mask_dir(empty, &sys_dir.join(name), "masking /sys directories")?;
     }
     Ok(())
 }
 
-/// Covers `target` with an empty read-only tmpfs: a bind of `empty` when one was mounted
-/// already (cheaper than a new superblock), else a new one, which becomes `empty`.
-fn mask_dir(empty: &mut Option<PathBuf>, target: &Path, stage: &str) -> Result<(), StepError> {
-    match empty {
-        Some(first) => step(stage, mount_bind(&*first, target))?,
-        None => {
-            step(
-                stage,
-                mount(
-                    "masked",
-                    target,
-                    "tmpfs",
-                    MountFlags::RDONLY
-                        | MountFlags::NOSUID
-                        | MountFlags::NODEV
-                        | MountFlags::NOEXEC,
-                    Some(c"size=0,mode=0555"),
-                ),
-            )?;
-            *empty = Some(target.to_path_buf());
+/// Whether a mount failed only because its target is absent (`ENOENT`) or is not a directory
+/// (`ENOTDIR`: a directory mounted over a file): what a look before the mount would have
+/// found, for one syscall less per target. The targets are in the sandbox's own fresh `/proc`
+/// and `/sys` instances, whose entries the kernel makes, not the image.
+fn absent(e: rustix::io::Errno) -> bool {
+    e == rustix::io::Errno::NOENT || e == rustix::io::Errno::NOTDIR
+}
+
+/// The empty read-only directory that masks directories: a detached clone of the `/dev`
+/// template's empty `pts` directory (read-only, nosuid, noexec, like the whole template) until
+/// its first use, then that first masked directory, bound again for each next one.
+enum Mask {
+    Detached(OwnedFd),
+    Attached(PathBuf),
+}
+
+/// Covers `target` with the empty read-only directory of `empty`. A target that does not
+/// exist (or is not a directory) is left alone.
+fn mask_dir(empty: &mut Mask, target: &Path, stage: &str) -> Result<(), StepError> {
+    let done = match &*empty {
+        Mask::Attached(first) => mount_bind(first, target),
+        Mask::Detached(tree) => move_mount(
+            tree.as_fd(),
+            "",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        ),
+    };
+    match done {
+        Ok(()) => {
+            if matches!(empty, Mask::Detached(_)) {
+                *empty = Mask::Attached(target.to_path_buf());
+            }
         }
+        Err(e) if absent(e) => {}
+        Err(e) => step(stage, Err(e))?,
     }
     Ok(())
 }
@@ -661,14 +729,36 @@ const USER_NAMESPACE_LIMITS: [(&str, &str); 10] = [
 ];
 
 fn cap_user_namespace(proc_dir: &Path) -> Result<(), StepError> {
-    let dir = proc_dir.join("sys/user");
+    let stage = "capping the sandbox's user namespace";
+    // Opened once: each limit is then a one-component lookup instead of the whole path
+    // through the new root.
+    let dir = step(
+        stage,
+        rustix::fs::open(
+            proc_dir.join("sys/user"),
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ),
+    )?;
     for (name, value) in USER_NAMESPACE_LIMITS {
-        let path = dir.join(name);
-        match fs::write(&path, value) {
-            Ok(()) => {}
+        let file = match rustix::fs::openat(
+            &dir,
+            name,
+            rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) {
+            Ok(file) => file,
             // A kernel without this limit (max_time_namespaces is 5.6+): nothing to cap.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => step("capping the sandbox's user namespace", Err(e))?,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => return step(stage, Err(e)),
+        };
+        let written = step(stage, rustix::io::write(&file, value.as_bytes()))?;
+        if written != value.len() {
+            return Err(StepError {
+                stage: stage.into(),
+                errno: None,
+                message: format!("short write to {name}"),
+            });
         }
     }
     Ok(())
@@ -696,24 +786,25 @@ const MASKED_PROC_DIRS: [&str; 3] = ["acpi", "asound", "scsi"];
 /// its network namespace's), buses, filesystems, interrupts.
 const READ_ONLY_PROC_DIRS: [&str; 4] = ["sys", "bus", "fs", "irq"];
 
-/// Masks `/proc`; returns the empty read-only tmpfs it mounted over a directory, if any (for
-/// [`mask_sys`] to bind).
-fn mask_proc(proc_dir: &Path, null: &Path) -> Result<Option<PathBuf>, StepError> {
-    let exists = |name: &str| fs::symlink_metadata(proc_dir.join(name)).is_ok();
-    for name in MASKED_PROC_FILES.into_iter().filter(|n| exists(n)) {
-        step("masking /proc files", mount_bind(null, proc_dir.join(name)))?;
+/// Masks `/proc`: files with `/dev/null`, directories with the empty directory of `empty`.
+fn mask_proc(proc_dir: &Path, null: &Path, empty: &mut Mask) -> Result<(), StepError> {
+    // No look before each mount: a missing entry fails the mount with ENOENT, which is as
+    // cheap as the look and saves it for every entry that exists.
+    for name in MASKED_PROC_FILES {
+        match mount_bind(null, proc_dir.join(name)) {
+            Err(e) if e == rustix::io::Errno::NOENT => {}
+            done => step("masking /proc files", done)?,
+        }
     }
-    let mut empty: Option<PathBuf> = None;
-    for name in MASKED_PROC_DIRS.into_iter().filter(|n| exists(n)) {
-        mask_dir(
-            &mut empty,
-            &proc_dir.join(name),
-            "masking /proc directories",
-        )?;
+    for name in MASKED_PROC_DIRS {
+        mask_dir(empty, &proc_dir.join(name), "masking /proc directories")?;
     }
-    for name in READ_ONLY_PROC_DIRS.into_iter().filter(|n| exists(n)) {
+    for name in READ_ONLY_PROC_DIRS {
         let target = proc_dir.join(name);
-        step("making /proc read-only", mount_bind(&target, &target))?;
+        match mount_bind(&target, &target) {
+            Err(e) if e == rustix::io::Errno::NOENT => continue,
+            done => step("making /proc read-only", done)?,
+        }
         step(
             "making /proc read-only",
             rustix::mount::mount_remount(
@@ -727,7 +818,7 @@ fn mask_proc(proc_dir: &Path, null: &Path) -> Result<Option<PathBuf>, StepError>
             ),
         )?;
     }
-    Ok(empty)
+    Ok(())
 }
 
 /// Mount data as a C string (paths with NUL bytes cannot be mount options).
@@ -841,7 +932,10 @@ fn drop_privileges() -> Result<(), StepError> {
             continue;
         }
         match rustix::thread::remove_capability_from_bounding_set(cap) {
-            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Ok(()) => {}
+            // Capabilities are numbered densely up to the kernel's last one: the first this
+            // kernel does not know ends the list (the rest would fail the same way).
+            Err(rustix::io::Errno::INVAL) => break,
             Err(e) => return step("dropping capabilities", Err(e)),
         }
     }
@@ -882,11 +976,16 @@ fn isolate_descriptors(keep: &[i32]) -> std::io::Result<()> {
     for target in 0..=2 {
         sys::dup2_raw(null.as_raw_fd(), target)?;
     }
+    drop(null);
+    if sys::close_all_except(keep)? {
+        return Ok(());
+    }
+    // A kernel without close_range: every descriptor /proc lists.
     let open: Vec<i32> = fs::read_dir("/proc/self/fd")?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     for fd in open {
-        if fd > 2 && fd != null.as_raw_fd() && !keep.contains(&fd) {
+        if fd > 2 && !keep.contains(&fd) {
             sys::close_inherited(fd);
         }
     }

@@ -60,12 +60,7 @@ impl Runtime {
             source,
         };
         for sub in ["", "sandboxes", "images"] {
-            let dir = data_dir.join(sub);
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o711)
-                .create(&dir)
-                .map_err(dd_err)?;
+            ensure_dir(&data_dir.join(sub), 0o711).map_err(dd_err)?;
         }
         make_traversable(&data_dir)?;
         // A directory can exist yet be unwritable (a read-only mount, for one).
@@ -74,11 +69,7 @@ impl Runtime {
         let cgroups = CgroupManager::detect()?;
         ensure_run_root()?;
         let run_dir = state::run_dir_for(&data_dir);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(&run_dir)
-            .context(|| format!("cannot create {}", run_dir.display()))?;
+        ensure_dir(&run_dir, 0o711).context(|| format!("cannot create {}", run_dir.display()))?;
         let dev_template = crate::devices::ensure_template(Path::new(state::RUN_ROOT))
             .context(|| format!("cannot build the /dev template in {}", state::RUN_ROOT))?;
         let pool_dir = Path::new(state::RUN_ROOT).join("idmap");
@@ -219,12 +210,18 @@ impl Runtime {
         if let (true, Some(bytes)) = (pooled, spec.limits.disk_bytes) {
             self.disk_pool.create_layer(&id, bytes, ids.host_base())?;
         }
-        let plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
+        let mut plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
         phase("host dirs");
         let plan_protects_agent = plan.agent.process_oom_score_adj == 0;
-        let cgroup = self.cgroups.create(&id, &spec.limits)?;
-        pending.cgroup = Some(cgroup);
-        phase("cgroup");
+        // On v1 the cgroup (four `mkdir`s, the memory one slow) is made after `Go`, while the
+        // init takes its ids and leaves the host session; it joins it before it mounts or
+        // writes anything (see init.rs). On v2 the init starts inside it (CLONE_INTO_CGROUP).
+        plan.late_cgroup = self.cgroups.version() == crate::cgroup::CgroupVersion::V1;
+        let plan_late_cgroup = plan.late_cgroup;
+        if !plan.late_cgroup {
+            pending.cgroup = Some(self.cgroups.create(&id, &spec.limits)?);
+            phase("cgroup");
+        }
         let listener = UnixListener::bind(paths.socket())
             .context(|| format!("cannot listen on {}", paths.socket().display()))?;
         let (setup_host, setup_child) = rustix::net::socketpair(
@@ -352,8 +349,27 @@ impl Runtime {
         drop(lowers);
         drop(userns);
         phase("layers sent");
+        let mut handed = Ok(());
+        if plan_late_cgroup {
+            let cgroup = self.cgroups.create(&id, &spec.limits)?;
+            let join = cgroup.self_join();
+            pending.cgroup = Some(cgroup);
+            let SelfJoin::V1 { tasks } = join? else {
+                return Err(RuntimeError::io(
+                    "cannot open the sandbox cgroup's tasks files",
+                    io::Error::other("not a cgroup v1 hierarchy"),
+                ));
+            };
+            let borrowed: Vec<_> = tasks.iter().map(|f| f.as_fd()).collect();
+            // An init that failed before this reads no more: its `Failed` (read below) says
+            // why, rather than this send's EPIPE.
+            handed = setup_channel::send(setup_host.as_fd(), &SetupMessage::Cgroup, &borrowed);
+            phase("cgroup");
+        }
         match setup_channel::recv(&setup_host) {
-            Ok((SetupMessage::Ready, _)) => {}
+            Ok((SetupMessage::Ready, _)) => {
+                handed.context(|| "cannot hand the sandbox its cgroup".to_string())?
+            }
             Ok((
                 SetupMessage::Failed {
                     stage,
@@ -1052,6 +1068,7 @@ fn prepare_host_side(
         layer: paths.layer.clone(),
         memory_layer,
         tmp_size_bytes: memory_or_disk_cap(spec),
+        late_cgroup: false,
         agent: openrun_agent::AgentConfig {
             sandbox_id: id.to_string(),
             root: PathBuf::from("/"),
@@ -1231,6 +1248,16 @@ fn remove_tree(dir: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// Makes `dir` (and missing parents, with `mode`) unless it is a directory already: one look
+/// when it exists, which is every call but the first (a `mkdir` that fails with `EEXIST` is
+/// followed by a look anyway).
+fn ensure_dir(dir: &Path, mode: u32) -> io::Result<()> {
+    if fs::metadata(dir).is_ok_and(|m| m.is_dir()) {
+        return Ok(());
+    }
+    fs::DirBuilder::new().recursive(true).mode(mode).create(dir)
 }
 
 /// A directory without a record older than any create can take.

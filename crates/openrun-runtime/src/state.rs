@@ -220,7 +220,7 @@ pub fn process_start_ticks(pid: i32) -> io::Result<u64> {
 
 /// State letter (field 3) and start time (field 22) of a host process.
 fn process_stat(pid: i32) -> io::Result<(char, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let stat = crate::sys::read_kernel_file(format!("/proc/{pid}/stat"))?;
     let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
     // The command name (field 2) is in parentheses and may contain spaces: split after it.
     let rest = stat

@@ -209,6 +209,53 @@ pub fn close_inherited(fd: i32) {
     }
 }
 
+/// Closes every descriptor from 3 up except `keep`, with one `close_range` per gap between
+/// them. `Ok(false)` when the kernel has no `close_range` (before 5.9): nothing was closed.
+///
+/// The caller must own no descriptor outside `keep` through a Rust value that would close it
+/// again (the sandbox's init, whose other descriptors are copies of the creator's).
+pub fn close_all_except(keep: &[i32]) -> io::Result<bool> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&fd| fd > 2)
+        .map(|&fd| fd as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut next = 3u32;
+    let mut gaps = Vec::with_capacity(keep.len() + 1);
+    for fd in keep {
+        if fd > next {
+            gaps.push((next, fd - 1));
+        }
+        next = fd + 1;
+    }
+    gaps.push((next, u32::MAX));
+    for (first, last) in gaps {
+        // SAFETY: close_range only closes descriptors of this process's table; the caller
+        // guarantees that no live value owns one of those in [first, last].
+        let ret = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+        if ret == -1 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENOSYS) {
+                return Ok(false);
+            }
+            return Err(err);
+        }
+    }
+    Ok(true)
+}
+
+/// Gives the free memory of the heap back to the kernel (glibc's `malloc_trim(0)`: the top of
+/// the heap and whole free pages inside it).
+pub fn release_free_heap() {
+    // SAFETY: malloc_trim only walks glibc's own arenas under their locks; it has no
+    // preconditions and frees nothing that is in use.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Moves the calling process into a new cgroup namespace rooted at its current cgroup.
 pub fn unshare_cgroup_namespace() -> io::Result<()> {
     // SAFETY: CLONE_NEWCGROUP only changes the cgroup namespace; it does not unshare the file
@@ -241,11 +288,38 @@ pub fn join_new_session_keyring() -> io::Result<()> {
     Ok(())
 }
 
+/// Reads a whole (small) kernel file: `/proc` and cgroupfs files report a size of 0, so
+/// `fs::read_to_string` looks the size up, then reads 32 bytes and doubles from there (up to
+/// ten reads for `/proc/self/mountinfo`). This reads into 4 KiB steps from the start: one
+/// read and the one that sees the end for most files.
+pub fn read_kernel_file(path: impl AsRef<std::path::Path>) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(buf.capacity());
+        }
+        let len = buf.len();
+        buf.resize(buf.capacity(), 0);
+        match file.read(&mut buf[len..]) {
+            Ok(0) => {
+                buf.truncate(len);
+                break;
+            }
+            Ok(n) => buf.truncate(len + n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(len),
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(buf).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
 /// Overwrites this process's argument and environment strings (what `/proc/<pid>/cmdline` and
 /// `/proc/<pid>/environ` show) with zeros, and names it `openrun-agent`: the sandbox's pid 1
 /// is a fork of the creator and must not carry the creator's environment or command line.
 pub fn scrub_process_strings() -> io::Result<()> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let stat = read_kernel_file("/proc/self/stat")?;
     let fields: Vec<u64> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)

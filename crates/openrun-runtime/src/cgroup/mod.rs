@@ -144,8 +144,8 @@ impl CgroupManager {
     /// memory, pids and cpu, else v1 if memory, pids, cpu and freezer hierarchies are mounted.
     pub fn detect() -> Result<Self> {
         let path = Path::new("/proc/self/mountinfo");
-        let mountinfo = fs::read_to_string(path).map_err(read_error(path))?;
-        let layout = detect::layout(&mountinfo, |p| fs::read_to_string(p))?;
+        let mountinfo = crate::sys::read_kernel_file(path).map_err(read_error(path))?;
+        let layout = detect::layout(&mountinfo, |p| crate::sys::read_kernel_file(p))?;
         tracing::debug!(?layout, "detected cgroup layout");
         Ok(Self { layout })
     }
@@ -545,7 +545,7 @@ fn read_error(path: &Path) -> impl FnOnce(io::Error) -> CgroupError + '_ {
 }
 
 fn read(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(read_error(path))
+    crate::sys::read_kernel_file(path).map_err(read_error(path))
 }
 
 /// Writes a control file in one `write` (cgroupfs takes each write as one value).
@@ -593,13 +593,32 @@ fn make_dir(path: &Path) -> Result<bool> {
     }
 }
 
-/// Creates the leaf directories `dirs` (their parents must exist), then runs `apply`. If any
-/// step fails, removes the leaves it created. A leaf that already exists is an error.
-fn create_leaves(dirs: &[&Path], apply: impl FnOnce() -> Result<()>) -> Result<()> {
+/// Makes the parent of a cgroup `leaf` when it is missing (`ENOENT` from the leaf's `mkdir`).
+fn make_parent(leaf: &Path) -> Result<()> {
+    match leaf.parent() {
+        Some(parent) => make_dir(parent).map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// Creates the leaf directories `dirs`, then runs `apply`. A leaf whose parent is missing
+/// gets it from `parent` first. If any step fails, removes the leaves it created. A leaf that
+/// already exists is an error.
+fn create_leaves(
+    dirs: &[&Path],
+    parent: impl Fn(&Path) -> Result<()>,
+    apply: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let mut created: Vec<&Path> = Vec::new();
     let mut result = Ok(());
     for &dir in dirs {
-        result = match make_dir(dir) {
+        let made = match make_dir(dir) {
+            Err(CgroupError::Create { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                parent(dir).and_then(|()| make_dir(dir))
+            }
+            made => made,
+        };
+        result = match made {
             Ok(true) => {
                 created.push(dir);
                 Ok(())

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{
-    create_leaves, make_dir, read, wait_until, write, CgroupError, Result, CPU_PERIOD_US, PARENT,
+    create_leaves, make_parent, read, wait_until, write, CgroupError, Result, CPU_PERIOD_US, PARENT,
 };
 use crate::limits::Limits;
 
@@ -56,11 +56,10 @@ impl Hierarchies {
     }
 
     pub(super) fn create(&self, name: &str, limits: &Limits) -> Result<Dirs> {
-        for parent in self.parents() {
-            make_dir(&parent)?;
-        }
         let dirs = self.dirs(name);
-        create_leaves(&dirs.unique(), || dirs.apply(limits))?;
+        // The `openrun` parents exist after the first create: they are made only when a leaf
+        // cannot be (a `mkdir` each saved on every other create).
+        create_leaves(&dirs.unique(), make_parent, || dirs.apply(limits))?;
         Ok(dirs)
     }
 }

@@ -48,7 +48,7 @@ impl Hierarchy {
         make_dir(&parent)?;
         enable_controllers(&parent)?;
         let dir = self.dir(name);
-        create_leaves(&[&dir], || apply(&dir, limits))?;
+        create_leaves(&[&dir], |_| Ok(()), || apply(&dir, limits))?;
         Ok(dir)
     }
 }
