@@ -282,8 +282,27 @@ def section_density():
 
     def mib(v):
         return f"{v / (1 << 20):.2f} MiB" if isinstance(v, (int, float)) else "not measured"
+    top = cps[-1] if cps else None
+    unrecl = d.get("per_sandbox_unreclaimable_bytes")
+    goals = []
+    if isinstance(d.get("max_live"), int):
+        goals.append(f"≥ 1,000 live: {d['max_live']} "
+                     f"({'met' if d['max_live'] >= 1000 else 'not met'})")
+    if isinstance(unrecl, (int, float)):
+        goals.append(f"≤ 1 MiB each: {mib(unrecl)} ({'met' if unrecl <= 1 << 20 else 'not met'})")
+    if top and top.get("create_ms") and base.get("create_ms"):
+        r = statistics.median(top["create_ms"]) / base["create_ms"]
+        goals.append(f"create at {top['live']} live within 2× of 0 live: {r:.2f}× "
+                     f"({'met' if r <= 2 else 'not met'})")
+    if goals:
+        p("Targets: " + "; ".join(goals) + ".", "")
+    breakdown = d.get("per_sandbox_breakdown_bytes") or {}
     p(f"- most live at once: {d.get('max_live', 'not measured')}"
       f" (target {d.get('target', '?')})",
+      f"- memory per idle sandbox, unreclaimable (agent private memory + kernel growth): "
+      f"{mib(unrecl)}"
+      + (" (of which " + ", ".join(f"{k} {mib(v)}" for k, v in breakdown.items()) + ")"
+         if breakdown else ""),
       f"- memory per idle sandbox, charged to its memory cgroup: "
       f"{mib(d.get('per_sandbox_memcg_bytes'))}"
       + (f" (of which kernel {mib(d.get('per_sandbox_memcg_kmem_bytes'))})"
@@ -306,7 +325,7 @@ def section_output(cmds):
         ("`openrun run -- head -c 512M /dev/zero` into a pipe", piped[1]),
         ("bwrap … `head -c 512M /dev/zero` into a pipe", piped[2]),
         ("runc run (`head -c 512M /dev/zero`) into a pipe", piped[3]),
-        ("host `head -c 512M /dev/zero` into a pipe (the floor)", piped[0]),
+        ("host `head -c 512M /dev/zero` into a pipe, no sandbox", piped[0]),
     ]
     if not any(d for _, d in rows):
         p("Not measured.", "")
@@ -315,7 +334,7 @@ def section_output(cmds):
     bw = rows[2][1]
     hmed = statistics.median(host["mb_s"]) if host else None
     bmed = statistics.median(bw["mb_s"]) if bw else None
-    p("| what | MB/s median | slowest | runs | delivered | reader CPU | ÷ bwrap | ÷ host pipe |",
+    p("| what | MB/s median | slowest | runs | delivered | reader CPU | ÷ bwrap | ÷ no sandbox |",
       "|---|---:|---:|---:|---:|---:|---:|---:|")
     lossy = False
     for label, d in rows:
