@@ -142,6 +142,11 @@ def section_cold(cmds):
       "  uts, mount, cgroup namespaces, no user namespace, run as root, cgroup v1), `runc run`",
       "  in the foreground (it deletes the container before it exits).",
       "- host true: `/usr/bin/true` with no sandbox: what starting a process costs here.", "")
+    config = load("runc-config.json")
+    if config:
+        p("<details><summary>runc's config.json (bench/runc_bundle.py)</summary>", "", "```json",
+          "{", ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items()),
+          "}", "```", "", "</details>", "")
     return {name: s for name, s in base.items()}
 
 
