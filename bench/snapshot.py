@@ -170,7 +170,7 @@ def report(path):
         results = json.load(f)
     med = lambda samples, key: statistics.median(s[key] for s in samples)
     lines = [
-        "## Snapshots and forks",
+        "## 7. Snapshots and forks",
         "",
         "Through `openrun serve` (`bench/snapshot.py`), a sandbox on a busybox store image, its",
         f"changes random bytes written to `/work`; median of {results['runs']} runs. Wall: the",
