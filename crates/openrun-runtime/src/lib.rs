@@ -24,6 +24,7 @@ mod setup_channel;
 pub mod spec;
 pub mod state;
 mod sys;
+pub mod zygote;
 
 pub use client::{AgentClient, AgentReceiver, AgentSender, AgentStream, ClientError};
 pub use error::{Result, RuntimeError};

@@ -33,6 +33,8 @@ pub struct Runtime {
     disk_pool: DiskPool,
     /// Size of the disk pool when a create first needs it (`None`: half the free space).
     disk_pool_size: Option<u64>,
+    /// The persistent create helper of [`Runtime::create_with_helper`].
+    zygote: crate::zygote::Helper,
 }
 
 /// A live sandbox known to this process.
@@ -92,6 +94,7 @@ impl Runtime {
             dev_template,
             cgroups,
             pool,
+            zygote: Default::default(),
         })
     }
 
@@ -439,38 +442,19 @@ impl Runtime {
         })
     }
 
-    /// Creates a sandbox from a multi-threaded process (a server): runs `helper` (the
-    /// `openrun` binary) as `openrun --data-dir DIR __create`, a fresh single-threaded process
-    /// that forks the sandbox, prints its record and exits, leaving the sandbox running. The
-    /// spec goes in as JSON on stdin; the record or a typed error comes back on stdout.
+    /// Creates a sandbox from a multi-threaded process (a server) through `helper` (the
+    /// `openrun` binary): a persistent single-threaded `openrun --data-dir DIR __create --serve`
+    /// (see [`crate::zygote`]) forks a worker per create that creates the sandbox and exits,
+    /// leaving it running (else a one-shot `openrun --data-dir DIR __create`). The spec goes in
+    /// as JSON; the record or a typed error comes back. Returns once the worker has exited, so
+    /// the agent is then a child of the caller if it is a subreaper.
     pub fn create_with_helper(&self, spec: &SandboxSpec, helper: &Path) -> Result<Sandbox> {
-        use std::io::Write;
-        let mut command = std::process::Command::new(helper);
-        command
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .arg("__create")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .env_clear();
-        if let Some(size) = self.disk_pool_size {
-            command.env(disk_pool::POOL_SIZE_ENV, size.to_string());
-        }
-        let mut child = command
-            .spawn()
-            .context(|| format!("cannot start the sandbox helper {}", helper.display()))?;
         let input =
             serde_json::to_vec(&spec).context(|| "cannot encode the sandbox spec".to_string())?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(&input)
-                .context(|| "cannot send the spec to the sandbox helper".to_string())?;
-        }
-        let output = child
-            .wait_with_output()
-            .context(|| "the sandbox helper failed".to_string())?;
-        let reply: HelperReply = serde_json::from_slice(&output.stdout).map_err(|e| {
+        let output = self
+            .zygote
+            .run(helper, &self.data_dir, self.disk_pool_size, &input)?;
+        let reply: HelperReply = serde_json::from_slice(&output.bytes).map_err(|e| {
             RuntimeError::io(
                 format!("the sandbox helper answered nonsense ({})", output.status),
                 io::Error::new(io::ErrorKind::InvalidData, e),

@@ -96,7 +96,12 @@ pub enum Command {
     /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
     /// print its record (see `Runtime::create_with_helper`).
     #[command(name = "__create", hide = true)]
-    CreateHelper,
+    CreateHelper {
+        /// Serve create requests from the caller over stdin (a socket) until it closes it,
+        /// forking a worker per create (see `openrun_runtime::zygote`).
+        #[arg(long)]
+        serve: bool,
+    },
 }
 
 /// Image and limits of a new sandbox.

@@ -25,7 +25,10 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Image(command) => return crate::image_cmd::dispatch(data_dir, command),
         Command::Mcp(args) => return crate::mcp::run(data_dir, cli.server, cli.api_key, args),
         Command::Up(args) => return crate::up::run(data_dir, cli.server, cli.api_key, args),
-        Command::CreateHelper => {
+        Command::CreateHelper { serve: true } => {
+            return Ok(openrun_runtime::zygote::serve(data_dir))
+        }
+        Command::CreateHelper { serve: false } => {
             return Ok(i32::from(!Runtime::serve_helper_request(
                 data_dir,
                 &mut std::io::stdin().lock(),
@@ -57,7 +60,7 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         | Command::Image(_)
         | Command::Mcp(_)
         | Command::Up(_)
-        | Command::CreateHelper => {
+        | Command::CreateHelper { .. } => {
             unreachable!("handled above")
         }
     }
