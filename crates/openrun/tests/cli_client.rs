@@ -86,7 +86,7 @@ impl Setup {
     fn new() -> Self {
         let env = Env::new();
         let key = key(&env, "cli");
-        let server = Server::start(&env);
+        let server = Server::start_cold(&env);
         Self { server, key, env }
     }
 

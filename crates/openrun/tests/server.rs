@@ -223,7 +223,7 @@ fn a_tenant_cannot_see_or_touch_another_tenants_sandboxes() {
 fn bad_input_is_a_4xx_naming_the_problem() {
     let env = Env::new();
     let api_key = key(&env, "fuzzer");
-    let server = Server::start(&env);
+    let server = Server::start_cold(&env);
     let api = Api::new(&server, &api_key);
 
     let msg = error(

@@ -57,6 +57,9 @@ fn one_create_slot(env: &Env, queue: &str) -> (Server, Api) {
         "1",
         "--create-queue",
         queue,
+        // Pooled creates would not wait for the one slot.
+        "--warm-pool",
+        "0",
     ];
     let server = Server::start_with(env, &args);
     let api = Api::new(&server, &api_key);

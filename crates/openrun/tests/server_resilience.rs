@@ -147,7 +147,7 @@ fn kill_9_during_a_streaming_exec_loses_no_byte_and_leaks_nothing() {
 fn kill_9_during_creates_leaves_no_half_created_sandbox() {
     let env = Env::new();
     let api_key = key(&env, "creates");
-    let server = Server::start(&env);
+    let server = Server::start_cold(&env);
     let url = server.url.clone();
     // Fire creates and kill the server while they are in flight.
     let clients: Vec<_> = (0..12)
@@ -175,7 +175,7 @@ fn kill_9_during_creates_leaves_no_half_created_sandbox() {
     // Let helpers that were mid-fork finish what they were doing.
     std::thread::sleep(Duration::from_millis(500));
 
-    let server = Server::start(&env);
+    let server = Server::start_cold(&env);
     let api = Api::new(&server, &api_key);
     let listed: Vec<Value> = api.get("/v1/sandboxes").json().expect("list");
     let states: Vec<(String, String)> = listed

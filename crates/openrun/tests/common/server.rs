@@ -22,6 +22,12 @@ impl Server {
         Self::start_with(env, &["--listen", "127.0.0.1:0"])
     }
 
+    /// `openrun serve` without a warm pool: for tests that count every live sandbox as an API
+    /// sandbox, or that time creates against the admission limits.
+    pub fn start_cold(env: &Env) -> Self {
+        Self::start_with(env, &["--listen", "127.0.0.1:0", "--warm-pool", "0"])
+    }
+
     /// `openrun serve ARGS…`, once it prints its address.
     pub fn start_with(env: &Env, args: &[&str]) -> Self {
         let mut child = env
