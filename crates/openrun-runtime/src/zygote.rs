@@ -106,7 +106,11 @@ struct State {
 
 impl std::fmt::Debug for Helper {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let pid = self.lock().current.as_ref().map(|z| z.child.id());
+        // `try_lock`: never blocks (or deadlocks) a debug print on a create in progress.
+        let pid = match self.state.try_lock() {
+            Ok(state) => state.current.as_ref().map(|z| z.child.id()),
+            Err(_) => None,
+        };
         f.debug_struct("Helper").field("zygote", &pid).finish()
     }
 }
