@@ -47,6 +47,8 @@ pub(crate) struct Agent {
     /// Whether the agent is pid 1 of its pid namespace (then `kill(-1)` is safe and right).
     is_init: bool,
     processes: RefCell<BTreeMap<Pid, Process>>,
+    /// `/etc/passwd` and `/etc/group` as last read, while unchanged.
+    user_db: RefCell<Option<users::UserDb>>,
     shutdown: watch::Sender<bool>,
     /// When the sandbox's lifetime ends (`None`: never); the server loop follows changes.
     deadline: watch::Sender<Option<tokio::time::Instant>>,
@@ -136,6 +138,7 @@ impl Agent {
             started: Instant::now(),
             is_init: rustix::process::getpid().is_init(),
             processes: RefCell::new(BTreeMap::new()),
+            user_db: RefCell::new(None),
             shutdown,
             deadline,
             relay: crate::relay::Relay::default(),
@@ -179,6 +182,19 @@ impl Agent {
     }
 
     fn resolve_user(&self, spec: Option<&str>) -> Result<ResolvedUser, AgentError> {
+        // The stamps are taken before reading: a change while reading shows as a different
+        // stamp next time, which reads again.
+        let stamps = [
+            self.files.stamp("/etc/passwd"),
+            self.files.stamp("/etc/group"),
+        ];
+        if let [Some(passwd), Some(group)] = stamps {
+            if let Some(db) = self.user_db.borrow().as_ref() {
+                if db.stamps == [passwd, group] {
+                    return users::resolve_user(spec, &db.passwd, &db.groups);
+                }
+            }
+        }
         let read = |path: &str| -> Result<String, AgentError> {
             Ok(self
                 .files
@@ -188,7 +204,25 @@ impl Agent {
         };
         let passwd = users::parse_passwd(&read("/etc/passwd")?);
         let groups = users::parse_group(&read("/etc/group")?);
-        users::resolve_user(spec, &passwd, &groups)
+        let resolved = users::resolve_user(spec, &passwd, &groups);
+        // Cached only when both files exist and their last change is well in the past (a
+        // change within the same clock tick would not change the stamp).
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        *self.user_db.borrow_mut() = match stamps {
+            [Some(p), Some(g)]
+                if p.settled(now, users::SETTLED) && g.settled(now, users::SETTLED) =>
+            {
+                Some(users::UserDb {
+                    stamps: [p, g],
+                    passwd,
+                    groups,
+                })
+            }
+            _ => None,
+        };
+        resolved
     }
 
     /// Starts a process; returns its pid once it runs.
@@ -684,5 +718,89 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_with_root(root: &std::path::Path) -> Rc<Agent> {
+        let config = AgentConfig {
+            sandbox_id: "test".into(),
+            root: root.to_path_buf(),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            lifetime: None,
+            output_retention: 1024,
+            exit_with_control: false,
+            process_oom_score_adj: 0,
+            own_oom_score_adj: None,
+        };
+        Agent::new(config, Files::open(root).unwrap())
+    }
+
+    fn write_users(root: &std::path::Path, uid: u32) {
+        // Same length whatever the uid (4 digits), so only the contents change.
+        std::fs::write(
+            root.join("etc/passwd"),
+            format!("root:x:0:0:root:/root:/bin/sh\nalice:x:{uid}:{uid}::/home/alice:/bin/sh\n"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn cached_users_follow_every_change_of_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nstaff:x:50:alice\n",
+        )
+        .unwrap();
+        write_users(dir.path(), 1000);
+        let agent = agent_with_root(dir.path());
+        let uid = |agent: &Agent| agent.resolve_user(Some("alice")).unwrap().uid;
+        assert_eq!(uid(&agent), 1000);
+        // Just written: not settled, so not cached.
+        assert!(agent.user_db.borrow().is_none());
+
+        std::thread::sleep(users::SETTLED * 2);
+        assert_eq!(uid(&agent), 1000);
+        assert!(agent.user_db.borrow().is_some(), "settled files are cached");
+        assert_eq!(
+            agent.resolve_user(Some("alice")).unwrap().groups,
+            vec![1000, 50]
+        );
+
+        // Rewritten in place with the same size: seen at once, and not cached (too recent
+        // to tell from a change in the same clock tick)...
+        write_users(dir.path(), 1001);
+        assert_eq!(uid(&agent), 1001);
+        assert!(agent.user_db.borrow().is_none());
+        // ... so a second change right after it is seen too.
+        write_users(dir.path(), 1002);
+        assert_eq!(uid(&agent), 1002);
+
+        // Replaced by a rename, as useradd does.
+        std::thread::sleep(users::SETTLED * 2);
+        assert_eq!(uid(&agent), 1002);
+        let next = dir.path().join("etc/passwd+");
+        std::fs::write(&next, "alice:x:2000:2000::/:/bin/sh\n").unwrap();
+        std::fs::rename(&next, dir.path().join("etc/passwd")).unwrap();
+        assert_eq!(uid(&agent), 2000);
+        // The group file counts too.
+        std::thread::sleep(users::SETTLED * 2);
+        assert_eq!(uid(&agent), 2000);
+        std::fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\nstaff:x:51:alice\n",
+        )
+        .unwrap();
+        assert_eq!(
+            agent.resolve_user(Some("alice")).unwrap().groups,
+            vec![2000, 51]
+        );
     }
 }

@@ -77,6 +77,35 @@ struct SplitPath {
     name: Option<String>,
 }
 
+/// What [`Files::stamp`] tells about a file: any change of its contents (in place or by
+/// replacing it) changes the stamp, except one within the same tick of the file system's
+/// clock as the previous change (see [`FileStamp::settled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileStamp {
+    dev: u64,
+    ino: u64,
+    size: i64,
+    mtime: (i64, i64),
+    /// Set by the kernel on every change of the file (contents or metadata); unlike the
+    /// modification time, no process can set it.
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// Whether the last change is older than `margin` before `now` (seconds and nanoseconds
+    /// since the epoch): a later change then gets a later change time, whatever the clock's
+    /// granularity, so the stamp is a safe cache key. A change more recent than that could
+    /// be followed, within the same clock tick, by another one the stamp would not show.
+    pub(crate) fn settled(&self, now: std::time::Duration, margin: std::time::Duration) -> bool {
+        let (sec, nsec) = self.ctime;
+        let Ok(sec) = u64::try_from(sec) else {
+            return false;
+        };
+        let changed = std::time::Duration::new(sec, nsec.clamp(0, 999_999_999) as u32);
+        changed.saturating_add(margin) < now
+    }
+}
+
 /// What a read returned.
 #[derive(Debug)]
 pub(crate) struct ReadResult {
@@ -147,6 +176,25 @@ impl Files {
                     RESOLVE,
                 )
                 .is_ok()
+    }
+
+    /// Identity and change times of the file at `path` inside the root (magic links are not
+    /// followed), for caches of its contents; `None` when it cannot be looked at.
+    pub(crate) fn stamp(&self, path: &str) -> Option<FileStamp> {
+        if path.contains('\0') {
+            return None;
+        }
+        let fd = self
+            .openat2_raw(path, OFlags::PATH, Mode::empty(), RESOLVE)
+            .ok()?;
+        let st = rustix::fs::fstat(&fd).ok()?;
+        Some(FileStamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as i64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        })
     }
 
     /// Classifies a resolution failure. `EXDEV` from a scoped lookup means it tried to leave the
