@@ -3,9 +3,8 @@
 //! It runs in the child of `clone3` (fresh user, mount, pid, net, uts and ipc namespaces; pid 1
 //! of its pid namespace), still seeing the host's mounts. Step by step, each for a reason:
 //!
-//! 0. Join the sandbox cgroup itself through `tasks` files the host opened, before anything
-//!    else runs: cheaper than a host-side migration (on v2 it was created inside it; on v1
-//!    the host makes it after step 1, see step 4).
+//! 0. Join the sandbox cgroup itself through `tasks` files the host opened (v1; on v2 it was
+//!    created inside it), before anything else runs: cheaper than a host-side migration.
 //! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid) and no lower
 //!    mounts.
 //! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
@@ -13,11 +12,8 @@
 //!    every file it created in the writable layer would belong to host root. Then leave the
 //!    creator's session (its controlling terminal) and session keyring (the host user's keys).
 //! 3. Make every mount private: nothing we mount may propagate back to the host.
-//! 4. On v1 hosts, wait for the host's `Cgroup` message (the host makes the cgroup while steps
-//!    2 and 3 run) and join the sandbox cgroup through the `tasks` files attached to it, before
-//!    anything is mounted, so the sandbox's mounts and files are charged to it. Then
-//!    `unshare(CLONE_NEWCGROUP)`: make the sandbox cgroup the root of our cgroup view, so the
-//!    sandbox cannot see the host's cgroup tree paths.
+//! 4. `unshare(CLONE_NEWCGROUP)`: now that the host placed us in the sandbox cgroup, make it
+//!    the root of our cgroup view, so the sandbox cannot see the host's cgroup tree paths.
 //! 5. Mount the memory layer's tmpfs (if any) and write the sandbox's own `hostname`, `hosts`
 //!    and `resolv.conf` into its layer; attach the idmapped lowers and mount one overlay per
 //!    layer (the writable layer is the upper), then `/proc`, a minimal read-only `/dev` (the
@@ -99,11 +95,6 @@ pub struct InitPlan {
     /// Size cap of the sandbox's `/tmp` tmpfs (the smaller of the memory limit and the disk
     /// quota, like a memory layer's; `None`: tmpfs's default, half the host's RAM).
     pub tmp_size_bytes: Option<u64>,
-    /// The host makes the sandbox cgroup after `Go` (cgroup v1, whose `mkdir`s are the
-    /// slowest host step) and sends its `tasks` files in a `Cgroup` message, which the init
-    /// waits for before it mounts anything: the cgroup's creation overlaps the init's first
-    /// steps.
-    pub late_cgroup: bool,
     /// Agent configuration.
     pub agent: openrun_agent::AgentConfig,
 }
@@ -332,18 +323,12 @@ fn prepare(
             MountPropagationFlags::PRIVATE | MountPropagationFlags::REC,
         ),
     )?;
-    // 4. The sandbox cgroup, if the host makes it while we got this far (v1): joined before
-    //    anything is mounted or written, so the kernel charges this sandbox's mounts,
-    //    superblocks and files to it, not to the creator. Then the private cgroup view, which
-    //    needs the sandbox cgroup as its root.
-    if plan.late_cgroup {
-        join_late_cgroup(setup)?;
-    }
+    // 4. Private cgroup view, rooted at the sandbox cgroup joined in step 0.
     step(
         "entering a cgroup namespace",
         sys::unshare_cgroup_namespace(),
     )?;
-    phase("ids, private, cgroup");
+    phase("ids, private, cgroupns");
     // 5. Assemble the root.
     if let Some(memory) = &plan.memory_layer {
         mount_memory_layer(plan, memory)?;
@@ -453,26 +438,6 @@ fn prepare(
     step("installing the seccomp filter", seccomp::install(&filter))?;
     phase("seccomp");
     Ok(exec_ruleset)
-}
-
-/// Waits for the host's `Cgroup` message and moves this (single-threaded) process into every
-/// hierarchy through the `tasks` files attached to it (see [`SelfJoin`]).
-fn join_late_cgroup(setup: &OwnedFd) -> Result<(), StepError> {
-    let (msg, tasks) = step("waiting for the sandbox cgroup", setup_channel::recv(setup))?;
-    if msg != SetupMessage::Cgroup || tasks.is_empty() {
-        return Err(StepError {
-            stage: "waiting for the sandbox cgroup".into(),
-            errno: None,
-            message: format!(
-                "unexpected setup message {msg:?} with {} descriptors",
-                tasks.len()
-            ),
-        });
-    }
-    let join = SelfJoin::V1 {
-        tasks: tasks.into_iter().map(fs::File::from).collect(),
-    };
-    step("joining the sandbox cgroup", join.join_self())
 }
 
 /// Enters the sandbox's Landlock domain (see `landlock.rs`); returns the ruleset of exec

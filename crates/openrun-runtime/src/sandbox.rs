@@ -213,18 +213,12 @@ impl Runtime {
         if let (true, Some(bytes)) = (pooled, spec.limits.disk_bytes) {
             self.disk_pool.create_layer(&id, bytes, ids.host_base())?;
         }
-        let mut plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
+        let plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
         phase("host dirs");
         let plan_protects_agent = plan.agent.process_oom_score_adj == 0;
-        // On v1 the cgroup (four `mkdir`s, the memory one slow) is made after `Go`, while the
-        // init takes its ids and leaves the host session; it joins it before it mounts or
-        // writes anything (see init.rs). On v2 the init starts inside it (CLONE_INTO_CGROUP).
-        plan.late_cgroup = self.cgroups.version() == crate::cgroup::CgroupVersion::V1;
-        let plan_late_cgroup = plan.late_cgroup;
-        if !plan.late_cgroup {
-            pending.cgroup = Some(self.cgroups.create(&id, &spec.limits)?);
-            phase("cgroup");
-        }
+        let cgroup = self.cgroups.create(&id, &spec.limits)?;
+        pending.cgroup = Some(cgroup);
+        phase("cgroup");
         let listener = UnixListener::bind(paths.socket())
             .context(|| format!("cannot listen on {}", paths.socket().display()))?;
         let (setup_host, setup_child) = rustix::net::socketpair(
@@ -352,27 +346,8 @@ impl Runtime {
         drop(lowers);
         drop(userns);
         phase("layers sent");
-        let mut handed = Ok(());
-        if plan_late_cgroup {
-            let cgroup = self.cgroups.create(&id, &spec.limits)?;
-            let join = cgroup.self_join();
-            pending.cgroup = Some(cgroup);
-            let SelfJoin::V1 { tasks } = join? else {
-                return Err(RuntimeError::io(
-                    "cannot open the sandbox cgroup's tasks files",
-                    io::Error::other("not a cgroup v1 hierarchy"),
-                ));
-            };
-            let borrowed: Vec<_> = tasks.iter().map(|f| f.as_fd()).collect();
-            // An init that failed before this reads no more: its `Failed` (read below) says
-            // why, rather than this send's EPIPE.
-            handed = setup_channel::send(setup_host.as_fd(), &SetupMessage::Cgroup, &borrowed);
-            phase("cgroup");
-        }
         match setup_channel::recv(&setup_host) {
-            Ok((SetupMessage::Ready, _)) => {
-                handed.context(|| "cannot hand the sandbox its cgroup".to_string())?
-            }
+            Ok((SetupMessage::Ready, _)) => {}
             Ok((
                 SetupMessage::Failed {
                     stage,
@@ -1052,7 +1027,6 @@ fn prepare_host_side(
         layer: paths.layer.clone(),
         memory_layer,
         tmp_size_bytes: memory_or_disk_cap(spec),
-        late_cgroup: false,
         agent: openrun_agent::AgentConfig {
             sandbox_id: id.to_string(),
             root: PathBuf::from("/"),

@@ -20,9 +20,6 @@ const MAX_MESSAGE: usize = 4096;
 pub enum SetupMessage {
     /// Host → init: id maps and cgroups are in place; lower mounts are attached.
     Go,
-    /// Host → init, after `Go` when the host makes the cgroup late (v1): the sandbox cgroup
-    /// exists; its `tasks` files (one per hierarchy) are attached.
-    Cgroup,
     /// Init → host: the agent is about to serve.
     Ready,
     /// Init → host: a step failed.
