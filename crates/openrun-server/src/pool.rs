@@ -60,6 +60,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a claim waits for the pooled sandbox's agent.
 const AGENT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long after a claim the refill waits: the claim's client is likely running its first
+/// command in the new sandbox, which should not share the CPU and the disk with a fork.
+const REFILL_DELAY: Duration = Duration::from_millis(20);
+
 /// How long shutdown waits for a refill in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
@@ -88,6 +92,8 @@ pub struct Pool {
     user_creates: AtomicUsize,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// When a sandbox was last claimed.
+    last_claim: Mutex<Option<Instant>>,
     refiller: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -127,6 +133,7 @@ impl Pool {
             user_creates: AtomicUsize::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            last_claim: Mutex::new(None),
             refiller: Mutex::new(None),
         }
     }
@@ -160,6 +167,7 @@ impl Pool {
         match &taken {
             Some(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
+                *self.last_claim.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 self.wake.notify_one();
             }
             None => {
@@ -327,6 +335,18 @@ async fn refill(state: Shared) {
                 () = pool.wake.notified() => {}
                 _ = closed.wait_for(|c| *c) => {}
                 () = tokio::time::sleep(IDLE_CHECK) => {}
+            }
+            continue;
+        }
+        let since_claim = pool
+            .last_claim
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed());
+        if let Some(wait) = since_claim.and_then(|e| REFILL_DELAY.checked_sub(e)) {
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = closed.wait_for(|c| *c) => return,
             }
             continue;
         }
