@@ -446,11 +446,6 @@ async fn record_exec(
     row: &SandboxRow,
     request: &ExecRequest,
 ) -> Result<(), ApiError> {
-    record(s, caller, row, "process.exec", exec_payload(request)).await
-}
-
-/// The payload of `process.exec` for `request`.
-fn exec_payload(request: &ExecRequest) -> serde_json::Value {
     let mut payload = serde_json::json!({
         "argv": request.argv,
         "cwd": request.cwd,
@@ -460,53 +455,13 @@ fn exec_payload(request: &ExecRequest) -> serde_json::Value {
     if let Some(size) = request.pty {
         payload["pty"] = serde_json::json!({ "rows": size.rows, "cols": size.cols });
     }
-    payload
-}
-
-/// Whether nothing a command does in sandbox `id` can reach anyone but through this API:
-/// its network policy is mode `none` without secrets (no egress, no proxy that would lend
-/// it a credential). Unknown (a policy that cannot be read) counts as no.
-async fn offline(s: &Shared, id: &str) -> bool {
-    match s.egress.policy(s, id).await {
-        Ok(policy) => !crate::egress::sandbox_files::wants_ca(&policy),
-        Err(e) => {
-            tracing::debug!(id, error = %e, "cannot read the network policy");
-            false
-        }
-    }
-}
-
-/// The `process.exec` event of a command being started: already on disk, or being written
-/// while the agent starts it ([`start`]).
-enum ExecRecord {
-    Done,
-    Writing(tokio::task::JoinHandle<Result<(), ApiError>>),
-}
-
-impl ExecRecord {
-    /// Waits until the event is on disk.
-    async fn written(self) -> Result<(), ApiError> {
-        match self {
-            ExecRecord::Done => Ok(()),
-            ExecRecord::Writing(task) => task
-                .await
-                .map_err(|e| ApiError::internal("cannot record the command", e))?,
-        }
-    }
+    record(s, caller, row, "process.exec", payload).await
 }
 
 /// Records `process.exec` and starts the attached command `request` on `agent` (from
 /// [`open_running`]). Its lines arrive on the returned channel, the last one an `exit` or
 /// `error` line; `input`, when given, carries what the client sends while it runs. The command
 /// outlives a client that stops reading, and its exit is still recorded.
-///
-/// In a sandbox that is [`offline`] the event is written while the agent starts the command
-/// (one disk sync less on the way to the first line), and no line goes to the client before
-/// it is on disk: everything the command can do shows only through this API, so no crash
-/// can lose an event whose effect a client has seen (a power loss meanwhile ends the sandbox
-/// and its command with it). Should the write fail, the command is killed with its process
-/// group and the stream is an `error` line, as if it had never started. In any other
-/// sandbox (egress, secrets) the event is on disk before the command starts.
 pub(crate) async fn start(
     s: &Shared,
     caller: &Caller,
@@ -515,16 +470,7 @@ pub(crate) async fn start(
     request: ExecRequest,
     input: Option<mpsc::Receiver<Input>>,
 ) -> Result<mpsc::Receiver<Line>, ApiError> {
-    let recorded = if offline(s, &row.id).await {
-        let (state, who, sandbox) = (s.clone(), caller.clone(), row.clone());
-        let payload = exec_payload(&request);
-        ExecRecord::Writing(tokio::spawn(async move {
-            record(&state, &who, &sandbox, "process.exec", payload).await
-        }))
-    } else {
-        record_exec(s, caller, row, &request).await?;
-        ExecRecord::Done
-    };
+    record_exec(s, caller, row, &request).await?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let ctx = Context {
         state: s.clone(),
@@ -533,7 +479,7 @@ pub(crate) async fn start(
         tx,
     };
     let (sandbox, client) = agent;
-    tokio::spawn(ctx.drive(sandbox, client, request, input, recorded));
+    tokio::spawn(ctx.drive(sandbox, client, request, input));
     Ok(rx)
 }
 
@@ -657,14 +603,12 @@ impl Context {
     }
 
     /// Starts the command, relays its events until it exits, and forwards `input` to it.
-    /// Nothing is sent or recorded before `recorded` (its `process.exec`) is on disk.
     async fn drive(
         self,
         sandbox: Sandbox,
         client: AgentClient,
         request: ExecRequest,
         input: Option<mpsc::Receiver<Input>>,
-        recorded: ExecRecord,
     ) {
         let oom_before = sandbox.oom_kills();
         let (mut sender, mut receiver) = client.split();
@@ -672,22 +616,6 @@ impl Context {
             Ok(id) => receiver.response(id).await,
             Err(e) => Err(e),
         };
-        if let Err(e) = recorded.written().await {
-            tracing::error!(error = %e, sandbox = self.row.id, "cannot record a command");
-            if let Ok(AgentResponse::Started { pid }) = started.as_ref().map(|f| &f.header) {
-                // Not on the timeline, so it must not run.
-                let kill = Request::Signal {
-                    pid: *pid,
-                    signal: 9,
-                    group: true,
-                };
-                if let Err(e) = sender.send(kill).await {
-                    tracing::error!(error = %e, pid, "cannot kill an unrecorded command");
-                }
-            }
-            self.send(Line::error(&e)).await;
-            return;
-        }
         let pid = match started {
             Ok(frame) => match frame.header {
                 AgentResponse::Started { pid } => pid,
