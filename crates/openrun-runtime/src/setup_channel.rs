@@ -39,32 +39,61 @@ pub fn send(
     msg: &SetupMessage,
     fds: &[BorrowedFd<'_>],
 ) -> std::io::Result<()> {
-    let bytes = serde_json::to_vec(msg)?;
+    send_bytes(sock, &serde_json::to_vec(msg)?, fds)
+}
+
+/// Sends `bytes` as one message with `fds` (at most [`MAX_FDS`]) attached, retrying on
+/// `EINTR`. Shared by the setup channel and the create zygote's channels.
+pub(crate) fn send_bytes(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<()> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
         return Err(std::io::Error::other(
-            "too many descriptors for the setup channel",
+            "too many descriptors for one message",
         ));
     }
-    sendmsg(
-        sock,
-        &[IoSlice::new(&bytes)],
-        &mut control,
-        SendFlags::NOSIGNAL,
-    )?;
-    Ok(())
+    loop {
+        match sendmsg(
+            sock,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::NOSIGNAL,
+        ) {
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(()),
+        }
+    }
 }
 
 /// Receives a message and any descriptors attached to it. A closed peer is `UnexpectedEof`.
 pub fn recv(sock: impl AsFd) -> std::io::Result<(SetupMessage, Vec<OwnedFd>)> {
     let mut buf = [0u8; MAX_MESSAGE];
+    let (len, fds) = recv_bytes(sock.as_fd(), &mut buf)?;
+    if len == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let got = &buf[..len];
+    let msg = serde_json::from_slice(got)?;
+    Ok((msg, fds))
+}
+
+/// Receives one message into `buf` with the descriptors attached to it (close-on-exec, at
+/// most [`MAX_FDS`]), retrying on `EINTR`: its length (0 at end of file) and the descriptors.
+pub(crate) fn recv_bytes(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, Vec<OwnedFd>)> {
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let got = loop {
         match recvmsg(
-            &sock,
-            &mut [IoSliceMut::new(&mut buf)],
+            sock,
+            &mut [IoSliceMut::new(buf)],
             &mut control,
             RecvFlags::CMSG_CLOEXEC,
         ) {
@@ -78,9 +107,5 @@ pub fn recv(sock: impl AsFd) -> std::io::Result<(SetupMessage, Vec<OwnedFd>)> {
             fds.extend(received);
         }
     }
-    if got.bytes == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let msg = serde_json::from_slice(&buf[..got.bytes])?;
-    Ok((msg, fds))
+    Ok((got.bytes, fds))
 }
