@@ -737,6 +737,13 @@ fn a_create_whose_client_leaves_is_still_finished_and_recorded() {
     let server = Server::start(&env);
     let key = key(&env, "leaver");
     let api = Api::new(&server, &key);
+    // A server that is still filling its warm pool (forks on 2 CPUs) may read the request only
+    // after the client has left, and then never sees it: wait until it is idle, so the
+    // request is taken while its client is still there and only the create outlives it.
+    wait_for(30, "the warm pool to fill", || {
+        let metrics = api.get("/metrics").text().unwrap();
+        metrics.lines().any(|l| l == "openrun_warm_pool_ready 4")
+    });
     // The whole request is sent, then the connection closed while the sandbox is being made.
     let addr = server.url.trim_start_matches("http://");
     let mut conn = std::net::TcpStream::connect(addr).unwrap();
