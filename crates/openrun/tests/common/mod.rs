@@ -129,6 +129,11 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A server killed while its create zygote was still making a sandbox (its warm pool
+        // fills right after start) leaves that create to finish on its own: wait for the
+        // zygote and its workers of this data dir to end, or the sandbox would appear after
+        // the cleanup below and outlive the test.
+        self.wait_for_create_helpers(std::time::Duration::from_secs(5));
         for id in self.live_ids_quiet() {
             let _ = self.output(["rm", &id]);
         }
@@ -145,6 +150,26 @@ impl Drop for Env {
 }
 
 impl Env {
+    /// Waits (at most `limit`) until no `openrun __create` process of this data dir runs.
+    fn wait_for_create_helpers(&self, limit: std::time::Duration) {
+        let dir = self.data_dir().to_string_lossy().into_owned();
+        let deadline = std::time::Instant::now() + limit;
+        let running = || {
+            std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                .any(|cmdline| {
+                    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                    args.contains(&dir.as_bytes()) && args.contains(&b"__create".as_slice())
+                })
+        };
+        while running() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     fn live_ids_quiet(&self) -> Vec<String> {
         let Ok(out) = self.cmd(["ps"]).output() else {
             return Vec::new();
