@@ -239,7 +239,8 @@ impl Db {
     /// Runs `f` like [`Db::call`], its writes committed without waiting for the disk
     /// (`synchronous = OFF`): only for rows that matter while this host keeps running and
     /// are worthless after a power loss, which ends every sandbox (the warm pool's rows, the
-    /// rows of started processes whose exit is still owed). Such a commit survives a crash of
+    /// rows of started processes whose exit is still owed, and `process.exit` itself: what a
+    /// sandbox reports, not what a caller did). Such a commit survives a crash of
     /// this process (the kernel holds it); a power loss may lose it, but never a later synced
     /// commit without it: WAL frames are appended in order, recovery keeps a prefix of them,
     /// and the next synced commit flushes the earlier frames with its own. Checkpoints are

@@ -24,8 +24,10 @@
 //! what an interactive client sends comes back to it as [`Input`].
 //!
 //! The timeline gets `process.exec` (argv, cwd, names of env variables) before the command
-//! starts and `process.exit` (or `process.error`) before the client sees the outcome. A client
-//! that disconnects does not stop the command, and its exit is still recorded.
+//! starts (a synced commit: what the caller did) and `process.exit` (or `process.error`)
+//! before the client sees the outcome (an exit is committed unsynced, see
+//! [`crate::maintenance::record_exit`]). A client that disconnects does not stop the command,
+//! and its exit is still recorded.
 
 use std::collections::BTreeMap;
 

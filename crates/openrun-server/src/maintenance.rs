@@ -239,6 +239,14 @@ pub async fn track(
 
 /// Records the exit of a process from [`track`] (once, however many saw it end), or appends
 /// `event` plainly when it could not be tracked.
+///
+/// Unsynced ([`crate::db::Db::call_unsynced`]): an exit is not something a caller did but
+/// something the sandbox reports, and it is committed before anyone is told of it (the exit
+/// line goes out after this returns). The commit survives a crash of this process; only a
+/// power loss, which ends the sandbox and its processes too, can lose it (and then the next
+/// synced commit did not happen either, or it flushed this one with its own). A row whose
+/// exit was lost that way stays open and is closed by the next server's reconcile (the
+/// sandbox is gone).
 pub async fn record_exit(
     state: &Shared,
     tracked: Option<i64>,
@@ -247,10 +255,15 @@ pub async fn record_exit(
     match tracked {
         Some(id) => state
             .db
-            .call(move |c| db::record_background_exit(c, id, &event))
+            .call_unsynced(move |c| db::record_background_exit(c, id, &event))
             .await
             .map(|_| ()),
-        None => state.db.call(move |c| db::append_event(c, &event)).await,
+        None => {
+            state
+                .db
+                .call_unsynced(move |c| db::append_event(c, &event))
+                .await
+        }
     }
 }
 
