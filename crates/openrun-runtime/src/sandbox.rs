@@ -1,7 +1,7 @@
 //! Creating, finding and destroying sandboxes: the host side of the namespace backend.
 
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{chown, DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -149,6 +149,16 @@ impl Runtime {
     /// caller (like `runc init`), and a fork of a multi-threaded process may inherit locks held
     /// by other threads. Multi-threaded callers run the `openrun` binary's helper instead.
     pub fn create(&self, spec: &SandboxSpec) -> Result<Sandbox> {
+        self.create_with_first_request(spec, &[])
+    }
+
+    /// Like [`Runtime::create`], and writes `first` (encoded request frames, e.g. the one
+    /// exec of `openrun run`) to the control stream while the init is still setting up, so
+    /// the agent finds it queued when it starts serving instead of waiting for the creator
+    /// to hear `Ready` and send it. Nothing else changes: the bytes are what the creator
+    /// would write on the same stream a moment later, and they die with the stream when the
+    /// setup fails.
+    pub fn create_with_first_request(&self, spec: &SandboxSpec, first: &[u8]) -> Result<Sandbox> {
         let started = Instant::now();
         let phase = |name: &str| {
             tracing::debug!(
@@ -346,6 +356,12 @@ impl Runtime {
         drop(lowers);
         drop(userns);
         phase("layers sent");
+        if !first.is_empty() {
+            // A socket buffer holds far more than a request: this does not block.
+            (&control_host)
+                .write_all(first)
+                .context(|| "cannot send the first request to the sandbox agent".to_string())?;
+        }
         match setup_channel::recv(&setup_host) {
             Ok((SetupMessage::Ready, _)) => {}
             Ok((

@@ -129,20 +129,23 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
         }
     }
     let runtime = Runtime::open(data_dir)?;
-    let mut sandbox = runtime.create(&spec)?;
+    // The exec goes out with the create: the agent finds it queued when it starts serving.
+    let request = exec_request(&args.process);
+    let tty = request.pty.is_some();
+    let first = session::presend_exec(request, args.process.interactive)?;
+    let mut sandbox = runtime.create_with_first_request(&spec, &first)?;
     // The sandbox's record now keeps its layers from prune.
     drop(image);
     let control = sandbox
         .take_control()
         .context("the new sandbox has no control stream")?;
-    let request = exec_request(&args.process);
     tracing::debug!("sandbox ready");
     let rt = session::tokio_runtime()?;
     let outcome = rt.block_on(async {
         control.set_nonblocking(true)?;
         let stream = tokio::net::UnixStream::from_std(control)?;
         let client = openrun_runtime::AgentClient::from_stream(stream);
-        session::attached_exec(client, request, args.process.interactive).await
+        session::attached_presend_exec(client, tty, args.process.interactive).await
     });
     rt.shutdown_background();
     tracing::debug!("command ended");

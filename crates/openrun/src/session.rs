@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use openrun_protocol::{
     AgentMessage, ErrorCode, ExecRequest, ExitStatus, Pid, Request, Response, Stream,
 };
-use openrun_runtime::{AgentClient, ClientError};
+use openrun_runtime::{AgentClient, AgentReceiver, AgentSender, ClientError};
 use tokio::io::AsyncReadExt;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
@@ -26,18 +26,60 @@ pub enum Outcome {
     },
 }
 
+/// Request id of an exec written before the client exists ([`presend_exec`]): the client
+/// numbers its own requests from 1, so the answer to this one cannot be mistaken for theirs.
+const PRESENT_EXEC_ID: u64 = 0;
+
 /// Runs `request` attached: output goes to our stdout/stderr as it arrives.
 pub async fn attached_exec(
     client: AgentClient,
-    mut request: ExecRequest,
+    request: ExecRequest,
     forward_stdin: bool,
 ) -> Result<Outcome> {
+    let tty = request.pty.is_some();
+    let (mut sender, receiver) = client.split();
+    tracing::debug!("exec sent");
+    let exec_id = sender
+        .send(Request::Exec(for_attach(request, forward_stdin)))
+        .await?;
+    attached(sender, receiver, exec_id, tty, forward_stdin).await
+}
+
+/// The encoded frame of `request` run attached, for a caller that writes it on the agent's
+/// stream before it has a client ([`openrun_runtime::Runtime::create_with_first_request`]);
+/// [`attached_presend_exec`] then follows the process.
+pub fn presend_exec(request: ExecRequest, forward_stdin: bool) -> Result<Vec<u8>> {
+    let frame = openrun_protocol::Frame::new(openrun_protocol::RequestEnvelope {
+        id: PRESENT_EXEC_ID,
+        request: Request::Exec(for_attach(request, forward_stdin)),
+    });
+    Ok(frame.encode()?)
+}
+
+/// [`attached_exec`] of the exec [`presend_exec`] encoded (`tty` when it asked for a pty).
+pub async fn attached_presend_exec(
+    client: AgentClient,
+    tty: bool,
+    forward_stdin: bool,
+) -> Result<Outcome> {
+    let (sender, receiver) = client.split();
+    attached(sender, receiver, PRESENT_EXEC_ID, tty, forward_stdin).await
+}
+
+fn for_attach(mut request: ExecRequest, forward_stdin: bool) -> ExecRequest {
     request.attach = true;
     request.stdin = forward_stdin;
-    let tty = request.pty.is_some();
-    let (mut sender, mut receiver) = client.split();
-    tracing::debug!("exec sent");
-    let exec_id = sender.send(Request::Exec(request.clone())).await?;
+    request
+}
+
+/// Follows the attached exec `exec_id`, already sent.
+async fn attached(
+    mut sender: AgentSender,
+    mut receiver: AgentReceiver,
+    exec_id: u64,
+    tty: bool,
+    forward_stdin: bool,
+) -> Result<Outcome> {
     let pid: Pid = match receiver.response(exec_id).await {
         Ok(frame) => match frame.header {
             Response::Started { pid } => pid,
