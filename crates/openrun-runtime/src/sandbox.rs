@@ -665,10 +665,13 @@ impl Runtime {
                 Ok(()) | Err(rustix::io::Errno::SRCH) => {}
                 Err(e) => return Err(RuntimeError::io("cannot kill the sandbox agent", e)),
             }
-            // A paused (frozen) sandbox's processes act on SIGKILL only once thawed.
-            if let Some(cg) = &sandbox.cgroup {
-                if cg.is_frozen()? {
-                    cg.thaw()?;
+            // A paused (frozen) sandbox's processes act on SIGKILL only once thawed: asked
+            // only when the agent is not gone within a moment (a running one dies at once).
+            if !exits_within(&pidfd, FROZEN_CHECK_AFTER) {
+                if let Some(cg) = &sandbox.cgroup {
+                    if cg.is_frozen()? {
+                        cg.thaw()?;
+                    }
                 }
             }
             wait_for_exit(&pidfd, sandbox.child)?;
@@ -683,16 +686,21 @@ impl Runtime {
             },
         )?;
         if let Some(cg) = sandbox.cgroup.take() {
-            cg.kill_all()?;
-            cg.remove()?;
+            // The agent was pid 1 of the sandbox's pid namespace: its exit took every process
+            // of the namespace with it, so the cgroup is normally empty and goes in one rmdir
+            // per directory (which the kernel refuses while a task is left: then the kill).
+            if !cg.remove_if_empty() {
+                cg.kill_all()?;
+                cg.remove()?;
+            }
         }
         phase("cgroup removed");
         if sandbox.paths.layer == self.disk_pool.layer(&sandbox.record.id) {
             self.disk_pool.remove_layer(&sandbox.record.id)?;
-        } else {
+        } else if !sandbox.paths.layer.starts_with(&sandbox.paths.run) {
             remove_tree(&sandbox.paths.layer)?;
         }
-        remove_tree(&sandbox.paths.run)?;
+        remove_run_dir(&sandbox.paths)?;
         phase("files removed");
         self.pool
             .release(sandbox.record.ids, &sandbox.record.id)
@@ -1102,6 +1110,30 @@ fn classify_setup_error(stage: String, errno: Option<i32>, message: String) -> R
     RuntimeError::Setup { stage, message }
 }
 
+/// How long [`Runtime::destroy`] waits for a killed agent before it checks whether the sandbox
+/// is frozen (and so cannot act on the kill until thawed).
+const FROZEN_CHECK_AFTER: Duration = Duration::from_millis(20);
+
+/// Whether the process behind `pidfd` exits within `timeout` (it is not reaped).
+fn exits_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(left) = rustix::event::Timespec::try_from(left) else {
+            return false;
+        };
+        match rustix::event::poll(&mut fds, Some(&left)) {
+            Ok(n) if n > 0 => return true,
+            Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) | Err(_) => return false,
+        }
+    }
+}
+
 /// Waits until the process behind `pidfd` has exited (reaping it if it is our child).
 fn wait_for_exit(pidfd: &OwnedFd, is_child: bool) -> Result<()> {
     if is_child {
@@ -1221,6 +1253,38 @@ fn remove_tree(dir: &Path) -> Result<()> {
                 ))
             }
         }
+    }
+}
+
+/// Removes a sandbox's runtime dir (with a memory layer's mount point in it). What `create`
+/// made there goes by name, a call each, with no listing; anything else (pasta's files, a
+/// half-made create) makes the last `rmdir` fail and [`remove_tree`] walk what is left.
+fn remove_run_dir(paths: &SandboxPaths) -> Result<()> {
+    let run = &paths.run;
+    let ignore_missing = |r: io::Result<()>| match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    let known = (|| -> io::Result<()> {
+        ignore_missing(fs::remove_file(paths.state()))?;
+        ignore_missing(fs::remove_file(paths.socket()))?;
+        let mnt = run.join("mnt");
+        // Lower mount points are numbered from 0 without gaps.
+        for n in 0.. {
+            match fs::remove_dir(paths.lower_mount(n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e),
+            }
+        }
+        ignore_missing(fs::remove_dir(paths.root_mount()))?;
+        ignore_missing(fs::remove_dir(mnt.join("layer")))?;
+        ignore_missing(fs::remove_dir(&mnt))?;
+        ignore_missing(fs::remove_dir(run))
+    })();
+    match known {
+        Ok(()) => Ok(()),
+        Err(_) => remove_tree(run),
     }
 }
 

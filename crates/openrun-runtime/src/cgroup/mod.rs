@@ -451,6 +451,25 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Removes the cgroup's directories if the kernel finds them empty, in one `rmdir` each
+    /// (no listing, no waiting): `true` when none is left. The kernel refuses (`EBUSY`) to
+    /// remove a cgroup that holds a task or a sub-cgroup, so `true` proves there was nothing
+    /// to kill; on `false` (or any error) the caller goes on with [`Cgroup::kill_all`] and
+    /// [`Cgroup::remove`], which see what is left.
+    pub fn remove_if_empty(&self) -> bool {
+        let removed = self
+            .paths()
+            .into_iter()
+            .all(|dir| match fs::remove_dir(dir) {
+                Ok(()) => true,
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            });
+        if removed {
+            tracing::debug!(name = self.name, "removed empty cgroup");
+        }
+        removed
+    }
+
     fn freeze_within(&self, timeout: Duration) -> Result<()> {
         match &self.dirs {
             Dirs::V1(d) => d.freeze(timeout),
@@ -647,6 +666,13 @@ fn create_leaves(
 /// may have made). `EBUSY` is retried until `deadline`: tasks that were just killed leave the
 /// cgroup a moment after they die.
 fn remove_dir(path: &Path, deadline: Instant) -> Result<()> {
+    // Usually a leaf: one `rmdir`, and the listing below only when it has sub-cgroups (or
+    // tasks that are still leaving).
+    match fs::remove_dir(path) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(_) => {}
+    }
     let entries = match fs::read_dir(path) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -561,6 +561,22 @@ fn remove_refuses_a_populated_cgroup() {
 }
 
 #[test]
+fn remove_if_empty_leaves_a_populated_cgroup_and_removes_an_empty_one() {
+    let cg = create("ifempty", Limits::default());
+    let child = Proc::spawn(Command::new("sleep").arg("30"));
+    cg.add_process(child.pid()).unwrap();
+
+    assert!(!cg.remove_if_empty(), "a cgroup with a task is not empty");
+    assert_eq!(cg.procs().unwrap(), vec![child.pid()], "nothing is killed");
+    assert!(cg.paths().iter().any(|p| p.exists()));
+    drop(child);
+    cg.kill_all().unwrap();
+    assert!(cg.remove_if_empty());
+    assert!(cg.paths().iter().all(|p| !p.exists()));
+    assert!(cg.remove_if_empty(), "already removed is removed");
+}
+
+#[test]
 fn os_errors_read_in_the_crate_style() {
     let denied = io::Error::from_raw_os_error(libc::EACCES);
     assert_eq!(describe(&denied), "permission denied");
