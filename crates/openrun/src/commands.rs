@@ -17,14 +17,18 @@ use crate::{output, remote, terminal};
 /// server when one is configured ([`remote::Target::resolve`]), else work on this machine's
 /// sandboxes; `run`, `serve`, `key` and the create helper are always local.
 pub fn dispatch(cli: Cli) -> Result<i32> {
-    let data_dir = cli.data_dir.as_path();
+    let data_dir = cli.globals.data_dir.as_path();
     let command = match cli.command {
         Command::Run(args) => return run(data_dir, args),
         Command::Serve(args) => return serve(data_dir, args),
         Command::Key(KeyCommand::Create(args)) => return key_create(data_dir, args),
         Command::Image(command) => return crate::image_cmd::dispatch(data_dir, command),
-        Command::Mcp(args) => return crate::mcp::run(data_dir, cli.server, cli.api_key, args),
-        Command::Up(args) => return crate::up::run(data_dir, cli.server, cli.api_key, args),
+        Command::Mcp(args) => {
+            return crate::mcp::run(data_dir, cli.globals.server, cli.globals.api_key, args)
+        }
+        Command::Up(args) => {
+            return crate::up::run(data_dir, cli.globals.server, cli.globals.api_key, args)
+        }
         Command::CreateHelper { serve: true } => {
             return Ok(openrun_runtime::zygote::serve(data_dir))
         }
@@ -37,7 +41,9 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         }
         other => other,
     };
-    if let Some(target) = remote::Target::resolve(cli.server, cli.api_key, data_dir)? {
+    if let Some(target) =
+        remote::Target::resolve(cli.globals.server, cli.globals.api_key, data_dir)?
+    {
         return remote::dispatch(target, command);
     }
     match command {

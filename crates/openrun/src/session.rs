@@ -171,7 +171,12 @@ impl Attachment {
             signals: Signals::new()?,
             stdin: tokio::io::stdin(),
             stdin_open: forward_stdin,
-            buf: vec![0u8; 32 * 1024],
+            // Only read into when stdin is forwarded (zeroing it costs page faults).
+            buf: if forward_stdin {
+                vec![0u8; 32 * 1024]
+            } else {
+                Vec::new()
+            },
         })
     }
 }
