@@ -51,6 +51,57 @@ pub struct AgentClient {
     receiver: AgentReceiver,
 }
 
+/// A connection with nothing in flight, kept for a later request ([`AgentClient::into_idle`],
+/// [`IdleAgent::reuse`]): `Hello` was exchanged, no answer or event is owed on it, and the
+/// agent had not closed it when it was checked.
+pub struct IdleAgent {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for IdleAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdleAgent").finish_non_exhaustive()
+    }
+}
+
+impl IdleAgent {
+    /// Whether the connection is open and silent: a non-blocking peek finds nothing to read
+    /// (end of stream, an error or any unexpected byte all mean it cannot be reused). One
+    /// system call, no waiting.
+    fn is_quiet(&self) -> bool {
+        let stream: &UnixStream = self.read.as_ref();
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        matches!(
+            rustix::net::recv(
+                stream,
+                &mut byte[..],
+                rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT,
+            ),
+            Err(rustix::io::Errno::AGAIN)
+        )
+    }
+
+    /// The connection again, if it is still open and silent (see [`IdleAgent::is_quiet`]).
+    /// A connection whose agent went away since it was parked is dropped here.
+    pub fn reuse(self) -> Option<AgentClient> {
+        if !self.is_quiet() {
+            return None;
+        }
+        Some(AgentClient {
+            sender: AgentSender {
+                write: self.write,
+                next_id: self.next_id,
+            },
+            receiver: AgentReceiver {
+                read: FrameReader::new(self.read),
+                queued: VecDeque::new(),
+            },
+        })
+    }
+}
+
 /// Sending half: requests without waiting for their answers.
 pub struct AgentSender {
     write: OwnedWriteHalf,
@@ -126,6 +177,31 @@ impl AgentClient {
     /// Splits into independently usable halves.
     pub fn split(self) -> (AgentSender, AgentReceiver) {
         (self.sender, self.receiver)
+    }
+
+    /// The connection the halves from [`AgentClient::split`] came from.
+    pub fn reunite(sender: AgentSender, receiver: AgentReceiver) -> Self {
+        Self { sender, receiver }
+    }
+
+    /// The connection as one to keep for a later request, if nothing is in flight on it: no
+    /// event queued or buffered, nothing unread on the socket, and the agent has not closed it.
+    /// Only the caller knows that no answer or event is still owed (every request answered,
+    /// no process attached): it must call this only then.
+    pub fn into_idle(self) -> Option<IdleAgent> {
+        if !self.receiver.queued.is_empty() {
+            return None;
+        }
+        let (read, buffered) = self.receiver.read.into_parts();
+        if !buffered.is_empty() {
+            return None;
+        }
+        let idle = IdleAgent {
+            read,
+            write: self.sender.write,
+            next_id: self.sender.next_id,
+        };
+        idle.is_quiet().then_some(idle)
     }
 
     /// The connection as a raw byte stream, for after the agent answered a request that ends
@@ -309,6 +385,32 @@ mod tests {
         pipe.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         pipe.shutdown().await.unwrap();
         assert_eq!(fake.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    /// A parked connection comes back only while the agent keeps it open and silent.
+    #[tokio::test]
+    async fn an_idle_connection_is_reused_only_while_open_and_silent() {
+        let (ours, mut agent) = UnixStream::pair().unwrap();
+        let client = AgentClient::from_stream(ours);
+        let idle = client.into_idle().expect("a fresh connection is quiet");
+        let mut client = idle.reuse().expect("still open and silent");
+        // Request ids go on where they were.
+        let id = client.sender.send(Request::ListProcesses).await.unwrap();
+        assert_eq!(id, 1);
+        let mut reader = FrameReader::new(&mut agent);
+        let _: Frame<RequestEnvelope> = reader.next().await.unwrap();
+        let idle = client.into_idle().unwrap();
+        // A byte nobody asked for: not reusable.
+        agent.write_all(b"x").await.unwrap();
+        assert!(idle.reuse().is_none());
+
+        let (ours, agent) = UnixStream::pair().unwrap();
+        let idle = AgentClient::from_stream(ours).into_idle().unwrap();
+        drop(agent);
+        assert!(idle.reuse().is_none(), "the agent closed it");
+        let (ours, agent) = UnixStream::pair().unwrap();
+        drop(agent);
+        assert!(AgentClient::from_stream(ours).into_idle().is_none());
     }
 
     #[tokio::test]

@@ -67,6 +67,8 @@ pub struct AppState {
     pub previews: crate::preview::Previews,
     /// Sandboxes made ahead of default creates (`openrun serve --warm-pool`).
     pub pool: crate::pool::Pool,
+    /// Idle agent connections left by execs, per sandbox.
+    pub conns: crate::agent_conns::AgentConns,
 }
 
 /// Shared state handle.
@@ -675,8 +677,11 @@ pub(crate) async fn create_sandbox(
         };
         let event = create_event(caller, &row, &spec.limits, ttl_ms, &network);
         match crate::pool::claim(s, ready, spec.lifetime, row, event).await {
-            Ok((sandbox, row)) => {
+            Ok((sandbox, client, row)) => {
                 crate::egress::routes::prepare(s, &sandbox, &network).await?;
+                // The connection that set the lifetime serves the first exec: no connect and
+                // Hello then (crate::agent_conns).
+                s.conns.put(&row.id, Arc::new(sandbox), client);
                 tracing::info!(
                     id = row.id,
                     tenant = row.tenant,
@@ -948,6 +953,7 @@ pub(crate) async fn list_sandboxes(
 
 /// Destroys a sandbox if it still exists; one already gone is not an error.
 pub async fn destroy(s: &AppState, id: &str) -> Result<(), ApiError> {
+    s.conns.forget(id);
     let runtime = s.runtime.clone();
     let key = id.to_string();
     let result = blocking(move || {

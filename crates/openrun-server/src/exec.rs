@@ -30,6 +30,7 @@
 //! and its exit is still recorded.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
@@ -408,8 +409,38 @@ pub(crate) async fn run_attached(
     check_request(&request)?;
     request.attach = true;
     let row = find(s, caller, id).await?;
-    let agent = open_running(s, &row).await?;
-    start(s, caller, &row, agent, request, input).await
+    let agent = open_for_exec(s, &row).await?;
+    start_on(s, caller, &row, agent, request, input).await
+}
+
+/// An opened sandbox and a connection to its agent, for one attached exec.
+pub(crate) struct ExecAgent {
+    sandbox: Arc<Sandbox>,
+    client: AgentClient,
+    /// Taken from [`crate::agent_conns`] (else connected for this exec).
+    reused: bool,
+}
+
+/// Like [`open_running`], but takes the idle connection an earlier exec in the sandbox left
+/// ([`crate::agent_conns`]) when there is one.
+async fn open_for_exec(s: &Shared, row: &SandboxRow) -> Result<ExecAgent, ApiError> {
+    if row.state == "running" {
+        if let Some(taken) = s.conns.take(&row.id) {
+            if let Some(client) = taken.client {
+                return Ok(ExecAgent {
+                    sandbox: taken.sandbox,
+                    client,
+                    reused: true,
+                });
+            }
+        }
+    }
+    let (sandbox, client) = open_running(s, row).await?;
+    Ok(ExecAgent {
+        sandbox: Arc::new(sandbox),
+        client,
+        reused: false,
+    })
 }
 
 /// Starts `request` unattached in the caller's running sandbox `id` and returns its pid: the
@@ -472,6 +503,24 @@ pub(crate) async fn start(
     request: ExecRequest,
     input: Option<mpsc::Receiver<Input>>,
 ) -> Result<mpsc::Receiver<Line>, ApiError> {
+    let (sandbox, client) = agent;
+    let agent = ExecAgent {
+        sandbox: Arc::new(sandbox),
+        client,
+        reused: false,
+    };
+    start_on(s, caller, row, agent, request, input).await
+}
+
+/// [`start`] on an [`ExecAgent`].
+async fn start_on(
+    s: &Shared,
+    caller: &Caller,
+    row: &SandboxRow,
+    agent: ExecAgent,
+    request: ExecRequest,
+    input: Option<mpsc::Receiver<Input>>,
+) -> Result<mpsc::Receiver<Line>, ApiError> {
     record_exec(s, caller, row, &request).await?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let ctx = Context {
@@ -480,8 +529,7 @@ pub(crate) async fn start(
         caller: caller.clone(),
         tx,
     };
-    let (sandbox, client) = agent;
-    tokio::spawn(ctx.drive(sandbox, client, request, input));
+    tokio::spawn(ctx.drive(agent, request, input));
     Ok(rx)
 }
 
@@ -552,6 +600,7 @@ pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<
         kind: "sandbox.vanish",
         payload: serde_json::json!({ "reason": "its agent is no longer running" }),
     };
+    s.conns.forget(id);
     let key = id.to_string();
     s.db.call(move |c| db::stop_sandbox(c, &key, false, &event))
         .await?;
@@ -605,16 +654,36 @@ impl Context {
     }
 
     /// Starts the command, relays its events until it exits, and forwards `input` to it.
+    /// Without `input`, the connection is left for the next exec once the exit was read
+    /// ([`crate::agent_conns`]).
     async fn drive(
         self,
-        sandbox: Sandbox,
-        client: AgentClient,
+        agent: ExecAgent,
         request: ExecRequest,
         input: Option<mpsc::Receiver<Input>>,
     ) {
+        let ExecAgent {
+            mut sandbox,
+            client,
+            reused,
+        } = agent;
         let oom_before = sandbox.oom_kills();
         let (mut sender, mut receiver) = client.split();
-        let started = match sender.send(Request::Exec(request)).await {
+        let mut sent = sender.send(Request::Exec(request.clone())).await;
+        if sent.is_err() && reused {
+            // The idle connection broke after its check (the agent closed it). A request
+            // whose write failed never reached the agent whole, so it did not start: send it
+            // once more on a new connection.
+            match open_running(&self.state, &self.row).await {
+                Ok((fresh, client)) => {
+                    sandbox = Arc::new(fresh);
+                    (sender, receiver) = client.split();
+                    sent = sender.send(Request::Exec(request)).await;
+                }
+                Err(e) => return self.fail("agent_lost", e.to_string()).await,
+            }
+        }
+        let started = match sent {
             Ok(id) => receiver.response(id).await,
             Err(e) => Err(e),
         };
@@ -644,7 +713,7 @@ impl Context {
         let tracked = crate::maintenance::track(&self.state, &self.row, &self.caller, pid).await;
         self.send(Line::Started { pid }).await;
         // The sending half must live until the exit: dropping it half-closes the connection.
-        let (_sender, _forwarder) = match input {
+        let (sender, _forwarder) = match input {
             Some(input) => {
                 let task = tokio::spawn(self.clone().forward(sender, pid, input));
                 (None, Some(AbortOnDrop(task)))
@@ -652,11 +721,24 @@ impl Context {
             None => (Some(sender), None),
         };
         let tracked = tracked.map(|t| t.id);
-        self.relay(&sandbox, &mut receiver, pid, oom_before, tracked)
-            .await;
+        let Some(exit) = self
+            .relay(&sandbox, &mut receiver, pid, oom_before, tracked)
+            .await
+        else {
+            return;
+        };
+        // Parked before the exit line goes out, so a client's next exec finds it. Only a
+        // connection that carried nothing but this command: with input forwarded, late
+        // answers to it could still come.
+        if let Some(sender) = sender {
+            let client = AgentClient::reunite(sender, receiver);
+            self.state.conns.put(&self.row.id, sandbox, client);
+        }
+        self.send(exit).await;
     }
 
-    /// Relays output and the exit of `pid` as lines.
+    /// Relays output of `pid` as lines until it exits; records the exit and returns its line
+    /// (for the caller to send). `None` when the stream ended otherwise (its error line sent).
     async fn relay(
         &self,
         sandbox: &Sandbox,
@@ -664,14 +746,14 @@ impl Context {
         pid: Pid,
         oom_before: u64,
         tracked: Option<i64>,
-    ) {
+    ) -> Option<Line> {
         loop {
             let frame = match receiver.next().await {
                 Ok(frame) => frame,
                 Err(e) => {
-                    return self
-                        .fail("agent_lost", format!("lost the sandbox agent: {e}"))
-                        .await
+                    self.fail("agent_lost", format!("lost the sandbox agent: {e}"))
+                        .await;
+                    return None;
                 }
             };
             match frame.header {
@@ -695,8 +777,7 @@ impl Context {
                     {
                         tracing::error!(error = %e, sandbox = self.row.id, "cannot record an exit");
                     }
-                    self.send(Line::exit(&status)).await;
-                    return;
+                    return Some(Line::exit(&status));
                 }
                 AgentMessage::Response {
                     result: Err(err), ..

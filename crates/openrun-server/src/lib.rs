@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod admission;
+mod agent_conns;
 mod api;
 mod archive;
 mod db;
@@ -164,6 +165,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         egress,
         previews,
         pool: pool::Pool::new(config.warm_pool),
+        conns: Default::default(),
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);

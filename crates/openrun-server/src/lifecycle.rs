@@ -287,6 +287,8 @@ pub(crate) async fn pause_sandbox(
         }
         (lock, Change::Go(row)) => (lock, row),
     };
+    // A frozen agent answers nothing: no exec may take an idle connection to it.
+    s.conns.forget(&row.id);
     let (sandbox, mut client) = open_running(s, &row).await?;
     // A frozen agent cannot keep time: the reaper keeps the deadline while it is paused.
     set_lifetime(&mut client, None).await?;

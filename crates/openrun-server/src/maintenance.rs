@@ -385,6 +385,7 @@ pub async fn run(state: Shared) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        state.conns.sweep();
         if let Err(e) = expire(&state).await {
             tracing::warn!(error = %e, "TTL reaper");
         }

@@ -35,7 +35,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use openrun_protocol::{Request, Response as AgentResponse};
-use openrun_runtime::{Sandbox, SandboxSpec};
+use openrun_runtime::{AgentClient, Sandbox, SandboxSpec};
 
 use crate::api::{blocking, Shared};
 use crate::db;
@@ -453,7 +453,8 @@ pub(crate) async fn destroy(state: &Shared, sandbox: Sandbox) {
 
 /// Hands a pooled sandbox to its creator: its lifetime becomes `ttl` (the agent's timer and
 /// the runtime record's deadline, like `POST .../ttl`), then `row` and `event` are recorded
-/// in the transaction that takes it out of the pool. Returns the sandbox as recorded.
+/// in the transaction that takes it out of the pool. Returns the sandbox, the connection to
+/// its agent that set the lifetime (idle: nothing is in flight on it) and the row recorded.
 /// `Err(None)`: the pooled sandbox was unusable (destroyed here; make one cold instead);
 /// `Err(Some(_))`: the create failed.
 pub(crate) async fn claim(
@@ -462,7 +463,7 @@ pub(crate) async fn claim(
     ttl: Option<Duration>,
     row: db::SandboxRow,
     event: db::NewEvent,
-) -> Result<(Sandbox, db::SandboxRow), Option<ApiError>> {
+) -> Result<(Sandbox, AgentClient, db::SandboxRow), Option<ApiError>> {
     let mut sandbox = ready.sandbox;
     let deadline = row.expires_at.and_then(|t| u64::try_from(t).ok());
     let lifetime = async {
@@ -471,25 +472,25 @@ pub(crate) async fn claim(
             remaining_ms: ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
         match tokio::time::timeout(AGENT_WAIT, client.call(request)).await {
-            Ok(Ok(frame)) if frame.header == AgentResponse::Done => Ok(()),
+            Ok(Ok(frame)) if frame.header == AgentResponse::Done => Ok(client),
             Ok(Ok(frame)) => Err(format!("unexpected answer: {:?}", frame.header)),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("the agent did not answer within {AGENT_WAIT:?}")),
         }
     };
     let set = match lifetime.await {
-        Ok(()) => {
+        Ok(client) => {
             let runtime = state.runtime.clone();
             blocking(move || {
                 let saved = runtime.set_expiry(&mut sandbox, deadline);
-                (sandbox, saved.map_err(|e| e.to_string()))
+                (sandbox, saved.map(|()| client).map_err(|e| e.to_string()))
             })
             .await
         }
         Err(e) => Ok((sandbox, Err(e))),
     };
-    let sandbox = match set {
-        Ok((sandbox, Ok(()))) => sandbox,
+    let (sandbox, client) = match set {
+        Ok((sandbox, Ok(client))) => (sandbox, client),
         Ok((sandbox, Err(e))) => {
             tracing::warn!(id = sandbox.id(), error = %e, "a warm-pool sandbox is unusable");
             destroy(state, sandbox).await;
@@ -505,7 +506,7 @@ pub(crate) async fn claim(
         .call(move |c| db::claim_pooled(c, &stored, &event))
         .await;
     match claimed {
-        Ok(true) => Ok((sandbox, row)),
+        Ok(true) => Ok((sandbox, client, row)),
         Ok(false) => {
             destroy(state, sandbox).await;
             Err(None)

@@ -330,6 +330,65 @@ fn sandboxes_expire_at_their_ttl() {
     );
 }
 
+/// Execs reuse their agent connection (crate::agent_conns in the server): it serves execs one
+/// after another, is not used while the sandbox is paused, and one whose agent went away is
+/// replaced by the usual check (409, the sandbox marked vanished), never used.
+#[test]
+fn execs_reuse_agent_connections_only_while_they_are_good() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "reuse"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    for i in 0..5 {
+        let lines = api.exec(&id, &format!("echo {i}"));
+        assert_eq!(stream(&lines, "stdout"), format!("{i}\n"));
+        assert_eq!(exit_line(&lines)["code"], 0);
+    }
+    // A command that fails to start leaves a usable connection too.
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        r#"{"cmd":["/no/such/program"]}"#,
+    );
+    let lines = ndjson(&res.text().unwrap());
+    assert_eq!(lines.last().unwrap()["type"], "error", "{lines:?}");
+    assert_eq!(stream(&api.exec(&id, "echo after"), "stdout"), "after\n");
+
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/pause"), "").status(),
+        200
+    );
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        409,
+        "sandbox_paused",
+    );
+    assert_eq!(
+        api.post(&format!("/v1/sandboxes/{id}/resume"), "").status(),
+        200
+    );
+    assert_eq!(
+        stream(&api.exec(&id, "echo resumed"), "stdout"),
+        "resumed\n"
+    );
+
+    // The agent goes away under the server (the CLI removes the sandbox): the idle
+    // connection is closed, and the exec gets what it got before connections were kept.
+    assert_ok(&env.output(["rm", &id]));
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        409,
+        "sandbox_not_running",
+    );
+    let kinds = api.event_kinds(&id);
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("sandbox.vanish"),
+        "{kinds:?}"
+    );
+    let execs = kinds.iter().filter(|k| *k == "process.exec").count();
+    assert_eq!(execs, 8, "{kinds:?}");
+}
+
 #[test]
 fn sandboxes_survive_a_server_restart() {
     let env = Env::new();
