@@ -346,6 +346,10 @@ impl Connection {
         if let Some(old) = self.pumps.remove(&pid) {
             old.abort();
         }
+        // A pump ends with its process's exit: forget the ended ones, so a connection that
+        // serves exec after exec (the server keeps its connections) does not keep one entry
+        // per process it ever followed.
+        self.pumps.retain(|_, pump| !pump.is_finished());
         let Some(changed) = self.agent.subscribe(pid) else {
             return;
         };
