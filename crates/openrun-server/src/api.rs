@@ -273,7 +273,7 @@ async fn caller_of(s: &AppState, token: Option<String>) -> Result<Caller, ApiErr
 pub(crate) async fn authenticate(s: &AppState, token: &str) -> Result<Caller, ApiError> {
     let hash = crate::keys::hash(token);
     let key =
-        s.db.call(move |c| db::key_by_hash(c, &hash))
+        s.db.read(move |c| db::key_by_hash(c, &hash))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown API key".into()))?;
     tracing::debug!(key = key.id, name = key.name, "authenticated");
@@ -804,7 +804,7 @@ pub async fn find(s: &AppState, caller: &Caller, id: &str) -> Result<SandboxRow,
         return Err(missing());
     }
     let (tenant, key) = (caller.tenant.clone(), id.to_string());
-    s.db.call(move |c| db::get_sandbox(c, &tenant, &key))
+    s.db.read(move |c| db::get_sandbox(c, &tenant, &key))
         .await?
         .ok_or_else(missing)
 }
