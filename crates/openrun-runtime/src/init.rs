@@ -932,7 +932,7 @@ fn drop_privileges() -> Result<(), StepError> {
 
 /// Closes every descriptor inherited from the host process except `keep`, and points stdio at
 /// `/dev/null`, so no host file, socket or terminal is reachable from the sandbox through pid 1.
-fn isolate_descriptors(keep: &[i32]) -> std::io::Result<()> {
+pub(crate) fn isolate_descriptors(keep: &[i32]) -> std::io::Result<()> {
     let null = rustix::fs::open(
         "/dev/null",
         rustix::fs::OFlags::RDWR | rustix::fs::OFlags::CLOEXEC,

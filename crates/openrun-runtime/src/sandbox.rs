@@ -7,7 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::fd::{AsFd, OwnedFd};
+use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::mount::{open_tree, OpenTreeFlags};
 
 use crate::cgroup::{Cgroup, CgroupManager, SelfJoin};
@@ -621,7 +621,6 @@ impl Runtime {
                     .write(true)
                     .open("/dev/null")
                 {
-                    use std::os::fd::AsRawFd;
                     for fd in 0..=2 {
                         let _ = sys::dup2_raw(null.as_raw_fd(), fd);
                     }
@@ -644,6 +643,56 @@ impl Runtime {
                 Ok(())
             }
             Err(_) => self.destroy(sandbox),
+        }
+    }
+
+    /// Forks now the process that tears `sandbox` down once its agent has exited (killed by
+    /// [`Sandbox::kill`] when the caller is done, or on its own when the caller's control
+    /// stream closes, for `exit_with_creator` sandboxes), so that the caller's exit does not
+    /// wait for a fork: `openrun run` calls it while the agent starts the command. `false`
+    /// when nothing was forked (a multi-threaded caller, no agent pidfd, a failed fork): then
+    /// [`Runtime::destroy_in_background`] is the way. The process keeps no descriptor but the
+    /// agent's pidfd (never the control stream, whose close ends such a sandbox), leaves the
+    /// caller's session and stdio, and waits as long as the agent lives.
+    pub fn destroy_after_exit(&self, sandbox: &Sandbox) -> bool {
+        let Some(pidfd) = &sandbox.pidfd else {
+            return false;
+        };
+        if ensure_single_threaded().is_err() {
+            return false;
+        }
+        match sys::clone3_process(0, None) {
+            Ok(Forked::Child) => {
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let _ = rustix::process::setsid();
+                    if init::isolate_descriptors(&[pidfd.as_raw_fd()]).is_err() {
+                        return 1;
+                    }
+                    wait_while_alive(pidfd);
+                    let Ok(own) = pidfd.try_clone() else {
+                        return 1;
+                    };
+                    let sandbox = Sandbox {
+                        record: sandbox.record.clone(),
+                        paths: sandbox.paths.clone(),
+                        cgroup: sandbox.cgroup.clone(),
+                        pidfd: Some(own),
+                        // The agent is our parent's child, not ours.
+                        child: false,
+                        control: None,
+                    };
+                    match self.destroy(sandbox) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "background teardown failed");
+                            1
+                        }
+                    }
+                }));
+                sys::exit_now(code.unwrap_or(70));
+            }
+            Ok(Forked::Parent { .. }) => true,
+            Err(_) => false,
         }
     }
 
@@ -784,6 +833,18 @@ impl Runtime {
 }
 
 impl Sandbox {
+    /// Sends SIGKILL to the agent (pid 1 of the sandbox's pid namespace: every process goes
+    /// with it) and returns; the teardown is [`Runtime::destroy_after_exit`]'s.
+    pub fn kill(&self) -> Result<()> {
+        if let Some(pidfd) = &self.pidfd {
+            match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
+                Ok(()) | Err(rustix::io::Errno::SRCH) => {}
+                Err(e) => return Err(RuntimeError::io("cannot kill the sandbox agent", e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Sandbox id.
     pub fn id(&self) -> &str {
         &self.record.id
@@ -1113,6 +1174,22 @@ fn classify_setup_error(stage: String, errno: Option<i32>, message: String) -> R
 /// How long [`Runtime::destroy`] waits for a killed agent before it checks whether the sandbox
 /// is frozen (and so cannot act on the kill until thawed).
 const FROZEN_CHECK_AFTER: Duration = Duration::from_millis(20);
+
+/// Waits, without a deadline, until the process behind `pidfd` has exited (not reaping it).
+fn wait_while_alive(pidfd: &OwnedFd) {
+    loop {
+        let mut fds = [rustix::event::PollFd::new(
+            pidfd,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(n) if n > 0 => return,
+            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+            // Cannot wait: go on, `destroy` kills and waits (bounded) itself.
+            Err(_) => return,
+        }
+    }
+}
 
 /// Whether the process behind `pidfd` exits within `timeout` (it is not reaped).
 fn exits_within(pidfd: &OwnedFd, timeout: Duration) -> bool {

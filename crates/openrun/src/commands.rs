@@ -146,6 +146,8 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
         .take_control()
         .context("the new sandbox has no control stream")?;
     tracing::debug!("sandbox ready");
+    // The cleaner is forked now, while the agent starts the command, not after it ended.
+    let cleaner = runtime.destroy_after_exit(&sandbox);
     let rt = session::tokio_runtime()?;
     let outcome = rt.block_on(async {
         control.set_nonblocking(true)?;
@@ -156,7 +158,11 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
     rt.shutdown_background();
     tracing::debug!("command ended");
     let code = report(&sandbox, 0, &args.process, outcome);
-    runtime.destroy_in_background(sandbox)?;
+    if cleaner {
+        sandbox.kill()?;
+    } else {
+        runtime.destroy_in_background(sandbox)?;
+    }
     code
 }
 
