@@ -35,6 +35,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use openrun_protocol::{Request, Response as AgentResponse};
+use openrun_runtime::client::IdleAgent;
 use openrun_runtime::{AgentClient, Sandbox, SandboxSpec};
 
 use crate::api::{blocking, Shared};
@@ -70,6 +71,9 @@ const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 /// A ready sandbox.
 pub(crate) struct Ready {
     sandbox: Sandbox,
+    /// A connection to its agent made (and `Hello`'d) while nobody waited: the claim sets the
+    /// caller's lifetime through it, then the first exec uses it ([`crate::agent_conns`]).
+    client: Option<IdleAgent>,
     made: Instant,
 }
 
@@ -410,8 +414,18 @@ async fn make(state: &Shared) -> Result<Ready, ApiError> {
     };
     // The helper has exited: the agent is now this process's child (we are a subreaper).
     state.agents.track(sandbox.record().pid);
+    // Connected now rather than by the claim (a failure here is the claim's to retry).
+    let client = match tokio::time::timeout(AGENT_WAIT, sandbox.connect()).await {
+        Ok(Ok(client)) => client.into_idle(),
+        Ok(Err(e)) => {
+            tracing::debug!(id, error = %e, "cannot connect to a warm-pool sandbox yet");
+            None
+        }
+        Err(_) => None,
+    };
     Ok(Ready {
         sandbox,
+        client,
         made: Instant::now(),
     })
 }
@@ -465,9 +479,13 @@ pub(crate) async fn claim(
     event: db::NewEvent,
 ) -> Result<(Sandbox, AgentClient, db::SandboxRow), Option<ApiError>> {
     let mut sandbox = ready.sandbox;
+    let parked = ready.client.and_then(IdleAgent::reuse);
     let deadline = row.expires_at.and_then(|t| u64::try_from(t).ok());
     let lifetime = async {
-        let mut client = sandbox.connect().await.map_err(|e| e.to_string())?;
+        let mut client = match parked {
+            Some(client) => client,
+            None => sandbox.connect().await.map_err(|e| e.to_string())?,
+        };
         let request = Request::SetLifetime {
             remaining_ms: ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         };
