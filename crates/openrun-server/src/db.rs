@@ -203,7 +203,7 @@ impl Db {
         // Deleted rows (a network policy's secret values, erased when its sandbox ends) are
         // overwritten with zeros rather than left in free pages of the file.
         conn.pragma_update(None, "secure_delete", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         migrate(&mut conn)?;
         let readers = (0..READERS)
             .map(|_| open_reader(path).map(Mutex::new))
@@ -308,28 +308,61 @@ impl Db {
     /// and the next synced commit flushes the earlier frames with its own. Checkpoints are
     /// held off meanwhile, so the database file is only ever written from the WAL by a
     /// synced commit (with the syncs `synchronous = FULL` makes around a checkpoint).
+    ///
+    /// When the connection is free it runs at once on this thread, never waiting
+    /// (`busy_timeout` 0: an unsynced commit is a few writes to the page cache, less than a
+    /// hop to the blocking pool); if SQLite would have to wait for a lock (another process
+    /// writing), nothing was written and `f` runs again on the blocking pool.
     pub async fn call_unsynced<T, F>(&self, f: F) -> Result<T, DbError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, DbError> + Send + 'static,
+        F: Fn(&mut Connection) -> Result<T, DbError> + Send + 'static,
     {
-        self.call(move |c| {
-            c.pragma_update(None, "wal_autocheckpoint", 0)?;
-            c.pragma_update(None, "synchronous", "OFF")?;
-            let result = f(c);
-            let full = c.pragma_update(None, "synchronous", "FULL");
-            let checkpoints = c.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT);
-            if let Err(e) = full.and(checkpoints) {
-                // Every later commit would go unsynced: a connection that cannot be put back
-                // must not be used. Its writes so far are committed; nothing is lost by
-                // failing here rather than later.
-                tracing::error!(error = %e, "cannot restore synchronous = FULL");
-                return Err(e.into());
+        if let Ok(mut conn) = self.conn.try_lock() {
+            let before = conn.total_changes();
+            let result = unsynced(&mut conn, std::time::Duration::ZERO, &f);
+            if conn.total_changes() != before {
+                self.changes.send_modify(|n| *n = n.wrapping_add(1));
             }
-            result
-        })
-        .await
+            match result {
+                Err(DbError::Sqlite(e)) if is_busy(&e) => {}
+                done => return done,
+            }
+        }
+        self.call(move |c| unsynced(c, BUSY_TIMEOUT, &f)).await
     }
+}
+
+/// How long a statement on the writer's connection waits for another process's lock.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs `f` with commits unsynced and checkpoints held off (see [`Db::call_unsynced`]),
+/// waiting at most `busy` for a lock, then puts the connection back as it was.
+fn unsynced<T>(
+    c: &mut Connection,
+    busy: std::time::Duration,
+    f: &impl Fn(&mut Connection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
+    let set = c
+        .busy_timeout(busy)
+        .and_then(|()| c.execute_batch("PRAGMA wal_autocheckpoint = 0; PRAGMA synchronous = OFF"));
+    let result = match set {
+        Ok(()) => f(c),
+        Err(e) => Err(e.into()),
+    };
+    let restored = c
+        .execute_batch(&format!(
+            "PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}"
+        ))
+        .and_then(|()| c.busy_timeout(BUSY_TIMEOUT));
+    if let Err(e) = restored {
+        // Every later commit would go unsynced: a connection that cannot be put back
+        // must not be used. Its writes so far are committed; nothing is lost by
+        // failing here rather than later.
+        tracing::error!(error = %e, "cannot restore synchronous = FULL");
+        return Err(e.into());
+    }
+    result
 }
 
 /// Applies every migration newer than the database's `user_version`, each in a transaction.
@@ -992,6 +1025,32 @@ mod tests {
             .unwrap();
         assert_eq!(answer.unwrap().unwrap().id, "k1");
         drop(held);
+    }
+
+    /// An unsynced write that finds another process writing does not wait on the caller's
+    /// thread: it is written once the lock is free, and the connection is synced again after.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unsynced_writes_wait_for_another_writer_off_the_callers_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openrun.db");
+        let db = Db::open(&path).unwrap();
+        db.call_unsynced(|c| insert_pooled(c, "a")).await.unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            other.execute_batch("COMMIT").unwrap();
+        });
+        let started = std::time::Instant::now();
+        db.call_unsynced(|c| insert_pooled(c, "b")).await.unwrap();
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        release.join().unwrap();
+        assert_eq!(db.call(|c| pooled(c)).await.unwrap(), ["a", "b"]);
+        let sync: i64 = db
+            .call(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous = FULL again");
     }
 
     #[test]
