@@ -6,7 +6,8 @@
 //! writer DESIGN.md asks for. The per-request point reads (the API key, the caller's sandbox
 //! row) go through [`Db::read`]: read-only connections used on the request's own thread,
 //! never waiting (a WAL reader does not wait for the writer; anything that would wait goes to
-//! the blocking pool instead).
+//! the blocking pool instead). Unsynced commits ([`Db::call_unsynced`]) also run on the
+//! caller's thread when the writer's connection is free, with the same never-wait rule.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
