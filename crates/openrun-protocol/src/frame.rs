@@ -167,8 +167,13 @@ pub mod nonblocking {
     /// branch wins halfway through a frame without losing or tearing that frame.
     pub struct FrameReader<R> {
         inner: R,
-        /// Bytes read and not yet returned as frames; reads land in its spare capacity.
+        /// Bytes read; `buf[start..]` are not yet returned as frames. Reads land in its spare
+        /// capacity.
         buf: Vec<u8>,
+        /// Where the first unreturned byte is: frames are taken by moving it, and the bytes
+        /// before it are dropped only before a read, once per read rather than once per frame
+        /// (a read full of small frames would otherwise cost quadratic copying).
+        start: usize,
     }
 
     /// Bytes asked of the stream per read (at least half of it).
@@ -180,6 +185,7 @@ pub mod nonblocking {
             Self {
                 inner,
                 buf: Vec::new(),
+                start: 0,
             }
         }
 
@@ -191,6 +197,8 @@ pub mod nonblocking {
                 }
                 // Reads go straight into `buf`'s spare capacity: nothing is zeroed or copied
                 // first (a zeroed 64 KiB scratch buffer cost every new reader 16 page faults).
+                self.buf.drain(..self.start);
+                self.start = 0;
                 if self.buf.capacity() - self.buf.len() < READ_CHUNK / 2 {
                     self.buf.reserve(READ_CHUNK);
                 }
@@ -208,22 +216,24 @@ pub mod nonblocking {
         /// The stream back, with the bytes read from it that no frame has used yet: for a
         /// connection that stops being framed (after a `ConnectPort` answer, say), those bytes
         /// come before anything still to be read.
-        pub fn into_parts(self) -> (R, Vec<u8>) {
+        pub fn into_parts(mut self) -> (R, Vec<u8>) {
+            self.buf.drain(..self.start);
             (self.inner, self.buf)
         }
 
         /// A whole frame from the buffer, if one is there.
         fn take_buffered<T: DeserializeOwned>(&mut self) -> Result<Option<Frame<T>>, FrameError> {
-            let Some(prefix) = self.buf.first_chunk::<PREFIX_LEN>() else {
+            let pending = &self.buf[self.start..];
+            let Some(prefix) = pending.first_chunk::<PREFIX_LEN>() else {
                 return Ok(None);
             };
             let (header_len, data_len) = parse_prefix(*prefix)?;
             let end = PREFIX_LEN + header_len + data_len;
-            if self.buf.len() < end {
+            if pending.len() < end {
                 return Ok(None);
             }
-            let body = self.buf[PREFIX_LEN..end].to_vec();
-            self.buf.drain(..end);
+            let body = pending[PREFIX_LEN..end].to_vec();
+            self.start += end;
             decode_body(body, header_len).map(Some)
         }
     }

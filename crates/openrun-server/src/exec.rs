@@ -757,7 +757,13 @@ impl Context {
                 }
             };
             match frame.header {
-                AgentMessage::Output { stream, offset, .. } => {
+                // Only this exec's process: a reused connection must never show another
+                // process's output as this one's.
+                AgentMessage::Output {
+                    pid: from,
+                    stream,
+                    offset,
+                } if from == pid => {
                     self.send(Line::output(stream, offset, frame.data)).await;
                 }
                 AgentMessage::Exit {
@@ -786,7 +792,8 @@ impl Context {
                     // client's stream goes on.
                     tracing::debug!(pid, error = %err, "the agent refused a client's input");
                 }
-                AgentMessage::Exit { .. }
+                AgentMessage::Output { .. }
+                | AgentMessage::Exit { .. }
                 | AgentMessage::Response { .. }
                 | AgentMessage::Incoming { .. }
                 | AgentMessage::FileEvent { .. }
