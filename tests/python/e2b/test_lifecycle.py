@@ -498,14 +498,17 @@ def test_lifecycle_a_create_whose_client_leaves_is_finished_not_stuck(start_serv
         )
         time.sleep(0.02)
     # The create goes on without its client and the sandbox ends up running; while it is
-    # being made, the E2B list does not call it running.
+    # being made, the E2B list does not call it running. The E2B list is read first: a
+    # sandbox it shows must not be `creating` in the rows read after it (states only move
+    # forward; read the other way round, a create that finishes between the two reads would
+    # look like a running sandbox listed while creating).
     v1 = httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"})
     api = httpx.Client(base_url=server.url, headers={"X-API-KEY": server.key})
     with v1, api:
         deadline = time.monotonic() + 60
         while True:
-            rows = v1.get("/v1/sandboxes").json()
             listed = api.get("/v2/sandboxes").json()
+            rows = v1.get("/v1/sandboxes").json()
             states = {r["id"]: r["state"] for r in rows}
             for entry in listed:
                 assert states.get(entry["sandboxID"]) != "creating", (entry, rows)
