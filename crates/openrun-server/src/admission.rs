@@ -7,6 +7,11 @@
 //! never takes a slot; the handler knows nothing of it) and MCP's `create_sandbox`. It also
 //! times each admitted create for [`crate::metrics`]. A fork's creates wait for slots
 //! ([`Admission::slot`]) without the queue bound: the fork itself is one request.
+//!
+//! The warm pool's refill takes a slot too ([`Admission::pool_slot`]), but it yields it: a
+//! user create that finds every slot taken and the queue full, while the pool holds one,
+//! waits for that slot instead of being refused (a refill is one short fork, and the pool
+//! takes no slot while a user create is in progress). One such create per pool-held slot.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -35,6 +40,26 @@ pub struct Admission {
     max_creating: usize,
     queue: usize,
     waiting: Arc<AtomicUsize>,
+    /// Slots the warm pool holds that no user create has claimed yet (see [`PoolSlot`]).
+    lendable: Arc<AtomicUsize>,
+}
+
+/// A create slot held by the warm pool's refill: while it is held, one user create that
+/// would be refused waits for it instead ([`Admission::borrow_pool_slot`]).
+pub(crate) struct PoolSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    lendable: Arc<AtomicUsize>,
+}
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        // Not claimed: take it off the lendable ones. Claimed: the borrower is waiting on the
+        // semaphore, and the permit this drop gives back goes to the longest waiter (tokio's
+        // semaphore is fair).
+        let _ = self
+            .lendable
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
 }
 
 impl Admission {
@@ -46,7 +71,27 @@ impl Admission {
             max_creating,
             queue,
             waiting: Arc::new(AtomicUsize::new(0)),
+            lendable: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A create slot for the warm pool's refill, waited for; a user create may borrow it
+    /// while it is held (see the module documentation).
+    pub(crate) async fn pool_slot(&self) -> Result<PoolSlot, ApiError> {
+        let permit = self.slot().await?;
+        self.lendable.fetch_add(1, Ordering::AcqRel);
+        Ok(PoolSlot {
+            _permit: permit,
+            lendable: self.lendable.clone(),
+        })
+    }
+
+    /// Claims one slot the warm pool holds, if one is not claimed yet: the caller may then
+    /// wait for a slot although the queue is full.
+    fn borrow_pool_slot(&self) -> bool {
+        self.lendable
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// A create slot for one sandbox of a fork, waited for: a fork's creates share the slots
@@ -161,7 +206,8 @@ where
     let permit = match admission.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
-            let Some(_place) = admission.join_queue() else {
+            let place = admission.join_queue();
+            if place.is_none() && !admission.borrow_pool_slot() {
                 s.metrics.reject_create();
                 let retry_after_secs = admission.retry_after(s.metrics.mean_create());
                 return Err(ApiError::TooManyRequests {
@@ -172,13 +218,15 @@ where
                     ),
                     retry_after_secs,
                 });
-            };
-            admission
+            }
+            let permit = admission
                 .slots
                 .clone()
                 .acquire_owned()
                 .await
-                .map_err(|e| ApiError::internal("the create slots are closed", e))?
+                .map_err(|e| ApiError::internal("the create slots are closed", e))?;
+            drop(place);
+            permit
         }
     };
     let started = Instant::now();
@@ -211,6 +259,35 @@ mod tests {
         drop((second, third));
         assert_eq!(a.waiting.load(Ordering::Acquire), 0);
         assert!(Admission::new(1, 0).join_queue().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_slot_the_pool_holds_is_lent_to_one_create() {
+        let a = Admission::new(1, 0);
+        assert!(
+            !a.borrow_pool_slot(),
+            "nothing to borrow without a pool slot"
+        );
+        let held = a.pool_slot().await.expect("a free slot");
+        assert!(a.slots.clone().try_acquire_owned().is_err());
+        assert!(a.borrow_pool_slot(), "the pool's slot is lent");
+        assert!(!a.borrow_pool_slot(), "and lent once only");
+        let waiter = {
+            let slots = a.slots.clone();
+            tokio::spawn(async move { slots.acquire_owned().await })
+        };
+        drop(held);
+        let permit = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the borrower gets the slot")
+            .expect("task")
+            .expect("open");
+        drop(permit);
+        assert_eq!(a.lendable.load(Ordering::Acquire), 0);
+        // A pool slot nobody borrowed leaves nothing lendable behind.
+        drop(a.pool_slot().await.expect("a free slot"));
+        assert_eq!(a.lendable.load(Ordering::Acquire), 0);
+        assert!(!a.borrow_pool_slot());
     }
 
     #[test]

@@ -27,7 +27,9 @@
 //!   the pool ([`Pool::shutdown`]).
 //! - **User creates first.** One refill runs at a time, in a create slot of the admission
 //!   control (`--max-creating`), and only while no user create is in progress: under load the
-//!   pool drains and creates are made cold, and it refills once the burst is over.
+//!   pool drains and creates are made cold, and it refills once the burst is over. A user
+//!   create that would be refused (slots and queue full) while a refill holds a slot waits
+//!   for that slot instead ([`crate::admission::Admission::pool_slot`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -356,7 +358,7 @@ async fn refill(state: Shared) {
         }
         // In a create slot like any create: `--max-creating` bounds the pool's work too.
         let slot = tokio::select! {
-            slot = state.admission.slot() => slot,
+            slot = state.admission.pool_slot() => slot,
             _ = closed.wait_for(|c| *c) => return,
         };
         let Ok(slot) = slot else { return };

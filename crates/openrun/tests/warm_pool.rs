@@ -312,6 +312,43 @@ fn concurrent_creates_never_get_the_same_sandbox() {
 }
 
 #[test]
+fn a_refill_never_makes_a_user_create_429() {
+    // One create slot and no queue: a refill holds the only slot for a few ms after each
+    // claim, and a user create arriving then waits for it instead of being refused.
+    let env = Env::new();
+    let key = key(&env, "ci");
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--warm-pool",
+        "1",
+        "--max-creating",
+        "1",
+        "--create-queue",
+        "0",
+    ];
+    let server = Server::start_with(&env, &args);
+    let api = Api::new(&server, &key);
+    wait_ready(&api, 1.0);
+    let mut ids = Vec::new();
+    for round in 0..40u64 {
+        let res = api.post("/v1/sandboxes", "{}");
+        let status = res.status();
+        let body = res.text().unwrap_or_default();
+        assert_eq!(status, 201, "create {round}: {body}");
+        let created: Value = serde_json::from_str(&body).expect("a sandbox");
+        ids.push(id_of(&created));
+        // Land the next create at varying points of the refill the claim started.
+        std::thread::sleep(Duration::from_millis(15 + round % 8 * 3));
+    }
+    assert!(metric(&api, "openrun_warm_pool_hits_total") >= 1.0);
+    assert_eq!(metric(&api, "openrun_creates_rejected_total"), 0.0);
+    for id in &ids {
+        assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    }
+}
+
+#[test]
 fn warm_pool_0_turns_it_off() {
     let env = Env::new();
     let key = key(&env, "ci");
