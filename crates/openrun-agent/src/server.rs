@@ -59,6 +59,11 @@ pub(crate) async fn serve(
 
     let control_task =
         control.map(|stream| tokio::task::spawn_local(serve_connection(agent.clone(), stream)));
+    // Set up process starts (the watchdog thread, the child stack) now, behind the control
+    // stream's first request: a sandbox made ahead of use (the server's warm pool, an API
+    // create) does it while idle instead of in its first exec; `openrun run`'s exec, queued
+    // with the create, is served first and sets it up itself as before.
+    tokio::task::spawn_local(async { crate::vfork::prepare() });
     let control_closed = async move {
         match control_task {
             Some(task) if exit_with_control => {

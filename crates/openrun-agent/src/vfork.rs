@@ -411,6 +411,14 @@ fn spawner() -> Option<&'static Spawner> {
         .as_ref()
 }
 
+/// Sets up clone-based starts ahead of the first one (see [`spawner`]); later calls do
+/// nothing.
+pub(crate) fn prepare() {
+    if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
+        let _ = spawner();
+    }
+}
+
 impl Spawner {
     fn new() -> std::io::Result<Self> {
         // SAFETY: timerfd_create takes flags only; a non-negative result is a new descriptor
