@@ -11,13 +11,13 @@ use crate::error::DbError;
 
 /// The stored policy of `sandbox` (the default, mode `none`, when it has none).
 pub(crate) fn load(conn: &Connection, sandbox: &str) -> Result<Policy, DbError> {
-    let json: Option<String> = conn
-        .query_row(
-            "SELECT policy_json FROM network_policies WHERE sandbox_id = ?1",
-            [sandbox],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let json: Option<String> = db::query_row(
+        conn,
+        "SELECT policy_json FROM network_policies WHERE sandbox_id = ?1",
+        [sandbox],
+        |r| r.get(0),
+    )
+    .optional()?;
     let Some(json) = json else {
         return Ok(Policy::default());
     };
@@ -38,7 +38,8 @@ pub(crate) fn save(
     let json = serde_json::to_string(policy.stored())
         .map_err(|e| DbError::Corrupt(format!("cannot encode a network policy: {e}")))?;
     let tx = conn.transaction()?;
-    tx.execute(
+    db::execute(
+        &tx,
         "INSERT INTO network_policies (sandbox_id, policy_json, updated_at) VALUES (?1, ?2, ?3)
          ON CONFLICT (sandbox_id) DO UPDATE SET policy_json = ?2, updated_at = ?3",
         params![sandbox, json, crate::time::now_ms()],
