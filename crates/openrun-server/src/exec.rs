@@ -770,7 +770,7 @@ impl Context {
                     pid: exited,
                     mut status,
                 } if exited == pid => {
-                    crate::maintenance::mark_oom(&mut status, sandbox.oom_kills() > oom_before);
+                    crate::maintenance::mark_oom(&mut status, || sandbox.oom_kills() > oom_before);
                     let event = NewEvent {
                         sandbox_id: self.row.id.clone(),
                         tenant: self.caller.tenant.clone(),

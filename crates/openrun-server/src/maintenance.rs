@@ -345,7 +345,7 @@ async fn watch(state: &Shared, row: &db::BackgroundRow) -> Result<(), ApiError> 
             if pid != row.pid {
                 continue;
             }
-            mark_oom(&mut status, sandbox.oom_kills() > oom_before);
+            mark_oom(&mut status, || sandbox.oom_kills() > oom_before);
             let event = NewEvent {
                 sandbox_id: row.sandbox_id.clone(),
                 tenant: row.tenant.clone(),
@@ -360,9 +360,10 @@ async fn watch(state: &Shared, row: &db::BackgroundRow) -> Result<(), ApiError> 
 }
 
 /// A SIGKILL (or a shell's 137) while the memory cgroup counted new OOM kills is an OOM kill.
-pub(crate) fn mark_oom(status: &mut ExitStatus, new_oom_kills: bool) {
+/// `new_oom_kills` (a read of the cgroup) is asked only for such an exit.
+pub(crate) fn mark_oom(status: &mut ExitStatus, new_oom_kills: impl FnOnce() -> bool) {
     let killed = status.signal == Some(9) || status.code == Some(137);
-    if killed && new_oom_kills {
+    if killed && new_oom_kills() {
         status.oom_killed = true;
     }
 }

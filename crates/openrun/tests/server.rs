@@ -826,3 +826,43 @@ fn a_request_refused_before_its_body_was_read_closes_its_connection() {
     assert_eq!(res.status(), 401);
     assert!(res.headers().get("connection").is_none_or(|v| v != "close"));
 }
+
+#[test]
+fn an_oom_kill_is_reported_on_exec_and_background_exits_and_a_plain_kill_is_not() {
+    let env = Env::new();
+    let api_key = key(&env, "oom");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &api_key);
+    let id = api.create(json!({ "memory": "32M" }))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // `tail` keeps everything it reads from a newline-free stream in memory.
+    let hog = "head -c 300M /dev/zero | tail";
+    let exit = exit_line(&api.exec(&id, hog)).clone();
+    assert_eq!(exit["oom_killed"], true, "{exit}");
+    // A SIGKILL that is no OOM kill is not reported as one.
+    let exit = exit_line(&api.exec(&id, "kill -9 $$")).clone();
+    assert_eq!(exit["signal"], 9, "{exit}");
+    assert_eq!(exit["oom_killed"], false, "{exit}");
+    // A background process's exit is recorded by the server's exit watcher.
+    let pid = api.background(&id, json!({ "cmd": ["sh", "-c", hog], "background": true }));
+    api.wait_exited(&id, pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        let events: Vec<Value> = api
+            .get(&format!("/v1/sandboxes/{id}/events"))
+            .json()
+            .expect("events");
+        let found = events
+            .iter()
+            .find(|e| e["kind"] == "process.exit" && e["payload"]["pid"] == pid)
+            .cloned();
+        if let Some(event) = found {
+            break event;
+        }
+        assert!(Instant::now() < deadline, "no exit event: {events:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(exit["payload"]["oom_killed"], true, "{exit}");
+}
