@@ -454,6 +454,23 @@ async fn retire(state: &Shared) {
     }
 }
 
+/// Sets the lifetime of `client`'s agent to `ttl` (none: no limit); the client back once the
+/// agent answered.
+async fn set_lifetime(
+    mut client: AgentClient,
+    ttl: Option<Duration>,
+) -> Result<AgentClient, String> {
+    let request = Request::SetLifetime {
+        remaining_ms: ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+    };
+    match tokio::time::timeout(AGENT_WAIT, client.call(request)).await {
+        Ok(Ok(frame)) if frame.header == AgentResponse::Done => Ok(client),
+        Ok(Ok(frame)) => Err(format!("unexpected answer: {:?}", frame.header)),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("the agent did not answer within {AGENT_WAIT:?}")),
+    }
+}
+
 /// Destroys a pooled sandbox and forgets it (a failure is logged: the next start retries).
 pub(crate) async fn destroy(state: &Shared, sandbox: Sandbox) {
     let id = sandbox.id().to_string();
@@ -483,31 +500,32 @@ pub(crate) async fn claim(
     let mut sandbox = ready.sandbox;
     let parked = ready.client.and_then(IdleAgent::reuse);
     let deadline = row.expires_at.and_then(|t| u64::try_from(t).ok());
-    let lifetime = async {
-        let mut client = match parked {
-            Some(client) => client,
-            None => sandbox.connect().await.map_err(|e| e.to_string())?,
-        };
-        let request = Request::SetLifetime {
-            remaining_ms: ttl.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        };
-        match tokio::time::timeout(AGENT_WAIT, client.call(request)).await {
-            Ok(Ok(frame)) if frame.header == AgentResponse::Done => Ok(client),
-            Ok(Ok(frame)) => Err(format!("unexpected answer: {:?}", frame.header)),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("the agent did not answer within {AGENT_WAIT:?}")),
+    let runtime = state.runtime.clone();
+    let set = match parked {
+        // The agent's timer and the runtime record are independent: both are set at once.
+        Some(client) => {
+            let (answer, saved) = tokio::join!(
+                set_lifetime(client, ttl),
+                blocking(move || {
+                    let saved = runtime.set_expiry(&mut sandbox, deadline);
+                    (sandbox, saved)
+                })
+            );
+            saved.map(|(sandbox, saved)| (sandbox, saved.map_err(|e| e.to_string()).and(answer)))
         }
-    };
-    let set = match lifetime.await {
-        Ok(client) => {
-            let runtime = state.runtime.clone();
-            blocking(move || {
-                let saved = runtime.set_expiry(&mut sandbox, deadline);
-                (sandbox, saved.map(|()| client).map_err(|e| e.to_string()))
-            })
-            .await
-        }
-        Err(e) => Ok((sandbox, Err(e))),
+        None => match sandbox.connect().await {
+            Ok(client) => match set_lifetime(client, ttl).await {
+                Ok(client) => {
+                    blocking(move || {
+                        let saved = runtime.set_expiry(&mut sandbox, deadline);
+                        (sandbox, saved.map(|()| client).map_err(|e| e.to_string()))
+                    })
+                    .await
+                }
+                Err(e) => Ok((sandbox, Err(e))),
+            },
+            Err(e) => Ok((sandbox, Err(e.to_string()))),
+        },
     };
     let (sandbox, client) = match set {
         Ok((sandbox, Ok(client))) => (sandbox, client),
