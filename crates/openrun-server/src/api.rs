@@ -681,13 +681,14 @@ pub(crate) async fn create_sandbox(
                 crate::egress::routes::prepare(s, &sandbox, &network).await?;
                 // The connection that set the lifetime serves the first exec: no connect and
                 // Hello then (crate::agent_conns).
+                let socket = sandbox.socket_path();
                 s.conns.put(&row.id, Arc::new(sandbox), client);
                 tracing::info!(
                     id = row.id,
                     tenant = row.tenant,
                     "sandbox created (warm pool)"
                 );
-                crate::relay::ensure_egress(s, &row.id, &row.tenant);
+                crate::relay::ensure_egress(s, &row.id, &row.tenant, Some(socket));
                 return SandboxResource::from_row(row);
             }
             Err(Some(error)) => return Err(error),
@@ -772,7 +773,7 @@ pub(crate) async fn create_sandbox(
         });
     }
     tracing::info!(id = row.id, tenant = row.tenant, "sandbox created");
-    crate::relay::ensure_egress(s, &row.id, &row.tenant);
+    crate::relay::ensure_egress(s, &row.id, &row.tenant, Some(sandbox.socket_path()));
     SandboxResource::from_row(row)
 }
 

@@ -120,7 +120,7 @@ pub async fn reconcile(state: &Shared) -> Result<(), ServerError> {
     for row in recorded {
         if live.iter().any(|r| r.id == row.id) {
             match_freezer(state, &row).await?;
-            crate::relay::ensure_egress(state, &row.id, &row.tenant);
+            crate::relay::ensure_egress(state, &row.id, &row.tenant, None);
             continue;
         }
         let db::SandboxRow { id, tenant, .. } = row;

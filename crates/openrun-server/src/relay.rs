@@ -90,14 +90,21 @@ fn supervised<T>(f: impl FnOnce(&mut HashSet<String>) -> T) -> T {
 }
 
 /// Starts the egress supervisor of sandbox `sandbox_id` (owned by `tenant`) unless one runs:
-/// after a create, and for every live sandbox when the server starts.
-pub(crate) fn ensure_egress(state: &Shared, sandbox_id: &str, tenant: &str) {
+/// after a create, and for every live sandbox when the server starts. `socket`: the agent's
+/// socket of a sandbox the caller just made running, so the first relay skips reading its
+/// row and opening it again (work that would compete with the sandbox's first exec).
+pub(crate) fn ensure_egress(
+    state: &Shared,
+    sandbox_id: &str,
+    tenant: &str,
+    socket: Option<PathBuf>,
+) {
     if !supervised(|set| set.insert(sandbox_id.to_string())) {
         return;
     }
     let (state, id, tenant) = (state.clone(), sandbox_id.to_string(), tenant.to_string());
     tokio::spawn(async move {
-        supervise(&state, &id, &tenant).await;
+        supervise(&state, &id, &tenant, socket).await;
         supervised(|set| set.remove(&id));
         tracing::debug!(id, "egress relay supervisor ended");
     });
@@ -113,12 +120,16 @@ enum Next {
     End,
 }
 
-/// Keeps a relay up while the sandbox lives.
-async fn supervise(state: &Shared, id: &str, tenant: &str) {
+/// Keeps a relay up while the sandbox lives; the first relay goes to `known` when given.
+async fn supervise(state: &Shared, id: &str, tenant: &str, mut known: Option<PathBuf>) {
     let mut backoff = MIN_BACKOFF;
     let mut warned = false;
     loop {
-        let socket = match look(state, id, tenant).await {
+        let next = match known.take() {
+            Some(socket) => Next::Relay(socket),
+            None => look(state, id, tenant).await,
+        };
+        let socket = match next {
             Next::Relay(socket) => socket,
             Next::Wait => {
                 tokio::time::sleep(STATE_POLL).await;
