@@ -349,6 +349,40 @@ fn a_refill_never_makes_a_user_create_429() {
 }
 
 #[test]
+fn a_claimed_sandbox_reaches_the_egress_proxy_at_once_for_its_tenant() {
+    let env = Env::new();
+    let key = key(&env, "ci");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key);
+    wait_ready(&api, 4.0);
+    let id = id_of(&api.create(json!({})));
+    assert_eq!(metric(&api, "openrun_warm_pool_hits_total"), 1.0);
+    // The first command goes through the relay at once: the proxy answers (policy none).
+    let lines = api.exec(
+        &id,
+        "curl -sS -m 20 -o /dev/null -w '%{http_code}' http://example.com/",
+    );
+    assert_eq!(stream(&lines, "stdout"), "403", "{lines:?}");
+    // The refusal is recorded on the claimer's sandbox timeline.
+    let events: Vec<Value> = api
+        .get(&format!("/v1/sandboxes/{id}/events"))
+        .json()
+        .expect("events");
+    let denied: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "network.deny")
+        .collect();
+    assert_eq!(denied.len(), 1, "{events:?}");
+    assert_eq!(denied[0]["payload"]["host"], "example.com");
+    // Another tenant sees none of it.
+    let other = Api::new(&server, &common::server::key(&env, "other"));
+    assert_eq!(
+        other.get(&format!("/v1/sandboxes/{id}/events")).status(),
+        404
+    );
+}
+
+#[test]
 fn warm_pool_0_turns_it_off() {
     let env = Env::new();
     let key = key(&env, "ci");
