@@ -8,10 +8,11 @@
 //! times each admitted create for [`crate::metrics`]. A fork's creates wait for slots
 //! ([`Admission::slot`]) without the queue bound: the fork itself is one request.
 //!
-//! The warm pool's refill takes a slot too ([`Admission::pool_slot`]), but it yields it: a
-//! user create that finds every slot taken and the queue full, while the pool holds one,
-//! waits for that slot instead of being refused (a refill is one short fork, and the pool
-//! takes no slot while a user create is in progress). One such create per pool-held slot.
+//! The warm pool's refill takes a slot too ([`Admission::pool_slot`]), but it lends it: a
+//! user create that finds every slot taken and the queue full while a refill waits for a
+//! slot or holds one waits for a slot like one more queued create, instead of being refused
+//! (a refill is one short fork, and the pool starts none while a user create is in
+//! progress). One such create per refill at a time; one that leaves gives the loan back.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -40,25 +41,26 @@ pub struct Admission {
     max_creating: usize,
     queue: usize,
     waiting: Arc<AtomicUsize>,
-    /// Slots the warm pool holds that no user create has claimed yet (see [`PoolSlot`]).
-    lendable: Arc<AtomicUsize>,
+    /// Refills waiting for or holding a slot ([`PoolSlot`]).
+    pool_slots: Arc<AtomicUsize>,
+    /// User creates waiting on a slot lent by a refill ([`Admission::borrow_pool_slot`]).
+    borrowers: Arc<AtomicUsize>,
 }
 
-/// A create slot held by the warm pool's refill: while it is held, one user create that
-/// would be refused waits for it instead ([`Admission::borrow_pool_slot`]).
+/// A create slot held by the warm pool's refill. From the moment the refill starts waiting
+/// for it until the slot is given back, one user create that would be refused waits for a
+/// slot instead ([`Admission::borrow_pool_slot`]).
 pub(crate) struct PoolSlot {
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    lendable: Arc<AtomicUsize>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _counted: Held,
 }
 
 impl Drop for PoolSlot {
     fn drop(&mut self) {
-        // Not claimed: take it off the lendable ones. Claimed: the borrower is waiting on the
-        // semaphore, and the permit this drop gives back goes to the longest waiter (tokio's
-        // semaphore is fair).
-        let _ = self
-            .lendable
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        // The slot goes back before the refill stops counting (`_counted` is dropped after
+        // this): a create never finds neither a free slot nor one to borrow in between. The
+        // semaphore hands it to the longest waiter, a borrower included (it is fair).
+        drop(self.permit.take());
     }
 }
 
@@ -71,27 +73,33 @@ impl Admission {
             max_creating,
             queue,
             waiting: Arc::new(AtomicUsize::new(0)),
-            lendable: Arc::new(AtomicUsize::new(0)),
+            pool_slots: Arc::new(AtomicUsize::new(0)),
+            borrowers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
     /// A create slot for the warm pool's refill, waited for; a user create may borrow it
-    /// while it is held (see the module documentation).
+    /// while the refill waits for it or holds it (see the module documentation).
     pub(crate) async fn pool_slot(&self) -> Result<PoolSlot, ApiError> {
+        // Counted while waiting too, and given back if the wait is dropped.
+        let counted = Held::take(&self.pool_slots);
         let permit = self.slot().await?;
-        self.lendable.fetch_add(1, Ordering::AcqRel);
         Ok(PoolSlot {
-            _permit: permit,
-            lendable: self.lendable.clone(),
+            permit: Some(permit),
+            _counted: counted,
         })
     }
 
-    /// Claims one slot the warm pool holds, if one is not claimed yet: the caller may then
-    /// wait for a slot although the queue is full.
-    fn borrow_pool_slot(&self) -> bool {
-        self.lendable
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
+    /// Borrows a slot a refill waits for or holds, if fewer creates borrow than refills count:
+    /// the caller may then wait for a slot although the queue is full. Given back when
+    /// dropped (once the caller has its slot, or when it leaves while waiting).
+    fn borrow_pool_slot(&self) -> Option<Held> {
+        self.borrowers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b < self.pool_slots.load(Ordering::Acquire)).then_some(b + 1)
+            })
+            .ok()
+            .map(|_| Held(self.borrowers.clone()))
     }
 
     /// A create slot for one sandbox of a fork, waited for: a fork's creates share the slots
@@ -106,13 +114,13 @@ impl Admission {
 
     /// A place in the queue, if there is room; given back when dropped (also when the client
     /// leaves while waiting).
-    fn join_queue(&self) -> Option<QueuePlace> {
+    fn join_queue(&self) -> Option<Held> {
         self.waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
                 (w < self.queue).then_some(w + 1)
             })
             .ok()
-            .map(|_| QueuePlace(self.waiting.clone()))
+            .map(|_| Held(self.waiting.clone()))
     }
 
     /// Seconds until the creates ahead of a newcomer should have drained: the mean create time
@@ -124,10 +132,19 @@ impl Admission {
     }
 }
 
-/// A taken queue place.
-struct QueuePlace(Arc<AtomicUsize>);
+/// One unit of a counter (a queue place, a refill's slot, a borrower), given back when
+/// dropped.
+struct Held(Arc<AtomicUsize>);
 
-impl Drop for QueuePlace {
+impl Held {
+    /// Takes one unit of `counter`, unbounded.
+    fn take(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
@@ -206,8 +223,10 @@ where
     let permit = match admission.slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
-            let place = admission.join_queue();
-            if place.is_none() && !admission.borrow_pool_slot() {
+            let place = admission
+                .join_queue()
+                .or_else(|| admission.borrow_pool_slot());
+            if place.is_none() {
                 s.metrics.reject_create();
                 let retry_after_secs = admission.retry_after(s.metrics.mean_create());
                 return Err(ApiError::TooManyRequests {
@@ -262,32 +281,71 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slot_the_pool_holds_is_lent_to_one_create() {
+    async fn a_slot_the_pool_holds_is_lent_to_one_create_at_a_time() {
         let a = Admission::new(1, 0);
         assert!(
-            !a.borrow_pool_slot(),
+            a.borrow_pool_slot().is_none(),
             "nothing to borrow without a pool slot"
         );
         let held = a.pool_slot().await.expect("a free slot");
         assert!(a.slots.clone().try_acquire_owned().is_err());
-        assert!(a.borrow_pool_slot(), "the pool's slot is lent");
-        assert!(!a.borrow_pool_slot(), "and lent once only");
+        let borrowed = a.borrow_pool_slot().expect("the pool's slot is lent");
+        assert!(a.borrow_pool_slot().is_none(), "and lent once only");
+        // A borrower that leaves while waiting gives the loan back.
+        drop(borrowed);
+        let borrowed = a.borrow_pool_slot().expect("lent again");
         let waiter = {
             let slots = a.slots.clone();
             tokio::spawn(async move { slots.acquire_owned().await })
         };
+        tokio::task::yield_now().await;
         drop(held);
         let permit = tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("the borrower gets the slot")
             .expect("task")
             .expect("open");
+        drop(borrowed);
         drop(permit);
-        assert_eq!(a.lendable.load(Ordering::Acquire), 0);
-        // A pool slot nobody borrowed leaves nothing lendable behind.
-        drop(a.pool_slot().await.expect("a free slot"));
-        assert_eq!(a.lendable.load(Ordering::Acquire), 0);
-        assert!(!a.borrow_pool_slot());
+        assert_eq!(a.pool_slots.load(Ordering::Acquire), 0);
+        assert_eq!(a.borrowers.load(Ordering::Acquire), 0);
+        assert!(a.borrow_pool_slot().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_refill_waiting_for_a_slot_already_lends_it() {
+        let a = Arc::new(Admission::new(1, 0));
+        let user = a.slots.clone().try_acquire_owned().expect("a free slot");
+        let refill = {
+            let a = a.clone();
+            tokio::spawn(async move { a.pool_slot().await.map(drop) })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a.pool_slots.load(Ordering::Acquire) == 0 {
+            assert!(Instant::now() < deadline, "the refill never waited");
+            tokio::task::yield_now().await;
+        }
+        let borrowed = a.borrow_pool_slot().expect("lent while the refill waits");
+        drop(user);
+        tokio::time::timeout(Duration::from_secs(5), refill)
+            .await
+            .expect("the refill gets the slot")
+            .expect("task")
+            .expect("open");
+        drop(borrowed);
+        assert_eq!(a.pool_slots.load(Ordering::Acquire), 0);
+        // A refill whose wait is dropped stops counting.
+        let user = a.slots.clone().try_acquire_owned().expect("a free slot");
+        let mut waiting = Box::pin(a.pool_slot());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut waiting)
+                .await
+                .is_err()
+        );
+        assert_eq!(a.pool_slots.load(Ordering::Acquire), 1);
+        drop(waiting);
+        assert_eq!(a.pool_slots.load(Ordering::Acquire), 0);
+        drop(user);
     }
 
     #[test]

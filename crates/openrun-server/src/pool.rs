@@ -28,8 +28,8 @@
 //! - **User creates first.** One refill runs at a time, in a create slot of the admission
 //!   control (`--max-creating`), and only while no user create is in progress: under load the
 //!   pool drains and creates are made cold, and it refills once the burst is over. A user
-//!   create that would be refused (slots and queue full) while a refill holds a slot waits
-//!   for that slot instead ([`crate::admission::Admission::pool_slot`]).
+//!   create that would be refused (slots and queue full) while a refill waits for a slot or
+//!   holds one waits for a slot instead ([`crate::admission::Admission::pool_slot`]).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
