@@ -115,6 +115,35 @@ fn stop(mut child: Child) {
 }
 
 /// Waits until a process whose command line contains `needle` runs in sandbox `id`.
+/// Waits until a TCP socket listens on `port` in sandbox `id` (its `/proc/net/tcp`: no
+/// connection is made, so a listener that accepts once is left untouched).
+fn wait_for_listener(env: &Env, id: &str, port: u16) {
+    let r = attack_in(
+        env,
+        id,
+        &format!(
+            r#"
+def listening():
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(":{port:04X}") and fields[3] == "0A":
+            return True
+    return False
+for _ in range(100):
+    if listening():
+        break
+    time.sleep(0.1)
+report("listening", listening())
+"#
+        ),
+    );
+    assert_eq!(
+        r.get("listening"),
+        "True",
+        "nothing listens on {port} in {id}"
+    );
+}
+
 fn wait_for_process(env: &Env, id: &str, needle: &str) {
     let r = attack_in(
         env,
@@ -736,6 +765,8 @@ fn overwriting_the_runtime_binary_through_proc_exe() {
         ],
     );
     wait_for_process(&env, &id, "silent-listener");
+    // Listening, not only started: a runtime that found the port closed would exit at once.
+    wait_for_listener(&env, &id, 7000);
     let mut runtime = spawn_exec(
         &env,
         &id,
