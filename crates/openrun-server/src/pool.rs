@@ -500,10 +500,14 @@ pub(crate) async fn claim(
     let mut sandbox = ready.sandbox;
     let parked = ready.client.and_then(IdleAgent::reuse);
     let deadline = row.expires_at.and_then(|t| u64::try_from(t).ok());
-    let runtime = state.runtime.clone();
-    let set = match parked {
+    let client = match parked {
+        Some(client) => Ok(client),
+        None => sandbox.connect().await.map_err(|e| e.to_string()),
+    };
+    let set = match client {
         // The agent's timer and the runtime record are independent: both are set at once.
-        Some(client) => {
+        Ok(client) => {
+            let runtime = state.runtime.clone();
             let (answer, saved) = tokio::join!(
                 set_lifetime(client, ttl),
                 blocking(move || {
@@ -513,19 +517,7 @@ pub(crate) async fn claim(
             );
             saved.map(|(sandbox, saved)| (sandbox, saved.map_err(|e| e.to_string()).and(answer)))
         }
-        None => match sandbox.connect().await {
-            Ok(client) => match set_lifetime(client, ttl).await {
-                Ok(client) => {
-                    blocking(move || {
-                        let saved = runtime.set_expiry(&mut sandbox, deadline);
-                        (sandbox, saved.map(|()| client).map_err(|e| e.to_string()))
-                    })
-                    .await
-                }
-                Err(e) => Ok((sandbox, Err(e))),
-            },
-            Err(e) => Ok((sandbox, Err(e.to_string()))),
-        },
+        Err(e) => Ok((sandbox, Err(e))),
     };
     let (sandbox, client) = match set {
         Ok((sandbox, Ok(client))) => (sandbox, client),
