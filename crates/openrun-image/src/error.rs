@@ -75,6 +75,11 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// Whether this is a write into a pipe whose reader has gone (`EPIPE`).
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if source.kind() == io::ErrorKind::BrokenPipe)
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
         Self::Io {

@@ -445,6 +445,9 @@ impl Store {
             let staged = self.stage_tar(fs::File::from(rx), source, &what);
             match writer.join() {
                 Ok(Ok(_)) => staged,
+                // The reader stopped first (a full disk, a refused entry): the writer only saw
+                // the pipe break, the reader's error is the cause.
+                Ok(Err(e)) if staged.is_err() && e.is_broken_pipe() => staged,
                 // The writer's error explains the reader's (which only saw the pipe close).
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(ImageError::io(

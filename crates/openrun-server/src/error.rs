@@ -128,6 +128,16 @@ pub enum ApiError {
     /// The sandbox agent refused the request; its [`ErrorCode`] picks the status.
     #[error("{}", .0.message)]
     Agent(AgentError),
+    /// The host's disk (or the data directory's quota) is full (507 `insufficient_storage`):
+    /// the client learns that much, the detail is logged.
+    #[error("{context}: the server's disk is full")]
+    NoSpace {
+        /// What was being done, safe to show.
+        context: String,
+        /// The cause, logged only.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A failure of the server or the host (500 `internal`). The detail is logged; the client
     /// gets only `context`.
     #[error("{context}")]
@@ -141,14 +151,17 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// A server-side failure: `context` is shown, `source` only logged.
+    /// A server-side failure: `context` is shown, `source` only logged. A disk that is full
+    /// anywhere in `source`'s chain makes it a [`ApiError::NoSpace`].
     pub fn internal(
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::Internal {
-            context: context.into(),
-            source: source.into(),
+        let (context, source) = (context.into(), source.into());
+        if is_disk_full(source.as_ref()) {
+            Self::NoSpace { context, source }
+        } else {
+            Self::Internal { context, source }
         }
     }
 
@@ -166,7 +179,31 @@ impl ApiError {
             Self::Paused(_) => (StatusCode::CONFLICT, "sandbox_paused"),
             Self::BadGateway(_) => (StatusCode::BAD_GATEWAY, "bad_gateway"),
             Self::Agent(e) => agent_status(e.code),
+            Self::NoSpace { .. } => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             Self::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// The message a client may see, once the failure is in the log: a server-side cause
+    /// (which the client never sees) at `error`, anything else at `debug`. Every surface that
+    /// answers with an `ApiError` (a response, a stream's `error` line, an `up` result) says
+    /// it through this.
+    pub fn reported(&self) -> String {
+        let (status, code) = self.status_and_code();
+        match self {
+            Self::Internal { context, source } | Self::NoSpace { context, source } => {
+                tracing::error!(error = %source, "{context}");
+                self.to_string()
+            }
+            // The agent's own failure text may name host details: keep it in the log.
+            Self::Agent(e) if status == StatusCode::INTERNAL_SERVER_ERROR => {
+                tracing::error!(error = %e.message, "the sandbox agent failed");
+                "the sandbox agent failed".to_string()
+            }
+            _ => {
+                tracing::debug!(code, status = status.as_u16(), "{self}");
+                self.to_string()
+            }
         }
     }
 
@@ -188,6 +225,27 @@ impl ApiError {
             Self::internal(context, e)
         }
     }
+}
+
+/// Whether `error` or one of its causes is a full disk or quota: an I/O error `ENOSPC` or
+/// `EDQUOT`, or SQLite's `SQLITE_FULL`.
+fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind;
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let io_full = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
+        });
+        let sqlite_full = matches!(
+            e.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull
+        );
+        if io_full || sqlite_full {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// The one place an agent [`ErrorCode`] becomes an HTTP status and stable code.
@@ -224,19 +282,7 @@ pub struct ErrorCodeTag(pub &'static str);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let Self::Internal { context, source } = &self {
-            tracing::error!(error = %source, "{context}");
-        } else {
-            tracing::debug!(code, status = status.as_u16(), "{self}");
-        }
-        let message = match &self {
-            // The agent's own failure text may name host details: keep it in the log.
-            Self::Agent(e) if status == StatusCode::INTERNAL_SERVER_ERROR => {
-                tracing::error!(error = %e.message, "the sandbox agent failed");
-                "the sandbox agent failed".to_string()
-            }
-            _ => self.to_string(),
-        };
+        let message = self.reported();
         let body = serde_json::json!({ "code": code, "message": message });
         let mut response = (status, axum::Json(body)).into_response();
         // For the metrics and request log, which see only the response.
@@ -250,5 +296,51 @@ impl IntoResponse for ApiError {
                 .insert(axum::http::header::RETRY_AFTER, retry_after_secs.into());
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_space() -> std::io::Error {
+        std::io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error())
+    }
+
+    #[test]
+    fn a_full_disk_anywhere_in_the_cause_is_a_507_naming_it() {
+        let nested = openrun_image::ImageError::Io {
+            context: "cannot write layer".into(),
+            source: no_space(),
+        };
+        let e = ApiError::internal("cannot snapshot the sandbox", nested);
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot snapshot the sandbox: the server's disk is full"
+        );
+        let quota = std::io::Error::from_raw_os_error(rustix::io::Errno::DQUOT.raw_os_error());
+        let e = ApiError::internal("cannot copy", quota);
+        assert_eq!(e.status_and_code().1, "insufficient_storage");
+        let sqlite = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let e = ApiError::from(DbError::Sqlite(sqlite));
+        assert_eq!(e.status_and_code().1, "insufficient_storage");
+    }
+
+    #[test]
+    fn other_host_failures_stay_a_500_showing_only_the_context() {
+        let denied = std::io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error());
+        let e = ApiError::internal("cannot snapshot the sandbox", denied);
+        assert_eq!(
+            e.status_and_code(),
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        );
+        assert_eq!(e.to_string(), "cannot snapshot the sandbox");
     }
 }

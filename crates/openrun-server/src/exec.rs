@@ -212,7 +212,7 @@ impl Line {
     pub(crate) fn error(e: &ApiError) -> Self {
         Line::Error {
             code: e.status_and_code().1.to_string(),
-            message: e.to_string(),
+            message: e.reported(),
         }
     }
 

@@ -144,7 +144,6 @@ async fn first_message(socket: &mut WebSocket) -> Result<ExecBody, ApiError> {
 
 /// Sends `e` as an `error` line and closes.
 pub(crate) async fn refuse(mut socket: WebSocket, e: &ApiError) {
-    tracing::debug!(error = %e, "WebSocket exec refused");
     if let Some(text) = Line::error(e).json() {
         let _ = socket.send(Message::Text(text.into())).await;
     }

@@ -642,3 +642,92 @@ fn the_cli_snapshots_forks_and_diffs_local_sandboxes() {
     assert!(stderr(&out).contains("in memory"), "{}", stderr(&out));
     assert!(Path::new(env.data_dir()).join("images/store").is_dir());
 }
+
+/// A tmpfs of `size` mounted on a data dir, unmounted (lazily, sandboxes may hold it) when
+/// dropped: declared after the [`Env`] whose dir it covers, so it goes first.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Self {
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs on {}", dir.display());
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The server's disk fills up during a snapshot: the answer is 507 `insufficient_storage`
+/// naming that (not a bare 500), nothing half-made is left (no image, the space given back),
+/// and the sandbox goes on; once its big file is gone the same snapshot succeeds.
+#[test]
+fn a_snapshot_that_fills_the_disk_is_a_507_and_leaves_nothing_behind() {
+    let env = Env::new();
+    let _disk = SmallDisk::mount(env.data_dir(), "64m");
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "filler"));
+    let sb = api.create(json!({}));
+    let id = sb["id"].as_str().unwrap();
+    // Random bytes (nothing to share or compress) filling most of what is left.
+    run(
+        &api,
+        id,
+        "dd if=/dev/urandom of=/root/big bs=1M count=40 2>/dev/null; echo kept > /root/note",
+        0,
+    );
+    let free_before = rustix::fs::statvfs(env.data_dir()).unwrap().f_bavail;
+    let res = post_json(
+        &api,
+        &format!("/v1/sandboxes/{id}/snapshot"),
+        json!({"name": "full"}),
+    );
+    let message = error(res, 507, "insufficient_storage");
+    assert_eq!(
+        message,
+        "cannot snapshot the sandbox: the server's disk is full"
+    );
+    let free_after = rustix::fs::statvfs(env.data_dir()).unwrap().f_bavail;
+    assert!(
+        free_after >= free_before,
+        "the failed snapshot kept {} blocks",
+        free_before - free_after
+    );
+    let images: Value = api.get("/v1/images").json().unwrap();
+    assert!(
+        !images.to_string().contains("full"),
+        "a failed snapshot left an image: {images}"
+    );
+    assert_eq!(run(&api, id, "cat /root/note", 0), "kept\n");
+    run(&api, id, "rm /root/big", 0);
+    let res = post_json(
+        &api,
+        &format!("/v1/sandboxes/{id}/snapshot"),
+        json!({"name": "full"}),
+    );
+    assert_eq!(res.status(), 201);
+    let fork = api.create(json!({"image": "full"}));
+    let out = run(
+        &api,
+        fork["id"].as_str().unwrap(),
+        "cat /root/note; ls /root",
+        0,
+    );
+    assert_eq!(out, "kept\nnote\n");
+}

@@ -267,6 +267,10 @@ impl From<ApiError> for ConnectError {
                     format!("{context}: the connection to the sandbox's agent was lost"),
                 );
             }
+            ApiError::NoSpace { context, source } => {
+                tracing::error!(error = %source, "{context}");
+                Code::ResourceExhausted
+            }
             ApiError::Internal { context, source } => {
                 tracing::error!(error = %source, "{context}");
                 Code::Internal

@@ -184,11 +184,8 @@ impl<C: AsRequestContext> FromContextPart<C> for Who {
 /// stable code, and what to do about it. Server faults are logged with their cause (the model
 /// gets only the safe context, as a REST client does).
 pub(crate) fn tool_error(e: ApiError) -> CallToolResult {
-    let (status, code) = e.status_and_code();
-    if status.is_server_error() {
-        tracing::error!(error = %e, source = ?std::error::Error::source(&e), "MCP tool failed");
-    }
-    let mut result = refuse(code, e.to_string());
+    let (_, code) = e.status_and_code();
+    let mut result = refuse(code, e.reported());
     if let ApiError::TooManyRequests {
         retry_after_secs, ..
     } = e
@@ -236,6 +233,9 @@ fn hint(code: &str, message: &str) -> Option<&'static str> {
         }
         "sandbox_paused" => "The sandbox is paused: resume it (openrun CLI or REST) first.",
         "internal" | "agent_lost" => "This is a server-side failure; retrying may help.",
+        "insufficient_storage" => {
+            "The server's disk is full: retrying will not help until its operator frees space."
+        }
         _ => return None,
     })
 }

@@ -232,7 +232,7 @@ impl From<crate::error::DbError> for UpError {
 
 impl From<ApiError> for UpError {
     fn from(e: ApiError) -> Self {
-        UpError::new(e.status_and_code().1, e.to_string())
+        UpError::new(e.status_and_code().1, e.reported())
     }
 }
 

@@ -231,6 +231,13 @@ class ServerError(OpenrunError):
     default_code = "internal"
 
 
+class InsufficientStorageError(ServerError):
+    """507 ``insufficient_storage``: the server's disk is full (a snapshot, fork, image import
+    or upload could not be written); retry once an operator has freed space."""
+
+    default_code = "insufficient_storage"
+
+
 class BadGatewayError(ServerError):
     """502 ``bad_gateway``: what answers inside the sandbox did not speak HTTP."""
 
@@ -329,6 +336,7 @@ CODES: Dict[str, Tuple[Type[OpenrunError], int]] = {
     "too_large": (TooLargeError, 413),
     "too_many_requests": (RateLimitedError, 429),
     "internal": (ServerError, 500),
+    "insufficient_storage": (InsufficientStorageError, 507),
     "bad_gateway": (BadGatewayError, 502),
     "port_closed": (PortClosedError, 502),
     # Codes only seen in stream lines (the agent's, and the server's relay).
