@@ -448,8 +448,11 @@ def test_lifecycle_another_tenant_sees_nothing(sandbox, make_key):
 
 
 def test_lifecycle_creates_beyond_the_slots_and_queue_are_429(start_server):
-    # One create at a time and no queue: concurrent creates are refused, not piled up.
-    server = start_server("--max-creating", "1", "--create-queue", "0")
+    # One create at a time and no queue: concurrent creates are refused, not piled up. Cold
+    # creates (no warm pool): a claim from the pool takes ~2 ms, so under load six threads
+    # released together could each find the slot free again (seen: none refused), while a
+    # cold create holds it for a fork's whole time.
+    server = start_server("--max-creating", "1", "--create-queue", "0", "--warm-pool", "0")
     opts = dict(api_url=server.url, sandbox_url=server.url, api_key=server.key)
     made, refused, other = [], [], []
     barrier = threading.Barrier(6)
