@@ -8,6 +8,9 @@
 //! never waiting (a WAL reader does not wait for the writer; anything that would wait goes to
 //! the blocking pool instead). Unsynced commits ([`Db::call_unsynced`]) also run on the
 //! caller's thread when the writer's connection is free, with the same never-wait rule.
+//! [`Db::commit_then_sync`] is such a commit followed by a sync of the WAL on the blocking
+//! pool, for a record that must be on the disk before an answer but may be synced while the
+//! action it records starts.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -173,6 +176,8 @@ pub struct Db {
     readers: Arc<[Mutex<Connection>]>,
     /// Bumped after every call that changed a row, so followers of the timeline re-read it.
     changes: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The WAL, synced on its own after a commit made unsynced ([`Db::commit_then_sync`]).
+    wal: Arc<WalFile>,
 }
 
 impl Db {
@@ -210,10 +215,16 @@ impl Db {
         let readers = (0..READERS)
             .map(|_| open_reader(path).map(Mutex::new))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             readers: readers.into(),
             changes: Arc::new(tokio::sync::watch::channel(0).0),
+            wal: Arc::new(WalFile {
+                path: wal.into(),
+                file: Mutex::new(None),
+            }),
         })
     }
 
@@ -333,6 +344,76 @@ impl Db {
             }
         }
         self.call(move |c| unsynced(c, BUSY_TIMEOUT, &f)).await
+    }
+}
+
+impl Db {
+    /// Runs `f` like [`Db::call_unsynced`] (its commit visible to every reader at once, and
+    /// surviving a crash of this process) and starts making it durable on the blocking pool:
+    /// the returned [`Durable`] resolves once the WAL holding the commit is on the disk, as a
+    /// synced commit's would be. For a record that must exist before an action starts and be
+    /// on the disk before anyone is told the action started (`process.exec`): the sync then
+    /// overlaps the action's start instead of delaying it.
+    ///
+    /// Syncing the WAL file after the commit gives what `synchronous = FULL` gives (which
+    /// syncs the same file at the end of the commit): the commit's frames are written to the
+    /// WAL in order and checkpoints are held off while a commit goes unsynced, so the database
+    /// file never holds anything the WAL did not hold first.
+    pub async fn commit_then_sync<T, F>(&self, f: F) -> Result<(T, Durable), DbError>
+    where
+        T: Send + 'static,
+        F: Fn(&mut Connection) -> Result<T, DbError> + Send + 'static,
+    {
+        let value = self.call_unsynced(f).await?;
+        let wal = self.wal.clone();
+        let sync = tokio::task::spawn_blocking(move || wal.sync());
+        Ok((value, Durable(sync)))
+    }
+}
+
+/// A commit of [`Db::commit_then_sync`] on its way to the disk.
+#[must_use = "a commit is durable only once its Durable resolved"]
+pub struct Durable(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Durable {
+    /// Waits until the commit is on the disk.
+    pub async fn wait(self) -> Result<(), DbError> {
+        match self.0.await {
+            Ok(synced) => synced.map_err(DbError::Sync),
+            Err(e) => Err(DbError::Task(e)),
+        }
+    }
+}
+
+/// The database's write-ahead log (`<db>-wal`), opened on its first sync and kept open.
+struct WalFile {
+    path: std::path::PathBuf,
+    file: Mutex<Option<std::fs::File>>,
+}
+
+impl WalFile {
+    /// `fdatasync` of the WAL. It is opened again when its path names another file than the
+    /// one held: SQLite deletes the WAL only when the last connection to the database closes,
+    /// which this server's open connections prevent, but syncing a deleted file would leave a
+    /// commit unsynced without a word, so that is checked rather than assumed.
+    fn sync(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut held = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::fs::metadata(&self.path)?;
+        let same = match held.as_ref() {
+            Some(file) => {
+                let meta = file.metadata()?;
+                (meta.dev(), meta.ino()) == (now.dev(), now.ino())
+            }
+            None => false,
+        };
+        if !same {
+            *held = Some(std::fs::File::open(&self.path)?);
+        }
+        match held.as_ref() {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1094,6 +1175,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(sync, 2, "synchronous = FULL again");
+    }
+
+    /// A commit of `commit_then_sync` is seen by readers before its sync is awaited, and the
+    /// sync is of the WAL file the path names now: a file put in its place is opened anew,
+    /// and a WAL that is gone is an error, never a sync that silently did nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_is_visible_before_its_sync_and_the_sync_follows_the_wal_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("openrun.db");
+        let db = Db::open(&path).unwrap();
+        let ((), durable) = db
+            .commit_then_sync(|c| insert_pooled(c, "a"))
+            .await
+            .unwrap();
+        assert_eq!(db.read(pooled).await.unwrap(), ["a"]);
+        durable.wait().await.unwrap();
+        let sync: i64 = db
+            .call(|c| Ok(c.pragma_query_value(None, "synchronous", |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous = FULL again");
+        let held_ino = |db: &Db| {
+            let held = db.wal.file.lock().unwrap();
+            held.as_ref().map(|f| f.metadata().unwrap().ino())
+        };
+        let wal = dir.path().join("openrun.db-wal");
+        assert_eq!(held_ino(&db), Some(fs_ino(&wal)));
+        // Another file in its place (not something SQLite does while connections are open).
+        let copy = dir.path().join("copy");
+        std::fs::copy(&wal, &copy).unwrap();
+        std::fs::rename(&copy, &wal).unwrap();
+        db.wal.sync().unwrap();
+        assert_eq!(held_ino(&db), Some(fs_ino(&wal)));
+        std::fs::remove_file(&wal).unwrap();
+        let gone = db.wal.sync().unwrap_err();
+        assert_eq!(gone.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    fn fs_ino(path: &std::path::Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
     }
 
     #[test]

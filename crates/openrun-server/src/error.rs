@@ -80,6 +80,9 @@ pub enum DbError {
     /// The blocking task running the statement failed.
     #[error("database task failed: {0}")]
     Task(#[source] tokio::task::JoinError),
+    /// A commit could not be synced to the disk.
+    #[error("cannot sync the database's log to the disk: {0}")]
+    Sync(#[source] std::io::Error),
 }
 
 /// Why one request failed. Each variant has one HTTP status and one stable `code`.

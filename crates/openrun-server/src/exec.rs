@@ -24,7 +24,8 @@
 //! what an interactive client sends comes back to it as [`Input`].
 //!
 //! The timeline gets `process.exec` (argv, cwd, names of env variables) before the command
-//! starts (a synced commit: what the caller did) and `process.exit` (or `process.error`)
+//! starts (what the caller did: committed first, on the disk before the client is told the
+//! command started, the sync overlapping the start) and `process.exit` (or `process.error`)
 //! before the client sees the outcome (an exit is committed unsynced, see
 //! [`crate::maintenance::record_exit`]). A client that disconnects does not stop the command,
 //! and its exit is still recorded.
@@ -48,7 +49,7 @@ use openrun_runtime::{
 use tokio::sync::mpsc;
 
 use crate::api::{blocking, check_env, find, Caller, JsonBody, Shared};
-use crate::db::{self, NewEvent, SandboxRow};
+use crate::db::{self, Durable, NewEvent, SandboxRow};
 use crate::error::ApiError;
 use crate::files::record;
 use crate::openapi::ErrorAnswers;
@@ -455,7 +456,7 @@ pub(crate) async fn start_background(
     request.attach = false;
     let row = find(s, caller, id).await?;
     let (_sandbox, mut client) = open_running(s, &row).await?;
-    record_exec(s, caller, &row, &request).await?;
+    let durable = record_exec(s, caller, &row, &request).await?;
     let started = client
         .call(Request::Exec(request))
         .await
@@ -463,6 +464,7 @@ pub(crate) async fn start_background(
     match started.header {
         AgentResponse::Started { pid } => {
             crate::maintenance::watch_background(s, &row, caller, pid).await;
+            made_durable(durable, &row.id, pid).await;
             Ok(pid)
         }
         other => Err(ApiError::internal(
@@ -472,13 +474,15 @@ pub(crate) async fn start_background(
     }
 }
 
-/// Records `process.exec` for `request`.
+/// Records `process.exec` for `request`: committed when this returns (before the command
+/// may start), on the disk once the returned [`Durable`] resolves (before anyone is told it
+/// started), so the sync overlaps the start.
 async fn record_exec(
     s: &Shared,
     caller: &Caller,
     row: &SandboxRow,
     request: &ExecRequest,
-) -> Result<(), ApiError> {
+) -> Result<Durable, ApiError> {
     let mut payload = serde_json::json!({
         "argv": request.argv,
         "cwd": request.cwd,
@@ -488,7 +492,26 @@ async fn record_exec(
     if let Some(size) = request.pty {
         payload["pty"] = serde_json::json!({ "rows": size.rows, "cols": size.cols });
     }
-    record(s, caller, row, "process.exec", payload).await
+    let event = NewEvent {
+        sandbox_id: row.id.clone(),
+        tenant: caller.tenant.clone(),
+        actor: caller.actor.clone(),
+        kind: "process.exec",
+        payload,
+    };
+    let ((), durable) =
+        s.db.commit_then_sync(move |c| db::append_event(c, &event))
+            .await?;
+    Ok(durable)
+}
+
+/// Waits until the `process.exec` of a command that started is on the disk. A failed sync is
+/// logged: the command runs and its record is in the database, only a power loss could
+/// still take the record.
+async fn made_durable(durable: Durable, sandbox: &str, pid: Pid) {
+    if let Err(e) = durable.wait().await {
+        tracing::error!(error = %e, sandbox, pid, "the record of a started command may not survive a power loss");
+    }
 }
 
 /// Records `process.exec` and starts the attached command `request` on `agent` (from
@@ -521,7 +544,7 @@ async fn start_on(
     request: ExecRequest,
     input: Option<mpsc::Receiver<Input>>,
 ) -> Result<mpsc::Receiver<Line>, ApiError> {
-    record_exec(s, caller, row, &request).await?;
+    let durable = record_exec(s, caller, row, &request).await?;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let ctx = Context {
         state: s.clone(),
@@ -529,7 +552,7 @@ async fn start_on(
         caller: caller.clone(),
         tx,
     };
-    tokio::spawn(ctx.drive(agent, request, input));
+    tokio::spawn(ctx.drive(agent, request, durable, input));
     Ok(rx)
 }
 
@@ -660,6 +683,7 @@ impl Context {
         self,
         agent: ExecAgent,
         request: ExecRequest,
+        durable: Durable,
         input: Option<mpsc::Receiver<Input>>,
     ) {
         let ExecAgent {
@@ -711,6 +735,7 @@ impl Context {
         // Owed to the timeline from now on: if this server dies before the exit, the next
         // one records it.
         let tracked = crate::maintenance::track(&self.state, &self.row, &self.caller, pid).await;
+        made_durable(durable, &self.row.id, pid).await;
         self.send(Line::Started { pid }).await;
         // The sending half must live until the exit: dropping it half-closes the connection.
         let (sender, _forwarder) = match input {
