@@ -552,8 +552,24 @@ async fn start_on(
         caller: caller.clone(),
         tx,
     };
-    tokio::spawn(ctx.drive(agent, request, durable, input));
+    // The command is sent here, before the answer's head goes out, so the agent starts it
+    // while the head is written; the driver task takes it from there. No await between the
+    // send and the spawn: a handler dropped then (its client left) cannot leave a command
+    // that nobody drives.
+    let sending = ctx.send_exec(agent, request).await;
+    tokio::spawn(ctx.drive(sending, durable, input));
     Ok(rx)
+}
+
+/// An `Exec` request written to the agent (or the failure to write it), for the driver.
+struct Sending {
+    sandbox: Arc<Sandbox>,
+    sender: AgentSender,
+    receiver: AgentReceiver,
+    /// The request's id, or why it could not be written.
+    sent: Result<u64, ClientError>,
+    /// The cgroup's OOM-kill count before the command started.
+    oom_before: u64,
 }
 
 /// The running sandbox of `row` and a connection to its agent: 409 `sandbox_paused` when it
@@ -676,16 +692,9 @@ impl Context {
         .await;
     }
 
-    /// Starts the command, relays its events until it exits, and forwards `input` to it.
-    /// Without `input`, the connection is left for the next exec once the exit was read
-    /// ([`crate::agent_conns`]).
-    async fn drive(
-        self,
-        agent: ExecAgent,
-        request: ExecRequest,
-        durable: Durable,
-        input: Option<mpsc::Receiver<Input>>,
-    ) {
+    /// Writes the `Exec` request on `agent`'s connection; `Err` (the message of an
+    /// `agent_lost` line) when a reused connection broke and no new one could be opened.
+    async fn send_exec(&self, agent: ExecAgent, request: ExecRequest) -> Result<Sending, String> {
         let ExecAgent {
             mut sandbox,
             client,
@@ -698,15 +707,41 @@ impl Context {
             // The idle connection broke after its check (the agent closed it). A request
             // whose write failed never reached the agent whole, so it did not start: send it
             // once more on a new connection.
-            match open_running(&self.state, &self.row).await {
-                Ok((fresh, client)) => {
-                    sandbox = Arc::new(fresh);
-                    (sender, receiver) = client.split();
-                    sent = sender.send(Request::Exec(request)).await;
-                }
-                Err(e) => return self.fail("agent_lost", e.to_string()).await,
-            }
+            let (fresh, client) = open_running(&self.state, &self.row)
+                .await
+                .map_err(|e| e.to_string())?;
+            sandbox = Arc::new(fresh);
+            (sender, receiver) = client.split();
+            sent = sender.send(Request::Exec(request)).await;
         }
+        Ok(Sending {
+            sandbox,
+            sender,
+            receiver,
+            sent,
+            oom_before,
+        })
+    }
+
+    /// Waits for the command sent by [`Context::send_exec`] to start, relays its events
+    /// until it exits, and forwards `input` to it. Without `input`, the connection is left
+    /// for the next exec once the exit was read ([`crate::agent_conns`]).
+    async fn drive(
+        self,
+        sending: Result<Sending, String>,
+        durable: Durable,
+        input: Option<mpsc::Receiver<Input>>,
+    ) {
+        let Sending {
+            sandbox,
+            sender,
+            mut receiver,
+            sent,
+            oom_before,
+        } = match sending {
+            Ok(sending) => sending,
+            Err(message) => return self.fail("agent_lost", message).await,
+        };
         let started = match sent {
             Ok(id) => receiver.response(id).await,
             Err(e) => Err(e),
@@ -733,8 +768,16 @@ impl Context {
             Err(e) => return self.fail("agent_lost", e.to_string()).await,
         };
         // Owed to the timeline from now on: if this server dies before the exit, the next
-        // one records it.
-        let tracked = crate::maintenance::track(&self.state, &self.row, &self.caller, pid).await;
+        // one records it. Recorded in its own task while the command runs (its exit waits
+        // for it).
+        let tracked = {
+            let (state, row, caller) = (self.state.clone(), self.row.clone(), self.caller.clone());
+            tokio::spawn(async move {
+                crate::maintenance::track(&state, &row, &caller, pid)
+                    .await
+                    .map(|t| t.id)
+            })
+        };
         made_durable(durable, &self.row.id, pid).await;
         self.send(Line::Started { pid }).await;
         // The sending half must live until the exit: dropping it half-closes the connection.
@@ -745,7 +788,6 @@ impl Context {
             }
             None => (Some(sender), None),
         };
-        let tracked = tracked.map(|t| t.id);
         let Some(exit) = self
             .relay(&sandbox, &mut receiver, pid, oom_before, tracked)
             .await
@@ -770,7 +812,7 @@ impl Context {
         receiver: &mut AgentReceiver,
         pid: Pid,
         oom_before: u64,
-        tracked: Option<i64>,
+        tracked: tokio::task::JoinHandle<Option<i64>>,
     ) -> Option<Line> {
         loop {
             let frame = match receiver.next().await {
@@ -796,6 +838,9 @@ impl Context {
                     mut status,
                 } if exited == pid => {
                     crate::maintenance::mark_oom(&mut status, || sandbox.oom_kills() > oom_before);
+                    // A track that failed (logged) or whose task died leaves the exit to be
+                    // appended plainly.
+                    let tracked = tracked.await.ok().flatten();
                     let event = NewEvent {
                         sandbox_id: self.row.id.clone(),
                         tenant: self.caller.tenant.clone(),
