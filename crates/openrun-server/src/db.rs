@@ -409,6 +409,11 @@ impl WalFile {
         };
         if !same {
             *held = Some(std::fs::File::open(&self.path)?);
+            // A WAL made since the last sync must also be found after a power loss: its
+            // directory entry is synced once (SQLite does so on its first sync of a new WAL).
+            if let Some(dir) = self.path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
         }
         match held.as_ref() {
             Some(file) => file.sync_data(),

@@ -231,11 +231,23 @@ impl ApiError {
 }
 
 /// Whether `error` or one of its causes is a full disk or quota: an I/O error `ENOSPC` or
-/// `EDQUOT`, or SQLite's `SQLITE_FULL`.
+/// `EDQUOT`, or SQLite's `SQLITE_FULL`. The kernel also says `ENOSPC` for limits that are no
+/// disk (user namespaces, cgroups): a runtime error that is not about files ends the search.
 fn is_disk_full(error: &(dyn std::error::Error + 'static)) -> bool {
+    use openrun_runtime::RuntimeError;
     use std::io::ErrorKind;
     let mut next = Some(error);
     while let Some(e) = next {
+        if let Some(runtime) = e.downcast_ref::<RuntimeError>() {
+            if !matches!(
+                runtime,
+                RuntimeError::Io { .. }
+                    | RuntimeError::DataDir { .. }
+                    | RuntimeError::HostImage { .. }
+            ) {
+                return false;
+            }
+        }
         let io_full = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
             matches!(io.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded)
         });
@@ -338,6 +350,10 @@ mod tests {
 
     #[test]
     fn other_host_failures_stay_a_500_showing_only_the_context() {
+        // ENOSPC from a kernel limit that is no disk (here: user namespaces).
+        let limit = openrun_runtime::RuntimeError::NoUserNamespaces(no_space());
+        let e = ApiError::internal("cannot create the sandbox", limit);
+        assert_eq!(e.status_and_code().1, "internal");
         let denied = std::io::Error::from_raw_os_error(rustix::io::Errno::ACCESS.raw_os_error());
         let e = ApiError::internal("cannot snapshot the sandbox", denied);
         assert_eq!(

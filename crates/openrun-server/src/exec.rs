@@ -463,8 +463,14 @@ pub(crate) async fn start_background(
         .map_err(|e| ApiError::from_client("cannot start the process", e))?;
     match started.header {
         AgentResponse::Started { pid } => {
-            crate::maintenance::watch_background(s, &row, caller, pid).await;
-            made_durable(durable, &row.id, pid).await;
+            let ((), synced) = tokio::join!(
+                crate::maintenance::watch_background(s, &row, caller, pid),
+                durable.wait()
+            );
+            if let Err(e) = synced {
+                let _ = client.call(kill_unrecorded(pid)).await;
+                return Err(ApiError::internal(NOT_RECORDED, e));
+            }
             Ok(pid)
         }
         other => Err(ApiError::internal(
@@ -505,12 +511,16 @@ async fn record_exec(
     Ok(durable)
 }
 
-/// Waits until the `process.exec` of a command that started is on the disk. A failed sync is
-/// logged: the command runs and its record is in the database, only a power loss could
-/// still take the record.
-async fn made_durable(durable: Durable, sandbox: &str, pid: Pid) {
-    if let Err(e) = durable.wait().await {
-        tracing::error!(error = %e, sandbox, pid, "the record of a started command may not survive a power loss");
+/// What a command whose `process.exec` could not be synced gets: it is killed (nobody may be
+/// told it started), and the caller an error saying why.
+const NOT_RECORDED: &str = "the command was stopped: the server could not record it on its disk";
+
+/// The kill of a started command whose record could not be synced ([`NOT_RECORDED`]).
+fn kill_unrecorded(pid: Pid) -> Request {
+    Request::Signal {
+        pid,
+        signal: 9,
+        group: true,
     }
 }
 
@@ -552,12 +562,12 @@ async fn start_on(
         caller: caller.clone(),
         tx,
     };
-    // The command is sent here, before the answer's head goes out, so the agent starts it
-    // while the head is written; the driver task takes it from there. No await between the
-    // send and the spawn: a handler dropped then (its client left) cannot leave a command
-    // that nobody drives.
-    let sending = ctx.send_exec(agent, request).await;
-    tokio::spawn(ctx.drive(sending, durable, input));
+    // The answer's head goes out once the driver has written the command to the agent, so
+    // the agent starts it while the head is written. The driver is a task of its own from the
+    // start: a handler dropped meanwhile (its client left) leaves it driving the command.
+    let (written, sent) = tokio::sync::oneshot::channel();
+    tokio::spawn(ctx.drive(agent, request, durable, input, written));
+    let _ = sent.await;
     Ok(rx)
 }
 
@@ -694,7 +704,7 @@ impl Context {
 
     /// Writes the `Exec` request on `agent`'s connection; `Err` (the message of an
     /// `agent_lost` line) when a reused connection broke and no new one could be opened.
-    async fn send_exec(&self, agent: ExecAgent, request: ExecRequest) -> Result<Sending, String> {
+    async fn send_exec(&self, agent: ExecAgent, request: ExecRequest) -> Result<Sending, ApiError> {
         let ExecAgent {
             mut sandbox,
             client,
@@ -707,9 +717,7 @@ impl Context {
             // The idle connection broke after its check (the agent closed it). A request
             // whose write failed never reached the agent whole, so it did not start: send it
             // once more on a new connection.
-            let (fresh, client) = open_running(&self.state, &self.row)
-                .await
-                .map_err(|e| e.to_string())?;
+            let (fresh, client) = open_running(&self.state, &self.row).await?;
             sandbox = Arc::new(fresh);
             (sender, receiver) = client.split();
             sent = sender.send(Request::Exec(request)).await;
@@ -728,19 +736,25 @@ impl Context {
     /// for the next exec once the exit was read ([`crate::agent_conns`]).
     async fn drive(
         self,
-        sending: Result<Sending, String>,
+        agent: ExecAgent,
+        request: ExecRequest,
         durable: Durable,
         input: Option<mpsc::Receiver<Input>>,
+        written: tokio::sync::oneshot::Sender<()>,
     ) {
+        let sending = self.send_exec(agent, request).await;
+        let _ = written.send(());
         let Sending {
             sandbox,
-            sender,
+            mut sender,
             mut receiver,
             sent,
             oom_before,
         } = match sending {
             Ok(sending) => sending,
-            Err(message) => return self.fail("agent_lost", message).await,
+            // A reused connection broke and no new one could be had (the sandbox stopped,
+            // say): that error, with its own code.
+            Err(e) => return self.fail(e.status_and_code().1, e.reported()).await,
         };
         let started = match sent {
             Ok(id) => receiver.response(id).await,
@@ -768,17 +782,23 @@ impl Context {
             Err(e) => return self.fail("agent_lost", e.to_string()).await,
         };
         // Owed to the timeline from now on: if this server dies before the exit, the next
-        // one records it. Recorded in its own task while the command runs (its exit waits
-        // for it).
-        let tracked = {
-            let (state, row, caller) = (self.state.clone(), self.row.clone(), self.caller.clone());
-            tokio::spawn(async move {
-                crate::maintenance::track(&state, &row, &caller, pid)
-                    .await
-                    .map(|t| t.id)
-            })
-        };
-        made_durable(durable, &self.row.id, pid).await;
+        // one records it. Recorded while the `process.exec` commit is synced; both are done
+        // before the client is told the command started.
+        let (tracked, synced) = tokio::join!(
+            crate::maintenance::track(&self.state, &self.row, &self.caller, pid),
+            durable.wait()
+        );
+        let tracked = tracked.map(|t| t.id);
+        if let Err(e) = synced {
+            tracing::error!(sandbox = self.row.id, pid, error = %e, "{NOT_RECORDED}");
+            let _ = sender.send(kill_unrecorded(pid)).await;
+            self.fail("internal", NOT_RECORDED.to_string()).await;
+            // Its exit is still owed: recorded as it comes (the client's stream has ended).
+            let _ = self
+                .relay(&sandbox, &mut receiver, pid, oom_before, tracked)
+                .await;
+            return;
+        }
         self.send(Line::Started { pid }).await;
         // The sending half must live until the exit: dropping it half-closes the connection.
         let (sender, _forwarder) = match input {
@@ -812,7 +832,7 @@ impl Context {
         receiver: &mut AgentReceiver,
         pid: Pid,
         oom_before: u64,
-        tracked: tokio::task::JoinHandle<Option<i64>>,
+        tracked: Option<i64>,
     ) -> Option<Line> {
         loop {
             let frame = match receiver.next().await {
@@ -838,9 +858,6 @@ impl Context {
                     mut status,
                 } if exited == pid => {
                     crate::maintenance::mark_oom(&mut status, || sandbox.oom_kills() > oom_before);
-                    // A track that failed (logged) or whose task died leaves the exit to be
-                    // appended plainly.
-                    let tracked = tracked.await.ok().flatten();
                     let event = NewEvent {
                         sandbox_id: self.row.id.clone(),
                         tenant: self.caller.tenant.clone(),

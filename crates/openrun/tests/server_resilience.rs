@@ -299,3 +299,52 @@ fn two_hundred_concurrent_exec_streams_deliver_every_byte() {
     server.stop();
     assert_no_leaks(&env, &ids);
 }
+
+/// Processes in sandbox `id`'s cgroup (its agent and what it runs).
+fn cgroup_pids(id: &str) -> Vec<String> {
+    let procs = cgroup_dir("pids", id).join("cgroup.procs");
+    std::fs::read_to_string(&procs)
+        .unwrap_or_else(|e| panic!("read {}: {e}", procs.display()))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A command's `process.exec` must be on the disk before anyone is told it started: when its
+/// sync fails (here the database's WAL file is deleted under the server, so it cannot be
+/// synced), the command is killed, an attached client gets an `error` line saying so and no
+/// `started` line, a background start gets a 500, and nothing of either keeps running.
+#[test]
+fn a_command_whose_record_cannot_be_synced_is_stopped_and_reported() {
+    let env = Env::new();
+    let server = Server::start_cold(&env);
+    let api = Api::new(&server, &key(&env, "sync"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    assert_eq!(exit_line(&api.exec(&id, "true"))["code"], 0);
+    let idle = cgroup_pids(&id);
+    std::fs::remove_file(env.data_dir().join("openrun.db-wal")).expect("the WAL exists");
+
+    let lines = api.exec(&id, "sleep 30");
+    let last = lines.last().expect("lines");
+    assert_eq!(last["type"], "error", "{lines:?}");
+    assert_eq!(last["code"], "internal");
+    let stopped = "the command was stopped: the server could not record it on its disk";
+    assert_eq!(last["message"], stopped);
+    assert!(!lines.iter().any(|l| l["type"] == "started"), "{lines:?}");
+
+    let res = api.post(
+        &format!("/v1/sandboxes/{id}/exec"),
+        &json!({"cmd": ["sleep", "30"], "background": true}).to_string(),
+    );
+    assert_eq!(error(res, 500, "internal"), stopped);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cgroup_pids(&id) != idle {
+        assert!(
+            Instant::now() < deadline,
+            "still running in the sandbox: {:?} (idle: {idle:?})",
+            cgroup_pids(&id)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -267,9 +267,11 @@ impl From<ApiError> for ConnectError {
                     format!("{context}: the connection to the sandbox's agent was lost"),
                 );
             }
+            // Not `resource_exhausted`: the SDK reads that as a rate limit to retry. The
+            // message says the disk is full.
             ApiError::NoSpace { context, source } => {
                 tracing::error!(error = %source, "{context}");
-                Code::ResourceExhausted
+                Code::Internal
             }
             ApiError::Internal { context, source } => {
                 tracing::error!(error = %source, "{context}");
