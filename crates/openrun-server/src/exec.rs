@@ -702,8 +702,8 @@ impl Context {
         .await;
     }
 
-    /// Writes the `Exec` request on `agent`'s connection; `Err` (the message of an
-    /// `agent_lost` line) when a reused connection broke and no new one could be opened.
+    /// Writes the `Exec` request on `agent`'s connection; `Err` when a reused connection broke
+    /// and no new one could be opened (the sandbox stopped or paused meanwhile, say).
     async fn send_exec(&self, agent: ExecAgent, request: ExecRequest) -> Result<Sending, ApiError> {
         let ExecAgent {
             mut sandbox,
