@@ -409,12 +409,7 @@ fn killing_another_sandboxs_processes_by_host_pid() {
     let victim = env.create(&[]);
     let mut sleep = spawn_exec(&env, &victim, &["sleep", "600"]);
     wait_for_process(&env, &victim, "600");
-    let procs = std::fs::read_to_string(cgroup_dir("pids", &victim).join("cgroup.procs"))
-        .expect("the victim's cgroup");
-    let pids: Vec<u32> = procs
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let pids = cgroup_procs(&victim);
     assert!(pids.len() >= 2, "agent and sleep: {pids:?}");
     let attacker = env.create(&[]);
     let r = attack_in(
@@ -2371,11 +2366,9 @@ fn a_cpu_spin_while_another_sandbox_is_served() {
         .expect("spin");
     // CPU time of the sandbox's processes (utime + stime, in clock ticks of 10 ms).
     let usage = || -> Duration {
-        let procs = std::fs::read_to_string(cgroup_dir("pids", &id).join("cgroup.procs"))
-            .expect("cgroup.procs");
-        let ticks: u64 = procs
-            .lines()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok())
+        let ticks: u64 = cgroup_procs(&id)
+            .into_iter()
+            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
             .filter_map(|stat| {
                 let fields: Vec<u64> = stat
                     .rsplit_once(") ")?

@@ -300,16 +300,6 @@ fn two_hundred_concurrent_exec_streams_deliver_every_byte() {
     assert_no_leaks(&env, &ids);
 }
 
-/// Processes in sandbox `id`'s cgroup (its agent and what it runs).
-fn cgroup_pids(id: &str) -> Vec<String> {
-    let procs = cgroup_dir("pids", id).join("cgroup.procs");
-    std::fs::read_to_string(&procs)
-        .unwrap_or_else(|e| panic!("read {}: {e}", procs.display()))
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
 /// A command's `process.exec` must be on the disk before anyone is told it started: when its
 /// sync fails (here the database's WAL file is deleted under the server, so it cannot be
 /// synced), the command is killed, an attached client gets an `error` line saying so and no
@@ -321,7 +311,7 @@ fn a_command_whose_record_cannot_be_synced_is_stopped_and_reported() {
     let api = Api::new(&server, &key(&env, "sync"));
     let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
     assert_eq!(exit_line(&api.exec(&id, "true"))["code"], 0);
-    let idle = cgroup_pids(&id);
+    let idle = cgroup_procs(&id);
     std::fs::remove_file(env.data_dir().join("openrun.db-wal")).expect("the WAL exists");
 
     let lines = api.exec(&id, "sleep 30");
@@ -339,11 +329,11 @@ fn a_command_whose_record_cannot_be_synced_is_stopped_and_reported() {
     assert_eq!(error(res, 500, "internal"), stopped);
 
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cgroup_pids(&id) != idle {
+    while cgroup_procs(&id) != idle {
         assert!(
             Instant::now() < deadline,
             "still running in the sandbox: {:?} (idle: {idle:?})",
-            cgroup_pids(&id)
+            cgroup_procs(&id)
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -209,6 +209,16 @@ pub fn cgroup_dir(controller: &str, id: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/cgroup/openrun/{id}"))
 }
 
+/// Pids of the processes in sandbox `id`'s cgroup (its agent and what it runs).
+pub fn cgroup_procs(id: &str) -> Vec<u32> {
+    let procs = cgroup_dir("pids", id).join("cgroup.procs");
+    std::fs::read_to_string(&procs)
+        .unwrap_or_else(|e| panic!("read {}: {e}", procs.display()))
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// Names of sandbox cgroups on the host (v1 memory hierarchy or v2).
 pub fn openrun_cgroups() -> Vec<String> {
     let mut names = Vec::new();
