@@ -69,6 +69,8 @@ pub struct AppState {
     pub pool: crate::pool::Pool,
     /// Idle agent connections left by execs, per sandbox.
     pub conns: crate::agent_conns::AgentConns,
+    /// Requests in progress (background work waits for a quiet moment).
+    pub activity: Arc<crate::activity::Activity>,
 }
 
 /// Shared state handle.
@@ -124,6 +126,11 @@ pub fn router(state: Shared) -> Router {
         // Around everything: an answer made before its request's body was read closes the
         // connection.
         .layer(middleware::from_fn(crate::unread_body::close_if_unread))
+        // Around everything: every request counts as activity until its answer is sent.
+        .layer(middleware::from_fn_with_state(
+            state.activity.clone(),
+            crate::activity::track,
+        ))
         .with_state(state)
 }
 

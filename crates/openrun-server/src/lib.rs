@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod activity;
 mod admission;
 mod agent_conns;
 mod api;
@@ -166,6 +167,7 @@ pub fn run(config: Config, on_listening: impl FnOnce(SocketAddr)) -> Result<(), 
         previews,
         pool: pool::Pool::new(config.warm_pool),
         conns: Default::default(),
+        activity: Default::default(),
     });
     let result = rt.block_on(serve(state, config.listen, on_listening));
     rt.shutdown_timeout(SHUTDOWN_GRACE);

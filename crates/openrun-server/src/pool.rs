@@ -27,7 +27,9 @@
 //!   the pool ([`Pool::shutdown`]).
 //! - **User creates first.** One refill runs at a time, in a create slot of the admission
 //!   control (`--max-creating`), and only while no user create is in progress: under load the
-//!   pool drains and creates are made cold, and it refills once the burst is over. A user
+//!   pool drains and creates are made cold, and it refills once the burst is over. A refill
+//!   also waits until the API has served no request for [`QUIET`] (at most [`MAX_DEFER`]),
+//!   so it runs while clients think rather than while they wait. A user
 //!   create that would be refused (slots and queue full) while a refill waits for a slot or
 //!   holds one waits for a slot instead ([`crate::admission::Admission::pool_slot`]).
 
@@ -63,9 +65,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a claim waits for the pooled sandbox's agent.
 const AGENT_WAIT: Duration = Duration::from_secs(5);
 
-/// How long after a claim the refill waits: the claim's client is likely running its first
-/// command in the new sandbox, which should not share the CPU and the disk with a fork.
-const REFILL_DELAY: Duration = Duration::from_millis(20);
+/// How long the API must have served no request before a refill starts: a fork keeps the
+/// CPUs busy for a few ms, which a client's requests (the first command in the sandbox it just
+/// claimed, its next create) should not share ([`crate::activity`]).
+const QUIET: Duration = Duration::from_millis(5);
+
+/// The longest a refill waits for [`QUIET`]: with requests that stay open (an attached
+/// command, an event stream) or never pause, the pool still refills.
+const MAX_DEFER: Duration = Duration::from_millis(250);
 
 /// How long shutdown waits for a refill in progress.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
@@ -98,8 +105,6 @@ pub struct Pool {
     user_creates: AtomicUsize,
     hits: AtomicU64,
     misses: AtomicU64,
-    /// When a sandbox was last claimed.
-    last_claim: Mutex<Option<Instant>>,
     refiller: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -139,7 +144,6 @@ impl Pool {
             user_creates: AtomicUsize::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
-            last_claim: Mutex::new(None),
             refiller: Mutex::new(None),
         }
     }
@@ -173,7 +177,6 @@ impl Pool {
         match &taken {
             Some(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
-                *self.last_claim.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
                 self.wake.notify_one();
             }
             None => {
@@ -329,6 +332,8 @@ async fn refill(state: Shared) {
     let pool = &state.pool;
     let mut closed = pool.closed.subscribe();
     let mut backoff = Duration::from_millis(100);
+    // Since when the next refill has waited for the API to be quiet.
+    let mut deferred: Option<Instant> = None;
     loop {
         if pool.is_closed() {
             return;
@@ -344,18 +349,15 @@ async fn refill(state: Shared) {
             }
             continue;
         }
-        let since_claim = pool
-            .last_claim
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(|t| t.elapsed());
-        if let Some(wait) = since_claim.and_then(|e| REFILL_DELAY.checked_sub(e)) {
+        let waited = deferred.get_or_insert_with(Instant::now).elapsed();
+        if let Some(wait) = quiet_wait(state.activity.quiet_for(), waited) {
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 _ = closed.wait_for(|c| *c) => return,
             }
             continue;
         }
+        deferred = None;
         // In a create slot like any create: `--max-creating` bounds the pool's work too.
         let slot = tokio::select! {
             slot = state.admission.pool_slot() => slot,
@@ -381,6 +383,22 @@ async fn refill(state: Shared) {
             }
         }
     }
+}
+
+/// How much longer a refill waits for the API to be quiet ([`QUIET`]), given how long no
+/// request has been in progress (`None`: one is) and how long it has waited already; `None`:
+/// it starts now.
+fn quiet_wait(quiet_for: Option<Duration>, waited: Duration) -> Option<Duration> {
+    let left = MAX_DEFER.saturating_sub(waited);
+    if left.is_zero() {
+        return None;
+    }
+    let until_quiet = match quiet_for {
+        Some(quiet) => QUIET.saturating_sub(quiet),
+        // Looked at again then.
+        None => QUIET,
+    };
+    (!until_quiet.is_zero()).then(|| until_quiet.min(left))
 }
 
 /// Makes one pooled sandbox: its `warm_pool` row first, then the sandbox.
@@ -545,5 +563,26 @@ pub(crate) async fn claim(
             destroy(state, sandbox).await;
             Err(Some(e.into()))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refill_waits_for_a_quiet_api_but_not_beyond_the_longest_deferral() {
+        let ms = Duration::from_millis;
+        // A request in progress: look again after QUIET.
+        assert_eq!(quiet_wait(None, Duration::ZERO), Some(QUIET));
+        // Quiet for a while, not long enough: the rest of QUIET.
+        assert_eq!(quiet_wait(Some(ms(2)), ms(1)), Some(QUIET - ms(2)));
+        // Quiet long enough: now.
+        assert_eq!(quiet_wait(Some(QUIET), ms(1)), None);
+        assert_eq!(quiet_wait(Some(ms(60_000)), Duration::ZERO), None);
+        // Never quiet: no later than MAX_DEFER.
+        assert_eq!(quiet_wait(None, MAX_DEFER - ms(1)), Some(ms(1)));
+        assert_eq!(quiet_wait(None, MAX_DEFER), None);
+        assert_eq!(quiet_wait(None, MAX_DEFER + ms(1)), None);
     }
 }
