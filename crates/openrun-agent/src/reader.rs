@@ -8,6 +8,7 @@
 use std::rc::Rc;
 
 use openrun_protocol::{Pid, Stream};
+use rustix::buffer::spare_capacity;
 use rustix::fd::OwnedFd;
 use rustix::io::Errno;
 use tokio::io::unix::AsyncFd;
@@ -36,18 +37,25 @@ pub(crate) async fn read_stream(
     fd: Rc<AsyncFd<OwnedFd>>,
     mut phase: watch::Receiver<Phase>,
 ) {
-    let mut buf = vec![0u8; MAX_CHUNK];
+    // Uninitialised: a read fills only what the pipe held, so a process that writes little
+    // touches (and faults in) little of it; a zeroed buffer cost every start 16 page faults.
+    let mut buf: Vec<u8> = Vec::with_capacity(MAX_CHUNK);
     let followers = agent.with_process(pid, |p| p.buffer(stream).followers());
     loop {
         let take = match &followers {
             Some(followers) => room(&agent, pid, stream, followers, &mut phase).await,
             None => Some(MAX_CHUNK),
         };
+        // The read goes to the buffer's spare capacity, after `skip` bytes that leave `take`
+        // of it (only a read held back by slow followers writes that filler).
+        buf.clear();
+        let skip = take.map_or(0, |take| buf.capacity().saturating_sub(take));
+        buf.resize(skip, 0);
         let event = match take {
-            Some(take) => tokio::select! {
+            Some(_) => tokio::select! {
                 biased;
                 r = fd.async_io(Interest::READABLE, |f| {
-                    rustix::io::read(f, &mut buf[..take]).map_err(std::io::Error::from)
+                    rustix::io::read(f, spare_capacity(&mut buf)).map_err(std::io::Error::from)
                 }) => Event::Read(r),
                 _ = phase.wait_for(|p| *p != Phase::Running) => Event::Stop,
             },
@@ -55,7 +63,7 @@ pub(crate) async fn read_stream(
         };
         match event {
             Event::Read(Ok(0)) => break,
-            Event::Read(Ok(n)) => agent.append_output(pid, stream, &buf[..n]),
+            Event::Read(Ok(_)) => agent.append_output(pid, stream, &buf[skip..]),
             // A terminal master reports EIO once every slave descriptor is closed.
             Event::Read(Err(e)) if e.raw_os_error() == Some(Errno::IO.raw_os_error()) => break,
             Event::Read(Err(e)) => {
@@ -68,11 +76,12 @@ pub(crate) async fn read_stream(
                 // follower that reattaches learns how many.
                 let mut taken = 0;
                 while taken < DRAIN_LIMIT {
-                    match rustix::io::read(fd.get_ref(), &mut buf[..]) {
+                    buf.clear();
+                    match rustix::io::read(fd.get_ref(), spare_capacity(&mut buf)) {
                         Ok(0) => break,
                         Ok(n) => {
                             taken += n;
-                            agent.append_output(pid, stream, &buf[..n]);
+                            agent.append_output(pid, stream, &buf);
                         }
                         Err(Errno::INTR) => {}
                         Err(_) => break,
