@@ -256,13 +256,17 @@ pub(crate) async fn sandbox_image(
     };
     let data_dir = s.runtime.data_dir().to_path_buf();
     let given = name.to_string();
-    blocking(move || {
+    let lookup = move || {
         openrun_image::sandbox_image(&data_dir, &stored).map_err(|e| match e {
             ImageError::NotFound(_) => ImageError::NotFound(given),
             e => e,
         })
-    })
-    .await
+    };
+    // The built-in image resolves without opening the store: no hop to the blocking pool.
+    if ImageRef::parse(name).is_ok_and(|r| r.is_host()) {
+        return Ok(lookup());
+    }
+    blocking(lookup).await
 }
 
 /// The caller's sandbox `id`, which must be running or paused.
