@@ -47,9 +47,10 @@ pub(crate) async fn read_stream(
             None => Some(MAX_CHUNK),
         };
         // The read goes to the buffer's spare capacity, after `skip` bytes that leave `take`
-        // of it (only a read held back by slow followers writes that filler).
-        buf.clear();
+        // of it. Only a stream whose retention is below a chunk reads less than a whole
+        // buffer; its filler is written once and kept (its contents never matter).
         let skip = take.map_or(0, |take| buf.capacity().saturating_sub(take));
+        buf.truncate(skip);
         buf.resize(skip, 0);
         let event = match take {
             Some(_) => tokio::select! {

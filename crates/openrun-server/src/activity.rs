@@ -1,9 +1,10 @@
-//! Whether the API is serving anyone right now: background work (the warm pool's refills)
+//! Whether the server is serving anyone right now: background work (the warm pool's refills)
 //! waits for a quiet moment instead of sharing the CPUs with a client's requests.
 //!
-//! A request counts from the moment it reaches the router until its answer's body has been
-//! sent (or dropped): a streamed command output counts as long as it streams. A WebSocket
-//! counts until its `101` answer; what flows on the upgraded connection does not.
+//! Every HTTP request the server handles counts (the API, E2B's sandbox traffic, previews),
+//! from the moment it reaches the router until its answer's body has been handed to the
+//! connection (or dropped): a streamed command output counts as long as it streams. A
+//! WebSocket counts until its `101` answer; what flows on the upgraded connection does not.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

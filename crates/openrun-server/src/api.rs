@@ -126,7 +126,8 @@ pub fn router(state: Shared) -> Router {
         // Around everything: an answer made before its request's body was read closes the
         // connection.
         .layer(middleware::from_fn(crate::unread_body::close_if_unread))
-        // Around everything: every request counts as activity until its answer is sent.
+        // Around everything (previews and E2B sandbox traffic too): every request counts as
+        // activity until its answer is sent.
         .layer(middleware::from_fn_with_state(
             state.activity.clone(),
             crate::activity::track,

@@ -342,6 +342,8 @@ async fn refill(state: Shared) {
         let wanted = pool.lock().len() < pool.target;
         let busy = pool.user_creates.load(Ordering::Acquire) > 0;
         if !wanted || busy {
+            // The wait for a quiet API starts again after this one.
+            deferred = None;
             tokio::select! {
                 () = pool.wake.notified() => {}
                 _ = closed.wait_for(|c| *c) => {}
