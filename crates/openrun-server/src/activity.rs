@@ -6,17 +6,15 @@
 //! connection (or dropped): a streamed command output counts as long as it streams. A
 //! WebSocket counts until its `101` answer; what flows on the upgraded connection does not.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use http_body::{Frame, SizeHint};
+
+use crate::watched_body::{BodyWatch, Watched};
 
 /// Requests in progress and when the last one ended.
 #[derive(Debug)]
@@ -74,39 +72,11 @@ pub(crate) async fn track(
 ) -> Response {
     let in_flight = activity.begin();
     let response = next.run(req).await;
-    response.map(|inner| {
-        Body::new(Counted {
-            inner,
-            _in_flight: in_flight,
-        })
-    })
+    response.map(|inner| Watched::body(inner, in_flight))
 }
 
-/// An answer's body that keeps its request counted until it is sent or dropped.
-struct Counted {
-    inner: Body,
-    _in_flight: InFlight,
-}
-
-impl HttpBody for Counted {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// An answer's body keeps its request counted until it is sent or dropped.
+impl BodyWatch for InFlight {}
 
 #[cfg(test)]
 mod tests {

@@ -39,6 +39,7 @@ mod time;
 mod unread_body;
 mod up;
 mod watch;
+mod watched_body;
 mod ws;
 
 use std::net::SocketAddr;

@@ -4,17 +4,16 @@
 //! the answer; a pooling client (the E2B SDK pools one connection set for the API and every
 //! sandbox) that was not told would send its next request on it and see a broken pipe.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 
-use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::Request;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use http_body::{Frame, SizeHint};
+
+use crate::watched_body::{BodyWatch, Polled, Watched};
 
 /// Middleware: marks the answer `Connection: close` when its request announced a body that was
 /// not read to its end by the time the answer was made.
@@ -24,10 +23,7 @@ pub(crate) async fn close_if_unread(req: Request, next: Next) -> Response {
     }
     let finished = Arc::new(AtomicBool::new(false));
     let (parts, body) = req.into_parts();
-    let body = Body::new(Tracked {
-        inner: body,
-        finished: finished.clone(),
-    });
+    let body = Watched::body(body, ReadToEnd(finished.clone()));
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if !finished.load(Ordering::Acquire) {
         response
@@ -46,33 +42,14 @@ fn announces_body(headers: &HeaderMap) -> bool {
             .is_some_and(|v| v.trim() != "0")
 }
 
-/// A request body that records when it was read to its end.
-struct Tracked {
-    inner: Body,
-    finished: Arc<AtomicBool>,
-}
+/// Marks its flag once the request body it watches was read to its end.
+struct ReadToEnd(Arc<AtomicBool>);
 
-impl HttpBody for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
-        let poll = Pin::new(&mut self.inner).poll_frame(cx);
+impl BodyWatch for ReadToEnd {
+    fn polled(&mut self, poll: &Polled) {
         if matches!(poll, Poll::Ready(None)) {
-            self.finished.store(true, Ordering::Release);
+            self.0.store(true, Ordering::Release);
         }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
