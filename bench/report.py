@@ -105,11 +105,18 @@ def header(cmds):
 
 def section_cold(cmds):
     p("## 1. Create → first command output, cold", "")
-    hf = load("run-true.json")
-    if not hf:
-        p("Not measured (no bench/results/run-true.json).", "")
+    rounds = [hf for hf in (load(f"run-true-{i}.json") for i in range(1000)) if hf]
+    if not rounds:
+        p("Not measured (no bench/results/run-true-*.json).", "")
         return {}
-    rows = {r["command"]: [t * 1000 for t in r["times"]] for r in hf["results"]}
+    # One hyperfine export per round (bench/run); a command's samples are all its rounds'.
+    order = ("openrun", "bwrap", "unshare", "runc", "openrun --storage disk", "host true")
+    rows = {}
+    for hf in rounds:
+        for r in hf["results"]:
+            rows.setdefault(r["command"], []).extend(t * 1000 for t in r["times"])
+    rows = dict(sorted(rows.items(),
+                       key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
     base = {name: stats(t) for name, t in rows.items()}
     o = base.get("openrun")
     p("| command | median | p95 | p99 | runs | openrun ÷ this, median | p95 | p99 |",
@@ -122,10 +129,13 @@ def section_cold(cmds):
         verdict = "met" if o[0] <= base["bwrap"][0] else "not met"
         p(f"Target: openrun ÷ bwrap ≤ 1.0 at the median: {o[0] / base['bwrap'][0]:.2f} ({verdict}).",
           "")
-    p("hyperfine `-N` (no shell), 20 warm-up runs, a 20 ms untimed `--prepare` pause before each",
-      "run (openrun finishes its teardown in a background process, and the kernel frees network",
-      "namespaces asynchronously for all of them; back-to-back runs would measure the previous",
-      "run's leftovers). Command lines:", "", "```")
+    p(f"hyperfine `-N` (no shell) in {len(rounds)} rounds, each one invocation over every command",
+      "with the commands' order rotated by one, so that each command's samples spread over the",
+      "whole measurement and a drift of the machine weighs on all of them alike; 20 warm-up runs",
+      "per command in the first round, 3 in the others; a 20 ms untimed `--prepare` pause before",
+      "each run (openrun finishes its teardown in a background process, and the kernel frees",
+      "network namespaces asynchronously for all of them; back-to-back runs would measure the",
+      "previous run's leftovers). Command lines:", "", "```")
     for name in ("openrun", "bwrap", "unshare", "runc", "openrun --storage disk", "host true"):
         if cmds and name in cmds:
             p(f"{name}: {cmds[name]}")
