@@ -446,3 +446,41 @@ fn a_restart_after_sigkill_removes_the_dead_servers_pool() {
     assert_ok(&env.output(["rm", &claimed]));
     assert!(env.leftovers().is_empty(), "{:?}", env.leftovers());
 }
+
+#[test]
+fn a_refill_waits_while_a_request_is_in_progress_and_runs_once_it_ends() {
+    let env = Env::new();
+    let key = key(&env, "ci");
+    let server = Server::start_with(&env, &["--listen", "127.0.0.1:0", "--warm-pool", "1"]);
+    let api = Api::new(&server, &key);
+    wait_ready(&api, 1.0);
+    let long = id_of(&api.create(json!({})));
+    wait_ready(&api, 1.0);
+    std::thread::scope(|scope| {
+        // A command streaming its output for 0.6 s: a request in progress throughout.
+        let streaming = scope.spawn(|| {
+            let api = Api::new(&server, &key);
+            stdout_of(&api, &long, "sleep 0.6; echo done")
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let claimed = Instant::now();
+        let id = id_of(&api.create(json!({})));
+        assert_eq!(metric(&api, "openrun_warm_pool_hits_total"), 2.0);
+        // Before, a refill started 20 ms after each claim; now it waits for a quiet server
+        // (at most 250 ms, checked well within that).
+        while claimed.elapsed() < Duration::from_millis(150) {
+            let ready = metric(&api, "openrun_warm_pool_ready");
+            assert_eq!(
+                ready,
+                0.0,
+                "refilled {:?} after the claim, while a command streamed",
+                claimed.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(streaming.join().expect("the streaming client"), "done\n");
+        assert_eq!(stdout_of(&api, &id, "echo ok"), "ok\n");
+    });
+    // Refilled after all.
+    wait_ready(&api, 1.0);
+}
