@@ -791,6 +791,43 @@ impl Runtime {
         Ok(existed)
     }
 
+    /// Destroys sandbox `id` by its exact id: a live one is killed and removed as
+    /// [`Runtime::destroy`] does; one whose agent died on its own (its lifetime ran out, it
+    /// crashed) has what it left on the host removed: cgroup, runtime files, writable layer
+    /// and id claim. `Ok(false)` when it has no record (never made, already removed, or
+    /// still being made: a create in progress is not touched).
+    pub fn destroy_exact(&self, id: &str) -> Result<bool> {
+        if !state::valid_id(id) {
+            return Err(RuntimeError::InvalidId(id.to_string()));
+        }
+        let Ok(record) = SandboxRecord::load(&self.paths(id, Storage::Disk)) else {
+            return Ok(false);
+        };
+        let ids = record.ids;
+        match self.open_sandbox_record(record) {
+            Ok(sandbox) => self.destroy(sandbox)?,
+            Err(RuntimeError::NoSuchSandbox(_)) => self.cleanup(id, Some(ids)),
+            Err(e) => return Err(e),
+        }
+        Ok(true)
+    }
+
+    /// Removes what sandbox `id` left on the host once its agent is gone (see
+    /// [`Runtime::destroy_exact`]), as [`Runtime::list`] does for every such sandbox; a live
+    /// one, or one without a record, is not touched. Returns whether anything was removed.
+    pub fn remove_if_dead(&self, id: &str) -> Result<bool> {
+        if !state::valid_id(id) {
+            return Err(RuntimeError::InvalidId(id.to_string()));
+        }
+        match SandboxRecord::load(&self.paths(id, Storage::Disk)) {
+            Ok(record) if !record.is_alive() => {
+                self.cleanup(id, Some(record.ids));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// Changes the deadline kept in the sandbox's record (milliseconds since the Unix epoch,
     /// `None` for none), which [`Runtime::list`] enforces as a backstop. The agent's own timer
     /// is the caller's to change (`Request::SetLifetime`).

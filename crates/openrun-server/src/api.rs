@@ -25,7 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
-use openrun_runtime::{limits, ImageSource, Limits, Runtime, RuntimeError, SandboxSpec, Storage};
+use openrun_runtime::{limits, ImageSource, Limits, Runtime, SandboxSpec, Storage};
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -965,15 +965,12 @@ pub async fn destroy(s: &AppState, id: &str) -> Result<(), ApiError> {
     s.conns.forget(id);
     let runtime = s.runtime.clone();
     let key = id.to_string();
-    let result = blocking(move || {
-        runtime
-            .open_sandbox_exact(&key)
-            .and_then(|sb| runtime.destroy(sb))
-    })
-    .await?;
+    // An agent that already died (its own lifetime timer, a crash) still leaves remains to
+    // remove: `destroy_exact` removes them too.
+    let result = blocking(move || runtime.destroy_exact(&key)).await?;
     s.agents.reap();
     match result {
-        Ok(()) | Err(RuntimeError::NoSuchSandbox(_)) => Ok(()),
+        Ok(_) => Ok(()),
         Err(e) => Err(ApiError::internal(
             format!("cannot destroy sandbox {id}"),
             e,

@@ -633,14 +633,18 @@ async fn connect(s: &Shared, id: &str) -> Result<(Sandbox, AgentClient), ApiErro
     };
     match sandbox.connect().await {
         Ok(client) => Ok((sandbox, client)),
-        Err(RuntimeError::Agent(ClientError::Connect { .. })) => {
+        // Gone only when its agent is: a live one that refuses a connection (a full backlog,
+        // its socket removed) is not marked stopped.
+        Err(RuntimeError::Agent(ClientError::Connect { .. })) if !sandbox.record().is_alive() => {
             Err(ApiError::NotRunning(id.to_string()))
         }
         Err(e) => Err(ApiError::internal("cannot reach the sandbox agent", e)),
     }
 }
 
-/// Records that a sandbox the database thought running is gone.
+/// Records that a sandbox the database thought running is gone, and removes what its agent
+/// left on the host (cgroup, runtime files, writable layer, id claim); a failure to remove
+/// them is logged (the next server start retries: its reconciliation lists the sandboxes).
 pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<(), ApiError> {
     let event = NewEvent {
         sandbox_id: id.to_string(),
@@ -654,6 +658,12 @@ pub(crate) async fn mark_vanished(s: &Shared, id: &str, tenant: &str) -> Result<
     s.db.call(move |c| db::stop_sandbox(c, &key, false, &event))
         .await?;
     s.egress.forget(id);
+    let runtime = s.runtime.clone();
+    let key = id.to_string();
+    match blocking(move || runtime.remove_if_dead(&key)).await? {
+        Ok(_) => {}
+        Err(e) => tracing::warn!(id, error = %e, "cannot remove a vanished sandbox's remains"),
+    }
     Ok(())
 }
 

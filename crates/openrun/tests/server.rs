@@ -309,6 +309,8 @@ fn sandboxes_expire_at_their_ttl() {
         .as_str()
         .unwrap()
         .to_string();
+    let run_dir = std::path::PathBuf::from(env.inspect(&id)["run_dir"].as_str().unwrap());
+    assert!(run_dir.exists() && cgroup_dir("pids", &id).exists());
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let got: Value = api.get(&format!("/v1/sandboxes/{id}")).json().unwrap();
@@ -320,6 +322,16 @@ fn sandboxes_expire_at_their_ttl() {
             "sandbox still {got} after its TTL"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+    // The agent's own timer usually ends it before the server's reaper looks: the reaper
+    // still removes what it left on the host (checked before anything lists the sandboxes,
+    // which would remove them too).
+    assert!(!run_dir.exists(), "runtime dir left behind");
+    for controller in ["memory", "pids"] {
+        assert!(
+            !cgroup_dir(controller, &id).exists(),
+            "{controller} cgroup left behind"
+        );
     }
     assert!(!env.live_ids().contains(&id));
     assert_eq!(api.event_kinds(&id), ["sandbox.create", "sandbox.expire"]);
@@ -387,6 +399,45 @@ fn execs_reuse_agent_connections_only_while_they_are_good() {
     );
     let execs = kinds.iter().filter(|k| *k == "process.exec").count();
     assert_eq!(execs, 8, "{kinds:?}");
+}
+
+/// A sandbox whose agent dies under the server (killed from the host) is marked vanished at
+/// the next request, and what it left on the host goes with it.
+#[test]
+fn a_vanished_sandbox_leaves_nothing_on_the_host() {
+    let env = Env::new();
+    let server = Server::start(&env);
+    let api = Api::new(&server, &key(&env, "vanish"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let info = env.inspect(&id);
+    let run_dir = std::path::PathBuf::from(info["run_dir"].as_str().unwrap());
+    let pid = info["pid"].as_i64().unwrap();
+    assert!(run_dir.exists() && cgroup_dir("memory", &id).exists());
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.contains(") Z"))
+    {
+        assert!(Instant::now() < deadline, "the killed agent lives on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        409,
+        "sandbox_not_running",
+    );
+    assert_eq!(api.event_kinds(&id), ["sandbox.create", "sandbox.vanish"]);
+    assert!(!run_dir.exists(), "runtime dir left behind");
+    for controller in ["memory", "pids"] {
+        assert!(
+            !cgroup_dir(controller, &id).exists(),
+            "{controller} cgroup left behind"
+        );
+    }
 }
 
 #[test]
