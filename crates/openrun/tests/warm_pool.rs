@@ -160,6 +160,24 @@ fn a_default_create_takes_a_pooled_sandbox_that_works_and_the_pool_refills() {
         );
     }
 
+    // The pool ran `true` once in it (a warm-up) and forgot it: its process table is empty,
+    // and only the pids show it (1 is the agent, 2 its watchdog thread, 3 the warm-up).
+    let processes: Value = api
+        .get(&format!("/v1/sandboxes/{id}/processes"))
+        .json()
+        .unwrap();
+    assert_eq!(processes, json!([]), "{processes}");
+    let first_pid: u32 = stdout_of(&api, &id, "echo $$").trim().parse().unwrap();
+    assert!(
+        first_pid >= 4,
+        "first command's pid {first_pid}: no warm-up ran"
+    );
+    let processes: Value = api
+        .get(&format!("/v1/sandboxes/{id}/processes"))
+        .json()
+        .unwrap();
+    assert_eq!(processes.as_array().map(Vec::len), Some(1), "{processes}");
+
     // It works: commands, files.
     assert_eq!(
         stdout_of(&api, &id, "echo hi > /tmp/f && cat /tmp/f && id -u"),
