@@ -440,15 +440,14 @@ async fn make(state: &Shared) -> Result<Ready, ApiError> {
     let client = match tokio::time::timeout(AGENT_WAIT, sandbox.connect()).await {
         Ok(Ok(mut client)) => match tokio::time::timeout(AGENT_WAIT, warm_up(&mut client)).await {
             Ok(Ok(())) => client.into_idle(),
-            // The agent refused (no `true` in the image): the connection is in order.
-            Ok(Err(ClientError::Agent(e))) => {
-                tracing::debug!(id, error = %e, "warm-pool sandbox not warmed up");
-                client.into_idle()
-            }
-            // Something may still be owed on it: the claim connects afresh.
             Ok(Err(e)) => {
                 tracing::debug!(id, error = %e, "warm-pool sandbox not warmed up");
-                None
+                // An agent refusal (no `true` in the image) leaves the connection in order;
+                // after anything else something may still be owed on it: the claim connects
+                // afresh.
+                matches!(e, ClientError::Agent(_))
+                    .then(|| client.into_idle())
+                    .flatten()
             }
             Err(_) => None,
         },

@@ -440,6 +440,34 @@ fn a_vanished_sandbox_leaves_nothing_on_the_host() {
     }
 }
 
+/// The other side of the above: an agent that lives but cannot be reached (here its socket
+/// was removed) is not taken for vanished. The request fails, and the sandbox stays running
+/// with everything it has on the host.
+#[test]
+fn a_live_agent_that_cannot_be_reached_is_not_marked_vanished() {
+    let env = Env::new();
+    let server = Server::start_cold(&env);
+    let api = Api::new(&server, &key(&env, "unreachable"));
+    let id = api.create(json!({}))["id"].as_str().unwrap().to_string();
+    let info = env.inspect(&id);
+    let run_dir = std::path::PathBuf::from(info["run_dir"].as_str().unwrap());
+    std::fs::remove_file(env.socket(&id)).unwrap();
+    error(
+        api.post(&format!("/v1/sandboxes/{id}/exec"), r#"{"cmd":["true"]}"#),
+        500,
+        "internal",
+    );
+    let got: Value = api.get(&format!("/v1/sandboxes/{id}")).json().unwrap();
+    assert_eq!(got["state"], "running", "{got}");
+    assert_eq!(api.event_kinds(&id), ["sandbox.create"]);
+    assert!(run_dir.exists() && cgroup_dir("memory", &id).exists());
+    let pid = info["pid"].as_i64().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // It can still be deleted: the agent is killed through its pidfd, not its socket.
+    assert_eq!(api.delete(&format!("/v1/sandboxes/{id}")).status(), 204);
+    assert!(!run_dir.exists(), "runtime dir left behind");
+}
+
 #[test]
 fn sandboxes_survive_a_server_restart() {
     let env = Env::new();
