@@ -159,6 +159,32 @@ impl Runtime {
     /// would write on the same stream a moment later, and they die with the stream when the
     /// setup fails.
     pub fn create_with_first_request(&self, spec: &SandboxSpec, first: &[u8]) -> Result<Sandbox> {
+        self.create_inner(spec, first, false)
+            .map(|(sandbox, _)| sandbox)
+    }
+
+    /// Like [`Runtime::create_with_first_request`], and forks the process that tears the
+    /// sandbox down once its agent has exited (on its own when the caller's control stream
+    /// closes, for `exit_with_creator` sandboxes, or killed), so that the caller's exit does
+    /// not wait for the teardown: `openrun run`. The fork happens while the init sets the
+    /// sandbox up, when this process would only wait, rather than while the agent starts the
+    /// first command, whose start it would slow down on a small machine.
+    ///
+    /// The second value is whether that process exists: `false` when nothing was forked (no
+    /// agent pidfd, a failed fork); then [`Runtime::destroy_in_background`] is the way. The
+    /// process keeps no descriptor but the agent's pidfd (never the control stream, whose
+    /// close ends such a sandbox), leaves the caller's session and stdio, and tears down only
+    /// a sandbox whose create succeeded: a failed create is cleaned up here, as always.
+    pub fn create_with_cleaner(&self, spec: &SandboxSpec, first: &[u8]) -> Result<(Sandbox, bool)> {
+        self.create_inner(spec, first, true)
+    }
+
+    fn create_inner(
+        &self,
+        spec: &SandboxSpec,
+        first: &[u8],
+        with_cleaner: bool,
+    ) -> Result<(Sandbox, bool)> {
         let started = Instant::now();
         let phase = |name: &str| {
             tracing::debug!(
@@ -362,6 +388,13 @@ impl Runtime {
                 .write_all(first)
                 .context(|| "cannot send the first request to the sandbox agent".to_string())?;
         }
+        // Dropped (closed) without a byte when the create fails from here on: the cleaner
+        // then leaves everything to `pending`.
+        let commit = if with_cleaner {
+            self.fork_cleaner(&id, &paths, pending.cgroup.as_ref(), pidfd)
+        } else {
+            None
+        };
         match setup_channel::recv(&setup_host) {
             Ok((SetupMessage::Ready, _)) => {}
             Ok((
@@ -422,15 +455,87 @@ impl Runtime {
             .save(&paths)
             .context(|| format!("cannot write {}", paths.state().display()))?;
         let _ = pidfd;
+        // The sandbox is made: from now on the cleaner tears it down.
+        let cleaner = match commit {
+            Some(commit) => rustix::io::write(&commit, &[1]).is_ok_and(|n| n == 1),
+            None => false,
+        };
         let (cgroup, child) = pending.disarm();
-        Ok(Sandbox {
+        let sandbox = Sandbox {
             record,
             paths,
             cgroup,
             pidfd: child.map(|(_, fd)| fd),
             child: true,
             control: Some(control_host),
-        })
+        };
+        Ok((sandbox, cleaner))
+    }
+
+    /// Forks the cleaner of [`Runtime::create_with_cleaner`] for the sandbox being made, whose
+    /// agent is behind `pidfd`. Returns the write end of its commit pipe: one byte written
+    /// there once the sandbox is made hands the teardown over; a close without it (the create
+    /// failed, or this process died before it was done) tells the cleaner to leave. `None`
+    /// when nothing was forked.
+    fn fork_cleaner(
+        &self,
+        id: &str,
+        paths: &SandboxPaths,
+        cgroup: Option<&Cgroup>,
+        pidfd: rustix::fd::BorrowedFd<'_>,
+    ) -> Option<OwnedFd> {
+        let (commit_read, commit_write) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).ok()?;
+        match sys::clone3_process(0, None) {
+            Ok(Forked::Child) => {
+                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    // Out of the caller's session and off its stdio, so neither a terminal's
+                    // Ctrl-C nor a reader waiting for EOF on the caller's output depends on
+                    // this process; every other descriptor (the control stream, the write end
+                    // of the commit pipe) closed.
+                    let _ = rustix::process::setsid();
+                    let keep = [pidfd.as_raw_fd(), commit_read.as_raw_fd()];
+                    if init::isolate_descriptors(&keep).is_err() {
+                        return 1;
+                    }
+                    // Closed just above with every other descriptor: not closed again.
+                    std::mem::forget(commit_write);
+                    let Ok(own) = pidfd.try_clone_to_owned() else {
+                        return 1;
+                    };
+                    wait_while_alive(&own);
+                    if !committed(&commit_read) {
+                        return 0;
+                    }
+                    let record = match SandboxRecord::load(paths) {
+                        Ok(record) => record,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "background teardown: no record");
+                            return 1;
+                        }
+                    };
+                    let sandbox = Sandbox {
+                        record,
+                        paths: paths.clone(),
+                        cgroup: cgroup.cloned(),
+                        pidfd: Some(own),
+                        // The agent is our parent's child, not ours.
+                        child: false,
+                        control: None,
+                    };
+                    match self.destroy(sandbox) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, id, "background teardown failed");
+                            1
+                        }
+                    }
+                }));
+                sys::exit_now(code.unwrap_or(70));
+            }
+            Ok(Forked::Parent { .. }) => Some(commit_write),
+            Err(_) => None,
+        }
     }
 
     /// Creates a sandbox from a multi-threaded process (a server) through `helper` (the
@@ -646,56 +751,6 @@ impl Runtime {
         }
     }
 
-    /// Forks now the process that tears `sandbox` down once its agent has exited (killed by
-    /// [`Sandbox::kill`] when the caller is done, or on its own when the caller's control
-    /// stream closes, for `exit_with_creator` sandboxes), so that the caller's exit does not
-    /// wait for a fork: `openrun run` calls it while the agent starts the command. `false`
-    /// when nothing was forked (a multi-threaded caller, no agent pidfd, a failed fork): then
-    /// [`Runtime::destroy_in_background`] is the way. The process keeps no descriptor but the
-    /// agent's pidfd (never the control stream, whose close ends such a sandbox), leaves the
-    /// caller's session and stdio, and waits as long as the agent lives.
-    pub fn destroy_after_exit(&self, sandbox: &Sandbox) -> bool {
-        let Some(pidfd) = &sandbox.pidfd else {
-            return false;
-        };
-        if ensure_single_threaded().is_err() {
-            return false;
-        }
-        match sys::clone3_process(0, None) {
-            Ok(Forked::Child) => {
-                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    let _ = rustix::process::setsid();
-                    if init::isolate_descriptors(&[pidfd.as_raw_fd()]).is_err() {
-                        return 1;
-                    }
-                    wait_while_alive(pidfd);
-                    let Ok(own) = pidfd.try_clone() else {
-                        return 1;
-                    };
-                    let sandbox = Sandbox {
-                        record: sandbox.record.clone(),
-                        paths: sandbox.paths.clone(),
-                        cgroup: sandbox.cgroup.clone(),
-                        pidfd: Some(own),
-                        // The agent is our parent's child, not ours.
-                        child: false,
-                        control: None,
-                    };
-                    match self.destroy(sandbox) {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "background teardown failed");
-                            1
-                        }
-                    }
-                }));
-                sys::exit_now(code.unwrap_or(70));
-            }
-            Ok(Forked::Parent { .. }) => true,
-            Err(_) => false,
-        }
-    }
-
     /// Destroys a sandbox: kills every process, removes its cgroup, writable layer and
     /// runtime files, and frees its id range.
     pub fn destroy(&self, mut sandbox: Sandbox) -> Result<()> {
@@ -871,7 +926,7 @@ impl Runtime {
 
 impl Sandbox {
     /// Sends SIGKILL to the agent (pid 1 of the sandbox's pid namespace: every process goes
-    /// with it) and returns; the teardown is [`Runtime::destroy_after_exit`]'s.
+    /// with it) and returns; the teardown is the cleaner's ([`Runtime::create_with_cleaner`]).
     pub fn kill(&self) -> Result<()> {
         if let Some(pidfd) = &self.pidfd {
             match rustix::process::pidfd_send_signal(pidfd, rustix::process::Signal::KILL) {
@@ -1211,6 +1266,19 @@ fn classify_setup_error(stage: String, errno: Option<i32>, message: String) -> R
 /// How long [`Runtime::destroy`] waits for a killed agent before it checks whether the sandbox
 /// is frozen (and so cannot act on the kill until thawed).
 const FROZEN_CHECK_AFTER: Duration = Duration::from_millis(20);
+
+/// Whether the creator wrote the commit byte of [`Runtime::create_with_cleaner`] before it
+/// closed `pipe` (waits for the close).
+fn committed(pipe: &OwnedFd) -> bool {
+    let mut byte = [0u8; 1];
+    loop {
+        match rustix::io::read(pipe, &mut byte) {
+            Ok(n) => return n == 1,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+}
 
 /// Waits, without a deadline, until the process behind `pidfd` has exited (not reaping it).
 fn wait_while_alive(pidfd: &OwnedFd) {

@@ -139,15 +139,15 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
     let request = exec_request(&args.process);
     let tty = request.pty.is_some();
     let first = session::presend_exec(request, args.process.interactive)?;
-    let mut sandbox = runtime.create_with_first_request(&spec, &first)?;
+    // A background process tears the sandbox down once it ends: this one only runs the
+    // command.
+    let (mut sandbox, cleaner) = runtime.create_with_cleaner(&spec, &first)?;
     // The sandbox's record now keeps its layers from prune.
     drop(image);
     let control = sandbox
         .take_control()
         .context("the new sandbox has no control stream")?;
     tracing::debug!("sandbox ready");
-    // The cleaner is forked now, while the agent starts the command, not after it ended.
-    let cleaner = runtime.destroy_after_exit(&sandbox);
     let rt = session::tokio_runtime()?;
     let outcome = rt.block_on(async {
         control.set_nonblocking(true)?;

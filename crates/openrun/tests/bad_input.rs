@@ -91,6 +91,40 @@ fn a_rootfs_that_is_a_file_is_named() {
 }
 
 #[test]
+fn a_run_whose_setup_fails_leaves_nothing_behind() {
+    let env = Env::new();
+    // The init cannot bind the sandbox's /etc/hostname over a directory: it fails after the
+    // host has handed it its layers, when `run` has already forked the sandbox's cleaner.
+    let rootfs = tempfile::tempdir_in("/tmp").unwrap();
+    std::fs::create_dir_all(rootfs.path().join("etc/hostname")).unwrap();
+    let out = env.output([
+        "run",
+        "--rootfs",
+        rootfs.path().to_str().unwrap(),
+        "--",
+        "/true",
+    ]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = stderr(&out);
+    assert!(err.contains("binding /etc files"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_clean(&env);
+    // The cleaner heard that the sandbox was never made, and left it to the failed create.
+    let start = std::time::Instant::now();
+    while !env.processes_naming_data_dir().is_empty() {
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "processes left: {:?}",
+            env.processes_naming_data_dir()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_clean(&env);
+    // The data dir still works.
+    assert_eq!(env.sh("echo ok").trim(), "ok");
+}
+
+#[test]
 fn a_private_data_dir_is_opened_up_and_a_private_parent_is_named() {
     use std::os::unix::fs::PermissionsExt;
     let parent = tempfile::tempdir_in("/tmp").unwrap();

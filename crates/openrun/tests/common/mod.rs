@@ -115,6 +115,32 @@ impl Env {
         PathBuf::from(self.inspect(id)["upper_dir"].as_str().expect("upper dir"))
     }
 
+    /// Live (not zombie) processes other than this one whose command line names the data
+    /// dir: `openrun` commands on it and the processes they forked (a sandbox's cleaner).
+    pub fn processes_naming_data_dir(&self) -> Vec<u32> {
+        let dir = self.data_dir().as_os_str().as_encoded_bytes().to_vec();
+        let me = std::process::id();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit(')')
+                        .next()
+                        .is_some_and(|s| !s.starts_with(" Z"))
+                })
+            })
+            .filter(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|cmd| cmd.split(|&b| b == 0).any(|arg| arg == dir.as_slice()))
+            })
+            .collect()
+    }
+
     /// Live sandbox ids according to `openrun ps`.
     pub fn live_ids(&self) -> Vec<String> {
         let out = self.output(["ps"]);
