@@ -310,6 +310,7 @@ fn spawn_with(
     // agent for the instant of the start, then put the agent's own back.
     let restore = own_oom_score_adj.and_then(|file| set_oom_score_adj(file, plan.oom_score_adj));
     let arg = ptr::addr_of!(args).cast_mut().cast::<std::ffi::c_void>();
+    let alone = crate::vfork::begin_start();
     let cloned = if !options.force_fork && crate::vfork::usable(changes_ids) {
         // SAFETY: `child_entry` follows the rules of a memory-sharing child (raw and rustix
         // system calls only, on `args`, no allocation, locks or unwinding; it ends in
@@ -317,7 +318,7 @@ fn spawn_with(
         // `prepared`, the descriptors, which the parent closes only below) stays alive and
         // unchanged until `clone_vfork` returns, when the child has exec'd or exited.
         // Signals are blocked (above).
-        unsafe { crate::vfork::clone_vfork(child_entry, arg, START_TIMEOUT, changes_ids) }
+        unsafe { crate::vfork::clone_vfork(child_entry, arg, START_TIMEOUT, changes_ids, alone) }
     } else {
         None
     };

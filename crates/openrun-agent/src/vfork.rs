@@ -28,6 +28,12 @@
 //! child runs; it is only signalled while the start is marked active, and only the agent's own
 //! thread reaps (after clearing that mark), so the pid cannot have been reused.
 //!
+//! One start goes unwatched: the first of an agent that is pid 1 of its pid namespace (see
+//! [`begin_start`]). No other process exists in the namespace then — the agent has started
+//! none, and every process of the sandbox descends from it — so nothing can stop the child.
+//! That start is `openrun run`'s command, which then does not wait for the watchdog thread to
+//! be made; the thread is made right after it ([`prepare`]).
+//!
 //! # What the child may do
 //!
 //! The child runs on its own stack (mapped once, with a guard page) but in the agent's memory
@@ -47,7 +53,7 @@
 
 use std::ffi::{c_int, c_void};
 use std::ptr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -394,7 +400,8 @@ impl ChildStack {
 
 struct Spawner {
     stack: Mutex<ChildStack>,
-    watchdog: &'static Watchdog,
+    /// Made by the first start that needs it (or by [`prepare`]); `None` when it cannot be.
+    watchdog: OnceLock<Option<&'static Watchdog>>,
 }
 
 static SPAWNER: OnceLock<Option<Spawner>> = OnceLock::new();
@@ -411,16 +418,47 @@ fn spawner() -> Option<&'static Spawner> {
         .as_ref()
 }
 
-/// Sets up clone-based starts ahead of the first one (see [`spawner`]); later calls do
-/// nothing.
+/// Sets up clone-based starts ahead of the first one (see [`spawner`]), the watchdog thread
+/// included; later calls do nothing.
 pub(crate) fn prepare() {
     if cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
-        let _ = spawner();
+        let _ = spawner().map(Spawner::watchdog);
     }
+}
+
+/// Set once this agent has started a process, either way.
+static STARTED_ONE: AtomicBool = AtomicBool::new(false);
+
+/// Records that a process is being started (call it before every start, whichever way); returns
+/// whether this is the first start of an agent that is pid 1: then no other process exists in
+/// its pid namespace, and [`clone_vfork`] may go without the watchdog.
+pub(crate) fn begin_start() -> bool {
+    !STARTED_ONE.swap(true, Ordering::AcqRel) && rustix::process::getpid().is_init()
 }
 
 impl Spawner {
     fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            stack: Mutex::new(ChildStack::new()?),
+            watchdog: OnceLock::new(),
+        })
+    }
+
+    /// The watchdog, made (its thread started) on first use.
+    fn watchdog(&self) -> Option<&'static Watchdog> {
+        *self.watchdog.get_or_init(|| match Watchdog::start() {
+            Ok(watchdog) => Some(watchdog),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the exec watchdog; forking");
+                None
+            }
+        })
+    }
+}
+
+impl Watchdog {
+    /// Makes the watchdog and starts its thread.
+    fn start() -> std::io::Result<&'static Self> {
         // SAFETY: timerfd_create takes flags only; a non-negative result is a new descriptor
         // that nothing else owns.
         let timer = unsafe {
@@ -440,7 +478,6 @@ impl Spawner {
                 verdict: None,
             }),
         }));
-        let stack = ChildStack::new()?;
         std::thread::Builder::new()
             .name("exec-watchdog".into())
             .stack_size(64 << 10)
@@ -455,10 +492,7 @@ impl Spawner {
                 }
                 watchdog.run();
             })?;
-        Ok(Self {
-            stack: Mutex::new(stack),
-            watchdog,
-        })
+        Ok(watchdog)
     }
 }
 
@@ -530,24 +564,34 @@ pub(crate) unsafe fn clone_vfork(
     arg: *mut c_void,
     limit: Duration,
     changes_ids: bool,
+    alone: bool,
 ) -> Option<Result<Started, Errno>> {
     let spawner = spawner()?;
+    // Without the watchdog the wait would not be bounded: fork instead when there is none,
+    // unless no other process exists that could stop the child (`alone`, see the module docs).
+    let watchdog = if alone {
+        None
+    } else {
+        Some(spawner.watchdog()?)
+    };
     let dumpable = if changes_ids { own_dumpable() } else { None };
     let stack = lock(&spawner.stack);
-    let watchdog = spawner.watchdog;
-    watchdog.child.store(0, Ordering::Release);
-    *lock(&watchdog.watch) = Watch {
-        active: true,
-        started: Instant::now(),
-        limit,
-        verdict: None,
-    };
-    if let Err(e) = watchdog.arm(STOP_CHECK_INTERVAL) {
-        // Without the watchdog the wait would not be bounded.
-        lock(&watchdog.watch).active = false;
-        tracing::warn!(error = %e, "cannot arm the exec watchdog; forking");
-        return None;
+    let unwatched_child = AtomicI32::new(0);
+    if let Some(watchdog) = watchdog {
+        watchdog.child.store(0, Ordering::Release);
+        *lock(&watchdog.watch) = Watch {
+            active: true,
+            started: Instant::now(),
+            limit,
+            verdict: None,
+        };
+        if let Err(e) = watchdog.arm(STOP_CHECK_INTERVAL) {
+            lock(&watchdog.watch).active = false;
+            tracing::warn!(error = %e, "cannot arm the exec watchdog; forking");
+            return None;
+        }
     }
+    let child_tid = watchdog.map_or(&unwatched_child, |w| &w.child);
     let flags = libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD;
     // SAFETY: `entry` and `arg` follow this function's contract; the stack is a mapping of
     // its own that no other child uses (the lock is held until the child is done with it:
@@ -555,7 +599,7 @@ pub(crate) unsafe fn clone_vfork(
     // a new one — or exited). The parent-tid pointer is a live atomic the kernel stores the
     // pid into. No CLONE_SETTLS: the child keeps this thread's pointer, which is why it must
     // not touch thread-locals (see the module docs).
-    let pid = unsafe { libc::clone(entry, stack.top(), flags, arg, watchdog.child.as_ptr()) };
+    let pid = unsafe { libc::clone(entry, stack.top(), flags, arg, child_tid.as_ptr()) };
     let clone_error = (pid < 0).then(|| {
         Errno::from_raw_os_error(
             std::io::Error::last_os_error()
@@ -563,12 +607,15 @@ pub(crate) unsafe fn clone_vfork(
                 .unwrap_or(libc::EAGAIN),
         )
     });
-    let verdict = {
-        let mut watch = lock(&watchdog.watch);
-        watch.active = false;
-        watch.verdict.take()
-    };
-    watchdog.disarm();
+    let verdict = watchdog.and_then(|watchdog| {
+        let verdict = {
+            let mut watch = lock(&watchdog.watch);
+            watch.active = false;
+            watch.verdict.take()
+        };
+        watchdog.disarm();
+        verdict
+    });
     drop(stack);
     if let Some(value) = dumpable {
         // The child's uid/gid switch set the shared memory's dumpability to the host's
@@ -584,4 +631,55 @@ pub(crate) unsafe fn clone_vfork(
         Some(e) => Err(e),
         None => Ok(Started { pid, verdict }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Forks a child that runs `body` and exits with its result; returns that result.
+    fn in_child(body: impl FnOnce() -> i32) -> i32 {
+        // SAFETY: the child only makes system calls and touches atomics before `_exit`; it
+        // never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = body();
+            // SAFETY: ends the child without running the parent's Rust code.
+            unsafe { libc::_exit(code) }
+        }
+        let mut status = 0;
+        // SAFETY: waits for the child forked above; `status` is a live integer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        libc::WEXITSTATUS(status)
+    }
+
+    #[test]
+    fn only_the_first_start_of_pid_1_goes_unwatched() {
+        // Not pid 1 (the test process): every start is watched, the first one too.
+        assert_eq!(in_child(|| i32::from(begin_start())), 0);
+        // Pid 1 of a new pid namespace (in a new user namespace, so no privilege is needed):
+        // its first start goes unwatched, the next ones not.
+        let code = in_child(|| {
+            // SAFETY: unshare takes flags only; this forked child is single-threaded.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWPID) } != 0 {
+                return 100;
+            }
+            in_child(|| {
+                if !rustix::process::getpid().is_init() {
+                    return 101;
+                }
+                // A new agent (other tests of this process may have started processes).
+                STARTED_ONE.store(false, Ordering::Release);
+                let first = begin_start();
+                let second = begin_start();
+                i32::from(first) | (i32::from(second) << 1)
+            })
+        });
+        assert_eq!(
+            code, 1,
+            "100: no unshare, 101: not pid 1, else first | second << 1"
+        );
+    }
 }
