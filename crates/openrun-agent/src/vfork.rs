@@ -30,7 +30,10 @@
 //!
 //! One start goes unwatched: the first of an agent that is pid 1 of its pid namespace (see
 //! [`begin_start`]). No other process exists in the namespace then — the agent has started
-//! none, and every process of the sandbox descends from it — so nothing can stop the child.
+//! none, and every process of the sandbox descends from it — so nothing of the sandbox can
+//! stop the child. (The sandbox's network helper, when it has one, runs as the sandbox's root
+//! outside the namespace, but has carried no traffic yet: no process existed to send any, and
+//! it forwards no inbound ports.)
 //! That start is `openrun run`'s command, which then does not wait for the watchdog thread to
 //! be made; the thread is made right after it ([`prepare`]).
 //!
