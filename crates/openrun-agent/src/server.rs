@@ -62,7 +62,8 @@ pub(crate) async fn serve(
     // Set up process starts (the watchdog thread, the child stack) now, behind the control
     // stream's first request: a sandbox made ahead of use (the server's warm pool, an API
     // create) does it while idle instead of in its first exec; `openrun run`'s exec, queued
-    // with the create, is served first and sets it up itself as before.
+    // with the create, is served first, sets up the child stack only (its start needs no
+    // watchdog, see `vfork`), and this task makes the thread right after.
     tokio::task::spawn_local(async { crate::vfork::prepare() });
     let control_closed = async move {
         match control_task {

@@ -403,8 +403,8 @@ impl ChildStack {
 
 struct Spawner {
     stack: Mutex<ChildStack>,
-    /// Made by the first start that needs it (or by [`prepare`]); `None` when it cannot be.
-    watchdog: OnceLock<Option<&'static Watchdog>>,
+    /// Made by the first start that needs it (or by [`prepare`]).
+    watchdog: OnceLock<&'static Watchdog>,
 }
 
 static SPAWNER: OnceLock<Option<Spawner>> = OnceLock::new();
@@ -447,15 +447,20 @@ impl Spawner {
         })
     }
 
-    /// The watchdog, made (its thread started) on first use.
+    /// The watchdog, made (its thread started) on first use. `None` when its thread cannot
+    /// be started now (e.g. the sandbox is at its pids limit); the next call tries again.
     fn watchdog(&self) -> Option<&'static Watchdog> {
-        *self.watchdog.get_or_init(|| match Watchdog::start() {
-            Ok(watchdog) => Some(watchdog),
+        if let Some(watchdog) = self.watchdog.get() {
+            return Some(watchdog);
+        }
+        match Watchdog::start() {
+            // Only the agent's own thread starts processes: nothing else can have set it.
+            Ok(watchdog) => Some(*self.watchdog.get_or_init(|| watchdog)),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot start the exec watchdog; forking");
                 None
             }
-        })
+        }
     }
 }
 
@@ -572,10 +577,12 @@ pub(crate) unsafe fn clone_vfork(
     let spawner = spawner()?;
     // Without the watchdog the wait would not be bounded: fork instead when there is none,
     // unless no other process exists that could stop the child (`alone`, see the module docs).
-    let watchdog = if alone {
-        None
-    } else {
-        Some(spawner.watchdog()?)
+    // A watchdog made already (a sandbox made ahead of use) watches that start too, for the
+    // start limit.
+    let watchdog = match spawner.watchdog.get() {
+        Some(watchdog) => Some(*watchdog),
+        None if alone => None,
+        None => Some(spawner.watchdog()?),
     };
     let dumpable = if changes_ids { own_dumpable() } else { None };
     let stack = lock(&spawner.stack);
@@ -647,7 +654,9 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let code = body();
+            // A failed assertion in a nested child must end that child, not run on as a copy
+            // of the test harness.
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(99);
             // SAFETY: ends the child without running the parent's Rust code.
             unsafe { libc::_exit(code) }
         }
@@ -682,7 +691,8 @@ mod tests {
         });
         assert_eq!(
             code, 1,
-            "100: no unshare, 101: not pid 1, else first | second << 1"
+            "99: a check failed in a child, 100: no unshare, 101: not pid 1, \
+             else first | second << 1"
         );
     }
 }

@@ -156,7 +156,13 @@ fn exec_over_websocket_streams_bytes_takes_stdin_and_signals() {
     assert_eq!(exit["signal"], 15, "{exit}");
     assert!(exit["code"].is_null());
     assert!(t0.elapsed() < Duration::from_secs(10));
-    let signals = events_of(&api, &id, "process.signal");
+    // The server records the signal once the agent has taken it: the process may die and
+    // its exit reach the client first.
+    let mut signals = events_of(&api, &id, "process.signal");
+    while signals.is_empty() && t0.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+        signals = events_of(&api, &id, "process.signal");
+    }
     let signal = signals.first().expect("process.signal event");
     assert_eq!(signal["payload"]["pid"], pid);
     assert_eq!(signal["payload"]["signal"], 15);
