@@ -476,7 +476,7 @@ impl Watchdog {
             }
             OwnedFd::from_raw_fd(fd)
         };
-        let watchdog: &'static Watchdog = Box::leak(Box::new(Watchdog {
+        let watchdog = Box::new(Watchdog {
             timer,
             child: AtomicI32::new(0),
             watch: Mutex::new(Watch {
@@ -485,7 +485,10 @@ impl Watchdog {
                 limit: Duration::ZERO,
                 verdict: None,
             }),
-        }));
+        });
+        // Leaked (kept for the process's life) only once its thread runs: a failed start
+        // (retried by the next process start) drops it, its timer included.
+        let (hand_over, handed) = std::sync::mpsc::sync_channel::<&'static Watchdog>(1);
         std::thread::Builder::new()
             .name("exec-watchdog".into())
             .stack_size(64 << 10)
@@ -498,8 +501,14 @@ impl Watchdog {
                     libc::sigfillset(&mut all);
                     libc::pthread_sigmask(libc::SIG_BLOCK, &all, ptr::null_mut());
                 }
-                watchdog.run();
+                if let Ok(watchdog) = handed.recv() {
+                    watchdog.run();
+                }
             })?;
+        let watchdog: &'static Watchdog = Box::leak(watchdog);
+        // The thread waits for it; a full or closed channel cannot happen (one send, and the
+        // thread only ends after receiving).
+        let _ = hand_over.send(watchdog);
         Ok(watchdog)
     }
 }
