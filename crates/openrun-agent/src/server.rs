@@ -17,6 +17,11 @@ use crate::{AgentConfig, AgentStartError};
 const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed `accept` (e.g. out of descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long the agent has been serving before it sets up process starts ahead of use (see
+/// [`crate::vfork::prepare`]): a sandbox made ahead of use (the server's warm pool) is idle by
+/// then, while one that runs a single short command (`openrun run -- true`) is gone before it
+/// and never makes the watchdog thread at all.
+const PREPARE_AFTER: Duration = Duration::from_millis(50);
 
 /// Why the agent stopped.
 #[derive(Debug, Clone, Copy)]
@@ -59,12 +64,15 @@ pub(crate) async fn serve(
 
     let control_task =
         control.map(|stream| tokio::task::spawn_local(serve_connection(agent.clone(), stream)));
-    // Set up process starts (the watchdog thread, the child stack) now, behind the control
-    // stream's first request: a sandbox made ahead of use (the server's warm pool, an API
-    // create) does it while idle instead of in its first exec; `openrun run`'s exec, queued
-    // with the create, is served first, sets up the child stack only (its start needs no
-    // watchdog, see `vfork`), and this task makes the thread right after.
-    tokio::task::spawn_local(async { crate::vfork::prepare() });
+    // Set up process starts (the watchdog thread, the child stack) once the agent has served
+    // for a while, not now: a task spawned now would run before the control stream's first
+    // request (its socket's readiness is only known after the runtime's next poll), and make
+    // the thread on the path of `openrun run`'s exec, which needs none (the first start of
+    // pid 1, see `vfork`). A start that needs the watchdog before then makes it itself.
+    tokio::task::spawn_local(async {
+        tokio::time::sleep(PREPARE_AFTER).await;
+        crate::vfork::prepare()
+    });
     let control_closed = async move {
         match control_task {
             Some(task) if exit_with_control => {

@@ -35,7 +35,8 @@
 //! outside the namespace, but has carried no traffic yet: no process existed to send any, and
 //! it forwards no inbound ports.)
 //! That start is `openrun run`'s command, which then does not wait for the watchdog thread to
-//! be made; the thread is made right after it ([`prepare`]).
+//! be made; an agent that keeps serving makes the thread a little later ([`prepare`]), and a
+//! later start that finds none makes it first.
 //!
 //! # What the child may do
 //!
