@@ -17,10 +17,11 @@ use crate::{AgentConfig, AgentStartError};
 const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Pause after a failed `accept` (e.g. out of descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-/// How long the agent has been serving before it sets up process starts ahead of use (see
-/// [`crate::vfork::prepare`]): a sandbox made ahead of use (the server's warm pool) is idle by
-/// then, while one that runs a single short command (`openrun run -- true`) is gone before it
-/// and never makes the watchdog thread at all.
+/// How long an agent that ends with its creator's stream (`openrun run`) serves before it sets
+/// up process starts ahead of use (see [`crate::vfork::prepare`]): one that runs a single
+/// short command (`openrun run -- true`) is gone before then and never makes the watchdog
+/// thread at all. Other agents (the server's warm pool, API creates) set up at once: they are
+/// made ahead of use, and a pooled one may be handed out within milliseconds of its warm-up.
 const PREPARE_AFTER: Duration = Duration::from_millis(50);
 
 /// Why the agent stopped.
@@ -64,13 +65,16 @@ pub(crate) async fn serve(
 
     let control_task =
         control.map(|stream| tokio::task::spawn_local(serve_connection(agent.clone(), stream)));
-    // Set up process starts (the watchdog thread, the child stack) once the agent has served
-    // for a while, not now: a task spawned now would run before the control stream's first
-    // request (its socket's readiness is only known after the runtime's next poll), and make
-    // the thread on the path of `openrun run`'s exec, which needs none (the first start of
-    // pid 1, see `vfork`). A start that needs the watchdog before then makes it itself.
-    tokio::task::spawn_local(async {
-        tokio::time::sleep(PREPARE_AFTER).await;
+    // Set up process starts (the watchdog thread, the child stack) ahead of use. For
+    // `openrun run` only after a while, not now: a task spawned now runs before the control
+    // stream's first request (its socket's readiness is only known after the runtime's next
+    // poll), and would make the thread on the path of that request's exec, which needs none
+    // (the first start of pid 1, see `vfork`). A start that needs the watchdog before then
+    // makes it itself.
+    tokio::task::spawn_local(async move {
+        if exit_with_control {
+            tokio::time::sleep(PREPARE_AFTER).await;
+        }
         crate::vfork::prepare()
     });
     let control_closed = async move {

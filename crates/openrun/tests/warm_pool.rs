@@ -161,8 +161,7 @@ fn a_default_create_takes_a_pooled_sandbox_that_works_and_the_pool_refills() {
     }
 
     // The pool ran `true` once in it (a warm-up) and forgot it: its process table is empty,
-    // and only the pids show it (1 is the agent; 2 and 3 the warm-up and its watchdog thread,
-    // made after the warm-up, whose start is the agent's first).
+    // and only the pids show it (1 is the agent, 2 its watchdog thread, 3 the warm-up).
     let processes: Value = api
         .get(&format!("/v1/sandboxes/{id}/processes"))
         .json()
