@@ -35,6 +35,7 @@ mod files;
 mod output;
 mod process;
 mod pty;
+pub mod raw;
 mod reader;
 mod reaper;
 mod relay;

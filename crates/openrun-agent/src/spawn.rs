@@ -32,7 +32,7 @@ use rustix::fd::{AsRawFd as _, BorrowedFd, OwnedFd};
 use rustix::io::Errno;
 
 use crate::errors::errno_text;
-use crate::vfork::raw;
+use crate::raw;
 
 /// The child's standard descriptors.
 #[derive(Debug)]

@@ -42,7 +42,7 @@
 //!
 //! The child runs on its own stack (mapped once, with a guard page) but in the agent's memory
 //! and with the agent's thread pointer: it must not allocate, take locks, unwind, or call
-//! anything that sets `errno` (the agent's thread-local). It uses [`raw`] system calls and
+//! anything that sets `errno` (the agent's thread-local). It uses [`crate::raw`] system calls and
 //! rustix's (which return errors and never touch `errno`) on data prepared before the `clone`.
 //! Signals are blocked across the `clone`; the child has its own copy of the handler table
 //! (no `CLONE_SIGHAND`) and resets every disposition before unblocking, so no handler of the
@@ -64,6 +64,8 @@ use std::time::{Duration, Instant};
 use rustix::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use rustix::io::Errno;
 
+use crate::raw;
+
 /// How often the watchdog checks a start in progress.
 pub(crate) const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -73,168 +75,6 @@ const STACK_SIZE: usize = 256 << 10;
 /// An unmapped-access guard below the stack, so an overflow faults instead of writing into
 /// whatever lies below.
 const GUARD_SIZE: usize = 64 << 10;
-
-/// Raw system calls for the child. They return the kernel's answer and never touch `errno`.
-pub(crate) mod raw {
-    use rustix::io::Errno;
-
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
-        let ret: isize;
-        // SAFETY: the x86-64 Linux system call convention: number in rax,
-        // arguments in rdi, rsi, rdx, r10; the kernel clobbers rcx and r11 and nothing else,
-        // and does not use the user stack. What the call does with memory is the caller's
-        // responsibility (each wrapper below documents it).
-        unsafe {
-            core::arch::asm!(
-                "syscall",
-                inlateout("rax") nr as isize => ret,
-                in("rdi") a,
-                in("rsi") b,
-                in("rdx") c,
-                in("r10") d,
-                lateout("rcx") _,
-                lateout("r11") _,
-                options(nostack),
-            );
-        }
-        ret
-    }
-
-    #[cfg(target_arch = "aarch64")]
-    #[inline(always)]
-    unsafe fn syscall4(nr: libc::c_long, a: usize, b: usize, c: usize, d: usize) -> isize {
-        let ret: isize;
-        // SAFETY: the AArch64 Linux system call convention: number in x8,
-        // arguments in x0-x3, result in x0; nothing else is clobbered and the stack is not
-        // used.
-        unsafe {
-            core::arch::asm!(
-                "svc 0",
-                in("x8") nr,
-                inlateout("x0") a as isize => ret,
-                in("x1") b,
-                in("x2") c,
-                in("x3") d,
-                options(nostack),
-            );
-        }
-        ret
-    }
-
-    fn result(ret: isize) -> Result<usize, Errno> {
-        if (-4095..0).contains(&ret) {
-            Err(Errno::from_raw_os_error(-ret as i32))
-        } else {
-            Ok(ret as usize)
-        }
-    }
-
-    /// Sets `sig`'s disposition to the default (`SIG_DFL`, no flags, empty mask), also for the
-    /// two real-time signals the C library reserves (its wrapper refuses those).
-    pub(crate) fn default_disposition(sig: i32) -> Result<(), Errno> {
-        // An all-zero kernel `struct sigaction` is SIG_DFL; 32 bytes cover it on every
-        // architecture (handler, flags, restorer, 8-byte mask).
-        let action = [0u64; 4];
-        // SAFETY: the kernel reads the action from a live 32-byte buffer and writes nothing
-        // (no old-action pointer); the mask size is the kernel's 8 bytes.
-        result(unsafe {
-            syscall4(
-                libc::SYS_rt_sigaction,
-                sig as usize,
-                action.as_ptr() as usize,
-                0,
-                8,
-            )
-        })
-        .map(|_| ())
-    }
-
-    /// Unblocks every signal of the calling thread.
-    pub(crate) fn unblock_all_signals() -> Result<(), Errno> {
-        let empty = 0u64;
-        // SAFETY: the kernel reads an 8-byte mask from a live value and writes nothing.
-        result(unsafe {
-            syscall4(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_SETMASK as usize,
-                ptr::addr_of!(empty) as usize,
-                0,
-                8,
-            )
-        })
-        .map(|_| ())
-    }
-
-    use std::ptr;
-
-    /// `landlock_restrict_self(ruleset, 0)`.
-    pub(crate) fn landlock_restrict_self(ruleset: i32) -> Result<(), Errno> {
-        // SAFETY: takes a descriptor number and flags; no memory.
-        result(unsafe { syscall4(libc::SYS_landlock_restrict_self, ruleset as usize, 0, 0, 0) })
-            .map(|_| ())
-    }
-
-    /// `close_range(first, last, 0)`.
-    pub(crate) fn close_range(first: u32, last: u32) -> Result<(), Errno> {
-        // SAFETY: closes descriptors of the calling process only; no memory.
-        result(unsafe { syscall4(libc::SYS_close_range, first as usize, last as usize, 0, 0) })
-            .map(|_| ())
-    }
-
-    /// `close(fd)`, result ignored.
-    pub(crate) fn close(fd: i32) {
-        // SAFETY: closes one descriptor of the calling process; no memory.
-        let _ = unsafe { syscall4(libc::SYS_close, fd as usize, 0, 0, 0) };
-    }
-
-    /// `execve`; returns only on failure.
-    ///
-    /// # Safety
-    /// `path` must be a NUL-terminated string and `argv`, `envp` NULL-terminated arrays of
-    /// NUL-terminated strings, all alive for the call.
-    pub(crate) unsafe fn execve(
-        path: *const libc::c_char,
-        argv: *const *const libc::c_char,
-        envp: *const *const libc::c_char,
-    ) -> Errno {
-        // SAFETY: the kernel only reads the strings and arrays, valid per the contract.
-        match result(unsafe {
-            syscall4(
-                libc::SYS_execve,
-                path as usize,
-                argv as usize,
-                envp as usize,
-                0,
-            )
-        }) {
-            Err(e) => e,
-            // execve does not return on success.
-            Ok(_) => Errno::NOEXEC,
-        }
-    }
-
-    /// Ends the calling process with `code`.
-    pub(crate) fn exit(code: i32) -> ! {
-        loop {
-            // SAFETY: exit_group takes an integer and does not return.
-            unsafe {
-                syscall4(libc::SYS_exit_group, code as usize, 0, 0, 0);
-            }
-        }
-    }
-
-    /// Stops the calling process (`kill(getpid(), SIGSTOP)`), for tests of the watchdog.
-    #[cfg(test)]
-    pub(crate) fn stop_self() {
-        // SAFETY: getpid and kill take and return integers only.
-        unsafe {
-            let pid = syscall4(libc::SYS_getpid, 0, 0, 0, 0);
-            syscall4(libc::SYS_kill, pid as usize, libc::SIGSTOP as usize, 0, 0);
-        }
-    }
-}
 
 /// Why the watchdog killed a child before it exec'd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,53 +197,8 @@ pub(crate) fn is_stopped(child: rustix::process::Pid) -> bool {
     )
 }
 
-/// The child's stack: mapped once, reused by every start (the previous child has exec'd or
-/// exited by the time `clone` returns, and only one start runs at a time: the mutex).
-struct ChildStack {
-    base: *mut c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is only used through the `Mutex` that owns this value.
-unsafe impl Send for ChildStack {}
-
-impl ChildStack {
-    fn new() -> Result<Self, Errno> {
-        let len = STACK_SIZE + GUARD_SIZE;
-        // SAFETY: a new private anonymous mapping; no existing memory is affected.
-        let base = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(Errno::NOMEM);
-        }
-        // The lowest pages become the guard (stacks grow down).
-        // SAFETY: changes the protection of the start of the mapping made just above.
-        if unsafe { libc::mprotect(base, GUARD_SIZE, libc::PROT_NONE) } != 0 {
-            // SAFETY: unmaps the mapping made above, which nothing refers to.
-            unsafe {
-                libc::munmap(base, len);
-            }
-            return Err(Errno::NOMEM);
-        }
-        Ok(Self { base, len })
-    }
-
-    fn top(&self) -> *mut c_void {
-        // SAFETY: one past the end of the mapping, the initial stack pointer.
-        unsafe { self.base.cast::<u8>().add(self.len).cast() }
-    }
-}
-
 struct Spawner {
-    stack: Mutex<ChildStack>,
+    stack: Mutex<raw::Stack>,
     /// Made by the first start that needs it (or by [`prepare`]).
     watchdog: OnceLock<&'static Watchdog>,
 }
@@ -443,7 +238,7 @@ pub(crate) fn begin_start() -> bool {
 impl Spawner {
     fn new() -> std::io::Result<Self> {
         Ok(Self {
-            stack: Mutex::new(ChildStack::new()?),
+            stack: Mutex::new(raw::Stack::new(STACK_SIZE, GUARD_SIZE)?),
             watchdog: OnceLock::new(),
         })
     }
@@ -575,7 +370,7 @@ pub(crate) struct Started {
 /// # Safety
 /// `entry` must follow the rules in the module docs (only raw or rustix system calls on data
 /// prepared before the call, no allocation, no locks, no unwinding, ends in `execve` or
-/// [`raw::exit`]), and everything `arg` points to must stay alive and unchanged until this
+/// [`crate::raw::exit`]), and everything `arg` points to must stay alive and unchanged until this
 /// returns.
 pub(crate) unsafe fn clone_vfork(
     entry: extern "C" fn(*mut c_void) -> c_int,

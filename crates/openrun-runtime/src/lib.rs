@@ -7,6 +7,7 @@
 //! their agents.
 
 pub mod cgroup;
+mod cleaner;
 pub mod client;
 mod devices;
 mod disk_pool;
@@ -26,6 +27,7 @@ pub mod state;
 mod sys;
 pub mod zygote;
 
+pub use cleaner::exit_process;
 pub use client::{AgentClient, AgentReceiver, AgentSender, AgentStream, ClientError};
 pub use error::{Result, RuntimeError};
 pub use limits::Limits;

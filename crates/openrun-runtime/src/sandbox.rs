@@ -159,31 +159,43 @@ impl Runtime {
     /// would write on the same stream a moment later, and they die with the stream when the
     /// setup fails.
     pub fn create_with_first_request(&self, spec: &SandboxSpec, first: &[u8]) -> Result<Sandbox> {
-        self.create_inner(spec, first, false)
+        self.create_inner(spec, first, None)
             .map(|(sandbox, _)| sandbox)
     }
 
-    /// Like [`Runtime::create_with_first_request`], and forks the process that tears the
+    /// Like [`Runtime::create_with_first_request`], and starts the process that tears the
     /// sandbox down once its agent has exited (on its own when the caller's control stream
-    /// closes, for `exit_with_creator` sandboxes, or killed), so that the caller's exit does
-    /// not wait for the teardown: `openrun run`. The fork happens while the init sets the
-    /// sandbox up, when this process would only wait, rather than while the agent starts the
-    /// first command, whose start it would slow down on a small machine.
+    /// closes, for `exit_with_creator` sandboxes, or killed) and this process too (or 1 s
+    /// after the agent), so that the caller's exit does not
+    /// wait for the teardown: `openrun run`. It starts while the init sets the sandbox
+    /// up, when this process would only wait, rather than while the agent starts the first
+    /// command, whose start it would slow down on a small machine.
     ///
-    /// The second value is whether that process exists: `false` when nothing was forked (no
-    /// agent pidfd, a failed fork); then [`Runtime::destroy_in_background`] is the way. The
-    /// process keeps no descriptor but the agent's pidfd (never the control stream, whose
-    /// close ends such a sandbox), leaves the caller's session and stdio, and tears down only
-    /// a sandbox whose create succeeded: a failed create is cleaned up here, as always.
-    pub fn create_with_cleaner(&self, spec: &SandboxSpec, first: &[u8]) -> Result<(Sandbox, bool)> {
-        self.create_inner(spec, first, true)
+    /// That process shares this one's memory (see `cleaner.rs`) and starts its teardown
+    /// once this process has exited: end it with [`crate::exit_process`], single-threaded, and
+    /// the teardown runs in that memory; end it any other way (killed, for one) and it runs
+    /// `remover` (the `openrun` binary) as `REMOVER --data-dir DIR rm -f ID` instead.
+    ///
+    /// The second value is whether that process exists: `false` when nothing was started (no
+    /// agent pidfd, a failed clone); then [`Runtime::destroy_in_background`] is the way. The
+    /// process keeps no descriptor but the agent's and this process's pidfds and its commit
+    /// pipe (never the control stream, whose close ends such a sandbox), leaves the caller's
+    /// session and stdio, and tears down only a sandbox whose create succeeded: a failed
+    /// create is cleaned up here, as always.
+    pub fn create_with_cleaner(
+        &self,
+        spec: &SandboxSpec,
+        first: &[u8],
+        remover: &Path,
+    ) -> Result<(Sandbox, bool)> {
+        self.create_inner(spec, first, Some(remover))
     }
 
     fn create_inner(
         &self,
         spec: &SandboxSpec,
         first: &[u8],
-        with_cleaner: bool,
+        remover: Option<&Path>,
     ) -> Result<(Sandbox, bool)> {
         let started = Instant::now();
         let phase = |name: &str| {
@@ -390,11 +402,9 @@ impl Runtime {
         }
         // Dropped (closed) without a byte when the create fails from here on: the cleaner
         // then leaves everything to `pending`.
-        let commit = if with_cleaner {
-            self.fork_cleaner(&id, &paths, pending.cgroup.as_ref(), pidfd)
-        } else {
-            None
-        };
+        let commit = remover.and_then(|remover| {
+            crate::cleaner::start(self, &id, &paths, pending.cgroup.as_ref(), pidfd, remover)
+        });
         match setup_channel::recv(&setup_host) {
             Ok((SetupMessage::Ready, _)) => {}
             Ok((
@@ -472,69 +482,53 @@ impl Runtime {
         Ok((sandbox, cleaner))
     }
 
-    /// Forks the cleaner of [`Runtime::create_with_cleaner`] for the sandbox being made, whose
-    /// agent is behind `pidfd`. Returns the write end of its commit pipe: one byte written
-    /// there once the sandbox is made hands the teardown over; a close without it (the create
-    /// failed, or this process died before it was done) tells the cleaner to leave. `None`
-    /// when nothing was forked.
-    fn fork_cleaner(
+    /// A copy of this runtime for [`crate::cleaner`], made without touching the host (the
+    /// copy never starts a create helper).
+    pub(crate) fn copy_for_cleaner(&self) -> Runtime {
+        Runtime {
+            data_dir: self.data_dir.clone(),
+            run_dir: self.run_dir.clone(),
+            dev_template: self.dev_template.clone(),
+            cgroups: self.cgroups.clone(),
+            pool: self.pool.clone(),
+            disk_pool: self.disk_pool.clone(),
+            disk_pool_size: self.disk_pool_size,
+            zygote: Default::default(),
+        }
+    }
+
+    /// The cleaner's teardown of sandbox `id` (see [`Runtime::create_with_cleaner`]), whose
+    /// creator committed it and has exited, and whose agent is behind `agent` (not our
+    /// child). Returns the cleaner's exit code.
+    pub(crate) fn destroy_created(
         &self,
         id: &str,
         paths: &SandboxPaths,
         cgroup: Option<&Cgroup>,
-        pidfd: rustix::fd::BorrowedFd<'_>,
-    ) -> Option<OwnedFd> {
-        let (commit_read, commit_write) =
-            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).ok()?;
-        match sys::clone3_process(0, None) {
-            Ok(Forked::Child) => {
-                let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    // Out of the caller's session and off its stdio, so neither a terminal's
-                    // Ctrl-C nor a reader waiting for EOF on the caller's output depends on
-                    // this process; every other descriptor (the control stream, the write end
-                    // of the commit pipe) closed.
-                    let _ = rustix::process::setsid();
-                    let keep = [pidfd.as_raw_fd(), commit_read.as_raw_fd()];
-                    if init::isolate_descriptors(&keep).is_err() {
-                        return 1;
-                    }
-                    // Closed just above with every other descriptor: not closed again.
-                    std::mem::forget(commit_write);
-                    let Ok(own) = pidfd.try_clone_to_owned() else {
-                        return 1;
-                    };
-                    wait_while_alive(&own);
-                    if !committed(&commit_read) {
-                        return 0;
-                    }
-                    let record = match SandboxRecord::load(paths) {
-                        Ok(record) => record,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "background teardown: no record");
-                            return 1;
-                        }
-                    };
-                    let sandbox = Sandbox {
-                        record,
-                        paths: paths.clone(),
-                        cgroup: cgroup.cloned(),
-                        pidfd: Some(own),
-                        // The agent is our parent's child, not ours.
-                        child: false,
-                        control: None,
-                    };
-                    match self.destroy(sandbox) {
-                        Ok(()) => 0,
-                        Err(e) => {
-                            tracing::warn!(error = %e, id, "background teardown failed");
-                            1
-                        }
-                    }
-                }));
-                sys::exit_now(code.unwrap_or(70));
+        agent: OwnedFd,
+    ) -> i32 {
+        let record = match SandboxRecord::load(paths) {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::warn!(error = %e, id, "background teardown: no record");
+                return 1;
             }
-            Ok(Forked::Parent { .. }) => Some(commit_write),
-            Err(_) => None,
+        };
+        let sandbox = Sandbox {
+            record,
+            paths: paths.clone(),
+            cgroup: cgroup.cloned(),
+            pidfd: Some(agent),
+            // The agent was our creator's child, not ours.
+            child: false,
+            control: None,
+        };
+        match self.destroy(sandbox) {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::warn!(error = %e, id, "background teardown failed");
+                1
+            }
         }
     }
 
@@ -1267,35 +1261,6 @@ fn classify_setup_error(stage: String, errno: Option<i32>, message: String) -> R
 /// is frozen (and so cannot act on the kill until thawed).
 const FROZEN_CHECK_AFTER: Duration = Duration::from_millis(20);
 
-/// Whether the creator wrote the commit byte of [`Runtime::create_with_cleaner`] before it
-/// closed `pipe` (waits for the close).
-fn committed(pipe: &OwnedFd) -> bool {
-    let mut byte = [0u8; 1];
-    loop {
-        match rustix::io::read(pipe, &mut byte) {
-            Ok(n) => return n == 1,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Waits, without a deadline, until the process behind `pidfd` has exited (not reaping it).
-fn wait_while_alive(pidfd: &OwnedFd) {
-    loop {
-        let mut fds = [rustix::event::PollFd::new(
-            pidfd,
-            rustix::event::PollFlags::IN,
-        )];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(n) if n > 0 => return,
-            Ok(_) | Err(rustix::io::Errno::INTR) => continue,
-            // Cannot wait: go on, `destroy` kills and waits (bounded) itself.
-            Err(_) => return,
-        }
-    }
-}
-
 /// Whether the process behind `pidfd` exits within `timeout` (it is not reaped).
 fn exits_within(pidfd: &OwnedFd, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
@@ -1488,7 +1453,7 @@ fn is_stale(dir: &Path) -> bool {
         .unwrap_or(true)
 }
 
-fn ensure_single_threaded() -> Result<()> {
+pub(crate) fn ensure_single_threaded() -> Result<()> {
     let threads = fs::read_dir("/proc/self/task")
         .map(|d| d.count())
         .context(|| "cannot count this process's threads".to_string())?;

@@ -103,6 +103,14 @@ pub enum Command {
     Mcp(McpArgs),
     /// Internal: create one sandbox from a JSON spec on stdin for a multi-threaded caller and
     /// print its record (see `Runtime::create_with_helper`).
+    /// Remove what sandbox ID left once its agent and creator are gone, by its exact id: the
+    /// cleaner of `openrun run` runs this when it cannot tear down itself (see
+    /// `openrun_runtime`'s cleaner).
+    #[command(name = "__teardown", hide = true)]
+    Teardown {
+        /// The sandbox's full id.
+        id: String,
+    },
     #[command(name = "__create", hide = true)]
     CreateHelper {
         /// Serve create requests from the caller over stdin (a socket) until it closes it,

@@ -29,6 +29,11 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         Command::Up(args) => {
             return crate::up::run(data_dir, cli.globals.server, cli.globals.api_key, args)
         }
+        Command::Teardown { id } => {
+            let runtime = Runtime::open(data_dir)?;
+            runtime.discard(&id, std::time::Duration::ZERO)?;
+            return Ok(0);
+        }
         Command::CreateHelper { serve: true } => {
             return Ok(openrun_runtime::zygote::serve(data_dir))
         }
@@ -66,7 +71,8 @@ pub fn dispatch(cli: Cli) -> Result<i32> {
         | Command::Image(_)
         | Command::Mcp(_)
         | Command::Up(_)
-        | Command::CreateHelper { .. } => {
+        | Command::CreateHelper { .. }
+        | Command::Teardown { .. } => {
             unreachable!("handled above")
         }
     }
@@ -140,8 +146,9 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
     let tty = request.pty.is_some();
     let first = session::presend_exec(request, args.process.interactive)?;
     // A background process tears the sandbox down once it ends: this one only runs the
-    // command.
-    let (mut sandbox, cleaner) = runtime.create_with_cleaner(&spec, &first)?;
+    // command, and ends through `exit_process` (main), handing it its memory.
+    let (mut sandbox, cleaner) =
+        runtime.create_with_cleaner(&spec, &first, std::path::Path::new("/proc/self/exe"))?;
     // The sandbox's record now keeps its layers from prune.
     drop(image);
     let control = sandbox

@@ -39,5 +39,7 @@ fn main() {
             cli::ERROR_EXIT_CODE
         }
     };
-    std::process::exit(code);
+    // `std::process::exit`, unless `run` started a sandbox's cleaner, which may take this
+    // process's memory over as it is.
+    openrun_runtime::exit_process(code);
 }

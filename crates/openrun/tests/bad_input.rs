@@ -94,7 +94,7 @@ fn a_rootfs_that_is_a_file_is_named() {
 fn a_run_whose_setup_fails_leaves_nothing_behind() {
     let env = Env::new();
     // The init cannot bind the sandbox's /etc/hostname over a directory: it fails after the
-    // host has handed it its layers, when `run` has already forked the sandbox's cleaner.
+    // host has handed it its layers, when `run` has already started the sandbox's cleaner.
     let rootfs = tempfile::tempdir_in("/tmp").unwrap();
     std::fs::create_dir_all(rootfs.path().join("etc/hostname")).unwrap();
     let out = env.output([

@@ -65,7 +65,8 @@ async fn run(client: &Client, command: Command) -> Result<i32> {
         | Command::Image(_)
         | Command::Mcp(_)
         | Command::Up(_)
-        | Command::CreateHelper { .. } => {
+        | Command::CreateHelper { .. }
+        | Command::Teardown { .. } => {
             anyhow::bail!("this verb always runs locally")
         }
     }

@@ -116,7 +116,7 @@ impl Env {
     }
 
     /// Live (not zombie) processes other than this one whose command line names the data
-    /// dir: `openrun` commands on it and the processes they forked (a sandbox's cleaner).
+    /// dir: `openrun` commands on it and the processes they started (a sandbox's cleaner).
     pub fn processes_naming_data_dir(&self) -> Vec<u32> {
         let dir = self.data_dir().as_os_str().as_encoded_bytes().to_vec();
         let me = std::process::id();
