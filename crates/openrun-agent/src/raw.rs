@@ -120,6 +120,30 @@ pub fn close_range(first: u32, last: u32) -> Result<(), Errno> {
         .map(|_| ())
 }
 
+/// Closes every descriptor above stderr except those in `keep` (sorted in place), with
+/// `close_range`, or one by one below `fd_limit` on kernels before 5.9. Allocates nothing.
+pub fn close_all_except(keep: &mut [i32], fd_limit: u32) {
+    keep.sort_unstable();
+    let mut next = 3u32;
+    for &fd in keep.iter() {
+        let Ok(fd) = u32::try_from(fd) else { continue };
+        if fd > next {
+            close_span(next, fd - 1, fd_limit);
+        }
+        next = next.max(fd.saturating_add(1));
+    }
+    close_span(next, u32::MAX, fd_limit);
+}
+
+fn close_span(first: u32, last: u32, fd_limit: u32) {
+    if first > last || close_range(first, last).is_ok() {
+        return;
+    }
+    for fd in first..=last.min(fd_limit.saturating_sub(1)) {
+        close(fd as i32);
+    }
+}
+
 /// `close(fd)`, result ignored.
 pub fn close(fd: i32) {
     // SAFETY: closes one descriptor of the calling process; no memory.

@@ -643,22 +643,7 @@ fn last_errno() -> Errno {
 
 /// Closes every descriptor above stderr except the error pipe. Async-signal-safe.
 fn close_inherited(p: &ChildArgs<'_>) {
-    let keep = p.err_pipe as u32;
-    let ranges = [
-        (3u32, keep.saturating_sub(1)),
-        (keep.saturating_add(1), u32::MAX),
-    ];
-    for (first, last) in ranges {
-        if first > last || first == keep {
-            continue;
-        }
-        if raw::close_range(first, last).is_err() {
-            // Kernels before 5.9: close one by one up to the descriptor limit.
-            for fd in first..=last.min(p.fd_limit.saturating_sub(1)) {
-                raw::close(fd as i32);
-            }
-        }
-    }
+    raw::close_all_except(&mut [p.err_pipe], p.fd_limit);
 }
 
 /// Writes the agent's own `oom_score_adj` (`value`) and returns the previous contents, or

@@ -99,6 +99,8 @@ struct Job {
     commit: OwnedFd,
     /// `/dev/null`, for the cleaner's stdio.
     null: OwnedFd,
+    /// The open-files limit: where closing one by one stops (kernels before 5.9).
+    fd_limit: u32,
     /// The remover's path, arguments (`argv` points into them) and environment.
     remover: CString,
     _args: Vec<CString>,
@@ -143,6 +145,9 @@ pub(crate) fn start(
         creator: above_stdio(creator)?,
         commit: above_stdio(commit_read)?,
         null,
+        fd_limit: rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .map_or(1 << 20, |limit| limit.min(1 << 20) as u32),
         remover: CString::new(remover.as_os_str().as_bytes()).ok()?,
         _args: args,
         argv,
@@ -224,11 +229,14 @@ extern "C" fn entry(arg: *mut c_void) -> c_int {
     let _ = rustix::stdio::dup2_stderr(&job.null);
     // Every other descriptor closed: the control stream (whose close ends the sandbox) and
     // the commit pipe's write end among them.
-    close_all_but([
-        job.agent.as_raw_fd(),
-        job.creator.as_raw_fd(),
-        job.commit.as_raw_fd(),
-    ]);
+    raw::close_all_except(
+        &mut [
+            job.agent.as_raw_fd(),
+            job.creator.as_raw_fd(),
+            job.commit.as_raw_fd(),
+        ],
+        job.fd_limit,
+    );
     if !committed(&job.commit) {
         raw::exit(0);
     }
@@ -265,32 +273,6 @@ extern "C" fn entry(arg: *mut c_void) -> c_int {
         raw::execve(job.remover.as_ptr(), job.argv.as_ptr(), job.envp.as_ptr());
     }
     raw::exit(127)
-}
-
-/// Closes every descriptor above stderr but `keep`, with raw calls only.
-fn close_all_but(mut keep: [i32; 3]) {
-    keep.sort_unstable();
-    let mut next = 3u32;
-    for fd in keep.into_iter().filter_map(|fd| u32::try_from(fd).ok()) {
-        if fd > next {
-            close_range(next, fd - 1);
-        }
-        next = next.max(fd + 1);
-    }
-    close_range(next, u32::MAX);
-
-    fn close_range(first: u32, last: u32) {
-        if raw::close_range(first, last).is_err() {
-            // Kernels before 5.9: one by one, up to the descriptor limit.
-            let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-                .current
-                .unwrap_or(1 << 20)
-                .min(1 << 20) as u32;
-            for fd in first..=last.min(limit.saturating_sub(1)) {
-                raw::close(fd as i32);
-            }
-        }
-    }
 }
 
 /// Whether the commit byte arrived (`false` on EOF: the create failed or its process died).
