@@ -1,12 +1,15 @@
 //! What the sandbox's first process does between `clone3` and becoming the agent.
 //!
-//! It runs in the child of `clone3` (fresh user, mount, pid, net, uts and ipc namespaces; pid 1
-//! of its pid namespace), still seeing the host's mounts. Step by step, each for a reason:
+//! It runs in the child of `clone3` (fresh user and pid namespaces; pid 1 of its pid
+//! namespace), still seeing the host's mounts. Step by step, each for a reason:
 //!
-//! 0. Join the sandbox cgroup itself through `tasks` files the host opened (v1; on v2 it was
-//!    created inside it), before anything else runs: cheaper than a host-side migration.
-//! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid) and no lower
-//!    mounts.
+//! 0. Make its own mount, network, uts and ipc namespaces (its user namespace owns them) while
+//!    the host writes its id maps and makes its cgroup: the network namespace is the costliest
+//!    part of a start, and made here it overlaps the host's work instead of preceding it.
+//! 1. Wait for the host's `Go`: until then it has no id map (so no usable uid), no cgroup and
+//!    no lower mounts. Then join the sandbox cgroup itself, through the `tasks` files the host
+//!    opened and sent (v1; on v2 it was created inside it), before anything is built: cheaper
+//!    than a host-side migration.
 //! 2. `setresgid/setgroups/setresuid(0)`: become root *of the new user namespace*, which is the
 //!    unprivileged host id `base`. Without this the process would keep host root's kuid and
 //!    every file it created in the writable layer would belong to host root. Then leave the
@@ -53,7 +56,6 @@ use rustix::mount::{
 };
 use rustix::thread::{CapabilitySet, CapabilitySets};
 
-use crate::cgroup::SelfJoin;
 use crate::setup_channel::{self, SetupMessage};
 use crate::{landlock, seccomp, sys};
 
@@ -175,13 +177,12 @@ const KEPT_CAPS: CapabilitySet = CapabilitySet::CHOWN
 /// Runs in the `clone3` child; never returns.
 pub fn run(
     plan: InitPlan,
-    join: Option<SelfJoin>,
     setup: OwnedFd,
     listener: UnixListener,
     control: Option<UnixStream>,
 ) -> ! {
     let mut plan = plan;
-    let exec_ruleset = match prepare(&mut plan, join, &setup) {
+    let exec_ruleset = match prepare(&mut plan, &setup) {
         Ok(ruleset) => ruleset,
         Err(e) => {
             let _ = setup_channel::send(
@@ -255,18 +256,15 @@ pub fn run(
 
 /// Builds the sandbox around this process; returns the Landlock ruleset of exec sessions (for
 /// the agent) when the kernel has Landlock.
-fn prepare(
-    plan: &mut InitPlan,
-    join: Option<SelfJoin>,
-    setup: &OwnedFd,
-) -> Result<Option<OwnedFd>, StepError> {
-    // 0. Enter the sandbox cgroup ourselves while the host writes our id maps (see SelfJoin:
-    //    a host-side migration would cost an RCU grace period).
-    if let Some(join) = join {
-        step("joining the sandbox cgroup", join.join_self())?;
-    }
-    // Work that needs nothing from the host, done while it writes our id maps and makes our
-    // mounts: compile the seccomp filter, make the Landlock rulesets (step 9 applies them).
+fn prepare(plan: &mut InitPlan, setup: &OwnedFd) -> Result<Option<OwnedFd>, StepError> {
+    // 0. Our own mount, network, uts and ipc namespaces, while the host writes our id maps
+    //    and makes our cgroup.
+    step(
+        "making the sandbox namespaces",
+        sys::unshare_sandbox_namespaces(),
+    )?;
+    // Work that needs nothing from the host, done while it makes our cgroup and mounts:
+    // compile the seccomp filter, make the Landlock rulesets (step 9 applies them).
     let filter = step("compiling the seccomp filter", seccomp::program())?;
     let sandbox_ruleset = step("preparing the Landlock domain", landlock::sandbox_ruleset())?;
     let exec_ruleset = step(
@@ -274,31 +272,34 @@ fn prepare(
         landlock::exec_session_ruleset(),
     )?;
     // 1. Wait for the host.
-    let (msg, mut lowers) = step("waiting for the host", setup_channel::recv(setup))?;
-    // The layers, then the /dev template.
-    let dev = match lowers.pop() {
-        Some(dev)
-            if msg == SetupMessage::Go
-                && lowers.len()
-                    == plan
-                        .overlays
-                        .iter()
-                        .map(|o| o.lower_mounts.len())
-                        .sum::<usize>() =>
-        {
-            dev
+    let (msg, mut fds) = step("waiting for the host", setup_channel::recv(setup))?;
+    let layers = plan
+        .overlays
+        .iter()
+        .map(|o| o.lower_mounts.len())
+        .sum::<usize>();
+    // The cgroup's tasks files, the layers, then the /dev template.
+    let count = fds.len();
+    let (tasks_files, dev) = match (msg, fds.pop()) {
+        (SetupMessage::Go { tasks_files }, Some(dev)) if count == tasks_files + layers + 1 => {
+            (tasks_files, dev)
         }
-        _ => {
+        (msg, _) => {
             return Err(StepError {
                 stage: "waiting for the host".into(),
                 errno: None,
-                message: format!(
-                    "unexpected setup message {msg:?} with {} mounts",
-                    lowers.len()
-                ),
+                message: format!("unexpected setup message {msg:?} with {count} descriptors"),
             })
         }
     };
+    let lowers = fds.split_off(tasks_files);
+    // Enter the sandbox cgroup ourselves, before anything is built (see SelfJoin: a host-side
+    // migration would cost an RCU grace period). On v2 we were made inside it.
+    step(
+        "joining the sandbox cgroup",
+        crate::cgroup::join_through_tasks(&fds),
+    )?;
+    drop(fds);
     let started = std::time::Instant::now();
     let phase = |name: &str| {
         tracing::trace!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rustix::fd::{AsFd, AsRawFd, OwnedFd};
 use rustix::mount::{open_tree, OpenTreeFlags};
 
-use crate::cgroup::{Cgroup, CgroupManager, SelfJoin};
+use crate::cgroup::{Cgroup, CgroupManager, CgroupVersion, SelfJoin};
 use crate::client::AgentClient;
 use crate::disk_pool::{self, DiskPool};
 use crate::error::{IoContext, Result, RuntimeError};
@@ -164,17 +164,16 @@ impl Runtime {
     }
 
     /// Like [`Runtime::create_with_first_request`], and starts the process that tears the
-    /// sandbox down once its agent has exited (on its own when the caller's control stream
-    /// closes, for `exit_with_creator` sandboxes, or killed) and this process too (or 1 s
-    /// after the agent), so that the caller's exit does not
-    /// wait for the teardown: `openrun run`. It starts while the init sets the sandbox
+    /// sandbox down once this process has exited (it kills the agent then: the sandbox ends
+    /// with its creator) or 1 s after the agent has exited on its own, so that the caller's
+    /// exit waits for neither the agent's end nor the teardown: `openrun run`. It starts while the init sets the sandbox
     /// up, when this process would only wait, rather than while the agent starts the first
     /// command, whose start it would slow down on a small machine.
     ///
     /// That process shares this one's memory (see `cleaner.rs`) and starts its teardown
     /// once this process has exited: end it with [`crate::exit_process`], single-threaded, and
     /// the teardown runs in that memory; end it any other way (killed, for one) and it runs
-    /// `remover` (the `openrun` binary) as `REMOVER --data-dir DIR rm -f ID` instead.
+    /// `remover` (the `openrun` binary) as `REMOVER --data-dir DIR __teardown ID` instead.
     ///
     /// The second value is whether that process exists: `false` when nothing was started (no
     /// agent pidfd, a failed clone); then [`Runtime::destroy_in_background`] is the way. The
@@ -264,9 +263,20 @@ impl Runtime {
         let plan = prepare_host_side(&id, ids, &paths, &image, spec, pooled)?;
         phase("host dirs");
         let plan_protects_agent = plan.agent.process_oom_score_adj == 0;
-        let cgroup = self.cgroups.create(&id, &spec.limits)?;
-        pending.cgroup = Some(cgroup);
-        phase("cgroup");
+        // On v2 the init is made inside its cgroup, which must exist first. On v1 the cgroup
+        // is made after the clone, while the init makes its namespaces, and the init joins it
+        // as soon as `Go` hands it the tasks files.
+        let into_v2_cgroup = if self.cgroups.version() == CgroupVersion::V2 {
+            let cgroup = pending
+                .cgroup
+                .insert(self.cgroups.create(&id, &spec.limits)?);
+            match cgroup.self_join()? {
+                SelfJoin::V2 { dir } => Some(dir),
+                SelfJoin::V1 { .. } => None,
+            }
+        } else {
+            None
+        };
         let listener = UnixListener::bind(paths.socket())
             .context(|| format!("cannot listen on {}", paths.socket().display()))?;
         let (setup_host, setup_child) = rustix::net::socketpair(
@@ -279,14 +289,12 @@ impl Runtime {
         let (control_host, control_child) =
             UnixStream::pair().context(|| "cannot create the control stream".to_string())?;
 
-        let join = pending.cgroup.as_ref().map(Cgroup::self_join).transpose()?;
-        let into_cgroup = match &join {
-            Some(SelfJoin::V2 { dir }) => Some(dir.as_fd()),
-            _ => None,
-        };
         phase("before clone3");
-        let forked = sys::clone3_process(sys::SANDBOX_NAMESPACES, into_cgroup)
-            .map_err(classify_clone_error)?;
+        let forked = sys::clone3_process(
+            sys::CLONE_NAMESPACES,
+            into_v2_cgroup.as_ref().map(|dir| dir.as_fd()),
+        )
+        .map_err(classify_clone_error)?;
         let (pid, pidfd) = match forked {
             Forked::Child => {
                 drop(setup_host);
@@ -294,7 +302,7 @@ impl Runtime {
                 // The child is a copy of this process: it must never unwind back into the
                 // creator's frames (whose drop guards would tear the new sandbox down).
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                    init::run(plan, join, setup_child, listener, Some(control_child))
+                    init::run(plan, setup_child, listener, Some(control_child))
                 }));
                 sys::exit_now(70);
             }
@@ -303,13 +311,26 @@ impl Runtime {
         drop(setup_child);
         drop(control_child);
         drop(listener);
-        drop(join);
+        drop(into_v2_cgroup);
         phase("clone");
         pending.child = Some((pid, pidfd));
         let Some((_, pidfd)) = pending.child.as_ref() else {
             unreachable!("set just above")
         };
         let pidfd = pidfd.as_fd();
+        // v1: the cgroup, and the tasks files through which the init joins it.
+        let tasks = if pending.cgroup.is_some() {
+            Vec::new()
+        } else {
+            let cgroup = pending
+                .cgroup
+                .insert(self.cgroups.create(&id, &spec.limits)?);
+            match cgroup.self_join()? {
+                SelfJoin::V1 { tasks } => tasks,
+                SelfJoin::V2 { .. } => Vec::new(),
+            }
+        };
+        phase("cgroup");
 
         // The child waits on the setup channel while we give it ids, a cgroup and its layers.
         let map = ids.map_line();
@@ -387,11 +408,19 @@ impl Runtime {
         sys::idmap_detached_mount(dev.as_fd(), userns.as_fd(), sys::DetachedMount::Devices)
             .context(|| "cannot prepare the sandbox /dev".to_string())?;
         lowers.push(dev);
-        let borrowed: Vec<_> = lowers.iter().map(|f| f.as_fd()).collect();
-        setup_channel::send(setup_host.as_fd(), &SetupMessage::Go, &borrowed)
+        let borrowed: Vec<_> = tasks
+            .iter()
+            .map(|f| f.as_fd())
+            .chain(lowers.iter().map(|f| f.as_fd()))
+            .collect();
+        let go = SetupMessage::Go {
+            tasks_files: tasks.len(),
+        };
+        setup_channel::send(setup_host.as_fd(), &go, &borrowed)
             .context(|| "cannot start the sandbox init".to_string())?;
         drop(borrowed);
         drop(lowers);
+        drop(tasks);
         drop(userns);
         phase("layers sent");
         if !first.is_empty() {

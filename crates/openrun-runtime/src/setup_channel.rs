@@ -1,5 +1,6 @@
 //! The socketpair between the creator (host side) and the sandbox's init while the sandbox is
-//! being built: the host sends `Go` with the idmapped lower mounts attached; the init answers
+//! being built: the host sends `Go` with the cgroup's v1 `tasks` files and the idmapped lower
+//! mounts attached; the init answers
 //! `Ready` or the exact step that failed, so setup errors reach the caller instead of a log.
 
 use std::io::{IoSlice, IoSliceMut};
@@ -11,15 +12,21 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
-/// Most descriptors one message carries: every lower mount of a sandbox and its `/dev`.
-pub const MAX_FDS: usize = crate::image::MAX_LOWERS + 1;
+/// Most descriptors one message carries: a v1 cgroup's `tasks` files, every lower mount of a
+/// sandbox and its `/dev`.
+pub const MAX_FDS: usize = crate::cgroup::MAX_TASKS_FILES + crate::image::MAX_LOWERS + 1;
 const MAX_MESSAGE: usize = 4096;
 
 /// Messages on the setup channel.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SetupMessage {
-    /// Host → init: id maps and cgroups are in place; lower mounts are attached.
-    Go,
+    /// Host → init: id maps and the cgroup are in place. Attached: the cgroup's v1 `tasks`
+    /// files for the init to join it through (the first `tasks_files`; none on v2, where the
+    /// init was made inside its cgroup), then the lower mounts, then the `/dev` template.
+    Go {
+        /// How many of the descriptors are `tasks` files.
+        tasks_files: usize,
+    },
     /// Init → host: the agent is about to serve.
     Ready,
     /// Init → host: a step failed.

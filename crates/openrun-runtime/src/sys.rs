@@ -6,14 +6,28 @@
 use rustix::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::io;
 
-/// Namespace flags for the sandbox process (cgroup namespace is entered later, from inside the
-/// sandbox cgroup, so it is not in this list).
-pub const SANDBOX_NAMESPACES: u64 = (libc::CLONE_NEWUSER
-    | libc::CLONE_NEWNS
-    | libc::CLONE_NEWPID
-    | libc::CLONE_NEWNET
-    | libc::CLONE_NEWUTS
-    | libc::CLONE_NEWIPC) as u64;
+/// Namespaces the sandbox process is cloned into: its user namespace (the one the creator
+/// writes id maps for) and its pid namespace (whose pid 1 it is), which only a new process
+/// can enter. It makes the others itself ([`unshare_sandbox_namespaces`]).
+pub const CLONE_NAMESPACES: u64 = (libc::CLONE_NEWUSER | libc::CLONE_NEWPID) as u64;
+
+/// Gives the calling process (the sandbox's init, root of its new user namespace, which then
+/// owns them) new mount, network, uts and ipc namespaces: the same namespaces `clone3` would
+/// have made, made in the child so that the costliest of them, the network namespace, is
+/// built while the creator writes the id maps and makes the cgroup rather than before the
+/// clone. The cgroup namespace comes later, from inside the sandbox cgroup.
+pub fn unshare_sandbox_namespaces() -> io::Result<()> {
+    use rustix::thread::UnshareFlags;
+    let flags =
+        UnshareFlags::NEWNS | UnshareFlags::NEWNET | UnshareFlags::NEWUTS | UnshareFlags::NEWIPC;
+    // SAFETY: what makes `unshare` unsafe in general is taking a thread's descriptor table or
+    // filesystem info (root, working directory, umask) away from threads that share it. None
+    // of these flags unshares the descriptor table; CLONE_NEWNS implies unsharing the
+    // filesystem info, which the init (single-threaded, forked without CLONE_FS) shares with
+    // nobody.
+    unsafe { rustix::thread::unshare_unsafe(flags) }?;
+    Ok(())
+}
 
 const CLONE_PIDFD: u64 = 0x1000;
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;

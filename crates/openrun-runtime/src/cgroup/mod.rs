@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustix::fd::AsFd;
 use rustix::process::{kill_process, Pid, Signal};
 
 use crate::limits::{LimitParseError, Limits};
@@ -233,8 +234,9 @@ impl CgroupManager {
 /// which waits for an RCU grace period: about 15 ms per sandbox on a v1 host. Two paths avoid
 /// it: on v1 a single-threaded process moves *itself* by writing `0` to each hierarchy's
 /// `tasks` file (the kernel skips the global lock for that case; the files are opened by the
-/// privileged creator, whose credentials the kernel checks); on v2 the process is created
-/// directly inside the cgroup with `clone3(CLONE_INTO_CGROUP)`.
+/// privileged creator, whose credentials the kernel checks, and handed to the process: see
+/// [`join_through_tasks`]); on v2 the process is created directly inside the cgroup with
+/// `clone3(CLONE_INTO_CGROUP)`.
 #[derive(Debug)]
 pub enum SelfJoin {
     /// v1: the `tasks` file of every hierarchy, opened for writing.
@@ -249,17 +251,21 @@ pub enum SelfJoin {
     },
 }
 
-impl SelfJoin {
-    /// Called by the new process itself (single-threaded): on v1 moves the calling thread into
-    /// every hierarchy; on v2 nothing is left to do.
-    pub fn join_self(&self) -> io::Result<()> {
-        if let Self::V1 { tasks } = self {
-            for mut file in tasks {
-                io::Write::write_all(&mut file, b"0")?;
-            }
+/// Most `tasks` files a [`SelfJoin::V1`] holds: one per v1 hierarchy.
+pub const MAX_TASKS_FILES: usize = v1::CONTROLLERS.len();
+
+/// Called by the new process itself (single-threaded) with the `tasks` files of
+/// [`SelfJoin::V1`]: moves the calling thread into every hierarchy.
+pub fn join_through_tasks(tasks: &[impl AsFd]) -> io::Result<()> {
+    for file in tasks {
+        if rustix::io::write(file, b"0")? != 1 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short write to a cgroup tasks file",
+            ));
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// One sandbox's cgroup (a directory per v1 hierarchy, or one v2 directory).
