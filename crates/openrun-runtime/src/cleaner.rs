@@ -15,7 +15,8 @@
 //!   signal blocked (a handler would run on the creator's state). It leaves the creator's
 //!   session and stdio, closes every descriptor but its three, and waits for the commit (a
 //!   create that fails closes the pipe without one: the cleaner then exits and the failed
-//!   create cleans up after itself), then for the agent's and the creator's ends.
+//!   create cleans up after itself), then for the creator's end, when it kills the agent
+//!   (the sandbox ends with its creator), and the agent's.
 //! - Once the creator has exited, the memory is the cleaner's alone. If the creator ended
 //!   through [`exit_process`] as a single-threaded process, nothing was halfway through the
 //!   allocator or a lock: the cleaner runs the teardown ([`Runtime::destroy`]) in that memory.
@@ -315,8 +316,12 @@ fn wait_for_ends(agent: &OwnedFd, creator: &OwnedFd) -> Option<bool> {
                     return Some(true);
                 }
                 if creator_gone {
-                    // The agent follows (the creator's control stream is closed): no limit.
-                    // Unable to wait, the teardown kills and waits (bounded) itself.
+                    // The sandbox ends with its creator, which leaves killing its agent (pid
+                    // 1: every process of the sandbox dies with it) to us, so that the
+                    // agent's exit does not hold the CPU before the creator's. Then no limit:
+                    // unable to wait, the teardown kills and waits (bounded) itself.
+                    let _ =
+                        rustix::process::pidfd_send_signal(agent, rustix::process::Signal::KILL);
                     wait_for_end(agent);
                     return Some(true);
                 }

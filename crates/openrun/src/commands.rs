@@ -165,9 +165,9 @@ fn run(data_dir: &std::path::Path, mut args: RunArgs) -> Result<i32> {
     rt.shutdown_background();
     tracing::debug!("command ended");
     let code = report(&sandbox, 0, &args.process, outcome);
-    if cleaner {
-        sandbox.kill()?;
-    } else {
+    // With a cleaner, the sandbox ends with this process: the cleaner kills its agent once
+    // this process is gone, off the path to our exit.
+    if !cleaner {
         runtime.destroy_in_background(sandbox)?;
     }
     code
