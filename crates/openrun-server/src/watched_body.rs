@@ -16,10 +16,13 @@ pub(crate) type Polled = Poll<Option<Result<Frame<Bytes>, axum::Error>>>;
 pub(crate) trait BodyWatch: Send + Unpin + 'static {
     /// Called with the result of each poll of the body.
     fn polled(&mut self, _poll: &Polled) {}
+
+    /// Called when the watched body is dropped, with what is left of the body it watched.
+    fn dropped(&mut self, _rest: Body) {}
 }
 
 /// `inner`, watched by `watch`.
-pub(crate) struct Watched<W> {
+pub(crate) struct Watched<W: BodyWatch> {
     inner: Body,
     watch: W,
 }
@@ -28,6 +31,13 @@ impl<W: BodyWatch> Watched<W> {
     /// `inner` as a [`Body`] watched by `watch`.
     pub(crate) fn body(inner: Body, watch: W) -> Body {
         Body::new(Self { inner, watch })
+    }
+}
+
+impl<W: BodyWatch> Drop for Watched<W> {
+    fn drop(&mut self) {
+        let rest = std::mem::take(&mut self.inner);
+        self.watch.dropped(rest);
     }
 }
 
