@@ -68,6 +68,33 @@ fn hostname_is_the_sandbox_id_and_only_lo_exists() {
 }
 
 #[test]
+fn every_namespace_of_the_sandbox_is_its_own() {
+    // The init makes its mount, network, uts and ipc namespaces itself after clone3: each must
+    // still differ from the host's (and the user, pid and cgroup namespaces too).
+    let env = Env::new();
+    let id = env.create(&[]);
+    let kinds = ["user", "pid", "mnt", "net", "uts", "ipc", "cgroup"];
+    let script: String = kinds
+        .iter()
+        .map(|k| format!("readlink /proc/self/ns/{k}; "))
+        .collect();
+    let out = env.exec_sh(&id, &script);
+    assert_ok(&out);
+    let text = stdout(&out);
+    let inside: Vec<&str> = text.lines().collect();
+    assert_eq!(inside.len(), kinds.len(), "{text}");
+    for (kind, seen) in kinds.iter().zip(inside) {
+        let host = std::fs::read_link(format!("/proc/self/ns/{kind}")).unwrap();
+        assert!(seen.starts_with(&format!("{kind}:[")), "{seen}");
+        assert_ne!(
+            seen,
+            host.to_string_lossy(),
+            "the sandbox shares the host's {kind} namespace"
+        );
+    }
+}
+
+#[test]
 fn root_inside_writes_files_owned_by_an_unprivileged_host_uid() {
     let env = Env::new();
     let id = env.create(&[]);
